@@ -1,0 +1,392 @@
+//! QMP wire framing: one JSON object per line, in both directions.
+//!
+//! This module turns bytes into [`Frame`]s and commands into bytes. It knows nothing of sockets,
+//! ids in flight or timeouts, so it can be tested (and fuzzed) alone. It must never panic on
+//! input: a line that is not a QMP message becomes [`Frame::Invalid`], not an error that would
+//! tear the connection down.
+//!
+//! Rules: QEMU ends lines with `\r\n`; a partial line waits for more bytes; EOF between frames
+//! is a clean end; EOF inside a frame is reported (the peer died mid-message).
+
+use bytes::{Buf, BytesMut};
+use serde::Deserialize;
+use serde_json::Value;
+use std::io;
+use tokio_util::codec::Decoder;
+
+/// Upper bound on one line. `query-qmp-schema` is ~200 KiB on QEMU 10; anything near this bound
+/// is a broken peer, not a reply.
+pub const MAX_LINE: usize = 64 << 20;
+
+/// QEMU's version triple and package string, as in the greeting and `query-version`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct QemuVersion {
+    /// Major, minor, micro.
+    pub qemu: VersionTriple,
+    /// Distribution package string, e.g. `Debian 1:10.0.2+ds-2`.
+    #[serde(default)]
+    pub package: String,
+}
+
+/// `major.minor.micro`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Deserialize)]
+pub struct VersionTriple {
+    /// Major version.
+    pub major: u32,
+    /// Minor version.
+    pub minor: u32,
+    /// Micro version.
+    pub micro: u32,
+}
+
+impl VersionTriple {
+    /// True when this version is at least `major.minor`.
+    pub fn at_least(&self, major: u32, minor: u32) -> bool {
+        (self.major, self.minor) >= (major, minor)
+    }
+}
+
+impl std::fmt::Display for VersionTriple {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}.{}", self.major, self.minor, self.micro)
+    }
+}
+
+/// The greeting QEMU sends when a client connects.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct Greeting {
+    /// QEMU's version.
+    pub version: QemuVersion,
+    /// Capabilities the server offers (e.g. `oob`).
+    #[serde(default)]
+    pub capabilities: Vec<String>,
+}
+
+/// When QEMU emitted an event (host wall clock).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub struct Timestamp {
+    /// Seconds since the epoch.
+    pub seconds: i64,
+    /// Microseconds within the second.
+    pub microseconds: i64,
+}
+
+impl Timestamp {
+    /// As a `SystemTime` (saturating at the epoch for negative values).
+    pub fn to_system_time(self) -> std::time::SystemTime {
+        let micros = (self.seconds.max(0) as u64)
+            .saturating_mul(1_000_000)
+            .saturating_add(self.microseconds.max(0) as u64);
+        std::time::UNIX_EPOCH + std::time::Duration::from_micros(micros)
+    }
+}
+
+/// One message from QEMU.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Frame {
+    /// The greeting, first thing on a new connection.
+    Greeting(Greeting),
+    /// A successful reply.
+    Return {
+        /// The id we sent (QEMU echoes it verbatim).
+        id: Option<Value>,
+        /// The `return` member.
+        value: Value,
+    },
+    /// An error reply.
+    Error {
+        /// The id we sent, absent when QEMU could not parse the command.
+        id: Option<Value>,
+        /// QEMU's error class.
+        class: String,
+        /// QEMU's description.
+        desc: String,
+    },
+    /// An asynchronous event.
+    Event {
+        /// Event name, e.g. `STOP`.
+        name: String,
+        /// The `data` member (`null` when absent).
+        data: Value,
+        /// When QEMU emitted it.
+        timestamp: Timestamp,
+    },
+    /// A line that is not a QMP message; kept so it can be logged.
+    Invalid {
+        /// The line (lossy UTF-8).
+        line: String,
+        /// Why it was rejected.
+        reason: String,
+    },
+}
+
+impl std::fmt::Display for Frame {
+    /// Renders the frame as QMP JSON again (for transcripts and logs).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let id = |id: &Option<Value>| id.clone().unwrap_or(Value::Null);
+        let v = match self {
+            Frame::Greeting(g) => serde_json::json!({"QMP": {"version": {"qemu": {
+                "major": g.version.qemu.major, "minor": g.version.qemu.minor,
+                "micro": g.version.qemu.micro}, "package": g.version.package},
+                "capabilities": g.capabilities}}),
+            Frame::Return { id: i, value } => serde_json::json!({"return": value, "id": id(i)}),
+            Frame::Error { id: i, class, desc } => {
+                serde_json::json!({"error": {"class": class, "desc": desc}, "id": id(i)})
+            }
+            Frame::Event {
+                name,
+                data,
+                timestamp,
+            } => serde_json::json!({"event": name,
+                "data": data, "timestamp": {"seconds": timestamp.seconds,
+                "microseconds": timestamp.microseconds}}),
+            Frame::Invalid { line, reason } => return write!(f, "{line} (invalid: {reason})"),
+        };
+        write!(f, "{v}")
+    }
+}
+
+impl Frame {
+    /// Classifies one line (without its line ending).
+    pub fn parse(line: &[u8]) -> Frame {
+        let invalid = |reason: String| Frame::Invalid {
+            line: String::from_utf8_lossy(line).into_owned(),
+            reason,
+        };
+        let mut obj = match serde_json::from_slice::<Value>(line) {
+            Ok(Value::Object(obj)) => obj,
+            Ok(_) => return invalid("not a JSON object".into()),
+            Err(e) => return invalid(format!("not JSON: {e}")),
+        };
+        if let Some(greeting) = obj.remove("QMP") {
+            return match serde_json::from_value(greeting) {
+                Ok(g) => Frame::Greeting(g),
+                Err(e) => invalid(format!("bad greeting: {e}")),
+            };
+        }
+        let id = obj.remove("id");
+        if let Some(value) = obj.remove("return") {
+            return Frame::Return { id, value };
+        }
+        if let Some(err) = obj.remove("error") {
+            let field = |k: &str| err.get(k).and_then(Value::as_str).unwrap_or("").to_owned();
+            return Frame::Error {
+                id,
+                class: field("class"),
+                desc: field("desc"),
+            };
+        }
+        if let Some(Value::String(name)) = obj.remove("event") {
+            let data = obj.remove("data").unwrap_or(Value::Null);
+            let timestamp = obj
+                .remove("timestamp")
+                .and_then(|t| serde_json::from_value(t).ok())
+                .unwrap_or(Timestamp {
+                    seconds: 0,
+                    microseconds: 0,
+                });
+            return Frame::Event {
+                name,
+                data,
+                timestamp,
+            };
+        }
+        invalid("neither greeting, return, error nor event".into())
+    }
+}
+
+/// Serialises a command as one line: `{"execute":NAME,"arguments":ARGS,"id":ID}\n`.
+/// `oob` selects `exec-oob`, which QEMU runs out of band (only for commands that allow it).
+pub fn encode_command(name: &str, arguments: Option<&Value>, id: u64, oob: bool) -> Vec<u8> {
+    let mut msg = serde_json::Map::new();
+    let key = if oob { "exec-oob" } else { "execute" };
+    msg.insert(key.into(), Value::String(name.into()));
+    if let Some(args) = arguments {
+        msg.insert("arguments".into(), args.clone());
+    }
+    msg.insert("id".into(), Value::from(id));
+    let mut line = serde_json::to_vec(&Value::Object(msg)).expect("a JSON map always serialises");
+    line.push(b'\n');
+    line
+}
+
+/// Splits the byte stream from QEMU into frames.
+#[derive(Debug, Default)]
+pub struct QmpCodec {
+    /// How far the current buffer was already searched for a newline.
+    scanned: usize,
+}
+
+impl Decoder for QmpCodec {
+    type Item = Frame;
+    type Error = io::Error;
+
+    fn decode(&mut self, buf: &mut BytesMut) -> io::Result<Option<Frame>> {
+        loop {
+            match buf[self.scanned..].iter().position(|&b| b == b'\n') {
+                Some(pos) => {
+                    let end = self.scanned + pos;
+                    self.scanned = 0;
+                    let line = buf.split_to(end + 1);
+                    let trimmed = trim_line(&line);
+                    if trimmed.is_empty() {
+                        continue; // blank keep-alive lines carry nothing
+                    }
+                    return Ok(Some(Frame::parse(trimmed)));
+                }
+                None => {
+                    if buf.len() > MAX_LINE {
+                        return Err(io::Error::new(
+                            io::ErrorKind::InvalidData,
+                            format!("QMP line longer than {MAX_LINE} bytes"),
+                        ));
+                    }
+                    self.scanned = buf.len();
+                    return Ok(None);
+                }
+            }
+        }
+    }
+
+    fn decode_eof(&mut self, buf: &mut BytesMut) -> io::Result<Option<Frame>> {
+        if let Some(frame) = self.decode(buf)? {
+            return Ok(Some(frame));
+        }
+        if trim_line(buf).is_empty() {
+            buf.advance(buf.len());
+            return Ok(None);
+        }
+        let partial = String::from_utf8_lossy(&buf[..buf.len().min(200)]).into_owned();
+        buf.advance(buf.len());
+        self.scanned = 0;
+        Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            format!("connection closed in the middle of a message: {partial:?}"),
+        ))
+    }
+}
+
+fn trim_line(line: &[u8]) -> &[u8] {
+    let mut end = line.len();
+    while end > 0 && matches!(line[end - 1], b'\n' | b'\r' | b' ' | b'\t') {
+        end -= 1;
+    }
+    &line[..end]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn decode_all(codec: &mut QmpCodec, buf: &mut BytesMut) -> Vec<Frame> {
+        let mut out = Vec::new();
+        while let Some(f) = codec.decode(buf).unwrap() {
+            out.push(f);
+        }
+        out
+    }
+
+    #[test]
+    fn greeting_is_parsed() {
+        let line = br#"{"QMP": {"version": {"qemu": {"micro": 2, "minor": 0, "major": 10}, "package": "Debian"}, "capabilities": ["oob"]}}"#;
+        let Frame::Greeting(g) = Frame::parse(line) else {
+            panic!("not a greeting")
+        };
+        assert_eq!(g.version.qemu.major, 10);
+        assert!(g.version.qemu.at_least(9, 0));
+        assert!(!g.version.qemu.at_least(10, 1));
+        assert_eq!(g.capabilities, vec!["oob"]);
+    }
+
+    #[test]
+    fn line_split_across_reads_waits_for_the_rest() {
+        let mut codec = QmpCodec::default();
+        let mut buf = BytesMut::from(&b"{\"return\": {}, \"id\""[..]);
+        assert!(codec.decode(&mut buf).unwrap().is_none());
+        buf.extend_from_slice(b": 7}\r\n{\"event\": \"STOP\", \"timestamp\": {\"seconds\": 1, \"microseconds\": 2}}\r\n");
+        let frames = decode_all(&mut codec, &mut buf);
+        assert_eq!(
+            frames[0],
+            Frame::Return {
+                id: Some(json!(7)),
+                value: json!({})
+            }
+        );
+        assert!(
+            matches!(&frames[1], Frame::Event { name, timestamp, .. } if name == "STOP" && timestamp.microseconds == 2)
+        );
+        assert!(buf.is_empty());
+    }
+
+    #[test]
+    fn byte_by_byte_delivery_gives_the_same_frames() {
+        let input = b"{\"return\": [1,2,3], \"id\": 1}\r\n\r\n{\"error\": {\"class\": \"GenericError\", \"desc\": \"no\"}, \"id\": 2}\r\n";
+        let mut codec = QmpCodec::default();
+        let mut buf = BytesMut::new();
+        let mut frames = Vec::new();
+        for b in input {
+            buf.extend_from_slice(&[*b]);
+            frames.extend(decode_all(&mut codec, &mut buf));
+        }
+        assert_eq!(frames.len(), 2);
+        assert!(
+            matches!(&frames[1], Frame::Error { class, desc, id: Some(i) } if class == "GenericError" && desc == "no" && *i == json!(2))
+        );
+    }
+
+    #[test]
+    fn garbage_lines_become_invalid_frames_not_errors() {
+        let mut codec = QmpCodec::default();
+        let mut buf = BytesMut::from(&b"hello\n[1]\n{\"x\":1}\n{\"return\":1,\"id\":3}\n"[..]);
+        let frames = decode_all(&mut codec, &mut buf);
+        assert_eq!(frames.len(), 4);
+        assert!(frames[..3]
+            .iter()
+            .all(|f| matches!(f, Frame::Invalid { .. })));
+        assert!(matches!(frames[3], Frame::Return { .. }));
+    }
+
+    #[test]
+    fn huge_reply_is_decoded() {
+        let big: Vec<Value> = (0..200_000).map(|i| json!({"name": i})).collect();
+        let mut line = serde_json::to_vec(&json!({"return": big, "id": 9})).unwrap();
+        line.extend_from_slice(b"\r\n");
+        let mut codec = QmpCodec::default();
+        let mut buf = BytesMut::new();
+        let mut got = None;
+        for chunk in line.chunks(4096) {
+            buf.extend_from_slice(chunk);
+            if let Some(f) = codec.decode(&mut buf).unwrap() {
+                got = Some(f);
+            }
+        }
+        let Some(Frame::Return { value, .. }) = got else {
+            panic!("no reply")
+        };
+        assert_eq!(value.as_array().unwrap().len(), 200_000);
+    }
+
+    #[test]
+    fn eof_mid_frame_is_an_error_and_eof_between_frames_is_not() {
+        let mut codec = QmpCodec::default();
+        let mut buf = BytesMut::from(&b"{\"return\":{},\"id\":1}\r\n"[..]);
+        assert!(codec.decode_eof(&mut buf).unwrap().is_some());
+        assert!(codec.decode_eof(&mut buf).unwrap().is_none());
+        let mut buf = BytesMut::from(&b"{\"return\":"[..]);
+        assert!(codec.decode(&mut buf).unwrap().is_none());
+        let err = codec.decode_eof(&mut buf).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
+    }
+
+    #[test]
+    fn encode_uses_exec_oob_when_asked() {
+        let line = encode_command("migrate-pause", None, 5, true);
+        let v: Value = serde_json::from_slice(&line).unwrap();
+        assert_eq!(v, json!({"exec-oob": "migrate-pause", "id": 5}));
+        assert_eq!(*line.last().unwrap(), b'\n');
+        let line = encode_command("stop", Some(&json!({})), 6, false);
+        let v: Value = serde_json::from_slice(&line).unwrap();
+        assert_eq!(v, json!({"execute": "stop", "arguments": {}, "id": 6}));
+    }
+}

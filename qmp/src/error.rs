@@ -1,0 +1,156 @@
+//! The one error type of this crate.
+//!
+//! A caller must be able to tell apart "QEMU refused the command" (keeps QEMU's `class` and
+//! `desc`), "the connection is gone", "no answer in time" and "we could not understand the
+//! answer": each asks for a different reaction.
+
+use std::{io, path::PathBuf, sync::Arc, time::Duration};
+
+/// Result alias for this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong talking QMP.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The socket could not be reached (after the connect retries).
+    #[error("cannot connect to the QMP socket {endpoint}: {source} (is QEMU running with -qmp {endpoint},server=on?)")]
+    Connect {
+        /// Where we tried to connect.
+        endpoint: String,
+        /// The last error seen.
+        source: io::Error,
+    },
+
+    /// Connected, but QEMU sent no greeting in time. QEMU's monitor serves one client at a
+    /// time and queues a second one silently, so this is almost always another client.
+    #[error("no QMP greeting from {endpoint} within {waited:?}: another client (a VM manager?) probably holds this monitor; give qsnap its own -qmp socket")]
+    GreetingTimeout {
+        /// Where we connected.
+        endpoint: String,
+        /// How long we waited.
+        waited: Duration,
+    },
+
+    /// The peer does not speak QMP as we expect (bad greeting, failed negotiation).
+    #[error("QMP handshake with {endpoint} failed: {reason}")]
+    Handshake {
+        /// Where we connected.
+        endpoint: String,
+        /// What was wrong.
+        reason: String,
+    },
+
+    /// QEMU answered the command with an error.
+    #[error("QEMU refused {command}: {desc} ({class})")]
+    Qemu {
+        /// The command that failed.
+        command: String,
+        /// QEMU's error class, e.g. `GenericError`, `CommandNotFound`, `DeviceNotFound`.
+        class: String,
+        /// QEMU's human-readable description.
+        desc: String,
+    },
+
+    /// The connection closed (QEMU exited, crashed or the socket broke). Every pending call and
+    /// every event waiter gets this at once.
+    #[error("QMP connection closed: {reason}")]
+    Disconnected {
+        /// Why the reader saw the connection end.
+        reason: Arc<str>,
+    },
+
+    /// No reply to a command within its timeout. The connection stays usable; a late reply is
+    /// dropped.
+    #[error("QEMU did not answer {command} within {after:?}")]
+    Timeout {
+        /// The command that timed out.
+        command: String,
+        /// The timeout.
+        after: Duration,
+    },
+
+    /// No matching event within the wait's timeout.
+    #[error("no {what} event within {after:?}")]
+    EventTimeout {
+        /// What was waited for.
+        what: String,
+        /// The timeout.
+        after: Duration,
+    },
+
+    /// An event subscriber fell so far behind that events were dropped for it.
+    #[error("event subscriber fell behind and missed {missed} events")]
+    EventsLagged {
+        /// How many events were lost for this subscriber.
+        missed: u64,
+    },
+
+    /// QEMU dropped the command because its out-of-band queue was full (`COMMAND_DROPPED`).
+    #[error("QEMU dropped {command}: {reason}")]
+    CommandDropped {
+        /// The command that was dropped.
+        command: String,
+        /// QEMU's reason, e.g. `queue-full`.
+        reason: String,
+    },
+
+    /// The reply did not match the command's reply type (e.g. a QEMU newer than the schema).
+    /// The raw reply is kept so the caller can fall back to `execute_raw`.
+    #[error("cannot decode the reply to {command}: {source}")]
+    Decode {
+        /// The command.
+        command: String,
+        /// The serde error.
+        source: serde_json::Error,
+        /// The reply as QEMU sent it.
+        reply: serde_json::Value,
+    },
+
+    /// A command's arguments could not be serialised into a JSON object.
+    #[error("cannot encode the arguments of {command}: {reason}")]
+    Encode {
+        /// The command.
+        command: String,
+        /// What was wrong.
+        reason: String,
+    },
+
+    /// File descriptors can only travel over a Unix socket.
+    #[error("{command} needs a file descriptor, which only a Unix-socket QMP connection can pass")]
+    FdPassingUnsupported {
+        /// The command.
+        command: String,
+    },
+
+    /// Writing a command to the socket failed.
+    #[error("cannot send {command} to QEMU: {source}")]
+    Send {
+        /// The command.
+        command: String,
+        /// The I/O error.
+        source: io::Error,
+    },
+
+    /// A socket path that is not a socket (or does not exist after the retries).
+    #[error("{path} is not a QMP socket")]
+    NotASocket {
+        /// The path.
+        path: PathBuf,
+    },
+}
+
+impl Error {
+    /// QEMU's error class when QEMU refused the command.
+    pub fn qemu_class(&self) -> Option<&str> {
+        match self {
+            Error::Qemu { class, .. } => Some(class),
+            _ => None,
+        }
+    }
+
+    /// True when the connection is gone and retrying on it is pointless.
+    pub fn is_disconnected(&self) -> bool {
+        matches!(self, Error::Disconnected { .. })
+    }
+}

@@ -1,0 +1,77 @@
+//! # qsnap-testkit — the rig that runs qsnap against a real QEMU and a real guest
+//!
+//! - `guest`: the test guest (Debian kernel + busybox initramfs whose `/init` keeps a counter in
+//!   memory and in the first disk sector, see `tests/guest/init.sh`), built once and cached.
+//! - `fixture`: a QEMU process owned by a test: own temp dir, own QMP socket, killed on drop,
+//!   with QEMU's stderr and the serial console kept for the failure report.
+//! - `serial`: the serial console as timestamped lines, with bounded waits for `tick N`.
+//! - [`require_qemu!`]: a loud skip when QEMU is missing locally, a failure under CI.
+//!
+//! Nothing here may wait without a deadline: a hung QEMU must fail one test, not the run.
+#![deny(missing_docs)]
+
+pub mod fixture;
+pub mod guest;
+pub mod serial;
+
+pub use fixture::{
+    create_image, kvm_available, qemu_binary, Accel, DiskSpec, DiskStyle, Firmware, Vm, VmBuilder,
+};
+pub use guest::GuestKit;
+pub use serial::SerialLog;
+
+use std::path::PathBuf;
+
+/// The workspace root (parent of this crate's folder).
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ sits in the workspace")
+        .to_owned()
+}
+
+/// True when running under CI (`CI` set to anything but `false`/`0`/empty).
+pub fn under_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0")
+}
+
+/// Sends test logs (`RUST_LOG`) to the test's captured output. Safe to call many times.
+pub fn init_logging() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
+/// Why QEMU cannot be used here, or `None` when it can.
+pub fn qemu_missing() -> Option<String> {
+    let bin = qemu_binary();
+    match std::process::Command::new(&bin).arg("--version").output() {
+        Ok(out) if out.status.success() => None,
+        Ok(out) => Some(format!(
+            "{bin} --version failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )),
+        Err(e) => Some(format!("{bin} not runnable: {e}")),
+    }
+}
+
+/// Returns from the test with a loud notice when QEMU is missing; panics instead under CI,
+/// where a missing QEMU is a broken set-up, not a reason to pass.
+#[macro_export]
+macro_rules! require_qemu {
+    () => {
+        if let Some(why) = $crate::qemu_missing() {
+            if $crate::under_ci() {
+                panic!("QEMU is required under CI: {why}");
+            }
+            eprintln!(
+                "\n*** SKIPPED {}: {why} (run tests/guest/install-deps.sh) ***\n",
+                module_path!()
+            );
+            return;
+        }
+    };
+}
