@@ -21,10 +21,11 @@ use crate::events::{Event, EventStream};
 use crate::probe::Schema;
 use crate::transcript::Transcript;
 use futures::StreamExt;
+use nix::sys::socket::Shutdown;
 use qapi_spec::Command;
 use serde_json::Value;
 use std::collections::HashMap;
-use std::os::fd::{BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -228,11 +229,16 @@ pub struct Qmp {
     writer: mpsc::Sender<WriteRequest>,
     reader: JoinHandle<()>,
     schema: OnceCell<Arc<Schema>>,
+    /// A duplicate of the socket, so that dropping the client closes the connection at once,
+    /// even when the runtime does not get to run the aborted tasks soon (QEMU serves the next
+    /// monitor client only when this one is gone).
+    socket: OwnedFd,
 }
 
 impl Drop for Qmp {
     fn drop(&mut self) {
         self.shared.close("the QMP client was dropped");
+        let _ = nix::sys::socket::shutdown(self.socket.as_raw_fd(), Shutdown::Both);
         self.reader.abort();
     }
 }
@@ -261,12 +267,20 @@ impl Qmp {
         async move {
             match connect::open(&endpoint, opts.connect_retry).await? {
                 Transport::Unix(s) => {
+                    let dup = s
+                        .as_fd()
+                        .try_clone_to_owned()
+                        .map_err(|e| connect_err(&name, e))?;
                     let (r, w) = s.into_split();
-                    Self::handshake(name, r, WriteHalf::Unix(w), true, opts).await
+                    Self::handshake(name, r, WriteHalf::Unix(w), dup, opts).await
                 }
                 Transport::Tcp(s) => {
+                    let dup = s
+                        .as_fd()
+                        .try_clone_to_owned()
+                        .map_err(|e| connect_err(&name, e))?;
                     let (r, w) = s.into_split();
-                    Self::handshake(name, r, WriteHalf::Tcp(w), false, opts).await
+                    Self::handshake(name, r, WriteHalf::Tcp(w), dup, opts).await
                 }
             }
         }
@@ -278,9 +292,10 @@ impl Qmp {
         endpoint: String,
         read: R,
         mut write: WriteHalf,
-        is_unix: bool,
+        socket: OwnedFd,
         opts: &ConnectOptions,
     ) -> Result<Qmp> {
+        let is_unix = matches!(write, WriteHalf::Unix(_));
         let transcript = Transcript::new(opts.transcript_lines);
         let mut frames = FramedRead::new(read, QmpCodec::default());
         let handshake_err = |reason: String| Error::Handshake {
@@ -358,6 +373,7 @@ impl Qmp {
             writer: wtx,
             reader,
             schema: OnceCell::new(),
+            socket,
         })
     }
 
@@ -590,6 +606,13 @@ impl Qmp {
                 return reason;
             }
         }
+    }
+}
+
+fn connect_err(endpoint: &str, source: std::io::Error) -> Error {
+    Error::Connect {
+        endpoint: endpoint.to_owned(),
+        source,
     }
 }
 

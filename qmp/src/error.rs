@@ -2,7 +2,8 @@
 //!
 //! A caller must be able to tell apart "QEMU refused the command" (keeps QEMU's `class` and
 //! `desc`), "the connection is gone", "no answer in time" and "we could not understand the
-//! answer": each asks for a different reaction.
+//! answer": each asks for a different reaction. Underlying causes are exposed as
+//! `source()`, not repeated in the message: print the chain (`{:#}` with anyhow).
 
 use std::{io, path::PathBuf, sync::Arc, time::Duration};
 
@@ -14,7 +15,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 #[non_exhaustive]
 pub enum Error {
     /// The socket could not be reached (after the connect retries).
-    #[error("cannot connect to the QMP socket {endpoint}: {source} (is QEMU running with -qmp {endpoint},server=on?)")]
+    #[error("cannot connect to the QMP socket {endpoint} (is QEMU running with -qmp unix:{endpoint},server=on,wait=off?)")]
     Connect {
         /// Where we tried to connect.
         endpoint: String,
@@ -97,7 +98,7 @@ pub enum Error {
 
     /// The reply did not match the command's reply type (e.g. a QEMU newer than the schema).
     /// The raw reply is kept so the caller can fall back to `execute_raw`.
-    #[error("cannot decode the reply to {command}: {source}")]
+    #[error("cannot decode the reply to {command}")]
     Decode {
         /// The command.
         command: String,
@@ -124,7 +125,7 @@ pub enum Error {
     },
 
     /// Writing a command to the socket failed.
-    #[error("cannot send {command} to QEMU: {source}")]
+    #[error("cannot send {command} to QEMU")]
     Send {
         /// The command.
         command: String,

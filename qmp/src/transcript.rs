@@ -32,7 +32,7 @@ impl Transcript {
                 cut -= 1;
             }
             text.truncate(cut);
-            text.push_str("…");
+            text.push('…');
         }
         lines.push_back(format!("{direction} {text}"));
     }

@@ -12,11 +12,20 @@ here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
 out=${QSNAP_GUEST_DIR:-$repo/target/qsnap-guest}
 
+resolve_kernel() {
+  apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/{print $2; exit}'
+}
 kernel_pkg=${QSNAP_KERNEL_PKG:-}
 if [ -z "$kernel_pkg" ]; then
-  kernel_pkg=$(apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/{print $2; exit}')
+  kernel_pkg=$(resolve_kernel)
   if [ -z "$kernel_pkg" ]; then
-    echo "qsnap guest: cannot resolve linux-image-amd64 (run 'apt-get update' first, or set QSNAP_KERNEL_PKG)" >&2
+    # A fresh machine may have no package lists yet.
+    SUDO=; [ "$(id -u)" -ne 0 ] && SUDO=sudo
+    $SUDO apt-get update -q >&2 || true
+    kernel_pkg=$(resolve_kernel)
+  fi
+  if [ -z "$kernel_pkg" ]; then
+    echo "qsnap guest: cannot resolve linux-image-amd64 from apt (Debian's archive needed), or set QSNAP_KERNEL_PKG" >&2
     exit 1
   fi
 fi
@@ -37,7 +46,8 @@ echo "qsnap guest: building in $out ($kernel_pkg $kver, busybox-static $bver)" >
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 chmod 755 "$work"   # apt's sandbox user must be able to write the downloads
-(cd "$work" && apt-get download -q "$kernel_pkg" busybox-static >/dev/null)
+sandbox=(); [ "$(id -u)" -eq 0 ] && sandbox=(-o APT::Sandbox::User=root)  # root: no _apt drop
+(cd "$work" && apt-get download -q "${sandbox[@]}" "$kernel_pkg" busybox-static >/dev/null)
 dpkg-deb -x "$work"/linux-image-*.deb "$work/k"
 dpkg-deb -x "$work"/busybox-static_*.deb "$work/b"
 
@@ -55,10 +65,10 @@ add_mod() {
   local m=$1 f deps d
   [ -n "${seen[$m]:-}" ] && return 0
   seen[$m]=1
-  if grep -qx "kernel/.*/$m.ko.*" <(sed 's/\r//' "$moddir/modules.builtin" 2>/dev/null) 2>/dev/null; then return 0; fi
   f=$(find_mod "$m")
   if [ -z "$f" ]; then
-    if grep -q "/$m.ko" "$moddir/modules.builtin"; then return 0; fi
+    # Built into the kernel: nothing to load.
+    if grep -q "/$m\.ko\$" "$moddir/modules.builtin" 2>/dev/null; then return 0; fi
     echo "qsnap guest: module $m not found in $kernel_pkg" >&2; exit 1
   fi
   case "$f" in *.ko) ;; *) echo "qsnap guest: compressed module $f is not supported" >&2; exit 1 ;; esac

@@ -228,8 +228,17 @@ impl VmBuilder {
     }
 
     /// Creates the temp dir (and the default disk), starts QEMU and waits until its QMP socket
-    /// answers (at most 20 s).
-    pub async fn spawn(mut self) -> Vm {
+    /// answers (at most 20 s). Panics with QEMU's report when it does not come up.
+    pub async fn spawn(self) -> Vm {
+        match self.try_spawn().await {
+            Ok(vm) => vm,
+            Err(report) => panic!("{report}"),
+        }
+    }
+
+    /// Like [`VmBuilder::spawn`], but a QEMU that does not come up is an `Err` with its report
+    /// (for probing what this host can run, e.g. a KVM CPU model).
+    pub async fn try_spawn(mut self) -> Result<Vm, String> {
         let dir = tempfile::Builder::new()
             .prefix("qsnap-test-")
             .tempdir()
@@ -256,8 +265,12 @@ impl VmBuilder {
         let vm = Vm::start(dir, qmp_path, argv).await;
         // A socket that never answers means QEMU failed to start: fail with its stderr.
         match Qmp::connect_with(vm.qmp_path.clone(), &connect_opts(Duration::from_secs(20))).await {
-            Ok(_) => vm,
-            Err(e) => panic!("QEMU did not come up: {e}\n{}", vm.report()),
+            Ok(_) => Ok(vm),
+            Err(e) => {
+                // Give QEMU's stderr reader a moment to collect the reason it exited.
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                Err(format!("QEMU did not come up: {e}\n{}", vm.report()))
+            }
         }
     }
 }
