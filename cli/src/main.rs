@@ -47,6 +47,8 @@ fn init_logging(verbose: u8) {
 async fn connect(socket: &str, timeout: u64) -> anyhow::Result<Qmp> {
     let opts = ConnectOptions {
         command_timeout: Duration::from_secs(timeout),
+        // A user naming a socket expects it to be there; wait briefly in case QEMU is starting.
+        connect_retry: Duration::from_secs(2),
         ..ConnectOptions::default()
     };
     Ok(Qmp::connect_with(Endpoint::parse(socket), &opts).await?)

@@ -38,13 +38,23 @@ async fn guest_ticks_persists_its_counter_and_detects_a_mismatch() {
     let last = *vm.serial.ticks().last().unwrap();
     assert!(last >= t5);
 
-    // Second boot on the same disk: the counter resumes from what the disk holds.
+    // Second boot on the same disk, with the memory-dirtying load on: the counter resumes
+    // from what the disk holds.
     let vm = VmBuilder::guest()
         .disk(&disk, "qcow2", DiskStyle::Drive)
+        .dirty_mb(16)
         .spawn()
         .await;
     let first = vm.wait_booted(BOOT).await;
     assert_eq!(first, last + 1, "counter did not persist on disk");
+    assert!(
+        vm.serial
+            .lines()
+            .iter()
+            .any(|l| l.text == "qsnap-guest: dirtying 16 MiB"),
+        "{}",
+        vm.report()
+    );
     assert!(vm.serial.mismatches().is_empty(), "{}", vm.report());
 
     // Wipe the counter sector behind the guest's back: it must say MISMATCH.
