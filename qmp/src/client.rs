@@ -392,6 +392,18 @@ impl Qmp {
         &self.shared.endpoint
     }
 
+    /// The pid of the process serving a Unix socket (QEMU), from the socket's peer credentials.
+    /// `None` for TCP or when the kernel does not say.
+    pub fn peer_pid(&self) -> Option<u32> {
+        if !self.is_unix {
+            return None;
+        }
+        nix::sys::socket::getsockopt(&self.socket, nix::sys::socket::sockopt::PeerCredentials)
+            .ok()
+            .and_then(|c| u32::try_from(c.pid()).ok())
+            .filter(|&pid| pid > 0)
+    }
+
     /// False once the connection has closed.
     pub fn is_connected(&self) -> bool {
         self.shared.lock().closed.is_none()
