@@ -19,7 +19,7 @@ pub enum Error {
         source: qsnap_qmp::Error,
     },
     /// A snapshot name that cannot be used.
-    #[error("invalid snapshot name \"{name}\": {why}")]
+    #[error("invalid name \"{name}\": {why}")]
     InvalidName {
         /// The name as given (escaped).
         name: String,
@@ -27,10 +27,12 @@ pub enum Error {
         why: String,
     },
     /// QEMU says the VM's memory cannot be saved.
-    #[error("QEMU cannot save this VM's memory: {}{}", reasons.join("; "), blocked_hint(reasons))]
+    #[error("QEMU cannot save this VM's memory: {}{}", reasons.join("; "), blocked_hint(reasons, *tsc_hz))]
     MigrationBlocked {
         /// QEMU's `blocked-reasons`.
         reasons: Vec<String>,
+        /// For the invtsc blocker: the TSC frequency to pin at launch.
+        tsc_hz: Option<u64>,
     },
     /// The VM is in a state a snapshot cannot start from.
     #[error("the VM is {state}; a snapshot needs it running or paused")]
@@ -88,6 +90,77 @@ pub enum Error {
         /// QEMU's description.
         desc: String,
     },
+    /// QEMU exited (or closed the monitor) during the operation.
+    #[error("QEMU went away during the snapshot ({cause}); nothing QMP-side could be rolled back")]
+    QemuExited {
+        /// What failed first.
+        cause: Box<Error>,
+    },
+    /// The operation failed and some of its changes could not be undone.
+    #[error("{cause}; and the rollback was incomplete: {}", problems.join("; "))]
+    RollbackIncomplete {
+        /// What failed first.
+        cause: Box<Error>,
+        /// What could not be undone.
+        problems: Vec<String>,
+    },
+    /// The operation was cancelled (e.g. Ctrl-C); everything was rolled back.
+    #[error("cancelled; everything was rolled back")]
+    Cancelled,
+    /// A block job failed.
+    #[error("block job {job} failed: {desc}")]
+    BlockJob {
+        /// Job id.
+        job: String,
+        /// QEMU's description.
+        desc: String,
+    },
+    /// No such VM in the store.
+    #[error("no VM named \"{vm}\" in the store {} (register it with `qsnap attach {vm} --qmp SOCKET`)", store.display())]
+    UnknownVm {
+        /// The name asked for.
+        vm: String,
+        /// The store searched.
+        store: PathBuf,
+    },
+    /// The VM is already in the store.
+    #[error("a VM named \"{vm}\" is already in the store")]
+    VmExists {
+        /// The name.
+        vm: String,
+    },
+    /// No such snapshot.
+    #[error("VM \"{vm}\" has no snapshot named \"{snapshot}\" (see `qsnap list {vm}`)")]
+    UnknownSnapshot {
+        /// The VM.
+        vm: String,
+        /// The name asked for.
+        snapshot: String,
+    },
+    /// A snapshot of that name exists.
+    #[error("VM \"{vm}\" already has a snapshot named \"{snapshot}\"; pick another name")]
+    SnapshotExists {
+        /// The VM.
+        vm: String,
+        /// The name.
+        snapshot: String,
+    },
+    /// Another operation holds the VM.
+    #[error("VM \"{vm}\" is busy with another qsnap operation (pid and operation: {holder}); wait for it to finish")]
+    Locked {
+        /// The VM.
+        vm: String,
+        /// `<pid> <operation>` of the holder, as it wrote it.
+        holder: String,
+    },
+    /// A store file that cannot be read.
+    #[error("the store file {} is unreadable: {why}", path.display())]
+    CorruptStore {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        why: String,
+    },
     /// A memory file that is not a complete qsnap memory file.
     #[error("{} is not usable: {why}", path.display())]
     BadMemoryFile {
@@ -98,12 +171,15 @@ pub enum Error {
     },
 }
 
-fn blocked_hint(reasons: &[String]) -> &'static str {
-    if reasons.iter().any(|r| r.contains("invtsc")) {
-        " — start QEMU with a fixed TSC frequency (-cpu …,+invtsc,tsc-frequency=<Hz>) or take a disk-only snapshot"
-    } else {
-        ""
+fn blocked_hint(reasons: &[String], tsc_hz: Option<u64>) -> String {
+    if !reasons.iter().any(|r| r.contains("invtsc")) {
+        return String::new();
     }
+    let hz = tsc_hz.map_or("<Hz>".to_owned(), |hz| hz.to_string());
+    format!(
+        ". Fix: start QEMU with a fixed TSC frequency (-cpu …,+invtsc,tsc-frequency={hz}; `qsnap run` adds it), \
+         or take a disk-only snapshot (--disk-only)"
+    )
 }
 
 impl Error {

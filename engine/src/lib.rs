@@ -5,16 +5,34 @@
 //! It knows nothing of terminals or argument parsing: the `qsnap` binary is a thin layer on
 //! top.
 //!
-//! Today it holds the read-only side: [`inspect`] tells what a running VM is and what it can
-//! do (QEMU version, run state, migration blockers such as `invtsc`, which snapshot mechanisms
-//! this QEMU offers, its disks); [`snapshot`] takes point-in-time snapshots (memory + disks at
-//! one instant) with a rollback for every step. The store, revert and delete come next.
+//! Two levels:
+//! - [`Engine`] and [`Vm`]: VMs by name in a [`Store`], one operation per VM at a time,
+//!   snapshot manifests kept on disk. What the CLI uses.
+//! - [`snapshot::create`] and [`inspect`]: the same work on a bare [`qsnap_qmp::Qmp`]
+//!   connection, for a VMM that keeps its own records.
+//!
+//! ```no_run
+//! # async fn demo() -> qsnap_engine::Result<()> {
+//! use qsnap_engine::{Engine, Name, Store};
+//! let engine = Engine::new(Store::new("/var/lib/qsnap"));
+//! let vm = engine.attach(&Name::new("web1")?, "/run/web1/qmp.sock").await?;
+//! let opts = vm.create_options(Name::new("before-upgrade")?);
+//! let manifest = vm.create_snapshot(opts).await?;
+//! println!("guest paused {:.1} ms", manifest.snapshot.pause_ms);
+//! # Ok(()) }
+//! ```
 #![deny(missing_docs)]
 
 mod error;
 pub mod inspect;
+mod name;
 mod qemu;
 pub mod snapshot;
+pub mod store;
+mod vm;
 
 pub use error::{Error, Result};
 pub use inspect::{DiskInfo, VmInfo};
+pub use name::{Name, SnapshotName, VmName};
+pub use store::{Manifest, Store, VmRecord};
+pub use vm::{Engine, Vm};

@@ -33,6 +33,27 @@ pub struct MigrateInfo {
     pub blocked_reasons: Option<Vec<String>>,
 }
 
+impl MigrateInfo {
+    /// True while a migration is under way (including its setup and wind-down).
+    pub fn is_running(&self) -> bool {
+        matches!(
+            self.status.as_deref(),
+            Some(
+                "setup"
+                    | "active"
+                    | "cancelling"
+                    | "device"
+                    | "pre-switchover"
+                    | "wait-unplug"
+                    | "postcopy-active"
+                    | "postcopy-paused"
+                    | "postcopy-recover"
+                    | "postcopy-recover-setup"
+            )
+        )
+    }
+}
+
 /// RAM counters of a migration.
 #[derive(Debug, Clone, Default, Deserialize)]
 pub struct RamStats {
@@ -45,6 +66,18 @@ pub struct RamStats {
     /// Zero pages sent as a flag.
     #[serde(default)]
     pub duplicate: u64,
+    /// Bytes sent so far.
+    #[serde(default)]
+    pub transferred: u64,
+    /// Bytes still to send (precopy: dirty memory).
+    #[serde(default)]
+    pub remaining: u64,
+    /// Current rate in Mbit/s.
+    #[serde(default)]
+    pub mbps: f64,
+    /// Passes over RAM so far (precopy).
+    #[serde(rename = "dirty-sync-count", default)]
+    pub dirty_sync_count: u64,
 }
 
 impl Command for QueryMigrate {
@@ -145,4 +178,56 @@ impl Command for QueryMaxBandwidth {
     const NAME: &'static str = "query-migrate-parameters";
     const ALLOW_OOB: bool = false;
     type Ok = MaxBandwidth;
+}
+
+/// `block-commit` of an active layer into its backing (an "active commit"): the job goes
+/// `ready`, and `job-complete` then pivots the device back onto the base.
+#[derive(Debug, Serialize)]
+pub struct BlockCommit {
+    /// Our job id.
+    #[serde(rename = "job-id")]
+    pub job_id: String,
+    /// The root node (the overlay).
+    pub device: String,
+    /// The node to commit into.
+    #[serde(rename = "base-node")]
+    pub base_node: String,
+}
+
+impl Command for BlockCommit {
+    const NAME: &'static str = "block-commit";
+    const ALLOW_OOB: bool = false;
+    type Ok = Empty;
+}
+
+/// `blockdev-set-active` (QEMU >= 10.0) for all nodes: after a completed precopy save the
+/// nodes are inactive until `cont`, which a VM that stays paused never sends.
+#[derive(Debug, Serialize)]
+pub struct BlockdevSetActive {
+    /// True to activate.
+    pub active: bool,
+}
+
+impl Command for BlockdevSetActive {
+    const NAME: &'static str = "blockdev-set-active";
+    const ALLOW_OOB: bool = false;
+    type Ok = Empty;
+}
+
+/// `query-cpus-fast`, reading only each CPU's QOM path (the typed union is per-target).
+#[derive(Debug, Serialize)]
+pub struct QueryCpusFast {}
+
+/// One CPU's QOM path.
+#[derive(Debug, Deserialize)]
+pub struct CpuPath {
+    /// e.g. `/machine/unattached/device[0]`.
+    #[serde(rename = "qom-path")]
+    pub qom_path: String,
+}
+
+impl Command for QueryCpusFast {
+    const NAME: &'static str = "query-cpus-fast";
+    const ALLOW_OOB: bool = false;
+    type Ok = Vec<CpuPath>;
 }

@@ -4,6 +4,7 @@
 //!   memory and in the first disk sector, see `tests/guest/init.sh`), built once and cached.
 //! - `fixture`: a QEMU process owned by a test: own temp dir, own QMP socket, killed on drop,
 //!   with QEMU's stderr and the serial console kept for the failure report.
+//! - `restore`: loads a snapshot's memory into a fresh QEMU with plain QMP, to check it.
 //! - `serial`: the serial console as timestamped lines, with bounded waits for `tick N`.
 //! - [`require_qemu!`]: a loud skip when QEMU is missing locally, a failure under CI.
 //!
@@ -12,6 +13,7 @@
 
 pub mod fixture;
 pub mod guest;
+pub mod restore;
 pub mod serial;
 
 pub use fixture::{

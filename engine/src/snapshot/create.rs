@@ -1,26 +1,58 @@
-//! Creating a live snapshot: an explicit sequence of steps, each recording its undo.
+//! Creating a snapshot: preflight (changes nothing), then explicit steps, each recording its
+//! undo in a [`Rollback`].
 //!
-//! The guest is frozen (`stop`) before QEMU starts the save and before the disks switch, and
-//! resumed only once QEMU has saved the device state and armed write protection for RAM, so
-//! memory and disks are captured at the same instant. On any failure the recorded undos run in
-//! reverse: the VM ends in the run state it had, on a valid disk chain, with no partial files.
+//! Three modes share the preparation (memory file + fdset, overlay files + nodes, migration
+//! settings) and differ in how memory and disks meet at one instant:
+//! - **point-in-time**: the guest is frozen (`stop`) before QEMU starts the save and before
+//!   the disks switch, and resumed only once QEMU has saved the device state and armed write
+//!   protection for RAM; QEMU then writes RAM as it was at `stop` while the guest runs.
+//! - **precopy**: the guest runs while QEMU copies RAM; QEMU pauses it to finish (qsnap pauses
+//!   it itself if the live phase outlasts its limit), the disks switch while it is paused.
+//! - **disk-only**: one `transaction`, no memory (crash-consistent).
 
 use crate::error::{Error, Result};
 use crate::qemu::{
-    BlockdevAddOverlay, Capability, FileNode, MigrateInfo, MigrateSetCapabilities,
+    BlockdevSetActive, Capability, MigrateInfo, MigrateSetCapabilities, QueryCpusFast,
     QueryMaxBandwidth, QueryMigrate, QueryMigrateCapabilities, SetMaxBandwidth,
 };
-use crate::snapshot::disks::{self, DiskPlan, SkippedDisk};
+use crate::snapshot::disks::{self, DiskPlan, ImageStamp, SkippedDisk};
 use crate::snapshot::memfile::{self, HEADER_LEN};
-use crate::snapshot::SnapshotName;
+use crate::snapshot::rollback::{Rollback, Undo};
+use crate::snapshot::save::{self, ProgressFn, Watch};
+use crate::SnapshotName;
 use qsnap_qmp::{types, Qmp};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+/// How a snapshot captures the VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    /// Memory as it was at the request (background-snapshot); the guest pauses for
+    /// milliseconds whatever its dirty rate.
+    PointInTime,
+    /// Memory as it was at the end of a live copy; the guest pauses while the last dirty
+    /// pages are written.
+    Precopy,
+    /// Disks only (crash-consistent), no memory.
+    DiskOnly,
+}
+
+impl std::fmt::Display for Mode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Mode::PointInTime => "point-in-time",
+            Mode::Precopy => "precopy",
+            Mode::DiskOnly => "disk-only",
+        })
+    }
+}
+
 /// What to snapshot and where.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct CreateOptions {
     /// The snapshot's name.
     pub name: SnapshotName,
@@ -28,190 +60,175 @@ pub struct CreateOptions {
     pub dir: PathBuf,
     /// Where overlays go (default: next to each image).
     pub overlay_dir: Option<PathBuf>,
+    /// `None` picks the best memory mode this QEMU and host support (point-in-time, else
+    /// precopy).
+    pub mode: Option<Mode>,
     /// Upper bound for the whole memory save.
     pub save_timeout: Duration,
+    /// Precopy: how long the guest may run while memory is copied before qsnap pauses it so
+    /// the save finishes.
+    pub live_limit: Duration,
+    /// Progress while memory is saved.
+    pub progress: Option<ProgressFn>,
+    /// Cancels the create (e.g. Ctrl-C): the save is cancelled and everything rolled back.
+    pub cancel: CancellationToken,
+}
+
+impl CreateOptions {
+    /// Options with defaults: auto mode, overlays next to their images, a 10-minute save
+    /// limit, a 30-second precopy live phase.
+    pub fn new(name: SnapshotName, dir: impl Into<PathBuf>) -> CreateOptions {
+        CreateOptions {
+            name,
+            dir: dir.into(),
+            overlay_dir: None,
+            mode: None,
+            save_timeout: Duration::from_secs(600),
+            live_limit: Duration::from_secs(30),
+            progress: None,
+            cancel: CancellationToken::new(),
+        }
+    }
+}
+
+impl std::fmt::Debug for CreateOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CreateOptions")
+            .field("name", &self.name)
+            .field("dir", &self.dir)
+            .field("overlay_dir", &self.overlay_dir)
+            .field("mode", &self.mode)
+            .field("save_timeout", &self.save_timeout)
+            .field("live_limit", &self.live_limit)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The memory part of a snapshot.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct MemoryImage {
+    /// The memory file (qsnap header, then QEMU's stream).
+    pub file: PathBuf,
+    /// Bytes of QEMU's stream in it.
+    pub bytes: u64,
+    /// Guest RAM size as QEMU reported it.
+    pub ram_bytes: u64,
+    /// Migration capabilities that were on for the save (a restore sets the same).
+    pub capabilities: Vec<String>,
+}
+
+/// Precopy's live phase.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct LivePhase {
+    /// How long the guest ran while memory was copied.
+    pub live_ms: f64,
+    /// Passes over RAM.
+    pub passes: u64,
+    /// True when the copy did not converge within the limit and qsnap paused the guest.
+    pub forced_pause: bool,
 }
 
 /// What a successful create did.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub struct CreateReport {
-    /// `point-in-time`.
-    pub mode: &'static str,
-    /// The memory file.
-    pub memory_file: PathBuf,
-    /// Bytes of QEMU's stream in it.
-    pub memory_bytes: u64,
-    /// Guest RAM size as QEMU reported it.
-    pub ram_bytes: u64,
-    /// Disks switched to overlays (their images are now frozen).
+    /// How the VM was captured.
+    pub mode: Mode,
+    /// Whether the guest was running when the snapshot was taken.
+    pub was_running: bool,
+    /// The memory image (`None` for disk-only).
+    pub memory: Option<MemoryImage>,
+    /// Disks switched to overlays (their images are frozen from now on).
     pub disks: Vec<DiskPlan>,
     /// Devices left alone.
     pub skipped: Vec<SkippedDisk>,
-    /// How long the guest's vCPUs were stopped, measured by qsnap (`stop` sent → `cont` acked).
+    /// How long the guest's vCPUs were stopped, measured by qsnap.
     pub pause_ms: f64,
     /// QEMU's own figure for the stop (`downtime`), when it gives one.
     pub qemu_downtime_ms: Option<u64>,
-    /// Whether the guest was running when the snapshot was taken.
-    pub was_running: bool,
+    /// Precopy's live phase.
+    pub live_phase: Option<LivePhase>,
     /// Wall time of the whole create.
     pub total_ms: f64,
 }
 
-/// An undo for a step that changed something.
-#[derive(Debug)]
-enum Undo {
-    RemoveFile(PathBuf),
-    RemoveFd(i64),
-    BlockdevDel(String),
-    RestoreCapabilities(Vec<Capability>),
-    RestoreBandwidth(u64),
-    CancelMigration,
-    Resume,
+/// What preflight found; nothing has changed yet.
+struct Plan {
+    was_running: bool,
+    /// `None` for disk-only; else the preferred memory mode (auto may still fall back).
+    memory: Option<(Mode, PathBuf)>,
+    auto: bool,
+    disks: Vec<DiskPlan>,
+    skipped: Vec<SkippedDisk>,
 }
 
-struct Rollback<'a> {
-    qmp: &'a Qmp,
-    undo: Vec<Undo>,
-}
-
-impl Rollback<'_> {
-    fn push(&mut self, u: Undo) {
-        self.undo.push(u);
-    }
-
-    /// Runs every undo, newest first. Failures are logged, not returned: the original error is
-    /// what the caller needs, and one failed undo must not stop the others.
-    async fn run(mut self) {
-        while let Some(u) = self.undo.pop() {
-            let outcome: std::result::Result<(), String> = match &u {
-                Undo::RemoveFile(p) => tokio::fs::remove_file(p).await.map_err(|e| e.to_string()),
-                Undo::RemoveFd(set) => self
-                    .qmp
-                    .remove_fd(*set, None)
-                    .await
-                    .map_err(|e| e.to_string()),
-                Undo::BlockdevDel(node) => self
-                    .qmp
-                    .execute(types::blockdev_del {
-                        node_name: node.clone(),
-                    })
-                    .await
-                    .map(drop)
-                    .map_err(|e| e.to_string()),
-                Undo::RestoreCapabilities(caps) => self
-                    .qmp
-                    .execute(MigrateSetCapabilities {
-                        capabilities: caps.clone(),
-                    })
-                    .await
-                    .map(drop)
-                    .map_err(|e| e.to_string()),
-                Undo::RestoreBandwidth(bw) => self
-                    .qmp
-                    .execute(SetMaxBandwidth { max_bandwidth: *bw })
-                    .await
-                    .map(drop)
-                    .map_err(|e| e.to_string()),
-                Undo::CancelMigration => cancel_migration(self.qmp).await,
-                Undo::Resume => self
-                    .qmp
-                    .execute(types::cont {})
-                    .await
-                    .map(drop)
-                    .map_err(|e| e.to_string()),
-            };
-            match outcome {
-                Ok(()) => info!(?u, "rolled back"),
-                Err(e) => warn!(?u, error = %e, "rollback step failed"),
-            }
-        }
-    }
-
-    /// The steps succeeded: keep what they made, but still run the undos that restore
-    /// settings (capabilities, bandwidth) and release the fdset.
-    fn commit(self) -> Vec<Undo> {
-        self.undo
-            .into_iter()
-            .filter(|u| {
-                matches!(
-                    u,
-                    Undo::RemoveFd(_) | Undo::RestoreCapabilities(_) | Undo::RestoreBandwidth(_)
-                )
-            })
-            .collect()
-    }
-}
-
-async fn cancel_migration(qmp: &Qmp) -> std::result::Result<(), String> {
-    qmp.execute(types::migrate_cancel {})
-        .await
-        .map_err(|e| e.to_string())?;
-    // Wait (bounded) for the cancel to land, so the fdset and file can go.
-    for _ in 0..500 {
-        let info = qmp
-            .execute(QueryMigrate {})
-            .await
-            .map_err(|e| e.to_string())?;
-        if !matches!(
-            info.status.as_deref(),
-            Some("active" | "setup" | "cancelling" | "device" | "pre-switchover")
-        ) {
-            return Ok(());
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    Err("migration did not stop after migrate_cancel".into())
-}
-
-/// Capabilities that background-snapshot cannot run with are switched off for the save.
-fn save_capabilities(current: &[Capability]) -> Vec<Capability> {
-    let mut want: Vec<Capability> = current
-        .iter()
-        .filter(|c| c.state && c.capability != "events" && c.capability != "background-snapshot")
-        .map(|c| Capability {
-            capability: c.capability.clone(),
-            state: false,
-        })
-        .collect();
-    for name in ["events", "background-snapshot"] {
-        want.push(Capability {
-            capability: name.into(),
-            state: true,
-        });
-    }
-    want
-}
-
-/// Takes a point-in-time snapshot (memory + all writable disks) of the VM behind `qmp`.
+/// Takes a snapshot of the VM behind `qmp`: memory (unless disk-only) and every writable disk.
 pub async fn create(qmp: &Qmp, opts: &CreateOptions) -> Result<CreateReport> {
     let started = Instant::now();
-    // ---- preflight: nothing changes here ----
+    let plan = preflight(qmp, opts).await?;
+    let mut rb = Rollback::new(qmp);
+    let result = run_steps(qmp, opts, &plan, &mut rb).await;
+    match result {
+        Ok(mut report) => {
+            for problem in rb.finish().await {
+                warn!(%problem, "could not restore a migration setting after the snapshot");
+            }
+            for d in &mut report.disks {
+                d.frozen = Some(ImageStamp::read(&d.image).await?);
+            }
+            report.skipped = plan.skipped;
+            report.total_ms = ms(started.elapsed());
+            info!(name = %opts.name, mode = %report.mode, pause_ms = report.pause_ms, "snapshot created");
+            Ok(report)
+        }
+        Err(e) => {
+            warn!(error = %e, "snapshot failed; rolling back");
+            let problems = rb.run().await;
+            let e = if qmp.is_connected() {
+                e
+            } else {
+                Error::QemuExited { cause: Box::new(e) }
+            };
+            Err(if problems.is_empty() {
+                e
+            } else {
+                Error::RollbackIncomplete {
+                    cause: Box::new(e),
+                    problems,
+                }
+            })
+        }
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+async fn preflight(qmp: &Qmp, opts: &CreateOptions) -> Result<Plan> {
     let status = qmp
         .execute(types::query_status {})
         .await
         .map_err(Error::qmp("reading the run state"))?;
-    let was_running = status.running;
     if !matches!(
         status.status,
         types::RunState::running | types::RunState::paused
     ) {
         return Err(Error::BadRunState {
             state: serde_json::to_value(status.status)
-                .map(|v| v.as_str().unwrap_or("?").to_owned())
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_owned))
                 .unwrap_or_default(),
         });
     }
+    let disk_only = opts.mode == Some(Mode::DiskOnly);
     let mig = qmp
         .execute(QueryMigrate {})
         .await
         .map_err(Error::qmp("reading the migration state"))?;
-    if let Some(reasons) = mig.blocked_reasons.filter(|r| !r.is_empty()) {
-        return Err(Error::MigrationBlocked { reasons });
-    }
-    if matches!(
-        mig.status.as_deref(),
-        Some("setup" | "active" | "cancelling" | "device" | "pre-switchover" | "postcopy-active")
-    ) {
+    if mig.is_running() {
         return Err(Error::Busy {
             what: format!(
                 "a migration is in progress ({})",
@@ -219,121 +236,260 @@ pub async fn create(qmp: &Qmp, opts: &CreateOptions) -> Result<CreateReport> {
             ),
         });
     }
+    if !disk_only {
+        if let Some(reasons) = mig.blocked_reasons.filter(|r| !r.is_empty()) {
+            let tsc_hz = if reasons.iter().any(|r| r.contains("invtsc")) {
+                tsc_frequency(qmp).await
+            } else {
+                None
+            };
+            return Err(Error::MigrationBlocked { reasons, tsc_hz });
+        }
+    }
     let jobs = qmp
-        .execute_raw("query-jobs", None)
+        .execute(types::query_jobs {})
         .await
         .map_err(Error::qmp("listing block jobs"))?;
-    if jobs.as_array().is_some_and(|j| !j.is_empty()) {
+    if let Some(j) = jobs.first() {
         return Err(Error::Busy {
-            what: format!("block jobs are running: {jobs}"),
+            what: format!("block job {} is running", j.id),
         });
     }
+    let memory = if disk_only {
+        None
+    } else {
+        let mode = memory_mode(qmp, opts.mode).await?;
+        Some((mode, opts.dir.join(format!("{}.mem", opts.name))))
+    };
+    let (disks, skipped) = disks::plan(qmp, &opts.name, opts.overlay_dir.as_deref()).await?;
+    if disk_only && disks.is_empty() {
+        return Err(Error::DiskNotSnapshottable {
+            device: "(all)".into(),
+            why: "the VM has no writable disk, so a disk-only snapshot would capture nothing"
+                .into(),
+        });
+    }
+    let targets = disks.iter().map(|d| &d.overlay);
+    for path in targets.chain(memory.as_ref().map(|(_, p)| p)) {
+        if tokio::fs::symlink_metadata(path).await.is_ok() {
+            return Err(Error::TargetExists { path: path.clone() });
+        }
+    }
+    Ok(Plan {
+        was_running: status.running,
+        memory,
+        auto: opts.mode.is_none(),
+        disks,
+        skipped,
+    })
+}
+
+/// The memory mode to use: what was asked for if this QEMU can, else the best it can.
+async fn memory_mode(qmp: &Qmp, asked: Option<Mode>) -> Result<Mode> {
     let version = qmp.greeting().version.qemu;
     let schema = qmp
         .schema()
         .await
         .map_err(Error::qmp("reading QEMU's schema"))?;
-    if !schema.has_migration_capability("background-snapshot") || !version.at_least(9, 0) {
+    if !schema.has_argument("migrate", &["channels", "addr", "filename"]) {
         return Err(Error::Unsupported {
             what: format!(
-                "point-in-time memory snapshots need QEMU >= 9.0 with background-snapshot (this is {version})"
+                "memory snapshots need file: migration to an fdset, QEMU >= 8.2 (this is {version}); take --disk-only"
             ),
         });
     }
-    if !schema.has_argument("migrate", &["channels", "addr", "filename"]) {
-        return Err(Error::Unsupported {
-            what: format!("file: migration to an fdset needs QEMU >= 8.2 (this is {version})"),
-        });
+    // Before 9.0 the background-snapshot thread resumes the guest by itself, which would let
+    // it run between the save's start and the disk switch.
+    let point_in_time =
+        schema.has_migration_capability("background-snapshot") && version.at_least(9, 0);
+    match asked {
+        Some(Mode::PointInTime) if !point_in_time => Err(Error::Unsupported {
+            what: format!(
+                "point-in-time snapshots need QEMU >= 9.0 with background-snapshot (this is {version}); use --mode precopy"
+            ),
+        }),
+        Some(m) => Ok(m),
+        None if point_in_time => Ok(Mode::PointInTime),
+        None => Ok(Mode::Precopy),
     }
-    let (disks, skipped) = disks::plan(qmp, &opts.name, opts.overlay_dir.as_deref()).await?;
-    let mem_path = opts.dir.join(format!("{}.mem", opts.name));
-    for path in disks.iter().map(|d| &d.overlay).chain([&mem_path]) {
-        if tokio::fs::symlink_metadata(path).await.is_ok() {
-            return Err(Error::TargetExists { path: path.clone() });
-        }
-    }
+}
 
-    // ---- steps that change things, each with its undo ----
-    let mut rb = Rollback {
-        qmp,
-        undo: Vec::new(),
+/// The guest's TSC frequency, for the invtsc fix: QEMU knows it even when it was not set;
+/// failing that, the host's nominal frequency.
+async fn tsc_frequency(qmp: &Qmp) -> Option<u64> {
+    let from_vm = async {
+        let cpus = qmp.execute(QueryCpusFast {}).await.ok()?;
+        let path = cpus.first()?.qom_path.clone();
+        qmp.execute(types::qom_get {
+            path,
+            property: "tsc-frequency".into(),
+        })
+        .await
+        .ok()?
+        .as_u64()
+        .filter(|&hz| hz > 0)
     };
-    match run_steps(qmp, opts, &disks, &mem_path, was_running, &mut rb).await {
-        Ok(mut report) => {
-            let keep = rb.commit();
-            Rollback { qmp, undo: keep }.run().await;
-            report.skipped = skipped;
-            report.total_ms = started.elapsed().as_secs_f64() * 1e3;
-            info!(name = %opts.name, pause_ms = report.pause_ms, "snapshot created");
-            Ok(report)
-        }
-        Err(e) => {
-            warn!(error = %e, "snapshot failed; rolling back");
-            rb.run().await;
-            Err(e)
-        }
+    match from_vm.await {
+        Some(hz) => Some(hz),
+        None => host_tsc_hz().await,
     }
+}
+
+/// The host's nominal CPU frequency from cpuinfo (the TSC runs at it on invariant-TSC hosts).
+async fn host_tsc_hz() -> Option<u64> {
+    let text = tokio::fs::read_to_string("/proc/cpuinfo").await.ok()?;
+    let mhz: f64 = text
+        .lines()
+        .find(|l| l.starts_with("cpu MHz"))?
+        .split(':')
+        .nth(1)?
+        .trim()
+        .parse()
+        .ok()?;
+    Some((mhz * 1e6) as u64)
 }
 
 async fn run_steps(
     qmp: &Qmp,
     opts: &CreateOptions,
-    disks: &[DiskPlan],
-    mem_path: &PathBuf,
-    was_running: bool,
+    plan: &Plan,
     rb: &mut Rollback<'_>,
 ) -> Result<CreateReport> {
-    // Memory file, handed to QEMU as an fd: QEMU needs no path access to the store.
-    let file = memfile::create(opts.dir.clone(), mem_path.clone()).await?;
-    rb.push(Undo::RemoveFile(mem_path.clone()));
-    let fdset = qmp
-        .add_fd(&file, None, Some("qsnap-memory"))
-        .await
-        .map_err(Error::qmp("passing the memory file to QEMU"))?;
-    rb.push(Undo::RemoveFd(fdset.fdset_id));
-
-    for d in disks {
+    let cancelled = || {
+        if opts.cancel.is_cancelled() {
+            Err(Error::Cancelled)
+        } else {
+            Ok(())
+        }
+    };
+    // Memory file first, handed to QEMU as an fd: QEMU needs no path access to the store.
+    let memory = match &plan.memory {
+        None => None,
+        Some((mode, path)) => {
+            let file = memfile::create(opts.dir.clone(), path.clone()).await?;
+            rb.push(Undo::RemoveFile(path.clone()));
+            let fdset = qmp
+                .add_fd(&file, None, Some("qsnap-memory"))
+                .await
+                .map_err(Error::qmp("passing the memory file to QEMU"))?;
+            rb.push(Undo::RemoveFd(fdset.fdset_id));
+            Some((*mode, path.clone(), file, fdset.fdset_id))
+        }
+    };
+    for d in &plan.disks {
+        cancelled()?;
         disks::create_overlay_file(d).await?;
         rb.push(Undo::RemoveFile(d.overlay.clone()));
-        qmp.execute(BlockdevAddOverlay {
-            driver: "qcow2",
-            node_name: d.overlay_node.clone(),
-            file: FileNode {
-                driver: "file",
-                filename: d.overlay.display().to_string(),
-            },
-            backing: None,
-        })
-        .await
-        .map_err(Error::qmp("adding an overlay node"))?;
+        disks::add_overlay_node(qmp, d).await?;
         rb.push(Undo::BlockdevDel(d.overlay_node.clone()));
     }
+    cancelled()?;
 
-    let caps = qmp
+    let Some((mode, path, file, fdset)) = memory else {
+        // Disk-only: the transaction alone is atomic across disks; the guest never pauses.
+        disks::switch(qmp, &plan.disks).await?;
+        rb.switched(&plan.disks);
+        return Ok(CreateReport {
+            mode: Mode::DiskOnly,
+            was_running: plan.was_running,
+            memory: None,
+            disks: plan.disks.clone(),
+            skipped: Vec::new(),
+            pause_ms: 0.0,
+            qemu_downtime_ms: None,
+            live_phase: None,
+            total_ms: 0.0,
+        });
+    };
+    let (mode, capabilities) = set_capabilities(qmp, mode, plan.auto, rb).await?;
+    raise_bandwidth(qmp, rb).await?;
+    cancelled()?;
+
+    let uri = format!("file:/dev/fdset/{fdset},offset={HEADER_LEN}");
+    let watch = Watch {
+        started: Instant::now(),
+        timeout: opts.save_timeout,
+        progress: opts.progress.as_ref(),
+        cancel: &opts.cancel,
+    };
+    let mut report = match mode {
+        Mode::PointInTime => point_in_time(qmp, plan, &uri, &watch, rb).await?,
+        Mode::Precopy => precopy(qmp, plan, &uri, &watch, opts.live_limit, rb).await?,
+        Mode::DiskOnly => unreachable!("disk-only returned above"),
+    };
+    let bytes = memfile::seal(file, path.clone()).await?;
+    if let Some(m) = &mut report.memory {
+        m.file = path;
+        m.bytes = bytes;
+        m.capabilities = capabilities;
+    }
+    Ok(report)
+}
+
+/// Switches on what the save needs (`events`, and `background-snapshot` for point-in-time)
+/// and off everything else (multifd, postcopy, … are incompatible with a file save or with
+/// background-snapshot). In auto mode a host that refuses background-snapshot (no
+/// userfaultfd write-protect) falls back to precopy.
+async fn set_capabilities(
+    qmp: &Qmp,
+    mode: Mode,
+    auto: bool,
+    rb: &mut Rollback<'_>,
+) -> Result<(Mode, Vec<String>)> {
+    let current = qmp
         .execute(QueryMigrateCapabilities {})
         .await
         .map_err(Error::qmp("reading migration capabilities"))?;
-    let want = save_capabilities(&caps);
-    let restore: Vec<Capability> = want
-        .iter()
-        .filter_map(|w| {
-            caps.iter()
-                .find(|c| c.capability == w.capability && c.state != w.state)
-                .cloned()
-        })
-        .collect();
-    qmp.execute(MigrateSetCapabilities { capabilities: want })
-        .await
-        .map_err(Error::qmp("enabling background-snapshot"))?;
-    rb.push(Undo::RestoreCapabilities(restore));
-    if let Some(bw) = qmp
+    let mut try_mode = mode;
+    loop {
+        let on: &[&str] = match try_mode {
+            Mode::PointInTime => &["events", "background-snapshot"],
+            _ => &["events"],
+        };
+        let want: Vec<Capability> = current
+            .iter()
+            .filter(|c| c.state || on.contains(&c.capability.as_str()))
+            .map(|c| Capability {
+                capability: c.capability.clone(),
+                state: on.contains(&c.capability.as_str()),
+            })
+            .collect();
+        match qmp
+            .execute(MigrateSetCapabilities {
+                capabilities: want.clone(),
+            })
+            .await
+        {
+            Ok(_) => {
+                let restore = want
+                    .iter()
+                    .filter_map(|w| {
+                        current
+                            .iter()
+                            .find(|c| c.capability == w.capability && c.state != w.state)
+                            .cloned()
+                    })
+                    .collect();
+                rb.push(Undo::RestoreCapabilities(restore));
+                return Ok((try_mode, on.iter().map(|s| s.to_string()).collect()));
+            }
+            Err(e) if auto && try_mode == Mode::PointInTime => {
+                warn!(error = %e, "background-snapshot refused; falling back to precopy");
+                try_mode = Mode::Precopy;
+            }
+            Err(e) => return Err(Error::qmp("setting migration capabilities")(e)),
+        }
+    }
+}
+
+/// QEMU's default 128 MiB/s would throttle a save to a local file.
+async fn raise_bandwidth(qmp: &Qmp, rb: &mut Rollback<'_>) -> Result<()> {
+    let current = qmp
         .execute(QueryMaxBandwidth {})
         .await
         .map_err(Error::qmp("reading migration parameters"))?
-        .max_bandwidth
-    {
-        // QEMU's default 128 MiB/s would throttle the save; the guest does not wait for it, but
-        // the snapshot should finish as fast as the disk allows.
+        .max_bandwidth;
+    if let Some(bw) = current {
         qmp.execute(SetMaxBandwidth {
             max_bandwidth: u64::MAX >> 1,
         })
@@ -341,155 +497,153 @@ async fn run_steps(
         .map_err(Error::qmp("raising max-bandwidth"))?;
         rb.push(Undo::RestoreBandwidth(bw));
     }
+    Ok(())
+}
 
-    // ---- the freeze: the guest must not run from here to `cont` ----
-    let mut events = qmp.events();
+fn memory_report(
+    mode: Mode,
+    plan: &Plan,
+    done: &MigrateInfo,
+    pause: Duration,
+    live: Option<LivePhase>,
+) -> CreateReport {
+    CreateReport {
+        mode,
+        was_running: plan.was_running,
+        memory: Some(MemoryImage {
+            file: PathBuf::new(),
+            bytes: 0,
+            ram_bytes: done.ram.as_ref().map(|r| r.total).unwrap_or(0),
+            capabilities: Vec::new(),
+        }),
+        disks: plan.disks.clone(),
+        skipped: Vec::new(),
+        pause_ms: ms(pause),
+        qemu_downtime_ms: done.downtime,
+        live_phase: live,
+        total_ms: 0.0,
+    }
+}
+
+async fn point_in_time(
+    qmp: &Qmp,
+    plan: &Plan,
+    uri: &str,
+    watch: &Watch<'_>,
+    rb: &mut Rollback<'_>,
+) -> Result<CreateReport> {
+    // ---- the freeze: the guest must not run from `stop` to `cont` ----
     let frozen = Instant::now();
-    if was_running {
+    if plan.was_running {
         qmp.execute(types::stop {})
             .await
             .map_err(Error::qmp("pausing the guest"))?;
         rb.push(Undo::Resume);
     }
+    start_save(qmp, uri).await?;
+    rb.push(Undo::CancelMigration);
+    // QEMU's thread stops the VM itself and saves device state, arms write protection, then
+    // writes RAM: only then may the guest run again.
+    save::wait_armed(qmp, Duration::from_secs(30)).await?;
+    disks::switch(qmp, &plan.disks).await?;
+    rb.switched(&plan.disks);
+    if plan.was_running {
+        qmp.execute(types::cont {})
+            .await
+            .map_err(Error::qmp("resuming the guest"))?;
+        rb.forget(|u| matches!(u, Undo::Resume));
+    }
+    let pause = frozen.elapsed();
+
+    // ---- RAM keeps flowing to the file while the guest runs ----
+    let done = watch.until_completed(qmp, |_| async { Ok(()) }).await?;
+    rb.forget(|u| matches!(u, Undo::CancelMigration));
+    Ok(memory_report(Mode::PointInTime, plan, &done, pause, None))
+}
+
+async fn start_save(qmp: &Qmp, uri: &str) -> Result<()> {
     qmp.execute(types::migrate {
-        uri: Some(format!(
-            "file:/dev/fdset/{},offset={HEADER_LEN}",
-            fdset.fdset_id
-        )),
+        uri: Some(uri.to_owned()),
         channels: None,
         detach: None,
         resume: None,
     })
     .await
-    .map_err(Error::qmp("starting the memory save"))?;
-    rb.push(Undo::CancelMigration);
-    let armed = wait_armed(qmp, Duration::from_secs(30)).await?;
+    .map(drop)
+    .map_err(Error::qmp("starting the memory save"))
+}
 
-    if !disks.is_empty() {
-        let actions = disks
-            .iter()
-            .map(|d| {
-                types::TransactionAction::blockdev_snapshot(
-                    types::BlockdevSnapshot {
-                        node: d.node.clone(),
-                        overlay: d.overlay_node.clone(),
-                    }
-                    .into(),
-                )
-            })
-            .collect();
-        qmp.execute(types::transaction {
-            actions,
-            properties: None,
-        })
-        .await
-        .map_err(Error::qmp("switching the disks to their overlays"))?;
-        // From here the guest writes to the overlays: deleting them would lose its data.
-        rb.undo.retain(|u| match u {
-            Undo::BlockdevDel(_) => false,
-            Undo::RemoveFile(p) => p == mem_path,
-            _ => true,
-        });
+async fn precopy(
+    qmp: &Qmp,
+    plan: &Plan,
+    uri: &str,
+    watch: &Watch<'_>,
+    live_limit: Duration,
+    rb: &mut Rollback<'_>,
+) -> Result<CreateReport> {
+    let mut events = qmp.events();
+    start_save(qmp, uri).await?;
+    rb.push(Undo::CancelMigration);
+    if plan.was_running {
+        // QEMU pauses the guest to finish; a failure at any point must resume it.
+        rb.push(Undo::Resume);
     }
-    if was_running {
+    let live_started = Instant::now();
+    let mut forced_at: Option<Instant> = None;
+    let mut passes = 0;
+    let done = watch
+        .until_completed(qmp, |info| {
+            passes = info.ram.as_ref().map_or(passes, |r| r.dirty_sync_count);
+            let force =
+                plan.was_running && forced_at.is_none() && live_started.elapsed() > live_limit;
+            if force {
+                forced_at = Some(Instant::now());
+            }
+            async move {
+                if force {
+                    info!(
+                        ?live_limit,
+                        "precopy did not converge; pausing the guest to finish"
+                    );
+                    qmp.execute(types::stop {})
+                        .await
+                        .map_err(Error::qmp("pausing the guest to finish the save"))?;
+                }
+                Ok(())
+            }
+        })
+        .await?;
+    rb.forget(|u| matches!(u, Undo::CancelMigration));
+    let live_ms = ms(forced_at.unwrap_or_else(Instant::now) - live_started);
+    // The pause began when QEMU (or qsnap) stopped the vCPUs.
+    let mut paused_at = forced_at;
+    while let Some(ev) = events.try_next() {
+        if ev.name == "STOP" && paused_at.is_none() {
+            paused_at = Some(ev.received);
+        }
+    }
+    disks::switch(qmp, &plan.disks).await?;
+    rb.switched(&plan.disks);
+    if plan.was_running {
         qmp.execute(types::cont {})
             .await
             .map_err(Error::qmp("resuming the guest"))?;
-        rb.undo.retain(|u| !matches!(u, Undo::Resume));
-    }
-    let pause = frozen.elapsed();
-
-    // ---- RAM keeps flowing to the file while the guest runs ----
-    let done = wait_completed(qmp, &mut events, armed, opts.save_timeout).await?;
-    rb.undo.retain(|u| !matches!(u, Undo::CancelMigration));
-    let memory_bytes = memfile::seal(file, mem_path.clone()).await?;
-
-    Ok(CreateReport {
-        mode: "point-in-time",
-        memory_file: mem_path.clone(),
-        memory_bytes,
-        ram_bytes: done.ram.as_ref().map(|r| r.total).unwrap_or(0),
-        disks: disks.to_vec(),
-        skipped: Vec::new(),
-        pause_ms: pause.as_secs_f64() * 1e3,
-        qemu_downtime_ms: done.downtime,
-        was_running,
-        total_ms: 0.0,
-    })
-}
-
-fn failed(info: &MigrateInfo) -> Option<Error> {
-    match info.status.as_deref() {
-        Some("failed" | "cancelled") => Some(Error::SaveFailed {
-            desc: info
-                .error_desc
-                .clone()
-                .unwrap_or_else(|| format!("migration {}", info.status.as_deref().unwrap_or("?"))),
-        }),
-        _ => None,
-    }
-}
-
-/// Waits until QEMU's background-snapshot thread has saved the device state and armed write
-/// protection: it writes RAM pages only after both, so the first page counted is the signal.
-async fn wait_armed(qmp: &Qmp, timeout: Duration) -> Result<MigrateInfo> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let info = qmp
-            .execute(QueryMigrate {})
-            .await
-            .map_err(Error::qmp("polling the memory save"))?;
-        if let Some(e) = failed(&info) {
-            return Err(e);
-        }
-        let pages = info
-            .ram
-            .as_ref()
-            .map(|r| r.normal + r.duplicate)
-            .unwrap_or(0);
-        if pages > 0 || info.status.as_deref() == Some("completed") {
-            return Ok(info);
-        }
-        if Instant::now() > deadline {
-            return Err(Error::SaveFailed {
-                desc: format!("QEMU did not start writing RAM within {timeout:?}"),
-            });
-        }
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
-}
-
-async fn wait_completed(
-    qmp: &Qmp,
-    events: &mut qsnap_qmp::EventStream,
-    last: MigrateInfo,
-    timeout: Duration,
-) -> Result<MigrateInfo> {
-    if last.status.as_deref() != Some("completed") {
-        let ev = events
-            .wait_for("MIGRATION completed or failed", timeout, |e| {
-                e.name == "MIGRATION"
-                    && matches!(
-                        e.data["status"].as_str(),
-                        Some("completed" | "failed" | "cancelled")
-                    )
-            })
-            .await;
-        if let Err(e) = ev {
-            return Err(match e {
-                qsnap_qmp::Error::EventTimeout { .. } => Error::SaveFailed {
-                    desc: format!("the memory save did not finish within {timeout:?}"),
-                },
-                other => Error::qmp("waiting for the memory save")(other),
-            });
-        }
-    }
-    let info = qmp
-        .execute(QueryMigrate {})
+        rb.forget(|u| matches!(u, Undo::Resume));
+    } else if qmp
+        .schema()
         .await
-        .map_err(Error::qmp("reading the save result"))?;
-    if let Some(e) = failed(&info) {
-        return Err(e);
+        .is_ok_and(|s| s.has_command("blockdev-set-active"))
+    {
+        // A paused VM stays paused, but its disks must not stay inactive.
+        qmp.execute(BlockdevSetActive { active: true })
+            .await
+            .map_err(Error::qmp("reactivating the disks"))?;
     }
-    Ok(info)
+    let pause = paused_at.map(|t| t.elapsed()).unwrap_or_default();
+    let live = LivePhase {
+        live_ms,
+        passes: done.ram.as_ref().map_or(passes, |r| r.dirty_sync_count),
+        forced_pause: forced_at.is_some(),
+    };
+    Ok(memory_report(Mode::Precopy, plan, &done, pause, Some(live)))
 }

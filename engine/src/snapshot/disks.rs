@@ -6,13 +6,16 @@
 //! that one `transaction` of `blockdev-snapshot`s can switch every disk at the same instant.
 
 use crate::error::{Error, Result};
-use crate::snapshot::SnapshotName;
+use crate::qemu::{BlockCommit, BlockdevAddOverlay, FileNode};
+use crate::SnapshotName;
 use qsnap_qmp::{types, Qmp};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 /// A writable disk the snapshot switches to an overlay.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub struct DiskPlan {
     /// Device id (`-drive` id) or, for `-blockdev`, the top node name.
     pub device: String,
@@ -28,10 +31,48 @@ pub struct DiskPlan {
     pub overlay: PathBuf,
     /// Our node name for the overlay.
     pub overlay_node: String,
+    /// The frozen image's size and modification time right after the snapshot, so a later
+    /// revert can tell that nobody changed it.
+    #[serde(default)]
+    pub frozen: Option<ImageStamp>,
+}
+
+/// An image file's size and modification time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct ImageStamp {
+    /// Size in bytes.
+    pub bytes: u64,
+    /// Modification time, nanoseconds since the Unix epoch.
+    pub mtime_ns: u64,
+}
+
+impl ImageStamp {
+    /// Reads the stamp of `path`.
+    pub async fn read(path: &Path) -> Result<ImageStamp> {
+        let m = tokio::fs::metadata(path)
+            .await
+            .map_err(|source| Error::Io {
+                what: "reading an image's size and time",
+                path: path.to_owned(),
+                source,
+            })?;
+        let mtime_ns = m
+            .modified()
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+        Ok(ImageStamp {
+            bytes: m.len(),
+            mtime_ns,
+        })
+    }
 }
 
 /// A device the snapshot leaves alone, and why.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub struct SkippedDisk {
     /// Device id or node name.
     pub device: String,
@@ -59,11 +100,7 @@ pub async fn plan(
             });
             continue;
         };
-        let device = if b.device.is_empty() {
-            ins.node_name.clone().unwrap_or_default()
-        } else {
-            b.device.clone()
-        };
+        let device = device_label(&b.device, b.qdev.as_deref(), ins.node_name.as_deref());
         if ins.ro {
             skipped.push(SkippedDisk {
                 device,
@@ -88,10 +125,17 @@ pub async fn plan(
                 ),
             });
         }
-        let stem = image
+        let mut stem = image
             .file_stem()
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_else(|| format!("disk{i}"));
+        // Our own overlay (`disk.s1.qcow2`): name the next one `disk.s2.qcow2`, not
+        // `disk.s1.s2.qcow2`, so names do not grow along the chain.
+        if node.starts_with(OVERLAY_NODE_PREFIX) {
+            if let Some((base, _)) = stem.rsplit_once('.') {
+                stem = base.to_owned();
+            }
+        }
         let dir = overlay_dir
             .map(Path::to_owned)
             .or_else(|| image.parent().map(Path::to_owned))
@@ -102,11 +146,32 @@ pub async fn plan(
             format: ins.drv.clone(),
             size: ins.image.base.virtual_size.max(0) as u64,
             overlay: dir.join(format!("{stem}.{snap}.qcow2")),
-            overlay_node: format!("qsnap-{}-{i}", short_hash(snap.as_str())),
+            overlay_node: format!("{OVERLAY_NODE_PREFIX}{}-{i}", short_hash(snap.as_str())),
             image,
+            frozen: None,
         });
     }
     Ok((disks, skipped))
+}
+
+/// Node names qsnap gives its overlays.
+const OVERLAY_NODE_PREFIX: &str = "qsnap-";
+
+/// A stable name for a disk: the `-drive` id, else the guest device's id (`-device …,id=vd0`
+/// of a `-blockdev` disk), else QEMU's paths. Not the node name: that changes with every
+/// snapshot.
+pub(crate) fn device_label(device: &str, qdev: Option<&str>, node: Option<&str>) -> String {
+    if !device.is_empty() {
+        return device.to_owned();
+    }
+    match qdev {
+        Some(q) => q
+            .strip_prefix("/machine/peripheral/")
+            .and_then(|rest| rest.split('/').next())
+            .unwrap_or(q)
+            .to_owned(),
+        None => node.unwrap_or_default().to_owned(),
+    }
 }
 
 /// An 8-hex-digit FNV-1a hash: keeps node names short (QEMU allows 31 characters).
@@ -145,4 +210,100 @@ pub async fn create_overlay_file(d: &DiskPlan) -> Result<()> {
         });
     }
     Ok(())
+}
+
+/// Adds the overlay file as a qcow2 node with no backing yet (the switch attaches it).
+pub(crate) async fn add_overlay_node(qmp: &Qmp, d: &DiskPlan) -> Result<()> {
+    qmp.execute(BlockdevAddOverlay {
+        driver: "qcow2",
+        node_name: d.overlay_node.clone(),
+        file: FileNode {
+            driver: "file",
+            filename: d.overlay.display().to_string(),
+        },
+        backing: None,
+    })
+    .await
+    .map(drop)
+    .map_err(Error::qmp("adding an overlay node"))
+}
+
+/// Switches every disk to its overlay in one `transaction`: all or none, at one instant.
+pub(crate) async fn switch(qmp: &Qmp, disks: &[DiskPlan]) -> Result<()> {
+    if disks.is_empty() {
+        return Ok(());
+    }
+    let actions = disks
+        .iter()
+        .map(|d| {
+            types::TransactionAction::blockdev_snapshot(
+                types::BlockdevSnapshot {
+                    node: d.node.clone(),
+                    overlay: d.overlay_node.clone(),
+                }
+                .into(),
+            )
+        })
+        .collect();
+    qmp.execute(types::transaction {
+        actions,
+        properties: None,
+    })
+    .await
+    .map(drop)
+    .map_err(Error::qmp("switching the disks to their overlays"))
+}
+
+/// Undoes a switch while the VM runs: an active commit of the overlay into its base, pivot,
+/// then the overlay node goes. The overlay file is left for the caller to delete.
+pub(crate) async fn merge_back(qmp: &Qmp, d: &DiskPlan) -> Result<()> {
+    const LIMIT: Duration = Duration::from_secs(120);
+    let job = format!("merge-{}", d.overlay_node);
+    let is_job = |e: &qsnap_qmp::Event, names: &[&str]| {
+        names.contains(&e.name.as_str()) && e.data["device"].as_str() == Some(job.as_str())
+    };
+    let mut events = qmp.events();
+    qmp.execute(BlockCommit {
+        job_id: job.clone(),
+        device: d.overlay_node.clone(),
+        base_node: d.node.clone(),
+    })
+    .await
+    .map_err(Error::qmp("merging an overlay back (block-commit)"))?;
+    let ev = events
+        .wait_for("the merge to be ready", LIMIT, |e| {
+            is_job(
+                e,
+                &["BLOCK_JOB_READY", "BLOCK_JOB_COMPLETED", "BLOCK_JOB_ERROR"],
+            )
+        })
+        .await
+        .map_err(Error::qmp("waiting for the merge"))?;
+    if ev.name != "BLOCK_JOB_READY" {
+        return Err(Error::BlockJob {
+            job,
+            desc: format!("{}: {}", ev.name, ev.data),
+        });
+    }
+    qmp.execute(types::job_complete { id: job.clone() })
+        .await
+        .map_err(Error::qmp("pivoting back to the base image"))?;
+    let ev = events
+        .wait_for("the merge to complete", LIMIT, |e| {
+            is_job(e, &["BLOCK_JOB_COMPLETED"])
+        })
+        .await
+        .map_err(Error::qmp("waiting for the merge"))?;
+    if let Some(err) = ev.data["error"].as_str() {
+        return Err(Error::BlockJob {
+            job,
+            desc: err.to_owned(),
+        });
+    }
+    qmp.execute(types::blockdev_del {
+        node_name: d.overlay_node.clone(),
+    })
+    .await
+    .map(drop)
+    .map_err(Error::qmp("removing the merged overlay node"))
 }

@@ -7,6 +7,7 @@
 //! All file I/O here runs on the blocking pool, never on a runtime worker.
 
 use crate::error::{Error, Result};
+use crate::store::blocking;
 use std::fs::{DirBuilder, File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt, PermissionsExt};
@@ -34,12 +35,6 @@ fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error)
         path: path.to_owned(),
         source,
     }
-}
-
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
 }
 
 /// Creates `dir` (0700, if missing) and the memory file in it (0600, must not exist), with an

@@ -1,4 +1,4 @@
-//! Snapshots: names, the memory file, disk overlays, and the create state machine.
+//! Snapshots: the memory file, disk overlays, watching the save, and the create state machine.
 //!
 //! ```text
 //! point-in-time create (background-snapshot)
@@ -10,14 +10,20 @@
 //!   wait until QEMU saved device state and armed write protection (RAM pages flowing)
 //!   transaction [blockdev-snapshot …]   (disks switch while the guest is still frozen)
 //!   cont ─┘ pause ends; QEMU keeps writing RAM as it was at `stop`
-//!   wait MIGRATION completed → fsync → header "complete" → remove-fd → capabilities back
+//!   wait completed → fsync → header "complete" → remove-fd → capabilities back
+//!
+//! precopy create: … migrate (guest runs) → QEMU pauses it at the end (or qsnap does, past
+//!   the live limit) → completed → transaction → cont
+//! disk-only create: overlay files → overlay nodes → transaction
 //! ```
-//! Every step before `cont` has an undo, run in reverse order on failure.
+//! Every step has an undo (see `rollback.rs`), run in reverse order on failure; once the disks
+//! have switched, the undo is an active commit back into the base images.
 
 mod create;
 pub mod disks;
 pub mod memfile;
-mod name;
+mod rollback;
+mod save;
 
-pub use create::{create, CreateOptions, CreateReport};
-pub use name::SnapshotName;
+pub use create::{create, CreateOptions, CreateReport, LivePhase, MemoryImage, Mode};
+pub use save::{ProgressFn, SaveProgress};

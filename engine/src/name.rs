@@ -1,16 +1,23 @@
-//! Snapshot names, validated once at the edge so nothing inside ever sees a bad one.
+//! Names of VMs and snapshots, validated once at the edge so nothing inside ever sees a bad
+//! one. They become file names in the store and in overlay names, so the rules are strict.
 
 use crate::error::{Error, Result};
 use std::fmt;
 
-/// A snapshot name safe to use in file names: 1–64 characters of letters, digits, `.`, `_`,
+/// A VM or snapshot name safe to use in file names: 1–64 characters of letters, digits, `.`, `_`,
 /// `-`, not starting with `.` or `-` (so never `..`, never a path, never an option).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
-pub struct SnapshotName(String);
+#[serde(transparent)]
+pub struct Name(String);
 
-impl SnapshotName {
+/// A snapshot's name.
+pub type SnapshotName = Name;
+/// A VM's name in the store.
+pub type VmName = Name;
+
+impl Name {
     /// Validates `name`.
-    pub fn new(name: &str) -> Result<SnapshotName> {
+    pub fn new(name: &str) -> Result<Name> {
         let bad = |why: &str| Error::InvalidName {
             name: name.escape_debug().to_string(),
             why: why.to_owned(),
@@ -30,7 +37,13 @@ impl SnapshotName {
                 c
             )));
         }
-        Ok(SnapshotName(name.to_owned()))
+        Ok(Name(name.to_owned()))
+    }
+
+    /// Like [`Name::new`], for names read back from the store (re-validated: a hand-edited
+    /// store must not smuggle a path in).
+    pub fn parse(name: &str) -> Option<Name> {
+        Name::new(name).ok()
     }
 
     /// The name.
@@ -39,7 +52,7 @@ impl SnapshotName {
     }
 }
 
-impl fmt::Display for SnapshotName {
+impl fmt::Display for Name {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
     }

@@ -1,0 +1,136 @@
+//! Watching QEMU save memory: the signals the create steps wait for, progress reports, the
+//! precopy deadline, and cancellation. Polls `query-migrate` (its counters are the progress
+//! figures anyway); every wait is bounded.
+
+use crate::error::{Error, Result};
+use crate::qemu::{MigrateInfo, QueryMigrate};
+use qsnap_qmp::Qmp;
+use serde::Serialize;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+
+/// How far a memory save has got.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct SaveProgress {
+    /// Bytes QEMU has written.
+    pub transferred: u64,
+    /// Guest RAM size.
+    pub ram_total: u64,
+    /// Bytes QEMU still has to write (precopy: currently dirty).
+    pub remaining: u64,
+    /// QEMU's current rate, Mbit/s.
+    pub mbps: f64,
+    /// Passes over RAM (precopy).
+    pub passes: u64,
+    /// Time since the save started.
+    pub elapsed: Duration,
+}
+
+/// Called with progress while memory is saved (a few times a second). Must not block.
+pub type ProgressFn = Arc<dyn Fn(&SaveProgress) + Send + Sync>;
+
+const POLL: Duration = Duration::from_millis(50);
+
+fn failed(info: &MigrateInfo) -> Option<Error> {
+    match info.status.as_deref() {
+        Some("failed" | "cancelled") => Some(Error::SaveFailed {
+            desc: info
+                .error_desc
+                .clone()
+                .unwrap_or_else(|| format!("migration {}", info.status.as_deref().unwrap_or("?"))),
+        }),
+        _ => None,
+    }
+}
+
+async fn query(qmp: &Qmp) -> Result<MigrateInfo> {
+    qmp.execute(QueryMigrate {})
+        .await
+        .map_err(Error::qmp("polling the memory save"))
+}
+
+/// Waits until QEMU's background-snapshot thread has saved the device state and armed write
+/// protection: it writes RAM pages only after both, so the first page counted is the signal.
+/// Polls tightly: the guest is paused while this runs.
+pub(crate) async fn wait_armed(qmp: &Qmp, timeout: Duration) -> Result<MigrateInfo> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let info = query(qmp).await?;
+        if let Some(e) = failed(&info) {
+            return Err(e);
+        }
+        let pages = info
+            .ram
+            .as_ref()
+            .map(|r| r.normal + r.duplicate)
+            .unwrap_or(0);
+        if pages > 0 || info.status.as_deref() == Some("completed") {
+            return Ok(info);
+        }
+        if Instant::now() > deadline {
+            return Err(Error::SaveFailed {
+                desc: format!("QEMU did not start writing RAM within {timeout:?}"),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+/// What the watcher is asked to do besides waiting.
+pub(crate) struct Watch<'a> {
+    pub started: Instant,
+    pub timeout: Duration,
+    pub progress: Option<&'a ProgressFn>,
+    pub cancel: &'a CancellationToken,
+}
+
+impl Watch<'_> {
+    fn report(&self, info: &MigrateInfo) {
+        if let (Some(cb), Some(ram)) = (self.progress, info.ram.as_ref()) {
+            cb(&SaveProgress {
+                transferred: ram.transferred,
+                ram_total: ram.total,
+                remaining: ram.remaining,
+                mbps: ram.mbps,
+                passes: ram.dirty_sync_count,
+                elapsed: self.started.elapsed(),
+            });
+        }
+    }
+
+    /// Polls until the save completes. `on_tick` runs at every poll with the latest figures
+    /// (precopy uses it to end the live phase); it may fail the wait.
+    pub(crate) async fn until_completed<F, Fut>(
+        &self,
+        qmp: &Qmp,
+        mut on_tick: F,
+    ) -> Result<MigrateInfo>
+    where
+        F: FnMut(MigrateInfo) -> Fut,
+        Fut: std::future::Future<Output = Result<()>>,
+    {
+        let deadline = self.started + self.timeout;
+        loop {
+            let info = query(qmp).await?;
+            self.report(&info);
+            if let Some(e) = failed(&info) {
+                return Err(e);
+            }
+            if info.status.as_deref() == Some("completed") {
+                return Ok(info);
+            }
+            if Instant::now() > deadline {
+                return Err(Error::SaveFailed {
+                    desc: format!("the memory save did not finish within {:?}", self.timeout),
+                });
+            }
+            on_tick(info).await?;
+            tokio::select! {
+                () = self.cancel.cancelled() => return Err(Error::Cancelled),
+                () = tokio::time::sleep(POLL) => {}
+            }
+        }
+    }
+}

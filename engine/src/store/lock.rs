@@ -1,0 +1,84 @@
+//! The per-VM lock: one operation (create, revert, delete, …) on a VM at a time, across
+//! processes. An advisory `flock` on `<vm>/lock`, taken without waiting: a second operation is
+//! refused at once with the holder's pid and what it is doing, rather than queued behind an
+//! operation that may take minutes. The kernel drops the lock when the holder exits, however
+//! it exits, so a crash never leaves a VM locked. Runs on the blocking pool.
+
+use super::atomic::io;
+use crate::error::{Error, Result};
+use nix::fcntl::{Flock, FlockArg};
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+
+/// Held while an operation runs; dropping it releases the lock.
+#[derive(Debug)]
+pub struct VmLock {
+    _file: Flock<File>,
+}
+
+impl VmLock {
+    /// Takes the lock at `path` for `operation`, or says who holds it.
+    pub(crate) fn acquire(path: &Path, vm: &str, operation: &str) -> Result<VmLock> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(path)
+            .map_err(io("opening the VM lock", path))?;
+        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(mut locked) => {
+                // Say who we are, for the message a refused operation prints.
+                let note = format!("{} {operation}\n", std::process::id());
+                let _ = locked
+                    .set_len(0)
+                    .and_then(|()| locked.rewind())
+                    .and_then(|()| locked.write_all(note.as_bytes()));
+                Ok(VmLock { _file: locked })
+            }
+            Err((mut file, errno)) if errno == nix::errno::Errno::EWOULDBLOCK => {
+                // The holder writes its note just after locking: give it a moment.
+                let mut holder = String::new();
+                for _ in 0..10 {
+                    holder.clear();
+                    let _ = file
+                        .rewind()
+                        .and_then(|()| file.read_to_string(&mut holder));
+                    if !holder.trim().is_empty() {
+                        break;
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                Err(Error::Locked {
+                    vm: vm.to_owned(),
+                    holder: holder.trim().to_owned(),
+                })
+            }
+            Err((_, errno)) => Err(io("locking the VM", path)(errno.into())),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_second_holder_is_refused_and_told_who_holds_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("lock");
+        let first = VmLock::acquire(&p, "vm1", "create s1").unwrap();
+        match VmLock::acquire(&p, "vm1", "create s2") {
+            Err(Error::Locked { vm, holder }) => {
+                assert_eq!(vm, "vm1");
+                assert_eq!(holder, format!("{} create s1", std::process::id()));
+            }
+            other => panic!("expected Locked, got {other:?}"),
+        }
+        drop(first);
+        VmLock::acquire(&p, "vm1", "create s2").unwrap();
+    }
+}

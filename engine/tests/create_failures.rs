@@ -1,0 +1,344 @@
+//! When a snapshot cannot be taken or fails half-way, nothing is lost or left half-made:
+//! a full disk, a cancel (Ctrl-C) and a QEMU killed mid-save roll back; bad input, the invtsc
+//! blocker and a concurrent create are refused before anything changes.
+
+use nix::sys::signal::{kill, Signal};
+use qsnap_engine::snapshot::{memfile, Mode};
+use qsnap_engine::{Engine, Error, Name, Store};
+use qsnap_qmp::types;
+use qsnap_testkit::restore::{assert_resumes, restore_guest, Frozen};
+use qsnap_testkit::{
+    create_image, init_logging, kvm_available, require_qemu, serial::parse_tick, Accel, DiskStyle,
+    Vm, VmBuilder,
+};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+fn files_in(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+async fn top_image(vm: &Vm) -> String {
+    let qmp = vm.qmp().await;
+    let blocks = qmp.execute(types::query_block {}).await.unwrap();
+    blocks[0].inserted.as_ref().unwrap().file.clone()
+}
+
+async fn ticks_on(vm: &Vm) {
+    let last = *vm.serial.ticks().last().unwrap();
+    vm.serial
+        .wait_from(0, Duration::from_secs(30), |l| {
+            parse_tick(l).filter(|&n| n > last + 1)
+        })
+        .await
+        .unwrap_or_else(|e| panic!("the guest stopped ticking: {e}\n{}", vm.report()));
+    assert!(vm.serial.mismatches().is_empty(), "{}", vm.report());
+}
+
+/// `qemu-img check` of an image a running QEMU holds (-U: no lock).
+async fn image_is_valid(image: &Path) {
+    let out = tokio::process::Command::new("qemu-img")
+        .args(["check", "-U"])
+        .arg(image)
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "qemu-img check {}: {out:?}",
+        image.display()
+    );
+}
+
+/// Mounts a tiny tmpfs (root only). `None` (and a loud note) where that is not possible.
+fn tiny_fs(at: &Path) -> Option<TinyFs> {
+    std::fs::create_dir_all(at).unwrap();
+    let ok = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=16m,mode=0700", "tmpfs"])
+        .arg(at)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        eprintln!(
+            "SKIPPED PART: cannot mount a tmpfs at {} (needs root); the ENOSPC case is not exercised",
+            at.display()
+        );
+        return None;
+    }
+    Some(TinyFs(at.to_owned()))
+}
+
+struct TinyFs(PathBuf);
+
+impl Drop for TinyFs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_disk_cancel_and_killed_qemu_leave_nothing_half_made() {
+    require_qemu!();
+    init_logging();
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.qcow2");
+    create_image(&base, "qcow2", "64M").await;
+    let mut vm = VmBuilder::guest()
+        .disk(&base, "qcow2", DiskStyle::Blockdev)
+        .dirty_mb(16)
+        .spawn()
+        .await;
+    vm.wait_booted(Duration::from_secs(90)).await;
+    let vm_name = Name::new("vm1").unwrap();
+    let attach = |store: PathBuf| {
+        let socket = vm.qmp_path.display().to_string();
+        let name = vm_name.clone();
+        async move {
+            let engine = Engine::new(Store::new(store));
+            engine.attach(&name, &socket).await.unwrap()
+        }
+    };
+
+    // 1. ENOSPC while QEMU writes RAM (after the disks switched): the disks merge back.
+    let tiny = dir.path().join("tiny");
+    if let Some(_fs) = tiny_fs(&tiny) {
+        let handle = attach(tiny.join("store")).await;
+        let err = handle
+            .create_snapshot(handle.create_options(Name::new("full").unwrap()))
+            .await
+            .unwrap_err();
+        eprintln!("ENOSPC: {err}");
+        assert!(matches!(err, Error::SaveFailed { .. }), "{err:?}");
+        assert!(err.to_string().contains("No space left"), "{err}");
+        assert_eq!(top_image(&vm).await, base.display().to_string());
+        assert!(!dir.path().join("base.full.qcow2").exists());
+        assert!(files_in(&tiny.join("store/vms/vm1/memory")).is_empty());
+        assert!(handle.snapshots().await.unwrap().is_empty());
+        image_is_valid(&base).await;
+        ticks_on(&vm).await;
+    }
+
+    let store = dir.path().join("store");
+    let handle = attach(store.clone()).await;
+    let mem_dir = store.join("vms/vm1/memory");
+
+    // 2. Cancel (what Ctrl-C does) while RAM is being written.
+    let mut opts = handle.create_options(Name::new("cancelled").unwrap());
+    let token = opts.cancel.clone();
+    opts.progress = Some(Arc::new(move |_| token.cancel()));
+    let err = handle.create_snapshot(opts).await.unwrap_err();
+    assert!(matches!(err, Error::Cancelled), "{err:?}");
+    assert_eq!(top_image(&vm).await, base.display().to_string());
+    assert!(!dir.path().join("base.cancelled.qcow2").exists());
+    assert!(files_in(&mem_dir).is_empty(), "{:?}", files_in(&mem_dir));
+    assert!(handle.snapshots().await.unwrap().is_empty());
+    image_is_valid(&base).await;
+    ticks_on(&vm).await;
+    {
+        let qmp = vm.qmp().await;
+        let caps = qmp
+            .execute_raw("query-migrate-capabilities", None)
+            .await
+            .unwrap();
+        assert!(caps.as_array().unwrap().iter().all(|c| c["state"] == false));
+    }
+
+    // 3. A good snapshot still works after all that.
+    let before = *vm.serial.ticks().last().unwrap();
+    let good = handle
+        .create_snapshot(handle.create_options(Name::new("good").unwrap()))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let after = *vm.serial.ticks().last().unwrap();
+    let mem = good.snapshot.memory.clone().unwrap();
+    let restored = restore_guest(
+        dir.path(),
+        &mem.file,
+        memfile::HEADER_LEN,
+        &[Frozen {
+            image: base.clone(),
+            format: "qcow2".into(),
+        }],
+        16,
+    )
+    .await;
+    assert_resumes(&restored, before, after, 2).await;
+    drop(restored);
+
+    // 4. QEMU killed while it writes RAM: a clear error, the memory file gone, the overlay
+    //    the guest had switched to kept (it holds the guest's last writes) and named.
+    let pid = vm.pid();
+    let mut opts = handle.create_options(Name::new("killed").unwrap());
+    opts.progress = Some(Arc::new(move |_| {
+        let _ = kill(pid, Signal::SIGKILL);
+    }));
+    let err = handle.create_snapshot(opts).await.unwrap_err();
+    eprintln!("killed: {err}");
+    let text = err.to_string();
+    assert!(text.contains("QEMU went away"), "{text}");
+    let overlay = dir.path().join("base.killed.qcow2");
+    assert!(text.contains(&overlay.display().to_string()), "{text}");
+    assert!(overlay.exists());
+    assert!(!mem_dir.join("killed.mem").exists());
+    assert_eq!(files_in(&mem_dir), vec!["good.mem".to_owned()]);
+    assert_eq!(handle.snapshots().await.unwrap().len(), 1);
+    vm.kill().await;
+}
+
+#[tokio::test]
+async fn invtsc_blocker_is_refused_with_the_fix_and_disk_only_still_works() {
+    require_qemu!();
+    init_logging();
+    if !kvm_available() {
+        eprintln!("SKIPPED: /dev/kvm is not usable here; the invtsc blocker needs KVM");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("d.qcow2");
+    create_image(&disk, "qcow2", "16M").await;
+    let vm = match VmBuilder::idle()
+        .accel(Accel::Kvm)
+        .cpu("host,+invtsc,-arch-capabilities")
+        .disk(&disk, "qcow2", DiskStyle::Drive)
+        .try_spawn()
+        .await
+    {
+        Ok(vm) => vm,
+        Err(report) => {
+            eprintln!("SKIPPED: KVM cannot run -cpu host,+invtsc here:\n{report}");
+            return;
+        }
+    };
+    let engine = Engine::new(Store::new(dir.path().join("store")));
+    let handle = engine
+        .attach(&Name::new("tsc").unwrap(), vm.qmp_path.to_str().unwrap())
+        .await
+        .unwrap();
+    let err = handle
+        .create_snapshot(handle.create_options(Name::new("s1").unwrap()))
+        .await
+        .unwrap_err();
+    let text = err.to_string();
+    eprintln!("{text}");
+    match &err {
+        Error::MigrationBlocked { reasons, tsc_hz } => {
+            assert!(reasons.iter().any(|r| r.contains("invtsc")), "{reasons:?}");
+            let hz = tsc_hz.expect("the TSC frequency is read for the hint");
+            assert!(hz > 100_000_000, "{hz}");
+            assert!(text.contains(&format!("tsc-frequency={hz}")), "{text}");
+            assert!(text.contains("--disk-only"), "{text}");
+        }
+        other => panic!("expected MigrationBlocked, got {other:?}"),
+    }
+    // Nothing changed.
+    assert!(!dir.path().join("d.s1.qcow2").exists());
+    assert!(files_in(&dir.path().join("store/vms/tsc/memory")).is_empty());
+    assert_eq!(top_image(&vm).await, disk.display().to_string());
+
+    // The way out the error offers works.
+    let mut opts = handle.create_options(Name::new("s1").unwrap());
+    opts.mode = Some(Mode::DiskOnly);
+    let m = handle.create_snapshot(opts).await.unwrap();
+    assert_eq!(m.snapshot.mode, Mode::DiskOnly);
+    assert!(m.snapshot.memory.is_none());
+    assert_eq!(
+        top_image(&vm).await,
+        dir.path().join("d.s1.qcow2").display().to_string()
+    );
+}
+
+#[tokio::test]
+async fn bad_input_and_a_concurrent_create_are_refused_and_change_nothing() {
+    require_qemu!();
+    init_logging();
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("d.qcow2");
+    create_image(&disk, "qcow2", "16M").await;
+    let vm = VmBuilder::idle()
+        .memory(256)
+        .disk(&disk, "qcow2", DiskStyle::Drive)
+        .spawn()
+        .await;
+    let engine = Engine::new(Store::new(dir.path().join("store")));
+    for bad in ["../etc", "a/b", "..", "x\ny", ""] {
+        assert!(
+            matches!(Name::new(bad), Err(Error::InvalidName { .. })),
+            "{bad:?}"
+        );
+    }
+    let missing = engine.vm(&Name::new("nope").unwrap()).await.unwrap_err();
+    assert!(matches!(missing, Error::UnknownVm { .. }), "{missing}");
+    let err = engine
+        .attach(&Name::new("ghost").unwrap(), "/nonexistent/qmp.sock")
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("monitor"), "{err}");
+    assert!(!dir.path().join("store/vms/ghost").exists());
+
+    let handle = engine
+        .attach(&Name::new("vm1").unwrap(), vm.qmp_path.to_str().unwrap())
+        .await
+        .unwrap();
+    let again = engine
+        .attach(&Name::new("vm1").unwrap(), vm.qmp_path.to_str().unwrap())
+        .await
+        .unwrap_err();
+    assert!(matches!(again, Error::VmExists { .. }), "{again}");
+
+    // An overlay that already exists: refused before anything changes, the file untouched.
+    let squatter = dir.path().join("d.s1.qcow2");
+    std::fs::write(&squatter, b"mine").unwrap();
+    let err = handle
+        .create_snapshot(handle.create_options(Name::new("s1").unwrap()))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::TargetExists { .. }), "{err}");
+    assert!(err.to_string().contains("never overwrites"), "{err}");
+    assert_eq!(std::fs::read(&squatter).unwrap(), b"mine");
+    assert!(files_in(&dir.path().join("store/vms/vm1/memory")).is_empty());
+    assert_eq!(top_image(&vm).await, disk.display().to_string());
+    std::fs::remove_file(&squatter).unwrap();
+
+    // Two creates at once on one VM: exactly one runs, the other is told who holds the VM.
+    let (a, b) = tokio::join!(
+        handle.create_snapshot(handle.create_options(Name::new("a").unwrap())),
+        handle.create_snapshot(handle.create_options(Name::new("b").unwrap())),
+    );
+    let (ok, refused) = match (a, b) {
+        (Ok(m), Err(e)) | (Err(e), Ok(m)) => (m, e),
+        (a, b) => panic!("expected one success and one refusal, got {a:?} / {b:?}"),
+    };
+    match &refused {
+        Error::Locked { vm, holder } => {
+            assert_eq!(vm, "vm1");
+            assert!(holder.contains(&format!("create {}", ok.name)), "{holder}");
+        }
+        other => panic!("expected Locked, got {other:?}"),
+    }
+    assert_eq!(handle.snapshots().await.unwrap().len(), 1);
+
+    // A used name and an unknown snapshot.
+    let err = handle
+        .create_snapshot(handle.create_options(Name::new(&ok.name).unwrap()))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::SnapshotExists { .. }), "{err}");
+    let err = handle
+        .snapshot(&Name::new("never").unwrap())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::UnknownSnapshot { .. }), "{err}");
+}
