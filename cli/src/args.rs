@@ -1,6 +1,7 @@
 //! The command line, as clap types. Doc comments here are the `--help` text.
 
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
 
 /// Live QEMU snapshots (memory + disks) over QMP, without libvirt.
 #[derive(Debug, Parser)]
@@ -14,13 +15,87 @@ pub struct Cli {
     #[arg(long, global = true, default_value_t = 30, value_name = "SECS")]
     pub timeout: u64,
 
+    /// Where qsnap keeps VM records, snapshot manifests and memory files. Default:
+    /// /var/lib/qsnap for root, else $XDG_STATE_HOME/qsnap or ~/.local/state/qsnap.
+    #[arg(long, global = true, env = "QSNAP_STORE", value_name = "DIR")]
+    pub store: Option<PathBuf>,
+
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// The memory capture mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ModeArg {
+    /// point-in-time where QEMU and the host support it, else precopy.
+    Auto,
+    /// Memory as at the request; the guest pauses for milliseconds (QEMU >= 9.0).
+    PointInTime,
+    /// Live copy; memory as at the end of the copy.
+    Precopy,
 }
 
 /// What to do.
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Register a running QEMU under NAME (its QMP socket, pid and command line).
+    ///
+    /// Give qsnap its own monitor if another manager uses the first one:
+    /// qemu … -qmp unix:/run/vm1/qsnap.sock,server=on,wait=off
+    Attach {
+        /// The name to use for the VM.
+        name: String,
+        /// The QMP socket (a path, unix:PATH or tcp:HOST:PORT).
+        #[arg(long, value_name = "SOCKET")]
+        qmp: String,
+        /// Print the record as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Take a live snapshot: memory and all writable disks at one instant, guest running.
+    Create {
+        /// The VM's name.
+        name: String,
+        /// The snapshot's name (letters, digits, '.', '_', '-').
+        snapshot: String,
+        /// Disks only, no memory (crash-consistent; the guest never pauses).
+        #[arg(long, conflicts_with = "mode")]
+        disk_only: bool,
+        /// How memory is captured.
+        #[arg(long, value_enum, default_value_t = ModeArg::Auto)]
+        mode: ModeArg,
+        /// Put overlays here instead of next to each image.
+        #[arg(long, value_name = "DIR")]
+        overlay_dir: Option<PathBuf>,
+        /// Precopy: seconds the guest may run while memory is copied before qsnap pauses it
+        /// so the save finishes.
+        #[arg(long, default_value_t = 30, value_name = "SECS")]
+        live_limit: u64,
+        /// Give up on the memory save after this many seconds (everything is rolled back).
+        #[arg(long, default_value_t = 600, value_name = "SECS")]
+        save_timeout: u64,
+        /// Print the snapshot's manifest as JSON (no progress bar).
+        #[arg(long)]
+        json: bool,
+    },
+    /// List a VM's snapshots as a tree (parent → children); `*` marks the current one.
+    List {
+        /// The VM's name.
+        name: String,
+        /// Print JSON: the VM record and every manifest.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one snapshot.
+    Show {
+        /// The VM's name.
+        name: String,
+        /// The snapshot's name.
+        snapshot: String,
+        /// Print the manifest as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Send one raw QMP command and print QEMU's reply as JSON.
     ///
     /// Example: qsnap qmp /run/vm1/qmp.sock query-status

@@ -1,16 +1,20 @@
 //! `qsnap`: the command-line glue over `qsnap-engine`. Parses arguments, runs one engine call,
-//! prints the result (`output`), and maps errors to exit codes: 1 the operation failed,
-//! 2 bad usage, 3 the VM could not be reached.
+//! prints the result (`output`, `progress`), and maps errors to exit codes: 1 the operation
+//! failed, 2 bad usage (including bad names), 3 the VM could not be reached.
 
 mod args;
 mod output;
+mod progress;
 
 use anyhow::Context;
-use args::{Cli, Command};
+use args::{Cli, Command, ModeArg};
 use clap::Parser;
+use qsnap_engine::snapshot::Mode;
+use qsnap_engine::{Engine, Name, Store};
 use qsnap_qmp::{ConnectOptions, Endpoint, Qmp};
 use std::process::ExitCode;
 use std::time::Duration;
+use tokio_util::sync::CancellationToken;
 
 /// Exit code when the VM's monitor cannot be reached.
 const EXIT_UNREACHABLE: u8 = 3;
@@ -54,8 +58,96 @@ async fn connect(socket: &str, timeout: u64) -> anyhow::Result<Qmp> {
     Ok(Qmp::connect_with(Endpoint::parse(socket), &opts).await?)
 }
 
+fn engine(cli: &Cli) -> Engine {
+    let root = cli.store.clone().unwrap_or_else(Store::default_root);
+    Engine::new(Store::new(root)).with_connect_options(ConnectOptions {
+        command_timeout: Duration::from_secs(cli.timeout),
+        connect_retry: Duration::from_secs(2),
+        ..ConnectOptions::default()
+    })
+}
+
+/// A name from the command line; a bad one is a usage error.
+fn name(s: &str) -> anyhow::Result<Name> {
+    Name::new(s).map_err(|e| Usage(e.to_string()).into())
+}
+
+/// Cancels `token` on the first Ctrl-C (or SIGTERM), so the engine rolls back cleanly.
+fn cancel_on_signal(token: CancellationToken) {
+    tokio::spawn(async move {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(t) => t,
+                Err(_) => return,
+            };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        eprintln!("qsnap: interrupted; cancelling and rolling back…");
+        token.cancel();
+    });
+}
+
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    let engine = engine(&cli);
     match cli.command {
+        Command::Attach {
+            name: vm,
+            qmp,
+            json,
+        } => {
+            let vm = engine
+                .attach(&name(&vm)?, &qmp)
+                .await
+                .with_context(|| format!("attaching {vm}"))?;
+            output::attached(vm.record(), json);
+        }
+        Command::Create {
+            name: vm,
+            snapshot,
+            disk_only,
+            mode,
+            overlay_dir,
+            live_limit,
+            save_timeout,
+            json,
+        } => {
+            let (vm_name, snap) = (name(&vm)?, name(&snapshot)?);
+            let handle = engine.vm(&vm_name).await?;
+            let mut opts = handle.create_options(snap);
+            opts.mode = match (disk_only, mode) {
+                (true, _) => Some(Mode::DiskOnly),
+                (false, ModeArg::Auto) => None,
+                (false, ModeArg::PointInTime) => Some(Mode::PointInTime),
+                (false, ModeArg::Precopy) => Some(Mode::Precopy),
+            };
+            opts.overlay_dir = overlay_dir;
+            opts.live_limit = Duration::from_secs(live_limit);
+            opts.save_timeout = Duration::from_secs(save_timeout);
+            let bar = progress::SaveBar::new(json);
+            opts.progress = bar.callback();
+            cancel_on_signal(opts.cancel.clone());
+            let result = handle.create_snapshot(opts).await;
+            bar.finish();
+            let manifest =
+                result.with_context(|| format!("creating snapshot {snapshot} of {vm}"))?;
+            output::snapshot(&manifest, json);
+        }
+        Command::List { name: vm, json } => {
+            let handle = engine.vm(&name(&vm)?).await?;
+            let all = handle.snapshots().await?;
+            output::list(handle.record(), &all, json);
+        }
+        Command::Show {
+            name: vm,
+            snapshot,
+            json,
+        } => {
+            let handle = engine.vm(&name(&vm)?).await?;
+            let m = handle.snapshot(&name(&snapshot)?).await?;
+            output::snapshot(&m, json);
+        }
         Command::Qmp {
             socket,
             command,
@@ -96,18 +188,24 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 fn exit_code(err: &anyhow::Error) -> u8 {
-    if err.downcast_ref::<Usage>().is_some() {
-        return EXIT_USAGE;
-    }
-    match err.downcast_ref::<qsnap_qmp::Error>() {
-        Some(
+    for cause in err.chain() {
+        if cause.downcast_ref::<Usage>().is_some() {
+            return EXIT_USAGE;
+        }
+        if let Some(qsnap_engine::Error::InvalidName { .. }) = cause.downcast_ref() {
+            return EXIT_USAGE;
+        }
+        if let Some(
             qsnap_qmp::Error::Connect { .. }
             | qsnap_qmp::Error::NotASocket { .. }
             | qsnap_qmp::Error::GreetingTimeout { .. }
             | qsnap_qmp::Error::Handshake { .. },
-        ) => EXIT_UNREACHABLE,
-        _ => 1,
+        ) = cause.downcast_ref()
+        {
+            return EXIT_UNREACHABLE;
+        }
     }
+    1
 }
 
 fn main() -> ExitCode {

@@ -1,24 +1,31 @@
 //! Everything the binary prints: human text or `--json`. Nothing else writes to stdout.
 
-use qsnap_engine::VmInfo;
+use qsnap_engine::snapshot::Mode;
+use qsnap_engine::{Manifest, VmInfo, VmRecord};
+use serde::Serialize;
 use serde_json::Value;
+use std::collections::BTreeMap;
 
-/// Prints a QMP reply as pretty JSON.
-pub fn qmp_reply(reply: &Value) {
+fn json<T: Serialize>(v: &T) {
     println!(
         "{}",
-        serde_json::to_string_pretty(reply).unwrap_or_else(|_| reply.to_string())
+        serde_json::to_string_pretty(v).expect("output types serialise")
     );
 }
 
+fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
+}
+
+/// Prints a QMP reply as pretty JSON.
+pub fn qmp_reply(reply: &Value) {
+    json(reply);
+}
+
 /// Prints a VM summary.
-pub fn vm_info(info: &VmInfo, json: bool) {
-    if json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(info).expect("VmInfo serialises")
-        );
-        return;
+pub fn vm_info(info: &VmInfo, as_json: bool) {
+    if as_json {
+        return json(info);
     }
     let yes_no = |b: bool| if b { "yes" } else { "no" };
     println!(
@@ -64,4 +71,136 @@ pub fn vm_info(info: &VmInfo, json: bool) {
             None => println!("  {name:<12} (empty)"),
         }
     }
+}
+
+/// Prints a freshly attached VM.
+pub fn attached(rec: &VmRecord, as_json: bool) {
+    if as_json {
+        return json(rec);
+    }
+    println!("attached {} (QMP {})", rec.name, rec.qmp);
+    match (&rec.pid, &rec.command) {
+        (Some(pid), Some(_)) => println!("  QEMU pid {pid}; command line recorded for relaunch"),
+        (Some(pid), None) => println!("  QEMU pid {pid}; its command line could not be read"),
+        _ => println!("  QEMU's pid is unknown (TCP monitor); relaunch will not be possible"),
+    }
+    for d in &rec.disks {
+        println!("  disk {:<10} {}", d.device, d.image.display());
+    }
+}
+
+/// Prints a snapshot: the summary after `create`, or `show`.
+pub fn snapshot(m: &Manifest, as_json: bool) {
+    if as_json {
+        return json(m);
+    }
+    let s = &m.snapshot;
+    println!("snapshot {} of {} ({})", m.name, m.vm, s.mode);
+    println!("  taken          {}", m.created_at);
+    if let Some(p) = &m.parent {
+        println!("  parent         {p}");
+    }
+    println!(
+        "  guest          {}",
+        if s.was_running { "running" } else { "paused" }
+    );
+    if s.mode != Mode::DiskOnly {
+        let qemu = s
+            .qemu_downtime_ms
+            .map(|d| format!(" (QEMU says {d} ms)"))
+            .unwrap_or_default();
+        println!("  guest paused   {:.1} ms{qemu}", s.pause_ms);
+    }
+    if let Some(live) = &s.live_phase {
+        println!(
+            "  live copy      {:.0} ms, {} passes{}",
+            live.live_ms,
+            live.passes,
+            if live.forced_pause {
+                " — did not converge in time, qsnap paused the guest to finish"
+            } else {
+                ""
+            }
+        );
+    }
+    match &s.memory {
+        Some(mem) => println!(
+            "  memory         {} ({} of {} RAM)",
+            mem.file.display(),
+            mib(mem.bytes),
+            mib(mem.ram_bytes)
+        ),
+        None => println!("  memory         none (disk-only, crash-consistent)"),
+    }
+    for d in &s.disks {
+        println!(
+            "  disk {:<9} {} (frozen) → now writing {}",
+            d.device,
+            d.image.display(),
+            d.overlay.display()
+        );
+    }
+    for d in &s.skipped {
+        println!("  skipped        {} ({})", d.device, d.reason);
+    }
+    println!("  took           {:.0} ms", s.total_ms);
+}
+
+/// Prints a VM's snapshots as a tree.
+pub fn list(rec: &VmRecord, all: &[Manifest], as_json: bool) {
+    if as_json {
+        #[derive(Serialize)]
+        struct Listing<'a> {
+            vm: &'a VmRecord,
+            snapshots: &'a [Manifest],
+        }
+        return json(&Listing {
+            vm: rec,
+            snapshots: all,
+        });
+    }
+    if all.is_empty() {
+        println!("{} has no snapshots", rec.name);
+        return;
+    }
+    let mut children: BTreeMap<Option<&str>, Vec<&Manifest>> = BTreeMap::new();
+    for m in all {
+        // A parent that was deleted makes its children roots.
+        let parent = m
+            .parent
+            .as_deref()
+            .filter(|p| all.iter().any(|o| o.name == *p));
+        children.entry(parent).or_default().push(m);
+    }
+    fn walk(
+        node: Option<&str>,
+        depth: usize,
+        children: &BTreeMap<Option<&str>, Vec<&Manifest>>,
+        current: Option<&str>,
+    ) {
+        for m in children.get(&node).into_iter().flatten() {
+            let mark = if current == Some(m.name.as_str()) {
+                "*"
+            } else {
+                " "
+            };
+            let mem = m
+                .snapshot
+                .memory
+                .as_ref()
+                .map(|x| mib(x.bytes))
+                .unwrap_or_else(|| "no memory".into());
+            println!(
+                "{mark} {:indent$}{:<20} {}  {:<13} {}",
+                "",
+                m.name,
+                m.created_at,
+                m.snapshot.mode.to_string(),
+                mem,
+                indent = depth * 2
+            );
+            walk(Some(m.name.as_str()), depth + 1, children, current);
+        }
+    }
+    walk(None, 0, &children, rec.current.as_deref());
 }

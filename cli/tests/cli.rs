@@ -156,3 +156,114 @@ async fn info_names_a_migration_blocker() {
     let out = qsnap().args(["info", &sock]).output().unwrap();
     assert!(String::from_utf8_lossy(&out.stdout).contains("BLOCKED"));
 }
+
+/// `attach`, `create` (memory and disk-only), `list` and `show`, text and `--json`, and the
+/// refusals a script must be able to tell apart by exit code.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attach_create_list_show() {
+    require_qemu!();
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("d.qcow2");
+    create_image(&disk, "qcow2", "16M").await;
+    let vm = VmBuilder::idle()
+        .memory(128)
+        .disk(&disk, "qcow2", DiskStyle::Drive)
+        .spawn()
+        .await;
+    let sock = vm.qmp_path.display().to_string();
+    let store = dir.path().join("store");
+    let run = |args: &[&str]| {
+        qsnap()
+            .env("QSNAP_STORE", &store)
+            .env("NO_COLOR", "1")
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+
+    // Unknown VM: exit 1 and a hint; a socket that is not there: exit 3.
+    let out = run(&["create", "vm1", "s1"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(text(&out.stderr).contains("qsnap attach vm1"), "{out:?}");
+    let out = run(&["attach", "vm1", "--qmp", "/nonexistent/qmp.sock"]);
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+
+    let out = run(&["attach", "vm1", "--qmp", &sock, "--json"]);
+    assert!(out.status.success(), "{out:?}");
+    let rec = stdout_json(&out);
+    assert_eq!(rec["qmp"], sock.as_str());
+    assert_eq!(rec["pid"], vm.pid().as_raw());
+    let argv = rec["command"]["argv"].as_array().unwrap();
+    assert!(argv.iter().any(|a| a == "-qmp"), "{rec}");
+
+    let out = run(&["create", "vm1", "s1", "--json"]);
+    assert!(out.status.success(), "{out:?}");
+    let m = stdout_json(&out);
+    assert_eq!(m["mode"], "point-in-time");
+    assert_eq!(m["name"], "s1");
+    let mem = m["memory"]["file"].as_str().unwrap();
+    assert!(std::path::Path::new(mem).starts_with(&store), "{mem}");
+    assert_eq!(
+        m["disks"][0]["overlay"],
+        dir.path().join("d.s1.qcow2").display().to_string()
+    );
+    assert!(m["pause-ms"].as_f64().unwrap() > 0.0);
+
+    let out = run(&["create", "vm1", "s2", "--disk-only"]);
+    assert!(out.status.success(), "{out:?}");
+    let summary = text(&out.stdout);
+    assert!(
+        summary.contains("snapshot s2 of vm1 (disk-only)"),
+        "{summary}"
+    );
+    assert!(summary.contains("parent         s1"), "{summary}");
+
+    // Refusals: a used name (1), bad names (2), conflicting flags (2).
+    let out = run(&["create", "vm1", "s1"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("already has a snapshot named \"s1\""),
+        "{out:?}"
+    );
+    for bad in ["a/b", "..", "../x"] {
+        let out = run(&["create", "vm1", bad]);
+        assert_eq!(out.status.code(), Some(2), "{bad}: {out:?}");
+        assert!(text(&out.stderr).contains("invalid name"), "{out:?}");
+    }
+    let out = run(&["create", "vm1", "s3", "--disk-only", "--mode", "precopy"]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+
+    let out = run(&["list", "vm1", "--json"]);
+    assert!(out.status.success(), "{out:?}");
+    let l = stdout_json(&out);
+    assert_eq!(l["vm"]["current"], "s2");
+    let names: Vec<_> = l["snapshots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(names, vec!["s1", "s2"]);
+    let out = run(&["list", "vm1"]);
+    let tree = text(&out.stdout);
+    let lines: Vec<&str> = tree.lines().collect();
+    assert!(lines[0].starts_with("  s1 "), "{tree}");
+    assert!(lines[1].starts_with("*   s2 "), "{tree}");
+
+    let out = run(&["show", "vm1", "s1"]);
+    assert!(out.status.success(), "{out:?}");
+    let shown = text(&out.stdout);
+    assert!(
+        shown.contains("(point-in-time)") && shown.contains("guest paused"),
+        "{shown}"
+    );
+    let out = run(&["show", "vm1", "s1", "--json"]);
+    assert_eq!(stdout_json(&out)["name"], "s1");
+    let out = run(&["show", "vm1", "nope"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("no snapshot named \"nope\""),
+        "{out:?}"
+    );
+}

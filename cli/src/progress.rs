@@ -1,0 +1,46 @@
+//! The progress bar shown on a terminal while memory is saved (bytes / RAM, rate, ETA).
+//! Draws on stderr and only when stderr is a terminal, so stdout stays clean for scripts.
+
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use qsnap_engine::snapshot::{ProgressFn, SaveProgress};
+use std::io::IsTerminal;
+use std::sync::Arc;
+
+/// A bar that exists only on a terminal.
+pub struct SaveBar {
+    bar: Option<ProgressBar>,
+}
+
+impl SaveBar {
+    /// A bar, unless stderr is not a terminal or `quiet`.
+    pub fn new(quiet: bool) -> SaveBar {
+        if quiet || !std::io::stderr().is_terminal() {
+            return SaveBar { bar: None };
+        }
+        let bar = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr());
+        bar.set_style(
+            ProgressStyle::with_template(
+                "saving memory [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta}",
+            )
+            .expect("valid template")
+            .progress_chars("=> "),
+        );
+        SaveBar { bar: Some(bar) }
+    }
+
+    /// The callback for the engine.
+    pub fn callback(&self) -> Option<ProgressFn> {
+        let bar = self.bar.clone()?;
+        Some(Arc::new(move |p: &SaveProgress| {
+            bar.set_length(p.ram_total.max(p.transferred));
+            bar.set_position(p.transferred);
+        }))
+    }
+
+    /// Removes the bar before the summary prints.
+    pub fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
+}
