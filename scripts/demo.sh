@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # qsnap's demo: installs what is missing (QEMU, the test guest), boots the test guest under
-# QEMU, and shows qsnap talking to it over QMP while the guest keeps ticking.
+# QEMU, and takes a live snapshot of it with qsnap while the guest keeps ticking.
 # Usage: ./scripts/demo.sh      (needs a Rust toolchain; root or sudo for apt)
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
@@ -51,19 +51,20 @@ echo "guest is up: tick $first (it keeps a counter in RAM and in sector 0 of its
 say "qsnap info: what the VM is and whether it can be snapshotted"
 "$qsnap" info "$work/qmp.sock"
 
-say "qsnap qmp: pausing the guest with a raw QMP command"
-"$qsnap" qmp "$work/qmp.sock" stop
-paused_at=$(last_tick)
-sleep 1.5
-"$qsnap" qmp "$work/qmp.sock" query-status
-after=$(last_tick)
-echo "tick before pause: $paused_at, after 1.5 s paused: $after"
-[ "$after" = "$paused_at" ] || { echo "the guest kept ticking while paused" >&2; exit 1; }
+export QSNAP_STORE="$work/store"
+say "qsnap attach: registering the running VM as 'demo'"
+"$qsnap" attach demo --qmp "$work/qmp.sock"
 
-say "qsnap qmp: resuming"
-"$qsnap" qmp "$work/qmp.sock" cont
-resumed=$(wait_tick_above "$after" 30)
-echo "guest resumed: tick $resumed"
+say "qsnap create: a live snapshot (memory + disk at one instant) while the guest runs"
+before=$(last_tick)
+"$qsnap" create demo s1
+snap_tick=$(last_tick)
+echo "the guest was at tick $before..$snap_tick when the snapshot froze it"
+after=$(wait_tick_above "$snap_tick" 30)
+echo "and it keeps running: tick $after"
+
+say "qsnap list: the VM's snapshots"
+"$qsnap" list demo
+
 if grep -a MISMATCH "$work/serial.log"; then echo "memory and disk disagree!" >&2; exit 1; fi
-
-say "Done: the guest ran, paused and resumed under qsnap's control; no MISMATCH."
+say "Done: the guest ran on through a live snapshot; no MISMATCH."

@@ -55,12 +55,7 @@ pub fn vm_info(info: &VmInfo, as_json: bool) {
     );
     println!("disks          {}", info.disks.len());
     for d in &info.disks {
-        // -drive disks have a device id; -blockdev ones are known by their node name.
-        let name = match (d.device.as_str(), d.node_name.as_deref()) {
-            ("", Some(node)) => node,
-            ("", None) => d.qdev.as_deref().unwrap_or("?"),
-            (device, _) => device,
-        };
+        let name = &d.name;
         match &d.file {
             Some(file) => println!(
                 "  {name:<12} {} [{}]{}",

@@ -11,6 +11,9 @@ use serde::Serialize;
 /// One block device as QEMU reports it.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct DiskInfo {
+    /// The name qsnap uses for it (the `-drive` id, else the guest device's id): stable across
+    /// snapshots, unlike node names.
+    pub name: String,
     /// The `-drive` id / legacy device name (empty for `-blockdev` nodes without one).
     pub device: String,
     /// The qdev id or path of the guest device it backs.
@@ -79,6 +82,11 @@ impl VmInfo {
         let disks = blocks
             .into_iter()
             .map(|b| DiskInfo {
+                name: crate::snapshot::disks::device_label(
+                    &b.device,
+                    b.qdev.as_deref(),
+                    b.inserted.as_ref().and_then(|i| i.node_name.as_deref()),
+                ),
                 device: b.device,
                 qdev: b.qdev,
                 node_name: b.inserted.as_ref().and_then(|i| i.node_name.clone()),

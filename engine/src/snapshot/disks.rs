@@ -157,10 +157,10 @@ pub async fn plan(
 /// Node names qsnap gives its overlays.
 const OVERLAY_NODE_PREFIX: &str = "qsnap-";
 
-/// A stable name for a disk: the `-drive` id, else the guest device's id (`-device …,id=vd0`
+/// The stable name qsnap gives a disk: the `-drive` id, else the guest device's id (`-device …,id=vd0`
 /// of a `-blockdev` disk), else QEMU's paths. Not the node name: that changes with every
 /// snapshot.
-pub(crate) fn device_label(device: &str, qdev: Option<&str>, node: Option<&str>) -> String {
+pub fn device_label(device: &str, qdev: Option<&str>, node: Option<&str>) -> String {
     if !device.is_empty() {
         return device.to_owned();
     }

@@ -55,9 +55,15 @@ async fn query(qmp: &Qmp) -> Result<MigrateInfo> {
 /// protection: it writes RAM pages only after both, so the first page counted is the signal.
 /// Polls tightly: the guest is paused while this runs.
 pub(crate) async fn wait_armed(qmp: &Qmp, timeout: Duration) -> Result<MigrateInfo> {
-    let deadline = Instant::now() + timeout;
+    let start = Instant::now();
+    let deadline = start + timeout;
+    let mut seen_active = false;
     loop {
         let info = query(qmp).await?;
+        if !seen_active && info.status.as_deref() == Some("active") {
+            seen_active = true;
+            tracing::debug!(after = ?start.elapsed(), "save is active (setup done)");
+        }
         if let Some(e) = failed(&info) {
             return Err(e);
         }
