@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # qsnap's demo: installs what is missing (QEMU, the test guest), boots the test guest under
-# QEMU, and takes a live snapshot of it with qsnap while the guest keeps ticking.
+# QEMU with qsnap, takes a live snapshot while the guest keeps ticking, reverts to it and shows
+# the guest going on from the snapshot's tick.
 # Usage: ./scripts/demo.sh      (needs a Rust toolchain; root or sudo for apt)
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
@@ -13,15 +14,21 @@ qsnap="$repo/target/debug/qsnap"
 kit="${QSNAP_GUEST_DIR:-$repo/target/qsnap-guest}"
 
 work=$(mktemp -d /tmp/qsnap-demo.XXXXXX)
-qemu_pid=
+export QSNAP_STORE="$work/store"
 cleanup() {
-  [ -n "$qemu_pid" ] && kill "$qemu_pid" 2>/dev/null && wait "$qemu_pid" 2>/dev/null
+  "$qsnap" stop demo >/dev/null 2>&1 || true
   rm -rf "$work"
 }
 trap cleanup EXIT
 
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 last_tick() { grep -a -o 'tick [0-9]*' "$work/serial.log" 2>/dev/null | tail -n 1 | cut -d' ' -f2; }
+# The first tick after line $1 that goes back below $2: the reverted guest's first tick (the old
+# QEMU may still print a tick or two before it quits).
+first_tick_back() {
+  tail -n +"$(($1 + 1))" "$work/serial.log" | grep -a -o 'tick [0-9]*' | cut -d' ' -f2 |
+    awk -v a="$2" '{ if ($1 <= a) { print; exit } a = $1 }'
+}
 wait_tick_above() { # N SECONDS: wait until the guest prints a tick above N
   local deadline=$((SECONDS + $2))
   while [ "$SECONDS" -lt "$deadline" ]; do
@@ -34,37 +41,46 @@ wait_tick_above() { # N SECONDS: wait until the guest prints a tick above N
   return 1
 }
 
-say "Booting the test guest (TCG, 256 MiB) in $work"
+say "qsnap run: booting the test guest (TCG, 256 MiB) under qsnap in $work"
 qemu-img create -q -f qcow2 "$work/disk.qcow2" 64M
-qemu-system-x86_64 -nodefaults -no-user-config -display none -accel tcg -m 256 \
+"$qsnap" run demo -- qemu-system-x86_64 -nodefaults -no-user-config -display none -accel tcg -m 256 \
   -kernel "$kit/vmlinuz" -initrd "$kit/initramfs.gz" \
-  -append "console=ttyS0 quiet panic=-1 qsnap.tick_ms=200" \
+  -append "console=ttyS0 quiet panic=-1 qsnap.tick_ms=200 qsnap.dirty_mb=16" \
   -blockdev "driver=file,filename=$work/disk.qcow2,node-name=file0" \
   -blockdev driver=qcow2,file=file0,node-name=disk0 \
   -device virtio-blk-pci,drive=disk0,id=vd0 \
-  -serial "file:$work/serial.log" -no-reboot \
-  -qmp "unix:$work/qmp.sock,server=on,wait=off" 2>"$work/qemu.err" &
-qemu_pid=$!
+  -chardev "file,id=ser,path=$work/serial.log,append=on" -serial chardev:ser -no-reboot
 first=$(wait_tick_above 3 120)
-echo "guest is up: tick $first (it keeps a counter in RAM and in sector 0 of its disk)"
+echo "guest is up: tick $first (it keeps a counter in RAM and in sector 0 of its disk, and rewrites 16 MiB of RAM continuously)"
 
 say "qsnap info: what the VM is and whether it can be snapshotted"
-"$qsnap" info "$work/qmp.sock"
-
-export QSNAP_STORE="$work/store"
-say "qsnap attach: registering the running VM as 'demo'"
-"$qsnap" attach demo --qmp "$work/qmp.sock"
+"$qsnap" info "$work/store/vms/demo/qmp.sock"
 
 say "qsnap create: a live snapshot (memory + disk at one instant) while the guest runs"
 before=$(last_tick)
 "$qsnap" create demo s1
 snap_tick=$(last_tick)
-echo "the guest was at tick $before..$snap_tick when the snapshot froze it"
-after=$(wait_tick_above "$snap_tick" 30)
-echo "and it keeps running: tick $after"
+echo "the snapshot froze the guest between ticks $before and $snap_tick"
+after=$(wait_tick_above $((snap_tick + 15)) 60)
+echo "the guest kept running: it is at tick $after now"
 
 say "qsnap list: the VM's snapshots"
 "$qsnap" list demo
 
+say "qsnap revert: back to s1 (memory and disk)"
+lines=$(wc -l < "$work/serial.log")
+"$qsnap" revert demo s1
+deadline=$((SECONDS + 30)); resumed=
+while [ -z "$resumed" ] && [ "$SECONDS" -lt "$deadline" ]; do
+  resumed=$(first_tick_back "$lines" "$after" || true); sleep 0.1
+done
+[ -n "$resumed" ] || { echo "no tick after the revert" >&2; exit 1; }
+echo "before the revert the guest was at tick $after; after it, it goes on from tick $resumed"
+if [ "$resumed" -le "$before" ] || [ "$resumed" -gt $((snap_tick + 1)) ]; then
+  echo "that is not the snapshot's tick ($before..$snap_tick)!" >&2; exit 1
+fi
+sleep 2
+"$qsnap" status demo
+
 if grep -a MISMATCH "$work/serial.log"; then echo "memory and disk disagree!" >&2; exit 1; fi
-say "Done: the guest ran on through a live snapshot; no MISMATCH."
+say "Done: live snapshot, the guest ran on, revert brought back its memory and disk together (no MISMATCH)."

@@ -78,6 +78,57 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Start QEMU under qsnap: detached, with a monitor socket in the store, registered as NAME.
+    ///
+    /// Example: qsnap run vm1 -- qemu-system-x86_64 -m 512 -drive file=/vm/disk.qcow2,if=virtio
+    Run {
+        /// The name to use for the VM.
+        name: String,
+        /// Do not add tsc-frequency=HOST_HZ to a -cpu that asks for invtsc (memory snapshots
+        /// of such a VM are then refused by QEMU).
+        #[arg(long)]
+        no_tsc_fix: bool,
+        /// Print the record as JSON.
+        #[arg(long)]
+        json: bool,
+        /// The QEMU command line.
+        #[arg(last = true, required = true, value_name = "QEMU ARGS")]
+        qemu: Vec<String>,
+    },
+    /// Stop the VM's QEMU (QMP quit, then SIGKILL after 10 s).
+    Stop {
+        /// The VM's name.
+        name: String,
+    },
+    /// Start a stopped VM again on its current disks (never on a snapshot's frozen images).
+    Start {
+        /// The VM's name.
+        name: String,
+    },
+    /// Is the VM running, which snapshot is current, and each disk's chain.
+    Status {
+        /// The VM's name.
+        name: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Go back to a snapshot: the VM comes back with the memory and disks it had then.
+    ///
+    /// The current QEMU is stopped and relaunched on new overlays over the snapshot's images
+    /// (the snapshot stays revertible); a disk-only snapshot boots from its disks.
+    Revert {
+        /// The VM's name.
+        name: String,
+        /// The snapshot's name.
+        snapshot: String,
+        /// Leave the guest paused after loading its memory.
+        #[arg(long)]
+        paused: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// List a VM's snapshots as a tree (parent → children); `*` marks the current one.
     List {
         /// The VM's name.

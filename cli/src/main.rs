@@ -134,6 +134,72 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 result.with_context(|| format!("creating snapshot {snapshot} of {vm}"))?;
             output::snapshot(&manifest, json);
         }
+        Command::Run {
+            name: vm,
+            no_tsc_fix,
+            json,
+            qemu,
+        } => {
+            let opts = qsnap_engine::RunOptions {
+                no_tsc_fix,
+                cwd: None,
+            };
+            let report = engine
+                .run(&name(&vm)?, qemu, &opts)
+                .await
+                .with_context(|| format!("starting {vm}"))?;
+            if let Some((hz, source)) = &report.tsc_pinned {
+                eprintln!(
+                    "qsnap: the CPU asks for invtsc: added tsc-frequency={hz} (from {source}) so memory snapshots work; --no-tsc-fix turns this off"
+                );
+            }
+            output::attached(&report.record, json);
+        }
+        Command::Stop { name: vm } => {
+            let killed = engine
+                .vm(&name(&vm)?)
+                .await?
+                .stop()
+                .await
+                .with_context(|| format!("stopping {vm}"))?;
+            println!(
+                "{vm} stopped{}",
+                if killed {
+                    " (killed: it did not quit in time)"
+                } else {
+                    ""
+                }
+            );
+        }
+        Command::Start { name: vm } => {
+            let launched = engine
+                .vm(&name(&vm)?)
+                .await?
+                .start()
+                .await
+                .with_context(|| format!("starting {vm}"))?;
+            match launched.pid {
+                Some(pid) => println!("{vm} started (pid {pid})"),
+                None => println!("{vm} started"),
+            }
+        }
+        Command::Status { name: vm, json } => {
+            let st = engine.vm(&name(&vm)?).await?.status().await?;
+            output::status(&st, json);
+        }
+        Command::Revert {
+            name: vm,
+            snapshot,
+            paused,
+            json,
+        } => {
+            let handle = engine.vm(&name(&vm)?).await?;
+            let report = handle
+                .revert(&name(&snapshot)?, paused)
+                .await
+                .with_context(|| format!("reverting {vm} to {snapshot}"))?;
+            output::reverted(&vm, &report, json);
+        }
         Command::List { name: vm, json } => {
             let handle = engine.vm(&name(&vm)?).await?;
             let all = handle.snapshots().await?;

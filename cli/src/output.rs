@@ -1,7 +1,7 @@
 //! Everything the binary prints: human text or `--json`. Nothing else writes to stdout.
 
 use qsnap_engine::snapshot::Mode;
-use qsnap_engine::{Manifest, VmInfo, VmRecord};
+use qsnap_engine::{Manifest, RevertReport, Status, VmInfo, VmRecord};
 use serde::Serialize;
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -198,4 +198,56 @@ pub fn list(rec: &VmRecord, all: &[Manifest], as_json: bool) {
         }
     }
     walk(None, 0, &children, rec.current.as_deref());
+}
+
+/// Prints a VM's status.
+pub fn status(st: &Status, as_json: bool) {
+    if as_json {
+        return json(st);
+    }
+    match (&st.runstate, st.pid) {
+        (Some(rs), Some(pid)) => println!("{}: running (QEMU pid {pid}, {rs})", st.vm),
+        (Some(rs), None) => println!("{}: running ({rs})", st.vm),
+        _ => println!("{}: stopped", st.vm),
+    }
+    println!(
+        "current snapshot: {}",
+        st.current.as_deref().unwrap_or("(none)")
+    );
+    for d in &st.disks {
+        let chain: Vec<String> = d.chain.iter().map(|p| p.display().to_string()).collect();
+        println!("  {:<10} {}", d.device, chain.join(" → "));
+    }
+}
+
+/// Prints what a revert did.
+pub fn reverted(vm: &str, r: &RevertReport, as_json: bool) {
+    if as_json {
+        return json(r);
+    }
+    if r.memory_restored {
+        println!(
+            "{vm} reverted to {} in {:.0} ms (memory loaded in {:.0} ms); the guest is {}",
+            r.snapshot,
+            r.total_ms,
+            r.load_ms,
+            if r.resumed { "running" } else { "paused" }
+        );
+    } else {
+        println!(
+            "{vm} reverted to disk-only snapshot {} in {:.0} ms: it booted from the snapshot's disks (no memory was saved)",
+            r.snapshot, r.total_ms
+        );
+    }
+    for d in &r.disks {
+        println!(
+            "  disk {:<9} {} (new overlay over {})",
+            d.device,
+            d.overlay.display(),
+            d.image.display()
+        );
+    }
+    for p in &r.removed {
+        println!("  removed abandoned overlay {}", p.display());
+    }
 }

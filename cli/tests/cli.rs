@@ -267,3 +267,83 @@ async fn attach_create_list_show() {
         "{out:?}"
     );
 }
+
+/// `run`, `status`, `stop`, `start` and `revert` from the command line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_status_stop_start_revert() {
+    require_qemu!();
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("d.qcow2");
+    create_image(&disk, "qcow2", "16M").await;
+    let argv = VmBuilder::idle()
+        .memory(64)
+        .disk(&disk, "qcow2", DiskStyle::Blockdev)
+        .command_line(&dir.path().join("serial.log"))
+        .await;
+    let store = dir.path().join("store");
+    let run = |args: &[&str]| {
+        qsnap()
+            .env("QSNAP_STORE", &store)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+
+    let mut cmd = vec!["run", "vm1", "--json", "--"];
+    cmd.extend(argv.iter().map(String::as_str));
+    let out = run(&cmd);
+    assert!(out.status.success(), "{out:?}");
+    let rec = stdout_json(&out);
+    assert_eq!(rec["origin"], "run");
+    let pid = rec["pid"].as_u64().unwrap();
+    // The same name again is refused; so is a QEMU that cannot start.
+    let out = run(&cmd);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        text(&out.stderr).contains("already in the store"),
+        "{out:?}"
+    );
+    let out = run(&["run", "bad", "--", "qemu-system-x86_64", "-no-such-option"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(text(&out.stderr).contains("QEMU did not start"), "{out:?}");
+
+    let out = run(&["status", "vm1", "--json"]);
+    let st = stdout_json(&out);
+    assert_eq!(st["running"], true, "{st}");
+    assert_eq!(st["pid"].as_u64(), Some(pid));
+
+    let out = run(&["create", "vm1", "s1"]);
+    assert!(out.status.success(), "{out:?}");
+    let out = run(&["revert", "vm1", "s1", "--json"]);
+    assert!(out.status.success(), "{out:?}");
+    let r = stdout_json(&out);
+    assert_eq!(r["memory-restored"], true);
+    assert_eq!(r["resumed"], true);
+    let out = run(&["revert", "vm1", "s1"]);
+    assert!(text(&out.stdout).contains("vm1 reverted to s1"), "{out:?}");
+    let out = run(&["revert", "vm1", "nope"]);
+    assert_eq!(out.status.code(), Some(1));
+
+    let out = run(&["stop", "vm1"]);
+    assert!(out.status.success(), "{out:?}");
+    let out = run(&["status", "vm1"]);
+    assert!(text(&out.stdout).starts_with("vm1: stopped"), "{out:?}");
+    let out = run(&["start", "vm1"]);
+    assert!(out.status.success(), "{out:?}");
+    let out = run(&["start", "vm1"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("is running"), "{out:?}");
+    let out = run(&["status", "vm1"]);
+    let shown = text(&out.stdout);
+    assert!(
+        shown.contains("running") && shown.contains("current snapshot: s1"),
+        "{shown}"
+    );
+    assert!(
+        shown.contains("d.s1.r2.qcow2 → ") && shown.contains("d.qcow2"),
+        "{shown}"
+    );
+    let out = run(&["stop", "vm1"]);
+    assert!(out.status.success(), "{out:?}");
+}

@@ -161,6 +161,48 @@ pub enum Error {
         /// Why.
         why: String,
     },
+    /// QEMU's recorded command line cannot be used as asked.
+    #[error("cannot relaunch from the recorded command line: {why}")]
+    CommandLine {
+        /// What is wrong.
+        why: String,
+    },
+    /// QEMU did not come up.
+    #[error("QEMU did not start: {why} (log {}){}", log.display(), if tail.is_empty() { String::new() } else { format!(":\n{tail}") })]
+    LaunchFailed {
+        /// What happened.
+        why: String,
+        /// QEMU's log file.
+        log: PathBuf,
+        /// Its last lines.
+        tail: String,
+    },
+    /// The VM is running and the operation needs it stopped.
+    #[error("VM \"{vm}\" is running (pid {pid}); stop it first with `qsnap stop {vm}`")]
+    AlreadyRunning {
+        /// The VM.
+        vm: String,
+        /// QEMU's pid.
+        pid: u32,
+    },
+    /// A snapshot that cannot be reverted to; nothing was changed.
+    #[error("cannot revert to {snapshot}: {why}; nothing was changed")]
+    RevertRefused {
+        /// The snapshot.
+        snapshot: String,
+        /// Why.
+        why: String,
+    },
+    /// A revert failed after the old QEMU was stopped; says how to get back.
+    #[error("revert failed: {cause}. The VM is stopped; its disks are untouched ({}). `qsnap start {vm}` starts it again on them", disks.join(", "))]
+    RevertFailed {
+        /// The VM.
+        vm: String,
+        /// What failed.
+        cause: Box<Error>,
+        /// The images the VM's disks are still on.
+        disks: Vec<String>,
+    },
     /// A memory file that is not a complete qsnap memory file.
     #[error("{} is not usable: {why}", path.display())]
     BadMemoryFile {

@@ -8,8 +8,10 @@
 //! Two levels:
 //! - [`Engine`] and [`Vm`]: VMs by name in a [`Store`], one operation per VM at a time,
 //!   snapshot manifests kept on disk. What the CLI uses.
-//! - [`snapshot::create`] and [`inspect`]: the same work on a bare [`qsnap_qmp::Qmp`]
-//!   connection, for a VMM that keeps its own records.
+//! - [`snapshot::create`], [`snapshot::revert`] (prepare → your QEMU with `-incoming defer`
+//!   → restore) and [`inspect`]: the same work on a bare [`qsnap_qmp::Qmp`] connection, for a
+//!   VMM that keeps its own records and starts QEMU its own way. Or hand [`Vm::revert_with`] a
+//!   [`launch::Launcher`].
 //!
 //! ```no_run
 //! # async fn demo() -> qsnap_engine::Result<()> {
@@ -25,6 +27,8 @@
 
 mod error;
 pub mod inspect;
+pub mod launch;
+mod lifecycle;
 mod name;
 mod qemu;
 pub mod snapshot;
@@ -33,6 +37,7 @@ mod vm;
 
 pub use error::{Error, Result};
 pub use inspect::{DiskInfo, VmInfo};
+pub use lifecycle::{DiskChain, RevertReport, RunOptions, RunReport, Status};
 pub use name::{Name, SnapshotName, VmName};
 pub use store::{Manifest, Store, VmRecord};
 pub use vm::{Engine, Vm};

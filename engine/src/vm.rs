@@ -61,7 +61,7 @@ impl Engine {
             Some(pid) => launch_command(pid).await,
             None => None,
         };
-        let disks = current_disks(&qmp).await?;
+        let disks = merge_disks(&[], disks_now(&qmp).await?);
         drop(qmp);
 
         let _lock = self.store.lock(name, "attach").await?;
@@ -91,7 +91,7 @@ impl Engine {
         Ok(self.vm_from(name.clone(), record))
     }
 
-    fn vm_from(&self, name: VmName, record: VmRecord) -> Vm {
+    pub(crate) fn vm_from(&self, name: VmName, record: VmRecord) -> Vm {
         Vm {
             name,
             record,
@@ -126,7 +126,8 @@ async fn launch_command(pid: u32) -> Option<LaunchCommand> {
     (!argv.is_empty()).then_some(LaunchCommand { argv, cwd })
 }
 
-async fn current_disks(qmp: &Qmp) -> Result<Vec<CurrentDisk>> {
+/// Each disk's current top image, as QEMU reports it.
+pub(crate) async fn disks_now(qmp: &Qmp) -> Result<Vec<(String, PathBuf)>> {
     let blocks = qmp
         .execute(types::query_block {})
         .await
@@ -137,12 +138,32 @@ async fn current_disks(qmp: &Qmp) -> Result<Vec<CurrentDisk>> {
             let ins = b.inserted?;
             let device =
                 disks::device_label(&b.device, b.qdev.as_deref(), ins.node_name.as_deref());
-            Some(CurrentDisk {
-                device,
-                image: PathBuf::from(ins.file),
-            })
+            Some((device, PathBuf::from(ins.file)))
         })
         .collect())
+}
+
+/// The record's disks updated to what QEMU runs on now: a disk whose image changed is on an
+/// overlay qsnap made; its command-line image stays what the recorded command line names.
+pub(crate) fn merge_disks(prev: &[CurrentDisk], now: Vec<(String, PathBuf)>) -> Vec<CurrentDisk> {
+    now.into_iter()
+        .map(
+            |(device, image)| match prev.iter().find(|p| p.device == device) {
+                Some(p) => CurrentDisk {
+                    owned: p.owned || p.image != image,
+                    launch_image: p.launch_image.clone(),
+                    device,
+                    image,
+                },
+                None => CurrentDisk {
+                    launch_image: image.clone(),
+                    owned: false,
+                    device,
+                    image,
+                },
+            },
+        )
+        .collect()
 }
 
 /// A VM in the store.
@@ -165,6 +186,23 @@ impl Vm {
         &self.record
     }
 
+    /// The store it lives in.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Connects without waiting for a socket to appear: "is it up?".
+    pub(crate) async fn connect_quick(&self) -> Result<Qmp> {
+        let opts = ConnectOptions {
+            connect_retry: Duration::ZERO,
+            greeting_timeout: Duration::from_secs(2),
+            ..self.connect.clone()
+        };
+        Qmp::connect_with(Endpoint::parse(&self.record.qmp), &opts)
+            .await
+            .map_err(Error::qmp("connecting to the VM's monitor"))
+    }
+
     /// Connects to its monitor. Drop the client soon: QEMU serves one monitor client at a time.
     pub async fn connect(&self) -> Result<Qmp> {
         Qmp::connect_with(Endpoint::parse(&self.record.qmp), &self.connect)
@@ -174,7 +212,17 @@ impl Vm {
 
     /// Default options for a snapshot of this VM: memory goes into the store.
     pub fn create_options(&self, snap: SnapshotName) -> CreateOptions {
-        CreateOptions::new(snap, self.store.memory_dir(&self.name))
+        let mut opts = CreateOptions::new(snap, self.store.memory_dir(&self.name));
+        opts.overlay_stems = self
+            .record
+            .disks
+            .iter()
+            .filter_map(|d| {
+                let stem = d.launch_image.file_stem()?.to_string_lossy().into_owned();
+                Some((d.device.clone(), stem))
+            })
+            .collect();
+        opts
     }
 
     /// Takes a snapshot and records it: the manifest is written, the VM's record notes the
@@ -208,7 +256,7 @@ impl Vm {
             snapshot: report,
         };
         record.current = Some(snap.to_string());
-        record.disks = current_disks(&qmp).await?;
+        record.disks = merge_disks(&record.disks, disks_now(&qmp).await?);
         record.pid = qmp.peer_pid().or(record.pid);
         drop(qmp);
         self.store.write_manifest(&manifest).await?;

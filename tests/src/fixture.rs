@@ -227,6 +227,36 @@ impl VmBuilder {
         a
     }
 
+    /// The full command line (binary first) for a VM that something else starts — e.g.
+    /// `qsnap run` — with no monitor (the starter adds its own) and the console appended to
+    /// `serial` (follow it with [`SerialLog::follow`]). Disks must have been added.
+    pub async fn command_line(&self, serial: &Path) -> Vec<String> {
+        let kit = match self.firmware {
+            Firmware::Guest { .. } => Some(
+                tokio::task::spawn_blocking(GuestKit::get)
+                    .await
+                    .expect("guest kit builder panicked"),
+            ),
+            Firmware::Idle => None,
+        };
+        let mut a = self.argv(kit, Path::new("/unused"));
+        // Drop our monitor and stdio console; append the console to a file instead.
+        if let Some(i) = a.iter().position(|x| x == "-qmp") {
+            a.drain(i..=i + 1);
+        }
+        if let Some(i) = a.iter().position(|x| x == "-serial") {
+            a.drain(i..=i + 1);
+        }
+        a.extend([
+            "-chardev".into(),
+            format!("file,id=qsnapser,path={},append=on", serial.display()),
+            "-serial".into(),
+            "chardev:qsnapser".into(),
+        ]);
+        a.insert(0, qemu_binary());
+        a
+    }
+
     /// Creates the temp dir (and the default disk), starts QEMU and waits until its QMP socket
     /// answers (at most 20 s). Panics with QEMU's report when it does not come up.
     pub async fn spawn(self) -> Vm {

@@ -58,6 +58,45 @@ impl SerialLog {
         SerialLog { lines, count: rx }
     }
 
+    /// Follows a file QEMU appends the console to (`-chardev file,append=on`), across QEMU
+    /// restarts. The task ends when every `SerialLog` clone is dropped.
+    pub fn follow(path: impl Into<std::path::PathBuf>) -> SerialLog {
+        let path = path.into();
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = watch::channel(0usize);
+        let weak = Arc::downgrade(&lines);
+        tokio::spawn(async move {
+            let mut offset = 0u64;
+            let mut partial = Vec::new();
+            while let Some(sink) = weak.upgrade() {
+                if let Ok(bytes) = tokio::fs::read(&path).await {
+                    if (bytes.len() as u64) > offset {
+                        partial.extend_from_slice(&bytes[offset as usize..]);
+                        offset = bytes.len() as u64;
+                        while let Some(i) = partial.iter().position(|&b| b == b'\n') {
+                            let line: Vec<u8> = partial.drain(..=i).collect();
+                            let text = String::from_utf8_lossy(&line)
+                                .trim_end_matches(['\r', '\n'])
+                                .to_owned();
+                            let n = {
+                                let mut l = sink.lock().unwrap();
+                                l.push(Line {
+                                    at: Instant::now(),
+                                    text,
+                                });
+                                l.len()
+                            };
+                            let _ = tx.send(n);
+                        }
+                    }
+                }
+                drop(sink);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        });
+        SerialLog { lines, count: rx }
+    }
+
     /// All lines so far.
     pub fn lines(&self) -> Vec<Line> {
         self.lines.lock().unwrap().clone()

@@ -22,6 +22,7 @@ use crate::snapshot::save::{self, ProgressFn, Watch};
 use crate::SnapshotName;
 use qsnap_qmp::{types, Qmp};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
@@ -60,6 +61,10 @@ pub struct CreateOptions {
     pub dir: PathBuf,
     /// Where overlays go (default: next to each image).
     pub overlay_dir: Option<PathBuf>,
+    /// Overlay file names start with these stems, by device (default: the current image's
+    /// stem). The store passes each disk's original image stem, so names do not grow along
+    /// the chain: `disk.s1.qcow2`, `disk.s2.qcow2`, …
+    pub overlay_stems: BTreeMap<String, String>,
     /// `None` picks the best memory mode this QEMU and host support (point-in-time, else
     /// precopy).
     pub mode: Option<Mode>,
@@ -82,6 +87,7 @@ impl CreateOptions {
             name,
             dir: dir.into(),
             overlay_dir: None,
+            overlay_stems: BTreeMap::new(),
             mode: None,
             save_timeout: Duration::from_secs(600),
             live_limit: Duration::from_secs(30),
@@ -261,7 +267,13 @@ async fn preflight(qmp: &Qmp, opts: &CreateOptions) -> Result<Plan> {
         let mode = memory_mode(qmp, opts.mode).await?;
         Some((mode, opts.dir.join(format!("{}.mem", opts.name))))
     };
-    let (disks, skipped) = disks::plan(qmp, &opts.name, opts.overlay_dir.as_deref()).await?;
+    let (disks, skipped) = disks::plan(
+        qmp,
+        &opts.name,
+        opts.overlay_dir.as_deref(),
+        &opts.overlay_stems,
+    )
+    .await?;
     if disk_only && disks.is_empty() {
         return Err(Error::DiskNotSnapshottable {
             device: "(all)".into(),
@@ -336,7 +348,7 @@ async fn tsc_frequency(qmp: &Qmp) -> Option<u64> {
 }
 
 /// The host's nominal CPU frequency from cpuinfo (the TSC runs at it on invariant-TSC hosts).
-async fn host_tsc_hz() -> Option<u64> {
+pub(crate) async fn host_tsc_hz() -> Option<u64> {
     let text = tokio::fs::read_to_string("/proc/cpuinfo").await.ok()?;
     let mhz: f64 = text
         .lines()

@@ -10,6 +10,7 @@ use crate::qemu::{BlockCommit, BlockdevAddOverlay, FileNode};
 use crate::SnapshotName;
 use qsnap_qmp::{types, Qmp};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -85,6 +86,7 @@ pub async fn plan(
     qmp: &Qmp,
     snap: &SnapshotName,
     overlay_dir: Option<&Path>,
+    stems: &BTreeMap<String, String>,
 ) -> Result<(Vec<DiskPlan>, Vec<SkippedDisk>)> {
     let blocks = qmp
         .execute(types::query_block {})
@@ -131,7 +133,9 @@ pub async fn plan(
             .unwrap_or_else(|| format!("disk{i}"));
         // Our own overlay (`disk.s1.qcow2`): name the next one `disk.s2.qcow2`, not
         // `disk.s1.s2.qcow2`, so names do not grow along the chain.
-        if node.starts_with(OVERLAY_NODE_PREFIX) {
+        if let Some(given) = stems.get(&device) {
+            stem = given.clone();
+        } else if node.starts_with(OVERLAY_NODE_PREFIX) {
             if let Some((base, _)) = stem.rsplit_once('.') {
                 stem = base.to_owned();
             }

@@ -22,8 +22,10 @@
 mod create;
 pub mod disks;
 pub mod memfile;
+pub mod revert;
 mod rollback;
 mod save;
 
+pub(crate) use create::host_tsc_hz;
 pub use create::{create, CreateOptions, CreateReport, LivePhase, MemoryImage, Mode};
 pub use save::{ProgressFn, SaveProgress};

@@ -33,10 +33,16 @@ pub struct LaunchCommand {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub struct CurrentDisk {
-    /// Device id or node name, as in the snapshot manifests.
+    /// Device name, as in the snapshot manifests (drive id or guest device id).
     pub device: String,
     /// The image the VM writes to.
     pub image: PathBuf,
+    /// The image the recorded command line names for this disk (rewritten to `image` at
+    /// relaunch).
+    pub launch_image: PathBuf,
+    /// True when qsnap created `image` (an overlay), so it may delete it once abandoned.
+    #[serde(default)]
+    pub owned: bool,
 }
 
 /// One VM in the store (`<store>/vms/<name>/vm.json`).

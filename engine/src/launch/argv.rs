@@ -1,0 +1,352 @@
+//! QEMU's command line as data: find and rewrite disk image paths, pin the TSC frequency, add
+//! the monitor qsnap uses, start paused and incoming. Pure functions over `Vec<String>`; no
+//! process is started here.
+//!
+//! Disk rewrites cover the forms people write: `-drive file=…[,format=…]` and `-blockdev` in
+//! both `key=value` and JSON syntax, with the image's format node switched to `qcow2` when the
+//! new image is a qcow2 overlay over a raw base.
+
+use crate::error::{Error, Result};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+
+/// Replace one disk image with another (always a qcow2 overlay).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskSubstitution {
+    /// The image path as the command line names it (resolved against the working directory).
+    pub from: PathBuf,
+    /// The qcow2 image to open instead.
+    pub to: PathBuf,
+}
+
+/// `key=value,key=value` with QEMU's `,,` escape.
+fn split_opts(s: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == ',' {
+            if chars.peek() == Some(&',') {
+                chars.next();
+                cur.push(',');
+            } else {
+                out.push(std::mem::take(&mut cur));
+            }
+        } else {
+            cur.push(c);
+        }
+    }
+    out.push(cur);
+    out
+}
+
+fn join_opts(parts: &[String]) -> String {
+    parts
+        .iter()
+        .map(|p| p.replace(',', ",,"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn get<'a>(parts: &'a [String], key: &str) -> Option<&'a str> {
+    parts
+        .iter()
+        .find_map(|p| p.strip_prefix(key).and_then(|r| r.strip_prefix('=')))
+}
+
+fn set(parts: &mut Vec<String>, key: &str, value: &str) {
+    let kv = format!("{key}={value}");
+    match parts
+        .iter_mut()
+        .find(|p| p.strip_prefix(key).is_some_and(|r| r.starts_with('=')))
+    {
+        Some(p) => *p = kv,
+        None => parts.push(kv),
+    }
+}
+
+fn resolve(cwd: &Path, p: &str) -> PathBuf {
+    let p = Path::new(p);
+    if p.is_absolute() {
+        p.to_owned()
+    } else {
+        cwd.join(p)
+    }
+}
+
+/// One `-blockdev`, in whichever syntax it was written.
+enum Blockdev {
+    Keys(Vec<String>),
+    Json(Value),
+}
+
+impl Blockdev {
+    fn parse(s: &str) -> Blockdev {
+        match serde_json::from_str::<Value>(s) {
+            Ok(v @ Value::Object(_)) => Blockdev::Json(v),
+            _ => Blockdev::Keys(split_opts(s)),
+        }
+    }
+
+    fn render(&self) -> String {
+        match self {
+            Blockdev::Keys(k) => join_opts(k),
+            Blockdev::Json(v) => v.to_string(),
+        }
+    }
+
+    fn field(&self, key: &str) -> Option<String> {
+        match self {
+            Blockdev::Keys(k) => get(k, key).map(str::to_owned),
+            Blockdev::Json(v) => v.get(key).and_then(Value::as_str).map(str::to_owned),
+        }
+    }
+
+    fn set_field(&mut self, key: &str, value: &str) {
+        match self {
+            Blockdev::Keys(k) => set(k, key, value),
+            Blockdev::Json(v) => {
+                v[key] = Value::String(value.to_owned());
+            }
+        }
+    }
+}
+
+/// Rewrites disk paths; fails naming the disk that could not be found, so a relaunch never
+/// silently opens the wrong image.
+pub fn substitute_disks(
+    argv: &[String],
+    cwd: &Path,
+    subs: &[DiskSubstitution],
+) -> Result<Vec<String>> {
+    let mut out = argv.to_vec();
+    let mut done = vec![false; subs.len()];
+    // File nodes whose image changed: their format node must read qcow2.
+    let mut switched_nodes: Vec<String> = Vec::new();
+    let find = |path: &str| subs.iter().position(|s| s.from == resolve(cwd, path));
+
+    let mut i = 1;
+    while i + 1 < out.len() {
+        let flag = out[i].trim_start_matches('-').to_owned();
+        match flag.as_str() {
+            "drive" => {
+                let mut parts = split_opts(&out[i + 1]);
+                if let Some(k) = get(&parts, "file").and_then(find) {
+                    set(&mut parts, "file", &subs[k].to.display().to_string());
+                    set(&mut parts, "format", "qcow2");
+                    out[i + 1] = join_opts(&parts);
+                    done[k] = true;
+                }
+            }
+            "blockdev" => {
+                let mut bd = Blockdev::parse(&out[i + 1]);
+                if bd.field("driver").as_deref() == Some("file") {
+                    if let Some(k) = bd.field("filename").as_deref().and_then(find) {
+                        bd.set_field("filename", &subs[k].to.display().to_string());
+                        if let Some(n) = bd.field("node-name") {
+                            switched_nodes.push(n);
+                        }
+                        done[k] = true;
+                    }
+                } else if let Blockdev::Json(v) = &mut bd {
+                    // Inline protocol node: {"driver":"raw","file":{"driver":"file","filename":…}}
+                    let inline = v["file"]["filename"].as_str().map(str::to_owned);
+                    if let Some(k) = inline.as_deref().and_then(find) {
+                        v["file"]["filename"] = Value::String(subs[k].to.display().to_string());
+                        v["driver"] = Value::String("qcow2".into());
+                        done[k] = true;
+                    }
+                }
+                out[i + 1] = bd.render();
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    // Second pass: format nodes over a switched file node become qcow2.
+    let mut i = 1;
+    while i + 1 < out.len() {
+        if out[i].trim_start_matches('-') == "blockdev" {
+            let mut bd = Blockdev::parse(&out[i + 1]);
+            let over_switched = bd
+                .field("file")
+                .is_some_and(|f| switched_nodes.contains(&f));
+            if over_switched && bd.field("driver").as_deref() != Some("qcow2") {
+                bd.set_field("driver", "qcow2");
+                out[i + 1] = bd.render();
+            }
+        }
+        i += 1;
+    }
+    if let Some(k) = done.iter().position(|d| !d) {
+        return Err(Error::CommandLine {
+            why: format!(
+                "the disk image {} does not appear in QEMU's command line as -drive file=… or -blockdev …filename=…",
+                subs[k].from.display()
+            ),
+        });
+    }
+    Ok(out)
+}
+
+/// Every image path the command line opens through `-drive` / `-blockdev`, resolved.
+pub fn disk_images(argv: &[String], cwd: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for w in argv.windows(2) {
+        match w[0].trim_start_matches('-') {
+            "drive" => {
+                if let Some(f) = get(&split_opts(&w[1]), "file") {
+                    out.push(resolve(cwd, f));
+                }
+            }
+            "blockdev" => {
+                let bd = Blockdev::parse(&w[1]);
+                if let Some(f) = bd.field("filename") {
+                    out.push(resolve(cwd, &f));
+                } else if let Blockdev::Json(v) = &bd {
+                    if let Some(f) = v["file"]["filename"].as_str() {
+                        out.push(resolve(cwd, f));
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+/// Removes `flag` and its value (e.g. an old `-incoming tcp:…`).
+pub fn remove_flag(argv: &[String], flag: &str) -> Vec<String> {
+    let mut out = Vec::with_capacity(argv.len());
+    let mut skip = false;
+    for a in argv {
+        if skip {
+            skip = false;
+            continue;
+        }
+        if a.trim_start_matches('-') == flag && a.starts_with('-') {
+            skip = true;
+            continue;
+        }
+        out.push(a.clone());
+    }
+    out
+}
+
+/// Whether the command line already has a QMP monitor on `socket`.
+pub fn has_qmp_socket(argv: &[String], socket: &Path) -> bool {
+    let s = socket.display().to_string();
+    argv.windows(2).any(|w| {
+        let flag = w[0].trim_start_matches('-');
+        (flag == "qmp" || flag == "qmp-pretty")
+            && split_opts(&w[1])
+                .first()
+                .is_some_and(|p| p == &format!("unix:{s}") || p == &s)
+    })
+}
+
+/// The `-cpu` model asks for an invariant TSC without pinning its frequency: QEMU will then
+/// refuse to save the VM's memory.
+pub fn needs_tsc_frequency(argv: &[String]) -> bool {
+    argv.windows(2)
+        .filter(|w| w[0].trim_start_matches('-') == "cpu")
+        .any(|w| {
+            let parts = split_opts(&w[1]);
+            let invtsc = parts
+                .iter()
+                .any(|p| p == "+invtsc" || p == "invtsc=on" || p == "invtsc=true" || p == "invtsc");
+            invtsc && get(&parts, "tsc-frequency").is_none()
+        })
+}
+
+/// Appends `tsc-frequency=HZ` to every `-cpu` that asks for invtsc without it.
+pub fn pin_tsc_frequency(argv: &[String], hz: u64) -> Vec<String> {
+    let mut out = argv.to_vec();
+    for i in 1..out.len() {
+        if out[i - 1].trim_start_matches('-') == "cpu" && needs_tsc_frequency(&out[i - 1..=i]) {
+            out[i] = format!("{},tsc-frequency={hz}", out[i]);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn v(s: &[&str]) -> Vec<String> {
+        s.iter().map(|x| x.to_string()).collect()
+    }
+
+    #[test]
+    fn rewrites_drive_and_both_blockdev_syntaxes() {
+        let argv = v(&[
+            "qemu",
+            "-drive",
+            "file=a.img,format=raw,if=virtio,id=d0",
+            "-blockdev",
+            "driver=file,filename=/x/b.raw,node-name=f1",
+            "-blockdev",
+            "driver=raw,file=f1,node-name=d1",
+            "-blockdev",
+            r#"{"driver":"raw","node-name":"d2","file":{"driver":"file","filename":"/x/c.raw"}}"#,
+            "-drive",
+            "file=keep,,me.img,if=virtio",
+        ]);
+        let subs = [
+            ("/cwd/a.img", "/o/a.s1.qcow2"),
+            ("/x/b.raw", "/o/b.s1.qcow2"),
+            ("/x/c.raw", "/o/c.s1.qcow2"),
+        ]
+        .map(|(f, t)| DiskSubstitution {
+            from: f.into(),
+            to: t.into(),
+        });
+        let out = substitute_disks(&argv, Path::new("/cwd"), &subs).unwrap();
+        assert_eq!(out[2], "file=/o/a.s1.qcow2,format=qcow2,if=virtio,id=d0");
+        assert_eq!(out[4], "driver=file,filename=/o/b.s1.qcow2,node-name=f1");
+        assert_eq!(out[6], "driver=qcow2,file=f1,node-name=d1");
+        let j: Value = serde_json::from_str(&out[8]).unwrap();
+        assert_eq!(j["driver"], "qcow2");
+        assert_eq!(j["file"]["filename"], "/o/c.s1.qcow2");
+        assert_eq!(out[10], "file=keep,,me.img,if=virtio");
+        assert_eq!(
+            disk_images(&argv, Path::new("/cwd")),
+            ["/cwd/a.img", "/x/b.raw", "/x/c.raw", "/cwd/keep,me.img"].map(PathBuf::from)
+        );
+
+        let missing = [DiskSubstitution {
+            from: "/nowhere.img".into(),
+            to: "/o/n.qcow2".into(),
+        }];
+        assert!(substitute_disks(&argv, Path::new("/cwd"), &missing).is_err());
+    }
+
+    #[test]
+    fn pins_tsc_only_where_invtsc_lacks_a_frequency() {
+        let argv = v(&["qemu", "-cpu", "host,+invtsc", "-m", "64"]);
+        assert!(needs_tsc_frequency(&argv));
+        let out = pin_tsc_frequency(&argv, 2_000_000_000);
+        assert_eq!(out[2], "host,+invtsc,tsc-frequency=2000000000");
+        assert!(!needs_tsc_frequency(&out));
+        assert!(!needs_tsc_frequency(&v(&["qemu", "-cpu", "host"])));
+        assert!(!needs_tsc_frequency(&v(&["qemu", "-m", "64"])));
+    }
+
+    #[test]
+    fn flags_and_monitors() {
+        let argv = v(&[
+            "qemu",
+            "-incoming",
+            "tcp:0:4444",
+            "-qmp",
+            "unix:/s/q.sock,server=on,wait=off",
+        ]);
+        assert_eq!(
+            remove_flag(&argv, "incoming"),
+            v(&["qemu", "-qmp", "unix:/s/q.sock,server=on,wait=off"])
+        );
+        assert!(has_qmp_socket(&argv, Path::new("/s/q.sock")));
+        assert!(!has_qmp_socket(&argv, Path::new("/s/other.sock")));
+    }
+}

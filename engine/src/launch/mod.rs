@@ -1,0 +1,55 @@
+//! Starting and stopping QEMU.
+//!
+//! `argv.rs` models the command line (disk rewrites, `tsc-frequency`, `-incoming defer`);
+//! [`Launcher`] is how the engine asks for a QEMU to be started — [`ProcessLauncher`] runs the
+//! recorded command line as a detached process, an embedder plugs in its own; `process.rs`
+//! holds the process side (spawn, wait for the monitor, graceful quit then kill); `tsc.rs`
+//! finds the TSC frequency to pin for invtsc CPUs.
+
+pub mod argv;
+mod process;
+mod tsc;
+
+pub use argv::DiskSubstitution;
+pub use process::{stop_qemu, ProcessLauncher};
+pub use tsc::tsc_frequency_for;
+
+use crate::error::Result;
+use crate::store::LaunchCommand;
+use std::future::Future;
+use std::path::PathBuf;
+
+/// What to start.
+#[derive(Debug, Clone)]
+pub struct LaunchSpec {
+    /// The VM's name (for logs and process titles).
+    pub vm: String,
+    /// The recorded command line.
+    pub command: LaunchCommand,
+    /// Disk images to open instead of the ones the command line names.
+    pub disks: Vec<DiskSubstitution>,
+    /// The unix socket qsnap will reach the monitor on; added to the command line if absent.
+    pub qmp_socket: PathBuf,
+    /// Start with `-incoming defer`, waiting for `migrate-incoming`.
+    pub incoming: bool,
+    /// Start with the vCPUs paused (`-S`).
+    pub paused: bool,
+    /// Where QEMU's stdout and stderr go.
+    pub log: PathBuf,
+}
+
+/// A started QEMU.
+#[derive(Debug, Clone)]
+pub struct Launched {
+    /// Its pid, if the launcher knows it.
+    pub pid: Option<u32>,
+    /// The command line actually run.
+    pub argv: Vec<String>,
+}
+
+/// Starts QEMU for the engine. Must return once the QMP socket in the spec answers (or fail
+/// saying why QEMU did not come up).
+pub trait Launcher: Send + Sync {
+    /// Starts QEMU as `spec` says.
+    fn launch(&self, spec: &LaunchSpec) -> impl Future<Output = Result<Launched>> + Send;
+}

@@ -1,0 +1,201 @@
+//! QEMU as a process: start the recorded command line detached (its own process group, output
+//! to a log file, so it outlives qsnap and ignores qsnap's Ctrl-C), wait until its monitor
+//! answers, and stop it — `quit` first, then SIGKILL after a timeout.
+
+use super::{argv, LaunchSpec, Launched, Launcher};
+use crate::error::{Error, Result};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use qsnap_qmp::{types, ConnectOptions, Endpoint, Qmp};
+use std::path::Path;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+use tracing::warn;
+
+/// Runs the recorded command line as a detached process.
+#[derive(Debug, Clone)]
+pub struct ProcessLauncher {
+    /// How long QEMU may take until its monitor answers.
+    pub ready_timeout: Duration,
+}
+
+impl Default for ProcessLauncher {
+    fn default() -> Self {
+        ProcessLauncher {
+            ready_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// The command line a spec asks for.
+pub fn build_argv(spec: &LaunchSpec) -> Result<Vec<String>> {
+    let cmd = &spec.command;
+    let mut a = argv::remove_flag(&cmd.argv, "incoming");
+    a = argv::substitute_disks(&a, &cmd.cwd, &spec.disks)?;
+    if !argv::has_qmp_socket(&a, &spec.qmp_socket) {
+        a.extend([
+            "-qmp".into(),
+            format!("unix:{},server=on,wait=off", spec.qmp_socket.display()),
+        ]);
+    }
+    if spec.incoming {
+        a.extend(["-incoming".into(), "defer".into()]);
+    }
+    if spec.paused && !a.iter().any(|x| x == "-S") {
+        a.push("-S".into());
+    }
+    Ok(a)
+}
+
+async fn log_tail(log: &Path) -> String {
+    let text = tokio::fs::read_to_string(log).await.unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(10)..].join("\n")
+}
+
+impl Launcher for ProcessLauncher {
+    async fn launch(&self, spec: &LaunchSpec) -> Result<Launched> {
+        let argv = build_argv(spec)?;
+        let log = tokio::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&spec.log)
+            .await
+            .map_err(|source| Error::Io {
+                what: "opening QEMU's log",
+                path: spec.log.clone(),
+                source,
+            })?
+            .into_std()
+            .await;
+        let log2 = log.try_clone().map_err(|source| Error::Io {
+            what: "opening QEMU's log",
+            path: spec.log.clone(),
+            source,
+        })?;
+        let mut child = tokio::process::Command::new(&argv[0])
+            .args(&argv[1..])
+            .current_dir(&spec.command.cwd)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log2)
+            .process_group(0)
+            .kill_on_drop(false)
+            .spawn()
+            .map_err(|source| Error::Io {
+                what: "starting QEMU",
+                path: argv[0].clone().into(),
+                source,
+            })?;
+        let pid = child.id();
+        let daemonizes = argv.iter().any(|a| a == "-daemonize");
+        let deadline = Instant::now() + self.ready_timeout;
+        let opts = ConnectOptions {
+            connect_retry: Duration::ZERO,
+            ..ConnectOptions::default()
+        };
+        loop {
+            if let Ok(qmp) = Qmp::connect_with(spec.qmp_socket.clone(), &opts).await {
+                drop(qmp);
+                return Ok(Launched {
+                    pid: if daemonizes { None } else { pid },
+                    argv,
+                });
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                if !(daemonizes && status.success()) {
+                    return Err(Error::LaunchFailed {
+                        why: format!("QEMU exited ({status})"),
+                        log: spec.log.clone(),
+                        tail: log_tail(&spec.log).await,
+                    });
+                }
+            }
+            if Instant::now() > deadline {
+                let _ = child.start_kill();
+                let _ = child.wait().await;
+                return Err(Error::LaunchFailed {
+                    why: format!("its monitor did not answer within {:?}", self.ready_timeout),
+                    log: spec.log.clone(),
+                    tail: log_tail(&spec.log).await,
+                });
+            }
+            // QEMU creates its socket within tens of milliseconds: poll finely, the revert
+            // waits on this.
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+}
+
+/// True while `pid` runs (a zombie counts as gone).
+pub(crate) async fn alive(pid: u32) -> bool {
+    match tokio::fs::read_to_string(format!("/proc/{pid}/stat")).await {
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X"),
+        Err(_) => false,
+    }
+}
+
+/// Whether `pid` is a QEMU (guards against signalling a recycled pid).
+async fn is_qemu(pid: u32) -> bool {
+    tokio::fs::read(format!("/proc/{pid}/cmdline"))
+        .await
+        .ok()
+        .and_then(|c| {
+            let first = c.split(|&b| b == 0).next()?.to_vec();
+            Some(String::from_utf8_lossy(&first).contains("qemu"))
+        })
+        .unwrap_or(false)
+}
+
+async fn wait_gone(pid: u32, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if !alive(pid).await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    !alive(pid).await
+}
+
+/// Stops a QEMU: `quit` over QMP, then SIGKILL if it is still there after `timeout`.
+/// Returns true if it had to be killed.
+pub async fn stop_qemu(endpoint: &str, pid: Option<u32>, timeout: Duration) -> Result<bool> {
+    let opts = ConnectOptions {
+        connect_retry: Duration::ZERO,
+        greeting_timeout: Duration::from_secs(2),
+        command_timeout: Duration::from_secs(5),
+        ..ConnectOptions::default()
+    };
+    // A recorded pid may have been reused by another program since: only a QEMU is signalled.
+    let pid = match pid {
+        Some(p) if alive(p).await && is_qemu(p).await => Some(p),
+        _ => None,
+    };
+    if let Ok(qmp) = Qmp::connect_with(Endpoint::parse(endpoint), &opts).await {
+        // QEMU may close the socket before it answers; either way it is on its way out.
+        let _ = qmp.execute(types::quit {}).await;
+    }
+    let Some(pid) = pid else {
+        return Ok(false);
+    };
+    if wait_gone(pid, timeout).await {
+        return Ok(false);
+    }
+    if is_qemu(pid).await {
+        warn!(pid, "QEMU did not quit in time; killing it");
+        let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+    }
+    if wait_gone(pid, Duration::from_secs(10)).await {
+        Ok(true)
+    } else {
+        Err(Error::LaunchFailed {
+            why: format!("QEMU (pid {pid}) did not exit even after SIGKILL"),
+            log: Default::default(),
+            tail: String::new(),
+        })
+    }
+}

@@ -1,0 +1,364 @@
+//! Revert and the VM lifecycle against a real QEMU: VMs started by `Engine::run` from a
+//! recorded command line, snapshots, reverts (memory and disk together, again and again, across
+//! a branching tree), refusals that leave the VM alone, and stop/start that never opens a
+//! frozen image read-write.
+
+use qsnap_engine::snapshot::Mode;
+use qsnap_engine::{Engine, Error, Name, RunOptions, Store, Vm};
+use qsnap_testkit::serial::{parse_tick, SerialLog};
+use qsnap_testkit::{
+    create_image, init_logging, kvm_available, require_qemu, Accel, DiskStyle, VmBuilder,
+};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+fn n(s: &str) -> Name {
+    Name::new(s).unwrap()
+}
+
+/// A VM under qsnap whose console the test follows.
+struct Guest {
+    vm: Vm,
+    serial: SerialLog,
+    _dir: tempfile::TempDir,
+    dir: PathBuf,
+}
+
+impl Guest {
+    async fn start(builder: VmBuilder, disk_fmt: &str) -> Guest {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().to_owned();
+        let disk = path.join(format!("disk.{disk_fmt}"));
+        create_image(&disk, disk_fmt, "64M").await;
+        let serial_path = path.join("serial.log");
+        let argv = builder
+            .disk(&disk, disk_fmt, DiskStyle::Blockdev)
+            .command_line(&serial_path)
+            .await;
+        let engine = Engine::new(Store::new(path.join("store")));
+        let report = engine
+            .run(&n("g"), argv, &RunOptions::default())
+            .await
+            .unwrap();
+        assert!(report.tsc_pinned.is_none());
+        Guest {
+            vm: engine.vm(&n("g")).await.unwrap(),
+            serial: SerialLog::follow(serial_path),
+            _dir: dir,
+            dir: path,
+        }
+    }
+
+    fn report(&self) -> String {
+        let log =
+            std::fs::read_to_string(self.dir.join("store/vms/g/qemu.log")).unwrap_or_default();
+        format!(
+            "--- qemu.log:\n{log}\n--- serial:\n{}",
+            self.serial.tail(20)
+        )
+    }
+
+    fn last_tick(&self) -> u64 {
+        self.serial.ticks().last().copied().unwrap_or(0)
+    }
+
+    /// Waits for a tick above `n` printed after line `from`; returns the line index after it.
+    async fn tick_above(&self, from: usize, n: u64) -> usize {
+        match self
+            .serial
+            .wait_from(from, Duration::from_secs(90), |l| {
+                parse_tick(l).filter(|&t| t > n)
+            })
+            .await
+        {
+            Ok((i, _)) => i,
+            Err(e) => panic!("no tick above {n}: {e}\n{}", self.report()),
+        }
+    }
+
+    /// Snapshot; returns the tick range it was taken in.
+    async fn snapshot(&self, name: &str) -> (u64, u64) {
+        let before = self.last_tick();
+        self.vm
+            .create_snapshot(self.vm.create_options(n(name)))
+            .await
+            .unwrap_or_else(|e| panic!("create {name}: {e}\n{}", self.report()));
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        (before, self.last_tick())
+    }
+
+    /// Revert, then check the guest resumes inside `range` with memory and disk agreeing.
+    async fn revert_and_check(&self, name: &str, (before, after): (u64, u64)) {
+        let mark = self.serial.len();
+        let r = self
+            .vm
+            .revert(&n(name), false)
+            .await
+            .unwrap_or_else(|e| panic!("revert {name}: {e}\n{}", self.report()));
+        eprintln!(
+            "revert {name}: {:.0} ms total, load {:.0} ms",
+            r.total_ms, r.load_ms
+        );
+        assert!(r.memory_restored && r.resumed);
+        let (idx, first) = self
+            .serial
+            .wait_from(mark, Duration::from_secs(60), parse_tick)
+            .await
+            .unwrap_or_else(|e| panic!("no tick after revert: {e}\n{}", self.report()));
+        assert!(
+            first > before && first <= after + 1,
+            "reverted to {name} but resumed at tick {first}; it was taken between {before} and {after}\n{}",
+            self.report()
+        );
+        // A few more ticks, with memory (counter) and disk (sector 0) agreeing.
+        self.tick_above(idx, first + 2).await;
+        assert!(self.serial.mismatches().is_empty(), "{}", self.report());
+        let st = self.vm.status().await.unwrap();
+        assert!(st.running);
+        assert_eq!(st.current.as_deref(), Some(name));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revert_brings_memory_and_disk_back_repeatedly_and_across_branches() {
+    require_qemu!();
+    init_logging();
+    let g = Guest::start(VmBuilder::guest().dirty_mb(16), "qcow2").await;
+    g.tick_above(0, 3).await;
+
+    let s1 = g.snapshot("s1").await;
+    g.tick_above(0, s1.1 + 5).await;
+    let s2 = g.snapshot("s2").await;
+    g.tick_above(0, s2.1 + 3).await;
+
+    // Back to s1 five times: the snapshot stays revertible, the guest forgets what came after.
+    for _ in 0..5 {
+        g.revert_and_check("s1", s1).await;
+    }
+    // A branch: s3's parent is s1, not s2.
+    let mark = g.serial.len();
+    let now = g.last_tick();
+    g.tick_above(mark, now + 3).await;
+    let s3 = g.snapshot("s3").await;
+    let m3 = g.vm.snapshot(&n("s3")).await.unwrap();
+    assert_eq!(m3.parent.as_deref(), Some("s1"));
+    g.revert_and_check("s2", s2).await;
+    g.revert_and_check("s3", s3).await;
+
+    // Abandoned overlays were removed; frozen images and the current overlay remain.
+    let st = g.vm.status().await.unwrap();
+    let chain = &st.disks[0].chain;
+    assert_eq!(chain.last().unwrap(), &g.dir.join("disk.qcow2"));
+    assert!(
+        chain[0]
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with("disk.s3.r"),
+        "{chain:?}"
+    );
+    let mut images: Vec<String> = std::fs::read_dir(&g.dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|f| f.ends_with(".qcow2"))
+        .collect();
+    images.sort();
+    // disk.qcow2 (frozen by s1), the s1-branch overlays frozen by s2 and s3, and the current one.
+    assert_eq!(images.len(), 4, "{images:?}");
+    g.vm.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_snapshot_is_refused_before_the_vm_is_touched() {
+    require_qemu!();
+    init_logging();
+    let g = Guest::start(VmBuilder::idle().memory(128), "qcow2").await;
+    let pid = g.vm.status().await.unwrap().pid.unwrap();
+    g.vm.create_snapshot(g.vm.create_options(n("s1")))
+        .await
+        .unwrap();
+    g.vm.create_snapshot(g.vm.create_options(n("s2")))
+        .await
+        .unwrap();
+
+    // A truncated memory file.
+    let m1 = g.vm.snapshot(&n("s1")).await.unwrap();
+    let mem = m1.snapshot.memory.as_ref().unwrap().file.clone();
+    let f = std::fs::OpenOptions::new().write(true).open(&mem).unwrap();
+    f.set_len(std::fs::metadata(&mem).unwrap().len() / 2)
+        .unwrap();
+    let err = g.vm.revert(&n("s1"), false).await.unwrap_err();
+    assert!(matches!(err, Error::RevertRefused { .. }), "{err}");
+    assert!(err.to_string().contains("truncated"), "{err}");
+
+    // A frozen image someone wrote to.
+    let m2 = g.vm.snapshot(&n("s2")).await.unwrap();
+    let frozen = &m2.snapshot.disks[0].image;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(frozen)
+        .unwrap();
+    f.set_len(std::fs::metadata(frozen).unwrap().len() + 512)
+        .unwrap();
+    let err = g.vm.revert(&n("s2"), false).await.unwrap_err();
+    assert!(matches!(err, Error::RevertRefused { .. }), "{err}");
+    assert!(
+        err.to_string().contains("changed since the snapshot"),
+        "{err}"
+    );
+
+    // Unknown snapshot.
+    let err = g.vm.revert(&n("nope"), false).await.unwrap_err();
+    assert!(matches!(err, Error::UnknownSnapshot { .. }), "{err}");
+
+    // The VM was never touched: same QEMU, still running, still current = s2, no stray overlay.
+    let st = g.vm.status().await.unwrap();
+    assert_eq!(st.pid, Some(pid));
+    assert_eq!(st.runstate.as_deref(), Some("running"));
+    assert_eq!(st.current.as_deref(), Some("s2"));
+    let strays: Vec<_> = std::fs::read_dir(&g.dir)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().contains(".r1."))
+        .collect();
+    assert!(strays.is_empty(), "{strays:?}");
+    g.vm.stop().await.unwrap();
+}
+
+fn sha(path: &Path) -> Vec<u8> {
+    // The image bytes themselves: any write, even of the same size, shows.
+    std::fs::read(path).unwrap()
+}
+
+fn qemu_argv(pid: u32) -> String {
+    String::from_utf8_lossy(&std::fs::read(format!("/proc/{pid}/cmdline")).unwrap())
+        .replace('\0', " ")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_and_start_keep_the_chain_and_never_open_a_frozen_image_read_write() {
+    require_qemu!();
+    init_logging();
+    let g = Guest::start(VmBuilder::idle().memory(64), "raw").await;
+    let base = g.dir.join("disk.raw");
+    g.vm.create_snapshot(g.vm.create_options(n("s1")))
+        .await
+        .unwrap();
+    let mut opts = g.vm.create_options(n("d1"));
+    opts.mode = Some(Mode::DiskOnly);
+    g.vm.create_snapshot(opts).await.unwrap();
+    let s1_overlay = g.dir.join("disk.s1.qcow2");
+    let frozen = [
+        (base.clone(), sha(&base)),
+        (s1_overlay.clone(), sha(&s1_overlay)),
+    ];
+
+    for round in 0..2 {
+        let killed = g.vm.stop().await.unwrap();
+        assert!(!killed, "QEMU had to be killed");
+        let st = g.vm.status().await.unwrap();
+        assert!(!st.running);
+        let err = g.vm.revert(&n("zzz"), false).await.unwrap_err();
+        assert!(matches!(err, Error::UnknownSnapshot { .. }));
+
+        let launched = g.vm.start().await.unwrap();
+        let pid = launched.pid.unwrap();
+        let argv = qemu_argv(pid);
+        // The relaunch opens the current overlay, as qcow2, never the raw base directly.
+        assert!(argv.contains("disk.d1.qcow2"), "round {round}: {argv}");
+        assert!(
+            !argv.contains(&format!("filename={},", base.display())),
+            "{argv}"
+        );
+        let st = g.vm.status().await.unwrap();
+        assert!(st.running);
+        assert_eq!(st.current.as_deref(), Some("d1"));
+        assert_eq!(
+            st.disks[0].chain,
+            vec![
+                g.dir.join("disk.d1.qcow2"),
+                s1_overlay.clone(),
+                base.clone()
+            ]
+        );
+        let err = g.vm.start().await.unwrap_err();
+        assert!(matches!(err, Error::AlreadyRunning { .. }), "{err}");
+    }
+    // A disk-only snapshot reverts by booting from its disks.
+    let r = g.vm.revert(&n("d1"), false).await.unwrap();
+    assert!(!r.memory_restored);
+    assert!(g.vm.status().await.unwrap().running);
+    // And a memory one after it.
+    let r = g.vm.revert(&n("s1"), false).await.unwrap();
+    assert!(r.memory_restored);
+    g.vm.stop().await.unwrap();
+    for (img, bytes) in &frozen {
+        assert!(sha(img) == *bytes, "{} was written to", img.display());
+    }
+}
+
+#[tokio::test]
+async fn run_pins_the_tsc_frequency_of_an_invtsc_cpu_so_memory_snapshots_work() {
+    require_qemu!();
+    init_logging();
+    if !kvm_available() {
+        eprintln!("SKIPPED: /dev/kvm is not usable here; invtsc needs KVM");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let engine = Engine::new(Store::new(dir.path().join("store")));
+    let builder = VmBuilder::idle()
+        .accel(Accel::Kvm)
+        .cpu("host,+invtsc,-arch-capabilities");
+    if let Err(report) = builder.clone().try_spawn().await {
+        eprintln!("SKIPPED: KVM cannot run -cpu host,+invtsc here:\n{report}");
+        return;
+    }
+    let argv = builder.command_line(&dir.path().join("serial.log")).await;
+
+    // Without the fix: QEMU refuses to save memory, and the error gives the way out.
+    engine
+        .run(
+            &n("plain"),
+            argv.clone(),
+            &RunOptions {
+                no_tsc_fix: true,
+                cwd: None,
+            },
+        )
+        .await
+        .unwrap();
+    let plain = engine.vm(&n("plain")).await.unwrap();
+    let err = plain
+        .create_snapshot(plain.create_options(n("s1")))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::MigrationBlocked { .. }), "{err}");
+    plain.stop().await.unwrap();
+
+    // With it: the Hz is added to -cpu, recorded, and a memory snapshot works.
+    let report = engine
+        .run(&n("fixed"), argv, &RunOptions::default())
+        .await
+        .unwrap();
+    let (hz, source) = report.tsc_pinned.clone().expect("tsc-frequency pinned");
+    eprintln!("pinned tsc-frequency={hz} from {source}");
+    assert!(hz > 100_000_000);
+    let cmd = report.record.command.as_ref().unwrap();
+    assert!(
+        cmd.argv
+            .iter()
+            .any(|a| a.contains(&format!("tsc-frequency={hz}"))),
+        "{:?}",
+        cmd.argv
+    );
+    let fixed = engine.vm(&n("fixed")).await.unwrap();
+    let m = fixed
+        .create_snapshot(fixed.create_options(n("s1")))
+        .await
+        .unwrap();
+    assert!(m.snapshot.memory.is_some());
+    fixed.stop().await.unwrap();
+}
