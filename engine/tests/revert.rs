@@ -3,13 +3,15 @@
 //! a branching tree), refusals that leave the VM alone, and stop/start that never opens a
 //! frozen image read-write.
 
-use qsnap_engine::snapshot::Mode;
+use qsnap_engine::launch::{LaunchSpec, Launched, Launcher, ProcessLauncher};
+use qsnap_engine::snapshot::{revert, Mode};
 use qsnap_engine::{Engine, Error, Name, RunOptions, Store, Vm};
 use qsnap_testkit::serial::{parse_tick, SerialLog};
 use qsnap_testkit::{
     create_image, init_logging, kvm_available, require_qemu, Accel, DiskStyle, VmBuilder,
 };
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 fn n(s: &str) -> Name {
@@ -145,6 +147,31 @@ async fn revert_brings_memory_and_disk_back_repeatedly_and_across_branches() {
     g.revert_and_check("s2", s2).await;
     g.revert_and_check("s3", s3).await;
 
+    // The two-step API an embedder uses: prepare, start QEMU yourself, restore.
+    let m2 = g.vm.snapshot(&n("s2")).await.unwrap();
+    std::fs::create_dir_all(g.dir.join("mine")).unwrap();
+    let prepared = revert::prepare("s2", &m2.snapshot, Some(&g.dir.join("mine")))
+        .await
+        .unwrap();
+    let own = VmBuilder::guest()
+        .dirty_mb(16)
+        .disk(&prepared.disks[0].overlay, "qcow2", DiskStyle::Blockdev)
+        .args(["-incoming", "defer"])
+        .spawn()
+        .await;
+    let restored = revert::restore(&own.qmp().await, &prepared, true, Duration::from_secs(120))
+        .await
+        .unwrap();
+    assert!(restored.resumed);
+    let first = own.wait_booted(Duration::from_secs(60)).await;
+    assert!(
+        first > s2.0 && first <= s2.1 + 1,
+        "two-step restore resumed at {first}, s2 is {s2:?}\n{}",
+        own.report()
+    );
+    drop(own);
+    revert::discard(&prepared).await;
+
     // Abandoned overlays were removed; frozen images and the current overlay remain.
     let st = g.vm.status().await.unwrap();
     let chain = &st.disks[0].chain;
@@ -227,6 +254,35 @@ async fn a_damaged_snapshot_is_refused_before_the_vm_is_touched() {
     g.vm.stop().await.unwrap();
 }
 
+/// An embedder's launcher: counts calls and delegates.
+struct Counting {
+    calls: AtomicUsize,
+    incoming: AtomicUsize,
+}
+
+impl Launcher for Counting {
+    async fn launch(&self, spec: &LaunchSpec) -> qsnap_engine::Result<Launched> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        if spec.incoming {
+            self.incoming.fetch_add(1, Ordering::SeqCst);
+        }
+        ProcessLauncher::default().launch(spec).await
+    }
+}
+
+/// A launcher whose QEMU never comes up.
+struct Failing;
+
+impl Launcher for Failing {
+    async fn launch(&self, _spec: &LaunchSpec) -> qsnap_engine::Result<Launched> {
+        Err(Error::LaunchFailed {
+            why: "the test's launcher refuses".into(),
+            log: PathBuf::new(),
+            tail: String::new(),
+        })
+    }
+}
+
 fn sha(path: &Path) -> Vec<u8> {
     // The image bytes themselves: any write, even of the same size, shows.
     std::fs::read(path).unwrap()
@@ -286,13 +342,38 @@ async fn stop_and_start_keep_the_chain_and_never_open_a_frozen_image_read_write(
         let err = g.vm.start().await.unwrap_err();
         assert!(matches!(err, Error::AlreadyRunning { .. }), "{err}");
     }
-    // A disk-only snapshot reverts by booting from its disks.
-    let r = g.vm.revert(&n("d1"), false).await.unwrap();
+    // A disk-only snapshot reverts by booting from its disks (through an embedder's launcher).
+    let launcher = Counting {
+        calls: AtomicUsize::new(0),
+        incoming: AtomicUsize::new(0),
+    };
+    let r = g.vm.revert_with(&n("d1"), false, &launcher).await.unwrap();
     assert!(!r.memory_restored);
+    assert_eq!(launcher.calls.load(Ordering::SeqCst), 1);
+    assert_eq!(launcher.incoming.load(Ordering::SeqCst), 0);
     assert!(g.vm.status().await.unwrap().running);
     // And a memory one after it.
     let r = g.vm.revert(&n("s1"), false).await.unwrap();
     assert!(r.memory_restored);
+
+    // A relaunch that fails: the error says where the VM stands and how to get back, the new
+    // overlays are gone, and `start` brings the VM back on its previous disks.
+    let before = g.vm.status().await.unwrap().disks[0].chain.clone();
+    let err =
+        g.vm.revert_with(&n("s1"), false, &Failing)
+            .await
+            .unwrap_err();
+    let text = err.to_string();
+    assert!(matches!(err, Error::RevertFailed { .. }), "{text}");
+    assert!(
+        text.contains("The VM is stopped") && text.contains("qsnap start g"),
+        "{text}"
+    );
+    assert!(text.contains(&before[0].display().to_string()), "{text}");
+    assert!(!g.dir.join("disk.s1.r2.qcow2").exists());
+    assert!(!g.vm.status().await.unwrap().running);
+    g.vm.start().await.unwrap();
+    assert_eq!(g.vm.status().await.unwrap().disks[0].chain, before);
     g.vm.stop().await.unwrap();
     for (img, bytes) in &frozen {
         assert!(sha(img) == *bytes, "{} was written to", img.display());
