@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs qsnap's whole test suite against a real QEMU and the real test guest, installing what
-# is missing first (QEMU from bookworm-backports on Debian 12, the guest kit).
+# is missing first (QEMU from bookworm-backports on Debian 12, the guest kit, bookworm's QEMU 7.2
+# in a private prefix for the old-QEMU test).
 # Usage: ./scripts/test.sh [extra arguments for the test runner]
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
@@ -8,6 +9,9 @@ cd "$repo"
 
 bash tests/guest/install-deps.sh
 bash tests/guest/build.sh
+# QEMU 7.2 beside the installed one, for the old-QEMU test (it skips loudly without; under CI
+# its absence fails the test).
+bash tests/qemu-old/fetch.sh || echo "qsnap: QEMU 7.2 could not be fetched; the old-QEMU test will skip" >&2
 
 if cargo nextest --version >/dev/null 2>&1; then
   profile=default

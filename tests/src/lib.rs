@@ -77,3 +77,24 @@ macro_rules! require_qemu {
         }
     };
 }
+
+/// QEMU 7.2 from `tests/qemu-old/fetch.sh` (no `file:` migration; its background snapshot
+/// resumes the guest by itself), when fetched. Under `CI` its absence is a failure.
+pub fn old_qemu() -> Option<PathBuf> {
+    let dir = std::env::var_os("QSNAP_OLD_QEMU_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("target/qemu-7.2"));
+    let wrapper = dir.join("qemu-system-x86_64");
+    if wrapper.exists() {
+        return Some(wrapper);
+    }
+    assert!(
+        !under_ci(),
+        "QEMU 7.2 is missing under CI: run tests/qemu-old/fetch.sh"
+    );
+    eprintln!(
+        "SKIPPED: QEMU 7.2 is not fetched ({}); run tests/qemu-old/fetch.sh to test old QEMU",
+        wrapper.display()
+    );
+    None
+}

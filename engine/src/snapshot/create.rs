@@ -16,9 +16,10 @@ use crate::qemu::{
     QueryMaxBandwidth, QueryMigrate, QueryMigrateCapabilities, SetMaxBandwidth,
 };
 use crate::snapshot::disks::{self, DiskPlan, ImageStamp, SkippedDisk};
-use crate::snapshot::memfile::{self, HEADER_LEN};
+use crate::snapshot::memfile;
 use crate::snapshot::rollback::{Rollback, Undo};
 use crate::snapshot::save::{self, ProgressFn, Watch};
+use crate::snapshot::transport;
 use crate::SnapshotName;
 use qsnap_qmp::{types, Qmp};
 use serde::{Deserialize, Serialize};
@@ -166,6 +167,10 @@ struct Plan {
     /// `None` for disk-only; else the preferred memory mode (auto may still fall back).
     memory: Option<(Mode, PathBuf)>,
     auto: bool,
+    /// QEMU < 9.0: its background-snapshot thread resumes the guest by itself.
+    auto_resumes: bool,
+    /// QEMU takes `file:` URIs (else a pipe carries the stream).
+    file_uri: bool,
     disks: Vec<DiskPlan>,
     skipped: Vec<SkippedDisk>,
 }
@@ -261,12 +266,14 @@ async fn preflight(qmp: &Qmp, opts: &CreateOptions) -> Result<Plan> {
             what: format!("block job {} is running", j.id),
         });
     }
+    let auto_resumes = !qmp.greeting().version.qemu.at_least(9, 0);
     let memory = if disk_only {
         None
     } else {
-        let mode = memory_mode(qmp, opts.mode).await?;
+        let mode = memory_mode(qmp, opts.mode, status.running).await?;
         Some((mode, opts.dir.join(format!("{}.mem", opts.name))))
     };
+    let file_uri = transport::has_file_uri(qmp).await?;
     let (disks, skipped) = disks::plan(
         qmp,
         &opts.name,
@@ -291,37 +298,37 @@ async fn preflight(qmp: &Qmp, opts: &CreateOptions) -> Result<Plan> {
         was_running: status.running,
         memory,
         auto: opts.mode.is_none(),
+        auto_resumes,
+        file_uri,
         disks,
         skipped,
     })
 }
 
 /// The memory mode to use: what was asked for if this QEMU can, else the best it can.
-async fn memory_mode(qmp: &Qmp, asked: Option<Mode>) -> Result<Mode> {
+async fn memory_mode(qmp: &Qmp, asked: Option<Mode>, running: bool) -> Result<Mode> {
     let version = qmp.greeting().version.qemu;
     let schema = qmp
         .schema()
         .await
         .map_err(Error::qmp("reading QEMU's schema"))?;
-    if !schema.has_argument("migrate", &["channels", "addr", "filename"]) {
-        return Err(Error::Unsupported {
-            what: format!(
-                "memory snapshots need file: migration to an fdset, QEMU >= 8.2 (this is {version}); take --disk-only"
-            ),
-        });
-    }
-    // Before 9.0 the background-snapshot thread resumes the guest by itself, which would let
-    // it run between the save's start and the disk switch.
-    let point_in_time =
-        schema.has_migration_capability("background-snapshot") && version.at_least(9, 0);
+    let bg = schema.has_migration_capability("background-snapshot");
+    // Before 9.0 QEMU's background-snapshot thread resumes the guest when it is done with the
+    // device state, even if it was paused: a paused VM must use precopy there.
+    let resumes_paused = !version.at_least(9, 0) && !running;
     match asked {
-        Some(Mode::PointInTime) if !point_in_time => Err(Error::Unsupported {
+        Some(Mode::PointInTime) if !bg => Err(Error::Unsupported {
             what: format!(
-                "point-in-time snapshots need QEMU >= 9.0 with background-snapshot (this is {version}); use --mode precopy"
+                "point-in-time snapshots need background-snapshot, which QEMU {version} lacks; use --mode precopy"
+            ),
+        }),
+        Some(Mode::PointInTime) if resumes_paused => Err(Error::Unsupported {
+            what: format!(
+                "QEMU {version} (< 9.0) would resume this paused VM during a point-in-time snapshot; use --mode precopy"
             ),
         }),
         Some(m) => Ok(m),
-        None if point_in_time => Ok(Mode::PointInTime),
+        None if bg && !resumes_paused => Ok(Mode::PointInTime),
         None => Ok(Mode::Precopy),
     }
 }
@@ -380,12 +387,8 @@ async fn run_steps(
         Some((mode, path)) => {
             let file = memfile::create(opts.dir.clone(), path.clone()).await?;
             rb.push(Undo::RemoveFile(path.clone()));
-            let fdset = qmp
-                .add_fd(&file, None, Some("qsnap-memory"))
-                .await
-                .map_err(Error::qmp("passing the memory file to QEMU"))?;
-            rb.push(Undo::RemoveFd(fdset.fdset_id));
-            Some((*mode, path.clone(), file, fdset.fdset_id))
+            let (uri, stream) = transport::open_save(qmp, &file, plan.file_uri, rb).await?;
+            Some((*mode, path.clone(), file, uri, stream))
         }
     };
     for d in &plan.disks {
@@ -397,7 +400,7 @@ async fn run_steps(
     }
     cancelled()?;
 
-    let Some((mode, path, file, fdset)) = memory else {
+    let Some((mode, path, file, uri, stream)) = memory else {
         // Disk-only: the transaction alone is atomic across disks; the guest never pauses.
         disks::switch(qmp, &plan.disks).await?;
         rb.switched(&plan.disks);
@@ -417,7 +420,6 @@ async fn run_steps(
     raise_bandwidth(qmp, rb).await?;
     cancelled()?;
 
-    let uri = format!("file:/dev/fdset/{fdset},offset={HEADER_LEN}");
     let watch = Watch {
         started: Instant::now(),
         timeout: opts.save_timeout,
@@ -429,6 +431,7 @@ async fn run_steps(
         Mode::Precopy => precopy(qmp, plan, &uri, &watch, opts.live_limit, rb).await?,
         Mode::DiskOnly => unreachable!("disk-only returned above"),
     };
+    stream.finish(&path).await?;
     let bytes = memfile::seal(file, path.clone()).await?;
     if let Some(m) = &mut report.memory {
         m.file = path;
@@ -553,24 +556,42 @@ async fn point_in_time(
         rb.push(Undo::Resume);
     }
     let t_stop = frozen.elapsed();
-    start_save(qmp, uri).await?;
-    rb.push(Undo::CancelMigration);
-    let t_migrate = frozen.elapsed();
-    // QEMU's thread stops the VM itself and saves device state, arms write protection, then
-    // writes RAM: only then may the guest run again. The disks switch meanwhile (the guest is
-    // frozen either way, so the order inside the window does not matter, and overlapping the
-    // two shortens the pause).
-    let (armed, switched) = tokio::join!(
-        save::wait_armed(qmp, Duration::from_secs(30)),
-        disks::switch(qmp, &plan.disks)
-    );
-    if switched.is_ok() {
+    let mut events = qmp.events();
+    if plan.auto_resumes {
+        // QEMU < 9.0 resumes the guest itself right after arming write protection, so the
+        // disks must switch before the save starts (the guest is frozen either way).
+        disks::switch(qmp, &plan.disks).await?;
         rb.switched(&plan.disks);
     }
-    switched?;
-    armed?;
+    start_save(qmp, uri, rb).await?;
+    rb.push(Undo::CancelMigration);
+    let t_migrate = frozen.elapsed();
+    if plan.auto_resumes {
+        // Its RESUME is the signal that device state is saved and RAM write-protected.
+        events
+            .wait_for("QEMU to resume the guest", Duration::from_secs(30), |e| {
+                e.name == "RESUME"
+            })
+            .await
+            .map_err(Error::qmp("waiting for the background snapshot to arm"))?;
+        rb.forget(|u| matches!(u, Undo::Resume));
+    } else {
+        // QEMU's thread stops the VM itself and saves device state, arms write protection,
+        // then writes RAM: only then may the guest run again. The disks switch meanwhile (the
+        // guest is frozen either way, so the order inside the window does not matter, and
+        // overlapping the two shortens the pause).
+        let (armed, switched) = tokio::join!(
+            save::wait_armed(qmp, Duration::from_secs(30)),
+            disks::switch(qmp, &plan.disks)
+        );
+        if switched.is_ok() {
+            rb.switched(&plan.disks);
+        }
+        switched?;
+        armed?;
+    }
     let t_armed_and_switched = frozen.elapsed();
-    if plan.was_running {
+    if plan.was_running && !plan.auto_resumes {
         qmp.execute(types::cont {})
             .await
             .map_err(Error::qmp("resuming the guest"))?;
@@ -591,7 +612,7 @@ async fn point_in_time(
     Ok(memory_report(Mode::PointInTime, plan, &done, pause, None))
 }
 
-async fn start_save(qmp: &Qmp, uri: &str) -> Result<()> {
+async fn start_save(qmp: &Qmp, uri: &str, rb: &mut Rollback<'_>) -> Result<()> {
     qmp.execute(types::migrate {
         uri: Some(uri.to_owned()),
         channels: None,
@@ -599,8 +620,10 @@ async fn start_save(qmp: &Qmp, uri: &str) -> Result<()> {
         resume: None,
     })
     .await
-    .map(drop)
-    .map_err(Error::qmp("starting the memory save"))
+    .map_err(Error::qmp("starting the memory save"))?;
+    // A started migration owns the named fd.
+    rb.forget(|u| matches!(u, Undo::CloseFd(_)));
+    Ok(())
 }
 
 async fn precopy(
@@ -612,7 +635,7 @@ async fn precopy(
     rb: &mut Rollback<'_>,
 ) -> Result<CreateReport> {
     let mut events = qmp.events();
-    start_save(qmp, uri).await?;
+    start_save(qmp, uri, rb).await?;
     rb.push(Undo::CancelMigration);
     if plan.was_running {
         // QEMU pauses the guest to finish; a failure at any point must resume it.

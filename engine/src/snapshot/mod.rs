@@ -25,6 +25,7 @@ pub mod memfile;
 pub mod revert;
 mod rollback;
 mod save;
+mod transport;
 
 pub(crate) use create::host_tsc_hz;
 pub use create::{create, CreateOptions, CreateReport, LivePhase, MemoryImage, Mode};

@@ -14,6 +14,7 @@ use crate::error::{Error, Result};
 use crate::qemu::{Capability, MigrateSetCapabilities};
 use crate::snapshot::disks::ImageStamp;
 use crate::snapshot::memfile::{self, HEADER_LEN};
+use crate::snapshot::transport;
 use crate::snapshot::{CreateReport, Mode};
 use qsnap_qmp::{types, Qmp};
 use serde::Serialize;
@@ -211,27 +212,13 @@ pub async fn restore(
     qmp.execute(MigrateSetCapabilities { capabilities: caps })
         .await
         .map_err(Error::qmp("setting migration capabilities for the load"))?;
-    let file = tokio::fs::File::open(mem)
-        .await
-        .map_err(|source| Error::Io {
-            what: "opening the memory file",
-            path: mem.clone(),
-            source,
-        })?
-        .into_std()
-        .await;
-    let fdset = qmp
-        .add_fd(&file, None, Some("qsnap-memory"))
-        .await
-        .map_err(Error::qmp("passing the memory file to QEMU"))?;
-    drop(file);
+    let header = memfile::read_header(mem.clone()).await?;
+    let file_uri = transport::has_file_uri(qmp).await?;
+    let (uri, stream) = transport::open_load(qmp, mem, header.stream_len, file_uri).await?;
     let mut events = qmp.events();
     let loaded = async {
         qmp.execute(types::migrate_incoming {
-            uri: Some(format!(
-                "file:/dev/fdset/{},offset={HEADER_LEN}",
-                fdset.fdset_id
-            )),
+            uri: Some(uri),
             channels: None,
             exit_on_error: None,
         })
@@ -257,7 +244,7 @@ pub async fn restore(
         Ok(())
     }
     .await;
-    let _ = qmp.remove_fd(fdset.fdset_id, None).await;
+    stream.finish(qmp).await;
     loaded?;
     let load_ms = started.elapsed().as_secs_f64() * 1e3;
     let resumed = resume && p.was_running;

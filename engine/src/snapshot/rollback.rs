@@ -20,6 +20,8 @@ pub(crate) enum Undo {
     RemoveFile(PathBuf),
     /// The fdset holding the memory file.
     RemoveFd(i64),
+    /// A named fd given with `getfd` that no migration has taken yet.
+    CloseFd(String),
     /// An overlay node not (yet) in the disk chain.
     BlockdevDel(String),
     /// Migration capabilities as they were.
@@ -136,6 +138,7 @@ impl<'a> Rollback<'a> {
                 .await
                 .map_err(|e| format!("could not remove {}: {e}", p.display())),
             Undo::RemoveFd(set) => qmp.remove_fd(*set, None).await.map_err(s),
+            Undo::CloseFd(name) => qmp.closefd(name).await.map_err(s),
             Undo::BlockdevDel(node) => qmp
                 .execute(types::blockdev_del {
                     node_name: node.clone(),
