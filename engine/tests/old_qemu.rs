@@ -5,9 +5,12 @@
 
 use qsnap_engine::snapshot::{memfile, Mode};
 use qsnap_engine::{Engine, Name, RunOptions, Store};
-use qsnap_testkit::serial::{parse_tick, SerialLog};
+use qsnap_testkit::serial::parse_tick;
 use qsnap_testkit::{create_image, init_logging, old_qemu, require_qemu, DiskStyle, VmBuilder};
 use std::time::Duration;
+
+mod common;
+use common::PerLaunchSerial;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qemu_7_2_point_in_time_and_precopy_snapshots_revert_consistently() {
@@ -17,7 +20,7 @@ async fn qemu_7_2_point_in_time_and_precopy_snapshots_revert_consistently() {
     let dir = tempfile::tempdir().unwrap();
     let disk = dir.path().join("disk.qcow2");
     create_image(&disk, "qcow2", "64M").await;
-    let serial = dir.path().join("serial.log");
+    let serial = dir.path().join("serial-0.log");
     let mut argv = VmBuilder::guest()
         .dirty_mb(16)
         .disk(&disk, "qcow2", DiskStyle::Blockdev)
@@ -25,16 +28,26 @@ async fn qemu_7_2_point_in_time_and_precopy_snapshots_revert_consistently() {
         .await;
     argv[0] = qemu.display().to_string();
     let engine = Engine::new(Store::new(dir.path().join("store")));
+    let launcher = PerLaunchSerial::new(dir.path());
     engine
-        .run(&Name::new("old").unwrap(), argv, &RunOptions::default())
+        .run_with(
+            &Name::new("old").unwrap(),
+            argv,
+            &RunOptions::default(),
+            &launcher,
+        )
         .await
         .unwrap();
     let vm = engine.vm(&Name::new("old").unwrap()).await.unwrap();
-    let log = SerialLog::follow(&serial);
+    let log = launcher.serial();
     let report = || {
         let q =
             std::fs::read_to_string(dir.path().join("store/vms/old/qemu.log")).unwrap_or_default();
-        format!("--- qemu.log:\n{q}\n--- serial:\n{}", log.tail(20))
+        format!(
+            "--- qemu.log:\n{q}\n--- serial ({}):\n{}",
+            launcher.path().display(),
+            launcher.serial().tail(20)
+        )
     };
     let wait_above = |from: usize, n: u64| {
         let log = log.clone();
@@ -75,21 +88,21 @@ async fn qemu_7_2_point_in_time_and_precopy_snapshots_revert_consistently() {
     }
 
     for (name, before, after) in ranges {
-        let mark = log.len();
         let r = vm
-            .revert(&Name::new(name).unwrap(), false)
+            .revert_with(&Name::new(name).unwrap(), false, &launcher)
             .await
             .unwrap_or_else(|e| panic!("revert {name}: {e}\n{}", report()));
         assert!(r.memory_restored && r.resumed);
+        // The new QEMU has its own console file: its first tick is the reverted guest's.
+        let log = launcher.serial();
         let (idx, first) = log
-            .wait_from(mark, Duration::from_secs(60), |l| {
-                parse_tick(l).filter(|&t| t <= after + 1)
-            })
+            .wait_from(0, Duration::from_secs(60), parse_tick)
             .await
             .unwrap_or_else(|e| panic!("{e}\n{}", report()));
         assert!(
-            first > before,
-            "{name}: resumed at {first}, taken in {before}..{after}"
+            first > before && first <= after + 1,
+            "{name}: resumed at {first}, taken in {before}..{after}\n{}",
+            report()
         );
         log.wait_from(idx, Duration::from_secs(60), |l| {
             parse_tick(l).filter(|&t| t >= first + 2)

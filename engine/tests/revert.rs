@@ -12,16 +12,19 @@ use qsnap_testkit::{
 };
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
+
+mod common;
+use common::PerLaunchSerial;
 use std::time::Duration;
 
 fn n(s: &str) -> Name {
     Name::new(s).unwrap()
 }
 
-/// A VM under qsnap whose console the test follows.
+/// A VM under qsnap whose console the test follows (each QEMU writes its own file).
 struct Guest {
     vm: Vm,
-    serial: SerialLog,
+    launcher: PerLaunchSerial,
     _dir: tempfile::TempDir,
     dir: PathBuf,
 }
@@ -38,36 +41,43 @@ impl Guest {
             .command_line(&serial_path)
             .await;
         let engine = Engine::new(Store::new(path.join("store")));
+        let launcher = PerLaunchSerial::new(&path);
         let report = engine
-            .run(&n("g"), argv, &RunOptions::default())
+            .run_with(&n("g"), argv, &RunOptions::default(), &launcher)
             .await
             .unwrap();
         assert!(report.tsc_pinned.is_none());
         Guest {
             vm: engine.vm(&n("g")).await.unwrap(),
-            serial: SerialLog::follow(serial_path),
+            launcher,
             _dir: dir,
             dir: path,
         }
+    }
+
+    /// The console of the current QEMU.
+    fn serial(&self) -> SerialLog {
+        self.launcher.serial()
     }
 
     fn report(&self) -> String {
         let log =
             std::fs::read_to_string(self.dir.join("store/vms/g/qemu.log")).unwrap_or_default();
         format!(
-            "--- qemu.log:\n{log}\n--- serial:\n{}",
-            self.serial.tail(20)
+            "--- qemu.log:\n{log}\n--- serial ({}):\n{}",
+            self.launcher.path().display(),
+            self.serial().tail(20)
         )
     }
 
     fn last_tick(&self) -> u64 {
-        self.serial.ticks().last().copied().unwrap_or(0)
+        self.serial().ticks().last().copied().unwrap_or(0)
     }
 
     /// Waits for a tick above `n` printed after line `from`; returns the line index after it.
     async fn tick_above(&self, from: usize, n: u64) -> usize {
         match self
-            .serial
+            .serial()
             .wait_from(from, Duration::from_secs(90), |l| {
                 parse_tick(l).filter(|&t| t > n)
             })
@@ -91,10 +101,9 @@ impl Guest {
 
     /// Revert, then check the guest resumes inside `range` with memory and disk agreeing.
     async fn revert_and_check(&self, name: &str, (before, after): (u64, u64)) {
-        let mark = self.serial.len();
         let r = self
             .vm
-            .revert(&n(name), false)
+            .revert_with(&n(name), false, &self.launcher)
             .await
             .unwrap_or_else(|e| panic!("revert {name}: {e}\n{}", self.report()));
         eprintln!(
@@ -102,9 +111,10 @@ impl Guest {
             r.total_ms, r.load_ms
         );
         assert!(r.memory_restored && r.resumed);
+        // A new QEMU, a new console file: its first tick is the reverted guest's first.
         let (idx, first) = self
-            .serial
-            .wait_from(mark, Duration::from_secs(60), parse_tick)
+            .serial()
+            .wait_from(0, Duration::from_secs(60), parse_tick)
             .await
             .unwrap_or_else(|e| panic!("no tick after revert: {e}\n{}", self.report()));
         assert!(
@@ -114,7 +124,7 @@ impl Guest {
         );
         // A few more ticks, with memory (counter) and disk (sector 0) agreeing.
         self.tick_above(idx, first + 2).await;
-        assert!(self.serial.mismatches().is_empty(), "{}", self.report());
+        assert!(self.serial().mismatches().is_empty(), "{}", self.report());
         let st = self.vm.status().await.unwrap();
         assert!(st.running);
         assert_eq!(st.current.as_deref(), Some(name));
@@ -138,7 +148,7 @@ async fn revert_brings_memory_and_disk_back_repeatedly_and_across_branches() {
         g.revert_and_check("s1", s1).await;
     }
     // A branch: s3's parent is s1, not s2.
-    let mark = g.serial.len();
+    let mark = g.serial().len();
     let now = g.last_tick();
     g.tick_above(mark, now + 3).await;
     let s3 = g.snapshot("s3").await;
