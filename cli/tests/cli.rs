@@ -325,6 +325,23 @@ async fn run_status_stop_start_revert() {
     let out = run(&["revert", "vm1", "nope"]);
     assert_eq!(out.status.code(), Some(1));
 
+    // A branch: s1 → a, back to s1, then b. `list` draws the tree and marks b as current.
+    for step in [
+        &["create", "vm1", "a"][..],
+        &["revert", "vm1", "s1"],
+        &["create", "vm1", "b"],
+    ] {
+        let out = run(step);
+        assert!(out.status.success(), "{step:?}: {out:?}");
+    }
+    let out = run(&["list", "vm1"]);
+    let tree = text(&out.stdout);
+    let lines: Vec<&str> = tree.lines().collect();
+    assert_eq!(lines.len(), 3, "{tree}");
+    assert!(lines[0].starts_with("  s1 "), "{tree}");
+    assert!(lines[1].starts_with("    a "), "{tree}");
+    assert!(lines[2].starts_with("*   b "), "{tree}");
+
     let out = run(&["stop", "vm1"]);
     assert!(out.status.success(), "{out:?}");
     let out = run(&["status", "vm1"]);
@@ -337,11 +354,11 @@ async fn run_status_stop_start_revert() {
     let out = run(&["status", "vm1"]);
     let shown = text(&out.stdout);
     assert!(
-        shown.contains("running") && shown.contains("current snapshot: s1"),
+        shown.contains("running") && shown.contains("current snapshot: b"),
         "{shown}"
     );
     assert!(
-        shown.contains("d.s1.r2.qcow2 → ") && shown.contains("d.qcow2"),
+        shown.contains("d.b.qcow2 → ") && shown.contains("d.qcow2"),
         "{shown}"
     );
     let out = run(&["stop", "vm1"]);

@@ -3,7 +3,7 @@
 //! under a memory-dirtying load, in point-in-time and precopy modes; the guest keeps running;
 //! the store records what was made.
 
-use qsnap_engine::snapshot::{memfile, Mode};
+use qsnap_engine::snapshot::{memfile, CreateReport, Mode};
 use qsnap_engine::{Engine, Name, Store};
 use qsnap_qmp::types;
 use qsnap_testkit::restore::{assert_resumes, restore_guest, Frozen};
@@ -43,17 +43,41 @@ async fn booted(dir: &Path, dirty_mb: u32) -> Vm {
     vm
 }
 
+/// The VM registered as `vm1` in a store under `dir`.
+async fn attached(dir: &Path, vm: &Vm) -> (Engine, qsnap_engine::Vm) {
+    let engine = Engine::new(Store::new(dir.join("store")));
+    let handle = engine
+        .attach(&Name::new("vm1").unwrap(), vm.qmp_path.to_str().unwrap())
+        .await
+        .unwrap();
+    (engine, handle)
+}
+
+/// Loads the snapshot into a fresh QEMU and checks it goes on from its own instant.
+async fn restores_to(dir: &Path, s: &CreateReport, before: u64, after: u64) {
+    let mem = s.memory.as_ref().unwrap();
+    let disk = &s.disks[0];
+    let restored = restore_guest(
+        dir,
+        &mem.file,
+        memfile::HEADER_LEN,
+        &[Frozen {
+            image: disk.image.clone(),
+            format: disk.format.clone(),
+        }],
+        16,
+    )
+    .await;
+    assert_resumes(&restored, before, after, 2).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn twenty_point_in_time_snapshots_each_restore_to_their_instant() {
     require_qemu!();
     init_logging();
     let dir = tempfile::tempdir().unwrap();
     let vm = booted(dir.path(), 16).await;
-    let engine = Engine::new(Store::new(dir.path().join("store")));
-    let handle = engine
-        .attach(&Name::new("vm1").unwrap(), vm.qmp_path.to_str().unwrap())
-        .await
-        .unwrap();
+    let (engine, handle) = attached(dir.path(), &vm).await;
     let mut last = tick_at_least(&vm, 3).await;
 
     for i in 1..=20 {
@@ -106,19 +130,7 @@ async fn twenty_point_in_time_snapshots_each_restore_to_their_instant() {
         }
 
         // Load it into a fresh QEMU: it goes on from its own tick, memory agreeing with disk.
-        let restored = restore_guest(
-            dir.path(),
-            &mem.file,
-            memfile::HEADER_LEN,
-            &[Frozen {
-                image: disk.image.clone(),
-                format: disk.format.clone(),
-            }],
-            16,
-        )
-        .await;
-        assert_resumes(&restored, before, after, 2).await;
-        drop(restored);
+        restores_to(dir.path(), s, before, after).await;
         // Keep the temp dir small: twenty memory files would be gigabytes.
         std::fs::remove_file(&mem.file).unwrap();
     }
@@ -140,11 +152,7 @@ async fn precopy_snapshots_restore_to_the_end_of_the_copy_and_a_slow_copy_is_bou
     init_logging();
     let dir = tempfile::tempdir().unwrap();
     let vm = booted(dir.path(), 16).await;
-    let engine = Engine::new(Store::new(dir.path().join("store")));
-    let handle = engine
-        .attach(&Name::new("vm1").unwrap(), vm.qmp_path.to_str().unwrap())
-        .await
-        .unwrap();
+    let (_engine, handle) = attached(dir.path(), &vm).await;
     tick_at_least(&vm, 3).await;
 
     // A generous limit: the copy converges by itself; then a zero limit: qsnap must pause
@@ -164,21 +172,7 @@ async fn precopy_snapshots_restore_to_the_end_of_the_copy_and_a_slow_copy_is_bou
         assert_eq!(live.forced_pause, forced, "{live:?}");
         assert!(s.pause_ms > 0.0);
         tick_at_least(&vm, after + 1).await;
-
-        let mem = s.memory.as_ref().unwrap();
-        let disk = &s.disks[0];
-        let restored = restore_guest(
-            dir.path(),
-            &mem.file,
-            memfile::HEADER_LEN,
-            &[Frozen {
-                image: disk.image.clone(),
-                format: disk.format.clone(),
-            }],
-            16,
-        )
-        .await;
-        assert_resumes(&restored, before, after, 2).await;
+        restores_to(dir.path(), s, before, after).await;
     }
     assert!(vm.serial.mismatches().is_empty(), "{}", vm.report());
 }

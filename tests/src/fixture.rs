@@ -161,6 +161,18 @@ impl VmBuilder {
         self
     }
 
+    /// The guest kit (built on first use, on the blocking pool), if this VM boots the guest.
+    async fn kit(&self) -> Option<&'static GuestKit> {
+        match self.firmware {
+            Firmware::Guest { .. } => Some(
+                tokio::task::spawn_blocking(GuestKit::get)
+                    .await
+                    .expect("guest kit builder panicked"),
+            ),
+            Firmware::Idle => None,
+        }
+    }
+
     fn argv(&self, kit: Option<&GuestKit>, qmp: &Path) -> Vec<String> {
         let mut a: Vec<String> = vec![
             "-nodefaults".into(),
@@ -231,14 +243,7 @@ impl VmBuilder {
     /// `qsnap run` — with no monitor (the starter adds its own) and the console appended to
     /// `serial` (follow it with [`SerialLog::follow`]). Disks must have been added.
     pub async fn command_line(&self, serial: &Path) -> Vec<String> {
-        let kit = match self.firmware {
-            Firmware::Guest { .. } => Some(
-                tokio::task::spawn_blocking(GuestKit::get)
-                    .await
-                    .expect("guest kit builder panicked"),
-            ),
-            Firmware::Idle => None,
-        };
+        let kit = self.kit().await;
         let mut a = self.argv(kit, Path::new("/unused"));
         // Drop our monitor and stdio console; append the console to a file instead.
         if let Some(i) = a.iter().position(|x| x == "-qmp") {
@@ -273,14 +278,7 @@ impl VmBuilder {
             .prefix("qsnap-test-")
             .tempdir()
             .expect("temp dir");
-        let kit = match self.firmware {
-            Firmware::Guest { .. } => Some(
-                tokio::task::spawn_blocking(GuestKit::get)
-                    .await
-                    .expect("guest kit builder panicked"),
-            ),
-            Firmware::Idle => None,
-        };
+        let kit = self.kit().await;
         if kit.is_some() && self.disks.is_empty() {
             let disk = dir.path().join("disk0.qcow2");
             create_image(&disk, "qcow2", "64M").await;

@@ -25,6 +25,22 @@ pub struct SerialLog {
     count: watch::Receiver<usize>,
 }
 
+/// Appends one raw console line (ending stripped) and announces the new count.
+fn record(sink: &Mutex<Vec<Line>>, tx: &watch::Sender<usize>, raw: &[u8]) {
+    let text = String::from_utf8_lossy(raw)
+        .trim_end_matches(['\r', '\n'])
+        .to_owned();
+    let n = {
+        let mut l = sink.lock().unwrap();
+        l.push(Line {
+            at: Instant::now(),
+            text,
+        });
+        l.len()
+    };
+    let _ = tx.send(n);
+}
+
 impl SerialLog {
     /// Starts a task that records every line of `reader` until EOF.
     pub fn spawn(reader: impl AsyncRead + Unpin + Send + 'static) -> SerialLog {
@@ -38,20 +54,7 @@ impl SerialLog {
                 buf.clear();
                 match reader.read_until(b'\n', &mut buf).await {
                     Ok(0) | Err(_) => break,
-                    Ok(_) => {
-                        let text = String::from_utf8_lossy(&buf)
-                            .trim_end_matches(['\r', '\n'])
-                            .to_owned();
-                        let n = {
-                            let mut l = sink.lock().unwrap();
-                            l.push(Line {
-                                at: Instant::now(),
-                                text,
-                            });
-                            l.len()
-                        };
-                        let _ = tx.send(n);
-                    }
+                    Ok(_) => record(&sink, &tx, &buf),
                 }
             }
         });
@@ -75,18 +78,7 @@ impl SerialLog {
                         offset = bytes.len() as u64;
                         while let Some(i) = partial.iter().position(|&b| b == b'\n') {
                             let line: Vec<u8> = partial.drain(..=i).collect();
-                            let text = String::from_utf8_lossy(&line)
-                                .trim_end_matches(['\r', '\n'])
-                                .to_owned();
-                            let n = {
-                                let mut l = sink.lock().unwrap();
-                                l.push(Line {
-                                    at: Instant::now(),
-                                    text,
-                                });
-                                l.len()
-                            };
-                            let _ = tx.send(n);
+                            record(&sink, &tx, &line);
                         }
                     }
                 }
