@@ -61,6 +61,11 @@ pub enum Command {
         /// Disks only, no memory (crash-consistent; the guest never pauses).
         #[arg(long, conflicts_with = "mode")]
         disk_only: bool,
+        /// With --disk-only: freeze the guest's filesystems through the QEMU guest agent
+        /// while the disks switch (needs a virtserialport named org.qemu.guest_agent.0 on a
+        /// -chardev socket in the VM's command line; always thawed).
+        #[arg(long, requires = "disk_only")]
+        quiesce: bool,
         /// How memory is captured.
         #[arg(long, value_enum, default_value_t = ModeArg::Auto)]
         mode: ModeArg,

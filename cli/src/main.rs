@@ -107,6 +107,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             name: vm,
             snapshot,
             disk_only,
+            quiesce,
             mode,
             overlay_dir,
             live_limit,
@@ -123,6 +124,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 (false, ModeArg::Precopy) => Some(Mode::Precopy),
             };
             opts.overlay_dir = overlay_dir;
+            if quiesce {
+                opts.quiesce = Some(handle.record().guest_agent.clone().ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "{vm} has no guest agent in its command line (a virtserialport named \
+                         org.qemu.guest_agent.0 on a -chardev socket,path=…); cannot --quiesce"
+                    )
+                })?);
+            }
             opts.live_limit = Duration::from_secs(live_limit);
             opts.save_timeout = Duration::from_secs(save_timeout);
             let bar = progress::SaveBar::new(json);

@@ -125,7 +125,12 @@ pub fn snapshot(m: &Manifest, as_json: bool) {
             mib(mem.bytes),
             mib(mem.ram_bytes)
         ),
-        None => println!("  memory         none (disk-only, crash-consistent)"),
+        None => match s.quiesced_filesystems {
+            Some(n) => println!(
+                "  memory         none (disk-only; {n} guest filesystem(s) frozen for the switch)"
+            ),
+            None => println!("  memory         none (disk-only, crash-consistent)"),
+        },
     }
     for d in &s.disks {
         println!(

@@ -1,8 +1,10 @@
 //! The `qsnap` binary end to end, against a real (kernel-less) QEMU.
 
 use assert_cmd::Command;
+use qsnap_testkit::serial::SerialLog;
 use qsnap_testkit::{create_image, require_qemu, DiskStyle, VmBuilder};
 use serde_json::Value;
+use std::time::Duration;
 
 fn qsnap() -> Command {
     Command::cargo_bin("qsnap").unwrap()
@@ -315,6 +317,9 @@ async fn run_status_stop_start_revert() {
 
     let out = run(&["create", "vm1", "s1"]);
     assert!(out.status.success(), "{out:?}");
+    let out = run(&["create", "vm1", "q", "--disk-only", "--quiesce"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(text(&out.stderr).contains("no guest agent"), "{out:?}");
     let out = run(&["revert", "vm1", "s1", "--json"]);
     assert!(out.status.success(), "{out:?}");
     let r = stdout_json(&out);
@@ -362,5 +367,76 @@ async fn run_status_stop_start_revert() {
         "{shown}"
     );
     let out = run(&["stop", "vm1"]);
+    assert!(out.status.success(), "{out:?}");
+}
+
+/// `--disk-only --quiesce` through the real QEMU guest agent in the test guest: its ext2
+/// filesystem is frozen while the disks switch and thawed after; the guest runs on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quiesced_disk_only_snapshot_freezes_and_thaws_the_guest_filesystems() {
+    require_qemu!();
+    let dir = tempfile::tempdir().unwrap();
+    let (vda, vdb) = (dir.path().join("vda.qcow2"), dir.path().join("vdb.qcow2"));
+    create_image(&vda, "qcow2", "64M").await;
+    create_image(&vdb, "qcow2", "32M").await;
+    let agent = dir.path().join("qga.sock");
+    let serial = dir.path().join("serial.log");
+    let argv = VmBuilder::guest()
+        .disk(&vda, "qcow2", DiskStyle::Blockdev)
+        .disk(&vdb, "qcow2", DiskStyle::Blockdev)
+        .guest_agent(&agent)
+        .command_line(&serial)
+        .await;
+    let store = dir.path().join("store");
+    let run = |args: &[&str]| {
+        qsnap()
+            .env("QSNAP_STORE", &store)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let mut cmd = vec!["run", "g", "--json", "--"];
+    cmd.extend(argv.iter().map(String::as_str));
+    let out = run(&cmd);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        stdout_json(&out)["guest-agent"],
+        agent.display().to_string()
+    );
+    let log = SerialLog::follow(&serial);
+    log.wait_from(0, Duration::from_secs(120), |l| {
+        l.contains("/dev/vdb mounted").then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}: {}", log.tail(20)));
+    log.wait_tick_from(0, Duration::from_secs(60))
+        .await
+        .unwrap();
+
+    // Without --disk-only the flag is refused by the parser.
+    let out = run(&["create", "g", "q0", "--quiesce"]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+
+    let out = run(&["create", "g", "q1", "--disk-only", "--quiesce", "--json"]);
+    assert!(out.status.success(), "{out:?}");
+    let m = stdout_json(&out);
+    assert_eq!(m["mode"], "disk-only");
+    assert_eq!(m["quiesced-filesystems"], 1, "{m}");
+    assert_eq!(m["disks"].as_array().unwrap().len(), 2);
+
+    // Thawed, and the guest keeps ticking.
+    let mut ga = qsnap_engine::guest_agent::GuestAgent::connect(&agent, Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert_eq!(ga.status().await.unwrap(), "thawed");
+    drop(ga);
+    let last = *log.ticks().last().unwrap();
+    log.wait_from(0, Duration::from_secs(30), |l| {
+        qsnap_testkit::serial::parse_tick(l).filter(|&t| t > last + 1)
+    })
+    .await
+    .unwrap();
+    assert!(log.mismatches().is_empty());
+    let out = run(&["stop", "g"]);
     assert!(out.status.success(), "{out:?}");
 }

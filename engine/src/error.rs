@@ -203,6 +203,14 @@ pub enum Error {
         /// The images the VM's disks are still on.
         disks: Vec<String>,
     },
+    /// The guest agent failed or did not answer.
+    #[error("guest agent at {}: {what}", socket.display())]
+    GuestAgent {
+        /// Its socket.
+        socket: PathBuf,
+        /// What went wrong.
+        what: String,
+    },
     /// A memory file that is not a complete qsnap memory file.
     #[error("{} is not usable: {why}", path.display())]
     BadMemoryFile {

@@ -26,6 +26,7 @@
 #![deny(missing_docs)]
 
 mod error;
+pub mod guest_agent;
 pub mod inspect;
 pub mod launch;
 mod lifecycle;

@@ -168,6 +168,7 @@ impl Engine {
                 qmp: socket.display().to_string(),
                 origin: Origin::Run,
                 pid: launched.pid,
+                guest_agent: argv::guest_agent_socket(&command.argv, &command.cwd),
                 command: Some(command),
                 current: None,
                 disks: Vec::new(),

@@ -5,6 +5,7 @@
 //! it holds no QMP connection between calls (QEMU's monitor serves one client at a time).
 
 use crate::error::{Error, Result};
+use crate::launch;
 use crate::name::{SnapshotName, VmName};
 use crate::snapshot::{self, disks, CreateOptions};
 use crate::store::{self, CurrentDisk, LaunchCommand, Manifest, Origin, Store, VmRecord};
@@ -70,6 +71,9 @@ impl Engine {
                 vm: name.to_string(),
             });
         }
+        let guest_agent = command
+            .as_ref()
+            .and_then(|c| launch::argv::guest_agent_socket(&c.argv, &c.cwd));
         let record = VmRecord {
             schema: store::SCHEMA,
             name: name.to_string(),
@@ -79,6 +83,7 @@ impl Engine {
             command,
             current: None,
             disks,
+            guest_agent,
             registered_at: store::now_rfc3339(),
         };
         self.store.write_record(&record).await?;

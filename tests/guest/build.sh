@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Builds qsnap's test guest from Debian packages: a distribution kernel and an initramfs holding
-# busybox-static, the virtio block modules and tests/guest/init.sh as /init.
+# busybox-static, the virtio block/console and ext4 modules, the QEMU guest agent (qemu-ga with
+# the shared libraries it links, taken from this Debian host) and tests/guest/init.sh as /init.
 #
 # Output (cached, never committed): $QSNAP_GUEST_DIR (default: <repo>/target/qsnap-guest)
 #   vmlinuz  initramfs.gz  VERSIONS (packages and the hash of the inputs; a changed input rebuilds)
-# Needs: apt-get (package downloads only, no install), dpkg-deb, cpio, gzip.
+# Needs: apt-get (package downloads only, no install), dpkg-deb, cpio, gzip, ldd, and the
+# libraries qemu-ga links (glib, libudev, liburing, libnuma: QEMU itself pulls them in).
 # Override the kernel package with QSNAP_KERNEL_PKG (default: what linux-image-amd64 depends on).
 set -euo pipefail
 
@@ -31,9 +33,11 @@ if [ -z "$kernel_pkg" ]; then
 fi
 kver=$(apt-cache policy "$kernel_pkg" | awk '/Candidate:/{print $2}')
 bver=$(apt-cache policy busybox-static | awk '/Candidate:/{print $2}')
+gver=$(apt-cache policy qemu-guest-agent | awk '/Candidate:/{print $2}')
 inputs_hash=$(cat "$here/build.sh" "$here/init.sh" | sha256sum | cut -c1-16)
 stamp="kernel=$kernel_pkg $kver
 busybox-static=$bver
+qemu-guest-agent=$gver
 inputs=$inputs_hash"
 
 if [ -f "$out/VERSIONS" ] && [ "$(cat "$out/VERSIONS")" = "$stamp" ] \
@@ -47,14 +51,23 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 chmod 755 "$work"   # apt's sandbox user must be able to write the downloads
 sandbox=(); [ "$(id -u)" -eq 0 ] && sandbox=(-o APT::Sandbox::User=root)  # root: no _apt drop
-(cd "$work" && apt-get download -q "${sandbox[@]}" "$kernel_pkg" busybox-static >/dev/null)
+(cd "$work" && apt-get download -q "${sandbox[@]}" "$kernel_pkg" busybox-static qemu-guest-agent >/dev/null)
 dpkg-deb -x "$work"/linux-image-*.deb "$work/k"
 dpkg-deb -x "$work"/busybox-static_*.deb "$work/b"
+dpkg-deb -x "$work"/qemu-guest-agent_*.deb "$work/g"
 
 root="$work/root"
 mkdir -p "$root"/{bin,dev,proc,sys,etc,lib/modules,tmp}
 cp "$work/b/bin/busybox" "$root/bin/busybox"
 install -m 755 "$here/init.sh" "$root/init"
+
+# The guest agent and the libraries it links, at the paths the dynamic loader looks in.
+install -m 755 "$work/g/usr/sbin/qemu-ga" "$root/bin/qemu-ga"
+ldd "$work/g/usr/sbin/qemu-ga" | grep -o '/[^ ]*' | while read -r lib; do
+  [ -e "$lib" ] || { echo "qsnap guest: qemu-ga needs $lib, missing on this host" >&2; exit 1; }
+  mkdir -p "$root$(dirname "$lib")"
+  cp -L "$lib" "$root$lib"
+done
 
 moddir=$(echo "$work"/k/lib/modules/*)
 # Load order: each module after its `depends=` (read from the .modinfo section), depth first.
@@ -77,7 +90,7 @@ add_mod() {
   cp "$f" "$root/lib/modules/$m.ko"
   order+=("$m")
 }
-for m in virtio_pci virtio_blk; do add_mod "$m"; done
+for m in virtio_pci virtio_blk virtio_console crc32c_generic ext4; do add_mod "$m"; done
 printf '%s\n' "${order[@]}" > "$root/etc/modules.order"
 
 mkdir -p "$out"

@@ -4,6 +4,10 @@
 # and read with O_DIRECT (no guest page cache). After a restore from a snapshot the two must
 # still agree; if they ever differ the guest prints `MISMATCH disk=X mem=Y`.
 #
+# With a virtio-serial port named org.qemu.guest_agent.0 it runs the QEMU guest agent there;
+# with a second disk (/dev/vdb) it makes an ext2 filesystem on it and mounts it at /mnt, so that
+# the agent has a filesystem to freeze.
+#
 # Kernel parameters:
 #   qsnap.tick_ms=N    pause between ticks (default 200)
 #   qsnap.dirty_mb=N   keep rewriting N MiB of RAM in the background (default 0: off)
@@ -35,6 +39,21 @@ while [ ! -b /dev/vda ]; do
   if [ $i -gt 100 ]; then echo "qsnap-guest: no /dev/vda"; break; fi
   sleep 0.1
 done
+
+# The guest agent, if QEMU gave it a port.
+for port in /sys/class/virtio-ports/*; do
+  [ -f "$port/name" ] || continue
+  if [ "$(cat "$port/name")" = org.qemu.guest_agent.0 ]; then
+    mkdir -p /var/run /tmp/qga
+    qemu-ga -d -m virtio-serial -p "/dev/${port##*/}" -f /tmp/qga.pid -t /tmp/qga -l /tmp/qga.log \
+      && echo "qsnap-guest: guest agent on /dev/${port##*/}"
+  fi
+done
+if [ -b /dev/vdb ]; then
+  mkdir -p /mnt
+  mount -t ext4 /dev/vdb /mnt 2>/dev/null || { mke2fs /dev/vdb >/dev/null 2>&1 && mount -t ext4 /dev/vdb /mnt; } \
+    && echo "qsnap-guest: /dev/vdb mounted on /mnt"
+fi
 
 if [ "$dirty_mb" -gt 0 ]; then
   dd if=/dev/urandom of=/dev/shm/src bs=1M count="$dirty_mb" 2>/dev/null

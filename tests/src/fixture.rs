@@ -155,6 +155,22 @@ impl VmBuilder {
         self
     }
 
+    /// Adds a virtio-serial port for the QEMU guest agent, on a unix socket at `socket` (the
+    /// test guest runs `qemu-ga` on it, and freezes an ext2 filesystem on its second disk).
+    pub fn guest_agent(self, socket: &Path) -> Self {
+        self.args([
+            "-device".to_owned(),
+            "virtio-serial-pci,id=vser0".to_owned(),
+            "-chardev".to_owned(),
+            format!(
+                "socket,id=qga0,path={},server=on,wait=off",
+                socket.display()
+            ),
+            "-device".to_owned(),
+            "virtserialport,bus=vser0.0,chardev=qga0,name=org.qemu.guest_agent.0".to_owned(),
+        ])
+    }
+
     /// Starts with `-S` (vCPUs paused until `cont`).
     pub fn paused(mut self) -> Self {
         self.paused = true;

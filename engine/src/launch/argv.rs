@@ -215,6 +215,31 @@ pub fn disk_images(argv: &[String], cwd: &Path) -> Vec<PathBuf> {
     out
 }
 
+/// The unix socket of the QEMU guest agent, if the command line has one: a `virtserialport`
+/// named `org.qemu.guest_agent.0` on a `-chardev socket` with a path.
+pub fn guest_agent_socket(argv: &[String], cwd: &Path) -> Option<PathBuf> {
+    let chardev_id = argv.windows(2).find_map(|w| {
+        if w[0].trim_start_matches('-') != "device" {
+            return None;
+        }
+        let parts = split_opts(&w[1]);
+        (parts.first().map(String::as_str) == Some("virtserialport")
+            && get(&parts, "name") == Some("org.qemu.guest_agent.0"))
+        .then(|| get(&parts, "chardev").map(str::to_owned))
+        .flatten()
+    })?;
+    argv.windows(2).find_map(|w| {
+        if w[0].trim_start_matches('-') != "chardev" {
+            return None;
+        }
+        let parts = split_opts(&w[1]);
+        (parts.first().map(String::as_str) == Some("socket")
+            && get(&parts, "id") == Some(chardev_id.as_str()))
+        .then(|| get(&parts, "path").map(|p| resolve(cwd, p)))
+        .flatten()
+    })
+}
+
 /// Removes `flag` and its value (e.g. an old `-incoming tcp:…`).
 pub fn remove_flag(argv: &[String], flag: &str) -> Vec<String> {
     let mut out = Vec::with_capacity(argv.len());
@@ -331,6 +356,26 @@ mod tests {
         assert!(!needs_tsc_frequency(&out));
         assert!(!needs_tsc_frequency(&v(&["qemu", "-cpu", "host"])));
         assert!(!needs_tsc_frequency(&v(&["qemu", "-m", "64"])));
+    }
+
+    #[test]
+    fn finds_the_guest_agent_socket() {
+        let argv = v(&[
+            "qemu",
+            "-chardev",
+            "socket,id=other,path=/x/o.sock,server=on",
+            "-chardev",
+            "socket,id=qga0,path=qga.sock,server=on,wait=off",
+            "-device",
+            "virtio-serial-pci",
+            "-device",
+            "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0",
+        ]);
+        assert_eq!(
+            guest_agent_socket(&argv, Path::new("/vm")),
+            Some(PathBuf::from("/vm/qga.sock"))
+        );
+        assert_eq!(guest_agent_socket(&argv[..5], Path::new("/vm")), None);
     }
 
     #[test]

@@ -11,6 +11,7 @@
 //! - **disk-only**: one `transaction`, no memory (crash-consistent).
 
 use crate::error::{Error, Result};
+use crate::guest_agent::GuestAgent;
 use crate::qemu::{
     BlockdevSetActive, Capability, MigrateInfo, MigrateSetCapabilities, QueryCpusFast,
     QueryMaxBandwidth, QueryMigrate, QueryMigrateCapabilities, SetMaxBandwidth,
@@ -24,7 +25,7 @@ use crate::SnapshotName;
 use qsnap_qmp::{types, Qmp};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -78,6 +79,9 @@ pub struct CreateOptions {
     pub progress: Option<ProgressFn>,
     /// Cancels the create (e.g. Ctrl-C): the save is cancelled and everything rolled back.
     pub cancel: CancellationToken,
+    /// Disk-only: freeze the guest's filesystems through the guest agent at this socket
+    /// while the disks switch (always thawed after).
+    pub quiesce: Option<PathBuf>,
 }
 
 impl CreateOptions {
@@ -94,6 +98,7 @@ impl CreateOptions {
             live_limit: Duration::from_secs(30),
             progress: None,
             cancel: CancellationToken::new(),
+            quiesce: None,
         }
     }
 }
@@ -107,6 +112,7 @@ impl std::fmt::Debug for CreateOptions {
             .field("mode", &self.mode)
             .field("save_timeout", &self.save_timeout)
             .field("live_limit", &self.live_limit)
+            .field("quiesce", &self.quiesce)
             .finish_non_exhaustive()
     }
 }
@@ -157,6 +163,9 @@ pub struct CreateReport {
     pub qemu_downtime_ms: Option<u64>,
     /// Precopy's live phase.
     pub live_phase: Option<LivePhase>,
+    /// Disk-only with `quiesce`: how many guest filesystems were frozen for the switch.
+    #[serde(default)]
+    pub quiesced_filesystems: Option<u64>,
     /// Wall time of the whole create.
     pub total_ms: f64,
 }
@@ -235,6 +244,11 @@ async fn preflight(qmp: &Qmp, opts: &CreateOptions) -> Result<Plan> {
         });
     }
     let disk_only = opts.mode == Some(Mode::DiskOnly);
+    if opts.quiesce.is_some() && !disk_only {
+        return Err(Error::Unsupported {
+            what: "quiescing is for disk-only snapshots: a memory snapshot already holds what the guest has not written, and would save its filesystems frozen".into(),
+        });
+    }
     let mig = qmp
         .execute(QueryMigrate {})
         .await
@@ -402,7 +416,13 @@ async fn run_steps(
 
     let Some((mode, path, file, uri, stream)) = memory else {
         // Disk-only: the transaction alone is atomic across disks; the guest never pauses.
-        disks::switch(qmp, &plan.disks).await?;
+        let quiesced = match &opts.quiesce {
+            None => {
+                disks::switch(qmp, &plan.disks).await?;
+                None
+            }
+            Some(socket) => Some(switch_quiesced(qmp, socket, &plan.disks).await?),
+        };
         rb.switched(&plan.disks);
         return Ok(CreateReport {
             mode: Mode::DiskOnly,
@@ -413,6 +433,7 @@ async fn run_steps(
             pause_ms: 0.0,
             qemu_downtime_ms: None,
             live_phase: None,
+            quiesced_filesystems: quiesced,
             total_ms: 0.0,
         });
     };
@@ -439,6 +460,21 @@ async fn run_steps(
         m.capabilities = capabilities;
     }
     Ok(report)
+}
+
+/// Freezes the guest's filesystems, switches the disks, and thaws — always, whatever the
+/// switch did. Returns how many filesystems were frozen.
+async fn switch_quiesced(qmp: &Qmp, socket: &Path, disks: &[DiskPlan]) -> Result<u64> {
+    let mut agent = GuestAgent::connect(socket, Duration::from_secs(10)).await?;
+    let frozen = agent.freeze().await?;
+    let switched = disks::switch(qmp, disks).await;
+    let thawed = agent.thaw().await;
+    if let Err(e) = &thawed {
+        warn!(error = %e, "thawing the guest's filesystems failed");
+    }
+    switched?;
+    thawed?;
+    Ok(frozen)
 }
 
 /// Switches on what the save needs (`events`, and `background-snapshot` for point-in-time)
@@ -536,6 +572,7 @@ fn memory_report(
         pause_ms: ms(pause),
         qemu_downtime_ms: done.downtime,
         live_phase: live,
+        quiesced_filesystems: None,
         total_ms: 0.0,
     }
 }

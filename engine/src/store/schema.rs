@@ -66,6 +66,9 @@ pub struct VmRecord {
     /// Each disk's current top image, updated after every snapshot.
     #[serde(default)]
     pub disks: Vec<CurrentDisk>,
+    /// The QEMU guest agent's socket, found in the command line (for `--quiesce`).
+    #[serde(default)]
+    pub guest_agent: Option<PathBuf>,
     /// When it was registered (RFC 3339).
     pub registered_at: String,
 }
