@@ -95,6 +95,9 @@ pub enum Error {
     QemuExited {
         /// What failed first.
         cause: Box<Error>,
+        /// Disks that had switched to their new overlay before QEMU went: `(device, overlay)`.
+        /// The overlays hold the guest's latest writes; a restart must use them.
+        kept_overlays: Vec<(String, PathBuf)>,
     },
     /// The operation failed and some of its changes could not be undone.
     #[error("{cause}; and the rollback was incomplete: {}", problems.join("; "))]
@@ -233,6 +236,15 @@ fn blocked_hint(reasons: &[String], tsc_hz: Option<u64>) -> String {
 }
 
 impl Error {
+    /// For a failure in which QEMU went away: the overlays the disks had already switched to.
+    pub fn kept_overlays(&self) -> &[(String, PathBuf)] {
+        match self {
+            Error::QemuExited { kept_overlays, .. } => kept_overlays,
+            Error::RollbackIncomplete { cause, .. } => cause.kept_overlays(),
+            _ => &[],
+        }
+    }
+
     pub(crate) fn qmp(step: &'static str) -> impl FnOnce(qsnap_qmp::Error) -> Error {
         move |source| Error::Qmp { step, source }
     }

@@ -248,7 +248,24 @@ impl Vm {
         let mut record = self.store.record(&self.name).await?;
         let created_at = store::now_rfc3339();
         let qmp = self.connect().await?;
-        let report = snapshot::create(&qmp, &opts).await?;
+        let report = match snapshot::create(&qmp, &opts).await {
+            Ok(r) => r,
+            Err(e) => {
+                // QEMU died after the disks switched: its overlays hold the guest's last
+                // writes, so a restart must open them, not the images below.
+                if !e.kept_overlays().is_empty() {
+                    for (device, overlay) in e.kept_overlays() {
+                        if let Some(d) = record.disks.iter_mut().find(|d| &d.device == device) {
+                            d.image = overlay.clone();
+                            d.owned = true;
+                        }
+                    }
+                    record.pid = None;
+                    self.store.write_record(&record).await?;
+                }
+                return Err(e);
+            }
+        };
         let machine = machine_type(&qmp).await;
         let manifest = Manifest {
             schema: store::SCHEMA,

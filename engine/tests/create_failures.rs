@@ -195,7 +195,19 @@ async fn full_disk_cancel_and_killed_qemu_leave_nothing_half_made() {
     assert!(!mem_dir.join("killed.mem").exists());
     assert_eq!(files_in(&mem_dir), vec!["good.mem".to_owned()]);
     assert_eq!(handle.snapshots().await.unwrap().len(), 1);
+    assert_eq!(err.kept_overlays(), [("vd0".to_owned(), overlay.clone())]);
     vm.kill().await;
+
+    // The record follows the kept overlay, so a restart opens it (with the guest's last
+    // writes), not the image below it.
+    let status = handle.status().await.unwrap();
+    assert!(!status.running);
+    assert_eq!(status.disks[0].chain[0], overlay);
+    let launched = handle.start().await.unwrap();
+    let argv = std::fs::read(format!("/proc/{}/cmdline", launched.pid.unwrap())).unwrap();
+    let argv = String::from_utf8_lossy(&argv).replace('\0', " ");
+    assert!(argv.contains("base.killed.qcow2"), "{argv}");
+    handle.stop().await.unwrap();
 }
 
 #[tokio::test]

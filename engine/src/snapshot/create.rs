@@ -205,11 +205,18 @@ pub async fn create(qmp: &Qmp, opts: &CreateOptions) -> Result<CreateReport> {
         }
         Err(e) => {
             warn!(error = %e, "snapshot failed; rolling back");
+            let switched = rb.switched_disks();
             let problems = rb.run().await;
             let e = if qmp.is_connected() {
                 e
             } else {
-                Error::QemuExited { cause: Box::new(e) }
+                Error::QemuExited {
+                    cause: Box::new(e),
+                    kept_overlays: switched
+                        .into_iter()
+                        .map(|d| (d.device, d.overlay))
+                        .collect(),
+                }
             };
             Err(if problems.is_empty() {
                 e

@@ -80,6 +80,18 @@ impl<'a> Rollback<'a> {
         self.push(Undo::MergeBack(disks.to_vec()));
     }
 
+    /// The disks that have switched to their overlays so far.
+    pub(crate) fn switched_disks(&self) -> Vec<DiskPlan> {
+        self.undo
+            .iter()
+            .filter_map(|u| match u {
+                Undo::MergeBack(d) => Some(d.clone()),
+                _ => None,
+            })
+            .flatten()
+            .collect()
+    }
+
     /// Success: restores settings, keeps everything made.
     pub(crate) async fn finish(mut self) -> Vec<String> {
         self.undo.retain(Undo::restores_settings);
