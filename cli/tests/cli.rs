@@ -2,7 +2,7 @@
 
 use assert_cmd::Command;
 use qsnap_testkit::serial::SerialLog;
-use qsnap_testkit::{create_image, require_qemu, DiskStyle, VmBuilder};
+use qsnap_testkit::{create_image, require_qemu, DiskStyle, KillRecordedQemu, VmBuilder};
 use serde_json::Value;
 use std::time::Duration;
 
@@ -283,6 +283,7 @@ async fn run_status_stop_start_revert() {
         .command_line(&dir.path().join("serial.log"))
         .await;
     let store = dir.path().join("store");
+    let _kill = KillRecordedQemu::new(&store, "vm1");
     let run = |args: &[&str]| {
         qsnap()
             .env("QSNAP_STORE", &store)
@@ -388,6 +389,7 @@ async fn quiesced_disk_only_snapshot_freezes_and_thaws_the_guest_filesystems() {
         .command_line(&serial)
         .await;
     let store = dir.path().join("store");
+    let _kill = KillRecordedQemu::new(&store, "g");
     let run = |args: &[&str]| {
         qsnap()
             .env("QSNAP_STORE", &store)

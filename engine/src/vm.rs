@@ -137,15 +137,13 @@ pub(crate) async fn disks_now(qmp: &Qmp) -> Result<Vec<(String, PathBuf)>> {
         .execute(types::query_block {})
         .await
         .map_err(Error::qmp("listing block devices"))?;
-    Ok(blocks
-        .into_iter()
-        .filter_map(|b| {
-            let ins = b.inserted?;
-            let device =
-                disks::device_label(&b.device, b.qdev.as_deref(), ins.node_name.as_deref());
-            Some((device, PathBuf::from(ins.file)))
-        })
-        .collect())
+    let mut out = Vec::new();
+    for b in blocks {
+        let Some(ins) = b.inserted else { continue };
+        let device = disks::device_label(&b.device, b.qdev.as_deref(), ins.node_name.as_deref());
+        out.push((device, disks::absolute_image(qmp, &ins.file).await));
+    }
+    Ok(out)
 }
 
 /// The record's disks updated to what QEMU runs on now: a disk whose image changed is on an
@@ -278,7 +276,22 @@ impl Vm {
             snapshot: report,
         };
         record.current = Some(snap.to_string());
-        record.disks = merge_disks(&record.disks, disks_now(&qmp).await?);
+        // The switched disks write to their overlays now (named by qsnap's own paths: QEMU may
+        // describe an overlay over a relative path as json:{…}).
+        for d in &manifest.snapshot.disks {
+            match record.disks.iter_mut().find(|r| r.device == d.device) {
+                Some(r) => {
+                    r.image = d.overlay.clone();
+                    r.owned = true;
+                }
+                None => record.disks.push(CurrentDisk {
+                    device: d.device.clone(),
+                    image: d.overlay.clone(),
+                    launch_image: d.image.clone(),
+                    owned: true,
+                }),
+            }
+        }
         record.pid = qmp.peer_pid().or(record.pid);
         drop(qmp);
         self.store.write_manifest(&manifest).await?;

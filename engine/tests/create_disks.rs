@@ -3,9 +3,11 @@
 //! writable disks switch in one transaction, for memory and disk-only snapshots alike.
 
 use qsnap_engine::snapshot::Mode;
-use qsnap_engine::{Engine, Name, Store};
+use qsnap_engine::{Engine, Name, RunOptions, Store};
 use qsnap_qmp::types;
-use qsnap_testkit::{create_image, init_logging, require_qemu, DiskStyle, VmBuilder};
+use qsnap_testkit::{
+    create_image, init_logging, require_qemu, DiskStyle, KillRecordedQemu, VmBuilder,
+};
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -107,4 +109,50 @@ async fn drive_and_blockdev_disks_switch_together_and_read_only_or_empty_ones_ar
         vec!["m1", "d1"]
     );
     assert_eq!(list[1].parent.as_deref(), Some("m1"));
+}
+
+/// A command line with a relative image path (QEMU reports it as given): qsnap resolves it
+/// against QEMU's working directory, snapshots it, and relaunches on the overlay.
+#[tokio::test]
+async fn relative_image_paths_resolve_against_qemus_working_directory() {
+    require_qemu!();
+    init_logging();
+    let dir = tempfile::tempdir().unwrap();
+    create_image(&dir.path().join("rel.img"), "raw", "16M").await;
+    let mut argv = VmBuilder::idle()
+        .command_line(&dir.path().join("serial.log"))
+        .await;
+    argv.extend([
+        "-drive".to_owned(),
+        "file=rel.img,format=raw,if=virtio,id=d0".to_owned(),
+    ]);
+    let engine = Engine::new(Store::new(dir.path().join("store")));
+    let _kill = KillRecordedQemu::new(&dir.path().join("store"), "rel");
+    let opts = RunOptions {
+        cwd: Some(dir.path().to_owned()),
+        ..RunOptions::default()
+    };
+    let rec = engine
+        .run(&Name::new("rel").unwrap(), argv, &opts)
+        .await
+        .unwrap()
+        .record;
+    assert_eq!(rec.disks[0].image, dir.path().join("rel.img"));
+    let vm = engine.vm(&Name::new("rel").unwrap()).await.unwrap();
+    let m = vm
+        .create_snapshot(vm.create_options(Name::new("s1").unwrap()))
+        .await
+        .unwrap();
+    assert_eq!(m.snapshot.disks[0].image, dir.path().join("rel.img"));
+    assert_eq!(m.snapshot.disks[0].overlay, dir.path().join("rel.s1.qcow2"));
+    vm.stop().await.unwrap();
+    vm.start().await.unwrap();
+    let st = vm.status().await.unwrap();
+    assert_eq!(
+        st.disks[0].chain,
+        vec![dir.path().join("rel.s1.qcow2"), dir.path().join("rel.img")]
+    );
+    vm.revert(&Name::new("s1").unwrap(), false).await.unwrap();
+    assert!(vm.status().await.unwrap().running);
+    vm.stop().await.unwrap();
 }

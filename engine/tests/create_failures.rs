@@ -9,7 +9,7 @@ use qsnap_qmp::types;
 use qsnap_testkit::restore::{assert_resumes, restore_guest, Frozen};
 use qsnap_testkit::{
     create_image, init_logging, kvm_available, require_qemu, serial::parse_tick, Accel, DiskStyle,
-    Vm, VmBuilder,
+    KillRecordedQemu, Vm, VmBuilder,
 };
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -203,6 +203,7 @@ async fn full_disk_cancel_and_killed_qemu_leave_nothing_half_made() {
     let status = handle.status().await.unwrap();
     assert!(!status.running);
     assert_eq!(status.disks[0].chain[0], overlay);
+    let _kill = KillRecordedQemu::new(&store, "vm1");
     let launched = handle.start().await.unwrap();
     let argv = std::fs::read(format!("/proc/{}/cmdline", launched.pid.unwrap())).unwrap();
     let argv = String::from_utf8_lossy(&argv).replace('\0', " ");

@@ -6,7 +6,9 @@
 use qsnap_engine::snapshot::{memfile, Mode};
 use qsnap_engine::{Engine, Name, RunOptions, Store};
 use qsnap_testkit::serial::parse_tick;
-use qsnap_testkit::{create_image, init_logging, old_qemu, require_qemu, DiskStyle, VmBuilder};
+use qsnap_testkit::{
+    create_image, init_logging, old_qemu, require_qemu, DiskStyle, KillRecordedQemu, VmBuilder,
+};
 use std::time::Duration;
 
 mod common;
@@ -29,6 +31,7 @@ async fn qemu_7_2_point_in_time_and_precopy_snapshots_revert_consistently() {
     argv[0] = qemu.display().to_string();
     let engine = Engine::new(Store::new(dir.path().join("store")));
     let launcher = PerLaunchSerial::new(dir.path());
+    let _kill = KillRecordedQemu::new(&dir.path().join("store"), "old");
     engine
         .run_with(
             &Name::new("old").unwrap(),

@@ -8,7 +8,8 @@ use qsnap_engine::snapshot::{revert, Mode};
 use qsnap_engine::{Engine, Error, Name, RunOptions, Store, Vm};
 use qsnap_testkit::serial::{parse_tick, SerialLog};
 use qsnap_testkit::{
-    create_image, init_logging, kvm_available, require_qemu, Accel, DiskStyle, VmBuilder,
+    create_image, init_logging, kvm_available, require_qemu, Accel, DiskStyle, KillRecordedQemu,
+    VmBuilder,
 };
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -25,6 +26,7 @@ fn n(s: &str) -> Name {
 struct Guest {
     vm: Vm,
     launcher: PerLaunchSerial,
+    _kill: KillRecordedQemu,
     _dir: tempfile::TempDir,
     dir: PathBuf,
 }
@@ -42,6 +44,7 @@ impl Guest {
             .await;
         let engine = Engine::new(Store::new(path.join("store")));
         let launcher = PerLaunchSerial::new(&path);
+        let kill = KillRecordedQemu::new(&path.join("store"), "g");
         let report = engine
             .run_with(&n("g"), argv, &RunOptions::default(), &launcher)
             .await
@@ -50,6 +53,7 @@ impl Guest {
         Guest {
             vm: engine.vm(&n("g")).await.unwrap(),
             launcher,
+            _kill: kill,
             _dir: dir,
             dir: path,
         }
@@ -409,6 +413,10 @@ async fn run_pins_the_tsc_frequency_of_an_invtsc_cpu_so_memory_snapshots_work() 
     }
     let argv = builder.command_line(&dir.path().join("serial.log")).await;
 
+    let _kill = (
+        KillRecordedQemu::new(&dir.path().join("store"), "plain"),
+        KillRecordedQemu::new(&dir.path().join("store"), "fixed"),
+    );
     // Without the fix: QEMU refuses to save memory, and the error gives the way out.
     engine
         .run(

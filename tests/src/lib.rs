@@ -98,3 +98,41 @@ pub fn old_qemu() -> Option<PathBuf> {
     );
     None
 }
+
+/// Kills, when dropped, the QEMU that a qsnap store records for a VM: VMs started through
+/// `qsnap run`/`Engine::run` are detached from the test, so a failing test must not leak them.
+/// Reads the record at drop time (a revert changes the pid).
+#[derive(Debug)]
+pub struct KillRecordedQemu {
+    record: PathBuf,
+}
+
+impl KillRecordedQemu {
+    /// Guards VM `vm` of the store at `store`.
+    pub fn new(store: &std::path::Path, vm: &str) -> Self {
+        KillRecordedQemu {
+            record: store.join("vms").join(vm).join("vm.json"),
+        }
+    }
+}
+
+impl Drop for KillRecordedQemu {
+    fn drop(&mut self) {
+        let Some(pid) = std::fs::read(&self.record)
+            .ok()
+            .and_then(|t| serde_json::from_slice::<serde_json::Value>(&t).ok())
+            .and_then(|v| v["pid"].as_i64())
+        else {
+            return;
+        };
+        let is_qemu = std::fs::read(format!("/proc/{pid}/cmdline"))
+            .map(|c| String::from_utf8_lossy(&c).contains("qemu"))
+            .unwrap_or(false);
+        if is_qemu {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}

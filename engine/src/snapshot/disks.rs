@@ -117,8 +117,8 @@ pub async fn plan(
                 device: device.clone(),
                 why: "QEMU reports no node name for it".into(),
             })?;
-        let image = PathBuf::from(&ins.file);
-        if !image.is_absolute() || ins.file.starts_with("json:") {
+        let image = absolute_image(qmp, &ins.file).await;
+        if !image.is_absolute() {
             return Err(Error::DiskNotSnapshottable {
                 device,
                 why: format!(
@@ -156,6 +156,31 @@ pub async fn plan(
         });
     }
     Ok((disks, skipped))
+}
+
+/// An image path as QEMU reports it, made absolute: QEMU gives a path as its command line
+/// did, so a relative one is resolved against QEMU's working directory (from its /proc entry,
+/// when it runs on this host). Network and `json:` names are returned as they are.
+pub(crate) async fn absolute_image(qmp: &Qmp, file: &str) -> PathBuf {
+    // A format node over a plain file whose backing QEMU cannot name simply (a relative
+    // backing path, say) is reported as `json:{…"file":{"driver":"file","filename":…}}`.
+    let plain = file
+        .strip_prefix("json:")
+        .and_then(|j| serde_json::from_str::<serde_json::Value>(j).ok())
+        .filter(|v| v["file"]["driver"] == "file")
+        .and_then(|v| v["file"]["filename"].as_str().map(str::to_owned));
+    let file = plain.as_deref().unwrap_or(file);
+    let image = PathBuf::from(file);
+    if image.is_absolute() || file.starts_with("json:") || file.contains("://") {
+        return image;
+    }
+    let Some(pid) = qmp.peer_pid() else {
+        return image;
+    };
+    match tokio::fs::read_link(format!("/proc/{pid}/cwd")).await {
+        Ok(cwd) => cwd.join(image),
+        Err(_) => image,
+    }
 }
 
 /// Node names qsnap gives its overlays.

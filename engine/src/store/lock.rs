@@ -40,9 +40,10 @@ impl VmLock {
                 Ok(VmLock { _file: locked })
             }
             Err((mut file, errno)) if errno == nix::errno::Errno::EWOULDBLOCK => {
-                // The holder writes its note just after locking: give it a moment.
+                // The holder writes its note just after locking: give it a moment (a busy
+                // host may delay it by more than a scheduler tick).
                 let mut holder = String::new();
-                for _ in 0..10 {
+                for _ in 0..50 {
                     holder.clear();
                     let _ = file
                         .rewind()
@@ -50,7 +51,10 @@ impl VmLock {
                     if !holder.trim().is_empty() {
                         break;
                     }
-                    std::thread::sleep(std::time::Duration::from_millis(10));
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                if holder.trim().is_empty() {
+                    holder = "another qsnap process".into();
                 }
                 Err(Error::Locked {
                     vm: vm.to_owned(),
