@@ -10,6 +10,22 @@ fn qsnap() -> Command {
     Command::cargo_bin("qsnap").unwrap()
 }
 
+/// Runs `qsnap ARGS…` against the store at `store`.
+fn in_store(store: &std::path::Path) -> impl Fn(&[&str]) -> std::process::Output + '_ {
+    move |args| {
+        qsnap()
+            .env("QSNAP_STORE", store)
+            .env("NO_COLOR", "1")
+            .args(args)
+            .output()
+            .unwrap()
+    }
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
 fn stdout_json(out: &std::process::Output) -> Value {
     serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
         panic!(
@@ -174,15 +190,7 @@ async fn attach_create_list_show() {
         .await;
     let sock = vm.qmp_path.display().to_string();
     let store = dir.path().join("store");
-    let run = |args: &[&str]| {
-        qsnap()
-            .env("QSNAP_STORE", &store)
-            .env("NO_COLOR", "1")
-            .args(args)
-            .output()
-            .unwrap()
-    };
-    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    let run = in_store(&store);
 
     // Unknown VM: exit 1 and a hint; a socket that is not there: exit 3.
     let out = run(&["create", "vm1", "s1"]);
@@ -284,14 +292,7 @@ async fn run_status_stop_start_revert() {
         .await;
     let store = dir.path().join("store");
     let _kill = KillRecordedQemu::new(&store, "vm1");
-    let run = |args: &[&str]| {
-        qsnap()
-            .env("QSNAP_STORE", &store)
-            .args(args)
-            .output()
-            .unwrap()
-    };
-    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    let run = in_store(&store);
 
     let mut cmd = vec!["run", "vm1", "--json", "--"];
     cmd.extend(argv.iter().map(String::as_str));
@@ -390,13 +391,7 @@ async fn quiesced_disk_only_snapshot_freezes_and_thaws_the_guest_filesystems() {
         .await;
     let store = dir.path().join("store");
     let _kill = KillRecordedQemu::new(&store, "g");
-    let run = |args: &[&str]| {
-        qsnap()
-            .env("QSNAP_STORE", &store)
-            .args(args)
-            .output()
-            .unwrap()
-    };
+    let run = in_store(&store);
     let mut cmd = vec!["run", "g", "--json", "--"];
     cmd.extend(argv.iter().map(String::as_str));
     let out = run(&cmd);
