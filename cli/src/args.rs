@@ -48,6 +48,10 @@ pub enum Command {
         /// The QMP socket (a path, unix:PATH or tcp:HOST:PORT).
         #[arg(long, value_name = "SOCKET")]
         qmp: String,
+        /// Accept a QEMU that runs as another user. qsnap records its command line and runs it
+        /// again on start and revert, as qsnap's user: think before doing this as root.
+        #[arg(long)]
+        allow_other_user: bool,
         /// Print the record as JSON.
         #[arg(long)]
         json: bool,
@@ -122,6 +126,9 @@ pub enum Command {
     ///
     /// The current QEMU is stopped and relaunched on new overlays over the snapshot's images
     /// (the snapshot stays revertible); a disk-only snapshot boots from its disks.
+    ///
+    /// This DISCARDS the current state: whatever the guest did since its last snapshot is
+    /// lost, unless --keep-current saves it as a snapshot first.
     Revert {
         /// The VM's name.
         name: String,
@@ -130,7 +137,43 @@ pub enum Command {
         /// Leave the guest paused after loading its memory.
         #[arg(long)]
         paused: bool,
+        /// Save the current state as a snapshot first (named NAME, default
+        /// `before-revert-<UTC time>`), so that it can be reverted to later.
+        #[arg(long, value_name = "NAME", num_args = 0..=1, default_missing_value = "")]
+        keep_current: Option<String>,
         /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a snapshot (or all of them), the VM running or stopped.
+    ///
+    /// The snapshot's memory file and manifest go; disk layers that no remaining snapshot
+    /// needs are merged (live block jobs in a running VM, qemu-img otherwise). The VM's
+    /// current state is kept; images the VM had before its first snapshot are never removed.
+    Delete {
+        /// The VM's name.
+        name: String,
+        /// The snapshot to delete.
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        snapshot: Option<String>,
+        /// Delete every snapshot: the VM ends on one image per disk.
+        #[arg(long)]
+        all: bool,
+        /// Print what was deleted, merged and removed as JSON (no progress bar).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Verify a VM's snapshots and disks against the files and QEMU.
+    ///
+    /// Exit 0: all is well (or was repaired); 1: problems remain (each with what to do).
+    Check {
+        /// The VM's name.
+        name: String,
+        /// Finish or roll back an interrupted operation, make the record follow QEMU, remove
+        /// files qsnap made that nothing uses, and merge leftover layers.
+        #[arg(long)]
+        repair: bool,
+        /// Print the findings as JSON.
         #[arg(long)]
         json: bool,
     },

@@ -10,9 +10,12 @@ use anyhow::Context;
 use args::{Cli, Command, ModeArg};
 use clap::Parser;
 use qsnap_engine::snapshot::Mode;
-use qsnap_engine::{Engine, Name, Store};
+use qsnap_engine::{
+    AttachOptions, DeleteOptions, Engine, RevertOptions, SnapshotName, Store, VmName,
+};
 use qsnap_qmp::{ConnectOptions, Endpoint, Qmp};
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
@@ -58,19 +61,52 @@ async fn connect(socket: &str, timeout: u64) -> anyhow::Result<Qmp> {
     Ok(Qmp::connect_with(Endpoint::parse(socket), &opts).await?)
 }
 
-fn engine(cli: &Cli) -> Engine {
-    let root = cli.store.clone().unwrap_or_else(Store::default_root);
-    Engine::new(Store::new(root)).with_connect_options(ConnectOptions {
-        command_timeout: Duration::from_secs(cli.timeout),
-        connect_retry: Duration::from_secs(2),
-        ..ConnectOptions::default()
-    })
+/// The engine every command uses: the store, QMP timeouts, Ctrl-C, and a word on stderr
+/// when an operation settles one that was interrupted.
+fn engine(cli: &Cli, cancel: CancellationToken) -> anyhow::Result<Engine> {
+    let mut root = cli.store.clone().unwrap_or_else(Store::default_root);
+    if root.is_relative() {
+        // Paths in the store are kept absolute: the same store from any directory.
+        root = std::env::current_dir()
+            .context("reading the working directory")?
+            .join(root);
+    }
+    Ok(Engine::new(Store::new(root))
+        .with_connect_options(ConnectOptions {
+            command_timeout: Duration::from_secs(cli.timeout),
+            connect_retry: Duration::from_secs(2),
+            ..ConnectOptions::default()
+        })
+        .with_cancel(cancel)
+        .on_recovery(Arc::new(|r: &qsnap_engine::Recovery| {
+            eprintln!(
+                "qsnap: an interrupted {} (qsnap pid {}, started {}) was settled first: {}",
+                r.operation, r.qsnap_pid, r.started_at, r.outcome
+            );
+        })))
 }
 
-/// A name from the command line; a bad one is a usage error.
-fn name(s: &str) -> anyhow::Result<Name> {
-    Name::new(s).map_err(|e| Usage(e.to_string()).into())
+/// A VM name from the command line; a bad one is a usage error.
+fn vm_name(s: &str) -> anyhow::Result<VmName> {
+    VmName::new(s).map_err(|e| Usage(e.to_string()).into())
 }
+
+/// A snapshot name from the command line; a bad one is a usage error.
+fn snap_name(s: &str) -> anyhow::Result<SnapshotName> {
+    SnapshotName::new(s).map_err(|e| Usage(e.to_string()).into())
+}
+
+/// A check that found problems it could not fix: exit 1, after the report was printed.
+#[derive(Debug)]
+struct Unclean;
+
+impl std::fmt::Display for Unclean {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("problems remain (see above)")
+    }
+}
+
+impl std::error::Error for Unclean {}
 
 /// Cancels `token` on the first Ctrl-C (or SIGTERM), so the engine rolls back cleanly.
 fn cancel_on_signal(token: CancellationToken) {
@@ -84,21 +120,25 @@ fn cancel_on_signal(token: CancellationToken) {
             _ = tokio::signal::ctrl_c() => {}
             _ = term.recv() => {}
         }
-        eprintln!("qsnap: interrupted; cancelling and rolling back…");
+        eprintln!("qsnap: interrupted; stopping cleanly (rolling back what is not done)…");
         token.cancel();
     });
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    let engine = engine(&cli);
+    let cancel = CancellationToken::new();
+    cancel_on_signal(cancel.clone());
+    let engine = engine(&cli, cancel)?;
     match cli.command {
         Command::Attach {
             name: vm,
             qmp,
+            allow_other_user,
             json,
         } => {
+            let opts = AttachOptions { allow_other_user };
             let vm = engine
-                .attach(&name(&vm)?, &qmp)
+                .attach_with(&vm_name(&vm)?, &qmp, &opts)
                 .await
                 .with_context(|| format!("attaching {vm}"))?;
             output::attached(vm.record(), json);
@@ -114,8 +154,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             save_timeout,
             json,
         } => {
-            let (vm_name, snap) = (name(&vm)?, name(&snapshot)?);
-            let handle = engine.vm(&vm_name).await?;
+            let (vm_id, snap) = (vm_name(&vm)?, snap_name(&snapshot)?);
+            let handle = engine.vm(&vm_id).await?;
             let mut opts = handle.create_options(snap);
             opts.mode = match (disk_only, mode) {
                 (true, _) => Some(Mode::DiskOnly),
@@ -136,7 +176,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             opts.save_timeout = Duration::from_secs(save_timeout);
             let bar = progress::SaveBar::new(json);
             opts.progress = bar.callback();
-            cancel_on_signal(opts.cancel.clone());
             let result = handle.create_snapshot(opts).await;
             bar.finish();
             let manifest =
@@ -154,7 +193,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 cwd: None,
             };
             let report = engine
-                .run(&name(&vm)?, qemu, &opts)
+                .run(&vm_name(&vm)?, qemu, &opts)
                 .await
                 .with_context(|| format!("starting {vm}"))?;
             if let Some((hz, source)) = &report.tsc_pinned {
@@ -166,7 +205,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Stop { name: vm } => {
             let killed = engine
-                .vm(&name(&vm)?)
+                .vm(&vm_name(&vm)?)
                 .await?
                 .stop()
                 .await
@@ -182,7 +221,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Start { name: vm } => {
             let launched = engine
-                .vm(&name(&vm)?)
+                .vm(&vm_name(&vm)?)
                 .await?
                 .start()
                 .await
@@ -193,24 +232,73 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Status { name: vm, json } => {
-            let st = engine.vm(&name(&vm)?).await?.status().await?;
+            let st = engine.vm(&vm_name(&vm)?).await?.status().await?;
             output::status(&st, json);
         }
         Command::Revert {
             name: vm,
             snapshot,
             paused,
+            keep_current,
             json,
         } => {
-            let handle = engine.vm(&name(&vm)?).await?;
+            let handle = engine.vm(&vm_name(&vm)?).await?;
+            let keep_current = match keep_current.as_deref() {
+                None => None,
+                Some("") => Some(snap_name(&format!("before-revert-{}", humantime_stamp()))?),
+                Some(n) => Some(snap_name(n)?),
+            };
+            let opts = RevertOptions {
+                paused,
+                keep_current,
+            };
             let report = handle
-                .revert(&name(&snapshot)?, paused)
+                .revert_with(
+                    &snap_name(&snapshot)?,
+                    &opts,
+                    &qsnap_engine::launch::ProcessLauncher::default(),
+                )
                 .await
                 .with_context(|| format!("reverting {vm} to {snapshot}"))?;
             output::reverted(&vm, &report, json);
         }
+        Command::Delete {
+            name: vm,
+            snapshot,
+            all,
+            json,
+        } => {
+            let handle = engine.vm(&vm_name(&vm)?).await?;
+            let bar = progress::MergeBar::new(json);
+            let opts = DeleteOptions {
+                progress: bar.callback(),
+            };
+            let result = match (&snapshot, all) {
+                (Some(s), false) => handle.delete_snapshot(&snap_name(s)?, &opts).await,
+                _ => handle.delete_all(&opts).await,
+            };
+            bar.finish();
+            let what = snapshot.unwrap_or_else(|| "all snapshots".into());
+            let report = result.with_context(|| format!("deleting {what} of {vm}"))?;
+            output::deleted(&vm, &report, json);
+        }
+        Command::Check {
+            name: vm,
+            repair,
+            json,
+        } => {
+            let handle = engine.vm(&vm_name(&vm)?).await?;
+            let report = handle
+                .check(repair)
+                .await
+                .with_context(|| format!("checking {vm}"))?;
+            output::checked(&report, repair, json);
+            if !report.clean {
+                return Err(Unclean.into());
+            }
+        }
         Command::List { name: vm, json } => {
-            let handle = engine.vm(&name(&vm)?).await?;
+            let handle = engine.vm(&vm_name(&vm)?).await?;
             let all = handle.snapshots().await?;
             output::list(handle.record(), &all, json);
         }
@@ -219,8 +307,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             snapshot,
             json,
         } => {
-            let handle = engine.vm(&name(&vm)?).await?;
-            let m = handle.snapshot(&name(&snapshot)?).await?;
+            let handle = engine.vm(&vm_name(&vm)?).await?;
+            let m = handle.snapshot(&snap_name(&snapshot)?).await?;
             output::snapshot(&m, json);
         }
         Command::Qmp {
@@ -262,6 +350,30 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `20261130T051016Z`: a snapshot name part that sorts by time.
+fn humantime_stamp() -> String {
+    humantime::format_rfc3339_seconds(std::time::SystemTime::now())
+        .to_string()
+        .replace(['-', ':'], "")
+}
+
+/// The error and its causes on one line, each said once (an engine error repeats QMP's
+/// reason in its own text so that library users see it too).
+fn render(err: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in err.chain() {
+        let text = cause.to_string();
+        if out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
+}
+
 fn exit_code(err: &anyhow::Error) -> u8 {
     for cause in err.chain() {
         if cause.downcast_ref::<Usage>().is_some() {
@@ -286,6 +398,8 @@ fn exit_code(err: &anyhow::Error) -> u8 {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.verbose);
+    // Test builds only: FAILPOINTS in the environment makes steps fail on cue.
+    let _failpoints = qsnap_engine::failpoint::setup_from_env();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -300,7 +414,9 @@ fn main() -> ExitCode {
     match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("qsnap: {err:#}");
+            if err.downcast_ref::<Unclean>().is_none() {
+                eprintln!("qsnap: {}", render(&err));
+            }
             ExitCode::from(exit_code(&err))
         }
     }

@@ -1,7 +1,9 @@
 //! Everything the binary prints: human text or `--json`. Nothing else writes to stdout.
 
 use qsnap_engine::snapshot::Mode;
-use qsnap_engine::{Manifest, RevertReport, Status, VmInfo, VmRecord};
+use qsnap_engine::{
+    CheckReport, DeleteReport, Manifest, RevertReport, Status, VmInfo, VmRecord, VmState,
+};
 use serde::Serialize;
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -13,6 +15,7 @@ fn json<T: Serialize>(v: &T) {
     );
 }
 
+#[allow(clippy::cast_precision_loss)]
 fn mib(bytes: u64) -> String {
     format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
 }
@@ -210,10 +213,18 @@ pub fn status(st: &Status, as_json: bool) {
     if as_json {
         return json(st);
     }
-    match (&st.runstate, st.pid) {
-        (Some(rs), Some(pid)) => println!("{}: running (QEMU pid {pid}, {rs})", st.vm),
-        (Some(rs), None) => println!("{}: running ({rs})", st.vm),
-        _ => println!("{}: stopped", st.vm),
+    match &st.state {
+        VmState::Running {
+            pid: Some(pid),
+            runstate,
+        } => println!("{}: running (QEMU pid {pid}, {runstate})", st.vm),
+        VmState::Running { runstate, .. } => println!("{}: running ({runstate})", st.vm),
+        VmState::Unreachable { pid, why } => println!(
+            "{}: UNREACHABLE — QEMU{} is alive but its monitor does not answer ({why})",
+            st.vm,
+            pid.map(|p| format!(" pid {p}")).unwrap_or_default()
+        ),
+        VmState::Stopped => println!("{}: stopped", st.vm),
     }
     println!(
         "current snapshot: {}",
@@ -223,6 +234,9 @@ pub fn status(st: &Status, as_json: bool) {
         let chain: Vec<String> = d.chain.iter().map(|p| p.display().to_string()).collect();
         println!("  {:<10} {}", d.device, chain.join(" → "));
     }
+    if let Some(i) = &st.interrupted {
+        println!("interrupted operation: {i}; the next command (or `qsnap check {} --repair`) settles it", st.vm);
+    }
 }
 
 /// Prints what a revert did.
@@ -230,11 +244,15 @@ pub fn reverted(vm: &str, r: &RevertReport, as_json: bool) {
     if as_json {
         return json(r);
     }
+    if let Some(k) = &r.kept_current {
+        println!("the state before the revert was saved as snapshot {k}");
+    }
     if r.memory_restored {
         println!(
-            "{vm} reverted to {} in {:.0} ms (memory loaded in {:.0} ms); the guest is {}",
+            "{vm} reverted to {} in {:.0} ms (memory checked in {:.0} ms, loaded in {:.0} ms); the guest is {}",
             r.snapshot,
             r.total_ms,
+            r.verify_ms,
             r.load_ms,
             if r.resumed { "running" } else { "paused" }
         );
@@ -252,7 +270,79 @@ pub fn reverted(vm: &str, r: &RevertReport, as_json: bool) {
             d.image.display()
         );
     }
+    if r.removed.is_empty() && r.kept_current.is_none() {
+        println!("  the state since the last snapshot was discarded");
+    }
     for p in &r.removed {
-        println!("  removed abandoned overlay {}", p.display());
+        println!(
+            "  discarded the state since the last snapshot: removed {}",
+            p.display()
+        );
+    }
+}
+
+/// Prints what a delete did.
+pub fn deleted(vm: &str, r: &DeleteReport, as_json: bool) {
+    if as_json {
+        return json(r);
+    }
+    println!(
+        "{vm}: deleted {} in {:.0} ms{}",
+        r.deleted.join(", "),
+        r.total_ms,
+        if r.live { " (VM running)" } else { "" }
+    );
+    for m in &r.memory_removed {
+        println!("  removed memory file {}", m.display());
+    }
+    for m in &r.merges {
+        match (&m.upper, m.kind.as_str()) {
+            (Some(upper), "stream") => println!(
+                "  {}: merged {} into {} ({}, {:.0} ms)",
+                m.device,
+                m.lower.display(),
+                upper.display(),
+                if m.live { "live" } else { "offline" },
+                m.ms
+            ),
+            (Some(upper), _) => println!(
+                "  {}: merged {} down into {} ({}, {:.0} ms)",
+                m.device,
+                upper.display(),
+                m.lower.display(),
+                if m.live { "live" } else { "offline" },
+                m.ms
+            ),
+            (None, _) => println!("  {}: removed unused layer {}", m.device, m.lower.display()),
+        }
+    }
+    println!(
+        "  current snapshot: {}",
+        r.current.as_deref().unwrap_or("(none)")
+    );
+}
+
+/// Prints what `check` found.
+pub fn checked(r: &CheckReport, repair: bool, as_json: bool) {
+    if as_json {
+        return json(r);
+    }
+    if r.findings.is_empty() {
+        println!("{}: all good", r.vm);
+        return;
+    }
+    for f in &r.findings {
+        let mark = if f.repaired { "repaired" } else { "PROBLEM " };
+        println!("{mark} [{}] {}\n         → {}", f.kind, f.what, f.fix);
+    }
+    if r.clean {
+        println!("{}: everything found was repaired", r.vm);
+    } else if repair {
+        println!("{}: problems remain (see above)", r.vm);
+    } else {
+        println!(
+            "{}: problems found; `qsnap check {} --repair` fixes what it can",
+            r.vm, r.vm
+        );
     }
 }

@@ -128,8 +128,8 @@ async fn info_reports_state_blockers_mechanisms_and_disks() {
     assert!(out.status.success(), "{out:?}");
     let v = stdout_json(&out);
     assert_eq!(v["runstate"], "running");
-    assert_eq!(v["migration_blockers"], serde_json::json!([]));
-    assert_eq!(v["background_snapshot"], true);
+    assert_eq!(v["migration-blockers"], serde_json::json!([]));
+    assert_eq!(v["background-snapshot"], true);
     let disks = v["disks"].as_array().unwrap();
     assert_eq!(disks.len(), 2, "{v}");
     assert!(disks
@@ -169,7 +169,7 @@ async fn info_names_a_migration_blocker() {
     let sock = vm.qmp_path.display().to_string();
     let out = qsnap().args(["info", &sock, "--json"]).output().unwrap();
     let v = stdout_json(&out);
-    let blockers = v["migration_blockers"].to_string();
+    let blockers = v["migration-blockers"].to_string();
     assert!(blockers.contains("invtsc"), "{v}");
     let out = qsnap().args(["info", &sock]).output().unwrap();
     assert!(String::from_utf8_lossy(&out.stdout).contains("BLOCKED"));
@@ -239,7 +239,10 @@ async fn attach_create_list_show() {
     for bad in ["a/b", "..", "../x"] {
         let out = run(&["create", "vm1", bad]);
         assert_eq!(out.status.code(), Some(2), "{bad}: {out:?}");
-        assert!(text(&out.stderr).contains("invalid name"), "{out:?}");
+        assert!(
+            text(&out.stderr).contains("invalid snapshot name"),
+            "{out:?}"
+        );
     }
     let out = run(&["create", "vm1", "s3", "--disk-only", "--mode", "precopy"]);
     assert_eq!(out.status.code(), Some(2), "{out:?}");

@@ -9,7 +9,7 @@
 //! Prints a table; asserts nothing (the tests assert behaviour, this measures it).
 
 use qsnap_engine::snapshot::Mode;
-use qsnap_engine::{Engine, Name, RunOptions, Store};
+use qsnap_engine::{Engine, RunOptions, SnapshotName, Store, VmName};
 use qsnap_testkit::serial::{parse_tick, SerialLog};
 use qsnap_testkit::{create_image, DiskStyle, VmBuilder};
 use std::time::Duration;
@@ -49,7 +49,7 @@ async fn measure(dirty_mb: u32, rounds: usize) -> Result<Vec<Figures>, Box<dyn s
         .command_line(&serial)
         .await;
     let engine = Engine::new(Store::new(dir.path().join("store")));
-    let name = Name::new("bench")?;
+    let name = VmName::new("bench")?;
     engine.run(&name, argv, &RunOptions::default()).await?;
     let vm = engine.vm(&name).await?;
     let log = SerialLog::follow(&serial);
@@ -81,17 +81,19 @@ async fn measure(dirty_mb: u32, rounds: usize) -> Result<Vec<Figures>, Box<dyn s
     };
     for i in 0..rounds {
         let m = vm
-            .create_snapshot(vm.create_options(Name::new(&format!("p{i}"))?))
+            .create_snapshot(vm.create_options(SnapshotName::new(&format!("p{i}"))?))
             .await?;
         pit_pause.values.push(m.snapshot.pause_ms);
         pit_total.values.push(m.snapshot.total_ms);
-        let mut opts = vm.create_options(Name::new(&format!("c{i}"))?);
+        let mut opts = vm.create_options(SnapshotName::new(&format!("c{i}"))?);
         opts.mode = Some(Mode::Precopy);
         let m = vm.create_snapshot(opts).await?;
         pre_pause.values.push(m.snapshot.pause_ms);
     }
     for i in 0..rounds {
-        let r = vm.revert(&Name::new(&format!("p{i}"))?, false).await?;
+        let r = vm
+            .revert(&SnapshotName::new(&format!("p{i}"))?, false)
+            .await?;
         revert.values.push(r.total_ms);
     }
     vm.stop().await?;

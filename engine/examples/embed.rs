@@ -15,9 +15,9 @@
 //!    `revert::prepare` (check the snapshot, make new overlays) → start QEMU your way with
 //!    those overlays and `-incoming defer` → `revert::restore` over QMP.
 
-use qsnap_engine::launch::{argv, LaunchSpec, Launched, Launcher, ProcessLauncher};
+use qsnap_engine::launch::{argv, machine, LaunchSpec, Launched, Launcher, ProcessLauncher};
 use qsnap_engine::snapshot::revert;
-use qsnap_engine::{Engine, Name, Store};
+use qsnap_engine::{Engine, RevertOptions, SnapshotName, Store, VmName};
 use qsnap_qmp::{ConnectOptions, Qmp};
 use std::time::Duration;
 
@@ -46,11 +46,17 @@ impl Launcher for TaggingLauncher {
 
 async fn with_launcher(store: &str, vm: &str, snap: &str) -> anyhow_like::Result {
     let engine = Engine::new(Store::new(store));
-    let vm = engine.vm(&Name::new(vm)?).await?;
+    let vm = engine.vm(&VmName::new(vm)?).await?;
     let launcher = TaggingLauncher {
         inner: ProcessLauncher::default(),
     };
-    let report = vm.revert_with(&Name::new(snap)?, false, &launcher).await?;
+    let report = vm
+        .revert_with(
+            &SnapshotName::new(snap)?,
+            &RevertOptions::default(),
+            &launcher,
+        )
+        .await?;
     println!(
         "reverted to {} in {:.0} ms, guest {}",
         report.snapshot,
@@ -62,8 +68,8 @@ async fn with_launcher(store: &str, vm: &str, snap: &str) -> anyhow_like::Result
 
 async fn two_step(store: &str, vm: &str, snap: &str) -> anyhow_like::Result {
     let engine = Engine::new(Store::new(store));
-    let vm = engine.vm(&Name::new(vm)?).await?;
-    let manifest = vm.snapshot(&Name::new(snap)?).await?;
+    let vm = engine.vm(&VmName::new(vm)?).await?;
+    let manifest = vm.snapshot(&SnapshotName::new(snap)?).await?;
 
     // 1. Check the snapshot and make new overlays over its frozen images.
     let prepared = revert::prepare(&manifest.name, &manifest.snapshot, None).await?;
@@ -90,6 +96,10 @@ async fn two_step(store: &str, vm: &str, snap: &str) -> anyhow_like::Result {
         })
         .collect::<Vec<_>>();
     let mut args = argv::substitute_disks(&command.argv, &command.cwd, &subs)?;
+    // The snapshot's exact machine type: an alias like `pc` may mean a newer one by now.
+    if let Some(m) = &manifest.machine {
+        args = machine::pin(&args, m)?;
+    }
     args.extend([
         "-qmp".into(),
         format!("unix:{},server=on,wait=off", socket.display()),

@@ -11,15 +11,15 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 #[non_exhaustive]
 pub enum Error {
     /// Talking to QEMU failed (connection, timeout, or QEMU refused a command).
-    #[error("{step}")]
+    #[error("{step}: {source}")]
     Qmp {
         /// What the engine was doing.
         step: &'static str,
         /// The QMP error (keeps QEMU's `class` and `desc` when QEMU refused).
         source: qsnap_qmp::Error,
     },
-    /// A snapshot name that cannot be used.
-    #[error("invalid name \"{name}\": {why}")]
+    /// A VM or snapshot name that cannot be used.
+    #[error("invalid {name}: {why}")]
     InvalidName {
         /// The name as given (escaped).
         name: String,
@@ -76,13 +76,16 @@ pub enum Error {
         /// The OS error.
         source: std::io::Error,
     },
-    /// `qemu-img` refused.
-    #[error("qemu-img could not create {}: {stderr}", path.display())]
-    ImageTool {
-        /// The image it was asked to create.
+    /// An external tool (`qemu-img`, `qemu-system-* -machine help`) failed or did not
+    /// finish in time.
+    #[error("{tool} failed on {}: {why}", path.display())]
+    Tool {
+        /// The tool and its subcommand (`qemu-img create`).
+        tool: String,
+        /// The file it worked on.
         path: PathBuf,
-        /// What it said.
-        stderr: String,
+        /// What it said, or that it timed out.
+        why: String,
     },
     /// QEMU failed to save memory (e.g. disk full); everything was rolled back.
     #[error("saving memory failed: {desc}")]
@@ -91,7 +94,7 @@ pub enum Error {
         desc: String,
     },
     /// QEMU exited (or closed the monitor) during the operation.
-    #[error("QEMU went away during the snapshot ({cause}); nothing QMP-side could be rolled back")]
+    #[error("QEMU went away during the snapshot ({cause}); nothing QMP-side could be rolled back{}", if kept_overlays.is_empty() { String::new() } else { format!("; the disks stay on their new overlays, which hold the guest's last writes and are recorded as its disks: {}", crate::snapshot::disks::overlay_list(kept_overlays)) })]
     QemuExited {
         /// What failed first.
         cause: Box<Error>,
@@ -106,6 +109,50 @@ pub enum Error {
         cause: Box<Error>,
         /// What could not be undone.
         problems: Vec<String>,
+        /// Disks that stay on the new overlay (merging it back failed): `(device, overlay)`.
+        /// The VM writes there now; the store records it.
+        kept_overlays: Vec<(String, PathBuf)>,
+    },
+    /// The snapshot was taken (QEMU's part is done), but recording it failed; the journal
+    /// lets a repair finish it.
+    #[error("snapshot {snapshot} was taken, but the store could not record it ({problem}); `qsnap check {vm} --repair` finishes recording it")]
+    TakenBut {
+        /// The VM.
+        vm: String,
+        /// The snapshot.
+        snapshot: String,
+        /// What failed afterwards.
+        problem: Box<Error>,
+    },
+    /// An operation failed, and the store could not be brought in line with what QEMU does
+    /// now; its journal says what is left to do.
+    #[error(
+        "{cause}; and the store could not be updated ({problem}): run `qsnap check {vm} --repair`"
+    )]
+    StoreBehind {
+        /// The VM.
+        vm: String,
+        /// What failed first.
+        cause: Box<Error>,
+        /// Why the store could not be updated.
+        problem: Box<Error>,
+    },
+    /// Snapshots were deleted, but merging the layers they leave did not finish. Nothing is
+    /// lost: the layers stay in the chains until a repair merges them.
+    #[error("{} deleted, but merging the layers left behind did not finish ({problem}); nothing is lost: `qsnap check {vm} --repair` merges them", snapshots.join(", "))]
+    DeletedBut {
+        /// The VM.
+        vm: String,
+        /// The snapshots deleted.
+        snapshots: Vec<String>,
+        /// What stopped the merge.
+        problem: Box<Error>,
+    },
+    /// A fault injected by a test (`failpoints` builds only).
+    #[error("injected fault at {point}")]
+    Injected {
+        /// The failpoint.
+        point: String,
     },
     /// The operation was cancelled (e.g. Ctrl-C); everything was rolled back.
     #[error("cancelled; everything was rolled back")]
@@ -188,6 +235,52 @@ pub enum Error {
         /// QEMU's pid.
         pid: u32,
     },
+    /// The operation needs a running QEMU and there is none.
+    #[error("VM \"{vm}\" is not running; start it with `qsnap start {vm}`")]
+    NotRunning {
+        /// The VM.
+        vm: String,
+    },
+    /// The VM's QEMU is alive but its monitor does not answer: qsnap will not act on it, and
+    /// never starts a second QEMU beside it.
+    #[error("VM \"{vm}\"'s QEMU{} is alive but its monitor does not answer ({why}); if another client holds the monitor, give qsnap its own -qmp socket; `qsnap stop {vm}` kills a hung QEMU", pid.map(|p| format!(" (pid {p})")).unwrap_or_default())]
+    Unreachable {
+        /// The VM.
+        vm: String,
+        /// QEMU's pid, when known.
+        pid: Option<u32>,
+        /// What the monitor did.
+        why: String,
+    },
+    /// The QEMU belongs to another user: acting on it (and later re-running its command line)
+    /// crosses a privilege boundary.
+    #[error("the QEMU behind this socket runs as uid {uid}, qsnap as uid {ours}; re-running another user's command line is refused unless you ask for it (--allow-other-user)")]
+    ForeignQemu {
+        /// QEMU's uid.
+        uid: u32,
+        /// Ours.
+        ours: u32,
+    },
+    /// An interrupted operation needs a person to decide how to go on.
+    #[error(
+        "VM \"{vm}\" has an interrupted {operation} that qsnap cannot finish by itself: {what}"
+    )]
+    NeedsDecision {
+        /// The VM.
+        vm: String,
+        /// The operation (`create s1`, …).
+        operation: String,
+        /// What is wrong and the exact command to run.
+        what: String,
+    },
+    /// A delete that would lose data or break another snapshot is refused; nothing changed.
+    #[error("cannot delete {snapshot}: {why}; nothing was changed")]
+    DeleteRefused {
+        /// The snapshot.
+        snapshot: String,
+        /// Why.
+        why: String,
+    },
     /// A snapshot that cannot be reverted to; nothing was changed.
     #[error("cannot revert to {snapshot}: {why}; nothing was changed")]
     RevertRefused {
@@ -236,13 +329,43 @@ fn blocked_hint(reasons: &[String], tsc_hz: Option<u64>) -> String {
 }
 
 impl Error {
-    /// For a failure in which QEMU went away: the overlays the disks had already switched to.
-    pub fn kept_overlays(&self) -> &[(String, PathBuf)] {
+    /// For a failed create: the overlays the disks stay on (QEMU went away after the switch,
+    /// or merging back failed). The VM writes to them; a restart must open them.
+    pub fn kept_overlays(&self) -> Vec<(String, PathBuf)> {
         match self {
-            Error::QemuExited { kept_overlays, .. } => kept_overlays,
-            Error::RollbackIncomplete { cause, .. } => cause.kept_overlays(),
-            _ => &[],
+            Error::QemuExited { kept_overlays, .. } => kept_overlays.clone(),
+            Error::RollbackIncomplete {
+                cause,
+                kept_overlays,
+                ..
+            } => {
+                let mut all = cause.kept_overlays();
+                all.extend(kept_overlays.iter().cloned());
+                all
+            }
+            Error::StoreBehind { cause, .. } => cause.kept_overlays(),
+            _ => Vec::new(),
         }
+    }
+
+    /// True when QEMU closed the connection (it exited or crashed).
+    pub fn is_disconnected(&self) -> bool {
+        match self {
+            Error::Qmp { source, .. } => source.is_disconnected(),
+            Error::QemuExited { .. } => true,
+            _ => false,
+        }
+    }
+
+    /// True when a QMP command got no answer in time (it may still have run).
+    pub fn is_timeout(&self) -> bool {
+        matches!(
+            self,
+            Error::Qmp {
+                source: qsnap_qmp::Error::Timeout { .. },
+                ..
+            }
+        )
     }
 
     pub(crate) fn qmp(step: &'static str) -> impl FnOnce(qsnap_qmp::Error) -> Error {

@@ -10,6 +10,7 @@ use serde::Serialize;
 
 /// One block device as QEMU reports it.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
 pub struct DiskInfo {
     /// The name qsnap uses for it (the `-drive` id, else the guest device's id): stable across
     /// snapshots, unlike node names.
@@ -30,6 +31,7 @@ pub struct DiskInfo {
 
 /// A read-only summary of a running VM.
 #[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub struct VmInfo {
     /// QEMU's version.
     pub qemu_version: String,
@@ -68,31 +70,24 @@ impl VmInfo {
             .await
             .map_err(Error::qmp("reading the run state"))?;
         let migration = qmp
-            .execute(types::query_migrate {})
+            .execute(crate::qemu::QueryMigrate {})
             .await
             .map_err(Error::qmp("reading the migration state"))?;
         let schema = qmp
             .schema()
             .await
             .map_err(Error::qmp("reading QEMU's schema"))?;
-        let blocks = qmp
-            .execute(types::query_block {})
-            .await
-            .map_err(Error::qmp("listing block devices"))?;
-        let disks = blocks
+        let disks = crate::blocks::read(qmp)
+            .await?
             .into_iter()
-            .map(|b| DiskInfo {
-                name: crate::snapshot::disks::device_label(
-                    &b.device,
-                    b.qdev.as_deref(),
-                    b.inserted.as_ref().and_then(|i| i.node_name.as_deref()),
-                ),
-                device: b.device,
-                qdev: b.qdev,
-                node_name: b.inserted.as_ref().and_then(|i| i.node_name.clone()),
-                file: b.inserted.as_ref().map(|i| i.file.clone()),
-                format: b.inserted.as_ref().map(|i| i.drv.clone()),
-                read_only: b.inserted.as_ref().is_some_and(|i| i.ro),
+            .map(|d| DiskInfo {
+                name: d.device,
+                device: d.drive,
+                qdev: d.qdev,
+                node_name: d.medium.as_ref().and_then(|m| m.node.clone()),
+                file: d.medium.as_ref().map(|m| m.raw_file.clone()),
+                format: d.medium.as_ref().map(|m| m.format().to_owned()),
+                read_only: d.medium.as_ref().is_some_and(|m| m.read_only),
             })
             .collect();
         Ok(VmInfo {
@@ -101,9 +96,9 @@ impl VmInfo {
             runstate: enum_name(&status.status),
             running: status.running,
             migration_blockers: migration.blocked_reasons.unwrap_or_default(),
-            migration_status: migration.status.as_ref().map(enum_name),
+            migration_status: migration.status,
             background_snapshot: schema.has_migration_capability("background-snapshot"),
-            file_migration: schema.has_argument("migrate", &["channels", "addr", "filename"]),
+            file_migration: crate::snapshot::has_file_uri(qmp).await?,
             disks,
         })
     }

@@ -13,32 +13,42 @@
 //!   VMM that keeps its own records and starts QEMU its own way. Or hand [`Vm::revert_with`] a
 //!   [`launch::Launcher`].
 //!
+//! Every operation on a [`Vm`] journals its intent before its first change; an interrupted
+//! one (qsnap killed, host crash) is finished or rolled back by the next operation, and
+//! [`Vm::check`] verifies (and repairs) a VM's store against the files and QEMU.
+//!
 //! ```no_run
 //! # async fn demo() -> qsnap_engine::Result<()> {
-//! use qsnap_engine::{Engine, Name, Store};
+//! use qsnap_engine::{Engine, SnapshotName, Store, VmName};
 //! let engine = Engine::new(Store::new("/var/lib/qsnap"));
-//! let vm = engine.attach(&Name::new("web1")?, "/run/web1/qmp.sock").await?;
-//! let opts = vm.create_options(Name::new("before-upgrade")?);
+//! let vm = engine.attach(&VmName::new("web1")?, "/run/web1/qmp.sock").await?;
+//! let opts = vm.create_options(SnapshotName::new("before-upgrade")?);
 //! let manifest = vm.create_snapshot(opts).await?;
 //! println!("guest paused {:.1} ms", manifest.snapshot.pause_ms);
 //! # Ok(()) }
 //! ```
 #![deny(missing_docs)]
 
+pub mod blocks;
 mod error;
+pub mod failpoint;
 pub mod guest_agent;
+pub mod image;
 pub mod inspect;
 pub mod launch;
-mod lifecycle;
 mod name;
 mod qemu;
 pub mod snapshot;
 pub mod store;
+mod tool;
 mod vm;
 
 pub use error::{Error, Result};
 pub use inspect::{DiskInfo, VmInfo};
-pub use lifecycle::{DiskChain, RevertReport, RunOptions, RunReport, Status};
-pub use name::{Name, SnapshotName, VmName};
+pub use name::{SnapshotName, VmName};
 pub use store::{Manifest, Store, VmRecord};
-pub use vm::{Engine, Vm};
+pub use vm::{
+    AttachOptions, CheckReport, DeleteOptions, DeleteReport, DiskChain, Engine, Finding,
+    MergeProgress, MergeProgressFn, MergeReport, Operation, Recovery, RecoveryFn, RevertOptions,
+    RevertReport, RunOptions, RunReport, Status, Vm, VmState,
+};

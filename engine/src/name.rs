@@ -1,62 +1,85 @@
 //! Names of VMs and snapshots, validated once at the edge so nothing inside ever sees a bad
-//! one. They become file names in the store and in overlay names, so the rules are strict.
+//! one. They become file names in the store and parts of overlay file names, so the rules are
+//! strict. A VM name and a snapshot name are distinct types: one cannot be passed for the other.
 
 use crate::error::{Error, Result};
 use std::fmt;
 
-/// A VM or snapshot name safe to use in file names: 1–64 characters of letters, digits, `.`, `_`,
-/// `-`, not starting with `.` or `-` (so never `..`, never a path, never an option).
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
-#[serde(transparent)]
-pub struct Name(String);
-
-/// A snapshot's name.
-pub type SnapshotName = Name;
-/// A VM's name in the store.
-pub type VmName = Name;
-
-impl Name {
-    /// Validates `name`.
-    pub fn new(name: &str) -> Result<Name> {
-        let bad = |why: &str| Error::InvalidName {
-            name: name.escape_debug().to_string(),
-            why: why.to_owned(),
-        };
-        if name.is_empty() || name.len() > 64 {
-            return Err(bad("it must be 1 to 64 characters long"));
-        }
-        if name.starts_with('.') || name.starts_with('-') {
-            return Err(bad("it must not start with '.' or '-'"));
-        }
-        if let Some(c) = name
-            .chars()
-            .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
-        {
-            return Err(bad(&format!(
-                "{:?} is not allowed (use letters, digits, '.', '_' and '-')",
-                c
-            )));
-        }
-        Ok(Name(name.to_owned()))
+/// The rule both kinds of name follow: 1–64 characters of letters, digits, `.`, `_`, `-`, not
+/// starting with `.` or `-` (so never `..`, never a path, never an option).
+fn validate(kind: &str, name: &str) -> Result<()> {
+    let bad = |why: &str| Error::InvalidName {
+        name: format!("{kind} name \"{}\"", name.escape_debug()),
+        why: why.to_owned(),
+    };
+    if name.is_empty() || name.len() > 64 {
+        return Err(bad("it must be 1 to 64 characters long"));
     }
-
-    /// Like [`Name::new`], for names read back from the store (re-validated: a hand-edited
-    /// store must not smuggle a path in).
-    pub fn parse(name: &str) -> Option<Name> {
-        Name::new(name).ok()
+    if name.starts_with('.') || name.starts_with('-') {
+        return Err(bad("it must not start with '.' or '-'"));
     }
-
-    /// The name.
-    pub fn as_str(&self) -> &str {
-        &self.0
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    {
+        return Err(bad(&format!(
+            "{c:?} is not allowed (use letters, digits, '.', '_' and '-')"
+        )));
     }
+    Ok(())
 }
 
-impl fmt::Display for Name {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
+macro_rules! name_type {
+    ($(#[$doc:meta])* $name:ident, $kind:literal) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+        #[serde(transparent)]
+        pub struct $name(String);
+
+        impl $name {
+            /// Validates `name` (letters, digits, `.`, `_`, `-`; 1–64 characters; not starting
+            /// with `.` or `-`).
+            pub fn new(name: &str) -> Result<$name> {
+                validate($kind, name).map(|()| $name(name.to_owned()))
+            }
+
+            /// Like `new`, for names read back from the store (re-validated: a hand-edited
+            /// store must not smuggle a path in).
+            pub fn parse(name: &str) -> Option<$name> {
+                Self::new(name).ok()
+            }
+
+            /// The name.
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+
+        impl std::str::FromStr for $name {
+            type Err = Error;
+            fn from_str(s: &str) -> Result<$name> {
+                $name::new(s)
+            }
+        }
+    };
 }
+
+name_type!(
+    /// A VM's name in the store.
+    VmName,
+    "VM"
+);
+name_type!(
+    /// A snapshot's name.
+    SnapshotName,
+    "snapshot"
+);
 
 #[cfg(test)]
 mod tests {
@@ -66,6 +89,7 @@ mod tests {
     fn accepts_plain_names_and_refuses_paths_and_control_characters() {
         for ok in ["s1", "before-upgrade", "2026.11.29_a"] {
             assert!(SnapshotName::new(ok).is_ok(), "{ok}");
+            assert!(VmName::new(ok).is_ok(), "{ok}");
         }
         for bad in [
             "",
@@ -80,6 +104,9 @@ mod tests {
             &"x".repeat(65),
         ] {
             assert!(SnapshotName::new(bad).is_err(), "{bad:?} accepted");
+            assert!(VmName::parse(bad).is_none(), "{bad:?} accepted");
         }
+        let err = SnapshotName::new("a/b").unwrap_err().to_string();
+        assert!(err.contains("snapshot name \"a/b\""), "{err}");
     }
 }

@@ -180,24 +180,193 @@ impl Command for QueryMaxBandwidth {
     type Ok = MaxBandwidth;
 }
 
-/// `block-commit` of an active layer into its backing (an "active commit"): the job goes
-/// `ready`, and `job-complete` then pivots the device back onto the base.
+/// `block-commit`: the data of `top-node` (default: the active layer) and every layer
+/// between it and `base-node` is copied into `base-node`. An active commit goes `ready` and
+/// pivots on `job-complete`; an intermediate one rewrites the backing of the layer above
+/// `top-node` when it finalizes.
 #[derive(Debug, Serialize)]
 pub struct BlockCommit {
     /// Our job id.
     #[serde(rename = "job-id")]
     pub job_id: String,
-    /// The root node (the overlay).
+    /// The root node of the disk (QEMU wants a root here).
     pub device: String,
+    /// The highest layer to commit (`None`: the active layer).
+    #[serde(rename = "top-node", skip_serializing_if = "Option::is_none")]
+    pub top_node: Option<String>,
     /// The node to commit into.
     #[serde(rename = "base-node")]
     pub base_node: String,
+    /// `false`: the job waits in `pending` until `job-finalize`, so several disks' jobs can
+    /// finish together or be cancelled together.
+    #[serde(rename = "auto-finalize", skip_serializing_if = "Option::is_none")]
+    pub auto_finalize: Option<bool>,
+    /// `false`: the concluded job stays until `job-dismiss`, so its outcome can be read.
+    #[serde(rename = "auto-dismiss", skip_serializing_if = "Option::is_none")]
+    pub auto_dismiss: Option<bool>,
 }
 
 impl Command for BlockCommit {
     const NAME: &'static str = "block-commit";
     const ALLOW_OOB: bool = false;
     type Ok = Empty;
+}
+
+/// `block-stream`: the data of every layer between `device` and `base-node` is copied into
+/// `device` (any node of the chain), which then backs onto `base-node`.
+#[derive(Debug, Serialize)]
+pub struct BlockStream {
+    /// Our job id.
+    #[serde(rename = "job-id")]
+    pub job_id: String,
+    /// The node that receives the data.
+    pub device: String,
+    /// The node it ends up backed by (`None`: no backing, the whole chain is copied).
+    #[serde(rename = "base-node", skip_serializing_if = "Option::is_none")]
+    pub base_node: Option<String>,
+    /// See [`BlockCommit::auto_finalize`].
+    #[serde(rename = "auto-finalize")]
+    pub auto_finalize: bool,
+    /// See [`BlockCommit::auto_dismiss`].
+    #[serde(rename = "auto-dismiss")]
+    pub auto_dismiss: bool,
+}
+
+impl Command for BlockStream {
+    const NAME: &'static str = "block-stream";
+    const ALLOW_OOB: bool = false;
+    type Ok = Empty;
+}
+
+/// `query-jobs`, with states and types as text.
+#[derive(Debug, Serialize)]
+pub struct QueryJobs {}
+
+/// One job.
+#[derive(Debug, Clone, Deserialize)]
+pub struct JobInfo {
+    /// Its id.
+    pub id: String,
+    /// `created`, `running`, `ready`, `pending`, `concluded`, …
+    pub status: String,
+    /// Work done so far (only the ratio to `total_progress` means something).
+    #[serde(rename = "current-progress", default)]
+    pub current_progress: u64,
+    /// Work to do (may change while the job runs).
+    #[serde(rename = "total-progress", default)]
+    pub total_progress: u64,
+    /// Why it failed, once concluded.
+    #[serde(default)]
+    pub error: Option<String>,
+}
+
+impl Command for QueryJobs {
+    const NAME: &'static str = "query-jobs";
+    const ALLOW_OOB: bool = false;
+    type Ok = Vec<JobInfo>;
+}
+
+/// `query-block`, reading only what the engine uses (tolerant of newer QEMUs).
+#[derive(Debug, Serialize)]
+pub struct QueryBlock {}
+
+/// One block device.
+#[derive(Debug, Clone, Deserialize)]
+pub struct BlockInfo {
+    /// The `-drive` id (empty for `-blockdev` disks).
+    #[serde(default)]
+    pub device: String,
+    /// The guest device's id or QOM path.
+    #[serde(default)]
+    pub qdev: Option<String>,
+    /// The medium (absent for an empty drive).
+    #[serde(default)]
+    pub inserted: Option<NodeInfo>,
+}
+
+impl Command for QueryBlock {
+    const NAME: &'static str = "query-block";
+    const ALLOW_OOB: bool = false;
+    type Ok = Vec<BlockInfo>;
+}
+
+/// A block node (`BlockDeviceInfo`).
+#[derive(Debug, Clone, Deserialize)]
+pub struct NodeInfo {
+    /// Its node name.
+    #[serde(rename = "node-name", default)]
+    pub node_name: Option<String>,
+    /// Its image (a path, or a `json:{…}` description).
+    #[serde(default)]
+    pub file: String,
+    /// Its format driver.
+    #[serde(default)]
+    pub drv: String,
+    /// Read-only.
+    #[serde(default)]
+    pub ro: bool,
+    /// Its image and backing chain.
+    #[serde(default)]
+    pub image: Option<ImageInfo>,
+}
+
+/// An image and (nested) its backing chain.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ImageInfo {
+    /// The image file.
+    #[serde(default)]
+    pub filename: String,
+    /// Its format.
+    #[serde(default)]
+    pub format: String,
+    /// Virtual size.
+    #[serde(rename = "virtual-size", default)]
+    pub virtual_size: i64,
+    /// Its backing image.
+    #[serde(rename = "backing-image", default)]
+    pub backing_image: Option<Box<ImageInfo>>,
+}
+
+/// `query-named-block-nodes` (`flat`: no nested chains).
+#[derive(Debug, Serialize)]
+pub struct QueryNamedBlockNodes {
+    /// Omit nested backing chains.
+    pub flat: bool,
+}
+
+impl Command for QueryNamedBlockNodes {
+    const NAME: &'static str = "query-named-block-nodes";
+    const ALLOW_OOB: bool = false;
+    type Ok = Vec<NodeInfo>;
+}
+
+/// `query-fdsets`, reading ids and opaque names only.
+#[derive(Debug, Serialize)]
+pub struct QueryFdsets {}
+
+/// One fdset.
+#[derive(Debug, Clone, Deserialize)]
+pub struct FdsetInfo {
+    /// Its id.
+    #[serde(rename = "fdset-id")]
+    pub fdset_id: i64,
+    /// Its descriptors.
+    #[serde(default)]
+    pub fds: Vec<FdsetFd>,
+}
+
+/// One descriptor of an fdset.
+#[derive(Debug, Clone, Deserialize)]
+pub struct FdsetFd {
+    /// The opaque name given with `add-fd`.
+    #[serde(default)]
+    pub opaque: Option<String>,
+}
+
+impl Command for QueryFdsets {
+    const NAME: &'static str = "query-fdsets";
+    const ALLOW_OOB: bool = false;
+    type Ok = Vec<FdsetInfo>;
 }
 
 /// `blockdev-set-active` (QEMU >= 10.0) for all nodes: after a completed precopy save the

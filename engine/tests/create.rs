@@ -4,7 +4,7 @@
 //! the store records what was made.
 
 use qsnap_engine::snapshot::{memfile, CreateReport, Mode};
-use qsnap_engine::{Engine, Name, Store};
+use qsnap_engine::{Engine, SnapshotName, Store, VmName};
 use qsnap_qmp::types;
 use qsnap_testkit::restore::{assert_resumes, restore_guest, Frozen};
 use qsnap_testkit::{
@@ -47,7 +47,7 @@ async fn booted(dir: &Path, dirty_mb: u32) -> Vm {
 async fn attached(dir: &Path, vm: &Vm) -> (Engine, qsnap_engine::Vm) {
     let engine = Engine::new(Store::new(dir.join("store")));
     let handle = engine
-        .attach(&Name::new("vm1").unwrap(), vm.qmp_path.to_str().unwrap())
+        .attach(&VmName::new("vm1").unwrap(), vm.qmp_path.to_str().unwrap())
         .await
         .unwrap();
     (engine, handle)
@@ -81,7 +81,7 @@ async fn twenty_point_in_time_snapshots_each_restore_to_their_instant() {
     let mut last = tick_at_least(&vm, 3).await;
 
     for i in 1..=20 {
-        let snap = Name::new(&format!("s{i}")).unwrap();
+        let snap = SnapshotName::new(&format!("s{i}")).unwrap();
         let before = *vm.serial.ticks().last().unwrap();
         let m = handle
             .create_snapshot(handle.create_options(snap))
@@ -137,7 +137,7 @@ async fn twenty_point_in_time_snapshots_each_restore_to_their_instant() {
 
     let list = handle.snapshots().await.unwrap();
     assert_eq!(list.len(), 20);
-    let rec = engine.vm(&Name::new("vm1").unwrap()).await.unwrap();
+    let rec = engine.vm(&VmName::new("vm1").unwrap()).await.unwrap();
     assert_eq!(rec.record().current.as_deref(), Some("s20"));
     assert_eq!(
         rec.record().disks[0].image,
@@ -159,7 +159,7 @@ async fn precopy_snapshots_restore_to_the_end_of_the_copy_and_a_slow_copy_is_bou
     // the guest to finish, and say so.
     for (name, limit, forced) in [("p1", 60, false), ("p2", 0, true)] {
         let before = *vm.serial.ticks().last().unwrap();
-        let mut opts = handle.create_options(Name::new(name).unwrap());
+        let mut opts = handle.create_options(SnapshotName::new(name).unwrap());
         opts.mode = Some(Mode::Precopy);
         opts.live_limit = Duration::from_secs(limit);
         let m = handle.create_snapshot(opts).await.unwrap();

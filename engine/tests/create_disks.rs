@@ -3,7 +3,7 @@
 //! writable disks switch in one transaction, for memory and disk-only snapshots alike.
 
 use qsnap_engine::snapshot::Mode;
-use qsnap_engine::{Engine, Name, RunOptions, Store};
+use qsnap_engine::{Engine, RunOptions, SnapshotName, Store, VmName};
 use qsnap_qmp::types;
 use qsnap_testkit::{
     create_image, init_logging, require_qemu, DiskStyle, KillRecordedQemu, VmBuilder,
@@ -53,12 +53,15 @@ async fn drive_and_blockdev_disks_switch_together_and_read_only_or_empty_ones_ar
         .await;
     let engine = Engine::new(Store::new(d("store")));
     let handle = engine
-        .attach(&Name::new("multi").unwrap(), vm.qmp_path.to_str().unwrap())
+        .attach(
+            &VmName::new("multi").unwrap(),
+            vm.qmp_path.to_str().unwrap(),
+        )
         .await
         .unwrap();
 
     for (snap, mode) in [("m1", None), ("d1", Some(Mode::DiskOnly))] {
-        let mut opts = handle.create_options(Name::new(snap).unwrap());
+        let mut opts = handle.create_options(SnapshotName::new(snap).unwrap());
         opts.mode = mode;
         let m = handle.create_snapshot(opts).await.unwrap();
         let s = &m.snapshot;
@@ -133,14 +136,14 @@ async fn relative_image_paths_resolve_against_qemus_working_directory() {
         ..RunOptions::default()
     };
     let rec = engine
-        .run(&Name::new("rel").unwrap(), argv, &opts)
+        .run(&VmName::new("rel").unwrap(), argv, &opts)
         .await
         .unwrap()
         .record;
     assert_eq!(rec.disks[0].image, dir.path().join("rel.img"));
-    let vm = engine.vm(&Name::new("rel").unwrap()).await.unwrap();
+    let vm = engine.vm(&VmName::new("rel").unwrap()).await.unwrap();
     let m = vm
-        .create_snapshot(vm.create_options(Name::new("s1").unwrap()))
+        .create_snapshot(vm.create_options(SnapshotName::new("s1").unwrap()))
         .await
         .unwrap();
     assert_eq!(m.snapshot.disks[0].image, dir.path().join("rel.img"));
@@ -152,7 +155,9 @@ async fn relative_image_paths_resolve_against_qemus_working_directory() {
         st.disks[0].chain,
         vec![dir.path().join("rel.s1.qcow2"), dir.path().join("rel.img")]
     );
-    vm.revert(&Name::new("s1").unwrap(), false).await.unwrap();
+    vm.revert(&SnapshotName::new("s1").unwrap(), false)
+        .await
+        .unwrap();
     assert!(vm.status().await.unwrap().running);
     vm.stop().await.unwrap();
 }

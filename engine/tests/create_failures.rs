@@ -4,7 +4,7 @@
 
 use nix::sys::signal::{kill, Signal};
 use qsnap_engine::snapshot::{memfile, Mode};
-use qsnap_engine::{Engine, Error, Name, Store};
+use qsnap_engine::{Engine, Error, SnapshotName, Store, VmName};
 use qsnap_qmp::types;
 use qsnap_testkit::restore::{assert_resumes, restore_guest, Frozen};
 use qsnap_testkit::{
@@ -101,7 +101,7 @@ async fn full_disk_cancel_and_killed_qemu_leave_nothing_half_made() {
         .spawn()
         .await;
     vm.wait_booted(Duration::from_secs(90)).await;
-    let vm_name = Name::new("vm1").unwrap();
+    let vm_name = VmName::new("vm1").unwrap();
     let attach = |store: PathBuf| {
         let socket = vm.qmp_path.display().to_string();
         let name = vm_name.clone();
@@ -116,7 +116,7 @@ async fn full_disk_cancel_and_killed_qemu_leave_nothing_half_made() {
     if let Some(_fs) = tiny_fs(&tiny) {
         let handle = attach(tiny.join("store")).await;
         let err = handle
-            .create_snapshot(handle.create_options(Name::new("full").unwrap()))
+            .create_snapshot(handle.create_options(SnapshotName::new("full").unwrap()))
             .await
             .unwrap_err();
         eprintln!("ENOSPC: {err}");
@@ -135,7 +135,7 @@ async fn full_disk_cancel_and_killed_qemu_leave_nothing_half_made() {
     let mem_dir = store.join("vms/vm1/memory");
 
     // 2. Cancel (what Ctrl-C does) while RAM is being written.
-    let mut opts = handle.create_options(Name::new("cancelled").unwrap());
+    let mut opts = handle.create_options(SnapshotName::new("cancelled").unwrap());
     let token = opts.cancel.clone();
     opts.progress = Some(Arc::new(move |_| token.cancel()));
     let err = handle.create_snapshot(opts).await.unwrap_err();
@@ -158,7 +158,7 @@ async fn full_disk_cancel_and_killed_qemu_leave_nothing_half_made() {
     // 3. A good snapshot still works after all that.
     let before = *vm.serial.ticks().last().unwrap();
     let good = handle
-        .create_snapshot(handle.create_options(Name::new("good").unwrap()))
+        .create_snapshot(handle.create_options(SnapshotName::new("good").unwrap()))
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -178,15 +178,31 @@ async fn full_disk_cancel_and_killed_qemu_leave_nothing_half_made() {
     assert_resumes(&restored, before, after, 2).await;
     drop(restored);
 
-    // 4. QEMU killed while it writes RAM: a clear error, the memory file gone, the overlay
-    //    the guest had switched to kept (it holds the guest's last writes) and named.
+    // 4. QEMU killed while it writes RAM, after the guest made a tick durable on the new
+    //    overlay: a clear error, the memory file gone, the overlay kept (it holds the
+    //    guest's last writes), named, and recorded as the disk.
     let pid = vm.pid();
-    let mut opts = handle.create_options(Name::new("killed").unwrap());
-    opts.progress = Some(Arc::new(move |_| {
+    let serial = vm.serial.clone();
+    let scenario = qsnap_testkit::failpoints();
+    // At the point where the disks have switched and the guest runs again while RAM is
+    // saved: wait for two ticks (at least one written and flushed on the new overlay), then
+    // kill QEMU.
+    fail::cfg_callback("create.resumed", move || {
+        let mark = serial.ticks().last().copied().unwrap_or(0);
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while serial.ticks().last().map_or(true, |&t| t < mark + 2)
+            && std::time::Instant::now() < deadline
+        {
+            std::thread::yield_now();
+        }
         let _ = kill(pid, Signal::SIGKILL);
-    }));
+    })
+    .unwrap();
+    let opts = handle.create_options(SnapshotName::new("killed").unwrap());
     let err = handle.create_snapshot(opts).await.unwrap_err();
-    eprintln!("killed: {err}");
+    drop(scenario);
+    let last_durable = *vm.serial.ticks().last().unwrap();
+    eprintln!("killed after tick {last_durable}: {err}");
     let text = err.to_string();
     assert!(text.contains("QEMU went away"), "{text}");
     let overlay = dir.path().join("base.killed.qcow2");
@@ -199,7 +215,7 @@ async fn full_disk_cancel_and_killed_qemu_leave_nothing_half_made() {
     vm.kill().await;
 
     // The record follows the kept overlay, so a restart opens it (with the guest's last
-    // writes), not the image below it.
+    // writes), not the image below it, and the guest finds every tick it made durable.
     let status = handle.status().await.unwrap();
     assert!(!status.running);
     assert_eq!(status.disks[0].chain[0], overlay);
@@ -208,6 +224,18 @@ async fn full_disk_cancel_and_killed_qemu_leave_nothing_half_made() {
     let argv = std::fs::read(format!("/proc/{}/cmdline", launched.pid.unwrap())).unwrap();
     let argv = String::from_utf8_lossy(&argv).replace('\0', " ");
     assert!(argv.contains("base.killed.qcow2"), "{argv}");
+    let console = qsnap_testkit::SerialLog::follow(store.join("vms/vm1/qemu.log"));
+    let (_, counter) = console
+        .wait_from(0, Duration::from_secs(90), |l| {
+            l.strip_prefix("qsnap-guest: ready counter=")
+                .and_then(|n| n.trim().parse::<u64>().ok())
+        })
+        .await
+        .unwrap_or_else(|e| panic!("the restarted guest did not come up: {e}"));
+    assert!(
+        counter >= last_durable,
+        "the guest printed tick {last_durable} (flushed) before QEMU was killed, but its disk says {counter}"
+    );
     handle.stop().await.unwrap();
 }
 
@@ -237,11 +265,11 @@ async fn invtsc_blocker_is_refused_with_the_fix_and_disk_only_still_works() {
     };
     let engine = Engine::new(Store::new(dir.path().join("store")));
     let handle = engine
-        .attach(&Name::new("tsc").unwrap(), vm.qmp_path.to_str().unwrap())
+        .attach(&VmName::new("tsc").unwrap(), vm.qmp_path.to_str().unwrap())
         .await
         .unwrap();
     let err = handle
-        .create_snapshot(handle.create_options(Name::new("s1").unwrap()))
+        .create_snapshot(handle.create_options(SnapshotName::new("s1").unwrap()))
         .await
         .unwrap_err();
     let text = err.to_string();
@@ -262,7 +290,7 @@ async fn invtsc_blocker_is_refused_with_the_fix_and_disk_only_still_works() {
     assert_eq!(top_image(&vm).await, disk.display().to_string());
 
     // The way out the error offers works.
-    let mut opts = handle.create_options(Name::new("s1").unwrap());
+    let mut opts = handle.create_options(SnapshotName::new("s1").unwrap());
     opts.mode = Some(Mode::DiskOnly);
     let m = handle.create_snapshot(opts).await.unwrap();
     assert_eq!(m.snapshot.mode, Mode::DiskOnly);
@@ -288,25 +316,25 @@ async fn bad_input_and_a_concurrent_create_are_refused_and_change_nothing() {
     let engine = Engine::new(Store::new(dir.path().join("store")));
     for bad in ["../etc", "a/b", "..", "x\ny", ""] {
         assert!(
-            matches!(Name::new(bad), Err(Error::InvalidName { .. })),
+            matches!(SnapshotName::new(bad), Err(Error::InvalidName { .. })),
             "{bad:?}"
         );
     }
-    let missing = engine.vm(&Name::new("nope").unwrap()).await.unwrap_err();
+    let missing = engine.vm(&VmName::new("nope").unwrap()).await.unwrap_err();
     assert!(matches!(missing, Error::UnknownVm { .. }), "{missing}");
     let err = engine
-        .attach(&Name::new("ghost").unwrap(), "/nonexistent/qmp.sock")
+        .attach(&VmName::new("ghost").unwrap(), "/nonexistent/qmp.sock")
         .await
         .unwrap_err();
     assert!(err.to_string().contains("monitor"), "{err}");
     assert!(!dir.path().join("store/vms/ghost").exists());
 
     let handle = engine
-        .attach(&Name::new("vm1").unwrap(), vm.qmp_path.to_str().unwrap())
+        .attach(&VmName::new("vm1").unwrap(), vm.qmp_path.to_str().unwrap())
         .await
         .unwrap();
     let again = engine
-        .attach(&Name::new("vm1").unwrap(), vm.qmp_path.to_str().unwrap())
+        .attach(&VmName::new("vm1").unwrap(), vm.qmp_path.to_str().unwrap())
         .await
         .unwrap_err();
     assert!(matches!(again, Error::VmExists { .. }), "{again}");
@@ -315,7 +343,7 @@ async fn bad_input_and_a_concurrent_create_are_refused_and_change_nothing() {
     let squatter = dir.path().join("d.s1.qcow2");
     std::fs::write(&squatter, b"mine").unwrap();
     let err = handle
-        .create_snapshot(handle.create_options(Name::new("s1").unwrap()))
+        .create_snapshot(handle.create_options(SnapshotName::new("s1").unwrap()))
         .await
         .unwrap_err();
     assert!(matches!(err, Error::TargetExists { .. }), "{err}");
@@ -327,8 +355,8 @@ async fn bad_input_and_a_concurrent_create_are_refused_and_change_nothing() {
 
     // Two creates at once on one VM: exactly one runs, the other is told who holds the VM.
     let (a, b) = tokio::join!(
-        handle.create_snapshot(handle.create_options(Name::new("a").unwrap())),
-        handle.create_snapshot(handle.create_options(Name::new("b").unwrap())),
+        handle.create_snapshot(handle.create_options(SnapshotName::new("a").unwrap())),
+        handle.create_snapshot(handle.create_options(SnapshotName::new("b").unwrap())),
     );
     let (ok, refused) = match (a, b) {
         (Ok(m), Err(e)) | (Err(e), Ok(m)) => (m, e),
@@ -345,12 +373,12 @@ async fn bad_input_and_a_concurrent_create_are_refused_and_change_nothing() {
 
     // A used name and an unknown snapshot.
     let err = handle
-        .create_snapshot(handle.create_options(Name::new(&ok.name).unwrap()))
+        .create_snapshot(handle.create_options(SnapshotName::new(&ok.name).unwrap()))
         .await
         .unwrap_err();
     assert!(matches!(err, Error::SnapshotExists { .. }), "{err}");
     let err = handle
-        .snapshot(&Name::new("never").unwrap())
+        .snapshot(&SnapshotName::new("never").unwrap())
         .await
         .unwrap_err();
     assert!(matches!(err, Error::UnknownSnapshot { .. }), "{err}");

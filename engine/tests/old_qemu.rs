@@ -4,7 +4,7 @@
 //! and reverts must be as consistent as on a new QEMU.
 
 use qsnap_engine::snapshot::{memfile, Mode};
-use qsnap_engine::{Engine, Name, RunOptions, Store};
+use qsnap_engine::{Engine, RunOptions, SnapshotName, Store, VmName};
 use qsnap_testkit::serial::parse_tick;
 use qsnap_testkit::{
     create_image, init_logging, old_qemu, require_qemu, DiskStyle, KillRecordedQemu, VmBuilder,
@@ -34,14 +34,14 @@ async fn qemu_7_2_point_in_time_and_precopy_snapshots_revert_consistently() {
     let _kill = KillRecordedQemu::new(&dir.path().join("store"), "old");
     engine
         .run_with(
-            &Name::new("old").unwrap(),
+            &VmName::new("old").unwrap(),
             argv,
             &RunOptions::default(),
             &launcher,
         )
         .await
         .unwrap();
-    let vm = engine.vm(&Name::new("old").unwrap()).await.unwrap();
+    let vm = engine.vm(&VmName::new("old").unwrap()).await.unwrap();
     let log = launcher.serial();
     let report = || {
         let q =
@@ -68,7 +68,7 @@ async fn qemu_7_2_point_in_time_and_precopy_snapshots_revert_consistently() {
     let mut ranges = Vec::new();
     for (name, mode) in [("pit", None), ("pre", Some(Mode::Precopy))] {
         let before = *log.ticks().last().unwrap();
-        let mut opts = vm.create_options(Name::new(name).unwrap());
+        let mut opts = vm.create_options(SnapshotName::new(name).unwrap());
         opts.mode = mode;
         let m = vm
             .create_snapshot(opts)
@@ -92,7 +92,11 @@ async fn qemu_7_2_point_in_time_and_precopy_snapshots_revert_consistently() {
 
     for (name, before, after) in ranges {
         let r = vm
-            .revert_with(&Name::new(name).unwrap(), false, &launcher)
+            .revert_with(
+                &SnapshotName::new(name).unwrap(),
+                &qsnap_engine::RevertOptions::default(),
+                &launcher,
+            )
             .await
             .unwrap_or_else(|e| panic!("revert {name}: {e}\n{}", report()));
         assert!(r.memory_restored && r.resumed);

@@ -5,7 +5,7 @@
 
 use qsnap_engine::launch::{LaunchSpec, Launched, Launcher, ProcessLauncher};
 use qsnap_engine::snapshot::{revert, Mode};
-use qsnap_engine::{Engine, Error, Name, RunOptions, Store, Vm};
+use qsnap_engine::{Engine, Error, RevertOptions, RunOptions, SnapshotName, Store, Vm, VmName};
 use qsnap_testkit::serial::{parse_tick, SerialLog};
 use qsnap_testkit::{
     create_image, init_logging, kvm_available, require_qemu, Accel, DiskStyle, KillRecordedQemu,
@@ -18,8 +18,12 @@ mod common;
 use common::PerLaunchSerial;
 use std::time::Duration;
 
-fn n(s: &str) -> Name {
-    Name::new(s).unwrap()
+fn n(s: &str) -> SnapshotName {
+    SnapshotName::new(s).unwrap()
+}
+
+fn v(s: &str) -> VmName {
+    VmName::new(s).unwrap()
 }
 
 /// A VM under qsnap whose console the test follows (each QEMU writes its own file).
@@ -46,12 +50,12 @@ impl Guest {
         let launcher = PerLaunchSerial::new(&path);
         let kill = KillRecordedQemu::new(&path.join("store"), "g");
         let report = engine
-            .run_with(&n("g"), argv, &RunOptions::default(), &launcher)
+            .run_with(&v("g"), argv, &RunOptions::default(), &launcher)
             .await
             .unwrap();
         assert!(report.tsc_pinned.is_none());
         Guest {
-            vm: engine.vm(&n("g")).await.unwrap(),
+            vm: engine.vm(&v("g")).await.unwrap(),
             launcher,
             _kill: kill,
             _dir: dir,
@@ -107,7 +111,7 @@ impl Guest {
     async fn revert_and_check(&self, name: &str, (before, after): (u64, u64)) {
         let r = self
             .vm
-            .revert_with(&n(name), false, &self.launcher)
+            .revert_with(&n(name), &RevertOptions::default(), &self.launcher)
             .await
             .unwrap_or_else(|e| panic!("revert {name}: {e}\n{}", self.report()));
         eprintln!(
@@ -361,7 +365,10 @@ async fn stop_and_start_keep_the_chain_and_never_open_a_frozen_image_read_write(
         calls: AtomicUsize::new(0),
         incoming: AtomicUsize::new(0),
     };
-    let r = g.vm.revert_with(&n("d1"), false, &launcher).await.unwrap();
+    let r =
+        g.vm.revert_with(&n("d1"), &RevertOptions::default(), &launcher)
+            .await
+            .unwrap();
     assert!(!r.memory_restored);
     assert_eq!(launcher.calls.load(Ordering::SeqCst), 1);
     assert_eq!(launcher.incoming.load(Ordering::SeqCst), 0);
@@ -374,7 +381,7 @@ async fn stop_and_start_keep_the_chain_and_never_open_a_frozen_image_read_write(
     // overlays are gone, and `start` brings the VM back on its previous disks.
     let before = g.vm.status().await.unwrap().disks[0].chain.clone();
     let err =
-        g.vm.revert_with(&n("s1"), false, &Failing)
+        g.vm.revert_with(&n("s1"), &RevertOptions::default(), &Failing)
             .await
             .unwrap_err();
     let text = err.to_string();
@@ -420,7 +427,7 @@ async fn run_pins_the_tsc_frequency_of_an_invtsc_cpu_so_memory_snapshots_work() 
     // Without the fix: QEMU refuses to save memory, and the error gives the way out.
     engine
         .run(
-            &n("plain"),
+            &v("plain"),
             argv.clone(),
             &RunOptions {
                 no_tsc_fix: true,
@@ -429,7 +436,7 @@ async fn run_pins_the_tsc_frequency_of_an_invtsc_cpu_so_memory_snapshots_work() 
         )
         .await
         .unwrap();
-    let plain = engine.vm(&n("plain")).await.unwrap();
+    let plain = engine.vm(&v("plain")).await.unwrap();
     let err = plain
         .create_snapshot(plain.create_options(n("s1")))
         .await
@@ -439,7 +446,7 @@ async fn run_pins_the_tsc_frequency_of_an_invtsc_cpu_so_memory_snapshots_work() 
 
     // With it: the Hz is added to -cpu, recorded, and a memory snapshot works.
     let report = engine
-        .run(&n("fixed"), argv, &RunOptions::default())
+        .run(&v("fixed"), argv, &RunOptions::default())
         .await
         .unwrap();
     let (hz, source) = report.tsc_pinned.clone().expect("tsc-frequency pinned");
@@ -453,7 +460,7 @@ async fn run_pins_the_tsc_frequency_of_an_invtsc_cpu_so_memory_snapshots_work() 
         "{:?}",
         cmd.argv
     );
-    let fixed = engine.vm(&n("fixed")).await.unwrap();
+    let fixed = engine.vm(&v("fixed")).await.unwrap();
     let m = fixed
         .create_snapshot(fixed.create_options(n("s1")))
         .await

@@ -17,8 +17,9 @@
 use crate::codec::{encode_command, Frame, Greeting, QmpCodec};
 use crate::connect::{self, Endpoint, Transport};
 use crate::error::{Error, Result};
-use crate::events::{Event, EventStream};
+use crate::events::EventStream;
 use crate::probe::Schema;
+use crate::session::{Pending, Shared, State};
 use crate::transcript::Transcript;
 use futures::StreamExt;
 use nix::sys::socket::Shutdown;
@@ -33,7 +34,7 @@ use tokio::io::{AsyncRead, AsyncWriteExt};
 use tokio::sync::{broadcast, mpsc, oneshot, OnceCell};
 use tokio::task::JoinHandle;
 use tokio_util::codec::FramedRead;
-use tracing::{debug, trace, warn, Instrument};
+use tracing::{debug, trace, Instrument};
 
 /// How a connection is made and how long things may take.
 #[derive(Debug, Clone)]
@@ -62,130 +63,6 @@ impl Default for ConnectOptions {
             transcript_lines: 200,
             event_buffer: 4096,
         }
-    }
-}
-
-struct Pending {
-    command: String,
-    reply: oneshot::Sender<Result<Value>>,
-}
-
-struct State {
-    pending: HashMap<u64, Pending>,
-    /// Set once, when the reader sees the connection end.
-    closed: Option<Arc<str>>,
-    /// Dropped on close so that every subscription ends.
-    events: Option<broadcast::Sender<Arc<Event>>>,
-}
-
-/// State shared by the client handle, its reader task and event subscriptions.
-pub(crate) struct Shared {
-    endpoint: String,
-    state: Mutex<State>,
-    transcript: Transcript,
-}
-
-impl Shared {
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        // A panic while holding the lock leaves plain data behind; keep going.
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    pub(crate) fn disconnected_error(&self) -> Error {
-        let reason = self
-            .lock()
-            .closed
-            .clone()
-            .unwrap_or_else(|| Arc::from("the connection was closed"));
-        Error::Disconnected { reason }
-    }
-
-    fn close(&self, reason: &str) {
-        let mut st = self.lock();
-        if st.closed.is_some() {
-            return;
-        }
-        let reason: Arc<str> = Arc::from(reason);
-        debug!(endpoint = %self.endpoint, %reason, "QMP connection closed");
-        st.closed = Some(reason.clone());
-        st.events = None;
-        for (_, p) in st.pending.drain() {
-            let _ = p.reply.send(Err(Error::Disconnected {
-                reason: reason.clone(),
-            }));
-        }
-    }
-
-    fn complete(&self, id: &Option<Value>, result: impl FnOnce(&str) -> Result<Value>) {
-        let Some(num) = id.as_ref().and_then(Value::as_u64) else {
-            warn!(endpoint = %self.endpoint, ?id, "QMP reply without a usable id; dropped");
-            return;
-        };
-        let pending = self.lock().pending.remove(&num);
-        match pending {
-            Some(p) => {
-                let _ = p.reply.send(result(&p.command));
-            }
-            None => debug!(id = num, "reply for a call that already gave up; dropped"),
-        }
-    }
-
-    fn dispatch(&self, frame: Frame) {
-        match frame {
-            Frame::Return { id, value } => self.complete(&id, |_| Ok(value)),
-            Frame::Error { id, class, desc } => {
-                if id.is_none() {
-                    warn!(%class, %desc, "QEMU could not parse a command we sent");
-                }
-                self.complete(&id, |command| {
-                    Err(Error::Qemu {
-                        command: command.to_owned(),
-                        class,
-                        desc,
-                    })
-                })
-            }
-            Frame::Event {
-                name,
-                data,
-                timestamp,
-            } => {
-                if name == "COMMAND_DROPPED" {
-                    let reason = data
-                        .get("reason")
-                        .and_then(Value::as_str)
-                        .unwrap_or("dropped")
-                        .to_owned();
-                    let id = data.get("id").cloned();
-                    self.complete(&id, |command| {
-                        Err(Error::CommandDropped {
-                            command: command.to_owned(),
-                            reason,
-                        })
-                    });
-                }
-                let ev = Arc::new(Event {
-                    name,
-                    data,
-                    timestamp,
-                    received: Instant::now(),
-                });
-                if let Some(tx) = &self.lock().events {
-                    let _ = tx.send(ev); // no subscriber is fine
-                }
-            }
-            Frame::Greeting(_) => warn!("unexpected second QMP greeting; ignored"),
-            Frame::Invalid { line, reason } => {
-                warn!(endpoint = %self.endpoint, %reason, line = %truncate(&line), "ignoring a line that is not QMP")
-            }
-        }
-    }
-}
-
-fn truncate(s: &str) -> &str {
-    match s.char_indices().nth(200) {
-        Some((i, _)) => &s[..i],
-        None => s,
     }
 }
 
@@ -404,6 +281,17 @@ impl Qmp {
             .filter(|&pid| pid > 0)
     }
 
+    /// The uid the process serving a Unix socket ran as when it opened the socket, from the
+    /// peer credentials. `None` for TCP.
+    pub fn peer_uid(&self) -> Option<u32> {
+        if !self.is_unix {
+            return None;
+        }
+        nix::sys::socket::getsockopt(&self.socket, nix::sys::socket::sockopt::PeerCredentials)
+            .ok()
+            .map(|c| c.uid())
+    }
+
     /// False once the connection has closed.
     pub fn is_connected(&self) -> bool {
         self.shared.lock().closed.is_none()
@@ -561,11 +449,13 @@ impl Qmp {
                 fd,
                 done: done_tx,
             };
-            if self.writer.send(request).await.is_err() {
-                return Err(self.shared.disconnected_error());
-            }
             let started = Instant::now();
+            // The send is inside the deadline too: a QEMU that stopped reading its socket
+            // fills the writer's queue, and a caller must not wait for it forever.
             let outcome = tokio::time::timeout(timeout, async {
+                if self.writer.send(request).await.is_err() {
+                    return Err(self.shared.disconnected_error());
+                }
                 match done_rx.await {
                     Ok(Ok(())) => {}
                     Ok(Err(source)) => {
@@ -589,7 +479,7 @@ impl Qmp {
                 })
             });
             debug!(
-                elapsed_us = started.elapsed().as_micros() as u64,
+                elapsed_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
                 ok = result.is_ok(),
                 "done"
             );

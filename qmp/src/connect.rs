@@ -68,13 +68,27 @@ fn is_transient(e: &io::Error) -> bool {
     )
 }
 
+/// How long one TCP connect may take: a host that drops SYNs would otherwise hold the caller
+/// for the kernel's two minutes.
+const TCP_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Connects, retrying transient failures every 50 ms until `retry_for` has passed.
 pub(crate) async fn open(endpoint: &Endpoint, retry_for: Duration) -> Result<Transport> {
     let deadline = tokio::time::Instant::now() + retry_for;
     loop {
         let attempt = match endpoint {
             Endpoint::Unix(path) => UnixStream::connect(path).await.map(Transport::Unix),
-            Endpoint::Tcp(addr) => TcpStream::connect(addr.as_str()).await.map(Transport::Tcp),
+            Endpoint::Tcp(addr) => {
+                match tokio::time::timeout(TCP_CONNECT_TIMEOUT, TcpStream::connect(addr.as_str()))
+                    .await
+                {
+                    Ok(r) => r.map(Transport::Tcp),
+                    Err(_) => Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!("no answer within {TCP_CONNECT_TIMEOUT:?}"),
+                    )),
+                }
+            }
         };
         match attempt {
             Ok(t) => return Ok(t),

@@ -15,7 +15,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 #[non_exhaustive]
 pub enum Error {
     /// The socket could not be reached (after the connect retries).
-    #[error("cannot connect to the QMP socket {endpoint} (is QEMU running with -qmp unix:{endpoint},server=on,wait=off?)")]
+    #[error("cannot connect to the QMP socket {endpoint}: {source} (is QEMU running with -qmp unix:{endpoint},server=on,wait=off?)")]
     Connect {
         /// Where we tried to connect.
         endpoint: String,
@@ -98,7 +98,7 @@ pub enum Error {
 
     /// The reply did not match the command's reply type (e.g. a QEMU newer than the schema).
     /// The raw reply is kept so the caller can fall back to `execute_raw`.
-    #[error("cannot decode the reply to {command}")]
+    #[error("cannot decode the reply to {command}: {source}")]
     Decode {
         /// The command.
         command: String,
@@ -125,7 +125,7 @@ pub enum Error {
     },
 
     /// Writing a command to the socket failed.
-    #[error("cannot send {command} to QEMU")]
+    #[error("cannot send {command} to QEMU: {source}")]
     Send {
         /// The command.
         command: String,

@@ -5,9 +5,9 @@
 //! a timeout, and a closed connection ends every wait at once with
 //! [`Error::Disconnected`](crate::Error::Disconnected).
 
-use crate::client::Shared;
 use crate::codec::Timestamp;
 use crate::error::{Error, Result};
+use crate::session::Shared;
 use serde_json::Value;
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -5,8 +5,9 @@
 //! timeouts, events with timestamps, file-descriptor passing, and feature probing from QEMU's
 //! own schema. It knows nothing of snapshots: that is `qsnap-engine`'s job.
 //!
-//! Code map: `codec` (line framing), `connect` (transport and retries), `client` (the session:
-//! reader/writer tasks, pending calls), `events`, `fd` (SCM_RIGHTS), `probe` (schema
+//! Code map: `codec` (line framing), `connect` (transport and retries), `client` (the handle:
+//! reader/writer tasks, calls), `session` (state the handle, the reader and event
+//! subscriptions share), `events`, `fd` (SCM_RIGHTS), `probe` (schema
 //! lookups), `commands` (typed commands newer than the bundled schema), `error`.
 //!
 //! ```no_run
@@ -30,6 +31,7 @@ mod error;
 mod events;
 mod fd;
 pub mod probe;
+mod session;
 mod transcript;
 
 pub use client::{ConnectOptions, Qmp};

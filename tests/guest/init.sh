@@ -1,8 +1,10 @@
 #!/bin/busybox sh
 # /init of qsnap's test guest. It proves that memory and disk belong to the same instant:
 # a counter lives both in this shell's memory and in the first sector of /dev/vda, written
-# and read with O_DIRECT (no guest page cache). After a restore from a snapshot the two must
-# still agree; if they ever differ the guest prints `MISMATCH disk=X mem=Y`.
+# and read with O_DIRECT (no guest page cache) and flushed before `tick N` is printed, so a
+# printed tick is durable: whatever happens to QEMU, the disk must keep it. After a restore
+# from a snapshot memory and disk must still agree; if they ever differ the guest prints
+# `MISMATCH disk=X mem=Y`.
 #
 # With a virtio-serial port named org.qemu.guest_agent.0 it runs the QEMU guest agent there;
 # with a second disk (/dev/vdb) it makes an ext2 filesystem on it and mounts it at /mnt, so that
@@ -70,7 +72,7 @@ read_disk() {
 }
 
 write_disk() {
-  printf 'QSNAPCTR %s\n' "$1" | dd of=/dev/vda bs=512 count=1 conv=sync,notrunc oflag=direct 2>/dev/null
+  printf 'QSNAPCTR %s\n' "$1" | dd of=/dev/vda bs=512 count=1 conv=sync,notrunc,fsync oflag=direct 2>/dev/null
 }
 
 mem=$(read_disk)

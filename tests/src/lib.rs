@@ -128,11 +128,28 @@ impl Drop for KillRecordedQemu {
         let is_qemu = std::fs::read(format!("/proc/{pid}/cmdline"))
             .map(|c| String::from_utf8_lossy(&c).contains("qemu"))
             .unwrap_or(false);
-        if is_qemu {
+        if let (true, Ok(pid)) = (is_qemu, i32::try_from(pid)) {
             let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid as i32),
+                nix::unistd::Pid::from_raw(pid),
                 nix::sys::signal::Signal::SIGKILL,
             );
         }
     }
+}
+
+/// The failpoints of a `failpoints` build of the engine, for one test (dropping it clears
+/// them). Panics when the engine was built without them: `scripts/test.sh` builds with them,
+/// and a fault-injection test that cannot inject is a failure, not a pass.
+pub fn failpoints() -> fail::FailScenario<'static> {
+    assert!(
+        failpoints_enabled(),
+        "this test needs the engine's failpoints: run it through scripts/test.sh (cargo ... --features qsnap-engine/failpoints)"
+    );
+    fail::FailScenario::setup()
+}
+
+/// Whether the failpoints are compiled in (the `fail` crate's `failpoints` feature, which the
+/// engine's `failpoints` feature turns on).
+pub fn failpoints_enabled() -> bool {
+    fail::has_failpoints()
 }

@@ -69,13 +69,13 @@ impl SerialLog {
         let (tx, rx) = watch::channel(0usize);
         let weak = Arc::downgrade(&lines);
         tokio::spawn(async move {
-            let mut offset = 0u64;
+            let mut offset = 0usize;
             let mut partial = Vec::new();
             while let Some(sink) = weak.upgrade() {
                 if let Ok(bytes) = tokio::fs::read(&path).await {
-                    if (bytes.len() as u64) > offset {
-                        partial.extend_from_slice(&bytes[offset as usize..]);
-                        offset = bytes.len() as u64;
+                    if bytes.len() > offset {
+                        partial.extend_from_slice(&bytes[offset..]);
+                        offset = bytes.len();
                         while let Some(i) = partial.iter().position(|&b| b == b'\n') {
                             let line: Vec<u8> = partial.drain(..=i).collect();
                             record(&sink, &tx, &line);

@@ -4,15 +4,19 @@
 //! [`Launcher`] is how the engine asks for a QEMU to be started — [`ProcessLauncher`] runs the
 //! recorded command line as a detached process, an embedder plugs in its own; `process.rs`
 //! holds the process side (spawn, wait for the monitor, graceful quit then kill); `tsc.rs`
-//! finds the TSC frequency to pin for invtsc CPUs.
+//! finds the TSC frequency to pin for invtsc CPUs; `machine.rs` checks and pins the versioned
+//! machine type a snapshot needs.
 
 pub mod argv;
+pub mod machine;
 mod process;
-mod tsc;
+pub mod tsc;
 
 pub use argv::DiskSubstitution;
-pub use process::{stop_qemu, ProcessLauncher};
-pub use tsc::tsc_frequency_for;
+#[cfg_attr(not(feature = "failpoints"), allow(unused_imports))]
+pub(crate) use process::{alive, is_recorded_qemu, start_time};
+pub use process::{build_argv, stop_qemu, ProcessLauncher};
+pub use tsc::{tsc_frequency_for, TscSource};
 
 use crate::error::Result;
 use crate::store::LaunchCommand;
@@ -34,6 +38,9 @@ pub struct LaunchSpec {
     pub incoming: bool,
     /// Start with the vCPUs paused (`-S`).
     pub paused: bool,
+    /// Run this exact machine type (a revert: the snapshot's versioned type, whatever alias
+    /// the command line names).
+    pub machine: Option<String>,
     /// Where QEMU's stdout and stderr go.
     pub log: PathBuf,
 }

@@ -32,6 +32,9 @@ pub fn build_argv(spec: &LaunchSpec) -> Result<Vec<String>> {
     let cmd = &spec.command;
     let mut a = argv::remove_flag(&cmd.argv, "incoming");
     a = argv::substitute_disks(&a, &cmd.cwd, &spec.disks)?;
+    if let Some(m) = &spec.machine {
+        a = super::machine::pin(&a, m)?;
+    }
     if !argv::has_qmp_socket(&a, &spec.qmp_socket) {
         a.extend([
             "-qmp".into(),
@@ -138,8 +141,24 @@ pub(crate) async fn alive(pid: u32) -> bool {
     }
 }
 
+/// When `pid` started (clock ticks since boot, field 22 of `/proc/<pid>/stat`): with the pid,
+/// it names one process for good, even after the kernel reuses the number.
+pub(crate) async fn start_time(pid: u32) -> Option<u64> {
+    let stat = tokio::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .await
+        .ok()?;
+    // Fields after the command name (which may hold spaces and parentheses): state is 3rd,
+    // starttime the 22nd.
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(19)?
+        .parse()
+        .ok()
+}
+
 /// Whether `pid` is a QEMU (guards against signalling a recycled pid).
-async fn is_qemu(pid: u32) -> bool {
+pub(crate) async fn is_qemu(pid: u32) -> bool {
     tokio::fs::read(format!("/proc/{pid}/cmdline"))
         .await
         .ok()
@@ -148,6 +167,18 @@ async fn is_qemu(pid: u32) -> bool {
             Some(String::from_utf8_lossy(&first).contains("qemu"))
         })
         .unwrap_or(false)
+}
+
+/// Whether `pid` is still the QEMU that was recorded: alive, a QEMU, and (when its start time
+/// was recorded) the same process.
+pub(crate) async fn is_recorded_qemu(pid: u32, start: Option<u64>) -> bool {
+    if !alive(pid).await || !is_qemu(pid).await {
+        return false;
+    }
+    match start {
+        Some(s) => start_time(pid).await == Some(s),
+        None => true,
+    }
 }
 
 async fn wait_gone(pid: u32, timeout: Duration) -> bool {
@@ -162,7 +193,7 @@ async fn wait_gone(pid: u32, timeout: Duration) -> bool {
 }
 
 /// Stops a QEMU: `quit` over QMP, then SIGKILL if it is still there after `timeout`.
-/// Returns true if it had to be killed.
+/// Returns true if it had to be killed. `pid` is signalled only if it is still a QEMU.
 pub async fn stop_qemu(endpoint: &str, pid: Option<u32>, timeout: Duration) -> Result<bool> {
     let opts = ConnectOptions {
         connect_retry: Duration::ZERO,
@@ -187,7 +218,9 @@ pub async fn stop_qemu(endpoint: &str, pid: Option<u32>, timeout: Duration) -> R
     }
     if is_qemu(pid).await {
         warn!(pid, "QEMU did not quit in time; killing it");
-        let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+        if let Ok(raw) = i32::try_from(pid) {
+            let _ = kill(Pid::from_raw(raw), Signal::SIGKILL);
+        }
     }
     if wait_gone(pid, Duration::from_secs(10)).await {
         Ok(true)

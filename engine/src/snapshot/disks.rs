@@ -1,85 +1,23 @@
 //! Which disks a snapshot covers, and their qcow2 overlays.
 //!
 //! Read-only devices and empty drives are skipped (and reported). Each writable disk gets an
-//! overlay file created with `qemu-img create -u` (the base is locked by the running QEMU, so
-//! its size comes from QMP, not from opening it), then a qcow2 node added with no backing, so
-//! that one `transaction` of `blockdev-snapshot`s can switch every disk at the same instant.
+//! overlay file (`image.rs`: 0600, never over an existing file; the base is locked by the
+//! running QEMU, so its size comes from QMP), then a qcow2 node with no backing, so that one
+//! `transaction` of `blockdev-snapshot`s switches every disk at the same instant. Where a disk
+//! is now is always asked of QEMU ([`positions`]), never assumed: a command that timed out
+//! may still have run.
 
+use crate::blocks;
 use crate::error::{Error, Result};
-use crate::qemu::{BlockCommit, BlockdevAddOverlay, FileNode};
+use crate::image;
+use crate::qemu::{BlockdevAddOverlay, FileNode};
+use crate::snapshot::jobs;
+use crate::store::{SkippedDisk, SnapshotDisk};
 use crate::SnapshotName;
 use qsnap_qmp::{types, Qmp};
-use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
-
-/// A writable disk the snapshot switches to an overlay.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub struct DiskPlan {
-    /// Device id (`-drive` id) or, for `-blockdev`, the top node name.
-    pub device: String,
-    /// The node that becomes the overlay's backing (QEMU's name, maybe `#block123`).
-    pub node: String,
-    /// Its image: frozen from the snapshot on.
-    pub image: PathBuf,
-    /// Its format.
-    pub format: String,
-    /// Virtual size in bytes.
-    pub size: u64,
-    /// The overlay to create.
-    pub overlay: PathBuf,
-    /// Our node name for the overlay.
-    pub overlay_node: String,
-    /// The frozen image's size and modification time right after the snapshot, so a later
-    /// revert can tell that nobody changed it.
-    #[serde(default)]
-    pub frozen: Option<ImageStamp>,
-}
-
-/// An image file's size and modification time.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub struct ImageStamp {
-    /// Size in bytes.
-    pub bytes: u64,
-    /// Modification time, nanoseconds since the Unix epoch.
-    pub mtime_ns: u64,
-}
-
-impl ImageStamp {
-    /// Reads the stamp of `path`.
-    pub async fn read(path: &Path) -> Result<ImageStamp> {
-        let m = tokio::fs::metadata(path)
-            .await
-            .map_err(|source| Error::Io {
-                what: "reading an image's size and time",
-                path: path.to_owned(),
-                source,
-            })?;
-        let mtime_ns = m
-            .modified()
-            .ok()
-            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(0);
-        Ok(ImageStamp {
-            bytes: m.len(),
-            mtime_ns,
-        })
-    }
-}
-
-/// A device the snapshot leaves alone, and why.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub struct SkippedDisk {
-    /// Device id or node name.
-    pub device: String,
-    /// `read-only` or `empty`.
-    pub reason: String,
-}
+use tokio_util::sync::CancellationToken;
 
 /// Plans the overlays: one per writable disk. Changes nothing.
 pub async fn plan(
@@ -87,43 +25,35 @@ pub async fn plan(
     snap: &SnapshotName,
     overlay_dir: Option<&Path>,
     stems: &BTreeMap<String, String>,
-) -> Result<(Vec<DiskPlan>, Vec<SkippedDisk>)> {
-    let blocks = qmp
-        .execute(types::query_block {})
-        .await
-        .map_err(Error::qmp("listing block devices"))?;
+) -> Result<(Vec<SnapshotDisk>, Vec<SkippedDisk>)> {
     let mut disks = Vec::new();
     let mut skipped = Vec::new();
-    for (i, b) in blocks.into_iter().enumerate() {
-        let Some(ins) = b.inserted else {
+    for (i, d) in blocks::read(qmp).await?.into_iter().enumerate() {
+        let Some(m) = &d.medium else {
             skipped.push(SkippedDisk {
-                device: b.device,
+                device: d.device,
                 reason: "empty".into(),
             });
             continue;
         };
-        let device = device_label(&b.device, b.qdev.as_deref(), ins.node_name.as_deref());
-        if ins.ro {
+        if m.read_only {
             skipped.push(SkippedDisk {
-                device,
+                device: d.device,
                 reason: "read-only".into(),
             });
             continue;
         }
-        let node = ins
-            .node_name
-            .clone()
-            .ok_or_else(|| Error::DiskNotSnapshottable {
-                device: device.clone(),
-                why: "QEMU reports no node name for it".into(),
-            })?;
-        let image = absolute_image(qmp, &ins.file).await;
+        let node = m.node.clone().ok_or_else(|| Error::DiskNotSnapshottable {
+            device: d.device.clone(),
+            why: "QEMU reports no node name for it".into(),
+        })?;
+        let image = m.top().to_owned();
         if !image.is_absolute() {
             return Err(Error::DiskNotSnapshottable {
-                device,
+                device: d.device,
                 why: format!(
                     "its image {:?} is not a plain file path (network or json: images are not supported)",
-                    ins.file
+                    m.raw_file
                 ),
             });
         }
@@ -133,7 +63,7 @@ pub async fn plan(
             .unwrap_or_else(|| format!("disk{i}"));
         // Our own overlay (`disk.s1.qcow2`): name the next one `disk.s2.qcow2`, not
         // `disk.s1.s2.qcow2`, so names do not grow along the chain.
-        if let Some(given) = stems.get(&device) {
+        if let Some(given) = stems.get(&d.device) {
             stem = given.clone();
         } else if node.starts_with(OVERLAY_NODE_PREFIX) {
             if let Some((base, _)) = stem.rsplit_once('.') {
@@ -144,11 +74,11 @@ pub async fn plan(
             .map(Path::to_owned)
             .or_else(|| image.parent().map(Path::to_owned))
             .unwrap_or_default();
-        disks.push(DiskPlan {
-            device,
+        disks.push(SnapshotDisk {
+            device: d.device,
             node,
-            format: ins.drv.clone(),
-            size: ins.image.base.virtual_size.max(0) as u64,
+            format: m.format().to_owned(),
+            size: m.size,
             overlay: dir.join(format!("{stem}.{snap}.qcow2")),
             overlay_node: format!("{OVERLAY_NODE_PREFIX}{}-{i}", short_hash(snap.as_str())),
             image,
@@ -158,53 +88,11 @@ pub async fn plan(
     Ok((disks, skipped))
 }
 
-/// An image path as QEMU reports it, made absolute: QEMU gives a path as its command line
-/// did, so a relative one is resolved against QEMU's working directory (from its /proc entry,
-/// when it runs on this host). Network and `json:` names are returned as they are.
-pub(crate) async fn absolute_image(qmp: &Qmp, file: &str) -> PathBuf {
-    // A format node over a plain file whose backing QEMU cannot name simply (a relative
-    // backing path, say) is reported as `json:{…"file":{"driver":"file","filename":…}}`.
-    let plain = file
-        .strip_prefix("json:")
-        .and_then(|j| serde_json::from_str::<serde_json::Value>(j).ok())
-        .filter(|v| v["file"]["driver"] == "file")
-        .and_then(|v| v["file"]["filename"].as_str().map(str::to_owned));
-    let file = plain.as_deref().unwrap_or(file);
-    let image = PathBuf::from(file);
-    if image.is_absolute() || file.starts_with("json:") || file.contains("://") {
-        return image;
-    }
-    let Some(pid) = qmp.peer_pid() else {
-        return image;
-    };
-    match tokio::fs::read_link(format!("/proc/{pid}/cwd")).await {
-        Ok(cwd) => cwd.join(image),
-        Err(_) => image,
-    }
-}
-
 /// Node names qsnap gives its overlays.
-const OVERLAY_NODE_PREFIX: &str = "qsnap-";
-
-/// The stable name qsnap gives a disk: the `-drive` id, else the guest device's id (`-device …,id=vd0`
-/// of a `-blockdev` disk), else QEMU's paths. Not the node name: that changes with every
-/// snapshot.
-pub fn device_label(device: &str, qdev: Option<&str>, node: Option<&str>) -> String {
-    if !device.is_empty() {
-        return device.to_owned();
-    }
-    match qdev {
-        Some(q) => q
-            .strip_prefix("/machine/peripheral/")
-            .and_then(|rest| rest.split('/').next())
-            .unwrap_or(q)
-            .to_owned(),
-        None => node.unwrap_or_default().to_owned(),
-    }
-}
+pub(crate) const OVERLAY_NODE_PREFIX: &str = "qsnap-";
 
 /// An 8-hex-digit FNV-1a hash: keeps node names short (QEMU allows 31 characters).
-fn short_hash(s: &str) -> String {
+pub(crate) fn short_hash(s: &str) -> String {
     let mut h: u32 = 0x811c_9dc5;
     for b in s.bytes() {
         h ^= u32::from(b);
@@ -213,36 +101,13 @@ fn short_hash(s: &str) -> String {
     format!("{h:08x}")
 }
 
-/// Creates the overlay image file (refusing to overwrite one).
-pub async fn create_overlay_file(d: &DiskPlan) -> Result<()> {
-    if tokio::fs::symlink_metadata(&d.overlay).await.is_ok() {
-        return Err(Error::TargetExists {
-            path: d.overlay.clone(),
-        });
-    }
-    let out = tokio::process::Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2", "-u", "-F", &d.format, "-b"])
-        .arg(&d.image)
-        .arg(&d.overlay)
-        .arg(d.size.to_string())
-        .output()
-        .await
-        .map_err(|source| Error::Io {
-            what: "running qemu-img",
-            path: d.overlay.clone(),
-            source,
-        })?;
-    if !out.status.success() {
-        return Err(Error::ImageTool {
-            path: d.overlay.clone(),
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
-        });
-    }
-    Ok(())
+/// Creates the overlay image file (0600; refusing to overwrite anything).
+pub async fn create_overlay_file(d: &SnapshotDisk, cancel: &CancellationToken) -> Result<()> {
+    image::create_overlay(&d.overlay, &d.image, &d.format, d.size, cancel).await
 }
 
 /// Adds the overlay file as a qcow2 node with no backing yet (the switch attaches it).
-pub(crate) async fn add_overlay_node(qmp: &Qmp, d: &DiskPlan) -> Result<()> {
+pub(crate) async fn add_overlay_node(qmp: &Qmp, d: &SnapshotDisk) -> Result<()> {
     qmp.execute(BlockdevAddOverlay {
         driver: "qcow2",
         node_name: d.overlay_node.clone(),
@@ -258,7 +123,7 @@ pub(crate) async fn add_overlay_node(qmp: &Qmp, d: &DiskPlan) -> Result<()> {
 }
 
 /// Switches every disk to its overlay in one `transaction`: all or none, at one instant.
-pub(crate) async fn switch(qmp: &Qmp, disks: &[DiskPlan]) -> Result<()> {
+pub(crate) async fn switch(qmp: &Qmp, disks: &[SnapshotDisk]) -> Result<()> {
     if disks.is_empty() {
         return Ok(());
     }
@@ -280,59 +145,69 @@ pub(crate) async fn switch(qmp: &Qmp, disks: &[DiskPlan]) -> Result<()> {
     })
     .await
     .map(drop)
-    .map_err(Error::qmp("switching the disks to their overlays"))
+    .map_err(Error::qmp("switching the disks to their overlays"))?;
+    crate::failpoint::hit("create.switch-sent", qmp.peer_pid()).await
 }
 
-/// Undoes a switch while the VM runs: an active commit of the overlay into its base, pivot,
-/// then the overlay node goes. The overlay file is left for the caller to delete.
-pub(crate) async fn merge_back(qmp: &Qmp, d: &DiskPlan) -> Result<()> {
-    const LIMIT: Duration = Duration::from_secs(120);
-    let job = format!("merge-{}", d.overlay_node);
-    let is_job = |e: &qsnap_qmp::Event, names: &[&str]| {
-        names.contains(&e.name.as_str()) && e.data["device"].as_str() == Some(job.as_str())
-    };
-    let mut events = qmp.events();
-    qmp.execute(BlockCommit {
-        job_id: job.clone(),
-        device: d.overlay_node.clone(),
-        base_node: d.node.clone(),
-    })
-    .await
-    .map_err(Error::qmp("merging an overlay back (block-commit)"))?;
-    let ev = events
-        .wait_for("the merge to be ready", LIMIT, |e| {
-            is_job(
-                e,
-                &["BLOCK_JOB_READY", "BLOCK_JOB_COMPLETED", "BLOCK_JOB_ERROR"],
-            )
+/// Where a planned disk is, as QEMU says now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Position {
+    /// Writing to its new overlay: the switch happened.
+    OnOverlay,
+    /// Still on its old image; the overlay node exists (added, unused).
+    NodeAdded,
+    /// Still on its old image; no overlay node.
+    Untouched,
+}
+
+/// Asks QEMU where each planned disk is.
+pub(crate) async fn positions(qmp: &Qmp, disks: &[SnapshotDisk]) -> Result<Vec<Position>> {
+    let now = blocks::read(qmp).await?;
+    let nodes = blocks::nodes(qmp).await?;
+    Ok(disks
+        .iter()
+        .map(|d| {
+            let on_overlay = now.iter().any(|b| {
+                b.device == d.device
+                    && b.medium.as_ref().is_some_and(|m| {
+                        m.node.as_deref() == Some(d.overlay_node.as_str()) || m.top() == d.overlay
+                    })
+            });
+            if on_overlay {
+                Position::OnOverlay
+            } else if nodes.iter().any(|n| n.name == d.overlay_node) {
+                Position::NodeAdded
+            } else {
+                Position::Untouched
+            }
         })
-        .await
-        .map_err(Error::qmp("waiting for the merge"))?;
-    if ev.name != "BLOCK_JOB_READY" {
-        return Err(Error::BlockJob {
-            job,
-            desc: format!("{}: {}", ev.name, ev.data),
-        });
-    }
-    qmp.execute(types::job_complete { id: job.clone() })
-        .await
-        .map_err(Error::qmp("pivoting back to the base image"))?;
-    let ev = events
-        .wait_for("the merge to complete", LIMIT, |e| {
-            is_job(e, &["BLOCK_JOB_COMPLETED"])
-        })
-        .await
-        .map_err(Error::qmp("waiting for the merge"))?;
-    if let Some(err) = ev.data["error"].as_str() {
-        return Err(Error::BlockJob {
-            job,
-            desc: err.to_owned(),
-        });
-    }
+        .collect())
+}
+
+/// Undoes a switch while the VM runs: an active commit of the overlay back into the image
+/// below it and a pivot, then the overlay node goes. The overlay file is left for the caller.
+pub(crate) async fn merge_back(qmp: &Qmp, d: &SnapshotDisk) -> Result<()> {
+    let job = format!("qsnap-back-{}", d.overlay_node);
+    let disk = jobs::LiveMerge::active_commit(&job, &d.overlay_node, &d.node);
+    jobs::run_all(qmp, &[disk], &CancellationToken::new(), &|_| {}).await?;
+    delete_node(qmp, &d.overlay_node).await
+}
+
+/// Removes a node qsnap added (after it left every chain).
+pub(crate) async fn delete_node(qmp: &Qmp, node: &str) -> Result<()> {
     qmp.execute(types::blockdev_del {
-        node_name: d.overlay_node.clone(),
+        node_name: node.to_owned(),
     })
     .await
     .map(drop)
-    .map_err(Error::qmp("removing the merged overlay node"))
+    .map_err(Error::qmp("removing an overlay node"))
+}
+
+/// The overlay paths of `disks`, for messages.
+pub(crate) fn overlay_list(disks: &[(String, PathBuf)]) -> String {
+    disks
+        .iter()
+        .map(|(dev, p)| format!("{dev}: {}", p.display()))
+        .collect::<Vec<_>>()
+        .join(", ")
 }

@@ -4,6 +4,9 @@
 //! mistaken for a good one: it is written "incomplete" before QEMU writes a byte, and flipped to
 //! "complete" only after QEMU reported success and the stream was fsynced. The file is created
 //! 0600 (O_EXCL: never overwrite) in a 0700 directory, because guest memory holds secrets.
+//! A checksum of the stream (xxh3-128) is computed when the file is sealed and recorded in the
+//! manifest; a revert recomputes it before it touches the VM, so a bit flipped or a stream
+//! cut short after the header is caught while the old QEMU still runs.
 //! All file I/O here runs on the blocking pool, never on a runtime worker.
 
 use crate::error::{Error, Result};
@@ -15,6 +18,7 @@ use std::path::{Path, PathBuf};
 
 /// Size of qsnap's header; QEMU's stream starts here (`file:…,offset=HEADER_LEN`).
 pub const HEADER_LEN: u64 = 4096;
+const HEADER_BYTES: usize = 4096;
 const MAGIC: &[u8; 8] = b"QSNAPMEM";
 const VERSION: u32 = 1;
 const STATE_INCOMPLETE: u32 = 0;
@@ -73,14 +77,24 @@ pub async fn create(dir: PathBuf, path: PathBuf) -> Result<File> {
             stream_len: 0,
         }))
         .map_err(io_err("writing the memory file header", &path))?;
+        // The new name must survive a crash too, or a recovery could not find the file.
+        crate::store::sync_dir(&dir)?;
         Ok(file)
     })
     .await
 }
 
-/// Fsyncs QEMU's stream, then marks the header complete and fsyncs again. Returns the stream
-/// length.
-pub async fn seal(file: File, path: PathBuf) -> Result<u64> {
+/// A sealed memory file: its stream's length and checksum.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sealed {
+    /// Bytes of QEMU's stream.
+    pub stream_len: u64,
+    /// `xxh3-128:<hex>` of the stream.
+    pub checksum: String,
+}
+
+/// Fsyncs QEMU's stream, checksums it, then marks the header complete and fsyncs again.
+pub async fn seal(file: File, path: PathBuf) -> Result<Sealed> {
     blocking(move || {
         file.sync_all()
             .map_err(io_err("flushing the memory file", &path))?;
@@ -89,6 +103,8 @@ pub async fn seal(file: File, path: PathBuf) -> Result<u64> {
             .map_err(io_err("reading the memory file size", &path))?
             .len();
         let stream_len = len.saturating_sub(HEADER_LEN);
+        // The file was opened write-only (for QEMU's fdset); read it back through a new handle.
+        let checksum = checksum_of(&path, stream_len)?;
         file.write_all_at(
             &encode(Header {
                 complete: true,
@@ -99,7 +115,75 @@ pub async fn seal(file: File, path: PathBuf) -> Result<u64> {
         .map_err(io_err("marking the memory file complete", &path))?;
         file.sync_all()
             .map_err(io_err("flushing the memory file header", &path))?;
-        Ok(stream_len)
+        Ok(Sealed {
+            stream_len,
+            checksum,
+        })
+    })
+    .await
+}
+
+/// The checksum of the `stream_len` bytes after the header (blocking).
+fn checksum_of(path: &Path, stream_len: u64) -> Result<String> {
+    let mut f = File::open(path).map_err(io_err("reading the memory file", path))?;
+    std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(HEADER_LEN))
+        .map_err(io_err("reading the memory file", path))?;
+    let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+    let mut left = stream_len;
+    let mut buf = vec![0u8; 1 << 20];
+    while left > 0 {
+        let want = usize::try_from(left.min(buf.len() as u64)).unwrap_or(buf.len());
+        let n = f
+            .read(&mut buf[..want])
+            .map_err(io_err("reading the memory file", path))?;
+        if n == 0 {
+            return Err(Error::BadMemoryFile {
+                path: path.to_owned(),
+                why: format!("it ends {left} bytes before its stream does"),
+            });
+        }
+        hasher.update(&buf[..n]);
+        left -= n as u64;
+    }
+    Ok(format!("xxh3-128:{:032x}", hasher.digest128()))
+}
+
+/// Checks a memory file against what its snapshot recorded: header complete, length and
+/// checksum right. Reads the whole stream (the cost is reported by revert).
+pub async fn verify(path: PathBuf, stream_len: u64, checksum: Option<String>) -> Result<()> {
+    let header = read_header(path.clone()).await?;
+    if !header.complete {
+        return Err(Error::BadMemoryFile {
+            path,
+            why: "it is incomplete (the save never finished)".into(),
+        });
+    }
+    let len = tokio::fs::metadata(&path)
+        .await
+        .map_err(io_err("reading the memory file size", &path))?
+        .len();
+    if len != HEADER_LEN + header.stream_len || header.stream_len != stream_len {
+        return Err(Error::BadMemoryFile {
+            path,
+            why: format!(
+                "it has {len} bytes, the snapshot wrote {} (truncated or changed)",
+                HEADER_LEN + stream_len
+            ),
+        });
+    }
+    let Some(expected) = checksum else {
+        return Ok(()); // a snapshot from before checksums: length only
+    };
+    blocking(move || {
+        let found = checksum_of(&path, stream_len)?;
+        if found == expected {
+            Ok(())
+        } else {
+            Err(Error::BadMemoryFile {
+                path,
+                why: format!("its contents changed since the snapshot (checksum {found}, recorded {expected})"),
+            })
+        }
     })
     .await
 }
@@ -120,7 +204,7 @@ pub async fn read_header(path: PathBuf) -> Result<Header> {
 }
 
 fn encode(h: Header) -> Vec<u8> {
-    let mut buf = vec![0u8; HEADER_LEN as usize];
+    let mut buf = vec![0u8; HEADER_BYTES];
     buf[..8].copy_from_slice(MAGIC);
     buf[8..12].copy_from_slice(&VERSION.to_le_bytes());
     let state = if h.complete {
@@ -171,8 +255,23 @@ mod tests {
         let h = read_header(path.clone()).await.unwrap();
         assert!(!h.complete);
         file.write_all_at(b"QEVM-stream", HEADER_LEN).unwrap();
-        let len = seal(file, path.clone()).await.unwrap();
-        assert_eq!(len, 11);
+        let sealed = seal(file, path.clone()).await.unwrap();
+        assert_eq!(sealed.stream_len, 11);
+        verify(path.clone(), 11, Some(sealed.checksum.clone()))
+            .await
+            .unwrap();
+        // One flipped bit after the header is caught; so is a cut.
+        let f = OpenOptions::new().write(true).open(&path).unwrap();
+        f.write_all_at(b"P", HEADER_LEN + 1).unwrap();
+        let err = verify(path.clone(), 11, Some(sealed.checksum.clone()))
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("contents changed"), "{err}");
+        f.set_len(HEADER_LEN + 5).unwrap();
+        let err = verify(path.clone(), 11, Some(sealed.checksum))
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("truncated"), "{err}");
         let h = read_header(path.clone()).await.unwrap();
         assert_eq!(
             h,

@@ -16,17 +16,24 @@
 //!   the live limit) → completed → transaction → cont
 //! disk-only create: overlay files → overlay nodes → transaction
 //! ```
-//! Every step has an undo (see `rollback.rs`), run in reverse order on failure; once the disks
-//! have switched, the undo is an active commit back into the base images.
+//! Every step has an undo (see `rollback.rs`), pushed before the step runs and run in reverse
+//! order on failure; each asks QEMU what actually happened first, and once the disks have
+//! switched, the undo is an active commit back into the base images (`jobs.rs` runs block
+//! jobs). Deleting a snapshot and merging layers lives in `crate::vm` (it needs the store).
 
 mod create;
 pub mod disks;
+pub(crate) mod jobs;
 pub mod memfile;
 pub mod revert;
-mod rollback;
+pub(crate) mod rollback;
 mod save;
-mod transport;
+pub(crate) mod transport;
 
-pub(crate) use create::host_tsc_hz;
-pub use create::{create, CreateOptions, CreateReport, LivePhase, MemoryImage, Mode};
+/// The persisted parts of a snapshot (defined by the store, which owns the file format).
+pub use crate::store::{
+    CreateReport, ImageStamp, LivePhase, MemoryImage, Mode, SkippedDisk, SnapshotDisk,
+};
+pub use create::{create, preflight, CreateOptions, Planned};
 pub use save::{ProgressFn, SaveProgress};
+pub use transport::has_file_uri;

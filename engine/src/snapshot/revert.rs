@@ -11,15 +11,16 @@
 //! Nothing here stops or starts QEMU; `vm.rs` does that through a `Launcher`.
 
 use crate::error::{Error, Result};
+use crate::image;
 use crate::qemu::{Capability, MigrateSetCapabilities};
-use crate::snapshot::disks::ImageStamp;
-use crate::snapshot::memfile::{self, HEADER_LEN};
+use crate::snapshot::memfile;
 use crate::snapshot::transport;
-use crate::snapshot::{CreateReport, Mode};
+use crate::store::{CreateReport, Mode};
 use qsnap_qmp::{types, Qmp};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 /// One disk of a prepared revert.
@@ -48,6 +49,8 @@ pub struct PreparedRevert {
     pub capabilities: Vec<String>,
     /// Whether the guest was running at snapshot time.
     pub was_running: bool,
+    /// How long checking the memory file (length and checksum) took.
+    pub verify_ms: f64,
 }
 
 /// The refusal for a snapshot that cannot be used.
@@ -58,35 +61,19 @@ fn refused(snapshot: &str, why: String) -> Error {
     }
 }
 
-/// Checks that the snapshot's files are whole and unchanged. Changes nothing.
-pub async fn validate(snapshot: &str, s: &CreateReport) -> Result<()> {
+/// Checks that the snapshot's files are whole and unchanged — the memory file's header,
+/// length and checksum, the frozen images' size and time — before anything is touched.
+/// Changes nothing. Returns how long the memory check took.
+pub async fn validate(snapshot: &str, s: &CreateReport) -> Result<f64> {
+    let started = Instant::now();
     if let Some(mem) = &s.memory {
-        let header = memfile::read_header(mem.file.clone())
+        memfile::verify(mem.file.clone(), mem.bytes, mem.checksum.clone())
             .await
             .map_err(|e| refused(snapshot, e.to_string()))?;
-        if !header.complete {
-            return Err(refused(
-                snapshot,
-                format!("its memory file {} is incomplete", mem.file.display()),
-            ));
-        }
-        let len = tokio::fs::metadata(&mem.file)
-            .await
-            .map(|m| m.len())
-            .unwrap_or(0);
-        if len != HEADER_LEN + header.stream_len || header.stream_len != mem.bytes {
-            return Err(refused(
-                snapshot,
-                format!(
-                    "its memory file {} has {len} bytes, the snapshot wrote {} (truncated or changed)",
-                    mem.file.display(),
-                    HEADER_LEN + mem.bytes
-                ),
-            ));
-        }
     }
+    let verify_ms = started.elapsed().as_secs_f64() * 1e3;
     for d in &s.disks {
-        let now = ImageStamp::read(&d.image)
+        let now = image::stamp(&d.image)
             .await
             .map_err(|e| refused(snapshot, format!("its image for {}: {e}", d.device)))?;
         if let Some(then) = d.frozen {
@@ -105,18 +92,28 @@ pub async fn validate(snapshot: &str, s: &CreateReport) -> Result<()> {
             }
         }
     }
-    Ok(())
+    Ok(verify_ms)
 }
 
 /// Validates, then creates the new overlays (`<image stem>.<snapshot>.rN.qcow2` next to each
-/// snapshot overlay, or in `overlay_dir`).
+/// snapshot overlay, or in `overlay_dir`; 0600, never over an existing file).
 pub async fn prepare(
     snapshot: &str,
     s: &CreateReport,
     overlay_dir: Option<&Path>,
 ) -> Result<PreparedRevert> {
-    validate(snapshot, s).await?;
-    let mut made: Vec<RevertDisk> = Vec::new();
+    let verify_ms = validate(snapshot, s).await?;
+    let planned = plan_overlays(s, overlay_dir).await?;
+    make_overlays(snapshot, s, planned, verify_ms, &CancellationToken::new()).await
+}
+
+/// The new overlays a revert would make, one per snapshotted disk: the first free
+/// `<stem>.rN.qcow2`. Changes nothing.
+pub async fn plan_overlays(
+    s: &CreateReport,
+    overlay_dir: Option<&Path>,
+) -> Result<Vec<RevertDisk>> {
+    let mut out = Vec::new();
     for d in &s.disks {
         let dir = overlay_dir
             .map(Path::to_owned)
@@ -130,24 +127,37 @@ pub async fn prepare(
         let mut n = 1;
         let overlay = loop {
             let p = dir.join(format!("{stem}.r{n}.qcow2"));
-            if tokio::fs::symlink_metadata(&p).await.is_err() {
+            let q = p.clone();
+            if !crate::store::blocking(move || crate::store::exists(&q)).await? {
                 break p;
             }
             n += 1;
         };
-        let plan = crate::snapshot::disks::DiskPlan {
-            overlay: overlay.clone(),
-            ..d.clone()
-        };
-        if let Err(e) = crate::snapshot::disks::create_overlay_file(&plan).await {
-            discard_disks(&made).await;
-            return Err(e);
-        }
-        made.push(RevertDisk {
+        out.push(RevertDisk {
             device: d.device.clone(),
             image: d.image.clone(),
             overlay,
         });
+    }
+    Ok(out)
+}
+
+/// Creates the planned overlays (all or none).
+pub(crate) async fn make_overlays(
+    snapshot: &str,
+    s: &CreateReport,
+    planned: Vec<RevertDisk>,
+    verify_ms: f64,
+    cancel: &CancellationToken,
+) -> Result<PreparedRevert> {
+    let mut made: Vec<RevertDisk> = Vec::new();
+    for (d, r) in s.disks.iter().zip(planned) {
+        if let Err(e) = image::create_overlay(&r.overlay, &d.image, &d.format, d.size, cancel).await
+        {
+            discard_disks(&made).await;
+            return Err(e);
+        }
+        made.push(r);
     }
     Ok(PreparedRevert {
         snapshot: snapshot.to_owned(),
@@ -159,6 +169,7 @@ pub async fn prepare(
             .map(|m| m.capabilities.clone())
             .unwrap_or_default(),
         was_running: s.was_running && s.mode != Mode::DiskOnly,
+        verify_ms,
     })
 }
 

@@ -16,10 +16,11 @@ use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use tokio::task::JoinHandle;
 
-const FD_NAME: &str = "qsnap-memory";
+/// The name (opaque or `getfd` name) of the memory file's descriptor in QEMU.
+pub(crate) const FD_NAME: &str = "qsnap-memory";
 
-/// Whether this QEMU takes `file:` migration URIs (and so fdsets).
-pub(crate) async fn has_file_uri(qmp: &Qmp) -> Result<bool> {
+/// Whether this QEMU takes `file:` migration URIs (and so fdsets). The one place that asks.
+pub async fn has_file_uri(qmp: &Qmp) -> Result<bool> {
     let schema = qmp
         .schema()
         .await
@@ -64,7 +65,7 @@ pub(crate) async fn open_save(
             .add_fd(file, None, Some(FD_NAME))
             .await
             .map_err(Error::qmp("passing the memory file to QEMU"))?;
-        rb.push(Undo::RemoveFd(fdset.fdset_id));
+        rb.push(Undo::RemoveFdset);
         return Ok((
             format!("file:/dev/fdset/{},offset={HEADER_LEN}", fdset.fdset_id),
             SaveStream::Fdset,

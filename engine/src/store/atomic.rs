@@ -30,8 +30,8 @@ pub(crate) fn io<'a>(
 }
 
 /// Writes `value` as pretty JSON to `path`, atomically and durably. `exclusive` refuses to
-/// replace an existing file (the check and the rename are not one step, so the caller must
-/// hold the VM's lock for it to mean anything).
+/// replace an existing file, atomically (`renameat2(RENAME_NOREPLACE)`, or a hard link where
+/// the filesystem lacks it): two writers can never both "create" one manifest.
 pub(crate) fn write_json<T: Serialize>(path: &Path, value: &T, exclusive: bool) -> Result<()> {
     if exclusive && path.symlink_metadata().is_ok() {
         return Err(Error::TargetExists {
@@ -55,15 +55,70 @@ pub(crate) fn write_json<T: Serialize>(path: &Path, value: &T, exclusive: bool) 
             .map_err(io("creating a temporary file", &tmp))?;
         f.write_all(&text).map_err(io("writing", &tmp))?;
         f.sync_all().map_err(io("syncing", &tmp))?;
-        std::fs::rename(&tmp, path).map_err(io("replacing", path))?;
-        File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io("syncing the directory", dir))
+        if exclusive {
+            rename_noreplace(&tmp, path)?;
+        } else {
+            std::fs::rename(&tmp, path).map_err(io("replacing", path))?;
+        }
+        sync_dir(dir)
     })();
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
     result
+}
+
+/// Renames `from` to `to`, failing with [`Error::TargetExists`] instead of replacing `to`.
+fn rename_noreplace(from: &Path, to: &Path) -> Result<()> {
+    use nix::errno::Errno;
+    use nix::fcntl::{renameat2, RenameFlags};
+    match renameat2(None, from, None, to, RenameFlags::RENAME_NOREPLACE) {
+        Ok(()) => Ok(()),
+        Err(Errno::EEXIST) => Err(Error::TargetExists {
+            path: to.to_owned(),
+        }),
+        Err(Errno::EINVAL | Errno::ENOSYS | Errno::EOPNOTSUPP) => {
+            // A filesystem without RENAME_NOREPLACE: a hard link fails the same way if `to`
+            // exists, and is just as atomic.
+            match std::fs::hard_link(from, to) {
+                Ok(()) => std::fs::remove_file(from).map_err(io("removing", from)),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    Err(Error::TargetExists {
+                        path: to.to_owned(),
+                    })
+                }
+                Err(e) => Err(io("linking", to)(e)),
+            }
+        }
+        Err(e) => Err(io("renaming", to)(e.into())),
+    }
+}
+
+/// Makes a directory's entries (a new, renamed or removed file) durable.
+pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io("syncing the directory", dir))
+}
+
+/// Removes a store file and makes the removal durable; a file already gone is fine.
+pub(crate) fn remove_durably(path: &Path) -> Result<()> {
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(io("removing", path)(e)),
+    }
+    sync_dir(path.parent().unwrap_or(Path::new(".")))
+}
+
+/// Whether `path` exists. Unlike `Path::exists`, an error other than "not found" (a
+/// permission problem, an I/O error) is an error, never "absent".
+pub(crate) fn exists(path: &Path) -> Result<bool> {
+    match std::fs::symlink_metadata(path) {
+        Ok(_) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(io("looking for", path)(e)),
+    }
 }
 
 /// Reads a JSON file written by [`write_json`]. `None` when it does not exist.
@@ -99,6 +154,17 @@ mod tests {
         assert_eq!(v["v"], 3);
         // No temp files left behind.
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+        // A file in the way of a rename is never replaced.
+        let other = dir.path().join("b");
+        std::fs::write(&other, b"x").unwrap();
+        assert!(matches!(
+            rename_noreplace(&other, &p),
+            Err(Error::TargetExists { .. })
+        ));
+        assert!(other.exists());
+        // "Not there" and "cannot tell" are different answers.
+        assert!(!exists(&dir.path().join("none")).unwrap());
+        assert!(exists(&p.join("below-a-file")).is_err());
         std::fs::write(&p, b"{not json").unwrap();
         assert!(matches!(
             read_json::<serde_json::Value>(&p),

@@ -2,24 +2,31 @@
 //!
 //! ```text
 //! <store>/                         0700
-//!   vms/<vm>/vm.json               the VM record (socket, command line, current disks)
+//!   vms/<vm>/vm.json               the VM record (socket, command line, current disks, owned images)
 //!   vms/<vm>/lock                  flock: one operation per VM at a time
+//!   vms/<vm>/journal.json          an operation in progress (or interrupted)
 //!   vms/<vm>/snapshots/<snap>.json one manifest per snapshot
 //!   vms/<vm>/memory/<snap>.mem     guest memory (0600 in a 0700 directory)
 //! ```
-//! Every JSON file is written atomically (temp file, fsync, rename, fsync dir); manifests are never overwritten. This
-//! module knows files, not QEMU: it never talks QMP.
+//! Every JSON file is written atomically (temp file, fsync, rename, fsync dir); a new manifest
+//! never replaces a file. This module knows files, not QEMU: it never talks QMP, and it
+//! imports nothing above it (the file format lives in [`schema`]).
 
 mod atomic;
 mod lock;
 pub mod schema;
 
-pub(crate) use atomic::blocking;
+pub(crate) use atomic::{blocking, exists, remove_durably, sync_dir};
 pub use lock::VmLock;
-pub use schema::{CurrentDisk, LaunchCommand, Manifest, Origin, VmRecord, SCHEMA};
+pub use schema::{
+    CreateIntent, CreateReport, CurrentDisk, DeleteIntent, DeletePhase, ImageStamp, Intent,
+    Journal, LaunchCommand, LivePhase, Manifest, MemoryImage, MergeKind, MergeStep, Mode, Origin,
+    PlannedOverlay, RevertIntent, RevertPhase, SavedSettings, SkippedDisk, SnapshotDisk,
+    StartIntent, StopIntent, VmRecord, SCHEMA,
+};
 
 use crate::error::{Error, Result};
-use crate::name::{Name, SnapshotName, VmName};
+use crate::name::{SnapshotName, VmName};
 use atomic::{io, read_json, write_json};
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
@@ -36,8 +43,8 @@ impl Store {
         Store { root: root.into() }
     }
 
-    /// The default location: `$XDG_STATE_HOME/qsnap`, else `~/.local/state/qsnap`, else
-    /// `/var/lib/qsnap` for root (uid 0).
+    /// The default location: `/var/lib/qsnap` for root (uid 0), else `$XDG_STATE_HOME/qsnap`,
+    /// else `~/.local/state/qsnap`.
     pub fn default_root() -> PathBuf {
         if nix::unistd::geteuid().is_root() {
             return PathBuf::from("/var/lib/qsnap");
@@ -66,14 +73,25 @@ impl Store {
         self.vm_dir(vm).join("memory")
     }
 
+    /// The memory file a snapshot of this name has (whether or not it exists).
+    pub fn memory_path(&self, vm: &VmName, snap: &SnapshotName) -> PathBuf {
+        self.memory_dir(vm).join(format!("{snap}.mem"))
+    }
+
     fn record_path(&self, vm: &VmName) -> PathBuf {
         self.vm_dir(vm).join("vm.json")
     }
 
+    fn journal_path(&self, vm: &VmName) -> PathBuf {
+        self.vm_dir(vm).join("journal.json")
+    }
+
+    fn snapshots_dir(&self, vm: &VmName) -> PathBuf {
+        self.vm_dir(vm).join("snapshots")
+    }
+
     fn manifest_path(&self, vm: &VmName, snap: &SnapshotName) -> PathBuf {
-        self.vm_dir(vm)
-            .join("snapshots")
-            .join(format!("{snap}.json"))
+        self.snapshots_dir(vm).join(format!("{snap}.json"))
     }
 
     async fn ensure_dir(&self, dir: PathBuf) -> Result<()> {
@@ -103,30 +121,52 @@ impl Store {
     /// Reads a VM's record; [`Error::UnknownVm`] when there is none.
     pub async fn record(&self, vm: &VmName) -> Result<VmRecord> {
         let path = self.record_path(vm);
+        let p = path.clone();
         let rec: VmRecord =
-            blocking(move || read_json(&path))
+            blocking(move || read_json(&p))
                 .await?
                 .ok_or_else(|| Error::UnknownVm {
                     vm: vm.to_string(),
                     store: self.root.clone(),
                 })?;
-        check_schema(rec.schema, &self.record_path(vm))?;
+        check_schema(rec.schema, &path)?;
+        if rec.name != vm.as_str() {
+            return Err(Error::CorruptStore {
+                path,
+                why: format!("it names the VM \"{}\"", rec.name.escape_debug()),
+            });
+        }
         Ok(rec)
     }
 
-    /// Whether a VM record exists.
-    pub async fn has_vm(&self, vm: &VmName) -> bool {
-        tokio::fs::try_exists(self.record_path(vm))
-            .await
-            .unwrap_or(false)
+    /// Whether a VM record exists. An unreadable store is an error, not "no".
+    pub async fn has_vm(&self, vm: &VmName) -> Result<bool> {
+        let path = self.record_path(vm);
+        blocking(move || exists(&path)).await
     }
 
     /// Writes (replaces) a VM's record. Hold the VM's lock.
     pub async fn write_record(&self, rec: &VmRecord) -> Result<()> {
-        let vm = Name::new(&rec.name)?;
+        let vm = VmName::new(&rec.name)?;
         self.ensure_dir(self.vm_dir(&vm)).await?;
         let (path, rec) = (self.record_path(&vm), rec.clone());
         blocking(move || write_json(&path, &rec, false)).await
+    }
+
+    /// Removes a VM from the store (its record, journal, lock and empty directories). The
+    /// caller has made sure nothing is left in it that matters.
+    pub async fn forget_vm(&self, vm: &VmName) -> Result<()> {
+        let dir = self.vm_dir(vm);
+        blocking(move || {
+            for f in ["vm.json", "journal.json"] {
+                remove_durably(&dir.join(f))?;
+            }
+            for d in ["snapshots", "memory"] {
+                let _ = std::fs::remove_dir(dir.join(d));
+            }
+            Ok(())
+        })
+        .await
     }
 
     /// The names of all VMs in the store, sorted.
@@ -139,9 +179,10 @@ impl Store {
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(names),
                 Err(e) => return Err(io("listing VMs", &dir)(e)),
             };
-            for e in entries.flatten() {
-                if let Some(n) = e.file_name().to_str().and_then(Name::parse) {
-                    if e.path().join("vm.json").exists() {
+            for e in entries {
+                let e = e.map_err(io("listing VMs", &dir))?;
+                if let Some(n) = e.file_name().to_str().and_then(VmName::parse) {
+                    if exists(&e.path().join("vm.json"))? {
                         names.push(n);
                     }
                 }
@@ -154,19 +195,33 @@ impl Store {
 
     /// Writes a new snapshot's manifest; never replaces one. Hold the VM's lock.
     pub async fn write_manifest(&self, m: &Manifest) -> Result<()> {
-        let (vm, snap) = (Name::new(&m.vm)?, Name::new(&m.name)?);
-        let path = self.manifest_path(&vm, &snap);
-        self.ensure_dir(path.parent().expect("has a parent").to_owned())
-            .await?;
-        let m = m.clone();
-        blocking(move || write_json(&path, &m, true)).await
+        self.put_manifest(m, true).await
     }
 
-    /// Whether a snapshot of that name exists.
-    pub async fn has_snapshot(&self, vm: &VmName, snap: &SnapshotName) -> bool {
-        tokio::fs::try_exists(self.manifest_path(vm, snap))
-            .await
-            .unwrap_or(false)
+    /// Replaces an existing manifest (a delete moving children to a new parent, or naming
+    /// the image a merge left). Hold the VM's lock.
+    pub async fn replace_manifest(&self, m: &Manifest) -> Result<()> {
+        self.put_manifest(m, false).await
+    }
+
+    async fn put_manifest(&self, m: &Manifest, exclusive: bool) -> Result<()> {
+        let (vm, snap) = (VmName::new(&m.vm)?, SnapshotName::new(&m.name)?);
+        let path = self.manifest_path(&vm, &snap);
+        self.ensure_dir(self.snapshots_dir(&vm)).await?;
+        let m = m.clone();
+        blocking(move || write_json(&path, &m, exclusive)).await
+    }
+
+    /// Removes a manifest (durably). Hold the VM's lock.
+    pub async fn remove_manifest(&self, vm: &VmName, snap: &SnapshotName) -> Result<()> {
+        let path = self.manifest_path(vm, snap);
+        blocking(move || remove_durably(&path)).await
+    }
+
+    /// Whether a snapshot of that name exists. An unreadable store is an error, not "no".
+    pub async fn has_snapshot(&self, vm: &VmName, snap: &SnapshotName) -> Result<bool> {
+        let path = self.manifest_path(vm, snap);
+        blocking(move || exists(&path)).await
     }
 
     /// One snapshot's manifest; [`Error::UnknownSnapshot`] when there is none.
@@ -180,13 +235,14 @@ impl Store {
                     vm: vm.to_string(),
                     snapshot: snap.to_string(),
                 })?;
-        check_schema(m.schema, &path)?;
+        check_manifest(&m, vm, &path)?;
         Ok(m)
     }
 
     /// All of a VM's manifests, oldest first.
     pub async fn manifests(&self, vm: &VmName) -> Result<Vec<Manifest>> {
-        let dir = self.vm_dir(vm).join("snapshots");
+        let dir = self.snapshots_dir(vm);
+        let owner = vm.clone();
         let mut all: Vec<Manifest> = blocking(move || {
             let mut out = Vec::new();
             let entries = match std::fs::read_dir(&dir) {
@@ -194,17 +250,24 @@ impl Store {
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
                 Err(e) => return Err(io("listing snapshots", &dir)(e)),
             };
-            for e in entries.flatten() {
+            for e in entries {
+                let e = e.map_err(io("listing snapshots", &dir))?;
                 let path = e.path();
                 let name = e.file_name();
                 let Some(stem) = name.to_str().and_then(|n| n.strip_suffix(".json")) else {
                     continue;
                 };
-                if Name::parse(stem).is_none() {
+                if SnapshotName::parse(stem).is_none() {
                     continue; // temp files and strays
                 }
                 if let Some(m) = read_json::<Manifest>(&path)? {
-                    check_schema(m.schema, &path)?;
+                    check_manifest(&m, &owner, &path)?;
+                    if m.name != stem {
+                        return Err(Error::CorruptStore {
+                            path,
+                            why: format!("it names the snapshot \"{}\"", m.name.escape_debug()),
+                        });
+                    }
                     out.push(m);
                 }
             }
@@ -213,6 +276,36 @@ impl Store {
         .await?;
         all.sort_by(|a, b| a.created_at.cmp(&b.created_at).then(a.name.cmp(&b.name)));
         Ok(all)
+    }
+
+    /// The journal of an unfinished operation on the VM, if there is one.
+    pub async fn journal(&self, vm: &VmName) -> Result<Option<Journal>> {
+        let path = self.journal_path(vm);
+        let p = path.clone();
+        let j: Option<Journal> = blocking(move || read_json(&p)).await?;
+        if let Some(j) = &j {
+            check_schema(j.schema, &path)?;
+        }
+        Ok(j)
+    }
+
+    /// Writes (replaces) the VM's journal. Hold the VM's lock.
+    pub async fn write_journal(&self, vm: &VmName, intent: &Intent) -> Result<()> {
+        self.ensure_dir(self.vm_dir(vm)).await?;
+        let path = self.journal_path(vm);
+        let j = Journal {
+            schema: SCHEMA,
+            pid: std::process::id(),
+            started_at: now_rfc3339(),
+            intent: intent.clone(),
+        };
+        blocking(move || write_json(&path, &j, false)).await
+    }
+
+    /// Removes the VM's journal: the operation is over. Hold the VM's lock.
+    pub async fn clear_journal(&self, vm: &VmName) -> Result<()> {
+        let path = self.journal_path(vm);
+        blocking(move || remove_durably(&path)).await
     }
 }
 
@@ -227,6 +320,43 @@ fn check_schema(found: u32, path: &Path) -> Result<()> {
             ),
         })
     }
+}
+
+/// A manifest read back must be what its place says, and name no path a hand edit could
+/// turn against the store: its memory file must be the store's own file for that snapshot.
+fn check_manifest(m: &Manifest, vm: &VmName, path: &Path) -> Result<()> {
+    check_schema(m.schema, path)?;
+    let bad = |why: String| Error::CorruptStore {
+        path: path.to_owned(),
+        why,
+    };
+    if m.vm != vm.as_str() {
+        return Err(bad(format!(
+            "it belongs to the VM \"{}\"",
+            m.vm.escape_debug()
+        )));
+    }
+    let snap =
+        SnapshotName::parse(&m.name).ok_or_else(|| bad("its snapshot name is invalid".into()))?;
+    if let Some(mem) = &m.snapshot.memory {
+        let vm_dir = path.parent().and_then(Path::parent);
+        let expected = vm_dir.map(|d| d.join("memory").join(format!("{snap}.mem")));
+        if expected.as_deref() != Some(mem.file.as_path()) {
+            return Err(bad(format!(
+                "its memory file {} is not the store's file for this snapshot",
+                mem.file.display()
+            )));
+        }
+    }
+    for d in &m.snapshot.disks {
+        if !d.image.is_absolute() || !d.overlay.is_absolute() {
+            return Err(bad(format!(
+                "disk {} names a relative image path",
+                d.device
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Now, as RFC 3339 UTC with milliseconds (sortable as text).

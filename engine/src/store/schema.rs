@@ -1,12 +1,14 @@
-//! The store's on-disk records, versioned. Field names are the JSON keys (kebab-case); adding
-//! an optional field keeps `SCHEMA`, anything else bumps it, and a reader refuses a schema it
-//! does not know rather than guessing.
+//! The store's on-disk records, versioned: VM records, snapshot manifests and the journal of
+//! an unfinished operation. This file is the one home of the file format: every type that is
+//! written to the store is defined here, and the store imports nothing above it.
+//!
+//! Field names are the JSON keys (kebab-case). Adding an optional field keeps [`SCHEMA`];
+//! anything else bumps it, and a reader refuses a schema it does not know rather than guess.
 
-use crate::snapshot::CreateReport;
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
-/// The version of the record and manifest layout this build reads and writes.
+/// The version of the record, manifest and journal layout this build reads and writes.
 pub const SCHEMA: u32 = 1;
 
 /// How a VM came under qsnap.
@@ -40,7 +42,7 @@ pub struct CurrentDisk {
     /// The image the recorded command line names for this disk (rewritten to `image` at
     /// relaunch).
     pub launch_image: PathBuf,
-    /// True when qsnap created `image` (an overlay), so it may delete it once abandoned.
+    /// True when qsnap created `image` (an overlay).
     #[serde(default)]
     pub owned: bool,
 }
@@ -59,13 +61,21 @@ pub struct VmRecord {
     pub origin: Origin,
     /// QEMU's pid when it was last seen.
     pub pid: Option<u32>,
+    /// When that process started (clock ticks since boot, `/proc/<pid>/stat`), so that a pid
+    /// the kernel has since given to another process is never taken for this VM's QEMU.
+    #[serde(default)]
+    pub pid_start: Option<u64>,
     /// How to start it again (unknown for a TCP monitor on another host).
     pub command: Option<LaunchCommand>,
     /// The snapshot the VM's current state descends from (the parent of the next one).
     pub current: Option<String>,
-    /// Each disk's current top image, updated after every snapshot.
+    /// Each disk's current top image, updated after every operation.
     #[serde(default)]
     pub disks: Vec<CurrentDisk>,
+    /// Every image file qsnap created for this VM and has not removed: the only files a
+    /// delete or a repair may ever unlink.
+    #[serde(default)]
+    pub owned_images: Vec<PathBuf>,
     /// The QEMU guest agent's socket, found in the command line (for `--quiesce`).
     #[serde(default)]
     pub guest_agent: Option<PathBuf>,
@@ -73,8 +83,134 @@ pub struct VmRecord {
     pub registered_at: String,
 }
 
+/// How a snapshot captures the VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    /// Memory as it was at the request (background-snapshot); the guest pauses for
+    /// milliseconds whatever its dirty rate.
+    PointInTime,
+    /// Memory as it was at the end of a live copy; the guest pauses while the last dirty
+    /// pages are written.
+    Precopy,
+    /// Disks only (crash-consistent), no memory.
+    DiskOnly,
+}
+
+impl std::fmt::Display for Mode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Mode::PointInTime => "point-in-time",
+            Mode::Precopy => "precopy",
+            Mode::DiskOnly => "disk-only",
+        })
+    }
+}
+
+/// The memory part of a snapshot.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct MemoryImage {
+    /// The memory file (qsnap header, then QEMU's stream).
+    pub file: PathBuf,
+    /// Bytes of QEMU's stream in it.
+    pub bytes: u64,
+    /// Guest RAM size as QEMU reported it.
+    pub ram_bytes: u64,
+    /// Migration capabilities that were on for the save (a restore sets the same).
+    pub capabilities: Vec<String>,
+    /// Checksum of QEMU's stream (`xxh3-128:<hex>`), checked before a revert touches the VM.
+    #[serde(default)]
+    pub checksum: Option<String>,
+}
+
+/// Precopy's live phase.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct LivePhase {
+    /// How long the guest ran while memory was copied.
+    pub live_ms: f64,
+    /// Passes over RAM.
+    pub passes: u64,
+    /// True when the copy did not converge within the limit and qsnap paused the guest.
+    pub forced_pause: bool,
+}
+
+/// An image file's size and modification time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct ImageStamp {
+    /// Size in bytes.
+    pub bytes: u64,
+    /// Modification time, nanoseconds since the Unix epoch.
+    pub mtime_ns: u64,
+}
+
+/// One disk of a snapshot: the image it froze and the overlay the VM went on writing to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct SnapshotDisk {
+    /// Device id (`-drive` id) or, for `-blockdev`, the guest device's id.
+    pub device: String,
+    /// The node that became the overlay's backing (QEMU's name at the time).
+    pub node: String,
+    /// The image the snapshot froze: the disk's state at the snapshot, never written again
+    /// while the snapshot exists (a delete may merge another layer into it and then names
+    /// the result here).
+    pub image: PathBuf,
+    /// Its format.
+    pub format: String,
+    /// Virtual size in bytes.
+    pub size: u64,
+    /// The overlay created by the snapshot (where the VM's writes went after it).
+    pub overlay: PathBuf,
+    /// qsnap's node name for that overlay.
+    pub overlay_node: String,
+    /// The frozen image's size and modification time, so a revert can tell that nobody
+    /// changed it.
+    #[serde(default)]
+    pub frozen: Option<ImageStamp>,
+}
+
+/// A device a snapshot left alone, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct SkippedDisk {
+    /// Device id or node name.
+    pub device: String,
+    /// `read-only` or `empty`.
+    pub reason: String,
+}
+
+/// What a snapshot captured and how (the body of a manifest).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct CreateReport {
+    /// How the VM was captured.
+    pub mode: Mode,
+    /// Whether the guest was running when the snapshot was taken.
+    pub was_running: bool,
+    /// The memory image (`None` for disk-only).
+    pub memory: Option<MemoryImage>,
+    /// Disks switched to overlays (their images are frozen from now on).
+    pub disks: Vec<SnapshotDisk>,
+    /// Devices left alone.
+    pub skipped: Vec<SkippedDisk>,
+    /// How long the guest's vCPUs were stopped, measured by qsnap.
+    pub pause_ms: f64,
+    /// QEMU's own figure for the stop (`downtime`), when it gives one.
+    pub qemu_downtime_ms: Option<u64>,
+    /// Precopy's live phase.
+    pub live_phase: Option<LivePhase>,
+    /// Disk-only with `quiesce`: how many guest filesystems were frozen for the switch.
+    #[serde(default)]
+    pub quiesced_filesystems: Option<u64>,
+    /// Wall time of the whole create.
+    pub total_ms: f64,
+}
+
 /// One snapshot (`<store>/vms/<vm>/snapshots/<name>.json`).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub struct Manifest {
     /// Layout version ([`SCHEMA`]).
@@ -83,15 +219,230 @@ pub struct Manifest {
     pub vm: String,
     /// Its name.
     pub name: String,
-    /// The snapshot the VM's state descended from when this one was taken.
+    /// The snapshot the VM's state descended from when this one was taken (a delete moves
+    /// the children of a deleted snapshot to its parent).
     pub parent: Option<String>,
     /// When it was taken (RFC 3339, UTC).
     pub created_at: String,
     /// QEMU's version at the time (a restore needs a QEMU that reads this stream).
     pub qemu_version: String,
-    /// QEMU's machine type (e.g. `pc-i440fx-10.0`), when QEMU said.
+    /// QEMU's machine type (e.g. `pc-i440fx-10.0`), when QEMU said: a revert relaunches with
+    /// exactly this type, whatever alias the command line used.
     pub machine: Option<String>,
     /// What was captured and how.
     #[serde(flatten)]
     pub snapshot: CreateReport,
+}
+
+// ---- the journal ------------------------------------------------------------------------
+
+/// The journal of an operation that changes a VM in several steps (`<vm>/journal.json`):
+/// written before the first change and updated at each step that matters, removed when the
+/// operation is over. One that is still there was interrupted (qsnap killed, host crash); the
+/// next operation on the VM finishes it or rolls it back first.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Journal {
+    /// Layout version ([`SCHEMA`]).
+    pub schema: u32,
+    /// The qsnap process that wrote it.
+    pub pid: u32,
+    /// When the operation began (RFC 3339).
+    pub started_at: String,
+    /// What it was doing.
+    pub intent: Intent,
+}
+
+/// The operation of a journal, with what recovery needs to finish or undo it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "operation", rename_all = "kebab-case")]
+pub enum Intent {
+    /// A snapshot being taken.
+    Create(CreateIntent),
+    /// A revert to a snapshot.
+    Revert(RevertIntent),
+    /// Snapshots being deleted and their layers merged.
+    Delete(DeleteIntent),
+    /// A QEMU being started.
+    Start(StartIntent),
+    /// A QEMU being stopped.
+    Stop(StopIntent),
+}
+
+impl Intent {
+    /// A short description for messages (`create s1`, `revert s2`, …).
+    pub fn describe(&self) -> String {
+        match self {
+            Intent::Create(c) => format!("create {}", c.snapshot),
+            Intent::Revert(r) => format!("revert {}", r.snapshot),
+            Intent::Delete(d) => format!("delete {}", d.snapshots.join(", ")),
+            Intent::Start(_) => "start".into(),
+            Intent::Stop(_) => "stop".into(),
+        }
+    }
+}
+
+/// A migration setting to put back after a save.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct SavedSettings {
+    /// Every migration capability and its state before the save.
+    pub capabilities: Vec<(String, bool)>,
+    /// `max-bandwidth` before the save.
+    pub max_bandwidth: Option<u64>,
+}
+
+/// An overlay a create makes and switches a disk to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct PlannedOverlay {
+    /// The disk.
+    pub device: String,
+    /// The image it is on now (the overlay's backing).
+    pub image: PathBuf,
+    /// The overlay file.
+    pub overlay: PathBuf,
+    /// Its node name in QEMU.
+    pub overlay_node: String,
+}
+
+/// An unfinished create.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct CreateIntent {
+    /// The snapshot being taken.
+    pub snapshot: String,
+    /// The memory file it writes (`None` for disk-only).
+    pub memory_file: Option<PathBuf>,
+    /// The overlays it makes.
+    pub overlays: Vec<PlannedOverlay>,
+    /// Whether the guest ran before (so a recovery resumes it).
+    pub was_running: bool,
+    /// The QEMU it talks to.
+    pub qemu_pid: Option<u32>,
+    /// Migration settings to restore.
+    pub settings: Option<SavedSettings>,
+    /// Set once QEMU's part is done: the snapshot exists, only the store is left to update.
+    pub committed: Option<Box<Manifest>>,
+}
+
+/// Where a revert got to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RevertPhase {
+    /// New overlays being made; the VM untouched.
+    Preparing,
+    /// The old QEMU is being stopped or the new one started and loaded.
+    Relaunching,
+    /// The new QEMU runs the snapshot's state; the store is left to update.
+    Running,
+}
+
+/// An unfinished revert.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct RevertIntent {
+    /// The snapshot reverted to.
+    pub snapshot: String,
+    /// Where it got to.
+    pub phase: RevertPhase,
+    /// The new overlays it makes.
+    pub new_overlays: Vec<PathBuf>,
+    /// The disks before it (their overlays are abandoned once it is done).
+    pub old_disks: Vec<CurrentDisk>,
+    /// The disks once it is done.
+    pub new_disks: Vec<CurrentDisk>,
+    /// Whether the reverted guest is to run (not left paused).
+    pub resume: bool,
+    /// The QEMU it replaces.
+    pub old_pid: Option<u32>,
+    /// The QEMU it started, once started.
+    pub new_pid: Option<u32>,
+    /// The snapshot a `--keep-current` revert saved first, if any.
+    #[serde(default)]
+    pub kept_current: Option<String>,
+}
+
+/// Where a delete got to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DeletePhase {
+    /// Manifests and memory files being removed (children moved to the parent).
+    Removing,
+    /// Layers no snapshot needs any more being merged.
+    Consolidating,
+}
+
+/// An unfinished delete.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct DeleteIntent {
+    /// The snapshots being deleted.
+    pub snapshots: Vec<String>,
+    /// Their manifests as they were (so a recovery knows their files and parents).
+    pub manifests: Vec<Manifest>,
+    /// Where it got to.
+    pub phase: DeletePhase,
+    /// The round of merges in progress (at most one per disk), if any.
+    #[serde(default)]
+    pub merges: Vec<MergeStep>,
+    /// Set while a round may pause the guest (to switch a disk's active layer): whether the
+    /// guest ran before, so a recovery resumes it.
+    #[serde(default)]
+    pub guest_was_running: Option<bool>,
+}
+
+/// One merge of two layers of a disk's chain.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct MergeStep {
+    /// The disk.
+    pub device: String,
+    /// How.
+    pub kind: MergeKind,
+    /// The layer no snapshot needs (merged away, or merged into when it is an original image).
+    pub lower: PathBuf,
+    /// Its only child.
+    pub upper: PathBuf,
+    /// `lower`'s backing (what `upper` ends up on, for a stream).
+    pub lower_backing: Option<PathBuf>,
+    /// The format of `lower_backing`.
+    pub lower_backing_format: Option<String>,
+    /// The format of `lower`.
+    pub lower_format: String,
+    /// The children of `upper` (rebased onto `lower` after a commit).
+    pub upper_children: Vec<PathBuf>,
+    /// Live (in the running QEMU) or offline (`qemu-img`).
+    pub live: bool,
+    /// The block job's id, for a live merge.
+    pub job: Option<String>,
+}
+
+/// The two ways two layers become one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MergeKind {
+    /// `lower`'s data is copied up into `upper`, which then backs onto `lower`'s backing;
+    /// `lower` is unlinked. Writes only into `upper`, whose content does not change.
+    Stream,
+    /// `upper`'s data is copied down into `lower` (an original image, never unlinked);
+    /// everything that named `upper` names `lower` afterwards; `upper` is unlinked. Writes
+    /// only into `lower`, which nothing but `upper` reads.
+    Commit,
+}
+
+/// An unfinished start.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct StartIntent {
+    /// The command line being started.
+    pub argv: Vec<String>,
+}
+
+/// An unfinished stop.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct StopIntent {
+    /// The QEMU being stopped.
+    pub pid: Option<u32>,
 }

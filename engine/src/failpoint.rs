@@ -1,0 +1,124 @@
+//! Named points between the steps of create, revert and delete where a test can make things
+//! go wrong on cue: qsnap dies there (`crash`: SIGKILL to itself, as a host crash or `kill -9`
+//! would), QEMU dies there (`kill-qemu`), the step fails (`error`), or a QMP command that did
+//! run is reported as timed out (`timeout`, at the points after such a command).
+//!
+//! Built on the `fail` crate, and only in builds with the `failpoints` feature (the test
+//! suite turns it on; release builds leave it off, and then every point compiles to nothing).
+//! Points are configured with `FAILPOINTS="create.switched=return(crash)"` in the
+//! environment (read by [`setup_from_env`], which the CLI calls) or with `fail::cfg` in a
+//! test.
+
+use crate::error::Result;
+
+/// Every failpoint, by operation, in the order an operation passes them. Tests walk this
+/// list, so a new step gets fault-injected as soon as it is named here.
+pub const POINTS: &[&str] = &[
+    // create
+    "create.journaled",
+    "create.prepared",
+    "create.frozen",
+    "create.switched",
+    "create.resumed",
+    "create.saved",
+    "create.committed",
+    "create.recorded",
+    // revert
+    "revert.journaled",
+    "revert.prepared",
+    "revert.stopped",
+    "revert.launched",
+    "revert.loaded",
+    "revert.recorded",
+    // delete
+    "delete.journaled",
+    "delete.removed",
+    "delete.merge-started",
+    "delete.merge-ready",
+    "delete.merged",
+    "delete.rebased",
+    "delete.consolidated",
+];
+
+/// Points after a QMP command that ran, where `timeout` pretends it did not answer in time.
+pub const TIMEOUT_POINTS: &[&str] = &[
+    "create.stop-sent",
+    "create.switch-sent",
+    "create.freeze-sent",
+];
+
+/// Whether this build has failpoints (tests that need them check this first).
+pub fn enabled() -> bool {
+    cfg!(feature = "failpoints")
+}
+
+/// Keeps the failpoints configured from the environment until dropped.
+pub struct Scenario {
+    #[cfg(feature = "failpoints")]
+    _inner: Option<fail::FailScenario<'static>>,
+}
+
+/// Reads `FAILPOINTS` (a `failpoints` build; otherwise does nothing).
+pub fn setup_from_env() -> Scenario {
+    #[cfg(feature = "failpoints")]
+    {
+        if std::env::var_os("FAILPOINTS").is_some() {
+            return Scenario {
+                _inner: Some(fail::FailScenario::setup()),
+            };
+        }
+        Scenario { _inner: None }
+    }
+    #[cfg(not(feature = "failpoints"))]
+    Scenario {}
+}
+
+/// Passes the point `name`; `qemu` is the pid of the QEMU the operation works on (for
+/// `kill-qemu`).
+#[cfg(feature = "failpoints")]
+pub(crate) async fn hit(name: &'static str, qemu: Option<u32>) -> Result<()> {
+    use crate::error::Error;
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    let Some(action) = fail::eval(name, |arg| arg.unwrap_or_default()) else {
+        return Ok(());
+    };
+    tracing::warn!(point = name, %action, "failpoint");
+    match action.as_str() {
+        "crash" => {
+            let _ = kill(Pid::this(), Signal::SIGKILL);
+            // SIGKILL to ourselves does not return; make sure nothing runs on regardless.
+            std::process::abort()
+        }
+        "kill-qemu" => {
+            if let Some(pid) = qemu.and_then(|p| i32::try_from(p).ok()) {
+                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+                // Wait until it is gone (bounded), so the next step sees a dead QEMU.
+                for _ in 0..500 {
+                    if !crate::launch::alive(pid.unsigned_abs()).await {
+                        break;
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                }
+            }
+            Ok(())
+        }
+        "timeout" => Err(Error::Qmp {
+            step: "an injected timeout",
+            source: qsnap_qmp::Error::Timeout {
+                command: name.to_owned(),
+                after: std::time::Duration::ZERO,
+            },
+        }),
+        _ => Err(Error::Injected {
+            point: name.to_owned(),
+        }),
+    }
+}
+
+/// Passes the point `name` (a build without failpoints: nothing happens).
+#[cfg(not(feature = "failpoints"))]
+#[inline(always)]
+pub(crate) async fn hit(_name: &'static str, _qemu: Option<u32>) -> Result<()> {
+    Ok(())
+}

@@ -1,0 +1,273 @@
+//! Disk image files, offline: everything qsnap does with `qemu-img` — create an overlay,
+//! read a backing chain, ask whether a layer holds data of its own, merge two layers (commit
+//! down, or rebase up), check an image. Every call is bounded and cancellable (`tool.rs`).
+//!
+//! Rules kept here: an image is created only where no file is (an O_EXCL placeholder, 0600 —
+//! guest disk data is private — is made first and `qemu-img` writes into it), and nothing here
+//! ever unlinks a file: deciding what may go is the callers' job.
+
+use crate::error::{Error, Result};
+use crate::store::{blocking, ImageStamp};
+use crate::tool;
+use serde::Deserialize;
+use std::fs::OpenOptions;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use tokio::process::Command;
+use tokio_util::sync::CancellationToken;
+
+/// Quick metadata work (create an overlay, read headers).
+const QUICK: Duration = Duration::from_secs(60);
+/// Data-copying work (commit, safe rebase): bounded, but generously — a big layer takes time.
+const LONG: Duration = Duration::from_secs(6 * 3600);
+
+fn qemu_img() -> Command {
+    Command::new("qemu-img")
+}
+
+/// Creates a qcow2 overlay at `overlay` over `backing` (absolute path, format `format`),
+/// `size` bytes, without opening the backing (`-u`: a running QEMU holds it). Refuses when
+/// anything exists at `overlay`; the file is 0600.
+pub async fn create_overlay(
+    overlay: &Path,
+    backing: &Path,
+    format: &str,
+    size: u64,
+    cancel: &CancellationToken,
+) -> Result<()> {
+    let placeholder = overlay.to_owned();
+    blocking(move || {
+        OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&placeholder)
+            .map(drop)
+            .map_err(|source| {
+                if source.kind() == std::io::ErrorKind::AlreadyExists {
+                    Error::TargetExists {
+                        path: placeholder.clone(),
+                    }
+                } else {
+                    Error::Io {
+                        what: "creating an overlay file",
+                        path: placeholder.clone(),
+                        source,
+                    }
+                }
+            })
+    })
+    .await?;
+    let mut cmd = qemu_img();
+    cmd.args(["create", "-q", "-f", "qcow2", "-u", "-F", format, "-b"])
+        .arg(backing)
+        .arg(overlay)
+        .arg(size.to_string());
+    let made = tool::run(cmd, "qemu-img create", overlay, QUICK, cancel).await;
+    if made.is_err() {
+        // Ours, and empty or half-written: it goes.
+        let _ = tokio::fs::remove_file(overlay).await;
+    }
+    made.map(drop)
+}
+
+/// One image of a backing chain, as `qemu-img info` reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct ChainImage {
+    /// The image file.
+    pub filename: PathBuf,
+    /// Its format.
+    pub format: String,
+    /// Its backing file, resolved (absolute), if it has one.
+    #[serde(default)]
+    pub full_backing_filename: Option<PathBuf>,
+    /// Its backing file's format, if recorded.
+    #[serde(default)]
+    pub backing_filename_format: Option<String>,
+    /// Virtual size.
+    #[serde(default)]
+    pub virtual_size: u64,
+    /// Bytes allocated on the host.
+    #[serde(default)]
+    pub actual_size: Option<u64>,
+}
+
+/// An image's backing chain, top first (`qemu-img info -U --backing-chain`). `-U` reads
+/// without a lock: the result for an image a running QEMU writes may lag behind it, so for
+/// a running VM ask QEMU instead.
+pub async fn chain(image: &Path, cancel: &CancellationToken) -> Result<Vec<ChainImage>> {
+    let mut cmd = qemu_img();
+    cmd.args(["info", "-U", "--backing-chain", "--output=json"])
+        .arg(image);
+    let out = tool::run(cmd, "qemu-img info", image, QUICK, cancel).await?;
+    serde_json::from_slice(&out.stdout).map_err(|e| Error::Tool {
+        tool: "qemu-img info".into(),
+        path: image.to_owned(),
+        why: format!("unreadable output: {e}"),
+    })
+}
+
+/// One image alone (its own header).
+pub async fn info(image: &Path, cancel: &CancellationToken) -> Result<ChainImage> {
+    let mut cmd = qemu_img();
+    cmd.args(["info", "-U", "--output=json"]).arg(image);
+    let out = tool::run(cmd, "qemu-img info", image, QUICK, cancel).await?;
+    serde_json::from_slice(&out.stdout).map_err(|e| Error::Tool {
+        tool: "qemu-img info".into(),
+        path: image.to_owned(),
+        why: format!("unreadable output: {e}"),
+    })
+}
+
+#[derive(Deserialize)]
+struct MapEntry {
+    depth: u64,
+    #[serde(default)]
+    present: Option<bool>,
+    #[serde(default)]
+    data: bool,
+    #[serde(default)]
+    zero: bool,
+}
+
+/// Whether the top image holds any cluster of its own (data or zeroes that hide its
+/// backing): an overlay the guest never wrote to has none. Only meaningful while no QEMU has
+/// the image open (QEMU may not have written its metadata yet).
+pub async fn has_own_data(image: &Path, cancel: &CancellationToken) -> Result<bool> {
+    let mut cmd = qemu_img();
+    cmd.args(["map", "-U", "--output=json"]).arg(image);
+    let out = tool::run(cmd, "qemu-img map", image, QUICK, cancel).await?;
+    let map: Vec<MapEntry> = serde_json::from_slice(&out.stdout).map_err(|e| Error::Tool {
+        tool: "qemu-img map".into(),
+        path: image.to_owned(),
+        why: format!("unreadable output: {e}"),
+    })?;
+    Ok(map
+        .iter()
+        .any(|m| m.depth == 0 && m.present.unwrap_or(m.data || m.zero)))
+}
+
+/// Copies `top`'s data down into its backing file (`qemu-img commit -d`: `top` keeps its
+/// data, so until its children are moved it stays valid).
+pub async fn commit(
+    top: &Path,
+    cancel: &CancellationToken,
+    progress: &(dyn Fn(f64) + Send + Sync),
+) -> Result<()> {
+    let mut cmd = qemu_img();
+    cmd.args(["commit", "-p", "-d"]).arg(top);
+    tool::run_with_progress(cmd, "qemu-img commit", top, LONG, cancel, progress).await
+}
+
+/// Moves `image` onto `backing` (format `format`) keeping its content: whatever differs
+/// between the old and the new backing is copied into `image` first (a safe `rebase`, the
+/// offline form of a block-stream).
+pub async fn rebase_keeping_content(
+    image: &Path,
+    backing: &Path,
+    format: &str,
+    cancel: &CancellationToken,
+    progress: &(dyn Fn(f64) + Send + Sync),
+) -> Result<()> {
+    let mut cmd = qemu_img();
+    cmd.args(["rebase", "-p"]);
+    if backing.as_os_str().is_empty() {
+        // No new backing: the image takes in everything and stands alone.
+        cmd.args(["-b", ""]);
+    } else {
+        cmd.args(["-F", format, "-b"]).arg(backing);
+    }
+    cmd.arg(image);
+    tool::run_with_progress(cmd, "qemu-img rebase", image, LONG, cancel, progress).await
+}
+
+/// Points `image`'s header at `backing` without copying anything (`rebase -u`): only right
+/// when the new backing reads exactly like the old one.
+pub async fn set_backing(
+    image: &Path,
+    backing: &Path,
+    format: &str,
+    cancel: &CancellationToken,
+) -> Result<()> {
+    let mut cmd = qemu_img();
+    cmd.args(["rebase", "-u", "-F", format, "-b"])
+        .arg(backing)
+        .arg(image);
+    tool::run(cmd, "qemu-img rebase -u", image, QUICK, cancel)
+        .await
+        .map(drop)
+}
+
+/// What `qemu-img check` found.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct CheckReport {
+    /// Corruptions (data at risk).
+    #[serde(default)]
+    pub corruptions: u64,
+    /// Leaked clusters (harmless, space only).
+    #[serde(default)]
+    pub leaks: u64,
+    /// Check errors.
+    #[serde(default)]
+    pub check_errors: u64,
+}
+
+/// Runs `qemu-img check` on one qcow2 image (`-U`: it may be in use).
+pub async fn check(image: &Path, cancel: &CancellationToken) -> Result<CheckReport> {
+    let mut cmd = qemu_img();
+    cmd.args(["check", "-U", "--output=json"]).arg(image);
+    cmd.stdin(std::process::Stdio::null());
+    // `check` exits non-zero when it finds something: read its report either way.
+    let out = cmd.kill_on_drop(true).output();
+    let out = tokio::select! {
+        r = tokio::time::timeout(QUICK, out) => r
+            .map_err(|_| Error::Tool { tool: "qemu-img check".into(), path: image.to_owned(), why: format!("no result within {QUICK:?}") })?
+            .map_err(|e| Error::Tool { tool: "qemu-img check".into(), path: image.to_owned(), why: e.to_string() })?,
+        () = cancel.cancelled() => return Err(Error::Cancelled),
+    };
+    serde_json::from_slice(&out.stdout).map_err(|_| Error::Tool {
+        tool: "qemu-img check".into(),
+        path: image.to_owned(),
+        why: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+    })
+}
+
+/// Reads the stamp (size and mtime) of `path`.
+pub async fn stamp(path: &Path) -> Result<ImageStamp> {
+    let m = tokio::fs::metadata(path)
+        .await
+        .map_err(|source| Error::Io {
+            what: "reading an image's size and time",
+            path: path.to_owned(),
+            source,
+        })?;
+    let mtime_ns = m
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+        .unwrap_or(0);
+    Ok(ImageStamp {
+        bytes: m.len(),
+        mtime_ns,
+    })
+}
+
+/// Whether a file starts with the qcow2 magic (a cheap "this is an image qsnap could have
+/// made" check before anything is unlinked).
+pub async fn is_qcow2(path: &Path) -> bool {
+    let path = path.to_owned();
+    blocking(move || {
+        use std::io::Read;
+        let mut magic = [0u8; 4];
+        Ok(std::fs::File::open(&path)
+            .and_then(|mut f| f.read_exact(&mut magic))
+            .is_ok()
+            && &magic == b"QFI\xfb")
+    })
+    .await
+    .unwrap_or(false)
+}

@@ -1,0 +1,103 @@
+//! Machine types: a snapshot's memory stream loads only into the exact machine type that
+//! saved it (`pc-i440fx-10.0`), while command lines usually name an alias (`pc`) that a newer
+//! QEMU resolves to a newer type. A revert therefore relaunches with the snapshot's versioned
+//! type, and first checks that the QEMU binary still offers it.
+
+use crate::error::Result;
+use crate::tool;
+use std::path::Path;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// Refuses (with why) when the QEMU binary cannot run the machine type `machine`.
+pub async fn check(
+    binary: &str,
+    machine: &str,
+    cancel: &CancellationToken,
+) -> std::result::Result<(), String> {
+    let mut cmd = tokio::process::Command::new(binary);
+    cmd.args(["-machine", "help"]);
+    let out = tool::run(
+        cmd,
+        "qemu -machine help",
+        Path::new(binary),
+        Duration::from_secs(20),
+        cancel,
+    )
+    .await
+    .map_err(|e| format!("cannot ask {binary} for its machine types: {e}"))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    if text
+        .lines()
+        .any(|l| l.split_whitespace().next() == Some(machine))
+    {
+        Ok(())
+    } else {
+        Err(format!(
+            "{binary} does not offer the machine type {machine} the snapshot was taken with"
+        ))
+    }
+}
+
+/// The command line with its machine type set to `machine` (in `-machine`/`-M`, keeping the
+/// other machine options, or added when there is none).
+pub fn pin(argv: &[String], machine: &str) -> Result<Vec<String>> {
+    let mut out = argv.to_vec();
+    let mut found = false;
+    let mut i = 1;
+    while i + 1 < out.len() {
+        let flag = out[i].trim_start_matches('-');
+        if out[i].starts_with('-') && (flag == "machine" || flag == "M") {
+            out[i + 1] = with_type(&out[i + 1], machine);
+            found = true;
+        }
+        i += 1;
+    }
+    if !found {
+        out.extend(["-machine".into(), machine.into()]);
+    }
+    Ok(out)
+}
+
+/// `pc,accel=tcg` → `pc-i440fx-7.2,accel=tcg`; `accel=kvm,type=q35` → `accel=kvm,type=…`.
+fn with_type(opts: &str, machine: &str) -> String {
+    let mut parts: Vec<String> = opts.split(',').map(str::to_owned).collect();
+    if let Some(p) = parts.iter_mut().find(|p| p.starts_with("type=")) {
+        *p = format!("type={machine}");
+    } else if parts.first().is_some_and(|p| !p.contains('=')) {
+        parts[0] = machine.to_owned();
+    } else {
+        parts.insert(0, machine.to_owned());
+    }
+    parts.join(",")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn v(s: &[&str]) -> Vec<String> {
+        s.iter().map(|x| (*x).to_owned()).collect()
+    }
+
+    #[test]
+    fn the_snapshot_machine_type_replaces_an_alias_or_is_added() {
+        let m = "pc-i440fx-7.2";
+        assert_eq!(
+            pin(&v(&["qemu", "-machine", "pc,accel=tcg"]), m).unwrap(),
+            v(&["qemu", "-machine", "pc-i440fx-7.2,accel=tcg"])
+        );
+        assert_eq!(
+            pin(&v(&["qemu", "-M", "accel=kvm,type=pc"]), m).unwrap(),
+            v(&["qemu", "-M", "accel=kvm,type=pc-i440fx-7.2"])
+        );
+        assert_eq!(
+            pin(&v(&["qemu", "-machine", "accel=tcg"]), m).unwrap(),
+            v(&["qemu", "-machine", "pc-i440fx-7.2,accel=tcg"])
+        );
+        assert_eq!(
+            pin(&v(&["qemu", "-m", "64"]), m).unwrap(),
+            v(&["qemu", "-m", "64", "-machine", "pc-i440fx-7.2"])
+        );
+    }
+}

@@ -1,0 +1,171 @@
+//! Preflight: everything a create needs to know, read from QEMU without changing anything —
+//! run state, migration blockers (with the invtsc fix and its Hz), a busy migration or block
+//! job, the disks and their overlays, the memory mode, names and target files, and the
+//! migration settings a create will change (so they can be put back, even by a recovery).
+
+use super::{CreateOptions, Plan};
+use crate::error::{Error, Result};
+use crate::launch::tsc;
+use crate::qemu::{QueryCpusFast, QueryMaxBandwidth, QueryMigrate, QueryMigrateCapabilities};
+use crate::snapshot::{disks, transport};
+use crate::store::{self, Mode, SavedSettings};
+use qsnap_qmp::{types, Qmp};
+
+pub(super) async fn preflight(qmp: &Qmp, opts: &CreateOptions) -> Result<Plan> {
+    let status = qmp
+        .execute(types::query_status {})
+        .await
+        .map_err(Error::qmp("reading the run state"))?;
+    if !matches!(
+        status.status,
+        types::RunState::running | types::RunState::paused
+    ) {
+        return Err(Error::BadRunState {
+            state: serde_json::to_value(status.status)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_owned))
+                .unwrap_or_default(),
+        });
+    }
+    let disk_only = opts.mode == Some(Mode::DiskOnly);
+    if opts.quiesce.is_some() && !disk_only {
+        return Err(Error::Unsupported {
+            what: "quiescing is for disk-only snapshots: a memory snapshot already holds what the guest has not written, and would save its filesystems frozen".into(),
+        });
+    }
+    let mig = qmp
+        .execute(QueryMigrate {})
+        .await
+        .map_err(Error::qmp("reading the migration state"))?;
+    if mig.is_running() {
+        return Err(Error::Busy {
+            what: format!(
+                "a migration is in progress ({})",
+                mig.status.unwrap_or_default()
+            ),
+        });
+    }
+    if !disk_only {
+        if let Some(reasons) = mig.blocked_reasons.filter(|r| !r.is_empty()) {
+            let tsc_hz = if reasons.iter().any(|r| r.contains("invtsc")) {
+                tsc_frequency(qmp).await
+            } else {
+                None
+            };
+            return Err(Error::MigrationBlocked { reasons, tsc_hz });
+        }
+    }
+    let jobs = qmp
+        .execute(crate::qemu::QueryJobs {})
+        .await
+        .map_err(Error::qmp("listing block jobs"))?;
+    if let Some(j) = jobs.first() {
+        return Err(Error::Busy {
+            what: format!("block job {} is running", j.id),
+        });
+    }
+    let auto_resumes = !qmp.greeting().version.qemu.at_least(9, 0);
+    let memory = if disk_only {
+        None
+    } else {
+        let mode = memory_mode(qmp, opts.mode, status.running).await?;
+        Some((mode, opts.dir.join(format!("{}.mem", opts.name))))
+    };
+    let file_uri = transport::has_file_uri(qmp).await?;
+    let (disks, skipped) = disks::plan(
+        qmp,
+        &opts.name,
+        opts.overlay_dir.as_deref(),
+        &opts.overlay_stems,
+    )
+    .await?;
+    if disk_only && disks.is_empty() {
+        return Err(Error::DiskNotSnapshottable {
+            device: "(all)".into(),
+            why: "the VM has no writable disk, so a disk-only snapshot would capture nothing"
+                .into(),
+        });
+    }
+    let targets = disks.iter().map(|d| &d.overlay);
+    for path in targets.chain(memory.as_ref().map(|(_, p)| p)) {
+        let p = path.clone();
+        if store::blocking(move || store::exists(&p)).await? {
+            return Err(Error::TargetExists { path: path.clone() });
+        }
+    }
+    let saved = if memory.is_some() {
+        let caps = qmp
+            .execute(QueryMigrateCapabilities {})
+            .await
+            .map_err(Error::qmp("reading migration capabilities"))?;
+        let bw = qmp
+            .execute(QueryMaxBandwidth {})
+            .await
+            .map_err(Error::qmp("reading migration parameters"))?;
+        Some(SavedSettings {
+            capabilities: caps.into_iter().map(|c| (c.capability, c.state)).collect(),
+            max_bandwidth: bw.max_bandwidth,
+        })
+    } else {
+        None
+    };
+    Ok(Plan {
+        was_running: status.running,
+        memory,
+        auto: opts.mode.is_none(),
+        auto_resumes,
+        file_uri,
+        disks,
+        skipped,
+        saved,
+    })
+}
+
+/// The memory mode to use: what was asked for if this QEMU can, else the best it can.
+async fn memory_mode(qmp: &Qmp, asked: Option<Mode>, running: bool) -> Result<Mode> {
+    let version = qmp.greeting().version.qemu;
+    let schema = qmp
+        .schema()
+        .await
+        .map_err(Error::qmp("reading QEMU's schema"))?;
+    let bg = schema.has_migration_capability("background-snapshot");
+    // Before 9.0 QEMU's background-snapshot thread resumes the guest when it is done with the
+    // device state, even if it was paused: a paused VM must use precopy there.
+    let resumes_paused = !version.at_least(9, 0) && !running;
+    match asked {
+        Some(Mode::PointInTime) if !bg => Err(Error::Unsupported {
+            what: format!(
+                "point-in-time snapshots need background-snapshot, which QEMU {version} lacks; use --mode precopy"
+            ),
+        }),
+        Some(Mode::PointInTime) if resumes_paused => Err(Error::Unsupported {
+            what: format!(
+                "QEMU {version} (< 9.0) would resume this paused VM during a point-in-time snapshot; use --mode precopy"
+            ),
+        }),
+        Some(m) => Ok(m),
+        None if bg && !resumes_paused => Ok(Mode::PointInTime),
+        None => Ok(Mode::Precopy),
+    }
+}
+
+/// The guest's TSC frequency, for the invtsc fix: QEMU knows it even when it was not set;
+/// failing that, the host's nominal frequency.
+async fn tsc_frequency(qmp: &Qmp) -> Option<u64> {
+    let from_vm = async {
+        let cpus = qmp.execute(QueryCpusFast {}).await.ok()?;
+        let path = cpus.first()?.qom_path.clone();
+        qmp.execute(types::qom_get {
+            path,
+            property: "tsc-frequency".into(),
+        })
+        .await
+        .ok()?
+        .as_u64()
+        .filter(|&hz| hz > 0)
+    };
+    match from_vm.await {
+        Some(hz) => Some(hz),
+        None => tsc::host_nominal_hz().await.map(|(hz, _)| hz),
+    }
+}

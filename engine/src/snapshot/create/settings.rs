@@ -1,0 +1,64 @@
+//! The migration settings a memory save needs, each with its undo: capabilities (`events`,
+//! and `background-snapshot` for point-in-time; everything incompatible off) and a raised
+//! `max-bandwidth` (QEMU's default 128 MiB/s would throttle a save to a local file). The undo
+//! puts back exactly what preflight read.
+
+use crate::error::{Error, Result};
+use crate::qemu::{Capability, MigrateSetCapabilities, SetMaxBandwidth};
+use crate::snapshot::rollback::{Rollback, Undo};
+use crate::store::{Mode, SavedSettings};
+use qsnap_qmp::Qmp;
+use tracing::warn;
+
+/// Switches on what the save needs and off everything else (multifd, postcopy, … are
+/// incompatible with a file save or with background-snapshot). In auto mode a host that
+/// refuses background-snapshot (no userfaultfd write-protect) falls back to precopy. Returns
+/// the mode that will run and the capabilities that are on for it.
+pub(super) async fn set_capabilities(
+    qmp: &Qmp,
+    saved: &SavedSettings,
+    mode: Mode,
+    auto: bool,
+    rb: &mut Rollback<'_>,
+) -> Result<(Mode, Vec<String>)> {
+    rb.push(Undo::RestoreSettings(saved.clone()));
+    let mut try_mode = mode;
+    loop {
+        let on: &[&str] = match try_mode {
+            Mode::PointInTime => &["events", "background-snapshot"],
+            _ => &["events"],
+        };
+        let want: Vec<Capability> = saved
+            .capabilities
+            .iter()
+            .filter(|(name, state)| *state || on.contains(&name.as_str()))
+            .map(|(name, _)| Capability {
+                capability: name.clone(),
+                state: on.contains(&name.as_str()),
+            })
+            .collect();
+        match qmp
+            .execute(MigrateSetCapabilities { capabilities: want })
+            .await
+        {
+            Ok(_) => return Ok((try_mode, on.iter().map(|s| (*s).to_owned()).collect())),
+            Err(e) if auto && try_mode == Mode::PointInTime => {
+                warn!(error = %e, "background-snapshot refused; falling back to precopy");
+                try_mode = Mode::Precopy;
+            }
+            Err(e) => return Err(Error::qmp("setting migration capabilities")(e)),
+        }
+    }
+}
+
+/// Raises `max-bandwidth` so the save runs at disk speed (put back by the settings undo).
+pub(super) async fn raise_bandwidth(qmp: &Qmp, saved: &SavedSettings) -> Result<()> {
+    if saved.max_bandwidth.is_some() {
+        qmp.execute(SetMaxBandwidth {
+            max_bandwidth: u64::MAX >> 1,
+        })
+        .await
+        .map_err(Error::qmp("raising max-bandwidth"))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,382 @@
+//! Live merges: QEMU block jobs (`block-commit`, `block-stream`) run in the VM's own QEMU,
+//! several at once (one per disk), finishing together or not at all.
+//!
+//! Every job starts with `auto-finalize: false` and `auto-dismiss: false`. An active commit
+//! is completed (`job-complete`) once ready; then the runner waits until every job is
+//! `pending` — its data copied, the graph not yet changed — and only then finalizes them all.
+//! A failure or a cancel before that point cancels every job: no disk's chain changes. (QEMU
+//! has no transaction for these jobs, so a finalize itself could still fail on its own; the
+//! caller reads the chains back afterwards.) Nothing waits without a deadline.
+
+use crate::error::{Error, Result};
+use crate::qemu::{BlockCommit, BlockStream, JobInfo, QueryJobs};
+use qsnap_qmp::{types, Qmp};
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+/// How long a merge may take in all (a guard against a job that never ends, not a target).
+const LIMIT: Duration = Duration::from_secs(6 * 3600);
+/// How often job states and progress are read.
+const POLL: Duration = Duration::from_millis(100);
+
+/// One job to run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct LiveMerge {
+    /// Our job id.
+    pub job: String,
+    what: What,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum What {
+    /// The active layer `root` into `base` (then pivot).
+    ActiveCommit { root: String, base: String },
+    /// The layer `top` (below the active one of disk `root`) into `base`.
+    Commit {
+        root: String,
+        top: String,
+        base: String,
+    },
+    /// Everything between `node` and `base` into `node`.
+    Stream { node: String, base: Option<String> },
+}
+
+impl LiveMerge {
+    /// The disk's active layer (root node `root`) is committed into `base` and the disk
+    /// pivots to it.
+    pub(crate) fn active_commit(job: &str, root: &str, base: &str) -> LiveMerge {
+        LiveMerge {
+            job: job.into(),
+            what: What::ActiveCommit {
+                root: root.into(),
+                base: base.into(),
+            },
+        }
+    }
+
+    /// Layer `top` of the disk whose root node is `root` is committed into `base`; the layer
+    /// above `top` backs onto `base` afterwards.
+    pub(crate) fn commit(job: &str, root: &str, top: &str, base: &str) -> LiveMerge {
+        LiveMerge {
+            job: job.into(),
+            what: What::Commit {
+                root: root.into(),
+                top: top.into(),
+                base: base.into(),
+            },
+        }
+    }
+
+    /// The layers between `node` and `base` are copied into `node`, which then backs onto
+    /// `base`.
+    pub(crate) fn stream(job: &str, node: &str, base: Option<&str>) -> LiveMerge {
+        LiveMerge {
+            job: job.into(),
+            what: What::Stream {
+                node: node.into(),
+                base: base.map(str::to_owned),
+            },
+        }
+    }
+
+    async fn start(&self, qmp: &Qmp) -> Result<()> {
+        let r = match &self.what {
+            What::ActiveCommit { root, base } => {
+                qmp.execute(BlockCommit {
+                    job_id: self.job.clone(),
+                    device: root.clone(),
+                    top_node: None,
+                    base_node: base.clone(),
+                    auto_finalize: Some(false),
+                    auto_dismiss: Some(false),
+                })
+                .await
+            }
+            What::Commit { root, top, base } => {
+                qmp.execute(BlockCommit {
+                    job_id: self.job.clone(),
+                    device: root.clone(),
+                    top_node: Some(top.clone()),
+                    base_node: base.clone(),
+                    auto_finalize: Some(false),
+                    auto_dismiss: Some(false),
+                })
+                .await
+            }
+            What::Stream { node, base } => {
+                qmp.execute(BlockStream {
+                    job_id: self.job.clone(),
+                    device: node.clone(),
+                    base_node: base.clone(),
+                    auto_finalize: false,
+                    auto_dismiss: false,
+                })
+                .await
+            }
+        };
+        r.map(drop).map_err(Error::qmp("starting a merge job"))
+    }
+}
+
+/// Which failpoints a run passes (delete's; a create's rollback passes none).
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Points {
+    /// Named points on.
+    pub on: bool,
+}
+
+/// Runs `merges` to the end, all finalizing together, or none. `progress` gets the fraction
+/// done (0–1).
+pub(crate) async fn run_all(
+    qmp: &Qmp,
+    merges: &[LiveMerge],
+    cancel: &CancellationToken,
+    progress: &(dyn Fn(f64) + Send + Sync),
+) -> Result<()> {
+    let pending = run_to_pending(qmp, merges, cancel, progress, Points::default()).await?;
+    finalize(qmp, &pending).await
+}
+
+/// Jobs whose data is copied and which wait, all of them, for [`finalize`]. Dropping this
+/// without finalizing leaves them waiting in QEMU (the guest's I/O on those disks waits with
+/// them): finalize or [`abandon`] them promptly.
+#[must_use]
+pub(crate) struct Pending {
+    merges: Vec<LiveMerge>,
+}
+
+/// Starts every job and waits until all are `pending` (data copied, no chain changed yet).
+/// A failure or a cancel before that cancels them all: nothing changes.
+pub(crate) async fn run_to_pending(
+    qmp: &Qmp,
+    merges: &[LiveMerge],
+    cancel: &CancellationToken,
+    progress: &(dyn Fn(f64) + Send + Sync),
+    points: Points,
+) -> Result<Pending> {
+    let pid = qmp.peer_pid();
+    let mut started: Vec<&LiveMerge> = Vec::new();
+    for m in merges {
+        if let Err(e) = m.start(qmp).await {
+            abandon(qmp, &started).await;
+            return Err(e);
+        }
+        started.push(m);
+    }
+    let outcome = async {
+        if points.on {
+            crate::failpoint::hit("delete.merge-started", pid).await?;
+        }
+        to_pending(qmp, merges, cancel, progress).await?;
+        if points.on {
+            crate::failpoint::hit("delete.merge-ready", pid).await?;
+        }
+        Ok(())
+    }
+    .await;
+    if let Err(e) = outcome {
+        if qmp.is_connected() {
+            abandon(qmp, &started).await;
+        }
+        return Err(e);
+    }
+    Ok(Pending {
+        merges: merges.to_vec(),
+    })
+}
+
+fn ours<'a>(all: &'a [JobInfo], merges: &[LiveMerge]) -> BTreeMap<String, &'a JobInfo> {
+    all.iter()
+        .filter(|j| merges.iter().any(|m| m.job == j.id))
+        .map(|j| (j.id.clone(), j))
+        .collect()
+}
+
+async fn jobs(qmp: &Qmp) -> Result<Vec<JobInfo>> {
+    qmp.execute(QueryJobs {})
+        .await
+        .map_err(Error::qmp("reading the merge jobs"))
+}
+
+async fn to_pending(
+    qmp: &Qmp,
+    merges: &[LiveMerge],
+    cancel: &CancellationToken,
+    progress: &(dyn Fn(f64) + Send + Sync),
+) -> Result<()> {
+    let started = Instant::now();
+    let mut completed: Vec<String> = Vec::new();
+    let mut events = qmp.events();
+    loop {
+        let all = jobs(qmp).await?;
+        let mine = ours(&all, merges);
+        if let Some(m) = merges.iter().find(|m| !mine.contains_key(&m.job)) {
+            return Err(Error::BlockJob {
+                job: m.job.clone(),
+                desc: "the job disappeared (dismissed by someone else?)".into(),
+            });
+        }
+        let (done, total) = mine.values().fold((0u64, 0u64), |(d, t), j| {
+            (d + j.current_progress, t + j.total_progress.max(1))
+        });
+        #[allow(clippy::cast_precision_loss)]
+        progress((done as f64 / total as f64).min(1.0));
+        for j in mine.values() {
+            if let Some(err) = &j.error {
+                return Err(Error::BlockJob {
+                    job: j.id.clone(),
+                    desc: err.clone(),
+                });
+            }
+            if matches!(j.status.as_str(), "aborting" | "concluded" | "null") {
+                return Err(Error::BlockJob {
+                    job: j.id.clone(),
+                    desc: format!("it ended early ({})", j.status),
+                });
+            }
+            if j.status == "ready" && !completed.contains(&j.id) {
+                // An active commit has caught up: let it pivot (it then goes pending).
+                qmp.execute(types::job_complete { id: j.id.clone() })
+                    .await
+                    .map_err(Error::qmp("completing an active merge"))?;
+                completed.push(j.id.clone());
+            }
+        }
+        if mine.values().all(|j| j.status == "pending") {
+            progress(1.0);
+            return Ok(());
+        }
+        if started.elapsed() > LIMIT {
+            return Err(Error::BlockJob {
+                job: merges[0].job.clone(),
+                desc: format!("not done within {LIMIT:?}"),
+            });
+        }
+        tokio::select! {
+            () = cancel.cancelled() => return Err(Error::Cancelled),
+            _ = events.wait_for("a job state change", POLL, |e| e.name == "JOB_STATUS_CHANGE") => {}
+        }
+    }
+}
+
+/// Finalizes pending jobs (each changes its disk's chain now), waits until they conclude and
+/// dismisses them.
+pub(crate) async fn finalize(qmp: &Qmp, pending: &Pending) -> Result<()> {
+    let merges = &pending.merges;
+    if merges.is_empty() {
+        return Ok(());
+    }
+    let started = Instant::now();
+    let mut events = qmp.events();
+    for m in merges {
+        qmp.execute(types::job_finalize { id: m.job.clone() })
+            .await
+            .map_err(Error::qmp("finalizing a merge"))?;
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut failure = None;
+    loop {
+        let all = jobs(qmp).await?;
+        let mine = ours(&all, merges);
+        if mine.values().all(|j| j.status == "concluded") {
+            for j in mine.values() {
+                if let Some(err) = &j.error {
+                    failure.get_or_insert(Error::BlockJob {
+                        job: j.id.clone(),
+                        desc: err.clone(),
+                    });
+                }
+                let _ = qmp.execute(types::job_dismiss { id: j.id.clone() }).await;
+            }
+            break;
+        }
+        if Instant::now() > deadline {
+            return Err(Error::BlockJob {
+                job: merges[0].job.clone(),
+                desc: "finalized but not concluded within 60 s".into(),
+            });
+        }
+        let _ = events
+            .wait_for("a job state change", POLL, |e| {
+                e.name == "JOB_STATUS_CHANGE"
+            })
+            .await;
+    }
+    info!(
+        jobs = merges.len(),
+        ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+        "merge jobs finalized"
+    );
+    match failure {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+/// Cancels (forced: a ready active commit does not pivot) and dismisses jobs, waiting
+/// (bounded) until they are gone.
+pub(crate) async fn abandon(qmp: &Qmp, started: &[&LiveMerge]) {
+    for m in started {
+        if let Err(e) = qmp.execute(types::job_cancel { id: m.job.clone() }).await {
+            debug!(job = %m.job, error = %e, "cancel");
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        let Ok(all) = jobs(qmp).await else { return };
+        let left: Vec<&JobInfo> = all
+            .iter()
+            .filter(|j| started.iter().any(|m| m.job == j.id))
+            .collect();
+        if left.is_empty() {
+            return;
+        }
+        for j in left.iter().filter(|j| j.status == "concluded") {
+            let _ = qmp.execute(types::job_dismiss { id: j.id.clone() }).await;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    warn!("merge jobs did not go away within 30 s of being cancelled");
+}
+
+/// Drives a job a previous (interrupted) qsnap started to its end: completes it when ready,
+/// finalizes it when pending, dismisses it when concluded. Returns `Ok(true)` when it ended
+/// well, `Ok(false)` when there was no such job.
+pub(crate) async fn finish_leftover(qmp: &Qmp, id: &str) -> Result<bool> {
+    let deadline = Instant::now() + LIMIT;
+    loop {
+        let all = jobs(qmp).await?;
+        let Some(j) = all.iter().find(|j| j.id == id) else {
+            return Ok(false);
+        };
+        match j.status.as_str() {
+            "ready" => {
+                let _ = qmp.execute(types::job_complete { id: id.into() }).await;
+            }
+            "pending" => {
+                let _ = qmp.execute(types::job_finalize { id: id.into() }).await;
+            }
+            "concluded" => {
+                let err = j.error.clone();
+                let _ = qmp.execute(types::job_dismiss { id: id.into() }).await;
+                return match err {
+                    None => Ok(true),
+                    Some(desc) => Err(Error::BlockJob {
+                        job: id.into(),
+                        desc,
+                    }),
+                };
+            }
+            _ => {}
+        }
+        if Instant::now() > deadline {
+            return Err(Error::BlockJob {
+                job: id.into(),
+                desc: "an interrupted merge did not end".into(),
+            });
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}

@@ -1,0 +1,693 @@
+//! Merging the layers no snapshot needs any more — what a delete does after the snapshot's
+//! manifest and memory are gone, and what `check --repair` finishes.
+//!
+//! The rule (drawn in `docs/snapshots.md`), per disk, for an image X that no snapshot
+//! freezes, that no VM writes to, and that no other VM's chain touches:
+//!
+//! ```text
+//! X has no child, qsnap made it     → unlink X
+//! X has one child C, qsnap made X   → stream:  C absorbs X's data, backs onto X's backing;
+//!                                              unlink X            (writes only into C,
+//!                                              whose content does not change)
+//! X has one child C, X is original  → commit:  C's data goes down into X; whatever named C
+//!   (and qsnap made C)                         names X; unlink C   (writes only into X,
+//!                                              which nothing but C reads)
+//! X has two or more children        → stays, a shared unnamed base, until one is left
+//! ```
+//! Original images (those a VM had before qsnap) are never unlinked. Rounds take at most one
+//! step per disk, bottom of the chain first; the live steps of a round (layers in the running
+//! QEMU's chains) run as block jobs that finalize together, the offline ones (`qemu-img`) copy
+//! their data first and change headers only once every disk's copy succeeded. Each round is
+//! journaled before it starts; every step can be redone from its journal entry.
+
+use super::refs::{self, Graph, Live};
+use super::Vm;
+use crate::blocks;
+use crate::error::{Error, Result};
+use crate::failpoint;
+use crate::image;
+use crate::snapshot::jobs::{self, LiveMerge, Points};
+use crate::store::{DeleteIntent, Intent, Manifest, MergeKind, MergeStep, VmRecord};
+use qsnap_qmp::{types, Qmp};
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+use tracing::{info, warn};
+
+/// How far a merge has got, for a progress bar.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct MergeProgress {
+    /// Fraction done (0–1) of the current round.
+    pub fraction: f64,
+    /// What is being merged (`vd0: disk.s1.qcow2 into disk.s2.qcow2`).
+    pub what: String,
+    /// Bytes to move in this round (the layers' allocated size, an estimate).
+    pub bytes: u64,
+}
+
+/// Progress callback for merges. Must not block.
+pub type MergeProgressFn = Arc<dyn Fn(&MergeProgress) + Send + Sync>;
+
+/// One merge (or removal) that happened.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct MergeReport {
+    /// The disk.
+    pub device: String,
+    /// `stream`, `commit` or `remove`.
+    pub kind: String,
+    /// The image merged away (or into, for a commit).
+    pub lower: PathBuf,
+    /// Its child, if it was merged with one.
+    pub upper: Option<PathBuf>,
+    /// In the running QEMU (block job) or offline (`qemu-img`).
+    pub live: bool,
+    /// How long it took.
+    pub ms: f64,
+    /// The file that was unlinked.
+    pub removed: Option<PathBuf>,
+}
+
+/// A step with the details needed to run it now.
+#[derive(Debug, Clone)]
+pub(crate) enum Step {
+    /// Unlink an image nothing uses.
+    Remove { device: String, image: PathBuf },
+    /// Merge two layers.
+    Merge(MergeStep),
+}
+
+/// What is left to do right now: at most one step per disk.
+pub(crate) fn next_round(g: &Graph, record: &VmRecord, live: Option<&Live>) -> Vec<Step> {
+    let mut steps = Vec::new();
+    for (device, images) in &g.by_device {
+        // Bottom of the chain first: commits into an original image copy the least.
+        let mut ordered: Vec<&PathBuf> = images.iter().collect();
+        ordered.sort_by_key(|i| std::cmp::Reverse(depth(g, i)));
+        for x in ordered {
+            if let Some(step) = step_for(g, record, live, device, x) {
+                steps.push(step);
+                break;
+            }
+        }
+    }
+    steps
+}
+
+/// How many layers sit above `image` at most (0 for a top).
+fn depth(g: &Graph, image: &Path) -> usize {
+    g.children(image)
+        .iter()
+        .map(|c| 1 + depth(g, c))
+        .max()
+        .unwrap_or(0)
+}
+
+fn step_for(
+    g: &Graph,
+    record: &VmRecord,
+    live: Option<&Live>,
+    device: &str,
+    x: &Path,
+) -> Option<Step> {
+    let owned = |p: &Path| record.owned_images.iter().any(|o| o == p);
+    let needed = |p: &Path| {
+        g.uses_of(p)
+            .iter()
+            .any(|u| !matches!(u, refs::Use::Original { .. }))
+    };
+    if needed(x) || g.pinned_elsewhere(x) {
+        return None;
+    }
+    let kids = g.children(x);
+    let live_chain = live.map(|l| l.chain(device)).unwrap_or_default();
+    match kids.as_slice() {
+        [] if owned(x) && !live_chain.iter().any(|p| p == x) => Some(Step::Remove {
+            device: device.to_owned(),
+            image: x.to_owned(),
+        }),
+        [c] => {
+            let kind = if owned(x) {
+                MergeKind::Stream
+            } else if owned(c) && !g.pinned_elsewhere(c) && !is_original(g, c) {
+                MergeKind::Commit
+            } else {
+                return None;
+            };
+            let lower_backing = g.backing.get(x).cloned().flatten();
+            Some(Step::Merge(MergeStep {
+                device: device.to_owned(),
+                kind,
+                lower: x.to_owned(),
+                upper: c.clone(),
+                lower_backing_format: lower_backing
+                    .as_ref()
+                    .and_then(|b| g.format.get(b).cloned()),
+                lower_backing,
+                lower_format: g.format.get(x).cloned().unwrap_or_else(|| "qcow2".into()),
+                upper_children: g.children(c),
+                live: live_chain.iter().any(|p| p == c),
+                job: None,
+            }))
+        }
+        _ => None,
+    }
+}
+
+fn is_original(g: &Graph, p: &Path) -> bool {
+    g.uses_of(p)
+        .iter()
+        .any(|u| matches!(u, refs::Use::Original { .. }))
+}
+
+/// Runs rounds until nothing is left to merge. `intent` is the delete's journal entry
+/// (updated with each round). Returns what was done.
+pub(crate) async fn run(
+    vm: &Vm,
+    record: &mut VmRecord,
+    intent: &mut DeleteIntent,
+    progress: Option<&MergeProgressFn>,
+) -> Result<Vec<MergeReport>> {
+    let mut done = Vec::new();
+    // A round left by an interrupted run is redone first.
+    if !intent.merges.is_empty() {
+        let steps: Vec<Step> = intent.merges.iter().cloned().map(Step::Merge).collect();
+        done.extend(run_round(vm, record, intent, steps, progress, true).await?);
+    }
+    for _ in 0..1000 {
+        let manifests = vm.store().manifests(vm.name()).await?;
+        let (graph, live) = view(vm, record, &manifests).await?;
+        let steps = next_round(&graph, record, live.as_ref());
+        if steps.is_empty() {
+            break;
+        }
+        done.extend(run_round(vm, record, intent, steps, progress, false).await?);
+    }
+    failpoint::hit("delete.consolidated", None).await?;
+    Ok(done)
+}
+
+/// The store's graph and, for a running VM, QEMU's view (checked against each other).
+pub(crate) async fn view(
+    vm: &Vm,
+    record: &VmRecord,
+    manifests: &[Manifest],
+) -> Result<(Graph, Option<Live>)> {
+    let live = match vm.connect_quick(record).await {
+        Ok(qmp) => Some(Live::read(&qmp).await?),
+        Err(_) => None,
+    };
+    let graph = Graph::gather(
+        vm.store(),
+        vm.name(),
+        record,
+        manifests,
+        live.as_ref(),
+        vm.cancel(),
+    )
+    .await?;
+    if let Some((image, why)) = graph.broken.first() {
+        return Err(Error::DeleteRefused {
+            snapshot: image.display().to_string(),
+            why: format!(
+                "its chain cannot be trusted: {why} (run `qsnap check {}`)",
+                vm.name()
+            ),
+        });
+    }
+    Ok((graph, live))
+}
+
+async fn run_round(
+    vm: &Vm,
+    record: &mut VmRecord,
+    intent: &mut DeleteIntent,
+    steps: Vec<Step>,
+    progress: Option<&MergeProgressFn>,
+    redo: bool,
+) -> Result<Vec<MergeReport>> {
+    let started = Instant::now();
+    let mut reports = Vec::new();
+    // Removals need no journal: an unlink is one step.
+    let mut merges = Vec::new();
+    for s in steps {
+        match s {
+            Step::Remove { device, image } => {
+                let manifests = vm.store().manifests(vm.name()).await?;
+                let (graph, live) = view(vm, record, &manifests).await?;
+                refs::safe_unlink(&image, &graph, record, live.as_ref()).await?;
+                forget_owned(vm, record, &image).await?;
+                info!(image = %image.display(), "removed a layer nothing uses");
+                reports.push(MergeReport {
+                    device,
+                    kind: "remove".into(),
+                    lower: image.clone(),
+                    upper: None,
+                    live: false,
+                    ms: 0.0,
+                    removed: Some(image),
+                });
+            }
+            Step::Merge(m) => merges.push(m),
+        }
+    }
+    if merges.is_empty() {
+        return Ok(reports);
+    }
+    for (i, m) in merges.iter_mut().enumerate() {
+        if m.live && m.job.is_none() {
+            m.job = Some(format!("qsnap-merge-{}-{i}", std::process::id()));
+        }
+    }
+    intent.merges = merges.clone();
+    vm.store()
+        .write_journal(vm.name(), &Intent::Delete(intent.clone()))
+        .await?;
+    let what = merges
+        .iter()
+        .map(|m| {
+            format!(
+                "{}: {} {} {}",
+                m.device,
+                file_name(&m.lower),
+                match m.kind {
+                    MergeKind::Stream => "into",
+                    MergeKind::Commit => "absorbs",
+                },
+                file_name(&m.upper)
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    let bytes = estimate(&merges).await;
+    let report = |f: f64| {
+        if let Some(p) = progress {
+            p(&MergeProgress {
+                fraction: f,
+                what: what.clone(),
+                bytes,
+            });
+        }
+    };
+    report(0.0);
+    // Data first (live jobs or qemu-img), all disks, then headers and names.
+    let (live_steps, offline): (Vec<&MergeStep>, Vec<&MergeStep>) =
+        merges.iter().partition(|m| m.live);
+    if !live_steps.is_empty() {
+        let steps: Vec<MergeStep> = live_steps.into_iter().cloned().collect();
+        merge_live(vm, record, intent, &steps, redo, &report).await?;
+    }
+    if !offline.is_empty() {
+        merge_offline(vm, &offline, redo, &report).await?;
+    }
+    failpoint::hit("delete.merged", None).await?;
+    for m in &merges {
+        finish_step(vm, record, m).await?;
+    }
+    failpoint::hit("delete.rebased", None).await?;
+    let ms = started.elapsed().as_secs_f64() * 1e3;
+    for m in &merges {
+        reports.push(MergeReport {
+            device: m.device.clone(),
+            kind: match m.kind {
+                MergeKind::Stream => "stream".into(),
+                MergeKind::Commit => "commit".into(),
+            },
+            lower: m.lower.clone(),
+            upper: Some(m.upper.clone()),
+            live: m.live,
+            ms,
+            removed: Some(removed_by(m).to_owned()),
+        });
+    }
+    intent.merges.clear();
+    vm.store()
+        .write_journal(vm.name(), &Intent::Delete(intent.clone()))
+        .await?;
+    report(1.0);
+    Ok(reports)
+}
+
+fn file_name(p: &Path) -> String {
+    p.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| p.display().to_string())
+}
+
+/// The image a finished step unlinks.
+fn removed_by(m: &MergeStep) -> &Path {
+    match m.kind {
+        MergeKind::Stream => &m.lower,
+        MergeKind::Commit => &m.upper,
+    }
+}
+
+/// The bytes a round copies (allocated size of the layers whose data moves).
+async fn estimate(merges: &[MergeStep]) -> u64 {
+    let mut total = 0;
+    for m in merges {
+        let moving = match m.kind {
+            MergeKind::Stream => &m.lower,
+            MergeKind::Commit => &m.upper,
+        };
+        if let Ok(meta) = tokio::fs::metadata(moving).await {
+            use std::os::unix::fs::MetadataExt;
+            total += meta.blocks() * 512;
+        }
+    }
+    total
+}
+
+/// The live steps of a round: block jobs in the running QEMU, finalizing together. An active
+/// commit changes which image the guest writes to; so that no write can fall between QEMU's
+/// switch and the journal saying so, the guest is paused for the finalize (milliseconds) and
+/// resumed once the journal is written.
+async fn merge_live(
+    vm: &Vm,
+    record: &mut VmRecord,
+    intent: &mut DeleteIntent,
+    steps: &[MergeStep],
+    redo: bool,
+    report: &(dyn Fn(f64) + Send + Sync),
+) -> Result<()> {
+    let qmp = vm.connect().await?;
+    let live = Live::read(&qmp).await?;
+    let mut todo = Vec::new();
+    for m in steps {
+        let job = m
+            .job
+            .clone()
+            .unwrap_or_else(|| format!("qsnap-merge-{}", std::process::id()));
+        if redo {
+            // A job the interrupted run started may still be there: take it to its end.
+            match jobs::finish_leftover(&qmp, &job).await {
+                Ok(true) => continue,
+                Ok(false) => {}
+                Err(e) => warn!(error = %e, %job, "an interrupted merge job failed; redoing it"),
+            }
+            if step_done_live(&live, m) {
+                continue;
+            }
+        }
+        todo.push((m, job));
+    }
+    if todo.is_empty() {
+        return Ok(());
+    }
+    let live = Live::read(&qmp).await?;
+    let mut merges = Vec::new();
+    let mut pivots = false;
+    for (m, job) in &todo {
+        merges.push(live_merge(&live, m, job)?);
+        if m.kind == MergeKind::Commit && live.chain(&m.device).first() == Some(&m.upper) {
+            pivots = true;
+        }
+    }
+    if pivots {
+        // The guest will be paused for the switch: a recovery must know to resume it.
+        let st = qmp
+            .execute(types::query_status {})
+            .await
+            .map_err(Error::qmp("reading the run state"))?;
+        intent.guest_was_running = Some(st.running);
+        vm.store()
+            .write_journal(vm.name(), &Intent::Delete(intent.clone()))
+            .await?;
+    }
+    let progress = |f: f64| report(f);
+    let running =
+        jobs::run_to_pending(&qmp, &merges, vm.cancel(), &progress, Points { on: true }).await?;
+    let paused = if intent.guest_was_running == Some(true) && pivots {
+        qmp.execute(types::stop {})
+            .await
+            .map_err(Error::qmp("pausing the guest for the switch"))?;
+        true
+    } else {
+        false
+    };
+    let finalized = jobs::finalize(&qmp, &running).await;
+    if finalized.is_ok() {
+        // Record what the guest writes to now, before it writes again.
+        for (m, _) in &todo {
+            if m.kind == MergeKind::Commit {
+                retarget(record, &m.upper, &m.lower);
+            }
+        }
+        if let Err(e) = vm.store().write_record(record).await {
+            if paused {
+                let _ = qmp.execute(types::cont {}).await;
+            }
+            return Err(e);
+        }
+    }
+    if paused {
+        qmp.execute(types::cont {})
+            .await
+            .map_err(Error::qmp("resuming the guest"))?;
+    }
+    if pivots {
+        intent.guest_was_running = None;
+        vm.store()
+            .write_journal(vm.name(), &Intent::Delete(intent.clone()))
+            .await?;
+    }
+    finalized?;
+    // Nodes that opened the merged-away image (an overlay added with blockdev-add, a
+    // -blockdev from the command line) are not dropped by QEMU by themselves.
+    let after = Live::read(&qmp).await?;
+    for (m, _) in &todo {
+        release_nodes(&qmp, &after, removed_by(m)).await;
+    }
+    Ok(())
+}
+
+/// Whether a live step already happened (read from QEMU's chains).
+fn step_done_live(live: &Live, m: &MergeStep) -> bool {
+    let chain = live.chain(&m.device);
+    match m.kind {
+        // C no longer backs onto X.
+        MergeKind::Stream => !chain.windows(2).any(|w| w[0] == m.upper && w[1] == m.lower),
+        // C left the chain.
+        MergeKind::Commit => !chain.contains(&m.upper),
+    }
+}
+
+fn live_merge(live: &Live, m: &MergeStep, job: &str) -> Result<LiveMerge> {
+    let node = |p: &Path| {
+        blocks::format_node_for(&live.nodes, p)
+            .map(|n| n.name.clone())
+            .ok_or_else(|| Error::DeleteRefused {
+                snapshot: m.lower.display().to_string(),
+                why: format!("QEMU has no node for {} in disk {}", p.display(), m.device),
+            })
+    };
+    let disk = live
+        .disks
+        .iter()
+        .find(|d| d.device == m.device)
+        .and_then(|d| d.medium.as_ref())
+        .ok_or_else(|| Error::DeleteRefused {
+            snapshot: m.lower.display().to_string(),
+            why: format!("QEMU has no disk {}", m.device),
+        })?;
+    let root = disk.node.clone().ok_or_else(|| Error::DeleteRefused {
+        snapshot: m.lower.display().to_string(),
+        why: format!("QEMU names no node for disk {}", m.device),
+    })?;
+    Ok(match m.kind {
+        MergeKind::Stream => {
+            let base = match &m.lower_backing {
+                Some(b) => Some(node(b)?),
+                None => None,
+            };
+            LiveMerge::stream(job, &node(&m.upper)?, base.as_deref())
+        }
+        MergeKind::Commit if disk.top() == m.upper => {
+            LiveMerge::active_commit(job, &root, &node(&m.lower)?)
+        }
+        MergeKind::Commit => LiveMerge::commit(job, &root, &node(&m.upper)?, &node(&m.lower)?),
+    })
+}
+
+async fn release_nodes(qmp: &Qmp, live: &Live, image: &Path) {
+    // Format nodes first, then the protocol node under them.
+    let mut nodes: Vec<_> = live.nodes.iter().filter(|n| n.image == image).collect();
+    nodes.sort_by_key(|n| n.driver == "file");
+    for n in nodes {
+        if let Err(e) = qmp
+            .execute(types::blockdev_del {
+                node_name: n.name.clone(),
+            })
+            .await
+        {
+            tracing::debug!(node = %n.name, error = %e, "node not released (QEMU may have dropped it)");
+        }
+    }
+}
+
+/// The offline steps of a round: every disk's data is copied first; if one fails, the
+/// streams already done are pointed back at their old backing (which still holds its data)
+/// so that no disk's chain changes.
+async fn merge_offline(
+    vm: &Vm,
+    steps: &[&MergeStep],
+    redo: bool,
+    report: &(dyn Fn(f64) + Send + Sync),
+) -> Result<()> {
+    let cancel = vm.cancel();
+    let mut streamed: Vec<&MergeStep> = Vec::new();
+    let n = steps.len();
+    for (i, m) in steps.iter().enumerate() {
+        #[allow(clippy::cast_precision_loss)]
+        let part = |f: f64| report((i as f64 + f) / n as f64);
+        let r = async {
+            match m.kind {
+                MergeKind::Stream => {
+                    if redo
+                        && image::info(&m.upper, cancel)
+                            .await?
+                            .full_backing_filename
+                            .as_ref()
+                            != Some(&m.lower)
+                    {
+                        return Ok(()); // already moved off X
+                    }
+                    match &m.lower_backing {
+                        Some(b) => {
+                            let fmt = m.lower_backing_format.as_deref().unwrap_or("raw");
+                            image::rebase_keeping_content(&m.upper, b, fmt, cancel, &part).await
+                        }
+                        None => {
+                            image::rebase_keeping_content(
+                                &m.upper,
+                                Path::new(""),
+                                "qcow2",
+                                cancel,
+                                &part,
+                            )
+                            .await
+                        }
+                    }
+                }
+                MergeKind::Commit => {
+                    if redo && !vm_may_commit_offline(vm, m).await? {
+                        return Ok(());
+                    }
+                    image::commit(&m.upper, cancel, &part).await
+                }
+            }
+        }
+        .await;
+        if let Err(e) = r {
+            for s in &streamed {
+                if let Err(undo) =
+                    image::set_backing(&s.upper, &s.lower, &s.lower_format, cancel).await
+                {
+                    warn!(error = %undo, image = %s.upper.display(), "could not point a streamed image back");
+                }
+            }
+            return Err(e);
+        }
+        if m.kind == MergeKind::Stream {
+            streamed.push(m);
+        }
+        if i + 1 < n {
+            if let Err(e) = failpoint::hit("delete.merge-started", None).await {
+                for s in &streamed {
+                    let _ = image::set_backing(&s.upper, &s.lower, &s.lower_format, cancel).await;
+                }
+                return Err(e);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// An interrupted commit may be redone offline only while the upper layer is still what
+/// the disk's chain runs through: once QEMU had switched the disk to the lower image (and
+/// the guest may have written there), copying the upper layer down again would undo the
+/// guest's writes.
+async fn vm_may_commit_offline(vm: &Vm, m: &MergeStep) -> Result<bool> {
+    let record = vm.store().record(vm.name()).await?;
+    Ok(!record
+        .disks
+        .iter()
+        .any(|d| d.device == m.device && d.image == m.lower))
+}
+
+/// After the data moved: headers, names, and the unlink.
+async fn finish_step(vm: &Vm, record: &mut VmRecord, m: &MergeStep) -> Result<()> {
+    let cancel = vm.cancel();
+    if m.kind == MergeKind::Commit {
+        // Everything that named C names X: children's headers, manifests, the record.
+        for child in &m.upper_children {
+            if tokio::fs::symlink_metadata(child).await.is_err() {
+                continue;
+            }
+            let info = image::info(child, cancel).await?;
+            if info.full_backing_filename.as_deref() == Some(&m.upper) {
+                image::set_backing(child, &m.lower, &m.lower_format, cancel).await?;
+            }
+        }
+        for mut man in vm.store().manifests(vm.name()).await? {
+            let mut changed = false;
+            for d in &mut man.snapshot.disks {
+                if d.image == m.upper {
+                    d.image = m.lower.clone();
+                    d.frozen = image::stamp(&m.lower).await.ok();
+                    changed = true;
+                }
+            }
+            if changed {
+                vm.store().replace_manifest(&man).await?;
+            }
+        }
+        if retarget(record, &m.upper, &m.lower) {
+            vm.store().write_record(record).await?;
+        }
+    } else {
+        // C's file changed (its content did not): restamp the snapshots that froze it.
+        for mut man in vm.store().manifests(vm.name()).await? {
+            let mut changed = false;
+            for d in &mut man.snapshot.disks {
+                if d.image == m.upper {
+                    d.frozen = image::stamp(&m.upper).await.ok();
+                    changed = true;
+                }
+            }
+            if changed {
+                vm.store().replace_manifest(&man).await?;
+            }
+        }
+    }
+    let gone = removed_by(m).to_owned();
+    let manifests = vm.store().manifests(vm.name()).await?;
+    let (graph, live) = view(vm, record, &manifests).await?;
+    refs::safe_unlink(&gone, &graph, record, live.as_ref()).await?;
+    forget_owned(vm, record, &gone).await
+}
+
+/// Points the record's disks at `to` where they named `from`. True if something changed.
+fn retarget(record: &mut VmRecord, from: &Path, to: &Path) -> bool {
+    let mut changed = false;
+    for d in &mut record.disks {
+        if d.image == from {
+            d.image = to.to_owned();
+            d.owned = record.owned_images.iter().any(|o| o == to);
+            changed = true;
+        }
+    }
+    changed
+}
+
+/// Drops an unlinked image from the record's owned images.
+async fn forget_owned(vm: &Vm, record: &mut VmRecord, image: &Path) -> Result<()> {
+    let before = record.owned_images.len();
+    record.owned_images.retain(|o| o != image);
+    if record.owned_images.len() != before {
+        vm.store().write_record(record).await?;
+    }
+    Ok(())
+}

@@ -1,0 +1,186 @@
+//! Taking a snapshot of a VM in the store, with the store kept in step with QEMU at every
+//! moment:
+//!
+//! ```text
+//! lock → settle an interrupted operation → state must be Running → preflight (no change)
+//! → journal: create (every file and node it may make, the settings to restore)
+//! → snapshot::Planned::take  ── failure: rolled back; disks that stay on overlays are
+//!                                recorded before the error is returned
+//! → POINT OF NO RETURN: the snapshot exists
+//! → journal: committed (the whole manifest) → record (the VM writes to the overlays now)
+//! → manifest → journal cleared
+//! ```
+//! After the point of no return nothing is undone: a failure to write the store is
+//! "snapshot taken, but …" and the committed journal lets the next command (or
+//! `qsnap check --repair`) finish the bookkeeping.
+
+use super::state::{Operation, VmState};
+use super::Vm;
+use crate::error::{Error, Result};
+use crate::failpoint;
+use crate::snapshot::{self, CreateOptions};
+use crate::store::{self, CurrentDisk, Intent, Manifest, VmRecord};
+use qsnap_qmp::{types, Qmp};
+
+impl Vm {
+    /// Takes a snapshot and records it: the record notes the new current snapshot and disk
+    /// images first, then the manifest is written. Refuses when another operation holds the
+    /// VM, the VM is not running, or the name is taken.
+    pub async fn create_snapshot(&self, opts: CreateOptions) -> Result<Manifest> {
+        let snap = opts.name.clone();
+        let op = self.begin(&format!("create {snap}")).await?;
+        self.create_locked(op.record, &opts).await
+    }
+
+    /// The create itself, for a caller that holds the VM's lock (and settled its journal).
+    pub(crate) async fn create_locked(
+        &self,
+        mut record: VmRecord,
+        opts: &CreateOptions,
+    ) -> Result<Manifest> {
+        let snap = &opts.name;
+        if self.store().has_snapshot(self.name(), snap).await? {
+            return Err(Error::SnapshotExists {
+                vm: self.name().to_string(),
+                snapshot: snap.to_string(),
+            });
+        }
+        VmState::observe(self, &record)
+            .await
+            .allows(self.name().as_str(), Operation::Create)?;
+        let created_at = store::now_rfc3339();
+        let qmp = self.connect().await?;
+        let pid = qmp.peer_pid();
+        let planned = snapshot::preflight(&qmp, opts).await?;
+        let mut intent = planned.intent();
+        self.store()
+            .write_journal(self.name(), &Intent::Create(intent.clone()))
+            .await?;
+        failpoint::hit("create.journaled", pid).await?;
+
+        let report = match planned.take().await {
+            Ok(r) => r,
+            Err(e) => return self.record_failure(record, e).await,
+        };
+
+        // ---- the point of no return: the snapshot exists ----
+        let manifest = Manifest {
+            schema: store::SCHEMA,
+            vm: self.name().to_string(),
+            name: snap.to_string(),
+            parent: record.current.clone(),
+            created_at,
+            qemu_version: qmp.greeting().version.qemu.to_string(),
+            machine: machine_type(&qmp).await,
+            snapshot: report,
+        };
+        apply(&mut record, &manifest, qmp.peer_pid()).await;
+        drop(qmp);
+        let taken_but = |problem: Error| Error::TakenBut {
+            vm: self.name().to_string(),
+            snapshot: snap.to_string(),
+            problem: Box::new(problem),
+        };
+        intent.committed = Some(Box::new(manifest.clone()));
+        // If this fails, the record and manifest below are still written; the journal is
+        // cleared either way, so no recovery can mistake the snapshot for a half-made one.
+        let _ = self
+            .store()
+            .write_journal(self.name(), &Intent::Create(intent))
+            .await;
+        failpoint::hit("create.committed", pid).await?;
+        // The record first: QEMU writes to the new overlays now, and a restart must open
+        // them whatever else fails.
+        self.store()
+            .write_record(&record)
+            .await
+            .map_err(taken_but)?;
+        failpoint::hit("create.recorded", pid).await?;
+        self.store()
+            .write_manifest(&manifest)
+            .await
+            .map_err(taken_but)?;
+        self.store()
+            .clear_journal(self.name())
+            .await
+            .map_err(taken_but)?;
+        Ok(manifest)
+    }
+
+    /// A create failed and was rolled back: disks that stay on their new overlays (QEMU
+    /// died, or merging back failed) become the record's disks before the error goes back.
+    async fn record_failure(&self, mut record: VmRecord, e: Error) -> Result<Manifest> {
+        let kept = e.kept_overlays();
+        let stored = async {
+            if !kept.is_empty() {
+                for (device, overlay) in &kept {
+                    if let Some(d) = record.disks.iter_mut().find(|d| &d.device == device) {
+                        d.image = overlay.clone();
+                        d.owned = true;
+                    }
+                    if !record.owned_images.contains(overlay) {
+                        record.owned_images.push(overlay.clone());
+                    }
+                }
+                if e.is_disconnected() {
+                    record.pid = None;
+                    record.pid_start = None;
+                }
+                self.store().write_record(&record).await?;
+            }
+            self.store().clear_journal(self.name()).await
+        }
+        .await;
+        match stored {
+            Ok(()) => Err(e),
+            Err(problem) => Err(Error::StoreBehind {
+                vm: self.name().to_string(),
+                cause: Box::new(e),
+                problem: Box::new(problem),
+            }),
+        }
+    }
+}
+
+/// The record after a snapshot: current is the new snapshot, the switched disks write to
+/// their overlays (qsnap's own paths: QEMU may describe an overlay over a relative path as
+/// `json:{…}`), which qsnap owns.
+pub(crate) async fn apply(record: &mut VmRecord, manifest: &Manifest, pid: Option<u32>) {
+    record.current = Some(manifest.name.clone());
+    for d in &manifest.snapshot.disks {
+        match record.disks.iter_mut().find(|r| r.device == d.device) {
+            Some(r) => {
+                r.image = d.overlay.clone();
+                r.owned = true;
+            }
+            None => record.disks.push(CurrentDisk {
+                device: d.device.clone(),
+                image: d.overlay.clone(),
+                launch_image: d.image.clone(),
+                owned: true,
+            }),
+        }
+        if !record.owned_images.contains(&d.overlay) {
+            record.owned_images.push(d.overlay.clone());
+        }
+    }
+    if let Some(pid) = pid {
+        if record.pid != Some(pid) {
+            record.pid = Some(pid);
+            record.pid_start = crate::launch::start_time(pid).await;
+        }
+    }
+}
+
+/// The machine type (`pc-i440fx-10.0`), so a revert relaunches exactly it.
+async fn machine_type(qmp: &Qmp) -> Option<String> {
+    let v = qmp
+        .execute(types::qom_get {
+            path: "/machine".into(),
+            property: "type".into(),
+        })
+        .await
+        .ok()?;
+    v.as_str()
+        .map(|t| t.strip_suffix("-machine").unwrap_or(t).to_owned())
+}

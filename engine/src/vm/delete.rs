@@ -1,0 +1,245 @@
+//! Deleting snapshots — any of them, in any position of the tree, the VM running or stopped
+//! — and merging the layers they leave (`consolidate.rs`).
+//!
+//! ```text
+//! lock → settle → state Running or Stopped → checks, changing nothing: the snapshots exist,
+//!   every chain reads back whole, QEMU runs the chains the record names, no block job runs
+//!   ── any doubt: refused, nothing changed
+//! → journal: delete (removing), with the manifests
+//! → children of a deleted snapshot move to its parent; `current` moves up likewise; the
+//!   record is written; memory files and manifests go
+//! → journal: consolidating → rounds of merges until no layer is left that nothing needs
+//! → journal cleared
+//! ```
+//! A failure or a cancel after the snapshots are gone leaves every chain whole (unmerged
+//! layers are harmless) and says so; `qsnap check --repair` merges them later.
+
+use super::consolidate;
+use super::state::{Operation, VmState};
+use super::Vm;
+use crate::error::{Error, Result};
+use crate::failpoint;
+use crate::name::SnapshotName;
+use crate::qemu::QueryJobs;
+use crate::store::{self, DeleteIntent, DeletePhase, Intent, Manifest, VmRecord};
+use serde::Serialize;
+use std::path::PathBuf;
+use std::time::Instant;
+
+pub use super::consolidate::{MergeProgress, MergeProgressFn, MergeReport};
+
+/// How a delete goes.
+#[derive(Clone, Default)]
+pub struct DeleteOptions {
+    /// Called as merges progress (a few times a second).
+    pub progress: Option<MergeProgressFn>,
+}
+
+impl std::fmt::Debug for DeleteOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeleteOptions").finish_non_exhaustive()
+    }
+}
+
+/// What a delete did.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct DeleteReport {
+    /// The snapshots deleted.
+    pub deleted: Vec<String>,
+    /// Their memory files, removed.
+    pub memory_removed: Vec<PathBuf>,
+    /// The merges (and removals of layers nothing uses) that followed.
+    pub merges: Vec<MergeReport>,
+    /// Image files unlinked.
+    pub images_removed: Vec<PathBuf>,
+    /// The VM's current snapshot afterwards.
+    pub current: Option<String>,
+    /// Whether the VM was running (merges ran live in its QEMU).
+    pub live: bool,
+    /// Wall time.
+    pub total_ms: f64,
+}
+
+impl Vm {
+    /// Deletes one snapshot and merges the layers no snapshot needs any more.
+    pub async fn delete_snapshot(
+        &self,
+        snap: &SnapshotName,
+        opts: &DeleteOptions,
+    ) -> Result<DeleteReport> {
+        self.delete(Some(snap), opts).await
+    }
+
+    /// Deletes every snapshot; the VM ends up on one image per disk (its original images,
+    /// with everything merged into them).
+    pub async fn delete_all(&self, opts: &DeleteOptions) -> Result<DeleteReport> {
+        self.delete(None, opts).await
+    }
+
+    async fn delete(
+        &self,
+        one: Option<&SnapshotName>,
+        opts: &DeleteOptions,
+    ) -> Result<DeleteReport> {
+        let started = Instant::now();
+        let what = one.map_or_else(|| "all snapshots".to_owned(), ToString::to_string);
+        let op = self.begin(&format!("delete {what}")).await?;
+        let mut record = op.record.clone();
+        let manifests = self.store().manifests(self.name()).await?;
+        let victims: Vec<Manifest> = match one {
+            Some(snap) => {
+                let m = manifests
+                    .iter()
+                    .find(|m| m.name == snap.as_str())
+                    .cloned()
+                    .ok_or_else(|| Error::UnknownSnapshot {
+                        vm: self.name().to_string(),
+                        snapshot: snap.to_string(),
+                    })?;
+                vec![m]
+            }
+            None => manifests.clone(),
+        };
+        let state = VmState::observe(self, &record).await;
+        state.allows(self.name().as_str(), Operation::Delete)?;
+        let refuse = |why: String| Error::DeleteRefused {
+            snapshot: what.clone(),
+            why,
+        };
+        // ---- checks: nothing has changed yet ----
+        for v in &victims {
+            if let Some(mem) = &v.snapshot.memory {
+                let expected = self
+                    .store()
+                    .memory_path(self.name(), &SnapshotName::new(&v.name)?);
+                if mem.file != expected {
+                    return Err(refuse(format!(
+                        "its memory file {} is not the store's",
+                        mem.file.display()
+                    )));
+                }
+            }
+        }
+        let (_, live) = consolidate::view(self, &record, &manifests).await?;
+        if let Some(live) = &live {
+            for d in &record.disks {
+                let top = live.chain(&d.device).first().cloned();
+                if top.as_ref() != Some(&d.image) {
+                    return Err(refuse(format!(
+                        "QEMU writes disk {} to {}, the store says {}; run `qsnap check {} --repair`",
+                        d.device,
+                        top.map_or("nothing".into(), |t| t.display().to_string()),
+                        d.image.display(),
+                        self.name()
+                    )));
+                }
+            }
+            let qmp = self.connect().await?;
+            let jobs = qmp
+                .execute(QueryJobs {})
+                .await
+                .map_err(Error::qmp("listing block jobs"))?;
+            if let Some(j) = jobs.first() {
+                return Err(Error::Busy {
+                    what: format!("block job {} is running", j.id),
+                });
+            }
+        }
+
+        let mut intent = DeleteIntent {
+            snapshots: victims.iter().map(|m| m.name.clone()).collect(),
+            manifests: victims.clone(),
+            phase: DeletePhase::Removing,
+            merges: Vec::new(),
+            guest_was_running: None,
+        };
+        self.store()
+            .write_journal(self.name(), &Intent::Delete(intent.clone()))
+            .await?;
+        failpoint::hit("delete.journaled", state.pid()).await?;
+        let memory_removed = remove_snapshots(self, &mut record, &victims).await?;
+        failpoint::hit("delete.removed", state.pid()).await?;
+
+        intent.phase = DeletePhase::Consolidating;
+        self.store()
+            .write_journal(self.name(), &Intent::Delete(intent.clone()))
+            .await?;
+        let merges =
+            match consolidate::run(self, &mut record, &mut intent, opts.progress.as_ref()).await {
+                Ok(m) => m,
+                Err(e) => {
+                    // A cancelled round was undone (jobs cancelled before any chain changed,
+                    // offline copies pointed back): nothing is left half-done.
+                    if matches!(e, Error::Cancelled) {
+                        self.store().clear_journal(self.name()).await?;
+                    }
+                    return Err(Error::DeletedBut {
+                        vm: self.name().to_string(),
+                        snapshots: intent.snapshots.clone(),
+                        problem: Box::new(e),
+                    });
+                }
+            };
+        self.store().clear_journal(self.name()).await?;
+        Ok(DeleteReport {
+            deleted: intent.snapshots,
+            memory_removed,
+            images_removed: merges.iter().filter_map(|m| m.removed.clone()).collect(),
+            merges,
+            current: record.current.clone(),
+            live: live.is_some(),
+            total_ms: started.elapsed().as_secs_f64() * 1e3,
+        })
+    }
+}
+
+/// Removes snapshots from the store: their children (and `current`) move to the nearest
+/// surviving ancestor, then their memory files and manifests go. Safe to run again on a
+/// half-done removal (a recovery does).
+pub(crate) async fn remove_snapshots(
+    vm: &Vm,
+    record: &mut VmRecord,
+    victims: &[Manifest],
+) -> Result<Vec<PathBuf>> {
+    let gone = |name: &str| victims.iter().any(|v| v.name == name);
+    let survivor = |mut p: Option<String>| {
+        while let Some(name) = p.clone() {
+            if !gone(&name) {
+                break;
+            }
+            p = victims
+                .iter()
+                .find(|v| v.name == name)
+                .and_then(|v| v.parent.clone());
+        }
+        p
+    };
+    for mut m in vm.store().manifests(vm.name()).await? {
+        if gone(&m.name) {
+            continue;
+        }
+        let parent = survivor(m.parent.clone());
+        if parent != m.parent {
+            m.parent = parent;
+            vm.store().replace_manifest(&m).await?;
+        }
+    }
+    let current = survivor(record.current.clone());
+    if current != record.current {
+        record.current = current;
+        vm.store().write_record(record).await?;
+    }
+    let mut removed = Vec::new();
+    for v in victims {
+        let snap = SnapshotName::new(&v.name)?;
+        if v.snapshot.memory.is_some() {
+            let path = vm.store().memory_path(vm.name(), &snap);
+            let p = path.clone();
+            store::blocking(move || store::remove_durably(&p)).await?;
+            removed.push(path);
+        }
+        vm.store().remove_manifest(vm.name(), &snap).await?;
+    }
+    Ok(removed)
+}

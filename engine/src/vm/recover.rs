@@ -1,0 +1,438 @@
+//! Settling an interrupted operation: a journal left in the VM's directory means the qsnap
+//! that wrote it died (SIGKILL, a host crash) or QEMU did, part-way. The next operation on
+//! the VM (or `qsnap check --repair`) runs this first, under the VM's lock:
+//!
+//! | operation | got to | what happens |
+//! | --- | --- | --- |
+//! | create | before its point of no return | rolled back from what QEMU says now: a running save cancelled, switched disks merged back (kept, and recorded, if that fails), nodes and settings undone, the guest resumed, files removed; QEMU gone → an overlay the guest wrote to is kept and recorded |
+//! | create | committed | finished: record and manifest written from the journal |
+//! | revert | preparing | rolled back: new overlays removed, the VM was never touched |
+//! | revert | relaunching | the new QEMU runs the snapshot → finished; otherwise the VM is left stopped on its previous disks and the message says `qsnap start` or `qsnap revert` |
+//! | revert | running | finished: record, abandoned overlays |
+//! | delete | any | finished: snapshots removed, the round in progress redone, merging goes on |
+//! | start, stop | any | the record follows what runs |
+//!
+//! What only a person can decide (QEMU alive but not answering) ends in
+//! [`Error::NeedsDecision`] with the command to run.
+
+use super::consolidate;
+use super::delete::remove_snapshots;
+use super::revert;
+use super::state::VmState;
+use super::Vm;
+use crate::error::{Error, Result};
+use crate::image;
+use crate::launch::{self, stop_qemu};
+use crate::snapshot::disks::{self, Position};
+use crate::snapshot::jobs::{self, LiveMerge};
+use crate::snapshot::rollback;
+use crate::store::{
+    CreateIntent, DeleteIntent, DeletePhase, Intent, RevertIntent, RevertPhase, SnapshotDisk,
+    VmRecord,
+};
+use qsnap_qmp::{types, Qmp};
+use serde::Serialize;
+use std::path::Path;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+/// An interrupted operation that was settled.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Recovery {
+    /// What it was (`create s1`, `delete s2`, …).
+    pub operation: String,
+    /// The qsnap process that started it.
+    pub qsnap_pid: u32,
+    /// When it started.
+    pub started_at: String,
+    /// What was done about it.
+    pub outcome: String,
+}
+
+/// Settles the VM's journal, if there is one. Hold the VM's lock.
+pub(crate) async fn settle(vm: &Vm) -> Result<Option<Recovery>> {
+    let Some(journal) = vm.store().journal(vm.name()).await? else {
+        return Ok(None);
+    };
+    let operation = journal.intent.describe();
+    info!(vm = %vm.name(), %operation, pid = journal.pid, "settling an interrupted operation");
+    let outcome = match journal.intent {
+        Intent::Create(c) => create(vm, c).await?,
+        Intent::Revert(r) => revert_(vm, r).await?,
+        Intent::Delete(d) => delete(vm, d).await?,
+        Intent::Start(_) | Intent::Stop(_) => lifecycle(vm).await?,
+    };
+    vm.store().clear_journal(vm.name()).await?;
+    Ok(Some(Recovery {
+        operation,
+        qsnap_pid: journal.pid,
+        started_at: journal.started_at,
+        outcome,
+    }))
+}
+
+fn needs_decision(vm: &Vm, operation: &str, what: String) -> Error {
+    Error::NeedsDecision {
+        vm: vm.name().to_string(),
+        operation: operation.to_owned(),
+        what,
+    }
+}
+
+async fn reachable(vm: &Vm, record: &VmRecord, operation: &str) -> Result<Option<Qmp>> {
+    match VmState::observe(vm, record).await {
+        VmState::Running { .. } => Ok(Some(vm.connect_quick(record).await?)),
+        VmState::Stopped => Ok(None),
+        VmState::Unreachable { pid, why } => Err(needs_decision(
+            vm,
+            operation,
+            format!(
+                "its QEMU{} is alive but does not answer ({why}); free its monitor, or stop it with `qsnap stop {}`, then run `qsnap check {} --repair`",
+                pid.map(|p| format!(" (pid {p})")).unwrap_or_default(),
+                vm.name(),
+                vm.name()
+            ),
+        )),
+    }
+}
+
+// ---- create -------------------------------------------------------------------------------
+
+async fn create(vm: &Vm, c: CreateIntent) -> Result<String> {
+    let op = format!("create {}", c.snapshot);
+    let mut record = vm.store().record(vm.name()).await?;
+    if let Some(manifest) = &c.committed {
+        // QEMU's part was done: finish the bookkeeping.
+        super::create::apply(&mut record, manifest, None).await;
+        vm.store().write_record(&record).await?;
+        let snap = crate::SnapshotName::new(&manifest.name)?;
+        if !vm.store().has_snapshot(vm.name(), &snap).await? {
+            vm.store().write_manifest(manifest).await?;
+        }
+        if let Some(qmp) = reachable(vm, &record, &op).await.ok().flatten() {
+            tidy_qemu(&qmp, &c).await;
+        }
+        return Ok(format!("finished: snapshot {} is recorded", c.snapshot));
+    }
+    let planned: Vec<SnapshotDisk> = c
+        .overlays
+        .iter()
+        .map(|o| SnapshotDisk {
+            device: o.device.clone(),
+            node: String::new(),
+            image: o.image.clone(),
+            format: String::new(),
+            size: 0,
+            overlay: o.overlay.clone(),
+            overlay_node: o.overlay_node.clone(),
+            frozen: None,
+        })
+        .collect();
+    let mut kept: Vec<(String, std::path::PathBuf)> = Vec::new();
+    let mut problems: Vec<String> = Vec::new();
+    match reachable(vm, &record, &op).await? {
+        Some(qmp) => {
+            if let Err(e) = rollback::cancel_migration(&qmp).await {
+                problems.push(e);
+            }
+            let positions = disks::positions(&qmp, &planned).await?;
+            let nodes = crate::blocks::nodes(&qmp).await?;
+            for (d, pos) in planned.iter().zip(positions) {
+                match pos {
+                    Position::OnOverlay => {
+                        let base = crate::blocks::format_node_for(&nodes, &d.image)
+                            .map(|n| n.name.clone());
+                        let merged = match base {
+                            Some(base) => {
+                                let job = format!("qsnap-back-{}", d.overlay_node);
+                                let m = LiveMerge::active_commit(&job, &d.overlay_node, &base);
+                                jobs::run_all(&qmp, &[m], &CancellationToken::new(), &|_| {})
+                                    .await
+                                    .and(disks::delete_node(&qmp, &d.overlay_node).await)
+                            }
+                            None => Err(Error::Unsupported {
+                                what: format!("no node opens {}", d.image.display()),
+                            }),
+                        };
+                        match merged {
+                            Ok(()) => remove_file(&d.overlay, &mut problems).await,
+                            Err(e) => {
+                                problems.push(format!(
+                                    "{} stays on {} (merging back failed: {e})",
+                                    d.device,
+                                    d.overlay.display()
+                                ));
+                                kept.push((d.device.clone(), d.overlay.clone()));
+                            }
+                        }
+                    }
+                    Position::NodeAdded => {
+                        if let Err(e) = disks::delete_node(&qmp, &d.overlay_node).await {
+                            problems.push(e.to_string());
+                        }
+                        remove_file(&d.overlay, &mut problems).await;
+                    }
+                    Position::Untouched => remove_file(&d.overlay, &mut problems).await,
+                }
+            }
+            if c.was_running {
+                if let Ok(st) = qmp.execute(types::query_status {}).await {
+                    if !st.running {
+                        if let Err(e) = qmp.execute(types::cont {}).await {
+                            problems.push(format!("could not resume the guest: {e}"));
+                        }
+                    }
+                }
+            }
+            tidy_qemu(&qmp, &c).await;
+        }
+        None => {
+            // QEMU is gone: an overlay it wrote to holds the guest's last writes.
+            for d in &planned {
+                if tokio::fs::symlink_metadata(&d.overlay).await.is_err() {
+                    continue;
+                }
+                let has_data = image::has_own_data(&d.overlay, &CancellationToken::new())
+                    .await
+                    .unwrap_or(true);
+                if has_data {
+                    kept.push((d.device.clone(), d.overlay.clone()));
+                } else {
+                    remove_file(&d.overlay, &mut problems).await;
+                }
+            }
+            record.pid = None;
+            record.pid_start = None;
+        }
+    }
+    if let Some(mem) = &c.memory_file {
+        remove_file(mem, &mut problems).await;
+    }
+    for (device, overlay) in &kept {
+        if let Some(d) = record.disks.iter_mut().find(|d| &d.device == device) {
+            d.image = overlay.clone();
+            d.owned = true;
+        }
+        if !record.owned_images.contains(overlay) {
+            record.owned_images.push(overlay.clone());
+        }
+    }
+    vm.store().write_record(&record).await?;
+    let mut outcome = format!("rolled back: no snapshot {} was made", c.snapshot);
+    if !kept.is_empty() {
+        outcome.push_str(&format!(
+            "; the disks stay on their new overlays, which hold the guest's writes: {}",
+            disks::overlay_list(&kept)
+        ));
+    }
+    if !problems.is_empty() {
+        outcome.push_str(&format!("; not undone: {}", problems.join("; ")));
+    }
+    Ok(outcome)
+}
+
+/// Settings back, the memory fdset and pipe released (best effort: each may already be so).
+async fn tidy_qemu(qmp: &Qmp, c: &CreateIntent) {
+    if let Some(saved) = &c.settings {
+        if let Err(e) = rollback::restore_settings(qmp, saved).await {
+            warn!(error = %e, "could not restore the migration settings");
+        }
+    }
+    if let Ok(sets) = qmp.execute(crate::qemu::QueryFdsets {}).await {
+        for set in sets.iter().filter(|f| {
+            f.fds
+                .iter()
+                .any(|fd| fd.opaque.as_deref() == Some(crate::snapshot::transport::FD_NAME))
+        }) {
+            let _ = qmp.remove_fd(set.fdset_id, None).await;
+        }
+    }
+    let _ = qmp.closefd(crate::snapshot::transport::FD_NAME).await;
+}
+
+async fn remove_file(p: &Path, problems: &mut Vec<String>) {
+    match tokio::fs::remove_file(p).await {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => problems.push(format!("could not remove {}: {e}", p.display())),
+    }
+}
+
+// ---- revert -------------------------------------------------------------------------------
+
+async fn revert_(vm: &Vm, r: RevertIntent) -> Result<String> {
+    let op = format!("revert {}", r.snapshot);
+    let mut record = vm.store().record(vm.name()).await?;
+    let drop_new = |problems: &mut Vec<String>| {
+        let files = r.new_overlays.clone();
+        let mut problems = std::mem::take(problems);
+        async move {
+            for f in &files {
+                remove_file(f, &mut problems).await;
+            }
+            problems
+        }
+    };
+    match r.phase {
+        RevertPhase::Preparing => {
+            let problems = drop_new(&mut Vec::new()).await;
+            Ok(with_problems(
+                "rolled back: the VM was not touched".into(),
+                &problems,
+            ))
+        }
+        RevertPhase::Running => {
+            let pid = VmState::observe(vm, &record).await.pid();
+            revert::finish(vm, &mut record, &r, pid).await?;
+            Ok(format!("finished: the VM runs snapshot {}", r.snapshot))
+        }
+        RevertPhase::Relaunching => {
+            let state = VmState::observe(vm, &record).await;
+            if let VmState::Unreachable { .. } = state {
+                reachable(vm, &record, &op).await?;
+            }
+            if let VmState::Running { pid, runstate } = &state {
+                let is_new = match pid {
+                    Some(p) => runs_new_overlays(*p, &r).await,
+                    None => false,
+                };
+                if !is_new {
+                    // The old QEMU never went: nothing changed.
+                    let problems = drop_new(&mut Vec::new()).await;
+                    return Ok(with_problems(
+                        "rolled back: the VM was not touched".into(),
+                        &problems,
+                    ));
+                }
+                if runstate == "running" || runstate == "paused" {
+                    // The new QEMU has loaded the snapshot: go forward.
+                    if r.resume && runstate == "paused" {
+                        if let Ok(qmp) = vm.connect_quick(&record).await {
+                            let _ = qmp.execute(types::cont {}).await;
+                        }
+                    }
+                    revert::finish(vm, &mut record, &r, *pid).await?;
+                    return Ok(format!("finished: the VM runs snapshot {}", r.snapshot));
+                }
+                // Started but not loaded: it goes.
+                stop_qemu(&record.qmp, *pid, Duration::from_secs(5)).await?;
+            }
+            let problems = drop_new(&mut Vec::new()).await;
+            record.pid = None;
+            record.pid_start = None;
+            vm.store().write_record(&record).await?;
+            Ok(with_problems(
+                format!(
+                    "rolled back: the VM is stopped on its previous disks; `qsnap start {0}` starts it on them, `qsnap revert {0} {1}` tries the revert again",
+                    vm.name(),
+                    r.snapshot
+                ),
+                &problems,
+            ))
+        }
+    }
+}
+
+/// Whether QEMU `pid` opens any of the revert's new overlays (it is the new QEMU).
+async fn runs_new_overlays(pid: u32, r: &RevertIntent) -> bool {
+    let Ok(raw) = tokio::fs::read(format!("/proc/{pid}/cmdline")).await else {
+        return false;
+    };
+    let text = String::from_utf8_lossy(&raw);
+    r.new_overlays
+        .iter()
+        .any(|o| text.contains(&o.display().to_string()))
+}
+
+fn with_problems(outcome: String, problems: &[String]) -> String {
+    if problems.is_empty() {
+        outcome
+    } else {
+        format!("{outcome}; not undone: {}", problems.join("; "))
+    }
+}
+
+// ---- delete -------------------------------------------------------------------------------
+
+async fn delete(vm: &Vm, mut d: DeleteIntent) -> Result<String> {
+    let op = format!("delete {}", d.snapshots.join(", "));
+    let mut record = vm.store().record(vm.name()).await?;
+    if let VmState::Unreachable { .. } = VmState::observe(vm, &record).await {
+        reachable(vm, &record, &op).await?;
+    }
+    if d.phase == DeletePhase::Removing {
+        remove_snapshots(vm, &mut record, &d.manifests).await?;
+        d.phase = DeletePhase::Consolidating;
+        vm.store()
+            .write_journal(vm.name(), &Intent::Delete(d.clone()))
+            .await?;
+    }
+    if d.guest_was_running == Some(true) {
+        // It may have been paused for a disk switch when qsnap died.
+        if let Ok(qmp) = vm.connect_quick(&record).await {
+            if let Ok(st) = qmp.execute(types::query_status {}).await {
+                if !st.running && st.status == types::RunState::paused {
+                    let _ = qmp.execute(types::cont {}).await;
+                }
+            }
+        }
+        d.guest_was_running = None;
+    }
+    // A live merge round whose QEMU is gone is redone offline.
+    if vm.connect_quick(&record).await.is_err() {
+        for m in &mut d.merges {
+            m.live = false;
+        }
+        if record.pid.is_some() {
+            record.pid = None;
+            record.pid_start = None;
+            vm.store().write_record(&record).await?;
+        }
+    }
+    let merges = consolidate::run(vm, &mut record, &mut d, None).await?;
+    Ok(format!(
+        "finished: {} deleted{}",
+        d.snapshots.join(", "),
+        if merges.is_empty() {
+            String::new()
+        } else {
+            format!(", {} layer(s) merged or removed", merges.len())
+        }
+    ))
+}
+
+// ---- start, stop --------------------------------------------------------------------------
+
+async fn lifecycle(vm: &Vm) -> Result<String> {
+    let mut record = vm.store().record(vm.name()).await?;
+    match VmState::observe(vm, &record).await {
+        VmState::Running { pid, .. } => {
+            if pid.is_some() && record.pid != pid {
+                record.pid = pid;
+                record.pid_start = match pid {
+                    Some(p) => launch::start_time(p).await,
+                    None => None,
+                };
+                vm.store().write_record(&record).await?;
+            }
+            Ok("the VM runs; its record says so".into())
+        }
+        VmState::Stopped => {
+            if record.pid.is_some() {
+                record.pid = None;
+                record.pid_start = None;
+                vm.store().write_record(&record).await?;
+            }
+            Ok("the VM is stopped; its record says so".into())
+        }
+        VmState::Unreachable { pid, .. } => {
+            if pid.is_some() && record.pid != pid {
+                record.pid = pid;
+                vm.store().write_record(&record).await?;
+            }
+            Ok("the VM's QEMU is alive but does not answer; its record keeps its pid".into())
+        }
+    }
+}

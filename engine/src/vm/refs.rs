@@ -1,0 +1,291 @@
+//! Who uses which image: the guard in front of every unlink and every merge.
+//!
+//! A [`Graph`] is gathered from the whole store — every VM's record (current disks, the
+//! images its command line names) and every manifest (frozen images) — with each image's
+//! backing chain read from the files (`qemu-img info --backing-chain`) or, for the running
+//! VM, from QEMU itself. Nothing is unlinked unless qsnap made it for this VM, no record or
+//! manifest names it, no image backs onto it and no running QEMU has it open
+//! ([`safe_unlink`]); a doubt ends in a refusal that says what uses the file, never in a
+//! deleted image.
+
+use crate::blocks::{self, Disk, Node};
+use crate::error::{Error, Result};
+use crate::image;
+use crate::name::VmName;
+use crate::store::{self, Manifest, Store, VmRecord};
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use tokio_util::sync::CancellationToken;
+
+/// One reason an image must stay as it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Use {
+    /// A snapshot froze it.
+    Frozen {
+        vm: String,
+        snapshot: String,
+        device: String,
+    },
+    /// A VM writes to it.
+    Current { vm: String, device: String },
+    /// Some VM's command line names it (an image from before qsnap).
+    Original { vm: String },
+    /// In a chain another VM uses: never changed from here.
+    OtherVm { vm: String },
+}
+
+impl std::fmt::Display for Use {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Use::Frozen {
+                vm,
+                snapshot,
+                device,
+            } => write!(f, "snapshot {snapshot} of {vm} ({device})"),
+            Use::Current { vm, device } => write!(f, "the current disk {device} of {vm}"),
+            Use::Original { vm } => write!(f, "{vm}'s command line"),
+            Use::OtherVm { vm } => write!(f, "a disk chain of {vm}"),
+        }
+    }
+}
+
+/// What QEMU runs now, for a running VM.
+#[derive(Debug, Clone)]
+pub(crate) struct Live {
+    /// Its disks with their chains.
+    pub disks: Vec<Disk>,
+    /// Its named nodes.
+    pub nodes: Vec<Node>,
+}
+
+impl Live {
+    pub(crate) async fn read(qmp: &qsnap_qmp::Qmp) -> Result<Live> {
+        Ok(Live {
+            disks: blocks::read(qmp).await?,
+            nodes: blocks::nodes(qmp).await?,
+        })
+    }
+
+    /// The live chain of `device`, top first.
+    pub(crate) fn chain(&self, device: &str) -> Vec<PathBuf> {
+        self.disks
+            .iter()
+            .find(|d| d.device == device)
+            .and_then(|d| d.medium.as_ref())
+            .map(|m| m.chain.iter().map(|l| l.image.clone()).collect())
+            .unwrap_or_default()
+    }
+
+    /// Whether QEMU has `image` open in any node.
+    pub(crate) fn has_open(&self, image: &Path) -> bool {
+        self.nodes.iter().any(|n| n.image == image)
+    }
+}
+
+/// The images of the store, their backing files and their uses.
+#[derive(Debug, Default)]
+pub(crate) struct Graph {
+    /// Each known image and its backing file.
+    pub backing: BTreeMap<PathBuf, Option<PathBuf>>,
+    /// Each known image's format.
+    pub format: BTreeMap<PathBuf, String>,
+    /// What names each image.
+    pub uses: BTreeMap<PathBuf, Vec<Use>>,
+    /// This VM's images, per disk.
+    pub by_device: BTreeMap<String, BTreeSet<PathBuf>>,
+    /// Chains that could not be read: `(image, why)`.
+    pub broken: Vec<(PathBuf, String)>,
+}
+
+impl Graph {
+    /// Gathers the graph for VM `vm` (whose record and manifests are given, so that an
+    /// operation can pass what it is about to write) and every other VM in the store.
+    pub(crate) async fn gather(
+        store: &Store,
+        vm: &VmName,
+        record: &VmRecord,
+        manifests: &[Manifest],
+        live: Option<&Live>,
+        cancel: &CancellationToken,
+    ) -> Result<Graph> {
+        let mut g = Graph::default();
+        // This VM.
+        for m in manifests {
+            for d in &m.snapshot.disks {
+                g.add_use(
+                    &d.image,
+                    Use::Frozen {
+                        vm: vm.to_string(),
+                        snapshot: m.name.clone(),
+                        device: d.device.clone(),
+                    },
+                );
+                g.add_chain(&d.device, &d.image, None, cancel).await;
+            }
+        }
+        for d in &record.disks {
+            g.add_use(
+                &d.image,
+                Use::Current {
+                    vm: vm.to_string(),
+                    device: d.device.clone(),
+                },
+            );
+            g.add_use(&d.launch_image, Use::Original { vm: vm.to_string() });
+            let live_chain = live.map(|l| l.chain(&d.device)).filter(|c| !c.is_empty());
+            g.add_chain(&d.device, &d.image, live_chain, cancel).await;
+        }
+        // Every other VM: whatever its chains touch stays as it is.
+        for other in store.vms().await? {
+            if &other == vm {
+                continue;
+            }
+            let rec = store.record(&other).await?;
+            let mut tops: Vec<PathBuf> = rec.disks.iter().map(|d| d.image.clone()).collect();
+            for m in store.manifests(&other).await? {
+                tops.extend(m.snapshot.disks.iter().map(|d| d.image.clone()));
+            }
+            tops.extend(rec.disks.iter().map(|d| d.launch_image.clone()));
+            for top in tops {
+                let chain = match image::chain(&top, cancel).await {
+                    Ok(c) => c.into_iter().map(|c| c.filename).collect(),
+                    Err(_) => vec![top.clone()],
+                };
+                for img in chain {
+                    g.add_use(
+                        &img,
+                        Use::OtherVm {
+                            vm: other.to_string(),
+                        },
+                    );
+                }
+            }
+        }
+        Ok(g)
+    }
+
+    fn add_use(&mut self, image: &Path, u: Use) {
+        let list = self.uses.entry(image.to_owned()).or_default();
+        if !list.contains(&u) {
+            list.push(u);
+        }
+    }
+
+    /// Adds `top`'s chain (from QEMU when given, else from the files) under `device`.
+    async fn add_chain(
+        &mut self,
+        device: &str,
+        top: &Path,
+        live: Option<Vec<PathBuf>>,
+        cancel: &CancellationToken,
+    ) {
+        let set = self.by_device.entry(device.to_owned()).or_default();
+        set.insert(top.to_owned());
+        match image::chain(top, cancel).await {
+            Ok(chain) => {
+                for c in &chain {
+                    set.insert(c.filename.clone());
+                    self.format
+                        .entry(c.filename.clone())
+                        .or_insert_with(|| c.format.clone());
+                    // The header is the truth about a backing file; QEMU's view (for the
+                    // running VM) is checked against it below.
+                    self.backing
+                        .insert(c.filename.clone(), c.full_backing_filename.clone());
+                }
+                if let Some(live) = live {
+                    let files: Vec<PathBuf> = chain.iter().map(|c| c.filename.clone()).collect();
+                    if files != live {
+                        self.broken.push((
+                            top.to_owned(),
+                            format!(
+                                "QEMU runs the chain {} but the image files say {}",
+                                show(&live),
+                                show(&files)
+                            ),
+                        ));
+                    }
+                }
+            }
+            Err(e) => self.broken.push((top.to_owned(), e.to_string())),
+        }
+    }
+
+    /// The images that back onto `image`.
+    pub(crate) fn children(&self, image: &Path) -> Vec<PathBuf> {
+        self.backing
+            .iter()
+            .filter(|(_, b)| b.as_deref() == Some(image))
+            .map(|(c, _)| c.clone())
+            .collect()
+    }
+
+    /// What names `image` (empty: nothing).
+    pub(crate) fn uses_of(&self, image: &Path) -> &[Use] {
+        self.uses.get(image).map(Vec::as_slice).unwrap_or(&[])
+    }
+
+    /// Whether another VM's chains touch `image`.
+    pub(crate) fn pinned_elsewhere(&self, image: &Path) -> bool {
+        self.uses_of(image)
+            .iter()
+            .any(|u| matches!(u, Use::OtherVm { .. }))
+    }
+}
+
+fn show(chain: &[PathBuf]) -> String {
+    chain
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect::<Vec<_>>()
+        .join(" → ")
+}
+
+/// Unlinks `image` if, and only if, nothing could need it: qsnap made it for this VM, it is
+/// a qcow2 regular file, no record or manifest names it, no image backs onto it, and the
+/// running QEMU does not have it open. Refuses (changing nothing) otherwise.
+pub(crate) async fn safe_unlink(
+    image: &Path,
+    graph: &Graph,
+    record: &VmRecord,
+    live: Option<&Live>,
+) -> Result<()> {
+    let refuse = |why: String| Error::DeleteRefused {
+        snapshot: image.display().to_string(),
+        why,
+    };
+    if !record.owned_images.iter().any(|o| o == image) {
+        return Err(refuse("qsnap did not create it for this VM".into()));
+    }
+    if let Some(u) = graph.uses_of(image).first() {
+        return Err(refuse(format!("{u} uses it")));
+    }
+    if let Some(c) = graph.children(image).first() {
+        return Err(refuse(format!("{} backs onto it", c.display())));
+    }
+    if live.is_some_and(|l| l.has_open(image)) {
+        return Err(refuse("the running QEMU has it open".into()));
+    }
+    let p = image.to_owned();
+    let meta = store::blocking(move || {
+        std::fs::symlink_metadata(&p).map_err(|e| Error::Io {
+            what: "looking at an image before removing it",
+            path: p.clone(),
+            source: e,
+        })
+    })
+    .await;
+    match meta {
+        Ok(m) if m.file_type().is_file() => {}
+        Ok(_) => return Err(refuse("it is not a regular file".into())),
+        Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+            return Ok(()); // already gone (an interrupted operation got this far)
+        }
+        Err(e) => return Err(e),
+    }
+    if !image::is_qcow2(image).await {
+        return Err(refuse("it is not a qcow2 image".into()));
+    }
+    let p = image.to_owned();
+    store::blocking(move || store::remove_durably(&p)).await
+}

@@ -1,0 +1,361 @@
+//! Reverting a VM to a snapshot: the VM comes back with the memory and disks it had then.
+//!
+//! ```text
+//! lock → settle → state Running or Stopped
+//! → checks, changing nothing: memory file (header, length, checksum), frozen images
+//!   unchanged, the QEMU binary offers the snapshot's machine type, the command line names
+//!   every disk        ── any failure: refused, the VM untouched
+//! → [--keep-current: a snapshot of the current state first]
+//! → journal: revert (preparing) → new overlays over the frozen images
+//! → journal: relaunching → stop the old QEMU → start the new one with the snapshot's exact
+//!   machine type, -incoming defer -S → load → cont    ── failure: new QEMU stopped, new
+//!   overlays gone, the VM stopped on its untouched disks; the error says `qsnap start`
+//! → journal: running → record (disks, current, pid) → abandoned overlays removed
+//!   (through the reference guard) → journal cleared
+//! ```
+//! Reverting discards the current state (what the guest did since its last snapshot) unless
+//! `keep_current` saves it as a snapshot first.
+
+use super::consolidate;
+use super::refs;
+use super::state::{Operation, VmState};
+use super::Vm;
+use crate::error::{Error, Result};
+use crate::failpoint;
+use crate::launch::{self, stop_qemu, LaunchSpec, Launched, Launcher, ProcessLauncher};
+use crate::name::SnapshotName;
+use crate::snapshot::revert::{self, PreparedRevert, RestoreReport, RevertDisk};
+use crate::store::{CurrentDisk, Intent, RevertIntent, RevertPhase, VmRecord};
+use serde::Serialize;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+use tracing::{info, warn};
+
+/// How a revert goes.
+#[derive(Debug, Clone, Default)]
+pub struct RevertOptions {
+    /// Leave the guest paused after loading its memory.
+    pub paused: bool,
+    /// Save the current state as a snapshot of this name first (a revert otherwise discards
+    /// what the guest did since its last snapshot).
+    pub keep_current: Option<SnapshotName>,
+}
+
+/// What a revert did.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct RevertReport {
+    /// The snapshot reverted to.
+    pub snapshot: String,
+    /// The new overlays the VM runs on.
+    pub disks: Vec<RevertDisk>,
+    /// True for a memory snapshot (state restored); false for disk-only (booted).
+    pub memory_restored: bool,
+    /// Whether the guest runs now.
+    pub resumed: bool,
+    /// Checking the memory file (length and checksum) before anything was touched.
+    pub verify_ms: f64,
+    /// Memory load time.
+    pub load_ms: f64,
+    /// From the request to the guest running (or ready, when paused).
+    pub total_ms: f64,
+    /// The overlays of the abandoned state that were deleted (what the guest did since its
+    /// last snapshot).
+    pub removed: Vec<PathBuf>,
+    /// The snapshot `keep_current` took of the state before the revert.
+    pub kept_current: Option<String>,
+    /// QEMU's pid.
+    pub pid: Option<u32>,
+}
+
+impl Vm {
+    /// Reverts to `snap`: the VM comes back with the memory and disks it had then, running if
+    /// it was running then (unless `paused`). The current state is discarded.
+    pub async fn revert(&self, snap: &SnapshotName, paused: bool) -> Result<RevertReport> {
+        let opts = RevertOptions {
+            paused,
+            keep_current: None,
+        };
+        self.revert_with(snap, &opts, &ProcessLauncher::default())
+            .await
+    }
+
+    /// [`Vm::revert`] with options and a launcher of your own.
+    pub async fn revert_with<L: Launcher>(
+        &self,
+        snap: &SnapshotName,
+        opts: &RevertOptions,
+        launcher: &L,
+    ) -> Result<RevertReport> {
+        let started = Instant::now();
+        let op = self.begin(&format!("revert {snap}")).await?;
+        let mut record = op.record.clone();
+        let manifest = self.store().manifest(self.name(), snap).await?;
+        let state = VmState::observe(self, &record).await;
+        state.allows(self.name().as_str(), Operation::Revert)?;
+        let command = Self::command_of(&record)?.clone();
+        let socket = self.socket_path(&record)?;
+        let refuse = |why: String| Error::RevertRefused {
+            snapshot: snap.to_string(),
+            why,
+        };
+        for d in &manifest.snapshot.disks {
+            if !record.disks.iter().any(|r| r.device == d.device) {
+                return Err(refuse(format!("the VM has no disk {} any more", d.device)));
+            }
+        }
+        // Both only read; run them side by side.
+        let machine_ok = async {
+            match &manifest.machine {
+                Some(machine) => {
+                    launch::machine::check(&command.argv[0], machine, self.cancel()).await
+                }
+                None => Ok(()),
+            }
+        };
+        let (machine_ok, verified) = tokio::join!(
+            machine_ok,
+            revert::validate(snap.as_str(), &manifest.snapshot)
+        );
+        let verify_ms = verified?;
+        machine_ok.map_err(refuse)?;
+        let planned = revert::plan_overlays(&manifest.snapshot, None).await?;
+        // The new chain: the snapshot's disks on their new overlays, others as they are.
+        let mut new_disks = record.disks.clone();
+        for d in &mut new_disks {
+            if let Some(r) = planned.iter().find(|r| r.device == d.device) {
+                d.image = r.overlay.clone();
+                d.owned = true;
+            }
+        }
+        let spec = LaunchSpec {
+            vm: self.name().to_string(),
+            command,
+            disks: Self::substitutions(&new_disks),
+            qmp_socket: socket,
+            incoming: manifest.snapshot.memory.is_some(),
+            paused: manifest.snapshot.memory.is_some() || opts.paused,
+            machine: manifest.machine.clone(),
+            log: self.log_path(),
+        };
+        // Check the command line rewrites before anything changes.
+        launch::build_argv(&spec).map_err(|e| refuse(e.to_string()))?;
+        if self.cancel().is_cancelled() {
+            return Err(Error::Cancelled);
+        }
+
+        let kept_current = match &opts.keep_current {
+            None => None,
+            Some(name) => {
+                if !state.is_running() {
+                    return Err(refuse(
+                        "--keep-current needs the VM running (its current state lives in QEMU)"
+                            .into(),
+                    ));
+                }
+                let co = self.create_options(name.clone());
+                let m = self.create_locked(record.clone(), &co).await?;
+                record = self.store().record(self.name()).await?;
+                // The snapshot moved the disks onto new overlays: the new chain keeps them
+                // for the disks the revert does not touch.
+                for d in &mut new_disks {
+                    if !planned.iter().any(|r| r.device == d.device) {
+                        if let Some(r) = record.disks.iter().find(|r| r.device == d.device) {
+                            *d = r.clone();
+                        }
+                    }
+                }
+                Some(m.name)
+            }
+        };
+
+        let mut intent = RevertIntent {
+            snapshot: snap.to_string(),
+            phase: RevertPhase::Preparing,
+            new_overlays: planned.iter().map(|r| r.overlay.clone()).collect(),
+            old_disks: record.disks.clone(),
+            new_disks: new_disks.clone(),
+            resume: !opts.paused,
+            old_pid: state.pid(),
+            new_pid: None,
+            kept_current: kept_current.clone(),
+        };
+        self.store()
+            .write_journal(self.name(), &Intent::Revert(intent.clone()))
+            .await?;
+        failpoint::hit("revert.journaled", state.pid()).await?;
+        let prepared = match revert::make_overlays(
+            snap.as_str(),
+            &manifest.snapshot,
+            planned,
+            verify_ms,
+            self.cancel(),
+        )
+        .await
+        {
+            Ok(p) => p,
+            Err(e) => {
+                let _ = self.store().clear_journal(self.name()).await;
+                return Err(e);
+            }
+        };
+        failpoint::hit("revert.prepared", state.pid()).await?;
+        if self.cancel().is_cancelled() {
+            revert::discard(&prepared).await;
+            let _ = self.store().clear_journal(self.name()).await;
+            return Err(Error::Cancelled);
+        }
+        let spec = LaunchSpec {
+            disks: Self::substitutions(&new_disks),
+            ..spec
+        };
+
+        // ---- from here the old QEMU goes away: finish, or leave the VM stopped ----
+        intent.phase = RevertPhase::Relaunching;
+        self.store()
+            .write_journal(self.name(), &Intent::Revert(intent.clone()))
+            .await?;
+        if let Some(pid) = state.pid().or(record.pid) {
+            stop_qemu(&record.qmp, Some(pid), super::lifecycle::QUIT_TIMEOUT).await?;
+        }
+        failpoint::hit("revert.stopped", None).await?;
+        let t_stopped = started.elapsed();
+        let (launched, restored) =
+            match self.relaunch(launcher, &spec, &prepared, opts.paused).await {
+                Ok(x) => x,
+                Err((cause, pid)) => {
+                    if let Some(pid) = pid {
+                        let _ = stop_qemu(&record.qmp, Some(pid), Duration::from_secs(2)).await;
+                    }
+                    revert::discard(&prepared).await;
+                    record.pid = None;
+                    record.pid_start = None;
+                    let _ = self.store().write_record(&record).await;
+                    let _ = self.store().clear_journal(self.name()).await;
+                    return Err(Error::RevertFailed {
+                        vm: self.name().to_string(),
+                        cause: Box::new(cause),
+                        disks: record
+                            .disks
+                            .iter()
+                            .map(|d| format!("{}: {}", d.device, d.image.display()))
+                            .collect(),
+                    });
+                }
+            };
+        failpoint::hit("revert.loaded", launched.pid).await?;
+
+        // ---- the new VM runs: record it, then drop the abandoned state ----
+        intent.phase = RevertPhase::Running;
+        intent.new_pid = launched.pid;
+        self.store()
+            .write_journal(self.name(), &Intent::Revert(intent.clone()))
+            .await?;
+        let removed = finish(self, &mut record, &intent, launched.pid).await?;
+        info!(vm = %self.name(), %snap, ms = started.elapsed().as_secs_f64() * 1e3, "reverted");
+        tracing::debug!(verify_ms, ?t_stopped, load_ms = restored.load_ms, total = ?started.elapsed(), "revert breakdown");
+        Ok(RevertReport {
+            snapshot: snap.to_string(),
+            disks: prepared.disks.clone(),
+            memory_restored: prepared.memory.is_some(),
+            resumed: restored.resumed,
+            verify_ms,
+            load_ms: restored.load_ms,
+            total_ms: started.elapsed().as_secs_f64() * 1e3,
+            removed,
+            kept_current,
+            pid: launched.pid,
+        })
+    }
+
+    async fn relaunch<L: Launcher>(
+        &self,
+        launcher: &L,
+        spec: &LaunchSpec,
+        prepared: &PreparedRevert,
+        paused: bool,
+    ) -> std::result::Result<(Launched, RestoreReport), (Error, Option<u32>)> {
+        let launched = launcher.launch(spec).await.map_err(|e| (e, None))?;
+        let pid = launched.pid;
+        failpoint::hit("revert.launched", pid)
+            .await
+            .map_err(|e| (e, pid))?;
+        let qmp = self.connect().await.map_err(|e| (e, pid))?;
+        let restored = revert::restore(&qmp, prepared, !paused, Duration::from_secs(600))
+            .await
+            .map_err(|e| (e, pid))?;
+        let pid = qmp.peer_pid().or(pid);
+        Ok((Launched { pid, ..launched }, restored))
+    }
+}
+
+/// The last part of a revert (also what a recovery of one that got this far does): the
+/// record names the new disks, the snapshot and the new QEMU; the overlays of the abandoned
+/// state go (through the reference guard: only files qsnap made that nothing uses).
+pub(crate) async fn finish(
+    vm: &Vm,
+    record: &mut VmRecord,
+    intent: &RevertIntent,
+    pid: Option<u32>,
+) -> Result<Vec<PathBuf>> {
+    record.disks = intent.new_disks.clone();
+    record.current = Some(intent.snapshot.clone());
+    record.pid = pid;
+    record.pid_start = match pid {
+        Some(p) => launch::start_time(p).await,
+        None => None,
+    };
+    for p in &intent.new_overlays {
+        if !record.owned_images.contains(p) {
+            record.owned_images.push(p.clone());
+        }
+    }
+    vm.store().write_record(record).await?;
+    failpoint::hit("revert.recorded", pid).await?;
+    let removed = remove_abandoned(vm, record, &intent.old_disks).await;
+    vm.store().clear_journal(vm.name()).await?;
+    Ok(removed)
+}
+
+/// Deletes the overlays of the abandoned state that qsnap made and nothing uses.
+async fn remove_abandoned(vm: &Vm, record: &mut VmRecord, old: &[CurrentDisk]) -> Vec<PathBuf> {
+    let candidates: Vec<PathBuf> = old
+        .iter()
+        .filter(|d| record.owned_images.contains(&d.image))
+        .filter(|d| !record.disks.iter().any(|n| n.image == d.image))
+        .map(|d| d.image.clone())
+        .collect();
+    if candidates.is_empty() {
+        return Vec::new();
+    }
+    let manifests = match vm.store().manifests(vm.name()).await {
+        Ok(m) => m,
+        Err(e) => {
+            warn!(error = %e, "cannot read manifests; keeping the old overlays");
+            return Vec::new();
+        }
+    };
+    let (graph, live) = match consolidate::view(vm, record, &manifests).await {
+        Ok(v) => v,
+        Err(e) => {
+            warn!(error = %e, "cannot check who uses the old overlays; keeping them");
+            return Vec::new();
+        }
+    };
+    let mut removed = Vec::new();
+    for image in candidates {
+        match refs::safe_unlink(&image, &graph, record, live.as_ref()).await {
+            Ok(()) => {
+                record.owned_images.retain(|o| o != &image);
+                removed.push(image);
+            }
+            Err(e) => warn!(image = %image.display(), error = %e, "kept an abandoned overlay"),
+        }
+    }
+    if !removed.is_empty() {
+        if let Err(e) = vm.store().write_record(record).await {
+            warn!(error = %e, "could not record the removed overlays");
+        }
+    }
+    removed
+}

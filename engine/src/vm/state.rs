@@ -1,0 +1,193 @@
+//! The one place that says what state a VM is in — derived from its record, `/proc` and its
+//! monitor — and which operations each state allows (after Cloud Hypervisor's
+//! `VmState::valid_transition`).
+//!
+//! ```text
+//!              start / revert                    stop
+//!   Stopped ─────────────────────▶ Running ─────────────────▶ Stopped
+//!      ▲                            │  ▲ create, revert, delete (live)
+//!      │ stop (kills it)            ▼  │ monitor answers again
+//!      └──────────────────────── Unreachable
+//! ```
+//! `Unreachable` — the recorded QEMU is alive, or someone serves its monitor socket, but the
+//! monitor does not answer — is never taken for `Stopped`: qsnap must not start a second QEMU
+//! beside a live one (it would unlink and steal the first one's monitor socket).
+
+use super::Vm;
+use crate::error::{Error, Result};
+use crate::launch;
+use crate::store::VmRecord;
+use qsnap_qmp::types;
+use serde::Serialize;
+
+/// What a VM is doing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "state", rename_all = "kebab-case")]
+pub enum VmState {
+    /// QEMU answers on its monitor.
+    Running {
+        /// QEMU's pid (from the socket's peer credentials), when known.
+        pid: Option<u32>,
+        /// QEMU's run state (`running`, `paused`, …).
+        runstate: String,
+    },
+    /// A QEMU is there but its monitor does not answer.
+    Unreachable {
+        /// Its pid, when known.
+        pid: Option<u32>,
+        /// What the monitor did instead.
+        why: String,
+    },
+    /// No QEMU runs for this VM.
+    Stopped,
+}
+
+/// What an operation is about to do to a VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Operation {
+    /// Take a snapshot (needs QEMU's monitor).
+    Create,
+    /// Go back to a snapshot (relaunches QEMU).
+    Revert,
+    /// Delete snapshots and merge layers (live or offline).
+    Delete,
+    /// Start QEMU.
+    Start,
+    /// Stop QEMU.
+    Stop,
+}
+
+impl VmState {
+    /// Looks: the monitor first, then the recorded process.
+    pub async fn observe(vm: &Vm, record: &VmRecord) -> VmState {
+        match vm.connect_quick(record).await {
+            Ok(qmp) => {
+                let runstate = qmp
+                    .execute(types::query_status {})
+                    .await
+                    .ok()
+                    .and_then(|s| serde_json::to_value(s.status).ok())
+                    .and_then(|v| v.as_str().map(str::to_owned))
+                    .unwrap_or_else(|| "unknown".into());
+                VmState::Running {
+                    pid: qmp.peer_pid().or(record.pid),
+                    runstate,
+                }
+            }
+            Err(e) => {
+                let why = e.to_string();
+                if let Some(pid) = record.pid {
+                    if launch::is_recorded_qemu(pid, record.pid_start).await {
+                        return VmState::Unreachable {
+                            pid: Some(pid),
+                            why,
+                        };
+                    }
+                }
+                // Connected but no greeting: something serves the socket (a QEMU whose pid
+                // we do not know, with another client on its monitor).
+                if matches!(
+                    &e,
+                    Error::Qmp {
+                        source: qsnap_qmp::Error::GreetingTimeout { .. }
+                            | qsnap_qmp::Error::Handshake { .. },
+                        ..
+                    }
+                ) {
+                    return VmState::Unreachable { pid: None, why };
+                }
+                VmState::Stopped
+            }
+        }
+    }
+
+    /// True when QEMU answers.
+    pub fn is_running(&self) -> bool {
+        matches!(self, VmState::Running { .. })
+    }
+
+    /// QEMU's pid, when known.
+    pub fn pid(&self) -> Option<u32> {
+        match self {
+            VmState::Running { pid, .. } | VmState::Unreachable { pid, .. } => *pid,
+            VmState::Stopped => None,
+        }
+    }
+
+    /// Whether `op` may start from this state; the refusal says why and what to do.
+    pub fn allows(&self, vm: &str, op: Operation) -> Result<()> {
+        use Operation as O;
+        match (self, op) {
+            (VmState::Running { .. }, O::Create | O::Revert | O::Delete | O::Stop) => Ok(()),
+            (VmState::Running { pid, .. }, O::Start) => Err(Error::AlreadyRunning {
+                vm: vm.into(),
+                pid: pid.unwrap_or(0),
+            }),
+            (VmState::Stopped, O::Start | O::Revert | O::Delete | O::Stop) => Ok(()),
+            (VmState::Stopped, O::Create) => Err(Error::NotRunning { vm: vm.into() }),
+            (VmState::Unreachable { .. }, O::Stop) => Ok(()),
+            (VmState::Unreachable { pid, why }, O::Create | O::Revert | O::Delete | O::Start) => {
+                Err(Error::Unreachable {
+                    vm: vm.into(),
+                    pid: *pid,
+                    why: why.clone(),
+                })
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transitions() {
+        let running = VmState::Running {
+            pid: Some(7),
+            runstate: "running".into(),
+        };
+        let hung = VmState::Unreachable {
+            pid: Some(7),
+            why: "no greeting".into(),
+        };
+        let stopped = VmState::Stopped;
+        for op in [
+            Operation::Create,
+            Operation::Revert,
+            Operation::Delete,
+            Operation::Stop,
+        ] {
+            assert!(running.allows("v", op).is_ok(), "{op:?}");
+        }
+        assert!(matches!(
+            running.allows("v", Operation::Start),
+            Err(Error::AlreadyRunning { pid: 7, .. })
+        ));
+        assert!(matches!(
+            stopped.allows("v", Operation::Create),
+            Err(Error::NotRunning { .. })
+        ));
+        for op in [
+            Operation::Start,
+            Operation::Revert,
+            Operation::Delete,
+            Operation::Stop,
+        ] {
+            assert!(stopped.allows("v", op).is_ok(), "{op:?}");
+        }
+        // A live QEMU that does not answer is never "stopped": no second QEMU beside it.
+        for op in [
+            Operation::Start,
+            Operation::Create,
+            Operation::Revert,
+            Operation::Delete,
+        ] {
+            assert!(
+                matches!(hung.allows("v", op), Err(Error::Unreachable { .. })),
+                "{op:?}"
+            );
+        }
+        assert!(hung.allows("v", Operation::Stop).is_ok());
+    }
+}
