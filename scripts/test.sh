@@ -13,11 +13,14 @@ bash tests/guest/build.sh
 # its absence fails the test).
 bash tests/qemu-old/fetch.sh || echo "qsnap: QEMU 7.2 could not be fetched; the old-QEMU test will skip" >&2
 
+# The engine's failpoints are on for the tests (fault injection at every step boundary of
+# create, revert and delete); release builds and the demo leave them off.
+features=(--features qsnap-engine/failpoints)
 if cargo nextest --version >/dev/null 2>&1; then
   profile=default
   [ -n "${CI:-}" ] && profile=ci
-  exec cargo nextest run --workspace --profile "$profile" "$@"
+  exec cargo nextest run --workspace "${features[@]}" --profile "$profile" "$@"
 else
   echo "qsnap: cargo-nextest not found; using cargo test (no per-test time limit)" >&2
-  exec cargo test --workspace "$@"
+  exec cargo test --workspace "${features[@]}" "$@"
 fi

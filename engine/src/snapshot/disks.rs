@@ -4,7 +4,7 @@
 //! overlay file (`image.rs`: 0600, never over an existing file; the base is locked by the
 //! running QEMU, so its size comes from QMP), then a qcow2 node with no backing, so that one
 //! `transaction` of `blockdev-snapshot`s switches every disk at the same instant. Where a disk
-//! is now is always asked of QEMU ([`positions`]), never assumed: a command that timed out
+//! is now is always asked of QEMU (`positions`), never assumed: a command that timed out
 //! may still have run.
 
 use crate::blocks;
