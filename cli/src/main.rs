@@ -19,6 +19,15 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
+/// `println!` that does not panic when stdout is closed early (`qsnap list | head -1`): the
+/// reader has what it wanted.
+macro_rules! println {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($t)*);
+    }};
+}
+
 /// Exit code when the VM's monitor cannot be reached.
 const EXIT_UNREACHABLE: u8 = 3;
 /// Exit code for bad usage (clap uses 2 as well).

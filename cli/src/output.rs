@@ -5,6 +5,15 @@ use qsnap_engine::{
     CheckReport, DeleteReport, Manifest, RevertReport, Status, VmInfo, VmRecord, VmState,
 };
 use serde::Serialize;
+
+/// `println!` that does not panic when stdout is closed early (`qsnap list | head -1`): the
+/// reader has what it wanted.
+macro_rules! println {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($t)*);
+    }};
+}
 use serde_json::Value;
 use std::collections::BTreeMap;
 

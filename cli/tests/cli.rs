@@ -150,8 +150,7 @@ async fn info_names_a_migration_blocker() {
     require_qemu!();
     // invtsc is the blocker users hit; it needs KVM (a kernel-less guest is enough).
     // `-arch-capabilities` avoids an MSR some nested hosts refuse.
-    if !qsnap_testkit::kvm_available() {
-        eprintln!("\n*** SKIPPED info_names_a_migration_blocker: /dev/kvm is not usable here; the invtsc blocker needs KVM ***\n");
+    if !qsnap_testkit::kvm_or_skip("info_names_a_migration_blocker") {
         return;
     }
     let vm = match VmBuilder::idle()
@@ -162,7 +161,7 @@ async fn info_names_a_migration_blocker() {
     {
         Ok(vm) => vm,
         Err(report) => {
-            eprintln!("\n*** SKIPPED info_names_a_migration_blocker: KVM cannot run -cpu host,+invtsc here:\n{report} ***\n");
+            qsnap_testkit::kvm_vm_failed("info_names_a_migration_blocker", &report);
             return;
         }
     };

@@ -47,6 +47,10 @@ pub const TIMEOUT_POINTS: &[&str] = &[
     "create.freeze-sent",
 ];
 
+/// Other points: a create's rollback merging a switched disk back (`error` makes the merge
+/// fail, so the disk stays on its overlay).
+pub const OTHER_POINTS: &[&str] = &["rollback.merge-back"];
+
 /// Whether this build has failpoints (tests that need them check this first).
 pub fn enabled() -> bool {
     cfg!(feature = "failpoints")

@@ -87,8 +87,11 @@ async fn twenty_point_in_time_snapshots_each_restore_to_their_instant() {
             .create_snapshot(handle.create_options(snap))
             .await
             .unwrap_or_else(|e| panic!("snapshot {i}: {e}\n{}", vm.report()));
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        let after = *vm.serial.ticks().last().unwrap();
+        let after = vm
+            .serial
+            .wait_new_tick(Duration::from_secs(30))
+            .await
+            .unwrap();
         let s = &m.snapshot;
         assert_eq!(s.mode, Mode::PointInTime);
         assert!(s.was_running);
@@ -163,8 +166,11 @@ async fn precopy_snapshots_restore_to_the_end_of_the_copy_and_a_slow_copy_is_bou
         opts.mode = Some(Mode::Precopy);
         opts.live_limit = Duration::from_secs(limit);
         let m = handle.create_snapshot(opts).await.unwrap();
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        let after = *vm.serial.ticks().last().unwrap();
+        let after = vm
+            .serial
+            .wait_new_tick(Duration::from_secs(30))
+            .await
+            .unwrap();
         let s = &m.snapshot;
         eprintln!("{name}: {s:#?}");
         assert_eq!(s.mode, Mode::Precopy);

@@ -8,7 +8,7 @@ use qsnap_engine::{Engine, Error, SnapshotName, Store, VmName};
 use qsnap_qmp::types;
 use qsnap_testkit::restore::{assert_resumes, restore_guest, Frozen};
 use qsnap_testkit::{
-    create_image, init_logging, kvm_available, require_qemu, serial::parse_tick, Accel, DiskStyle,
+    create_image, init_logging, require_qemu, serial::parse_tick, Accel, DiskStyle,
     KillRecordedQemu, Vm, VmBuilder,
 };
 use std::path::{Path, PathBuf};
@@ -61,19 +61,16 @@ async fn image_is_valid(image: &Path) {
 
 /// Mounts a tiny tmpfs (root only). `None` (and a loud note) where that is not possible.
 fn tiny_fs(at: &Path) -> Option<TinyFs> {
+    if !qsnap_testkit::root_or_skip("the ENOSPC part of full_disk_cancel_and_killed_qemu") {
+        return None;
+    }
     std::fs::create_dir_all(at).unwrap();
     let ok = std::process::Command::new("mount")
         .args(["-t", "tmpfs", "-o", "size=16m,mode=0700", "tmpfs"])
         .arg(at)
         .status()
         .is_ok_and(|s| s.success());
-    if !ok {
-        eprintln!(
-            "SKIPPED PART: cannot mount a tmpfs at {} (needs root); the ENOSPC case is not exercised",
-            at.display()
-        );
-        return None;
-    }
+    assert!(ok, "cannot mount a tmpfs at {} as root", at.display());
     Some(TinyFs(at.to_owned()))
 }
 
@@ -161,8 +158,11 @@ async fn full_disk_cancel_and_killed_qemu_leave_nothing_half_made() {
         .create_snapshot(handle.create_options(SnapshotName::new("good").unwrap()))
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    let after = *vm.serial.ticks().last().unwrap();
+    let after = vm
+        .serial
+        .wait_new_tick(Duration::from_secs(30))
+        .await
+        .unwrap();
     let mem = good.snapshot.memory.clone().unwrap();
     let restored = restore_guest(
         dir.path(),
@@ -243,8 +243,9 @@ async fn full_disk_cancel_and_killed_qemu_leave_nothing_half_made() {
 async fn invtsc_blocker_is_refused_with_the_fix_and_disk_only_still_works() {
     require_qemu!();
     init_logging();
-    if !kvm_available() {
-        eprintln!("SKIPPED: /dev/kvm is not usable here; the invtsc blocker needs KVM");
+    if !qsnap_testkit::kvm_or_skip(
+        "invtsc_blocker_is_refused_with_the_fix_and_disk_only_still_works",
+    ) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -259,7 +260,7 @@ async fn invtsc_blocker_is_refused_with_the_fix_and_disk_only_still_works() {
     {
         Ok(vm) => vm,
         Err(report) => {
-            eprintln!("SKIPPED: KVM cannot run -cpu host,+invtsc here:\n{report}");
+            qsnap_testkit::kvm_vm_failed("invtsc_blocker", &report);
             return;
         }
     };

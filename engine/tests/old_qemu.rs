@@ -74,8 +74,7 @@ async fn qemu_7_2_point_in_time_and_precopy_snapshots_revert_consistently() {
             .create_snapshot(opts)
             .await
             .unwrap_or_else(|e| panic!("{name}: {e}\n{}", report()));
-        tokio::time::sleep(Duration::from_millis(150)).await;
-        let after = *log.ticks().last().unwrap();
+        let after = log.wait_new_tick(Duration::from_secs(60)).await.unwrap();
         let s = &m.snapshot;
         eprintln!("{name}: mode {} pause {:.1} ms", s.mode, s.pause_ms);
         assert_eq!(s.mode, mode.unwrap_or(Mode::PointInTime));

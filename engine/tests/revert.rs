@@ -5,17 +5,13 @@
 
 use qsnap_engine::launch::{LaunchSpec, Launched, Launcher, ProcessLauncher};
 use qsnap_engine::snapshot::{revert, Mode};
-use qsnap_engine::{Engine, Error, RevertOptions, RunOptions, SnapshotName, Store, Vm, VmName};
-use qsnap_testkit::serial::{parse_tick, SerialLog};
-use qsnap_testkit::{
-    create_image, init_logging, kvm_available, require_qemu, Accel, DiskStyle, KillRecordedQemu,
-    VmBuilder,
-};
+use qsnap_engine::{Engine, Error, RevertOptions, RunOptions, SnapshotName, Store, VmName};
+use qsnap_testkit::{init_logging, require_qemu, Accel, DiskStyle, KillRecordedQemu, VmBuilder};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 mod common;
-use common::PerLaunchSerial;
+use common::Guest;
 use std::time::Duration;
 
 fn n(s: &str) -> SnapshotName {
@@ -24,119 +20,6 @@ fn n(s: &str) -> SnapshotName {
 
 fn v(s: &str) -> VmName {
     VmName::new(s).unwrap()
-}
-
-/// A VM under qsnap whose console the test follows (each QEMU writes its own file).
-struct Guest {
-    vm: Vm,
-    launcher: PerLaunchSerial,
-    _kill: KillRecordedQemu,
-    _dir: tempfile::TempDir,
-    dir: PathBuf,
-}
-
-impl Guest {
-    async fn start(builder: VmBuilder, disk_fmt: &str) -> Guest {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().to_owned();
-        let disk = path.join(format!("disk.{disk_fmt}"));
-        create_image(&disk, disk_fmt, "64M").await;
-        let serial_path = path.join("serial.log");
-        let argv = builder
-            .disk(&disk, disk_fmt, DiskStyle::Blockdev)
-            .command_line(&serial_path)
-            .await;
-        let engine = Engine::new(Store::new(path.join("store")));
-        let launcher = PerLaunchSerial::new(&path);
-        let kill = KillRecordedQemu::new(&path.join("store"), "g");
-        let report = engine
-            .run_with(&v("g"), argv, &RunOptions::default(), &launcher)
-            .await
-            .unwrap();
-        assert!(report.tsc_pinned.is_none());
-        Guest {
-            vm: engine.vm(&v("g")).await.unwrap(),
-            launcher,
-            _kill: kill,
-            _dir: dir,
-            dir: path,
-        }
-    }
-
-    /// The console of the current QEMU.
-    fn serial(&self) -> SerialLog {
-        self.launcher.serial()
-    }
-
-    fn report(&self) -> String {
-        let log =
-            std::fs::read_to_string(self.dir.join("store/vms/g/qemu.log")).unwrap_or_default();
-        format!(
-            "--- qemu.log:\n{log}\n--- serial ({}):\n{}",
-            self.launcher.path().display(),
-            self.serial().tail(20)
-        )
-    }
-
-    fn last_tick(&self) -> u64 {
-        self.serial().ticks().last().copied().unwrap_or(0)
-    }
-
-    /// Waits for a tick above `n` printed after line `from`; returns the line index after it.
-    async fn tick_above(&self, from: usize, n: u64) -> usize {
-        match self
-            .serial()
-            .wait_from(from, Duration::from_secs(90), |l| {
-                parse_tick(l).filter(|&t| t > n)
-            })
-            .await
-        {
-            Ok((i, _)) => i,
-            Err(e) => panic!("no tick above {n}: {e}\n{}", self.report()),
-        }
-    }
-
-    /// Snapshot; returns the tick range it was taken in.
-    async fn snapshot(&self, name: &str) -> (u64, u64) {
-        let before = self.last_tick();
-        self.vm
-            .create_snapshot(self.vm.create_options(n(name)))
-            .await
-            .unwrap_or_else(|e| panic!("create {name}: {e}\n{}", self.report()));
-        tokio::time::sleep(Duration::from_millis(150)).await;
-        (before, self.last_tick())
-    }
-
-    /// Revert, then check the guest resumes inside `range` with memory and disk agreeing.
-    async fn revert_and_check(&self, name: &str, (before, after): (u64, u64)) {
-        let r = self
-            .vm
-            .revert_with(&n(name), &RevertOptions::default(), &self.launcher)
-            .await
-            .unwrap_or_else(|e| panic!("revert {name}: {e}\n{}", self.report()));
-        eprintln!(
-            "revert {name}: {:.0} ms total, load {:.0} ms",
-            r.total_ms, r.load_ms
-        );
-        assert!(r.memory_restored && r.resumed);
-        // A new QEMU, a new console file: its first tick is the reverted guest's first.
-        let (idx, first) = self
-            .serial()
-            .wait_from(0, Duration::from_secs(60), parse_tick)
-            .await
-            .unwrap_or_else(|e| panic!("no tick after revert: {e}\n{}", self.report()));
-        assert!(
-            first > before && first <= after + 1,
-            "reverted to {name} but resumed at tick {first}; it was taken between {before} and {after}\n{}",
-            self.report()
-        );
-        // A few more ticks, with memory (counter) and disk (sector 0) agreeing.
-        self.tick_above(idx, first + 2).await;
-        assert!(self.serial().mismatches().is_empty(), "{}", self.report());
-        let st = self.vm.status().await.unwrap();
-        assert!(st.running);
-        assert_eq!(st.current.as_deref(), Some(name));
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -240,7 +123,6 @@ async fn a_damaged_snapshot_is_refused_before_the_vm_is_touched() {
     // A frozen image someone wrote to.
     let m2 = g.vm.snapshot(&n("s2")).await.unwrap();
     let frozen = &m2.snapshot.disks[0].image;
-    tokio::time::sleep(Duration::from_millis(20)).await;
     let f = std::fs::OpenOptions::new()
         .append(true)
         .open(frozen)
@@ -405,8 +287,7 @@ async fn stop_and_start_keep_the_chain_and_never_open_a_frozen_image_read_write(
 async fn run_pins_the_tsc_frequency_of_an_invtsc_cpu_so_memory_snapshots_work() {
     require_qemu!();
     init_logging();
-    if !kvm_available() {
-        eprintln!("SKIPPED: /dev/kvm is not usable here; invtsc needs KVM");
+    if !qsnap_testkit::kvm_or_skip("run_pins_the_tsc_frequency") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -415,7 +296,7 @@ async fn run_pins_the_tsc_frequency_of_an_invtsc_cpu_so_memory_snapshots_work() 
         .accel(Accel::Kvm)
         .cpu("host,+invtsc,-arch-capabilities");
     if let Err(report) = builder.clone().try_spawn().await {
-        eprintln!("SKIPPED: KVM cannot run -cpu host,+invtsc here:\n{report}");
+        qsnap_testkit::kvm_vm_failed("run_pins_the_tsc_frequency", &report);
         return;
     }
     let argv = builder.command_line(&dir.path().join("serial.log")).await;

@@ -254,6 +254,8 @@ impl Decoder for QmpCodec {
         }
         if trim_line(buf).is_empty() {
             buf.advance(buf.len());
+            // The buffer is empty now: a stale scan position would slice past its end.
+            self.scanned = 0;
             return Ok(None);
         }
         let partial = String::from_utf8_lossy(&buf[..buf.len().min(200)]).into_owned();

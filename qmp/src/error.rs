@@ -2,8 +2,9 @@
 //!
 //! A caller must be able to tell apart "QEMU refused the command" (keeps QEMU's `class` and
 //! `desc`), "the connection is gone", "no answer in time" and "we could not understand the
-//! answer": each asks for a different reaction. Underlying causes are exposed as
-//! `source()`, not repeated in the message: print the chain (`{:#}` with anyhow).
+//! answer": each asks for a different reaction. An underlying I/O or decode error is both in
+//! the message (so `to_string()` says what the OS said) and exposed as `source()`; a printer
+//! of the whole chain should skip a cause its message already contains (the CLI does).
 
 use std::{io, path::PathBuf, sync::Arc, time::Duration};
 

@@ -306,13 +306,13 @@ impl VmBuilder {
         }
         let qmp_path = dir.path().join("qmp.sock");
         let argv = self.argv(kit, &qmp_path);
-        let vm = Vm::start(dir, qmp_path, argv).await;
+        let mut vm = Vm::start(dir, qmp_path, argv).await;
         // A socket that never answers means QEMU failed to start: fail with its stderr.
         match Qmp::connect_with(vm.qmp_path.clone(), &connect_opts(Duration::from_secs(20))).await {
             Ok(_) => Ok(vm),
             Err(e) => {
-                // Give QEMU's stderr reader a moment to collect the reason it exited.
-                tokio::time::sleep(Duration::from_millis(200)).await;
+                // Its stderr holds the reason once it has exited (bounded wait).
+                vm.kill_and_collect().await;
                 Err(format!("QEMU did not come up: {e}\n{}", vm.report()))
             }
         }
@@ -357,6 +357,7 @@ pub struct Vm {
     pub argv: Vec<String>,
     child: Child,
     stderr: Arc<Mutex<String>>,
+    stderr_reader: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Vm {
@@ -373,7 +374,7 @@ impl Vm {
         let stderr = Arc::new(Mutex::new(String::new()));
         let sink = stderr.clone();
         let mut err = child.stderr.take().expect("piped stderr");
-        tokio::spawn(async move {
+        let stderr_reader = tokio::spawn(async move {
             let mut buf = [0u8; 4096];
             while let Ok(n) = err.read(&mut buf).await {
                 if n == 0 {
@@ -391,6 +392,7 @@ impl Vm {
             argv,
             child,
             stderr,
+            stderr_reader: Some(stderr_reader),
         }
     }
 
@@ -411,6 +413,17 @@ impl Vm {
     /// Sends a signal to QEMU (e.g. `SIGSTOP` to make it stop answering).
     pub fn signal(&self, sig: Signal) {
         kill(self.pid(), sig).expect("signal QEMU");
+    }
+
+    /// Waits (up to 2 s) for a QEMU that failed to exit, killing it otherwise, and for its
+    /// stderr to be read to the end.
+    async fn kill_and_collect(&mut self) {
+        if self.wait_exit(Duration::from_secs(2)).await.is_none() {
+            self.kill().await;
+        }
+        if let Some(reader) = self.stderr_reader.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(2), reader).await;
+        }
     }
 
     /// Kills QEMU with SIGKILL and reaps it.

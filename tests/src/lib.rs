@@ -11,6 +11,7 @@
 //! Nothing here may wait without a deadline: a hung QEMU must fail one test, not the run.
 #![deny(missing_docs)]
 
+pub mod disk_io;
 pub mod fixture;
 pub mod guest;
 pub mod restore;
@@ -76,6 +77,41 @@ macro_rules! require_qemu {
             return;
         }
     };
+}
+
+/// Whether this test may use KVM. Locally a missing or unusable `/dev/kvm` skips the test
+/// with a loud notice; under `CI` (root, with `/dev/kvm`) it is a failure, not a pass.
+pub fn kvm_or_skip(test: &str) -> bool {
+    if fixture::kvm_available() {
+        return true;
+    }
+    assert!(
+        !under_ci(),
+        "{test}: /dev/kvm is not usable, and CI must run the KVM tests"
+    );
+    eprintln!("\n*** SKIPPED {test}: /dev/kvm is not usable here (the CI machine has it) ***\n");
+    false
+}
+
+/// Whether this test runs as root (mounts, other users' processes). Locally not being root
+/// skips it loudly; under `CI`, which runs as root, it is a failure.
+pub fn root_or_skip(test: &str) -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return true;
+    }
+    assert!(!under_ci(), "{test}: needs root, and CI runs as root");
+    eprintln!("\n*** SKIPPED {test}: needs root (CI runs as root) ***\n");
+    false
+}
+
+/// A KVM test's VM could not start (`report` says why): a loud skip locally, a failure under
+/// `CI`, where KVM works.
+pub fn kvm_vm_failed(test: &str, report: &str) {
+    assert!(
+        !under_ci(),
+        "{test}: KVM could not start the VM under CI:\n{report}"
+    );
+    eprintln!("\n*** SKIPPED {test}: KVM could not start the VM here:\n{report} ***\n");
 }
 
 /// QEMU 7.2 from `tests/qemu-old/fetch.sh` (no `file:` migration; its background snapshot

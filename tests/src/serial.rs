@@ -158,6 +158,15 @@ impl SerialLog {
         self.wait_from(from, timeout, parse_tick).await
     }
 
+    /// Waits for the next `tick N` printed from now on; returns N. After a snapshot returns,
+    /// that tick bounds the snapshot's instant from above (it was printed after it) — the way
+    /// to learn "the last tick before the snapshot" without sleeping.
+    pub async fn wait_new_tick(&self, timeout: Duration) -> Result<u64, String> {
+        self.wait_tick_from(self.len(), timeout)
+            .await
+            .map(|(_, n)| n)
+    }
+
     /// Number of lines so far (an index to wait from).
     pub fn len(&self) -> usize {
         self.lines.lock().unwrap().len()

@@ -138,8 +138,8 @@ async fn killing_qemu_fails_pending_calls_and_waiters_at_once() {
     vm.signal(Signal::SIGSTOP);
     let call = qmp.execute_timeout(types::query_status {}, Duration::from_secs(60));
     let waiter = events.wait_named("NEVER", Duration::from_secs(60));
+    // join! polls the call and the waiter first: both are registered before the kill.
     let killer = async {
-        tokio::time::sleep(Duration::from_millis(300)).await;
         let t = Instant::now();
         vm.kill().await;
         t

@@ -187,6 +187,7 @@ pub(crate) async fn positions(qmp: &Qmp, disks: &[SnapshotDisk]) -> Result<Vec<P
 /// Undoes a switch while the VM runs: an active commit of the overlay back into the image
 /// below it and a pivot, then the overlay node goes. The overlay file is left for the caller.
 pub(crate) async fn merge_back(qmp: &Qmp, d: &SnapshotDisk) -> Result<()> {
+    crate::failpoint::hit("rollback.merge-back", qmp.peer_pid()).await?;
     let job = format!("qsnap-back-{}", d.overlay_node);
     let disk = jobs::LiveMerge::active_commit(&job, &d.overlay_node, &d.node);
     jobs::run_all(qmp, &[disk], &CancellationToken::new(), &|_| {}).await?;

@@ -236,6 +236,12 @@ impl Store {
                     snapshot: snap.to_string(),
                 })?;
         check_manifest(&m, vm, &path)?;
+        if m.name != snap.as_str() {
+            return Err(Error::CorruptStore {
+                path,
+                why: format!("it names the snapshot \"{}\"", m.name.escape_debug()),
+            });
+        }
         Ok(m)
     }
 

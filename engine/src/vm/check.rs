@@ -53,6 +53,9 @@ impl Vm {
     /// can be fixed without losing anything.
     pub async fn check(&self, repair: bool) -> Result<CheckReport> {
         let _lock = self.store().lock(self.name(), "check").await?;
+        if self.cancel().is_cancelled() {
+            return Err(crate::Error::Cancelled);
+        }
         let mut findings: Vec<Finding> = Vec::new();
         let mut add = |kind: &str, what: String, fix: String, repaired: bool| {
             findings.push(Finding {
@@ -213,6 +216,15 @@ impl Vm {
         if disagreed {
             self.store().write_record(&record).await?;
         }
+        // Whatever the record says, what QEMU runs is what is in use.
+        let mut effective = record.clone();
+        if let Some(live) = &live {
+            for d in &mut effective.disks {
+                if let Some(top) = live.chain(&d.device).first() {
+                    d.image = top.clone();
+                }
+            }
+        }
 
         // 4. Owned images that are gone, or that nothing uses.
         let mut stale = Vec::new();
@@ -243,75 +255,84 @@ impl Vm {
                 self.store().write_record(&record).await?;
             }
         }
-        if let Ok((graph, live)) = consolidate::view(self, &record, &manifests).await {
-            let orphans: Vec<PathBuf> = record
-                .owned_images
-                .iter()
-                .filter(|o| graph.uses_of(o).is_empty() && graph.children(o).is_empty())
-                .filter(|o| !live.as_ref().is_some_and(|l| l.has_open(o)))
-                .cloned()
-                .collect();
-            for o in orphans {
-                let what = format!("{} was made by qsnap and nothing uses it", o.display());
-                if repair {
-                    match refs::safe_unlink(&o, &graph, &record, live.as_ref()).await {
-                        Ok(()) => {
-                            record.owned_images.retain(|x| x != &o);
-                            self.store().write_record(&record).await?;
-                            add("orphan-image", what, "removed".into(), true);
+        let viewed = consolidate::view(self, &effective, &manifests).await;
+        match viewed {
+            Ok((graph, live)) => {
+                let orphans: Vec<PathBuf> = record
+                    .owned_images
+                    .iter()
+                    .filter(|o| !stale.contains(o))
+                    .filter(|o| graph.uses_of(o).is_empty() && graph.children(o).is_empty())
+                    .filter(|o| !live.as_ref().is_some_and(|l| l.has_open(o)))
+                    .cloned()
+                    .collect();
+                for o in orphans {
+                    let what = format!("{} was made by qsnap and nothing uses it", o.display());
+                    if repair {
+                        match refs::safe_unlink(&o, &graph, &record, live.as_ref()).await {
+                            Ok(()) => {
+                                record.owned_images.retain(|x| x != &o);
+                                self.store().write_record(&record).await?;
+                                add("orphan-image", what, "removed".into(), true);
+                            }
+                            Err(e) => add("orphan-image", what, e.to_string(), false),
                         }
-                        Err(e) => add("orphan-image", what, e.to_string(), false),
+                    } else {
+                        add("orphan-image", what, "`--repair` removes it".into(), false);
                     }
-                } else {
-                    add("orphan-image", what, "`--repair` removes it".into(), false);
                 }
-            }
-            // 5. Layers left unmerged.
-            let steps = next_round(&graph, &record, live.as_ref());
-            if !steps.is_empty() {
-                let what = format!(
-                    "{} layer(s) no snapshot needs are still in the chains",
-                    steps.len()
-                );
-                if repair {
-                    let mut intent = DeleteIntent {
-                        snapshots: Vec::new(),
-                        manifests: Vec::new(),
-                        phase: DeletePhase::Consolidating,
-                        merges: Vec::new(),
-                        guest_was_running: None,
-                    };
-                    self.store()
-                        .write_journal(self.name(), &Intent::Delete(intent.clone()))
-                        .await?;
-                    match consolidate::run(self, &mut record, &mut intent, None).await {
-                        Ok(done) => {
-                            self.store().clear_journal(self.name()).await?;
-                            add(
-                                "unmerged-layer",
-                                what,
-                                format!("{} merge(s) done", done.len()),
-                                true,
-                            );
-                        }
-                        Err(e) => add("unmerged-layer", what, e.to_string(), false),
-                    }
-                } else {
-                    add(
-                        "unmerged-layer",
-                        what,
-                        "`--repair` merges them".into(),
-                        false,
+                // 5. Layers left unmerged.
+                // Merges only: layers nothing uses at all were reported as orphans above.
+                let steps: Vec<_> = next_round(&graph, &effective, live.as_ref())
+                    .into_iter()
+                    .filter(|s| matches!(s, consolidate::Step::Merge(_)))
+                    .collect();
+                if !steps.is_empty() {
+                    let what = format!(
+                        "{} layer(s) no snapshot needs are still in the chains",
+                        steps.len()
                     );
+                    if repair {
+                        let mut intent = DeleteIntent {
+                            snapshots: Vec::new(),
+                            manifests: Vec::new(),
+                            phase: DeletePhase::Consolidating,
+                            merges: Vec::new(),
+                            guest_was_running: None,
+                        };
+                        self.store()
+                            .write_journal(self.name(), &Intent::Delete(intent.clone()))
+                            .await?;
+                        match consolidate::run(self, &mut record, &mut intent, None).await {
+                            Ok(done) => {
+                                self.store().clear_journal(self.name()).await?;
+                                add(
+                                    "unmerged-layer",
+                                    what,
+                                    format!("{} merge(s) done", done.len()),
+                                    true,
+                                );
+                            }
+                            Err(e) => add("unmerged-layer", what, e.to_string(), false),
+                        }
+                    } else {
+                        add(
+                            "unmerged-layer",
+                            what,
+                            "`--repair` merges them".into(),
+                            false,
+                        );
+                    }
                 }
             }
-        } else if let Err(e) = consolidate::view(self, &record, &manifests).await {
-            add(
-                "broken-chain",
-                e.to_string(),
-                "restore the missing files".into(),
-                false,
-            );
+            Err(e) => {
+                add(
+                    "broken-chain",
+                    e.to_string(),
+                    "restore the missing files".into(),
+                    false,
+                );
+            }
         }
 
         // 6. Memory files no snapshot names.

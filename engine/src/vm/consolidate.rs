@@ -124,12 +124,14 @@ fn step_for(
     let kids = g.children(x);
     let live_chain = live.map(|l| l.chain(device)).unwrap_or_default();
     match kids.as_slice() {
-        [] if owned(x) && !live_chain.iter().any(|p| p == x) => Some(Step::Remove {
-            device: device.to_owned(),
-            image: x.to_owned(),
-        }),
+        [] if owned(x) && !is_original(g, x) && !live_chain.iter().any(|p| p == x) => {
+            Some(Step::Remove {
+                device: device.to_owned(),
+                image: x.to_owned(),
+            })
+        }
         [c] => {
-            let kind = if owned(x) {
+            let kind = if owned(x) && !is_original(g, x) {
                 MergeKind::Stream
             } else if owned(c) && !g.pinned_elsewhere(c) && !is_original(g, c) {
                 MergeKind::Commit
@@ -636,6 +638,7 @@ async fn finish_step(vm: &Vm, record: &mut VmRecord, m: &MergeStep) -> Result<()
             for d in &mut man.snapshot.disks {
                 if d.image == m.upper {
                     d.image = m.lower.clone();
+                    d.format = m.lower_format.clone();
                     d.frozen = image::stamp(&m.lower).await.ok();
                     changed = true;
                 }

@@ -88,14 +88,18 @@ impl Vm {
             .store()
             .write_journal(self.name(), &Intent::Create(intent))
             .await;
-        failpoint::hit("create.committed", pid).await?;
+        failpoint::hit("create.committed", pid)
+            .await
+            .map_err(taken_but)?;
         // The record first: QEMU writes to the new overlays now, and a restart must open
         // them whatever else fails.
         self.store()
             .write_record(&record)
             .await
             .map_err(taken_but)?;
-        failpoint::hit("create.recorded", pid).await?;
+        failpoint::hit("create.recorded", pid)
+            .await
+            .map_err(taken_but)?;
         self.store()
             .write_manifest(&manifest)
             .await

@@ -135,6 +135,34 @@ impl Graph {
             let live_chain = live.map(|l| l.chain(&d.device)).filter(|c| !c.is_empty());
             g.add_chain(&d.device, &d.image, live_chain, cancel).await;
         }
+        // Images qsnap made for this VM that nothing above reaches (what a deleted snapshot
+        // froze, say): placed under the disk whose chain they back onto, so that a removal
+        // or merge can see them.
+        for owned in &record.owned_images {
+            if g.by_device.values().any(|set| set.contains(owned)) {
+                continue;
+            }
+            let Ok(chain) = image::chain(owned, cancel).await else {
+                continue; // gone; `check` reports it
+            };
+            let device = chain.iter().find_map(|c| {
+                g.by_device
+                    .iter()
+                    .find(|(_, set)| set.contains(&c.filename))
+                    .map(|(d, _)| d.clone())
+            });
+            let Some(device) = device else { continue };
+            let set = g.by_device.entry(device).or_default();
+            for c in &chain {
+                set.insert(c.filename.clone());
+                g.format
+                    .entry(c.filename.clone())
+                    .or_insert_with(|| c.format.clone());
+                g.backing
+                    .entry(c.filename.clone())
+                    .or_insert_with(|| c.full_backing_filename.clone());
+            }
+        }
         // Every other VM: whatever its chains touch stays as it is.
         for other in store.vms().await? {
             if &other == vm {

@@ -1,12 +1,25 @@
 //! Shared by the tests that relaunch QEMU: a launcher that gives every QEMU its own console
 //! file, so a test can tell the reverted guest's first tick from the last ticks of the QEMU it
-//! replaced (both would otherwise append to one file, in a racy order).
+//! replaced (both would otherwise append to one file, in a racy order); and [`Guest`], a test
+//! guest under qsnap with snapshot and revert helpers that check what the guest sees.
+#![allow(dead_code)] // each test binary uses part of this
 
 use qsnap_engine::launch::{LaunchSpec, Launched, Launcher, ProcessLauncher};
-use qsnap_testkit::serial::SerialLog;
+use qsnap_engine::{Engine, RevertOptions, RunOptions, SnapshotName, Store, Vm, VmName};
+use qsnap_testkit::serial::{parse_tick, SerialLog};
+use qsnap_testkit::{create_image, DiskStyle, KillRecordedQemu, VmBuilder};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
+use std::time::Duration;
+
+pub fn n(s: &str) -> SnapshotName {
+    SnapshotName::new(s).unwrap()
+}
+
+pub fn v(s: &str) -> VmName {
+    VmName::new(s).unwrap()
+}
 
 /// Rewrites the console path (`-chardev file,id=qsnapser,path=…`) to `serial-N.log`, N
 /// counting launches, and follows the newest file.
@@ -53,5 +66,124 @@ impl Launcher for PerLaunchSerial {
         }
         *self.current.lock().unwrap() = Some(SerialLog::follow(&path));
         ProcessLauncher::default().launch(&spec).await
+    }
+}
+
+/// A VM under qsnap whose console the test follows (each QEMU writes its own file).
+pub struct Guest {
+    pub vm: Vm,
+    pub engine: Engine,
+    pub launcher: PerLaunchSerial,
+    _kill: KillRecordedQemu,
+    _dir: tempfile::TempDir,
+    pub dir: PathBuf,
+}
+
+impl Guest {
+    pub async fn start(builder: VmBuilder, disk_fmt: &str) -> Guest {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().to_owned();
+        let disk = path.join(format!("disk.{disk_fmt}"));
+        create_image(&disk, disk_fmt, "64M").await;
+        let serial_path = path.join("serial.log");
+        let argv = builder
+            .disk(&disk, disk_fmt, DiskStyle::Blockdev)
+            .command_line(&serial_path)
+            .await;
+        let engine = Engine::new(Store::new(path.join("store")));
+        let launcher = PerLaunchSerial::new(&path);
+        let kill = KillRecordedQemu::new(&path.join("store"), "g");
+        let report = engine
+            .run_with(&v("g"), argv, &RunOptions::default(), &launcher)
+            .await
+            .unwrap();
+        assert!(report.tsc_pinned.is_none());
+        Guest {
+            vm: engine.vm(&v("g")).await.unwrap(),
+            engine,
+            launcher,
+            _kill: kill,
+            _dir: dir,
+            dir: path,
+        }
+    }
+
+    /// The console of the current QEMU.
+    pub fn serial(&self) -> SerialLog {
+        self.launcher.serial()
+    }
+
+    pub fn report(&self) -> String {
+        let log =
+            std::fs::read_to_string(self.dir.join("store/vms/g/qemu.log")).unwrap_or_default();
+        format!(
+            "--- qemu.log:\n{log}\n--- serial ({}):\n{}",
+            self.launcher.path().display(),
+            self.serial().tail(20)
+        )
+    }
+
+    pub fn last_tick(&self) -> u64 {
+        self.serial().ticks().last().copied().unwrap_or(0)
+    }
+
+    /// Waits for a tick above `n` printed after line `from`; returns the line index after it.
+    pub async fn tick_above(&self, from: usize, n: u64) -> usize {
+        match self
+            .serial()
+            .wait_from(from, Duration::from_secs(90), |l| {
+                parse_tick(l).filter(|&t| t > n)
+            })
+            .await
+        {
+            Ok((i, _)) => i,
+            Err(e) => panic!("no tick above {n}: {e}\n{}", self.report()),
+        }
+    }
+
+    /// Snapshot; returns the tick range it was taken in.
+    pub async fn snapshot(&self, name: &str) -> (u64, u64) {
+        let before = self.last_tick();
+        self.vm
+            .create_snapshot(self.vm.create_options(n(name)))
+            .await
+            .unwrap_or_else(|e| panic!("create {name}: {e}\n{}", self.report()));
+        let after = self
+            .serial()
+            .wait_new_tick(Duration::from_secs(60))
+            .await
+            .unwrap_or_else(|e| panic!("no tick after {name}: {e}\n{}", self.report()));
+        (before, after)
+    }
+
+    /// Revert, then check the guest resumes inside `range` with memory and disk agreeing.
+    pub async fn revert_and_check(&self, name: &str, (before, after): (u64, u64)) {
+        let r = self
+            .vm
+            .revert_with(&n(name), &RevertOptions::default(), &self.launcher)
+            .await
+            .unwrap_or_else(|e| panic!("revert {name}: {e}\n{}", self.report()));
+        eprintln!(
+            "revert {name}: {:.0} ms total, load {:.0} ms",
+            r.total_ms, r.load_ms
+        );
+        assert!(r.memory_restored && r.resumed);
+        // A new QEMU, a new console file: its first tick is the reverted guest's first.
+        let (idx, first) = self
+            .serial()
+            .wait_from(0, Duration::from_secs(60), parse_tick)
+            .await
+            .unwrap_or_else(|e| panic!("no tick after revert: {e}\n{}", self.report()));
+        assert!(
+            first > before && first <= after + 1,
+            "reverted to {name} but resumed at tick {first}; it was taken between {before} and {after}\n{}",
+            self.report()
+        );
+        // A few more ticks, with memory (counter) and disk (sector 0) agreeing.
+        self.tick_above(idx, first + 2).await;
+        assert!(self.serial().mismatches().is_empty(), "{}", self.report());
+        let st = self.vm.status().await.unwrap();
+        assert!(st.running);
+        assert_eq!(st.current.as_deref(), Some(name));
     }
 }

@@ -1,0 +1,488 @@
+//! Deleting snapshots against a real QEMU: every position of a branched tree (a snapshot with
+//! two children, a leaf on another branch, a middle one, the current one, the root), the VM
+//! running (live block jobs) and stopped (qemu-img); after each delete every remaining
+//! snapshot still reverts to its instant (the guest's memory and disk agree), every image
+//! checks clean, no file is left that nothing uses, and the original image stays.
+
+use qsnap_engine::{image, DeleteOptions, Error, Finding, SnapshotName};
+use qsnap_testkit::{init_logging, require_qemu, VmBuilder};
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+mod common;
+use common::{n, Guest};
+
+/// Every disk image in the test directory.
+fn images_in(dir: &Path) -> BTreeSet<PathBuf> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "qcow2" || x == "raw"))
+        .collect()
+}
+
+/// Every image the store needs: the chains of the VM's disks and of every snapshot.
+async fn referenced(g: &Guest) -> BTreeSet<PathBuf> {
+    let cancel = CancellationToken::new();
+    let record = g.vm.store().record(g.vm.name()).await.unwrap();
+    let mut tops: Vec<PathBuf> = record.disks.iter().map(|d| d.image.clone()).collect();
+    for m in g.vm.snapshots().await.unwrap() {
+        tops.extend(m.snapshot.disks.iter().map(|d| d.image.clone()));
+    }
+    let mut all = BTreeSet::new();
+    for t in tops {
+        for c in image::chain(&t, &cancel).await.unwrap() {
+            all.insert(c.filename);
+        }
+    }
+    all
+}
+
+/// What every delete must leave: a clean `check`, every file needed and none extra, the
+/// original image in place, every qcow2 image consistent, a memory file per memory snapshot.
+async fn assert_consistent(g: &Guest, base: &Path, step: &str) {
+    let report = g.vm.check(false).await.unwrap();
+    assert!(
+        report.clean && report.findings.is_empty(),
+        "{step}: check found {:#?}",
+        report.findings
+    );
+    assert!(base.exists(), "{step}: the original image is gone");
+    let files = images_in(&g.dir);
+    let needed = referenced(g).await;
+    assert_eq!(
+        files, needed,
+        "{step}: files on disk vs images the store needs"
+    );
+    for f in files
+        .iter()
+        .filter(|f| f.extension().is_some_and(|x| x == "qcow2"))
+    {
+        let r = image::check(f, &CancellationToken::new()).await.unwrap();
+        assert_eq!(
+            (r.corruptions, r.check_errors),
+            (0, 0),
+            "{step}: qemu-img check {}",
+            f.display()
+        );
+    }
+    let mems: BTreeSet<PathBuf> = std::fs::read_dir(g.vm.store().memory_dir(g.vm.name()))
+        .map(|rd| rd.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    let expected: BTreeSet<PathBuf> =
+        g.vm.snapshots()
+            .await
+            .unwrap()
+            .iter()
+            .filter_map(|m| m.snapshot.memory.as_ref().map(|x| x.file.clone()))
+            .collect();
+    assert_eq!(mems, expected, "{step}: memory files");
+}
+
+/// Builds `s1 → s2 → {s3, s4 → s5}` (s2 has two children; s5 is current) and returns each
+/// snapshot's tick range.
+async fn branched_tree(g: &Guest) -> BTreeMap<&'static str, (u64, u64)> {
+    let mut ranges = BTreeMap::new();
+    g.tick_above(0, 3).await;
+    for name in ["s1", "s2", "s3"] {
+        ranges.insert(name, g.snapshot(name).await);
+        let now = g.last_tick();
+        g.tick_above(g.serial().len(), now + 2).await;
+    }
+    g.revert_and_check("s2", ranges["s2"]).await;
+    for name in ["s4", "s5"] {
+        let now = g.last_tick();
+        g.tick_above(g.serial().len(), now + 2).await;
+        ranges.insert(name, g.snapshot(name).await);
+    }
+    for s in ["s3", "s4"] {
+        let parent = g.vm.snapshot(&n(s)).await.unwrap().parent;
+        assert_eq!(parent.as_deref(), Some("s2"), "{s}");
+    }
+    ranges
+}
+
+/// Reverts to every remaining snapshot (the one named `last` last, so it is current after)
+/// and checks the guest resumes at its instant.
+async fn all_revert(
+    g: &Guest,
+    ranges: &BTreeMap<&'static str, (u64, u64)>,
+    last: &str,
+    stopped_after: bool,
+) {
+    let left: Vec<String> =
+        g.vm.snapshots()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|m| m.name)
+            .collect();
+    let mut order: Vec<&str> = left
+        .iter()
+        .map(String::as_str)
+        .filter(|s| *s != last)
+        .collect();
+    if left.iter().any(|s| s == last) {
+        order.push(last);
+    }
+    for s in order {
+        g.revert_and_check(s, ranges[s]).await;
+    }
+    if stopped_after {
+        g.vm.stop().await.unwrap();
+    }
+}
+
+async fn delete(g: &Guest, snap: &str) -> qsnap_engine::DeleteReport {
+    let r =
+        g.vm.delete_snapshot(&n(snap), &DeleteOptions::default())
+            .await
+            .unwrap_or_else(|e| panic!("delete {snap}: {e}\n{}", g.report()));
+    eprintln!(
+        "delete {snap}: {:.0} ms, merges {:?}",
+        r.total_ms,
+        r.merges
+            .iter()
+            .map(|m| format!("{} {} {}", m.device, m.kind, m.lower.display()))
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(r.deleted, vec![snap.to_owned()]);
+    r
+}
+
+async fn every_position(stopped: bool) {
+    let g = Guest::start(VmBuilder::guest().dirty_mb(8), "qcow2").await;
+    let base = g.dir.join("disk.qcow2");
+    let ranges = branched_tree(&g).await;
+    assert_consistent(&g, &base, "the tree").await;
+    if stopped {
+        g.vm.stop().await.unwrap();
+    }
+    let check_live = |r: &qsnap_engine::DeleteReport| {
+        assert!(
+            r.merges
+                .iter()
+                .filter(|m| m.upper.is_some())
+                .all(|m| m.live != stopped),
+            "{r:#?}"
+        );
+    };
+
+    // 1. A snapshot with two children: its layer stays as their shared base.
+    let r = delete(&g, "s2").await;
+    assert!(r.merges.is_empty(), "{r:#?}");
+    for child in ["s3", "s4"] {
+        let m = g.vm.snapshot(&n(child)).await.unwrap();
+        assert_eq!(m.parent.as_deref(), Some("s1"), "{child}");
+    }
+    assert_consistent(&g, &base, "after deleting s2").await;
+    all_revert(&g, &ranges, "s5", stopped).await;
+
+    // 2. A leaf on the other branch: its layer goes, and the shared base, now with one child
+    //    left, merges into it.
+    let r = delete(&g, "s3").await;
+    assert!(!r.merges.is_empty(), "{r:#?}");
+    check_live(&r);
+    assert_consistent(&g, &base, "after deleting s3").await;
+    all_revert(&g, &ranges, "s5", stopped).await;
+
+    // 3. A middle snapshot: its child (s5) moves up to s1.
+    let r = delete(&g, "s4").await;
+    check_live(&r);
+    assert_eq!(
+        g.vm.snapshot(&n("s5")).await.unwrap().parent.as_deref(),
+        Some("s1")
+    );
+    assert_consistent(&g, &base, "after deleting s4").await;
+    all_revert(&g, &ranges, "s5", stopped).await;
+
+    // 4. The current snapshot: the VM keeps its state; current moves to the parent.
+    let before = g.vm.status().await.unwrap();
+    let r = delete(&g, "s5").await;
+    check_live(&r);
+    assert_eq!(r.current.as_deref(), Some("s1"));
+    let after = g.vm.status().await.unwrap();
+    assert_eq!(before.running, after.running);
+    if !stopped {
+        // The guest ran on through the merge.
+        let now = g.last_tick();
+        g.tick_above(g.serial().len(), now + 2).await;
+        assert!(g.serial().mismatches().is_empty(), "{}", g.report());
+    }
+    assert_consistent(&g, &base, "after deleting s5").await;
+    all_revert(&g, &ranges, "s1", stopped).await;
+
+    // 5. The root (and current) snapshot, the last one: everything merges into the
+    //    original image; the VM runs on it alone.
+    let r = delete(&g, "s1").await;
+    check_live(&r);
+    assert_eq!(r.current, None);
+    assert_consistent(&g, &base, "after deleting s1").await;
+    assert_eq!(images_in(&g.dir), BTreeSet::from([base.clone()]));
+    let st = g.vm.status().await.unwrap();
+    assert_eq!(st.disks[0].chain, vec![base.clone()]);
+    // The state the guest had is still there: it goes on counting from its disk.
+    if stopped {
+        g.vm.start_with(&g.launcher).await.unwrap();
+    }
+    let now = g.last_tick();
+    g.tick_above(if stopped { 0 } else { g.serial().len() }, now + 2)
+        .await;
+    assert!(g.serial().mismatches().is_empty(), "{}", g.report());
+    g.vm.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_position_of_a_branched_tree_deletes_with_the_vm_running() {
+    require_qemu!();
+    init_logging();
+    every_position(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_position_of_a_branched_tree_deletes_with_the_vm_stopped() {
+    require_qemu!();
+    init_logging();
+    every_position(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_locked_and_hand_edited_snapshots_are_refused_and_change_nothing() {
+    require_qemu!();
+    init_logging();
+    let g = Guest::start(VmBuilder::idle().memory(64), "qcow2").await;
+    g.vm.create_snapshot(g.vm.create_options(n("s1")))
+        .await
+        .unwrap();
+    g.vm.create_snapshot(g.vm.create_options(n("s2")))
+        .await
+        .unwrap();
+    let files = images_in(&g.dir);
+    let snapshot_dir = g.dir.join("store/vms/g/snapshots");
+    let unchanged = || {
+        let files = files.clone();
+        let g = &g;
+        async move {
+            assert_eq!(images_in(&g.dir), files);
+            let names: Vec<String> = std::fs::read_dir(g.dir.join("store/vms/g/snapshots"))
+                .unwrap()
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect();
+            assert_eq!(names.len(), 2, "{names:?}");
+        }
+    };
+
+    // Unknown, and a name that only another VM has.
+    let err =
+        g.vm.delete_snapshot(&n("nope"), &DeleteOptions::default())
+            .await
+            .unwrap_err();
+    assert!(matches!(err, Error::UnknownSnapshot { .. }), "{err}");
+    let other = g
+        .engine
+        .run(
+            &common::v("other"),
+            VmBuilder::idle()
+                .memory(64)
+                .command_line(&g.dir.join("other-serial.log"))
+                .await,
+            &qsnap_engine::RunOptions::default(),
+        )
+        .await
+        .unwrap();
+    let _kill_other = qsnap_testkit::KillRecordedQemu::new(&g.dir.join("store"), "other");
+    assert_eq!(other.record.name, "other");
+    let other_vm = g.engine.vm(&common::v("other")).await.unwrap();
+    let err = other_vm
+        .delete_snapshot(&n("s1"), &DeleteOptions::default())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::UnknownSnapshot { .. }), "{err}");
+    unchanged().await;
+
+    // Another operation holds the VM.
+    let lock = g.vm.store().lock(g.vm.name(), "create s9").await.unwrap();
+    let err =
+        g.vm.delete_snapshot(&n("s1"), &DeleteOptions::default())
+            .await
+            .unwrap_err();
+    match &err {
+        Error::Locked { holder, .. } => assert!(holder.contains("create s9"), "{holder}"),
+        other => panic!("expected Locked, got {other}"),
+    }
+    drop(lock);
+    unchanged().await;
+
+    // A manifest edited by hand: an unknown schema, then a missing frozen image, then a
+    // memory file outside the store.
+    let s1 = snapshot_dir.join("s1.json");
+    let original = std::fs::read_to_string(&s1).unwrap();
+    let edit = |f: &dyn Fn(&mut serde_json::Value)| {
+        let mut v: serde_json::Value = serde_json::from_str(&original).unwrap();
+        f(&mut v);
+        std::fs::write(&s1, serde_json::to_string_pretty(&v).unwrap()).unwrap();
+    };
+    edit(&|v| v["schema"] = 99.into());
+    let err =
+        g.vm.delete_snapshot(&n("s2"), &DeleteOptions::default())
+            .await
+            .unwrap_err();
+    assert!(err.to_string().contains("schema 99"), "{err}");
+    let victim = g.dir.join("precious.txt");
+    std::fs::write(&victim, b"not qsnap's").unwrap();
+    edit(&|v| v["memory"]["file"] = victim.display().to_string().into());
+    let err =
+        g.vm.delete_snapshot(&n("s1"), &DeleteOptions::default())
+            .await
+            .unwrap_err();
+    assert!(err.to_string().contains("not the store's"), "{err}");
+    assert!(victim.exists());
+    edit(&|v| v["disks"][0]["image"] = g.dir.join("gone.qcow2").display().to_string().into());
+    let err =
+        g.vm.delete_snapshot(&n("s2"), &DeleteOptions::default())
+            .await
+            .unwrap_err();
+    assert!(matches!(err, Error::DeleteRefused { .. }), "{err}");
+    assert!(err.to_string().contains("gone.qcow2"), "{err}");
+    std::fs::write(&s1, &original).unwrap();
+    unchanged().await;
+    assert!(g.vm.check(false).await.unwrap().clean);
+    g.vm.stop().await.unwrap();
+    other_vm.stop().await.unwrap();
+}
+
+/// The finding kinds of a check.
+fn kinds(f: &[Finding]) -> Vec<&str> {
+    f.iter().map(|f| f.kind.as_str()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctrl_c_cancels_a_merge_cleanly_and_check_repair_finishes_it() {
+    require_qemu!();
+    init_logging();
+    let g = Guest::start(VmBuilder::idle().memory(64), "qcow2").await;
+    g.vm.create_snapshot(g.vm.create_options(n("s1")))
+        .await
+        .unwrap();
+    // A layer with data in it, so the merge takes a moment.
+    {
+        let qmp = g.vm.connect().await.unwrap();
+        let disk = qsnap_testkit::disk_io::Disk::Device("vd0".into());
+        qsnap_testkit::disk_io::write(&qmp, &disk, 0x5a, 0, 48 * 1024).await;
+    }
+    g.vm.create_snapshot(g.vm.create_options(n("s2")))
+        .await
+        .unwrap();
+    let layer = g.dir.join("disk.s1.qcow2");
+    assert!(layer.exists());
+
+    // Ctrl-C as soon as the merge reports progress: the job is cancelled, no chain changes.
+    let cancel = g.engine.cancel_token().clone();
+    let opts = DeleteOptions {
+        progress: Some(std::sync::Arc::new(move |_| cancel.cancel())),
+    };
+    let err = g.vm.delete_snapshot(&n("s1"), &opts).await.unwrap_err();
+    eprintln!("{err}");
+    match &err {
+        Error::DeletedBut { problem, .. } => {
+            assert!(matches!(**problem, Error::Cancelled), "{problem}")
+        }
+        other => panic!("expected DeletedBut(Cancelled), got {other}"),
+    }
+    assert!(err.to_string().contains("check g --repair"), "{err}");
+    // The snapshot is gone, its layer is still in the chain, the data is all there. (A new
+    // engine: a new `qsnap` command, without the cancelled token.)
+    let fresh = qsnap_engine::Engine::new(g.vm.store().clone());
+    let vm = fresh.vm(g.vm.name()).await.unwrap();
+    assert!(vm.snapshot(&n("s1")).await.is_err());
+    assert!(layer.exists());
+    let report = vm.check(false).await.unwrap();
+    assert!(!report.clean);
+    assert_eq!(
+        kinds(&report.findings),
+        ["unmerged-layer"],
+        "{:#?}",
+        report.findings
+    );
+    let report = vm.check(true).await.unwrap();
+    assert!(report.clean, "{:#?}", report.findings);
+    assert!(!layer.exists());
+    assert!(vm.check(false).await.unwrap().findings.is_empty());
+    let qmp = vm.connect().await.unwrap();
+    let disk = qsnap_testkit::disk_io::Disk::Device("vd0".into());
+    qsnap_testkit::disk_io::check(&qmp, &disk, 0x5a, 0, 48 * 1024)
+        .await
+        .unwrap();
+    drop(qmp);
+    vm.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_finds_and_repairs_orphans_and_a_record_that_disagrees_with_qemu() {
+    require_qemu!();
+    init_logging();
+    let g = Guest::start(VmBuilder::idle().memory(64), "qcow2").await;
+    g.vm.create_snapshot(g.vm.create_options(n("s1")))
+        .await
+        .unwrap();
+    assert!(g.vm.check(false).await.unwrap().findings.is_empty());
+    let store = g.vm.store().clone();
+    // An orphan memory file, an orphan overlay qsnap made, a stale entry in the record, and
+    // a record that names the wrong current image.
+    let stray_mem = store.memory_dir(g.vm.name()).join("ghost.mem");
+    std::fs::write(&stray_mem, b"x").unwrap();
+    let orphan = g.dir.join("disk.orphan.qcow2");
+    image::create_overlay(
+        &orphan,
+        &g.dir.join("disk.qcow2"),
+        "qcow2",
+        64 << 20,
+        &CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    let mut rec = store.record(g.vm.name()).await.unwrap();
+    let truth = rec.disks[0].image.clone();
+    rec.owned_images.push(orphan.clone());
+    rec.owned_images.push(g.dir.join("never-existed.qcow2"));
+    rec.disks[0].image = g.dir.join("disk.qcow2");
+    store.write_record(&rec).await.unwrap();
+
+    let report = g.vm.check(false).await.unwrap();
+    let mut found = kinds(&report.findings);
+    found.sort_unstable();
+    assert_eq!(
+        found,
+        [
+            "orphan-image",
+            "orphan-memory",
+            "stale-record",
+            "store-disagrees"
+        ],
+        "{:#?}",
+        report.findings
+    );
+    assert!(!report.clean);
+    assert!(
+        stray_mem.exists() && orphan.exists(),
+        "check without --repair changed files"
+    );
+
+    let report = g.vm.check(true).await.unwrap();
+    assert!(report.clean, "{:#?}", report.findings);
+    assert!(!stray_mem.exists() && !orphan.exists());
+    let rec = store.record(g.vm.name()).await.unwrap();
+    assert_eq!(rec.disks[0].image, truth);
+    assert!(g.vm.check(false).await.unwrap().findings.is_empty());
+    // The snapshot still reverts.
+    let vm = g.engine.vm(g.vm.name()).await.unwrap();
+    vm.revert(&SnapshotName::new("s1").unwrap(), false)
+        .await
+        .unwrap();
+    vm.stop().await.unwrap();
+    let _ = Duration::ZERO;
+}

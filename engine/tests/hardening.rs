@@ -1,0 +1,380 @@
+//! The store never disagrees with QEMU, and nothing qsnap does on a failure path loses the
+//! guest's writes: a QMP command that timed out but ran is undone from what QEMU did; a
+//! merge-back that fails leaves the record on the overlay QEMU writes to; a failure after the
+//! point of no return is "snapshot taken, but …" and is finished by a repair; a busy monitor
+//! is never taken for a stopped VM; another user's QEMU is not adopted by accident; an
+//! unreadable store is an error, not "absent"; files qsnap makes are private.
+
+use qsnap_engine::{blocks, AttachOptions, Engine, Error, Store, VmState};
+use qsnap_testkit::{create_image, init_logging, require_qemu, DiskStyle, VmBuilder};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+mod common;
+use common::{n, v, Guest};
+
+/// The image QEMU writes disk `device` to now.
+async fn qemu_top(g: &Guest, device: &str) -> PathBuf {
+    let qmp = g.vm.connect().await.unwrap();
+    blocks::read(&qmp)
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|d| d.device == device)
+        .and_then(|d| d.top().map(Path::to_owned))
+        .unwrap()
+}
+
+async fn record_top(g: &Guest) -> PathBuf {
+    g.vm.store().record(g.vm.name()).await.unwrap().disks[0]
+        .image
+        .clone()
+}
+
+fn mode(p: &Path) -> u32 {
+    std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+}
+
+async fn ticks_on(g: &Guest) {
+    let now = g.last_tick();
+    g.tick_above(g.serial().len(), now + 2).await;
+    assert!(g.serial().mismatches().is_empty(), "{}", g.report());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failures_around_the_switch_follow_what_qemu_did_and_the_record_follows_qemu() {
+    require_qemu!();
+    init_logging();
+    let _fp = qsnap_testkit::failpoints();
+    let g = Guest::start(VmBuilder::guest().dirty_mb(8), "qcow2").await;
+    let base = g.dir.join("disk.qcow2");
+    g.tick_above(0, 3).await;
+
+    // 1. The disk switch ran, but its answer "timed out": the overlay the guest now writes
+    //    to must be merged back, never deleted under it.
+    fail::cfg("create.switch-sent", "return(timeout)").unwrap();
+    let err =
+        g.vm.create_snapshot(g.vm.create_options(n("t1")))
+            .await
+            .unwrap_err();
+    fail::remove("create.switch-sent");
+    eprintln!("switch timed out: {err}");
+    assert!(
+        err.is_timeout() || err.to_string().contains("timeout"),
+        "{err}"
+    );
+    assert_eq!(
+        qemu_top(&g, "vd0").await,
+        base,
+        "the disk was not merged back"
+    );
+    assert_eq!(record_top(&g).await, base);
+    assert!(!g.dir.join("disk.t1.qcow2").exists());
+    assert!(g.vm.snapshots().await.unwrap().is_empty());
+    ticks_on(&g).await;
+
+    // 2. `stop` ran, but its answer "timed out": the guest must be running again.
+    fail::cfg("create.stop-sent", "return(timeout)").unwrap();
+    let err =
+        g.vm.create_snapshot(g.vm.create_options(n("t2")))
+            .await
+            .unwrap_err();
+    fail::remove("create.stop-sent");
+    eprintln!("stop timed out: {err}");
+    match g.vm.status().await.unwrap().state {
+        VmState::Running { runstate, .. } => assert_eq!(runstate, "running"),
+        other => panic!("{other:?}"),
+    }
+    ticks_on(&g).await;
+
+    // 3. The save fails after the switch and merging back fails too: the disk stays on the
+    //    overlay, the error names it, and the record says so before the error returns.
+    fail::cfg("create.saved", "return(error)").unwrap();
+    fail::cfg("rollback.merge-back", "return(error)").unwrap();
+    let err =
+        g.vm.create_snapshot(g.vm.create_options(n("t3")))
+            .await
+            .unwrap_err();
+    fail::remove("create.saved");
+    fail::remove("rollback.merge-back");
+    eprintln!("merge-back failed: {err}");
+    let overlay = g.dir.join("disk.t3.qcow2");
+    assert_eq!(err.kept_overlays(), [("vd0".to_owned(), overlay.clone())]);
+    assert!(err.to_string().contains("rollback was incomplete"), "{err}");
+    assert_eq!(qemu_top(&g, "vd0").await, overlay);
+    let rec = g.vm.store().record(g.vm.name()).await.unwrap();
+    assert_eq!(rec.disks[0].image, overlay);
+    assert!(rec.owned_images.contains(&overlay));
+    assert!(g.vm.store().journal(g.vm.name()).await.unwrap().is_none());
+    assert!(!g.vm.store().memory_path(g.vm.name(), &n("t3")).exists());
+    // The store agrees with QEMU, so check has nothing to say but that the overlay's base is
+    // a layer it could merge (no snapshot needs it).
+    let report = g.vm.check(false).await.unwrap();
+    assert!(
+        report.findings.iter().all(|f| f.kind == "unmerged-layer"),
+        "{:#?}",
+        report.findings
+    );
+    ticks_on(&g).await;
+    // A restart opens the overlay: the guest finds every tick it made durable.
+    let last = g.last_tick();
+    g.vm.stop().await.unwrap();
+    g.vm.start_with(&g.launcher).await.unwrap();
+    let (_, counter) = g
+        .serial()
+        .wait_from(0, Duration::from_secs(90), |l| {
+            l.strip_prefix("qsnap-guest: ready counter=")
+                .and_then(|x| x.trim().parse::<u64>().ok())
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", g.report()));
+    assert!(
+        counter >= last,
+        "disk says {counter}, the guest had printed {last}"
+    );
+    g.tick_above(0, counter + 1).await;
+    assert!(g.serial().mismatches().is_empty(), "{}", g.report());
+
+    // 4. Past the point of no return, the store cannot be written: "snapshot taken, but",
+    //    the record already follows QEMU, and a repair finishes the bookkeeping.
+    fail::cfg("create.recorded", "return(error)").unwrap();
+    let before = g.last_tick();
+    let err =
+        g.vm.create_snapshot(g.vm.create_options(n("s1")))
+            .await
+            .unwrap_err();
+    fail::remove("create.recorded");
+    let after = g
+        .serial()
+        .wait_new_tick(Duration::from_secs(30))
+        .await
+        .unwrap();
+    eprintln!("after the point of no return: {err}");
+    assert!(matches!(err, Error::TakenBut { .. }), "{err}");
+    let text = err.to_string();
+    assert!(
+        text.contains("snapshot s1 was taken") && text.contains("qsnap check g --repair"),
+        "{text}"
+    );
+    let s1_overlay = g.dir.join("disk.s1.qcow2");
+    assert_eq!(qemu_top(&g, "vd0").await, s1_overlay);
+    assert_eq!(record_top(&g).await, s1_overlay);
+    assert!(g.vm.snapshot(&n("s1")).await.is_err(), "no manifest yet");
+    let report = g.vm.check(false).await.unwrap();
+    assert!(
+        report.findings.iter().any(|f| f.kind == "interrupted"),
+        "{:#?}",
+        report.findings
+    );
+    let report = g.vm.check(true).await.unwrap();
+    assert!(report.clean, "{:#?}", report.findings);
+    let m = g.vm.snapshot(&n("s1")).await.unwrap();
+    assert_eq!(m.snapshot.disks[0].overlay, s1_overlay);
+    // It is a real snapshot: the guest goes back to its instant.
+    let now = g.last_tick();
+    g.tick_above(g.serial().len(), now + 3).await;
+    g.revert_and_check("s1", (before, after)).await;
+
+    // Every file qsnap made for the guest's disk is private.
+    let rec = g.vm.store().record(g.vm.name()).await.unwrap();
+    for img in &rec.owned_images {
+        if img.exists() {
+            assert_eq!(mode(img), 0o600, "{}", img.display());
+        }
+    }
+    assert_eq!(mode(&m.snapshot.memory.unwrap().file), 0o600);
+    g.vm.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_monitor_is_unreachable_and_start_never_launches_a_second_qemu() {
+    require_qemu!();
+    init_logging();
+    let g = Guest::start(VmBuilder::idle().memory(64), "qcow2").await;
+    let pid = g.vm.status().await.unwrap().pid.unwrap();
+    // Another client holds the monitor (QEMU serves one at a time).
+    let holder = g.vm.connect().await.unwrap();
+    let st = g.vm.status().await.unwrap();
+    match &st.state {
+        VmState::Unreachable { pid: Some(p), .. } => assert_eq!(*p, pid),
+        other => panic!("a busy monitor must not look stopped: {other:?}"),
+    }
+    assert!(!st.running);
+    let err = g.vm.start_with(&g.launcher).await.unwrap_err();
+    assert!(matches!(err, Error::Unreachable { .. }), "{err}");
+    assert!(err.to_string().contains("does not answer"), "{err}");
+    let err =
+        g.vm.create_snapshot(g.vm.create_options(n("s1")))
+            .await
+            .unwrap_err();
+    assert!(matches!(err, Error::Unreachable { .. }), "{err}");
+    let err = g.vm.revert(&n("s1"), false).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Unreachable { .. } | Error::UnknownSnapshot { .. }
+        ),
+        "{err}"
+    );
+    // Still the one QEMU, serving its socket once the other client lets go.
+    drop(holder);
+    let qmp = g.vm.connect().await.unwrap();
+    assert_eq!(qmp.peer_pid(), Some(pid));
+    drop(qmp);
+    assert!(g.vm.status().await.unwrap().running);
+    // `stop` works on a QEMU whose monitor does not answer (it is killed).
+    let holder = g.vm.connect().await.unwrap();
+    g.vm.stop().await.unwrap();
+    drop(holder);
+    let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    assert!(
+        state.is_empty() || state.contains(") Z"),
+        "QEMU {pid} still runs: {state}"
+    );
+    assert!(matches!(
+        g.vm.status().await.unwrap().state,
+        VmState::Stopped
+    ));
+}
+
+#[tokio::test]
+async fn an_unreadable_store_is_an_error_never_absent() {
+    require_qemu!();
+    init_logging();
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("d.qcow2");
+    create_image(&disk, "qcow2", "16M").await;
+    let vm = VmBuilder::idle()
+        .disk(&disk, "qcow2", DiskStyle::Drive)
+        .spawn()
+        .await;
+    let engine = Engine::new(Store::new(dir.path().join("store")));
+    let handle = engine
+        .attach(&v("vm1"), vm.qmp_path.to_str().unwrap())
+        .await
+        .unwrap();
+    // The snapshots directory cannot be read (a regular file stands in its way): "is the
+    // name taken?" has no answer, so the create must stop before anything changes — not
+    // take the snapshot and fail to record it.
+    std::fs::write(dir.path().join("store/vms/vm1/snapshots"), b"in the way").unwrap();
+    let err = handle
+        .create_snapshot(handle.create_options(n("s1")))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Io { .. }), "{err}");
+    assert!(!dir.path().join("d.s1.qcow2").exists());
+    let qmp = vm.qmp().await;
+    let top = blocks::read(&qmp).await.unwrap()[0]
+        .top()
+        .unwrap()
+        .to_owned();
+    assert_eq!(top, disk);
+    drop(qmp);
+    // A store root that is not a directory: attaching says so instead of "no such VM".
+    let file_root = dir.path().join("not-a-dir");
+    std::fs::write(&file_root, b"x").unwrap();
+    let err = Engine::new(Store::new(&file_root))
+        .attach(&v("vm2"), vm.qmp_path.to_str().unwrap())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Io { .. }), "{err}");
+}
+
+#[tokio::test]
+async fn another_users_qemu_is_refused_unless_asked_for() {
+    require_qemu!();
+    init_logging();
+    if !qsnap_testkit::root_or_skip("another_users_qemu_is_refused_unless_asked_for") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let sock = dir.path().join("qmp.sock");
+    // QEMU as `nobody`, as another user's VM would run.
+    let mut child = tokio::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(qsnap_testkit::qemu_binary())
+        .args(["-nodefaults", "-display", "none", "-m", "32", "-qmp"])
+        .arg(format!("unix:{},server=on,wait=off", sock.display()))
+        .kill_on_drop(true)
+        .spawn()
+        .expect("setpriv (util-linux) starts QEMU as nobody");
+    let engine = Engine::new(Store::new(dir.path().join("store")));
+    let engine = engine.with_connect_options(qsnap_qmp::ConnectOptions {
+        connect_retry: Duration::from_secs(10),
+        ..qsnap_qmp::ConnectOptions::default()
+    });
+    let err = engine
+        .attach(&v("theirs"), sock.to_str().unwrap())
+        .await
+        .unwrap_err();
+    match &err {
+        Error::ForeignQemu { uid, ours } => assert_eq!((*uid, *ours), (65534, 0)),
+        other => panic!("expected ForeignQemu, got {other}"),
+    }
+    assert!(err.to_string().contains("--allow-other-user"), "{err}");
+    assert!(!engine.store().has_vm(&v("theirs")).await.unwrap());
+    let vm = engine
+        .attach_with(
+            &v("theirs"),
+            sock.to_str().unwrap(),
+            &AttachOptions {
+                allow_other_user: true,
+            },
+        )
+        .await
+        .unwrap();
+    assert!(vm.record().pid.is_some());
+    let _ = child.start_kill();
+    let _ = child.wait().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hand_edited_records_never_make_qsnap_delete_a_file() {
+    require_qemu!();
+    init_logging();
+    let g = Guest::start(VmBuilder::idle().memory(64), "qcow2").await;
+    g.vm.create_snapshot(g.vm.create_options(n("s1")))
+        .await
+        .unwrap();
+    let base = g.dir.join("disk.qcow2");
+    let precious = g.dir.join("precious.txt");
+    std::fs::write(&precious, b"someone's data").unwrap();
+    let linked = g.dir.join("link.qcow2");
+    std::os::unix::fs::symlink(&base, &linked).unwrap();
+    // Someone lists files that are not qsnap's as qsnap's.
+    let mut rec = g.vm.store().record(g.vm.name()).await.unwrap();
+    rec.owned_images
+        .extend([precious.clone(), base.clone(), linked.clone()]);
+    g.vm.store().write_record(&rec).await.unwrap();
+    let report = g.vm.check(true).await.unwrap();
+    eprintln!("{:#?}", report.findings);
+    assert!(!report.clean, "refusals must be reported");
+    assert_eq!(std::fs::read(&precious).unwrap(), b"someone's data");
+    assert!(base.exists() && linked.symlink_metadata().is_ok());
+    // A delete merges layers but never touches them either.
+    g.vm.delete_all(&qsnap_engine::DeleteOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(std::fs::read(&precious).unwrap(), b"someone's data");
+    assert!(base.exists() && linked.symlink_metadata().is_ok());
+    g.vm.stop().await.unwrap();
+}
+
+#[test]
+fn qmp_errors_say_what_qemu_said() {
+    let e = Error::Qmp {
+        step: "pausing the guest",
+        source: qsnap_qmp::Error::Qemu {
+            command: "stop".into(),
+            class: "GenericError".into(),
+            desc: "the VM is migrating".into(),
+        },
+    };
+    let text = e.to_string();
+    assert!(
+        text.contains("pausing the guest") && text.contains("the VM is migrating"),
+        "{text}"
+    );
+}

@@ -1,0 +1,73 @@
+//! Writing and checking data on a running VM's disks without a guest: QEMU's own `qemu-io`
+//! through the human monitor (`human-monitor-command`). Kernel-less test VMs use it to put a
+//! known pattern on each disk before each snapshot, and to check after a revert or a merge
+//! that every byte is where it belongs.
+
+use qsnap_qmp::Qmp;
+use serde_json::json;
+
+/// How `qemu-io` names a disk.
+#[derive(Debug, Clone)]
+pub enum Disk {
+    /// A `-drive` by its id.
+    Drive(String),
+    /// A guest device (a `-blockdev` disk) by its id: `-device virtio-blk-pci,id=vd0`.
+    Device(String),
+}
+
+impl Disk {
+    fn arg(&self) -> String {
+        match self {
+            Disk::Drive(id) => id.clone(),
+            Disk::Device(id) => format!("-d /machine/peripheral/{id}/virtio-backend"),
+        }
+    }
+}
+
+async fn qemu_io(qmp: &Qmp, disk: &Disk, command: &str) -> String {
+    let line = format!("qemu-io {} \"{command}\"", disk.arg());
+    let out = qmp
+        .execute_raw(
+            "human-monitor-command",
+            Some(json!({ "command-line": line })),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{line}: {e}"));
+    out.as_str().unwrap_or_default().to_owned()
+}
+
+/// Writes byte `pattern` over `len_kib` KiB at `offset_kib` KiB.
+pub async fn write(qmp: &Qmp, disk: &Disk, pattern: u8, offset_kib: u64, len_kib: u64) {
+    let out = qemu_io(
+        qmp,
+        disk,
+        &format!("write -P {pattern:#04x} {offset_kib}k {len_kib}k"),
+    )
+    .await;
+    assert!(!out.contains("rror") && !out.contains("failed"), "{out}");
+}
+
+/// Whether `len_kib` KiB at `offset_kib` KiB all hold byte `pattern`; `Err` says what QEMU
+/// found instead.
+pub async fn check(
+    qmp: &Qmp,
+    disk: &Disk,
+    pattern: u8,
+    offset_kib: u64,
+    len_kib: u64,
+) -> Result<(), String> {
+    let out = qemu_io(
+        qmp,
+        disk,
+        &format!("read -P {pattern:#04x} {offset_kib}k {len_kib}k"),
+    )
+    .await;
+    if out.contains("verification failed") || out.contains("rror") {
+        Err(format!(
+            "{disk:?} at {offset_kib}k: expected {pattern:#04x}: {}",
+            out.trim()
+        ))
+    } else {
+        Ok(())
+    }
+}
