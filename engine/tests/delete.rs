@@ -486,3 +486,133 @@ async fn check_finds_and_repairs_orphans_and_a_record_that_disagrees_with_qemu()
     vm.stop().await.unwrap();
     let _ = Duration::ZERO;
 }
+
+/// The chain of every image in the directory (image → its backing), from the files.
+async fn chains(dir: &Path) -> BTreeMap<PathBuf, Option<PathBuf>> {
+    let mut out = BTreeMap::new();
+    for f in images_in(dir) {
+        let info = image::info(&f, &CancellationToken::new()).await.unwrap();
+        out.insert(f, info.full_backing_filename);
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn multi_disk_deletes_merge_every_disk_or_none_live_and_offline() {
+    require_qemu!();
+    init_logging();
+    use qsnap_testkit::disk_io::{check, write, Disk};
+    let _fp = qsnap_testkit::failpoints();
+    let dir = tempfile::tempdir().unwrap();
+    let a = dir.path().join("a.qcow2");
+    let b = dir.path().join("b.raw");
+    qsnap_testkit::create_image(&a, "qcow2", "32M").await;
+    qsnap_testkit::create_image(&b, "raw", "32M").await;
+    let builder = VmBuilder::idle()
+        .memory(64)
+        .disk(&a, "qcow2", qsnap_testkit::DiskStyle::Drive)
+        .disk(&b, "raw", qsnap_testkit::DiskStyle::Blockdev);
+    let g = Guest::start_in(dir, builder).await;
+    let disks = [Disk::Drive("drive0".into()), Disk::Device("vd1".into())];
+    // Each snapshot step writes its own pattern at its own offset on both disks.
+    let put = |step: u8| {
+        let g = &g;
+        let disks = disks.clone();
+        async move {
+            let qmp = g.vm.connect().await.unwrap();
+            for (i, d) in disks.iter().enumerate() {
+                let pattern = 0x10 * (u8::try_from(i).unwrap() + 1) + step;
+                write(&qmp, d, pattern, u64::from(step) * 64, 64).await;
+            }
+        }
+    };
+    // Steps 1..=upto written, later ones not (zeroes).
+    let holds = |upto: u8| {
+        let g = &g;
+        let disks = disks.clone();
+        async move {
+            let qmp = g.vm.connect().await.unwrap();
+            for (i, d) in disks.iter().enumerate() {
+                for step in 1..=3u8 {
+                    let pattern = if step <= upto {
+                        0x10 * (u8::try_from(i).unwrap() + 1) + step
+                    } else {
+                        0
+                    };
+                    check(&qmp, d, pattern, u64::from(step) * 64, 64)
+                        .await
+                        .unwrap_or_else(|e| panic!("after step {upto}: {e}"));
+                }
+            }
+        }
+    };
+    put(1).await;
+    g.vm.create_snapshot(g.vm.create_options(n("s1")))
+        .await
+        .unwrap();
+    put(2).await;
+    let mut opts = g.vm.create_options(n("s2"));
+    opts.mode = Some(qsnap_engine::snapshot::Mode::DiskOnly);
+    g.vm.create_snapshot(opts).await.unwrap();
+    put(3).await;
+    g.vm.create_snapshot(g.vm.create_options(n("s3")))
+        .await
+        .unwrap();
+
+    // Live: the second disk's part fails → neither disk's chain changes.
+    let before = chains(&g.dir).await;
+    fail::cfg("delete.merge-started", "return(error)").unwrap();
+    let err =
+        g.vm.delete_snapshot(&n("s2"), &DeleteOptions::default())
+            .await
+            .unwrap_err();
+    fail::remove("delete.merge-started");
+    assert!(matches!(err, Error::DeletedBut { .. }), "{err}");
+    assert_eq!(chains(&g.dir).await, before, "a disk's chain changed");
+    holds(3).await;
+    // The repair merges both.
+    let report = g.vm.check(true).await.unwrap();
+    assert!(report.clean, "{:#?}", report.findings);
+    assert!(images_in(&g.dir).len() < before.len());
+    holds(3).await;
+    for (snap, upto) in [("s1", 1), ("s3", 3)] {
+        let r = g.vm.revert(&n(snap), false).await.unwrap();
+        assert!(r.resumed);
+        holds(upto).await;
+    }
+
+    // Offline: the same, with qemu-img; a failure after the first disk's copy is undone.
+    g.vm.stop().await.unwrap();
+    let before = chains(&g.dir).await;
+    fail::cfg("delete.merge-started", "return(error)").unwrap();
+    let err =
+        g.vm.delete_snapshot(&n("s1"), &DeleteOptions::default())
+            .await
+            .unwrap_err();
+    fail::remove("delete.merge-started");
+    assert!(matches!(err, Error::DeletedBut { .. }), "{err}");
+    assert_eq!(chains(&g.dir).await, before, "a disk's chain changed");
+    let report = g.vm.check(true).await.unwrap();
+    assert!(report.clean, "{:#?}", report.findings);
+    g.vm.start_with(&g.launcher).await.unwrap();
+    holds(3).await;
+    g.vm.revert(&n("s3"), false).await.unwrap();
+    holds(3).await;
+
+    // Everything goes: the VM keeps running on its two original images, with all its data.
+    let r = g.vm.delete_all(&DeleteOptions::default()).await.unwrap();
+    assert!(r.current.is_none());
+    assert!(g.vm.snapshots().await.unwrap().is_empty());
+    assert_eq!(images_in(&g.dir), BTreeSet::from([a.clone(), b.clone()]));
+    holds(3).await;
+    let st = g.vm.status().await.unwrap();
+    assert!(st.running);
+    assert_eq!(st.disks[0].chain, vec![a.clone()]);
+    assert_eq!(st.disks[1].chain, vec![b.clone()]);
+    assert!(g.vm.check(false).await.unwrap().findings.is_empty());
+    g.vm.stop().await.unwrap();
+    // And after a restart from the recorded command line (raw stays raw).
+    g.vm.start_with(&g.launcher).await.unwrap();
+    holds(3).await;
+    g.vm.stop().await.unwrap();
+}

@@ -36,7 +36,8 @@ async fn qemu_io(qmp: &Qmp, disk: &Disk, command: &str) -> String {
     out.as_str().unwrap_or_default().to_owned()
 }
 
-/// Writes byte `pattern` over `len_kib` KiB at `offset_kib` KiB.
+/// Writes byte `pattern` over `len_kib` KiB at `offset_kib` KiB, and flushes: what a guest
+/// that called fsync would have made durable, so it must survive whatever happens to QEMU.
 pub async fn write(qmp: &Qmp, disk: &Disk, pattern: u8, offset_kib: u64, len_kib: u64) {
     let out = qemu_io(
         qmp,
@@ -44,6 +45,8 @@ pub async fn write(qmp: &Qmp, disk: &Disk, pattern: u8, offset_kib: u64, len_kib
         &format!("write -P {pattern:#04x} {offset_kib}k {len_kib}k"),
     )
     .await;
+    assert!(!out.contains("rror") && !out.contains("failed"), "{out}");
+    let out = qemu_io(qmp, disk, "flush").await;
     assert!(!out.contains("rror") && !out.contains("failed"), "{out}");
 }
 

@@ -187,7 +187,7 @@ pub(crate) async fn run(
         }
         done.extend(run_round(vm, record, intent, steps, progress, false).await?);
     }
-    failpoint::hit("delete.consolidated", None).await?;
+    failpoint::hit("delete.consolidated", record.pid).await?;
     Ok(done)
 }
 
@@ -304,11 +304,11 @@ async fn run_round(
     if !offline.is_empty() {
         merge_offline(vm, &offline, redo, &report).await?;
     }
-    failpoint::hit("delete.merged", None).await?;
+    failpoint::hit("delete.merged", record.pid).await?;
     for m in &merges {
         finish_step(vm, record, m).await?;
     }
-    failpoint::hit("delete.rebased", None).await?;
+    failpoint::hit("delete.rebased", record.pid).await?;
     let ms = started.elapsed().as_secs_f64() * 1e3;
     for m in &merges {
         reports.push(MergeReport {
@@ -456,12 +456,7 @@ async fn merge_live(
             .await?;
     }
     finalized?;
-    // Nodes that opened the merged-away image (an overlay added with blockdev-add, a
-    // -blockdev from the command line) are not dropped by QEMU by themselves.
-    let after = Live::read(&qmp).await?;
-    for (m, _) in &todo {
-        release_nodes(&qmp, &after, removed_by(m)).await;
-    }
+    // Nodes that opened the merged-away image are released by `finish_step`.
     Ok(())
 }
 
@@ -622,6 +617,9 @@ async fn vm_may_commit_offline(vm: &Vm, m: &MergeStep) -> Result<bool> {
 /// After the data moved: headers, names, and the unlink.
 async fn finish_step(vm: &Vm, record: &mut VmRecord, m: &MergeStep) -> Result<()> {
     let cancel = vm.cancel();
+    // Files whose bytes this step changed (their content as a chain did not): the snapshots
+    // that freeze them get new stamps, or a revert would take them for tampered with.
+    let mut touched: Vec<PathBuf> = Vec::new();
     if m.kind == MergeKind::Commit {
         // Everything that named C names X: children's headers, manifests, the record.
         for child in &m.upper_children {
@@ -632,6 +630,8 @@ async fn finish_step(vm: &Vm, record: &mut VmRecord, m: &MergeStep) -> Result<()
             if info.full_backing_filename.as_deref() == Some(&m.upper) {
                 image::set_backing(child, &m.lower, &m.lower_format, cancel).await?;
             }
+            // (QEMU rewrote it itself after a live commit.)
+            touched.push(child.clone());
         }
         for mut man in vm.store().manifests(vm.name()).await? {
             let mut changed = false;
@@ -639,7 +639,6 @@ async fn finish_step(vm: &Vm, record: &mut VmRecord, m: &MergeStep) -> Result<()
                 if d.image == m.upper {
                     d.image = m.lower.clone();
                     d.format = m.lower_format.clone();
-                    d.frozen = image::stamp(&m.lower).await.ok();
                     changed = true;
                 }
             }
@@ -647,29 +646,60 @@ async fn finish_step(vm: &Vm, record: &mut VmRecord, m: &MergeStep) -> Result<()
                 vm.store().replace_manifest(&man).await?;
             }
         }
+        touched.push(m.lower.clone());
         if retarget(record, &m.upper, &m.lower) {
             vm.store().write_record(record).await?;
         }
     } else {
-        // C's file changed (its content did not): restamp the snapshots that froze it.
-        for mut man in vm.store().manifests(vm.name()).await? {
-            let mut changed = false;
-            for d in &mut man.snapshot.disks {
-                if d.image == m.upper {
-                    d.frozen = image::stamp(&m.upper).await.ok();
-                    changed = true;
-                }
-            }
-            if changed {
-                vm.store().replace_manifest(&man).await?;
-            }
-        }
+        touched.push(m.upper.clone());
     }
+    restamp(vm, &touched).await?;
     let gone = removed_by(m).to_owned();
+    release_if_unused(vm, record, &gone).await;
     let manifests = vm.store().manifests(vm.name()).await?;
     let (graph, live) = view(vm, record, &manifests).await?;
     refs::safe_unlink(&gone, &graph, record, live.as_ref()).await?;
     forget_owned(vm, record, &gone).await
+}
+
+/// New stamps for the snapshots that freeze any of `files`.
+async fn restamp(vm: &Vm, files: &[PathBuf]) -> Result<()> {
+    for mut man in vm.store().manifests(vm.name()).await? {
+        let mut changed = false;
+        for d in &mut man.snapshot.disks {
+            if files.contains(&d.image) {
+                let now = image::stamp(&d.image).await.ok();
+                if d.frozen != now {
+                    d.frozen = now;
+                    changed = true;
+                }
+            }
+        }
+        if changed {
+            vm.store().replace_manifest(&man).await?;
+        }
+    }
+    Ok(())
+}
+
+/// A running QEMU may still hold nodes for an image that left every chain (an overlay added
+/// with `blockdev-add`, a `-blockdev` of the command line, or an interrupted run that did not
+/// get to release them): they go before the file does.
+async fn release_if_unused(vm: &Vm, record: &VmRecord, image: &Path) {
+    let Ok(qmp) = vm.connect_quick(record).await else {
+        return;
+    };
+    let Ok(live) = Live::read(&qmp).await else {
+        return;
+    };
+    let in_chain = live
+        .disks
+        .iter()
+        .filter_map(|d| d.medium.as_ref())
+        .any(|m| m.chain.iter().any(|l| l.image == image));
+    if !in_chain && live.has_open(image) {
+        release_nodes(&qmp, &live, image).await;
+    }
 }
 
 /// Points the record's disks at `to` where they named `from`. True if something changed.

@@ -282,18 +282,6 @@ pub(crate) async fn safe_unlink(
         snapshot: image.display().to_string(),
         why,
     };
-    if !record.owned_images.iter().any(|o| o == image) {
-        return Err(refuse("qsnap did not create it for this VM".into()));
-    }
-    if let Some(u) = graph.uses_of(image).first() {
-        return Err(refuse(format!("{u} uses it")));
-    }
-    if let Some(c) = graph.children(image).first() {
-        return Err(refuse(format!("{} backs onto it", c.display())));
-    }
-    if live.is_some_and(|l| l.has_open(image)) {
-        return Err(refuse("the running QEMU has it open".into()));
-    }
     let p = image.to_owned();
     let meta = store::blocking(move || {
         std::fs::symlink_metadata(&p).map_err(|e| Error::Io {
@@ -310,6 +298,18 @@ pub(crate) async fn safe_unlink(
             return Ok(()); // already gone (an interrupted operation got this far)
         }
         Err(e) => return Err(e),
+    }
+    if !record.owned_images.iter().any(|o| o == image) {
+        return Err(refuse("qsnap did not create it for this VM".into()));
+    }
+    if let Some(u) = graph.uses_of(image).first() {
+        return Err(refuse(format!("{u} uses it")));
+    }
+    if let Some(c) = graph.children(image).first() {
+        return Err(refuse(format!("{} backs onto it", c.display())));
+    }
+    if live.is_some_and(|l| l.has_open(image)) {
+        return Err(refuse("the running QEMU has it open".into()));
     }
     if !image::is_qcow2(image).await {
         return Err(refuse("it is not a qcow2 image".into()));

@@ -82,14 +82,16 @@ pub struct Guest {
 impl Guest {
     pub async fn start(builder: VmBuilder, disk_fmt: &str) -> Guest {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().to_owned();
-        let disk = path.join(format!("disk.{disk_fmt}"));
+        let disk = dir.path().join(format!("disk.{disk_fmt}"));
         create_image(&disk, disk_fmt, "64M").await;
+        Self::start_in(dir, builder.disk(&disk, disk_fmt, DiskStyle::Blockdev)).await
+    }
+
+    /// Starts `builder` (its disks already added, in `dir`) under qsnap as VM `g`.
+    pub async fn start_in(dir: tempfile::TempDir, builder: VmBuilder) -> Guest {
+        let path = dir.path().to_owned();
         let serial_path = path.join("serial.log");
-        let argv = builder
-            .disk(&disk, disk_fmt, DiskStyle::Blockdev)
-            .command_line(&serial_path)
-            .await;
+        let argv = builder.command_line(&serial_path).await;
         let engine = Engine::new(Store::new(path.join("store")));
         let launcher = PerLaunchSerial::new(&path);
         let kill = KillRecordedQemu::new(&path.join("store"), "g");
