@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # qsnap's demo: installs what is missing (QEMU, the test guest), boots the test guest under
 # QEMU with qsnap, takes a live snapshot while the guest keeps ticking, reverts to it and shows
-# the guest going on from the snapshot's tick.
+# the guest going on from the snapshot's tick, then deletes the snapshot while the guest runs
+# (its disk layer merges back) and checks the store.
 # Usage: ./scripts/demo.sh      (needs a Rust toolchain; root or sudo for apt)
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
@@ -82,5 +83,13 @@ fi
 sleep 2
 "$qsnap" status demo
 
+say "qsnap delete: the snapshot goes while the guest runs; its disk layer merges"
+"$qsnap" delete demo s1
+"$qsnap" check demo
+now=$(last_tick)
+later=$(wait_tick_above $((now + 3)) 60)
+echo "the guest ran on through the merge: tick $later"
+"$qsnap" status demo
+
 if grep -a MISMATCH "$work/serial.log"; then echo "memory and disk disagree!" >&2; exit 1; fi
-say "Done: live snapshot, the guest ran on, revert brought back its memory and disk together (no MISMATCH)."
+say "Done: live snapshot, the guest ran on, revert brought back its memory and disk together, delete merged the snapshot away live (no MISMATCH)."

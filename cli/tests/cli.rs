@@ -436,6 +436,131 @@ async fn quiesced_disk_only_snapshot_freezes_and_thaws_the_guest_filesystems() {
     .await
     .unwrap();
     assert!(log.mismatches().is_empty());
+
+    // The freeze ran but its answer "timed out": the snapshot fails, and the guest's
+    // filesystems are thawed all the same (the guest may have frozen late).
+    if qsnap_engine::failpoint::enabled() {
+        let out = qsnap()
+            .env("QSNAP_STORE", &store)
+            .env("FAILPOINTS", "create.freeze-sent=return(timeout)")
+            .args(["create", "g", "q2", "--disk-only", "--quiesce"])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "{out:?}");
+        let mut ga =
+            qsnap_engine::guest_agent::GuestAgent::connect(&agent, Duration::from_secs(10))
+                .await
+                .unwrap();
+        assert_eq!(ga.status().await.unwrap(), "thawed");
+        drop(ga);
+        let out = run(&["check", "g"]);
+        assert!(out.status.success(), "{out:?}");
+        let last = *log.ticks().last().unwrap();
+        log.wait_from(0, Duration::from_secs(30), |l| {
+            qsnap_testkit::serial::parse_tick(l).filter(|&t| t > last + 1)
+        })
+        .await
+        .unwrap();
+    } else {
+        assert!(!qsnap_testkit::under_ci(), "failpoints are off under CI");
+        eprintln!("\n*** SKIPPED PART: the freeze-timeout case needs the failpoints build ***\n");
+    }
     let out = run(&["stop", "g"]);
     assert!(out.status.success(), "{out:?}");
+}
+
+/// `delete`, `check` and `revert --keep-current` from the command line: JSON for scripts,
+/// exit codes, refusals.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delete_check_and_keep_current() {
+    require_qemu!();
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("d.qcow2");
+    create_image(&disk, "qcow2", "16M").await;
+    let argv = VmBuilder::idle()
+        .memory(64)
+        .disk(&disk, "qcow2", DiskStyle::Blockdev)
+        .command_line(&dir.path().join("serial.log"))
+        .await;
+    let store = dir.path().join("store");
+    let _kill = KillRecordedQemu::new(&store, "vm1");
+    let run = in_store(&store);
+    let mut cmd = vec!["run", "vm1", "--"];
+    cmd.extend(argv.iter().map(String::as_str));
+    assert!(run(&cmd).status.success());
+    for s in ["s1", "s2", "s3"] {
+        let out = run(&["create", "vm1", s]);
+        assert!(out.status.success(), "{out:?}");
+    }
+
+    // Refusals: no snapshot named, neither a name nor --all, both.
+    let out = run(&["delete", "vm1", "nope"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(text(&out.stderr).contains("no snapshot named \"nope\""), "{out:?}");
+    assert_eq!(run(&["delete", "vm1"]).status.code(), Some(2));
+    assert_eq!(run(&["delete", "vm1", "s1", "--all"]).status.code(), Some(2));
+    assert_eq!(run(&["delete", "vm1", "../x"]).status.code(), Some(2));
+
+    // A middle snapshot, as JSON: what was deleted, merged and removed.
+    let out = run(&["delete", "vm1", "s2", "--json"]);
+    assert!(out.status.success(), "{out:?}");
+    let r = stdout_json(&out);
+    assert_eq!(r["deleted"], serde_json::json!(["s2"]));
+    assert_eq!(r["current"], "s3");
+    assert_eq!(r["live"], true);
+    let merges = r["merges"].as_array().unwrap();
+    assert_eq!(merges.len(), 1, "{r}");
+    assert_eq!(merges[0]["kind"], "stream");
+    assert!(r["memory-removed"][0].as_str().unwrap().ends_with("s2.mem"));
+    let out = run(&["list", "vm1", "--json"]);
+    let names: Vec<String> = stdout_json(&out)["snapshots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["name"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(names, ["s1", "s3"]);
+
+    // check: clean → 0; a stray memory file → 1 and says what to do; --repair → 0.
+    let out = run(&["check", "vm1", "--json"]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(stdout_json(&out)["clean"], true);
+    std::fs::write(store.join("vms/vm1/memory/stray.mem"), b"x").unwrap();
+    let out = run(&["check", "vm1"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let said = text(&out.stdout);
+    assert!(said.contains("orphan-memory") && said.contains("--repair"), "{said}");
+    let out = run(&["check", "vm1", "--repair"]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(text(&out.stdout).contains("repaired"), "{out:?}");
+    assert!(!store.join("vms/vm1/memory/stray.mem").exists());
+
+    // revert says it discards the current state, unless --keep-current.
+    let help = text(&run(&["revert", "--help"]).stdout);
+    assert!(help.contains("DISCARDS") && help.contains("--keep-current"), "{help}");
+    let out = run(&["revert", "vm1", "s1", "--keep-current", "--json"]);
+    assert!(out.status.success(), "{out:?}");
+    let r = stdout_json(&out);
+    let kept = r["kept-current"].as_str().unwrap().to_owned();
+    assert!(kept.starts_with("before-revert-"), "{r}");
+    let out = run(&["revert", "vm1", &kept]);
+    assert!(out.status.success(), "{out:?}");
+
+    // Everything goes: one image per disk, the original.
+    let out = run(&["delete", "vm1", "--all", "--json"]);
+    assert!(out.status.success(), "{out:?}");
+    let out = run(&["status", "vm1", "--json"]);
+    let st = stdout_json(&out);
+    assert_eq!(st["state"]["state"], "running", "{st}");
+    assert_eq!(
+        st["disks"][0]["chain"],
+        serde_json::json!([disk.display().to_string()])
+    );
+    let files: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| x == "qcow2"))
+        .collect();
+    assert_eq!(files.len(), 1, "{files:?}");
+    assert!(run(&["stop", "vm1"]).status.success());
 }

@@ -28,7 +28,10 @@ async fn qemu_7_2_point_in_time_and_precopy_snapshots_revert_consistently() {
         .disk(&disk, "qcow2", DiskStyle::Blockdev)
         .command_line(&serial)
         .await;
-    argv[0] = qemu.display().to_string();
+    // The VM's QEMU is whatever `dir/qemu` points to: 7.2 now; later the upgrade.
+    let binary = dir.path().join("qemu");
+    std::os::unix::fs::symlink(&qemu, &binary).unwrap();
+    argv[0] = binary.display().to_string();
     let engine = Engine::new(Store::new(dir.path().join("store")));
     let launcher = PerLaunchSerial::new(dir.path());
     let _kill = KillRecordedQemu::new(&dir.path().join("store"), "old");
@@ -89,7 +92,7 @@ async fn qemu_7_2_point_in_time_and_precopy_snapshots_revert_consistently() {
         ranges.push((name, before, after));
     }
 
-    for (name, before, after) in ranges {
+    for &(name, before, after) in &ranges {
         let r = vm
             .revert_with(
                 &SnapshotName::new(name).unwrap(),
@@ -117,5 +120,61 @@ async fn qemu_7_2_point_in_time_and_precopy_snapshots_revert_consistently() {
         .unwrap_or_else(|e| panic!("{e}\n{}", report()));
         assert!(log.mismatches().is_empty(), "{}", report());
     }
+
+    // QEMU is upgraded (the same path now runs 10.x): a snapshot taken under 7.2 still
+    // reverts, because the relaunch asks for the snapshot's versioned machine type rather
+    // than the `pc` alias, which 10.x resolves to a newer machine.
+    vm.stop().await.unwrap();
+    let new = std::process::Command::new("sh")
+        .args([
+            "-c",
+            &format!("command -v {}", qsnap_testkit::qemu_binary()),
+        ])
+        .output()
+        .unwrap();
+    let new = String::from_utf8_lossy(&new.stdout).trim().to_owned();
+    assert!(
+        !new.is_empty(),
+        "no {} on PATH",
+        qsnap_testkit::qemu_binary()
+    );
+    std::fs::remove_file(&binary).unwrap();
+    std::os::unix::fs::symlink(&new, &binary).unwrap();
+    let (name, before, after) = ranges[0];
+    let m = vm
+        .snapshot(&SnapshotName::new(name).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(m.machine.as_deref(), Some("pc-i440fx-7.2"));
+    let r = vm
+        .revert_with(
+            &SnapshotName::new(name).unwrap(),
+            &qsnap_engine::RevertOptions::default(),
+            &launcher,
+        )
+        .await
+        .unwrap_or_else(|e| panic!("revert {name} after the upgrade: {e}\n{}", report()));
+    let cmdline = std::fs::read(format!("/proc/{}/cmdline", r.pid.unwrap())).unwrap();
+    let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+    assert!(cmdline.contains("-machine pc-i440fx-7.2"), "{cmdline}");
+    let qmp = vm.connect().await.unwrap();
+    assert!(!qmp.greeting().version.qemu.to_string().starts_with("7.2"));
+    drop(qmp);
+    let log = launcher.serial();
+    let (idx, first) = log
+        .wait_from(0, Duration::from_secs(60), parse_tick)
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", report()));
+    assert!(
+        first > before && first <= after + 1,
+        "after the upgrade {name} resumed at {first}, taken in {before}..{after}\n{}",
+        report()
+    );
+    log.wait_from(idx, Duration::from_secs(60), |l| {
+        parse_tick(l).filter(|&t| t >= first + 2)
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", report()));
+    assert!(log.mismatches().is_empty(), "{}", report());
     vm.stop().await.unwrap();
 }

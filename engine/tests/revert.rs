@@ -94,6 +94,36 @@ async fn revert_brings_memory_and_disk_back_repeatedly_and_across_branches() {
     images.sort();
     // disk.qcow2 (frozen by s1), the s1-branch overlays frozen by s2 and s3, and the current one.
     assert_eq!(images.len(), 4, "{images:?}");
+
+    // A revert discards the current state, unless --keep-current saves it first: the state
+    // before the revert is a snapshot, and going back to it finds the guest where it was.
+    let now = g.last_tick();
+    g.tick_above(g.serial().len(), now + 2).await;
+    let before = g.last_tick();
+    let old_console = g.launcher.path();
+    let opts = RevertOptions {
+        paused: false,
+        keep_current: Some(n("kept")),
+    };
+    let r = g
+        .vm
+        .revert_with(&n("s1"), &opts, &g.launcher)
+        .await
+        .unwrap_or_else(|e| panic!("revert --keep-current: {e}\n{}", g.report()));
+    assert_eq!(r.kept_current.as_deref(), Some("kept"));
+    let kept = g.vm.snapshot(&n("kept")).await.unwrap();
+    assert_eq!(kept.parent.as_deref(), Some("s3"));
+    // The state it froze stays; only the empty overlay the VM had been on since goes.
+    assert!(kept.snapshot.disks[0].image.exists());
+    assert!(!r.removed.contains(&kept.snapshot.disks[0].image));
+    // The old QEMU is gone: its console's last tick bounds the kept snapshot from above.
+    let after = std::fs::read_to_string(&old_console)
+        .unwrap()
+        .lines()
+        .filter_map(qsnap_testkit::serial::parse_tick)
+        .last()
+        .unwrap();
+    g.revert_and_check("kept", (before, after)).await;
     g.vm.stop().await.unwrap();
 }
 
@@ -109,6 +139,29 @@ async fn a_damaged_snapshot_is_refused_before_the_vm_is_touched() {
     g.vm.create_snapshot(g.vm.create_options(n("s2")))
         .await
         .unwrap();
+    g.vm.create_snapshot(g.vm.create_options(n("s3")))
+        .await
+        .unwrap();
+
+    // One bit flipped inside the memory stream (the length is right): caught by the checksum
+    // before anything is touched.
+    let m3 = g.vm.snapshot(&n("s3")).await.unwrap();
+    let mem = m3.snapshot.memory.as_ref().unwrap().file.clone();
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&mem)
+            .unwrap();
+        let at = 4096 + m3.snapshot.memory.as_ref().unwrap().bytes / 2;
+        let mut b = [0u8; 1];
+        f.read_exact_at(&mut b, at).unwrap();
+        f.write_all_at(&[b[0] ^ 0x10], at).unwrap();
+    }
+    let err = g.vm.revert(&n("s3"), false).await.unwrap_err();
+    assert!(matches!(err, Error::RevertRefused { .. }), "{err}");
+    assert!(err.to_string().contains("contents changed"), "{err}");
 
     // A truncated memory file.
     let m1 = g.vm.snapshot(&n("s1")).await.unwrap();
@@ -144,7 +197,7 @@ async fn a_damaged_snapshot_is_refused_before_the_vm_is_touched() {
     let st = g.vm.status().await.unwrap();
     assert_eq!(st.pid, Some(pid));
     assert_eq!(st.runstate.as_deref(), Some("running"));
-    assert_eq!(st.current.as_deref(), Some("s2"));
+    assert_eq!(st.current.as_deref(), Some("s3"));
     let strays: Vec<_> = std::fs::read_dir(&g.dir)
         .unwrap()
         .flatten()

@@ -60,11 +60,13 @@ pub(crate) enum Transport {
     Tcp(TcpStream),
 }
 
-/// Errors that mean "not there yet": the socket file is missing or nobody listens yet.
+/// Errors that mean "not there yet": the socket file is missing, nobody listens yet, or the
+/// listen queue is full (QEMU accepts one monitor client at a time; clients that gave up
+/// waiting stay queued until it gets to them, and a full queue answers EAGAIN).
 fn is_transient(e: &io::Error) -> bool {
     matches!(
         e.kind(),
-        io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
+        io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused | io::ErrorKind::WouldBlock
     )
 }
 

@@ -10,7 +10,7 @@
 //!   wait until QEMU saved device state and armed write protection (RAM pages flowing)
 //!   transaction [blockdev-snapshot …]   (disks switch while the guest is still frozen)
 //!   cont ─┘ pause ends; QEMU keeps writing RAM as it was at `stop`
-//!   wait completed → fsync → header "complete" → remove-fd → capabilities back
+//!   wait completed → fsync → checksum → header "complete" → remove-fd → capabilities back
 //!
 //! precopy create: … migrate (guest runs) → QEMU pauses it at the end (or qsnap does, past
 //!   the live limit) → completed → transaction → cont
