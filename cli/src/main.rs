@@ -129,8 +129,17 @@ fn cancel_on_signal(token: CancellationToken) {
             _ = tokio::signal::ctrl_c() => {}
             _ = term.recv() => {}
         }
-        eprintln!("qsnap: interrupted; stopping cleanly (rolling back what is not done)…");
+        eprintln!(
+            "qsnap: interrupted; stopping cleanly (rolling back what is not done)… \
+             (again to quit at once: the journal lets the next command finish the rest)"
+        );
         token.cancel();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        eprintln!("qsnap: interrupted twice; quitting now");
+        std::process::exit(130);
     });
 }
 
@@ -398,6 +407,9 @@ fn exit_code(err: &anyhow::Error) -> u8 {
             | qsnap_qmp::Error::Handshake { .. },
         ) = cause.downcast_ref()
         {
+            return EXIT_UNREACHABLE;
+        }
+        if let Some(qsnap_engine::Error::Unreachable { .. }) = cause.downcast_ref() {
             return EXIT_UNREACHABLE;
         }
     }

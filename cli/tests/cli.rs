@@ -496,9 +496,15 @@ async fn delete_check_and_keep_current() {
     // Refusals: no snapshot named, neither a name nor --all, both.
     let out = run(&["delete", "vm1", "nope"]);
     assert_eq!(out.status.code(), Some(1), "{out:?}");
-    assert!(text(&out.stderr).contains("no snapshot named \"nope\""), "{out:?}");
+    assert!(
+        text(&out.stderr).contains("no snapshot named \"nope\""),
+        "{out:?}"
+    );
     assert_eq!(run(&["delete", "vm1"]).status.code(), Some(2));
-    assert_eq!(run(&["delete", "vm1", "s1", "--all"]).status.code(), Some(2));
+    assert_eq!(
+        run(&["delete", "vm1", "s1", "--all"]).status.code(),
+        Some(2)
+    );
     assert_eq!(run(&["delete", "vm1", "../x"]).status.code(), Some(2));
 
     // A middle snapshot, as JSON: what was deleted, merged and removed.
@@ -529,7 +535,10 @@ async fn delete_check_and_keep_current() {
     let out = run(&["check", "vm1"]);
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     let said = text(&out.stdout);
-    assert!(said.contains("orphan-memory") && said.contains("--repair"), "{said}");
+    assert!(
+        said.contains("orphan-memory") && said.contains("--repair"),
+        "{said}"
+    );
     let out = run(&["check", "vm1", "--repair"]);
     assert!(out.status.success(), "{out:?}");
     assert!(text(&out.stdout).contains("repaired"), "{out:?}");
@@ -537,7 +546,10 @@ async fn delete_check_and_keep_current() {
 
     // revert says it discards the current state, unless --keep-current.
     let help = text(&run(&["revert", "--help"]).stdout);
-    assert!(help.contains("DISCARDS") && help.contains("--keep-current"), "{help}");
+    assert!(
+        help.contains("DISCARDS") && help.contains("--keep-current"),
+        "{help}"
+    );
     let out = run(&["revert", "vm1", "s1", "--keep-current", "--json"]);
     assert!(out.status.success(), "{out:?}");
     let r = stdout_json(&out);

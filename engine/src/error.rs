@@ -273,6 +273,15 @@ pub enum Error {
         /// What is wrong and the exact command to run.
         what: String,
     },
+    /// An image file was kept because something may still need it (the reference guard in
+    /// front of every unlink).
+    #[error("kept {}: {why}", path.display())]
+    UnlinkRefused {
+        /// The image.
+        path: PathBuf,
+        /// What uses it, or why qsnap may not remove it.
+        why: String,
+    },
     /// A delete that would lose data or break another snapshot is refused; nothing changed.
     #[error("cannot delete {snapshot}: {why}; nothing was changed")]
     DeleteRefused {

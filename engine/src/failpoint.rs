@@ -35,6 +35,7 @@ pub const POINTS: &[&str] = &[
     "delete.removed",
     "delete.merge-started",
     "delete.merge-ready",
+    "delete.finalized",
     "delete.merged",
     "delete.rebased",
     "delete.consolidated",

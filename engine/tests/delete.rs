@@ -616,3 +616,75 @@ async fn multi_disk_deletes_merge_every_disk_or_none_live_and_offline() {
     holds(3).await;
     g.vm.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_cancelled_half_way_leaves_every_snapshot_revertible() {
+    require_qemu!();
+    init_logging();
+    use qsnap_testkit::disk_io::{check, write, Disk};
+    let _fp = qsnap_testkit::failpoints();
+    let g = Guest::start(VmBuilder::idle().memory(64), "qcow2").await;
+    let vd0 = Disk::Device("vd0".into());
+    g.vm.create_snapshot(g.vm.create_options(n("s1")))
+        .await
+        .unwrap();
+    write(&g.vm.connect().await.unwrap(), &vd0, 0x5a, 0, 48 * 1024).await;
+    g.vm.create_snapshot(g.vm.create_options(n("s2")))
+        .await
+        .unwrap();
+    write(&g.vm.connect().await.unwrap(), &vd0, 0x33, 60 * 1024, 1024).await;
+    g.vm.create_snapshot(g.vm.create_options(n("s3")))
+        .await
+        .unwrap();
+    // Deleting s2 streams its layer (48 MiB) into s3's frozen image. Ctrl-C once that image
+    // has taken in some of it.
+    let upper = g.dir.join("disk.s2.qcow2");
+    let initial = std::fs::metadata(&upper).unwrap().len();
+    let cancel = g.engine.cancel_token().clone();
+    let watched = upper.clone();
+    fail::cfg_callback("delete.merge-started", move || {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while std::fs::metadata(&watched).map_or(0, |m| m.len()) < initial + (4 << 20)
+            && std::time::Instant::now() < deadline
+        {
+            std::thread::yield_now();
+        }
+        cancel.cancel();
+    })
+    .unwrap();
+    let err =
+        g.vm.delete_snapshot(&n("s2"), &DeleteOptions::default())
+            .await
+            .unwrap_err();
+    fail::remove("delete.merge-started");
+    assert!(
+        matches!(&err, Error::DeletedBut { problem, .. } if matches!(**problem, Error::Cancelled)),
+        "{err}"
+    );
+    assert!(
+        std::fs::metadata(&upper).unwrap().len() > initial,
+        "nothing was copied"
+    );
+    // s3's frozen image took in data (its content as a chain did not change): it still
+    // reverts, before any repair.
+    let fresh = qsnap_engine::Engine::new(g.vm.store().clone());
+    let vm = fresh.vm(g.vm.name()).await.unwrap();
+    vm.revert(&n("s3"), false)
+        .await
+        .unwrap_or_else(|e| panic!("s3 after a cancelled stream: {e}"));
+    let qmp = vm.connect().await.unwrap();
+    check(&qmp, &vd0, 0x5a, 0, 48 * 1024).await.unwrap();
+    check(&qmp, &vd0, 0x33, 60 * 1024, 1024).await.unwrap();
+    drop(qmp);
+    let report = vm.check(true).await.unwrap();
+    assert!(report.clean, "{:#?}", report.findings);
+    vm.revert(&n("s1"), false).await.unwrap();
+    let qmp = vm.connect().await.unwrap();
+    check(&qmp, &vd0, 0, 0, 48 * 1024).await.unwrap();
+    drop(qmp);
+    vm.revert(&n("s3"), false).await.unwrap();
+    let qmp = vm.connect().await.unwrap();
+    check(&qmp, &vd0, 0x5a, 0, 48 * 1024).await.unwrap();
+    drop(qmp);
+    vm.stop().await.unwrap();
+}

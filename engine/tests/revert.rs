@@ -105,11 +105,10 @@ async fn revert_brings_memory_and_disk_back_repeatedly_and_across_branches() {
         paused: false,
         keep_current: Some(n("kept")),
     };
-    let r = g
-        .vm
-        .revert_with(&n("s1"), &opts, &g.launcher)
-        .await
-        .unwrap_or_else(|e| panic!("revert --keep-current: {e}\n{}", g.report()));
+    let r =
+        g.vm.revert_with(&n("s1"), &opts, &g.launcher)
+            .await
+            .unwrap_or_else(|e| panic!("revert --keep-current: {e}\n{}", g.report()));
     assert_eq!(r.kept_current.as_deref(), Some("kept"));
     let kept = g.vm.snapshot(&n("kept")).await.unwrap();
     assert_eq!(kept.parent.as_deref(), Some("s3"));
@@ -120,8 +119,8 @@ async fn revert_brings_memory_and_disk_back_repeatedly_and_across_branches() {
     let after = std::fs::read_to_string(&old_console)
         .unwrap()
         .lines()
-        .filter_map(qsnap_testkit::serial::parse_tick)
-        .last()
+        .rev()
+        .find_map(qsnap_testkit::serial::parse_tick)
         .unwrap();
     g.revert_and_check("kept", (before, after)).await;
     g.vm.stop().await.unwrap();

@@ -236,12 +236,21 @@ async fn to_pending(
                     desc: format!("it ended early ({})", j.status),
                 });
             }
-            if j.status == "ready" && !completed.contains(&j.id) {
-                // An active commit has caught up: let it pivot (it then goes pending).
-                qmp.execute(types::job_complete { id: j.id.clone() })
-                    .await
-                    .map_err(Error::qmp("completing an active merge"))?;
-                completed.push(j.id.clone());
+        }
+        // An active commit that has caught up is completed (it then goes pending, with the
+        // disk's I/O drained until the finalize) only once every other job is as far: a
+        // disk must not wait with its I/O held while another disk's data is still copying.
+        let all_caught_up = mine
+            .values()
+            .all(|j| matches!(j.status.as_str(), "ready" | "pending"));
+        if all_caught_up {
+            for j in mine.values() {
+                if j.status == "ready" && !completed.contains(&j.id) {
+                    qmp.execute(types::job_complete { id: j.id.clone() })
+                        .await
+                        .map_err(Error::qmp("completing an active merge"))?;
+                    completed.push(j.id.clone());
+                }
             }
         }
         if mine.values().all(|j| j.status == "pending") {
@@ -258,6 +267,15 @@ async fn to_pending(
             () = cancel.cancelled() => return Err(Error::Cancelled),
             _ = events.wait_for("a job state change", POLL, |e| e.name == "JOB_STATUS_CHANGE") => {}
         }
+    }
+}
+
+impl Pending {
+    /// Gives up on jobs that are pending: each is cancelled (no chain changes, the drained
+    /// disks get their I/O back).
+    pub(crate) async fn abandon(self, qmp: &Qmp) {
+        let refs: Vec<&LiveMerge> = self.merges.iter().collect();
+        abandon(qmp, &refs).await;
     }
 }
 
@@ -341,12 +359,32 @@ pub(crate) async fn abandon(qmp: &Qmp, started: &[&LiveMerge]) {
     warn!("merge jobs did not go away within 30 s of being cancelled");
 }
 
+/// Whether QEMU has a job with this id.
+pub(crate) async fn exists(qmp: &Qmp, id: &str) -> Result<bool> {
+    Ok(jobs(qmp).await?.iter().any(|j| j.id == id))
+}
+
 /// Drives a job a previous (interrupted) qsnap started to its end: completes it when ready,
 /// finalizes it when pending, dismisses it when concluded. Returns `Ok(true)` when it ended
-/// well, `Ok(false)` when there was no such job.
-pub(crate) async fn finish_leftover(qmp: &Qmp, id: &str) -> Result<bool> {
+/// well, `Ok(false)` when there was no such job. Cancelling cancels the job (nothing changes).
+pub(crate) async fn finish_leftover(
+    qmp: &Qmp,
+    id: &str,
+    cancel: &CancellationToken,
+) -> Result<bool> {
     let deadline = Instant::now() + LIMIT;
     loop {
+        if cancel.is_cancelled() {
+            let m = LiveMerge {
+                job: id.into(),
+                what: What::Stream {
+                    node: String::new(),
+                    base: None,
+                },
+            };
+            abandon(qmp, &[&m]).await;
+            return Err(Error::Cancelled);
+        }
         let all = jobs(qmp).await?;
         let Some(j) = all.iter().find(|j| j.id == id) else {
             return Ok(false);
@@ -377,6 +415,9 @@ pub(crate) async fn finish_leftover(qmp: &Qmp, id: &str) -> Result<bool> {
                 desc: "an interrupted merge did not end".into(),
             });
         }
-        tokio::time::sleep(POLL).await;
+        tokio::select! {
+            () = cancel.cancelled() => {}
+            () = tokio::time::sleep(POLL) => {}
+        }
     }
 }

@@ -39,10 +39,18 @@ pub(crate) fn write_json<T: Serialize>(path: &Path, value: &T, exclusive: bool) 
         });
     }
     let dir = path.parent().unwrap_or(Path::new("."));
+    // A name no other writer (nor a temp left by a crash before a reboot reused our pid)
+    // can hold: pid, time and a counter.
+    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
     let tmp: PathBuf = dir.join(format!(
-        ".{}.tmp-{}",
+        ".{}.tmp-{}-{nanos}-{}",
         path.file_name().unwrap_or_default().to_string_lossy(),
-        std::process::id()
+        std::process::id(),
+        SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     ));
     let mut text = serde_json::to_vec_pretty(value).expect("store types serialise");
     text.push(b'\n');

@@ -322,6 +322,10 @@ pub struct CreateIntent {
     pub qemu_pid: Option<u32>,
     /// Migration settings to restore.
     pub settings: Option<SavedSettings>,
+    /// The guest agent's socket when the create freezes the guest's filesystems (a recovery
+    /// thaws them first).
+    #[serde(default)]
+    pub quiesce: Option<PathBuf>,
     /// Set once QEMU's part is done: the snapshot exists, only the store is left to update.
     pub committed: Option<Box<Manifest>>,
 }

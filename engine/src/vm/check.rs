@@ -82,7 +82,16 @@ impl Vm {
                         r.map(|r| r.outcome).unwrap_or_default(),
                         true,
                     ),
-                    Err(e) => add("interrupted", what, e.to_string(), false),
+                    Err(e) => {
+                        // Nothing else is repaired over an operation that is not settled: its
+                        // files would look like orphans, its journal would be overwritten.
+                        add("interrupted", what, e.to_string(), false);
+                        return Ok(CheckReport {
+                            vm: self.name().to_string(),
+                            findings,
+                            clean: false,
+                        });
+                    }
                 }
             } else {
                 add(

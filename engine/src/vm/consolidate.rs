@@ -197,9 +197,21 @@ pub(crate) async fn view(
     record: &VmRecord,
     manifests: &[Manifest],
 ) -> Result<(Graph, Option<Live>)> {
-    let live = match vm.connect_quick(record).await {
-        Ok(qmp) => Some(Live::read(&qmp).await?),
-        Err(_) => None,
+    // Only a VM that is really stopped is worked on offline: a monitor that does not answer
+    // is not a stopped QEMU (its images are open).
+    let live = match super::state::VmState::observe(vm, record).await {
+        super::state::VmState::Running { .. } => {
+            let qmp = vm.connect_quick(record).await?;
+            Some(Live::read(&qmp).await?)
+        }
+        super::state::VmState::Stopped => None,
+        super::state::VmState::Unreachable { pid, why } => {
+            return Err(Error::Unreachable {
+                vm: vm.name().to_string(),
+                pid,
+                why,
+            })
+        }
     };
     let graph = Graph::gather(
         vm.store(),
@@ -294,15 +306,39 @@ async fn run_round(
         }
     };
     report(0.0);
-    // Data first (live jobs or qemu-img), all disks, then headers and names.
+    // Data first, all disks — the offline copies, then the live jobs (so that a live failure
+    // can still point the offline streams back) — then headers and names.
     let (live_steps, offline): (Vec<&MergeStep>, Vec<&MergeStep>) =
         merges.iter().partition(|m| m.live);
-    if !live_steps.is_empty() {
-        let steps: Vec<MergeStep> = live_steps.into_iter().cloned().collect();
-        merge_live(vm, record, intent, &steps, redo, &report).await?;
+    let streams: Vec<PathBuf> = merges
+        .iter()
+        .filter(|m| m.kind == MergeKind::Stream)
+        .map(|m| m.upper.clone())
+        .collect();
+    let data = async {
+        let streamed = if offline.is_empty() {
+            Vec::new()
+        } else {
+            merge_offline(vm, &offline, redo, &report).await?
+        };
+        if !live_steps.is_empty() {
+            let steps: Vec<MergeStep> = live_steps.into_iter().cloned().collect();
+            if let Err(e) = merge_live(vm, record, intent, &steps, redo, &report).await {
+                point_back(&streamed).await;
+                return Err(e);
+            }
+        }
+        Ok(())
     }
-    if !offline.is_empty() {
-        merge_offline(vm, &offline, redo, &report).await?;
+    .await;
+    if let Err(e) = data {
+        // A stream that stopped half-way wrote into its upper image (its content as a chain
+        // is unchanged): the snapshots that freeze it get new stamps, or they could not be
+        // reverted to.
+        if let Err(stamp) = restamp(vm, &streams).await {
+            warn!(error = %stamp, "could not restamp streamed images");
+        }
+        return Err(e);
     }
     failpoint::hit("delete.merged", record.pid).await?;
     for m in &merges {
@@ -362,10 +398,15 @@ async fn estimate(merges: &[MergeStep]) -> u64 {
     total
 }
 
-/// The live steps of a round: block jobs in the running QEMU, finalizing together. An active
-/// commit changes which image the guest writes to; so that no write can fall between QEMU's
-/// switch and the journal saying so, the guest is paused for the finalize (milliseconds) and
-/// resumed once the journal is written.
+/// The live steps of a round: block jobs in the running QEMU, finalizing together.
+///
+/// The rule that keeps a guest's writes safe: **the guest never runs on an image the record
+/// does not name.** An active commit switches the image the guest writes to, so when a round
+/// has one, the guest is paused before any finalize (and before a job an interrupted run left
+/// behind is driven to its end), the record is made to follow the chains QEMU really runs —
+/// whatever the finalize did, even half of it — and only then is the guest resumed. If the
+/// record cannot be written, the guest stays paused and the journal says to resume it: a
+/// recovery that later finds QEMU gone can then trust the record about which image is newer.
 async fn merge_live(
     vm: &Vm,
     record: &mut VmRecord,
@@ -376,38 +417,10 @@ async fn merge_live(
 ) -> Result<()> {
     let qmp = vm.connect().await?;
     let live = Live::read(&qmp).await?;
-    let mut todo = Vec::new();
-    for m in steps {
-        let job = m
-            .job
-            .clone()
-            .unwrap_or_else(|| format!("qsnap-merge-{}", std::process::id()));
-        if redo {
-            // A job the interrupted run started may still be there: take it to its end.
-            match jobs::finish_leftover(&qmp, &job).await {
-                Ok(true) => continue,
-                Ok(false) => {}
-                Err(e) => warn!(error = %e, %job, "an interrupted merge job failed; redoing it"),
-            }
-            if step_done_live(&live, m) {
-                continue;
-            }
-        }
-        todo.push((m, job));
-    }
-    if todo.is_empty() {
-        return Ok(());
-    }
-    let live = Live::read(&qmp).await?;
-    let mut merges = Vec::new();
-    let mut pivots = false;
-    for (m, job) in &todo {
-        merges.push(live_merge(&live, m, job)?);
-        if m.kind == MergeKind::Commit && live.chain(&m.device).first() == Some(&m.upper) {
-            pivots = true;
-        }
-    }
-    if pivots {
+    let pivots = steps
+        .iter()
+        .any(|m| m.kind == MergeKind::Commit && live.chain(&m.device).first() == Some(&m.upper));
+    if pivots && intent.guest_was_running.is_none() {
         // The guest will be paused for the switch: a recovery must know to resume it.
         let st = qmp
             .execute(types::query_status {})
@@ -418,36 +431,54 @@ async fn merge_live(
             .write_journal(vm.name(), &Intent::Delete(intent.clone()))
             .await?;
     }
-    let progress = |f: f64| report(f);
-    let running =
-        jobs::run_to_pending(&qmp, &merges, vm.cancel(), &progress, Points { on: true }).await?;
-    let paused = if intent.guest_was_running == Some(true) && pivots {
-        qmp.execute(types::stop {})
-            .await
-            .map_err(Error::qmp("pausing the guest for the switch"))?;
-        true
-    } else {
-        false
+    let guard = Pause {
+        on: pivots && intent.guest_was_running == Some(true),
     };
-    let finalized = jobs::finalize(&qmp, &running).await;
-    if finalized.is_ok() {
-        // Record what the guest writes to now, before it writes again.
-        for (m, _) in &todo {
-            if m.kind == MergeKind::Commit {
-                retarget(record, &m.upper, &m.lower);
+    let mut todo = Vec::new();
+    for m in steps {
+        let job = m
+            .job
+            .clone()
+            .unwrap_or_else(|| format!("qsnap-merge-{}", std::process::id()));
+        if redo && jobs::exists(&qmp, &job).await? {
+            // A job the interrupted run started is still there: drive it to its end with the
+            // guest paused, and record what QEMU runs afterwards.
+            guard.pause(&qmp).await?;
+            let ended = jobs::finish_leftover(&qmp, &job, vm.cancel()).await;
+            follow_qemu(vm, record, &qmp, &guard).await?;
+            guard.resume(&qmp).await?;
+            match ended {
+                Ok(_) => continue,
+                Err(Error::Cancelled) => return Err(Error::Cancelled),
+                Err(e) => warn!(error = %e, %job, "an interrupted merge job failed; redoing it"),
             }
         }
-        if let Err(e) = vm.store().write_record(record).await {
-            if paused {
-                let _ = qmp.execute(types::cont {}).await;
-            }
+        if redo && step_done_live(&Live::read(&qmp).await?, m) {
+            continue;
+        }
+        todo.push((m, job));
+    }
+    if !todo.is_empty() {
+        let live = Live::read(&qmp).await?;
+        let mut merges = Vec::new();
+        for (m, job) in &todo {
+            merges.push(live_merge(&live, m, job)?);
+        }
+        let progress = |f: f64| report(f);
+        let pending =
+            jobs::run_to_pending(&qmp, &merges, vm.cancel(), &progress, Points { on: true })
+                .await?;
+        if let Err(e) = guard.pause(&qmp).await {
+            pending.abandon(&qmp).await;
+            let _ = guard.resume(&qmp).await;
             return Err(e);
         }
-    }
-    if paused {
-        qmp.execute(types::cont {})
-            .await
-            .map_err(Error::qmp("resuming the guest"))?;
+        let finalized = jobs::finalize(&qmp, &pending).await;
+        failpoint::hit("delete.finalized", qmp.peer_pid()).await?;
+        // Whatever the finalize did, the record follows QEMU before the guest runs again.
+        follow_qemu(vm, record, &qmp, &guard).await?;
+        guard.resume(&qmp).await?;
+        finalized?;
     }
     if pivots {
         intent.guest_was_running = None;
@@ -455,9 +486,80 @@ async fn merge_live(
             .write_journal(vm.name(), &Intent::Delete(intent.clone()))
             .await?;
     }
-    finalized?;
     // Nodes that opened the merged-away image are released by `finish_step`.
     Ok(())
+}
+
+/// Pausing the guest around a disk switch (when a round has one and the guest ran).
+struct Pause {
+    on: bool,
+}
+
+impl Pause {
+    async fn pause(&self, qmp: &Qmp) -> Result<()> {
+        if !self.on {
+            return Ok(());
+        }
+        qmp.execute(types::stop {})
+            .await
+            .map(drop)
+            .map_err(Error::qmp("pausing the guest for the disk switch"))
+    }
+
+    async fn resume(&self, qmp: &Qmp) -> Result<()> {
+        if !self.on {
+            return Ok(());
+        }
+        let st = qmp
+            .execute(types::query_status {})
+            .await
+            .map_err(Error::qmp("reading the run state"))?;
+        if st.running {
+            return Ok(());
+        }
+        qmp.execute(types::cont {})
+            .await
+            .map(drop)
+            .map_err(Error::qmp("resuming the guest"))
+    }
+}
+
+/// Makes the record name the images QEMU writes to now (after a finalize, whole or partial).
+/// If it cannot be written, the guest is left paused (see [`merge_live`]).
+async fn follow_qemu(vm: &Vm, record: &mut VmRecord, qmp: &Qmp, guard: &Pause) -> Result<()> {
+    let live = Live::read(qmp).await?;
+    if follow_live(record, &live) {
+        if let Err(e) = vm.store().write_record(record).await {
+            return Err(if guard.on {
+                Error::Unsupported {
+                    what: format!(
+                        "a disk switched to another image, and the store could not record it ({e}); \
+                         the guest is left paused so that it writes nothing the store does not know \
+                         of: `qsnap check {} --repair` records it and resumes the guest",
+                        vm.name()
+                    ),
+                }
+            } else {
+                e
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The record's disks set to QEMU's tops; true if something changed.
+pub(crate) fn follow_live(record: &mut VmRecord, live: &Live) -> bool {
+    let mut changed = false;
+    for d in &mut record.disks {
+        if let Some(top) = live.chain(&d.device).first() {
+            if top != &d.image {
+                d.image = top.clone();
+                d.owned = record.owned_images.contains(top);
+                changed = true;
+            }
+        }
+    }
+    changed
 }
 
 /// Whether a live step already happened (read from QEMU's chains).
@@ -527,12 +629,12 @@ async fn release_nodes(qmp: &Qmp, live: &Live, image: &Path) {
 /// The offline steps of a round: every disk's data is copied first; if one fails, the
 /// streams already done are pointed back at their old backing (which still holds its data)
 /// so that no disk's chain changes.
-async fn merge_offline(
+async fn merge_offline<'a>(
     vm: &Vm,
-    steps: &[&MergeStep],
+    steps: &[&'a MergeStep],
     redo: bool,
     report: &(dyn Fn(f64) + Send + Sync),
-) -> Result<()> {
+) -> Result<Vec<&'a MergeStep>> {
     let cancel = vm.cancel();
     let mut streamed: Vec<&MergeStep> = Vec::new();
     let n = steps.len();
@@ -577,29 +679,31 @@ async fn merge_offline(
             }
         }
         .await;
-        if let Err(e) = r {
-            for s in &streamed {
-                if let Err(undo) =
-                    image::set_backing(&s.upper, &s.lower, &s.lower_format, cancel).await
-                {
-                    warn!(error = %undo, image = %s.upper.display(), "could not point a streamed image back");
-                }
-            }
-            return Err(e);
-        }
-        if m.kind == MergeKind::Stream {
+        let mut r = r;
+        if r.is_ok() && m.kind == MergeKind::Stream {
             streamed.push(m);
         }
-        if i + 1 < n {
-            if let Err(e) = failpoint::hit("delete.merge-started", None).await {
-                for s in &streamed {
-                    let _ = image::set_backing(&s.upper, &s.lower, &s.lower_format, cancel).await;
-                }
-                return Err(e);
-            }
+        if r.is_ok() && i + 1 < n {
+            r = failpoint::hit("delete.merge-started", None).await;
+        }
+        if let Err(e) = r {
+            point_back(&streamed).await;
+            return Err(e);
         }
     }
-    Ok(())
+    Ok(streamed)
+}
+
+/// Undoes offline streams: each upper image backs onto the layer it was streamed from again
+/// (which still holds its data, so the content does not change). With a token of its own: a
+/// Ctrl-C that stopped the copy must not stop the undo.
+async fn point_back(streamed: &[&MergeStep]) {
+    let cancel = tokio_util::sync::CancellationToken::new();
+    for s in streamed {
+        if let Err(undo) = image::set_backing(&s.upper, &s.lower, &s.lower_format, &cancel).await {
+            warn!(error = %undo, image = %s.upper.display(), "could not point a streamed image back");
+        }
+    }
 }
 
 /// An interrupted commit may be redone offline only while the upper layer is still what

@@ -82,12 +82,16 @@ impl Vm {
             problem: Box::new(problem),
         };
         intent.committed = Some(Box::new(manifest.clone()));
-        // If this fails, the record and manifest below are still written; the journal is
-        // cleared either way, so no recovery can mistake the snapshot for a half-made one.
-        let _ = self
+        // If the committed journal cannot be written, the uncommitted one must not stay
+        // either: a recovery would take the snapshot for a half-made one and undo it.
+        if self
             .store()
             .write_journal(self.name(), &Intent::Create(intent))
-            .await;
+            .await
+            .is_err()
+        {
+            let _ = self.store().clear_journal(self.name()).await;
+        }
         failpoint::hit("create.committed", pid)
             .await
             .map_err(taken_but)?;

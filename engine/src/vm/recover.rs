@@ -103,6 +103,18 @@ async fn reachable(vm: &Vm, record: &VmRecord, operation: &str) -> Result<Option
 async fn create(vm: &Vm, c: CreateIntent) -> Result<String> {
     let op = format!("create {}", c.snapshot);
     let mut record = vm.store().record(vm.name()).await?;
+    if let Some(socket) = &c.quiesce {
+        // qsnap may have died with the guest's filesystems frozen: thaw them first.
+        let thawed = async {
+            let mut agent =
+                crate::guest_agent::GuestAgent::connect(socket, Duration::from_secs(10)).await?;
+            agent.thaw().await
+        }
+        .await;
+        if let Err(e) = thawed {
+            warn!(error = %e, "could not thaw the guest's filesystems");
+        }
+    }
     if let Some(manifest) = &c.committed {
         // QEMU's part was done: finish the bookkeeping.
         super::create::apply(&mut record, manifest, None).await;
@@ -132,7 +144,33 @@ async fn create(vm: &Vm, c: CreateIntent) -> Result<String> {
         .collect();
     let mut kept: Vec<(String, std::path::PathBuf)> = Vec::new();
     let mut problems: Vec<String> = Vec::new();
-    match reachable(vm, &record, &op).await? {
+    let qemu = reachable(vm, &record, &op).await?;
+    if let (Some(qmp), Some(then)) = (&qemu, c.qemu_pid) {
+        if let Some(now) = qmp.peer_pid().filter(|&now| now != then) {
+            // Someone restarted QEMU (on the old images) after the create began: the new
+            // overlays may hold guest writes the new QEMU does not see. Two timelines; qsnap
+            // picks neither.
+            let files: Vec<String> = c
+                .overlays
+                .iter()
+                .filter(|o| o.overlay.exists())
+                .map(|o| o.overlay.display().to_string())
+                .collect();
+            return Err(needs_decision(
+                vm,
+                &op,
+                format!(
+                    "the create talked to QEMU pid {then}, but pid {now} runs the VM now (restarted \
+                     outside qsnap); the overlays it made ({}) may hold guest writes from before the \
+                     restart that the running QEMU does not see. qsnap changes nothing: keep or \
+                     remove them by hand, then remove {}",
+                    if files.is_empty() { "none left".into() } else { files.join(", ") },
+                    vm.store().vm_dir(vm.name()).join("journal.json").display()
+                ),
+            ));
+        }
+    }
+    match qemu {
         Some(qmp) => {
             if let Err(e) = rollback::cancel_migration(&qmp).await {
                 problems.push(e);
@@ -370,8 +408,13 @@ async fn delete(vm: &Vm, mut d: DeleteIntent) -> Result<String> {
             .await?;
     }
     if d.guest_was_running == Some(true) {
-        // It may have been paused for a disk switch when qsnap died.
+        // It may have been paused for a disk switch when qsnap died. The record follows the
+        // images QEMU runs now before the guest may write again.
         if let Ok(qmp) = vm.connect_quick(&record).await {
+            let live = super::refs::Live::read(&qmp).await?;
+            if consolidate::follow_live(&mut record, &live) {
+                vm.store().write_record(&record).await?;
+            }
             if let Ok(st) = qmp.execute(types::query_status {}).await {
                 if !st.running && st.status == types::RunState::paused {
                     let _ = qmp.execute(types::cont {}).await;

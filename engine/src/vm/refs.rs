@@ -175,10 +175,19 @@ impl Graph {
             }
             tops.extend(rec.disks.iter().map(|d| d.launch_image.clone()));
             for top in tops {
-                let chain = match image::chain(&top, cancel).await {
-                    Ok(c) => c.into_iter().map(|c| c.filename).collect(),
-                    Err(_) => vec![top.clone()],
-                };
+                // What another VM's chain holds cannot be guessed: a chain that cannot be read
+                // stops the operation rather than leave its lower images unprotected.
+                let chain: Vec<PathBuf> = image::chain(&top, cancel)
+                    .await
+                    .map_err(|e| Error::DeleteRefused {
+                        snapshot: top.display().to_string(),
+                        why: format!(
+                            "the chain of VM {other}'s image cannot be read ({e}), so qsnap cannot tell what it uses"
+                        ),
+                    })?
+                    .into_iter()
+                    .map(|c| c.filename)
+                    .collect();
                 for img in chain {
                     g.add_use(
                         &img,
@@ -278,8 +287,8 @@ pub(crate) async fn safe_unlink(
     record: &VmRecord,
     live: Option<&Live>,
 ) -> Result<()> {
-    let refuse = |why: String| Error::DeleteRefused {
-        snapshot: image.display().to_string(),
+    let refuse = |why: String| Error::UnlinkRefused {
+        path: image.to_owned(),
         why,
     };
     let p = image.to_owned();

@@ -215,8 +215,10 @@ impl Vm {
         self.store()
             .write_journal(self.name(), &Intent::Revert(intent.clone()))
             .await?;
-        if let Some(pid) = state.pid().or(record.pid) {
-            stop_qemu(&record.qmp, Some(pid), super::lifecycle::QUIT_TIMEOUT).await?;
+        // Only the QEMU the state saw (its pid checked against the recorded start time): a
+        // stale pid the kernel gave another process is never signalled.
+        if state.is_running() || state.pid().is_some() {
+            stop_qemu(&record.qmp, state.pid(), super::lifecycle::QUIT_TIMEOUT).await?;
         }
         failpoint::hit("revert.stopped", None).await?;
         let t_stopped = started.elapsed();

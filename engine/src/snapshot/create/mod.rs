@@ -163,6 +163,7 @@ impl Planned<'_> {
             was_running: self.plan.was_running,
             qemu_pid: self.qmp.peer_pid(),
             settings: self.plan.saved.clone(),
+            quiesce: self.opts.quiesce.clone(),
             committed: None,
         }
     }
