@@ -59,6 +59,8 @@ pub struct RevertReport {
     pub load_ms: f64,
     /// From the request to the guest running (or ready, when paused).
     pub total_ms: f64,
+    /// After that, while the guest runs: the record, and removing the abandoned overlays.
+    pub bookkeeping_ms: f64,
     /// The overlays of the abandoned state that were deleted (what the guest did since its
     /// last snapshot).
     pub removed: Vec<PathBuf>,
@@ -245,6 +247,7 @@ impl Vm {
                     });
                 }
             };
+        let running_ms = started.elapsed().as_secs_f64() * 1e3;
         failpoint::hit("revert.loaded", launched.pid).await?;
 
         // ---- the new VM runs: record it, then drop the abandoned state ----
@@ -263,7 +266,8 @@ impl Vm {
             resumed: restored.resumed,
             verify_ms,
             load_ms: restored.load_ms,
-            total_ms: started.elapsed().as_secs_f64() * 1e3,
+            total_ms: running_ms,
+            bookkeeping_ms: started.elapsed().as_secs_f64() * 1e3 - running_ms,
             removed,
             kept_current,
             pid: launched.pid,
