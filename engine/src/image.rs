@@ -271,3 +271,39 @@ pub async fn is_qcow2(path: &Path) -> bool {
     .await
     .unwrap_or(false)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[tokio::test]
+    async fn an_overlay_is_never_created_over_an_existing_file_and_is_private() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("base.qcow2");
+        let taken = dir.path().join("taken.qcow2");
+        std::fs::write(&taken, b"someone's file").unwrap();
+        let cancel = CancellationToken::new();
+        // Refused before qemu-img runs: the file keeps its bytes (qemu-img would truncate it).
+        let err = create_overlay(&taken, &base, "qcow2", 1 << 20, &cancel)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::TargetExists { .. }), "{err}");
+        assert_eq!(std::fs::read(&taken).unwrap(), b"someone's file");
+        // A failed qemu-img leaves nothing behind.
+        let bad = dir.path().join("bad.qcow2");
+        let err = create_overlay(&bad, &base, "no-such-format", 1 << 20, &cancel)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::Tool { .. }), "{err}");
+        assert!(!bad.exists());
+        // A good one is 0600.
+        let good = dir.path().join("good.qcow2");
+        create_overlay(&good, &base, "qcow2", 1 << 20, &cancel)
+            .await
+            .unwrap();
+        let mode = std::fs::metadata(&good).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        assert!(is_qcow2(&good).await);
+    }
+}
