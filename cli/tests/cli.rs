@@ -286,12 +286,7 @@ async fn run_status_stop_start_revert() {
     require_qemu!();
     let dir = tempfile::tempdir().unwrap();
     let disk = dir.path().join("d.qcow2");
-    create_image(&disk, "qcow2", "16M").await;
-    let argv = VmBuilder::idle()
-        .memory(64)
-        .disk(&disk, "qcow2", DiskStyle::Blockdev)
-        .command_line(&dir.path().join("serial.log"))
-        .await;
+    let argv = VmBuilder::idle_with_disk(&disk, "16M", &dir.path().join("serial.log")).await;
     let store = dir.path().join("store");
     let _kill = KillRecordedQemu::new(&store, "vm1");
     let run = in_store(&store);
@@ -439,7 +434,7 @@ async fn quiesced_disk_only_snapshot_freezes_and_thaws_the_guest_filesystems() {
 
     // The freeze ran but its answer "timed out": the snapshot fails, and the guest's
     // filesystems are thawed all the same (the guest may have frozen late).
-    if qsnap_engine::failpoint::enabled() {
+    if qsnap_testkit::failpoints_or_skip("the freeze-timeout part of quiesced_disk_only_snapshot") {
         let out = qsnap()
             .env("QSNAP_STORE", &store)
             .env("FAILPOINTS", "create.freeze-sent=return(timeout)")
@@ -461,9 +456,6 @@ async fn quiesced_disk_only_snapshot_freezes_and_thaws_the_guest_filesystems() {
         })
         .await
         .unwrap();
-    } else {
-        assert!(!qsnap_testkit::under_ci(), "failpoints are off under CI");
-        eprintln!("\n*** SKIPPED PART: the freeze-timeout case needs the failpoints build ***\n");
     }
     let out = run(&["stop", "g"]);
     assert!(out.status.success(), "{out:?}");
@@ -476,12 +468,7 @@ async fn delete_check_and_keep_current() {
     require_qemu!();
     let dir = tempfile::tempdir().unwrap();
     let disk = dir.path().join("d.qcow2");
-    create_image(&disk, "qcow2", "16M").await;
-    let argv = VmBuilder::idle()
-        .memory(64)
-        .disk(&disk, "qcow2", DiskStyle::Blockdev)
-        .command_line(&dir.path().join("serial.log"))
-        .await;
+    let argv = VmBuilder::idle_with_disk(&disk, "16M", &dir.path().join("serial.log")).await;
     let store = dir.path().join("store");
     let _kill = KillRecordedQemu::new(&store, "vm1");
     let run = in_store(&store);

@@ -12,7 +12,7 @@
 use qsnap_engine::failpoint::POINTS;
 use qsnap_qmp::{ConnectOptions, Qmp};
 use qsnap_testkit::disk_io::{check, write, Disk};
-use qsnap_testkit::{create_image, require_qemu, DiskStyle, KillRecordedQemu, VmBuilder};
+use qsnap_testkit::{require_qemu, KillRecordedQemu, VmBuilder};
 use serde_json::Value;
 use std::collections::BTreeSet;
 use std::os::unix::process::ExitStatusExt;
@@ -34,12 +34,7 @@ impl Rig {
     async fn new() -> Rig {
         let dir = tempfile::tempdir().unwrap();
         let disk = dir.path().join("disk.qcow2");
-        create_image(&disk, "qcow2", "32M").await;
-        let argv = VmBuilder::idle()
-            .memory(64)
-            .disk(&disk, "qcow2", DiskStyle::Blockdev)
-            .command_line(&dir.path().join("serial.log"))
-            .await;
+        let argv = VmBuilder::idle_with_disk(&disk, "32M", &dir.path().join("serial.log")).await;
         let rig = Rig {
             _kill: KillRecordedQemu::new(&dir.path().join("store"), "g"),
             dir,
@@ -267,12 +262,7 @@ fn step_of(s: &str) -> u8 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn create_survives_qsnap_or_qemu_dying_at_every_step() {
     require_qemu!();
-    assert!(
-        qsnap_engine::failpoint::enabled() || !qsnap_testkit::under_ci(),
-        "failpoints are off"
-    );
-    if !qsnap_engine::failpoint::enabled() {
-        eprintln!("\n*** SKIPPED: build with --features qsnap-engine/failpoints (scripts/test.sh does) ***\n");
+    if !qsnap_testkit::failpoints_or_skip("create_survives_qsnap_or_qemu_dying_at_every_step") {
         return;
     }
     for point in points("create.") {
@@ -299,9 +289,7 @@ async fn create_survives_qsnap_or_qemu_dying_at_every_step() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revert_survives_qsnap_or_qemu_dying_at_every_step() {
     require_qemu!();
-    if !qsnap_engine::failpoint::enabled() {
-        assert!(!qsnap_testkit::under_ci(), "failpoints are off");
-        eprintln!("\n*** SKIPPED: build with --features qsnap-engine/failpoints (scripts/test.sh does) ***\n");
+    if !qsnap_testkit::failpoints_or_skip("revert_survives_qsnap_or_qemu_dying_at_every_step") {
         return;
     }
     for point in points("revert.") {
@@ -329,9 +317,7 @@ async fn revert_survives_qsnap_or_qemu_dying_at_every_step() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delete_survives_qsnap_or_qemu_dying_at_every_step() {
     require_qemu!();
-    if !qsnap_engine::failpoint::enabled() {
-        assert!(!qsnap_testkit::under_ci(), "failpoints are off");
-        eprintln!("\n*** SKIPPED: build with --features qsnap-engine/failpoints (scripts/test.sh does) ***\n");
+    if !qsnap_testkit::failpoints_or_skip("delete_survives_qsnap_or_qemu_dying_at_every_step") {
         return;
     }
     for (i, point) in points("delete.").into_iter().enumerate() {

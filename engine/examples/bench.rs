@@ -122,12 +122,7 @@ async fn measure_delete(rounds: usize) -> Result<Vec<Figures>, Box<dyn std::erro
         let stopped = i % 2 == 1;
         let dir = tempfile::tempdir()?;
         let disk = dir.path().join("disk.qcow2");
-        create_image(&disk, "qcow2", "512M").await;
-        let argv = VmBuilder::idle()
-            .memory(64)
-            .disk(&disk, "qcow2", DiskStyle::Blockdev)
-            .command_line(&dir.path().join("serial.log"))
-            .await;
+        let argv = VmBuilder::idle_with_disk(&disk, "512M", &dir.path().join("serial.log")).await;
         let engine = Engine::new(Store::new(dir.path().join("store")));
         let name = VmName::new("del")?;
         engine.run(&name, argv, &RunOptions::default()).await?;

@@ -219,15 +219,8 @@ pub struct CheckReport {
 pub async fn check(image: &Path, cancel: &CancellationToken) -> Result<CheckReport> {
     let mut cmd = qemu_img();
     cmd.args(["check", "-U", "--output=json"]).arg(image);
-    cmd.stdin(std::process::Stdio::null());
     // `check` exits non-zero when it finds something: read its report either way.
-    let out = cmd.kill_on_drop(true).output();
-    let out = tokio::select! {
-        r = tokio::time::timeout(QUICK, out) => r
-            .map_err(|_| Error::Tool { tool: "qemu-img check".into(), path: image.to_owned(), why: format!("no result within {QUICK:?}") })?
-            .map_err(|e| Error::Tool { tool: "qemu-img check".into(), path: image.to_owned(), why: e.to_string() })?,
-        () = cancel.cancelled() => return Err(Error::Cancelled),
-    };
+    let out = tool::output(cmd, "qemu-img check", image, QUICK, cancel).await?;
     serde_json::from_slice(&out.stdout).map_err(|_| Error::Tool {
         tool: "qemu-img check".into(),
         path: image.to_owned(),

@@ -15,6 +15,31 @@ use tokio_util::sync::CancellationToken;
 /// program's stderr; `what` names the call (`qemu-img create`) and `subject` the file it was
 /// about, for the message.
 pub(crate) async fn run(
+    cmd: tokio::process::Command,
+    what: &str,
+    subject: &Path,
+    timeout: Duration,
+    cancel: &CancellationToken,
+) -> Result<Output> {
+    let out = output(cmd, what, subject, timeout, cancel).await?;
+    if !out.status.success() {
+        let stderr = String::from_utf8_lossy(&out.stderr).trim().to_owned();
+        return Err(Error::Tool {
+            tool: what.to_owned(),
+            path: subject.to_owned(),
+            why: if stderr.is_empty() {
+                format!("it exited with {}", out.status)
+            } else {
+                stderr
+            },
+        });
+    }
+    Ok(out)
+}
+
+/// Like [`run`], for a program whose exit status is part of its answer (`qemu-img check`
+/// exits non-zero when it finds something): its output whatever the status.
+pub(crate) async fn output(
     mut cmd: tokio::process::Command,
     what: &str,
     subject: &Path,
@@ -42,14 +67,6 @@ pub(crate) async fn run(
         },
         () = cancel.cancelled() => return Err(Error::Cancelled),
     };
-    if !out.status.success() {
-        let stderr = String::from_utf8_lossy(&out.stderr).trim().to_owned();
-        return Err(fail(if stderr.is_empty() {
-            format!("it exited with {}", out.status)
-        } else {
-            stderr
-        }));
-    }
     Ok(out)
 }
 

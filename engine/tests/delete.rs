@@ -254,12 +254,8 @@ async fn unknown_locked_and_hand_edited_snapshots_are_refused_and_change_nothing
     require_qemu!();
     init_logging();
     let g = Guest::start(VmBuilder::idle().memory(64), "qcow2").await;
-    g.vm.create_snapshot(g.vm.create_options(n("s1")))
-        .await
-        .unwrap();
-    g.vm.create_snapshot(g.vm.create_options(n("s2")))
-        .await
-        .unwrap();
+    g.take("s1").await;
+    g.take("s2").await;
     let files = images_in(&g.dir);
     let snapshot_dir = g.dir.join("store/vms/g/snapshots");
     let unchanged = || {
@@ -365,18 +361,14 @@ async fn ctrl_c_cancels_a_merge_cleanly_and_check_repair_finishes_it() {
     require_qemu!();
     init_logging();
     let g = Guest::start(VmBuilder::idle().memory(64), "qcow2").await;
-    g.vm.create_snapshot(g.vm.create_options(n("s1")))
-        .await
-        .unwrap();
+    g.take("s1").await;
     // A layer with data in it, so the merge takes a moment.
     {
         let qmp = g.vm.connect().await.unwrap();
         let disk = qsnap_testkit::disk_io::Disk::Device("vd0".into());
         qsnap_testkit::disk_io::write(&qmp, &disk, 0x5a, 0, 48 * 1024).await;
     }
-    g.vm.create_snapshot(g.vm.create_options(n("s2")))
-        .await
-        .unwrap();
+    g.take("s2").await;
     let layer = g.dir.join("disk.s1.qcow2");
     assert!(layer.exists());
 
@@ -426,9 +418,7 @@ async fn check_finds_and_repairs_orphans_and_a_record_that_disagrees_with_qemu()
     require_qemu!();
     init_logging();
     let g = Guest::start(VmBuilder::idle().memory(64), "qcow2").await;
-    g.vm.create_snapshot(g.vm.create_options(n("s1")))
-        .await
-        .unwrap();
+    g.take("s1").await;
     assert!(g.vm.check(false).await.unwrap().findings.is_empty());
     let store = g.vm.store().clone();
     // An orphan memory file, an orphan overlay qsnap made, a stale entry in the record, and
@@ -547,28 +537,34 @@ async fn multi_disk_deletes_merge_every_disk_or_none_live_and_offline() {
         }
     };
     put(1).await;
-    g.vm.create_snapshot(g.vm.create_options(n("s1")))
-        .await
-        .unwrap();
+    g.take("s1").await;
     put(2).await;
     let mut opts = g.vm.create_options(n("s2"));
     opts.mode = Some(qsnap_engine::snapshot::Mode::DiskOnly);
     g.vm.create_snapshot(opts).await.unwrap();
     put(3).await;
-    g.vm.create_snapshot(g.vm.create_options(n("s3")))
-        .await
-        .unwrap();
+    g.take("s3").await;
 
-    // Live: the second disk's part fails → neither disk's chain changes.
-    let before = chains(&g.dir).await;
-    fail::cfg("delete.merge-started", "return(error)").unwrap();
-    let err =
-        g.vm.delete_snapshot(&n("s2"), &DeleteOptions::default())
-            .await
-            .unwrap_err();
-    fail::remove("delete.merge-started");
-    assert!(matches!(err, Error::DeletedBut { .. }), "{err}");
-    assert_eq!(chains(&g.dir).await, before, "a disk's chain changed");
+    // A delete whose merge fails after the first disk's part started: the snapshot is gone,
+    // and neither disk's chain changed. Returns the chains.
+    let fails_changing_no_chain = |snap: &'static str| {
+        let g = &g;
+        async move {
+            let before = chains(&g.dir).await;
+            fail::cfg("delete.merge-started", "return(error)").unwrap();
+            let err =
+                g.vm.delete_snapshot(&n(snap), &DeleteOptions::default())
+                    .await
+                    .unwrap_err();
+            fail::remove("delete.merge-started");
+            assert!(matches!(err, Error::DeletedBut { .. }), "{err}");
+            assert_eq!(chains(&g.dir).await, before, "a disk's chain changed");
+            before
+        }
+    };
+
+    // Live.
+    let before = fails_changing_no_chain("s2").await;
     holds(3).await;
     // The repair merges both.
     let report = g.vm.check(true).await.unwrap();
@@ -583,15 +579,7 @@ async fn multi_disk_deletes_merge_every_disk_or_none_live_and_offline() {
 
     // Offline: the same, with qemu-img; a failure after the first disk's copy is undone.
     g.vm.stop().await.unwrap();
-    let before = chains(&g.dir).await;
-    fail::cfg("delete.merge-started", "return(error)").unwrap();
-    let err =
-        g.vm.delete_snapshot(&n("s1"), &DeleteOptions::default())
-            .await
-            .unwrap_err();
-    fail::remove("delete.merge-started");
-    assert!(matches!(err, Error::DeletedBut { .. }), "{err}");
-    assert_eq!(chains(&g.dir).await, before, "a disk's chain changed");
+    fails_changing_no_chain("s1").await;
     let report = g.vm.check(true).await.unwrap();
     assert!(report.clean, "{:#?}", report.findings);
     g.vm.start_with(&g.launcher).await.unwrap();
@@ -625,17 +613,11 @@ async fn a_stream_cancelled_half_way_leaves_every_snapshot_revertible() {
     let _fp = qsnap_testkit::failpoints();
     let g = Guest::start(VmBuilder::idle().memory(64), "qcow2").await;
     let vd0 = Disk::Device("vd0".into());
-    g.vm.create_snapshot(g.vm.create_options(n("s1")))
-        .await
-        .unwrap();
+    g.take("s1").await;
     write(&g.vm.connect().await.unwrap(), &vd0, 0x5a, 0, 48 * 1024).await;
-    g.vm.create_snapshot(g.vm.create_options(n("s2")))
-        .await
-        .unwrap();
+    g.take("s2").await;
     write(&g.vm.connect().await.unwrap(), &vd0, 0x33, 60 * 1024, 1024).await;
-    g.vm.create_snapshot(g.vm.create_options(n("s3")))
-        .await
-        .unwrap();
+    g.take("s3").await;
     // Deleting s2 streams its layer (48 MiB) into s3's frozen image. Ctrl-C once that image
     // has taken in some of it.
     let upper = g.dir.join("disk.s2.qcow2");

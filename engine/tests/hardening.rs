@@ -36,6 +36,21 @@ fn mode(p: &Path) -> u32 {
     std::fs::metadata(p).unwrap().permissions().mode() & 0o777
 }
 
+/// A create with failpoints set (`(point, action)`): its error.
+async fn create_failing(g: &Guest, points: &[(&str, &str)], name: &str) -> Error {
+    for (point, action) in points {
+        fail::cfg(*point, &format!("return({action})")).unwrap();
+    }
+    let result = g.vm.create_snapshot(g.vm.create_options(n(name))).await;
+    for (point, _) in points {
+        fail::remove(*point);
+    }
+    match result {
+        Ok(_) => panic!("create {name} succeeded despite {points:?}"),
+        Err(e) => e,
+    }
+}
+
 async fn ticks_on(g: &Guest) {
     let now = g.last_tick();
     g.tick_above(g.serial().len(), now + 2).await;
@@ -53,12 +68,7 @@ async fn failures_around_the_switch_follow_what_qemu_did_and_the_record_follows_
 
     // 1. The disk switch ran, but its answer "timed out": the overlay the guest now writes
     //    to must be merged back, never deleted under it.
-    fail::cfg("create.switch-sent", "return(timeout)").unwrap();
-    let err =
-        g.vm.create_snapshot(g.vm.create_options(n("t1")))
-            .await
-            .unwrap_err();
-    fail::remove("create.switch-sent");
+    let err = create_failing(&g, &[("create.switch-sent", "timeout")], "t1").await;
     eprintln!("switch timed out: {err}");
     assert!(
         err.is_timeout() || err.to_string().contains("timeout"),
@@ -75,12 +85,7 @@ async fn failures_around_the_switch_follow_what_qemu_did_and_the_record_follows_
     ticks_on(&g).await;
 
     // 2. `stop` ran, but its answer "timed out": the guest must be running again.
-    fail::cfg("create.stop-sent", "return(timeout)").unwrap();
-    let err =
-        g.vm.create_snapshot(g.vm.create_options(n("t2")))
-            .await
-            .unwrap_err();
-    fail::remove("create.stop-sent");
+    let err = create_failing(&g, &[("create.stop-sent", "timeout")], "t2").await;
     eprintln!("stop timed out: {err}");
     match g.vm.status().await.unwrap().state {
         VmState::Running { runstate, .. } => assert_eq!(runstate, "running"),
@@ -90,14 +95,12 @@ async fn failures_around_the_switch_follow_what_qemu_did_and_the_record_follows_
 
     // 3. The save fails after the switch and merging back fails too: the disk stays on the
     //    overlay, the error names it, and the record says so before the error returns.
-    fail::cfg("create.saved", "return(error)").unwrap();
-    fail::cfg("rollback.merge-back", "return(error)").unwrap();
-    let err =
-        g.vm.create_snapshot(g.vm.create_options(n("t3")))
-            .await
-            .unwrap_err();
-    fail::remove("create.saved");
-    fail::remove("rollback.merge-back");
+    let err = create_failing(
+        &g,
+        &[("create.saved", "error"), ("rollback.merge-back", "error")],
+        "t3",
+    )
+    .await;
     eprintln!("merge-back failed: {err}");
     let overlay = g.dir.join("disk.t3.qcow2");
     assert_eq!(err.kept_overlays(), [("vd0".to_owned(), overlay.clone())]);
@@ -138,13 +141,8 @@ async fn failures_around_the_switch_follow_what_qemu_did_and_the_record_follows_
 
     // 4. Past the point of no return, the store cannot be written: "snapshot taken, but",
     //    the record already follows QEMU, and a repair finishes the bookkeeping.
-    fail::cfg("create.recorded", "return(error)").unwrap();
     let before = g.last_tick();
-    let err =
-        g.vm.create_snapshot(g.vm.create_options(n("s1")))
-            .await
-            .unwrap_err();
-    fail::remove("create.recorded");
+    let err = create_failing(&g, &[("create.recorded", "error")], "s1").await;
     let after = g
         .serial()
         .wait_new_tick(Duration::from_secs(30))
@@ -335,9 +333,7 @@ async fn hand_edited_records_never_make_qsnap_delete_a_file() {
     require_qemu!();
     init_logging();
     let g = Guest::start(VmBuilder::idle().memory(64), "qcow2").await;
-    g.vm.create_snapshot(g.vm.create_options(n("s1")))
-        .await
-        .unwrap();
+    g.take("s1").await;
     let base = g.dir.join("disk.qcow2");
     let precious = g.dir.join("precious.txt");
     std::fs::write(&precious, b"someone's data").unwrap();

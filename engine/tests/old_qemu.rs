@@ -92,33 +92,42 @@ async fn qemu_7_2_point_in_time_and_precopy_snapshots_revert_consistently() {
         ranges.push((name, before, after));
     }
 
-    for &(name, before, after) in &ranges {
-        let r = vm
-            .revert_with(
-                &SnapshotName::new(name).unwrap(),
-                &qsnap_engine::RevertOptions::default(),
-                &launcher,
-            )
-            .await
-            .unwrap_or_else(|e| panic!("revert {name}: {e}\n{}", report()));
-        assert!(r.memory_restored && r.resumed);
-        // The new QEMU has its own console file: its first tick is the reverted guest's.
-        let log = launcher.serial();
-        let (idx, first) = log
-            .wait_from(0, Duration::from_secs(60), parse_tick)
+    // Revert, then the guest must go on from a tick inside the snapshot's range, with memory
+    // and disk agreeing.
+    let revert_and_check = |name: &'static str, before: u64, after: u64| {
+        let (vm, launcher, report) = (&vm, &launcher, &report);
+        async move {
+            let r = vm
+                .revert_with(
+                    &SnapshotName::new(name).unwrap(),
+                    &qsnap_engine::RevertOptions::default(),
+                    launcher,
+                )
+                .await
+                .unwrap_or_else(|e| panic!("revert {name}: {e}\n{}", report()));
+            assert!(r.memory_restored && r.resumed);
+            // The new QEMU has its own console file: its first tick is the reverted guest's.
+            let log = launcher.serial();
+            let (idx, first) = log
+                .wait_from(0, Duration::from_secs(60), parse_tick)
+                .await
+                .unwrap_or_else(|e| panic!("{e}\n{}", report()));
+            assert!(
+                first > before && first <= after + 1,
+                "{name}: resumed at {first}, taken in {before}..{after}\n{}",
+                report()
+            );
+            log.wait_from(idx, Duration::from_secs(60), |l| {
+                parse_tick(l).filter(|&t| t >= first + 2)
+            })
             .await
             .unwrap_or_else(|e| panic!("{e}\n{}", report()));
-        assert!(
-            first > before && first <= after + 1,
-            "{name}: resumed at {first}, taken in {before}..{after}\n{}",
-            report()
-        );
-        log.wait_from(idx, Duration::from_secs(60), |l| {
-            parse_tick(l).filter(|&t| t >= first + 2)
-        })
-        .await
-        .unwrap_or_else(|e| panic!("{e}\n{}", report()));
-        assert!(log.mismatches().is_empty(), "{}", report());
+            assert!(log.mismatches().is_empty(), "{}", report());
+            r
+        }
+    };
+    for &(name, before, after) in &ranges {
+        revert_and_check(name, before, after).await;
     }
 
     // QEMU is upgraded (the same path now runs 10.x): a snapshot taken under 7.2 still
@@ -146,35 +155,12 @@ async fn qemu_7_2_point_in_time_and_precopy_snapshots_revert_consistently() {
         .await
         .unwrap();
     assert_eq!(m.machine.as_deref(), Some("pc-i440fx-7.2"));
-    let r = vm
-        .revert_with(
-            &SnapshotName::new(name).unwrap(),
-            &qsnap_engine::RevertOptions::default(),
-            &launcher,
-        )
-        .await
-        .unwrap_or_else(|e| panic!("revert {name} after the upgrade: {e}\n{}", report()));
+    let r = revert_and_check(name, before, after).await;
     let cmdline = std::fs::read(format!("/proc/{}/cmdline", r.pid.unwrap())).unwrap();
     let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
     assert!(cmdline.contains("-machine pc-i440fx-7.2"), "{cmdline}");
     let qmp = vm.connect().await.unwrap();
     assert!(!qmp.greeting().version.qemu.to_string().starts_with("7.2"));
     drop(qmp);
-    let log = launcher.serial();
-    let (idx, first) = log
-        .wait_from(0, Duration::from_secs(60), parse_tick)
-        .await
-        .unwrap_or_else(|e| panic!("{e}\n{}", report()));
-    assert!(
-        first > before && first <= after + 1,
-        "after the upgrade {name} resumed at {first}, taken in {before}..{after}\n{}",
-        report()
-    );
-    log.wait_from(idx, Duration::from_secs(60), |l| {
-        parse_tick(l).filter(|&t| t >= first + 2)
-    })
-    .await
-    .unwrap_or_else(|e| panic!("{e}\n{}", report()));
-    assert!(log.mismatches().is_empty(), "{}", report());
     vm.stop().await.unwrap();
 }

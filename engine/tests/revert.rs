@@ -132,15 +132,9 @@ async fn a_damaged_snapshot_is_refused_before_the_vm_is_touched() {
     init_logging();
     let g = Guest::start(VmBuilder::idle().memory(128), "qcow2").await;
     let pid = g.vm.status().await.unwrap().pid.unwrap();
-    g.vm.create_snapshot(g.vm.create_options(n("s1")))
-        .await
-        .unwrap();
-    g.vm.create_snapshot(g.vm.create_options(n("s2")))
-        .await
-        .unwrap();
-    g.vm.create_snapshot(g.vm.create_options(n("s3")))
-        .await
-        .unwrap();
+    g.take("s1").await;
+    g.take("s2").await;
+    g.take("s3").await;
 
     // One bit flipped inside the memory stream (the length is right): caught by the checksum
     // before anything is touched.
@@ -251,9 +245,7 @@ async fn stop_and_start_keep_the_chain_and_never_open_a_frozen_image_read_write(
     init_logging();
     let g = Guest::start(VmBuilder::idle().memory(64), "raw").await;
     let base = g.dir.join("disk.raw");
-    g.vm.create_snapshot(g.vm.create_options(n("s1")))
-        .await
-        .unwrap();
+    g.take("s1").await;
     let mut opts = g.vm.create_options(n("d1"));
     opts.mode = Some(Mode::DiskOnly);
     g.vm.create_snapshot(opts).await.unwrap();

@@ -7,49 +7,11 @@ use serde_json::{json, Value};
 use std::io::IoSliceMut;
 use std::os::fd::{AsRawFd, RawFd};
 use std::time::Duration;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::net::{UnixListener, UnixStream};
+use tokio::io::{AsyncWriteExt, BufReader};
+use tokio::net::UnixListener;
 
-const GREETING: &str = r#"{"QMP": {"version": {"qemu": {"micro": 0, "minor": 0, "major": 10}, "package": ""}, "capabilities": ["oob"]}}"#;
-
-/// Accepts one client, sends the greeting, answers `qmp_capabilities`, then hands the stream
-/// to `script`.
-async fn peer<F, Fut>(script: F) -> (tempfile::TempDir, std::path::PathBuf)
-where
-    F: FnOnce(BufReader<UnixStream>) -> Fut + Send + 'static,
-    Fut: std::future::Future<Output = ()> + Send,
-{
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("fake.sock");
-    let listener = UnixListener::bind(&path).unwrap();
-    tokio::spawn(async move {
-        let (stream, _) = listener.accept().await.unwrap();
-        let mut s = BufReader::new(stream);
-        s.get_mut()
-            .write_all(format!("{GREETING}\r\n").as_bytes())
-            .await
-            .unwrap();
-        let caps = read_cmd(&mut s).await;
-        assert_eq!(caps["execute"], "qmp_capabilities");
-        assert_eq!(caps["arguments"]["enable"], json!(["oob"]));
-        reply(&mut s, json!({"return": {}, "id": caps["id"]})).await;
-        script(s).await;
-    });
-    (dir, path)
-}
-
-async fn read_cmd(s: &mut BufReader<UnixStream>) -> Value {
-    let mut line = String::new();
-    s.read_line(&mut line).await.unwrap();
-    serde_json::from_str(&line).unwrap()
-}
-
-async fn reply(s: &mut BufReader<UnixStream>, v: Value) {
-    s.get_mut()
-        .write_all(format!("{v}\r\n").as_bytes())
-        .await
-        .unwrap();
-}
+mod common;
+use common::{peer, read_cmd, reply};
 
 #[tokio::test]
 async fn out_of_order_replies_events_garbage_and_unknown_ids() {

@@ -4,55 +4,14 @@
 
 use futures::future::join_all;
 use qsnap_qmp::{ConnectOptions, Error, Qmp};
-use serde_json::{json, Value};
+use serde_json::json;
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::net::{TcpListener, TcpSocket, TcpStream, UnixListener, UnixStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::oneshot;
 use tokio::time::timeout;
 
-const GREETING: &str = r#"{"QMP": {"version": {"qemu": {"micro": 0, "minor": 0, "major": 10}, "package": ""}, "capabilities": ["oob"]}}"#;
-
-/// Upper bound of any single wait in the fake peers' set-up (handshake, signals).
-const SETUP: Duration = Duration::from_secs(5);
-
-/// Accepts one client on a Unix socket, sends the greeting, answers `qmp_capabilities`, then
-/// hands the stream to `script`.
-fn peer<F, Fut>(script: F) -> (tempfile::TempDir, std::path::PathBuf)
-where
-    F: FnOnce(BufReader<UnixStream>) -> Fut + Send + 'static,
-    Fut: std::future::Future<Output = ()> + Send,
-{
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("fake.sock");
-    let listener = UnixListener::bind(&path).unwrap();
-    tokio::spawn(async move {
-        let (stream, _) = timeout(SETUP, listener.accept()).await.unwrap().unwrap();
-        let mut s = BufReader::new(stream);
-        s.get_mut()
-            .write_all(format!("{GREETING}\r\n").as_bytes())
-            .await
-            .unwrap();
-        let caps = timeout(SETUP, read_cmd(&mut s)).await.unwrap();
-        assert_eq!(caps["execute"], "qmp_capabilities");
-        reply(&mut s, json!({"return": {}, "id": caps["id"]})).await;
-        script(s).await;
-    });
-    (dir, path)
-}
-
-async fn read_cmd(s: &mut BufReader<UnixStream>) -> Value {
-    let mut line = String::new();
-    s.read_line(&mut line).await.unwrap();
-    serde_json::from_str(&line).unwrap()
-}
-
-async fn reply(s: &mut BufReader<UnixStream>, v: Value) {
-    s.get_mut()
-        .write_all(format!("{v}\r\n").as_bytes())
-        .await
-        .unwrap();
-}
+mod common;
+use common::{peer, SETUP};
 
 /// A peer that completes the handshake and then never reads its socket again (a wedged QEMU):
 /// the writer task blocks in `write_all`, its 64-slot queue fills, and further calls used to
@@ -69,7 +28,8 @@ async fn peer_that_stops_reading_times_out_every_call_even_with_a_full_queue() {
     let (_dir, path) = peer(|s| async move {
         let _ = release.await;
         drop(s);
-    });
+    })
+    .await;
     let qmp = timeout(SETUP, Qmp::connect(path)).await.unwrap().unwrap();
 
     const CALLS: usize = 100; // more than the writer's queue (64) plus the one being written
@@ -269,7 +229,8 @@ async fn send_error_message_names_the_os_error() {
         let _ = ready_tx.send(());
         let _ = release.await; // keep the write side open: the client must not see EOF
         drop(stream);
-    });
+    })
+    .await;
     let qmp = timeout(SETUP, Qmp::connect(path)).await.unwrap().unwrap();
     timeout(SETUP, ready).await.unwrap().unwrap();
 

@@ -278,6 +278,18 @@ impl VmBuilder {
         a
     }
 
+    /// The command line (binary first) of a kernel-less 64 MiB VM with one new qcow2 disk of
+    /// `disk_size` at `disk` (`-blockdev`, guest device `vd0`), its console appended to
+    /// `serial`: the VM the command-line tests hand to `qsnap run`.
+    pub async fn idle_with_disk(disk: &Path, disk_size: &str, serial: &Path) -> Vec<String> {
+        create_image(disk, "qcow2", disk_size).await;
+        VmBuilder::idle()
+            .memory(64)
+            .disk(disk, "qcow2", DiskStyle::Blockdev)
+            .command_line(serial)
+            .await
+    }
+
     /// Creates the temp dir (and the default disk), starts QEMU and waits until its QMP socket
     /// answers (at most 20 s). Panics with QEMU's report when it does not come up.
     pub async fn spawn(self) -> Vm {

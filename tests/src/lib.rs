@@ -184,6 +184,23 @@ pub fn failpoints() -> fail::FailScenario<'static> {
     fail::FailScenario::setup()
 }
 
+/// Whether this test can inject faults. Locally a build without the engine's failpoints skips
+/// it with a loud notice; under `CI` (which runs `scripts/test.sh`, building them in) it is a
+/// failure, not a pass.
+pub fn failpoints_or_skip(test: &str) -> bool {
+    if failpoints_enabled() {
+        return true;
+    }
+    assert!(
+        !under_ci(),
+        "{test}: the engine's failpoints are off under CI"
+    );
+    eprintln!(
+        "\n*** SKIPPED {test}: build with --features qsnap-engine/failpoints (scripts/test.sh does) ***\n"
+    );
+    false
+}
+
 /// Whether the failpoints are compiled in (the `fail` crate's `failpoints` feature, which the
 /// engine's `failpoints` feature turns on).
 pub fn failpoints_enabled() -> bool {

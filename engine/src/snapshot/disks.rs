@@ -12,7 +12,7 @@ use crate::error::{Error, Result};
 use crate::image;
 use crate::qemu::{BlockdevAddOverlay, FileNode};
 use crate::snapshot::jobs;
-use crate::store::{SkippedDisk, SnapshotDisk};
+use crate::store::{PlannedOverlay, SkippedDisk, SnapshotDisk};
 use crate::SnapshotName;
 use qsnap_qmp::{types, Qmp};
 use std::collections::BTreeMap;
@@ -161,7 +161,7 @@ pub(crate) enum Position {
 }
 
 /// Asks QEMU where each planned disk is.
-pub(crate) async fn positions(qmp: &Qmp, disks: &[SnapshotDisk]) -> Result<Vec<Position>> {
+pub(crate) async fn positions(qmp: &Qmp, disks: &[PlannedOverlay]) -> Result<Vec<Position>> {
     let now = blocks::read(qmp).await?;
     let nodes = blocks::nodes(qmp).await?;
     Ok(disks
@@ -186,7 +186,7 @@ pub(crate) async fn positions(qmp: &Qmp, disks: &[SnapshotDisk]) -> Result<Vec<P
 
 /// Undoes a switch while the VM runs: an active commit of the overlay back into the image
 /// below it and a pivot, then the overlay node goes. The overlay file is left for the caller.
-pub(crate) async fn merge_back(qmp: &Qmp, d: &SnapshotDisk) -> Result<()> {
+pub(crate) async fn merge_back(qmp: &Qmp, d: &PlannedOverlay) -> Result<()> {
     crate::failpoint::hit("rollback.merge-back", qmp.peer_pid()).await?;
     let job = format!("qsnap-back-{}", d.overlay_node);
     let disk = jobs::LiveMerge::active_commit(&job, &d.overlay_node, &d.node);

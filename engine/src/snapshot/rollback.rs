@@ -14,7 +14,7 @@ use crate::image;
 use crate::qemu::{Capability, MigrateSetCapabilities, QueryFdsets, QueryMigrate, SetMaxBandwidth};
 use crate::snapshot::disks::{self, Position};
 use crate::snapshot::transport::FD_NAME;
-use crate::store::{SavedSettings, SnapshotDisk};
+use crate::store::{PlannedOverlay, SavedSettings};
 use qsnap_qmp::{types, Qmp};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -34,7 +34,7 @@ pub(crate) enum Undo {
     /// that may be on them (merged back if they are).
     Overlays {
         /// Every planned overlay.
-        disks: Vec<SnapshotDisk>,
+        disks: Vec<PlannedOverlay>,
         /// The overlay files this create made (only those may be removed).
         created: Vec<PathBuf>,
         /// The switch was sent (it may have happened even if it reported an error).
@@ -203,19 +203,7 @@ async fn undo_offline(u: Undo, out: &mut Outcome) {
             created,
             switch_sent,
         } => {
-            for d in disks.iter().filter(|d| created.contains(&d.overlay)) {
-                // If the switch may have happened, the guest may have written to the
-                // overlay: keep it if it holds anything (an empty one reads like its base).
-                let keep = switch_sent
-                    && image::has_own_data(&d.overlay, &CancellationToken::new())
-                        .await
-                        .unwrap_or(true);
-                if keep {
-                    out.kept.push((d.device.clone(), d.overlay.clone()));
-                } else if let Err(e) = remove(&d.overlay).await {
-                    out.problems.push(e);
-                }
-            }
+            undo_overlays_offline(&disks, &created, switch_sent, out).await;
             if !out.kept.is_empty() {
                 out.problems.push(format!(
                     "QEMU is gone after the disks switched; the overlays hold the guest's latest writes and were kept: {}",
@@ -227,9 +215,37 @@ async fn undo_offline(u: Undo, out: &mut Outcome) {
     }
 }
 
-async fn undo_overlays(
+/// QEMU is gone: of the overlay files in `created`, one the guest may have written to (the
+/// switch may have happened) is kept if it holds anything — in `out.kept` — and the rest are
+/// removed (an empty overlay reads exactly like its base). Also what a recovery does.
+pub(crate) async fn undo_overlays_offline(
+    disks: &[PlannedOverlay],
+    created: &[PathBuf],
+    may_have_switched: bool,
+    out: &mut Outcome,
+) {
+    for d in disks.iter().filter(|d| created.contains(&d.overlay)) {
+        if tokio::fs::symlink_metadata(&d.overlay).await.is_err() {
+            continue; // never made, or already gone
+        }
+        let keep = may_have_switched
+            && image::has_own_data(&d.overlay, &CancellationToken::new())
+                .await
+                .unwrap_or(true);
+        if keep {
+            out.kept.push((d.device.clone(), d.overlay.clone()));
+        } else if let Err(e) = remove(&d.overlay).await {
+            out.problems.push(e);
+        }
+    }
+}
+
+/// Takes the overlays back from what QEMU says now: a disk on its overlay is merged back
+/// (kept, in `out.kept`, if that fails), an added node deleted, and the files in `created`
+/// removed. Also what a recovery of an interrupted create does.
+pub(crate) async fn undo_overlays(
     qmp: &Qmp,
-    disks: &[SnapshotDisk],
+    disks: &[PlannedOverlay],
     created: &[PathBuf],
     switch_sent: bool,
     out: &mut Outcome,

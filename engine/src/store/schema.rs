@@ -300,6 +300,9 @@ pub struct PlannedOverlay {
     pub device: String,
     /// The image it is on now (the overlay's backing).
     pub image: PathBuf,
+    /// That image's node in QEMU (what a merge-back commits into).
+    #[serde(default)]
+    pub node: String,
     /// The overlay file.
     pub overlay: PathBuf,
     /// Its node name in QEMU.

@@ -179,39 +179,24 @@ impl Vm {
             },
             _ => None,
         };
-        let mut disagreed = false;
-        for d in record.disks.clone() {
-            if let Some(live) = &live {
-                let top = live.chain(&d.device).first().cloned();
-                if let Some(top) = top.filter(|t| t != &d.image) {
-                    let what = format!(
-                        "disk {}: QEMU writes to {}, the record says {}",
-                        d.device,
-                        top.display(),
-                        d.image.display()
-                    );
-                    if repair {
-                        if let Some(r) = record.disks.iter_mut().find(|r| r.device == d.device) {
-                            r.image = top.clone();
-                            r.owned = record.owned_images.contains(&top);
-                        }
-                        disagreed = true;
-                        add(
-                            "store-disagrees",
-                            what,
-                            "the record now follows QEMU".into(),
-                            true,
-                        );
-                    } else {
-                        add(
-                            "store-disagrees",
-                            what,
-                            "`--repair` makes the record follow QEMU".into(),
-                            false,
-                        );
-                    }
-                    continue;
-                }
+        for d in &record.disks {
+            let top = live
+                .as_ref()
+                .and_then(|l| l.chain(&d.device).first().cloned());
+            if let Some(top) = top.filter(|t| t != &d.image) {
+                let what = format!(
+                    "disk {}: QEMU writes to {}, the record says {}",
+                    d.device,
+                    top.display(),
+                    d.image.display()
+                );
+                let fix = if repair {
+                    "the record now follows QEMU"
+                } else {
+                    "`--repair` makes the record follow QEMU"
+                };
+                add("store-disagrees", what, fix.into(), repair);
+                continue;
             }
             if let Err(e) = image::chain(&d.image, &cancel).await {
                 add(
@@ -222,17 +207,15 @@ impl Vm {
                 );
             }
         }
-        if disagreed {
-            self.store().write_record(&record).await?;
+        if let (true, Some(live)) = (repair, &live) {
+            if consolidate::follow_live(&mut record, live) {
+                self.store().write_record(&record).await?;
+            }
         }
         // Whatever the record says, what QEMU runs is what is in use.
         let mut effective = record.clone();
         if let Some(live) = &live {
-            for d in &mut effective.disks {
-                if let Some(top) = live.chain(&d.device).first() {
-                    d.image = top.clone();
-                }
-            }
+            consolidate::follow_live(&mut effective, live);
         }
 
         // 4. Owned images that are gone, or that nothing uses.

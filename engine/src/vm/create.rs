@@ -21,6 +21,7 @@ use crate::failpoint;
 use crate::snapshot::{self, CreateOptions};
 use crate::store::{self, CurrentDisk, Intent, Manifest, VmRecord};
 use qsnap_qmp::{types, Qmp};
+use std::path::{Path, PathBuf};
 
 impl Vm {
     /// Takes a snapshot and records it: the record notes the new current snapshot and disk
@@ -121,18 +122,9 @@ impl Vm {
         let kept = e.kept_overlays();
         let stored = async {
             if !kept.is_empty() {
-                for (device, overlay) in &kept {
-                    if let Some(d) = record.disks.iter_mut().find(|d| &d.device == device) {
-                        d.image = overlay.clone();
-                        d.owned = true;
-                    }
-                    if !record.owned_images.contains(overlay) {
-                        record.owned_images.push(overlay.clone());
-                    }
-                }
+                follow_kept(&mut record, &kept);
                 if e.is_disconnected() {
-                    record.pid = None;
-                    record.pid_start = None;
+                    super::state::record_qemu(&mut record, None).await;
                 }
                 self.store().write_record(&record).await?;
             }
@@ -156,27 +148,37 @@ impl Vm {
 pub(crate) async fn apply(record: &mut VmRecord, manifest: &Manifest, pid: Option<u32>) {
     record.current = Some(manifest.name.clone());
     for d in &manifest.snapshot.disks {
-        match record.disks.iter_mut().find(|r| r.device == d.device) {
-            Some(r) => {
-                r.image = d.overlay.clone();
-                r.owned = true;
-            }
-            None => record.disks.push(CurrentDisk {
+        if !record.disks.iter().any(|r| r.device == d.device) {
+            record.disks.push(CurrentDisk {
                 device: d.device.clone(),
-                image: d.overlay.clone(),
+                image: d.image.clone(),
                 launch_image: d.image.clone(),
-                owned: true,
-            }),
+                owned: false,
+            });
         }
-        if !record.owned_images.contains(&d.overlay) {
-            record.owned_images.push(d.overlay.clone());
-        }
+        on_overlay(record, &d.device, &d.overlay);
     }
-    if let Some(pid) = pid {
-        if record.pid != Some(pid) {
-            record.pid = Some(pid);
-            record.pid_start = crate::launch::start_time(pid).await;
-        }
+    if pid.is_some() && record.pid != pid {
+        super::state::record_qemu(record, pid).await;
+    }
+}
+
+/// Disks that stay on new overlays (a failed create could not merge them back): the VM
+/// writes there, so the record names them, and they are qsnap's.
+pub(crate) fn follow_kept(record: &mut VmRecord, kept: &[(String, PathBuf)]) {
+    for (device, overlay) in kept {
+        on_overlay(record, device, overlay);
+    }
+}
+
+/// Disk `device` writes to `overlay`, an image qsnap made.
+fn on_overlay(record: &mut VmRecord, device: &str, overlay: &Path) {
+    if let Some(d) = record.disks.iter_mut().find(|d| d.device == device) {
+        d.image = overlay.to_owned();
+        d.owned = true;
+    }
+    if !record.owned_images.iter().any(|o| o == overlay) {
+        record.owned_images.push(overlay.to_owned());
     }
 }
 

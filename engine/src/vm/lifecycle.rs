@@ -240,10 +240,8 @@ impl Engine {
         let handle = self.vm_from(name.clone(), record.clone());
         let qmp = handle.connect().await?;
         record.disks = disks_now(&qmp).await?;
-        record.pid = qmp.peer_pid().or(record.pid);
-        if let Some(pid) = record.pid {
-            record.pid_start = launch::start_time(pid).await;
-        }
+        let pid = qmp.peer_pid().or(record.pid);
+        super::state::record_qemu(&mut record, pid).await;
         drop(qmp);
         self.store.write_record(&record).await?;
         Ok(RunReport { record, tsc_pinned })
@@ -374,8 +372,7 @@ impl Vm {
                 .await?;
         }
         let killed = stop_qemu(&record.qmp, pid, QUIT_TIMEOUT).await?;
-        record.pid = None;
-        record.pid_start = None;
+        super::state::record_qemu(&mut record, None).await;
         self.store().write_record(&record).await?;
         if journaled {
             self.store().clear_journal(self.name()).await?;
@@ -420,11 +417,7 @@ impl Vm {
                 return Err(e);
             }
         };
-        record.pid = launched.pid;
-        record.pid_start = match launched.pid {
-            Some(p) => launch::start_time(p).await,
-            None => None,
-        };
+        super::state::record_qemu(&mut record, launched.pid).await;
         self.store().write_record(&record).await?;
         self.store().clear_journal(self.name()).await?;
         Ok(launched)

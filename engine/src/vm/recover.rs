@@ -21,20 +21,16 @@ use super::revert;
 use super::state::VmState;
 use super::Vm;
 use crate::error::{Error, Result};
-use crate::image;
-use crate::launch::{self, stop_qemu};
-use crate::snapshot::disks::{self, Position};
-use crate::snapshot::jobs::{self, LiveMerge};
+use crate::launch::stop_qemu;
+use crate::snapshot::disks;
 use crate::snapshot::rollback;
 use crate::store::{
-    CreateIntent, DeleteIntent, DeletePhase, Intent, RevertIntent, RevertPhase, SnapshotDisk,
-    VmRecord,
+    CreateIntent, DeleteIntent, DeletePhase, Intent, RevertIntent, RevertPhase, VmRecord,
 };
 use qsnap_qmp::{types, Qmp};
 use serde::Serialize;
 use std::path::Path;
 use std::time::Duration;
-use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 /// An interrupted operation that was settled.
@@ -128,22 +124,10 @@ async fn create(vm: &Vm, c: CreateIntent) -> Result<String> {
         }
         return Ok(format!("finished: snapshot {} is recorded", c.snapshot));
     }
-    let planned: Vec<SnapshotDisk> = c
-        .overlays
-        .iter()
-        .map(|o| SnapshotDisk {
-            device: o.device.clone(),
-            node: String::new(),
-            image: o.image.clone(),
-            format: String::new(),
-            size: 0,
-            overlay: o.overlay.clone(),
-            overlay_node: o.overlay_node.clone(),
-            frozen: None,
-        })
-        .collect();
-    let mut kept: Vec<(String, std::path::PathBuf)> = Vec::new();
-    let mut problems: Vec<String> = Vec::new();
+    // Every overlay the journal planned was made by this create, if it exists: preflight
+    // refused any file already there.
+    let created: Vec<std::path::PathBuf> = c.overlays.iter().map(|o| o.overlay.clone()).collect();
+    let mut out = rollback::Outcome::default();
     let qemu = reachable(vm, &record, &op).await?;
     if let (Some(qmp), Some(then)) = (&qemu, c.qemu_pid) {
         if let Some(now) = qmp.peer_pid().filter(|&now| now != then) {
@@ -173,53 +157,19 @@ async fn create(vm: &Vm, c: CreateIntent) -> Result<String> {
     match qemu {
         Some(qmp) => {
             if let Err(e) = rollback::cancel_migration(&qmp).await {
-                problems.push(e);
+                out.problems.push(e);
             }
-            let positions = disks::positions(&qmp, &planned).await?;
-            let nodes = crate::blocks::nodes(&qmp).await?;
-            for (d, pos) in planned.iter().zip(positions) {
-                match pos {
-                    Position::OnOverlay => {
-                        let base = crate::blocks::format_node_for(&nodes, &d.image)
-                            .map(|n| n.name.clone());
-                        let merged = match base {
-                            Some(base) => {
-                                let job = format!("qsnap-back-{}", d.overlay_node);
-                                let m = LiveMerge::active_commit(&job, &d.overlay_node, &base);
-                                jobs::run_all(&qmp, &[m], &CancellationToken::new(), &|_| {})
-                                    .await
-                                    .and(disks::delete_node(&qmp, &d.overlay_node).await)
-                            }
-                            None => Err(Error::Unsupported {
-                                what: format!("no node opens {}", d.image.display()),
-                            }),
-                        };
-                        match merged {
-                            Ok(()) => remove_file(&d.overlay, &mut problems).await,
-                            Err(e) => {
-                                problems.push(format!(
-                                    "{} stays on {} (merging back failed: {e})",
-                                    d.device,
-                                    d.overlay.display()
-                                ));
-                                kept.push((d.device.clone(), d.overlay.clone()));
-                            }
-                        }
-                    }
-                    Position::NodeAdded => {
-                        if let Err(e) = disks::delete_node(&qmp, &d.overlay_node).await {
-                            problems.push(e.to_string());
-                        }
-                        remove_file(&d.overlay, &mut problems).await;
-                    }
-                    Position::Untouched => remove_file(&d.overlay, &mut problems).await,
-                }
+            if let Err(e) =
+                rollback::undo_overlays(&qmp, &c.overlays, &created, true, &mut out).await
+            {
+                out.problems.push(e);
             }
             if c.was_running {
                 if let Ok(st) = qmp.execute(types::query_status {}).await {
                     if !st.running {
                         if let Err(e) = qmp.execute(types::cont {}).await {
-                            problems.push(format!("could not resume the guest: {e}"));
+                            out.problems
+                                .push(format!("could not resume the guest: {e}"));
                         }
                     }
                 }
@@ -228,35 +178,15 @@ async fn create(vm: &Vm, c: CreateIntent) -> Result<String> {
         }
         None => {
             // QEMU is gone: an overlay it wrote to holds the guest's last writes.
-            for d in &planned {
-                if tokio::fs::symlink_metadata(&d.overlay).await.is_err() {
-                    continue;
-                }
-                let has_data = image::has_own_data(&d.overlay, &CancellationToken::new())
-                    .await
-                    .unwrap_or(true);
-                if has_data {
-                    kept.push((d.device.clone(), d.overlay.clone()));
-                } else {
-                    remove_file(&d.overlay, &mut problems).await;
-                }
-            }
-            record.pid = None;
-            record.pid_start = None;
+            rollback::undo_overlays_offline(&c.overlays, &created, true, &mut out).await;
+            super::state::record_qemu(&mut record, None).await;
         }
     }
     if let Some(mem) = &c.memory_file {
-        remove_file(mem, &mut problems).await;
+        remove_file(mem, &mut out.problems).await;
     }
-    for (device, overlay) in &kept {
-        if let Some(d) = record.disks.iter_mut().find(|d| &d.device == device) {
-            d.image = overlay.clone();
-            d.owned = true;
-        }
-        if !record.owned_images.contains(overlay) {
-            record.owned_images.push(overlay.clone());
-        }
-    }
+    let (kept, problems) = (out.kept, out.problems);
+    super::create::follow_kept(&mut record, &kept);
     vm.store().write_record(&record).await?;
     let mut outcome = format!("rolled back: no snapshot {} was made", c.snapshot);
     if !kept.is_empty() {
@@ -358,8 +288,7 @@ async fn revert_(vm: &Vm, r: RevertIntent) -> Result<String> {
                 stop_qemu(&record.qmp, *pid, Duration::from_secs(5)).await?;
             }
             let problems = drop_new(&mut Vec::new()).await;
-            record.pid = None;
-            record.pid_start = None;
+            super::state::record_qemu(&mut record, None).await;
             vm.store().write_record(&record).await?;
             Ok(with_problems(
                 format!(
@@ -429,8 +358,7 @@ async fn delete(vm: &Vm, mut d: DeleteIntent) -> Result<String> {
             m.live = false;
         }
         if record.pid.is_some() {
-            record.pid = None;
-            record.pid_start = None;
+            super::state::record_qemu(&mut record, None).await;
             vm.store().write_record(&record).await?;
         }
     }
@@ -453,19 +381,14 @@ async fn lifecycle(vm: &Vm) -> Result<String> {
     match VmState::observe(vm, &record).await {
         VmState::Running { pid, .. } => {
             if pid.is_some() && record.pid != pid {
-                record.pid = pid;
-                record.pid_start = match pid {
-                    Some(p) => launch::start_time(p).await,
-                    None => None,
-                };
+                super::state::record_qemu(&mut record, pid).await;
                 vm.store().write_record(&record).await?;
             }
             Ok("the VM runs; its record says so".into())
         }
         VmState::Stopped => {
             if record.pid.is_some() {
-                record.pid = None;
-                record.pid_start = None;
+                super::state::record_qemu(&mut record, None).await;
                 vm.store().write_record(&record).await?;
             }
             Ok("the VM is stopped; its record says so".into())

@@ -232,8 +232,7 @@ impl Vm {
                         let _ = stop_qemu(&record.qmp, Some(pid), Duration::from_secs(2)).await;
                     }
                     revert::discard(&prepared).await;
-                    record.pid = None;
-                    record.pid_start = None;
+                    super::state::record_qemu(&mut record, None).await;
                     let _ = self.store().write_record(&record).await;
                     let _ = self.store().clear_journal(self.name()).await;
                     return Err(Error::RevertFailed {
@@ -306,11 +305,7 @@ pub(crate) async fn finish(
 ) -> Result<Vec<PathBuf>> {
     record.disks = intent.new_disks.clone();
     record.current = Some(intent.snapshot.clone());
-    record.pid = pid;
-    record.pid_start = match pid {
-        Some(p) => launch::start_time(p).await,
-        None => None,
-    };
+    super::state::record_qemu(record, pid).await;
     for p in &intent.new_overlays {
         if !record.owned_images.contains(p) {
             record.owned_images.push(p.clone());

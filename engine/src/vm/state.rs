@@ -57,6 +57,16 @@ pub enum Operation {
     Stop,
 }
 
+/// Records which QEMU runs the VM: its pid and when that process started (so a reused pid is
+/// never taken for it), or neither.
+pub(crate) async fn record_qemu(record: &mut VmRecord, pid: Option<u32>) {
+    record.pid_start = match pid {
+        Some(p) => launch::start_time(p).await,
+        None => None,
+    };
+    record.pid = pid;
+}
+
 impl VmState {
     /// Looks: the monitor first, then the recorded process.
     pub async fn observe(vm: &Vm, record: &VmRecord) -> VmState {

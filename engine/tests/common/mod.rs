@@ -143,6 +143,14 @@ impl Guest {
         }
     }
 
+    /// Takes snapshot `name` (default options); panics with the report if it fails.
+    pub async fn take(&self, name: &str) -> qsnap_engine::Manifest {
+        self.vm
+            .create_snapshot(self.vm.create_options(n(name)))
+            .await
+            .unwrap_or_else(|e| panic!("create {name}: {e}\n{}", self.report()))
+    }
+
     /// Snapshot; returns the tick range it was taken in.
     pub async fn snapshot(&self, name: &str) -> (u64, u64) {
         let before = self.last_tick();

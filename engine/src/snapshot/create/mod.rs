@@ -149,17 +149,7 @@ impl Planned<'_> {
         CreateIntent {
             snapshot: self.opts.name.to_string(),
             memory_file: self.plan.memory.as_ref().map(|(_, p)| p.clone()),
-            overlays: self
-                .plan
-                .disks
-                .iter()
-                .map(|d| PlannedOverlay {
-                    device: d.device.clone(),
-                    image: d.image.clone(),
-                    overlay: d.overlay.clone(),
-                    overlay_node: d.overlay_node.clone(),
-                })
-                .collect(),
+            overlays: planned_overlays(&self.plan.disks),
             was_running: self.plan.was_running,
             qemu_pid: self.qmp.peer_pid(),
             settings: self.plan.saved.clone(),
@@ -228,6 +218,20 @@ impl Planned<'_> {
     }
 }
 
+/// The overlays a create makes, as its journal and its rollback know them.
+fn planned_overlays(disks: &[SnapshotDisk]) -> Vec<PlannedOverlay> {
+    disks
+        .iter()
+        .map(|d| PlannedOverlay {
+            device: d.device.clone(),
+            image: d.image.clone(),
+            node: d.node.clone(),
+            overlay: d.overlay.clone(),
+            overlay_node: d.overlay_node.clone(),
+        })
+        .collect()
+}
+
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
@@ -257,7 +261,7 @@ async fn run_steps(
         }
     };
     rb.push(Undo::Overlays {
-        disks: plan.disks.clone(),
+        disks: planned_overlays(&plan.disks),
         created: Vec::new(),
         switch_sent: false,
     });
