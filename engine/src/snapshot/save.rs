@@ -1,6 +1,7 @@
 //! Watching QEMU save memory: the signals the create steps wait for, progress reports, the
-//! precopy deadline, and cancellation. Polls `query-migrate` (its counters are the progress
-//! figures anyway); every wait is bounded.
+//! precopy deadline, and cancellation. Completion wakes the watcher through QEMU's
+//! `MIGRATION` event (the `events` capability is on for every save); `query-migrate` is read
+//! at each wake-up and every [`PROGRESS`] for the progress figures. Every wait is bounded.
 
 use crate::error::{Error, Result};
 use crate::qemu::{MigrateInfo, QueryMigrate};
@@ -31,7 +32,8 @@ pub struct SaveProgress {
 /// Called with progress while memory is saved (a few times a second). Must not block.
 pub type ProgressFn = Arc<dyn Fn(&SaveProgress) + Send + Sync>;
 
-const POLL: Duration = Duration::from_millis(50);
+/// How often progress is reported (and precopy's live limit looked at) while no event comes.
+pub(crate) const PROGRESS: Duration = Duration::from_millis(100);
 
 fn failed(info: &MigrateInfo) -> Option<Error> {
     match info.status.as_deref() {
@@ -106,8 +108,10 @@ impl Watch<'_> {
         }
     }
 
-    /// Polls until the save completes. `on_tick` runs at every poll with the latest figures
-    /// (precopy uses it to end the live phase); it may fail the wait.
+    /// Waits until the save completes: woken by QEMU's `MIGRATION` events (a status change,
+    /// e.g. `completed`, is seen at once rather than at the next poll — precopy's pause ends
+    /// with it) and every [`PROGRESS`]. `on_tick` runs at every wake-up with the latest
+    /// figures (precopy uses it to end the live phase); it may fail the wait.
     pub(crate) async fn until_completed<F, Fut>(
         &self,
         qmp: &Qmp,
@@ -118,6 +122,8 @@ impl Watch<'_> {
         Fut: std::future::Future<Output = Result<()>>,
     {
         let deadline = self.started + self.timeout;
+        // Subscribed before the first query, so a status change in between is not missed.
+        let mut events = qmp.events();
         loop {
             let info = query(qmp).await?;
             self.report(&info);
@@ -133,9 +139,22 @@ impl Watch<'_> {
                 });
             }
             on_tick(info).await?;
+            let next_status = async {
+                loop {
+                    match events.next().await {
+                        Ok(ev) if ev.name == "MIGRATION" => return,
+                        Ok(_) => {}
+                        // Missed events: the query tells where the save is.
+                        Err(qsnap_qmp::Error::EventsLagged { .. }) => return,
+                        // Closed: the query (at the next progress tick) reports why.
+                        Err(_) => return std::future::pending().await,
+                    }
+                }
+            };
             tokio::select! {
                 () = self.cancel.cancelled() => return Err(Error::Cancelled),
-                () = tokio::time::sleep(POLL) => {}
+                () = next_status => {}
+                () = tokio::time::sleep(PROGRESS) => {}
             }
         }
     }
