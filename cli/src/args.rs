@@ -83,7 +83,30 @@ pub enum Command {
         /// Give up on the memory save after this many seconds (everything is rolled back).
         #[arg(long, default_value_t = 600, value_name = "SECS")]
         save_timeout: u64,
+        /// Then make its memory lazy (as `qsnap lazy-ram` does), while the guest runs on: later
+        /// reverts map its RAM instead of loading it. If the VM cannot use lazy RAM, the
+        /// snapshot stays as taken and a warning says why.
+        #[arg(long)]
+        lazy_ram: bool,
         /// Print the snapshot's manifest as JSON (no progress bar).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make a snapshot's memory lazy: reverts then map its RAM copy-on-write (pages load as
+    /// the guest touches them) instead of loading all of it first.
+    ///
+    /// Its memory stream is replaced by a RAM image (sparse: zero pages take no space) and a
+    /// small device-state file; a helper QEMU, cut off from everything the VM reaches (sockets,
+    /// networks, displays, its disks), does the conversion while the VM runs on. Needs QEMU
+    /// ≥ 8.2 and plain `-m` RAM (no -mem-path, -numa, memory backends, virtio-mem, vhost-user,
+    /// balloon free-page reporting). A VM reverted lazily takes precopy memory snapshots
+    /// (QEMU cannot write-protect a private file mapping for point-in-time ones).
+    LazyRam {
+        /// The VM's name.
+        name: String,
+        /// The snapshot's name.
+        snapshot: String,
+        /// Print JSON.
         #[arg(long)]
         json: bool,
     },

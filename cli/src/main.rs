@@ -170,6 +170,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             overlay_dir,
             live_limit,
             save_timeout,
+            lazy_ram,
             json,
         } => {
             let (vm_id, snap) = (vm_name(&vm)?, snap_name(&snapshot)?);
@@ -198,7 +199,40 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             bar.finish();
             let manifest =
                 result.with_context(|| format!("creating snapshot {snapshot} of {vm}"))?;
+            let lazy = if lazy_ram {
+                match handle.make_lazy(&snap_name(&snapshot)?).await {
+                    Ok(r) => Some(r),
+                    Err(e) => {
+                        eprintln!("qsnap: warning: the snapshot was taken, but its memory stays a stream (reverts load it): {e}");
+                        None
+                    }
+                }
+            } else {
+                None
+            };
+            let manifest = match lazy {
+                Some(_) => {
+                    handle
+                        .store()
+                        .manifest(&vm_id, &snap_name(&snapshot)?)
+                        .await?
+                }
+                None => manifest,
+            };
             output::snapshot(&manifest, json);
+        }
+        Command::LazyRam {
+            name: vm,
+            snapshot,
+            json,
+        } => {
+            let report = engine
+                .vm(&vm_name(&vm)?)
+                .await?
+                .make_lazy(&snap_name(&snapshot)?)
+                .await
+                .with_context(|| format!("making the memory of {vm}/{snapshot} lazy"))?;
+            output::lazy(&vm, &report, json);
         }
         Command::Run {
             name: vm,

@@ -2,7 +2,8 @@
 
 use qsnap_engine::snapshot::Mode;
 use qsnap_engine::{
-    CheckReport, DeleteReport, Manifest, RevertReport, Status, VmInfo, VmRecord, VmState,
+    CheckReport, DeleteReport, LazyReport, Manifest, RevertReport, Status, VmInfo, VmRecord,
+    VmState,
 };
 use serde::Serialize;
 
@@ -265,6 +266,7 @@ pub fn reverted(vm: &str, r: &RevertReport, as_json: bool) {
             r.load_ms,
             if r.resumed { "running" } else { "paused" }
         );
+        println!("  RAM: {}", r.ram);
     } else {
         println!(
             "{vm} reverted to disk-only snapshot {} in {:.0} ms: it booted from the snapshot's disks (no memory was saved)",
@@ -354,4 +356,34 @@ pub fn checked(r: &CheckReport, repair: bool, as_json: bool) {
             r.vm, r.vm
         );
     }
+}
+
+pub fn lazy(vm: &str, r: &LazyReport, as_json: bool) {
+    if as_json {
+        return json(r);
+    }
+    if r.already {
+        println!(
+            "{vm}/{}: memory is lazy already ({})",
+            r.snapshot,
+            r.image.display()
+        );
+        return;
+    }
+    println!(
+        "{vm}/{}: memory made lazy in {:.0} ms; reverts now map its RAM",
+        r.snapshot, r.total_ms
+    );
+    println!(
+        "  RAM image     {} ({} MiB, {} MiB allocated)",
+        r.image.display(),
+        r.image_bytes >> 20,
+        r.image_allocated >> 20
+    );
+    println!(
+        "  device state  {} ({} KiB)",
+        r.devices.display(),
+        r.devices_bytes >> 10
+    );
+    println!("  removed the memory stream ({} MiB)", r.stream_bytes >> 20);
 }

@@ -73,10 +73,7 @@ impl VmInfo {
             .execute(crate::qemu::QueryMigrate {})
             .await
             .map_err(Error::qmp("reading the migration state"))?;
-        let schema = qmp
-            .schema()
-            .await
-            .map_err(Error::qmp("reading QEMU's schema"))?;
+        let features = crate::features::Features::of(qmp).await?;
         let disks = crate::blocks::read(qmp)
             .await?
             .into_iter()
@@ -97,8 +94,8 @@ impl VmInfo {
             running: status.running,
             migration_blockers: migration.blocked_reasons.unwrap_or_default(),
             migration_status: migration.status,
-            background_snapshot: schema.has_migration_capability("background-snapshot"),
-            file_migration: crate::snapshot::has_file_uri(qmp).await?,
+            background_snapshot: features.background_snapshot,
+            file_migration: features.file_uri,
             disks,
         })
     }

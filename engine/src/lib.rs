@@ -32,6 +32,7 @@
 pub mod blocks;
 mod error;
 pub mod failpoint;
+pub mod features;
 pub mod guest_agent;
 pub mod image;
 pub mod inspect;
@@ -49,6 +50,6 @@ pub use name::{SnapshotName, VmName};
 pub use store::{Manifest, Store, VmRecord};
 pub use vm::{
     AttachOptions, CheckReport, DeleteOptions, DeleteReport, DiskChain, Engine, Finding,
-    MergeProgress, MergeProgressFn, MergeReport, Operation, Recovery, RecoveryFn, RevertOptions,
-    RevertReport, RunOptions, RunReport, Status, Vm, VmState,
+    LazyReport, MergeProgress, MergeProgressFn, MergeReport, Operation, RamRestore, Recovery,
+    RecoveryFn, RevertOptions, RevertReport, RunOptions, RunReport, Status, Vm, VmState,
 };

@@ -20,7 +20,7 @@ pub struct DiskSubstitution {
 }
 
 /// `key=value,key=value` with QEMU's `,,` escape.
-fn split_opts(s: &str) -> Vec<String> {
+pub(crate) fn split_opts(s: &str) -> Vec<String> {
     let mut out = Vec::new();
     let mut cur = String::new();
     let mut chars = s.chars().peekable();
@@ -40,7 +40,7 @@ fn split_opts(s: &str) -> Vec<String> {
     out
 }
 
-fn join_opts(parts: &[String]) -> String {
+pub(crate) fn join_opts(parts: &[String]) -> String {
     parts
         .iter()
         .map(|p| p.replace(',', ",,"))
@@ -48,7 +48,7 @@ fn join_opts(parts: &[String]) -> String {
         .join(",")
 }
 
-fn get<'a>(parts: &'a [String], key: &str) -> Option<&'a str> {
+pub(crate) fn get<'a>(parts: &'a [String], key: &str) -> Option<&'a str> {
     parts
         .iter()
         .find_map(|p| p.strip_prefix(key).and_then(|r| r.strip_prefix('=')))

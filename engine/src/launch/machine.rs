@@ -9,12 +9,43 @@ use std::path::Path;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
-/// Refuses (with why) when the QEMU binary cannot run the machine type `machine`.
+/// Refuses (with why) when the QEMU binary cannot run the machine type `machine`. The
+/// binary's list is asked once per binary (path, size, mtime) and cached: starting QEMU just to
+/// list its machines costs tens of milliseconds, on a revert's critical path.
 pub async fn check(
     binary: &str,
     machine: &str,
     cancel: &CancellationToken,
 ) -> std::result::Result<(), String> {
+    let key = match crate::features::resolve_binary(binary) {
+        Some(p) => crate::features::file_key(&p, "machines").await,
+        None => None,
+    };
+    let types: Vec<String> = match &key {
+        Some(k) => match crate::features::lookup(k).await {
+            Some(t) => t,
+            None => {
+                let t = list(binary, cancel).await?;
+                crate::features::remember(k.clone(), &t).await;
+                t
+            }
+        },
+        None => list(binary, cancel).await?,
+    };
+    if types.iter().any(|t| t == machine) {
+        Ok(())
+    } else {
+        Err(format!(
+            "{binary} does not offer the machine type {machine} the snapshot was taken with"
+        ))
+    }
+}
+
+/// The machine types `binary -machine help` lists.
+async fn list(
+    binary: &str,
+    cancel: &CancellationToken,
+) -> std::result::Result<Vec<String>, String> {
     let mut cmd = tokio::process::Command::new(binary);
     cmd.args(["-machine", "help"]);
     let out = tool::run(
@@ -27,16 +58,11 @@ pub async fn check(
     .await
     .map_err(|e| format!("cannot ask {binary} for its machine types: {e}"))?;
     let text = String::from_utf8_lossy(&out.stdout);
-    if text
+    Ok(text
         .lines()
-        .any(|l| l.split_whitespace().next() == Some(machine))
-    {
-        Ok(())
-    } else {
-        Err(format!(
-            "{binary} does not offer the machine type {machine} the snapshot was taken with"
-        ))
-    }
+        .skip(1)
+        .filter_map(|l| l.split_whitespace().next().map(str::to_owned))
+        .collect())
 }
 
 /// The command line with its machine type set to `machine` (in `-machine`/`-M`, keeping the

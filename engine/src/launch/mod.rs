@@ -1,6 +1,7 @@
 //! Starting and stopping QEMU.
 //!
 //! `argv.rs` models the command line (disk rewrites, `tsc-frequency`, `-incoming defer`);
+//! `ram.rs` the RAM image a lazy revert maps and the inert helper QEMU that makes it;
 //! [`Launcher`] is how the engine asks for a QEMU to be started — [`ProcessLauncher`] runs the
 //! recorded command line as a detached process, an embedder plugs in its own; `process.rs`
 //! holds the process side (spawn, wait for the monitor, graceful quit then kill); `tsc.rs`
@@ -10,12 +11,14 @@
 pub mod argv;
 pub mod machine;
 mod process;
+pub mod ram;
 pub mod tsc;
 
 pub use argv::DiskSubstitution;
 #[cfg_attr(not(feature = "failpoints"), allow(unused_imports))]
 pub(crate) use process::{alive, is_recorded_qemu, start_time};
 pub use process::{build_argv, stop_qemu, ProcessLauncher};
+pub use ram::RamMapping;
 pub use tsc::{tsc_frequency_for, TscSource};
 
 use crate::error::Result;
@@ -43,6 +46,8 @@ pub struct LaunchSpec {
     pub machine: Option<String>,
     /// Where QEMU's stdout and stderr go.
     pub log: PathBuf,
+    /// Guest RAM mapped from an image (a lazy revert) instead of QEMU's own.
+    pub ram: Option<RamMapping>,
 }
 
 /// A started QEMU.

@@ -35,6 +35,9 @@ pub fn build_argv(spec: &LaunchSpec) -> Result<Vec<String>> {
     if let Some(m) = &spec.machine {
         a = super::machine::pin(&a, m)?;
     }
+    if let Some(ram) = &spec.ram {
+        a.extend(ram.args());
+    }
     if !argv::has_qmp_socket(&a, &spec.qmp_socket) {
         a.extend([
             "-qmp".into(),

@@ -104,7 +104,7 @@ pub async fn seal(file: File, path: PathBuf) -> Result<Sealed> {
             .len();
         let stream_len = len.saturating_sub(HEADER_LEN);
         // The file was opened write-only (for QEMU's fdset); read it back through a new handle.
-        let checksum = checksum_of(&path, stream_len)?;
+        let checksum = checksum_of(&path, HEADER_LEN, stream_len)?;
         file.write_all_at(
             &encode(Header {
                 complete: true,
@@ -123,10 +123,10 @@ pub async fn seal(file: File, path: PathBuf) -> Result<Sealed> {
     .await
 }
 
-/// The checksum of the `stream_len` bytes after the header (blocking).
-fn checksum_of(path: &Path, stream_len: u64) -> Result<String> {
+/// The checksum of the `stream_len` bytes from `offset` (blocking).
+fn checksum_of(path: &Path, offset: u64, stream_len: u64) -> Result<String> {
     let mut f = File::open(path).map_err(io_err("reading the memory file", path))?;
-    std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(HEADER_LEN))
+    std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(offset))
         .map_err(io_err("reading the memory file", path))?;
     let mut hasher = xxhash_rust::xxh3::Xxh3::new();
     let mut left = stream_len;
@@ -175,7 +175,7 @@ pub async fn verify(path: PathBuf, stream_len: u64, checksum: Option<String>) ->
         return Ok(()); // a snapshot from before checksums: length only
     };
     blocking(move || {
-        let found = checksum_of(&path, stream_len)?;
+        let found = checksum_of(&path, HEADER_LEN, stream_len)?;
         if found == expected {
             Ok(())
         } else {
@@ -232,6 +232,64 @@ fn decode(buf: &[u8; 24]) -> Option<Header> {
         complete,
         stream_len,
     })
+}
+
+/// Creates a RAM image for lazy RAM: `size` bytes of holes, 0600, never over an existing
+/// file (the memory directory exists: the snapshot's stream is in it).
+pub async fn create_ram_image(path: PathBuf, size: u64) -> Result<()> {
+    blocking(move || {
+        let f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(|source| match source.kind() {
+                std::io::ErrorKind::AlreadyExists => Error::TargetExists { path: path.clone() },
+                _ => Error::Io {
+                    what: "creating the RAM image",
+                    path: path.clone(),
+                    source,
+                },
+            })?;
+        f.set_len(size)
+            .map_err(io_err("sizing the RAM image", &path))
+    })
+    .await
+}
+
+/// Makes a RAM image QEMU filled durable and returns its checksum (whole file; holes read as
+/// zeros).
+pub async fn seal_ram_image(path: PathBuf) -> Result<String> {
+    blocking(move || {
+        let f = File::open(&path).map_err(io_err("opening the RAM image", &path))?;
+        f.sync_all()
+            .map_err(io_err("flushing the RAM image", &path))?;
+        let len = f
+            .metadata()
+            .map_err(io_err("reading the RAM image size", &path))?
+            .len();
+        checksum_of(&path, 0, len)
+    })
+    .await
+}
+
+/// Checks a RAM image against its recorded checksum (reads all of it).
+pub async fn verify_ram_image(path: PathBuf, checksum: String) -> Result<()> {
+    blocking(move || {
+        let len = std::fs::metadata(&path)
+            .map_err(io_err("reading the RAM image", &path))?
+            .len();
+        let now = checksum_of(&path, 0, len)?;
+        if now == checksum {
+            Ok(())
+        } else {
+            Err(Error::BadMemoryFile {
+                path,
+                why: format!("its checksum is {now}, the snapshot recorded {checksum}"),
+            })
+        }
+    })
+    .await
 }
 
 #[cfg(test)]

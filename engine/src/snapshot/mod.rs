@@ -27,7 +27,7 @@ pub(crate) mod jobs;
 pub mod memfile;
 pub mod revert;
 pub(crate) mod rollback;
-mod save;
+pub(crate) mod save;
 pub(crate) mod transport;
 
 /// The persisted parts of a snapshot (defined by the store, which owns the file format).

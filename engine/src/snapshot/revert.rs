@@ -72,6 +72,24 @@ pub async fn validate(snapshot: &str, s: &CreateReport) -> Result<f64> {
             .map_err(|e| refused(snapshot, e.to_string()))?;
     }
     let verify_ms = started.elapsed().as_secs_f64() * 1e3;
+    if let Some(lazy) = s.memory.as_ref().and_then(|m| m.lazy.as_ref()) {
+        let now = image::stamp(&lazy.image)
+            .await
+            .map_err(|e| refused(snapshot, format!("its RAM image: {e}")))?;
+        if now != lazy.stamp {
+            return Err(refused(
+                snapshot,
+                format!(
+                    "its RAM image {} changed since it was made (size/mtime {}/{} then, {}/{} now)",
+                    lazy.image.display(),
+                    lazy.stamp.bytes,
+                    lazy.stamp.mtime_ns,
+                    now.bytes,
+                    now.mtime_ns
+                ),
+            ));
+        }
+    }
     for d in &s.disks {
         let now = image::stamp(&d.image)
             .await
@@ -264,6 +282,6 @@ pub async fn restore(
             .await
             .map_err(Error::qmp("resuming the guest"))?;
     }
-    info!(snapshot = %p.snapshot, load_ms, resumed, "restored");
+    info!(snapshot = %p.snapshot, load_ms, resumed, total_ms = started.elapsed().as_secs_f64() * 1e3, "restored");
     Ok(RestoreReport { load_ms, resumed })
 }

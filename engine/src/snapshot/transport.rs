@@ -19,13 +19,9 @@ use tokio::task::JoinHandle;
 /// The name (opaque or `getfd` name) of the memory file's descriptor in QEMU.
 pub(crate) const FD_NAME: &str = "qsnap-memory";
 
-/// Whether this QEMU takes `file:` migration URIs (and so fdsets). The one place that asks.
+/// Whether this QEMU takes `file:` migration URIs (and so fdsets).
 pub async fn has_file_uri(qmp: &Qmp) -> Result<bool> {
-    let schema = qmp
-        .schema()
-        .await
-        .map_err(Error::qmp("reading QEMU's schema"))?;
-    Ok(schema.has_argument("migrate", &["channels", "addr", "filename"]))
+    Ok(crate::features::Features::of(qmp).await?.file_uri)
 }
 
 /// The save side, set up.

@@ -16,18 +16,18 @@ mod atomic;
 mod lock;
 pub mod schema;
 
-pub(crate) use atomic::{blocking, exists, remove_durably, sync_dir};
+pub(crate) use atomic::{blocking, exists, read_json, remove_durably, sync_dir, write_json};
 pub use lock::VmLock;
 pub use schema::{
     CreateIntent, CreateReport, CurrentDisk, DeleteIntent, DeletePhase, ImageStamp, Intent,
-    Journal, LaunchCommand, LivePhase, Manifest, MemoryImage, MergeKind, MergeStep, Mode, Origin,
-    PlannedOverlay, RevertIntent, RevertPhase, SavedSettings, SkippedDisk, SnapshotDisk,
+    Journal, LaunchCommand, LazyRam, LivePhase, Manifest, MemoryImage, MergeKind, MergeStep, Mode,
+    Origin, PlannedOverlay, RevertIntent, RevertPhase, SavedSettings, SkippedDisk, SnapshotDisk,
     StartIntent, StopIntent, VmRecord, SCHEMA,
 };
 
 use crate::error::{Error, Result};
 use crate::name::{SnapshotName, VmName};
-use atomic::{io, read_json, write_json};
+use atomic::io;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
@@ -76,6 +76,21 @@ impl Store {
     /// The memory file a snapshot of this name has (whether or not it exists).
     pub fn memory_path(&self, vm: &VmName, snap: &SnapshotName) -> PathBuf {
         self.memory_dir(vm).join(format!("{snap}.mem"))
+    }
+
+    /// A lazy snapshot's device-state file and RAM image (whether or not they exist).
+    pub fn lazy_paths(&self, vm: &VmName, snap: &SnapshotName) -> (PathBuf, PathBuf) {
+        let dir = self.memory_dir(vm);
+        (
+            dir.join(format!("{snap}.dev")),
+            dir.join(format!("{snap}.ram")),
+        )
+    }
+
+    /// Every memory file a snapshot of this name may have: stream, device state, RAM image.
+    pub fn memory_files(&self, vm: &VmName, snap: &SnapshotName) -> [PathBuf; 3] {
+        let (dev, ram) = self.lazy_paths(vm, snap);
+        [self.memory_path(vm, snap), dev, ram]
     }
 
     fn record_path(&self, vm: &VmName) -> PathBuf {
@@ -345,13 +360,28 @@ fn check_manifest(m: &Manifest, vm: &VmName, path: &Path) -> Result<()> {
     let snap =
         SnapshotName::parse(&m.name).ok_or_else(|| bad("its snapshot name is invalid".into()))?;
     if let Some(mem) = &m.snapshot.memory {
-        let vm_dir = path.parent().and_then(Path::parent);
-        let expected = vm_dir.map(|d| d.join("memory").join(format!("{snap}.mem")));
-        if expected.as_deref() != Some(mem.file.as_path()) {
+        let dir = path
+            .parent()
+            .and_then(Path::parent)
+            .map(|d| d.join("memory"))
+            .unwrap_or_default();
+        let (file, ram) = match &mem.lazy {
+            None => (format!("{snap}.mem"), None),
+            Some(l) => (format!("{snap}.dev"), Some(&l.image)),
+        };
+        if mem.file != dir.join(file) {
             return Err(bad(format!(
                 "its memory file {} is not the store's file for this snapshot",
                 mem.file.display()
             )));
+        }
+        if let Some(ram) = ram {
+            if *ram != dir.join(format!("{snap}.ram")) {
+                return Err(bad(format!(
+                    "its RAM image {} is not the store's file for this snapshot",
+                    ram.display()
+                )));
+            }
         }
     }
     for d in &m.snapshot.disks {

@@ -122,6 +122,28 @@ pub struct MemoryImage {
     /// Checksum of QEMU's stream (`xxh3-128:<hex>`), checked before a revert touches the VM.
     #[serde(default)]
     pub checksum: Option<String>,
+    /// Set once the memory was made lazy (`qsnap lazy-ram`): guest RAM lives in a flat image
+    /// a revert maps copy-on-write, and `file` holds only the device state (saved with
+    /// `x-ignore-shared`, which is then among `capabilities`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lazy: Option<LazyRam>,
+}
+
+/// Guest RAM as a flat image (zero pages are holes), mapped by a revert instead of loaded.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct LazyRam {
+    /// The image (`<snapshot>.ram` in the VM's memory directory).
+    pub image: PathBuf,
+    /// The id of the RAM backend QEMU names the block by (`pc.ram` for `-m` on pc/q35).
+    pub backend: String,
+    /// The image's size: the guest's RAM.
+    pub size: u64,
+    /// Size and mtime when it was made; a revert refuses an image that changed.
+    pub stamp: ImageStamp,
+    /// `xxh3-128:<hex>` of the whole image, checked by `qsnap check` (a revert checks the
+    /// stamp: reading all of RAM would cost what lazy RAM saves).
+    pub checksum: String,
 }
 
 /// Precopy's live phase.

@@ -124,6 +124,22 @@ impl Vm {
                         false,
                     );
                 }
+                if let Some(lazy) = &mem.lazy {
+                    if let Err(e) =
+                        memfile::verify_ram_image(lazy.image.clone(), lazy.checksum.clone()).await
+                    {
+                        add(
+                            "bad-memory",
+                            format!("snapshot {}: its RAM image: {e}", m.name),
+                            format!(
+                                "it cannot be reverted to; `qsnap delete {} {}` removes it",
+                                self.name(),
+                                m.name
+                            ),
+                            false,
+                        );
+                    }
+                }
             }
             for d in &m.snapshot.disks {
                 match image::stamp(&d.image).await {
@@ -330,7 +346,10 @@ impl Vm {
         // 6. Memory files no snapshot names.
         let names: Vec<PathBuf> = manifests
             .iter()
-            .filter_map(|m| m.snapshot.memory.as_ref().map(|x| x.file.clone()))
+            .filter_map(|m| m.snapshot.memory.as_ref())
+            .flat_map(|x| {
+                std::iter::once(x.file.clone()).chain(x.lazy.as_ref().map(|l| l.image.clone()))
+            })
             .collect();
         let dir = self.store().memory_dir(self.name());
         let strays: Vec<PathBuf> = store::blocking(move || {

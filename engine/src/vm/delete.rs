@@ -110,10 +110,10 @@ impl Vm {
         // ---- checks: nothing has changed yet ----
         for v in &victims {
             if let Some(mem) = &v.snapshot.memory {
-                let expected = self
+                let own = self
                     .store()
-                    .memory_path(self.name(), &SnapshotName::new(&v.name)?);
-                if mem.file != expected {
+                    .memory_files(self.name(), &SnapshotName::new(&v.name)?);
+                if !own.contains(&mem.file) {
                     return Err(refuse(format!(
                         "its memory file {} is not the store's",
                         mem.file.display()
@@ -234,10 +234,16 @@ pub(crate) async fn remove_snapshots(
     for v in victims {
         let snap = SnapshotName::new(&v.name)?;
         if v.snapshot.memory.is_some() {
-            let path = vm.store().memory_path(vm.name(), &snap);
-            let p = path.clone();
-            store::blocking(move || store::remove_durably(&p)).await?;
-            removed.push(path);
+            // Whatever of stream, device state and RAM image it has (a lazy conversion
+            // interrupted halfway may have left either).
+            for path in vm.store().memory_files(vm.name(), &snap) {
+                let p = path.clone();
+                if store::blocking(move || store::exists(&p)).await? {
+                    let p = path.clone();
+                    store::blocking(move || store::remove_durably(&p)).await?;
+                    removed.push(path);
+                }
+            }
         }
         vm.store().remove_manifest(vm.name(), &snap).await?;
     }

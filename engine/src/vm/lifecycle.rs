@@ -221,6 +221,7 @@ impl Engine {
             paused: false,
             machine: None,
             log: self.store.vm_dir(name).join("qemu.log"),
+            ram: None,
         };
         let launched = launcher.launch(&spec).await?;
         let mut record = VmRecord {
@@ -405,6 +406,7 @@ impl Vm {
             paused: false,
             machine: None,
             log: self.log_path(),
+            ram: None,
         };
         let argv = launch::build_argv(&spec)?;
         self.store()

@@ -15,6 +15,7 @@ mod check;
 mod consolidate;
 mod create;
 mod delete;
+mod lazy;
 mod lifecycle;
 mod recover;
 mod refs;
@@ -23,9 +24,10 @@ mod state;
 
 pub use check::{CheckReport, Finding};
 pub use delete::{DeleteOptions, DeleteReport, MergeProgress, MergeProgressFn, MergeReport};
+pub use lazy::LazyReport;
 pub use lifecycle::{AttachOptions, DiskChain, RunOptions, RunReport, Status};
 pub use recover::Recovery;
-pub use revert::{RevertOptions, RevertReport};
+pub use revert::{RamRestore, RevertOptions, RevertReport};
 pub use state::{Operation, VmState};
 
 use crate::error::{Error, Result};
@@ -60,6 +62,7 @@ impl std::fmt::Debug for Engine {
 impl Engine {
     /// An engine over `store`, with default connection options.
     pub fn new(store: Store) -> Engine {
+        crate::features::cache_in(store.root().join("cache"));
         Engine {
             store,
             connect: ConnectOptions {

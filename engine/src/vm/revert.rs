@@ -22,7 +22,7 @@ use super::state::{Operation, VmState};
 use super::Vm;
 use crate::error::{Error, Result};
 use crate::failpoint;
-use crate::launch::{self, stop_qemu, LaunchSpec, Launched, Launcher, ProcessLauncher};
+use crate::launch::{self, stop_qemu, LaunchSpec, Launched, Launcher, ProcessLauncher, RamMapping};
 use crate::name::SnapshotName;
 use crate::snapshot::revert::{self, PreparedRevert, RestoreReport, RevertDisk};
 use crate::store::{CurrentDisk, Intent, RevertIntent, RevertPhase, VmRecord};
@@ -55,7 +55,9 @@ pub struct RevertReport {
     pub resumed: bool,
     /// Checking the memory file (length and checksum) before anything was touched.
     pub verify_ms: f64,
-    /// Memory load time.
+    /// How guest RAM came back.
+    pub ram: RamRestore,
+    /// Memory load time (device state only, for lazy RAM).
     pub load_ms: f64,
     /// From the request to the guest running (or ready, when paused).
     pub total_ms: f64,
@@ -68,6 +70,32 @@ pub struct RevertReport {
     pub kept_current: Option<String>,
     /// QEMU's pid.
     pub pid: Option<u32>,
+}
+
+/// How a revert brought guest RAM back.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case", tag = "how")]
+pub enum RamRestore {
+    /// A disk-only snapshot: the guest booted.
+    None,
+    /// Mapped from the snapshot's RAM image, copy-on-write; pages load as the guest touches
+    /// them.
+    Lazy,
+    /// Loaded from the memory stream, all of it, before the guest ran.
+    Eager {
+        /// Why not lazily.
+        why: String,
+    },
+}
+
+impl std::fmt::Display for RamRestore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RamRestore::None => f.write_str("none (disk-only snapshot: the guest booted)"),
+            RamRestore::Lazy => f.write_str("mapped lazily from the snapshot's RAM image"),
+            RamRestore::Eager { why } => write!(f, "loaded from the memory stream ({why})"),
+        }
+    }
 }
 
 impl Vm {
@@ -121,6 +149,7 @@ impl Vm {
         );
         let verify_ms = verified?;
         machine_ok.map_err(refuse)?;
+        let t_checked = started.elapsed();
         let planned = revert::plan_overlays(&manifest.snapshot, None).await?;
         // The new chain: the snapshot's disks on their new overlays, others as they are.
         let mut new_disks = record.disks.clone();
@@ -139,6 +168,29 @@ impl Vm {
             paused: manifest.snapshot.memory.is_some() || opts.paused,
             machine: manifest.machine.clone(),
             log: self.log_path(),
+            ram: manifest
+                .snapshot
+                .memory
+                .as_ref()
+                .and_then(|m| m.lazy.as_ref())
+                .map(|l| RamMapping::Private {
+                    backend: l.backend.clone(),
+                    image: l.image.clone(),
+                    size: l.size,
+                }),
+        };
+        let ram = match (&manifest.snapshot.memory, &spec.ram) {
+            (None, _) => RamRestore::None,
+            (Some(_), Some(_)) => RamRestore::Lazy,
+            (Some(_), None) => RamRestore::Eager {
+                why: super::lazy::why_not(&spec.command.argv, manifest.machine.as_deref())
+                    .unwrap_or_else(|| {
+                        format!(
+                            "the snapshot has no RAM image yet (`qsnap lazy-ram {} {snap}` makes one)",
+                            self.name()
+                        )
+                    }),
+            },
         };
         // Check the command line rewrites before anything changes.
         launch::build_argv(&spec).map_err(|e| refuse(e.to_string()))?;
@@ -202,6 +254,7 @@ impl Vm {
             }
         };
         failpoint::hit("revert.prepared", state.pid()).await?;
+        let t_prepared = started.elapsed();
         if self.cancel().is_cancelled() {
             revert::discard(&prepared).await;
             let _ = self.store().clear_journal(self.name()).await;
@@ -257,12 +310,13 @@ impl Vm {
             .await?;
         let removed = finish(self, &mut record, &intent, launched.pid).await?;
         info!(vm = %self.name(), %snap, ms = started.elapsed().as_secs_f64() * 1e3, "reverted");
-        tracing::debug!(verify_ms, ?t_stopped, load_ms = restored.load_ms, total = ?started.elapsed(), "revert breakdown");
+        tracing::debug!(verify_ms, ?t_checked, ?t_prepared, ?t_stopped, load_ms = restored.load_ms, total = ?started.elapsed(), "revert breakdown");
         Ok(RevertReport {
             snapshot: snap.to_string(),
             disks: prepared.disks.clone(),
             memory_restored: prepared.memory.is_some(),
             resumed: restored.resumed,
+            ram,
             verify_ms,
             load_ms: restored.load_ms,
             total_ms: running_ms,
@@ -280,16 +334,20 @@ impl Vm {
         prepared: &PreparedRevert,
         paused: bool,
     ) -> std::result::Result<(Launched, RestoreReport), (Error, Option<u32>)> {
+        let t0 = Instant::now();
         let launched = launcher.launch(spec).await.map_err(|e| (e, None))?;
+        let t_launched = t0.elapsed();
         let pid = launched.pid;
         failpoint::hit("revert.launched", pid)
             .await
             .map_err(|e| (e, pid))?;
         let qmp = self.connect().await.map_err(|e| (e, pid))?;
+        tracing::debug!(?t_launched, t_connected = ?t0.elapsed(), "relaunched");
         let restored = revert::restore(&qmp, prepared, !paused, Duration::from_secs(600))
             .await
             .map_err(|e| (e, pid))?;
         let pid = qmp.peer_pid().or(pid);
+        tracing::debug!(t_restored = ?t0.elapsed(), "restored");
         Ok((Launched { pid, ..launched }, restored))
     }
 }

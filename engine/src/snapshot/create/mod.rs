@@ -338,6 +338,7 @@ fn memory_report(
             ram_bytes: done.ram.as_ref().map(|r| r.total).unwrap_or(0),
             capabilities: Vec::new(),
             checksum: None,
+            lazy: None,
         }),
         disks: plan.disks.clone(),
         skipped: Vec::new(),

@@ -73,10 +73,9 @@ pub(super) async fn run(
             .await
             .map_err(Error::qmp("resuming the guest"))?;
         rb.forget(|u| matches!(u, Undo::Resume));
-    } else if qmp
-        .schema()
+    } else if crate::features::Features::of(qmp)
         .await
-        .is_ok_and(|s| s.has_command("blockdev-set-active"))
+        .is_ok_and(|f| f.blockdev_set_active)
     {
         // A paused VM stays paused, but its disks must not stay inactive.
         qmp.execute(BlockdevSetActive { active: true })

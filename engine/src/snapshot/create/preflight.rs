@@ -124,11 +124,9 @@ pub(super) async fn preflight(qmp: &Qmp, opts: &CreateOptions) -> Result<Plan> {
 /// The memory mode to use: what was asked for if this QEMU can, else the best it can.
 async fn memory_mode(qmp: &Qmp, asked: Option<Mode>, running: bool) -> Result<Mode> {
     let version = qmp.greeting().version.qemu;
-    let schema = qmp
-        .schema()
-        .await
-        .map_err(Error::qmp("reading QEMU's schema"))?;
-    let bg = schema.has_migration_capability("background-snapshot");
+    let bg = crate::features::Features::of(qmp)
+        .await?
+        .background_snapshot;
     // Before 9.0 QEMU's background-snapshot thread resumes the guest when it is done with the
     // device state, even if it was paused: a paused VM must use precopy there.
     let resumes_paused = !version.at_least(9, 0) && !running;

@@ -1,0 +1,455 @@
+//! Making a snapshot's memory lazy: its stream becomes a flat RAM image plus a small
+//! device-state file, so a revert maps the image (pages fault in as the guest touches them,
+//! copy-on-write, shared between VMs) instead of loading every page first.
+//!
+//! ```text
+//! lock → checks (memory snapshot, not lazy yet, the command line allows it, the stream whole)
+//! → <snap>.ram (holes, 0600) and <snap>.dev (memory-file header, 0600), both new
+//! → helper QEMU: the VM's devices made inert, RAM = the image (share=on), its disks on
+//!   throwaway overlays in a private temp dir, -incoming defer -S, its own monitor
+//! → migrate-incoming the stream (x-ignore-shared off, as it was saved)
+//! → x-ignore-shared on, migrate to <snap>.dev: only device state and small ROM blocks
+//! → helper quit; image fsynced, checksummed, stamped
+//! → manifest replaced (atomic): memory = <snap>.dev + lazy image → <snap>.mem removed
+//! ```
+//! No journal: until the manifest is replaced the new files are orphans `qsnap check
+//! --repair` removes, after it the old stream is; the manifest is never half-written. The
+//! helper never writes the VM's images (its overlays are its own, in a temp dir), never binds a
+//! socket or port but its own monitor, and dies with qsnap (parent-death signal).
+
+use super::Vm;
+use crate::error::{Error, Result};
+use crate::image;
+use crate::launch::{argv, machine, ram, RamMapping};
+use crate::name::SnapshotName;
+use crate::qemu::{Capability, MigrateSetCapabilities};
+use crate::snapshot::memfile;
+use crate::snapshot::revert::{self as snaprevert, PreparedRevert};
+use crate::snapshot::save::Watch;
+use crate::store::{self, LazyRam, Manifest};
+use qsnap_qmp::{types, ConnectOptions, Qmp};
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+/// What `lazy-ram` did.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct LazyReport {
+    /// The snapshot.
+    pub snapshot: String,
+    /// The RAM image a revert maps.
+    pub image: PathBuf,
+    /// Its size (the guest's RAM).
+    pub image_bytes: u64,
+    /// What it occupies on disk (zero pages are holes).
+    pub image_allocated: u64,
+    /// The device-state file a revert loads.
+    pub devices: PathBuf,
+    /// Its stream's length.
+    pub devices_bytes: u64,
+    /// The memory stream that was replaced (and removed), in bytes.
+    pub stream_bytes: u64,
+    /// How long the conversion took.
+    pub total_ms: f64,
+    /// True when the snapshot was lazy already (nothing done).
+    pub already: bool,
+}
+
+/// Why a VM with this command line and machine type cannot use lazy RAM, or `None`.
+pub(crate) fn why_not(argv: &[String], machine: Option<&str>) -> Option<String> {
+    ram::obstacle(argv)
+        .or_else(|| ram::backend_id(machine).err())
+        .or_else(|| ram::helper_argv(argv).err())
+}
+
+impl Vm {
+    /// Makes `snap`'s memory lazy (see the module docs). A snapshot that is lazy already is
+    /// left as it is.
+    pub async fn make_lazy(&self, snap: &SnapshotName) -> Result<LazyReport> {
+        let started = Instant::now();
+        let op = self.begin(&format!("lazy-ram {snap}")).await?;
+        let record = op.record.clone();
+        let manifest = self.store().manifest(self.name(), snap).await?;
+        let unsupported = |why: String| Error::Unsupported {
+            what: format!("lazy RAM for snapshot {snap}: {why}"),
+        };
+        let Some(mem) = manifest.snapshot.memory.clone() else {
+            return Err(unsupported(
+                "it is a disk-only snapshot (no memory to map)".into(),
+            ));
+        };
+        let (devices, image) = self.store().lazy_paths(self.name(), snap);
+        if let Some(l) = &mem.lazy {
+            return Ok(LazyReport {
+                snapshot: snap.to_string(),
+                image: l.image.clone(),
+                image_bytes: l.size,
+                image_allocated: allocated(&l.image).await,
+                devices: mem.file.clone(),
+                devices_bytes: mem.bytes,
+                stream_bytes: 0,
+                total_ms: 0.0,
+                already: true,
+            });
+        }
+        let command = Self::command_of(&record)?.clone();
+        if let Some(why) = why_not(&command.argv, manifest.machine.as_deref()) {
+            return Err(unsupported(why));
+        }
+        let backend = ram::backend_id(manifest.machine.as_deref()).map_err(unsupported)?;
+        let ram_bytes = ram::ram_size(&command.argv).map_err(unsupported)?;
+        memfile::verify(mem.file.clone(), mem.bytes, mem.checksum.clone())
+            .await
+            .map_err(|e| unsupported(format!("its memory file is not whole: {e}")))?;
+        for p in [&devices, &image] {
+            let q = p.clone();
+            if store::blocking(move || store::exists(&q)).await? {
+                return Err(Error::Unsupported {
+                    what: format!(
+                        "{} exists but no snapshot names it (an interrupted lazy-ram?); `qsnap check {} --repair` removes it",
+                        p.display(),
+                        self.name()
+                    ),
+                });
+            }
+        }
+
+        // ---- new files only; on failure they go again ----
+        let made = async {
+            memfile::create_ram_image(image.clone(), ram_bytes).await?;
+            let dev_file =
+                memfile::create(self.store().memory_dir(self.name()), devices.clone()).await?;
+            let tmp = tempfile::Builder::new()
+                .prefix("qsnap-lazy-")
+                .tempdir()
+                .map_err(|source| Error::Io {
+                    what: "creating a private directory for the helper QEMU",
+                    path: std::env::temp_dir(),
+                    source,
+                })?;
+            let helper = Helper::start(
+                self,
+                &record,
+                &manifest,
+                &command,
+                RamMapping::Writable {
+                    backend: backend.clone(),
+                    image: image.clone(),
+                    size: ram_bytes,
+                },
+                tmp.path(),
+            )
+            .await?;
+            let converted = helper.convert(&manifest, &dev_file, self.cancel()).await;
+            helper.stop().await;
+            converted?;
+            let sealed = memfile::seal(dev_file, devices.clone()).await?;
+            let checksum = memfile::seal_ram_image(image.clone()).await?;
+            let stamp = image::stamp(&image).await?;
+            Ok::<_, Error>((sealed, checksum, stamp))
+        }
+        .await;
+        let (sealed, checksum, stamp) = match made {
+            Ok(x) => x,
+            Err(e) => {
+                for p in [&devices, &image] {
+                    let p = p.clone();
+                    let _ = store::blocking(move || store::remove_durably(&p)).await;
+                }
+                return Err(e);
+            }
+        };
+
+        // ---- the switch: one atomic manifest write ----
+        let mut m = manifest.clone();
+        if let Some(x) = &mut m.snapshot.memory {
+            x.file = devices.clone();
+            x.bytes = sealed.stream_len;
+            x.checksum = Some(sealed.checksum);
+            x.capabilities = LOAD_CAPS.iter().map(|s| (*s).to_owned()).collect();
+            x.lazy = Some(LazyRam {
+                image: image.clone(),
+                backend,
+                size: ram_bytes,
+                stamp,
+                checksum,
+            });
+        }
+        if let Err(e) = self.store().replace_manifest(&m).await {
+            for p in [&devices, &image] {
+                let p = p.clone();
+                let _ = store::blocking(move || store::remove_durably(&p)).await;
+            }
+            return Err(e);
+        }
+        let old = mem.file.clone();
+        if let Err(e) = store::blocking(move || store::remove_durably(&old)).await {
+            warn!(error = %e, "the old memory stream stays; `qsnap check --repair` removes it");
+        }
+        let report = LazyReport {
+            snapshot: snap.to_string(),
+            image: image.clone(),
+            image_bytes: ram_bytes,
+            image_allocated: allocated(&image).await,
+            devices,
+            devices_bytes: sealed.stream_len,
+            stream_bytes: mem.bytes,
+            total_ms: started.elapsed().as_secs_f64() * 1e3,
+            already: false,
+        };
+        info!(vm = %self.name(), %snap, ms = report.total_ms, "memory made lazy");
+        Ok(report)
+    }
+}
+
+/// The capabilities of the device-state save (and so of its load).
+const LOAD_CAPS: [&str; 2] = ["events", "x-ignore-shared"];
+
+async fn allocated(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    tokio::fs::metadata(path)
+        .await
+        .map(|m| m.blocks() * 512)
+        .unwrap_or(0)
+}
+
+/// The helper QEMU and its monitor.
+struct Helper {
+    child: tokio::process::Child,
+    qmp: Qmp,
+    log: PathBuf,
+}
+
+const HELPER_READY: Duration = Duration::from_secs(30);
+
+impl Helper {
+    async fn start(
+        vm: &Vm,
+        record: &store::VmRecord,
+        manifest: &Manifest,
+        command: &store::LaunchCommand,
+        ram: RamMapping,
+        tmp: &Path,
+    ) -> Result<Helper> {
+        // Every disk on a throwaway overlay: the helper never opens the VM's images for
+        // writing (the guest never runs there, but QEMU opens what it is given read-write).
+        let mut disks = record.disks.clone();
+        for d in &mut disks {
+            let base = manifest
+                .snapshot
+                .disks
+                .iter()
+                .find(|s| s.device == d.device)
+                .map(|s| (s.image.clone(), s.format.clone(), s.size));
+            let (base, format, size) = match base {
+                Some(b) => b,
+                None => {
+                    let i = image::info(&d.image, vm.cancel()).await?;
+                    (d.image.clone(), i.format, i.virtual_size)
+                }
+            };
+            let overlay = tmp.join(format!("{}.qcow2", d.device.replace('/', "_")));
+            image::create_overlay(&overlay, &base, &format, size, vm.cancel()).await?;
+            d.image = overlay;
+        }
+        let subs: Vec<_> = disks
+            .iter()
+            .map(|d| crate::launch::DiskSubstitution {
+                from: d.launch_image.clone(),
+                to: d.image.clone(),
+            })
+            .collect();
+        let mut a = argv::remove_flag(&command.argv, "incoming");
+        a = argv::substitute_disks(&a, &command.cwd, &subs)?;
+        a = ram::helper_argv(&a).map_err(|why| Error::Unsupported {
+            what: format!("lazy RAM: {why}"),
+        })?;
+        if let Some(m) = &manifest.machine {
+            a = machine::pin(&a, m)?;
+        }
+        a.extend(ram.args());
+        let socket = tmp.join("qmp.sock");
+        a.extend([
+            "-qmp".into(),
+            format!("unix:{},server=on,wait=off", socket.display()),
+            "-incoming".into(),
+            "defer".into(),
+            "-S".into(),
+        ]);
+        let log = tmp.join("helper.log");
+        let out = std::fs::File::create(&log).map_err(|source| Error::Io {
+            what: "creating the helper's log",
+            path: log.clone(),
+            source,
+        })?;
+        let err = out.try_clone().map_err(|source| Error::Io {
+            what: "creating the helper's log",
+            path: log.clone(),
+            source,
+        })?;
+        // The helper dies with qsnap, even SIGKILLed: util-linux's setpriv sets the parent-death
+        // signal (no unsafe pre_exec here); without setpriv, dropping the child kills it.
+        let spawn = |via_setpriv: bool| -> std::io::Result<tokio::process::Child> {
+            let mut cmd = if via_setpriv {
+                let mut c = tokio::process::Command::new("setpriv");
+                c.args(["--pdeathsig", "KILL", "--"]).args(&a);
+                c
+            } else {
+                let mut c = tokio::process::Command::new(&a[0]);
+                c.args(&a[1..]);
+                c
+            };
+            cmd.current_dir(&command.cwd)
+                .stdin(Stdio::null())
+                .stdout(out.try_clone()?)
+                .stderr(err.try_clone()?)
+                .kill_on_drop(true)
+                .spawn()
+        };
+        let mut child = match spawn(true) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => spawn(false),
+            other => other,
+        }
+        .map_err(|source| Error::Io {
+            what: "starting the helper QEMU",
+            path: a[0].clone().into(),
+            source,
+        })?;
+        let deadline = Instant::now() + HELPER_READY;
+        let opts = ConnectOptions {
+            connect_retry: Duration::ZERO,
+            ..ConnectOptions::default()
+        };
+        loop {
+            if let Ok(qmp) = Qmp::connect_with(socket.clone(), &opts).await {
+                return Ok(Helper { child, qmp, log });
+            }
+            let failed = match child.try_wait() {
+                Ok(Some(status)) => Some(format!("it exited ({status})")),
+                _ if Instant::now() > deadline => Some(format!(
+                    "its monitor did not answer within {HELPER_READY:?}"
+                )),
+                _ if vm.cancel().is_cancelled() => return Err(Error::Cancelled),
+                _ => None,
+            };
+            if let Some(why) = failed {
+                let _ = child.start_kill();
+                let _ = child.wait().await;
+                let tail = tokio::fs::read_to_string(&log).await.unwrap_or_default();
+                return Err(Error::LaunchFailed {
+                    why: format!("the helper QEMU did not come up: {why}"),
+                    log: log.clone(),
+                    tail: tail
+                        .lines()
+                        .rev()
+                        .take(10)
+                        .collect::<Vec<_>>()
+                        .into_iter()
+                        .rev()
+                        .collect::<Vec<_>>()
+                        .join("\n"),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Loads the stream into the image, then saves the device state alone to `dev_file`.
+    async fn convert(
+        &self,
+        manifest: &Manifest,
+        dev_file: &std::fs::File,
+        cancel: &CancellationToken,
+    ) -> Result<()> {
+        let qmp = &self.qmp;
+        let f = crate::features::Features::of(qmp).await?;
+        let version = qmp.greeting().version.qemu;
+        let props = qmp
+            .execute(types::qom_list_properties {
+                typename: "memory-backend-file".into(),
+            })
+            .await
+            .map_err(Error::qmp("listing memory-backend-file's properties"))?;
+        if !f.ignore_shared || !f.file_uri || !props.iter().any(|p| p.name == "rom") {
+            return Err(Error::Unsupported {
+                what: format!(
+                    "lazy RAM needs QEMU ≥ 8.2 (x-ignore-shared, file: migration, a read-only private RAM mapping); this is QEMU {version}"
+                ),
+            });
+        }
+        let mem = manifest
+            .snapshot
+            .memory
+            .as_ref()
+            .expect("checked: a memory snapshot");
+        // The load, as a revert does it (x-ignore-shared stays off: the stream was saved so).
+        let load = PreparedRevert {
+            snapshot: manifest.name.clone(),
+            disks: Vec::new(),
+            memory: Some(mem.file.clone()),
+            capabilities: mem.capabilities.clone(),
+            was_running: false,
+            verify_ms: 0.0,
+        };
+        snaprevert::restore(qmp, &load, false, Duration::from_secs(600)).await?;
+        // Only device state from here: RAM is in the shared file mapping, which
+        // x-ignore-shared leaves out. Every other capability off, as the load will expect.
+        let caps = qmp
+            .execute(crate::qemu::QueryMigrateCapabilities {})
+            .await
+            .map_err(Error::qmp("reading migration capabilities"))?;
+        let want = caps
+            .into_iter()
+            .filter(|c| c.state || LOAD_CAPS.contains(&c.capability.as_str()))
+            .map(|c| Capability {
+                state: LOAD_CAPS.contains(&c.capability.as_str()),
+                capability: c.capability,
+            })
+            .collect();
+        qmp.execute(MigrateSetCapabilities { capabilities: want })
+            .await
+            .map_err(Error::qmp("setting x-ignore-shared on the helper"))?;
+        let fdset = qmp
+            .add_fd(dev_file, None, Some(crate::snapshot::transport::FD_NAME))
+            .await
+            .map_err(Error::qmp("passing the device-state file to the helper"))?;
+        qmp.execute(types::migrate {
+            uri: Some(format!(
+                "file:/dev/fdset/{},offset={}",
+                fdset.fdset_id,
+                memfile::HEADER_LEN
+            )),
+            channels: None,
+            detach: None,
+            resume: None,
+        })
+        .await
+        .map_err(Error::qmp("saving the device state"))?;
+        let watch = Watch {
+            started: Instant::now(),
+            timeout: Duration::from_secs(120),
+            progress: None,
+            cancel,
+        };
+        watch.until_completed(qmp, |_| async { Ok(()) }).await?;
+        Ok(())
+    }
+
+    async fn stop(mut self) {
+        let _ =
+            tokio::time::timeout(Duration::from_secs(2), self.qmp.execute(types::quit {})).await;
+        drop(self.qmp);
+        if tokio::time::timeout(Duration::from_secs(10), self.child.wait())
+            .await
+            .is_err()
+        {
+            warn!(log = %self.log.display(), "the helper QEMU did not quit; killing it");
+            let _ = self.child.start_kill();
+            let _ = self.child.wait().await;
+        }
+    }
+}

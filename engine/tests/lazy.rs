@@ -1,0 +1,218 @@
+//! Lazy RAM against a real QEMU and the real guest: a snapshot's memory stream made into a RAM
+//! image + device state (`Vm::make_lazy`), reverts that map the image instead of loading it,
+//! resuming at exactly the tick an eager revert of the same snapshot resumed at, again and
+//! again and across branches; a lazily reverted VM still snapshots (precopy) and its snapshots
+//! go lazy too; deleting the snapshot a running VM maps; a leftover file is never overwritten;
+//! and a VM whose command line rules lazy RAM out reverts eagerly and says why.
+
+use qsnap_engine::snapshot::Mode;
+use qsnap_engine::{Error, RamRestore, RevertOptions, RevertReport};
+use qsnap_testkit::serial::parse_tick;
+use qsnap_testkit::{init_logging, require_qemu, VmBuilder};
+use std::os::unix::fs::PermissionsExt;
+use std::time::Duration;
+
+mod common;
+use common::{n, Guest};
+
+/// Reverts to `name` and returns the report and the reverted guest's first tick, after
+/// checking it lies in the snapshot's range and memory and disk agree for a few ticks.
+async fn revert_first_tick(
+    g: &Guest,
+    name: &str,
+    (before, after): (u64, u64),
+) -> (RevertReport, u64) {
+    let r =
+        g.vm.revert_with(&n(name), &RevertOptions::default(), &g.launcher)
+            .await
+            .unwrap_or_else(|e| panic!("revert {name}: {e}\n{}", g.report()));
+    assert!(r.memory_restored && r.resumed);
+    let (idx, first) = g
+        .serial()
+        .wait_from(0, Duration::from_secs(60), parse_tick)
+        .await
+        .unwrap_or_else(|e| panic!("no tick after revert: {e}\n{}", g.report()));
+    assert!(
+        first > before && first <= after + 1,
+        "reverted to {name} ({}) but resumed at tick {first}; it was taken between {before} and {after}\n{}",
+        r.ram,
+        g.report()
+    );
+    g.tick_above(idx, first + 2).await;
+    assert!(g.serial().mismatches().is_empty(), "{}", g.report());
+    (r, first)
+}
+
+fn mode_of(path: &std::path::Path) -> u32 {
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lazy_reverts_resume_where_eager_ones_do_again_and_across_branches() {
+    require_qemu!();
+    init_logging();
+    let g = Guest::start(VmBuilder::guest().dirty_mb(16), "qcow2").await;
+    g.tick_above(0, 3).await;
+    let s1 = g.snapshot("s1").await;
+    g.tick_above(0, s1.1 + 3).await;
+
+    // Eager first: the tick a revert of s1 resumes at.
+    let (r, eager_tick) = revert_first_tick(&g, "s1", s1).await;
+    assert!(
+        matches!(&r.ram, RamRestore::Eager { why } if why.contains("lazy-ram")),
+        "{:?}",
+        r.ram
+    );
+
+    // A leftover file where the RAM image goes is never overwritten; check --repair removes it.
+    let mem_dir = g.dir.join("store/vms/g/memory");
+    std::fs::write(mem_dir.join("s1.dev"), b"left over").unwrap();
+    let err = g.vm.make_lazy(&n("s1")).await.unwrap_err();
+    assert!(err.to_string().contains("check g --repair"), "{err}");
+    assert_eq!(std::fs::read(mem_dir.join("s1.dev")).unwrap(), b"left over");
+    assert!(mem_dir.join("s1.mem").exists());
+    let fixed = g.vm.check(true).await.unwrap();
+    assert!(fixed.clean, "{:?}", fixed.findings);
+    assert!(!mem_dir.join("s1.dev").exists());
+
+    let lazy = g.vm.make_lazy(&n("s1")).await.unwrap();
+    eprintln!(
+        "lazy-ram s1: {:.0} ms, image {} MiB ({} MiB allocated), device state {} KiB, stream was {} MiB",
+        lazy.total_ms,
+        lazy.image_bytes >> 20,
+        lazy.image_allocated >> 20,
+        lazy.devices_bytes >> 10,
+        lazy.stream_bytes >> 20
+    );
+    assert!(!lazy.already);
+    assert_eq!(lazy.image_bytes, 256 << 20);
+    assert!(
+        lazy.image_allocated < lazy.image_bytes,
+        "the RAM image is sparse"
+    );
+    assert!(lazy.devices_bytes < 8 << 20, "device state only");
+    assert!(!mem_dir.join("s1.mem").exists(), "the stream is replaced");
+    for f in ["s1.dev", "s1.ram"] {
+        assert_eq!(mode_of(&mem_dir.join(f)), 0o600, "{f}");
+    }
+    assert_eq!(mode_of(&mem_dir), 0o700);
+    // Idempotent.
+    assert!(g.vm.make_lazy(&n("s1")).await.unwrap().already);
+    // The helper QEMU took none of the VM's sockets: its monitor still answers there.
+    assert!(g.dir.join("store/vms/g/qmp.sock").exists());
+    assert!(g.vm.status().await.unwrap().running);
+
+    // Ten lazy reverts in a row: every one resumes at the eager revert's tick.
+    for i in 0..10 {
+        let (r, first) = revert_first_tick(&g, "s1", s1).await;
+        assert_eq!(r.ram, RamRestore::Lazy, "revert {i}");
+        assert_eq!(
+            first,
+            eager_tick,
+            "lazy revert {i} resumed at {first}, the eager one at {eager_tick}\n{}",
+            g.report()
+        );
+        eprintln!("lazy revert {i}: {:.0} ms to running", r.total_ms);
+    }
+
+    // A lazily reverted VM snapshots (precopy: QEMU cannot write-protect a private file
+    // mapping), and that snapshot reverts and goes lazy too.
+    let s2 = g.snapshot("s2").await;
+    let m2 = g.vm.snapshot(&n("s2")).await.unwrap();
+    assert_eq!(m2.snapshot.mode, Mode::Precopy);
+    assert_eq!(m2.parent.as_deref(), Some("s1"));
+    let (r, s2_eager) = revert_first_tick(&g, "s2", s2).await;
+    assert!(matches!(r.ram, RamRestore::Eager { .. }));
+    g.vm.make_lazy(&n("s2")).await.unwrap();
+    let (r, first) = revert_first_tick(&g, "s2", s2).await;
+    assert_eq!((r.ram, first), (RamRestore::Lazy, s2_eager));
+    let (r, first) = revert_first_tick(&g, "s1", s1).await;
+    assert_eq!((r.ram, first), (RamRestore::Lazy, eager_tick));
+
+    // The VM maps s1's image right now; deleting s1 leaves it running on its pages.
+    let st = g.vm.status().await.unwrap();
+    g.vm.delete_snapshot(&n("s1"), &Default::default())
+        .await
+        .unwrap_or_else(|e| panic!("delete s1: {e}\n{}", g.report()));
+    assert!(!mem_dir.join("s1.ram").exists() && !mem_dir.join("s1.dev").exists());
+    let mark = g.serial().len();
+    g.tick_above(mark, g.last_tick() + 3).await;
+    assert!(g.serial().mismatches().is_empty(), "{}", g.report());
+    assert_eq!(
+        g.vm.status().await.unwrap().pid,
+        st.pid,
+        "same QEMU, still running"
+    );
+    let (r, first) = revert_first_tick(&g, "s2", s2).await;
+    assert_eq!((r.ram, first), (RamRestore::Lazy, s2_eager));
+
+    // (A revert does not merge: the layer s1 left with one child is check's to merge.)
+    let check = g.vm.check(true).await.unwrap();
+    assert!(check.clean, "{:?}", check.findings);
+    assert!(
+        check.findings.iter().all(|f| f.kind == "unmerged-layer"),
+        "{:?}",
+        check.findings
+    );
+    let mut left: Vec<String> = std::fs::read_dir(&mem_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    left.sort();
+    assert_eq!(left, ["s2.dev", "s2.ram"]);
+
+    // A RAM image changed behind qsnap's back is refused, the VM left running.
+    let ram = mem_dir.join("s2.ram");
+    let f = std::fs::OpenOptions::new().write(true).open(&ram).unwrap();
+    std::os::unix::fs::FileExt::write_at(&f, b"x", 4096).unwrap();
+    drop(f);
+    let err =
+        g.vm.revert_with(&n("s2"), &RevertOptions::default(), &g.launcher)
+            .await
+            .unwrap_err();
+    assert!(
+        matches!(&err, Error::RevertRefused { why, .. } if why.contains("RAM image")),
+        "{err}"
+    );
+    assert!(g.vm.status().await.unwrap().running);
+    let check = g.vm.check(false).await.unwrap();
+    assert!(
+        check.findings.iter().any(|f| f.kind == "bad-memory"),
+        "{:?}",
+        check.findings
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_with_its_own_memory_backend_reverts_eagerly_and_says_why() {
+    require_qemu!();
+    init_logging();
+    let builder = VmBuilder::guest().args([
+        "-object",
+        "memory-backend-ram,id=mem0,size=256M",
+        "-machine",
+        "memory-backend=mem0",
+    ]);
+    let g = Guest::start(builder, "qcow2").await;
+    g.tick_above(0, 3).await;
+    let s1 = g.snapshot("s1").await;
+    let before = g.vm.snapshot(&n("s1")).await.unwrap();
+
+    let err = g.vm.make_lazy(&n("s1")).await.unwrap_err();
+    assert!(
+        matches!(&err, Error::Unsupported { what } if what.contains("memory backend")),
+        "{err}"
+    );
+    // Nothing changed.
+    assert_eq!(g.vm.snapshot(&n("s1")).await.unwrap(), before);
+    let mem_dir = g.dir.join("store/vms/g/memory");
+    let files: Vec<_> = std::fs::read_dir(&mem_dir).unwrap().collect();
+    assert_eq!(files.len(), 1, "only the stream: {files:?}");
+
+    let (r, _) = revert_first_tick(&g, "s1", s1).await;
+    match &r.ram {
+        RamRestore::Eager { why } => assert!(why.contains("memory backend"), "{why}"),
+        other => panic!("expected an eager revert, got {other:?}"),
+    }
+    assert!(r.ram.to_string().contains("memory backend"));
+}
