@@ -259,10 +259,15 @@ pub fn reverted(vm: &str, r: &RevertReport, as_json: bool) {
     }
     if r.memory_restored {
         println!(
-            "{vm} reverted to {} in {:.0} ms (memory checked in {:.0} ms, loaded in {:.0} ms); the guest is {}",
+            "{vm} reverted to {} in {:.0} ms (memory checked in {:.0} ms{}, loaded in {:.0} ms); the guest is {}",
             r.snapshot,
             r.total_ms,
             r.verify_ms,
+            if r.memory_verified_before {
+                ": unchanged since an earlier revert read it"
+            } else {
+                ""
+            },
             r.load_ms,
             if r.resumed { "running" } else { "paused" }
         );

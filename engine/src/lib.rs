@@ -30,6 +30,7 @@
 #![deny(missing_docs)]
 
 pub mod blocks;
+mod cache;
 mod error;
 pub mod failpoint;
 pub mod features;

@@ -126,6 +126,30 @@ async fn revert_brings_memory_and_disk_back_repeatedly_and_across_branches() {
     g.vm.stop().await.unwrap();
 }
 
+/// Flips one bit in the middle of `snap`'s memory stream; a revert must refuse it.
+async fn flip_and_revert(g: &Guest, snap: &str) {
+    let m = g.vm.snapshot(&n(snap)).await.unwrap();
+    let mem = m.snapshot.memory.as_ref().unwrap();
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&mem.file)
+            .unwrap();
+        let at = 4096 + mem.bytes / 2;
+        let mut b = [0u8; 1];
+        f.read_exact_at(&mut b, at).unwrap();
+        f.write_all_at(&[b[0] ^ 0x10], at).unwrap();
+    }
+    let err = g.vm.revert(&n(snap), false).await.unwrap_err();
+    assert!(matches!(err, Error::RevertRefused { .. }), "{snap}: {err}");
+    assert!(
+        err.to_string().contains("contents changed"),
+        "{snap}: {err}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_damaged_snapshot_is_refused_before_the_vm_is_touched() {
     require_qemu!();
@@ -138,23 +162,7 @@ async fn a_damaged_snapshot_is_refused_before_the_vm_is_touched() {
 
     // One bit flipped inside the memory stream (the length is right): caught by the checksum
     // before anything is touched.
-    let m3 = g.vm.snapshot(&n("s3")).await.unwrap();
-    let mem = m3.snapshot.memory.as_ref().unwrap().file.clone();
-    {
-        use std::os::unix::fs::FileExt;
-        let f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&mem)
-            .unwrap();
-        let at = 4096 + m3.snapshot.memory.as_ref().unwrap().bytes / 2;
-        let mut b = [0u8; 1];
-        f.read_exact_at(&mut b, at).unwrap();
-        f.write_all_at(&[b[0] ^ 0x10], at).unwrap();
-    }
-    let err = g.vm.revert(&n("s3"), false).await.unwrap_err();
-    assert!(matches!(err, Error::RevertRefused { .. }), "{err}");
-    assert!(err.to_string().contains("contents changed"), "{err}");
+    flip_and_revert(&g, "s3").await;
 
     // A truncated memory file.
     let m1 = g.vm.snapshot(&n("s1")).await.unwrap();
@@ -197,6 +205,15 @@ async fn a_damaged_snapshot_is_refused_before_the_vm_is_touched() {
         .filter(|e| e.file_name().to_string_lossy().contains(".r1."))
         .collect();
     assert!(strays.is_empty(), "{strays:?}");
+
+    // A snapshot reverted to twice is read once (its checksum remembered for this very file);
+    // flipped after that, it is read again and refused.
+    g.take("s4").await;
+    let r = g.vm.revert(&n("s4"), false).await.unwrap();
+    assert!(!r.memory_verified_before, "{r:?}");
+    let again = g.vm.revert(&n("s4"), false).await.unwrap();
+    assert!(again.memory_verified_before, "{again:?}");
+    flip_and_revert(&g, "s4").await;
     g.vm.stop().await.unwrap();
 }
 

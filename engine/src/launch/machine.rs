@@ -17,16 +17,16 @@ pub async fn check(
     machine: &str,
     cancel: &CancellationToken,
 ) -> std::result::Result<(), String> {
-    let key = match crate::features::resolve_binary(binary) {
-        Some(p) => crate::features::file_key(&p, "machines").await,
+    let key = match crate::cache::resolve_binary(binary) {
+        Some(p) => crate::cache::file_key(&p, "machines").await,
         None => None,
     };
     let types: Vec<String> = match &key {
-        Some(k) => match crate::features::lookup(k).await {
+        Some(k) => match crate::cache::lookup(k).await {
             Some(t) => t,
             None => {
                 let t = list(binary, cancel).await?;
-                crate::features::remember(k.clone(), &t).await;
+                crate::cache::remember(k.clone(), &t).await;
                 t
             }
         },

@@ -148,6 +148,53 @@ fn checksum_of(path: &Path, offset: u64, stream_len: u64) -> Result<String> {
     Ok(format!("xxh3-128:{:032x}", hasher.digest128()))
 }
 
+/// How [`verify_cached`] checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verified {
+    /// The whole stream was read and its checksum matched.
+    Read,
+    /// Header and length checked; the checksum matched before, for this very file (inode,
+    /// size, mtime and ctime unchanged since, so it was not written since).
+    Remembered,
+}
+
+/// [`verify`], but a file whose checksum matched before and that was not written since
+/// (same inode, size, mtime and ctime — ctime no one can set back) is not read again: a
+/// snapshot reverted to again and again is read once. `qsnap check` always reads it all.
+pub async fn verify_cached(
+    path: PathBuf,
+    stream_len: u64,
+    checksum: Option<String>,
+) -> Result<Verified> {
+    let Some(expected) = checksum.clone() else {
+        verify(path, stream_len, None).await?;
+        return Ok(Verified::Read);
+    };
+    let identity = {
+        use std::os::unix::fs::MetadataExt;
+        let md = tokio::fs::metadata(&path)
+            .await
+            .map_err(io_err("reading the memory file", &path))?;
+        format!(
+            "verified|{}|{}|{}|{}.{}|{}.{}|{expected}",
+            path.display(),
+            md.ino(),
+            md.size(),
+            md.mtime(),
+            md.mtime_nsec(),
+            md.ctime(),
+            md.ctime_nsec()
+        )
+    };
+    if crate::cache::lookup::<bool>(&identity).await == Some(true) {
+        verify(path, stream_len, None).await?;
+        return Ok(Verified::Remembered);
+    }
+    verify(path, stream_len, checksum).await?;
+    crate::cache::remember(identity, &true).await;
+    Ok(Verified::Read)
+}
+
 /// Checks a memory file against what its snapshot recorded: header complete, length and
 /// checksum right. Reads the whole stream (the cost is reported by revert).
 pub async fn verify(path: PathBuf, stream_len: u64, checksum: Option<String>) -> Result<()> {

@@ -3,7 +3,8 @@
 //! 1. [`prepare`]: check the snapshot is whole (memory file complete, frozen images present and
 //!    unchanged since the snapshot) and create **new** qcow2 overlays over its frozen images, so
 //!    the snapshot itself is never written and stays revertible again and again.
-//! 2. The caller starts QEMU on those overlays with `-incoming defer` (and `-S`).
+//! 2. The caller starts QEMU on those overlays with `-incoming defer` (and `-S`), plus, for a
+//!    lazy snapshot, [`PreparedRevert::ram`]'s arguments (its RAM mapped from the image).
 //! 3. [`restore`]: load the memory file into it (`migrate-incoming` through an fd, with the
 //!    capabilities the save used) and resume it if the guest was running at snapshot time.
 //!
@@ -12,6 +13,7 @@
 
 use crate::error::{Error, Result};
 use crate::image;
+use crate::launch::RamMapping;
 use crate::qemu::{Capability, MigrateSetCapabilities};
 use crate::snapshot::memfile;
 use crate::snapshot::transport;
@@ -49,6 +51,10 @@ pub struct PreparedRevert {
     pub capabilities: Vec<String>,
     /// Whether the guest was running at snapshot time.
     pub was_running: bool,
+    /// A lazy snapshot: start QEMU with these RAM arguments ([`RamMapping::args`]) so it
+    /// maps the snapshot's RAM image; the load then brings only device state.
+    #[serde(skip)]
+    pub ram: Option<RamMapping>,
     /// How long checking the memory file (length and checksum) took.
     pub verify_ms: f64,
 }
@@ -62,14 +68,18 @@ fn refused(snapshot: &str, why: String) -> Error {
 }
 
 /// Checks that the snapshot's files are whole and unchanged — the memory file's header,
-/// length and checksum, the frozen images' size and time — before anything is touched.
-/// Changes nothing. Returns how long the memory check took.
-pub async fn validate(snapshot: &str, s: &CreateReport) -> Result<f64> {
+/// length and checksum (read once per file version: see [`memfile::verify_cached`]), a lazy
+/// snapshot's RAM image stamp, the frozen images' size and time — before anything is touched.
+/// Changes nothing.
+pub async fn validate(snapshot: &str, s: &CreateReport) -> Result<Validated> {
     let started = Instant::now();
+    let mut memory = None;
     if let Some(mem) = &s.memory {
-        memfile::verify(mem.file.clone(), mem.bytes, mem.checksum.clone())
-            .await
-            .map_err(|e| refused(snapshot, e.to_string()))?;
+        memory = Some(
+            memfile::verify_cached(mem.file.clone(), mem.bytes, mem.checksum.clone())
+                .await
+                .map_err(|e| refused(snapshot, e.to_string()))?,
+        );
     }
     let verify_ms = started.elapsed().as_secs_f64() * 1e3;
     if let Some(lazy) = s.memory.as_ref().and_then(|m| m.lazy.as_ref()) {
@@ -110,7 +120,16 @@ pub async fn validate(snapshot: &str, s: &CreateReport) -> Result<f64> {
             }
         }
     }
-    Ok(verify_ms)
+    Ok(Validated { verify_ms, memory })
+}
+
+/// What [`validate`] found.
+#[derive(Debug, Clone, Copy)]
+pub struct Validated {
+    /// How long the memory check took.
+    pub verify_ms: f64,
+    /// How the memory file was checked (`None`: a disk-only snapshot).
+    pub memory: Option<memfile::Verified>,
 }
 
 /// Validates, then creates the new overlays (`<image stem>.<snapshot>.rN.qcow2` next to each
@@ -120,7 +139,7 @@ pub async fn prepare(
     s: &CreateReport,
     overlay_dir: Option<&Path>,
 ) -> Result<PreparedRevert> {
-    let verify_ms = validate(snapshot, s).await?;
+    let verify_ms = validate(snapshot, s).await?.verify_ms;
     let planned = plan_overlays(s, overlay_dir).await?;
     make_overlays(snapshot, s, planned, verify_ms, &CancellationToken::new()).await
 }
@@ -188,6 +207,15 @@ pub(crate) async fn make_overlays(
             .unwrap_or_default(),
         was_running: s.was_running && s.mode != Mode::DiskOnly,
         verify_ms,
+        ram: s
+            .memory
+            .as_ref()
+            .and_then(|m| m.lazy.as_ref())
+            .map(|l| RamMapping::Private {
+                backend: l.backend.clone(),
+                image: l.image.clone(),
+                size: l.size,
+            }),
     })
 }
 

@@ -394,6 +394,7 @@ impl Helper {
             capabilities: mem.capabilities.clone(),
             was_running: false,
             verify_ms: 0.0,
+            ram: None,
         };
         snaprevert::restore(qmp, &load, false, Duration::from_secs(600)).await?;
         // Only device state from here: RAM is in the shared file mapping, which

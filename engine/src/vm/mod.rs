@@ -62,7 +62,7 @@ impl std::fmt::Debug for Engine {
 impl Engine {
     /// An engine over `store`, with default connection options.
     pub fn new(store: Store) -> Engine {
-        crate::features::cache_in(store.root().join("cache"));
+        crate::cache::cache_in(store.root().join("cache"));
         Engine {
             store,
             connect: ConnectOptions {

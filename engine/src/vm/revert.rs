@@ -24,6 +24,7 @@ use crate::error::{Error, Result};
 use crate::failpoint;
 use crate::launch::{self, stop_qemu, LaunchSpec, Launched, Launcher, ProcessLauncher, RamMapping};
 use crate::name::SnapshotName;
+use crate::snapshot::memfile;
 use crate::snapshot::revert::{self, PreparedRevert, RestoreReport, RevertDisk};
 use crate::store::{CurrentDisk, Intent, RevertIntent, RevertPhase, VmRecord};
 use serde::Serialize;
@@ -55,6 +56,9 @@ pub struct RevertReport {
     pub resumed: bool,
     /// Checking the memory file (length and checksum) before anything was touched.
     pub verify_ms: f64,
+    /// True when the memory file's checksum was not read again: it matched at an earlier
+    /// revert and the file was not written since.
+    pub memory_verified_before: bool,
     /// How guest RAM came back.
     pub ram: RamRestore,
     /// Memory load time (device state only, for lazy RAM).
@@ -147,7 +151,8 @@ impl Vm {
             machine_ok,
             revert::validate(snap.as_str(), &manifest.snapshot)
         );
-        let verify_ms = verified?;
+        let verified = verified?;
+        let verify_ms = verified.verify_ms;
         machine_ok.map_err(refuse)?;
         let t_checked = started.elapsed();
         let planned = revert::plan_overlays(&manifest.snapshot, None).await?;
@@ -318,6 +323,7 @@ impl Vm {
             resumed: restored.resumed,
             ram,
             verify_ms,
+            memory_verified_before: verified.memory == Some(memfile::Verified::Remembered),
             load_ms: restored.load_ms,
             total_ms: running_ms,
             bookkeeping_ms: started.elapsed().as_secs_f64() * 1e3 - running_ms,

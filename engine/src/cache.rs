@@ -1,0 +1,130 @@
+//! Answers worth remembering across operations and processes, keyed by what they depend on:
+//! a file's identity (path, size, modification time) — a QEMU binary's features and machine
+//! types, a memory file's verified checksum. In memory for the process and, once [`cache_in`]
+//! names a directory (the [`crate::Engine`] points it into its store), on disk as small JSON
+//! files. A lost or unreadable entry is simply asked again; an entry never outlives a change
+//! of what its key names. Must never hold anything that is not re-computable.
+
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+use std::path::PathBuf;
+use std::sync::{Mutex, OnceLock};
+
+type Memory = Mutex<HashMap<String, serde_json::Value>>;
+
+fn memory() -> &'static Memory {
+    static M: OnceLock<Memory> = OnceLock::new();
+    M.get_or_init(Memory::default)
+}
+
+fn disk_dir() -> &'static Mutex<Option<PathBuf>> {
+    static D: OnceLock<Mutex<Option<PathBuf>>> = OnceLock::new();
+    D.get_or_init(|| Mutex::new(None))
+}
+
+/// Keeps the on-disk cache in `dir` (created 0700 when first written). Without it the cache
+/// lives only as long as the process.
+pub fn cache_in(dir: impl Into<PathBuf>) {
+    *disk_dir().lock().unwrap_or_else(|e| e.into_inner()) = Some(dir.into());
+}
+
+/// `path|size|mtime_ns|extra` of a file (a QEMU binary), if it can be read.
+pub(crate) async fn file_key(path: &std::path::Path, extra: &str) -> Option<String> {
+    let md = tokio::fs::metadata(path).await.ok()?;
+    let mtime_ns = i128::from(md.mtime()) * 1_000_000_000 + i128::from(md.mtime_nsec());
+    Some(format!(
+        "{}|{}|{}|{extra}",
+        path.display(),
+        md.size(),
+        mtime_ns
+    ))
+}
+
+/// A binary given by name (`qemu-system-x86_64`) as the file `PATH` finds.
+pub(crate) fn resolve_binary(binary: &str) -> Option<PathBuf> {
+    let p = std::path::Path::new(binary);
+    if p.components().count() > 1 {
+        return Some(p.to_owned());
+    }
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|d| std::path::Path::new(d).join(binary))
+        .find(|c| c.is_file())
+}
+
+fn file_for(dir: &std::path::Path, key: &str) -> PathBuf {
+    let h = xxhash_rust::xxh3::xxh3_64(key.as_bytes());
+    dir.join(format!("qemu-{h:016x}.json"))
+}
+
+#[derive(Serialize, Deserialize)]
+struct Entry {
+    key: String,
+    value: serde_json::Value,
+}
+
+/// What was remembered under `key` (in memory, else on disk).
+pub(crate) async fn lookup<T: serde::de::DeserializeOwned>(key: &str) -> Option<T> {
+    let cached = memory()
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(key)
+        .cloned();
+    let value = match cached {
+        Some(v) => v,
+        None => {
+            let dir = disk_dir()
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone()?;
+            let k = key.to_owned();
+            let entry = tokio::task::spawn_blocking(move || {
+                crate::store::read_json::<Entry>(&file_for(&dir, &k))
+                    .ok()
+                    .flatten()
+                    .filter(|e| e.key == k)
+            })
+            .await
+            .ok()
+            .flatten()?;
+            memory()
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(key.to_owned(), entry.value.clone());
+            entry.value
+        }
+    };
+    serde_json::from_value(value).ok()
+}
+
+/// Remembers `value` under `key`, in memory and (best effort) on disk.
+pub(crate) async fn remember<T: Serialize>(key: String, value: &T) {
+    let Ok(value) = serde_json::to_value(value) else {
+        return;
+    };
+    memory()
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(key.clone(), value.clone());
+    let Some(dir) = disk_dir().lock().unwrap_or_else(|e| e.into_inner()).clone() else {
+        return;
+    };
+    let _ = tokio::task::spawn_blocking(move || {
+        // Best effort: a cache that cannot be written is asked again next time.
+        let written = std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
+            .map_err(|e| e.to_string())
+            .and_then(|()| {
+                crate::store::write_json(&file_for(&dir, &key), &Entry { key, value }, false)
+                    .map_err(|e| e.to_string())
+            });
+        if let Err(e) = written {
+            tracing::debug!(error = %e, "cannot write the QEMU feature cache");
+        }
+    })
+    .await;
+}
