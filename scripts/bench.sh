@@ -1,10 +1,46 @@
 #!/usr/bin/env bash
-# qsnap's speed figures on this machine (guest pause for live snapshots, snapshot and revert
-# times), idle and with the guest rewriting memory. Not part of the tests: it measures, the
-# tests assert behaviour. Usage: ./scripts/bench.sh [ROUNDS]
+# qsnap's speed figures on this machine. Not part of the tests: it measures, the tests assert
+# behaviour. Three parts, each printing a table:
+#   1. engine/examples/bench.rs — qsnap alone: pauses, create/revert times (eager, checksum
+#      remembered, lazy), lazy-RAM conversion, delete with 256 MiB to merge.
+#   2. scripts/bench_peers.py — side by side, same guest, same run: qsnap (eager and lazy),
+#      QEMU's own snapshot-save/load, and libvirt with --with-libvirt (installs it from
+#      bookworm-backports). vCPU pause from QEMU's STOP/RESUME events on an observer monitor,
+#      the guest's largest tick gap, wall times, file sizes, the disk's bandwidth.
+#   3. engine/examples/bench_scale.rs — memory (PSS) of 1 and 8 QEMUs restored from one
+#      snapshot, eager and lazy; 8 VMs snapshotted one at a time and concurrently.
+# Usage: ./scripts/bench.sh [ROUNDS] [--with-libvirt] [--ram 512,2048] [--only engine|peers|scale]
+#        (JSON of every part goes to target/bench/)
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 cd "$repo"
+rounds=3
+only=""
+peers_args=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --with-libvirt) peers_args+=(--with-libvirt) ;;
+    --ram) peers_args+=(--ram "$2"); shift ;;
+    --only) only=$2; shift ;;
+    [0-9]*) rounds=$1 ;;
+    *) echo "bench.sh: unknown argument $1" >&2; exit 2 ;;
+  esac
+  shift
+done
 bash tests/guest/install-deps.sh >/dev/null
 bash tests/guest/build.sh >/dev/null
-exec cargo run -q --release -p qsnap-engine --example bench -- "$@"
+mkdir -p target/bench
+cargo build -q --release -p qsnap
+cargo build -q --release -p qsnap-engine --examples
+if [ -z "$only" ] || [ "$only" = engine ]; then
+  echo "== 1. qsnap alone"
+  cargo run -q --release -p qsnap-engine --example bench -- "$rounds"
+fi
+if [ -z "$only" ] || [ "$only" = peers ]; then
+  echo "== 2. side by side"
+  python3 scripts/bench_peers.py --rounds "$rounds" --json target/bench/peers.json "${peers_args[@]}"
+fi
+if [ -z "$only" ] || [ "$only" = scale ]; then
+  echo "== 3. scale"
+  cargo run -q --release -p qsnap-engine --example bench_scale -- --json target/bench/scale.json
+fi

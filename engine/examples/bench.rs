@@ -1,7 +1,8 @@
 //! Speed figures on this machine: how long the guest is paused by a live snapshot (idle and
 //! while it rewrites memory), how long a snapshot takes, how long a revert takes until the
 //! guest runs again (and how much of it is checking the memory file), and how long deleting a
-//! snapshot takes when 256 MiB of data must merge, live and offline. Boots the test guest
+//! snapshot takes when 256 MiB of data must merge, live and offline; a revert to a snapshot
+//! reverted to before (its checksum remembered), a lazy-RAM conversion and lazy reverts. Boots the test guest
 //! (TCG, 512 MiB like the libvirt yardstick in the README) under `Engine::run`.
 //!
 //! ```text
@@ -96,15 +97,35 @@ async fn measure(dirty_mb: u32, rounds: usize) -> Result<Vec<Figures>, Box<dyn s
         let m = vm.create_snapshot(opts).await?;
         pre_pause.values.push(m.snapshot.pause_ms);
     }
+    let mut again = Figures {
+        label: format!("revert again (checksum remembered), ms ({load})"),
+        values: vec![],
+    };
     for i in 0..rounds {
-        let r = vm
-            .revert(&SnapshotName::new(&format!("p{i}"))?, false)
-            .await?;
+        let snap = SnapshotName::new(&format!("p{i}"))?;
+        let r = vm.revert(&snap, false).await?;
         revert.values.push(r.total_ms);
         verify.values.push(r.verify_ms);
+        again.values.push(vm.revert(&snap, false).await?.total_ms);
+    }
+    // Lazy RAM last: a lazily reverted VM takes only precopy snapshots.
+    let mut convert = Figures {
+        label: format!("lazy-ram conversion, ms ({load})"),
+        values: vec![],
+    };
+    let mut lazy = Figures {
+        label: format!("lazy revert until running, ms ({load})"),
+        values: vec![],
+    };
+    let p0 = SnapshotName::new("p0")?;
+    convert.values.push(vm.make_lazy(&p0).await?.total_ms);
+    for _ in 0..rounds {
+        lazy.values.push(vm.revert(&p0, false).await?.total_ms);
     }
     vm.stop().await?;
-    Ok(vec![pit_pause, pit_total, pre_pause, revert, verify])
+    Ok(vec![
+        pit_pause, pit_total, pre_pause, revert, verify, again, convert, lazy,
+    ])
 }
 
 /// Deleting the root snapshot when its child layer holds 256 MiB: the layer is committed
