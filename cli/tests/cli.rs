@@ -365,6 +365,43 @@ async fn run_status_stop_start_revert() {
         shown.contains("d.b.qcow2 → ") && shown.contains("d.qcow2"),
         "{shown}"
     );
+
+    // Lazy RAM from the CLI: made right after the snapshot, idempotent, used by the revert.
+    let out = run(&["revert", "vm1", "b", "--json"]);
+    let r = stdout_json(&out);
+    assert_eq!(r["ram"]["how"], "eager", "{r}");
+    assert!(
+        r["ram"]["why"]
+            .as_str()
+            .unwrap()
+            .contains("qsnap lazy-ram vm1 b"),
+        "{r}"
+    );
+    let out = run(&["create", "vm1", "lz", "--lazy-ram", "--json"]);
+    assert!(out.status.success(), "{out:?}");
+    let m = stdout_json(&out);
+    assert!(
+        m["memory"]["lazy"]["image"]
+            .as_str()
+            .unwrap_or_default()
+            .ends_with("/memory/lz.ram"),
+        "{m}\n{}",
+        text(&out.stderr)
+    );
+    let out = run(&["lazy-ram", "vm1", "lz", "--json"]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(stdout_json(&out)["already"], true);
+    let out = run(&["lazy-ram", "vm1", "b"]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(text(&out.stdout).contains("memory made lazy"), "{out:?}");
+    let out = run(&["revert", "vm1", "lz"]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(text(&out.stdout).contains("RAM: mapped lazily"), "{out:?}");
+    let out = run(&["lazy-ram", "vm1", "nope"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let out = run(&["check", "vm1"]);
+    assert!(out.status.success(), "{out:?}");
+
     let out = run(&["stop", "vm1"]);
     assert!(out.status.success(), "{out:?}");
 }
