@@ -197,11 +197,16 @@ impl Rig {
                     .collect()
             })
             .unwrap_or_default();
-        let expected: BTreeSet<String> = self
-            .snapshots()
-            .iter()
-            .map(|s| format!("{s}.mem"))
-            .collect();
+        // Each snapshot's own: its stream, or (lazy) its device state and RAM image.
+        let mut expected = BTreeSet::new();
+        for m in listing["snapshots"].as_array().unwrap() {
+            let memory = &m["memory"];
+            for f in [&memory["file"], &memory["lazy"]["image"]] {
+                if let Some(f) = f.as_str() {
+                    expected.insert(f.rsplit('/').next().unwrap().to_owned());
+                }
+            }
+        }
         assert_eq!(mem, expected, "{what}: memory files");
     }
 
@@ -466,4 +471,75 @@ async fn sigkilled_deletes_at_random_moments_lose_nothing() {
         }
     }
     rig.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lazy_ram_survives_qsnap_or_its_helper_dying_at_every_step() {
+    require_qemu!();
+    if !qsnap_testkit::failpoints_or_skip(
+        "lazy_ram_survives_qsnap_or_its_helper_dying_at_every_step",
+    ) {
+        return;
+    }
+    for point in points("lazy.") {
+        for action in ["crash", "kill-qemu"] {
+            let what = format!("lazy-ram, {action} at {point}");
+            eprintln!("--- {what}");
+            let rig = Rig::new().await;
+            rig.put(1).await;
+            assert!(rig.qsnap(&["create", "g", "s1"]).status.success());
+            rig.put(2).await;
+            let out = rig.qsnap_failing(point, action, &["lazy-ram", "g", "s1"]);
+            faulted(&out, action, &what);
+            // The helper QEMU never outlives qsnap (parent-death signal).
+            let image = rig.store().join("vms/g/memory/s1.ram");
+            let mut helpers = Vec::new();
+            for _ in 0..100 {
+                helpers = qemu_mapping(&image);
+                if helpers.is_empty() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            assert!(
+                helpers.is_empty(),
+                "{what}: helper QEMU left running: {helpers:?}"
+            );
+            rig.repair_and_check(&what);
+            rig.holds(2, 2)
+                .await
+                .unwrap_or_else(|e| panic!("{what}: the current disk lost data: {e}"));
+            // Whatever the crash left, the snapshot converts (or is converted) and reverts.
+            let out = rig.qsnap(&["lazy-ram", "g", "s1"]);
+            assert!(
+                out.status.success(),
+                "{what}: lazy-ram again: {}",
+                show(&out)
+            );
+            rig.all_revert(&what, step_of, 2).await;
+            let out = rig.qsnap(&["revert", "g", "s1"]);
+            assert!(
+                String::from_utf8_lossy(&out.stdout).contains("RAM: mapped lazily"),
+                "{what}: {}",
+                show(&out)
+            );
+            rig.repair_and_check(&what);
+            rig.stop();
+        }
+    }
+}
+
+/// Pids of processes whose command line names `image` (a helper QEMU mapping it).
+fn qemu_mapping(image: &std::path::Path) -> Vec<u32> {
+    let needle = image.display().to_string();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(&needle))
+        })
+        .filter(|pid| *pid != std::process::id())
+        .collect()
 }

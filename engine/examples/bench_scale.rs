@@ -9,9 +9,11 @@
 //!    (each QEMU maps the snapshot's RAM image private and copy-on-write, with
 //!    `PreparedRevert::ram`'s arguments). Each restore is timed from `prepare` until `restore`
 //!    returned and until the guest's console prints its first tick; once every guest has ticked
-//!    twice more, each QEMU's PSS and RSS are read from `/proc/PID/smaps_rollup`. Reports the PSS
-//!    of one, the total PSS of 8, their ratio, the wall time until all 8 ticked, and whether
-//!    "8 QEMUs restored lazily from one snapshot use ≤ 2× the memory of one" holds.
+//!    twice more, each QEMU's PSS and RSS are read from `/proc/PID/smaps_rollup` (and, from
+//!    `/proc/PID/smaps`, how much of it is the guest RAM mapping and the TCG translation
+//!    buffer). Reports the PSS of one, the total PSS of 8, their ratio, the wall time until all
+//!    8 ticked, and whether "8 QEMUs restored lazily from one snapshot use ≤ 2× the memory of
+//!    one" holds.
 //! 2. **Scale.** Boots 8 test guests (TCG, 256 MiB, idle, each under its own `Engine` and
 //!    store) in parallel, then snapshots all 8 one at a time and all 8 concurrently: the wall
 //!    time of each, the guest pause of every snapshot (`snapshot.pause_ms` from its manifest)
@@ -108,30 +110,71 @@ fn row(label: &str, cells: &[String]) {
 
 // ---------------------------------------------------------------- process memory
 
-/// A process's memory from `/proc/PID/smaps_rollup`, in kB.
+/// A process's memory, in kB: totals from `/proc/PID/smaps_rollup`, and from
+/// `/proc/PID/smaps` the two big mappings of a TCG QEMU — the guest's RAM (the one mapping of
+/// exactly its size: anonymous when eager, the RAM image when lazy) and the TCG translation
+/// buffer (the big anonymous executable one).
 #[derive(Debug, Clone, Copy, Default)]
 struct ProcMem {
     rss: f64,
     pss: f64,
     pss_anon: f64,
     pss_file: f64,
+    /// PSS of the guest RAM mapping.
+    ram_pss: f64,
+    /// Its anonymous pages: loaded (eager) or written since the restore (lazy, copy-on-write).
+    ram_anon: f64,
+    /// PSS of the TCG translation buffer.
+    tcg_pss: f64,
 }
 
-fn proc_mem(pid: i32) -> Res<ProcMem> {
-    let path = format!("/proc/{pid}/smaps_rollup");
-    let text =
-        std::fs::read_to_string(&path).map_err(|e| format!("reading {path}: {e} (QEMU gone?)"))?;
+/// The key and kB figure of a `Key:   123 kB` line.
+fn kb_field(line: &str) -> Option<(&str, f64)> {
+    let mut words = line.split_whitespace();
+    let key = words.next()?;
+    let kb = words.next()?.parse().ok()?;
+    Some((key, kb))
+}
+
+fn proc_mem(pid: i32, ram_kb: f64) -> Res<ProcMem> {
+    let read = |what: &str| {
+        let path = format!("/proc/{pid}/{what}");
+        std::fs::read_to_string(&path).map_err(|e| format!("reading {path}: {e} (QEMU gone?)"))
+    };
     let mut m = ProcMem::default();
-    for line in text.lines() {
-        let mut words = line.split_whitespace();
-        let (Some(key), Some(Ok(kb))) = (words.next(), words.next().map(str::parse::<f64>)) else {
-            continue;
-        };
+    for (key, kb) in read("smaps_rollup")?.lines().filter_map(kb_field) {
         match key {
             "Rss:" => m.rss += kb,
             "Pss:" => m.pss += kb,
             "Pss_Anon:" => m.pss_anon += kb,
             "Pss_File:" => m.pss_file += kb,
+            _ => {}
+        }
+    }
+    #[derive(PartialEq)]
+    enum Kind {
+        Ram,
+        Tcg,
+        Other,
+    }
+    let (mut kind, mut anon_exec) = (Kind::Other, false);
+    for line in read("smaps")?.lines() {
+        let mut words = line.split_whitespace();
+        let first = words.next().unwrap_or("");
+        if first.contains('-') && first.chars().all(|c| c == '-' || c.is_ascii_hexdigit()) {
+            // A mapping's header: range, perms, offset, device, inode, [path].
+            let perms = words.next().unwrap_or("");
+            let path = words.nth(3);
+            anon_exec = perms.contains('x') && path.is_none();
+            kind = Kind::Other;
+            continue;
+        }
+        match kb_field(line) {
+            Some(("Size:", kb)) if kb == ram_kb => kind = Kind::Ram,
+            Some(("Size:", kb)) if anon_exec && kb >= 64.0 * 1024.0 => kind = Kind::Tcg,
+            Some(("Pss:", kb)) if kind == Kind::Ram => m.ram_pss += kb,
+            Some(("Anonymous:", kb)) if kind == Kind::Ram => m.ram_anon += kb,
+            Some(("Pss:", kb)) if kind == Kind::Tcg => m.tcg_pss += kb,
             _ => {}
         }
     }
@@ -146,6 +189,8 @@ struct Restored {
     prepared: PreparedRevert,
     /// `prepare` → `restore` returned.
     restore_ms: f64,
+    /// Of which `prepare` checking the memory file.
+    verify_ms: f64,
     /// `prepare` → the first tick on its console.
     tick_ms: f64,
     tick_at: Instant,
@@ -190,6 +235,7 @@ async fn restore_one(snapshot: String, report: CreateReport, dir: PathBuf) -> Re
     let tick_at = vm.serial.lines()[idx].at;
     Ok(Restored {
         restore_ms,
+        verify_ms: prepared.verify_ms,
         tick_ms: tick_at.duration_since(started).as_secs_f64() * 1e3,
         tick_at,
         first_tick,
@@ -201,6 +247,7 @@ async fn restore_one(snapshot: String, report: CreateReport, dir: PathBuf) -> Re
 /// What `count` QEMUs restored at once from one snapshot cost.
 struct RestoreSet {
     restore_ms: Vec<f64>,
+    verify_ms: Vec<f64>,
     tick_ms: Vec<f64>,
     /// Start → the last of them printed its first tick.
     wall_ms: f64,
@@ -220,12 +267,16 @@ impl RestoreSet {
         json!({
             "qemus": self.mem.len(),
             "restore_ms": figure(&self.restore_ms),
+            "memory_file_check_ms": figure(&self.verify_ms),
             "first_tick_ms": figure(&self.tick_ms),
             "wall_until_all_tick_ms": self.wall_ms,
             "pss_kb": figure(&self.of(|m| m.pss)),
             "pss_anon_kb": figure(&self.of(|m| m.pss_anon)),
             "pss_file_kb": figure(&self.of(|m| m.pss_file)),
             "rss_kb": figure(&self.of(|m| m.rss)),
+            "guest_ram_pss_kb": figure(&self.of(|m| m.ram_pss)),
+            "guest_ram_private_kb": figure(&self.of(|m| m.ram_anon)),
+            "tcg_buffer_pss_kb": figure(&self.of(|m| m.tcg_pss)),
             "total_pss_kb": self.total_pss(),
         })
     }
@@ -278,10 +329,14 @@ async fn restore_set(
         }
         let mut mem = Vec::new();
         for r in &restored {
-            mem.push(proc_mem(r.vm.pid().as_raw())?);
+            mem.push(proc_mem(
+                r.vm.pid().as_raw(),
+                f64::from(RESTORE_MIB) * 1024.0,
+            )?);
         }
         Ok(RestoreSet {
             restore_ms: restored.iter().map(|r| r.restore_ms).collect(),
+            verify_ms: restored.iter().map(|r| r.verify_ms).collect(),
             tick_ms: restored.iter().map(|r| r.tick_ms).collect(),
             wall_ms,
             mem,
@@ -551,15 +606,20 @@ fn print_memory(m: &MemoryFigures, count: usize) -> (f64, f64) {
     one("1 QEMU: prepare → restore returned, ms", &|s| {
         cell(&s.restore_ms)
     });
+    one("  of which memory-file check, ms", &|s| cell(&s.verify_ms));
     one("1 QEMU: prepare → first tick, ms", &|s| cell(&s.tick_ms));
     one("1 QEMU: PSS, MiB", &mem(|m| m.pss));
     one("  of which anonymous, MiB", &mem(|m| m.pss_anon));
     one("  of which file-backed, MiB", &mem(|m| m.pss_file));
+    one("  guest RAM mapping, MiB", &mem(|m| m.ram_pss));
+    one("    its private pages, MiB", &mem(|m| m.ram_anon));
+    one("  TCG translation buffer, MiB", &mem(|m| m.tcg_pss));
     one("1 QEMU: RSS, MiB", &mem(|m| m.rss));
     many(
         &format!("{n} QEMUs: prepare → restore returned, ms"),
         &|s| cell(&s.restore_ms),
     );
+    many("  of which memory-file check, ms", &|s| cell(&s.verify_ms));
     many(&format!("{n} QEMUs: prepare → first tick, ms"), &|s| {
         cell(&s.tick_ms)
     });
@@ -569,6 +629,9 @@ fn print_memory(m: &MemoryFigures, count: usize) -> (f64, f64) {
     many(&format!("{n} QEMUs: PSS per QEMU, MiB"), &mem(|m| m.pss));
     many("  of which anonymous, MiB", &mem(|m| m.pss_anon));
     many("  of which file-backed, MiB", &mem(|m| m.pss_file));
+    many("  guest RAM mapping, MiB", &mem(|m| m.ram_pss));
+    many("    its private pages, MiB", &mem(|m| m.ram_anon));
+    many("  TCG translation buffer, MiB", &mem(|m| m.tcg_pss));
     many(&format!("{n} QEMUs: RSS per QEMU, MiB"), &mem(|m| m.rss));
     many(&format!("{n} QEMUs: total PSS, MiB"), &|s| {
         format!("{:.1}", mib(s.total_pss()))

@@ -100,6 +100,10 @@ async fn two_step(store: &str, vm: &str, snap: &str) -> anyhow_like::Result {
     if let Some(m) = &manifest.machine {
         args = machine::pin(&args, m)?;
     }
+    // A lazy snapshot: guest RAM is mapped from its image; the load brings device state only.
+    if let Some(ram) = &prepared.ram {
+        args.extend(ram.args());
+    }
     args.extend([
         "-qmp".into(),
         format!("unix:{},server=on,wait=off", socket.display()),

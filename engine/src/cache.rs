@@ -31,18 +31,41 @@ pub fn cache_in(dir: impl Into<PathBuf>) {
 
 /// `path|size|mtime_ns|extra` of a file (a QEMU binary), if it can be read.
 pub(crate) async fn file_key(path: &std::path::Path, extra: &str) -> Option<String> {
-    let md = tokio::fs::metadata(path).await.ok()?;
-    let mtime_ns = i128::from(md.mtime()) * 1_000_000_000 + i128::from(md.mtime_nsec());
+    stat_key(path, path, extra).await
+}
+
+/// `name|device|inode|size|mtime|ctime|extra` of the file `stat` resolves (for a QEMU,
+/// `/proc/<pid>/exe`: the very binary it runs, in its own mount namespace). A rebuilt or
+/// reinstalled binary changes its inode or ctime even when size and mtime are kept.
+pub(crate) async fn stat_key(
+    name: &std::path::Path,
+    stat: &std::path::Path,
+    extra: &str,
+) -> Option<String> {
+    let md = tokio::fs::metadata(stat).await.ok()?;
     Some(format!(
-        "{}|{}|{}|{extra}",
-        path.display(),
+        "{}|{}|{}|{}|{}.{}|{}.{}|{extra}",
+        name.display(),
+        md.dev(),
+        md.ino(),
         md.size(),
-        mtime_ns
+        md.mtime(),
+        md.mtime_nsec(),
+        md.ctime(),
+        md.ctime_nsec()
     ))
 }
 
 /// A binary given by name (`qemu-system-x86_64`) as the file `PATH` finds.
-pub(crate) fn resolve_binary(binary: &str) -> Option<PathBuf> {
+pub(crate) async fn resolve_binary(binary: &str) -> Option<PathBuf> {
+    let binary = binary.to_owned();
+    tokio::task::spawn_blocking(move || resolve_binary_blocking(&binary))
+        .await
+        .ok()
+        .flatten()
+}
+
+fn resolve_binary_blocking(binary: &str) -> Option<PathBuf> {
     let p = std::path::Path::new(binary);
     if p.components().count() > 1 {
         return Some(p.to_owned());

@@ -39,6 +39,11 @@ pub const POINTS: &[&str] = &[
     "delete.merged",
     "delete.rebased",
     "delete.consolidated",
+    // lazy-ram (kill-qemu kills the helper QEMU while it exists)
+    "lazy.helper-up",
+    "lazy.converted",
+    "lazy.made",
+    "lazy.switched",
 ];
 
 /// Points after a QMP command that ran, where `timeout` pretends it did not answer in time.

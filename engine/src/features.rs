@@ -72,5 +72,10 @@ async fn binary_key(pid: u32, version: &str) -> Option<String> {
     if exe.to_string_lossy().ends_with(" (deleted)") {
         return None;
     }
-    crate::cache::file_key(&exe, version).await
+    crate::cache::stat_key(
+        &exe,
+        std::path::Path::new(&format!("/proc/{pid}/exe")),
+        version,
+    )
+    .await
 }

@@ -28,6 +28,23 @@ fn qemu_img() -> Command {
 
 /// Creates a qcow2 overlay at `overlay` over `backing` (absolute path, format `format`),
 /// `size` bytes, without opening the backing (`-u`: a running QEMU holds it). Refuses when
+/// Creates an empty qcow2 image of `size` bytes with no backing file, 0600, never over an
+/// existing file (the lazy-RAM helper's stand-in disks: its guest never runs).
+pub async fn create_blank(path: &Path, size: u64, cancel: &CancellationToken) -> Result<()> {
+    let mut cmd = qemu_img();
+    cmd.args(["create", "-q", "-f", "qcow2"])
+        .arg(path)
+        .arg(size.to_string());
+    if tokio::fs::symlink_metadata(path).await.is_ok() {
+        return Err(Error::TargetExists {
+            path: path.to_owned(),
+        });
+    }
+    tool::run(cmd, "qemu-img create", path, QUICK, cancel)
+        .await
+        .map(drop)
+}
+
 /// anything exists at `overlay`; the file is 0600.
 pub async fn create_overlay(
     overlay: &Path,

@@ -51,10 +51,27 @@ fn mode_of(path: &std::path::Path) -> u32 {
 async fn lazy_reverts_resume_where_eager_ones_do_again_and_across_branches() {
     require_qemu!();
     init_logging();
-    let g = Guest::start(VmBuilder::guest().dirty_mb(16), "qcow2").await;
+    // A monitor and a socket chardev of the VM's own, after a flag without a value: the
+    // helper QEMU must take neither.
+    let side = tempfile::tempdir().unwrap();
+    let obs = side.path().join("obs.sock");
+    let extra = side.path().join("extra.sock");
+    let builder = VmBuilder::guest().dirty_mb(16).args([
+        "-no-shutdown".to_owned(),
+        "-qmp".to_owned(),
+        format!("unix:{},server=on,wait=off", obs.display()),
+        "-chardev".to_owned(),
+        format!(
+            "socket,id=extra,path={},server=on,wait=off",
+            extra.display()
+        ),
+    ]);
+    let g = Guest::start(builder, "qcow2").await;
     g.tick_above(0, 3).await;
     let s1 = g.snapshot("s1").await;
     g.tick_above(0, s1.1 + 3).await;
+    let inode =
+        |p: &std::path::Path| std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(p).unwrap());
 
     // Eager first: the tick a revert of s1 resumes at.
     let (r, eager_tick) = revert_first_tick(&g, "s1", s1).await;
@@ -75,6 +92,8 @@ async fn lazy_reverts_resume_where_eager_ones_do_again_and_across_branches() {
     assert!(fixed.clean, "{:?}", fixed.findings);
     assert!(!mem_dir.join("s1.dev").exists());
 
+    // (The eager revert relaunched QEMU, which made its sockets anew.)
+    let (obs_ino, extra_ino) = (inode(&obs), inode(&extra));
     let lazy = g.vm.make_lazy(&n("s1")).await.unwrap();
     eprintln!(
         "lazy-ram s1: {:.0} ms, image {} MiB ({} MiB allocated), device state {} KiB, stream was {} MiB",
@@ -98,8 +117,12 @@ async fn lazy_reverts_resume_where_eager_ones_do_again_and_across_branches() {
     assert_eq!(mode_of(&mem_dir), 0o700);
     // Idempotent.
     assert!(g.vm.make_lazy(&n("s1")).await.unwrap().already);
-    // The helper QEMU took none of the VM's sockets: its monitor still answers there.
-    assert!(g.dir.join("store/vms/g/qmp.sock").exists());
+    // The helper QEMU took none of the VM's sockets: the same socket files, and the VM's own
+    // monitor answers on its own socket.
+    assert_eq!((inode(&obs), inode(&extra)), (obs_ino, extra_ino));
+    let q = qsnap_qmp::Qmp::connect(obs.clone()).await.unwrap();
+    assert_eq!(q.peer_pid(), g.vm.status().await.unwrap().pid);
+    drop(q);
     assert!(g.vm.status().await.unwrap().running);
 
     // Ten lazy reverts in a row: every one resumes at the eager revert's tick.
@@ -117,6 +140,13 @@ async fn lazy_reverts_resume_where_eager_ones_do_again_and_across_branches() {
 
     // A lazily reverted VM snapshots (precopy: QEMU cannot write-protect a private file
     // mapping), and that snapshot reverts and goes lazy too.
+    let mut pit = g.vm.create_options(n("pit"));
+    pit.mode = Some(Mode::PointInTime);
+    let err = g.vm.create_snapshot(pit).await.unwrap_err();
+    assert!(
+        matches!(&err, Error::Unsupported { what } if what.contains("--mode precopy")),
+        "{err}"
+    );
     let s2 = g.snapshot("s2").await;
     let m2 = g.vm.snapshot(&n("s2")).await.unwrap();
     assert_eq!(m2.snapshot.mode, Mode::Precopy);

@@ -17,7 +17,7 @@ pub async fn check(
     machine: &str,
     cancel: &CancellationToken,
 ) -> std::result::Result<(), String> {
-    let key = match crate::cache::resolve_binary(binary) {
+    let key = match crate::cache::resolve_binary(binary).await {
         Some(p) => crate::cache::file_key(&p, "machines").await,
         None => None,
     };

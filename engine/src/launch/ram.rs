@@ -18,7 +18,8 @@ use super::argv::{get, join_opts, split_opts};
 use std::path::PathBuf;
 
 /// How a QEMU maps a RAM image.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case", tag = "mapping")]
 pub enum RamMapping {
     /// The converting helper: `share=on`, so the loaded pages land in the image and
     /// `x-ignore-shared` leaves them out of the device-state stream.
@@ -72,36 +73,79 @@ fn flag(a: &str) -> Option<&str> {
     a.strip_prefix('-').map(|f| f.trim_start_matches('-'))
 }
 
+/// An option value as `(type, properties)`, in either syntax: `virtio-mem-pci,memdev=m1` or
+/// `{"driver":"virtio-mem-pci","memdev":"m1"}` (the type is the first bare word, or the JSON
+/// `driver` / `qom-type` / `type`).
+fn parsed(v: &str) -> (String, Vec<(String, String)>) {
+    if let Ok(serde_json::Value::Object(map)) = serde_json::from_str::<serde_json::Value>(v) {
+        let kind = ["driver", "qom-type", "type"]
+            .iter()
+            .find_map(|k| map.get(*k).and_then(|x| x.as_str()))
+            .unwrap_or("")
+            .to_owned();
+        let props = map
+            .iter()
+            .map(|(k, x)| {
+                let v = match x {
+                    serde_json::Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                };
+                (k.clone(), v)
+            })
+            .collect();
+        return (kind, props);
+    }
+    let parts = split_opts(v);
+    let kind = parts
+        .first()
+        .filter(|p| !p.contains('='))
+        .cloned()
+        .unwrap_or_default();
+    let props = parts
+        .iter()
+        .filter_map(|p| p.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+    (kind, props)
+}
+
+fn prop<'a>(props: &'a [(String, String)], key: &str) -> Option<&'a str> {
+    props
+        .iter()
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v.as_str())
+}
+
 /// Why this command line's RAM cannot be mapped from an image, or `None` when it can.
 pub fn obstacle(argv: &[String]) -> Option<String> {
     for w in argv.windows(2) {
         let Some(f) = flag(&w[0]) else { continue };
-        let parts = split_opts(&w[1]);
-        let first = parts.first().map(String::as_str).unwrap_or("");
+        let (first, props) = parsed(&w[1]);
+        let first = first.as_str();
         let why = match f {
             "mem-path" => Some("its RAM comes from -mem-path".to_owned()),
             "numa" => Some("it has NUMA nodes (-numa), so several RAM blocks".to_owned()),
             "object" if first.starts_with("memory-backend-") => {
                 Some(format!("it has its own memory backend (-object {first})"))
             }
-            "machine" | "M" if get(&parts, "memory-backend").is_some() => {
+            "machine" | "M" if prop(&props, "memory-backend").is_some() => {
                 Some("its machine names a memory backend (memory-backend=…)".to_owned())
             }
-            "device" if first.starts_with("virtio-mem") => {
-                Some(format!("it has a virtio-mem device ({first})"))
+            "device" if first.starts_with("virtio-mem") || first.starts_with("virtio-pmem") => {
+                Some(format!("it has a {first} device (more guest memory)"))
             }
-            "device" if first == "pc-dimm" || first == "nvdimm" => {
-                Some(format!("it has a memory DIMM ({first})"))
+            "device" if first == "pc-dimm" || first == "nvdimm" || first.starts_with("ivshmem") => {
+                Some(format!("it has a {first} device (more guest memory)"))
             }
             "device" if first.starts_with("vhost-user") => Some(format!(
                 "a vhost-user device ({first}) maps its RAM from another process"
             )),
-            "netdev" | "chardev" if first == "vhost-user" || first.starts_with("vhost-user") => {
+            "netdev" | "chardev" if first.starts_with("vhost-user") => {
                 Some("a vhost-user backend maps its RAM from another process".to_owned())
             }
             "device"
                 if first.starts_with("virtio-balloon")
-                    && matches!(get(&parts, "free-page-reporting"), Some("on" | "true")) =>
+                    && matches!(prop(&props, "free-page-reporting"), Some("on" | "true")) =>
             {
                 Some("its balloon reports free pages (free-page-reporting=on)".to_owned())
             }
@@ -162,82 +206,210 @@ pub fn backend_id(machine: Option<&str>) -> Result<String, String> {
     }
 }
 
+/// Flags without a value that are harmless in a helper whose guest never runs.
+const KEEP_BARE: &[&str] = &[
+    "enable-kvm",
+    "no-reboot",
+    "no-shutdown",
+    "nodefaults",
+    "no-user-config",
+    "snapshot",
+    "usb",
+    "mem-prealloc",
+    "no-hpet",
+    "no-acpi",
+    "win2k-hack",
+    "no-fd-bootchk",
+    "rtc-td-hack",
+    "no-kvm-pit-reinjection",
+    "only-migratable",
+    "enable-fips",
+    "old-param",
+    "semihosting",
+];
+
+/// Flags without a value to leave out (they start, show, wait for or open something).
+const DROP_BARE: &[&str] = &[
+    "S",
+    "s",
+    "daemonize",
+    "preconfig",
+    "sdl",
+    "curses",
+    "full-screen",
+    "alt-grab",
+    "ctrl-grab",
+    "no-frame",
+    "no-quit",
+    "portrait",
+    "perfmap",
+    "jitdump",
+];
+
+/// Flags whose value is copied as it is: they shape the machine (and so the device state)
+/// and reach nothing outside QEMU but files it only reads.
+const KEEP_VALUE: &[&str] = &[
+    "machine",
+    "M",
+    "cpu",
+    "smp",
+    "m",
+    "accel",
+    "kernel",
+    "initrd",
+    "append",
+    "dtb",
+    "bios",
+    "L",
+    "boot",
+    "global",
+    "rtc",
+    "name",
+    "uuid",
+    "smbios",
+    "fw_cfg",
+    "vga",
+    "k",
+    "sandbox",
+    "msg",
+    "overcommit",
+    "icount",
+    "action",
+    "watchdog-action",
+    "d",
+    "option-rom",
+    "prom-env",
+    "drive",
+    "blockdev",
+];
+
+/// Flags whose value is left out with the flag (monitors, files, displays, daemons).
+const DROP_VALUE: &[&str] = &[
+    "qmp",
+    "qmp-pretty",
+    "monitor",
+    "mon",
+    "pidfile",
+    "D",
+    "vnc",
+    "spice",
+    "incoming",
+    "loadvm",
+    "runas",
+    "chroot",
+    "gdb",
+    "trace",
+    "run-with",
+    "writeconfig",
+];
+
+/// `-object` types a helper may keep: they reach nothing outside QEMU (chardevs they name
+/// are made null).
+const KEEP_OBJECTS: &[&str] = &[
+    "iothread",
+    "main-loop",
+    "thread-context",
+    "rng-random",
+    "rng-builtin",
+    "rng-egd",
+    "secret",
+    "secret_keyring",
+    "throttle-group",
+    "tls-cipher-suites",
+    "filter-buffer",
+    "filter-mirror",
+    "filter-redirector",
+    "filter-rewriter",
+    "cryptodev-backend-builtin",
+];
+
 /// The helper's command line: `argv` with everything that reaches outside QEMU replaced by an
 /// inert stand-in of the same id (sockets and files → `null` chardevs, networks → a
-/// restricted user network, displays off, no monitor, pidfile, log or daemon), or an error
-/// naming what cannot be made inert. Disks are the caller's to substitute.
+/// restricted user network, audio → none, displays off, no monitor, pidfile, log or daemon),
+/// or an error naming what qsnap cannot make inert — including any option it does not know:
+/// an allow-list, because a helper that shared a socket or file with the running VM would
+/// take it over. Disks are the caller's to substitute.
 pub fn helper_argv(argv: &[String]) -> Result<Vec<String>, String> {
     let mut out = vec![argv.first().cloned().unwrap_or_default()];
     let mut i = 1;
     while i < argv.len() {
         let a = &argv[i];
-        let value = argv.get(i + 1);
         let Some(f) = flag(a) else {
+            return Err(format!("qsnap cannot read the command line at {a:?}"));
+        };
+        if KEEP_BARE.contains(&f) {
             out.push(a.clone());
             i += 1;
             continue;
-        };
-        // Flags without a value.
-        match f {
-            "daemonize" | "S" => {
-                i += 1;
-                continue;
-            }
-            "nographic" => {
-                out.extend(["-display".into(), "none".into()]);
-                i += 1;
-                continue;
-            }
-            _ => {}
         }
-        let Some(v) = value else {
-            out.push(a.clone());
+        if DROP_BARE.contains(&f) {
             i += 1;
             continue;
+        }
+        if f == "nographic" {
+            out.extend(["-display".into(), "none".into()]);
+            i += 1;
+            continue;
+        }
+        let Some(v) = argv.get(i + 1) else {
+            return Err(format!("-{f} lacks its value"));
         };
-        let parts = split_opts(v);
-        let first = parts.first().cloned().unwrap_or_default();
-        let keep_ids = |kind: &str, keys: &[&str]| -> String {
+        let (kind, props) = parsed(v);
+        let keep = |kind: &str, keys: &[&str]| -> String {
             let mut p = vec![kind.to_owned()];
             for k in keys {
-                if let Some(x) = get(&parts, k) {
+                if let Some(x) = prop(&props, k) {
                     p.push(format!("{k}={x}"));
                 }
             }
             join_opts(&p)
         };
         match f {
-            "qmp" | "qmp-pretty" | "monitor" | "mon" | "pidfile" | "D" | "vnc" | "spice"
-            | "incoming" | "loadvm" | "runas" | "chroot" | "gdb" => {}
+            _ if DROP_VALUE.contains(&f) => {}
+            _ if KEEP_VALUE.contains(&f) => out.extend([a.clone(), v.clone()]),
             "display" => out.extend(["-display".into(), "none".into()]),
-            "chardev" => out.extend(["-chardev".into(), keep_ids("null", &["id", "mux"])]),
+            "chardev" => out.extend(["-chardev".into(), keep("null", &["id", "mux"])]),
+            "audiodev" => out.extend(["-audiodev".into(), keep("none", &["id"])]),
             "serial" | "parallel" | "debugcon" => {
                 let inert = v == "none" || v == "null" || v.starts_with("chardev:");
                 out.extend([a.clone(), if inert { v.clone() } else { "null".into() }]);
             }
             "netdev" => out.extend([
                 "-netdev".into(),
-                format!("{},restrict=on", keep_ids("user", &["id"])),
+                format!("{},restrict=on", keep("user", &["id"])),
             ]),
-            "nic" | "net" if first != "nic" && first != "none" => out.extend([
+            "nic" | "net" if kind == "nic" || kind == "none" => out.extend([a.clone(), v.clone()]),
+            "nic" | "net" => out.extend([
                 a.clone(),
                 format!(
                     "{},restrict=on",
-                    keep_ids("user", &["id", "name", "model", "mac", "netdev"])
+                    keep("user", &["id", "name", "model", "mac", "netdev"])
                 ),
             ]),
-            "device" if first == "vfio-pci" || first.starts_with("usb-host") => {
-                return Err(format!("it passes a host device through (-device {first})"));
+            "device" => {
+                let host = ["vfio", "usb-host", "vhost-", "tpm-", "spapr-vio"]
+                    .iter()
+                    .any(|p| kind.starts_with(p));
+                if host || kind.is_empty() {
+                    return Err(format!(
+                        "its device {kind:?} reaches the host (a helper QEMU cannot share it)"
+                    ));
+                }
+                out.extend([a.clone(), v.clone()]);
             }
-            "object" if first == "filter-dump" => {
-                return Err("it dumps network traffic to a file (filter-dump)".into());
+            "object" if KEEP_OBJECTS.contains(&kind.as_str()) || kind.starts_with("tls-creds") => {
+                out.extend([a.clone(), v.clone()]);
             }
-            "add-fd" | "readconfig" => {
+            "object" => {
                 return Err(format!(
-                    "-{f} can open anything; qsnap cannot give a helper a harmless copy"
+                    "qsnap does not know whether -object {kind} is safe to copy into a helper QEMU"
                 ));
             }
-            _ => out.extend([a.clone(), v.clone()]),
+            _ => {
+                return Err(format!(
+                    "qsnap does not know whether -{f} is safe to copy into a helper QEMU"
+                ));
+            }
         }
         i += 2;
     }
@@ -358,6 +530,48 @@ mod tests {
             ])
         );
         assert!(helper_argv(&v(&["q", "-device", "vfio-pci,host=01:00.0"])).is_err());
+        assert!(helper_argv(&v(&[
+            "q",
+            "-device",
+            r#"{"driver":"vfio-pci","host":"01:00.0"}"#
+        ]))
+        .is_err());
+        assert!(helper_argv(&v(&["q", "-fsdev", "local,path=/x,id=f"])).is_err());
+        assert!(helper_argv(&v(&["q", "-object", "input-linux,id=i,evdev=/dev/input/e"])).is_err());
+
+        // A flag without a value never makes the next one look like its value.
+        let argv = v(&[
+            "qemu",
+            "-enable-kvm",
+            "-qmp",
+            "unix:/run/vm.sock,server=on,wait=off",
+            "-no-shutdown",
+            "-chardev",
+            "socket,id=c,path=/run/c.sock,server=on",
+            "-s",
+            "-D",
+            "/vm/qemu.log",
+            "-snapshot",
+            "-serial",
+            "file:/vm/ser.log",
+        ]);
+        let out = helper_argv(&argv).unwrap();
+        assert_eq!(
+            out,
+            v(&[
+                "qemu",
+                "-enable-kvm",
+                "-no-shutdown",
+                "-chardev",
+                "null,id=c",
+                "-snapshot",
+                "-serial",
+                "null"
+            ])
+        );
+        assert!(!out
+            .iter()
+            .any(|a| a.contains("/run/") || a.contains("/vm/")));
     }
 
     #[test]

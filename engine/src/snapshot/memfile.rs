@@ -170,22 +170,7 @@ pub async fn verify_cached(
         verify(path, stream_len, None).await?;
         return Ok(Verified::Read);
     };
-    let identity = {
-        use std::os::unix::fs::MetadataExt;
-        let md = tokio::fs::metadata(&path)
-            .await
-            .map_err(io_err("reading the memory file", &path))?;
-        format!(
-            "verified|{}|{}|{}|{}.{}|{}.{}|{expected}",
-            path.display(),
-            md.ino(),
-            md.size(),
-            md.mtime(),
-            md.mtime_nsec(),
-            md.ctime(),
-            md.ctime_nsec()
-        )
-    };
+    let identity = identity("verified", &path, &expected).await?;
     if crate::cache::lookup::<bool>(&identity).await == Some(true) {
         verify(path, stream_len, None).await?;
         return Ok(Verified::Remembered);
@@ -193,6 +178,44 @@ pub async fn verify_cached(
     verify(path, stream_len, checksum).await?;
     crate::cache::remember(identity, &true).await;
     Ok(Verified::Read)
+}
+
+/// The cache key of one version of a file with a checksum: path, inode, size, mtime, ctime.
+async fn identity(what: &str, path: &Path, checksum: &str) -> Result<String> {
+    use std::os::unix::fs::MetadataExt;
+    let md = tokio::fs::metadata(path)
+        .await
+        .map_err(io_err("reading the memory file", path))?;
+    Ok(format!(
+        "{what}|{}|{}|{}|{}.{}|{}.{}|{checksum}",
+        path.display(),
+        md.ino(),
+        md.size(),
+        md.mtime(),
+        md.mtime_nsec(),
+        md.ctime(),
+        md.ctime_nsec()
+    ))
+}
+
+/// Checks a lazy snapshot's RAM image against its checksum — reading all of it only when this
+/// version of the file (inode, size, mtime, ctime) was not checked before: a lazy revert must
+/// not pay for reading all of RAM, but an image that changed is never mapped unread.
+pub async fn verify_ram_cached(path: PathBuf, checksum: String) -> Result<Verified> {
+    let key = identity("ram-verified", &path, &checksum).await?;
+    if crate::cache::lookup::<bool>(&key).await == Some(true) {
+        return Ok(Verified::Remembered);
+    }
+    verify_ram_image(path, checksum).await?;
+    crate::cache::remember(key, &true).await;
+    Ok(Verified::Read)
+}
+
+/// Remembers that this version of a RAM image has `checksum` (it was just computed).
+pub async fn remember_ram_verified(path: &Path, checksum: &str) -> Result<()> {
+    let key = identity("ram-verified", path, checksum).await?;
+    crate::cache::remember(key, &true).await;
+    Ok(())
 }
 
 /// Checks a memory file against what its snapshot recorded: header complete, length and

@@ -52,8 +52,8 @@ pub struct PreparedRevert {
     /// Whether the guest was running at snapshot time.
     pub was_running: bool,
     /// A lazy snapshot: start QEMU with these RAM arguments ([`RamMapping::args`]) so it
-    /// maps the snapshot's RAM image; the load then brings only device state.
-    #[serde(skip)]
+    /// maps the snapshot's RAM image; the load then brings only device state, and
+    /// [`restore`] refuses a QEMU that does not map the image.
     pub ram: Option<RamMapping>,
     /// How long checking the memory file (length and checksum) took.
     pub verify_ms: f64,
@@ -81,25 +81,12 @@ pub async fn validate(snapshot: &str, s: &CreateReport) -> Result<Validated> {
                 .map_err(|e| refused(snapshot, e.to_string()))?,
         );
     }
-    let verify_ms = started.elapsed().as_secs_f64() * 1e3;
     if let Some(lazy) = s.memory.as_ref().and_then(|m| m.lazy.as_ref()) {
-        let now = image::stamp(&lazy.image)
+        memfile::verify_ram_cached(lazy.image.clone(), lazy.checksum.clone())
             .await
             .map_err(|e| refused(snapshot, format!("its RAM image: {e}")))?;
-        if now != lazy.stamp {
-            return Err(refused(
-                snapshot,
-                format!(
-                    "its RAM image {} changed since it was made (size/mtime {}/{} then, {}/{} now)",
-                    lazy.image.display(),
-                    lazy.stamp.bytes,
-                    lazy.stamp.mtime_ns,
-                    now.bytes,
-                    now.mtime_ns
-                ),
-            ));
-        }
     }
+    let verify_ms = started.elapsed().as_secs_f64() * 1e3;
     for d in &s.disks {
         let now = image::stamp(&d.image)
             .await
@@ -230,6 +217,48 @@ pub async fn discard(p: &PreparedRevert) {
     discard_disks(&p.disks).await;
 }
 
+/// A device-state-only stream (a lazy snapshot) must land in a QEMU whose RAM *is* the
+/// snapshot's image, mapped privately and read-only: loaded into ordinary RAM it would resume
+/// a guest whose memory is zeros, and nothing in the stream could tell.
+async fn check_mapping(qmp: &Qmp, p: &PreparedRevert) -> Result<()> {
+    let refuse = |why: String| Error::RevertRefused {
+        snapshot: p.snapshot.clone(),
+        why,
+    };
+    let Some(RamMapping::Private { backend, image, .. }) = &p.ram else {
+        return Err(refuse(
+            "its memory is lazy (RAM in an image), but no RAM mapping was given for the new QEMU (start it with PreparedRevert::ram's arguments)".into(),
+        ));
+    };
+    let path = format!("/objects/{backend}");
+    let get = |property: &'static str| {
+        let path = path.clone();
+        async move {
+            qmp.execute(types::qom_get {
+                path,
+                property: property.into(),
+            })
+            .await
+        }
+    };
+    let (mem_path, share, readonly) = (
+        get("mem-path").await,
+        get("share").await,
+        get("readonly").await,
+    );
+    let ok = matches!(&mem_path, Ok(v) if v.as_str() == Some(&image.display().to_string()))
+        && matches!(&share, Ok(v) if v.as_bool() == Some(false))
+        && matches!(&readonly, Ok(v) if v.as_bool() == Some(true));
+    if ok {
+        Ok(())
+    } else {
+        Err(refuse(format!(
+            "the new QEMU does not map the snapshot's RAM image {} as backend {backend} (share=off, readonly=on); it would resume with empty memory",
+            image.display()
+        )))
+    }
+}
+
 /// What a restore did.
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -266,6 +295,9 @@ pub async fn restore(
             state: true,
         })
         .collect();
+    if p.capabilities.iter().any(|c| c == "x-ignore-shared") {
+        check_mapping(qmp, p).await?;
+    }
     qmp.execute(MigrateSetCapabilities { capabilities: caps })
         .await
         .map_err(Error::qmp("setting migration capabilities for the load"))?;

@@ -19,6 +19,7 @@
 
 use super::Vm;
 use crate::error::{Error, Result};
+use crate::failpoint;
 use crate::image;
 use crate::launch::{argv, machine, ram, RamMapping};
 use crate::name::SnapshotName;
@@ -118,19 +119,45 @@ impl Vm {
             }
         }
 
+        // Room for the image (about what the stream holds: zero pages are holes) and the
+        // device state next to the stream, with a margin: a full filesystem would stop the
+        // helper and could pause the running VM if its disks live there too.
+        let dir = self.store().memory_dir(self.name());
+        let need = mem.bytes + (64 << 20);
+        let free = store::blocking(move || {
+            nix::sys::statvfs::statvfs(&dir)
+                .map(|s| s.blocks_available() * s.fragment_size())
+                .map_err(|e| Error::Io {
+                    what: "reading the free space of the memory directory",
+                    path: dir.clone(),
+                    source: e.into(),
+                })
+        })
+        .await?;
+        if free < need {
+            return Err(unsupported(format!(
+                "the memory directory has {} MiB free; the RAM image needs about {} MiB",
+                free >> 20,
+                need >> 20
+            )));
+        }
+
         // ---- new files only; on failure they go again ----
         let made = async {
             memfile::create_ram_image(image.clone(), ram_bytes).await?;
             let dev_file =
                 memfile::create(self.store().memory_dir(self.name()), devices.clone()).await?;
-            let tmp = tempfile::Builder::new()
-                .prefix("qsnap-lazy-")
-                .tempdir()
-                .map_err(|source| Error::Io {
-                    what: "creating a private directory for the helper QEMU",
-                    path: std::env::temp_dir(),
-                    source,
-                })?;
+            let tmp = store::blocking(|| {
+                tempfile::Builder::new()
+                    .prefix("qsnap-lazy-")
+                    .tempdir()
+                    .map_err(|source| Error::Io {
+                        what: "creating a private directory for the helper QEMU",
+                        path: std::env::temp_dir(),
+                        source,
+                    })
+            })
+            .await?;
             let helper = Helper::start(
                 self,
                 &record,
@@ -144,12 +171,25 @@ impl Vm {
                 tmp.path(),
             )
             .await?;
-            let converted = helper.convert(&manifest, &dev_file, self.cancel()).await;
+            let helper_pid = helper.child.id();
+            // Ctrl-C ends the conversion at once; the helper is stopped and the new files go.
+            let converted = async {
+                failpoint::hit("lazy.helper-up", helper_pid).await?;
+                tokio::select! {
+                    r = helper.convert(&manifest, &dev_file, self.cancel()) => r,
+                    () = self.cancel().cancelled() => Err(Error::Cancelled),
+                }?;
+                failpoint::hit("lazy.converted", helper_pid).await
+            }
+            .await;
             helper.stop().await;
             converted?;
             let sealed = memfile::seal(dev_file, devices.clone()).await?;
             let checksum = memfile::seal_ram_image(image.clone()).await?;
             let stamp = image::stamp(&image).await?;
+            // Just read in full: the first lazy revert need not read it again.
+            memfile::remember_ram_verified(&image, &checksum).await?;
+            failpoint::hit("lazy.made", None).await?;
             Ok::<_, Error>((sealed, checksum, stamp))
         }
         .await;
@@ -180,12 +220,23 @@ impl Vm {
             });
         }
         if let Err(e) = self.store().replace_manifest(&m).await {
-            for p in [&devices, &image] {
-                let p = p.clone();
-                let _ = store::blocking(move || store::remove_durably(&p)).await;
+            // The rename may have happened before the error (a failed directory sync): the
+            // new files go only if the manifest on disk still names the stream.
+            let switched = self
+                .store()
+                .manifest(self.name(), snap)
+                .await
+                .is_ok_and(|now| now.snapshot.memory.is_some_and(|x| x.lazy.is_some()));
+            if !switched {
+                for p in [&devices, &image] {
+                    let p = p.clone();
+                    let _ = store::blocking(move || store::remove_durably(&p)).await;
+                }
+                return Err(e);
             }
-            return Err(e);
+            warn!(error = %e, "the manifest switched to the RAM image, but writing it reported an error");
         }
+        failpoint::hit("lazy.switched", None).await?;
         let old = mem.file.clone();
         if let Err(e) = store::blocking(move || store::remove_durably(&old)).await {
             warn!(error = %e, "the old memory stream stays; `qsnap check --repair` removes it");
@@ -235,26 +286,23 @@ impl Helper {
         ram: RamMapping,
         tmp: &Path,
     ) -> Result<Helper> {
-        // Every disk on a throwaway overlay: the helper never opens the VM's images for
-        // writing (the guest never runs there, but QEMU opens what it is given read-write).
+        // Every disk a blank stand-in of the same size in the private directory: the guest
+        // never runs in the helper, so contents do not matter, and the helper never opens
+        // one of the VM's images at all (no lock taken, nothing written).
         let mut disks = record.disks.clone();
-        for d in &mut disks {
-            let base = manifest
+        for (n, d) in disks.iter_mut().enumerate() {
+            let size = match manifest
                 .snapshot
                 .disks
                 .iter()
                 .find(|s| s.device == d.device)
-                .map(|s| (s.image.clone(), s.format.clone(), s.size));
-            let (base, format, size) = match base {
-                Some(b) => b,
-                None => {
-                    let i = image::info(&d.image, vm.cancel()).await?;
-                    (d.image.clone(), i.format, i.virtual_size)
-                }
+            {
+                Some(s) => s.size,
+                None => image::info(&d.image, vm.cancel()).await?.virtual_size,
             };
-            let overlay = tmp.join(format!("{}.qcow2", d.device.replace('/', "_")));
-            image::create_overlay(&overlay, &base, &format, size, vm.cancel()).await?;
-            d.image = overlay;
+            let blank = tmp.join(format!("disk{n}.qcow2"));
+            image::create_blank(&blank, size, vm.cancel()).await?;
+            d.image = blank;
         }
         let subs: Vec<_> = disks
             .iter()
@@ -281,11 +329,15 @@ impl Helper {
             "-S".into(),
         ]);
         let log = tmp.join("helper.log");
-        let out = std::fs::File::create(&log).map_err(|source| Error::Io {
-            what: "creating the helper's log",
-            path: log.clone(),
-            source,
-        })?;
+        let out = tokio::fs::File::create(&log)
+            .await
+            .map_err(|source| Error::Io {
+                what: "creating the helper's log",
+                path: log.clone(),
+                source,
+            })?
+            .into_std()
+            .await;
         let err = out.try_clone().map_err(|source| Error::Io {
             what: "creating the helper's log",
             path: log.clone(),

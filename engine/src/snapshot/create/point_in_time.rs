@@ -63,8 +63,16 @@ pub(super) async fn run(
         // overlapping the two shortens the pause).
         rb.switch_sent();
         let (armed, switched) = tokio::join!(
-            save::wait_armed(qmp, Duration::from_secs(30)),
-            disks::switch(qmp, &plan.disks)
+            async {
+                let r = save::wait_armed(qmp, Duration::from_secs(30)).await;
+                debug!(after = ?frozen.elapsed(), "armed");
+                r
+            },
+            async {
+                let r = disks::switch(qmp, &plan.disks).await;
+                debug!(after = ?frozen.elapsed(), "switched");
+                r
+            }
         );
         switched?;
         armed?;

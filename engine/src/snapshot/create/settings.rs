@@ -46,6 +46,16 @@ pub(super) async fn set_capabilities(
                 warn!(error = %e, "background-snapshot refused; falling back to precopy");
                 try_mode = Mode::Precopy;
             }
+            Err(e)
+                if try_mode == Mode::PointInTime
+                    && e.to_string().contains("guest memory configuration") =>
+            {
+                return Err(Error::Unsupported {
+                    what: format!(
+                        "a point-in-time snapshot: QEMU cannot write-protect this VM's RAM ({e}); a VM reverted lazily maps its RAM from a snapshot's image, which allows precopy snapshots only — use --mode precopy (or auto)"
+                    ),
+                });
+            }
             Err(e) => return Err(Error::qmp("setting migration capabilities")(e)),
         }
     }
