@@ -26,8 +26,9 @@ fn qsnap_bin() -> PathBuf {
 
 /// One VM `g` under qsnap with one qcow2 disk (`vd0`), in its own directory and store.
 struct Rig {
-    dir: tempfile::TempDir,
+    // Fields drop in order: the QEMU must be killed while its record (in `dir`) still exists.
     _kill: KillRecordedQemu,
+    dir: tempfile::TempDir,
 }
 
 impl Rig {
