@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # qsnap's demo: installs what is missing (QEMU, the test guest), boots the test guest under
 # QEMU with qsnap, takes a live snapshot while the guest keeps ticking, reverts to it and shows
-# the guest going on from the snapshot's tick, then deletes the snapshot while the guest runs
+# the guest going on from the snapshot's tick, makes the snapshot's memory lazy and reverts
+# again (RAM mapped, not loaded: same tick), then deletes the snapshot while the guest runs
 # (its disk layer merges back) and checks the store.
 # Usage: ./scripts/demo.sh      (needs a Rust toolchain; root or sudo for apt)
 set -euo pipefail
@@ -83,6 +84,20 @@ fi
 sleep 2
 "$qsnap" status demo
 
+say "qsnap lazy-ram: s1's memory becomes a RAM image; reverts map it instead of loading it"
+"$qsnap" lazy-ram demo s1
+now=$(wait_tick_above $((resumed + 5)) 60)
+lines=$(wc -l < "$work/serial.log")
+"$qsnap" revert demo s1
+deadline=$((SECONDS + 30)); lazy=
+while [ -z "$lazy" ] && [ "$SECONDS" -lt "$deadline" ]; do
+  lazy=$(first_tick_back "$lines" "$now" || true); sleep 0.1
+done
+[ -n "$lazy" ] || { echo "no tick after the lazy revert" >&2; exit 1; }
+echo "the lazy revert goes on from tick $lazy, as the eager one did from tick $resumed"
+[ "$lazy" = "$resumed" ] || { echo "a lazy revert must resume where an eager one did!" >&2; exit 1; }
+sleep 1
+
 say "qsnap delete: the snapshot goes while the guest runs; its disk layer merges"
 "$qsnap" delete demo s1
 "$qsnap" check demo
@@ -92,4 +107,4 @@ echo "the guest ran on through the merge: tick $later"
 "$qsnap" status demo
 
 if grep -a MISMATCH "$work/serial.log"; then echo "memory and disk disagree!" >&2; exit 1; fi
-say "Done: live snapshot, the guest ran on, revert brought back its memory and disk together, delete merged the snapshot away live (no MISMATCH)."
+say "Done: live snapshot, the guest ran on, revert brought back its memory and disk together (loaded, then lazily mapped), delete merged the snapshot away live (no MISMATCH)."

@@ -4,6 +4,10 @@
 //! names a directory (the [`crate::Engine`] points it into its store), on disk as small JSON
 //! files. A lost or unreadable entry is simply asked again; an entry never outlives a change
 //! of what its key names. Must never hold anything that is not re-computable.
+//!
+//! The directory is process-wide (the last [`crate::Engine`] created names it): every key
+//! names absolute facts (a file's identity), so an entry written into another store's cache is
+//! still true there.
 
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;

@@ -194,7 +194,7 @@ async fn a_damaged_snapshot_is_refused_before_the_vm_is_touched() {
     let err = g.vm.revert(&n("nope"), false).await.unwrap_err();
     assert!(matches!(err, Error::UnknownSnapshot { .. }), "{err}");
 
-    // The VM was never touched: same QEMU, still running, still current = s2, no stray overlay.
+    // The VM was never touched: same QEMU, still running, still current = s3, no stray overlay.
     let st = g.vm.status().await.unwrap();
     assert_eq!(st.pid, Some(pid));
     assert_eq!(st.runstate.as_deref(), Some("running"));

@@ -182,6 +182,12 @@ impl Vm {
                 failpoint::hit("lazy.converted", helper_pid).await
             }
             .await;
+            if let Err(e) = &converted {
+                // The helper's log goes with its temp directory: keep its last words.
+                let log = tokio::fs::read_to_string(&helper.log).await.unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(10).collect();
+                warn!(error = %e, log = %tail.into_iter().rev().collect::<Vec<_>>().join(" | "), "the conversion failed");
+            }
             helper.stop().await;
             converted?;
             let sealed = memfile::seal(dev_file, devices.clone()).await?;
