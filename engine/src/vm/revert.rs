@@ -97,7 +97,7 @@ impl std::fmt::Display for RamRestore {
         match self {
             RamRestore::None => f.write_str("none (disk-only snapshot: the guest booted)"),
             RamRestore::Lazy => f.write_str("mapped lazily from the snapshot's RAM image"),
-            RamRestore::Eager { why } => write!(f, "loaded from the memory stream ({why})"),
+            RamRestore::Eager { why } => write!(f, "loaded from the memory stream; {why}"),
         }
     }
 }
