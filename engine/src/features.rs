@@ -2,10 +2,11 @@
 //! operation: `query-qmp-schema` costs tens of milliseconds (QEMU renders ~300 KB of JSON and
 //! qsnap parses it), which a revert or a create would otherwise pay each time.
 //!
-//! The answers go in [`crate::cache`], keyed by the binary's path, size and modification time
-//! as `/proc/<pid>/exe` shows them for the QEMU at the other end of the socket, plus the
-//! version in its greeting. An upgraded or rebuilt binary changes the
-//! key; a QEMU whose binary cannot be identified (TCP monitor, deleted binary) is asked every
+//! The answers go in the engine's cache (`cache.rs`), keyed by the binary's identity as
+//! `/proc/<pid>/exe` shows it for the QEMU at the other end of the socket (device, inode,
+//! size, mtime, ctime), plus the version in its greeting. An upgraded or rebuilt binary
+//! changes the key; a QEMU whose binary cannot be identified (TCP monitor, deleted binary) is
+//! asked every
 //! time. This module only reads the schema; it never changes QEMU.
 
 use crate::cache::{lookup, remember};
