@@ -167,6 +167,8 @@ impl<'a> Rollback<'a> {
             Undo::RestoreSettings(saved) => restore_settings(qmp, saved).await,
             Undo::CancelMigration => cancel_migration(qmp).await,
             Undo::Resume => {
+                // A save that just completed may still be finalizing; `cont` waits for it.
+                let _ = crate::snapshot::save::wait_finalized(qmp).await;
                 let st = qmp.execute(types::query_status {}).await.map_err(s)?;
                 if st.running {
                     return Ok(());

@@ -86,6 +86,29 @@ pub(crate) async fn wait_armed(qmp: &Qmp, timeout: Duration) -> Result<MigrateIn
     }
 }
 
+/// Waits (bounded) until QEMU has left the `finish-migrate` run state. QEMU sends the
+/// `completed` event before its migration cleanup moves the VM on to `postmigrate`, and
+/// refuses `cont` until then ("Migration is not finalized yet"); waking on the event, qsnap
+/// gets there first.
+pub(crate) async fn wait_finalized(qmp: &Qmp) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let st = qmp
+            .execute(qsnap_qmp::types::query_status {})
+            .await
+            .map_err(Error::qmp("reading the run state after the save"))?;
+        if st.status != qsnap_qmp::types::RunState::finish_migrate {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(Error::SaveFailed {
+                desc: "QEMU stayed in finish-migrate for 10 s after the save completed".into(),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
 /// What the watcher is asked to do besides waiting.
 pub(crate) struct Watch<'a> {
     pub started: Instant,

@@ -8,7 +8,7 @@ use crate::failpoint;
 use crate::qemu::BlockdevSetActive;
 use crate::snapshot::disks;
 use crate::snapshot::rollback::{Rollback, Undo};
-use crate::snapshot::save::Watch;
+use crate::snapshot::save::{self, Watch};
 use crate::store::{CreateReport, LivePhase, Mode};
 use qsnap_qmp::{types, Qmp};
 use std::time::{Duration, Instant};
@@ -56,6 +56,7 @@ pub(super) async fn run(
         })
         .await?;
     rb.forget(|u| matches!(u, Undo::CancelMigration));
+    save::wait_finalized(qmp).await?;
     failpoint::hit("create.frozen", pid).await?;
     let live_ms = super::ms(forced_at.unwrap_or_else(Instant::now) - live_started);
     // The pause began when QEMU (or qsnap) stopped the vCPUs.
