@@ -31,6 +31,17 @@ first_tick_back() {
   tail -n +"$(($1 + 1))" "$work/serial.log" | grep -a -o 'tick [0-9]*' | cut -d' ' -f2 |
     awk -v a="$2" '{ if ($1 <= a) { print; exit } a = $1 }'
 }
+revert_and_first_tick() { # SNAP TICK: revert, then print the reverted guest's first tick
+  local lines t= deadline
+  lines=$(wc -l < "$work/serial.log")
+  "$qsnap" revert demo "$1" >&2
+  deadline=$((SECONDS + 30))
+  while [ -z "$t" ] && [ "$SECONDS" -lt "$deadline" ]; do
+    t=$(first_tick_back "$lines" "$2" || true); sleep 0.1
+  done
+  [ -n "$t" ] || { echo "no tick after the revert" >&2; return 1; }
+  echo "$t"
+}
 wait_tick_above() { # N SECONDS: wait until the guest prints a tick above N
   local deadline=$((SECONDS + $2))
   while [ "$SECONDS" -lt "$deadline" ]; do
@@ -70,13 +81,7 @@ say "qsnap list: the VM's snapshots"
 "$qsnap" list demo
 
 say "qsnap revert: back to s1 (memory and disk)"
-lines=$(wc -l < "$work/serial.log")
-"$qsnap" revert demo s1
-deadline=$((SECONDS + 30)); resumed=
-while [ -z "$resumed" ] && [ "$SECONDS" -lt "$deadline" ]; do
-  resumed=$(first_tick_back "$lines" "$after" || true); sleep 0.1
-done
-[ -n "$resumed" ] || { echo "no tick after the revert" >&2; exit 1; }
+resumed=$(revert_and_first_tick s1 "$after")
 echo "before the revert the guest was at tick $after; after it, it goes on from tick $resumed"
 if [ "$resumed" -le "$before" ] || [ "$resumed" -gt $((snap_tick + 1)) ]; then
   echo "that is not the snapshot's tick ($before..$snap_tick)!" >&2; exit 1
@@ -87,13 +92,7 @@ sleep 2
 say "qsnap lazy-ram: s1's memory becomes a RAM image; reverts map it instead of loading it"
 "$qsnap" lazy-ram demo s1
 now=$(wait_tick_above $((resumed + 5)) 60)
-lines=$(wc -l < "$work/serial.log")
-"$qsnap" revert demo s1
-deadline=$((SECONDS + 30)); lazy=
-while [ -z "$lazy" ] && [ "$SECONDS" -lt "$deadline" ]; do
-  lazy=$(first_tick_back "$lines" "$now" || true); sleep 0.1
-done
-[ -n "$lazy" ] || { echo "no tick after the lazy revert" >&2; exit 1; }
+lazy=$(revert_and_first_tick s1 "$now")
 echo "the lazy revert goes on from tick $lazy, as the eager one did from tick $resumed"
 [ "$lazy" = "$resumed" ] || { echo "a lazy revert must resume where an eager one did!" >&2; exit 1; }
 sleep 1

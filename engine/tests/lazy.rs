@@ -6,42 +6,12 @@
 //! and a VM whose command line rules lazy RAM out reverts eagerly and says why.
 
 use qsnap_engine::snapshot::Mode;
-use qsnap_engine::{Error, RamRestore, RevertOptions, RevertReport};
-use qsnap_testkit::serial::parse_tick;
+use qsnap_engine::{Error, RamRestore, RevertOptions};
 use qsnap_testkit::{init_logging, require_qemu, VmBuilder};
 use std::os::unix::fs::PermissionsExt;
-use std::time::Duration;
 
 mod common;
 use common::{n, Guest};
-
-/// Reverts to `name` and returns the report and the reverted guest's first tick, after
-/// checking it lies in the snapshot's range and memory and disk agree for a few ticks.
-async fn revert_first_tick(
-    g: &Guest,
-    name: &str,
-    (before, after): (u64, u64),
-) -> (RevertReport, u64) {
-    let r =
-        g.vm.revert_with(&n(name), &RevertOptions::default(), &g.launcher)
-            .await
-            .unwrap_or_else(|e| panic!("revert {name}: {e}\n{}", g.report()));
-    assert!(r.memory_restored && r.resumed);
-    let (idx, first) = g
-        .serial()
-        .wait_from(0, Duration::from_secs(60), parse_tick)
-        .await
-        .unwrap_or_else(|e| panic!("no tick after revert: {e}\n{}", g.report()));
-    assert!(
-        first > before && first <= after + 1,
-        "reverted to {name} ({}) but resumed at tick {first}; it was taken between {before} and {after}\n{}",
-        r.ram,
-        g.report()
-    );
-    g.tick_above(idx, first + 2).await;
-    assert!(g.serial().mismatches().is_empty(), "{}", g.report());
-    (r, first)
-}
 
 fn mode_of(path: &std::path::Path) -> u32 {
     std::fs::metadata(path).unwrap().permissions().mode() & 0o777
@@ -74,7 +44,7 @@ async fn lazy_reverts_resume_where_eager_ones_do_again_and_across_branches() {
         |p: &std::path::Path| std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(p).unwrap());
 
     // Eager first: the tick a revert of s1 resumes at.
-    let (r, eager_tick) = revert_first_tick(&g, "s1", s1).await;
+    let (r, eager_tick) = g.revert_first_tick("s1", s1).await;
     assert!(
         matches!(&r.ram, RamRestore::Eager { why } if why.contains("lazy-ram")),
         "{:?}",
@@ -127,7 +97,7 @@ async fn lazy_reverts_resume_where_eager_ones_do_again_and_across_branches() {
 
     // Ten lazy reverts in a row: every one resumes at the eager revert's tick.
     for i in 0..10 {
-        let (r, first) = revert_first_tick(&g, "s1", s1).await;
+        let (r, first) = g.revert_first_tick("s1", s1).await;
         assert_eq!(r.ram, RamRestore::Lazy, "revert {i}");
         assert_eq!(
             first,
@@ -151,12 +121,12 @@ async fn lazy_reverts_resume_where_eager_ones_do_again_and_across_branches() {
     let m2 = g.vm.snapshot(&n("s2")).await.unwrap();
     assert_eq!(m2.snapshot.mode, Mode::Precopy);
     assert_eq!(m2.parent.as_deref(), Some("s1"));
-    let (r, s2_eager) = revert_first_tick(&g, "s2", s2).await;
+    let (r, s2_eager) = g.revert_first_tick("s2", s2).await;
     assert!(matches!(r.ram, RamRestore::Eager { .. }));
     g.vm.make_lazy(&n("s2")).await.unwrap();
-    let (r, first) = revert_first_tick(&g, "s2", s2).await;
+    let (r, first) = g.revert_first_tick("s2", s2).await;
     assert_eq!((r.ram, first), (RamRestore::Lazy, s2_eager));
-    let (r, first) = revert_first_tick(&g, "s1", s1).await;
+    let (r, first) = g.revert_first_tick("s1", s1).await;
     assert_eq!((r.ram, first), (RamRestore::Lazy, eager_tick));
 
     // The VM maps s1's image right now; deleting s1 leaves it running on its pages.
@@ -173,7 +143,7 @@ async fn lazy_reverts_resume_where_eager_ones_do_again_and_across_branches() {
         st.pid,
         "same QEMU, still running"
     );
-    let (r, first) = revert_first_tick(&g, "s2", s2).await;
+    let (r, first) = g.revert_first_tick("s2", s2).await;
     assert_eq!((r.ram, first), (RamRestore::Lazy, s2_eager));
 
     // (A revert does not merge: the layer s1 left with one child is check's to merge.)
@@ -239,7 +209,7 @@ async fn a_vm_with_its_own_memory_backend_reverts_eagerly_and_says_why() {
     let files: Vec<_> = std::fs::read_dir(&mem_dir).unwrap().collect();
     assert_eq!(files.len(), 1, "only the stream: {files:?}");
 
-    let (r, _) = revert_first_tick(&g, "s1", s1).await;
+    let (r, _) = g.revert_first_tick("s1", s1).await;
     match &r.ram {
         RamRestore::Eager { why } => assert!(why.contains("memory backend"), "{why}"),
         other => panic!("expected an eager revert, got {other:?}"),

@@ -16,7 +16,7 @@ pub mod tsc;
 
 pub use argv::DiskSubstitution;
 #[cfg_attr(not(feature = "failpoints"), allow(unused_imports))]
-pub(crate) use process::{alive, is_recorded_qemu, start_time};
+pub(crate) use process::{alive, is_recorded_qemu, log_tail, start_time};
 pub use process::{build_argv, stop_qemu, ProcessLauncher};
 pub use ram::RamMapping;
 pub use tsc::{tsc_frequency_for, TscSource};

@@ -53,7 +53,8 @@ pub fn build_argv(spec: &LaunchSpec) -> Result<Vec<String>> {
     Ok(a)
 }
 
-async fn log_tail(log: &Path) -> String {
+/// The last lines of a QEMU log (for an error that says why QEMU did not come up).
+pub(crate) async fn log_tail(log: &Path) -> String {
     let text = tokio::fs::read_to_string(log).await.unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(10)..].join("\n")

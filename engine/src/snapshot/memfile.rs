@@ -123,6 +123,21 @@ pub async fn seal(file: File, path: PathBuf) -> Result<Sealed> {
     .await
 }
 
+/// Reads `len` bytes from `offset` and checks their checksum is `expected` (blocking).
+fn compare_checksum(path: &Path, offset: u64, len: u64, expected: &str) -> Result<()> {
+    let found = checksum_of(path, offset, len)?;
+    if found == expected {
+        Ok(())
+    } else {
+        Err(Error::BadMemoryFile {
+            path: path.to_owned(),
+            why: format!(
+                "its contents changed since the snapshot (checksum {found}, recorded {expected})"
+            ),
+        })
+    }
+}
+
 /// The checksum of the `stream_len` bytes from `offset` (blocking).
 fn checksum_of(path: &Path, offset: u64, stream_len: u64) -> Result<String> {
     let mut f = File::open(path).map_err(io_err("reading the memory file", path))?;
@@ -170,52 +185,48 @@ pub async fn verify_cached(
         verify(path, stream_len, None).await?;
         return Ok(Verified::Read);
     };
-    let identity = identity("verified", &path, &expected).await?;
-    if crate::cache::lookup::<bool>(&identity).await == Some(true) {
-        verify(path, stream_len, None).await?;
-        return Ok(Verified::Remembered);
+    let identity = identity("verified", &path, &expected).await;
+    if let Some(key) = &identity {
+        if crate::cache::lookup::<bool>(key).await == Some(true) {
+            verify(path, stream_len, None).await?;
+            return Ok(Verified::Remembered);
+        }
     }
     verify(path, stream_len, checksum).await?;
-    crate::cache::remember(identity, &true).await;
+    if let Some(key) = identity {
+        crate::cache::remember(key, &true).await;
+    }
     Ok(Verified::Read)
 }
 
-/// The cache key of one version of a file with a checksum: path, inode, size, mtime, ctime.
-async fn identity(what: &str, path: &Path, checksum: &str) -> Result<String> {
-    use std::os::unix::fs::MetadataExt;
-    let md = tokio::fs::metadata(path)
-        .await
-        .map_err(io_err("reading the memory file", path))?;
-    Ok(format!(
-        "{what}|{}|{}|{}|{}.{}|{}.{}|{checksum}",
-        path.display(),
-        md.ino(),
-        md.size(),
-        md.mtime(),
-        md.mtime_nsec(),
-        md.ctime(),
-        md.ctime_nsec()
-    ))
+/// The cache key of one version of a file with a checksum (`None`: it cannot be read, so
+/// nothing is remembered for it and the full check says why).
+async fn identity(what: &str, path: &Path, checksum: &str) -> Option<String> {
+    crate::cache::file_key(path, &format!("{what}|{checksum}")).await
 }
 
 /// Checks a lazy snapshot's RAM image against its checksum — reading all of it only when this
 /// version of the file (inode, size, mtime, ctime) was not checked before: a lazy revert must
 /// not pay for reading all of RAM, but an image that changed is never mapped unread.
 pub async fn verify_ram_cached(path: PathBuf, checksum: String) -> Result<Verified> {
-    let key = identity("ram-verified", &path, &checksum).await?;
-    if crate::cache::lookup::<bool>(&key).await == Some(true) {
-        return Ok(Verified::Remembered);
+    let key = identity("ram-verified", &path, &checksum).await;
+    if let Some(key) = &key {
+        if crate::cache::lookup::<bool>(key).await == Some(true) {
+            return Ok(Verified::Remembered);
+        }
     }
     verify_ram_image(path, checksum).await?;
-    crate::cache::remember(key, &true).await;
+    if let Some(key) = key {
+        crate::cache::remember(key, &true).await;
+    }
     Ok(Verified::Read)
 }
 
 /// Remembers that this version of a RAM image has `checksum` (it was just computed).
-pub async fn remember_ram_verified(path: &Path, checksum: &str) -> Result<()> {
-    let key = identity("ram-verified", path, checksum).await?;
-    crate::cache::remember(key, &true).await;
-    Ok(())
+pub async fn remember_ram_verified(path: &Path, checksum: &str) {
+    if let Some(key) = identity("ram-verified", path, checksum).await {
+        crate::cache::remember(key, &true).await;
+    }
 }
 
 /// Checks a memory file against what its snapshot recorded: header complete, length and
@@ -244,18 +255,7 @@ pub async fn verify(path: PathBuf, stream_len: u64, checksum: Option<String>) ->
     let Some(expected) = checksum else {
         return Ok(()); // a snapshot from before checksums: length only
     };
-    blocking(move || {
-        let found = checksum_of(&path, HEADER_LEN, stream_len)?;
-        if found == expected {
-            Ok(())
-        } else {
-            Err(Error::BadMemoryFile {
-                path,
-                why: format!("its contents changed since the snapshot (checksum {found}, recorded {expected})"),
-            })
-        }
-    })
-    .await
+    blocking(move || compare_checksum(&path, HEADER_LEN, stream_len, &expected)).await
 }
 
 /// Reads and checks a memory file's header.
@@ -349,15 +349,7 @@ pub async fn verify_ram_image(path: PathBuf, checksum: String) -> Result<()> {
         let len = std::fs::metadata(&path)
             .map_err(io_err("reading the RAM image", &path))?
             .len();
-        let now = checksum_of(&path, 0, len)?;
-        if now == checksum {
-            Ok(())
-        } else {
-            Err(Error::BadMemoryFile {
-                path,
-                why: format!("its checksum is {now}, the snapshot recorded {checksum}"),
-            })
-        }
+        compare_checksum(&path, 0, len, &checksum)
     })
     .await
 }

@@ -194,15 +194,18 @@ pub(crate) async fn make_overlays(
             .unwrap_or_default(),
         was_running: s.was_running && s.mode != Mode::DiskOnly,
         verify_ms,
-        ram: s
-            .memory
-            .as_ref()
-            .and_then(|m| m.lazy.as_ref())
-            .map(|l| RamMapping::Private {
-                backend: l.backend.clone(),
-                image: l.image.clone(),
-                size: l.size,
-            }),
+        ram: lazy_mapping(s),
+    })
+}
+
+/// How a QEMU reverting to `s` must map its RAM: privately, from the snapshot's RAM image,
+/// when the snapshot is lazy.
+pub fn lazy_mapping(s: &CreateReport) -> Option<RamMapping> {
+    let l = s.memory.as_ref()?.lazy.as_ref()?;
+    Some(RamMapping::Private {
+        backend: l.backend.clone(),
+        image: l.image.clone(),
+        size: l.size,
     })
 }
 

@@ -184,9 +184,8 @@ impl Vm {
             .await;
             if let Err(e) = &converted {
                 // The helper's log goes with its temp directory: keep its last words.
-                let log = tokio::fs::read_to_string(&helper.log).await.unwrap_or_default();
-                let tail: Vec<&str> = log.lines().rev().take(10).collect();
-                warn!(error = %e, log = %tail.into_iter().rev().collect::<Vec<_>>().join(" | "), "the conversion failed");
+                let tail = crate::launch::log_tail(&helper.log).await;
+                warn!(error = %e, log = %tail.replace('\n', " | "), "the conversion failed");
             }
             helper.stop().await;
             converted?;
@@ -194,7 +193,7 @@ impl Vm {
             let checksum = memfile::seal_ram_image(image.clone()).await?;
             let stamp = image::stamp(&image).await?;
             // Just read in full: the first lazy revert need not read it again.
-            memfile::remember_ram_verified(&image, &checksum).await?;
+            memfile::remember_ram_verified(&image, &checksum).await;
             failpoint::hit("lazy.made", None).await?;
             Ok::<_, Error>((sealed, checksum, stamp))
         }
@@ -202,10 +201,7 @@ impl Vm {
         let (sealed, checksum, stamp) = match made {
             Ok(x) => x,
             Err(e) => {
-                for p in [&devices, &image] {
-                    let p = p.clone();
-                    let _ = store::blocking(move || store::remove_durably(&p)).await;
-                }
+                discard(&[&devices, &image]).await;
                 return Err(e);
             }
         };
@@ -234,10 +230,7 @@ impl Vm {
                 .await
                 .is_ok_and(|now| now.snapshot.memory.is_some_and(|x| x.lazy.is_some()));
             if !switched {
-                for p in [&devices, &image] {
-                    let p = p.clone();
-                    let _ = store::blocking(move || store::remove_durably(&p)).await;
-                }
+                discard(&[&devices, &image]).await;
                 return Err(e);
             }
             warn!(error = %e, "the manifest switched to the RAM image, but writing it reported an error");
@@ -260,6 +253,14 @@ impl Vm {
         };
         info!(vm = %self.name(), %snap, ms = report.total_ms, "memory made lazy");
         Ok(report)
+    }
+}
+
+/// Removes files this conversion made (best effort: a leftover is an orphan `check` removes).
+async fn discard(files: &[&PathBuf]) {
+    for p in files {
+        let p = (*p).clone();
+        let _ = store::blocking(move || store::remove_durably(&p)).await;
     }
 }
 
@@ -344,11 +345,6 @@ impl Helper {
             })?
             .into_std()
             .await;
-        let err = out.try_clone().map_err(|source| Error::Io {
-            what: "creating the helper's log",
-            path: log.clone(),
-            source,
-        })?;
         // The helper dies with qsnap, even SIGKILLed: util-linux's setpriv sets the parent-death
         // signal (no unsafe pre_exec here); without setpriv, dropping the child kills it.
         let spawn = |via_setpriv: bool| -> std::io::Result<tokio::process::Child> {
@@ -364,7 +360,7 @@ impl Helper {
             cmd.current_dir(&command.cwd)
                 .stdin(Stdio::null())
                 .stdout(out.try_clone()?)
-                .stderr(err.try_clone()?)
+                .stderr(out.try_clone()?)
                 .kill_on_drop(true)
                 .spawn()
         };
@@ -397,19 +393,10 @@ impl Helper {
             if let Some(why) = failed {
                 let _ = child.start_kill();
                 let _ = child.wait().await;
-                let tail = tokio::fs::read_to_string(&log).await.unwrap_or_default();
                 return Err(Error::LaunchFailed {
                     why: format!("the helper QEMU did not come up: {why}"),
-                    log: log.clone(),
-                    tail: tail
-                        .lines()
-                        .rev()
-                        .take(10)
-                        .collect::<Vec<_>>()
-                        .into_iter()
-                        .rev()
-                        .collect::<Vec<_>>()
-                        .join("\n"),
+                    tail: crate::launch::log_tail(&log).await,
+                    log,
                 });
             }
             tokio::time::sleep(Duration::from_millis(5)).await;

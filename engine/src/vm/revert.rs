@@ -22,7 +22,7 @@ use super::state::{Operation, VmState};
 use super::Vm;
 use crate::error::{Error, Result};
 use crate::failpoint;
-use crate::launch::{self, stop_qemu, LaunchSpec, Launched, Launcher, ProcessLauncher, RamMapping};
+use crate::launch::{self, stop_qemu, LaunchSpec, Launched, Launcher, ProcessLauncher};
 use crate::name::SnapshotName;
 use crate::snapshot::memfile;
 use crate::snapshot::revert::{self, PreparedRevert, RestoreReport, RevertDisk};
@@ -173,16 +173,7 @@ impl Vm {
             paused: manifest.snapshot.memory.is_some() || opts.paused,
             machine: manifest.machine.clone(),
             log: self.log_path(),
-            ram: manifest
-                .snapshot
-                .memory
-                .as_ref()
-                .and_then(|m| m.lazy.as_ref())
-                .map(|l| RamMapping::Private {
-                    backend: l.backend.clone(),
-                    image: l.image.clone(),
-                    size: l.size,
-                }),
+            ram: revert::lazy_mapping(&manifest.snapshot),
         };
         let ram = match (&manifest.snapshot.memory, &spec.ram) {
             (None, _) => RamRestore::None,

@@ -166,8 +166,14 @@ impl Guest {
         (before, after)
     }
 
-    /// Revert, then check the guest resumes inside `range` with memory and disk agreeing.
-    pub async fn revert_and_check(&self, name: &str, (before, after): (u64, u64)) {
+    /// Reverts to `name`; returns the report and the reverted guest's first tick, after
+    /// checking it lies in the snapshot's range `(before, after)` and that memory and disk
+    /// agree for a few ticks.
+    pub async fn revert_first_tick(
+        &self,
+        name: &str,
+        (before, after): (u64, u64),
+    ) -> (qsnap_engine::RevertReport, u64) {
         let r = self
             .vm
             .revert_with(&n(name), &RevertOptions::default(), &self.launcher)
@@ -186,12 +192,19 @@ impl Guest {
             .unwrap_or_else(|e| panic!("no tick after revert: {e}\n{}", self.report()));
         assert!(
             first > before && first <= after + 1,
-            "reverted to {name} but resumed at tick {first}; it was taken between {before} and {after}\n{}",
+            "reverted to {name} ({}) but resumed at tick {first}; it was taken between {before} and {after}\n{}",
+            r.ram,
             self.report()
         );
         // A few more ticks, with memory (counter) and disk (sector 0) agreeing.
         self.tick_above(idx, first + 2).await;
         assert!(self.serial().mismatches().is_empty(), "{}", self.report());
+        (r, first)
+    }
+
+    /// Revert, then check the guest resumes inside `range` with memory and disk agreeing.
+    pub async fn revert_and_check(&self, name: &str, range: (u64, u64)) {
+        self.revert_first_tick(name, range).await;
         let st = self.vm.status().await.unwrap();
         assert!(st.running);
         assert_eq!(st.current.as_deref(), Some(name));
