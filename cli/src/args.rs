@@ -80,6 +80,11 @@ pub enum Command {
         /// so the save finishes.
         #[arg(long, default_value_t = 30, value_name = "SECS")]
         live_limit: u64,
+        /// Precopy: write QEMU's plain migration stream instead of its mapped-ram format
+        /// (which QEMU ≥ 9.0 writes and loads with several threads, zero pages as holes;
+        /// such a snapshot needs QEMU ≥ 9.0 to revert).
+        #[arg(long)]
+        no_mapped_ram: bool,
         /// Give up on the memory save after this many seconds (everything is rolled back).
         #[arg(long, default_value_t = 600, value_name = "SECS")]
         save_timeout: u64,

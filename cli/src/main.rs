@@ -169,6 +169,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             mode,
             overlay_dir,
             live_limit,
+            no_mapped_ram,
             save_timeout,
             lazy_ram,
             json,
@@ -192,6 +193,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 })?);
             }
             opts.live_limit = Duration::from_secs(live_limit);
+            opts.mapped_ram = !no_mapped_ram;
             opts.save_timeout = Duration::from_secs(save_timeout);
             let bar = progress::SaveBar::new(json);
             opts.progress = bar.callback();

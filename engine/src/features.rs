@@ -26,6 +26,9 @@ pub struct Features {
     pub blockdev_set_active: bool,
     /// The `x-ignore-shared` migration capability (lazy RAM).
     pub ignore_shared: bool,
+    /// The `mapped-ram` and `multifd` migration capabilities (QEMU ≥ 9.0): RAM pages at
+    /// fixed offsets of the file, written and read by several threads.
+    pub mapped_ram: bool,
 }
 
 impl Features {
@@ -35,6 +38,8 @@ impl Features {
             file_uri: schema.has_argument("migrate", &["channels", "addr", "filename"]),
             blockdev_set_active: schema.has_command("blockdev-set-active"),
             ignore_shared: schema.has_migration_capability("x-ignore-shared"),
+            mapped_ram: schema.has_migration_capability("mapped-ram")
+                && schema.has_migration_capability("multifd"),
         }
     }
 

@@ -61,6 +61,7 @@ async fn restores_to(dir: &Path, s: &CreateReport, before: u64, after: u64) {
         dir,
         &mem.file,
         memfile::HEADER_LEN,
+        &mem.capabilities,
         &[Frozen {
             image: disk.image.clone(),
             format: disk.format.clone(),

@@ -168,6 +168,7 @@ async fn full_disk_cancel_and_killed_qemu_leave_nothing_half_made() {
         dir.path(),
         &mem.file,
         memfile::HEADER_LEN,
+        &mem.capabilities,
         &[Frozen {
             image: base.clone(),
             format: "qcow2".into(),

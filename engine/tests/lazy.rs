@@ -120,6 +120,9 @@ async fn lazy_reverts_resume_where_eager_ones_do_again_and_across_branches() {
     let s2 = g.snapshot("s2").await;
     let m2 = g.vm.snapshot(&n("s2")).await.unwrap();
     assert_eq!(m2.snapshot.mode, Mode::Precopy);
+    // …saved in the mapped-ram format (QEMU ≥ 9.0), which the conversion below loads.
+    let caps = &m2.snapshot.memory.as_ref().unwrap().capabilities;
+    assert!(caps.iter().any(|c| c == "mapped-ram"), "{caps:?}");
     assert_eq!(m2.parent.as_deref(), Some("s1"));
     let (r, s2_eager) = g.revert_first_tick("s2", s2).await;
     assert!(matches!(r.ram, RamRestore::Eager { .. }));

@@ -7,6 +7,7 @@ use qsnap_engine::launch::{LaunchSpec, Launched, Launcher, ProcessLauncher};
 use qsnap_engine::snapshot::{revert, Mode};
 use qsnap_engine::{Engine, Error, RevertOptions, RunOptions, SnapshotName, Store, VmName};
 use qsnap_testkit::{init_logging, require_qemu, Accel, DiskStyle, KillRecordedQemu, VmBuilder};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -123,6 +124,35 @@ async fn revert_brings_memory_and_disk_back_repeatedly_and_across_branches() {
         .find_map(qsnap_testkit::serial::parse_tick)
         .unwrap();
     g.revert_and_check("kept", (before, after)).await;
+
+    // Precopy saves in QEMU's mapped-ram format (several threads; zero pages are holes in a
+    // file as large as RAM) when QEMU has it, else, or when asked, in the plain stream. Both
+    // revert to their own instant.
+    let mapped_ram = g.qemu_at_least(9, 0).await;
+    for (name, mapped) in [("pm", true), ("pp", false)] {
+        let range = g
+            .snapshot_with(name, |o| {
+                o.mode = Some(Mode::Precopy);
+                o.mapped_ram = mapped;
+            })
+            .await;
+        let m = g.vm.snapshot(&n(name)).await.unwrap();
+        let mem = m.snapshot.memory.as_ref().unwrap();
+        let caps = &mem.capabilities;
+        let meta = std::fs::metadata(&mem.file).unwrap();
+        let ram = mem.ram_bytes;
+        if mapped && mapped_ram {
+            assert!(caps.iter().any(|c| c == "mapped-ram"), "{caps:?}");
+            assert!(caps.iter().any(|c| c == "multifd"), "{caps:?}");
+            // Bounded by RAM size, and sparse: the idle pages of a 256 MiB guest are holes.
+            assert!(meta.len() > ram, "{} vs RAM {ram}", meta.len());
+            assert!(meta.blocks() * 512 < meta.len() / 2, "{meta:?}");
+        } else {
+            assert_eq!(caps, &["events".to_owned()], "{name}");
+            assert!(meta.len() < ram, "a plain stream leaves zero pages out");
+        }
+        g.revert_and_check(name, range).await;
+    }
     g.vm.stop().await.unwrap();
 }
 

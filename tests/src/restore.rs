@@ -20,11 +20,13 @@ pub struct Frozen {
 }
 
 /// Starts the test guest with `-incoming defer` on new overlays (in `work`) over `images`,
-/// loads `mem` from `offset`, and resumes it. Panics with QEMU's report on failure.
+/// loads `mem` from `offset` with the stream format capabilities the save recorded
+/// (`mapped-ram`, `multifd`), and resumes it. Panics with QEMU's report on failure.
 pub async fn restore_guest(
     work: &Path,
     mem: &Path,
     offset: u64,
+    capabilities: &[String],
     images: &[Frozen],
     dirty_mb: u32,
 ) -> Vm {
@@ -61,9 +63,18 @@ pub async fn restore_guest(
     let vm = builder.args(["-incoming", "defer"]).spawn().await;
     let qmp = vm.qmp().await;
     let mut events = qmp.events();
+    let caps: Vec<serde_json::Value> = std::iter::once("events")
+        .chain(
+            capabilities
+                .iter()
+                .map(String::as_str)
+                .filter(|c| matches!(*c, "mapped-ram" | "multifd")),
+        )
+        .map(|c| serde_json::json!({"capability": c, "state": true}))
+        .collect();
     qmp.execute_raw(
         "migrate-set-capabilities",
-        Some(serde_json::json!({"capabilities": [{"capability": "events", "state": true}]})),
+        Some(serde_json::json!({ "capabilities": caps })),
     )
     .await
     .unwrap();

@@ -301,6 +301,17 @@ pub async fn restore(
     if p.capabilities.iter().any(|c| c == "x-ignore-shared") {
         check_mapping(qmp, p).await?;
     }
+    if p.capabilities.iter().any(|c| c == "mapped-ram")
+        && !crate::features::Features::of(qmp).await?.mapped_ram
+    {
+        return Err(Error::Unsupported {
+            what: format!(
+                "loading snapshot {}: it was saved in QEMU's mapped-ram format, which this QEMU ({}) cannot read; start the VM with QEMU ≥ 9.0 (snapshots taken with --no-mapped-ram load on any QEMU)",
+                p.snapshot,
+                qmp.greeting().version.qemu
+            ),
+        });
+    }
     qmp.execute(MigrateSetCapabilities { capabilities: caps })
         .await
         .map_err(Error::qmp("setting migration capabilities for the load"))?;

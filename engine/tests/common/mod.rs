@@ -151,11 +151,28 @@ impl Guest {
             .unwrap_or_else(|e| panic!("create {name}: {e}\n{}", self.report()))
     }
 
+    /// Whether the VM's QEMU is at least `major.minor`.
+    pub async fn qemu_at_least(&self, major: u32, minor: u32) -> bool {
+        let qmp = self.vm.connect().await.unwrap();
+        qmp.greeting().version.qemu.at_least(major, minor)
+    }
+
     /// Snapshot; returns the tick range it was taken in.
     pub async fn snapshot(&self, name: &str) -> (u64, u64) {
+        self.snapshot_with(name, |_| {}).await
+    }
+
+    /// Snapshot with options changed by `set`; returns the tick range it was taken in.
+    pub async fn snapshot_with(
+        &self,
+        name: &str,
+        set: impl FnOnce(&mut qsnap_engine::snapshot::CreateOptions),
+    ) -> (u64, u64) {
         let before = self.last_tick();
+        let mut opts = self.vm.create_options(n(name));
+        set(&mut opts);
         self.vm
-            .create_snapshot(self.vm.create_options(n(name)))
+            .create_snapshot(opts)
             .await
             .unwrap_or_else(|e| panic!("create {name}: {e}\n{}", self.report()));
         let after = self

@@ -66,6 +66,12 @@ pub struct CreateOptions {
     /// Disk-only: freeze the guest's filesystems through the guest agent at this socket
     /// while the disks switch (always thawed after).
     pub quiesce: Option<PathBuf>,
+    /// Precopy: save in QEMU's `mapped-ram` format with `multifd` threads when QEMU has them
+    /// (≥ 9.0; default on). Each RAM page has a fixed place in the file, zero pages are
+    /// holes, and several threads write and later load it. Such a snapshot needs a QEMU with
+    /// `mapped-ram` to be reverted. Point-in-time saves never use it (QEMU 10.0 writes a
+    /// `background-snapshot` + `mapped-ram` file it cannot load).
+    pub mapped_ram: bool,
 }
 
 impl CreateOptions {
@@ -83,6 +89,7 @@ impl CreateOptions {
             progress: None,
             cancel: CancellationToken::new(),
             quiesce: None,
+            mapped_ram: true,
         }
     }
 }
@@ -97,6 +104,7 @@ impl std::fmt::Debug for CreateOptions {
             .field("save_timeout", &self.save_timeout)
             .field("live_limit", &self.live_limit)
             .field("quiesce", &self.quiesce)
+            .field("mapped_ram", &self.mapped_ram)
             .finish_non_exhaustive()
     }
 }
@@ -111,6 +119,8 @@ struct Plan {
     auto_resumes: bool,
     /// QEMU takes `file:` URIs (else a pipe carries the stream).
     file_uri: bool,
+    /// A precopy save may use `mapped-ram` + `multifd` (asked for, and QEMU has them).
+    mapped_ram: bool,
     disks: Vec<SnapshotDisk>,
     skipped: Vec<SkippedDisk>,
     /// The migration settings as they are (memory snapshots only).
@@ -294,7 +304,7 @@ async fn run_steps(
         .saved
         .as_ref()
         .expect("preflight reads the settings of a memory snapshot");
-    let (mode, capabilities) = settings::set_capabilities(qmp, saved, mode, plan.auto, rb).await?;
+    let (mode, capabilities) = settings::set_capabilities(qmp, saved, mode, plan, rb).await?;
     settings::raise_bandwidth(qmp, saved).await?;
     cancelled()?;
     failpoint::hit("create.prepared", pid).await?;

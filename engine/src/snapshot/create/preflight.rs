@@ -7,7 +7,7 @@ use super::{CreateOptions, Plan};
 use crate::error::{Error, Result};
 use crate::launch::tsc;
 use crate::qemu::{QueryCpusFast, QueryMaxBandwidth, QueryMigrate, QueryMigrateCapabilities};
-use crate::snapshot::{disks, transport};
+use crate::snapshot::disks;
 use crate::store::{self, Mode, SavedSettings};
 use qsnap_qmp::{types, Qmp};
 
@@ -71,7 +71,8 @@ pub(super) async fn preflight(qmp: &Qmp, opts: &CreateOptions) -> Result<Plan> {
         let mode = memory_mode(qmp, opts.mode, status.running).await?;
         Some((mode, opts.dir.join(format!("{}.mem", opts.name))))
     };
-    let file_uri = transport::has_file_uri(qmp).await?;
+    let features = crate::features::Features::of(qmp).await?;
+    let file_uri = features.file_uri;
     let (disks, skipped) = disks::plan(
         qmp,
         &opts.name,
@@ -115,6 +116,7 @@ pub(super) async fn preflight(qmp: &Qmp, opts: &CreateOptions) -> Result<Plan> {
         auto: opts.mode.is_none(),
         auto_resumes,
         file_uri,
+        mapped_ram: opts.mapped_ram && file_uri && features.mapped_ram,
         disks,
         skipped,
         saved,
