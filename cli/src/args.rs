@@ -97,6 +97,41 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Start a new VM from a snapshot, next to the running one: its own overlays over the
+    /// snapshot's frozen images (never written), its own monitor, log and per-VM files.
+    ///
+    /// Sockets and files the command line names (-chardev/-qmp/-monitor/-serial paths,
+    /// -pidfile, -D) are moved into the clone's store directory; `status NEW --json` lists
+    /// where each went. What must differ between VMs but qsnap cannot choose (a hostfwd port,
+    /// a tap device, a VNC/SPICE display, -name) is refused, naming the option, unless
+    /// --replace gives the clone its own.
+    Clone {
+        /// The source VM.
+        name: String,
+        /// The snapshot to start from.
+        snapshot: String,
+        /// The new VM's name.
+        new: String,
+        /// Leave the clone's guest paused.
+        #[arg(long)]
+        paused: bool,
+        /// Replace text in the recorded command line for the clone (repeatable), e.g.
+        /// --replace tcp::2222-:22=tcp::2223-:22
+        #[arg(long, value_name = "OLD=NEW")]
+        replace: Vec<String>,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a clone: stop it, delete its snapshots, overlays, files and record. Only for
+    /// clones (another VM's overlays hold its data: `delete --all` merges them).
+    Remove {
+        /// The clone.
+        name: String,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Make a snapshot's memory lazy: reverts then map its RAM copy-on-write (pages load as
     /// the guest touches them) instead of loading all of it first.
     ///

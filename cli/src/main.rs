@@ -236,6 +236,40 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .with_context(|| format!("making the memory of {vm}/{snapshot} lazy"))?;
             output::lazy(&vm, &report, json);
         }
+        Command::Clone {
+            name: vm,
+            snapshot,
+            new,
+            paused,
+            replace,
+            json,
+        } => {
+            let replace = replace
+                .iter()
+                .map(|r| {
+                    r.split_once('=')
+                        .map(|(a, b)| (a.to_owned(), b.to_owned()))
+                        .ok_or_else(|| anyhow::anyhow!("--replace {r}: expected OLD=NEW"))
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let opts = qsnap_engine::CloneOptions { paused, replace };
+            let report = engine
+                .vm(&vm_name(&vm)?)
+                .await?
+                .clone_snapshot(&snap_name(&snapshot)?, &vm_name(&new)?, &opts)
+                .await
+                .with_context(|| format!("cloning {vm}/{snapshot} to {new}"))?;
+            output::cloned(&report, json);
+        }
+        Command::Remove { name: vm, json } => {
+            let report = engine
+                .vm(&vm_name(&vm)?)
+                .await?
+                .remove()
+                .await
+                .with_context(|| format!("removing {vm}"))?;
+            output::removed(&report, json);
+        }
         Command::Run {
             name: vm,
             no_tsc_fix,

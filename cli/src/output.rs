@@ -244,9 +244,63 @@ pub fn status(st: &Status, as_json: bool) {
         let chain: Vec<String> = d.chain.iter().map(|p| p.display().to_string()).collect();
         println!("  {:<10} {}", d.device, chain.join(" → "));
     }
+    if let Some(c) = &st.clone_of {
+        println!(
+            "clone of {} at snapshot {}; its own copies:",
+            c.vm, c.snapshot
+        );
+        moved(&c.moved);
+    }
     if let Some(i) = &st.interrupted {
         println!("interrupted operation: {i}; the next command (or `qsnap check {} --repair`) settles it", st.vm);
     }
+}
+
+fn moved(list: &[qsnap_engine::store::MovedPath]) {
+    for m in list {
+        println!(
+            "  {:<16} {} (was {})",
+            m.option,
+            m.to.display(),
+            m.from.display()
+        );
+    }
+}
+
+/// Prints what a clone did.
+pub fn cloned(r: &qsnap_engine::CloneReport, as_json: bool) {
+    if as_json {
+        return json(r);
+    }
+    println!(
+        "{} cloned from {} at snapshot {} in {:.0} ms ({}; guest {})",
+        r.vm,
+        r.source,
+        r.snapshot,
+        r.total_ms,
+        r.ram,
+        if r.resumed { "running" } else { "paused" }
+    );
+    for d in &r.disks {
+        println!("  {:<16} {}", d.device, d.overlay.display());
+    }
+    moved(&r.moved);
+    println!("  {:<16} {}", "monitor", r.qmp.display());
+    println!("  {:<16} {}", "QEMU log", r.log.display());
+}
+
+/// Prints what removing a clone did.
+pub fn removed(r: &qsnap_engine::RemoveReport, as_json: bool) {
+    if as_json {
+        return json(r);
+    }
+    println!(
+        "{} removed{}: {} image(s), {} snapshot(s)",
+        r.vm,
+        if r.stopped { " (its QEMU stopped)" } else { "" },
+        r.removed.len(),
+        r.snapshots.len()
+    );
 }
 
 /// Prints what a revert did.

@@ -402,6 +402,49 @@ async fn run_status_stop_start_revert() {
     let out = run(&["check", "vm1"]);
     assert!(out.status.success(), "{out:?}");
 
+    // A clone of lz runs next to vm1, with its own console; status says where it went;
+    // remove takes it away. A bad --replace and an existing name are refused.
+    let _kill_clone = KillRecordedQemu::new(&store, "c1");
+    let out = run(&["clone", "vm1", "lz", "c1", "--replace", "nowhere=x"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(text(&out.stderr).contains("appears nowhere"), "{out:?}");
+    let out = run(&["clone", "vm1", "lz", "c1", "--json"]);
+    assert!(out.status.success(), "{out:?}");
+    let c = stdout_json(&out);
+    assert_eq!(
+        (c["resumed"].clone(), c["ram"]["how"].clone()),
+        (true.into(), "lazy".into()),
+        "{c}"
+    );
+    let out = run(&["clone", "vm1", "lz", "c1"]);
+    assert!(
+        text(&out.stderr).contains("already in the store"),
+        "{out:?}"
+    );
+    let out = run(&["status", "c1", "--json"]);
+    let st = stdout_json(&out);
+    assert_eq!(st["running"], true, "{st}");
+    assert_eq!(st["clone-of"]["vm"], "vm1", "{st}");
+    let console = st["clone-of"]["moved"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["option"] == "-chardev qsnapser")
+        .unwrap_or_else(|| panic!("{st}"))["to"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        console.starts_with(store.join("vms/c1/files").to_str().unwrap()),
+        "{console}"
+    );
+    let out = run(&["remove", "vm1"]);
+    assert!(text(&out.stderr).contains("not a clone"), "{out:?}");
+    let out = run(&["remove", "c1", "--json"]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(stdout_json(&out)["stopped"], true);
+    assert!(!std::path::Path::new(&console).exists());
+
     let out = run(&["stop", "vm1"]);
     assert!(out.status.success(), "{out:?}");
 }

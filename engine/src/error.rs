@@ -290,6 +290,14 @@ pub enum Error {
         /// Why.
         why: String,
     },
+    /// A snapshot that cannot be cloned; nothing was changed.
+    #[error("cannot clone {snapshot}: {why}; nothing was changed")]
+    CloneRefused {
+        /// The snapshot.
+        snapshot: String,
+        /// Why.
+        why: String,
+    },
     /// A snapshot that cannot be reverted to; nothing was changed.
     #[error("cannot revert to {snapshot}: {why}; nothing was changed")]
     RevertRefused {

@@ -50,7 +50,8 @@ pub use inspect::{DiskInfo, VmInfo};
 pub use name::{SnapshotName, VmName};
 pub use store::{Manifest, Store, VmRecord};
 pub use vm::{
-    AttachOptions, CheckReport, DeleteOptions, DeleteReport, DiskChain, Engine, Finding,
-    LazyReport, MergeProgress, MergeProgressFn, MergeReport, Operation, RamRestore, Recovery,
-    RecoveryFn, RevertOptions, RevertReport, RunOptions, RunReport, Status, Vm, VmState,
+    AttachOptions, CheckReport, CloneOptions, CloneReport, DeleteOptions, DeleteReport, DiskChain,
+    Engine, Finding, LazyReport, MergeProgress, MergeProgressFn, MergeReport, Operation,
+    RamRestore, Recovery, RecoveryFn, RemoveReport, RevertOptions, RevertReport, RunOptions,
+    RunReport, Status, Vm, VmState,
 };

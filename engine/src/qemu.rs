@@ -172,6 +172,26 @@ pub struct MaxBandwidth {
     /// Bytes per second.
     #[serde(rename = "max-bandwidth", default)]
     pub max_bandwidth: Option<u64>,
+    /// multifd compression (`none` when off; absent before QEMU 5.0).
+    #[serde(rename = "multifd-compression", default)]
+    pub multifd_compression: Option<String>,
+    /// TLS credentials for migration (empty when off).
+    #[serde(rename = "tls-creds", default)]
+    pub tls_creds: Option<String>,
+}
+
+impl MaxBandwidth {
+    /// Why QEMU would refuse mapped-ram with these settings (it takes neither compression
+    /// nor TLS with it), if it would.
+    pub fn mapped_ram_obstacle(&self) -> Option<String> {
+        if let Some(c) = self.multifd_compression.as_deref().filter(|c| *c != "none") {
+            return Some(format!("multifd-compression is {c}"));
+        }
+        if self.tls_creds.as_deref().is_some_and(|t| !t.is_empty()) {
+            return Some("migration TLS is set".into());
+        }
+        None
+    }
 }
 
 impl Command for QueryMaxBandwidth {

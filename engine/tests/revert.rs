@@ -136,6 +136,18 @@ async fn revert_brings_memory_and_disk_back_repeatedly_and_across_branches() {
                 o.mapped_ram = mapped;
             })
             .await;
+        // The save's capabilities are off again afterwards (as preflight found them).
+        let qmp = g.vm.connect().await.unwrap();
+        let caps = qmp
+            .execute_raw("query-migrate-capabilities", None)
+            .await
+            .unwrap();
+        drop(qmp);
+        for c in caps.as_array().unwrap() {
+            if matches!(c["capability"].as_str(), Some("mapped-ram" | "multifd")) {
+                assert_eq!(c["state"], false, "{c} left on after {name}");
+            }
+        }
         let m = g.vm.snapshot(&n(name)).await.unwrap();
         let mem = m.snapshot.memory.as_ref().unwrap();
         let caps = &mem.capabilities;

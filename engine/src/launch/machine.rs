@@ -17,27 +17,61 @@ pub async fn check(
     machine: &str,
     cancel: &CancellationToken,
 ) -> std::result::Result<(), String> {
-    let key = match crate::cache::resolve_binary(binary).await {
-        Some(p) => crate::cache::file_key(&p, "machines").await,
-        None => None,
-    };
-    let types: Vec<String> = match &key {
-        Some(k) => match crate::cache::lookup(k).await {
-            Some(t) => t,
-            None => {
-                let t = list(binary, cancel).await?;
-                crate::cache::remember(k.clone(), &t).await;
-                t
-            }
-        },
-        None => list(binary, cancel).await?,
-    };
-    if types.iter().any(|t| t == machine) {
+    if types(binary, cancel).await?.iter().any(|t| t == machine) {
         Ok(())
     } else {
         Err(format!(
             "{binary} does not offer the machine type {machine} the snapshot was taken with"
         ))
+    }
+}
+
+/// Refuses (with why) when the QEMU binary is older than `major.minor`, told by the newest
+/// versioned machine type it offers (`pc-q35-10.0` → 10.0), from the same cached list.
+pub async fn check_version(
+    binary: &str,
+    (major, minor): (u32, u32),
+    what: &str,
+    cancel: &CancellationToken,
+) -> std::result::Result<(), String> {
+    let newest = types(binary, cancel)
+        .await?
+        .iter()
+        .filter_map(|t| {
+            let (maj, min) = t.rsplit_once('-')?.1.split_once('.')?;
+            Some((maj.parse::<u32>().ok()?, min.parse::<u32>().ok()?))
+        })
+        .max();
+    match newest {
+        Some(v) if v >= (major, minor) => Ok(()),
+        Some((a, b)) => Err(format!(
+            "{what} needs QEMU ≥ {major}.{minor}, and {binary} is {a}.{b}"
+        )),
+        None => Err(format!(
+            "{what} needs QEMU ≥ {major}.{minor}, and {binary}'s version cannot be told from its machine types"
+        )),
+    }
+}
+
+/// The binary's machine types: asked once per binary (path, size, mtime) and cached.
+async fn types(
+    binary: &str,
+    cancel: &CancellationToken,
+) -> std::result::Result<Vec<String>, String> {
+    let key = match crate::cache::resolve_binary(binary).await {
+        Some(p) => crate::cache::file_key(&p, "machines").await,
+        None => None,
+    };
+    match &key {
+        Some(k) => match crate::cache::lookup(k).await {
+            Some(t) => Ok(t),
+            None => {
+                let t = list(binary, cancel).await?;
+                crate::cache::remember(k.clone(), &t).await;
+                Ok(t)
+            }
+        },
+        None => list(binary, cancel).await,
     }
 }
 

@@ -69,14 +69,14 @@ impl RamMapping {
     }
 }
 
-fn flag(a: &str) -> Option<&str> {
+pub(super) fn flag(a: &str) -> Option<&str> {
     a.strip_prefix('-').map(|f| f.trim_start_matches('-'))
 }
 
 /// An option value as `(type, properties)`, in either syntax: `virtio-mem-pci,memdev=m1` or
 /// `{"driver":"virtio-mem-pci","memdev":"m1"}` (the type is the first bare word, or the JSON
 /// `driver` / `qom-type` / `type`).
-fn parsed(v: &str) -> (String, Vec<(String, String)>) {
+pub(super) fn parsed(v: &str) -> (String, Vec<(String, String)>) {
     if let Ok(serde_json::Value::Object(map)) = serde_json::from_str::<serde_json::Value>(v) {
         let kind = ["driver", "qom-type", "type"]
             .iter()
@@ -109,7 +109,7 @@ fn parsed(v: &str) -> (String, Vec<(String, String)>) {
     (kind, props)
 }
 
-fn prop<'a>(props: &'a [(String, String)], key: &str) -> Option<&'a str> {
+pub(super) fn prop<'a>(props: &'a [(String, String)], key: &str) -> Option<&'a str> {
     props
         .iter()
         .find(|(k, _)| k == key)
@@ -207,7 +207,7 @@ pub fn backend_id(machine: Option<&str>) -> Result<String, String> {
 }
 
 /// Flags without a value that are harmless in a helper whose guest never runs.
-const KEEP_BARE: &[&str] = &[
+pub(super) const KEEP_BARE: &[&str] = &[
     "enable-kvm",
     "no-reboot",
     "no-shutdown",
@@ -229,7 +229,7 @@ const KEEP_BARE: &[&str] = &[
 ];
 
 /// Flags without a value to leave out (they start, show, wait for or open something).
-const DROP_BARE: &[&str] = &[
+pub(super) const DROP_BARE: &[&str] = &[
     "S",
     "s",
     "daemonize",
@@ -248,7 +248,7 @@ const DROP_BARE: &[&str] = &[
 
 /// Flags whose value is copied as it is: they shape the machine (and so the device state)
 /// and reach nothing outside QEMU but files it only reads.
-const KEEP_VALUE: &[&str] = &[
+pub(super) const KEEP_VALUE: &[&str] = &[
     "machine",
     "M",
     "cpu",
@@ -305,7 +305,7 @@ const DROP_VALUE: &[&str] = &[
 
 /// `-object` types a helper may keep: they reach nothing outside QEMU (chardevs they name
 /// are made null).
-const KEEP_OBJECTS: &[&str] = &[
+pub(super) const KEEP_OBJECTS: &[&str] = &[
     "iothread",
     "main-loop",
     "thread-context",

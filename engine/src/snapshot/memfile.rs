@@ -146,7 +146,12 @@ fn compare_checksum(path: &Path, offset: u64, len: u64, expected: &str) -> Resul
 fn checksum_of(path: &Path, offset: u64, stream_len: u64) -> Result<String> {
     let read_err = io_err("reading the memory file", path);
     let mut f = File::open(path).map_err(io_err("reading the memory file", path))?;
-    let end = offset + stream_len;
+    let end = offset
+        .checked_add(stream_len)
+        .ok_or_else(|| Error::BadMemoryFile {
+            path: path.to_owned(),
+            why: format!("its recorded stream length {stream_len} is impossible"),
+        })?;
     let len = f.metadata().map_err(read_err)?.len();
     if len < end {
         return Err(Error::BadMemoryFile {
@@ -159,7 +164,8 @@ fn checksum_of(path: &Path, offset: u64, stream_len: u64) -> Result<String> {
     let zeros = vec![0u8; 1 << 20];
     let mut pos = offset;
     while pos < end {
-        let data = next_data(&f, pos).min(end);
+        // Clamped: an lseek answer before `pos` would loop, one past `end` is only holes.
+        let data = next_data(&f, pos).clamp(pos, end);
         let mut hole = data - pos;
         while hole > 0 {
             let n = usize::try_from(hole).map_or(zeros.len(), |h| h.min(zeros.len()));
@@ -170,7 +176,12 @@ fn checksum_of(path: &Path, offset: u64, stream_len: u64) -> Result<String> {
         if pos == end {
             break;
         }
-        let data_end = next_hole(&f, pos).min(end);
+        // No progress (a filesystem that answers oddly, a hole punched meanwhile): read to
+        // the end instead of looping.
+        let mut data_end = next_hole(&f, pos).min(end);
+        if data_end <= pos {
+            data_end = end;
+        }
         std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(pos))
             .map_err(io_err("reading the memory file", path))?;
         while pos < data_end {
@@ -187,6 +198,17 @@ fn checksum_of(path: &Path, offset: u64, stream_len: u64) -> Result<String> {
             hasher.update(&buf[..n]);
             pos += n as u64;
         }
+    }
+    // Holes past a truncation would have hashed as zeros: the file must still be whole.
+    let now = f
+        .metadata()
+        .map_err(io_err("reading the memory file", path))?
+        .len();
+    if now < end {
+        return Err(Error::BadMemoryFile {
+            path: path.to_owned(),
+            why: format!("it shrank while being read (now {now} bytes)"),
+        });
     }
     Ok(format!("xxh3-128:{:032x}", hasher.digest128()))
 }

@@ -4,7 +4,8 @@
 //! point-in-time create (background-snapshot)
 //!   preflight ── nothing changed yet; every failure here leaves the VM untouched
 //!   memory file (0600, header "incomplete") → add-fd → overlay files → overlay nodes
-//!   → capabilities (background-snapshot, events; others off) → max-bandwidth up
+//!   → capabilities (background-snapshot, events; others off — precopy: events, mapped-ram,
+//!     multifd) → max-bandwidth up
 //!   stop ─┐ guest frozen
 //!   migrate file:/dev/fdset/N,offset=4096
 //!   wait until QEMU saved device state and armed write protection (RAM pages flowing)

@@ -21,6 +21,16 @@ pub struct VmLock {
 impl VmLock {
     /// Takes the lock at `path` for `operation`, or says who holds it.
     pub(crate) fn acquire(path: &Path, vm: &str, operation: &str) -> Result<VmLock> {
+        Self::take(path, vm, operation, FlockArg::LockExclusiveNonblock)
+    }
+
+    /// Takes the lock shared: operations that only read the VM's snapshots (clones of it) run
+    /// side by side, and keep every operation that changes them out meanwhile.
+    pub(crate) fn acquire_shared(path: &Path, vm: &str, operation: &str) -> Result<VmLock> {
+        Self::take(path, vm, operation, FlockArg::LockSharedNonblock)
+    }
+
+    fn take(path: &Path, vm: &str, operation: &str, how: FlockArg) -> Result<VmLock> {
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -29,7 +39,7 @@ impl VmLock {
             .mode(0o600)
             .open(path)
             .map_err(io("opening the VM lock", path))?;
-        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+        match Flock::lock(file, how) {
             Ok(mut locked) => {
                 // Say who we are, for the message a refused operation prints.
                 let note = format!("{} {operation}\n", std::process::id());

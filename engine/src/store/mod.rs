@@ -16,18 +16,17 @@ mod atomic;
 mod lock;
 pub mod schema;
 
-pub(crate) use atomic::{blocking, exists, read_json, remove_durably, sync_dir, write_json};
+pub(crate) use atomic::{blocking, exists, io, read_json, remove_durably, sync_dir, write_json};
 pub use lock::VmLock;
 pub use schema::{
-    CreateIntent, CreateReport, CurrentDisk, DeleteIntent, DeletePhase, ImageStamp, Intent,
-    Journal, LaunchCommand, LazyRam, LivePhase, Manifest, MemoryImage, MergeKind, MergeStep, Mode,
-    Origin, PlannedOverlay, RevertIntent, RevertPhase, SavedSettings, SkippedDisk, SnapshotDisk,
-    StartIntent, StopIntent, VmRecord, SCHEMA,
+    CloneOf, CreateIntent, CreateReport, CurrentDisk, DeleteIntent, DeletePhase, ImageStamp,
+    Intent, Journal, LaunchCommand, LazyRam, LivePhase, Manifest, MemoryImage, MergeKind,
+    MergeStep, Mode, MovedPath, Origin, PlannedOverlay, RevertIntent, RevertPhase, SavedSettings,
+    SkippedDisk, SnapshotDisk, StartIntent, StopIntent, VmRecord, SCHEMA,
 };
 
 use crate::error::{Error, Result};
 use crate::name::{SnapshotName, VmName};
-use atomic::io;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
@@ -131,6 +130,15 @@ impl Store {
         self.ensure_dir(dir.clone()).await?;
         let (name, op) = (vm.to_string(), operation.to_owned());
         blocking(move || VmLock::acquire(&dir.join("lock"), &name, &op)).await
+    }
+
+    /// Takes a VM's lock shared (for operations that only read its snapshots: clones);
+    /// refused while an exclusive holder runs, and keeps exclusive ones out meanwhile.
+    pub async fn lock_shared(&self, vm: &VmName, operation: &str) -> Result<VmLock> {
+        let dir = self.vm_dir(vm);
+        self.ensure_dir(dir.clone()).await?;
+        let (name, op) = (vm.to_string(), operation.to_owned());
+        blocking(move || VmLock::acquire_shared(&dir.join("lock"), &name, &op)).await
     }
 
     /// Reads a VM's record; [`Error::UnknownVm`] when there is none.

@@ -81,6 +81,34 @@ pub struct VmRecord {
     pub guest_agent: Option<PathBuf>,
     /// When it was registered (RFC 3339).
     pub registered_at: String,
+    /// For a clone: the VM and snapshot it was made from, and where the per-VM paths of the
+    /// source's command line went.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clone_of: Option<CloneOf>,
+}
+
+/// What a clone was made from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct CloneOf {
+    /// The source VM.
+    pub vm: String,
+    /// The snapshot the clone started from.
+    pub snapshot: String,
+    /// Each per-VM path of the source's command line and the clone's own copy of it.
+    pub moved: Vec<MovedPath>,
+}
+
+/// A per-VM file or socket a clone got its own copy of.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct MovedPath {
+    /// The option it appears in (`-chardev ser`, `-pidfile`, `-qmp`, …).
+    pub option: String,
+    /// The source's path.
+    pub from: PathBuf,
+    /// The clone's.
+    pub to: PathBuf,
 }
 
 /// How a snapshot captures the VM.

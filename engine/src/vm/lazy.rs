@@ -119,11 +119,11 @@ impl Vm {
             }
         }
 
-        // Room for the image (about what the stream holds: zero pages are holes) and the
+        // Room for the image (about what the stream allocates: zero pages are holes in
+        // both, and a mapped-ram stream is as large as RAM only in appearance) and the
         // device state next to the stream, with a margin: a full filesystem would stop the
         // helper and could pause the running VM if its disks live there too.
         let dir = self.store().memory_dir(self.name());
-        let need = mem.bytes + (64 << 20);
         let free = store::blocking(move || {
             nix::sys::statvfs::statvfs(&dir)
                 .map(|s| s.blocks_available() * s.fragment_size())
@@ -134,6 +134,7 @@ impl Vm {
                 })
         })
         .await?;
+        let need = allocated(&mem.file).await + (64 << 20);
         if free < need {
             return Err(unsupported(format!(
                 "the memory directory has {} MiB free; the RAM image needs about {} MiB",

@@ -74,6 +74,12 @@ pub struct Status {
     pub disks: Vec<DiskChain>,
     /// An interrupted operation the next command will finish or roll back.
     pub interrupted: Option<String>,
+    /// For a clone: what it was made from and where its per-VM files are (its console, its
+    /// guest agent socket, …).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub clone_of: Option<crate::store::CloneOf>,
+    /// Its monitor socket (`unix:PATH`, a path, or `tcp:HOST:PORT`).
+    pub qmp: String,
 }
 
 /// One disk's backing chain.
@@ -150,6 +156,7 @@ impl Engine {
             owned_images: Vec::new(),
             guest_agent,
             registered_at: store::now_rfc3339(),
+            clone_of: None,
         };
         self.store.write_record(&record).await?;
         Ok(self.vm_from(name.clone(), record))
@@ -237,6 +244,7 @@ impl Engine {
             disks: Vec::new(),
             owned_images: Vec::new(),
             registered_at: store::now_rfc3339(),
+            clone_of: None,
         };
         let handle = self.vm_from(name.clone(), record.clone());
         let qmp = handle.connect().await?;
@@ -477,6 +485,8 @@ impl Vm {
             current: record.current.clone(),
             disks,
             interrupted,
+            clone_of: record.clone_of.clone(),
+            qmp: record.qmp.clone(),
         })
     }
 }

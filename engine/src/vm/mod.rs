@@ -12,6 +12,7 @@
 //! Holds no QMP connection between calls (QEMU's monitor serves one client at a time).
 
 mod check;
+mod clone;
 mod consolidate;
 mod create;
 mod delete;
@@ -23,6 +24,7 @@ mod revert;
 mod state;
 
 pub use check::{CheckReport, Finding};
+pub use clone::{CloneOptions, CloneReport, RemoveReport};
 pub use delete::{DeleteOptions, DeleteReport, MergeProgress, MergeProgressFn, MergeReport};
 pub use lazy::LazyReport;
 pub use lifecycle::{AttachOptions, DiskChain, RunOptions, RunReport, Status};

@@ -139,14 +139,7 @@ impl Vm {
             }
         }
         // Both only read; run them side by side.
-        let machine_ok = async {
-            match &manifest.machine {
-                Some(machine) => {
-                    launch::machine::check(&command.argv[0], machine, self.cancel()).await
-                }
-                None => Ok(()),
-            }
-        };
+        let machine_ok = binary_can_load(&command.argv[0], &manifest, self.cancel());
         let (machine_ok, verified) = tokio::join!(
             machine_ok,
             revert::validate(snap.as_str(), &manifest.snapshot)
@@ -347,6 +340,33 @@ impl Vm {
         tracing::debug!(t_restored = ?t0.elapsed(), "restored");
         Ok((Launched { pid, ..launched }, restored))
     }
+}
+
+/// Refuses (with why) when the QEMU binary cannot load `manifest`'s snapshot: its exact
+/// machine type, and for a mapped-ram memory file QEMU ≥ 9.0. Reads only (cached per binary).
+pub(super) async fn binary_can_load(
+    binary: &str,
+    manifest: &crate::store::Manifest,
+    cancel: &tokio_util::sync::CancellationToken,
+) -> std::result::Result<(), String> {
+    if let Some(machine) = &manifest.machine {
+        launch::machine::check(binary, machine, cancel).await?;
+    }
+    let mapped_ram = manifest
+        .snapshot
+        .memory
+        .as_ref()
+        .is_some_and(|m| m.capabilities.iter().any(|c| c == "mapped-ram"));
+    if mapped_ram {
+        launch::machine::check_version(
+            binary,
+            (9, 0),
+            "the snapshot's memory file (QEMU's mapped-ram format)",
+            cancel,
+        )
+        .await?;
+    }
+    Ok(())
 }
 
 /// The last part of a revert (also what a recovery of one that got this far does): the

@@ -94,6 +94,7 @@ pub(super) async fn preflight(qmp: &Qmp, opts: &CreateOptions) -> Result<Plan> {
             return Err(Error::TargetExists { path: path.clone() });
         }
     }
+    let mut mapped_ram = opts.mapped_ram && file_uri && features.mapped_ram;
     let saved = if memory.is_some() {
         let caps = qmp
             .execute(QueryMigrateCapabilities {})
@@ -103,6 +104,10 @@ pub(super) async fn preflight(qmp: &Qmp, opts: &CreateOptions) -> Result<Plan> {
             .execute(QueryMaxBandwidth {})
             .await
             .map_err(Error::qmp("reading migration parameters"))?;
+        if let Some(why) = bw.mapped_ram_obstacle() {
+            tracing::info!(%why, "precopy writes the plain stream: QEMU refuses mapped-ram with these settings");
+            mapped_ram = false;
+        }
         Some(SavedSettings {
             capabilities: caps.into_iter().map(|c| (c.capability, c.state)).collect(),
             max_bandwidth: bw.max_bandwidth,
@@ -116,7 +121,7 @@ pub(super) async fn preflight(qmp: &Qmp, opts: &CreateOptions) -> Result<Plan> {
         auto: opts.mode.is_none(),
         auto_resumes,
         file_uri,
-        mapped_ram: opts.mapped_ram && file_uri && features.mapped_ram,
+        mapped_ram,
         disks,
         skipped,
         saved,

@@ -1,5 +1,6 @@
 //! The migration settings a memory save needs, each with its undo: capabilities (`events`,
-//! and `background-snapshot` for point-in-time; everything incompatible off) and a raised
+//! and `background-snapshot` for point-in-time, `mapped-ram` + `multifd` for precopy where
+//! QEMU has them; everything incompatible off) and a raised
 //! `max-bandwidth` (QEMU's default 128 MiB/s would throttle a save to a local file). The undo
 //! puts back exactly what preflight read.
 

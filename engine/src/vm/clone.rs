@@ -1,0 +1,417 @@
+//! Clones: a new VM started from a snapshot of another, running next to it — and removing one.
+//!
+//! ```text
+//! source lock (shared: clones of one VM start side by side; delete/revert wait) + clone lock
+//! → refuse: a name in use, an interrupted operation on the source, a damaged snapshot, a
+//!   command line with what must differ per VM (launch/clone.rs)      ── nothing changed
+//! → record of the clone, stopped, naming its overlays-to-be (from here `qsnap remove` undoes)
+//! → overlays in <store>/vms/<clone>/disks over the snapshot's frozen images (never written)
+//! → QEMU with the rewritten command line, -incoming defer → load (or map the RAM image
+//!   lazily) → cont                            ── failure: QEMU stopped, everything removed
+//! → record: running, pid
+//! ```
+//! The clone's chains back onto the source's frozen images; every delete and merge in the
+//! store already leaves alone whatever another VM's chain touches (`refs.rs`), so the source
+//! can delete the snapshot and its own layers without breaking a clone. Only a clone can be
+//! removed (`remove`): its overlays hold nothing but what the clone did.
+
+use super::refs::Use;
+use super::revert::RamRestore;
+use super::Vm;
+use crate::error::{Error, Result};
+use crate::launch::clone::clone_argv;
+use crate::launch::{self, stop_qemu, LaunchSpec, Launcher, ProcessLauncher};
+use crate::name::{SnapshotName, VmName};
+use crate::snapshot::revert::{self, RevertDisk};
+use crate::store::{self, CloneOf, CurrentDisk, LaunchCommand, MovedPath, Origin, VmRecord};
+use serde::Serialize;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+use tracing::{info, warn};
+
+/// How a clone is made.
+#[derive(Debug, Clone, Default)]
+pub struct CloneOptions {
+    /// Leave the clone's guest paused after loading its memory.
+    pub paused: bool,
+    /// Text replacements on the recorded command line, applied first (`OLD`, `NEW`): how the
+    /// user gives a clone what must differ per VM (a `hostfwd` port, `-name`, …).
+    pub replace: Vec<(String, String)>,
+}
+
+/// What a clone did.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct CloneReport {
+    /// The new VM.
+    pub vm: String,
+    /// The VM and snapshot it came from.
+    pub source: String,
+    /// The snapshot.
+    pub snapshot: String,
+    /// Its overlays over the snapshot's frozen images.
+    pub disks: Vec<RevertDisk>,
+    /// Where each per-VM path of the command line went.
+    pub moved: Vec<MovedPath>,
+    /// Its monitor socket.
+    pub qmp: PathBuf,
+    /// QEMU's stdout and stderr.
+    pub log: PathBuf,
+    /// How guest RAM came back.
+    pub ram: RamRestore,
+    /// Whether the guest runs now.
+    pub resumed: bool,
+    /// Memory load time.
+    pub load_ms: f64,
+    /// From the request to the guest running (or ready, when paused).
+    pub total_ms: f64,
+    /// QEMU's pid.
+    pub pid: Option<u32>,
+}
+
+/// What removing a clone did.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct RemoveReport {
+    /// The clone.
+    pub vm: String,
+    /// Whether its QEMU had to be stopped.
+    pub stopped: bool,
+    /// Its snapshots that went with it.
+    pub snapshots: Vec<String>,
+    /// The images removed.
+    pub removed: Vec<PathBuf>,
+}
+
+impl Vm {
+    /// Starts a new VM `new` from `snap`: its own overlays over the snapshot's frozen images,
+    /// its own monitor, log and per-VM files, and the snapshot's memory.
+    pub async fn clone_snapshot(
+        &self,
+        snap: &SnapshotName,
+        new: &VmName,
+        opts: &CloneOptions,
+    ) -> Result<CloneReport> {
+        self.clone_with(snap, new, opts, &ProcessLauncher::default())
+            .await
+    }
+
+    /// [`Vm::clone_snapshot`] with a launcher of your own.
+    pub async fn clone_with<L: Launcher>(
+        &self,
+        snap: &SnapshotName,
+        new: &VmName,
+        opts: &CloneOptions,
+        launcher: &L,
+    ) -> Result<CloneReport> {
+        let started = Instant::now();
+        let store = self.store().clone();
+        let _source_lock = store
+            .lock_shared(self.name(), &format!("clone {snap} to {new}"))
+            .await?;
+        if store.journal(self.name()).await?.is_some() {
+            return Err(Error::Busy {
+                what: format!(
+                    "an interrupted operation on {} must be finished first (`qsnap check {} --repair`)",
+                    self.name(),
+                    self.name()
+                ),
+            });
+        }
+        let _lock = store.lock(new, "clone").await?;
+        if store.has_vm(new).await? {
+            return Err(Error::VmExists {
+                vm: new.to_string(),
+            });
+        }
+        let source = store.record(self.name()).await?;
+        let manifest = store.manifest(self.name(), snap).await?;
+        let command = Self::command_of(&source)?.clone();
+        let refuse = |why: String| Error::CloneRefused {
+            snapshot: snap.to_string(),
+            why,
+        };
+        let dir = store.vm_dir(new);
+        let qmp = dir.join("qmp.sock");
+        let source_qmp = self.socket_path(&source).ok();
+        let rewritten = clone_argv(
+            &command.argv,
+            &command.cwd,
+            &dir.join("files"),
+            source_qmp.as_deref(),
+            &qmp,
+            &opts.replace,
+        )
+        .map_err(refuse)?;
+        let machine_ok = super::revert::binary_can_load(&command.argv[0], &manifest, self.cancel());
+        let (machine_ok, verified) = tokio::join!(
+            machine_ok,
+            revert::validate(snap.as_str(), &manifest.snapshot)
+        );
+        let verify_ms = verified?.verify_ms;
+        machine_ok.map_err(refuse)?;
+        let planned = revert::plan_overlays(&manifest.snapshot, Some(&dir.join("disks"))).await?;
+        let disks: Vec<CurrentDisk> = source
+            .disks
+            .iter()
+            .map(|d| match planned.iter().find(|p| p.device == d.device) {
+                Some(p) => Ok(CurrentDisk {
+                    device: d.device.clone(),
+                    image: p.overlay.clone(),
+                    launch_image: d.launch_image.clone(),
+                    owned: true,
+                }),
+                // Read-only or empty at the snapshot: shared as it is, never written.
+                None if manifest
+                    .snapshot
+                    .skipped
+                    .iter()
+                    .any(|s| s.device == d.device && s.reason == "read-only") =>
+                {
+                    Ok(CurrentDisk {
+                        owned: false,
+                        ..d.clone()
+                    })
+                }
+                // A writable disk the snapshot does not hold (added since): never shared.
+                None => Err(refuse(format!(
+                    "the snapshot holds no state of disk {}; a clone would share it with {}",
+                    d.device,
+                    self.name()
+                ))),
+            })
+            .collect::<Result<_>>()?;
+        let command = LaunchCommand {
+            argv: rewritten.argv,
+            cwd: command.cwd,
+        };
+        let spec = LaunchSpec {
+            vm: new.to_string(),
+            command: command.clone(),
+            disks: Self::substitutions(&disks),
+            qmp_socket: qmp.clone(),
+            incoming: manifest.snapshot.memory.is_some(),
+            paused: manifest.snapshot.memory.is_some() || opts.paused,
+            machine: manifest.machine.clone(),
+            log: dir.join("qemu.log"),
+            ram: revert::lazy_mapping(&manifest.snapshot),
+        };
+        launch::build_argv(&spec).map_err(|e| refuse(e.to_string()))?;
+        let ram = match (&manifest.snapshot.memory, &spec.ram) {
+            (None, _) => RamRestore::None,
+            (Some(_), Some(_)) => RamRestore::Lazy,
+            (Some(_), None) => RamRestore::Eager {
+                why: super::lazy::why_not(&spec.command.argv, manifest.machine.as_deref())
+                    .unwrap_or_else(|| "the snapshot has no RAM image".into()),
+            },
+        };
+        let guest_agent = source.guest_agent.as_ref().and_then(|g| {
+            rewritten
+                .moved
+                .iter()
+                .find(|m| &m.from == g)
+                .map(|m| m.to.clone())
+        });
+        let mut record = VmRecord {
+            schema: store::SCHEMA,
+            name: new.to_string(),
+            qmp: qmp.display().to_string(),
+            origin: Origin::Run,
+            pid: None,
+            pid_start: None,
+            command: Some(command),
+            current: None,
+            disks,
+            owned_images: planned.iter().map(|p| p.overlay.clone()).collect(),
+            guest_agent,
+            registered_at: store::now_rfc3339(),
+            clone_of: Some(CloneOf {
+                vm: self.name().to_string(),
+                snapshot: snap.to_string(),
+                moved: rewritten.moved.clone(),
+            }),
+        };
+        // Recorded before anything is made: from here the clone is a (stopped) VM, and
+        // `remove` undoes whatever a crash leaves.
+        make_dir(dir.join("files")).await?;
+        make_dir(dir.join("disks")).await?;
+        store.write_record(&record).await?;
+        let clone = self.engine.vm_from(new.clone(), record.clone());
+        let made = async {
+            let prepared = revert::make_overlays(
+                snap.as_str(),
+                &manifest.snapshot,
+                planned,
+                verify_ms,
+                self.cancel(),
+            )
+            .await
+            .map_err(|e| (e, None))?;
+            let launched = launcher.launch(&spec).await.map_err(|e| (e, None))?;
+            let pid = launched.pid;
+            let qmp = clone.connect().await.map_err(|e| (e, pid))?;
+            let restored = revert::restore(&qmp, &prepared, !opts.paused, Duration::from_secs(600))
+                .await
+                .map_err(|e| (e, pid))?;
+            Ok::<_, (Error, Option<u32>)>((prepared, qmp.peer_pid().or(pid), restored))
+        }
+        .await;
+        let (prepared, pid, restored) = match made {
+            Ok(x) => x,
+            Err((e, pid)) => {
+                if let Some(pid) = pid {
+                    let _ = stop_qemu(&record.qmp, Some(pid), Duration::from_secs(2)).await;
+                }
+                if let Err(u) = clone.discard_clone(&record).await {
+                    warn!(error = %u, "the failed clone's files could not all be removed; `qsnap remove {new}` finishes");
+                }
+                return Err(e);
+            }
+        };
+        super::state::record_qemu(&mut record, pid).await;
+        store.write_record(&record).await?;
+        let total_ms = started.elapsed().as_secs_f64() * 1e3;
+        info!(vm = %new, source = %self.name(), %snap, total_ms, "cloned");
+        Ok(CloneReport {
+            vm: new.to_string(),
+            source: self.name().to_string(),
+            snapshot: snap.to_string(),
+            disks: prepared.disks,
+            moved: rewritten.moved,
+            qmp,
+            log: dir.join("qemu.log"),
+            ram,
+            resumed: restored.resumed,
+            load_ms: restored.load_ms,
+            total_ms,
+            pid,
+        })
+    }
+
+    /// Removes a clone: stops its QEMU, then deletes its snapshots, its overlays, its files
+    /// and its record. Refused for a VM that is not a clone (its overlays hold its data:
+    /// `delete --all` merges them back first), and while another VM's chain uses an image of
+    /// this one (a clone of its snapshots).
+    pub async fn remove(&self) -> Result<RemoveReport> {
+        if self.record().clone_of.is_none() {
+            return Err(Error::Unsupported {
+                what: format!(
+                    "removing {}: it is not a clone, and its overlays hold what its guest wrote; `qsnap delete {} --all` merges them into its images",
+                    self.name(),
+                    self.name()
+                ),
+            });
+        }
+        // Refused before anything stops, and checked again under the lock.
+        self.refuse_if_used_elsewhere(self.record()).await?;
+        let stopped = match self.status().await?.running {
+            true => {
+                self.stop().await?;
+                true
+            }
+            false => false,
+        };
+        let op = self.begin("remove").await?;
+        let record = op.record.clone();
+        self.refuse_if_used_elsewhere(&record).await?;
+        let manifests = self.store().manifests(self.name()).await?;
+        let removed = self.discard_clone(&record).await?;
+        drop(op);
+        Ok(RemoveReport {
+            vm: self.name().to_string(),
+            stopped,
+            snapshots: manifests.into_iter().map(|m| m.name).collect(),
+            removed,
+        })
+    }
+
+    /// Refuses while another VM's chain uses an image this one made (a clone of one of its
+    /// snapshots).
+    async fn refuse_if_used_elsewhere(&self, record: &VmRecord) -> Result<()> {
+        let manifests = self.store().manifests(self.name()).await?;
+        let graph = super::refs::Graph::gather(
+            self.store(),
+            self.name(),
+            record,
+            &manifests,
+            None,
+            self.cancel(),
+        )
+        .await?;
+        for img in &record.owned_images {
+            if let Some(Use::OtherVm { vm }) = graph
+                .uses_of(img)
+                .iter()
+                .find(|u| matches!(u, Use::OtherVm { .. }))
+            {
+                return Err(Error::Unsupported {
+                    what: format!(
+                        "removing {}: {vm} runs on {} (a clone of one of its snapshots); remove {vm} first",
+                        self.name(),
+                        img.display()
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Deletes a stopped clone's snapshots, owned images, files and record (the lock held).
+    async fn discard_clone(&self, record: &VmRecord) -> Result<Vec<PathBuf>> {
+        let store = self.store();
+        for m in store.manifests(self.name()).await? {
+            let snap = SnapshotName::new(&m.name)?;
+            for f in store.memory_files(self.name(), &snap) {
+                store::blocking(move || store::remove_durably(&f)).await?;
+            }
+            store.remove_manifest(self.name(), &snap).await?;
+        }
+        let mut removed = Vec::new();
+        for img in &record.owned_images {
+            // Only what the clone made, in its own directory, and a regular file.
+            if !img.starts_with(store.vm_dir(self.name())) {
+                warn!(image = %img.display(), "kept: not in the clone's directory");
+                continue;
+            }
+            let p = img.clone();
+            let is_file = store::blocking(move || {
+                Ok(std::fs::symlink_metadata(&p)
+                    .map(|m| m.file_type().is_file())
+                    .unwrap_or(false))
+            })
+            .await?;
+            if is_file {
+                let p = img.clone();
+                store::blocking(move || store::remove_durably(&p)).await?;
+                removed.push(img.clone());
+            }
+        }
+        let dir = store.vm_dir(self.name());
+        store::blocking(move || {
+            for sub in ["files", "disks"] {
+                match std::fs::remove_dir_all(dir.join(sub)) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(store::io("removing the clone's files", &dir)(e)),
+                }
+            }
+            let _ = std::fs::remove_file(dir.join("qemu.log"));
+            Ok(())
+        })
+        .await?;
+        store.forget_vm(self.name()).await?;
+        Ok(removed)
+    }
+}
+
+async fn make_dir(dir: PathBuf) -> Result<()> {
+    store::blocking(move || {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
+            .map_err(store::io("creating the clone's directory", &dir))
+    })
+    .await
+}

@@ -1,0 +1,257 @@
+//! Clones against real QEMU and the real guest: several running copies of one snapshot,
+//! each resuming at the snapshot's tick and going on by itself; clones of clones; snapshots
+//! and reverts on a clone; the source deleting the snapshot under its clones; removing them;
+//! and the command-line rules (what must differ is refused by name, and works when replaced).
+
+mod common;
+
+use common::{n, v, Guest};
+use qsnap_engine::{CloneOptions, Engine, Error, RunOptions, Store};
+use qsnap_testkit::serial::{parse_tick, SerialLog};
+use qsnap_testkit::{init_logging, require_qemu, KillRecordedQemu, VmBuilder};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+fn sha(path: &Path) -> Vec<u8> {
+    let data = std::fs::read(path).unwrap();
+    xxhash_rust::xxh3::xxh3_128(&data).to_le_bytes().to_vec()
+}
+
+/// The clone's console: where the source's `-chardev qsnapser` file went.
+fn console_of(report: &qsnap_engine::CloneReport) -> PathBuf {
+    report
+        .moved
+        .iter()
+        .find(|m| m.option == "-chardev qsnapser")
+        .unwrap_or_else(|| panic!("no console moved: {:?}", report.moved))
+        .to
+        .clone()
+}
+
+/// Waits for the first tick in `log` from line `from` and checks it lies in `(before,
+/// after + 1]`; then two more ticks with memory and disk agreeing.
+async fn resumes_in(log: &SerialLog, from: usize, (before, after): (u64, u64), what: &str) -> u64 {
+    let (idx, first) = log
+        .wait_from(from, Duration::from_secs(60), parse_tick)
+        .await
+        .unwrap_or_else(|e| panic!("{what}: no tick: {e}\n{}", log.tail(30)));
+    assert!(
+        first > before && first <= after + 1,
+        "{what} resumed at {first}; the snapshot was taken between {before} and {after}"
+    );
+    log.wait_from(idx, Duration::from_secs(60), |l| {
+        parse_tick(l).filter(|&t| t >= first + 2)
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{what}: stalled: {e}\n{}", log.tail(30)));
+    assert!(log.mismatches().is_empty(), "{what}: {}", log.tail(30));
+    first
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn four_clones_of_one_snapshot_run_side_by_side_and_outlive_its_deletion() {
+    require_qemu!();
+    init_logging();
+    let g = Guest::start(VmBuilder::guest().dirty_mb(8), "qcow2").await;
+    g.tick_above(0, 3).await;
+    let s1 = g.snapshot("s1").await;
+    let m1 = g.vm.snapshot(&n("s1")).await.unwrap();
+    let frozen: Vec<(PathBuf, Vec<u8>)> = m1
+        .snapshot
+        .disks
+        .iter()
+        .map(|d| (d.image.clone(), sha(&d.image)))
+        .collect();
+    let store = g.dir.join("store");
+    let _kills: Vec<KillRecordedQemu> = (1..=5)
+        .map(|i| KillRecordedQemu::new(&store, &format!("c{i}")))
+        .collect();
+
+    // Four clones at once (each its own lock; the source's is shared).
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 1..=4 {
+        let vm = g.vm.clone();
+        tasks.spawn(async move {
+            vm.clone_snapshot(&n("s1"), &v(&format!("c{i}")), &CloneOptions::default())
+                .await
+        });
+    }
+    let mut reports = Vec::new();
+    while let Some(r) = tasks.join_next().await {
+        reports.push(
+            r.unwrap()
+                .unwrap_or_else(|e| panic!("clone: {e}\n{}", g.report())),
+        );
+    }
+    reports.sort_by(|a, b| a.vm.cmp(&b.vm));
+    let mut consoles = Vec::new();
+    for r in &reports {
+        assert!(r.resumed, "{r:?}");
+        assert!(r.disks[0]
+            .overlay
+            .starts_with(store.join("vms").join(&r.vm)));
+        let log = SerialLog::follow(console_of(r));
+        resumes_in(&log, 0, s1, &r.vm).await;
+        consoles.push(log);
+    }
+    // Each went on by itself: own overlays, own consoles, own pids; the source runs on.
+    let pids: std::collections::BTreeSet<_> = reports.iter().map(|r| r.pid).collect();
+    assert_eq!(pids.len(), 4);
+    let mark = g.serial().len();
+    g.tick_above(mark, g.last_tick() + 2).await;
+    assert!(g.serial().mismatches().is_empty(), "{}", g.report());
+    let st = g.engine.vm(&v("c2")).await.unwrap().status().await.unwrap();
+    let c = st.clone_of.as_ref().unwrap();
+    assert_eq!((c.vm.as_str(), c.snapshot.as_str()), ("g", "s1"));
+    assert!(st.running);
+
+    // A clone is a full VM: it snapshots and reverts, and can be cloned in turn.
+    let c1 = g.engine.vm(&v("c1")).await.unwrap();
+    let before = consoles[0].ticks().last().copied().unwrap();
+    c1.create_snapshot(c1.create_options(n("cs")))
+        .await
+        .unwrap();
+    let after = consoles[0]
+        .wait_new_tick(Duration::from_secs(30))
+        .await
+        .unwrap();
+    consoles[0]
+        .wait_from(0, Duration::from_secs(30), |l| {
+            parse_tick(l).filter(|&t| t > after + 2)
+        })
+        .await
+        .unwrap();
+    let mark = consoles[0].len();
+    c1.revert(&n("cs"), false).await.unwrap();
+    resumes_in(&consoles[0], mark, (before, after), "c1 reverted to cs").await;
+    let c5 = c1
+        .clone_snapshot(&n("cs"), &v("c5"), &CloneOptions::default())
+        .await
+        .unwrap();
+    let c5_log = SerialLog::follow(console_of(&c5));
+    resumes_in(&c5_log, 0, (before, after), "c5 (a clone of a clone)").await;
+
+    // The source deletes the snapshot its clones stand on: they run on, its images stay.
+    g.vm.delete_snapshot(&n("s1"), &Default::default())
+        .await
+        .unwrap_or_else(|e| panic!("delete s1: {e}\n{}", g.report()));
+    for (log, r) in consoles.iter().zip(&reports) {
+        let last = log.ticks().last().copied().unwrap();
+        log.wait_from(0, Duration::from_secs(30), |l| {
+            parse_tick(l).filter(|&t| t > last + 1)
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{} stopped after the delete: {e}", r.vm));
+        assert!(log.mismatches().is_empty(), "{}: {}", r.vm, log.tail(20));
+    }
+    for (image, digest) in &frozen {
+        assert_eq!(&sha(image), digest, "{} changed", image.display());
+    }
+
+    // Removing: c1 is refused while c5 stands on its snapshot; then all go, files too.
+    let err = c1.remove().await.unwrap_err();
+    assert!(err.to_string().contains("c5"), "{err}");
+    for i in [5, 1, 2, 3, 4] {
+        let vm = g.engine.vm(&v(&format!("c{i}"))).await.unwrap();
+        let pid = vm.status().await.unwrap().pid.unwrap();
+        let r = vm.remove().await.unwrap();
+        assert!(r.stopped);
+        assert!(
+            !Path::new(&format!("/proc/{pid}")).exists(),
+            "c{i}'s QEMU lives on"
+        );
+        let dir = store.join("vms").join(format!("c{i}"));
+        for sub in ["files", "disks", "memory", "snapshots", "vm.json"] {
+            assert!(!dir.join(sub).exists(), "{} left", dir.join(sub).display());
+        }
+        assert!(matches!(
+            g.engine.vm(&v(&format!("c{i}"))).await,
+            Err(Error::UnknownVm { .. })
+        ));
+    }
+    // With the clones gone, the source's layers merge as usual.
+    let check = g.vm.check(true).await.unwrap();
+    assert!(check.clean, "{:?}", check.findings);
+    // Only a clone can be removed.
+    let err = g.vm.remove().await.unwrap_err();
+    assert!(err.to_string().contains("not a clone"), "{err}");
+    g.vm.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hostfwd_port_is_refused_by_name_and_a_replacement_works() {
+    require_qemu!();
+    init_logging();
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let port2 = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let fwd = format!("tcp:127.0.0.1:{port}-:22");
+    let mut argv = VmBuilder::idle_with_disk(
+        &dir.path().join("disk.qcow2"),
+        "16M",
+        &dir.path().join("serial.log"),
+    )
+    .await;
+    argv.extend([
+        "-netdev".into(),
+        format!("user,id=n0,hostfwd={fwd}"),
+        "-device".into(),
+        "virtio-net-pci,netdev=n0".into(),
+    ]);
+    let store = dir.path().join("store");
+    let engine = Engine::new(Store::new(&store));
+    let _k = KillRecordedQemu::new(&store, "src");
+    let _k2 = KillRecordedQemu::new(&store, "c1");
+    engine
+        .run(&v("src"), argv, &RunOptions::default())
+        .await
+        .unwrap();
+    let src = engine.vm(&v("src")).await.unwrap();
+    src.create_snapshot(src.create_options(n("s")))
+        .await
+        .unwrap();
+
+    let err = src
+        .clone_snapshot(&n("s"), &v("c1"), &CloneOptions::default())
+        .await
+        .unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, Error::CloneRefused { .. }), "{msg}");
+    assert!(
+        msg.contains("hostfwd") && msg.contains("-netdev") && msg.contains("--replace"),
+        "{msg}"
+    );
+    assert!(
+        !store.join("vms/c1/vm.json").exists(),
+        "a refused clone left a record"
+    );
+
+    let opts = CloneOptions {
+        paused: false,
+        replace: vec![(fwd.clone(), format!("tcp:127.0.0.1:{port2}-:22"))],
+    };
+    let r = src.clone_snapshot(&n("s"), &v("c1"), &opts).await.unwrap();
+    assert!(r.resumed);
+    let c1 = engine.vm(&v("c1")).await.unwrap();
+    let argv = &c1.record().command.as_ref().unwrap().argv;
+    assert!(
+        argv.iter().any(|a| a.contains(&format!(":{port2}-:22"))),
+        "{argv:?}"
+    );
+    // Both forward their own port: the source's and the clone's QEMU each listen.
+    for p in [port, port2] {
+        std::net::TcpStream::connect(("127.0.0.1", p))
+            .unwrap_or_else(|e| panic!("nothing listens on {p}: {e}"));
+    }
+    assert!(c1.status().await.unwrap().running);
+    c1.remove().await.unwrap();
+    src.stop().await.unwrap();
+}
