@@ -9,7 +9,9 @@
 #      the guest's largest tick gap, wall times, file sizes, the disk's bandwidth.
 #   3. engine/examples/bench_scale.rs — memory (PSS) of 1 and 8 QEMUs restored from one
 #      snapshot, eager and lazy; 8 VMs snapshotted one at a time and concurrently.
-# Usage: ./scripts/bench.sh [ROUNDS] [--with-libvirt] [--ram 512,2048] [--only engine|peers|scale]
+#   4. engine/examples/bench_clone.rs — 1, 4 and 8 clones of one 256 MiB snapshot started at
+#      once (the harness API): time to each clone's first console line, PSS per clone.
+# Usage: ./scripts/bench.sh [ROUNDS] [--with-libvirt] [--ram 512,2048] [--only engine|peers|scale|clone]
 #        (JSON of every part goes to target/bench/)
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
@@ -43,4 +45,8 @@ fi
 if [ -z "$only" ] || [ "$only" = scale ]; then
   echo "== 3. scale"
   cargo run -q --release -p qsnap-engine --example bench_scale -- --json target/bench/scale.json
+fi
+if [ -z "$only" ] || [ "$only" = clone ]; then
+  echo "== 4. clones"
+  cargo run -q --release -p qsnap-engine --example bench_clone -- --json target/bench/clone.json
 fi

@@ -290,6 +290,14 @@ pub enum Error {
         /// Why.
         why: String,
     },
+    /// Something did not happen in time.
+    #[error("timed out after {after:?} waiting for {what}")]
+    Timeout {
+        /// What was waited for.
+        what: String,
+        /// How long.
+        after: std::time::Duration,
+    },
     /// A snapshot that cannot be cloned; nothing was changed.
     #[error("cannot clone {snapshot}: {why}; nothing was changed")]
     CloneRefused {

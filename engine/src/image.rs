@@ -26,8 +26,6 @@ fn qemu_img() -> Command {
     Command::new("qemu-img")
 }
 
-/// Creates a qcow2 overlay at `overlay` over `backing` (absolute path, format `format`),
-/// `size` bytes, without opening the backing (`-u`: a running QEMU holds it). Refuses when
 /// Creates an empty qcow2 image of `size` bytes with no backing file, 0600, never over an
 /// existing file (the lazy-RAM helper's stand-in disks: its guest never runs).
 pub async fn create_blank(path: &Path, size: u64, cancel: &CancellationToken) -> Result<()> {
@@ -45,6 +43,8 @@ pub async fn create_blank(path: &Path, size: u64, cancel: &CancellationToken) ->
         .map(drop)
 }
 
+/// Creates a qcow2 overlay at `overlay` over `backing` (absolute path, format `format`),
+/// `size` bytes, without opening the backing (`-u`: a running QEMU holds it). Refuses when
 /// anything exists at `overlay`; the file is 0600.
 pub async fn create_overlay(
     overlay: &Path,

@@ -35,6 +35,7 @@ mod error;
 pub mod failpoint;
 pub mod features;
 pub mod guest_agent;
+pub mod harness;
 pub mod image;
 pub mod inspect;
 pub mod launch;

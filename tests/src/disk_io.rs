@@ -50,8 +50,10 @@ pub async fn write(qmp: &Qmp, disk: &Disk, pattern: u8, offset_kib: u64, len_kib
     assert!(!out.contains("rror") && !out.contains("failed"), "{out}");
 }
 
-/// Whether `len_kib` KiB at `offset_kib` KiB all hold byte `pattern`; `Err` says what QEMU
-/// found instead.
+/// Whether `len_kib` KiB at `offset_kib` KiB all hold byte `pattern`; `Err` says what was
+/// found instead. QEMU prints `qemu-io`'s output on its own stdout, not in the monitor's
+/// reply, so the read runs outside: QEMU flushes the disk, then `qemu-io -r -U` reads the
+/// device's current image (and its backing chain) from the files.
 pub async fn check(
     qmp: &Qmp,
     disk: &Disk,
@@ -59,16 +61,46 @@ pub async fn check(
     offset_kib: u64,
     len_kib: u64,
 ) -> Result<(), String> {
-    let out = qemu_io(
-        qmp,
-        disk,
-        &format!("read -P {pattern:#04x} {offset_kib}k {len_kib}k"),
-    )
-    .await;
-    if out.contains("verification failed") || out.contains("rror") {
+    qemu_io(qmp, disk, "flush").await;
+    let blocks = qmp
+        .execute_raw("query-block", None)
+        .await
+        .map_err(|e| format!("query-block: {e}"))?;
+    let (file, format) = blocks
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|b| match disk {
+            Disk::Drive(id) => b["device"] == id.as_str(),
+            Disk::Device(id) => {
+                b["qdev"] == format!("/machine/peripheral/{id}/virtio-backend").as_str()
+                    || b["qdev"] == id.as_str()
+            }
+        })
+        .and_then(|b| {
+            let img = &b["inserted"]["image"];
+            Some((
+                img["filename"].as_str()?.to_owned(),
+                img["format"].as_str()?.to_owned(),
+            ))
+        })
+        .ok_or_else(|| format!("{disk:?}: no such disk with a medium in query-block"))?;
+    let out = tokio::process::Command::new("qemu-io")
+        .args(["-r", "-U", "-f", &format, "-c"])
+        .arg(format!("read -P {pattern:#04x} {offset_kib}k {len_kib}k"))
+        .arg(&file)
+        .output()
+        .await
+        .map_err(|e| format!("running qemu-io: {e}"))?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if !out.status.success() || text.contains("verification failed") || !text.contains("read ") {
         Err(format!(
-            "{disk:?} at {offset_kib}k: expected {pattern:#04x}: {}",
-            out.trim()
+            "{disk:?} ({file}) at {offset_kib}k: expected {pattern:#04x}: {}",
+            text.trim()
         ))
     } else {
         Ok(())

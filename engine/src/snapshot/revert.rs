@@ -312,9 +312,11 @@ pub async fn restore(
             ),
         });
     }
-    qmp.execute(MigrateSetCapabilities { capabilities: caps })
-        .await
-        .map_err(Error::qmp("setting migration capabilities for the load"))?;
+    qmp.execute(MigrateSetCapabilities {
+        capabilities: caps.clone(),
+    })
+    .await
+    .map_err(Error::qmp("setting migration capabilities for the load"))?;
     let header = memfile::read_header(mem.clone()).await?;
     let file_uri = transport::has_file_uri(qmp).await?;
     let (uri, stream) = transport::open_load(qmp, mem, header.stream_len, file_uri).await?;
@@ -349,6 +351,22 @@ pub async fn restore(
     .await;
     stream.finish(qmp).await;
     loaded?;
+    // The load's capabilities go off again: left on, mapped-ram or multifd would shape the
+    // VM's next migration (a socket migration refuses mapped-ram) and would be what a later
+    // save's undo puts back.
+    let off: Vec<Capability> = caps
+        .iter()
+        .filter(|c| c.capability != "events")
+        .map(|c| Capability {
+            capability: c.capability.clone(),
+            state: false,
+        })
+        .collect();
+    if !off.is_empty() {
+        qmp.execute(MigrateSetCapabilities { capabilities: off })
+            .await
+            .map_err(Error::qmp("turning the load's migration capabilities off"))?;
+    }
     let load_ms = started.elapsed().as_secs_f64() * 1e3;
     let resumed = resume && p.was_running;
     if resumed {

@@ -182,6 +182,11 @@ impl Vm {
             .map_err(Error::qmp("connecting to the VM's monitor"))
     }
 
+    /// The engine it belongs to.
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
     /// Default options for a snapshot of this VM: memory goes into the store, overlays are
     /// named after each disk's original image, the engine's cancel token applies.
     pub fn create_options(&self, snap: SnapshotName) -> CreateOptions {

@@ -1,0 +1,629 @@
+//! A test harness on clones: boot a guest once, snapshot it when it is ready, then give every
+//! test its own running copy of it — in parallel, each with its own disks, console and
+//! monitor, gone when the test is done (also when it panics).
+//!
+//! ```no_run
+//! # async fn demo() -> qsnap_engine::Result<()> {
+//! use qsnap_engine::harness::{console_prints, Golden};
+//! let golden = Golden::boot([
+//!     "qemu-system-x86_64", "-m", "256", "-accel", "tcg", "-display", "none",
+//!     "-kernel", "vmlinuz", "-initrd", "initramfs.gz", "-append", "console=ttyS0",
+//!     "-drive", "file=disk.qcow2,if=virtio",
+//! ])
+//! .ready_when(console_prints("login:"))
+//! .snapshot("ready")
+//! .await?;
+//! let vm = golden.fork().await?; // running, from the "ready" instant
+//! let qmp = vm.qmp().await?; // its own monitor
+//! println!("{}", vm.console_text()); // its own console
+//! drop(qmp);
+//! drop(vm); // QEMU killed, overlays and files removed
+//! # Ok(()) }
+//! ```
+//!
+//! Everything lives in one private temporary store (`$TMPDIR/qsnap-h-…`). The golden VM's
+//! snapshot is made lazy where QEMU allows it, so forks map its RAM copy-on-write and share
+//! the pages. A [`Fork`] kills its QEMU and removes its directory when dropped; a [`Golden`]
+//! does the same for everything on drop, and — for a golden kept in a `static` that is never
+//! dropped — a watchdog process does it when the test process exits, however it exits.
+//! What this module must never do: touch anything outside its own temporary store.
+
+use crate::error::{Error, Result};
+use crate::name::{SnapshotName, VmName};
+use crate::vm::{CloneOptions, CloneReport, Engine, RevertReport, RunOptions, Vm};
+use crate::Store;
+use qsnap_qmp::Qmp;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+type Check = Arc<dyn Fn(Vm) -> Pin<Box<dyn Future<Output = bool> + Send>> + Send + Sync>;
+
+/// When a booted guest counts as ready to be snapshotted.
+#[derive(Clone)]
+pub struct Ready(ReadyKind);
+
+#[derive(Clone)]
+enum ReadyKind {
+    Console(String),
+    Agent,
+    Check(Check),
+}
+
+impl std::fmt::Debug for Ready {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.0 {
+            ReadyKind::Console(t) => write!(f, "console_prints({t:?})"),
+            ReadyKind::Agent => f.write_str("agent_answers()"),
+            ReadyKind::Check(_) => f.write_str("when(…)"),
+        }
+    }
+}
+
+/// Ready once the guest's console has printed `text`.
+pub fn console_prints(text: impl Into<String>) -> Ready {
+    Ready(ReadyKind::Console(text.into()))
+}
+
+/// Ready once the QEMU guest agent in the guest answers (needs a `virtserialport` named
+/// `org.qemu.guest_agent.0` on a `-chardev socket,path=…`).
+pub fn agent_answers() -> Ready {
+    Ready(ReadyKind::Agent)
+}
+
+/// Ready once `check` returns true (asked every 100 ms with the VM; ask its monitor, its
+/// disks, a port it forwards …).
+pub fn when<F, Fut>(check: F) -> Ready
+where
+    F: Fn(Vm) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = bool> + Send + 'static,
+{
+    Ready(ReadyKind::Check(Arc::new(move |vm| Box::pin(check(vm)))))
+}
+
+/// How the golden VM is booted; [`GoldenBuilder::snapshot`] does it.
+#[derive(Debug)]
+pub struct GoldenBuilder {
+    argv: Vec<String>,
+    ready: Option<Ready>,
+    timeout: Duration,
+    disks: Vec<(String, u64)>,
+    cache: Option<PathBuf>,
+}
+
+/// A booted guest and its snapshot, from which [`Golden::fork`] starts running copies.
+#[derive(Debug)]
+pub struct Golden {
+    engine: Engine,
+    vm: Vm,
+    snapshot: SnapshotName,
+    console: Option<PathBuf>,
+    /// How the console shows in a clone's moved paths (`-chardev ID` or `-serial`).
+    console_option: Option<String>,
+    next: AtomicUsize,
+    // Last: removed after everything above is done with it.
+    root: Root,
+}
+
+/// One running copy of the golden snapshot, for one test.
+#[derive(Debug)]
+pub struct Fork {
+    vm: Vm,
+    source: Vm,
+    snapshot: SnapshotName,
+    report: CloneReport,
+    console: Option<PathBuf>,
+    dir: PathBuf,
+}
+
+const CONSOLE_ID: &str = "qsnapcon";
+
+impl Golden {
+    /// A golden VM from QEMU's command line (binary first). Its console is captured in a file
+    /// unless the command line sends it somewhere itself (`-serial`).
+    pub fn boot<I, S>(argv: I) -> GoldenBuilder
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        GoldenBuilder {
+            argv: argv.into_iter().map(Into::into).collect(),
+            ready: None,
+            timeout: Duration::from_secs(120),
+            disks: Vec::new(),
+            cache: None,
+        }
+    }
+
+    /// A running copy of the snapshot: its own overlays, monitor, console and files.
+    pub async fn fork(&self) -> Result<Fork> {
+        let n = self.next.fetch_add(1, Ordering::SeqCst) + 1;
+        let name = VmName::new(&format!("{}{n}", self.fork_prefix()))?;
+        let report = self
+            .vm
+            .clone_snapshot(&self.snapshot, &name, &CloneOptions::default())
+            .await?;
+        let vm = self.engine.vm(&name).await?;
+        Ok(Fork {
+            console: self.console_of(&report),
+            dir: self.engine.store().vm_dir(&name),
+            source: self.vm.clone(),
+            snapshot: self.snapshot.clone(),
+            vm,
+            report,
+        })
+    }
+
+    /// The golden VM itself (for serial reuse: run a test on it, then [`Golden::reset`]).
+    pub fn vm(&self) -> &Vm {
+        &self.vm
+    }
+
+    /// Reverts the golden VM to its snapshot, in place.
+    pub async fn reset(&self) -> Result<RevertReport> {
+        self.vm.revert(&self.snapshot, false).await
+    }
+
+    /// The golden VM's console file, if the harness captures it.
+    pub fn console(&self) -> Option<&Path> {
+        self.console.as_deref()
+    }
+
+    /// The golden's directory (its store, disks and console).
+    pub fn dir(&self) -> &Path {
+        self.root.path()
+    }
+
+    /// Forks of this process are named `f<pid>-<n>`: processes sharing a cached golden
+    /// never pick the same name, and each cleans up only its own.
+    fn fork_prefix(&self) -> String {
+        format!("f{}-", std::process::id())
+    }
+
+    /// The golden VM of a store, with its console found in its command line.
+    async fn open(engine: Engine, snapshot: SnapshotName, root: Root) -> Result<Golden> {
+        let vm = engine.vm(&VmName::new("golden")?).await?;
+        let (console_option, console) = vm
+            .record()
+            .command
+            .as_ref()
+            .and_then(|c| console_in(&c.argv))
+            .unzip();
+        Ok(Golden {
+            engine,
+            vm,
+            snapshot,
+            console,
+            console_option,
+            next: AtomicUsize::new(0),
+            root,
+        })
+    }
+
+    /// A golden snapshot another process made.
+    async fn reuse(snapshot: SnapshotName, dir: PathBuf) -> Result<Golden> {
+        let engine = Engine::new(Store::new(dir.join("store")));
+        let golden = Golden::open(engine, snapshot, Root::Cached(dir)).await?;
+        golden.vm.snapshot(&golden.snapshot).await?;
+        Ok(golden)
+    }
+}
+
+impl Drop for Golden {
+    fn drop(&mut self) {
+        match &self.root {
+            // Everything in a private store goes (the directory with the TempDir).
+            Root::Temp(t) => kill_matching(&format!("{}/", t.path().display())),
+            // A cached golden stays for the next process; this process's forks go.
+            Root::Cached(dir) => {
+                let forks = dir.join("store/vms").join(self.fork_prefix());
+                kill_matching(&forks.display().to_string());
+            }
+        }
+    }
+}
+
+impl GoldenBuilder {
+    /// When the guest is ready to be snapshotted (default: as soon as QEMU runs).
+    pub fn ready_when(mut self, ready: Ready) -> Self {
+        self.ready = Some(ready);
+        self
+    }
+
+    /// Creates an empty qcow2 image `name` of `size` bytes in the golden's directory before
+    /// it boots; the command line names it `{dir}/name` (`{dir}` is replaced in every
+    /// argument).
+    pub fn disk(mut self, name: &str, size: u64) -> Self {
+        self.disks.push((name.to_owned(), size));
+        self
+    }
+
+    /// Keeps the golden snapshot in `dir` and reuses it: the first process to ask boots the
+    /// guest and snapshots it (others wait on a lock), later ones — other test processes, a
+    /// later run — fork from it at once. Keyed by the command line, the disks and the identity
+    /// (size, mtime, inode) of every file the command line names and of the QEMU binary, so a
+    /// rebuilt kernel or QEMU makes a new one. The golden VM is stopped once its snapshot is
+    /// made: forks need only the snapshot's files.
+    pub fn cache_in(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.cache = Some(dir.into());
+        self
+    }
+
+    /// How long booting and becoming ready may take (default 120 s).
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// Boots the VM, waits until it is ready, and takes snapshot `name` of it (made lazy
+    /// where QEMU allows, so forks share its RAM pages). With [`GoldenBuilder::cache_in`], a
+    /// snapshot made before is reused instead.
+    pub async fn snapshot(self, name: &str) -> Result<Golden> {
+        let snapshot = SnapshotName::new(name)?;
+        let Some(cache) = self.cache.clone() else {
+            let root = tempfile::Builder::new()
+                .prefix("qsnap-h-")
+                .tempdir()
+                .map_err(|e| Error::Io {
+                    what: "creating the harness's store",
+                    path: std::env::temp_dir(),
+                    source: e,
+                })?;
+            watchdog(root.path(), root.path(), true);
+            let path = root.path().to_owned();
+            return self.build(snapshot, Root::Temp(root), &path).await;
+        };
+        let key = self.key().await;
+        let dir = cache.join(format!("golden-{key:016x}"));
+        let lock_path = cache.join(format!("golden-{key:016x}.lock"));
+        crate::store::blocking({
+            let cache = cache.clone();
+            move || {
+                std::fs::create_dir_all(&cache)
+                    .map_err(crate::store::io("creating the golden cache", &cache))
+            }
+        })
+        .await?;
+        // One builder at a time; the others wait (bounded by the boot timeout), then reuse.
+        let lock = lock_exclusive(lock_path, self.timeout + Duration::from_secs(120)).await?;
+        let complete = dir.join("complete");
+        let golden = if tokio::fs::try_exists(&complete).await.unwrap_or(false) {
+            Golden::reuse(snapshot, dir.clone()).await?
+        } else {
+            let _ = tokio::fs::remove_dir_all(&dir).await; // a build that died half-way
+            tokio::fs::create_dir_all(&dir)
+                .await
+                .map_err(crate::store::io("creating the golden's directory", &dir))?;
+            let golden = self
+                .build(snapshot, Root::Cached(dir.clone()), &dir)
+                .await?;
+            golden.vm.stop().await?;
+            tokio::fs::write(&complete, b"")
+                .await
+                .map_err(crate::store::io("marking the golden complete", &complete))?;
+            golden
+        };
+        drop(lock);
+        watchdog(
+            &dir,
+            &dir.join("store/vms").join(golden.fork_prefix()),
+            false,
+        );
+        Ok(golden)
+    }
+
+    /// What makes a cached golden the same: the command line, the disks, and each named
+    /// file's identity.
+    async fn key(&self) -> u64 {
+        let mut text = format!("{:?}|{:?}", self.argv, self.disks);
+        let binary =
+            crate::cache::resolve_binary(self.argv.first().map_or("", String::as_str)).await;
+        let files = self
+            .argv
+            .iter()
+            .flat_map(|a| a.split([',', '=']))
+            .map(PathBuf::from)
+            .filter(|p| p.is_absolute())
+            .chain(binary);
+        for f in files {
+            if let Some(k) = crate::cache::file_key(&f, "").await {
+                text.push('|');
+                text.push_str(&k);
+            }
+        }
+        xxhash_rust::xxh3::xxh3_64(text.as_bytes())
+    }
+
+    async fn build(self, snapshot: SnapshotName, root: Root, dir: &Path) -> Result<Golden> {
+        let d = dir.display().to_string();
+        let mut argv: Vec<String> = self.argv.iter().map(|a| a.replace("{dir}", &d)).collect();
+        for (name, size) in &self.disks {
+            let never = tokio_util::sync::CancellationToken::new();
+            crate::image::create_blank(&dir.join(name), *size, &never).await?;
+        }
+        if !argv.iter().any(|a| a == "-serial" || a == "-nographic") {
+            argv.extend([
+                "-chardev".into(),
+                format!(
+                    "file,id={CONSOLE_ID},path={},append=on",
+                    dir.join("console.log").display()
+                ),
+                "-serial".into(),
+                format!("chardev:{CONSOLE_ID}"),
+            ]);
+        }
+        let engine = Engine::new(Store::new(dir.join("store")));
+        let name = VmName::new("golden")?;
+        engine.run(&name, argv, &RunOptions::default()).await?;
+        let golden = Golden::open(engine, snapshot, root).await?;
+        if let Some(ready) = &self.ready {
+            golden.wait_ready(ready, self.timeout).await?;
+        }
+        let opts = golden.vm.create_options(golden.snapshot.clone());
+        golden.vm.create_snapshot(opts).await?;
+        match golden.vm.make_lazy(&golden.snapshot).await {
+            Ok(_) => {}
+            Err(Error::Unsupported { what }) => {
+                tracing::info!(%what, "forks load the golden snapshot's memory eagerly");
+            }
+            Err(e) => return Err(e),
+        }
+        Ok(golden)
+    }
+}
+
+/// Where a golden lives: a private temporary store (removed with it), or a cache directory
+/// (kept for the next process).
+#[derive(Debug)]
+enum Root {
+    Temp(tempfile::TempDir),
+    Cached(PathBuf),
+}
+
+impl Root {
+    fn path(&self) -> &Path {
+        match self {
+            Root::Temp(t) => t.path(),
+            Root::Cached(p) => p,
+        }
+    }
+}
+
+async fn lock_exclusive(
+    path: PathBuf,
+    timeout: Duration,
+) -> Result<nix::fcntl::Flock<std::fs::File>> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let p = path.clone();
+        let got = crate::store::blocking(move || {
+            let f = std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&p)
+                .map_err(crate::store::io("opening the golden cache lock", &p))?;
+            Ok(nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock).ok())
+        })
+        .await?;
+        if let Some(locked) = got {
+            return Ok(locked);
+        }
+        if Instant::now() > deadline {
+            return Err(Error::Timeout {
+                what: format!(
+                    "another process building the golden VM ({})",
+                    path.display()
+                ),
+                after: timeout,
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+impl Golden {
+    /// A clone's console: where the golden's console file went.
+    fn console_of(&self, report: &CloneReport) -> Option<PathBuf> {
+        let option = self.console_option.as_deref()?;
+        report
+            .moved
+            .iter()
+            .find(|m| m.option == option)
+            .map(|m| m.to.clone())
+    }
+
+    async fn wait_ready(&self, ready: &Ready, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let ok = match &ready.0 {
+                ReadyKind::Console(text) => match &self.console {
+                    Some(p) => tokio::fs::read_to_string(p)
+                        .await
+                        .map(|t| t.contains(text.as_str()))
+                        .unwrap_or(false),
+                    None => {
+                        return Err(Error::Unsupported {
+                            what: "waiting for console text: the command line sends the console elsewhere (-serial); leave it out and the harness captures it".into(),
+                        })
+                    }
+                },
+                ReadyKind::Agent => match &self.vm.record().guest_agent {
+                    Some(sock) => {
+                        crate::guest_agent::GuestAgent::connect(sock, Duration::from_secs(1))
+                            .await
+                            .is_ok()
+                    }
+                    None => {
+                        return Err(Error::Unsupported {
+                            what: "waiting for the guest agent: the command line has none (a virtserialport named org.qemu.guest_agent.0 on a -chardev socket,path=…)".into(),
+                        })
+                    }
+                },
+                ReadyKind::Check(f) => f(self.vm.clone()).await,
+            };
+            if ok {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                let tail = match &self.console {
+                    Some(p) => {
+                        let t = tokio::fs::read_to_string(p).await.unwrap_or_default();
+                        let lines: Vec<&str> = t.lines().collect();
+                        lines[lines.len().saturating_sub(10)..].join("\n")
+                    }
+                    None => String::new(),
+                };
+                return Err(Error::Timeout {
+                    what: format!("the golden VM to be ready ({ready:?}); console:\n{tail}"),
+                    after: timeout,
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+impl Fork {
+    /// The clone as a qsnap VM (snapshot it, revert it, …).
+    pub fn vm(&self) -> &Vm {
+        &self.vm
+    }
+
+    /// A connection to its monitor (drop it soon: QEMU serves one client at a time).
+    pub async fn qmp(&self) -> Result<Qmp> {
+        self.vm.connect().await
+    }
+
+    /// Its console file, if the harness captures the console.
+    pub fn console(&self) -> Option<&Path> {
+        self.console.as_deref()
+    }
+
+    /// Its console so far.
+    pub fn console_text(&self) -> String {
+        self.console
+            .as_ref()
+            .and_then(|p| std::fs::read_to_string(p).ok())
+            .unwrap_or_default()
+    }
+
+    /// Its disks' top images (its own overlays).
+    pub fn disks(&self) -> Vec<PathBuf> {
+        self.report
+            .disks
+            .iter()
+            .map(|d| d.overlay.clone())
+            .collect()
+    }
+
+    /// What the clone did.
+    pub fn report(&self) -> &CloneReport {
+        &self.report
+    }
+
+    /// Back to the golden snapshot, in place: the same name, paths and console file (which
+    /// starts empty again), a new QEMU.
+    pub async fn reset(&mut self) -> Result<()> {
+        self.vm.remove().await?;
+        let report = self
+            .source
+            .clone_snapshot(&self.snapshot, self.vm.name(), &CloneOptions::default())
+            .await?;
+        // Same name, same paths: the console file is where it was.
+        self.report = report;
+        self.vm = self.source.engine().vm(self.vm.name()).await?;
+        Ok(())
+    }
+}
+
+impl Drop for Fork {
+    fn drop(&mut self) {
+        // Its QEMU's command line names its directory (monitor socket, overlays).
+        kill_matching(&format!("{}/", self.dir.display()));
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The console file a command line writes (`-serial file:P`, or `-serial chardev:ID` with a
+/// `-chardev file,id=ID,path=P`), and how it shows in a clone's moved paths.
+fn console_in(argv: &[String]) -> Option<(String, PathBuf)> {
+    let i = argv.iter().position(|a| a == "-serial")?;
+    let v = argv.get(i + 1)?;
+    if let Some(p) = v.strip_prefix("file:") {
+        return Some(("-serial".into(), PathBuf::from(p)));
+    }
+    let id = v.strip_prefix("chardev:")?;
+    argv.windows(2).find_map(|w| {
+        let parts = crate::launch::argv::split_opts(&w[1]);
+        let is_it = w[0] == "-chardev"
+            && parts.first().map(String::as_str) == Some("file")
+            && crate::launch::argv::get(&parts, "id") == Some(id);
+        is_it
+            .then(|| crate::launch::argv::get(&parts, "path").map(PathBuf::from))
+            .flatten()
+            .map(|p| (format!("-chardev {id}"), p))
+    })
+}
+
+/// SIGKILLs every process whose command line contains `needle` (QEMUs of the harness's
+/// store), synchronously: it runs in `Drop`, also while a test panics.
+fn kill_matching(needle: &str) {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return;
+    };
+    let me = std::process::id();
+    for e in entries.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        if pid as u32 == me {
+            continue;
+        }
+        let Ok(cmdline) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let text = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if text.contains(needle) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
+/// A process that outlives this one by at most half a second: when this process is gone it
+/// kills every process whose command line names `pattern` (the QEMUs of the golden's store,
+/// or of this process's forks) and removes `pattern`'s files (`pattern*`, or the whole
+/// `root` when `whole`). A golden in a `static` is never dropped; this is what cleans up
+/// after it. Its own command line names nothing (the paths are in its environment), so it
+/// does not kill itself.
+fn watchdog(root: &Path, pattern: &Path, whole: bool) {
+    use std::os::unix::process::CommandExt;
+    let remove = if whole {
+        "rm -rf \"$QSNAP_H_ROOT\""
+    } else {
+        "rm -rf \"$QSNAP_H_PAT\"*"
+    };
+    let spawned = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "while kill -0 \"$QSNAP_H_PID\" 2>/dev/null; do sleep 0.5; done; \
+             pkill -KILL -f \"$QSNAP_H_PAT\"; sleep 0.2; {remove}"
+        ))
+        .env("QSNAP_H_PID", std::process::id().to_string())
+        .env("QSNAP_H_ROOT", root)
+        .env("QSNAP_H_PAT", pattern)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .process_group(0)
+        .spawn();
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "no watchdog: a golden VM that is never dropped outlives the test process");
+    }
+}
