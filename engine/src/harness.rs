@@ -21,9 +21,11 @@
 //! # Ok(()) }
 //! ```
 //!
-//! Everything lives in one private temporary store (`$TMPDIR/qsnap-h-…`). The golden VM's
-//! snapshot is made lazy where QEMU allows it, so forks map its RAM copy-on-write and share
-//! the pages. A [`Fork`] kills its QEMU and removes its directory when dropped; a [`Golden`]
+//! Everything lives in one private temporary store (`$TMPDIR/qsnap-h-…`), or in a cache
+//! directory shared by processes ([`GoldenBuilder::cache_in`]). The golden VM's snapshot is
+//! made lazy where QEMU allows it, so forks map its RAM copy-on-write and share the pages — and,
+//! like a lazily reverted VM, take precopy snapshots only (QEMU cannot write-protect a private
+//! file mapping for point-in-time ones). A [`Fork`] kills its QEMU and removes its directory when dropped; a [`Golden`]
 //! does the same for everything on drop, and — for a golden kept in a `static` that is never
 //! dropped — a watchdog process does it when the test process exits, however it exits.
 //! What this module must never do: touch anything outside its own temporary store.
@@ -104,6 +106,10 @@ pub struct Golden {
     /// How the console shows in a clone's moved paths (`-chardev ID` or `-serial`).
     console_option: Option<String>,
     next: AtomicUsize,
+    /// This golden's number in this process (several may share a cached store).
+    id: usize,
+    /// A cached golden this process started again ([`Golden::reset`]).
+    started: std::sync::atomic::AtomicBool,
     // Last: removed after everything above is done with it.
     root: Root,
 }
@@ -120,6 +126,9 @@ pub struct Fork {
 }
 
 const CONSOLE_ID: &str = "qsnapcon";
+
+/// Goldens made by this process so far (each names its forks by its number).
+static GOLDENS: AtomicUsize = AtomicUsize::new(0);
 
 impl Golden {
     /// A golden VM from QEMU's command line (binary first). Its console is captured in a file
@@ -163,8 +172,24 @@ impl Golden {
     }
 
     /// Reverts the golden VM to its snapshot, in place.
+    /// A cached golden (stopped once built) runs again after this, until this golden is
+    /// dropped or the process exits.
     pub async fn reset(&self) -> Result<RevertReport> {
+        if let Root::Cached(_) = &self.root {
+            if !self.started.swap(true, Ordering::SeqCst) {
+                watchdog(&self.own_socket(), None);
+            }
+        }
         self.vm.revert(&self.snapshot, false).await
+    }
+
+    /// The golden QEMU's monitor socket: in its command line, and in no fork's.
+    fn own_socket(&self) -> String {
+        self.root
+            .path()
+            .join("store/vms/golden/qmp.sock")
+            .display()
+            .to_string()
     }
 
     /// The golden VM's console file, if the harness captures it.
@@ -177,10 +202,11 @@ impl Golden {
         self.root.path()
     }
 
-    /// Forks of this process are named `f<pid>-<n>`: processes sharing a cached golden
-    /// never pick the same name, and each cleans up only its own.
+    /// This golden's forks are named `f<pid>g<id>-<n>`: processes (and goldens of one
+    /// process) sharing a cached store never pick the same name, and each cleans up only its
+    /// own.
     fn fork_prefix(&self) -> String {
-        format!("f{}-", std::process::id())
+        format!("f{}g{}-", std::process::id(), self.id)
     }
 
     /// The golden VM of a store, with its console found in its command line.
@@ -199,6 +225,8 @@ impl Golden {
             console,
             console_option,
             next: AtomicUsize::new(0),
+            id: GOLDENS.fetch_add(1, Ordering::SeqCst) + 1,
+            started: std::sync::atomic::AtomicBool::new(false),
             root,
         })
     }
@@ -221,6 +249,9 @@ impl Drop for Golden {
             Root::Cached(dir) => {
                 let forks = dir.join("store/vms").join(self.fork_prefix());
                 kill_matching(&forks.display().to_string());
+                if self.started.load(Ordering::SeqCst) {
+                    kill_matching(&self.own_socket());
+                }
             }
         }
     }
@@ -272,11 +303,12 @@ impl GoldenBuilder {
                     path: std::env::temp_dir(),
                     source: e,
                 })?;
-            watchdog(root.path(), root.path(), true);
+            let all = format!("{}/", root.path().display());
+            watchdog(&all, Some(&all));
             let path = root.path().to_owned();
             return self.build(snapshot, Root::Temp(root), &path).await;
         };
-        let key = self.key().await;
+        let key = self.key(&snapshot).await;
         let dir = cache.join(format!("golden-{key:016x}"));
         let lock_path = cache.join(format!("golden-{key:016x}.lock"));
         crate::store::blocking({
@@ -297,28 +329,48 @@ impl GoldenBuilder {
             tokio::fs::create_dir_all(&dir)
                 .await
                 .map_err(crate::store::io("creating the golden's directory", &dir))?;
-            let golden = self
-                .build(snapshot, Root::Cached(dir.clone()), &dir)
-                .await?;
-            golden.vm.stop().await?;
+            // The golden QEMU (named by its own monitor socket, which no fork's command
+            // line holds) dies with a failed build, and with this process.
+            let own = dir.join("store/vms/golden/qmp.sock").display().to_string(); // = own_socket()
+            watchdog(&own, None);
+            let built = async {
+                let golden = self
+                    .build(snapshot, Root::Cached(dir.clone()), &dir)
+                    .await?;
+                golden.vm.stop().await?;
+                Ok::<_, Error>(golden)
+            }
+            .await;
+            let golden = match built {
+                Ok(g) => g,
+                Err(e) => {
+                    kill_matching(&own);
+                    return Err(e);
+                }
+            };
             tokio::fs::write(&complete, b"")
                 .await
                 .map_err(crate::store::io("marking the golden complete", &complete))?;
             golden
         };
         drop(lock);
-        watchdog(
-            &dir,
-            &dir.join("store/vms").join(golden.fork_prefix()),
-            false,
-        );
+        let forks = dir.join("store/vms").join(golden.fork_prefix());
+        let forks = forks.display().to_string();
+        watchdog(&forks, Some(&forks));
         Ok(golden)
     }
 
     /// What makes a cached golden the same: the command line, the disks, and each named
     /// file's identity.
-    async fn key(&self) -> u64 {
-        let mut text = format!("{:?}|{:?}", self.argv, self.disks);
+    async fn key(&self, snapshot: &SnapshotName) -> u64 {
+        let mut text = format!(
+            "{:?}|{:?}|{:?}|{snapshot}|schema {}|qsnap {}",
+            self.argv,
+            self.disks,
+            self.ready,
+            crate::store::SCHEMA,
+            env!("CARGO_PKG_VERSION")
+        );
         let binary =
             crate::cache::resolve_binary(self.argv.first().map_or("", String::as_str)).await;
         let files = self
@@ -542,10 +594,42 @@ impl Fork {
 
 impl Drop for Fork {
     fn drop(&mut self) {
-        // Its QEMU's command line names its directory (monitor socket, overlays).
-        kill_matching(&format!("{}/", self.dir.display()));
-        let _ = std::fs::remove_dir_all(&self.dir);
+        // VMs cloned from this fork (a test that failed before removing them) stand on its
+        // files: they go first, so that nothing in the store is left on a missing image.
+        let mut doomed = vec![self.dir.clone()];
+        let mut i = 0;
+        while i < doomed.len() {
+            if let Some(name) = doomed[i]
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+            {
+                doomed.extend(clones_of(&self.dir.with_file_name(""), &name));
+            }
+            i += 1;
+        }
+        for dir in doomed.iter().rev() {
+            // A QEMU's command line names its VM's directory (monitor socket, overlays).
+            kill_matching(&format!("{}/", dir.display()));
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
+}
+
+/// The directories of the VMs in `vms` whose record says they are clones of VM `name`.
+fn clones_of(vms: &Path, name: &str) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(vms) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .map(|e| e.path())
+        .filter(|d| {
+            std::fs::read(d.join("vm.json"))
+                .ok()
+                .and_then(|t| serde_json::from_slice::<serde_json::Value>(&t).ok())
+                .is_some_and(|r| r["clone-of"]["vm"] == name)
+        })
+        .collect()
 }
 
 /// The console file a command line writes (`-serial file:P`, or `-serial chardev:ID` with a
@@ -597,27 +681,25 @@ fn kill_matching(needle: &str) {
 }
 
 /// A process that outlives this one by at most half a second: when this process is gone it
-/// kills every process whose command line names `pattern` (the QEMUs of the golden's store,
-/// or of this process's forks) and removes `pattern`'s files (`pattern*`, or the whole
-/// `root` when `whole`). A golden in a `static` is never dropped; this is what cleans up
-/// after it. Its own command line names nothing (the paths are in its environment), so it
-/// does not kill itself.
-fn watchdog(root: &Path, pattern: &Path, whole: bool) {
+/// SIGKILLs every process whose command line contains `pattern` (a fixed string, as
+/// [`kill_matching`] does) and removes `remove*` if given. A golden in a `static` is never
+/// dropped; this is what cleans up after it. Its own command line names nothing (the paths
+/// are in its environment), so it does not kill itself.
+fn watchdog(pattern: &str, remove: Option<&str>) {
     use std::os::unix::process::CommandExt;
-    let remove = if whole {
-        "rm -rf \"$QSNAP_H_ROOT\""
-    } else {
-        "rm -rf \"$QSNAP_H_PAT\"*"
-    };
+    let script = r#"while kill -0 "$QSNAP_H_PID" 2>/dev/null; do sleep 0.5; done
+for p in /proc/[0-9]*; do
+  if tr '\000' ' ' < "$p/cmdline" 2>/dev/null | grep -qF -- "$QSNAP_H_PAT"; then
+    kill -9 "${p#/proc/}" 2>/dev/null
+  fi
+done
+if [ -n "$QSNAP_H_RM" ]; then sleep 0.2; rm -rf "$QSNAP_H_RM"*; fi"#;
     let spawned = std::process::Command::new("sh")
         .arg("-c")
-        .arg(format!(
-            "while kill -0 \"$QSNAP_H_PID\" 2>/dev/null; do sleep 0.5; done; \
-             pkill -KILL -f \"$QSNAP_H_PAT\"; sleep 0.2; {remove}"
-        ))
+        .arg(script)
         .env("QSNAP_H_PID", std::process::id().to_string())
-        .env("QSNAP_H_ROOT", root)
         .env("QSNAP_H_PAT", pattern)
+        .env("QSNAP_H_RM", remove.unwrap_or(""))
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())

@@ -12,6 +12,17 @@ use qsnap_testkit::{init_logging, require_qemu, KillRecordedQemu, VmBuilder};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+/// Whether `pid` runs (a zombie — exited, not yet reaped by this test process — does not).
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .map(|(_, rest)| rest.trim_start().to_owned())
+        })
+        .is_some_and(|rest| !rest.starts_with('Z'))
+}
+
 fn sha(path: &Path) -> Vec<u8> {
     let data = std::fs::read(path).unwrap();
     xxhash_rust::xxh3::xxh3_128(&data).to_le_bytes().to_vec()
@@ -52,6 +63,8 @@ async fn resumes_in(log: &SerialLog, from: usize, (before, after): (u64, u64), w
 async fn four_clones_of_one_snapshot_run_side_by_side_and_outlive_its_deletion() {
     require_qemu!();
     init_logging();
+    // Its own boot, not a fork of the shared golden: clones of a fork would stand on the
+    // fork's files in the shared store, and a failing run would leave them there.
     let g = Guest::start(VmBuilder::guest().dirty_mb(8), "qcow2").await;
     g.tick_above(0, 3).await;
     let s1 = g.snapshot("s1").await;
@@ -62,17 +75,19 @@ async fn four_clones_of_one_snapshot_run_side_by_side_and_outlive_its_deletion()
         .iter()
         .map(|d| (d.image.clone(), sha(&d.image)))
         .collect();
-    let store = g.dir.join("store");
+    let store = g.vm.store().root().to_owned();
+    // Clone names of this process only: the golden's store is shared with other tests.
+    let c = |i: usize| format!("c{}x{i}", std::process::id());
     let _kills: Vec<KillRecordedQemu> = (1..=5)
-        .map(|i| KillRecordedQemu::new(&store, &format!("c{i}")))
+        .map(|i| KillRecordedQemu::new(&store, &c(i)))
         .collect();
 
     // Four clones at once (each its own lock; the source's is shared).
     let mut tasks = tokio::task::JoinSet::new();
     for i in 1..=4 {
-        let vm = g.vm.clone();
+        let (vm, name) = (g.vm.clone(), c(i));
         tasks.spawn(async move {
-            vm.clone_snapshot(&n("s1"), &v(&format!("c{i}")), &CloneOptions::default())
+            vm.clone_snapshot(&n("s1"), &v(&name), &CloneOptions::default())
                 .await
         });
     }
@@ -100,13 +115,23 @@ async fn four_clones_of_one_snapshot_run_side_by_side_and_outlive_its_deletion()
     let mark = g.serial().len();
     g.tick_above(mark, g.last_tick() + 2).await;
     assert!(g.serial().mismatches().is_empty(), "{}", g.report());
-    let st = g.engine.vm(&v("c2")).await.unwrap().status().await.unwrap();
-    let c = st.clone_of.as_ref().unwrap();
-    assert_eq!((c.vm.as_str(), c.snapshot.as_str()), ("g", "s1"));
+    let st = g
+        .engine
+        .vm(&v(&c(2)))
+        .await
+        .unwrap()
+        .status()
+        .await
+        .unwrap();
+    let of = st.clone_of.as_ref().unwrap();
+    assert_eq!(
+        (of.vm.as_str(), of.snapshot.as_str()),
+        (g.vm.name().as_str(), "s1")
+    );
     assert!(st.running);
 
     // A clone is a full VM: it snapshots and reverts, and can be cloned in turn.
-    let c1 = g.engine.vm(&v("c1")).await.unwrap();
+    let c1 = g.engine.vm(&v(&c(1))).await.unwrap();
     let before = consoles[0].ticks().last().copied().unwrap();
     c1.create_snapshot(c1.create_options(n("cs")))
         .await
@@ -125,7 +150,7 @@ async fn four_clones_of_one_snapshot_run_side_by_side_and_outlive_its_deletion()
     c1.revert(&n("cs"), false).await.unwrap();
     resumes_in(&consoles[0], mark, (before, after), "c1 reverted to cs").await;
     let c5 = c1
-        .clone_snapshot(&n("cs"), &v("c5"), &CloneOptions::default())
+        .clone_snapshot(&n("cs"), &v(&c(5)), &CloneOptions::default())
         .await
         .unwrap();
     let c5_log = SerialLog::follow(console_of(&c5));
@@ -150,22 +175,19 @@ async fn four_clones_of_one_snapshot_run_side_by_side_and_outlive_its_deletion()
 
     // Removing: c1 is refused while c5 stands on its snapshot; then all go, files too.
     let err = c1.remove().await.unwrap_err();
-    assert!(err.to_string().contains("c5"), "{err}");
+    assert!(err.to_string().contains(&c(5)), "{err}");
     for i in [5, 1, 2, 3, 4] {
-        let vm = g.engine.vm(&v(&format!("c{i}"))).await.unwrap();
+        let vm = g.engine.vm(&v(&c(i))).await.unwrap();
         let pid = vm.status().await.unwrap().pid.unwrap();
         let r = vm.remove().await.unwrap();
         assert!(r.stopped);
-        assert!(
-            !Path::new(&format!("/proc/{pid}")).exists(),
-            "c{i}'s QEMU lives on"
-        );
-        let dir = store.join("vms").join(format!("c{i}"));
+        assert!(!alive(pid), "c{i}'s QEMU lives on");
+        let dir = store.join("vms").join(c(i));
         for sub in ["files", "disks", "memory", "snapshots", "vm.json"] {
             assert!(!dir.join(sub).exists(), "{} left", dir.join(sub).display());
         }
         assert!(matches!(
-            g.engine.vm(&v(&format!("c{i}"))).await,
+            g.engine.vm(&v(&c(i))).await,
             Err(Error::UnknownVm { .. })
         ));
     }

@@ -3,32 +3,16 @@
 //! and no files, `reset` brings a fork back, a cached golden is reused by the next process,
 //! and a process that dies without running a destructor leaves nothing behind either.
 
-use qsnap_engine::harness::{console_prints, Fork, Golden};
+mod common;
+
+use common::golden;
+use qsnap_engine::harness::Fork;
+use qsnap_engine::{SnapshotName, VmName};
 use qsnap_testkit::disk_io::{self, Disk};
 use qsnap_testkit::serial::{parse_tick, SerialLog};
-use qsnap_testkit::{init_logging, require_qemu, DiskStyle, VmBuilder};
+use qsnap_testkit::{init_logging, require_qemu};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-
-/// The golden cache the test processes of this suite share (each test is its own process
-/// under nextest: the first one boots, the others fork from its snapshot).
-fn cache() -> PathBuf {
-    PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("golden")
-}
-
-async fn golden() -> Golden {
-    let argv = VmBuilder::guest()
-        .disk("{dir}/disk.qcow2", "qcow2", DiskStyle::Blockdev)
-        .command_line(Path::new("{dir}/console.log"))
-        .await;
-    Golden::boot(argv)
-        .disk("disk.qcow2", 64 << 20)
-        .ready_when(console_prints("tick 3"))
-        .cache_in(cache())
-        .snapshot("ready")
-        .await
-        .unwrap()
-}
 
 /// Processes whose command line contains `needle`.
 fn processes_naming(needle: &str) -> Vec<String> {
@@ -138,15 +122,26 @@ async fn a_test_that_panics_leaves_no_qemu_and_no_files() {
     let (g2, seen2) = (g.clone(), seen.clone());
     let task = tokio::spawn(async move {
         let f = g2.fork().await.unwrap();
-        *seen2.lock().unwrap() = Some(dir_of(&f));
         first_tick(&f).await;
-        panic!("a failing test, its fork still running");
+        // The test also made a clone of its fork, which stands on the fork's files.
+        let vm = f.vm();
+        vm.create_snapshot(vm.create_options(SnapshotName::new("s").unwrap()))
+            .await
+            .unwrap();
+        let name = VmName::new(&format!("{}x", vm.name())).unwrap();
+        vm.clone_snapshot(&SnapshotName::new("s").unwrap(), &name, &Default::default())
+            .await
+            .unwrap();
+        *seen2.lock().unwrap() = Some(vec![dir_of(&f), vm.store().vm_dir(&name)]);
+        panic!("a failing test, its fork and the fork's clone still running");
     });
     assert!(task.await.unwrap_err().is_panic());
-    let dir = seen.lock().unwrap().clone().unwrap();
-    assert!(!dir.exists(), "{} left", dir.display());
-    let p = processes_naming(&format!("{}/", dir.display()));
-    assert!(p.is_empty(), "{p:?}");
+    let dirs = seen.lock().unwrap().clone().unwrap();
+    for dir in dirs {
+        assert!(!dir.exists(), "{} left", dir.display());
+        let p = processes_naming(&format!("{}/", dir.display()));
+        assert!(p.is_empty(), "{p:?}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -195,7 +190,10 @@ async fn a_process_killed_without_destructors_leaves_nothing_behind() {
         Duration::from_secs(240),
         tokio::process::Command::new(&example)
             .arg("2")
-            .env("QSNAP_HARNESS_CACHE", cache())
+            .env(
+                "QSNAP_HARNESS_CACHE",
+                PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("golden"),
+            )
             .env("QSNAP_HARNESS_ABORT", "1")
             .output(),
     )

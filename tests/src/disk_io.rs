@@ -38,20 +38,23 @@ async fn qemu_io(qmp: &Qmp, disk: &Disk, command: &str) -> String {
 
 /// Writes byte `pattern` over `len_kib` KiB at `offset_kib` KiB, and flushes: what a guest
 /// that called fsync would have made durable, so it must survive whatever happens to QEMU.
+/// Reads it back (the monitor's reply does not carry qemu-io's output, so a failed write
+/// would otherwise go unseen).
 pub async fn write(qmp: &Qmp, disk: &Disk, pattern: u8, offset_kib: u64, len_kib: u64) {
-    let out = qemu_io(
+    qemu_io(
         qmp,
         disk,
         &format!("write -P {pattern:#04x} {offset_kib}k {len_kib}k"),
     )
     .await;
-    assert!(!out.contains("rror") && !out.contains("failed"), "{out}");
-    let out = qemu_io(qmp, disk, "flush").await;
-    assert!(!out.contains("rror") && !out.contains("failed"), "{out}");
+    if let Err(e) = check(qmp, disk, pattern, offset_kib, len_kib).await {
+        panic!("the write did not land: {e}");
+    }
 }
 
 /// Whether `len_kib` KiB at `offset_kib` KiB all hold byte `pattern`; `Err` says what was
-/// found instead. QEMU prints `qemu-io`'s output on its own stdout, not in the monitor's
+/// found instead. Panics when it cannot tell (no such disk, qemu-io failing), so that `Err`
+/// always means "other data". QEMU prints `qemu-io`'s output on its own stdout, not in the monitor's
 /// reply, so the read runs outside: QEMU flushes the disk, then `qemu-io -r -U` reads the
 /// device's current image (and its backing chain) from the files.
 pub async fn check(
@@ -65,7 +68,7 @@ pub async fn check(
     let blocks = qmp
         .execute_raw("query-block", None)
         .await
-        .map_err(|e| format!("query-block: {e}"))?;
+        .unwrap_or_else(|e| panic!("query-block: {e}"));
     let (file, format) = blocks
         .as_array()
         .into_iter()
@@ -84,20 +87,23 @@ pub async fn check(
                 img["format"].as_str()?.to_owned(),
             ))
         })
-        .ok_or_else(|| format!("{disk:?}: no such disk with a medium in query-block"))?;
+        .unwrap_or_else(|| panic!("{disk:?}: no such disk with a medium in query-block"));
     let out = tokio::process::Command::new("qemu-io")
         .args(["-r", "-U", "-f", &format, "-c"])
         .arg(format!("read -P {pattern:#04x} {offset_kib}k {len_kib}k"))
         .arg(&file)
         .output()
         .await
-        .map_err(|e| format!("running qemu-io: {e}"))?;
+        .unwrap_or_else(|e| panic!("running qemu-io: {e}"));
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    if !out.status.success() || text.contains("verification failed") || !text.contains("read ") {
+    if !text.contains("read ") {
+        panic!("qemu-io could not read {file}: {}", text.trim());
+    }
+    if text.contains("verification failed") {
         Err(format!(
             "{disk:?} ({file}) at {offset_kib}k: expected {pattern:#04x}: {}",
             text.trim()

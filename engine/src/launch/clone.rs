@@ -86,6 +86,11 @@ pub fn clone_argv(
             i += 1; // the launch decides whether the clone starts paused
             continue;
         }
+        if f == "s" {
+            return Err(
+                "-s: a gdb server on tcp::1234 must differ between a VM and its clones; write it as -gdb tcp::PORT and give the clone its own with --replace".into(),
+            );
+        }
         if f == "daemonize" || f == "preconfig" {
             return Err(format!(
                 "-{f}: qsnap starts clones itself and cannot clone a VM started with it"
@@ -165,6 +170,8 @@ pub fn clone_argv(
                     differ(&format!("a {kind} network backend"))?;
                 } else if props.iter().any(|(k, _)| k == "hostfwd") {
                     differ("a hostfwd host port")?;
+                } else if props.iter().any(|(k, _)| k == "smb") {
+                    differ("an smb share of a host directory (writable by both VMs)")?;
                 } else if !matches!(kind.as_str(), "user" | "nic" | "none") {
                     return Err(format!(
                         "-{f} {v}: qsnap does not know whether a {kind:?} network may be shared with a clone"
@@ -173,23 +180,43 @@ pub fn clone_argv(
                 v.clone()
             }
             "device" => {
-                let host = ["vfio", "usb-host", "vhost-", "tpm-", "spapr-vio"]
-                    .iter()
-                    .any(|p| kind.starts_with(p));
+                let host = [
+                    "vfio",
+                    "usb-host",
+                    "vhost-",
+                    "tpm-",
+                    "spapr-vio",
+                    "usb-mtp",
+                    "u2f-passthru",
+                    "virtio-9p",
+                    "virtiofs",
+                ]
+                .iter()
+                .any(|p| kind.starts_with(p));
                 if host || kind.is_empty() {
                     return Err(format!(
-                        "-device {v}: a host device cannot be given to a clone as well"
+                        "-device {v}: a host device or directory cannot be given to a clone as well"
                     ));
                 }
                 v.clone()
             }
+            // A RAM file two QEMUs map is one guest memory (share=on), or one file whose
+            // holes either may punch (balloon, discard): only a read-only one is safe.
             "object" if kind == "memory-backend-file" => {
-                if prop(&props, "share").is_some_and(|s| s == "on" || s == "true") {
+                let yes = |k: &str| {
+                    prop(&props, k).is_some_and(|s| matches!(s, "on" | "true" | "yes" | "y"))
+                };
+                if !yes("readonly") {
                     return Err(format!(
-                        "-object {v}: guest RAM shared through a file (share=on) would be shared with the clone"
+                        "-object {v}: a clone would map the same guest RAM file as its source; qsnap clones only read-only RAM files"
                     ));
                 }
                 v.clone()
+            }
+            "fsdev" | "virtfs" => {
+                return Err(format!(
+                    "-{f} {v}: a host directory shared with the guest would be shared by the clone as well"
+                ));
             }
             "object"
                 if KEEP_OBJECTS.contains(&kind.as_str())
@@ -229,7 +256,18 @@ fn example(f: &str, v: &str) -> String {
                 .unwrap_or("tcp::2222-:22");
             format!("'{fwd}={}'", bump_port(fwd))
         }
-        "name" => format!("'{v}={v}-clone1'"),
+        // `-name guest=vm1,…` or `-name vm1`: replace the name itself.
+        "name" => {
+            let name = split_opts(v)
+                .into_iter()
+                .find_map(|p| match p.split_once('=') {
+                    Some(("guest", n)) => Some(n.to_owned()),
+                    None => Some(p),
+                    _ => None,
+                })
+                .unwrap_or_else(|| v.to_owned());
+            format!("'{name}={name}-clone1'")
+        }
         _ => format!("'{v}=…'"),
     }
 }
@@ -524,6 +562,18 @@ mod tests {
                 "memory-backend-file,id=m,mem-path=/dev/shm/x,share=on,size=1G",
             ),
             ("-object", "something-new,id=x"),
+            (
+                "-object",
+                "memory-backend-file,id=m,mem-path=/dev/shm/x,share=yes,size=1G",
+            ),
+            (
+                "-object",
+                "memory-backend-file,id=m,mem-path=/dev/shm/x,size=1G",
+            ),
+            ("-device", "usb-mtp,rootdir=/srv,readonly=off"),
+            ("-netdev", "user,id=n0,smb=/srv"),
+            ("-virtfs", "local,path=/srv,mount_tag=h"),
+            ("-s", "-m"),
             ("-frobnicate", "1"),
         ] {
             assert!(run(&["qemu", flag, val], &[]).is_err(), "{flag} {val}");

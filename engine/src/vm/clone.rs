@@ -260,9 +260,21 @@ impl Vm {
             Ok(x) => x,
             Err((e, pid)) => {
                 if let Some(pid) = pid {
-                    let _ = stop_qemu(&record.qmp, Some(pid), Duration::from_secs(2)).await;
+                    if let Err(s) = stop_qemu(&record.qmp, Some(pid), Duration::from_secs(2)).await
+                    {
+                        // Its record stays, so that `remove` can stop it and clean up.
+                        warn!(error = %s, "the failed clone's QEMU could not be stopped");
+                        let _ = store
+                            .write_record(&VmRecord {
+                                pid: Some(pid),
+                                ..record.clone()
+                            })
+                            .await;
+                        return Err(e);
+                    }
                 }
-                if let Err(u) = clone.discard_clone(&record).await {
+                // The log stays: the error points at it.
+                if let Err(u) = clone.discard_clone(&record, true).await {
                     warn!(error = %u, "the failed clone's files could not all be removed; `qsnap remove {new}` finishes");
                 }
                 return Err(e);
@@ -302,20 +314,41 @@ impl Vm {
                 ),
             });
         }
-        // Refused before anything stops, and checked again under the lock.
-        self.refuse_if_used_elsewhere(self.record()).await?;
-        let stopped = match self.status().await?.running {
-            true => {
-                self.stop().await?;
-                true
-            }
-            false => false,
-        };
+        // Under the lock, refused before anything stops.
         let op = self.begin("remove").await?;
-        let record = op.record.clone();
+        let mut record = op.record.clone();
         self.refuse_if_used_elsewhere(&record).await?;
         let manifests = self.store().manifests(self.name()).await?;
-        let removed = self.discard_clone(&record).await?;
+        // Whatever runs stops first — also a QEMU whose monitor is busy (unreachable): its
+        // files must not go while it runs.
+        let state = super::state::VmState::observe(self, &record).await;
+        let stopped = !matches!(state, super::state::VmState::Stopped);
+        if stopped {
+            let pid = match state.pid().or(record.pid) {
+                Some(p)
+                    if launch::is_recorded_qemu(
+                        p,
+                        record.pid_start.filter(|_| record.pid == Some(p)),
+                    )
+                    .await =>
+                {
+                    Some(p)
+                }
+                _ => None,
+            };
+            if pid.is_none() && !matches!(state, super::state::VmState::Running { .. }) {
+                return Err(Error::Busy {
+                    what: format!(
+                        "{} does not answer and its QEMU cannot be told apart; stop it, then remove it",
+                        self.name()
+                    ),
+                });
+            }
+            stop_qemu(&record.qmp, pid, super::lifecycle::QUIT_TIMEOUT).await?;
+            super::state::record_qemu(&mut record, None).await;
+            self.store().write_record(&record).await?;
+        }
+        let removed = self.discard_clone(&record, false).await?;
         drop(op);
         Ok(RemoveReport {
             vm: self.name().to_string(),
@@ -357,7 +390,7 @@ impl Vm {
     }
 
     /// Deletes a stopped clone's snapshots, owned images, files and record (the lock held).
-    async fn discard_clone(&self, record: &VmRecord) -> Result<Vec<PathBuf>> {
+    async fn discard_clone(&self, record: &VmRecord, keep_log: bool) -> Result<Vec<PathBuf>> {
         let store = self.store();
         for m in store.manifests(self.name()).await? {
             let snap = SnapshotName::new(&m.name)?;
@@ -395,7 +428,9 @@ impl Vm {
                     Err(e) => return Err(store::io("removing the clone's files", &dir)(e)),
                 }
             }
-            let _ = std::fs::remove_file(dir.join("qemu.log"));
+            if !keep_log {
+                let _ = std::fs::remove_file(dir.join("qemu.log"));
+            }
             Ok(())
         })
         .await?;

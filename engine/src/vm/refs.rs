@@ -175,6 +175,13 @@ impl Graph {
             }
             tops.extend(rec.disks.iter().map(|d| d.launch_image.clone()));
             for top in tops {
+                // An overlay that VM is about to make (a clone records its overlays before
+                // creating them) backs onto nothing yet: nothing to protect.
+                if rec.owned_images.contains(&top)
+                    && !tokio::fs::try_exists(&top).await.unwrap_or(true)
+                {
+                    continue;
+                }
                 // What another VM's chain holds cannot be guessed: a chain that cannot be read
                 // stops the operation rather than leave its lower images unprotected.
                 let chain: Vec<PathBuf> = image::chain(&top, cancel)

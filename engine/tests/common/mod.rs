@@ -4,6 +4,7 @@
 //! guest under qsnap with snapshot and revert helpers that check what the guest sees.
 #![allow(dead_code)] // each test binary uses part of this
 
+use qsnap_engine::harness::{console_prints, Golden};
 use qsnap_engine::launch::{LaunchSpec, Launched, Launcher, ProcessLauncher};
 use qsnap_engine::{Engine, RevertOptions, RunOptions, SnapshotName, Store, Vm, VmName};
 use qsnap_testkit::serial::{parse_tick, SerialLog};
@@ -67,6 +68,23 @@ impl Launcher for PerLaunchSerial {
         *self.current.lock().unwrap() = Some(SerialLog::follow(&path));
         ProcessLauncher::default().launch(&spec).await
     }
+}
+
+/// The golden snapshot this crate's tests share (each test is its own process under nextest:
+/// the first one to ask boots the test guest and snapshots it when it ticks, the others fork
+/// from that snapshot at once; kept in the target directory for the next run).
+pub async fn golden() -> Golden {
+    let argv = VmBuilder::guest()
+        .disk("{dir}/disk.qcow2", "qcow2", DiskStyle::Blockdev)
+        .command_line(std::path::Path::new("{dir}/console.log"))
+        .await;
+    Golden::boot(argv)
+        .disk("disk.qcow2", 64 << 20)
+        .ready_when(console_prints("tick 3"))
+        .cache_in(PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("golden"))
+        .snapshot("ready")
+        .await
+        .unwrap()
 }
 
 /// A VM under qsnap whose console the test follows (each QEMU writes its own file).
