@@ -94,6 +94,7 @@ pub struct GoldenBuilder {
     timeout: Duration,
     disks: Vec<(String, u64)>,
     cache: Option<PathBuf>,
+    lazy: bool,
 }
 
 /// A booted guest and its snapshot, from which [`Golden::fork`] starts running copies.
@@ -144,6 +145,7 @@ impl Golden {
             timeout: Duration::from_secs(120),
             disks: Vec::new(),
             cache: None,
+            lazy: true,
         }
     }
 
@@ -272,6 +274,14 @@ impl GoldenBuilder {
         self
     }
 
+    /// Whether forks map the snapshot's RAM (default) or load it. Mapped, forks start
+    /// sooner and share the pages, but take precopy snapshots only, like a lazily reverted
+    /// VM; loaded, they take point-in-time snapshots too.
+    pub fn lazy(mut self, lazy: bool) -> Self {
+        self.lazy = lazy;
+        self
+    }
+
     /// Keeps the golden snapshot in `dir` and reuses it: the first process to ask boots the
     /// guest and snapshots it (others wait on a lock), later ones — other test processes, a
     /// later run — fork from it at once. Keyed by the command line, the disks and the identity
@@ -364,10 +374,11 @@ impl GoldenBuilder {
     /// file's identity.
     async fn key(&self, snapshot: &SnapshotName) -> u64 {
         let mut text = format!(
-            "{:?}|{:?}|{:?}|{snapshot}|schema {}|qsnap {}",
+            "{:?}|{:?}|{:?}|lazy {}|{snapshot}|schema {}|qsnap {}",
             self.argv,
             self.disks,
             self.ready,
+            self.lazy,
             crate::store::SCHEMA,
             env!("CARGO_PKG_VERSION")
         );
@@ -416,6 +427,9 @@ impl GoldenBuilder {
         }
         let opts = golden.vm.create_options(golden.snapshot.clone());
         golden.vm.create_snapshot(opts).await?;
+        if !self.lazy {
+            return Ok(golden);
+        }
         match golden.vm.make_lazy(&golden.snapshot).await {
             Ok(_) => {}
             Err(Error::Unsupported { what }) => {

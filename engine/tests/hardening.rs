@@ -62,8 +62,9 @@ async fn failures_around_the_switch_follow_what_qemu_did_and_the_record_follows_
     require_qemu!();
     init_logging();
     let _fp = qsnap_testkit::failpoints();
-    let g = Guest::start(VmBuilder::guest().dirty_mb(8), "qcow2").await;
-    let base = g.dir.join("disk.qcow2");
+    // A running guest is all this test needs: a fork of the shared golden snapshot.
+    let g = Guest::fork().await;
+    let base = g.base.clone();
     g.tick_above(0, 3).await;
 
     // 1. The disk switch ran, but its answer "timed out": the overlay the guest now writes
@@ -80,7 +81,7 @@ async fn failures_around_the_switch_follow_what_qemu_did_and_the_record_follows_
         "the disk was not merged back"
     );
     assert_eq!(record_top(&g).await, base);
-    assert!(!g.dir.join("disk.t1.qcow2").exists());
+    assert!(!g.disk_dir().join("disk.t1.qcow2").exists());
     assert!(g.vm.snapshots().await.unwrap().is_empty());
     ticks_on(&g).await;
 
@@ -102,7 +103,7 @@ async fn failures_around_the_switch_follow_what_qemu_did_and_the_record_follows_
     )
     .await;
     eprintln!("merge-back failed: {err}");
-    let overlay = g.dir.join("disk.t3.qcow2");
+    let overlay = g.disk_dir().join("disk.t3.qcow2");
     assert_eq!(err.kept_overlays(), [("vd0".to_owned(), overlay.clone())]);
     assert!(err.to_string().contains("rollback was incomplete"), "{err}");
     assert_eq!(qemu_top(&g, "vd0").await, overlay);
@@ -152,10 +153,11 @@ async fn failures_around_the_switch_follow_what_qemu_did_and_the_record_follows_
     assert!(matches!(err, Error::TakenBut { .. }), "{err}");
     let text = err.to_string();
     assert!(
-        text.contains("snapshot s1 was taken") && text.contains("qsnap check g --repair"),
+        text.contains("snapshot s1 was taken")
+            && text.contains(&format!("qsnap check {} --repair", g.vm.name())),
         "{text}"
     );
-    let s1_overlay = g.dir.join("disk.s1.qcow2");
+    let s1_overlay = g.disk_dir().join("disk.s1.qcow2");
     assert_eq!(qemu_top(&g, "vd0").await, s1_overlay);
     assert_eq!(record_top(&g).await, s1_overlay);
     assert!(g.vm.snapshot(&n("s1")).await.is_err(), "no manifest yet");

@@ -4,7 +4,7 @@
 //! guest under qsnap with snapshot and revert helpers that check what the guest sees.
 #![allow(dead_code)] // each test binary uses part of this
 
-use qsnap_engine::harness::{console_prints, Golden};
+use qsnap_engine::harness::{console_prints, Fork, Golden};
 use qsnap_engine::launch::{LaunchSpec, Launched, Launcher, ProcessLauncher};
 use qsnap_engine::{Engine, RevertOptions, RunOptions, SnapshotName, Store, Vm, VmName};
 use qsnap_testkit::serial::{parse_tick, SerialLog};
@@ -37,6 +37,11 @@ impl PerLaunchSerial {
             launches: AtomicUsize::new(0),
             current: Mutex::new(None),
         }
+    }
+
+    /// Follows `path` as the current console (a QEMU started by someone else).
+    pub fn follow(&self, path: &std::path::Path) {
+        *self.current.lock().unwrap() = Some(SerialLog::follow(path));
     }
 
     /// The console of the QEMU launched last.
@@ -72,7 +77,8 @@ impl Launcher for PerLaunchSerial {
 
 /// The golden snapshot this crate's tests share (each test is its own process under nextest:
 /// the first one to ask boots the test guest and snapshots it when it ticks, the others fork
-/// from that snapshot at once; kept in the target directory for the next run).
+/// from that snapshot at once; kept in the target directory for the next run). Forks load its
+/// memory rather than map it, so that they take point-in-time snapshots like a booted guest.
 pub async fn golden() -> Golden {
     let argv = VmBuilder::guest()
         .disk("{dir}/disk.qcow2", "qcow2", DiskStyle::Blockdev)
@@ -81,6 +87,7 @@ pub async fn golden() -> Golden {
     Golden::boot(argv)
         .disk("disk.qcow2", 64 << 20)
         .ready_when(console_prints("tick 3"))
+        .lazy(false)
         .cache_in(PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("golden"))
         .snapshot("ready")
         .await
@@ -92,8 +99,15 @@ pub struct Guest {
     pub vm: Vm,
     pub engine: Engine,
     pub launcher: PerLaunchSerial,
-    _kill: KillRecordedQemu,
+    /// The image the VM wrote to when the test began (its overlays go next to it).
+    pub base: PathBuf,
+    _kill: Option<KillRecordedQemu>,
+    /// A fork of the shared golden snapshot ([`Guest::fork`]): killed and removed first…
+    _fork: Option<Fork>,
+    /// …then its golden (which kills its forks when dropped).
+    _golden: Option<Golden>,
     _dir: tempfile::TempDir,
+    /// The test's own directory (consoles of relaunched QEMUs; the store for `start`).
     pub dir: PathBuf,
 }
 
@@ -118,14 +132,45 @@ impl Guest {
             .await
             .unwrap();
         assert!(report.tsc_pinned.is_none());
+        let vm = engine.vm(&v("g")).await.unwrap();
         Guest {
-            vm: engine.vm(&v("g")).await.unwrap(),
+            base: vm.record().disks[0].image.clone(),
+            vm,
             engine,
             launcher,
-            _kill: kill,
+            _kill: Some(kill),
+            _fork: None,
+            _golden: None,
             _dir: dir,
             dir: path,
         }
+    }
+
+    /// A running test guest without a boot of its own: a fork of the shared golden snapshot
+    /// (256 MiB, idle, one qcow2 disk `vd0`), a full VM in the golden's store.
+    pub async fn fork() -> Guest {
+        let golden = golden().await;
+        let fork = golden.fork().await.unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let launcher = PerLaunchSerial::new(dir.path());
+        launcher.follow(fork.console().unwrap());
+        let vm = fork.vm().clone();
+        Guest {
+            base: fork.disks()[0].clone(),
+            engine: vm.engine().clone(),
+            vm,
+            launcher,
+            _kill: None,
+            _fork: Some(fork),
+            _golden: Some(golden),
+            dir: dir.path().to_owned(),
+            _dir: dir,
+        }
+    }
+
+    /// Where its overlays go.
+    pub fn disk_dir(&self) -> PathBuf {
+        self.base.parent().unwrap().to_owned()
     }
 
     /// The console of the current QEMU.
@@ -134,8 +179,8 @@ impl Guest {
     }
 
     pub fn report(&self) -> String {
-        let log =
-            std::fs::read_to_string(self.dir.join("store/vms/g/qemu.log")).unwrap_or_default();
+        let log = std::fs::read_to_string(self.vm.store().vm_dir(self.vm.name()).join("qemu.log"))
+            .unwrap_or_default();
         format!(
             "--- qemu.log:\n{log}\n--- serial ({}):\n{}",
             self.launcher.path().display(),
