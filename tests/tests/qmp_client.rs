@@ -303,7 +303,15 @@ async fn migrate_writes_through_an_fdset_qemu_cannot_open_itself() {
         saved.len()
     );
     assert_eq!(&saved[..4], b"QEVM", "not a QEMU migration stream");
-    let status = qmp.execute(types::query_status {}).await.unwrap();
+    // QEMU sends `completed` before its cleanup leaves finish-migrate: wait (bounded).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        let st = qmp.execute(types::query_status {}).await.unwrap();
+        if st.status != types::RunState::finish_migrate || std::time::Instant::now() > deadline {
+            break st;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
     assert_eq!(status.status, types::RunState::postmigrate);
     qmp.remove_fd(info.fdset_id, None).await.unwrap();
 }

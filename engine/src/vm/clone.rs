@@ -197,14 +197,7 @@ impl Vm {
             ram: revert::lazy_mapping(&manifest.snapshot),
         };
         launch::build_argv(&spec).map_err(|e| refuse(e.to_string()))?;
-        let ram = match (&manifest.snapshot.memory, &spec.ram) {
-            (None, _) => RamRestore::None,
-            (Some(_), Some(_)) => RamRestore::Lazy,
-            (Some(_), None) => RamRestore::Eager {
-                why: super::lazy::why_not(&spec.command.argv, manifest.machine.as_deref())
-                    .unwrap_or_else(|| "the snapshot has no RAM image".into()),
-            },
-        };
+        let ram = RamRestore::of(&manifest, &spec, self.name(), snap);
         let guest_agent = source.guest_agent.as_ref().and_then(|g| {
             rewritten
                 .moved

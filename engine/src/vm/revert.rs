@@ -92,6 +92,29 @@ pub enum RamRestore {
     },
 }
 
+impl RamRestore {
+    /// How a launch of `spec` brings back `manifest`'s RAM (a snapshot `snap` of VM `vm`).
+    pub(super) fn of(
+        manifest: &crate::store::Manifest,
+        spec: &LaunchSpec,
+        vm: &crate::name::VmName,
+        snap: &SnapshotName,
+    ) -> RamRestore {
+        match (&manifest.snapshot.memory, &spec.ram) {
+            (None, _) => RamRestore::None,
+            (Some(_), Some(_)) => RamRestore::Lazy,
+            (Some(_), None) => RamRestore::Eager {
+                why: super::lazy::why_not(&spec.command.argv, manifest.machine.as_deref())
+                    .unwrap_or_else(|| {
+                        format!(
+                            "the snapshot has no RAM image yet (`qsnap lazy-ram {vm} {snap}` makes one)"
+                        )
+                    }),
+            },
+        }
+    }
+}
+
 impl std::fmt::Display for RamRestore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
@@ -168,19 +191,7 @@ impl Vm {
             log: self.log_path(),
             ram: revert::lazy_mapping(&manifest.snapshot),
         };
-        let ram = match (&manifest.snapshot.memory, &spec.ram) {
-            (None, _) => RamRestore::None,
-            (Some(_), Some(_)) => RamRestore::Lazy,
-            (Some(_), None) => RamRestore::Eager {
-                why: super::lazy::why_not(&spec.command.argv, manifest.machine.as_deref())
-                    .unwrap_or_else(|| {
-                        format!(
-                            "the snapshot has no RAM image yet (`qsnap lazy-ram {} {snap}` makes one)",
-                            self.name()
-                        )
-                    }),
-            },
-        };
+        let ram = RamRestore::of(&manifest, &spec, self.name(), snap);
         // Check the command line rewrites before anything changes.
         launch::build_argv(&spec).map_err(|e| refuse(e.to_string()))?;
         if self.cancel().is_cancelled() {
