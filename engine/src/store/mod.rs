@@ -235,6 +235,23 @@ impl Store {
         blocking(move || write_json(&path, &m, exclusive)).await
     }
 
+    /// Removes a snapshot's memory files — whatever of stream, device state and RAM image it
+    /// has (an interrupted lazy conversion may have left either) — then its manifest, durably.
+    /// Returns the memory files removed. Hold the VM's lock.
+    pub async fn remove_snapshot(&self, vm: &VmName, snap: &SnapshotName) -> Result<Vec<PathBuf>> {
+        let mut removed = Vec::new();
+        for path in self.memory_files(vm, snap) {
+            let p = path.clone();
+            if blocking(move || exists(&p)).await? {
+                let p = path.clone();
+                blocking(move || remove_durably(&p)).await?;
+                removed.push(path);
+            }
+        }
+        self.remove_manifest(vm, snap).await?;
+        Ok(removed)
+    }
+
     /// Removes a manifest (durably). Hold the VM's lock.
     pub async fn remove_manifest(&self, vm: &VmName, snap: &SnapshotName) -> Result<()> {
         let path = self.manifest_path(vm, snap);

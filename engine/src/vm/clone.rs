@@ -317,18 +317,7 @@ impl Vm {
         let state = super::state::VmState::observe(self, &record).await;
         let stopped = !matches!(state, super::state::VmState::Stopped);
         if stopped {
-            let pid = match state.pid().or(record.pid) {
-                Some(p)
-                    if launch::is_recorded_qemu(
-                        p,
-                        record.pid_start.filter(|_| record.pid == Some(p)),
-                    )
-                    .await =>
-                {
-                    Some(p)
-                }
-                _ => None,
-            };
+            let pid = super::state::signallable_pid(state.pid().or(record.pid), &record).await;
             if pid.is_none() && !matches!(state, super::state::VmState::Running { .. }) {
                 return Err(Error::Busy {
                     what: format!(
@@ -387,10 +376,7 @@ impl Vm {
         let store = self.store();
         for m in store.manifests(self.name()).await? {
             let snap = SnapshotName::new(&m.name)?;
-            for f in store.memory_files(self.name(), &snap) {
-                store::blocking(move || store::remove_durably(&f)).await?;
-            }
-            store.remove_manifest(self.name(), &snap).await?;
+            store.remove_snapshot(self.name(), &snap).await?;
         }
         let mut removed = Vec::new();
         for img in &record.owned_images {

@@ -21,7 +21,7 @@ use crate::error::{Error, Result};
 use crate::failpoint;
 use crate::name::SnapshotName;
 use crate::qemu::QueryJobs;
-use crate::store::{self, DeleteIntent, DeletePhase, Intent, Manifest, VmRecord};
+use crate::store::{DeleteIntent, DeletePhase, Intent, Manifest, VmRecord};
 use serde::Serialize;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -233,19 +233,7 @@ pub(crate) async fn remove_snapshots(
     let mut removed = Vec::new();
     for v in victims {
         let snap = SnapshotName::new(&v.name)?;
-        if v.snapshot.memory.is_some() {
-            // Whatever of stream, device state and RAM image it has (a lazy conversion
-            // interrupted halfway may have left either).
-            for path in vm.store().memory_files(vm.name(), &snap) {
-                let p = path.clone();
-                if store::blocking(move || store::exists(&p)).await? {
-                    let p = path.clone();
-                    store::blocking(move || store::remove_durably(&p)).await?;
-                    removed.push(path);
-                }
-            }
-        }
-        vm.store().remove_manifest(vm.name(), &snap).await?;
+        removed.extend(vm.store().remove_snapshot(vm.name(), &snap).await?);
     }
     Ok(removed)
 }

@@ -361,19 +361,7 @@ impl Vm {
         let state = VmState::observe(self, &record).await;
         state.allows(self.name().as_str(), Operation::Stop)?;
         let pid = state.pid().or(record.pid);
-        // A pid is signalled only while it is still the recorded QEMU.
-        let pid = match pid {
-            Some(p)
-                if launch::is_recorded_qemu(
-                    p,
-                    record.pid_start.filter(|_| record.pid == Some(p)),
-                )
-                .await =>
-            {
-                Some(p)
-            }
-            _ => None,
-        };
+        let pid = super::state::signallable_pid(pid, &record).await;
         let journaled = self.store().journal(self.name()).await?.is_none();
         if journaled {
             self.store()

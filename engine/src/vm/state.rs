@@ -147,6 +147,16 @@ impl VmState {
     }
 }
 
+/// `pid` if it may be signalled as this VM's QEMU: only while it is still the recorded QEMU
+/// (its start time checked when it is the recorded pid), never a pid the kernel has since
+/// given to another process.
+pub(crate) async fn signallable_pid(pid: Option<u32>, record: &VmRecord) -> Option<u32> {
+    let p = pid?;
+    launch::is_recorded_qemu(p, record.pid_start.filter(|_| record.pid == Some(p)))
+        .await
+        .then_some(p)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
