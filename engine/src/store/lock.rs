@@ -15,7 +15,20 @@ use std::path::Path;
 /// Held while an operation runs; dropping it releases the lock.
 #[derive(Debug)]
 pub struct VmLock {
-    _file: Flock<File>,
+    file: Flock<File>,
+    exclusive: bool,
+}
+
+impl Drop for VmLock {
+    /// An exclusive holder erases its note before the kernel drops the lock, so an operation
+    /// refused in the moment between the next holder's lock and its note waits for that note
+    /// instead of naming this finished operation. (A shared holder leaves the note: other
+    /// sharers may still hold the lock.)
+    fn drop(&mut self) {
+        if self.exclusive {
+            let _ = self.file.set_len(0);
+        }
+    }
 }
 
 impl VmLock {
@@ -47,7 +60,10 @@ impl VmLock {
                     .set_len(0)
                     .and_then(|()| locked.rewind())
                     .and_then(|()| locked.write_all(note.as_bytes()));
-                Ok(VmLock { _file: locked })
+                Ok(VmLock {
+                    file: locked,
+                    exclusive: matches!(how, FlockArg::LockExclusiveNonblock),
+                })
             }
             Err((mut file, errno)) if errno == nix::errno::Errno::EWOULDBLOCK => {
                 // The holder writes its note just after locking: give it a moment (a busy
@@ -58,12 +74,12 @@ impl VmLock {
                     let _ = file
                         .rewind()
                         .and_then(|()| file.read_to_string(&mut holder));
-                    if !holder.trim().is_empty() {
+                    if note_is_live(&holder) {
                         break;
                     }
                     std::thread::sleep(std::time::Duration::from_millis(20));
                 }
-                if holder.trim().is_empty() {
+                if !note_is_live(&holder) {
                     holder = "another qsnap process".into();
                 }
                 Err(Error::Locked {
@@ -74,6 +90,23 @@ impl VmLock {
             Err((_, errno)) => Err(io("locking the VM", path)(errno.into())),
         }
     }
+}
+
+/// Whether a note names a process that still runs: a holder that crashed leaves its note
+/// behind (nothing erases it), and the next holder has perhaps not written its own yet.
+fn note_is_live(note: &str) -> bool {
+    let Some(pid) = note
+        .split_whitespace()
+        .next()
+        .and_then(|p| p.parse::<i32>().ok())
+    else {
+        return false;
+    };
+    pid > 0
+        && !matches!(
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None),
+            Err(nix::errno::Errno::ESRCH)
+        )
 }
 
 #[cfg(test)]
@@ -93,6 +126,21 @@ mod tests {
             other => panic!("expected Locked, got {other:?}"),
         }
         drop(first);
-        VmLock::acquire(&p, "vm1", "create s2").unwrap();
+        let second = VmLock::acquire(&p, "vm1", "create s2").unwrap();
+        drop(second);
+        // A finished holder's note is gone: one refused before the next holder writes its own
+        // never names the finished operation.
+        assert_eq!(std::fs::read_to_string(&p).unwrap(), "");
+    }
+
+    #[test]
+    fn a_note_from_a_dead_process_is_not_believed() {
+        assert!(note_is_live(&format!("{} create s1\n", std::process::id())));
+        assert!(!note_is_live(""));
+        assert!(!note_is_live("garbage"));
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        child.wait().unwrap();
+        assert!(!note_is_live(&format!("{pid} create s1")));
     }
 }
