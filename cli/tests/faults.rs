@@ -72,11 +72,15 @@ impl Rig {
     }
 
     async fn qmp(&self) -> Qmp {
+        self.qmp_of("g").await
+    }
+
+    async fn qmp_of(&self, vm: &str) -> Qmp {
         let opts = ConnectOptions {
             connect_retry: Duration::from_secs(5),
             ..ConnectOptions::default()
         };
-        Qmp::connect_with(self.store().join("vms/g/qmp.sock"), &opts)
+        Qmp::connect_with(self.store().join("vms").join(vm).join("qmp.sock"), &opts)
             .await
             .unwrap()
     }
@@ -95,7 +99,12 @@ impl Rig {
 
     /// Whether the disk holds exactly steps 1..=upto (later ones not written).
     async fn holds(&self, upto: u8, steps: u8) -> Result<(), String> {
-        let qmp = self.qmp().await;
+        self.holds_on("g", upto, steps).await
+    }
+
+    /// [`Rig::holds`] for VM `vm` of the store (a clone).
+    async fn holds_on(&self, vm: &str, upto: u8, steps: u8) -> Result<(), String> {
+        let qmp = self.qmp_of(vm).await;
         for step in 1..=steps {
             let pattern = if step <= upto { 0x40 + step } else { 0 };
             check(&qmp, &vd0(), pattern, u64::from(step) * 64, 64).await?;
@@ -527,6 +536,120 @@ async fn lazy_ram_survives_qsnap_or_its_helper_dying_at_every_step() {
             rig.repair_and_check(&what);
             rig.stop();
         }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clone_and_remove_survive_qsnap_or_qemu_dying_at_every_step() {
+    require_qemu!();
+    if !qsnap_testkit::failpoints_or_skip(
+        "clone_and_remove_survive_qsnap_or_qemu_dying_at_every_step",
+    ) {
+        return;
+    }
+    for point in points("clone.") {
+        for action in ["crash", "kill-qemu", "error"] {
+            let what = format!("clone, {action} at {point}");
+            eprintln!("--- {what}");
+            let rig = Rig::new().await;
+            // Declared after the rig: dropped first, while the store still exists.
+            let _clone = KillRecordedQemu::new(&rig.store(), "c");
+            rig.put(1).await;
+            assert!(rig.qsnap(&["create", "g", "s1"]).status.success());
+            rig.put(2).await;
+            let out = rig.qsnap_failing(point, action, &["clone", "g", "s1", "c"]);
+            faulted(&out, action, &what);
+            // Whatever the fault left of the clone, `remove` takes all of it away (or the
+            // failed clone already did).
+            let removed = rig.qsnap(&["status", "c"]).status.success();
+            // A step that fails (rather than qsnap dying) is undone by the clone itself.
+            assert!(
+                !(action == "error" && removed && point != "clone.running"),
+                "{what}: the failed clone left its record"
+            );
+            if removed {
+                let out = rig.qsnap(&["remove", "c"]);
+                assert!(out.status.success(), "{what}: remove: {}", show(&out));
+            }
+            // A clone that failed by itself keeps QEMU's log: its error points there.
+            rig.clone_is_gone("c", !removed, &what).await;
+            // The source never noticed.
+            rig.repair_and_check(&what);
+            rig.holds(2, 2)
+                .await
+                .unwrap_or_else(|e| panic!("{what}: the source's disk lost data: {e}"));
+            // And the name is free: a clone made now starts from s1's disk.
+            let out = rig.qsnap(&["clone", "g", "s1", "c"]);
+            assert!(out.status.success(), "{what}: clone again: {}", show(&out));
+            rig.holds_on("c", 1, 2)
+                .await
+                .unwrap_or_else(|e| panic!("{what}: the clone's disk: {e}"));
+            let out = rig.qsnap(&["remove", "c"]);
+            assert!(out.status.success(), "{what}: remove: {}", show(&out));
+            rig.clone_is_gone("c", false, &what).await;
+            rig.all_revert(&what, step_of, 2).await;
+            rig.stop();
+        }
+    }
+    for point in points("remove.") {
+        let what = format!("remove, crash at {point}");
+        eprintln!("--- {what}");
+        let rig = Rig::new().await;
+        let _clone = KillRecordedQemu::new(&rig.store(), "c");
+        rig.put(1).await;
+        assert!(rig.qsnap(&["create", "g", "s1"]).status.success());
+        rig.put(2).await;
+        let out = rig.qsnap(&["clone", "g", "s1", "c"]);
+        assert!(out.status.success(), "{what}: clone: {}", show(&out));
+        // The clone's own snapshot: remove takes it too.
+        assert!(rig.qsnap(&["create", "c", "cs"]).status.success());
+        let out = rig.qsnap_failing(point, "crash", &["remove", "c"]);
+        faulted(&out, "crash", &what);
+        let out = rig.qsnap(&["remove", "c"]);
+        assert!(out.status.success(), "{what}: remove again: {}", show(&out));
+        rig.clone_is_gone("c", false, &what).await;
+        rig.repair_and_check(&what);
+        rig.holds(2, 2)
+            .await
+            .unwrap_or_else(|e| panic!("{what}: the source's disk lost data: {e}"));
+        rig.all_revert(&what, step_of, 2).await;
+        rig.stop();
+    }
+}
+
+impl Rig {
+    /// Nothing of clone `vm` is left: no record, no QEMU, none of its files or images (but
+    /// QEMU's log when `log_may_stay`).
+    async fn clone_is_gone(&self, vm: &str, log_may_stay: bool, what: &str) {
+        let out = self.qsnap(&["status", vm]);
+        assert!(!out.status.success(), "{what}: {vm} is still known");
+        let dir = self.store().join("vms").join(vm);
+        let socket = dir.join("qmp.sock");
+        let mut left = Vec::new();
+        for _ in 0..100 {
+            left = qemu_mapping(&socket);
+            if left.is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(left.is_empty(), "{what}: {vm}'s QEMU runs on: {left:?}");
+        // The lock file stays (removing a lock others may be opening is a race); the
+        // monitor socket of a QEMU killed with SIGKILL stays too, harmless.
+        let files: Vec<String> = std::fs::read_dir(&dir)
+            .map(|rd| {
+                rd.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| n != "lock" && n != "qmp.sock")
+                    .filter(|n| !(log_may_stay && n == "qemu.log"))
+                    .collect()
+            })
+            .unwrap_or_default();
+        assert!(
+            files.is_empty(),
+            "{what}: left in {}: {files:?}",
+            dir.display()
+        );
     }
 }
 

@@ -1,4 +1,4 @@
-//! Named points between the steps of create, revert and delete where a test can make things
+//! Named points between the steps of create, revert, delete, lazy-ram, clone and remove where a test can make things
 //! go wrong on cue: qsnap dies there (`crash`: SIGKILL to itself, as a host crash or `kill -9`
 //! would), QEMU dies there (`kill-qemu`), the step fails (`error`), or a QMP command that did
 //! run is reported as timed out (`timeout`, at the points after such a command).
@@ -44,6 +44,16 @@ pub const POINTS: &[&str] = &[
     "lazy.converted",
     "lazy.made",
     "lazy.switched",
+    // clone (kill-qemu kills the clone's QEMU once it exists)
+    "clone.recorded",
+    "clone.overlays-made",
+    "clone.launched",
+    "clone.loaded",
+    "clone.running",
+    // remove (of a clone; its QEMU is stopped from the first point on)
+    "remove.stopped",
+    "remove.snapshots-removed",
+    "remove.images-removed",
 ];
 
 /// Points after a QMP command that ran, where `timeout` pretends it did not answer in time.

@@ -19,6 +19,7 @@ use super::refs::Use;
 use super::revert::RamRestore;
 use super::Vm;
 use crate::error::{Error, Result};
+use crate::failpoint;
 use crate::launch::clone::clone_argv;
 use crate::launch::{self, stop_qemu, LaunchSpec, Launcher, ProcessLauncher};
 use crate::name::{SnapshotName, VmName};
@@ -231,6 +232,9 @@ impl Vm {
         store.write_record(&record).await?;
         let clone = self.engine.vm_from(new.clone(), record.clone());
         let made = async {
+            failpoint::hit("clone.recorded", None)
+                .await
+                .map_err(|e| (e, None))?;
             let prepared = revert::make_overlays(
                 snap.as_str(),
                 &manifest.snapshot,
@@ -240,18 +244,34 @@ impl Vm {
             )
             .await
             .map_err(|e| (e, None))?;
+            failpoint::hit("clone.overlays-made", None)
+                .await
+                .map_err(|e| (e, None))?;
             let launched = launcher.launch(&spec).await.map_err(|e| (e, None))?;
             let pid = launched.pid;
+            failpoint::hit("clone.launched", pid)
+                .await
+                .map_err(|e| (e, pid))?;
             let qmp = clone.connect().await.map_err(|e| (e, pid))?;
+            let pid = qmp.peer_pid().or(pid);
             let restored = revert::restore(&qmp, &prepared, !opts.paused, Duration::from_secs(600))
                 .await
                 .map_err(|e| (e, pid))?;
-            Ok::<_, (Error, Option<u32>)>((prepared, qmp.peer_pid().or(pid), restored))
+            failpoint::hit("clone.loaded", pid)
+                .await
+                .map_err(|e| (e, pid))?;
+            super::state::record_qemu(&mut record, pid).await;
+            store.write_record(&record).await.map_err(|e| (e, pid))?;
+            Ok::<_, (Error, Option<u32>)>((prepared, pid, restored))
         }
         .await;
         let (prepared, pid, restored) = match made {
             Ok(x) => x,
             Err((e, pid)) => {
+                // A failed final record write included: a running QEMU under a record that
+                // says "stopped" would be left behind.
+                record.pid = None;
+                record.pid_start = None;
                 if let Some(pid) = pid {
                     if let Err(s) = stop_qemu(&record.qmp, Some(pid), Duration::from_secs(2)).await
                     {
@@ -273,8 +293,7 @@ impl Vm {
                 return Err(e);
             }
         };
-        super::state::record_qemu(&mut record, pid).await;
-        store.write_record(&record).await?;
+        failpoint::hit("clone.running", pid).await?;
         let total_ms = started.elapsed().as_secs_f64() * 1e3;
         info!(vm = %new, source = %self.name(), %snap, total_ms, "cloned");
         Ok(CloneReport {
@@ -330,6 +349,7 @@ impl Vm {
             super::state::record_qemu(&mut record, None).await;
             self.store().write_record(&record).await?;
         }
+        failpoint::hit("remove.stopped", None).await?;
         let removed = self.discard_clone(&record, false).await?;
         drop(op);
         Ok(RemoveReport {
@@ -378,6 +398,7 @@ impl Vm {
             let snap = SnapshotName::new(&m.name)?;
             store.remove_snapshot(self.name(), &snap).await?;
         }
+        failpoint::hit("remove.snapshots-removed", None).await?;
         let mut removed = Vec::new();
         for img in &record.owned_images {
             // Only what the clone made, in its own directory, and a regular file.
@@ -398,6 +419,7 @@ impl Vm {
                 removed.push(img.clone());
             }
         }
+        failpoint::hit("remove.images-removed", None).await?;
         let dir = store.vm_dir(self.name());
         store::blocking(move || {
             for sub in ["files", "disks"] {
