@@ -246,11 +246,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         } => {
             let replace = replace
                 .iter()
-                .map(|r| {
-                    r.split_once('=')
-                        .map(|(a, b)| (a.to_owned(), b.to_owned()))
-                        .ok_or_else(|| anyhow::anyhow!("--replace {r}: expected OLD=NEW"))
-                })
+                .map(|r| split_replacement(r))
                 .collect::<anyhow::Result<Vec<_>>>()?;
             let opts = qsnap_engine::CloneOptions { paused, replace };
             let report = engine
@@ -486,6 +482,19 @@ fn exit_code(err: &anyhow::Error) -> u8 {
     1
 }
 
+/// `OLD=NEW`, where OLD and NEW may hold `=` themselves if each holds as many
+/// (`hostfwd=tcp::2222-:22=hostfwd=tcp::2223-:22`); any other split would be a guess.
+fn split_replacement(r: &str) -> anyhow::Result<(String, String)> {
+    let n = r.matches('=').count();
+    if n % 2 == 0 {
+        anyhow::bail!(
+            "--replace {r}: expected OLD=NEW, where OLD and NEW hold as many '=' each (so the middle '=' splits them)"
+        );
+    }
+    let (i, _) = r.match_indices('=').nth(n / 2).expect("counted above");
+    Ok((r[..i].to_owned(), r[i + 1..].to_owned()))
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.verbose);
@@ -509,6 +518,29 @@ fn main() -> ExitCode {
                 eprintln!("qsnap: {}", render(&err));
             }
             ExitCode::from(exit_code(&err))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::split_replacement;
+
+    #[test]
+    fn a_replacement_splits_at_its_middle_equals_sign() {
+        let pair = |r: &str| split_replacement(r).unwrap();
+        assert_eq!(pair("a=b"), ("a".into(), "b".into()));
+        assert_eq!(
+            pair("hostfwd=tcp::2222-:22=hostfwd=tcp::2223-:22"),
+            (
+                "hostfwd=tcp::2222-:22".into(),
+                "hostfwd=tcp::2223-:22".into()
+            )
+        );
+        assert_eq!(pair("a="), ("a".into(), String::new()));
+        for ambiguous in ["ab", "a=b=c", "ifname=tap0=tap1"] {
+            let err = split_replacement(ambiguous).unwrap_err().to_string();
+            assert!(err.contains("as many '='"), "{ambiguous}: {err}");
         }
     }
 }

@@ -526,6 +526,9 @@ async fn lazy_ram_survives_qsnap_or_its_helper_dying_at_every_step() {
                 "{what}: lazy-ram again: {}",
                 show(&out)
             );
+            // And the killed run's helper directory is gone with it.
+            let stale = dead_helper_dirs();
+            assert!(stale.is_empty(), "{what}: helper dirs left: {stale:?}");
             rig.all_revert(&what, step_of, 2).await;
             let out = rig.qsnap(&["revert", "g", "s1"]);
             assert!(
@@ -651,6 +654,24 @@ impl Rig {
             dir.display()
         );
     }
+}
+
+/// The lazy-RAM helper directories (`$TMPDIR/qsnap-lazy-<pid>-*`) of qsnap processes that
+/// are gone.
+fn dead_helper_dirs() -> Vec<PathBuf> {
+    std::fs::read_dir(std::env::temp_dir())
+        .unwrap()
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_str()
+                .and_then(|n| n.strip_prefix("qsnap-lazy-"))
+                .and_then(|r| r.split('-').next())
+                .and_then(|p| p.parse::<u32>().ok())
+                .is_some_and(|pid| !std::path::Path::new(&format!("/proc/{pid}")).exists())
+        })
+        .map(|e| e.path())
+        .collect()
 }
 
 /// Pids of processes whose command line names `image` (a helper QEMU mapping it).

@@ -318,7 +318,9 @@ impl GoldenBuilder {
             let path = root.path().to_owned();
             return self.build(snapshot, Root::Temp(root), &path).await;
         };
-        let key = self.key(&snapshot).await;
+        let key = self
+            .key(&snapshot, std::env::current_dir().ok().as_deref())
+            .await;
         let dir = cache.join(format!("golden-{key:016x}"));
         let lock_path = cache.join(format!("golden-{key:016x}.lock"));
         crate::store::blocking({
@@ -372,7 +374,7 @@ impl GoldenBuilder {
 
     /// What makes a cached golden the same: the command line, the disks, and each named
     /// file's identity.
-    async fn key(&self, snapshot: &SnapshotName) -> u64 {
+    async fn key(&self, snapshot: &SnapshotName, cwd: Option<&Path>) -> u64 {
         let mut text = format!(
             "{:?}|{:?}|{:?}|lazy {}|{snapshot}|schema {}|qsnap {}",
             self.argv,
@@ -384,13 +386,27 @@ impl GoldenBuilder {
         );
         let binary =
             crate::cache::resolve_binary(self.argv.first().map_or("", String::as_str)).await;
-        let files = self
+        // Relative names are QEMU's too (from this process's directory): a regular file
+        // found there counts by its identity, like an absolute one. (Not a directory: a word
+        // such as a VM's name may match one whose mtime changes all the time.)
+        let mut files: Vec<PathBuf> = Vec::new();
+        for p in self
             .argv
             .iter()
+            .skip(1)
             .flat_map(|a| a.split([',', '=']))
-            .map(PathBuf::from)
-            .filter(|p| p.is_absolute())
-            .chain(binary);
+            .filter(|p| !p.is_empty() && !p.starts_with('-'))
+        {
+            if Path::new(p).is_absolute() {
+                files.push(PathBuf::from(p));
+            } else if let Some(cwd) = cwd {
+                let f = cwd.join(p);
+                if tokio::fs::metadata(&f).await.is_ok_and(|m| m.is_file()) {
+                    files.push(f);
+                }
+            }
+        }
+        files.extend(binary);
         for f in files {
             if let Some(k) = crate::cache::file_key(&f, "").await {
                 text.push('|');
@@ -721,5 +737,30 @@ if [ -n "$QSNAP_H_RM" ]; then sleep 0.2; rm -rf "$QSNAP_H_RM"*; fi"#;
         .spawn();
     if let Err(e) = spawned {
         tracing::warn!(error = %e, "no watchdog: a golden VM that is never dropped outlives the test process");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_cache_key_follows_files_named_relatively_or_absolutely() {
+        let dir = tempfile::tempdir().unwrap();
+        let kernel = dir.path().join("vmlinuz");
+        std::fs::write(&kernel, b"one").unwrap();
+        let snap = SnapshotName::new("ready").unwrap();
+        let relative = Golden::boot(["qemu-system-x86_64", "-kernel", "vmlinuz"]);
+        let absolute = Golden::boot(["qemu-system-x86_64", "-kernel", kernel.to_str().unwrap()]);
+        let (r1, a1) = (
+            relative.key(&snap, Some(dir.path())).await,
+            absolute.key(&snap, None).await,
+        );
+        // Same contents, same key; a rebuilt file, a new key — whichever way it is named.
+        assert_eq!(r1, relative.key(&snap, Some(dir.path())).await);
+        std::fs::remove_file(&kernel).unwrap();
+        std::fs::write(&kernel, b"two, longer").unwrap();
+        assert_ne!(r1, relative.key(&snap, Some(dir.path())).await);
+        assert_ne!(a1, absolute.key(&snap, None).await);
     }
 }

@@ -104,8 +104,12 @@ pub fn clone_argv(
         let Some(v) = replaced.get(i + 1) else {
             return Err(format!("-{f} lacks its value"));
         };
-        // A value the user's --replace changed is theirs: it may differ per clone.
-        let overridden = argv.get(i + 1) != Some(v);
+        // A value the user's --replace changed is theirs: it may differ per clone. Its
+        // `id=` alone does not count (that names the option inside QEMU, not what it uses
+        // on the host).
+        let overridden = argv
+            .get(i + 1)
+            .is_some_and(|was| without_id(was) != without_id(v));
         let differ = |what: &str| -> Result<(), String> {
             if overridden {
                 Ok(())
@@ -244,6 +248,14 @@ pub fn clone_argv(
         argv: out,
         moved: mover.moved,
     })
+}
+
+/// `v` without its `id=` property.
+fn without_id(v: &str) -> Vec<String> {
+    split_opts(v)
+        .into_iter()
+        .filter(|p| !p.starts_with("id="))
+        .collect()
 }
 
 /// How a user could override `-f v` (shown in the refusal).
@@ -548,6 +560,11 @@ mod tests {
             assert!(err.contains(word) && err.contains(flag), "{flag}: {err}");
         }
         assert!(run(&["qemu", "-name", "vm1"], &[("vm1", "vm1-c1")]).is_ok());
+        // Renaming only the option's id gives it nothing of its own on the host.
+        let tap = ["qemu", "-netdev", "tap,id=t0,ifname=tap0"];
+        let err = run(&tap, &[("id=t0", "id=t1")]).unwrap_err();
+        assert!(err.contains("tap"), "{err}");
+        assert!(run(&tap, &[("tap0", "tap1")]).is_ok());
         let err = run(&["qemu", "-m", "1"], &[("nowhere", "x")]).unwrap_err();
         assert!(err.contains("appears nowhere"), "{err}");
     }

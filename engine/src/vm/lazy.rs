@@ -149,8 +149,9 @@ impl Vm {
             let dev_file =
                 memfile::create(self.store().memory_dir(self.name()), devices.clone()).await?;
             let tmp = store::blocking(|| {
+                sweep_helper_dirs(&std::env::temp_dir());
                 tempfile::Builder::new()
-                    .prefix("qsnap-lazy-")
+                    .prefix(&format!("{HELPER_DIR_PREFIX}{}-", std::process::id()))
                     .tempdir()
                     .map_err(|source| Error::Io {
                         what: "creating a private directory for the helper QEMU",
@@ -498,5 +499,61 @@ impl Helper {
             let _ = self.child.start_kill();
             let _ = self.child.wait().await;
         }
+    }
+}
+
+/// The helper QEMU's private directories: `<temp>/qsnap-lazy-<pid of qsnap>-<random>`.
+const HELPER_DIR_PREFIX: &str = "qsnap-lazy-";
+
+/// Removes the helper directories of qsnap processes that are gone (killed before their
+/// destructors ran): a monitor socket, blank overlays and a log each. Those of live
+/// processes stay; errors are ignored (a later run tries again).
+fn sweep_helper_dirs(temp: &Path) {
+    let Ok(entries) = std::fs::read_dir(temp) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(HELPER_DIR_PREFIX))
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|p| p.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let gone = pid > 0
+            && matches!(
+                nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None),
+                Err(nix::errno::Errno::ESRCH)
+            );
+        if gone && e.file_type().is_ok_and(|t| t.is_dir()) {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn helper_dirs_of_gone_processes_are_swept_and_live_ones_kept() {
+        let temp = tempfile::tempdir().unwrap();
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let dead = child.id();
+        child.wait().unwrap();
+        let gone = temp.path().join(format!("{HELPER_DIR_PREFIX}{dead}-abc"));
+        let live = temp
+            .path()
+            .join(format!("{HELPER_DIR_PREFIX}{}-def", std::process::id()));
+        let other = temp.path().join("qsnap-lazy-notapid");
+        for d in [&gone, &live, &other] {
+            std::fs::create_dir(d).unwrap();
+            std::fs::write(d.join("helper.log"), b"x").unwrap();
+        }
+        sweep_helper_dirs(temp.path());
+        assert!(!gone.exists());
+        assert!(live.exists() && other.exists());
     }
 }
