@@ -287,6 +287,9 @@ pub fn cloned(r: &qsnap_engine::CloneReport, as_json: bool) {
     moved(&r.moved);
     println!("  {:<16} {}", "monitor", r.qmp.display());
     println!("  {:<16} {}", "QEMU log", r.log.display());
+    for n in &r.notes {
+        eprintln!("note: {n}");
+    }
 }
 
 /// Prints what removing a clone did.

@@ -20,7 +20,12 @@ pub struct CloneArgv {
     pub argv: Vec<String>,
     /// Each path moved into the clone's directory.
     pub moved: Vec<MovedPath>,
+    /// What the user must know about what they gave the clone (printed with its report).
+    pub notes: Vec<String>,
 }
+
+/// Why a network the user gave a clone of its own still looks like its source's.
+const SAME_MAC: &str = "the clone's network card keeps the snapshot's MAC address (QEMU restores it with the device state, whatever -device mac= says, and the guest has it in memory): give the clone's network a segment of its own, or change the MAC inside the guest";
 
 /// Network backends whose host side is one per VM (a tap, a bridge port, a socket address).
 const NET_MUST_DIFFER: &[&str] = &[
@@ -76,6 +81,7 @@ pub fn clone_argv(
         moved: Vec::new(),
     };
     let mut out = vec![replaced.first().cloned().unwrap_or_default()];
+    let mut notes = Vec::new();
     let mut i = 1;
     while i < replaced.len() {
         let a = &replaced[i];
@@ -172,6 +178,10 @@ pub fn clone_argv(
             "netdev" | "nic" | "net" => {
                 if NET_MUST_DIFFER.contains(&kind.as_str()) {
                     differ(&format!("a {kind} network backend"))?;
+                    let note = format!("-{f} {v}: {SAME_MAC}");
+                    if !notes.contains(&note) {
+                        notes.push(note);
+                    }
                 } else if props.iter().any(|(k, _)| k == "hostfwd") {
                     differ("a hostfwd host port")?;
                 } else if props.iter().any(|(k, _)| k == "smb") {
@@ -247,6 +257,7 @@ pub fn clone_argv(
     Ok(CloneArgv {
         argv: out,
         moved: mover.moved,
+        notes,
     })
 }
 
@@ -564,7 +575,16 @@ mod tests {
         let tap = ["qemu", "-netdev", "tap,id=t0,ifname=tap0"];
         let err = run(&tap, &[("id=t0", "id=t1")]).unwrap_err();
         assert!(err.contains("tap"), "{err}");
-        assert!(run(&tap, &[("tap0", "tap1")]).is_ok());
+        let c = run(&tap, &[("tap0", "tap1")]).unwrap();
+        assert!(
+            c.notes.len() == 1 && c.notes[0].contains("MAC") && c.notes[0].contains("tap1"),
+            "{:?}",
+            c.notes
+        );
+        assert!(run(&argv, &[("tcp::2222-:22", "tcp::2223-:22")])
+            .unwrap()
+            .notes
+            .is_empty());
         let err = run(&["qemu", "-m", "1"], &[("nowhere", "x")]).unwrap_err();
         assert!(err.contains("appears nowhere"), "{err}");
     }

@@ -54,6 +54,9 @@ pub struct CloneReport {
     pub disks: Vec<RevertDisk>,
     /// Where each per-VM path of the command line went.
     pub moved: Vec<MovedPath>,
+    /// What the user must know about the command line they gave the clone (e.g. a network
+    /// of its own still carries the snapshot's MAC address).
+    pub notes: Vec<String>,
     /// Its monitor socket.
     pub qmp: PathBuf,
     /// QEMU's stdout and stderr.
@@ -302,6 +305,7 @@ impl Vm {
             snapshot: snap.to_string(),
             disks: prepared.disks,
             moved: rewritten.moved,
+            notes: rewritten.notes,
             qmp,
             log: dir.join("qemu.log"),
             ram,
