@@ -116,8 +116,8 @@ pub enum Command {
         #[arg(long)]
         paused: bool,
         /// Replace text in the recorded command line for the clone (repeatable), e.g.
-        /// --replace tcp::2222-:22=tcp::2223-:22. OLD and NEW may hold '=' if each holds as
-        /// many: --replace ifname=tap0=ifname=tap1
+        /// --replace tcp::2222-:22=tcp::2223-:22. OLD and NEW may hold '=': the split taken
+        /// is the one whose OLD is in the command line (the middle '=' when several are).
         #[arg(long, value_name = "OLD=NEW")]
         replace: Vec<String>,
         /// Print the report as JSON.

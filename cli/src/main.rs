@@ -9,6 +9,7 @@ mod progress;
 use anyhow::Context;
 use args::{Cli, Command, ModeArg};
 use clap::Parser;
+use qsnap_engine::launch::clone::split_replacement;
 use qsnap_engine::snapshot::Mode;
 use qsnap_engine::{
     AttachOptions, DeleteOptions, Engine, RevertOptions, SnapshotName, Store, VmName,
@@ -244,14 +245,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             replace,
             json,
         } => {
+            let source = engine.vm(&vm_name(&vm)?).await?;
+            let argv = source
+                .record()
+                .command
+                .as_ref()
+                .map(|c| c.argv.clone())
+                .unwrap_or_default();
             let replace = replace
                 .iter()
-                .map(|r| split_replacement(r))
+                .map(|r| split_replacement(r, &argv).map_err(anyhow::Error::msg))
                 .collect::<anyhow::Result<Vec<_>>>()?;
             let opts = qsnap_engine::CloneOptions { paused, replace };
-            let report = engine
-                .vm(&vm_name(&vm)?)
-                .await?
+            let report = source
                 .clone_snapshot(&snap_name(&snapshot)?, &vm_name(&new)?, &opts)
                 .await
                 .with_context(|| format!("cloning {vm}/{snapshot} to {new}"))?;
@@ -482,19 +488,6 @@ fn exit_code(err: &anyhow::Error) -> u8 {
     1
 }
 
-/// `OLD=NEW`, where OLD and NEW may hold `=` themselves if each holds as many
-/// (`hostfwd=tcp::2222-:22=hostfwd=tcp::2223-:22`); any other split would be a guess.
-fn split_replacement(r: &str) -> anyhow::Result<(String, String)> {
-    let n = r.matches('=').count();
-    if n % 2 == 0 {
-        anyhow::bail!(
-            "--replace {r}: expected OLD=NEW, where OLD and NEW hold as many '=' each (so the middle '=' splits them)"
-        );
-    }
-    let (i, _) = r.match_indices('=').nth(n / 2).expect("counted above");
-    Ok((r[..i].to_owned(), r[i + 1..].to_owned()))
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.verbose);
@@ -518,29 +511,6 @@ fn main() -> ExitCode {
                 eprintln!("qsnap: {}", render(&err));
             }
             ExitCode::from(exit_code(&err))
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::split_replacement;
-
-    #[test]
-    fn a_replacement_splits_at_its_middle_equals_sign() {
-        let pair = |r: &str| split_replacement(r).unwrap();
-        assert_eq!(pair("a=b"), ("a".into(), "b".into()));
-        assert_eq!(
-            pair("hostfwd=tcp::2222-:22=hostfwd=tcp::2223-:22"),
-            (
-                "hostfwd=tcp::2222-:22".into(),
-                "hostfwd=tcp::2223-:22".into()
-            )
-        );
-        assert_eq!(pair("a="), ("a".into(), String::new()));
-        for ambiguous in ["ab", "a=b=c", "ifname=tap0=tap1"] {
-            let err = split_replacement(ambiguous).unwrap_err().to_string();
-            assert!(err.contains("as many '='"), "{ambiguous}: {err}");
         }
     }
 }

@@ -1,7 +1,8 @@
-//! Named points between the steps of create, revert, delete, lazy-ram, clone and remove where a test can make things
-//! go wrong on cue: qsnap dies there (`crash`: SIGKILL to itself, as a host crash or `kill -9`
-//! would), QEMU dies there (`kill-qemu`), the step fails (`error`), or a QMP command that did
-//! run is reported as timed out (`timeout`, at the points after such a command).
+//! Named points between the steps of create, revert, delete, lazy-ram, clone and remove
+//! where a test can make things go wrong on cue: qsnap dies there (`crash`: SIGKILL to
+//! itself, as a host crash or `kill -9` would), QEMU dies there (`kill-qemu`), the step fails
+//! (`error`), or a QMP command that did run is reported as timed out (`timeout`, at the
+//! points after such a command).
 //!
 //! Built on the `fail` crate, and only in builds with the `failpoints` feature (the test
 //! suite turns it on; release builds leave it off, and then every point compiles to nothing).
@@ -49,7 +50,6 @@ pub const POINTS: &[&str] = &[
     "clone.overlays-made",
     "clone.launched",
     "clone.loaded",
-    "clone.running",
     // remove (of a clone; its QEMU is stopped from the first point on)
     "remove.stopped",
     "remove.snapshots-removed",

@@ -285,9 +285,11 @@ impl GoldenBuilder {
     /// Keeps the golden snapshot in `dir` and reuses it: the first process to ask boots the
     /// guest and snapshots it (others wait on a lock), later ones — other test processes, a
     /// later run — fork from it at once. Keyed by the command line, the disks and the identity
-    /// (size, mtime, inode) of every file the command line names and of the QEMU binary, so a
-    /// rebuilt kernel or QEMU makes a new one. The golden VM is stopped once its snapshot is
-    /// made: forks need only the snapshot's files.
+    /// (size, mtime, inode) of the QEMU binary, of every file the command line names by
+    /// absolute path and of a `-kernel`/`-initrd`/`-bios`/`-dtb` named relatively, so a
+    /// rebuilt kernel or QEMU makes a new one. (Name files the golden writes with `{dir}`: an
+    /// absolute path to one would change the key on every build.) The golden VM is stopped
+    /// once its snapshot is made: forks need only the snapshot's files.
     pub fn cache_in(mut self, dir: impl Into<PathBuf>) -> Self {
         self.cache = Some(dir.into());
         self
@@ -386,23 +388,21 @@ impl GoldenBuilder {
         );
         let binary =
             crate::cache::resolve_binary(self.argv.first().map_or("", String::as_str)).await;
-        // Relative names are QEMU's too (from this process's directory): a regular file
-        // found there counts by its identity, like an absolute one. (Not a directory: a word
-        // such as a VM's name may match one whose mtime changes all the time.)
+        // Every absolute path counts; a relative one (from this process's directory) only as
+        // the value of an option that reads it: a relative file the golden writes (a log,
+        // a disk) would change with every build and the cache would never hit.
         let mut files: Vec<PathBuf> = Vec::new();
-        for p in self
-            .argv
-            .iter()
-            .skip(1)
-            .flat_map(|a| a.split([',', '=']))
-            .filter(|p| !p.is_empty() && !p.starts_with('-'))
-        {
-            if Path::new(p).is_absolute() {
-                files.push(PathBuf::from(p));
-            } else if let Some(cwd) = cwd {
-                let f = cwd.join(p);
-                if tokio::fs::metadata(&f).await.is_ok_and(|m| m.is_file()) {
-                    files.push(f);
+        for (i, a) in self.argv.iter().enumerate().skip(1) {
+            let reads = i >= 2
+                && matches!(
+                    self.argv[i - 1].trim_start_matches('-'),
+                    "kernel" | "initrd" | "bios" | "dtb"
+                );
+            for p in a.split([',', '=']).filter(|p| !p.is_empty()) {
+                if Path::new(p).is_absolute() {
+                    files.push(PathBuf::from(p));
+                } else if let (true, Some(cwd)) = (reads, cwd) {
+                    files.push(cwd.join(p));
                 }
             }
         }
@@ -750,13 +750,17 @@ mod tests {
         let kernel = dir.path().join("vmlinuz");
         std::fs::write(&kernel, b"one").unwrap();
         let snap = SnapshotName::new("ready").unwrap();
-        let relative = Golden::boot(["qemu-system-x86_64", "-kernel", "vmlinuz"]);
+        let relative = Golden::boot(["qemu-system-x86_64", "-kernel", "vmlinuz", "-D", "qemu.log"]);
+        // A file the golden writes, named relatively, never counts.
+        std::fs::write(dir.path().join("qemu.log"), b"").unwrap();
         let absolute = Golden::boot(["qemu-system-x86_64", "-kernel", kernel.to_str().unwrap()]);
         let (r1, a1) = (
             relative.key(&snap, Some(dir.path())).await,
             absolute.key(&snap, None).await,
         );
         // Same contents, same key; a rebuilt file, a new key — whichever way it is named.
+        assert_eq!(r1, relative.key(&snap, Some(dir.path())).await);
+        std::fs::write(dir.path().join("qemu.log"), b"written by QEMU").unwrap();
         assert_eq!(r1, relative.key(&snap, Some(dir.path())).await);
         std::fs::remove_file(&kernel).unwrap();
         std::fs::write(&kernel, b"two, longer").unwrap();

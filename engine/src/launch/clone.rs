@@ -25,7 +25,7 @@ pub struct CloneArgv {
 }
 
 /// Why a network the user gave a clone of its own still looks like its source's.
-const SAME_MAC: &str = "the clone's network card keeps the snapshot's MAC address (QEMU restores it with the device state, whatever -device mac= says, and the guest has it in memory): give the clone's network a segment of its own, or change the MAC inside the guest";
+const SAME_MAC: &str = "the clone's network card keeps the snapshot's MAC address (QEMU restores it with the device state, whatever a mac= on the command line says, and the guest has it in memory): give the clone's network a segment of its own, or change the MAC inside the guest";
 
 /// Network backends whose host side is one per VM (a tap, a bridge port, a socket address).
 const NET_MUST_DIFFER: &[&str] = &[
@@ -259,6 +259,48 @@ pub fn clone_argv(
         moved: mover.moved,
         notes,
     })
+}
+
+/// Splits a `--replace OLD=NEW` for the command line `argv`. OLD and NEW may hold `=`
+/// themselves: the split taken is the one whose OLD appears in `argv`; when several do, the
+/// middle `=` if OLD and NEW hold as many. Anything else is refused as ambiguous, never
+/// guessed.
+pub fn split_replacement(r: &str, argv: &[String]) -> Result<(String, String), String> {
+    let splits: Vec<(&str, &str)> = r
+        .match_indices('=')
+        .map(|(i, _)| (&r[..i], &r[i + 1..]))
+        .collect();
+    if splits.is_empty() {
+        return Err(format!("--replace {r}: expected OLD=NEW"));
+    }
+    let found: Vec<(&str, &str)> = splits
+        .iter()
+        .copied()
+        .filter(|(old, _)| !old.is_empty() && argv.iter().any(|a| a.contains(old)))
+        .collect();
+    let middle = (splits.len() % 2 == 1).then(|| splits[splits.len() / 2]);
+    let (old, new) = match found.as_slice() {
+        [] => {
+            return Err(format!(
+                "--replace {r}: no OLD (the text before one of its '=') appears in the recorded command line"
+            ))
+        }
+        [one] => *one,
+        several => match middle.filter(|m| several.contains(m)) {
+            Some(m) => m,
+            None => {
+                return Err(format!(
+                    "--replace {r}: ambiguous, {} could each be OLD; write OLD and NEW with as many '=' each",
+                    several
+                        .iter()
+                        .map(|(o, _)| format!("{o:?}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ))
+            }
+        },
+    };
+    Ok((old.to_owned(), new.to_owned()))
 }
 
 /// `v` without its `id=` property.
@@ -587,6 +629,28 @@ mod tests {
             .is_empty());
         let err = run(&["qemu", "-m", "1"], &[("nowhere", "x")]).unwrap_err();
         assert!(err.contains("appears nowhere"), "{err}");
+    }
+
+    #[test]
+    fn a_replacement_splits_where_its_old_text_is_found() {
+        let argv: Vec<String> = ["qemu", "-netdev", "tap,id=t0,ifname=tap0", "-name", "vm1"]
+            .map(String::from)
+            .to_vec();
+        let split = |r: &str| split_replacement(r, &argv);
+        let pair = |a: &str, b: &str| Ok((a.to_owned(), b.to_owned()));
+        assert_eq!(split("vm1=vm2"), pair("vm1", "vm2"));
+        assert_eq!(split("tap0=tap1,script=no"), pair("tap0", "tap1,script=no"));
+        assert_eq!(
+            split("ifname=tap0=ifname=tap1"),
+            pair("ifname=tap0", "ifname=tap1")
+        );
+        assert_eq!(split("vm1="), pair("vm1", ""));
+        assert!(split("vm1").unwrap_err().contains("expected OLD=NEW"));
+        assert!(split("nowhere=x").unwrap_err().contains("appears"));
+        // `ifname` and `ifname=tap0` both appear: the middle '=' settles it when there is one.
+        assert_eq!(split("ifname=tap0=x=y"), pair("ifname=tap0", "x=y"));
+        let err = split("ifname=tap0=x").unwrap_err();
+        assert!(err.contains("ambiguous"), "{err}");
     }
 
     #[test]

@@ -20,12 +20,13 @@ pub struct VmLock {
 }
 
 impl Drop for VmLock {
-    /// An exclusive holder erases its note before the kernel drops the lock, so an operation
+    /// The last holder erases its note before the kernel drops the lock, so an operation
     /// refused in the moment between the next holder's lock and its note waits for that note
-    /// instead of naming this finished operation. (A shared holder leaves the note: other
-    /// sharers may still hold the lock.)
+    /// instead of naming this finished operation. A shared holder is the last when it can
+    /// turn its lock exclusive; if it cannot, other sharers hold on and the note stays (the
+    /// failed conversion may already have dropped this lock: it was being released anyway).
     fn drop(&mut self) {
-        if self.exclusive {
+        if self.exclusive || self.file.relock(FlockArg::LockExclusiveNonblock).is_ok() {
             let _ = self.file.set_len(0);
         }
     }
@@ -130,6 +131,18 @@ mod tests {
         drop(second);
         // A finished holder's note is gone: one refused before the next holder writes its own
         // never names the finished operation.
+        assert_eq!(std::fs::read_to_string(&p).unwrap(), "");
+    }
+
+    #[test]
+    fn the_last_shared_holder_erases_the_note() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("lock");
+        let a = VmLock::acquire_shared(&p, "vm1", "clone s1 to a").unwrap();
+        let b = VmLock::acquire_shared(&p, "vm1", "clone s1 to b").unwrap();
+        drop(a);
+        assert!(!std::fs::read_to_string(&p).unwrap().is_empty());
+        drop(b);
         assert_eq!(std::fs::read_to_string(&p).unwrap(), "");
     }
 

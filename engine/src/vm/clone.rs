@@ -251,52 +251,53 @@ impl Vm {
                 .await
                 .map_err(|e| (e, None))?;
             let launched = launcher.launch(&spec).await.map_err(|e| (e, None))?;
+            // Recorded at once: a crash during the load (up to minutes) leaves a record that
+            // names this QEMU, so `remove` can stop it even when its monitor does not answer.
             let pid = launched.pid;
+            super::state::record_qemu(&mut record, pid).await;
+            store.write_record(&record).await.map_err(|e| (e, pid))?;
             failpoint::hit("clone.launched", pid)
                 .await
                 .map_err(|e| (e, pid))?;
             let qmp = clone.connect().await.map_err(|e| (e, pid))?;
             let pid = qmp.peer_pid().or(pid);
+            if pid != record.pid {
+                // A launcher of the embedder's that did not know it.
+                super::state::record_qemu(&mut record, pid).await;
+                store.write_record(&record).await.map_err(|e| (e, pid))?;
+            }
             let restored = revert::restore(&qmp, &prepared, !opts.paused, Duration::from_secs(600))
                 .await
                 .map_err(|e| (e, pid))?;
             failpoint::hit("clone.loaded", pid)
                 .await
                 .map_err(|e| (e, pid))?;
-            super::state::record_qemu(&mut record, pid).await;
-            store.write_record(&record).await.map_err(|e| (e, pid))?;
             Ok::<_, (Error, Option<u32>)>((prepared, pid, restored))
         }
         .await;
         let (prepared, pid, restored) = match made {
             Ok(x) => x,
             Err((e, pid)) => {
-                // A failed final record write included: a running QEMU under a record that
-                // says "stopped" would be left behind.
-                record.pid = None;
-                record.pid_start = None;
                 if let Some(pid) = pid {
                     if let Err(s) = stop_qemu(&record.qmp, Some(pid), Duration::from_secs(2)).await
                     {
-                        // Its record stays, so that `remove` can stop it and clean up.
+                        // Its record stays, naming the QEMU (and its start time, so that a
+                        // reused pid is never taken for it): `remove` stops it and cleans up.
                         warn!(error = %s, "the failed clone's QEMU could not be stopped");
-                        let _ = store
-                            .write_record(&VmRecord {
-                                pid: Some(pid),
-                                ..record.clone()
-                            })
-                            .await;
+                        if record.pid != Some(pid) {
+                            super::state::record_qemu(&mut record, Some(pid)).await;
+                        }
+                        let _ = store.write_record(&record).await;
                         return Err(e);
                     }
                 }
                 // The log stays: the error points at it.
-                if let Err(u) = clone.discard_clone(&record, true).await {
+                if let Err(u) = clone.discard_clone(&record, Discard::FailedClone).await {
                     warn!(error = %u, "the failed clone's files could not all be removed; `qsnap remove {new}` finishes");
                 }
                 return Err(e);
             }
         };
-        failpoint::hit("clone.running", pid).await?;
         let total_ms = started.elapsed().as_secs_f64() * 1e3;
         info!(vm = %new, source = %self.name(), %snap, total_ms, "cloned");
         Ok(CloneReport {
@@ -354,7 +355,7 @@ impl Vm {
             self.store().write_record(&record).await?;
         }
         failpoint::hit("remove.stopped", None).await?;
-        let removed = self.discard_clone(&record, false).await?;
+        let removed = self.discard_clone(&record, Discard::Remove).await?;
         drop(op);
         Ok(RemoveReport {
             vm: self.name().to_string(),
@@ -396,13 +397,16 @@ impl Vm {
     }
 
     /// Deletes a stopped clone's snapshots, owned images, files and record (the lock held).
-    async fn discard_clone(&self, record: &VmRecord, keep_log: bool) -> Result<Vec<PathBuf>> {
+    async fn discard_clone(&self, record: &VmRecord, why: Discard) -> Result<Vec<PathBuf>> {
+        let removing = matches!(why, Discard::Remove);
         let store = self.store();
         for m in store.manifests(self.name()).await? {
             let snap = SnapshotName::new(&m.name)?;
             store.remove_snapshot(self.name(), &snap).await?;
         }
-        failpoint::hit("remove.snapshots-removed", None).await?;
+        if removing {
+            failpoint::hit("remove.snapshots-removed", None).await?;
+        }
         let mut removed = Vec::new();
         for img in &record.owned_images {
             // Only what the clone made, in its own directory, and a regular file.
@@ -423,7 +427,9 @@ impl Vm {
                 removed.push(img.clone());
             }
         }
-        failpoint::hit("remove.images-removed", None).await?;
+        if removing {
+            failpoint::hit("remove.images-removed", None).await?;
+        }
         let dir = store.vm_dir(self.name());
         store::blocking(move || {
             for sub in ["files", "disks"] {
@@ -433,7 +439,7 @@ impl Vm {
                     Err(e) => return Err(store::io("removing the clone's files", &dir)(e)),
                 }
             }
-            if !keep_log {
+            if removing {
                 let _ = std::fs::remove_file(dir.join("qemu.log"));
             }
             Ok(())
@@ -442,6 +448,15 @@ impl Vm {
         store.forget_vm(self.name()).await?;
         Ok(removed)
     }
+}
+
+/// Why a clone's files go.
+#[derive(Debug, Clone, Copy)]
+enum Discard {
+    /// The clone failed: everything goes but QEMU's log, which its error points at.
+    FailedClone,
+    /// `remove`: everything goes.
+    Remove,
 }
 
 async fn make_dir(dir: PathBuf) -> Result<()> {

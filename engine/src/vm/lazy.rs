@@ -73,6 +73,11 @@ impl Vm {
     pub async fn make_lazy(&self, snap: &SnapshotName) -> Result<LazyReport> {
         let started = Instant::now();
         let op = self.begin(&format!("lazy-ram {snap}")).await?;
+        store::blocking(|| {
+            sweep_helper_dirs(&std::env::temp_dir(), HELPER_DIR_MIN_AGE);
+            Ok(())
+        })
+        .await?;
         let record = op.record.clone();
         let manifest = self.store().manifest(self.name(), snap).await?;
         let unsupported = |why: String| Error::Unsupported {
@@ -148,18 +153,7 @@ impl Vm {
             memfile::create_ram_image(image.clone(), ram_bytes).await?;
             let dev_file =
                 memfile::create(self.store().memory_dir(self.name()), devices.clone()).await?;
-            let tmp = store::blocking(|| {
-                sweep_helper_dirs(&std::env::temp_dir());
-                tempfile::Builder::new()
-                    .prefix(&format!("{HELPER_DIR_PREFIX}{}-", std::process::id()))
-                    .tempdir()
-                    .map_err(|source| Error::Io {
-                        what: "creating a private directory for the helper QEMU",
-                        path: std::env::temp_dir(),
-                        source,
-                    })
-            })
-            .await?;
+            let tmp = store::blocking(HelperDir::create).await?;
             let helper = Helper::start(
                 self,
                 &record,
@@ -505,31 +499,81 @@ impl Helper {
 /// The helper QEMU's private directories: `<temp>/qsnap-lazy-<pid of qsnap>-<random>`.
 const HELPER_DIR_PREFIX: &str = "qsnap-lazy-";
 
-/// Removes the helper directories of qsnap processes that are gone (killed before their
-/// destructors ran): a monitor socket, blank overlays and a log each. Those of live
-/// processes stay; errors are ignored (a later run tries again).
-fn sweep_helper_dirs(temp: &Path) {
+/// A helper directory younger than this is never swept: its owner may not have locked it yet.
+const HELPER_DIR_MIN_AGE: Duration = Duration::from_secs(60);
+
+/// The helper QEMU's private directory (a monitor socket, blank overlays, a log). Its owner
+/// holds an flock on `<dir>/owner` while it exists, so a later run can tell a directory a
+/// killed qsnap left (lock free) from one in use — also across pid namespaces sharing /tmp.
+struct HelperDir {
+    dir: tempfile::TempDir,
+    _owner: nix::fcntl::Flock<std::fs::File>,
+}
+
+impl HelperDir {
+    fn create() -> Result<HelperDir> {
+        let temp = std::env::temp_dir();
+        let io = |source| Error::Io {
+            what: "creating a private directory for the helper QEMU",
+            path: temp.clone(),
+            source,
+        };
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("{HELPER_DIR_PREFIX}{}-", std::process::id()))
+            .tempdir()
+            .map_err(io)?;
+        let file = std::fs::File::create(dir.path().join("owner")).map_err(io)?;
+        let owner = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+            .map_err(|(_, e)| io(e.into()))?;
+        Ok(HelperDir { dir, _owner: owner })
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+/// Removes helper directories that killed qsnap processes left behind: this user's, named
+/// `qsnap-lazy-<pid>-…`, older than `min_age`, with their owner lock free and no QEMU
+/// answering on their monitor socket. Errors are ignored (a later run tries again).
+fn sweep_helper_dirs(temp: &Path, min_age: Duration) {
+    use std::os::unix::fs::MetadataExt;
     let Ok(entries) = std::fs::read_dir(temp) else {
         return;
     };
+    let me = nix::unistd::geteuid().as_raw();
     for e in entries.flatten() {
         let name = e.file_name();
-        let Some(pid) = name
+        let shaped = name
             .to_str()
             .and_then(|n| n.strip_prefix(HELPER_DIR_PREFIX))
-            .and_then(|rest| rest.split('-').next())
-            .and_then(|p| p.parse::<i32>().ok())
+            .and_then(|rest| rest.split_once('-'))
+            .is_some_and(|(pid, _)| !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()));
+        let Ok(md) = std::fs::symlink_metadata(e.path()) else {
+            continue;
+        };
+        let old = md
+            .modified()
+            .ok()
+            .and_then(|m| m.elapsed().ok())
+            .is_some_and(|age| age >= min_age);
+        if !shaped || !md.is_dir() || md.uid() != me || !old {
+            continue;
+        }
+        let dir = e.path();
+        // Its owner's lock, held until the sweep is done (no one else takes it then).
+        let Ok(file) = std::fs::File::open(dir.join("owner")) else {
+            continue;
+        };
+        let Ok(_lock) = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
         else {
             continue;
         };
-        let gone = pid > 0
-            && matches!(
-                nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None),
-                Err(nix::errno::Errno::ESRCH)
-            );
-        if gone && e.file_type().is_ok_and(|t| t.is_dir()) {
-            let _ = std::fs::remove_dir_all(e.path());
+        // A helper that outlived its qsnap still answers: leave it to whoever finds it.
+        if std::os::unix::net::UnixStream::connect(dir.join("qmp.sock")).is_ok() {
+            continue;
         }
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
 
@@ -538,22 +582,49 @@ mod tests {
     use super::*;
 
     #[test]
-    fn helper_dirs_of_gone_processes_are_swept_and_live_ones_kept() {
+    fn only_abandoned_helper_dirs_are_swept() {
         let temp = tempfile::tempdir().unwrap();
-        let mut child = std::process::Command::new("true").spawn().unwrap();
-        let dead = child.id();
-        child.wait().unwrap();
-        let gone = temp.path().join(format!("{HELPER_DIR_PREFIX}{dead}-abc"));
-        let live = temp
-            .path()
-            .join(format!("{HELPER_DIR_PREFIX}{}-def", std::process::id()));
-        let other = temp.path().join("qsnap-lazy-notapid");
-        for d in [&gone, &live, &other] {
-            std::fs::create_dir(d).unwrap();
+        let made = |name: &str, owner: bool| {
+            let d = temp.path().join(name);
+            std::fs::create_dir(&d).unwrap();
             std::fs::write(d.join("helper.log"), b"x").unwrap();
+            if owner {
+                std::fs::write(d.join("owner"), b"").unwrap();
+            }
+            d
+        };
+        let abandoned = made("qsnap-lazy-123-abc", true);
+        let held = made("qsnap-lazy-124-abc", true);
+        let _holder = nix::fcntl::Flock::lock(
+            std::fs::File::open(held.join("owner")).unwrap(),
+            nix::fcntl::FlockArg::LockExclusiveNonblock,
+        )
+        .unwrap();
+        let listening = made("qsnap-lazy-125-abc", true);
+        let _qemu = std::os::unix::net::UnixListener::bind(listening.join("qmp.sock")).unwrap();
+        let unshaped = made("qsnap-lazy-126", true);
+        let ownerless = made("qsnap-lazy-127-abc", false);
+        // Too young: kept whatever else holds.
+        sweep_helper_dirs(temp.path(), Duration::from_secs(3600));
+        assert!(abandoned.exists());
+        sweep_helper_dirs(temp.path(), Duration::ZERO);
+        assert!(!abandoned.exists());
+        for kept in [&held, &listening, &unshaped, &ownerless] {
+            assert!(kept.exists(), "{}", kept.display());
         }
-        sweep_helper_dirs(temp.path());
-        assert!(!gone.exists());
-        assert!(live.exists() && other.exists());
+        // One of our own holds its owner lock while it exists.
+        let ours = HelperDir::create().unwrap();
+        let name = ours
+            .path()
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .into_owned();
+        assert!(name.starts_with(&format!("qsnap-lazy-{}-", std::process::id())));
+        assert!(nix::fcntl::Flock::lock(
+            std::fs::File::open(ours.path().join("owner")).unwrap(),
+            nix::fcntl::FlockArg::LockExclusiveNonblock,
+        )
+        .is_err());
     }
 }
