@@ -280,9 +280,15 @@ pub fn split_replacement(r: &str, argv: &[String]) -> Result<(String, String), S
         .collect();
     let middle = (splits.len() % 2 == 1).then(|| splits[splits.len() / 2]);
     let (old, new) = match found.as_slice() {
+        [] if splits.len() == 1 => {
+            return Err(format!(
+                "--replace {r}: {:?} appears nowhere in the recorded command line",
+                splits[0].0
+            ))
+        }
         [] => {
             return Err(format!(
-                "--replace {r}: no OLD (the text before one of its '=') appears in the recorded command line"
+                "--replace {r}: the text before each of its '=' appears nowhere in the recorded command line"
             ))
         }
         [one] => *one,
@@ -646,7 +652,8 @@ mod tests {
         );
         assert_eq!(split("vm1="), pair("vm1", ""));
         assert!(split("vm1").unwrap_err().contains("expected OLD=NEW"));
-        assert!(split("nowhere=x").unwrap_err().contains("appears"));
+        assert!(split("nowhere=x").unwrap_err().contains("appears nowhere"));
+        assert!(split("zq=b=c").unwrap_err().contains("appears nowhere"));
         // `ifname` and `ifname=tap0` both appear: the middle '=' settles it when there is one.
         assert_eq!(split("ifname=tap0=x=y"), pair("ifname=tap0", "x=y"));
         let err = split("ifname=tap0=x").unwrap_err();
