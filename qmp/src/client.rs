@@ -458,6 +458,20 @@ impl Qmp {
                 }
                 match done_rx.await {
                     Ok(Ok(())) => {}
+                    // QEMU went away before the command was written: the connection is gone,
+                    // like one whose reply never comes (a SIGKILLed QEMU ends in either).
+                    Ok(Err(source))
+                        if matches!(
+                            source.kind(),
+                            std::io::ErrorKind::BrokenPipe
+                                | std::io::ErrorKind::ConnectionReset
+                                | std::io::ErrorKind::NotConnected
+                        ) =>
+                    {
+                        self.shared
+                            .close(&format!("QEMU closed the connection ({source})"));
+                        return Err(self.shared.disconnected_error());
+                    }
                     Ok(Err(source)) => {
                         return Err(Error::Send {
                             command: name.into(),

@@ -58,7 +58,7 @@ pub enum Error {
     /// every event waiter gets this at once.
     #[error("QMP connection closed: {reason}")]
     Disconnected {
-        /// Why the reader saw the connection end.
+        /// Why the connection ended.
         reason: Arc<str>,
     },
 
@@ -125,7 +125,8 @@ pub enum Error {
         command: String,
     },
 
-    /// Writing a command to the socket failed.
+    /// Writing a command to the socket failed (for a reason other than QEMU being gone, which
+    /// is [`Error::Disconnected`]).
     #[error("cannot send {command} to QEMU: {source}")]
     Send {
         /// The command.
