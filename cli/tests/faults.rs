@@ -117,6 +117,13 @@ impl Rig {
         .await;
     }
 
+    /// Step 1 written, snapshot `s1` made, step 2 written: the start of most fault tests.
+    async fn snapshot_between_two_writes(&self) {
+        self.put(1).await;
+        assert!(self.qsnap(&["create", "g", "s1"]).status.success());
+        self.put(2).await;
+    }
+
     /// Whether the disk holds exactly steps 1..=upto (later ones not written).
     async fn holds(&self, upto: u8, steps: u8) -> Result<(), String> {
         self.holds_on("g", upto, steps).await
@@ -310,9 +317,7 @@ async fn create_survives_qsnap_or_qemu_dying_at_every_step() {
             let what = format!("create, {action} at {point}");
             eprintln!("--- {what}");
             let rig = Rig::new().await;
-            rig.put(1).await;
-            assert!(rig.qsnap(&["create", "g", "s1"]).status.success());
-            rig.put(2).await;
+            rig.snapshot_between_two_writes().await;
             let out = rig.qsnap_failing(point, action, &["create", "g", "s2"]);
             faulted(&out, action, &what);
             rig.repair_and_check(&what);
@@ -337,9 +342,7 @@ async fn revert_survives_qsnap_or_qemu_dying_at_every_step() {
             let what = format!("revert, {action} at {point}");
             eprintln!("--- {what}");
             let rig = Rig::new().await;
-            rig.put(1).await;
-            assert!(rig.qsnap(&["create", "g", "s1"]).status.success());
-            rig.put(2).await;
+            rig.snapshot_between_two_writes().await;
             assert!(rig.qsnap(&["create", "g", "s2"]).status.success());
             rig.put(3).await;
             let out = rig.qsnap_failing(point, action, &["revert", "g", "s1"]);
@@ -521,9 +524,7 @@ async fn lazy_ram_survives_qsnap_or_its_helper_dying_at_every_step() {
             let what = format!("lazy-ram, {action} at {point}");
             eprintln!("--- {what}");
             let rig = Rig::new().await;
-            rig.put(1).await;
-            assert!(rig.qsnap(&["create", "g", "s1"]).status.success());
-            rig.put(2).await;
+            rig.snapshot_between_two_writes().await;
             let out = rig.qsnap_failing(point, action, &["lazy-ram", "g", "s1"]);
             faulted(&out, action, &what);
             // The helper QEMU never outlives qsnap (parent-death signal).
@@ -597,9 +598,7 @@ async fn clone_and_remove_survive_qsnap_or_qemu_dying_at_every_step() {
             let rig = Rig::new().await;
             // Declared after the rig: dropped first, while the store still exists.
             let _clone = KillRecordedQemu::new(&rig.store(), "c");
-            rig.put(1).await;
-            assert!(rig.qsnap(&["create", "g", "s1"]).status.success());
-            rig.put(2).await;
+            rig.snapshot_between_two_writes().await;
             let out = rig.qsnap_failing(point, action, &["clone", "g", "s1", "c"]);
             faulted(&out, action, &what);
             // Whatever the fault left of the clone, `remove` takes all of it away (or the
@@ -639,9 +638,7 @@ async fn clone_and_remove_survive_qsnap_or_qemu_dying_at_every_step() {
         eprintln!("--- {what}");
         let rig = Rig::new().await;
         let _clone = KillRecordedQemu::new(&rig.store(), "c");
-        rig.put(1).await;
-        assert!(rig.qsnap(&["create", "g", "s1"]).status.success());
-        rig.put(2).await;
+        rig.snapshot_between_two_writes().await;
         let out = rig.qsnap(&["clone", "g", "s1", "c"]);
         assert!(out.status.success(), "{what}: clone: {}", show(&out));
         // The clone's own snapshot: remove takes it too.
