@@ -610,6 +610,12 @@ async fn clone_and_remove_survive_qsnap_or_qemu_dying_at_every_step() {
                 "{what}: the failed clone left its record"
             );
             if still_known {
+                // A QEMU left loading, its monitor held by someone else: told apart by the
+                // pid and start time its record names.
+                let _busy = (action == "crash" && point == "clone.launched").then(|| {
+                    std::os::unix::net::UnixStream::connect(rig.store().join("vms/c/qmp.sock"))
+                        .unwrap()
+                });
                 let out = rig.qsnap(&["remove", "c"]);
                 assert!(out.status.success(), "{what}: remove: {}", show(&out));
             }
