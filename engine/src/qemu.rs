@@ -269,6 +269,9 @@ pub struct JobInfo {
     pub id: String,
     /// `created`, `running`, `ready`, `pending`, `concluded`, …
     pub status: String,
+    /// `commit`, `stream`, `mirror`, `backup`, …
+    #[serde(rename = "type", default)]
+    pub kind: String,
     /// Work done so far (only the ratio to `total_progress` means something).
     #[serde(rename = "current-progress", default)]
     pub current_progress: u64,

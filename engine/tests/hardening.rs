@@ -330,6 +330,70 @@ async fn another_users_qemu_is_refused_unless_asked_for() {
     let _ = child.wait().await;
 }
 
+/// QEMU (10.0.2) dies of a NULL pointer when asked for its block nodes while a block-stream
+/// job has ended but is not dismissed — the state a qsnap killed between a merge's finalize
+/// and its dismiss leaves. qsnap's own such job is dismissed before the listing; anyone
+/// else's is refused. Either way QEMU lives.
+#[tokio::test]
+async fn an_ended_stream_job_never_makes_listing_the_nodes_crash_qemu() {
+    require_qemu!();
+    init_logging();
+    let dir = tempfile::tempdir().unwrap();
+    for (job, ours) in [("qsnap-merge-1-0", true), ("theirs", false)] {
+        let base = dir.path().join(format!("{job}.base.qcow2"));
+        let top = dir.path().join(format!("{job}.top.qcow2"));
+        create_image(&base, "qcow2", "16M").await;
+        let made = tokio::process::Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
+            .arg(&base)
+            .arg(&top)
+            .status()
+            .await
+            .unwrap();
+        assert!(made.success());
+        let vm = VmBuilder::idle()
+            .disk(&top, "qcow2", DiskStyle::Blockdev)
+            .spawn()
+            .await;
+        let qmp = vm.qmp().await;
+        let args = serde_json::json!({
+            "job-id": job, "device": "disk0", "auto-finalize": false, "auto-dismiss": false
+        });
+        qmp.execute_raw("block-stream", Some(args)).await.unwrap();
+        async fn status(qmp: &qsnap_qmp::Qmp) -> String {
+            let jobs = qmp.execute_raw("query-jobs", None).await.unwrap();
+            jobs[0]["status"].as_str().unwrap_or("gone").to_owned()
+        }
+        for want in ["pending", "concluded"] {
+            let mut waited = 0;
+            while status(&qmp).await != want {
+                assert!(waited < 200, "{job}: never {want}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                waited += 1;
+            }
+            if want == "pending" {
+                let id = serde_json::json!({ "id": job });
+                qmp.execute_raw("job-finalize", Some(id)).await.unwrap();
+            }
+        }
+        let listed = blocks::nodes(&qmp).await;
+        if ours {
+            let nodes = listed.unwrap();
+            assert!(nodes.iter().any(|n| n.image == top), "{nodes:?}");
+            assert_eq!(status(&qmp).await, "gone", "{job} was not dismissed");
+        } else {
+            let err = listed.unwrap_err();
+            assert!(matches!(err, Error::Unsupported { .. }), "{err}");
+            assert!(err.to_string().contains("theirs"), "{err}");
+            assert!(err.to_string().contains("job-dismiss"), "{err}");
+            assert_eq!(status(&qmp).await, "concluded", "their job is theirs");
+        }
+        // QEMU is alive and answers.
+        let st = qmp.execute_raw("query-status", None).await;
+        assert!(st.is_ok(), "{job}: QEMU died: {st:?}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hand_edited_records_never_make_qsnap_delete_a_file() {
     require_qemu!();
