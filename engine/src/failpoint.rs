@@ -36,6 +36,7 @@ pub const POINTS: &[&str] = &[
     "delete.removed",
     "delete.merge-started",
     "delete.merge-ready",
+    "delete.concluded",
     "delete.finalized",
     "delete.merged",
     "delete.rebased",

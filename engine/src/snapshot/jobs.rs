@@ -136,7 +136,7 @@ pub(crate) async fn run_all(
     progress: &(dyn Fn(f64) + Send + Sync),
 ) -> Result<()> {
     let pending = run_to_pending(qmp, merges, cancel, progress, Points::default()).await?;
-    finalize(qmp, &pending).await
+    finalize(qmp, &pending, Points::default()).await
 }
 
 /// Jobs whose data is copied and which wait, all of them, for [`finalize`]. Dropping this
@@ -281,7 +281,7 @@ impl Pending {
 
 /// Finalizes pending jobs (each changes its disk's chain now), waits until they conclude and
 /// dismisses them.
-pub(crate) async fn finalize(qmp: &Qmp, pending: &Pending) -> Result<()> {
+pub(crate) async fn finalize(qmp: &Qmp, pending: &Pending, points: Points) -> Result<()> {
     let merges = &pending.merges;
     if merges.is_empty() {
         return Ok(());
@@ -299,6 +299,11 @@ pub(crate) async fn finalize(qmp: &Qmp, pending: &Pending) -> Result<()> {
         let all = jobs(qmp).await?;
         let mine = ours(&all, merges);
         if mine.values().all(|j| j.status == "concluded") {
+            if points.on {
+                // Ended, not yet dismissed: the state in which QEMU must not be asked for
+                // its block nodes (`blocks::nodes`).
+                crate::failpoint::hit("delete.concluded", qmp.peer_pid()).await?;
+            }
             for j in mine.values() {
                 if let Some(err) = &j.error {
                     failure.get_or_insert(Error::BlockJob {

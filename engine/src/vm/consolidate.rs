@@ -473,7 +473,7 @@ async fn merge_live(
             let _ = guard.resume(&qmp).await;
             return Err(e);
         }
-        let finalized = jobs::finalize(&qmp, &pending).await;
+        let finalized = jobs::finalize(&qmp, &pending, Points { on: true }).await;
         failpoint::hit("delete.finalized", qmp.peer_pid()).await?;
         // Whatever the finalize did, the record follows QEMU before the guest runs again.
         follow_qemu(vm, record, &qmp, &guard).await?;
