@@ -326,9 +326,10 @@ fn with_problems(outcome: String, problems: &[String]) -> String {
 async fn delete(vm: &Vm, mut d: DeleteIntent) -> Result<String> {
     let op = format!("delete {}", d.snapshots.join(", "));
     let mut record = vm.store().record(vm.name()).await?;
-    if let VmState::Unreachable { .. } = VmState::observe(vm, &record).await {
-        reachable(vm, &record, &op).await?;
-    }
+    // Whether QEMU runs is asked once, of the monitor and the recorded process together: a
+    // connection that fails for a moment must not pass for a stopped QEMU, or a merge meant
+    // for the running QEMU would be redone offline on images it has open.
+    let qemu = reachable(vm, &record, &op).await?;
     if d.phase == DeletePhase::Removing {
         remove_snapshots(vm, &mut record, &d.manifests).await?;
         d.phase = DeletePhase::Consolidating;
@@ -336,32 +337,39 @@ async fn delete(vm: &Vm, mut d: DeleteIntent) -> Result<String> {
             .write_journal(vm.name(), &Intent::Delete(d.clone()))
             .await?;
     }
-    if d.guest_was_running == Some(true) {
-        // It may have been paused for a disk switch when qsnap died. The record follows the
-        // images QEMU runs now before the guest may write again.
-        if let Ok(qmp) = vm.connect_quick(&record).await {
-            let live = super::refs::Live::read(&qmp).await?;
+    match &qemu {
+        Some(qmp) if d.guest_was_running == Some(true) => {
+            // It may have been paused for a disk switch when qsnap died. The record follows
+            // the images QEMU runs now before the guest may write again.
+            let live = super::refs::Live::read(qmp).await?;
             if consolidate::follow_live(&mut record, &live) {
                 vm.store().write_record(&record).await?;
             }
-            if let Ok(st) = qmp.execute(types::query_status {}).await {
-                if !st.running && st.status == types::RunState::paused {
-                    let _ = qmp.execute(types::cont {}).await;
-                }
+            let st = qmp
+                .execute(types::query_status {})
+                .await
+                .map_err(Error::qmp("asking whether the guest is paused"))?;
+            if !st.running && st.status == types::RunState::paused {
+                qmp.execute(types::cont {})
+                    .await
+                    .map_err(Error::qmp("resuming the guest"))?;
             }
         }
-        d.guest_was_running = None;
-    }
-    // A live merge round whose QEMU is gone is redone offline.
-    if vm.connect_quick(&record).await.is_err() {
-        for m in &mut d.merges {
-            m.live = false;
+        Some(_) => {}
+        None => {
+            // A live merge round whose QEMU is gone is redone offline.
+            for m in &mut d.merges {
+                m.live = false;
+            }
+            if record.pid.is_some() {
+                super::state::record_qemu(&mut record, None).await;
+                vm.store().write_record(&record).await?;
+            }
         }
-        if record.pid.is_some() {
-            super::state::record_qemu(&mut record, None).await;
-            vm.store().write_record(&record).await?;
-        }
     }
+    d.guest_was_running = None;
+    // QEMU serves one monitor client at a time; the merges connect on their own.
+    drop(qemu);
     let merges = consolidate::run(vm, &mut record, &mut d, None).await?;
     Ok(format!(
         "finished: {} deleted{}",
