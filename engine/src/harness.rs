@@ -393,11 +393,10 @@ impl GoldenBuilder {
         // a disk) would change with every build and the cache would never hit.
         let mut files: Vec<PathBuf> = Vec::new();
         for (i, a) in self.argv.iter().enumerate().skip(1) {
-            let reads = i >= 2
-                && matches!(
-                    self.argv[i - 1].trim_start_matches('-'),
-                    "kernel" | "initrd" | "bios" | "dtb"
-                );
+            let reads = matches!(
+                self.argv[i - 1].trim_start_matches('-'),
+                "kernel" | "initrd" | "bios" | "dtb"
+            );
             for p in a.split([',', '=']).filter(|p| !p.is_empty()) {
                 if Path::new(p).is_absolute() {
                     files.push(PathBuf::from(p));
