@@ -142,7 +142,7 @@ pub struct Node {
 /// when `query-named-block-nodes` meets the filter node of a `block-stream` job that has
 /// concluded — finished or cancelled — but is not dismissed: the filter has lost its child,
 /// yet the job still holds it in the node list. A commit job in that state does no harm. So
-/// such jobs are looked for first: one of qsnap's (`qsnap-…`) is dismissed, as its outcome is
+/// such jobs are looked for first: one of qsnap's (`qsnap-merge-…`) is dismissed, as its outcome is
 /// in the chains every caller reads next; anyone else's is refused, since dismissing it would
 /// take its outcome from its owner.
 pub async fn nodes(qmp: &Qmp) -> Result<Vec<Node>> {
@@ -164,6 +164,16 @@ pub async fn nodes(qmp: &Qmp) -> Result<Vec<Node>> {
         .collect())
 }
 
+/// The chain of disk `device` (top first), empty for an unknown or empty disk.
+pub fn chain_of(disks: &[Disk], device: &str) -> Vec<PathBuf> {
+    disks
+        .iter()
+        .find(|d| d.device == device)
+        .and_then(|d| d.medium.as_ref())
+        .map(|m| m.chain.iter().map(|l| l.image.clone()).collect())
+        .unwrap_or_default()
+}
+
 /// Makes `query-named-block-nodes` safe to send (see [`nodes`]).
 async fn dismiss_ended_streams(qmp: &Qmp) -> Result<()> {
     let jobs = qmp
@@ -174,7 +184,7 @@ async fn dismiss_ended_streams(qmp: &Qmp) -> Result<()> {
         .iter()
         .filter(|j| j.kind == "stream" && j.status == "concluded")
     {
-        if !j.id.starts_with("qsnap-") {
+        if !j.id.starts_with("qsnap-merge-") {
             return Err(Error::Unsupported {
                 what: format!(
                     "block-stream job {} has ended but is not dismissed, and QEMU crashes when asked \
@@ -184,7 +194,13 @@ async fn dismiss_ended_streams(qmp: &Qmp) -> Result<()> {
                 ),
             });
         }
-        tracing::info!(job = %j.id, error = ?j.error, "dismissing an ended stream job a qsnap left");
+        match &j.error {
+            None => tracing::info!(job = %j.id, "dismissing an ended stream job a qsnap left"),
+            // Its chain is as it was; the merge that wanted it is redone from the journal.
+            Some(e) => {
+                tracing::warn!(job = %j.id, error = %e, "dismissing a failed stream job a qsnap left")
+            }
+        }
         qmp.execute(qsnap_qmp::types::job_dismiss { id: j.id.clone() })
             .await
             .map_err(Error::qmp("dismissing an ended stream job"))?;

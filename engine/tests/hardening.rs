@@ -331,66 +331,119 @@ async fn another_users_qemu_is_refused_unless_asked_for() {
 }
 
 /// QEMU (10.0.2) dies of a NULL pointer when asked for its block nodes while a block-stream
-/// job has ended but is not dismissed — the state a qsnap killed between a merge's finalize
-/// and its dismiss leaves. qsnap's own such job is dismissed before the listing; anyone
-/// else's is refused. Either way QEMU lives.
+/// job has ended (finished or cancelled) but is not dismissed — the state a qsnap killed
+/// between a merge's finalize and its dismiss leaves. qsnap's own such job is dismissed
+/// before the listing; anyone else's is refused. Commit jobs in that state are harmless, and
+/// are left alone. QEMU lives through all of it.
 #[tokio::test]
 async fn an_ended_stream_job_never_makes_listing_the_nodes_crash_qemu() {
     require_qemu!();
     init_logging();
+    #[derive(Debug, PartialEq)]
+    enum Way {
+        Stream,
+        CancelledStream,
+        Commit,
+        ActiveCommit,
+    }
+    async fn status(qmp: &qsnap_qmp::Qmp) -> String {
+        let jobs = qmp.execute_raw("query-jobs", None).await.unwrap();
+        jobs[0]["status"].as_str().unwrap_or("gone").to_owned()
+    }
     let dir = tempfile::tempdir().unwrap();
-    for (job, ours) in [("qsnap-merge-1-0", true), ("theirs", false)] {
-        let base = dir.path().join(format!("{job}.base.qcow2"));
-        let top = dir.path().join(format!("{job}.top.qcow2"));
-        create_image(&base, "qcow2", "16M").await;
-        let made = tokio::process::Command::new("qemu-img")
-            .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
-            .arg(&base)
-            .arg(&top)
-            .status()
-            .await
-            .unwrap();
-        assert!(made.success());
+    for (job, way) in [
+        ("qsnap-merge-1-0", Way::Stream),
+        ("qsnap-merge-2-0", Way::CancelledStream),
+        ("theirs", Way::Stream),
+        ("their-commit", Way::Commit),
+        ("their-active-commit", Way::ActiveCommit),
+    ] {
+        let what = format!("{job} ({way:?})");
+        // base <- mid <- top, the VM on top.
+        let image = |layer: &str| dir.path().join(format!("{job}.{layer}.qcow2"));
+        create_image(&image("base"), "qcow2", "16M").await;
+        for (upper, lower) in [("mid", "base"), ("top", "mid")] {
+            let made = tokio::process::Command::new("qemu-img")
+                .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
+                .arg(image(lower))
+                .arg(image(upper))
+                .status()
+                .await
+                .unwrap();
+            assert!(made.success());
+        }
         let vm = VmBuilder::idle()
-            .disk(&top, "qcow2", DiskStyle::Blockdev)
+            .disk(image("top"), "qcow2", DiskStyle::Blockdev)
             .spawn()
             .await;
         let qmp = vm.qmp().await;
-        let args = serde_json::json!({
-            "job-id": job, "device": "disk0", "auto-finalize": false, "auto-dismiss": false
-        });
-        qmp.execute_raw("block-stream", Some(args)).await.unwrap();
-        async fn status(qmp: &qsnap_qmp::Qmp) -> String {
-            let jobs = qmp.execute_raw("query-jobs", None).await.unwrap();
-            jobs[0]["status"].as_str().unwrap_or("gone").to_owned()
+        // No job yet: listing is safe, and names the lower layers' nodes.
+        let nodes = blocks::nodes(&qmp).await.unwrap();
+        let node = |layer: &str| {
+            blocks::format_node_for(&nodes, &image(layer))
+                .unwrap_or_else(|| panic!("{what}: no node for {layer}: {nodes:?}"))
+                .name
+                .clone()
+        };
+        let (command, args) = match way {
+            Way::Stream | Way::CancelledStream => (
+                "block-stream",
+                serde_json::json!({ "device": "disk0", "speed": if way == Way::Stream { 0 } else { 1 } }),
+            ),
+            Way::Commit => (
+                "block-commit",
+                serde_json::json!({ "device": "disk0", "top-node": node("mid"), "base-node": node("base") }),
+            ),
+            Way::ActiveCommit => (
+                "block-commit",
+                serde_json::json!({ "device": "disk0", "base-node": node("mid") }),
+            ),
+        };
+        let mut args = args;
+        args["job-id"] = job.into();
+        args["auto-finalize"] = false.into();
+        args["auto-dismiss"] = false.into();
+        qmp.execute_raw(command, Some(args)).await.unwrap();
+        let id = serde_json::json!({ "id": job });
+        if way == Way::CancelledStream {
+            qmp.execute_raw("job-cancel", Some(id.clone()))
+                .await
+                .unwrap();
         }
-        for want in ["pending", "concluded"] {
-            let mut waited = 0;
-            while status(&qmp).await != want {
-                assert!(waited < 200, "{job}: never {want}");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                waited += 1;
+        let mut waited = 0;
+        loop {
+            match status(&qmp).await.as_str() {
+                "ready" => drop(qmp.execute_raw("job-complete", Some(id.clone())).await),
+                "pending" => drop(qmp.execute_raw("job-finalize", Some(id.clone())).await),
+                "concluded" => break,
+                _ => {}
             }
-            if want == "pending" {
-                let id = serde_json::json!({ "id": job });
-                qmp.execute_raw("job-finalize", Some(id)).await.unwrap();
-            }
+            assert!(waited < 200, "{what}: never concluded");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            waited += 1;
         }
         let listed = blocks::nodes(&qmp).await;
-        if ours {
-            let nodes = listed.unwrap();
-            assert!(nodes.iter().any(|n| n.image == top), "{nodes:?}");
-            assert_eq!(status(&qmp).await, "gone", "{job} was not dismissed");
-        } else {
-            let err = listed.unwrap_err();
-            assert!(matches!(err, Error::Unsupported { .. }), "{err}");
-            assert!(err.to_string().contains("theirs"), "{err}");
-            assert!(err.to_string().contains("job-dismiss"), "{err}");
-            assert_eq!(status(&qmp).await, "concluded", "their job is theirs");
+        match way {
+            Way::Stream | Way::CancelledStream if job.starts_with("qsnap-merge-") => {
+                let nodes = listed.unwrap();
+                assert!(nodes.iter().any(|n| n.image == image("top")), "{nodes:?}");
+                assert_eq!(status(&qmp).await, "gone", "{what} was not dismissed");
+            }
+            Way::Stream | Way::CancelledStream => {
+                let err = listed.unwrap_err();
+                assert!(matches!(err, Error::Unsupported { .. }), "{err}");
+                assert!(err.to_string().contains(job), "{err}");
+                assert!(err.to_string().contains("job-dismiss"), "{err}");
+                assert_eq!(status(&qmp).await, "concluded", "{what} is not ours");
+            }
+            Way::Commit | Way::ActiveCommit => {
+                assert!(listed.is_ok(), "{what}: {listed:?}");
+                assert_eq!(status(&qmp).await, "concluded", "{what} is not ours");
+            }
         }
         // QEMU is alive and answers.
         let st = qmp.execute_raw("query-status", None).await;
-        assert!(st.is_ok(), "{job}: QEMU died: {st:?}");
+        assert!(st.is_ok(), "{what}: QEMU died: {st:?}");
     }
 }
 

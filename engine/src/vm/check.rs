@@ -26,7 +26,7 @@ use std::path::PathBuf;
 pub struct Finding {
     /// What kind: `interrupted`, `bad-memory`, `missing-image`, `changed-image`,
     /// `broken-chain`, `store-disagrees`, `orphan-image`, `orphan-memory`, `stale-record`,
-    /// `unmerged-layer`, `corrupt-image`.
+    /// `unmerged-layer`, `corrupt-image`, `unreadable-qemu`.
     pub kind: String,
     /// What exactly.
     pub what: String,
@@ -190,7 +190,25 @@ impl Vm {
         let state = VmState::observe(self, &record).await;
         let live = match &state {
             VmState::Running { .. } => match self.connect_quick(&record).await {
-                Ok(qmp) => Live::read(&qmp).await.ok(),
+                Ok(qmp) => match Live::read(&qmp).await {
+                    Ok(live) => Some(live),
+                    Err(e) => {
+                        // Without QEMU's view every later finding would be a guess (an
+                        // image QEMU uses would look orphaned): stop here.
+                        add(
+                            "unreadable-qemu",
+                            format!("QEMU's disks could not be read: {e}"),
+                            "nothing after this was checked or repaired; see the message, then check again"
+                                .into(),
+                            false,
+                        );
+                        return Ok(CheckReport {
+                            vm: self.name().to_string(),
+                            findings,
+                            clean: false,
+                        });
+                    }
+                },
                 Err(_) => None,
             },
             _ => None,
@@ -224,14 +242,14 @@ impl Vm {
             }
         }
         if let (true, Some(live)) = (repair, &live) {
-            if consolidate::follow_live(&mut record, live) {
+            if consolidate::follow_live(&mut record, &live.disks) {
                 self.store().write_record(&record).await?;
             }
         }
         // Whatever the record says, what QEMU runs is what is in use.
         let mut effective = record.clone();
         if let Some(live) = &live {
-            consolidate::follow_live(&mut effective, live);
+            consolidate::follow_live(&mut effective, &live.disks);
         }
 
         // 4. Owned images that are gone, or that nothing uses.

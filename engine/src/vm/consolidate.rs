@@ -416,10 +416,12 @@ async fn merge_live(
     report: &(dyn Fn(f64) + Send + Sync),
 ) -> Result<()> {
     let qmp = vm.connect().await?;
-    let live = Live::read(&qmp).await?;
-    let pivots = steps
-        .iter()
-        .any(|m| m.kind == MergeKind::Commit && live.chain(&m.device).first() == Some(&m.upper));
+    // Chains alone (`query-block`) where nodes are not needed: listing nodes can be refused
+    // (`blocks::nodes`), and a refusal must not strand a guest paused for a switch.
+    let disks = blocks::read(&qmp).await?;
+    let pivots = steps.iter().any(|m| {
+        m.kind == MergeKind::Commit && blocks::chain_of(&disks, &m.device).first() == Some(&m.upper)
+    });
     if pivots && intent.guest_was_running.is_none() {
         // The guest will be paused for the switch: a recovery must know to resume it.
         let st = qmp
@@ -453,7 +455,7 @@ async fn merge_live(
                 Err(e) => warn!(error = %e, %job, "an interrupted merge job failed; redoing it"),
             }
         }
-        if redo && step_done_live(&Live::read(&qmp).await?, m) {
+        if redo && step_done_live(&blocks::read(&qmp).await?, m) {
             continue;
         }
         todo.push((m, job));
@@ -527,8 +529,8 @@ impl Pause {
 /// Makes the record name the images QEMU writes to now (after a finalize, whole or partial).
 /// If it cannot be written, the guest is left paused (see [`merge_live`]).
 async fn follow_qemu(vm: &Vm, record: &mut VmRecord, qmp: &Qmp, guard: &Pause) -> Result<()> {
-    let live = Live::read(qmp).await?;
-    if follow_live(record, &live) {
+    let disks = blocks::read(qmp).await?;
+    if follow_live(record, &disks) {
         if let Err(e) = vm.store().write_record(record).await {
             return Err(if guard.on {
                 Error::Unsupported {
@@ -547,11 +549,12 @@ async fn follow_qemu(vm: &Vm, record: &mut VmRecord, qmp: &Qmp, guard: &Pause) -
     Ok(())
 }
 
-/// The record's disks set to QEMU's tops; true if something changed.
-pub(crate) fn follow_live(record: &mut VmRecord, live: &Live) -> bool {
+/// The record's disks set to QEMU's tops (`disks` as [`blocks::read`] gives them); true if
+/// something changed.
+pub(crate) fn follow_live(record: &mut VmRecord, disks: &[blocks::Disk]) -> bool {
     let mut changed = false;
     for d in &mut record.disks {
-        if let Some(top) = live.chain(&d.device).first() {
+        if let Some(top) = blocks::chain_of(disks, &d.device).first() {
             if top != &d.image {
                 d.image = top.clone();
                 d.owned = record.owned_images.contains(top);
@@ -563,8 +566,8 @@ pub(crate) fn follow_live(record: &mut VmRecord, live: &Live) -> bool {
 }
 
 /// Whether a live step already happened (read from QEMU's chains).
-fn step_done_live(live: &Live, m: &MergeStep) -> bool {
-    let chain = live.chain(&m.device);
+fn step_done_live(disks: &[blocks::Disk], m: &MergeStep) -> bool {
+    let chain = blocks::chain_of(disks, &m.device);
     match m.kind {
         // C no longer backs onto X.
         MergeKind::Stream => !chain.windows(2).any(|w| w[0] == m.upper && w[1] == m.lower),

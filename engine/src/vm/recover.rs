@@ -341,8 +341,8 @@ async fn delete(vm: &Vm, mut d: DeleteIntent) -> Result<String> {
         Some(qmp) if d.guest_was_running == Some(true) => {
             // It may have been paused for a disk switch when qsnap died. The record follows
             // the images QEMU runs now before the guest may write again.
-            let live = super::refs::Live::read(qmp).await?;
-            if consolidate::follow_live(&mut record, &live) {
+            let disks = crate::blocks::read(qmp).await?;
+            if consolidate::follow_live(&mut record, &disks) {
                 vm.store().write_record(&record).await?;
             }
             let st = qmp

@@ -68,12 +68,7 @@ impl Live {
 
     /// The live chain of `device`, top first.
     pub(crate) fn chain(&self, device: &str) -> Vec<PathBuf> {
-        self.disks
-            .iter()
-            .find(|d| d.device == device)
-            .and_then(|d| d.medium.as_ref())
-            .map(|m| m.chain.iter().map(|l| l.image.clone()).collect())
-            .unwrap_or_default()
+        blocks::chain_of(&self.disks, device)
     }
 
     /// Whether QEMU has `image` open in any node.
