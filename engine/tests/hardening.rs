@@ -444,6 +444,22 @@ async fn an_ended_stream_job_never_makes_listing_the_nodes_crash_qemu() {
         // QEMU is alive and answers.
         let st = qmp.execute_raw("query-status", None).await;
         assert!(st.is_ok(), "{what}: QEMU died: {st:?}");
+        if job == "theirs" {
+            // `check` says what stands in the way, and stops there rather than guess.
+            drop(qmp);
+            let engine = Engine::new(Store::new(dir.path().join("store")));
+            let handle = engine
+                .attach(&v("vm1"), vm.qmp_path.to_str().unwrap())
+                .await
+                .unwrap();
+            let report = handle.check(false).await.unwrap();
+            assert!(!report.clean, "{report:?}");
+            let finding = report.findings.last().unwrap();
+            assert_eq!(finding.kind, "unreadable-qemu", "{report:?}");
+            assert!(finding.what.contains("theirs"), "{report:?}");
+            let st = vm.qmp().await.execute_raw("query-status", None).await;
+            assert!(st.is_ok(), "{what}: QEMU died: {st:?}");
+        }
     }
 }
 
