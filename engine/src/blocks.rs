@@ -184,7 +184,7 @@ async fn dismiss_ended_streams(qmp: &Qmp) -> Result<()> {
         .iter()
         .filter(|j| j.kind == "stream" && j.status == "concluded")
     {
-        if !j.id.starts_with("qsnap-merge-") {
+        if !j.id.starts_with(crate::snapshot::jobs::MERGE_JOB_PREFIX) {
             return Err(Error::Unsupported {
                 what: format!(
                     "block-stream job {} has ended but is not dismissed, and QEMU crashes when asked \

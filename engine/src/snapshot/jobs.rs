@@ -16,6 +16,10 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+/// How a delete's merge jobs are named (`qsnap-merge-<pid>-<n>`): how `blocks::nodes` tells
+/// the ended stream jobs a killed qsnap left from anyone else's.
+pub(crate) const MERGE_JOB_PREFIX: &str = "qsnap-merge-";
+
 /// How long a merge may take in all (a guard against a job that never ends, not a target).
 const LIMIT: Duration = Duration::from_secs(6 * 3600);
 /// How often job states and progress are read.

@@ -272,7 +272,11 @@ async fn run_round(
     }
     for (i, m) in merges.iter_mut().enumerate() {
         if m.live && m.job.is_none() {
-            m.job = Some(format!("qsnap-merge-{}-{i}", std::process::id()));
+            m.job = Some(format!(
+                "{}{}-{i}",
+                jobs::MERGE_JOB_PREFIX,
+                std::process::id()
+            ));
         }
     }
     intent.merges = merges.clone();
@@ -441,7 +445,7 @@ async fn merge_live(
         let job = m
             .job
             .clone()
-            .unwrap_or_else(|| format!("qsnap-merge-{}", std::process::id()));
+            .unwrap_or_else(|| format!("{}{}", jobs::MERGE_JOB_PREFIX, std::process::id()));
         if redo && jobs::exists(&qmp, &job).await? {
             // A job the interrupted run started is still there: drive it to its end with the
             // guest paused, and record what QEMU runs afterwards.
