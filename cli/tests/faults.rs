@@ -374,13 +374,119 @@ async fn revert_survives_qsnap_or_qemu_dying_at_every_step() {
             let out = rig.qsnap_failing(point, action, &["revert", "g", "s1"]);
             faulted(&out, action, &what);
             rig.repair_and_check(&what);
-            // Either the revert happened (s1's disk) or it did not (the disk as it was).
-            let now = rig.holds(1, 3).await.or(rig.holds(3, 3).await);
+            // Either the revert happened (s1's disk) or it did not (the disk as it was); once
+            // the journal said the new QEMU runs, it happened.
+            let forward =
+                action == "crash" && matches!(point, "revert.resumed" | "revert.recorded");
+            let now = if forward {
+                rig.holds(1, 3).await
+            } else {
+                rig.holds(1, 3).await.or(rig.holds(3, 3).await)
+            };
             now.unwrap_or_else(|e| panic!("{what}: the disk is neither s1 nor as it was: {e}"));
             rig.all_revert(&what, step_of, 3).await;
             rig.stop();
         }
     }
+}
+
+/// qsnap dies once the reverted guest can run (or, at `revert.loaded`, someone resumes it by
+/// hand, as an older qsnap or an embedder that resumes first would), the guest writes, and
+/// then its QEMU dies too: whatever settles the revert afterwards must keep those writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reverted_guest_s_writes_survive_qsnap_and_then_its_qemu_dying() {
+    require_qemu!();
+    if !qsnap_testkit::failpoints_or_skip(
+        "a_reverted_guest_s_writes_survive_qsnap_and_then_its_qemu_dying",
+    ) {
+        return;
+    }
+    for point in ["revert.loaded", "revert.resumed", "revert.recorded"] {
+        let what = format!("revert, crash at {point}, the guest writes, QEMU killed");
+        eprintln!("--- {what}");
+        let rig = Rig::new().await;
+        rig.snapshot_between_two_writes().await;
+        assert!(rig.qsnap(&["create", "g", "s2"]).status.success());
+        rig.put(3).await;
+        let out = rig.qsnap_failing(point, "crash", &["revert", "g", "s1"]);
+        faulted(&out, "crash", &what);
+        if point == "revert.loaded" {
+            // The new QEMU holds s1 but its guest was never resumed: resume it by hand.
+            let qmp = rig.qmp().await;
+            qmp.execute_raw("cont", None).await.unwrap();
+        }
+        rig.put(4).await;
+        let pid = rig.qemu_pid().expect("the reverted QEMU runs");
+        let killed = std::process::Command::new("kill")
+            .args(["-KILL", &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(killed.success(), "{what}: kill {pid}");
+        for _ in 0..200 {
+            if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        rig.repair_and_check(&what);
+        // s1's disk plus what the reverted guest wrote: steps 1 and 4, not 2 or 3.
+        let qmp = rig.qmp().await;
+        for (step, pattern) in [(1u8, 0x41u8), (2, 0), (3, 0), (4, 0x44)] {
+            check(&qmp, &vd0(), pattern, u64::from(step) * 64, 64)
+                .await
+                .unwrap_or_else(|e| panic!("{what}: step {step}: {e}\n{}", rig.evidence()));
+        }
+        drop(qmp);
+        rig.all_revert(&what, step_of, 3).await;
+        rig.stop();
+    }
+}
+
+/// A create's recovery that cannot ask QEMU whether the guest runs does not report a clean
+/// rollback over a guest that may be left paused: `check --repair` says so, with the command
+/// that resumes it, and is not clean.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_create_recovery_that_cannot_read_the_run_state_says_the_guest_may_be_paused() {
+    require_qemu!();
+    if !qsnap_testkit::failpoints_or_skip(
+        "a_create_recovery_that_cannot_read_the_run_state_says_the_guest_may_be_paused",
+    ) {
+        return;
+    }
+    let rig = Rig::new().await;
+    rig.snapshot_between_two_writes().await;
+    // qsnap dies with the guest paused for the switch.
+    let out = rig.qsnap_failing("create.frozen", "crash", &["create", "g", "s2"]);
+    faulted(&out, "crash", "create, crash at create.frozen");
+    let st = json(&rig.qsnap(&["status", "g", "--json"]));
+    assert_eq!(st["runstate"], "paused", "{st}");
+    let out = rig.qsnap_failing(
+        "recover.status-sent",
+        "timeout",
+        &["check", "g", "--repair", "--json"],
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", show(&out));
+    let report = json(&out);
+    let interrupted = report["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["kind"] == "interrupted")
+        .unwrap_or_else(|| panic!("{report}"))
+        .clone();
+    assert_eq!(interrupted["repaired"], false, "{report}");
+    let fix = interrupted["fix"].as_str().unwrap();
+    assert!(
+        fix.contains("may be left paused") && fix.contains("cont"),
+        "{report}"
+    );
+    // The advice works.
+    let sock = rig.store().join("vms/g/qmp.sock");
+    let out = rig.qsnap(&["qmp", sock.to_str().unwrap(), "cont"]);
+    assert!(out.status.success(), "{}", show(&out));
+    rig.repair_and_check("after resuming by hand");
+    rig.holds(2, 2).await.unwrap();
+    rig.stop();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -623,6 +729,75 @@ async fn lazy_ram_survives_qsnap_or_its_helper_dying_at_every_step() {
             rig.stop();
         }
     }
+}
+
+/// A lazy-ram switch whose manifest write reports an error, and whose manifest then cannot be
+/// read back, keeps every memory file (either copy may be the one the manifest names); `check
+/// --repair` then keeps what the manifest names and removes the other; and `check` never
+/// removes a stream while the lazy files that replaced it do not verify.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lazy_ram_keeps_every_memory_file_when_it_cannot_tell_which_one_counts() {
+    require_qemu!();
+    if !qsnap_testkit::failpoints_or_skip(
+        "lazy_ram_keeps_every_memory_file_when_it_cannot_tell_which_one_counts",
+    ) {
+        return;
+    }
+    let rig = Rig::new().await;
+    rig.snapshot_between_two_writes().await;
+    let mem = rig.store().join("vms/g/memory");
+    let files = |names: &[&str]| names.iter().all(|n| mem.join(n).exists());
+    // The switch was written (the rename happened) but reported as failed, and the read-back
+    // fails too: nothing may go.
+    let out = rig
+        .command(&["lazy-ram", "g", "s1"])
+        .env(
+            "FAILPOINTS",
+            "lazy.switch-written=return(error);lazy.read-back=return(error)",
+        )
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{}", show(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("is kept"),
+        "{}",
+        show(&out)
+    );
+    assert!(files(&["s1.mem", "s1.dev", "s1.ram"]), "{}", show(&out));
+    // The manifest names the RAM image: the stream is the orphan.
+    rig.repair_and_check("after the unreadable switch");
+    assert!(files(&["s1.dev", "s1.ram"]) && !files(&["s1.mem"]));
+    rig.all_revert("after the unreadable switch", step_of, 2)
+        .await;
+
+    // A stream left beside lazy files that no longer verify is the last good copy: kept.
+    let rig = Rig::new().await;
+    rig.snapshot_between_two_writes().await;
+    let mem = rig.store().join("vms/g/memory");
+    std::fs::copy(mem.join("s1.mem"), rig.dir.path().join("s1.mem.saved")).unwrap();
+    assert!(rig.qsnap(&["lazy-ram", "g", "s1"]).status.success());
+    std::fs::copy(rig.dir.path().join("s1.mem.saved"), mem.join("s1.mem")).unwrap();
+    let ram = std::fs::OpenOptions::new()
+        .write(true)
+        .open(mem.join("s1.ram"))
+        .unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&ram, b"\xff", 4096).unwrap();
+    drop(ram);
+    let out = rig.qsnap(&["check", "g", "--repair", "--json"]);
+    assert_eq!(out.status.code(), Some(1), "{}", show(&out));
+    assert!(mem.join("s1.mem").exists(), "{}", show(&out));
+    let report = json(&out);
+    assert!(
+        report["findings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|f| f["kind"] == "orphan-memory"
+                && f["repaired"] == false
+                && f["fix"].as_str().unwrap().contains("only good copy")),
+        "{report}"
+    );
+    rig.stop();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

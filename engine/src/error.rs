@@ -332,6 +332,17 @@ pub enum Error {
         /// What went wrong.
         what: String,
     },
+    /// The guest was left paused on purpose, or could not be resumed: the store and QEMU
+    /// agree on its disks, but it does not run. `fix` is the command that resumes it.
+    #[error("{what} ({cause}); the guest is left paused: {fix}")]
+    LeftPaused {
+        /// What happened.
+        what: String,
+        /// What failed.
+        cause: Box<Error>,
+        /// The exact command to run.
+        fix: String,
+    },
     /// A memory file that is not a complete qsnap memory file.
     #[error("{} is not usable: {why}", path.display())]
     BadMemoryFile {

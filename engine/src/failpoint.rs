@@ -30,6 +30,7 @@ pub const POINTS: &[&str] = &[
     "revert.stopped",
     "revert.launched",
     "revert.loaded",
+    "revert.resumed",
     "revert.recorded",
     // delete
     "delete.journaled",
@@ -62,11 +63,19 @@ pub const TIMEOUT_POINTS: &[&str] = &[
     "create.stop-sent",
     "create.switch-sent",
     "create.freeze-sent",
+    // a create's recovery asking whether the guest runs
+    "recover.status-sent",
 ];
 
 /// Other points: a create's rollback merging a switched disk back (`error` makes the merge
-/// fail, so the disk stays on its overlay).
-pub const OTHER_POINTS: &[&str] = &["rollback.merge-back"];
+/// fail, so the disk stays on its overlay), and the lazy-ram switch's write and read-back.
+pub const OTHER_POINTS: &[&str] = &[
+    "rollback.merge-back",
+    // lazy-ram: the manifest switch written but reported as failed, and reading it back
+    // failing (`error`)
+    "lazy.switch-written",
+    "lazy.read-back",
+];
 
 /// Whether this build has failpoints (tests that need them check this first).
 pub fn enabled() -> bool {

@@ -44,6 +44,7 @@ mod qemu;
 pub mod snapshot;
 pub mod store;
 mod tool;
+mod unlink;
 mod vm;
 
 pub use error::{Error, Result};

@@ -210,12 +210,16 @@ pub fn lazy_mapping(s: &CreateReport) -> Option<RamMapping> {
 }
 
 async fn discard_disks(disks: &[RevertDisk]) {
+    use crate::unlink::{made_by_this_operation, Data, Kind};
     for d in disks {
-        let _ = tokio::fs::remove_file(&d.overlay).await;
+        if let Err(e) = made_by_this_operation(&d.overlay, Kind::Image, Data::MustBeEmpty).await {
+            tracing::warn!(error = %e, "kept a new overlay of a revert that did not happen");
+        }
     }
 }
 
-/// Removes a prepared revert's overlays (when QEMU could not be started on them).
+/// Removes a prepared revert's overlays (when QEMU could not be started on them, or the guest
+/// never ran on them): only while they hold no data.
 pub async fn discard(p: &PreparedRevert) {
     discard_disks(&p.disks).await;
 }
@@ -262,6 +266,17 @@ async fn check_mapping(qmp: &Qmp, p: &PreparedRevert) -> Result<()> {
     }
 }
 
+/// Resumes the reverted guest (`cont`). A VMM that keeps a journal calls [`restore`] with
+/// `resume = false`, records that the new QEMU and its overlays are the VM now, and only then
+/// calls this: from the first instruction the guest runs, the new overlays hold writes that a
+/// recovery must keep rather than discard.
+pub async fn resume(qmp: &Qmp) -> Result<()> {
+    qmp.execute(types::cont {})
+        .await
+        .map(drop)
+        .map_err(Error::qmp("resuming the guest"))
+}
+
 /// What a restore did.
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -273,7 +288,8 @@ pub struct RestoreReport {
 }
 
 /// Loads the prepared memory file into the QEMU behind `qmp` (started with `-incoming defer`)
-/// and resumes it if the guest was running at snapshot time and `resume` allows.
+/// and resumes it if the guest was running at snapshot time and `resume` allows. A VMM with a
+/// journal passes `resume = false` and calls [`resume`] once it has recorded the new QEMU.
 pub async fn restore(
     qmp: &Qmp,
     p: &PreparedRevert,
@@ -370,9 +386,7 @@ pub async fn restore(
     let load_ms = started.elapsed().as_secs_f64() * 1e3;
     let resumed = resume && p.was_running;
     if resumed {
-        qmp.execute(types::cont {})
-            .await
-            .map_err(Error::qmp("resuming the guest"))?;
+        self::resume(qmp).await?;
     }
     info!(snapshot = %p.snapshot, load_ms, resumed, total_ms = started.elapsed().as_secs_f64() * 1e3, "restored");
     Ok(RestoreReport { load_ms, resumed })

@@ -15,6 +15,7 @@ use crate::qemu::{Capability, MigrateSetCapabilities, QueryFdsets, QueryMigrate,
 use crate::snapshot::disks::{self, Position};
 use crate::snapshot::transport::FD_NAME;
 use crate::store::{PlannedOverlay, SavedSettings};
+use crate::unlink::{Data, Kind};
 use qsnap_qmp::{types, Qmp};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -148,7 +149,7 @@ impl<'a> Rollback<'a> {
         let qmp = self.qmp;
         let s = |e: qsnap_qmp::Error| e.to_string();
         match u {
-            Undo::RemoveFile(p) => remove(p).await,
+            Undo::RemoveFile(p) => remove(p, Kind::Memory, Data::MustBeEmpty).await,
             Undo::RemoveFdset => {
                 let sets = qmp.execute(QueryFdsets {}).await.map_err(s)?;
                 for set in sets
@@ -184,19 +185,19 @@ impl<'a> Rollback<'a> {
     }
 }
 
-async fn remove(p: &std::path::Path) -> Result<(), String> {
-    match tokio::fs::remove_file(p).await {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(format!("could not remove {}: {e}", p.display())),
-    }
+/// Removes a file this create made (through the door: `unlink.rs`): the memory file, or an
+/// overlay — one the guest may have written to only when its data is merged back.
+async fn remove(p: &std::path::Path, kind: Kind, data: Data) -> Result<(), String> {
+    crate::unlink::made_by_this_operation(p, kind, data)
+        .await
+        .map_err(|e| format!("could not remove {}: {e}", p.display()))
 }
 
 /// QEMU is gone: only files can be tidied.
 async fn undo_offline(u: Undo, out: &mut Outcome) {
     match u {
         Undo::RemoveFile(p) => {
-            if let Err(e) = remove(&p).await {
+            if let Err(e) = remove(&p, Kind::Memory, Data::MustBeEmpty).await {
                 out.problems.push(e);
             }
         }
@@ -236,7 +237,7 @@ pub(crate) async fn undo_overlays_offline(
                 .unwrap_or(true);
         if keep {
             out.kept.push((d.device.clone(), d.overlay.clone()));
-        } else if let Err(e) = remove(&d.overlay).await {
+        } else if let Err(e) = remove(&d.overlay, Kind::Image, Data::MustBeEmpty).await {
             out.problems.push(e);
         }
     }
@@ -264,7 +265,8 @@ pub(crate) async fn undo_overlays(
                 }
                 match disks::merge_back(qmp, d).await {
                     Ok(()) => {
-                        if let Err(e) = remove(&d.overlay).await {
+                        if let Err(e) = remove(&d.overlay, Kind::Image, Data::MergedElsewhere).await
+                        {
                             failed.push(e);
                         }
                     }
@@ -282,14 +284,14 @@ pub(crate) async fn undo_overlays(
                 if let Err(e) = disks::delete_node(qmp, &d.overlay_node).await {
                     failed.push(e.to_string());
                 } else if created.contains(&d.overlay) {
-                    if let Err(e) = remove(&d.overlay).await {
+                    if let Err(e) = remove(&d.overlay, Kind::Image, Data::MustBeEmpty).await {
                         failed.push(e);
                     }
                 }
             }
             Position::Untouched => {
                 if created.contains(&d.overlay) {
-                    if let Err(e) = remove(&d.overlay).await {
+                    if let Err(e) = remove(&d.overlay, Kind::Image, Data::MustBeEmpty).await {
                         failed.push(e);
                     }
                 }

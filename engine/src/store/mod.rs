@@ -324,15 +324,99 @@ impl Store {
         Ok(all)
     }
 
-    /// The journal of an unfinished operation on the VM, if there is one.
+    /// The journal of an unfinished operation on the VM, if there is one. Checked like a
+    /// manifest: a recovery acts on the paths it names (removes files it made), so a journal
+    /// naming a path that is not absolute and plain, a memory file that is not the store's
+    /// own for that snapshot, or a manifest that does not check, is refused as corrupt.
     pub async fn journal(&self, vm: &VmName) -> Result<Option<Journal>> {
         let path = self.journal_path(vm);
         let p = path.clone();
         let j: Option<Journal> = blocking(move || read_json(&p)).await?;
         if let Some(j) = &j {
             check_schema(j.schema, &path)?;
+            self.check_journal(j, vm, &path)?;
         }
         Ok(j)
+    }
+
+    fn check_journal(&self, j: &Journal, vm: &VmName, path: &Path) -> Result<()> {
+        let bad = |why: String| Error::CorruptStore {
+            path: path.to_owned(),
+            why: format!("{why}; remove it only after checking by hand what it was doing"),
+        };
+        let snap = |name: &str| {
+            SnapshotName::parse(name).ok_or_else(|| {
+                bad(format!(
+                    "it names an invalid snapshot \"{}\"",
+                    name.escape_debug()
+                ))
+            })
+        };
+        let plain = |p: &Path, what: &str| {
+            if plain_absolute(p) {
+                Ok(())
+            } else {
+                Err(bad(format!(
+                    "{what} {} is not an absolute, plain path",
+                    p.display()
+                )))
+            }
+        };
+        let disks = |ds: &[CurrentDisk]| {
+            ds.iter().try_for_each(|d| {
+                plain(&d.image, "the image")?;
+                plain(&d.launch_image, "the image")
+            })
+        };
+        match &j.intent {
+            Intent::Create(c) => {
+                let s = snap(&c.snapshot)?;
+                if let Some(mem) = &c.memory_file {
+                    if *mem != self.memory_path(vm, &s) {
+                        return Err(bad(format!(
+                            "its memory file {} is not the store's file for snapshot {s}",
+                            mem.display()
+                        )));
+                    }
+                }
+                for o in &c.overlays {
+                    plain(&o.overlay, "the overlay")?;
+                    plain(&o.image, "the image")?;
+                }
+                if let Some(m) = &c.committed {
+                    check_manifest(m, vm, &self.manifest_path(vm, &s))?;
+                }
+            }
+            Intent::Revert(r) => {
+                snap(&r.snapshot)?;
+                for o in &r.new_overlays {
+                    plain(o, "the new overlay")?;
+                }
+                disks(&r.old_disks)?;
+                disks(&r.new_disks)?;
+            }
+            Intent::Delete(d) => {
+                for s in &d.snapshots {
+                    snap(s)?;
+                }
+                for m in &d.manifests {
+                    let s = snap(&m.name)?;
+                    check_manifest(m, vm, &self.manifest_path(vm, &s))?;
+                }
+                for m in &d.merges {
+                    plain(&m.lower, "a merged layer")?;
+                    plain(&m.upper, "a merged layer")?;
+                    for c in &m.upper_children {
+                        plain(c, "a merged layer's child")?;
+                    }
+                    if let Some(b) = &m.lower_backing {
+                        plain(b, "a merged layer's backing file")?;
+                    }
+                }
+            }
+            Intent::Start(_) | Intent::Stop(_) => {}
+        }
+        Ok(())
     }
 
     /// Writes (replaces) the VM's journal. Hold the VM's lock.
@@ -410,14 +494,24 @@ fn check_manifest(m: &Manifest, vm: &VmName, path: &Path) -> Result<()> {
         }
     }
     for d in &m.snapshot.disks {
-        if !d.image.is_absolute() || !d.overlay.is_absolute() {
+        if !plain_absolute(&d.image) || !plain_absolute(&d.overlay) {
             return Err(bad(format!(
-                "disk {} names a relative image path",
+                "disk {} names an image path that is relative or has a `.`/`..` part",
                 d.device
             )));
         }
     }
     Ok(())
+}
+
+/// A path qsnap may act on (open, rewrite, remove) when a store file names it: absolute, with
+/// no `.` or `..` part, so that no hand edit can make it climb out of where it points.
+pub(crate) fn plain_absolute(path: &Path) -> bool {
+    use std::path::Component;
+    path.is_absolute()
+        && path
+            .components()
+            .all(|c| matches!(c, Component::RootDir | Component::Normal(_)))
 }
 
 /// Now, as RFC 3339 UTC with milliseconds (sortable as text).

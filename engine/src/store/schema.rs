@@ -389,9 +389,11 @@ pub struct CreateIntent {
 pub enum RevertPhase {
     /// New overlays being made; the VM untouched.
     Preparing,
-    /// The old QEMU is being stopped or the new one started and loaded.
+    /// The old QEMU is being stopped or the new one started and loaded. The new QEMU's guest
+    /// has not run yet: qsnap resumes it only after the journal says [`RevertPhase::Running`].
     Relaunching,
-    /// The new QEMU runs the snapshot's state; the store is left to update.
+    /// The new QEMU holds the snapshot's state and its guest may run (on the new overlays);
+    /// the store is left to update. Written *before* the guest is resumed.
     Running,
 }
 
@@ -413,8 +415,12 @@ pub struct RevertIntent {
     pub resume: bool,
     /// The QEMU it replaces.
     pub old_pid: Option<u32>,
-    /// The QEMU it started, once started.
+    /// The QEMU it started, recorded right after the launch (before anything is loaded into
+    /// it), so that a recovery tells it apart from any other QEMU by pid and start time.
     pub new_pid: Option<u32>,
+    /// When that process started (clock ticks since boot, `/proc/<pid>/stat`).
+    #[serde(default)]
+    pub new_pid_start: Option<u64>,
     /// The snapshot a `--keep-current` revert saved first, if any.
     #[serde(default)]
     pub kept_current: Option<String>,

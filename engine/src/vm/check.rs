@@ -76,12 +76,17 @@ impl Vm {
             );
             if repair {
                 match super::recover::settle(self).await {
-                    Ok(r) => add(
-                        "interrupted",
-                        what,
-                        r.map(|r| r.outcome).unwrap_or_default(),
-                        true,
-                    ),
+                    Ok(r) => {
+                        // Settled, but with something left undone (a guest left paused, a
+                        // file kept): not repaired, and the fix says what is left.
+                        let complete = r.as_ref().map_or(true, |r| r.problems.is_empty());
+                        add(
+                            "interrupted",
+                            what,
+                            r.map(|r| r.outcome).unwrap_or_default(),
+                            complete,
+                        )
+                    }
                     Err(e) => {
                         // Nothing else is repaired over an operation that is not settled: its
                         // files would look like orphans, its journal would be overwritten.
@@ -108,11 +113,17 @@ impl Vm {
         let cancel = self.cancel().clone();
 
         // 2. Snapshots: memory files and frozen images.
+        // Lazy snapshots whose device state or RAM image does not verify: their old stream,
+        // if a crash left it, may be the only good copy of their memory.
+        let mut lazy_unverified: Vec<String> = Vec::new();
         for m in &manifests {
             if let Some(mem) = &m.snapshot.memory {
                 if let Err(e) =
                     memfile::verify(mem.file.clone(), mem.bytes, mem.checksum.clone()).await
                 {
+                    if mem.lazy.is_some() {
+                        lazy_unverified.push(m.name.clone());
+                    }
                     add(
                         "bad-memory",
                         format!("snapshot {}: {e}", m.name),
@@ -128,6 +139,7 @@ impl Vm {
                     if let Err(e) =
                         memfile::verify_ram_image(lazy.image.clone(), lazy.checksum.clone()).await
                     {
+                        lazy_unverified.push(m.name.clone());
                         add(
                             "bad-memory",
                             format!("snapshot {}: its RAM image: {e}", m.name),
@@ -385,9 +397,22 @@ impl Vm {
         .await?;
         for s in strays {
             let what = format!("memory file {} belongs to no snapshot", s.display());
-            if repair {
-                let p = s.clone();
-                match store::blocking(move || store::remove_durably(&p)).await {
+            // `<snap>.mem` beside a lazy snapshot whose own files do not verify: the stream
+            // a conversion replaced, and perhaps the last good copy of that memory.
+            let last_copy = s
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_suffix(".mem"))
+                .is_some_and(|snap| lazy_unverified.iter().any(|l| l == snap));
+            if last_copy {
+                add(
+                    "orphan-memory",
+                    what,
+                    "kept: the snapshot's RAM image or device state does not verify (see above), and this stream may be the only good copy of its memory; copy it somewhere safe before deleting the snapshot".into(),
+                    false,
+                );
+            } else if repair {
+                match crate::unlink::checked(&s, crate::unlink::Kind::Memory).await {
                     Ok(()) => add("orphan-memory", what, "removed".into(), true),
                     Err(e) => add("orphan-memory", what, e.to_string(), false),
                 }

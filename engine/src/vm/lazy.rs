@@ -217,23 +217,50 @@ impl Vm {
                 checksum,
             });
         }
-        if let Err(e) = self.store().replace_manifest(&m).await {
+        let written = match self.store().replace_manifest(&m).await {
+            // (A test's stand-in for a directory sync that failed after the rename.)
+            Ok(()) => failpoint::hit("lazy.switch-written", None).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = written {
             // The rename may have happened before the error (a failed directory sync): the
-            // new files go only if the manifest on disk still names the stream.
-            let switched = self
-                .store()
-                .manifest(self.name(), snap)
-                .await
-                .is_ok_and(|now| now.snapshot.memory.is_some_and(|x| x.lazy.is_some()));
-            if !switched {
-                discard(&[&devices, &image]).await;
-                return Err(e);
+            // new files go only if the manifest on disk still names the stream. A manifest
+            // that cannot be read back says nothing either way: every file stays (one of the
+            // two copies is the snapshot's memory), and `check` sorts them out by what the
+            // manifest names once it can be read.
+            let read_back = match failpoint::hit("lazy.read-back", None).await {
+                Ok(()) => self.store().manifest(self.name(), snap).await,
+                Err(e) => Err(e),
+            };
+            match read_back {
+                Ok(now)
+                    if now
+                        .snapshot
+                        .memory
+                        .as_ref()
+                        .is_some_and(|x| x.lazy.is_some()) =>
+                {
+                    warn!(error = %e, "the manifest switched to the RAM image, but writing it reported an error");
+                }
+                Ok(_) => {
+                    discard(&[&devices, &image]).await;
+                    return Err(e);
+                }
+                Err(read) => {
+                    return Err(Error::StoreBehind {
+                        vm: self.name().to_string(),
+                        cause: Box::new(e),
+                        problem: Box::new(Error::Unsupported {
+                            what: format!(
+                                "the manifest could not be read back ({read}), so whether it names the stream or the RAM image is unknown; every memory file of {snap} is kept"
+                            ),
+                        }),
+                    });
+                }
             }
-            warn!(error = %e, "the manifest switched to the RAM image, but writing it reported an error");
         }
         failpoint::hit("lazy.switched", None).await?;
-        let old = mem.file.clone();
-        if let Err(e) = store::blocking(move || store::remove_durably(&old)).await {
+        if let Err(e) = crate::unlink::checked(&mem.file, crate::unlink::Kind::Memory).await {
             warn!(error = %e, "the old memory stream stays; `qsnap check --repair` removes it");
         }
         let report = LazyReport {
@@ -255,8 +282,9 @@ impl Vm {
 /// Removes files this conversion made (best effort: a leftover is an orphan `check` removes).
 async fn discard(files: &[&PathBuf]) {
     for p in files {
-        let p = (*p).clone();
-        let _ = store::blocking(move || store::remove_durably(&p)).await;
+        if let Err(e) = crate::unlink::checked(p, crate::unlink::Kind::Memory).await {
+            warn!(error = %e, "kept a file of the failed conversion; `qsnap check --repair` removes it");
+        }
     }
 }
 

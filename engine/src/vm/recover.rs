@@ -17,6 +17,7 @@
 
 use super::consolidate;
 use super::delete::remove_snapshots;
+use super::refs;
 use super::revert;
 use super::state::VmState;
 use super::Vm;
@@ -29,7 +30,6 @@ use crate::store::{
 };
 use qsnap_qmp::{types, Qmp};
 use serde::Serialize;
-use std::path::Path;
 use std::time::Duration;
 use tracing::{info, warn};
 
@@ -45,6 +45,22 @@ pub struct Recovery {
     pub started_at: String,
     /// What was done about it.
     pub outcome: String,
+    /// What could not be undone or finished (empty: it was settled completely). `check`
+    /// reports a recovery with problems as not repaired.
+    pub problems: Vec<String>,
+}
+
+/// What settling one journal came to.
+struct Settled {
+    outcome: String,
+    problems: Vec<String>,
+}
+
+fn done(outcome: impl Into<String>) -> Settled {
+    Settled {
+        outcome: outcome.into(),
+        problems: Vec::new(),
+    }
 }
 
 /// Settles the VM's journal, if there is one. Hold the VM's lock.
@@ -54,7 +70,7 @@ pub(crate) async fn settle(vm: &Vm) -> Result<Option<Recovery>> {
     };
     let operation = journal.intent.describe();
     info!(vm = %vm.name(), %operation, pid = journal.pid, "settling an interrupted operation");
-    let outcome = match journal.intent {
+    let Settled { outcome, problems } = match journal.intent {
         Intent::Create(c) => create(vm, c).await?,
         Intent::Revert(r) => revert_(vm, r).await?,
         Intent::Delete(d) => delete(vm, d).await?,
@@ -65,7 +81,8 @@ pub(crate) async fn settle(vm: &Vm) -> Result<Option<Recovery>> {
         operation,
         qsnap_pid: journal.pid,
         started_at: journal.started_at,
-        outcome,
+        outcome: with_problems_text(outcome, &problems),
+        problems,
     }))
 }
 
@@ -96,7 +113,7 @@ async fn reachable(vm: &Vm, record: &VmRecord, operation: &str) -> Result<Option
 
 // ---- create -------------------------------------------------------------------------------
 
-async fn create(vm: &Vm, c: CreateIntent) -> Result<String> {
+async fn create(vm: &Vm, c: CreateIntent) -> Result<Settled> {
     let op = format!("create {}", c.snapshot);
     let mut record = vm.store().record(vm.name()).await?;
     if let Some(socket) = &c.quiesce {
@@ -122,7 +139,10 @@ async fn create(vm: &Vm, c: CreateIntent) -> Result<String> {
         if let Some(qmp) = reachable(vm, &record, &op).await.ok().flatten() {
             tidy_qemu(&qmp, &c).await;
         }
-        return Ok(format!("finished: snapshot {} is recorded", c.snapshot));
+        return Ok(done(format!(
+            "finished: snapshot {} is recorded",
+            c.snapshot
+        )));
     }
     // Every overlay the journal planned was made by this create, if it exists: preflight
     // refused any file already there.
@@ -165,13 +185,30 @@ async fn create(vm: &Vm, c: CreateIntent) -> Result<String> {
                 out.problems.push(e);
             }
             if c.was_running {
-                if let Ok(st) = qmp.execute(types::query_status {}).await {
-                    if !st.running {
+                // Not knowing whether the guest runs is as bad as failing to resume it: the
+                // report must not say "rolled back" over a guest that may be left paused.
+                let status = match crate::failpoint::hit("recover.status-sent", c.qemu_pid).await {
+                    Ok(()) => qmp
+                        .execute(types::query_status {})
+                        .await
+                        .map_err(Error::qmp("reading the run state")),
+                    Err(e) => Err(e),
+                };
+                match status {
+                    Ok(st) if st.running => {}
+                    Ok(_) => {
                         if let Err(e) = qmp.execute(types::cont {}).await {
-                            out.problems
-                                .push(format!("could not resume the guest: {e}"));
+                            out.problems.push(format!(
+                                "could not resume the guest ({e}); it is left paused: `qsnap qmp {} cont` resumes it",
+                                record.qmp
+                            ));
                         }
                     }
+                    Err(e) => out.problems.push(format!(
+                        "could not ask QEMU whether the guest runs ({e}); it may be left paused: `qsnap status {}` tells, `qsnap qmp {} cont` resumes it",
+                        vm.name(),
+                        record.qmp
+                    )),
                 }
             }
             tidy_qemu(&qmp, &c).await;
@@ -183,7 +220,24 @@ async fn create(vm: &Vm, c: CreateIntent) -> Result<String> {
         }
     }
     if let Some(mem) = &c.memory_file {
-        remove_file(mem, &mut out.problems).await;
+        // The journal's memory file is the store's own for that snapshot (checked when it was
+        // read); a snapshot of that name that exists owns it, and it stays.
+        let snap = crate::SnapshotName::new(&c.snapshot)?;
+        if vm.store().has_snapshot(vm.name(), &snap).await? {
+            out.problems.push(format!(
+                "kept {}: snapshot {} exists and names it",
+                mem.display(),
+                c.snapshot
+            ));
+        } else if let Err(e) = crate::unlink::made_by_this_operation(
+            mem,
+            crate::unlink::Kind::Memory,
+            crate::unlink::Data::MustBeEmpty,
+        )
+        .await
+        {
+            out.problems.push(e.to_string());
+        }
     }
     let (kept, problems) = (out.kept, out.problems);
     super::create::follow_kept(&mut record, &kept);
@@ -195,10 +249,7 @@ async fn create(vm: &Vm, c: CreateIntent) -> Result<String> {
             disks::overlay_list(&kept)
         ));
     }
-    if !problems.is_empty() {
-        outcome.push_str(&format!("; not undone: {}", problems.join("; ")));
-    }
-    Ok(outcome)
+    Ok(Settled { outcome, problems })
 }
 
 /// Settings back, the memory fdset and pipe released (best effort: each may already be so).
@@ -220,41 +271,40 @@ async fn tidy_qemu(qmp: &Qmp, c: &CreateIntent) {
     let _ = qmp.closefd(crate::snapshot::transport::FD_NAME).await;
 }
 
-async fn remove_file(p: &Path, problems: &mut Vec<String>) {
-    match tokio::fs::remove_file(p).await {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => problems.push(format!("could not remove {}: {e}", p.display())),
-    }
-}
-
 // ---- revert -------------------------------------------------------------------------------
 
-async fn revert_(vm: &Vm, r: RevertIntent) -> Result<String> {
+/// Settles an interrupted revert. The journal says `running` *before* the reverted guest is
+/// resumed, so in `preparing` and `relaunching` the new overlays never held a running
+/// guest — but "never" is checked, not assumed: a new overlay holding data of its own (an
+/// older qsnap, an embedder that resumed first, someone's `cont`) is the reverted guest's
+/// writes, and the revert goes forward rather than delete them.
+async fn revert_(vm: &Vm, r: RevertIntent) -> Result<Settled> {
     let op = format!("revert {}", r.snapshot);
     let mut record = vm.store().record(vm.name()).await?;
-    let drop_new = |problems: &mut Vec<String>| {
-        let files = r.new_overlays.clone();
-        let mut problems = std::mem::take(problems);
-        async move {
-            for f in &files {
-                remove_file(f, &mut problems).await;
-            }
-            problems
-        }
-    };
     match r.phase {
         RevertPhase::Preparing => {
-            let problems = drop_new(&mut Vec::new()).await;
+            let problems = drop_new_overlays(vm, &record, &r).await?;
             Ok(with_problems(
                 "rolled back: the VM was not touched".into(),
                 &problems,
             ))
         }
         RevertPhase::Running => {
-            let pid = VmState::observe(vm, &record).await.pid();
-            revert::finish(vm, &mut record, &r, pid).await?;
-            Ok(format!("finished: the VM runs snapshot {}", r.snapshot))
+            let state = VmState::observe(vm, &record).await;
+            if let VmState::Unreachable { .. } = state {
+                reachable(vm, &record, &op).await?;
+            }
+            if let VmState::Running { pid, runstate } = &state {
+                // qsnap died between the journal and `cont`: resume as the revert would have.
+                if r.resume && runstate == "paused" && is_new_qemu(vm, &record, &r, *pid).await {
+                    resume(vm, &record).await?;
+                }
+            }
+            revert::finish(vm, &mut record, &r, state.pid()).await?;
+            Ok(done(format!(
+                "finished: the VM runs snapshot {}",
+                r.snapshot
+            )))
         }
         RevertPhase::Relaunching => {
             let state = VmState::observe(vm, &record).await;
@@ -262,13 +312,9 @@ async fn revert_(vm: &Vm, r: RevertIntent) -> Result<String> {
                 reachable(vm, &record, &op).await?;
             }
             if let VmState::Running { pid, runstate } = &state {
-                let is_new = match pid {
-                    Some(p) => runs_new_overlays(*p, &r).await,
-                    None => false,
-                };
-                if !is_new {
+                if !is_new_qemu(vm, &record, &r, *pid).await {
                     // The old QEMU never went: nothing changed.
-                    let problems = drop_new(&mut Vec::new()).await;
+                    let problems = drop_new_overlays(vm, &record, &r).await?;
                     return Ok(with_problems(
                         "rolled back: the VM was not touched".into(),
                         &problems,
@@ -277,17 +323,29 @@ async fn revert_(vm: &Vm, r: RevertIntent) -> Result<String> {
                 if runstate == "running" || runstate == "paused" {
                     // The new QEMU has loaded the snapshot: go forward.
                     if r.resume && runstate == "paused" {
-                        if let Ok(qmp) = vm.connect_quick(&record).await {
-                            let _ = qmp.execute(types::cont {}).await;
-                        }
+                        resume(vm, &record).await?;
                     }
                     revert::finish(vm, &mut record, &r, *pid).await?;
-                    return Ok(format!("finished: the VM runs snapshot {}", r.snapshot));
+                    return Ok(done(format!(
+                        "finished: the VM runs snapshot {}",
+                        r.snapshot
+                    )));
                 }
                 // Started but not loaded: it goes.
                 stop_qemu(&record.qmp, *pid, Duration::from_secs(5)).await?;
             }
-            let problems = drop_new(&mut Vec::new()).await;
+            // Neither QEMU runs. The new overlays decide: data of their own is what the
+            // reverted guest wrote, and it is kept.
+            if let Some(written) = new_overlays_written(vm, &r).await? {
+                revert::finish(vm, &mut record, &r, None).await?;
+                return Ok(done(format!(
+                    "finished: the reverted guest had written to its new disks ({}) before its QEMU went; the VM is stopped on them at snapshot {}; `qsnap start {}` starts it",
+                    written.join(", "),
+                    r.snapshot,
+                    vm.name()
+                )));
+            }
+            let problems = drop_new_overlays(vm, &record, &r).await?;
             super::state::record_qemu(&mut record, None).await;
             vm.store().write_record(&record).await?;
             Ok(with_problems(
@@ -302,18 +360,118 @@ async fn revert_(vm: &Vm, r: RevertIntent) -> Result<String> {
     }
 }
 
-/// Whether QEMU `pid` opens any of the revert's new overlays (it is the new QEMU).
-async fn runs_new_overlays(pid: u32, r: &RevertIntent) -> bool {
-    let Ok(raw) = tokio::fs::read(format!("/proc/{pid}/cmdline")).await else {
-        return false;
-    };
-    let text = String::from_utf8_lossy(&raw);
-    r.new_overlays
-        .iter()
-        .any(|o| text.contains(&o.display().to_string()))
+async fn resume(vm: &Vm, record: &VmRecord) -> Result<()> {
+    let qmp = vm.connect_quick(record).await?;
+    crate::snapshot::revert::resume(&qmp).await
 }
 
-fn with_problems(outcome: String, problems: &[String]) -> String {
+/// Whether the QEMU answering the monitor (`pid`) is the one the revert started: by the pid
+/// and start time the journal recorded right after the launch, else by what QEMU itself says
+/// it runs (a disk on one of the new overlays). Never by matching paths in `/proc/PID/cmdline`,
+/// where QEMU's `,`-doubling hides them.
+async fn is_new_qemu(vm: &Vm, record: &VmRecord, r: &RevertIntent, pid: Option<u32>) -> bool {
+    if let (Some(now), Some(new)) = (pid, r.new_pid) {
+        if now == new {
+            return crate::launch::is_recorded_qemu(new, r.new_pid_start).await;
+        }
+        if r.new_pid_start.is_some() {
+            return false;
+        }
+    }
+    let Ok(qmp) = vm.connect_quick(record).await else {
+        return false;
+    };
+    match crate::blocks::read(&qmp).await {
+        Ok(disks) => disks
+            .iter()
+            .filter_map(|d| d.top())
+            .any(|top| r.new_overlays.iter().any(|o| o == top)),
+        Err(_) => false,
+    }
+}
+
+/// The new overlays that hold data of their own (`None`: none does). "Cannot tell" is an
+/// error: either way would risk someone's writes.
+async fn new_overlays_written(vm: &Vm, r: &RevertIntent) -> Result<Option<Vec<String>>> {
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let mut written = Vec::new();
+    for o in &r.new_overlays {
+        if tokio::fs::symlink_metadata(o).await.is_err() {
+            continue;
+        }
+        match crate::image::has_own_data(o, &cancel).await {
+            Ok(true) => written.push(o.display().to_string()),
+            Ok(false) => {}
+            Err(e) => {
+                return Err(needs_decision(
+                    vm,
+                    &format!("revert {}", r.snapshot),
+                    format!(
+                        "qsnap cannot tell whether the reverted guest wrote to {} ({e}); nothing was changed: check the file, then run `qsnap check {} --repair` again",
+                        o.display(),
+                        vm.name()
+                    ),
+                ))
+            }
+        }
+    }
+    Ok((!written.is_empty()).then_some(written))
+}
+
+/// Removes the new overlays of a revert that did not happen, through the door for files an
+/// operation made: only those nothing names, that hold no data of their own.
+async fn drop_new_overlays(vm: &Vm, record: &VmRecord, r: &RevertIntent) -> Result<Vec<String>> {
+    let mut problems = Vec::new();
+    let mut present = Vec::new();
+    for o in &r.new_overlays {
+        if tokio::fs::symlink_metadata(o).await.is_ok() {
+            present.push(o.clone());
+        }
+    }
+    if present.is_empty() {
+        return Ok(problems);
+    }
+    // What names the files is all that matters here: a chain elsewhere that cannot be read
+    // keeps them (reported), it does not stop the recovery.
+    let manifests = vm.store().manifests(vm.name()).await?;
+    let live = match vm.connect_quick(record).await {
+        Ok(qmp) => refs::Live::read(&qmp).await.ok(),
+        Err(_) => None,
+    };
+    let graph = match refs::Graph::gather(
+        vm.store(),
+        vm.name(),
+        record,
+        &manifests,
+        live.as_ref(),
+        vm.cancel(),
+    )
+    .await
+    {
+        Ok(g) => g,
+        Err(e) => {
+            for o in &present {
+                problems.push(format!("kept {}: {e}", o.display()));
+            }
+            return Ok(problems);
+        }
+    };
+    for o in &present {
+        if let Err(e) = refs::unlink_made(o, &graph, live.as_ref()).await {
+            problems.push(e.to_string());
+        }
+    }
+    Ok(problems)
+}
+
+fn with_problems(outcome: String, problems: &[String]) -> Settled {
+    Settled {
+        outcome,
+        problems: problems.to_vec(),
+    }
+}
+
+fn with_problems_text(outcome: String, problems: &[String]) -> String {
     if problems.is_empty() {
         outcome
     } else {
@@ -323,7 +481,7 @@ fn with_problems(outcome: String, problems: &[String]) -> String {
 
 // ---- delete -------------------------------------------------------------------------------
 
-async fn delete(vm: &Vm, mut d: DeleteIntent) -> Result<String> {
+async fn delete(vm: &Vm, mut d: DeleteIntent) -> Result<Settled> {
     let op = format!("delete {}", d.snapshots.join(", "));
     let mut record = vm.store().record(vm.name()).await?;
     // Whether QEMU runs is asked once, of the monitor and the recorded process together: a
@@ -371,7 +529,7 @@ async fn delete(vm: &Vm, mut d: DeleteIntent) -> Result<String> {
     // QEMU serves one monitor client at a time; the merges connect on their own.
     drop(qemu);
     let merges = consolidate::run(vm, &mut record, &mut d, None).await?;
-    Ok(format!(
+    Ok(done(format!(
         "finished: {} deleted{}",
         d.snapshots.join(", "),
         if merges.is_empty() {
@@ -379,12 +537,12 @@ async fn delete(vm: &Vm, mut d: DeleteIntent) -> Result<String> {
         } else {
             format!(", {} layer(s) merged or removed", merges.len())
         }
-    ))
+    )))
 }
 
 // ---- start, stop --------------------------------------------------------------------------
 
-async fn lifecycle(vm: &Vm) -> Result<String> {
+async fn lifecycle(vm: &Vm) -> Result<Settled> {
     let mut record = vm.store().record(vm.name()).await?;
     match VmState::observe(vm, &record).await {
         VmState::Running { pid, .. } => {
@@ -392,21 +550,23 @@ async fn lifecycle(vm: &Vm) -> Result<String> {
                 super::state::record_qemu(&mut record, pid).await;
                 vm.store().write_record(&record).await?;
             }
-            Ok("the VM runs; its record says so".into())
+            Ok(done("the VM runs; its record says so"))
         }
         VmState::Stopped => {
             if record.pid.is_some() {
                 super::state::record_qemu(&mut record, None).await;
                 vm.store().write_record(&record).await?;
             }
-            Ok("the VM is stopped; its record says so".into())
+            Ok(done("the VM is stopped; its record says so"))
         }
         VmState::Unreachable { pid, .. } => {
             if pid.is_some() && record.pid != pid {
                 record.pid = pid;
                 vm.store().write_record(&record).await?;
             }
-            Ok("the VM's QEMU is alive but does not answer; its record keeps its pid".into())
+            Ok(done(
+                "the VM's QEMU is alive but does not answer; its record keeps its pid",
+            ))
         }
     }
 }

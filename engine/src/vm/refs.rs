@@ -322,9 +322,31 @@ pub(crate) async fn safe_unlink(
     if live.is_some_and(|l| l.has_open(image)) {
         return Err(refuse("the running QEMU has it open".into()));
     }
-    if !image::is_qcow2(image).await {
-        return Err(refuse("it is not a qcow2 image".into()));
+    crate::unlink::checked(image, crate::unlink::Kind::Image).await
+}
+
+/// Unlinks `image`, which an operation made and is giving up (an interrupted one, read back
+/// from its journal), if, and only if, nothing names it — no record or manifest of any VM,
+/// no image backing onto it, no open node in the running QEMU — and it holds no data of its
+/// own (the guest may have written there). Refuses (changing nothing) otherwise.
+pub(crate) async fn unlink_made(image: &Path, graph: &Graph, live: Option<&Live>) -> Result<()> {
+    let refuse = |why: String| Error::UnlinkRefused {
+        path: image.to_owned(),
+        why,
+    };
+    if let Some(u) = graph.uses_of(image).first() {
+        return Err(refuse(format!("{u} uses it")));
     }
-    let p = image.to_owned();
-    store::blocking(move || store::remove_durably(&p)).await
+    if let Some(c) = graph.children(image).first() {
+        return Err(refuse(format!("{} backs onto it", c.display())));
+    }
+    if live.is_some_and(|l| l.has_open(image)) {
+        return Err(refuse("the running QEMU has it open".into()));
+    }
+    crate::unlink::made_by_this_operation(
+        image,
+        crate::unlink::Kind::Image,
+        crate::unlink::Data::MustBeEmpty,
+    )
+    .await
 }

@@ -186,7 +186,9 @@ impl Vm {
             disks: Self::substitutions(&new_disks),
             qmp_socket: socket,
             incoming: manifest.snapshot.memory.is_some(),
-            paused: manifest.snapshot.memory.is_some() || opts.paused,
+            // Always -S: the guest runs only once the journal says the new QEMU is the VM
+            // (for a disk-only snapshot too, whose guest boots).
+            paused: true,
             machine: manifest.machine.clone(),
             log: self.log_path(),
             ram: revert::lazy_mapping(&manifest.snapshot),
@@ -232,6 +234,7 @@ impl Vm {
             resume: !opts.paused,
             old_pid: state.pid(),
             new_pid: None,
+            new_pid_start: None,
             kept_current: kept_current.clone(),
         };
         self.store()
@@ -277,45 +280,67 @@ impl Vm {
         }
         failpoint::hit("revert.stopped", None).await?;
         let t_stopped = started.elapsed();
-        let (launched, restored) =
-            match self.relaunch(launcher, &spec, &prepared, opts.paused).await {
-                Ok(x) => x,
-                Err((cause, pid)) => {
-                    if let Some(pid) = pid {
-                        let _ = stop_qemu(&record.qmp, Some(pid), Duration::from_secs(2)).await;
-                    }
-                    revert::discard(&prepared).await;
-                    super::state::record_qemu(&mut record, None).await;
-                    let _ = self.store().write_record(&record).await;
-                    let _ = self.store().clear_journal(self.name()).await;
-                    return Err(Error::RevertFailed {
-                        vm: self.name().to_string(),
-                        cause: Box::new(cause),
-                        disks: record
-                            .disks
-                            .iter()
-                            .map(|d| format!("{}: {}", d.device, d.image.display()))
-                            .collect(),
-                    });
-                }
-            };
-        let running_ms = started.elapsed().as_secs_f64() * 1e3;
+        let fail = |cause: Error, record: &VmRecord| Error::RevertFailed {
+            vm: self.name().to_string(),
+            cause: Box::new(cause),
+            disks: record
+                .disks
+                .iter()
+                .map(|d| format!("{}: {}", d.device, d.image.display()))
+                .collect(),
+        };
+        let relaunched = match self.relaunch(launcher, &spec, &prepared, &mut intent).await {
+            Ok(x) => x,
+            Err((cause, pid)) => {
+                self.abandon_relaunch(&mut record, &prepared, pid).await;
+                return Err(fail(cause, &record));
+            }
+        };
+        let (launched, restored, qmp) = relaunched;
         failpoint::hit("revert.loaded", launched.pid).await?;
 
-        // ---- the new VM runs: record it, then drop the abandoned state ----
+        // ---- the journal says the new QEMU is the VM *before* its guest runs: from the
+        // first `cont` on, the new overlays hold guest writes a recovery must keep ----
         intent.phase = RevertPhase::Running;
         intent.new_pid = launched.pid;
-        self.store()
+        if let Err(e) = self
+            .store()
             .write_journal(self.name(), &Intent::Revert(intent.clone()))
-            .await?;
+            .await
+        {
+            // The guest never ran on the new overlays: going back loses nothing.
+            drop(qmp);
+            self.abandon_relaunch(&mut record, &prepared, launched.pid)
+                .await;
+            return Err(fail(e, &record));
+        }
+        // A memory snapshot resumes as it was taken (running or paused); a disk-only one boots.
+        let resume = !opts.paused && (prepared.memory.is_none() || prepared.was_running);
+        let resumed = if resume {
+            revert::resume(&qmp).await
+        } else {
+            Ok(())
+        };
+        drop(qmp);
+        let running_ms = started.elapsed().as_secs_f64() * 1e3;
+        failpoint::hit("revert.resumed", launched.pid).await?;
+
+        // ---- the new VM runs: record it, then drop the abandoned state ----
         let removed = finish(self, &mut record, &intent, launched.pid).await?;
+        if let Err(e) = resumed {
+            return Err(Error::LeftPaused {
+                what: format!("the VM was reverted to {snap}, but its guest could not be resumed"),
+                cause: Box::new(e),
+                fix: format!("resume it with `qsnap qmp {} cont`", record.qmp),
+            });
+        }
         info!(vm = %self.name(), %snap, ms = started.elapsed().as_secs_f64() * 1e3, "reverted");
         tracing::debug!(verify_ms, ?t_checked, ?t_prepared, ?t_stopped, load_ms = restored.load_ms, total = ?started.elapsed(), "revert breakdown");
         Ok(RevertReport {
             snapshot: snap.to_string(),
             disks: prepared.disks.clone(),
             memory_restored: prepared.memory.is_some(),
-            resumed: restored.resumed,
+            resumed: resume,
             ram,
             verify_ms,
             memory_verified_before: verified.memory == Some(memfile::Verified::Remembered),
@@ -328,28 +353,58 @@ impl Vm {
         })
     }
 
+    /// Starts the new QEMU, records it in the journal (pid and start time, before anything
+    /// is loaded into it), and loads the snapshot. The guest is left paused: the caller
+    /// resumes it once the journal says the new QEMU is the VM.
     async fn relaunch<L: Launcher>(
         &self,
         launcher: &L,
         spec: &LaunchSpec,
         prepared: &PreparedRevert,
-        paused: bool,
-    ) -> std::result::Result<(Launched, RestoreReport), (Error, Option<u32>)> {
+        intent: &mut RevertIntent,
+    ) -> std::result::Result<(Launched, RestoreReport, qsnap_qmp::Qmp), (Error, Option<u32>)> {
         let t0 = Instant::now();
         let launched = launcher.launch(spec).await.map_err(|e| (e, None))?;
         let t_launched = t0.elapsed();
         let pid = launched.pid;
+        intent.new_pid = pid;
+        intent.new_pid_start = match pid {
+            Some(p) => launch::start_time(p).await,
+            None => None,
+        };
+        self.store()
+            .write_journal(self.name(), &Intent::Revert(intent.clone()))
+            .await
+            .map_err(|e| (e, pid))?;
         failpoint::hit("revert.launched", pid)
             .await
             .map_err(|e| (e, pid))?;
         let qmp = self.connect().await.map_err(|e| (e, pid))?;
         tracing::debug!(?t_launched, t_connected = ?t0.elapsed(), "relaunched");
-        let restored = revert::restore(&qmp, prepared, !paused, Duration::from_secs(600))
+        let restored = revert::restore(&qmp, prepared, false, Duration::from_secs(600))
             .await
             .map_err(|e| (e, pid))?;
         let pid = qmp.peer_pid().or(pid);
         tracing::debug!(t_restored = ?t0.elapsed(), "restored");
-        Ok((Launched { pid, ..launched }, restored))
+        Ok((Launched { pid, ..launched }, restored, qmp))
+    }
+
+    /// A relaunch that failed before the guest ran: the new QEMU stopped, the new overlays
+    /// removed (they hold nothing the guest wrote), the VM recorded as stopped on its
+    /// previous disks, the journal cleared.
+    async fn abandon_relaunch(
+        &self,
+        record: &mut VmRecord,
+        prepared: &PreparedRevert,
+        pid: Option<u32>,
+    ) {
+        if let Some(pid) = pid {
+            let _ = stop_qemu(&record.qmp, Some(pid), Duration::from_secs(2)).await;
+        }
+        revert::discard(prepared).await;
+        super::state::record_qemu(record, None).await;
+        let _ = self.store().write_record(record).await;
+        let _ = self.store().clear_journal(self.name()).await;
     }
 }
 
