@@ -192,6 +192,9 @@ async fn a_busy_monitor_is_unreachable_and_start_never_launches_a_second_qemu() 
     require_qemu!();
     init_logging();
     let g = Guest::start(VmBuilder::idle().memory(64), "qcow2").await;
+    // A snapshot to revert to: the revert below must be refused for the busy monitor, not
+    // for a snapshot that does not exist.
+    g.take("s0").await;
     let pid = g.vm.status().await.unwrap().pid.unwrap();
     // Another client holds the monitor (QEMU serves one at a time).
     let holder = g.vm.connect().await.unwrap();
@@ -209,14 +212,8 @@ async fn a_busy_monitor_is_unreachable_and_start_never_launches_a_second_qemu() 
             .await
             .unwrap_err();
     assert!(matches!(err, Error::Unreachable { .. }), "{err}");
-    let err = g.vm.revert(&n("s1"), false).await.unwrap_err();
-    assert!(
-        matches!(
-            err,
-            Error::Unreachable { .. } | Error::UnknownSnapshot { .. }
-        ),
-        "{err}"
-    );
+    let err = g.vm.revert(&n("s0"), false).await.unwrap_err();
+    assert!(matches!(err, Error::Unreachable { .. }), "{err}");
     // Still the one QEMU, serving its socket once the other client lets go.
     drop(holder);
     let qmp = g.vm.connect().await.unwrap();
@@ -490,6 +487,115 @@ async fn hand_edited_records_never_make_qsnap_delete_a_file() {
         .unwrap();
     assert_eq!(std::fs::read(&precious).unwrap(), b"someone's data");
     assert!(base.exists() && linked.symlink_metadata().is_ok());
+    g.vm.stop().await.unwrap();
+}
+
+/// A journal is read like a manifest: one naming a memory file that is not the store's own
+/// for its snapshot, or a path with a `..` part, is refused as corrupt before anything acts
+/// on it; and one whose paths look plain still never makes qsnap delete an image that
+/// something names or that holds data.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hand_edited_journals_never_make_qsnap_delete_a_file() {
+    use qsnap_engine::store::{CreateIntent, Intent, RevertIntent, RevertPhase};
+    require_qemu!();
+    init_logging();
+    let g = Guest::start(VmBuilder::idle().memory(64), "qcow2").await;
+    g.take("s1").await;
+    let base = g.dir.join("disk.qcow2");
+    let precious = g.dir.join("precious.txt");
+    std::fs::write(&precious, b"someone's data").unwrap();
+    // A qcow2 image nothing in the store names, holding data.
+    let stranger = g.dir.join("stranger.qcow2");
+    create_image(&stranger, "qcow2", "16M").await;
+    let wrote = std::process::Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c", "write -P 0x5a 0 64k"])
+        .arg(&stranger)
+        .output()
+        .unwrap();
+    assert!(wrote.status.success(), "{wrote:?}");
+    let current = record_top(&g).await;
+    let untouched = |what: &str| {
+        assert_eq!(
+            std::fs::read(&precious).unwrap(),
+            b"someone's data",
+            "{what}"
+        );
+        for f in [&base, &stranger, &current] {
+            assert!(f.exists(), "{what}: {} was removed", f.display());
+        }
+    };
+    let store = g.vm.store();
+    let create = |memory_file: PathBuf| {
+        Intent::Create(CreateIntent {
+            snapshot: "s2".into(),
+            memory_file: Some(memory_file),
+            overlays: Vec::new(),
+            was_running: true,
+            qemu_pid: None,
+            settings: None,
+            quiesce: None,
+            committed: None,
+        })
+    };
+    let memory = store.memory_dir(g.vm.name());
+    for (what, intent) in [
+        ("a memory file outside the store", create(precious.clone())),
+        (
+            "a memory file path climbing out of the store",
+            create(memory.join("../../../../precious.txt")),
+        ),
+    ] {
+        store.write_journal(g.vm.name(), &intent).await.unwrap();
+        let err = g.vm.check(true).await.unwrap_err();
+        assert!(matches!(err, Error::CorruptStore { .. }), "{what}: {err}");
+        let err =
+            g.vm.create_snapshot(g.vm.create_options(n("s3")))
+                .await
+                .unwrap_err();
+        assert!(matches!(err, Error::CorruptStore { .. }), "{what}: {err}");
+        untouched(what);
+    }
+    let revert = |new_overlays: Vec<PathBuf>| {
+        Intent::Revert(RevertIntent {
+            snapshot: "s1".into(),
+            phase: RevertPhase::Preparing,
+            new_overlays,
+            old_disks: Vec::new(),
+            new_disks: Vec::new(),
+            resume: true,
+            old_pid: None,
+            new_pid: None,
+            new_pid_start: None,
+            kept_current: None,
+        })
+    };
+    store
+        .write_journal(g.vm.name(), &revert(vec![g.dir.join("x/../disk.qcow2")]))
+        .await
+        .unwrap();
+    let err = g.vm.check(true).await.unwrap_err();
+    assert!(matches!(err, Error::CorruptStore { .. }), "{err}");
+    untouched("a new overlay path with `..`");
+    // Plain paths: the VM's current overlay, its original image (both named by the
+    // record), a stranger holding data, a text file. All stay; the check says so.
+    store
+        .write_journal(
+            g.vm.name(),
+            &revert(vec![
+                current.clone(),
+                base.clone(),
+                stranger.clone(),
+                precious.clone(),
+            ]),
+        )
+        .await
+        .unwrap();
+    let report = g.vm.check(true).await.unwrap();
+    eprintln!("{:#?}", report.findings);
+    assert!(!report.clean, "the kept files must be reported");
+    untouched("plain paths of files that are not the revert's");
+    store.clear_journal(g.vm.name()).await.unwrap();
+    assert!(g.vm.check(false).await.unwrap().clean);
     g.vm.stop().await.unwrap();
 }
 

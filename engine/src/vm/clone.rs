@@ -409,21 +409,17 @@ impl Vm {
         }
         let mut removed = Vec::new();
         for img in &record.owned_images {
-            // Only what the clone made, in its own directory, and a regular file.
-            if !img.starts_with(store.vm_dir(self.name())) {
+            // Only what the clone made: in its own directory (a plain path, so no `..` climbs
+            // out of it), and a regular qcow2 file (the door checks).
+            if !store::plain_absolute(img) || !img.starts_with(store.vm_dir(self.name())) {
                 warn!(image = %img.display(), "kept: not in the clone's directory");
                 continue;
             }
             let p = img.clone();
-            let is_file = store::blocking(move || {
-                Ok(std::fs::symlink_metadata(&p)
-                    .map(|m| m.file_type().is_file())
-                    .unwrap_or(false))
-            })
-            .await?;
-            if is_file {
-                let p = img.clone();
-                store::blocking(move || store::remove_durably(&p)).await?;
+            let present =
+                store::blocking(move || Ok(std::fs::symlink_metadata(&p).is_ok())).await?;
+            if present {
+                crate::unlink::checked(img, crate::unlink::Kind::Image).await?;
                 removed.push(img.clone());
             }
         }
