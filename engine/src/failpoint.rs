@@ -65,12 +65,18 @@ pub const TIMEOUT_POINTS: &[&str] = &[
     "create.freeze-sent",
     // a create's recovery asking whether the guest runs
     "recover.status-sent",
+    // a delete's finalize of a merge job (`delete.finalize`, before it is sent, with `error`
+    // stands for QEMU refusing it)
+    "delete.finalize-sent",
 ];
 
 /// Other points: a create's rollback merging a switched disk back (`error` makes the merge
 /// fail, so the disk stays on its overlay), and the lazy-ram switch's write and read-back.
 pub const OTHER_POINTS: &[&str] = &[
     "rollback.merge-back",
+    // a delete's finalize of one merge job refused (`error`; `timeout` at
+    // `delete.finalize-sent` for one that ran but did not answer)
+    "delete.finalize",
     // lazy-ram: the manifest switch written but reported as failed, and reading it back
     // failing (`error`)
     "lazy.switch-written",

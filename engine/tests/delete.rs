@@ -587,6 +587,37 @@ async fn multi_disk_deletes_merge_every_disk_or_none_live_and_offline() {
     g.vm.revert(&n("s3"), false).await.unwrap();
     holds(3).await;
 
+    // A finalize QEMU refuses for the second disk (the first one's went through): no job is
+    // left pending with its disk's I/O drained, the guest reads and writes both disks, and
+    // the repair finishes the merge.
+    g.take("s4").await;
+    fail::cfg("delete.finalize", "1*off->return(error)").unwrap();
+    let err =
+        g.vm.delete_snapshot(&n("s3"), &DeleteOptions::default())
+            .await
+            .unwrap_err();
+    fail::remove("delete.finalize");
+    assert!(matches!(err, Error::DeletedBut { .. }), "{err}");
+    let qmp = g.vm.connect().await.unwrap();
+    let jobs = qmp.execute_raw("query-jobs", None).await.unwrap();
+    assert_eq!(jobs, serde_json::json!([]), "a merge job was left behind");
+    drop(qmp);
+    holds(3).await;
+    put(3).await;
+    let report = g.vm.check(true).await.unwrap();
+    assert!(report.clean, "{:#?}", report.findings);
+    holds(3).await;
+    // A finalize that ran but whose answer timed out: the job concludes by itself, and the
+    // delete succeeds.
+    fail::cfg("delete.finalize-sent", "1*return(timeout)").unwrap();
+    let done =
+        g.vm.delete_snapshot(&n("s4"), &DeleteOptions::default())
+            .await;
+    fail::remove("delete.finalize-sent");
+    done.unwrap();
+    holds(3).await;
+    assert!(g.vm.check(false).await.unwrap().clean);
+
     // Everything goes: the VM keeps running on its two original images, with all its data.
     let r = g.vm.delete_all(&DeleteOptions::default()).await.unwrap();
     assert!(r.current.is_none());

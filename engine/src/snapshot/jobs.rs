@@ -285,6 +285,14 @@ impl Pending {
 
 /// Finalizes pending jobs (each changes its disk's chain now), waits until they conclude and
 /// dismisses them.
+///
+/// QEMU has no transaction for this, so one finalize can fail while others worked. A job
+/// left `pending` keeps its disk's I/O drained, and the guest would hang on that disk once
+/// resumed: every job is finalized (a failure does not stop the others), and one whose
+/// finalize failed and which is still pending is cancelled (its chain does not change) —
+/// at once when QEMU refused, after a grace period when the answer timed out (it may have
+/// run). Whatever happened, no job of `pending` is left pending when this returns; the
+/// caller reads the chains back.
 pub(crate) async fn finalize(qmp: &Qmp, pending: &Pending, points: Points) -> Result<()> {
     let merges = &pending.merges;
     if merges.is_empty() {
@@ -292,13 +300,33 @@ pub(crate) async fn finalize(qmp: &Qmp, pending: &Pending, points: Points) -> Re
     }
     let started = Instant::now();
     let mut events = qmp.events();
+    let mut failure: Option<Error> = None;
+    // Jobs whose finalize failed: when, and whether QEMU may have run it all the same.
+    let mut unsure: BTreeMap<String, (Instant, Error)> = BTreeMap::new();
     for m in merges {
-        qmp.execute(types::job_finalize { id: m.job.clone() })
-            .await
-            .map_err(Error::qmp("finalizing a merge"))?;
+        let sent = async {
+            if points.on {
+                crate::failpoint::hit("delete.finalize", qmp.peer_pid()).await?;
+            }
+            qmp.execute(types::job_finalize { id: m.job.clone() })
+                .await
+                .map_err(Error::qmp("finalizing a merge"))?;
+            if points.on {
+                crate::failpoint::hit("delete.finalize-sent", qmp.peer_pid()).await?;
+            }
+            Ok::<_, Error>(())
+        }
+        .await;
+        if let Err(e) = sent {
+            if !qmp.is_connected() {
+                return Err(e);
+            }
+            warn!(job = %m.job, error = %e, "a merge did not finalize");
+            unsure.insert(m.job.clone(), (Instant::now(), e));
+        }
     }
     let deadline = Instant::now() + Duration::from_secs(60);
-    let mut failure = None;
+    let mut cancelled: Vec<String> = Vec::new();
     loop {
         let all = jobs(qmp).await?;
         let mine = ours(&all, merges);
@@ -319,7 +347,36 @@ pub(crate) async fn finalize(qmp: &Qmp, pending: &Pending, points: Points) -> Re
             }
             break;
         }
+        // A job still pending after its finalize failed gives its disk back.
+        // (A finalize that timed out may have run: its job then concludes by itself, and
+        // only its outcome counts.)
+        for j in mine.values().filter(|j| j.status == "pending") {
+            let Some((when, e)) = unsure.get(&j.id) else {
+                continue;
+            };
+            let grace = if e.is_timeout() {
+                Duration::from_secs(5)
+            } else {
+                Duration::ZERO
+            };
+            if when.elapsed() >= grace && !cancelled.contains(&j.id) {
+                warn!(job = %j.id, "cancelling a merge left pending by a failed finalize");
+                if let Err(e) = qmp.execute(types::job_cancel { id: j.id.clone() }).await {
+                    debug!(job = %j.id, error = %e, "cancel");
+                }
+                cancelled.push(j.id.clone());
+                if let Some((_, e)) = unsure.remove(&j.id) {
+                    failure.get_or_insert(e);
+                }
+            }
+        }
         if Instant::now() > deadline {
+            // Last resort: nothing may stay pending with its disk drained.
+            let left: Vec<&LiveMerge> = merges
+                .iter()
+                .filter(|m| mine.get(&m.job).is_some_and(|j| j.status == "pending"))
+                .collect();
+            abandon(qmp, &left).await;
             return Err(Error::BlockJob {
                 job: merges[0].job.clone(),
                 desc: "finalized but not concluded within 60 s".into(),
