@@ -536,6 +536,62 @@ async fn quiesced_disk_only_snapshot_freezes_and_thaws_the_guest_filesystems() {
         })
         .await
         .unwrap();
+
+        // The switch worked but the thaw after it failed: the snapshot stands (it is not
+        // undone), the error says so, and the thaw is owed: a recovery that cannot thaw
+        // either stops everything else with what to do, one that can ends it.
+        let out = qsnap()
+            .env("QSNAP_STORE", &store)
+            .env("FAILPOINTS", "create.thaw=return(error)")
+            .args(["create", "g", "q3", "--disk-only", "--quiesce"])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "{out:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("q3 of g was taken, but") && err.contains("could not be thawed"),
+            "{err}"
+        );
+        let listed = stdout_json(&run(&["list", "g", "--json"]));
+        assert!(
+            listed["snapshots"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|m| m["name"] == "q3"),
+            "{listed}"
+        );
+        let frozen = || async {
+            let mut ga =
+                qsnap_engine::guest_agent::GuestAgent::connect(&agent, Duration::from_secs(10))
+                    .await
+                    .unwrap();
+            ga.status().await.unwrap()
+        };
+        assert_eq!(frozen().await, "frozen");
+        let out = qsnap()
+            .env("QSNAP_STORE", &store)
+            .env("FAILPOINTS", "recover.thaw=return(error)")
+            .args(["create", "g", "q4", "--disk-only"])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "{out:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("may still be frozen"),
+            "{out:?}"
+        );
+        assert_eq!(frozen().await, "frozen");
+        let out = run(&["check", "g", "--repair"]);
+        assert!(out.status.success(), "{out:?}");
+        assert_eq!(frozen().await, "thawed");
+        let out = run(&["check", "g"]);
+        assert!(out.status.success(), "{out:?}");
+        let last = *log.ticks().last().unwrap();
+        log.wait_from(0, Duration::from_secs(30), |l| {
+            qsnap_testkit::serial::parse_tick(l).filter(|&t| t > last + 1)
+        })
+        .await
+        .unwrap();
     }
     let out = run(&["stop", "g"]);
     assert!(out.status.success(), "{out:?}");

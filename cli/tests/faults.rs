@@ -541,6 +541,71 @@ async fn delete_survives_qsnap_or_qemu_dying_at_every_step() {
     }
 }
 
+/// A delete that paused the guest to switch a disk's image and then cannot read QEMU's chains
+/// leaves the guest paused (it must not write where the record does not say) and says so,
+/// with the command that resumes it; that command does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delete_that_leaves_the_guest_paused_says_so_and_the_repair_resumes_it() {
+    require_qemu!();
+    if !qsnap_testkit::failpoints_or_skip(
+        "a_delete_that_leaves_the_guest_paused_says_so_and_the_repair_resumes_it",
+    ) {
+        return;
+    }
+    let rig = Rig::new().await;
+    rig.snapshot_between_two_writes().await;
+    // Deleting the only snapshot commits the active layer into the original: a pivot.
+    let out = rig.qsnap_failing("delete.chains-read", "error", &["delete", "g", "--all"]);
+    assert_eq!(out.status.code(), Some(1), "{}", show(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("left paused") && err.contains("qsnap check g --repair"),
+        "{}",
+        show(&out)
+    );
+    let st = json(&rig.qsnap(&["status", "g", "--json"]));
+    assert_eq!(st["runstate"], "paused", "{st}");
+    rig.repair_and_check("after the chain read failed");
+    let st = json(&rig.qsnap(&["status", "g", "--json"]));
+    assert_eq!(st["runstate"], "running", "{st}");
+    assert!(rig.snapshots().is_empty());
+    rig.holds(2, 2).await.unwrap();
+    rig.stop();
+}
+
+/// A snapshot whose frozen image could not be stamped (past the point of no return) stands,
+/// but `check` says its tamper check is missing, and `--repair` stamps it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unstamped_frozen_image_is_reported_and_stamped_by_the_repair() {
+    require_qemu!();
+    if !qsnap_testkit::failpoints_or_skip(
+        "an_unstamped_frozen_image_is_reported_and_stamped_by_the_repair",
+    ) {
+        return;
+    }
+    let rig = Rig::new().await;
+    rig.put(1).await;
+    let out = rig.qsnap_failing("create.stamp", "error", &["create", "g", "s1"]);
+    assert!(out.status.success(), "{}", show(&out));
+    rig.put(2).await;
+    let out = rig.qsnap(&["check", "g", "--json"]);
+    assert_eq!(out.status.code(), Some(1), "{}", show(&out));
+    let report = json(&out);
+    assert!(
+        report["findings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|f| f["kind"] == "unstamped-image"),
+        "{report}"
+    );
+    rig.repair_and_check("after stamping");
+    let shown = json(&rig.qsnap(&["show", "g", "s1", "--json"]));
+    assert!(shown["disks"][0]["frozen"].is_object(), "{shown}");
+    rig.all_revert("after stamping", step_of, 2).await;
+    rig.stop();
+}
+
 /// A small deterministic generator (xorshift), seeded and printed for reproduction.
 struct Rng(u64);
 

@@ -124,6 +124,19 @@ pub enum Error {
         /// What failed afterwards.
         problem: Box<Error>,
     },
+    /// The snapshot was taken and recorded, but something after it failed; `fix` says what
+    /// finishes it.
+    #[error("snapshot {snapshot} of {vm} was taken, but {problem}; {fix}")]
+    TakenWithProblem {
+        /// The VM.
+        vm: String,
+        /// The snapshot.
+        snapshot: String,
+        /// What failed.
+        problem: String,
+        /// The exact command to run.
+        fix: String,
+    },
     /// An operation failed, and the store could not be brought in line with what QEMU does
     /// now; its journal says what is left to do.
     #[error(

@@ -77,6 +77,15 @@ pub const OTHER_POINTS: &[&str] = &[
     // a delete's finalize of one merge job refused (`error`; `timeout` at
     // `delete.finalize-sent` for one that ran but did not answer)
     "delete.finalize",
+    // a delete reading QEMU's chains after a disk switch, with the guest paused (`error`)
+    "delete.chains-read",
+    // a create stamping the images it froze, past its point of no return (`error`)
+    "create.stamp",
+    // a delete restamping the snapshots whose frozen image a merge wrote into (`error`)
+    "delete.restamp",
+    // a `--quiesce` create's thaw after the switch, and a recovery's retry of it (`error`)
+    "create.thaw",
+    "recover.thaw",
     // lazy-ram: the manifest switch written but reported as failed, and reading it back
     // failing (`error`)
     "lazy.switch-written",

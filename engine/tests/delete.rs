@@ -665,23 +665,34 @@ async fn a_stream_cancelled_half_way_leaves_every_snapshot_revertible() {
         cancel.cancel();
     })
     .unwrap();
+    // And restamping the snapshots whose image the stream wrote into fails: the round stays
+    // journaled (a cancel normally clears it) so that the repair redoes it and restamps.
+    fail::cfg("delete.restamp", "return(error)").unwrap();
     let err =
         g.vm.delete_snapshot(&n("s2"), &DeleteOptions::default())
             .await
             .unwrap_err();
     fail::remove("delete.merge-started");
+    fail::remove("delete.restamp");
     assert!(
-        matches!(&err, Error::DeletedBut { problem, .. } if matches!(**problem, Error::Cancelled)),
+        matches!(&err, Error::DeletedBut { problem, .. }
+            if matches!(&**problem, Error::StoreBehind { cause, .. } if matches!(**cause, Error::Cancelled))),
         "{err}"
+    );
+    assert!(
+        g.vm.store().journal(g.vm.name()).await.unwrap().is_some(),
+        "the round must stay journaled"
     );
     assert!(
         std::fs::metadata(&upper).unwrap().len() > initial,
         "nothing was copied"
     );
     // s3's frozen image took in data (its content as a chain did not change): it still
-    // reverts, before any repair.
+    // reverts.
     let fresh = qsnap_engine::Engine::new(g.vm.store().clone());
     let vm = fresh.vm(g.vm.name()).await.unwrap();
+    let report = vm.check(true).await.unwrap();
+    assert!(report.clean, "{:#?}", report.findings);
     vm.revert(&n("s3"), false)
         .await
         .unwrap_or_else(|e| panic!("s3 after a cancelled stream: {e}"));

@@ -35,6 +35,7 @@ pub(crate) mod transport;
 pub use crate::store::{
     CreateReport, ImageStamp, LivePhase, MemoryImage, Mode, SkippedDisk, SnapshotDisk,
 };
+pub(crate) use create::thaw_guest;
 pub use create::{create, preflight, CreateOptions, Planned};
 pub use save::{ProgressFn, SaveProgress};
 pub use transport::has_file_uri;

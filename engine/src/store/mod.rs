@@ -22,7 +22,7 @@ pub use schema::{
     CloneOf, CreateIntent, CreateReport, CurrentDisk, DeleteIntent, DeletePhase, ImageStamp,
     Intent, Journal, LaunchCommand, LazyRam, LivePhase, Manifest, MemoryImage, MergeKind,
     MergeStep, Mode, MovedPath, Origin, PlannedOverlay, RevertIntent, RevertPhase, SavedSettings,
-    SkippedDisk, SnapshotDisk, StartIntent, StopIntent, VmRecord, SCHEMA,
+    SkippedDisk, SnapshotDisk, StartIntent, StopIntent, ThawIntent, VmRecord, SCHEMA,
 };
 
 use crate::error::{Error, Result};
@@ -413,6 +413,10 @@ impl Store {
                         plain(b, "a merged layer's backing file")?;
                     }
                 }
+            }
+            Intent::Thaw(t) => {
+                snap(&t.snapshot)?;
+                plain(&t.socket, "the guest agent socket")?;
             }
             Intent::Start(_) | Intent::Stop(_) => {}
         }

@@ -257,6 +257,11 @@ pub struct CreateReport {
     pub quiesced_filesystems: Option<u64>,
     /// Wall time of the whole create.
     pub total_ms: f64,
+    /// Disk-only with `quiesce`: why the guest's filesystems could not be thawed after the
+    /// switch (the snapshot is taken; they may still be frozen). Not stored: the caller must
+    /// retry the thaw (`vm` journals it).
+    #[serde(skip)]
+    pub thaw_failed: Option<String>,
 }
 
 /// One snapshot (`<store>/vms/<vm>/snapshots/<name>.json`).
@@ -317,6 +322,9 @@ pub enum Intent {
     Start(StartIntent),
     /// A QEMU being stopped.
     Stop(StopIntent),
+    /// A snapshot was taken with the guest's filesystems frozen, and thawing them failed:
+    /// they may still be frozen, and the thaw is retried until it works or the guest is gone.
+    Thaw(ThawIntent),
 }
 
 impl Intent {
@@ -328,6 +336,7 @@ impl Intent {
             Intent::Delete(d) => format!("delete {}", d.snapshots.join(", ")),
             Intent::Start(_) => "start".into(),
             Intent::Stop(_) => "stop".into(),
+            Intent::Thaw(t) => format!("thaw after create {}", t.snapshot),
         }
     }
 }
@@ -500,6 +509,16 @@ pub enum MergeKind {
 pub struct StartIntent {
     /// The command line being started.
     pub argv: Vec<String>,
+}
+
+/// A thaw still owed to the guest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct ThawIntent {
+    /// The snapshot whose `--quiesce` froze the filesystems.
+    pub snapshot: String,
+    /// The guest agent's socket.
+    pub socket: PathBuf,
 }
 
 /// An unfinished stop.

@@ -24,7 +24,7 @@ use std::path::PathBuf;
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub struct Finding {
-    /// What kind: `interrupted`, `bad-memory`, `missing-image`, `changed-image`,
+    /// What kind: `interrupted`, `bad-memory`, `missing-image`, `unstamped-image`, `changed-image`,
     /// `broken-chain`, `store-disagrees`, `orphan-image`, `orphan-memory`, `stale-record`,
     /// `unmerged-layer`, `corrupt-image`, `unreadable-qemu`.
     pub kind: String,
@@ -153,6 +153,7 @@ impl Vm {
                     }
                 }
             }
+            let mut unstamped = Vec::new();
             for d in &m.snapshot.disks {
                 match image::stamp(&d.image).await {
                     Err(_) => add(
@@ -170,6 +171,14 @@ impl Vm {
                         ),
                         false,
                     ),
+                    Ok(now) if d.frozen.is_none() => {
+                        let what = format!(
+                            "snapshot {}: image {} has no stamp (its size and time were not recorded when it was frozen), so a change to it would go unnoticed",
+                            m.name,
+                            d.image.display()
+                        );
+                        unstamped.push((d.device.clone(), now, what));
+                    }
                     Ok(now) if d.frozen.is_some_and(|f| f != now) => add(
                         "changed-image",
                         format!(
@@ -193,6 +202,33 @@ impl Vm {
                                 false,
                             );
                         }
+                    }
+                }
+            }
+            if !unstamped.is_empty() {
+                let mut fixed = m.clone();
+                for x in &mut fixed.snapshot.disks {
+                    if let Some((_, now, _)) = unstamped.iter().find(|(dev, ..)| dev == &x.device) {
+                        x.frozen = Some(*now);
+                    }
+                }
+                let written = if repair {
+                    Some(self.store().replace_manifest(&fixed).await)
+                } else {
+                    None
+                };
+                for (_, _, what) in unstamped {
+                    match &written {
+                        Some(Ok(())) => {
+                            add("unstamped-image", what, "stamped as it is now".into(), true)
+                        }
+                        Some(Err(e)) => add("unstamped-image", what, e.to_string(), false),
+                        None => add(
+                            "unstamped-image",
+                            what,
+                            "`--repair` stamps it as it is now".into(),
+                            false,
+                        ),
                     }
                 }
             }

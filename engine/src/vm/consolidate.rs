@@ -338,9 +338,15 @@ async fn run_round(
     if let Err(e) = data {
         // A stream that stopped half-way wrote into its upper image (its content as a chain
         // is unchanged): the snapshots that freeze it get new stamps, or they could not be
-        // reverted to.
+        // reverted to. If that fails, the round stays journaled (even after a cancel) so a
+        // repair redoes it and restamps.
         if let Err(stamp) = restamp(vm, &streams).await {
             warn!(error = %stamp, "could not restamp streamed images");
+            return Err(Error::StoreBehind {
+                vm: vm.name().to_string(),
+                cause: Box::new(e),
+                problem: Box::new(stamp),
+            });
         }
         return Err(e);
     }
@@ -439,6 +445,7 @@ async fn merge_live(
     }
     let guard = Pause {
         on: pivots && intent.guest_was_running == Some(true),
+        vm: vm.name().to_string(),
     };
     let mut todo = Vec::new();
     for m in steps {
@@ -451,7 +458,9 @@ async fn merge_live(
             // guest paused, and record what QEMU runs afterwards.
             guard.pause(&qmp).await?;
             let ended = jobs::finish_leftover(&qmp, &job, vm.cancel()).await;
-            follow_qemu(vm, record, &qmp, &guard).await?;
+            follow_qemu(vm, record, &qmp, &guard)
+                .await
+                .map_err(|e| guard.left_paused(e))?;
             guard.resume(&qmp).await?;
             match ended {
                 Ok(_) => continue,
@@ -480,9 +489,13 @@ async fn merge_live(
             return Err(e);
         }
         let finalized = jobs::finalize(&qmp, &pending, Points { on: true }).await;
-        failpoint::hit("delete.finalized", qmp.peer_pid()).await?;
+        failpoint::hit("delete.finalized", qmp.peer_pid())
+            .await
+            .map_err(|e| guard.left_paused(e))?;
         // Whatever the finalize did, the record follows QEMU before the guest runs again.
-        follow_qemu(vm, record, &qmp, &guard).await?;
+        follow_qemu(vm, record, &qmp, &guard)
+            .await
+            .map_err(|e| guard.left_paused(e))?;
         guard.resume(&qmp).await?;
         finalized?;
     }
@@ -499,9 +512,27 @@ async fn merge_live(
 /// Pausing the guest around a disk switch (when a round has one and the guest ran).
 struct Pause {
     on: bool,
+    vm: String,
 }
 
 impl Pause {
+    /// An error on a path that leaves the guest paused (the record could not be made to
+    /// follow QEMU, so it must not run): says so, and what resumes it. The delete's journal
+    /// remembers that it ran, so the repair resumes it once the record is right.
+    fn left_paused(&self, e: Error) -> Error {
+        if !self.on || matches!(e, Error::LeftPaused { .. }) {
+            return e;
+        }
+        Error::LeftPaused {
+            what: "a merge paused the guest to switch a disk's image, and the store could not be brought in line with what QEMU runs".into(),
+            cause: Box::new(e),
+            fix: format!(
+                "`qsnap check {} --repair` records what QEMU runs and resumes it",
+                self.vm
+            ),
+        }
+    }
+
     async fn pause(&self, qmp: &Qmp) -> Result<()> {
         if !self.on {
             return Ok(());
@@ -516,39 +547,37 @@ impl Pause {
         if !self.on {
             return Ok(());
         }
-        let st = qmp
-            .execute(types::query_status {})
-            .await
-            .map_err(Error::qmp("reading the run state"))?;
-        if st.running {
-            return Ok(());
+        let resumed = async {
+            let st = qmp
+                .execute(types::query_status {})
+                .await
+                .map_err(Error::qmp("reading the run state"))?;
+            if st.running {
+                return Ok(());
+            }
+            qmp.execute(types::cont {})
+                .await
+                .map(drop)
+                .map_err(Error::qmp("resuming the guest"))
         }
-        qmp.execute(types::cont {})
-            .await
-            .map(drop)
-            .map_err(Error::qmp("resuming the guest"))
+        .await;
+        resumed.map_err(|e| Error::LeftPaused {
+            what: "a merge paused the guest to switch a disk's image; the store follows QEMU, but the guest could not be resumed".into(),
+            cause: Box::new(e),
+            fix: format!("`qsnap check {} --repair` resumes it", self.vm),
+        })
     }
 }
 
 /// Makes the record name the images QEMU writes to now (after a finalize, whole or partial).
 /// If it cannot be written, the guest is left paused (see [`merge_live`]).
 async fn follow_qemu(vm: &Vm, record: &mut VmRecord, qmp: &Qmp, guard: &Pause) -> Result<()> {
+    if guard.on {
+        failpoint::hit("delete.chains-read", qmp.peer_pid()).await?;
+    }
     let disks = blocks::read(qmp).await?;
     if follow_live(record, &disks) {
-        if let Err(e) = vm.store().write_record(record).await {
-            return Err(if guard.on {
-                Error::Unsupported {
-                    what: format!(
-                        "a disk switched to another image, and the store could not record it ({e}); \
-                         the guest is left paused so that it writes nothing the store does not know \
-                         of: `qsnap check {} --repair` records it and resumes the guest",
-                        vm.name()
-                    ),
-                }
-            } else {
-                e
-            });
-        }
+        vm.store().write_record(record).await?;
     }
     Ok(())
 }
@@ -773,13 +802,16 @@ async fn finish_step(vm: &Vm, record: &mut VmRecord, m: &MergeStep) -> Result<()
     forget_owned(vm, record, &gone).await
 }
 
-/// New stamps for the snapshots that freeze any of `files`.
+/// New stamps for the snapshots that freeze any of `files`. A stamp that cannot be read is an
+/// error (the journal then keeps the round, and a repair restamps): a snapshot must never be
+/// left without its tamper check, nor with one its own merge made false.
 async fn restamp(vm: &Vm, files: &[PathBuf]) -> Result<()> {
     for mut man in vm.store().manifests(vm.name()).await? {
         let mut changed = false;
         for d in &mut man.snapshot.disks {
             if files.contains(&d.image) {
-                let now = image::stamp(&d.image).await.ok();
+                failpoint::hit("delete.restamp", None).await?;
+                let now = Some(image::stamp(&d.image).await?);
                 if d.frozen != now {
                     d.frozen = now;
                     changed = true;

@@ -19,7 +19,7 @@ use super::Vm;
 use crate::error::{Error, Result};
 use crate::failpoint;
 use crate::snapshot::{self, CreateOptions};
-use crate::store::{self, CurrentDisk, Intent, Manifest, VmRecord};
+use crate::store::{self, CurrentDisk, Intent, Manifest, ThawIntent, VmRecord};
 use qsnap_qmp::{types, Qmp};
 use std::path::{Path, PathBuf};
 
@@ -109,6 +109,30 @@ impl Vm {
             .write_manifest(&manifest)
             .await
             .map_err(taken_but)?;
+        if let (Some(why), Some(socket)) = (&manifest.snapshot.thaw_failed, &opts.quiesce) {
+            // The snapshot stands; the thaw it owes the guest is journaled, so the next
+            // command (or `check --repair`) retries it.
+            let owed = ThawIntent {
+                snapshot: snap.to_string(),
+                socket: socket.clone(),
+            };
+            self.store()
+                .write_journal(self.name(), &Intent::Thaw(owed))
+                .await
+                .map_err(taken_but)?;
+            return Err(Error::TakenWithProblem {
+                vm: self.name().to_string(),
+                snapshot: snap.to_string(),
+                problem: format!(
+                    "the guest's filesystems could not be thawed after it ({why}); they may still be frozen (the guest's writes wait)"
+                ),
+                fix: format!(
+                    "`qsnap check {} --repair` retries the thaw (so does the next qsnap command on {})",
+                    self.name(),
+                    self.name()
+                ),
+            });
+        }
         self.store()
             .clear_journal(self.name())
             .await

@@ -75,6 +75,7 @@ pub(crate) async fn settle(vm: &Vm) -> Result<Option<Recovery>> {
         Intent::Revert(r) => revert_(vm, r).await?,
         Intent::Delete(d) => delete(vm, d).await?,
         Intent::Start(_) | Intent::Stop(_) => lifecycle(vm).await?,
+        Intent::Thaw(t) => thaw(vm, t).await?,
     };
     vm.store().clear_journal(vm.name()).await?;
     Ok(Some(Recovery {
@@ -538,6 +539,40 @@ async fn delete(vm: &Vm, mut d: DeleteIntent) -> Result<Settled> {
             format!(", {} layer(s) merged or removed", merges.len())
         }
     )))
+}
+
+// ---- thaw -------------------------------------------------------------------------------
+
+/// A `--quiesce` snapshot whose thaw failed: the guest's filesystems may still be frozen.
+/// Thawed now, or nothing to do once the guest is gone; otherwise nothing else goes on until
+/// someone decides (a guest writing to frozen filesystems hangs).
+async fn thaw(vm: &Vm, t: crate::store::ThawIntent) -> Result<Settled> {
+    let record = vm.store().record(vm.name()).await?;
+    if let VmState::Stopped = VmState::observe(vm, &record).await {
+        return Ok(done("the guest is gone; nothing is frozen"));
+    }
+    let thawed = match crate::failpoint::hit("recover.thaw", record.pid).await {
+        Ok(()) => crate::snapshot::thaw_guest(&t.socket).await,
+        Err(e) => Err(e),
+    };
+    match thawed {
+        Ok(n) => Ok(done(format!(
+            "the guest's filesystems are thawed ({n} were frozen)"
+        ))),
+        Err(e) => Err(needs_decision(
+            vm,
+            &format!("thaw after create {}", t.snapshot),
+            format!(
+                "the guest's filesystems may still be frozen since snapshot {} and its agent at {} does not thaw them ({e}); \
+                 thaw them in the guest (fsfreeze -u) or get its agent answering, then run `qsnap check {} --repair`; \
+                 `qsnap stop {}` also ends it (a stopped guest has nothing frozen)",
+                t.snapshot,
+                t.socket.display(),
+                vm.name(),
+                vm.name()
+            ),
+        )),
+    }
 }
 
 // ---- start, stop --------------------------------------------------------------------------

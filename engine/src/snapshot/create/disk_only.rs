@@ -17,19 +17,32 @@ use tracing::warn;
 /// How long each guest agent call may take.
 const AGENT_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Switches the disks; returns how many filesystems were frozen (with `quiesce`).
+/// What a disk-only switch did.
+pub(super) struct Switched {
+    /// With `quiesce`: how many filesystems were frozen.
+    pub frozen: Option<u64>,
+    /// With `quiesce`: why the thaw after a good switch failed (the snapshot stands).
+    pub thaw_failed: Option<String>,
+}
+
+/// Switches the disks; with `quiesce`, around a freeze of the guest's filesystems. Once the
+/// switch is done the snapshot stands: a thaw that fails then does not undo it, it is
+/// reported (`thaw_failed`) so that the caller keeps retrying it.
 pub(super) async fn run(
     qmp: &Qmp,
     plan: &Plan,
     quiesce: Option<&Path>,
     rb: &mut Rollback<'_>,
-) -> Result<Option<u64>> {
+) -> Result<Switched> {
     let pid = qmp.peer_pid();
     let Some(socket) = quiesce else {
         rb.switch_sent();
         disks::switch(qmp, &plan.disks).await?;
         failpoint::hit("create.switched", pid).await?;
-        return Ok(None);
+        return Ok(Switched {
+            frozen: None,
+            thaw_failed: None,
+        });
     };
     let mut agent = GuestAgent::connect(socket, AGENT_TIMEOUT).await?;
     let frozen = async {
@@ -48,11 +61,22 @@ pub(super) async fn run(
     };
     rb.switch_sent();
     let switched = disks::switch(qmp, &plan.disks).await;
-    let thawed = thaw(socket, Some(agent)).await;
+    let thawed = match failpoint::hit("create.thaw", pid).await {
+        Ok(()) => thaw(socket, Some(agent)).await,
+        Err(e) => Err(e),
+    };
     switched?;
     failpoint::hit("create.switched", pid).await?;
-    thawed?;
-    Ok(Some(frozen))
+    Ok(Switched {
+        frozen: Some(frozen),
+        thaw_failed: thawed.err().map(|e| e.to_string()),
+    })
+}
+
+/// Thaws the guest's filesystems on a new agent connection (a thaw a failed create still
+/// owes them).
+pub(crate) async fn thaw_guest(socket: &Path) -> Result<u64> {
+    thaw(socket, None).await
 }
 
 /// Thaws the guest's filesystems: on `agent` if it still answers, else on a new connection

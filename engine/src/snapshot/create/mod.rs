@@ -13,6 +13,7 @@
 //! `precopy.rs`, `disk_only.rs`. `preflight.rs` and `settings.rs` hold the rest.
 
 mod disk_only;
+pub(crate) use disk_only::thaw_guest;
 mod point_in_time;
 mod precopy;
 mod preflight;
@@ -186,10 +187,16 @@ impl Planned<'_> {
                     warn!(%problem, "could not restore a migration setting after the snapshot");
                 }
                 for d in &mut report.disks {
-                    match image::stamp(&d.image).await {
+                    let stamped = match failpoint::hit("create.stamp", None).await {
+                        Ok(()) => image::stamp(&d.image).await,
+                        Err(e) => Err(e),
+                    };
+                    match stamped {
                         Ok(s) => d.frozen = Some(s),
+                        // Past the point of no return: the snapshot stands without a stamp,
+                        // and `qsnap check` reports it until `--repair` stamps it.
                         Err(e) => {
-                            warn!(error = %e, "cannot stamp a frozen image; a revert will not be able to tell whether it changed")
+                            warn!(error = %e, image = %d.image.display(), "cannot stamp a frozen image; `qsnap check --repair` stamps it")
                         }
                     }
                 }
@@ -285,7 +292,7 @@ async fn run_steps(
 
     let Some((mode, path, file, uri, stream)) = memory else {
         failpoint::hit("create.prepared", pid).await?;
-        let quiesced = disk_only::run(qmp, plan, opts.quiesce.as_deref(), rb).await?;
+        let switched = disk_only::run(qmp, plan, opts.quiesce.as_deref(), rb).await?;
         failpoint::hit("create.resumed", pid).await?;
         return Ok(CreateReport {
             mode: Mode::DiskOnly,
@@ -296,8 +303,9 @@ async fn run_steps(
             pause_ms: 0.0,
             qemu_downtime_ms: None,
             live_phase: None,
-            quiesced_filesystems: quiesced,
+            quiesced_filesystems: switched.frozen,
             total_ms: 0.0,
+            thaw_failed: switched.thaw_failed,
         });
     };
     let saved = plan
@@ -357,6 +365,7 @@ fn memory_report(
         live_phase: live,
         quiesced_filesystems: None,
         total_ms: 0.0,
+        thaw_failed: None,
     }
 }
 
