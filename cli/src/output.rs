@@ -304,6 +304,16 @@ pub fn removed(r: &qsnap_engine::RemoveReport, as_json: bool) {
         r.removed.len(),
         r.snapshots.len()
     );
+    for m in &r.source_merges {
+        println!(
+            "  merged {} of the source ({}: only the clone had kept it)",
+            m.lower.display(),
+            m.kind
+        );
+    }
+    if let Some(n) = &r.source_note {
+        eprintln!("note: {n}");
+    }
 }
 
 /// Prints what a revert did.
@@ -351,6 +361,16 @@ pub fn reverted(vm: &str, r: &RevertReport, as_json: bool) {
             "  discarded the state since the last snapshot: removed {}",
             p.display()
         );
+    }
+    for m in &r.merges {
+        println!(
+            "  merged {} ({}: a layer no snapshot needs once the discarded state was gone)",
+            m.lower.display(),
+            m.kind
+        );
+    }
+    if let Some(p) = &r.merge_problem {
+        eprintln!("qsnap: warning: the revert is done, but merging the layers it left unneeded did not finish: {p}");
     }
 }
 

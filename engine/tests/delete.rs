@@ -130,9 +130,19 @@ async fn all_revert(
     }
     for s in order {
         g.revert_and_check(s, ranges[s]).await;
+        // After any successful command, `check` is clean: a revert that abandons the second
+        // child of a base no snapshot names any more merges that base.
+        let report = g.vm.check(false).await.unwrap();
+        assert!(
+            report.clean && report.findings.is_empty(),
+            "after revert {s}: check found {:#?}",
+            report.findings
+        );
     }
     if stopped_after {
         g.vm.stop().await.unwrap();
+        let report = g.vm.check(false).await.unwrap();
+        assert!(report.clean, "after stop: {:#?}", report.findings);
     }
 }
 

@@ -16,7 +16,7 @@ use super::Vm;
 use crate::error::Result;
 use crate::image;
 use crate::snapshot::memfile;
-use crate::store::{self, DeleteIntent, DeletePhase, Intent};
+use crate::store;
 use serde::Serialize;
 use std::path::PathBuf;
 
@@ -367,19 +367,8 @@ impl Vm {
                         steps.len()
                     );
                     if repair {
-                        let mut intent = DeleteIntent {
-                            snapshots: Vec::new(),
-                            manifests: Vec::new(),
-                            phase: DeletePhase::Consolidating,
-                            merges: Vec::new(),
-                            guest_was_running: None,
-                        };
-                        self.store()
-                            .write_journal(self.name(), &Intent::Delete(intent.clone()))
-                            .await?;
-                        match consolidate::run(self, &mut record, &mut intent, None).await {
+                        match consolidate::merge_leftovers(self, &mut record, None).await {
                             Ok(done) => {
-                                self.store().clear_journal(self.name()).await?;
                                 add(
                                     "unmerged-layer",
                                     what,

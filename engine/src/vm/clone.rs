@@ -85,6 +85,12 @@ pub struct RemoveReport {
     pub snapshots: Vec<String>,
     /// The images removed.
     pub removed: Vec<PathBuf>,
+    /// Layers of the source VM that only the clone's chains had kept (a snapshot the source
+    /// deleted under the clone), merged now that it is gone.
+    pub source_merges: Vec<super::delete::MergeReport>,
+    /// Why those were not merged, when they were not (the removal itself is done).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source_note: Option<String>,
 }
 
 impl Vm {
@@ -357,12 +363,60 @@ impl Vm {
         failpoint::hit("remove.stopped", None).await?;
         let removed = self.discard_clone(&record, Discard::Remove).await?;
         drop(op);
+        let (source_merges, source_note) = match &record.clone_of {
+            Some(of) => self.merge_in_source(&of.vm).await,
+            None => (Vec::new(), None),
+        };
         Ok(RemoveReport {
             vm: self.name().to_string(),
             stopped,
             snapshots: manifests.into_iter().map(|m| m.name).collect(),
             removed,
+            source_merges,
+            source_note,
         })
+    }
+
+    /// The clone's chains may have been all that kept a layer of its source from merging (the
+    /// source deleted the snapshot the clone stood on): what the source's delete left for
+    /// later is merged now, under the source's lock, so that its `check` stays clean. Best
+    /// effort: a busy or unreachable source is told about, not waited for.
+    async fn merge_in_source(
+        &self,
+        source: &str,
+    ) -> (Vec<super::delete::MergeReport>, Option<String>) {
+        let later = |why: String| {
+            Some(format!(
+                "{source} may have layers to merge now that {} is gone ({why}); `qsnap check {source} --repair` merges them",
+                self.name()
+            ))
+        };
+        let Ok(name) = VmName::new(source) else {
+            return (Vec::new(), None);
+        };
+        let vm = match self.engine().vm(&name).await {
+            Ok(vm) => vm,
+            Err(Error::UnknownVm { .. }) => return (Vec::new(), None),
+            Err(e) => return (Vec::new(), later(e.to_string())),
+        };
+        let merged = async {
+            let op = vm
+                .begin(&format!("merge after removing {}", self.name()))
+                .await?;
+            let mut record = op.record.clone();
+            let manifests = vm.store().manifests(vm.name()).await?;
+            let (graph, live) = super::consolidate::view(&vm, &record, &manifests).await?;
+            if !super::consolidate::has_merges(&graph, &record, live.as_ref()) {
+                return Ok(Vec::new());
+            }
+            drop(live);
+            super::consolidate::merge_leftovers(&vm, &mut record, None).await
+        }
+        .await;
+        match merged {
+            Ok(m) => (m, None),
+            Err(e) => (Vec::new(), later(e.to_string())),
+        }
     }
 
     /// Refuses while another VM's chain uses an image this one made (a clone of one of its

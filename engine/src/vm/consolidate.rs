@@ -191,6 +191,39 @@ pub(crate) async fn run(
     Ok(done)
 }
 
+/// Merges the layers nothing needs any more that are left in the VM's chains — what a
+/// removal elsewhere in the tree made mergeable (a revert's abandoned overlay was the second
+/// child of an unnamed base), or what an interrupted delete left — journaled as a delete of
+/// no snapshot, so that a crash part-way is finished like any delete. Hold the VM's lock,
+/// with no journal of its own left to settle.
+pub(crate) async fn merge_leftovers(
+    vm: &Vm,
+    record: &mut VmRecord,
+    progress: Option<&MergeProgressFn>,
+) -> Result<Vec<MergeReport>> {
+    let mut intent = DeleteIntent {
+        snapshots: Vec::new(),
+        manifests: Vec::new(),
+        phase: crate::store::DeletePhase::Consolidating,
+        merges: Vec::new(),
+        guest_was_running: None,
+    };
+    vm.store()
+        .write_journal(vm.name(), &Intent::Delete(intent.clone()))
+        .await?;
+    let done = run(vm, record, &mut intent, progress).await?;
+    vm.store().clear_journal(vm.name()).await?;
+    Ok(done)
+}
+
+/// Whether anything is left to merge (a merge, not a removal: a layer nothing uses at all
+/// is an orphan, which `check` reports as such).
+pub(crate) fn has_merges(g: &Graph, record: &VmRecord, live: Option<&Live>) -> bool {
+    next_round(g, record, live)
+        .iter()
+        .any(|s| matches!(s, Step::Merge(_)))
+}
+
 /// The store's graph and, for a running VM, QEMU's view (checked against each other).
 pub(crate) async fn view(
     vm: &Vm,

@@ -70,6 +70,11 @@ pub struct RevertReport {
     /// The overlays of the abandoned state that were deleted (what the guest did since its
     /// last snapshot).
     pub removed: Vec<PathBuf>,
+    /// Layers the removal of the abandoned overlays made mergeable, merged (a layer that was
+    /// a shared base of the abandoned state and the snapshot's).
+    pub merges: Vec<super::delete::MergeReport>,
+    /// Why merging those did not finish (the revert itself succeeded; a repair finishes it).
+    pub merge_problem: Option<String>,
     /// The snapshot `keep_current` took of the state before the revert.
     pub kept_current: Option<String>,
     /// QEMU's pid.
@@ -326,7 +331,20 @@ impl Vm {
         failpoint::hit("revert.resumed", launched.pid).await?;
 
         // ---- the new VM runs: record it, then drop the abandoned state ----
-        let removed = finish(self, &mut record, &intent, launched.pid).await?;
+        let Finished { removed, merged } = finish(self, &mut record, &intent, launched.pid).await?;
+        let (merges, merge_problem) = match merged {
+            Ok(m) => (m, None),
+            Err(e) => {
+                warn!(error = %e, "merging the layers the revert left mergeable did not finish");
+                (
+                    Vec::new(),
+                    Some(format!(
+                        "{e}; nothing is lost: `qsnap check {} --repair` finishes the merge",
+                        self.name()
+                    )),
+                )
+            }
+        };
         if let Err(e) = resumed {
             return Err(Error::LeftPaused {
                 what: format!("the VM was reverted to {snap}, but its guest could not be resumed"),
@@ -348,6 +366,8 @@ impl Vm {
             total_ms: running_ms,
             bookkeeping_ms: started.elapsed().as_secs_f64() * 1e3 - running_ms,
             removed,
+            merges,
+            merge_problem,
             kept_current,
             pid: launched.pid,
         })
@@ -443,7 +463,7 @@ pub(crate) async fn finish(
     record: &mut VmRecord,
     intent: &RevertIntent,
     pid: Option<u32>,
-) -> Result<Vec<PathBuf>> {
+) -> Result<Finished> {
     record.disks = intent.new_disks.clone();
     record.current = Some(intent.snapshot.clone());
     super::state::record_qemu(record, pid).await;
@@ -456,7 +476,37 @@ pub(crate) async fn finish(
     failpoint::hit("revert.recorded", pid).await?;
     let removed = remove_abandoned(vm, record, &intent.old_disks).await;
     vm.store().clear_journal(vm.name()).await?;
-    Ok(removed)
+    // An abandoned overlay may have been the second child of a layer no snapshot names any
+    // more: that layer can merge now, and is merged (a delete of nothing, journaled as one),
+    // so that the chains stay as short as the snapshots allow and `check` stays clean.
+    let merged = if removed.is_empty() {
+        Ok(Vec::new())
+    } else {
+        merge_made_mergeable(vm, record).await
+    };
+    Ok(Finished { removed, merged })
+}
+
+/// What the end of a revert did besides recording it.
+pub(crate) struct Finished {
+    /// The abandoned overlays removed.
+    pub removed: Vec<PathBuf>,
+    /// Layers their removal made mergeable, merged (an error: the merge did not finish; its
+    /// journal lets a repair finish it).
+    pub merged: Result<Vec<super::delete::MergeReport>>,
+}
+
+async fn merge_made_mergeable(
+    vm: &Vm,
+    record: &mut VmRecord,
+) -> Result<Vec<super::delete::MergeReport>> {
+    let manifests = vm.store().manifests(vm.name()).await?;
+    let (graph, live) = consolidate::view(vm, record, &manifests).await?;
+    if !consolidate::has_merges(&graph, record, live.as_ref()) {
+        return Ok(Vec::new());
+    }
+    drop(live);
+    consolidate::merge_leftovers(vm, record, None).await
 }
 
 /// Deletes the overlays of the abandoned state that qsnap made and nothing uses.

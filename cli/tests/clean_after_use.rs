@@ -1,0 +1,211 @@
+//! `qsnap check` is clean after any sequence of successful commands: a monitoring script that
+//! runs it must never alert after normal use. A delete can make a layer elsewhere in the tree
+//! mergeable, and so can a revert that abandons an overlay (the second child of a base no
+//! snapshot names any more); whichever command made it mergeable merges it.
+//!
+//! Kernel-less VMs with two disks (`-drive` qcow2 + `-drive` raw), running; their contents
+//! written and checked with QEMU's own `qemu-io`.
+
+use qsnap_qmp::{ConnectOptions, Qmp};
+use qsnap_testkit::disk_io::{check, write, Disk};
+use qsnap_testkit::{create_image, require_qemu, DiskStyle, KillRecordedQemu, VmBuilder};
+use serde_json::Value;
+use std::path::PathBuf;
+use std::process::Output;
+use std::time::Duration;
+
+struct Rig {
+    _kill: KillRecordedQemu,
+    dir: tempfile::TempDir,
+}
+
+fn show(out: &Output) -> String {
+    format!(
+        "status {:?}\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+impl Rig {
+    async fn two_disks() -> Rig {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a.qcow2"), dir.path().join("b.raw"));
+        create_image(&a, "qcow2", "32M").await;
+        create_image(&b, "raw", "32M").await;
+        let argv = VmBuilder::idle()
+            .memory(64)
+            .disk(&a, "qcow2", DiskStyle::Drive)
+            .disk(&b, "raw", DiskStyle::Drive)
+            .command_line(&dir.path().join("serial.log"))
+            .await;
+        let rig = Rig {
+            _kill: KillRecordedQemu::new(&dir.path().join("store"), "vm"),
+            dir,
+        };
+        let mut args = vec!["run", "vm", "--"];
+        args.extend(argv.iter().map(String::as_str));
+        rig.ok(&args);
+        rig
+    }
+
+    fn qsnap(&self, args: &[&str]) -> Output {
+        std::process::Command::new(assert_cmd::cargo::cargo_bin("qsnap"))
+            .env("QSNAP_STORE", self.dir.path().join("store"))
+            .env_remove("FAILPOINTS")
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    fn ok(&self, args: &[&str]) -> Output {
+        let out = self.qsnap(args);
+        assert!(
+            out.status.success(),
+            "qsnap {}: {}",
+            args.join(" "),
+            show(&out)
+        );
+        out
+    }
+
+    /// `qsnap check vm` exits 0 and finds nothing.
+    fn clean(&self, after: &str) {
+        let out = self.qsnap(&["check", "vm", "--json"]);
+        assert!(out.status.success(), "check after {after}: {}", show(&out));
+        let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(
+            report["findings"],
+            Value::Array(Vec::new()),
+            "after {after}: {report}"
+        );
+    }
+
+    /// Runs `qsnap ARGS`, which must succeed, then `check`, which must be clean.
+    fn step(&self, args: &[&str]) {
+        self.ok(args);
+        self.clean(&format!("qsnap {}", args.join(" ")));
+    }
+
+    async fn qmp(&self) -> Qmp {
+        let opts = ConnectOptions {
+            connect_retry: Duration::from_secs(5),
+            ..ConnectOptions::default()
+        };
+        Qmp::connect_with(self.dir.path().join("store/vms/vm/qmp.sock"), &opts)
+            .await
+            .unwrap()
+    }
+
+    /// Writes `tag`'s pattern on both disks at the tag's own offset.
+    async fn put(&self, tag: u8) {
+        let qmp = self.qmp().await;
+        for d in disks() {
+            write(&qmp, &d, tag, u64::from(tag) * 64, 64).await;
+        }
+    }
+
+    /// Both disks hold exactly `tags` (of 1..=max).
+    async fn holds(&self, tags: &[u8], max: u8, what: &str) {
+        let qmp = self.qmp().await;
+        for d in disks() {
+            for t in 1..=max {
+                let p = if tags.contains(&t) { t } else { 0 };
+                check(&qmp, &d, p, u64::from(t) * 64, 64)
+                    .await
+                    .unwrap_or_else(|e| panic!("{what}: {d:?} tag {t}: {e}"));
+            }
+        }
+    }
+
+    fn images(&self) -> Vec<PathBuf> {
+        let mut v: Vec<PathBuf> = std::fs::read_dir(self.dir.path())
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|x| x == "qcow2" || x == "raw"))
+            .collect();
+        v.sort();
+        v
+    }
+}
+
+fn disks() -> [Disk; 2] {
+    [Disk::Drive("drive0".into()), Disk::Drive("drive1".into())]
+}
+
+/// The tree `s0 → {s1, s2 → s3*}`, then `delete s2`, `delete s0`, `delete s3`, `revert s1`:
+/// each succeeds, and `check` is clean after each (it used to find two unmerged layers after
+/// the revert: once s3's branch was gone, the original images each had a single child and no
+/// snapshot of their own).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_is_clean_after_every_command_of_a_branched_tree() {
+    require_qemu!();
+    let rig = Rig::two_disks().await;
+    rig.put(1).await;
+    rig.step(&["create", "vm", "s0"]);
+    rig.put(2).await;
+    rig.step(&["create", "vm", "s1"]);
+    rig.step(&["revert", "vm", "s0"]);
+    rig.holds(&[1], 4, "revert s0").await;
+    rig.put(3).await;
+    rig.step(&["create", "vm", "s2"]);
+    rig.put(4).await;
+    rig.step(&["create", "vm", "s3"]);
+    rig.step(&["delete", "vm", "s2"]);
+    rig.step(&["delete", "vm", "s0"]);
+    rig.step(&["delete", "vm", "s3"]);
+    rig.holds(&[1, 3, 4], 4, "after the deletes").await;
+    rig.step(&["revert", "vm", "s1"]);
+    rig.holds(&[1, 2], 4, "revert s1").await;
+    // What is left is what s1 and the running VM need: per disk the original (now holding
+    // s1's data, the layer between merged into it) and the VM's overlay over it.
+    let out = rig.ok(&["list", "vm", "--json"]);
+    let listing: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        listing["snapshots"].as_array().unwrap().len(),
+        1,
+        "{listing}"
+    );
+    assert_eq!(rig.images().len(), 4, "{:?}", rig.images());
+    // And the state goes on behaving: stop, start, revert, delete all.
+    rig.step(&["stop", "vm"]);
+    rig.step(&["start", "vm"]);
+    rig.holds(&[1, 2], 4, "start").await;
+    rig.step(&["revert", "vm", "s1"]);
+    rig.step(&["delete", "vm", "--all"]);
+    rig.holds(&[1, 2], 4, "delete --all").await;
+    assert_eq!(
+        rig.images(),
+        vec![rig.dir.path().join("a.qcow2"), rig.dir.path().join("b.raw")]
+    );
+    rig.step(&["stop", "vm"]);
+}
+
+/// A clone's chains keep a layer of its source from merging (the source deleted the snapshot
+/// the clone stood on); removing the clone merges it, so the source's `check` stays clean.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_is_clean_after_a_clone_outlives_the_snapshot_it_came_from() {
+    require_qemu!();
+    let rig = Rig::two_disks().await;
+    let _clone = KillRecordedQemu::new(&rig.dir.path().join("store"), "c");
+    rig.put(1).await;
+    rig.step(&["create", "vm", "s1"]);
+    rig.put(2).await;
+    rig.ok(&["clone", "vm", "s1", "c"]);
+    rig.clean("clone");
+    rig.step(&["delete", "vm", "s1"]);
+    let out = rig.qsnap(&["check", "c"]);
+    assert!(out.status.success(), "{}", show(&out));
+    // The originals stay (the clone stands on them) and the source's overlays over them too.
+    assert_eq!(rig.images().len(), 4, "{:?}", rig.images());
+    rig.step(&["remove", "c"]);
+    // The source's layers merged into its originals: one image per disk.
+    assert_eq!(
+        rig.images(),
+        vec![rig.dir.path().join("a.qcow2"), rig.dir.path().join("b.raw")]
+    );
+    rig.holds(&[1, 2], 2, "after removing the clone").await;
+    rig.step(&["stop", "vm"]);
+}
