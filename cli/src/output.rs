@@ -428,13 +428,18 @@ pub fn checked(r: &CheckReport, repair: bool, as_json: bool) {
         let mark = if f.repaired { "repaired" } else { "PROBLEM " };
         println!("{mark} [{}] {}\n         → {}", f.kind, f.what, f.fix);
     }
+    // `--repair` is offered only for what it can fix; the rest says what a person must do.
+    let repairable = r.findings.iter().any(|f| !f.repaired && f.repairable);
     if r.clean {
         println!("{}: everything found was repaired", r.vm);
-    } else if repair {
-        println!("{}: problems remain (see above)", r.vm);
+    } else if repair || !repairable {
+        println!(
+            "{}: problems remain that need a person; each says what to do (→)",
+            r.vm
+        );
     } else {
         println!(
-            "{}: problems found; `qsnap check {} --repair` fixes what it can",
+            "{}: problems found; `qsnap check {} --repair` fixes those it can (the others say what to do)",
             r.vm, r.vm
         );
     }

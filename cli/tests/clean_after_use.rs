@@ -209,3 +209,62 @@ async fn check_is_clean_after_a_clone_outlives_the_snapshot_it_came_from() {
     rig.holds(&[1, 2], 2, "after removing the clone").await;
     rig.step(&["stop", "vm"]);
 }
+
+/// `check`'s advice never points in a circle: a frozen image that is missing is to be restored
+/// (a delete of its snapshot is refused while the layers above back onto it, and sends the
+/// user to `check`), `--repair` is not offered when nothing it lists can be repaired, and each
+/// finding names the files it is about.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_advice_never_points_in_a_circle() {
+    require_qemu!();
+    let rig = Rig::two_disks().await;
+    rig.put(1).await;
+    rig.ok(&["create", "vm", "s1"]);
+    rig.put(2).await;
+    rig.ok(&["create", "vm", "s2"]);
+    rig.ok(&["stop", "vm"]);
+    let frozen = rig.dir.path().join("a.s1.qcow2");
+    let aside = rig.dir.path().join("aside");
+    std::fs::rename(&frozen, &aside).unwrap();
+    let out = rig.qsnap(&["check", "vm", "--json"]);
+    assert_eq!(out.status.code(), Some(1), "{}", show(&out));
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let findings = report["findings"].as_array().unwrap();
+    let missing = findings
+        .iter()
+        .find(|f| f["kind"] == "missing-image")
+        .unwrap_or_else(|| panic!("{report}"));
+    assert_eq!(
+        missing["paths"],
+        serde_json::json!([frozen.display().to_string()]),
+        "{report}"
+    );
+    assert_eq!(missing["repairable"], false, "{report}");
+    for f in findings {
+        assert!(
+            !f["paths"].as_array().unwrap().is_empty(),
+            "a finding names no file: {f}"
+        );
+        let fix = f["fix"].as_str().unwrap();
+        assert!(
+            !(f["kind"] == "missing-image" || f["kind"] == "broken-chain")
+                || !fix.contains("qsnap delete"),
+            "{f}"
+        );
+    }
+    let out = rig.qsnap(&["check", "vm"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !text.contains("--repair"),
+        "nothing here is repairable: {text}"
+    );
+    // The delete a user might try instead is refused, and sends them to check, which says
+    // to restore the file.
+    let out = rig.qsnap(&["delete", "vm", "s1"]);
+    assert_eq!(out.status.code(), Some(1), "{}", show(&out));
+    std::fs::rename(&aside, &frozen).unwrap();
+    rig.clean("restoring the file");
+    rig.step(&["start", "vm"]);
+    rig.holds(&[1, 2], 2, "after restoring").await;
+    rig.step(&["stop", "vm"]);
+}

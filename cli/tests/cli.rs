@@ -654,7 +654,10 @@ async fn delete_check_and_keep_current() {
     let out = run(&["check", "vm1", "--json"]);
     assert!(out.status.success(), "{out:?}");
     assert_eq!(stdout_json(&out)["clean"], true);
-    std::fs::write(store.join("vms/vm1/memory/stray.mem"), b"x").unwrap();
+    // (What a crash leaves: a memory file with qsnap's header that no snapshot names.)
+    let mut stray = b"QSNAPMEM".to_vec();
+    stray.resize(4096, 0);
+    std::fs::write(store.join("vms/vm1/memory/stray.mem"), &stray).unwrap();
     let out = run(&["check", "vm1"]);
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     let said = text(&out.stdout);

@@ -434,7 +434,10 @@ async fn check_finds_and_repairs_orphans_and_a_record_that_disagrees_with_qemu()
     // An orphan memory file, an orphan overlay qsnap made, a stale entry in the record, and
     // a record that names the wrong current image.
     let stray_mem = store.memory_dir(g.vm.name()).join("ghost.mem");
-    std::fs::write(&stray_mem, b"x").unwrap();
+    // (What a crash leaves: qsnap's header, no snapshot naming it.)
+    let mut ghost = b"QSNAPMEM".to_vec();
+    ghost.resize(4096, 0);
+    std::fs::write(&stray_mem, &ghost).unwrap();
     let orphan = g.dir.join("disk.orphan.qcow2");
     image::create_overlay(
         &orphan,

@@ -53,10 +53,13 @@ async fn lazy_reverts_resume_where_eager_ones_do_again_and_across_branches() {
 
     // A leftover file where the RAM image goes is never overwritten; check --repair removes it.
     let mem_dir = g.dir.join("store/vms/g/memory");
-    std::fs::write(mem_dir.join("s1.dev"), b"left over").unwrap();
+    // (What a crash leaves: a device-state file with qsnap's header, incomplete.)
+    let mut left_over = b"QSNAPMEM".to_vec();
+    left_over.resize(4096, 0);
+    std::fs::write(mem_dir.join("s1.dev"), &left_over).unwrap();
     let err = g.vm.make_lazy(&n("s1")).await.unwrap_err();
     assert!(err.to_string().contains("check g --repair"), "{err}");
-    assert_eq!(std::fs::read(mem_dir.join("s1.dev")).unwrap(), b"left over");
+    assert_eq!(std::fs::read(mem_dir.join("s1.dev")).unwrap(), left_over);
     assert!(mem_dir.join("s1.mem").exists());
     let fixed = g.vm.check(true).await.unwrap();
     assert!(fixed.clean, "{:?}", fixed.findings);

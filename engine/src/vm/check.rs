@@ -34,7 +34,60 @@ pub struct Finding {
     pub fix: String,
     /// True when `--repair` fixed it.
     pub repaired: bool,
+    /// Whether `--repair` can fix it (false: only a person can, `fix` says how).
+    pub repairable: bool,
+    /// The files it is about.
+    pub paths: Vec<PathBuf>,
 }
+
+impl Finding {
+    /// Adds a file the finding is about.
+    fn about(&mut self, p: impl Into<PathBuf>) -> &mut Finding {
+        let p = p.into();
+        if !self.paths.contains(&p) {
+            self.paths.push(p);
+        }
+        self
+    }
+
+    /// Marks it as something only a person can fix.
+    fn by_hand(&mut self) -> &mut Finding {
+        self.repairable = false;
+        self
+    }
+}
+
+/// What `check` found so far.
+#[derive(Default)]
+struct Findings(Vec<Finding>);
+
+impl Findings {
+    /// Notes a finding; whether `--repair` can fix it follows from its kind (override with
+    /// [`Finding::by_hand`]).
+    fn add(&mut self, kind: &str, what: String, fix: String, repaired: bool) -> &mut Finding {
+        self.0.push(Finding {
+            kind: kind.into(),
+            what,
+            fix,
+            repaired,
+            repairable: REPAIRABLE.contains(&kind),
+            paths: Vec::new(),
+        });
+        self.0.last_mut().expect("just pushed")
+    }
+}
+
+/// The kinds `--repair` fixes; the others need a person (a missing or changed image, a
+/// memory file that does not verify, a corrupt image, a QEMU whose disks cannot be read).
+const REPAIRABLE: &[&str] = &[
+    "interrupted",
+    "store-disagrees",
+    "stale-record",
+    "orphan-image",
+    "orphan-memory",
+    "unmerged-layer",
+    "unstamped-image",
+];
 
 /// What `check` found and did.
 #[derive(Debug, Clone, Serialize)]
@@ -56,17 +109,10 @@ impl Vm {
         if self.cancel().is_cancelled() {
             return Err(crate::Error::Cancelled);
         }
-        let mut findings: Vec<Finding> = Vec::new();
-        let mut add = |kind: &str, what: String, fix: String, repaired: bool| {
-            findings.push(Finding {
-                kind: kind.into(),
-                what,
-                fix,
-                repaired,
-            });
-        };
+        let mut found = Findings::default();
 
         // 1. An interrupted operation.
+        let journal_path = self.store().vm_dir(self.name()).join("journal.json");
         if let Some(j) = self.store().journal(self.name()).await? {
             let what = format!(
                 "an interrupted {} (qsnap pid {}, started {})",
@@ -80,31 +126,41 @@ impl Vm {
                         // Settled, but with something left undone (a guest left paused, a
                         // file kept): not repaired, and the fix says what is left.
                         let complete = r.as_ref().map_or(true, |r| r.problems.is_empty());
-                        add(
+                        let f = found.add(
                             "interrupted",
                             what,
                             r.map(|r| r.outcome).unwrap_or_default(),
                             complete,
-                        )
+                        );
+                        f.about(journal_path);
+                        if !complete {
+                            f.by_hand();
+                        }
                     }
                     Err(e) => {
                         // Nothing else is repaired over an operation that is not settled: its
                         // files would look like orphans, its journal would be overwritten.
-                        add("interrupted", what, e.to_string(), false);
+                        // What the error says is for a person to do.
+                        found
+                            .add("interrupted", what, e.to_string(), false)
+                            .about(journal_path)
+                            .by_hand();
                         return Ok(CheckReport {
                             vm: self.name().to_string(),
-                            findings,
+                            findings: found.0,
                             clean: false,
                         });
                     }
                 }
             } else {
-                add(
-                    "interrupted",
-                    what,
-                    "`--repair` finishes it or rolls it back".into(),
-                    false,
-                );
+                found
+                    .add(
+                        "interrupted",
+                        what,
+                        "`--repair` finishes it or rolls it back".into(),
+                        false,
+                    )
+                    .about(journal_path);
             }
         }
 
@@ -124,53 +180,59 @@ impl Vm {
                     if mem.lazy.is_some() {
                         lazy_unverified.push(m.name.clone());
                     }
-                    add(
-                        "bad-memory",
-                        format!("snapshot {}: {e}", m.name),
-                        format!(
-                            "it cannot be reverted to; `qsnap delete {} {}` removes it",
-                            self.name(),
-                            m.name
-                        ),
-                        false,
-                    );
+                    found
+                        .add(
+                            "bad-memory",
+                            format!("snapshot {}: {e}", m.name),
+                            format!(
+                                "it cannot be reverted to; restore the file from a copy, or `qsnap delete {} {}` removes the snapshot",
+                                self.name(),
+                                m.name
+                            ),
+                            false,
+                        )
+                        .about(&mem.file);
                 }
                 if let Some(lazy) = &mem.lazy {
                     if let Err(e) =
                         memfile::verify_ram_image(lazy.image.clone(), lazy.checksum.clone()).await
                     {
                         lazy_unverified.push(m.name.clone());
-                        add(
-                            "bad-memory",
-                            format!("snapshot {}: its RAM image: {e}", m.name),
-                            format!(
-                                "it cannot be reverted to; `qsnap delete {} {}` removes it",
-                                self.name(),
-                                m.name
-                            ),
-                            false,
-                        );
+                        found
+                            .add(
+                                "bad-memory",
+                                format!("snapshot {}: its RAM image: {e}", m.name),
+                                format!(
+                                    "it cannot be reverted to; restore the file from a copy, or `qsnap delete {} {}` removes the snapshot",
+                                    self.name(),
+                                    m.name
+                                ),
+                                false,
+                            )
+                            .about(&lazy.image);
                     }
                 }
             }
             let mut unstamped = Vec::new();
             for d in &m.snapshot.disks {
                 match image::stamp(&d.image).await {
-                    Err(_) => add(
-                        "missing-image",
-                        format!(
-                            "snapshot {}: disk {} image {} is missing",
-                            m.name,
-                            d.device,
-                            d.image.display()
-                        ),
-                        format!(
-                            "restore the file, or `qsnap delete {} {}`",
-                            self.name(),
-                            m.name
-                        ),
-                        false,
-                    ),
+                    // (Not "delete the snapshot": the layers above back onto the file, so a
+                    // delete is refused until it is back, and would send the user here.)
+                    Err(_) => {
+                        found
+                            .add(
+                                "missing-image",
+                                format!(
+                                    "snapshot {}: disk {} image {} is missing",
+                                    m.name,
+                                    d.device,
+                                    d.image.display()
+                                ),
+                                "restore the file from a backup: the snapshot, and every layer that backs onto it, needs it".into(),
+                                false,
+                            )
+                            .about(&d.image);
+                    }
                     Ok(now) if d.frozen.is_none() => {
                         let what = format!(
                             "snapshot {}: image {} has no stamp (its size and time were not recorded when it was frozen), so a change to it would go unnoticed",
@@ -179,28 +241,39 @@ impl Vm {
                         );
                         unstamped.push((d.device.clone(), now, what));
                     }
-                    Ok(now) if d.frozen.is_some_and(|f| f != now) => add(
-                        "changed-image",
-                        format!(
-                            "snapshot {}: image {} changed since it was taken",
-                            m.name,
-                            d.image.display()
-                        ),
-                        "something wrote to a frozen image; reverting to it is refused".into(),
-                        false,
-                    ),
-                    Ok(_) => {
-                        if let Err(e) = image::chain(&d.image, &cancel).await {
-                            add(
-                                "broken-chain",
+                    Ok(now) if d.frozen.is_some_and(|f| f != now) => {
+                        found
+                            .add(
+                                "changed-image",
                                 format!(
-                                    "snapshot {}: the chain of {}: {e}",
+                                    "snapshot {}: image {} changed since it was taken",
                                     m.name,
                                     d.image.display()
                                 ),
-                                "restore the missing backing file".into(),
+                                format!(
+                                    "something wrote to a frozen image, so reverting to {} is refused; restore the file from a backup, or `qsnap delete {} {}` removes the snapshot",
+                                    m.name,
+                                    self.name(),
+                                    m.name
+                                ),
                                 false,
-                            );
+                            )
+                            .about(&d.image);
+                    }
+                    Ok(_) => {
+                        if let Err(e) = image::chain(&d.image, &cancel).await {
+                            found
+                                .add(
+                                    "broken-chain",
+                                    format!(
+                                        "snapshot {}: the chain of {}: {e}",
+                                        m.name,
+                                        d.image.display()
+                                    ),
+                                    "restore the missing backing file from a backup".into(),
+                                    false,
+                                )
+                                .about(&d.image);
                         }
                     }
                 }
@@ -217,18 +290,15 @@ impl Vm {
                 } else {
                     None
                 };
-                for (_, _, what) in unstamped {
-                    match &written {
-                        Some(Ok(())) => {
-                            add("unstamped-image", what, "stamped as it is now".into(), true)
-                        }
-                        Some(Err(e)) => add("unstamped-image", what, e.to_string(), false),
-                        None => add(
-                            "unstamped-image",
-                            what,
-                            "`--repair` stamps it as it is now".into(),
-                            false,
-                        ),
+                for (device, _, what) in unstamped {
+                    let (fix, repaired) = match &written {
+                        Some(Ok(())) => ("stamped as it is now".into(), true),
+                        Some(Err(e)) => (e.to_string(), false),
+                        None => ("`--repair` stamps it as it is now".into(), false),
+                    };
+                    let f = found.add("unstamped-image", what, fix, repaired);
+                    if let Some(d) = m.snapshot.disks.iter().find(|d| d.device == device) {
+                        f.about(&d.image);
                     }
                 }
             }
@@ -243,16 +313,18 @@ impl Vm {
                     Err(e) => {
                         // Without QEMU's view every later finding would be a guess (an
                         // image QEMU uses would look orphaned): stop here.
-                        add(
-                            "unreadable-qemu",
-                            format!("QEMU's disks could not be read: {e}"),
-                            "nothing after this was checked or repaired; see the message, then check again"
-                                .into(),
-                            false,
-                        );
+                        found
+                            .add(
+                                "unreadable-qemu",
+                                format!("QEMU's disks could not be read: {e}"),
+                                "nothing after this was checked or repaired; see the message, then check again"
+                                    .into(),
+                                false,
+                            )
+                            .by_hand();
                         return Ok(CheckReport {
                             vm: self.name().to_string(),
-                            findings,
+                            findings: found.0,
                             clean: false,
                         });
                     }
@@ -277,16 +349,22 @@ impl Vm {
                 } else {
                     "`--repair` makes the record follow QEMU"
                 };
-                add("store-disagrees", what, fix.into(), repair);
+                found
+                    .add("store-disagrees", what, fix.into(), repair)
+                    .about(&top)
+                    .about(&d.image);
                 continue;
             }
             if let Err(e) = image::chain(&d.image, &cancel).await {
-                add(
-                    "broken-chain",
-                    format!("disk {}: {e}", d.device),
-                    "restore the missing file; the VM cannot start without it".into(),
-                    false,
-                );
+                found
+                    .add(
+                        "broken-chain",
+                        format!("disk {}: {e}", d.device),
+                        "restore the missing file from a backup; the VM cannot start without it"
+                            .into(),
+                        false,
+                    )
+                    .about(&d.image);
             }
         }
         if let (true, Some(live)) = (repair, &live) {
@@ -300,36 +378,96 @@ impl Vm {
             consolidate::follow_live(&mut effective, &live.disks);
         }
 
-        // 4. Owned images that are gone, or that nothing uses.
+        // 4. Owned images that are gone, or that nothing uses. One that a snapshot or the
+        // record still names is not stale but missing (reported above): it stays listed as
+        // qsnap's, for when it is restored.
+        let named = |p: &PathBuf| {
+            record.disks.iter().any(|d| &d.image == p)
+                || manifests
+                    .iter()
+                    .any(|m| m.snapshot.disks.iter().any(|d| &d.image == p))
+        };
         let mut stale = Vec::new();
         for o in &record.owned_images {
             let p = o.clone();
-            if !store::blocking(move || store::exists(&p)).await? {
+            if !store::blocking(move || store::exists(&p)).await? && !named(o) {
                 stale.push(o.clone());
             }
         }
         if !stale.is_empty() {
             for s in &stale {
-                add(
-                    "stale-record",
-                    format!(
-                        "the record lists {} as qsnap's, but it is gone",
-                        s.display()
-                    ),
-                    if repair {
-                        "dropped from the record".into()
-                    } else {
-                        "`--repair` drops it from the record".into()
-                    },
-                    repair,
-                );
+                found
+                    .add(
+                        "stale-record",
+                        format!(
+                            "the record lists {} as qsnap's, but it is gone",
+                            s.display()
+                        ),
+                        if repair {
+                            "dropped from the record".into()
+                        } else {
+                            "`--repair` drops it from the record".into()
+                        },
+                        repair,
+                    )
+                    .about(s);
             }
             if repair {
                 record.owned_images.retain(|o| !stale.contains(o));
                 self.store().write_record(&record).await?;
             }
         }
-        let viewed = consolidate::view(self, &effective, &manifests).await;
+        // Who uses what, across the store. A chain that cannot be read stops the rest (an
+        // image it would have named could look orphaned); what is broken is reported once,
+        // with its file, and in check's own words (not a delete's refusal that points back
+        // here).
+        if live.is_none() && !matches!(state, VmState::Stopped) {
+            // QEMU is alive but did not answer: which images it has open is unknown, and an
+            // image it writes could look orphaned. Nothing of the kind is judged.
+            found
+                .add(
+                    "unreadable-qemu",
+                    format!(
+                        "the VM's QEMU is alive but its monitor did not answer ({}), so which images it uses cannot be checked",
+                        match &state {
+                            VmState::Unreachable { why, .. } => why.clone(),
+                            _ => "it closed the connection".into(),
+                        }
+                    ),
+                    format!(
+                        "free its monitor (or `qsnap stop {}`), then check again",
+                        self.name()
+                    ),
+                    false,
+                )
+                .about(&record.qmp)
+                .by_hand();
+        }
+        let viewed = if live.is_none() && !matches!(state, VmState::Stopped) {
+            Err(Vec::new())
+        } else {
+            match refs::Graph::gather(
+                self.store(),
+                self.name(),
+                &effective,
+                &manifests,
+                live.as_ref(),
+                &cancel,
+            )
+            .await
+            {
+                Ok(g) if g.broken.is_empty() => Ok((g, live)),
+                Ok(g) => Err(g
+                    .broken
+                    .into_iter()
+                    .map(|(img, why)| (Some(img), why))
+                    .collect::<Vec<_>>()),
+                Err(crate::Error::DeleteRefused { snapshot, why }) => {
+                    Err(vec![(Some(PathBuf::from(snapshot)), why)])
+                }
+                Err(e) => Err(vec![(None, e.to_string())]),
+            }
+        };
         match viewed {
             Ok((graph, live)) => {
                 let orphans: Vec<PathBuf> = record
@@ -347,12 +485,21 @@ impl Vm {
                             Ok(()) => {
                                 record.owned_images.retain(|x| x != &o);
                                 self.store().write_record(&record).await?;
-                                add("orphan-image", what, "removed".into(), true);
+                                found
+                                    .add("orphan-image", what, "removed".into(), true)
+                                    .about(&o);
                             }
-                            Err(e) => add("orphan-image", what, e.to_string(), false),
+                            Err(e) => {
+                                found
+                                    .add("orphan-image", what, e.to_string(), false)
+                                    .about(&o)
+                                    .by_hand();
+                            }
                         }
                     } else {
-                        add("orphan-image", what, "`--repair` removes it".into(), false);
+                        found
+                            .add("orphan-image", what, "`--repair` removes it".into(), false)
+                            .about(&o);
                     }
                 }
                 // 5. Layers left unmerged.
@@ -366,35 +513,49 @@ impl Vm {
                         "{} layer(s) no snapshot needs are still in the chains",
                         steps.len()
                     );
-                    if repair {
+                    let layers: Vec<PathBuf> = steps
+                        .iter()
+                        .filter_map(|s| match s {
+                            consolidate::Step::Merge(m) => Some(m.lower.clone()),
+                            consolidate::Step::Remove { .. } => None,
+                        })
+                        .collect();
+                    let (fix, repaired) = if repair {
                         match consolidate::merge_leftovers(self, &mut record, None).await {
-                            Ok(done) => {
-                                add(
-                                    "unmerged-layer",
-                                    what,
-                                    format!("{} merge(s) done", done.len()),
-                                    true,
-                                );
-                            }
-                            Err(e) => add("unmerged-layer", what, e.to_string(), false),
+                            Ok(done) => (format!("{} merge(s) done", done.len()), true),
+                            Err(e) => (e.to_string(), false),
                         }
                     } else {
-                        add(
-                            "unmerged-layer",
-                            what,
-                            "`--repair` merges them".into(),
-                            false,
-                        );
+                        ("`--repair` merges them".into(), false)
+                    };
+                    let f = found.add("unmerged-layer", what, fix, repaired);
+                    for l in layers {
+                        f.about(l);
                     }
                 }
             }
-            Err(e) => {
-                add(
-                    "broken-chain",
-                    e.to_string(),
-                    "restore the missing files".into(),
-                    false,
-                );
+            Err(broken) => {
+                for (img, why) in broken {
+                    let told = img
+                        .as_ref()
+                        .is_some_and(|i| found.0.iter().any(|f| f.paths.contains(i)));
+                    if told {
+                        continue;
+                    }
+                    let f = found.add(
+                        "broken-chain",
+                        match &img {
+                            Some(i) => format!("the chain of {}: {why}", i.display()),
+                            None => why,
+                        },
+                        "restore the missing file from a backup; until its chain reads whole, nothing is merged or removed".into(),
+                        false,
+                    );
+                    f.by_hand();
+                    if let Some(i) = img {
+                        f.about(i);
+                    }
+                }
             }
         }
 
@@ -430,19 +591,33 @@ impl Vm {
                 .and_then(|n| n.strip_suffix(".mem"))
                 .is_some_and(|snap| lazy_unverified.iter().any(|l| l == snap));
             if last_copy {
-                add(
-                    "orphan-memory",
-                    what,
-                    "kept: the snapshot's RAM image or device state does not verify (see above), and this stream may be the only good copy of its memory; copy it somewhere safe before deleting the snapshot".into(),
-                    false,
-                );
+                found
+                    .add(
+                        "orphan-memory",
+                        what,
+                        "kept: the snapshot's RAM image or device state does not verify (see above), and this stream may be the only good copy of its memory; copy it somewhere safe before deleting the snapshot".into(),
+                        false,
+                    )
+                    .about(&s)
+                    .by_hand();
             } else if repair {
                 match crate::unlink::checked(&s, crate::unlink::Kind::Memory).await {
-                    Ok(()) => add("orphan-memory", what, "removed".into(), true),
-                    Err(e) => add("orphan-memory", what, e.to_string(), false),
+                    Ok(()) => {
+                        found
+                            .add("orphan-memory", what, "removed".into(), true)
+                            .about(&s);
+                    }
+                    Err(e) => {
+                        found
+                            .add("orphan-memory", what, e.to_string(), false)
+                            .about(&s)
+                            .by_hand();
+                    }
                 }
             } else {
-                add("orphan-memory", what, "`--repair` removes it".into(), false);
+                found
+                    .add("orphan-memory", what, "`--repair` removes it".into(), false)
+                    .about(&s);
             }
         }
 
@@ -450,26 +625,28 @@ impl Vm {
         for o in &record.owned_images {
             if let Ok(r) = image::check(o, &cancel).await {
                 if r.corruptions > 0 || r.check_errors > 0 {
-                    add(
-                        "corrupt-image",
-                        format!(
-                            "{}: {} corruption(s), {} check error(s)",
-                            o.display(),
-                            r.corruptions,
-                            r.check_errors
-                        ),
-                        "run `qemu-img check -r all` on it with the VM stopped, after a backup"
-                            .into(),
-                        false,
-                    );
+                    found
+                        .add(
+                            "corrupt-image",
+                            format!(
+                                "{}: {} corruption(s), {} check error(s)",
+                                o.display(),
+                                r.corruptions,
+                                r.check_errors
+                            ),
+                            "run `qemu-img check -r all` on it with the VM stopped, after a backup"
+                                .into(),
+                            false,
+                        )
+                        .about(o);
                 }
             }
         }
 
-        let clean = findings.iter().all(|f| f.repaired);
+        let clean = found.0.iter().all(|f| f.repaired);
         Ok(CheckReport {
             vm: self.name().to_string(),
-            findings,
+            findings: found.0,
             clean,
         })
     }
