@@ -606,6 +606,114 @@ async fn an_unstamped_frozen_image_is_reported_and_stamped_by_the_repair() {
     rig.stop();
 }
 
+/// At every state-changing QMP command of revert, delete, clone and lazy-ram, the command ran
+/// but its answer "timed out" (a timeout is not a no): the operation ends cleanly either way,
+/// `check --repair` leaves the store clean and nothing the VM had is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_qmp_command_that_ran_but_timed_out_is_survived_at_every_point() {
+    require_qemu!();
+    if !qsnap_testkit::failpoints_or_skip(
+        "a_qmp_command_that_ran_but_timed_out_is_survived_at_every_point",
+    ) {
+        return;
+    }
+    let ops = |point: &str| -> Vec<&'static str> {
+        match point.split('.').next().unwrap() {
+            "load" if point == "load.cont-sent" => vec!["revert", "clone"],
+            "load" => vec!["revert", "clone", "lazy-ram"],
+            "lazy" => vec!["lazy-ram"],
+            "delete" => vec!["delete"],
+            _ => Vec::new(),
+        }
+    };
+    let points: Vec<&str> = qsnap_engine::failpoint::TIMEOUT_POINTS
+        .iter()
+        .copied()
+        .filter(|p| !ops(p).is_empty())
+        .collect();
+    assert!(points.len() >= 10, "{points:?}");
+    for point in points {
+        for op in ops(point) {
+            let what = format!("{op}, a timeout at {point}");
+            eprintln!("--- {what}");
+            let rig = Rig::new().await;
+            let _clone = KillRecordedQemu::new(&rig.store(), "c");
+            rig.snapshot_between_two_writes().await;
+            assert!(rig.qsnap(&["create", "g", "s2"]).status.success());
+            rig.put(3).await;
+            let args: Vec<&str> = match op {
+                "revert" => vec!["revert", "g", "s1"],
+                "clone" => vec!["clone", "g", "s1", "c"],
+                "lazy-ram" => vec!["lazy-ram", "g", "s1"],
+                // A pivot (the active layer committed into the original) passes every delete
+                // point but the stream's: --all; the job start also for a stream (s1's layer
+                // streams into s2's frozen image).
+                _ if point == "delete.job-sent" => vec!["delete", "g", "s1"],
+                _ => vec!["delete", "g", "--all"],
+            };
+            let out = rig.qsnap_failing(point, "timeout", &args);
+            assert!(out.status.code().is_some(), "{what}: {}", show(&out));
+            // Where QEMU's state says what happened, the operation reads it and succeeds.
+            if matches!(
+                point,
+                "load.cont-sent"
+                    | "delete.resume-sent"
+                    | "delete.finalize-sent"
+                    | "delete.complete-sent"
+            ) {
+                assert!(out.status.success(), "{what}: {}", show(&out));
+            }
+            rig.repair_and_check(&what);
+            match op {
+                "revert" => {
+                    let now = rig.holds(1, 3).await.or(rig.holds(3, 3).await);
+                    now.unwrap_or_else(|e| panic!("{what}: neither s1 nor as it was: {e}"));
+                }
+                "clone" => {
+                    if rig.qsnap(&["status", "c"]).status.success() {
+                        if out.status.success() {
+                            rig.holds_on("c", 1, 3)
+                                .await
+                                .unwrap_or_else(|e| panic!("{what}: the clone's disk: {e}"));
+                        }
+                        let out = rig.qsnap(&["remove", "c"]);
+                        assert!(out.status.success(), "{what}: remove: {}", show(&out));
+                    }
+                    rig.clone_is_gone("c", true, &what).await;
+                    rig.holds(3, 3)
+                        .await
+                        .unwrap_or_else(|e| panic!("{what}: the source's disk: {e}"));
+                }
+                "lazy-ram" => {
+                    rig.holds(3, 3)
+                        .await
+                        .unwrap_or_else(|e| panic!("{what}: the disk: {e}"));
+                    let out = rig.qsnap(&["lazy-ram", "g", "s1"]);
+                    assert!(
+                        out.status.success(),
+                        "{what}: lazy-ram again: {}",
+                        show(&out)
+                    );
+                }
+                _ => {
+                    rig.holds(3, 3)
+                        .await
+                        .unwrap_or_else(|e| panic!("{what}: the current disk lost data: {e}"));
+                    // Whether the delete finished or was rolled forward, the snapshot is gone.
+                    let left = rig.snapshots();
+                    assert!(
+                        !left.iter().any(|s| args.contains(&s.as_str()))
+                            && (args[2] != "--all" || left.is_empty()),
+                        "{what}: {left:?}"
+                    );
+                }
+            }
+            rig.all_revert(&what, step_of, 3).await;
+            rig.stop();
+        }
+    }
+}
+
 /// A small deterministic generator (xorshift), seeded and printed for reproduction.
 struct Rng(u64);
 

@@ -68,6 +68,20 @@ pub const TIMEOUT_POINTS: &[&str] = &[
     // a delete's finalize of a merge job (`delete.finalize`, before it is sent, with `error`
     // stands for QEMU refusing it)
     "delete.finalize-sent",
+    // a delete: a merge job started, an active one completed, the guest paused and resumed
+    // around a disk switch
+    "delete.job-sent",
+    "delete.complete-sent",
+    "delete.pause-sent",
+    "delete.resume-sent",
+    // loading a memory file (revert, clone, the lazy-RAM helper): capabilities set, the load
+    // started; resuming the loaded guest (revert, clone)
+    "load.caps-sent",
+    "load.incoming-sent",
+    "load.cont-sent",
+    // lazy-ram: the helper's capabilities for the device-state save, the save started
+    "lazy.caps-sent",
+    "lazy.save-sent",
 ];
 
 /// Other points: a create's rollback merging a switched disk back (`error` makes the merge

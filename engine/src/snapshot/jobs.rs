@@ -163,8 +163,16 @@ pub(crate) async fn run_to_pending(
     let pid = qmp.peer_pid();
     let mut started: Vec<&LiveMerge> = Vec::new();
     for m in merges {
-        if let Err(e) = m.start(qmp).await {
-            abandon(qmp, &started).await;
+        let r = match m.start(qmp).await {
+            Ok(()) if points.on => crate::failpoint::hit("delete.job-sent", pid).await,
+            other => other,
+        };
+        if let Err(e) = r {
+            // A start that timed out may have made the job: it is cancelled with the others.
+            started.push(m);
+            if qmp.is_connected() {
+                abandon(qmp, &started).await;
+            }
             return Err(e);
         }
         started.push(m);
@@ -250,10 +258,21 @@ async fn to_pending(
         if all_caught_up {
             for j in mine.values() {
                 if j.status == "ready" && !completed.contains(&j.id) {
-                    qmp.execute(types::job_complete { id: j.id.clone() })
-                        .await
-                        .map_err(Error::qmp("completing an active merge"))?;
-                    completed.push(j.id.clone());
+                    let sent = match qmp.execute(types::job_complete { id: j.id.clone() }).await {
+                        Ok(_) => {
+                            crate::failpoint::hit("delete.complete-sent", qmp.peer_pid()).await
+                        }
+                        Err(e) => Err(Error::qmp("completing an active merge")(e)),
+                    };
+                    match sent {
+                        Ok(()) => completed.push(j.id.clone()),
+                        // It may have run: the job's state says so at the next look (still
+                        // `ready`: completed again).
+                        Err(e) if e.is_timeout() => {
+                            warn!(job = %j.id, "completing a merge timed out; looking again");
+                        }
+                        Err(e) => return Err(e),
+                    }
                 }
             }
         }

@@ -271,10 +271,23 @@ async fn check_mapping(qmp: &Qmp, p: &PreparedRevert) -> Result<()> {
 /// calls this: from the first instruction the guest runs, the new overlays hold writes that a
 /// recovery must keep rather than discard.
 pub async fn resume(qmp: &Qmp) -> Result<()> {
-    qmp.execute(types::cont {})
-        .await
-        .map(drop)
-        .map_err(Error::qmp("resuming the guest"))
+    resume_at(qmp, "load.cont-sent").await
+}
+
+/// [`resume`], passing failpoint `point` after the `cont`.
+pub(crate) async fn resume_at(qmp: &Qmp, point: &'static str) -> Result<()> {
+    let sent = match qmp.execute(types::cont {}).await {
+        Ok(_) => crate::failpoint::hit(point, qmp.peer_pid()).await,
+        Err(e) => Err(Error::qmp("resuming the guest")(e)),
+    };
+    match sent {
+        // A `cont` that timed out may have run: QEMU's run state says.
+        Err(e) if e.is_timeout() => match qmp.execute(types::query_status {}).await {
+            Ok(st) if st.running => Ok(()),
+            _ => Err(e),
+        },
+        other => other,
+    }
 }
 
 /// What a restore did.
@@ -333,6 +346,7 @@ pub async fn restore(
     })
     .await
     .map_err(Error::qmp("setting migration capabilities for the load"))?;
+    crate::failpoint::hit("load.caps-sent", qmp.peer_pid()).await?;
     let header = memfile::read_header(mem.clone()).await?;
     let file_uri = transport::has_file_uri(qmp).await?;
     let (uri, stream) = transport::open_load(qmp, mem, header.stream_len, file_uri).await?;
@@ -345,6 +359,7 @@ pub async fn restore(
         })
         .await
         .map_err(Error::qmp("loading the memory file"))?;
+        crate::failpoint::hit("load.incoming-sent", qmp.peer_pid()).await?;
         let ev = events
             .wait_for("the memory load", timeout, |e| {
                 e.name == "MIGRATION"

@@ -573,7 +573,8 @@ impl Pause {
         qmp.execute(types::stop {})
             .await
             .map(drop)
-            .map_err(Error::qmp("pausing the guest for the disk switch"))
+            .map_err(Error::qmp("pausing the guest for the disk switch"))?;
+        failpoint::hit("delete.pause-sent", qmp.peer_pid()).await
     }
 
     async fn resume(&self, qmp: &Qmp) -> Result<()> {
@@ -588,10 +589,7 @@ impl Pause {
             if st.running {
                 return Ok(());
             }
-            qmp.execute(types::cont {})
-                .await
-                .map(drop)
-                .map_err(Error::qmp("resuming the guest"))
+            crate::snapshot::revert::resume_at(qmp, "delete.resume-sent").await
         }
         .await;
         resumed.map_err(|e| Error::LeftPaused {

@@ -483,6 +483,7 @@ impl Helper {
         qmp.execute(MigrateSetCapabilities { capabilities: want })
             .await
             .map_err(Error::qmp("setting x-ignore-shared on the helper"))?;
+        failpoint::hit("lazy.caps-sent", qmp.peer_pid()).await?;
         let fdset = qmp
             .add_fd(dev_file, None, Some(crate::snapshot::transport::FD_NAME))
             .await
@@ -499,6 +500,7 @@ impl Helper {
         })
         .await
         .map_err(Error::qmp("saving the device state"))?;
+        failpoint::hit("lazy.save-sent", qmp.peer_pid()).await?;
         let watch = Watch {
             started: Instant::now(),
             timeout: Duration::from_secs(120),
