@@ -86,7 +86,21 @@ pub async fn create_overlay(
         // Ours, and empty or half-written: it goes.
         let _ = tokio::fs::remove_file(overlay).await;
     }
-    made.map(drop)
+    made?;
+    // Durable before anything names it: a record or manifest that survives a power cut must
+    // not name an overlay whose header, or whose directory entry, did not.
+    let p = overlay.to_owned();
+    blocking(move || {
+        std::fs::File::open(&p)
+            .and_then(|f| f.sync_all())
+            .map_err(|source| Error::Io {
+                what: "syncing a new overlay",
+                path: p.clone(),
+                source,
+            })?;
+        crate::store::sync_dir(p.parent().unwrap_or(Path::new(".")))
+    })
+    .await
 }
 
 /// One image of a backing chain, as `qemu-img info` reports it.
@@ -243,6 +257,25 @@ pub async fn check(image: &Path, cancel: &CancellationToken) -> Result<CheckRepo
         path: image.to_owned(),
         why: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
     })
+}
+
+/// Makes `path` durable (data and metadata: its mtime is what a stamp records) and reads its
+/// stamp: after a power cut the file has what the stamp says. For images frozen (or
+/// rewritten by a merge) just now; QEMU's flush is an `fdatasync`, which need not keep the
+/// mtime.
+pub async fn stamp_durable(path: &Path) -> Result<ImageStamp> {
+    let p = path.to_owned();
+    blocking(move || {
+        std::fs::File::open(&p)
+            .and_then(|f| f.sync_all())
+            .map_err(|source| Error::Io {
+                what: "syncing a frozen image",
+                path: p.clone(),
+                source,
+            })
+    })
+    .await?;
+    stamp(path).await
 }
 
 /// Reads the stamp (size and mtime) of `path`.

@@ -392,7 +392,9 @@ pub async fn create_ram_image(path: PathBuf, size: u64) -> Result<()> {
                 },
             })?;
         f.set_len(size)
-            .map_err(io_err("sizing the RAM image", &path))
+            .map_err(io_err("sizing the RAM image", &path))?;
+        // The name must survive a crash too: a leftover is found (and never overwritten).
+        crate::store::sync_dir(path.parent().unwrap_or(Path::new(".")))
     })
     .await
 }

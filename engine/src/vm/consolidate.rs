@@ -842,7 +842,7 @@ async fn restamp(vm: &Vm, files: &[PathBuf]) -> Result<()> {
         for d in &mut man.snapshot.disks {
             if files.contains(&d.image) {
                 failpoint::hit("delete.restamp", None).await?;
-                let now = Some(image::stamp(&d.image).await?);
+                let now = Some(image::stamp_durable(&d.image).await?);
                 if d.frozen != now {
                     d.frozen = now;
                     changed = true;

@@ -188,7 +188,7 @@ impl Planned<'_> {
                 }
                 for d in &mut report.disks {
                     let stamped = match failpoint::hit("create.stamp", None).await {
-                        Ok(()) => image::stamp(&d.image).await,
+                        Ok(()) => image::stamp_durable(&d.image).await,
                         Err(e) => Err(e),
                     };
                     match stamped {
