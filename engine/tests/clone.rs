@@ -148,7 +148,16 @@ async fn four_clones_of_one_snapshot_run_side_by_side_and_outlive_its_deletion()
         .unwrap();
     let mark = consoles[0].len();
     c1.revert(&n("cs"), false).await.unwrap();
-    resumes_in(&consoles[0], mark, (before, after), "c1 reverted to cs").await;
+    // The clone's console is one file across the relaunch: the replaced QEMU's last ticks
+    // (all past `after + 2`, which was waited for) may follow `mark` before the reverted
+    // guest's first. The reverted guest's ticks start again at most at `after + 1`.
+    let (resumed, _) = consoles[0]
+        .wait_from(mark, Duration::from_secs(60), |l| {
+            parse_tick(l).filter(|&t| t <= after + 1)
+        })
+        .await
+        .unwrap_or_else(|e| panic!("c1 reverted to cs: no tick: {e}\n{}", consoles[0].tail(30)));
+    resumes_in(&consoles[0], resumed, (before, after), "c1 reverted to cs").await;
     let c5 = c1
         .clone_snapshot(&n("cs"), &v(&c(5)), &CloneOptions::default())
         .await

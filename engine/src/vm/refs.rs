@@ -250,6 +250,17 @@ impl Graph {
         }
     }
 
+    /// Takes an image that was just unlinked out of the graph (it no longer backs anything,
+    /// names nothing, is in no disk's set).
+    pub(crate) fn forget(&mut self, image: &Path) {
+        self.backing.remove(image);
+        self.format.remove(image);
+        self.uses.remove(image);
+        for set in self.by_device.values_mut() {
+            set.remove(image);
+        }
+    }
+
     /// The images that back onto `image`.
     pub(crate) fn children(&self, image: &Path) -> Vec<PathBuf> {
         self.backing

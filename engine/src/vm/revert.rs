@@ -474,15 +474,15 @@ pub(crate) async fn finish(
     }
     vm.store().write_record(record).await?;
     failpoint::hit("revert.recorded", pid).await?;
-    let removed = remove_abandoned(vm, record, &intent.old_disks).await;
+    let (removed, mergeable) = remove_abandoned(vm, record, &intent.old_disks).await;
     vm.store().clear_journal(vm.name()).await?;
     // An abandoned overlay may have been the second child of a layer no snapshot names any
     // more: that layer can merge now, and is merged (a delete of nothing, journaled as one),
     // so that the chains stay as short as the snapshots allow and `check` stays clean.
-    let merged = if removed.is_empty() {
-        Ok(Vec::new())
+    let merged = if mergeable {
+        consolidate::merge_leftovers(vm, record, None).await
     } else {
-        merge_made_mergeable(vm, record).await
+        Ok(Vec::new())
     };
     Ok(Finished { removed, merged })
 }
@@ -496,21 +496,15 @@ pub(crate) struct Finished {
     pub merged: Result<Vec<super::delete::MergeReport>>,
 }
 
-async fn merge_made_mergeable(
+/// Deletes the overlays of the abandoned state that qsnap made and nothing uses.
+/// Deletes the overlays of the abandoned state that qsnap made and nothing uses. Returns
+/// them, and whether their removal left a layer to merge (read from the same view of the
+/// store, with the removed overlays taken out of it).
+async fn remove_abandoned(
     vm: &Vm,
     record: &mut VmRecord,
-) -> Result<Vec<super::delete::MergeReport>> {
-    let manifests = vm.store().manifests(vm.name()).await?;
-    let (graph, live) = consolidate::view(vm, record, &manifests).await?;
-    if !consolidate::has_merges(&graph, record, live.as_ref()) {
-        return Ok(Vec::new());
-    }
-    drop(live);
-    consolidate::merge_leftovers(vm, record, None).await
-}
-
-/// Deletes the overlays of the abandoned state that qsnap made and nothing uses.
-async fn remove_abandoned(vm: &Vm, record: &mut VmRecord, old: &[CurrentDisk]) -> Vec<PathBuf> {
+    old: &[CurrentDisk],
+) -> (Vec<PathBuf>, bool) {
     let candidates: Vec<PathBuf> = old
         .iter()
         .filter(|d| record.owned_images.contains(&d.image))
@@ -518,20 +512,20 @@ async fn remove_abandoned(vm: &Vm, record: &mut VmRecord, old: &[CurrentDisk]) -
         .map(|d| d.image.clone())
         .collect();
     if candidates.is_empty() {
-        return Vec::new();
+        return (Vec::new(), false);
     }
     let manifests = match vm.store().manifests(vm.name()).await {
         Ok(m) => m,
         Err(e) => {
             warn!(error = %e, "cannot read manifests; keeping the old overlays");
-            return Vec::new();
+            return (Vec::new(), false);
         }
     };
-    let (graph, live) = match consolidate::view(vm, record, &manifests).await {
+    let (mut graph, live) = match consolidate::view(vm, record, &manifests).await {
         Ok(v) => v,
         Err(e) => {
             warn!(error = %e, "cannot check who uses the old overlays; keeping them");
-            return Vec::new();
+            return (Vec::new(), false);
         }
     };
     let mut removed = Vec::new();
@@ -539,6 +533,7 @@ async fn remove_abandoned(vm: &Vm, record: &mut VmRecord, old: &[CurrentDisk]) -
         match refs::safe_unlink(&image, &graph, record, live.as_ref()).await {
             Ok(()) => {
                 record.owned_images.retain(|o| o != &image);
+                graph.forget(&image);
                 removed.push(image);
             }
             Err(e) => warn!(image = %image.display(), error = %e, "kept an abandoned overlay"),
@@ -549,5 +544,6 @@ async fn remove_abandoned(vm: &Vm, record: &mut VmRecord, old: &[CurrentDisk]) -
             warn!(error = %e, "could not record the removed overlays");
         }
     }
-    removed
+    let mergeable = !removed.is_empty() && consolidate::has_merges(&graph, record, live.as_ref());
+    (removed, mergeable)
 }
