@@ -6,7 +6,9 @@
 //! inodes' metadata in memory; file contents live in one backing file per inode
 //! (`<backing>/objects/<ino>`), which always holds the *live* bytes. What the last `fsync`
 //! made durable is kept as an undo log (`<backing>/undo/<ino>`): the durable size, plus the
-//! old bytes of every range below it that was changed since. [`Model::crash`] applies the
+//! old bytes of every block below it that was changed since (holes are saved as holes), or,
+//! after a truncation to less than a block (`O_TRUNC`), the whole old object moved aside
+//! (`<backing>/undo/<ino>.base`), so that costs nothing. [`Model::crash`] applies the
 //! power loss: it rolls each surviving file back through its undo log and truncates it to its
 //! durable size, rebuilds every directory from its durable entries, and drops every inode that
 //! no durable entry reaches.
@@ -150,13 +152,23 @@ pub struct SetMeta {
     pub mtime: Option<SystemTime>,
 }
 
+/// Where the durable contents of a saved range are.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Source {
+    /// The durable range was a hole: restored by punching one, so sparse files stay sparse.
+    Hole,
+    /// In the undo file at this offset.
+    Undo(u64),
+    /// In the base file (the whole old object, moved aside by a truncation to almost
+    /// nothing), at the same offset.
+    Base,
+}
+
 /// One saved range of a file's durable contents.
 #[derive(Clone, Copy, Debug)]
 struct Saved {
     len: u64,
-    /// Offset of the saved bytes in the undo file; `None` when the durable range was a hole
-    /// (restored by punching a hole, so sparse files stay sparse).
-    at: Option<u64>,
+    src: Source,
 }
 
 /// The durable contents of a file below its durable size that the live file no longer has.
@@ -167,6 +179,9 @@ struct Undo {
     file: Option<File>,
     /// Append position in `file`.
     len: u64,
+    /// Whether `<undo>.base` holds the object as it was before a truncation to (almost)
+    /// nothing: moving it aside costs nothing where copying it out would cost its size.
+    base: bool,
 }
 
 impl Undo {
@@ -477,6 +492,21 @@ impl Model {
 
     fn undo_path(&self, ino: Ino) -> PathBuf {
         self.dir.join("undo").join(ino.to_string())
+    }
+
+    fn base_path(&self, ino: Ino) -> PathBuf {
+        self.dir.join("undo").join(format!("{ino}.base"))
+    }
+
+    /// Deletes the backing files of `ino` (object, undo log, base).
+    fn remove_files(&self, ino: Ino) -> io::Result<()> {
+        match std::fs::remove_file(self.object_path(ino)) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        let _ = std::fs::remove_file(self.undo_path(ino));
+        let _ = std::fs::remove_file(self.base_path(ino));
+        Ok(())
     }
 
     fn node(&self, ino: Ino) -> Result<&Node, Errno> {
@@ -860,7 +890,7 @@ impl Model {
         }
         for (gs, ge) in f.undo.gaps(start, end) {
             for (s, e, data) in segments(&f.file, gs, ge)? {
-                let at = if data {
+                let src = if data {
                     if f.undo.file.is_none() {
                         f.undo.file = Some(
                             OpenOptions::new()
@@ -877,11 +907,11 @@ impl Model {
                     copy_range(&f.file, s, undo, f.undo.len, e - s).map_err(errno)?;
                     let at = f.undo.len;
                     f.undo.len += e - s;
-                    Some(at)
+                    Source::Undo(at)
                 } else {
-                    None
+                    Source::Hole
                 };
-                f.undo.ranges.insert(s, Saved { len: e - s, at });
+                f.undo.ranges.insert(s, Saved { len: e - s, src });
             }
         }
         Ok(())
@@ -903,10 +933,39 @@ impl Model {
         Ok(())
     }
 
-    /// Sets file `ino`'s size (live only).
+    /// Sets file `ino`'s size (live only). Truncating a durable file to less than a block
+    /// (`O_TRUNC`) moves its object aside instead of copying what it loses.
     pub fn truncate(&mut self, ino: Ino, size: u64) -> Result<(), Errno> {
-        let cur = self.file_mut(ino)?.size;
-        if size < cur {
+        let block = self.block;
+        let (obj, base) = (self.object_path(ino), self.base_path(ino));
+        let f = self.file_mut(ino)?;
+        let cur = f.size;
+        let live_durable = cur.min(f.durable_size);
+        if size < block && size < live_durable && !f.undo.base {
+            // Everything below the durable size not saved yet is in the old object: it
+            // becomes the base, and a new object gets the few bytes that stay.
+            let gaps = f.undo.gaps(0, live_durable);
+            std::fs::rename(&obj, &base).map_err(errno)?;
+            let new = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .open(&obj)
+                .map_err(errno)?;
+            copy_range(&f.file, 0, &new, 0, size).map_err(errno)?;
+            f.file = new;
+            f.size = size;
+            f.undo.base = true;
+            for (s, e) in gaps {
+                f.undo.ranges.insert(
+                    s,
+                    Saved {
+                        len: e - s,
+                        src: Source::Base,
+                    },
+                );
+            }
+        } else if size < cur {
             self.save(ino, size, cur)?;
         }
         let f = self.file_mut(ino)?;
@@ -989,6 +1048,7 @@ impl Model {
     /// `fsync`/`fdatasync` of `ino`: its contents, size and metadata (mtime included) become
     /// durable. Not its directory entries: those need an `fsync` of each directory.
     pub fn fsync(&mut self, ino: Ino) -> Result<(), Errno> {
+        let base = self.base_path(ino);
         let n = self.node_mut(ino)?;
         n.durable = n.live.clone();
         if let Body::File(f) = &mut n.body {
@@ -998,6 +1058,10 @@ impl Model {
                 u.set_len(0).map_err(errno)?;
             }
             f.undo.len = 0;
+            if f.undo.base {
+                std::fs::remove_file(base).map_err(errno)?;
+                f.undo.base = false;
+            }
             f.last_write = None;
             f.dirty = false;
         }
@@ -1064,7 +1128,6 @@ impl Model {
     fn collect(&mut self, ino: Ino) {
         let mut work = vec![ino];
         while let Some(ino) = work.pop() {
-            let (obj, undo) = (self.object_path(ino), self.undo_path(ino));
             let Some(n) = self.nodes.get_mut(&ino) else {
                 continue;
             };
@@ -1074,8 +1137,7 @@ impl Model {
             match std::mem::replace(&mut n.body, Body::Gone) {
                 Body::File(f) => {
                     drop(f);
-                    let _ = std::fs::remove_file(obj);
-                    let _ = std::fs::remove_file(undo);
+                    let _ = self.remove_files(ino);
                 }
                 Body::Dir(d) => {
                     for c in d.durable.values() {
@@ -1154,18 +1216,13 @@ impl Model {
             .filter(|i| !reached.contains(i))
             .collect();
         for ino in dropped {
-            let (obj, undo) = (self.object_path(ino), self.undo_path(ino));
             if let Some(n) = self.nodes.remove(&ino) {
                 if let Body::File(f) = n.body {
                     if !n.links.is_empty() {
                         report.discarded_bytes += f.size;
                     }
                     drop(f);
-                    match std::fs::remove_file(obj) {
-                        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
-                        _ => {}
-                    }
-                    let _ = std::fs::remove_file(undo);
+                    self.remove_files(ino)?;
                 }
             }
         }
@@ -1175,6 +1232,7 @@ impl Model {
         let tear = self.tear;
         for ino in inos {
             let undo_path = self.undo_path(ino);
+            let (obj_path, base_path) = (self.object_path(ino), self.base_path(ino));
             let Some(n) = self.nodes.get_mut(&ino) else {
                 continue;
             };
@@ -1221,12 +1279,18 @@ impl Model {
                         _ => None,
                     };
                     let restored = f.undo.bytes();
+                    if f.undo.base {
+                        // The old object comes back whole; the other saved ranges go on top.
+                        std::fs::rename(&base_path, &obj_path)?;
+                        f.file = OpenOptions::new().read(true).write(true).open(&obj_path)?;
+                    }
                     f.file.set_len(f.durable_size)?;
                     for (&s, r) in &f.undo.ranges {
-                        match (r.at, &f.undo.file) {
-                            (None, _) => punch_hole(&f.file, s, r.len)?,
-                            (Some(at), Some(u)) => copy_range(u, at, &f.file, s, r.len)?,
-                            (Some(_), None) => {
+                        match (r.src, &f.undo.file) {
+                            (Source::Base, _) => {}
+                            (Source::Hole, _) => punch_hole(&f.file, s, r.len)?,
+                            (Source::Undo(at), Some(u)) => copy_range(u, at, &f.file, s, r.len)?,
+                            (Source::Undo(_), None) => {
                                 return Err(io::Error::other("undo log lost its file"))
                             }
                         }
@@ -1549,6 +1613,51 @@ mod tests {
         m.crash().unwrap();
         let f = at(&m, "f").unwrap();
         assert_eq!(contents(&mut m, f), data);
+    }
+
+    #[test]
+    fn o_trunc_of_a_large_durable_file_moves_it_aside_and_comes_back() {
+        let (d, mut m) = model();
+        let data: Vec<u8> = (0..3_000_000u32)
+            .map(|i| u8::try_from(i % 253).unwrap())
+            .collect();
+        let f = durable_file(&mut m, "mem", &data);
+        // Saved first the ordinary way, then truncated to nothing twice, rewritten, cut.
+        m.write(f, 10_000, &[1u8; 5000]).unwrap();
+        m.truncate(f, 0).unwrap();
+        let undo_bytes: u64 = std::fs::read_dir(d.path().join("undo"))
+            .unwrap()
+            .filter(|e| {
+                !e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .ends_with(".base")
+            })
+            .map(|e| e.unwrap().metadata().unwrap().len())
+            .sum();
+        assert!(
+            undo_bytes < 100_000,
+            "nothing large was copied: {undo_bytes}"
+        );
+        m.write(f, 0, &[2u8; 2_000_000]).unwrap();
+        m.truncate(f, 7).unwrap();
+        m.write(f, 100, b"x").unwrap();
+        assert_eq!(
+            contents(&mut m, f),
+            [&[2u8; 7][..], &[0u8; 93], b"x"].concat()
+        );
+        let r = m.crash().unwrap();
+        assert_eq!(contents(&mut m, f), data, "{r}");
+        assert!(!d.path().join("undo").join(format!("{f}.base")).exists());
+
+        // Keeping a few bytes, then fsync: the base goes away and the new state sticks.
+        m.truncate(f, 100).unwrap();
+        assert_eq!(contents(&mut m, f), &data[..100]);
+        m.fsync(f).unwrap();
+        assert!(!d.path().join("undo").join(format!("{f}.base")).exists());
+        m.crash().unwrap();
+        assert_eq!(contents(&mut m, f), &data[..100]);
     }
 
     #[test]
