@@ -585,7 +585,7 @@ fn callers_are_listed_and_killed_and_a_childs_boundary_cuts() {
     std::fs::write(fs.path("by-the-test"), b"not counted").unwrap();
     let mut child = Command::new("sh")
         .arg("-c")
-        .arg("touch a; touch b; sync a; touch c; touch d; exec sleep 60")
+        .arg("touch a; touch b; sync a; touch c 2>/dev/null; touch d 2>/dev/null; exec sleep 60")
         .current_dir(&mnt)
         .spawn()
         .unwrap();

@@ -68,6 +68,11 @@
 //! # Ok(()) }
 //! ```
 //!
+//! Directories, names and metadata are kept in memory (they are small); file contents only in
+//! the backing directory. fuser may log `Failed to send FUSE reply: No such file or
+//! directory` at an unmount: a release the kernel sent without waiting raced the unmount
+//! (harmless).
+//!
 //! It must never hang a test (every wait has a deadline; a stuck unmount or FUSE thread is an
 //! error), never leave a mount behind (dropping the handle unmounts, lazily if busy), never
 //! kill a process that is not a caller or a user of the mount (nor the test process or its
@@ -193,7 +198,9 @@ impl fmt::Debug for EventFilter {
 }
 
 impl EventFilter {
-    /// Any boundary that `pred` accepts; `desc` names it in `Debug` output.
+    /// Any boundary that `pred` accepts; `desc` names it in `Debug` output. Filters run
+    /// under the filesystem's lock, inside a FUSE request: `pred` must not touch the mount or
+    /// this handle.
     pub fn custom(
         desc: impl Into<String>,
         pred: impl Fn(&BoundaryEvent) -> bool + Send + Sync + 'static,
@@ -210,7 +217,7 @@ impl EventFilter {
     }
 
     /// Boundaries whose path (or old path) lies under `dir`, relative to the mount root
-    /// (component-wise: `vms/vm1` does not match `vms/vm10`).
+    /// (component-wise: `vms/vm1` does not match `vms/vm10`; not an absolute path).
     pub fn under(dir: impl AsRef<Path>) -> Self {
         let dir = dir.as_ref().to_owned();
         Self::custom(format!("under {}", dir.display()), move |ev| {
