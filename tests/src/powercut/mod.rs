@@ -791,8 +791,8 @@ fn start(
     }
 }
 
-/// Unmounts (lazily when busy) and waits for the session's threads, aborting the connection
-/// through fusectl when a process still holds it open past a grace period.
+/// Unmounts (when busy: forced, which aborts the FUSE connection, and lazily) and waits for the
+/// session's threads, aborting the connection through fusectl if they outlive a grace period.
 fn stop(running: Running, mountpoint: &Path, timeout: Duration) -> io::Result<()> {
     let Running {
         thread,
@@ -800,28 +800,25 @@ fn stop(running: Running, mountpoint: &Path, timeout: Duration) -> io::Result<()
         conn,
     } = running;
     let deadline = Instant::now() + timeout;
-    let mut detached = false;
     if let Err(e) = unmounter.unmount() {
         // Busy (a process still holds a file there: EBUSY) or any other failure: detach it
-        // lazily, so no mount is left behind whatever happens next.
+        // lazily, so no mount is left behind whatever happens next. MNT_FORCE makes FUSE
+        // abort the connection first: the holders get errors, the session's reads end.
         if connection(mountpoint).is_some() {
-            nix::mount::umount2(mountpoint, nix::mount::MntFlags::MNT_DETACH).map_err(|d| {
+            let flags = nix::mount::MntFlags::MNT_FORCE | nix::mount::MntFlags::MNT_DETACH;
+            nix::mount::umount2(mountpoint, flags).map_err(|d| {
                 io::Error::other(format!(
                     "unmounting {}: {e}; detaching it: {d}",
                     mountpoint.display()
                 ))
             })?;
-            detached = true;
         }
     }
-    // A lazily detached mount lives on while someone holds a file in it, and so does the
-    // session: abort the connection at once (the power is off anyway). A clean unmount ends
-    // the session by itself; the abort is only its fallback.
-    if !detached {
-        let grace = Instant::now() + (timeout / 4).min(Duration::from_secs(2));
-        while !thread.is_finished() && Instant::now() < grace {
-            std::thread::sleep(Duration::from_millis(2));
-        }
+    // Both a clean unmount and a forced one end the session by themselves; aborting the
+    // connection through fusectl is the fallback for a kernel that did not.
+    let grace = Instant::now() + (timeout / 4).min(Duration::from_secs(2));
+    while !thread.is_finished() && Instant::now() < grace {
+        std::thread::sleep(Duration::from_millis(2));
     }
     if !thread.is_finished() {
         if let Some(conn) = &conn {
