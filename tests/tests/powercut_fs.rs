@@ -771,6 +771,17 @@ fn dropping_the_handle_unmounts_even_when_busy() {
         held.write_all(b"x").is_err(),
         "the power is off for files still open"
     );
+
+    // A test that panics while mounted leaves no mount behind either.
+    let (mnt2, b3) = (mnt.clone(), tmp.path().join("b3"));
+    let panicked = std::thread::spawn(move || {
+        let fs = PowerCutFs::mount(&mnt2, b3).unwrap();
+        std::fs::write(fs.path("x"), b"x").unwrap();
+        panic!("a test panics with the filesystem mounted");
+    })
+    .join();
+    assert!(panicked.is_err());
+    assert!(!mounted(&mnt));
 }
 
 #[test]
