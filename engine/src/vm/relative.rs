@@ -269,12 +269,12 @@ async fn find(
     vm: &Vm,
 ) -> std::result::Result<PathBuf, String> {
     let mut candidates: Vec<PathBuf> = cwd.map(|c| c.join(rel)).into_iter().collect();
-    for b in backings {
-        if let Some(dir) = b.parent() {
-            candidates.push(dir.join(rel));
+    for dir in backings.iter().filter_map(|b| b.parent()) {
+        let c = dir.join(rel);
+        if !candidates.contains(&c) {
+            candidates.push(c);
         }
     }
-    candidates.dedup();
     let mut fits: Vec<(PathBuf, Option<(u64, u64)>)> = Vec::new();
     for c in &candidates {
         let Some(id) = file_id(c).await else {
