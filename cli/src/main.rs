@@ -184,7 +184,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 (false, ModeArg::PointInTime) => Some(Mode::PointInTime),
                 (false, ModeArg::Precopy) => Some(Mode::Precopy),
             };
-            opts.overlay_dir = overlay_dir;
+            // Resolved here, against qsnap's own directory, as the user meant it: QEMU would
+            // resolve a relative one against its own, and the store records absolute paths.
+            opts.overlay_dir = match overlay_dir {
+                Some(d) if d.is_relative() => Some(
+                    std::env::current_dir()
+                        .context("reading the working directory")?
+                        .join(d),
+                ),
+                other => other,
+            };
             if quiesce {
                 opts.quiesce = Some(handle.record().guest_agent.clone().ok_or_else(|| {
                     anyhow::anyhow!(

@@ -60,6 +60,26 @@ pub enum Error {
         /// Why.
         why: String,
     },
+    /// A directory a snapshot would write into cannot be used (missing, not a directory,
+    /// not writable, or relative); found before anything changes.
+    #[error("the {what} {} cannot be used: {why}", path.display())]
+    UnusableDirectory {
+        /// Which directory (`overlay directory`, `memory directory`).
+        what: &'static str,
+        /// The directory.
+        path: PathBuf,
+        /// What is wrong with it and what to do.
+        why: String,
+    },
+    /// A QEMU that `run` or `attach` will not register; nothing was recorded, and a QEMU
+    /// `run` had started for it was stopped again.
+    #[error("cannot register VM \"{vm}\": {why}; nothing was recorded")]
+    RegisterRefused {
+        /// The name asked for.
+        vm: String,
+        /// Why, and what to do.
+        why: String,
+    },
     /// A file the operation would create already exists; qsnap never overwrites.
     #[error("{} already exists; qsnap never overwrites (pick another snapshot name or remove it)", path.display())]
     TargetExists {

@@ -102,6 +102,18 @@ impl Blockdev {
         }
     }
 
+    /// A boolean field: `key=on` (or yes/true/y) in key=value syntax, `true` or `"on"` in JSON.
+    fn flag(&self, key: &str) -> bool {
+        match self {
+            Blockdev::Keys(k) => flag_on(k, key),
+            Blockdev::Json(v) => match v.get(key) {
+                Some(Value::Bool(b)) => *b,
+                Some(Value::String(s)) => is_on(s),
+                _ => false,
+            },
+        }
+    }
+
     fn set_field(&mut self, key: &str, value: &str) {
         match self {
             Blockdev::Keys(k) => set(k, key, value),
@@ -210,6 +222,92 @@ pub fn disk_images(argv: &[String], cwd: &Path) -> Vec<PathBuf> {
                 }
             }
             _ => {}
+        }
+    }
+    out
+}
+
+/// QEMU's boolean option values (`on`, `yes`, `true`, `y`).
+fn is_on(v: &str) -> bool {
+    matches!(v, "on" | "yes" | "true" | "y")
+}
+
+/// A boolean key set: `key=on` (or yes/true/y), or the short form `key` alone.
+fn flag_on(parts: &[String], key: &str) -> bool {
+    parts.iter().any(|p| p == key) || get(parts, key).is_some_and(is_on)
+}
+
+/// Where the command line makes QEMU write a disk to a throwaway temporary file instead of its
+/// image: every `-drive …,snapshot=on` (as written) and a global `-snapshot`. QEMU deletes
+/// that file as soon as it has opened it, so the guest's writes never reach the image and a
+/// snapshot of them could never be reverted or restarted.
+pub fn throwaway_drives(argv: &[String]) -> Vec<String> {
+    let mut out = Vec::new();
+    for (i, a) in argv.iter().enumerate().skip(1) {
+        if !a.starts_with('-') {
+            continue;
+        }
+        match a.trim_start_matches('-') {
+            "snapshot" => out.push("-snapshot".to_owned()),
+            "drive" => {
+                if let Some(v) = argv.get(i + 1) {
+                    if flag_on(&split_opts(v), "snapshot") {
+                        out.push(format!("-drive {v}"));
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+/// The images the command line has QEMU open for writing, resolved: each `-drive file=…`
+/// that is not `readonly` or a CD-ROM, `-hda`…`-hdd`, and each `-blockdev` file (in either
+/// syntax) unless it, or the format node over it, is `read-only` or another node's
+/// `backing`. Names that are not plain paths (`json:`, network URLs) come back as they are:
+/// only QEMU can say what they open.
+pub fn written_images(argv: &[String], cwd: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut blockdevs = Vec::new();
+    for w in argv.windows(2) {
+        match w[0].trim_start_matches('-') {
+            "drive" => {
+                let parts = split_opts(&w[1]);
+                let read_only =
+                    flag_on(&parts, "readonly") || get(&parts, "media") == Some("cdrom");
+                if let (false, Some(f)) = (read_only, get(&parts, "file")) {
+                    out.push(resolve(cwd, f));
+                }
+            }
+            "hda" | "hdb" | "hdc" | "hdd" => out.push(resolve(cwd, &w[1])),
+            "blockdev" => blockdevs.push(Blockdev::parse(&w[1])),
+            _ => {}
+        }
+    }
+    let backing: Vec<String> = blockdevs
+        .iter()
+        .filter_map(|b| b.field("backing"))
+        .collect();
+    let not_written = |b: &Blockdev| {
+        b.flag("read-only") || b.field("node-name").is_some_and(|n| backing.contains(&n))
+    };
+    for b in &blockdevs {
+        if not_written(b) {
+            continue;
+        }
+        if let Some(f) = b.field("filename") {
+            let node = b.field("node-name");
+            let over = blockdevs
+                .iter()
+                .find(|p| node.is_some() && p.field("file") == node);
+            if !over.is_some_and(not_written) {
+                out.push(resolve(cwd, &f));
+            }
+        } else if let Blockdev::Json(v) = b {
+            if let Some(f) = v["file"]["filename"].as_str() {
+                out.push(resolve(cwd, f));
+            }
         }
     }
     out
@@ -345,6 +443,63 @@ mod tests {
             to: "/o/n.qcow2".into(),
         }];
         assert!(substitute_disks(&argv, Path::new("/cwd"), &missing).is_err());
+    }
+
+    #[test]
+    fn finds_throwaway_drives_and_written_images() {
+        let argv = v(&[
+            "qemu",
+            "-drive",
+            "file=a.img,if=virtio,snapshot=on",
+            "-drive",
+            "file=b.img,if=virtio,snapshot",
+            "-drive",
+            "file=c.img,snapshot=off",
+            "-drive",
+            "file=ro.img,readonly=on",
+            "-drive",
+            "file=cd.iso,media=cdrom",
+            "-hda",
+            "h.img",
+            "-blockdev",
+            "driver=file,filename=/x/base.qcow2,node-name=fb",
+            "-blockdev",
+            "driver=qcow2,file=fb,node-name=base",
+            "-blockdev",
+            "driver=file,filename=/x/top.qcow2,node-name=ft",
+            "-blockdev",
+            "driver=qcow2,file=ft,backing=base,node-name=top",
+            "-blockdev",
+            "driver=file,filename=/x/ro.raw,node-name=fr,read-only=on",
+            "-blockdev",
+            r#"{"driver":"raw","node-name":"j","file":{"driver":"file","filename":"/x/j.raw"}}"#,
+            "-blockdev",
+            r#"{"driver":"raw","read-only":true,"file":{"driver":"file","filename":"/x/jr.raw"}}"#,
+        ]);
+        assert_eq!(
+            throwaway_drives(&argv),
+            [
+                "-drive file=a.img,if=virtio,snapshot=on",
+                "-drive file=b.img,if=virtio,snapshot"
+            ]
+        );
+        assert_eq!(
+            throwaway_drives(&v(&["qemu", "-m", "64", "-snapshot"])),
+            ["-snapshot"]
+        );
+        assert!(throwaway_drives(&v(&["qemu", "-append", "snapshot=on"])).is_empty());
+        assert_eq!(
+            written_images(&argv, Path::new("/cwd")),
+            [
+                "/cwd/a.img",
+                "/cwd/b.img",
+                "/cwd/c.img",
+                "/cwd/h.img",
+                "/x/top.qcow2",
+                "/x/j.raw"
+            ]
+            .map(PathBuf::from)
+        );
     }
 
     #[test]

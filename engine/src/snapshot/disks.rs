@@ -6,6 +6,12 @@
 //! `transaction` of `blockdev-snapshot`s switches every disk at the same instant. Where a disk
 //! is now is always asked of QEMU (`positions`), never assumed: a command that timed out
 //! may still have run.
+//!
+//! Before a disk is frozen (and before `run` or `attach` records one), the image path qsnap
+//! resolved for it must be the very file QEMU has open (`check_open`): a path that leads
+//! elsewhere (a relative name QEMU resolved in a directory it has left, a file replaced since)
+//! or nowhere (the temporary file of `snapshot=on`) would put the guest's writes, or the
+//! snapshot's, where no later start can find them. It must never guess: a doubt refuses.
 
 use crate::blocks;
 use crate::error::{Error, Result};
@@ -28,7 +34,19 @@ pub async fn plan(
 ) -> Result<(Vec<SnapshotDisk>, Vec<SkippedDisk>)> {
     let mut disks = Vec::new();
     let mut skipped = Vec::new();
-    for (i, d) in blocks::read(qmp).await?.into_iter().enumerate() {
+    let now = blocks::read(qmp).await?;
+    let frozen: Vec<blocks::Disk> = now
+        .iter()
+        .filter(|d| d.medium.as_ref().is_some_and(|m| !m.read_only))
+        .cloned()
+        .collect();
+    if let Err(e) = check_open(qmp.peer_pid(), &frozen).await? {
+        return Err(Error::DiskNotSnapshottable {
+            device: e.device,
+            why: e.why,
+        });
+    }
+    for (i, d) in now.into_iter().enumerate() {
         let Some(m) = &d.medium else {
             skipped.push(SkippedDisk {
                 device: d.device,
@@ -86,6 +104,171 @@ pub async fn plan(
         });
     }
     Ok((disks, skipped))
+}
+
+/// A disk whose image path is not the file QEMU has open.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct NotOpen {
+    /// The disk.
+    pub device: String,
+    /// What is wrong, and what to do.
+    pub why: String,
+}
+
+/// Checks that every local image of `disks` (each layer of each chain, as [`blocks`] resolved
+/// it) is the file QEMU — process `pid` — has open: the same device and inode as one of its
+/// open descriptors (`/proc/PID/fd`). Refuses a deleted file (`snapshot=on`'s temporary
+/// overlay), a path that leads nowhere or to another file, a file that cannot be examined,
+/// and a relative name when QEMU's descriptors cannot be read (another user's QEMU): qsnap
+/// would otherwise record or freeze a path that is not what the guest writes. The outer
+/// `Result` is for the store's blocking pool only.
+pub(crate) async fn check_open(
+    pid: Option<u32>,
+    disks: &[blocks::Disk],
+) -> Result<std::result::Result<(), NotOpen>> {
+    let disks = disks.to_vec();
+    crate::store::blocking(move || Ok(check_open_now(pid, &disks))).await
+}
+
+/// One of QEMU's open descriptors.
+struct OpenFile {
+    /// What `/proc` says it points at (`PATH (deleted)` for a deleted file).
+    target: PathBuf,
+    /// The device and inode of the file it has open.
+    id: Option<(u64, u64)>,
+}
+
+/// QEMU's open files; `None` when they cannot be read.
+fn open_files(pid: u32) -> Option<Vec<OpenFile>> {
+    use std::os::unix::fs::MetadataExt;
+    let dir = PathBuf::from(format!("/proc/{pid}/fd"));
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(&dir).ok()? {
+        let fd = e.ok()?.path();
+        let Ok(target) = std::fs::read_link(&fd) else {
+            continue; // closed meanwhile
+        };
+        let id = std::fs::metadata(&fd).ok().map(|m| (m.dev(), m.ino()));
+        out.push(OpenFile { target, id });
+    }
+    Some(out)
+}
+
+fn check_open_now(pid: Option<u32>, disks: &[blocks::Disk]) -> std::result::Result<(), NotOpen> {
+    use std::os::unix::fs::MetadataExt;
+    let cwd = pid.and_then(|p| std::fs::read_link(format!("/proc/{p}/cwd")).ok());
+    let open = pid.and_then(open_files);
+    for d in disks {
+        let Some(m) = &d.medium else { continue };
+        let refuse = |why: String| NotOpen {
+            device: d.device.clone(),
+            why,
+        };
+        // How QEMU named the top image: a relative name was resolved against QEMU's working
+        // directory *now*, which need not be the one it opened the file from.
+        let raw = plain_name(&m.raw_file);
+        let relative = !Path::new(&raw).is_absolute() && !raw.contains("://");
+        let from_cwd = |p: &Path| match &cwd {
+            Some(c) => format!(
+                "QEMU names its image \"{raw}\", a relative path, which from QEMU's working \
+                 directory {} is {}",
+                c.display(),
+                p.display()
+            ),
+            None => format!("QEMU names its image \"{raw}\", a relative path"),
+        };
+        const ABSOLUTE: &str = "QEMU resolved it against the directory it started in and has \
+            moved since (a daemonized QEMU moves to /), so qsnap cannot follow it; start QEMU \
+            with absolute image paths";
+        for (k, layer) in m.chain.iter().enumerate() {
+            let p = &layer.image;
+            if !p.is_absolute() {
+                continue; // not a local file: planning refuses it with its own reason
+            }
+            let top_relative = k == 0 && relative;
+            match std::fs::metadata(p) {
+                Ok(meta) => match &open {
+                    Some(open) if !open.iter().any(|f| f.id == Some((meta.dev(), meta.ino()))) => {
+                        return Err(refuse(if top_relative {
+                            format!("{}, not the file QEMU has open: {ABSOLUTE}", from_cwd(p))
+                        } else {
+                            format!(
+                                "{} is not the file QEMU has open (it was replaced or renamed \
+                                 after QEMU opened it); put the image back, or restart QEMU on \
+                                 the image you mean",
+                                p.display()
+                            )
+                        }));
+                    }
+                    Some(_) => {}
+                    None if top_relative => {
+                        return Err(refuse(format!(
+                            "{}, and QEMU's open files cannot be read to confirm that it is the \
+                             file QEMU has open; start QEMU with absolute image paths",
+                            from_cwd(p)
+                        )))
+                    }
+                    None => {}
+                },
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    let deleted = format!("{} (deleted)", p.display());
+                    let was_deleted = open
+                        .iter()
+                        .flatten()
+                        .any(|f| f.target.as_os_str() == deleted.as_str());
+                    let temp = p
+                        .file_name()
+                        .and_then(|n| n.to_str())
+                        .is_some_and(|n| n.starts_with("vl.") && n.len() == 9);
+                    return Err(refuse(if was_deleted && temp {
+                        format!(
+                            "it writes to {}, a temporary file QEMU deleted when it opened it: \
+                             the drive has snapshot=on, or QEMU runs with -snapshot. The guest's \
+                             writes go to that throwaway file and are lost when QEMU exits, and a \
+                             snapshot of it could never be reverted or restarted; start QEMU \
+                             without snapshot=on and -snapshot (qsnap's snapshots are the way back)",
+                            p.display()
+                        )
+                    } else if was_deleted {
+                        format!(
+                            "its image {} was deleted after QEMU opened it: the guest writes to a \
+                             file no path leads to, which qsnap could never open again",
+                            p.display()
+                        )
+                    } else if top_relative {
+                        format!("{}, which does not exist: {ABSOLUTE}", from_cwd(p))
+                    } else {
+                        format!(
+                            "its image {} does not exist (moved or deleted after QEMU opened it)",
+                            p.display()
+                        )
+                    }));
+                }
+                Err(e) => {
+                    return Err(refuse(format!(
+                        "its image {} cannot be examined ({e}), so qsnap cannot tell which \
+                         file the guest writes",
+                        p.display()
+                    )))
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The file name inside QEMU's `json:{…}` name for a format node over a plain file, else the
+/// name itself.
+fn plain_name(raw: &str) -> String {
+    raw.strip_prefix("json:")
+        .and_then(|j| serde_json::from_str::<serde_json::Value>(j).ok())
+        .and_then(|v| {
+            v["file"]["filename"]
+                .as_str()
+                .or_else(|| v["filename"].as_str())
+                .map(str::to_owned)
+        })
+        .unwrap_or_else(|| raw.to_owned())
 }
 
 /// Node names qsnap gives its overlays.

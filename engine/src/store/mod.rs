@@ -498,9 +498,15 @@ fn check_manifest(m: &Manifest, vm: &VmName, path: &Path) -> Result<()> {
         }
     }
     for d in &m.snapshot.disks {
+        if d.image.is_relative() || d.overlay.is_relative() {
+            return Err(bad(format!(
+                "disk {} names a relative image path (an older qsnap wrote it); `qsnap check {vm} --repair` resolves it",
+                d.device
+            )));
+        }
         if !plain_absolute(&d.image) || !plain_absolute(&d.overlay) {
             return Err(bad(format!(
-                "disk {} names an image path that is relative or has a `.`/`..` part",
+                "disk {} names an image path with a `.` or `..` part",
                 d.device
             )));
         }
@@ -516,6 +522,65 @@ pub(crate) fn plain_absolute(path: &Path) -> bool {
         && path
             .components()
             .all(|c| matches!(c, Component::RootDir | Component::Normal(_)))
+}
+
+impl Store {
+    /// The VM's manifests whose only fault is a relative disk path (an older qsnap recorded a
+    /// relative `--overlay-dir` as given), each with its file: what `check` reports and
+    /// `check --repair` resolves. Every other check of [`Store::manifests`] still applies —
+    /// a manifest wrong in any other way is an error here too.
+    pub(crate) async fn manifests_with_relative_paths(
+        &self,
+        vm: &VmName,
+    ) -> Result<Vec<(PathBuf, Manifest)>> {
+        let dir = self.snapshots_dir(vm);
+        let owner = vm.clone();
+        blocking(move || {
+            let mut out = Vec::new();
+            let entries = match std::fs::read_dir(&dir) {
+                Ok(e) => e,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+                Err(e) => return Err(io("listing snapshots", &dir)(e)),
+            };
+            for e in entries {
+                let path = e.map_err(io("listing snapshots", &dir))?.path();
+                let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("");
+                if !path.extension().is_some_and(|x| x == "json")
+                    || SnapshotName::parse(stem).is_none()
+                {
+                    continue;
+                }
+                let Some(m) = read_json::<Manifest>(&path)? else {
+                    continue;
+                };
+                let relative = m
+                    .snapshot
+                    .disks
+                    .iter()
+                    .any(|d| d.image.is_relative() || d.overlay.is_relative());
+                if !relative {
+                    continue;
+                }
+                // Strict about everything else: the same checks, on a copy whose relative
+                // paths are made absolute only to pass the path rule.
+                let mut probe = m.clone();
+                for d in &mut probe.snapshot.disks {
+                    d.image = Path::new("/").join(&d.image);
+                    d.overlay = Path::new("/").join(&d.overlay);
+                }
+                check_manifest(&probe, &owner, &path)?;
+                if m.name != stem {
+                    return Err(Error::CorruptStore {
+                        path,
+                        why: format!("it names the snapshot \"{}\"", m.name.escape_debug()),
+                    });
+                }
+                out.push((path, m));
+            }
+            Ok(out)
+        })
+        .await
+    }
 }
 
 /// Now, as RFC 3339 UTC with milliseconds (sortable as text).

@@ -1,6 +1,8 @@
 //! `qsnap check`: the store against reality, and (`--repair`) reality brought back in line.
 //!
-//! Looks at: an interrupted operation (journal); every snapshot's memory file (header,
+//! Looks at: an interrupted operation (journal); relative image paths an older qsnap
+//! recorded (`relative.rs`: resolved by a repair only to a file that proves to be it);
+//! every snapshot's memory file (header,
 //! length, checksum) and frozen images (present, unchanged, chains readable); the VM's
 //! current disks (present, chains readable, and for a running VM what QEMU really writes
 //! to); images qsnap made that nothing uses any more; memory files no snapshot names; layers
@@ -24,9 +26,10 @@ use std::path::PathBuf;
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub struct Finding {
-    /// What kind: `interrupted`, `bad-memory`, `missing-image`, `unstamped-image`, `changed-image`,
+    /// What kind: `interrupted`, `relative-path`, `bad-memory`, `missing-image`,
+    /// `unstamped-image`, `changed-image`,
     /// `broken-chain`, `store-disagrees`, `orphan-image`, `orphan-memory`, `stale-record`,
-    /// `unmerged-layer`, `corrupt-image`, `unreadable-qemu`.
+    /// `unmerged-layer`, `corrupt-image`, `unreadable-qemu`, `relative-path`.
     pub kind: String,
     /// What exactly.
     pub what: String,
@@ -162,6 +165,18 @@ impl Vm {
                     )
                     .about(journal_path);
             }
+        }
+
+        // 1b. Relative image paths an older qsnap recorded: resolved before anything reads
+        // the manifests, and nothing else runs while one is left.
+        let relative = super::relative::settle(self, repair).await?;
+        found.0.extend(relative.findings);
+        if relative.remaining {
+            return Ok(CheckReport {
+                vm: self.name().to_string(),
+                findings: found.0,
+                clean: false,
+            });
         }
 
         let mut record = self.store().record(self.name()).await?;

@@ -6,7 +6,15 @@
 //! frozen snapshot image is never opened read-write. `start` never launches a second QEMU
 //! while the recorded one is alive (`state.rs`), and attaching another user's QEMU — whose
 //! command line qsnap would later run — is refused unless asked for.
+//!
+//! Nothing is registered that qsnap could not follow: a drive that writes to a throwaway
+//! temporary file (`snapshot=on`, `-snapshot`), an image path that is not the file QEMU has
+//! open (a relative name QEMU resolved in a directory it has left), an image another VM of the
+//! store froze, writes to or stands on, or a QEMU already registered under another name. `run`
+//! refuses what the command line shows before QEMU starts, and what only QEMU can tell before
+//! the record is written — stopping the QEMU it started. The record is never written first.
 
+use super::refs::{Graph, Use};
 use super::state::{Operation, VmState};
 use super::{Engine, Vm};
 use crate::blocks;
@@ -124,12 +132,27 @@ impl Engine {
             }
         }
         let pid = qmp.peer_pid();
+        if let Some((vm, how)) = self.registered_as(&endpoint, pid).await? {
+            return Err(Error::RegisterRefused {
+                vm: name.to_string(),
+                why: format!(
+                    "this QEMU is already registered as \"{vm}\" ({how}); use that name \
+                     (one QEMU under two names would have two records, two locks and two \
+                     views of one set of disks)"
+                ),
+            });
+        }
         let command = match pid {
             Some(pid) => launch_command(pid).await,
             None => None,
         };
-        let disks = disks_now(&qmp).await?;
+        if let Some(c) = &command {
+            refuse_throwaway(name, &c.argv)?;
+        }
+        let now = blocks::read(&qmp).await?;
         drop(qmp);
+        self.vet(name, pid, &now).await?;
+        let disks = disks_now(now);
 
         let _lock = self.store.lock(name, "attach").await?;
         if self.store.has_vm(name).await? {
@@ -216,6 +239,10 @@ impl Engine {
                 source,
             })?,
         };
+        // What the command line shows is refused before QEMU starts.
+        refuse_throwaway(name, &argv)?;
+        self.refuse_others_images(name, &argv::written_images(&argv, &cwd))
+            .await?;
         let socket = self.store.vm_dir(name).join("qmp.sock");
         check_socket_path(&socket)?;
         let command = LaunchCommand { argv, cwd };
@@ -247,14 +274,217 @@ impl Engine {
             clone_of: None,
         };
         let handle = self.vm_from(name.clone(), record.clone());
-        let qmp = handle.connect().await?;
-        record.disks = disks_now(&qmp).await?;
-        let pid = qmp.peer_pid().or(record.pid);
-        super::state::record_qemu(&mut record, pid).await;
-        drop(qmp);
-        self.store.write_record(&record).await?;
+        let mut pid = record.pid;
+        let registered = async {
+            let qmp = handle.connect().await?;
+            let now = blocks::read(&qmp).await?;
+            pid = qmp.peer_pid().or(pid);
+            drop(qmp);
+            // What only QEMU can tell (a relative path a daemonized QEMU left behind, an image
+            // reached through a name the command line does not show) is refused before the
+            // record exists.
+            self.vet(name, pid, &now).await?;
+            record.disks = disks_now(now);
+            super::state::record_qemu(&mut record, pid).await;
+            self.store.write_record(&record).await
+        }
+        .await;
+        if let Err(e) = registered {
+            // Nothing records this QEMU: it must not outlive the refusal.
+            if let Err(stop) = stop_qemu(&socket.display().to_string(), pid, QUIT_TIMEOUT).await {
+                warn!(error = %stop, "could not stop the QEMU started for a refused run");
+            }
+            return Err(e);
+        }
         Ok(RunReport { record, tsc_pinned })
     }
+
+    /// What a QEMU must pass before it is registered: every image of its disks is the file
+    /// QEMU has open, and no image it writes to belongs to another VM of the store.
+    async fn vet(&self, name: &VmName, pid: Option<u32>, disks: &[blocks::Disk]) -> Result<()> {
+        if let Err(e) = crate::snapshot::disks::check_open(pid, disks).await? {
+            return Err(Error::RegisterRefused {
+                vm: name.to_string(),
+                why: format!("disk {}: {}", e.device, e.why),
+            });
+        }
+        let written: Vec<PathBuf> = disks
+            .iter()
+            .filter_map(|d| d.medium.as_ref())
+            .filter(|m| !m.read_only)
+            .map(|m| m.top().to_owned())
+            .collect();
+        self.refuse_others_images(name, &written).await
+    }
+
+    /// Refuses images that another VM of the store froze in a snapshot, writes to, or has in
+    /// a disk chain (the reference graph every delete consults): the new guest's writes would
+    /// silently corrupt that VM's snapshot or disk. Compared by path and by device and inode,
+    /// so another name for the same file is caught too.
+    async fn refuse_others_images(&self, name: &VmName, images: &[PathBuf]) -> Result<()> {
+        let refuse = |why: String| Error::RegisterRefused {
+            vm: name.to_string(),
+            why,
+        };
+        if images.is_empty() || self.store.vms().await?.iter().all(|v| v == name) {
+            return Ok(());
+        }
+        let blank = VmRecord {
+            schema: store::SCHEMA,
+            name: name.to_string(),
+            qmp: String::new(),
+            origin: Origin::Run,
+            pid: None,
+            pid_start: None,
+            command: None,
+            current: None,
+            disks: Vec::new(),
+            owned_images: Vec::new(),
+            guest_agent: None,
+            registered_at: String::new(),
+            clone_of: None,
+        };
+        // From a VM with no images, every image of every other VM is someone else's.
+        let graph = Graph::gather(&self.store, name, &blank, &[], None, &self.cancel)
+            .await
+            .map_err(|e| {
+                refuse(format!(
+                    "qsnap cannot tell whether another VM of the store uses its images ({e})"
+                ))
+            })?;
+        let known: Vec<(PathBuf, String)> = graph
+            .uses
+            .iter()
+            .filter_map(|(img, uses)| {
+                uses.iter().find_map(|u| match u {
+                    Use::OtherVm { vm } => Some((img.clone(), vm.clone())),
+                    _ => None,
+                })
+            })
+            .collect();
+        let wanted = images.to_vec();
+        let hit = store::blocking(move || {
+            let id = |p: &Path| {
+                use std::os::unix::fs::MetadataExt;
+                std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()))
+            };
+            for img in &wanted {
+                let mine = id(img);
+                for (theirs, vm) in &known {
+                    if theirs == img || (mine.is_some() && id(theirs) == mine) {
+                        return Ok(Some((img.clone(), theirs.clone(), vm.clone())));
+                    }
+                }
+            }
+            Ok(None)
+        })
+        .await?;
+        let Some((img, theirs, other)) = hit else {
+            return Ok(());
+        };
+        let how = self.how_used(&other, &theirs).await;
+        Err(refuse(format!(
+            "its disk image {} is {how}: this guest's writes would corrupt it. Give it an image \
+             of its own (`qsnap clone {other} SNAPSHOT NEW` starts a VM from a snapshot)",
+            img.display()
+        )))
+    }
+
+    /// How VM `vm` uses `image`, in words: the most binding of its uses.
+    async fn how_used(&self, vm: &str, image: &Path) -> String {
+        let chain =
+            format!("in a disk chain of VM {vm} (an image its disks or snapshots stand on)");
+        let Some(other) = VmName::parse(vm) else {
+            return chain;
+        };
+        let graph = async {
+            let rec = self.store.record(&other).await?;
+            let manifests = self.store.manifests(&other).await?;
+            Graph::gather(&self.store, &other, &rec, &manifests, None, &self.cancel).await
+        }
+        .await;
+        let Ok(graph) = graph else { return chain };
+        let uses = graph.uses_of(image);
+        let frozen = uses.iter().find_map(|u| match u {
+            Use::Frozen {
+                snapshot, device, ..
+            } => Some(format!(
+                "frozen by snapshot {snapshot} of VM {vm} (its disk {device})"
+            )),
+            _ => None,
+        });
+        let current = uses.iter().find_map(|u| match u {
+            Use::Current { device, .. } => {
+                Some(format!("the image VM {vm} writes to (its disk {device})"))
+            }
+            _ => None,
+        });
+        frozen.or(current).unwrap_or(chain)
+    }
+
+    /// The VM already registered for the QEMU behind `endpoint` (process `pid`): the same
+    /// monitor socket (by path, or the same socket file under another name), or the same live
+    /// process (pid and start time). Says which.
+    async fn registered_as(
+        &self,
+        endpoint: &str,
+        pid: Option<u32>,
+    ) -> Result<Option<(VmName, String)>> {
+        let start = match pid {
+            Some(p) => launch::start_time(p).await,
+            None => None,
+        };
+        for vm in self.store.vms().await? {
+            let rec = self.store.record(&vm).await?;
+            let (a, b) = (rec.qmp.clone(), endpoint.to_owned());
+            let same_socket = store::blocking(move || Ok(same_endpoint(&a, &b))).await?;
+            if same_socket {
+                return Ok(Some((vm, format!("the same monitor socket, {}", rec.qmp))));
+            }
+            if let (Some(p), Some(theirs)) = (pid, rec.pid) {
+                let same_start = rec.pid_start.is_none() || rec.pid_start == start;
+                if p == theirs && same_start && launch::is_recorded_qemu(p, rec.pid_start).await {
+                    return Ok(Some((vm, format!("the same QEMU process, pid {p}"))));
+                }
+            }
+        }
+        Ok(None)
+    }
+}
+
+/// Whether two monitor addresses reach the same socket: equal, or unix paths naming the same
+/// socket file.
+fn same_endpoint(a: &str, b: &str) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (Endpoint::parse(a), Endpoint::parse(b)) {
+        (Endpoint::Unix(x), Endpoint::Unix(y)) => {
+            x == y
+                || matches!(
+                    (std::fs::metadata(&x), std::fs::metadata(&y)),
+                    (Ok(m), Ok(n)) if (m.dev(), m.ino()) == (n.dev(), n.ino())
+                )
+        }
+        (x, y) => x == y,
+    }
+}
+
+/// Refuses drives whose writes go to a temporary file QEMU deletes (`snapshot=on`,
+/// `-snapshot`), naming them.
+fn refuse_throwaway(name: &VmName, argv: &[String]) -> Result<()> {
+    let found = argv::throwaway_drives(argv);
+    if found.is_empty() {
+        return Ok(());
+    }
+    Err(Error::RegisterRefused {
+        vm: name.to_string(),
+        why: format!(
+            "{} makes QEMU write the guest's disk to a temporary file it deletes at once (in \
+             $TMPDIR or /var/tmp): the writes never reach the image and are lost when QEMU \
+             exits, and a snapshot of them could never be reverted or restarted. Remove \
+             snapshot=on / -snapshot; qsnap's snapshots are the way back",
+            found.join(" and ")
+        ),
+    })
 }
 
 /// A unix socket path is stored absolute, so the record works from any directory.
@@ -284,9 +514,8 @@ async fn launch_command(pid: u32) -> Option<LaunchCommand> {
 
 /// Each disk with a medium and its current top image, as QEMU reports it; at registration
 /// the top is also what the command line names.
-async fn disks_now(qmp: &Qmp) -> Result<Vec<CurrentDisk>> {
-    Ok(blocks::read(qmp)
-        .await?
+fn disks_now(disks: Vec<blocks::Disk>) -> Vec<CurrentDisk> {
+    disks
         .into_iter()
         .filter_map(|d| {
             let top = d.top()?.to_owned();
@@ -297,7 +526,7 @@ async fn disks_now(qmp: &Qmp) -> Result<Vec<CurrentDisk>> {
                 owned: false,
             })
         })
-        .collect())
+        .collect()
 }
 
 /// Unix socket paths are limited to 107 bytes.

@@ -8,7 +8,8 @@
 //!
 //! Files: `create.rs`, `lifecycle.rs` (run, attach, start, stop, status), `revert.rs`,
 //! `delete.rs` and `consolidate.rs` (merging layers no snapshot needs), `check.rs`,
-//! `refs.rs` (who uses which image: the guard before any unlink), `recover.rs`, `state.rs`.
+//! `refs.rs` (who uses which image: the guard before any unlink), `relative.rs` (relative
+//! paths an older qsnap recorded, for `check`), `recover.rs`, `state.rs`.
 //! Holds no QMP connection between calls (QEMU's monitor serves one client at a time).
 
 mod check;
@@ -20,6 +21,7 @@ mod lazy;
 mod lifecycle;
 mod recover;
 mod refs;
+mod relative;
 mod revert;
 mod state;
 

@@ -46,7 +46,9 @@ pub struct CreateOptions {
     pub name: SnapshotName,
     /// Directory for the memory file (created 0700).
     pub dir: PathBuf,
-    /// Where overlays go (default: next to each image).
+    /// Where overlays go (default: next to each image). An absolute path: a relative one is
+    /// refused ([`crate::Error::UnusableDirectory`]), since QEMU would resolve it against its
+    /// own working directory and the store records paths that must work from anywhere.
     pub overlay_dir: Option<PathBuf>,
     /// Overlay file names start with these stems, by device (default: the current image's
     /// stem). The store passes each disk's original image stem, so names do not grow along

@@ -2,6 +2,10 @@
 //! run state, migration blockers (with the invtsc fix and its Hz), a busy migration or block
 //! job, the disks and their overlays, the memory mode, names and target files, and the
 //! migration settings a create will change (so they can be put back, even by a recovery).
+//! Every image it would freeze must be the file QEMU has open (`disks::check_open`), and every
+//! directory it would write into (overlays, memory) must exist, or be creatable, and take a
+//! new file: such a problem is refused here, naming the directory, rather than met after the
+//! guest paused.
 
 use super::{CreateOptions, Plan};
 use crate::error::{Error, Result};
@@ -10,6 +14,8 @@ use crate::qemu::{QueryCpusFast, QueryMaxBandwidth, QueryMigrate, QueryMigrateCa
 use crate::snapshot::disks;
 use crate::store::{self, Mode, SavedSettings};
 use qsnap_qmp::{types, Qmp};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
 
 pub(super) async fn preflight(qmp: &Qmp, opts: &CreateOptions) -> Result<Plan> {
     let status = qmp
@@ -71,6 +77,16 @@ pub(super) async fn preflight(qmp: &Qmp, opts: &CreateOptions) -> Result<Plan> {
         let mode = memory_mode(qmp, opts.mode, status.running).await?;
         Some((mode, opts.dir.join(format!("{}.mem", opts.name))))
     };
+    if let Some(dir) = opts.overlay_dir.as_deref().filter(|d| d.is_relative()) {
+        return Err(Error::UnusableDirectory {
+            what: "overlay directory",
+            path: dir.to_owned(),
+            why: "it is a relative path: QEMU would resolve it against its own working \
+                  directory and the store would record a path no other directory can follow; \
+                  give an absolute path"
+                .into(),
+        });
+    }
     let features = crate::features::Features::of(qmp).await?;
     let file_uri = features.file_uri;
     let (disks, skipped) = disks::plan(
@@ -86,6 +102,32 @@ pub(super) async fn preflight(qmp: &Qmp, opts: &CreateOptions) -> Result<Plan> {
             why: "the VM has no writable disk, so a disk-only snapshot would capture nothing"
                 .into(),
         });
+    }
+    let mut overlay_dirs: Vec<PathBuf> = Vec::new();
+    for d in &disks {
+        let dir = d.overlay.parent().map(Path::to_owned).unwrap_or_default();
+        if !overlay_dirs.contains(&dir) {
+            overlay_dirs.push(dir);
+        }
+    }
+    for dir in overlay_dirs {
+        let hint = if opts.overlay_dir.is_some() {
+            "pass --overlay-dir a writable directory"
+        } else {
+            "overlays go next to each disk's image unless --overlay-dir names a writable \
+             directory for them"
+        };
+        usable_dir("overlay directory", dir, false, hint).await?;
+    }
+    if memory.is_some() {
+        usable_dir(
+            "memory directory",
+            opts.dir.clone(),
+            true,
+            "the memory file goes into the store's directory for this VM; point --store at a \
+             writable place",
+        )
+        .await?;
     }
     let targets = disks.iter().map(|d| &d.overlay);
     for path in targets.chain(memory.as_ref().map(|(_, p)| p)) {
@@ -126,6 +168,64 @@ pub(super) async fn preflight(qmp: &Qmp, opts: &CreateOptions) -> Result<Plan> {
         skipped,
         saved,
     })
+}
+
+/// Refuses a directory a create could not write into: missing (unless `may_create`, when the
+/// nearest existing parent must take the new directory), not a directory, or not taking a
+/// new file — tried for real with a probe file created `O_EXCL` and removed at once, which
+/// also catches a read-only filesystem, ACLs and root squashing that permission bits hide.
+async fn usable_dir(
+    what: &'static str,
+    dir: PathBuf,
+    may_create: bool,
+    hint: &'static str,
+) -> Result<()> {
+    store::blocking(move || {
+        let refuse = |path: &Path, why: String| Error::UnusableDirectory {
+            what,
+            path: path.to_owned(),
+            why: format!("{why}; {hint}"),
+        };
+        // The directory itself, or (when it may be made) the nearest parent that exists.
+        let mut at = dir.as_path();
+        let meta = loop {
+            match std::fs::metadata(at) {
+                Ok(m) => break m,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => match at.parent() {
+                    Some(up) if may_create && !up.as_os_str().is_empty() => at = up,
+                    _ => return Err(refuse(&dir, "it does not exist".into())),
+                },
+                Err(e) => return Err(refuse(at, format!("it cannot be examined ({e})"))),
+            }
+        };
+        if !meta.is_dir() {
+            return Err(refuse(at, "it is not a directory".into()));
+        }
+        // Unique within this process too: an embedder may run creates side by side.
+        static PROBES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = PROBES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let probe = at.join(format!(".qsnap-probe-{}-{n}", std::process::id()));
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&probe)
+        {
+            Ok(f) => {
+                drop(f);
+                std::fs::remove_file(&probe).map_err(store::io("removing a probe file", &probe))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Err(refuse(
+                at,
+                format!(
+                    "{} is in the way (a qsnap killed while probing left it); remove it",
+                    probe.display()
+                ),
+            )),
+            Err(e) => Err(refuse(at, format!("qsnap cannot create files in it ({e})"))),
+        }
+    })
+    .await
 }
 
 /// The memory mode to use: what was asked for if this QEMU can, else the best it can.
