@@ -714,6 +714,95 @@ async fn a_qmp_command_that_ran_but_timed_out_is_survived_at_every_point() {
     }
 }
 
+/// Kills a process when dropped (a QEMU no record names yet).
+struct KillPid(Option<u32>);
+
+impl Drop for KillPid {
+    fn drop(&mut self) {
+        if let Some(pid) = self.0 {
+            let _ = std::process::Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+        }
+    }
+}
+
+/// `run` has no journal: a failure after the launch stops the QEMU it started (nothing runs
+/// that no record names), and a QEMU left by a `run` that qsnap died in is never taken over by
+/// a second `run` (its socket would be unlinked and stolen): the retry is refused and says to
+/// attach it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupted_run_leaves_nothing_a_retry_could_take_over() {
+    require_qemu!();
+    if !qsnap_testkit::failpoints_or_skip(
+        "an_interrupted_run_leaves_nothing_a_retry_could_take_over",
+    ) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("disk.qcow2");
+    let argv = VmBuilder::idle_with_disk(&disk, "32M", &dir.path().join("serial.log")).await;
+    let store = dir.path().join("store");
+    let _recorded = KillRecordedQemu::new(&store, "g");
+    let socket = store.join("vms/g/qmp.sock");
+    let qsnap = |failpoint: Option<&str>, args: &[&str]| {
+        let mut c = std::process::Command::new(qsnap_bin());
+        c.env("QSNAP_STORE", &store)
+            .env_remove("FAILPOINTS")
+            .args(args);
+        if let Some(f) = failpoint {
+            c.env("FAILPOINTS", f);
+        }
+        c.output().unwrap()
+    };
+    let mut run = vec!["run", "g", "--"];
+    run.extend(argv.iter().map(String::as_str));
+    let serving_pid = || async {
+        let opts = ConnectOptions {
+            connect_retry: Duration::ZERO,
+            ..ConnectOptions::default()
+        };
+        Qmp::connect_with(socket.clone(), &opts)
+            .await
+            .ok()
+            .and_then(|q| q.peer_pid())
+    };
+
+    // A step after the launch fails: the QEMU goes with the error.
+    let out = qsnap(Some("run.launched=return(error)"), &run);
+    assert_eq!(out.status.code(), Some(1), "{}", show(&out));
+    assert_eq!(serving_pid().await, None, "a QEMU outlived the failed run");
+    assert!(!qsnap(None, &["status", "g"]).status.success());
+
+    // qsnap dies between the launch and the record: its QEMU runs on, unrecorded.
+    let out = qsnap(Some("run.launched=return(crash)"), &run);
+    faulted(&out, "crash", "run, crash at run.launched");
+    let orphan = serving_pid()
+        .await
+        .expect("the launched QEMU serves its socket");
+    let _orphan = KillPid(Some(orphan));
+    assert!(!qsnap(None, &["status", "g"]).status.success());
+    // A retry does not start a second QEMU over it.
+    let out = qsnap(None, &run);
+    assert_eq!(out.status.code(), Some(1), "{}", show(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("already serves its monitor socket") && err.contains("qsnap attach g"),
+        "{err}"
+    );
+    assert_eq!(
+        serving_pid().await,
+        Some(orphan),
+        "the socket changed hands"
+    );
+    // The advice works.
+    let out = qsnap(None, &["attach", "g", "--qmp", socket.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", show(&out));
+    let st = json(&qsnap(None, &["status", "g", "--json"]));
+    assert_eq!(st["pid"].as_u64(), Some(u64::from(orphan)), "{st}");
+    assert!(qsnap(None, &["stop", "g"]).status.success());
+}
+
 /// A small deterministic generator (xorshift), seeded and printed for reproduction.
 struct Rng(u64);
 

@@ -42,6 +42,8 @@ pub const POINTS: &[&str] = &[
     "delete.merged",
     "delete.rebased",
     "delete.consolidated",
+    // run: QEMU launched, nothing recorded yet
+    "run.launched",
     // lazy-ram (kill-qemu kills the helper QEMU while it exists)
     "lazy.helper-up",
     "lazy.converted",

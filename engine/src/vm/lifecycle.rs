@@ -257,6 +257,20 @@ impl Engine {
             log: self.store.vm_dir(name).join("qemu.log"),
             ram: None,
         };
+        // A QEMU left by a `run` that was interrupted between its launch and its record (qsnap
+        // killed) still serves this socket: a second QEMU would unlink it and take it over,
+        // leaving the first running unseen.
+        if socket_answers(&socket).await {
+            return Err(Error::RegisterRefused {
+                vm: name.to_string(),
+                why: format!(
+                    "a process already serves its monitor socket {} (a QEMU left by an interrupted \
+                     `qsnap run`?); register it with `qsnap attach {name} --qmp {}`, or stop it first",
+                    socket.display(),
+                    socket.display()
+                ),
+            });
+        }
         let launched = launcher.launch(&spec).await?;
         let mut record = VmRecord {
             schema: store::SCHEMA,
@@ -276,6 +290,7 @@ impl Engine {
         let handle = self.vm_from(name.clone(), record.clone());
         let mut pid = record.pid;
         let registered = async {
+            crate::failpoint::hit("run.launched", pid).await?;
             let qmp = handle.connect().await?;
             let now = blocks::read(&qmp).await?;
             pid = qmp.peer_pid().or(pid);
@@ -485,6 +500,19 @@ fn refuse_throwaway(name: &VmName, argv: &[String]) -> Result<()> {
             found.join(" and ")
         ),
     })
+}
+
+/// Whether something accepts connections on the unix socket at `path` (a QEMU serving it, busy
+/// with another client or not).
+async fn socket_answers(path: &Path) -> bool {
+    matches!(
+        tokio::time::timeout(
+            Duration::from_secs(2),
+            tokio::net::UnixStream::connect(path)
+        )
+        .await,
+        Ok(Ok(_))
+    )
 }
 
 /// A unix socket path is stored absolute, so the record works from any directory.
