@@ -294,20 +294,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             output::attached(&report.record, json);
         }
         Command::Stop { name: vm } => {
-            let killed = engine
+            let outcome = engine
                 .vm(&vm_name(&vm)?)
                 .await?
                 .stop()
                 .await
                 .with_context(|| format!("stopping {vm}"))?;
-            println!(
-                "{vm} stopped{}",
-                if killed {
-                    " (killed: it did not quit in time)"
-                } else {
-                    ""
-                }
-            );
+            output::stopped(&vm, &outcome);
         }
         Command::Start { name: vm } => {
             let launched = engine

@@ -1,5 +1,6 @@
 //! Everything the binary prints: human text or `--json`. Nothing else writes to stdout.
 
+use qsnap_engine::launch::{KillSignal, StopOutcome};
 use qsnap_engine::snapshot::Mode;
 use qsnap_engine::{
     CheckReport, DeleteReport, LazyReport, Manifest, RevertReport, Status, VmInfo, VmRecord,
@@ -230,9 +231,9 @@ pub fn status(st: &Status, as_json: bool) {
         } => println!("{}: running (QEMU pid {pid}, {runstate})", st.vm),
         VmState::Running { runstate, .. } => println!("{}: running ({runstate})", st.vm),
         VmState::Unreachable { pid, why } => println!(
-            "{}: UNREACHABLE — QEMU{} is alive but its monitor does not answer ({why})",
+            "{}: running but UNREACHABLE — its QEMU{} is alive, but its monitor does not answer ({why})",
             st.vm,
-            pid.map(|p| format!(" pid {p}")).unwrap_or_default()
+            pid.map(|p| format!(" (pid {p})")).unwrap_or_default()
         ),
         VmState::Stopped => println!("{}: stopped", st.vm),
     }
@@ -253,6 +254,25 @@ pub fn status(st: &Status, as_json: bool) {
     }
     if let Some(i) = &st.interrupted {
         println!("interrupted operation: {i}; the next command (or `qsnap check {} --repair`) settles it", st.vm);
+    }
+}
+
+/// Prints how `stop` stopped a VM.
+pub fn stopped(vm: &str, outcome: &StopOutcome) {
+    match outcome {
+        StopOutcome::Quit { pid: Some(pid) } => {
+            println!("{vm} stopped: its QEMU (pid {pid}) quit when asked")
+        }
+        StopOutcome::Quit { pid: None } => println!("{vm} stopped: its QEMU quit when asked"),
+        StopOutcome::Killed {
+            pid,
+            signal: KillSignal::Term,
+            why,
+        } => println!("{vm} stopped: {why}; its QEMU (pid {pid}) was terminated (SIGTERM)"),
+        StopOutcome::Killed { pid, signal, why } => {
+            println!("{vm} stopped: {why}; its QEMU (pid {pid}) was killed ({signal})")
+        }
+        StopOutcome::AlreadyStopped => println!("{vm} was not running; nothing to stop"),
     }
 }
 

@@ -5,7 +5,8 @@
 //! Every relaunch rewrites the recorded command line's disk paths to the current images, so a
 //! frozen snapshot image is never opened read-write. `start` never launches a second QEMU
 //! while the recorded one is alive (`state.rs`), and attaching another user's QEMU — whose
-//! command line qsnap would later run — is refused unless asked for.
+//! command line qsnap would later run — is refused unless asked for. `stop` says how QEMU
+//! went ([`StopOutcome`]) and never reports stopped a QEMU it could not stop.
 
 use super::state::{Operation, VmState};
 use super::{Engine, Vm};
@@ -13,7 +14,9 @@ use crate::blocks;
 use crate::error::{Error, Result};
 use crate::image;
 use crate::launch::ProcessLauncher;
-use crate::launch::{self, argv, stop_qemu, DiskSubstitution, LaunchSpec, Launched, Launcher};
+use crate::launch::{
+    self, argv, quit_or_kill, DiskSubstitution, LaunchSpec, Launched, Launcher, StopOutcome,
+};
 use crate::name::VmName;
 use crate::store::{
     self, CurrentDisk, Intent, LaunchCommand, Origin, StartIntent, StopIntent, VmRecord,
@@ -60,9 +63,10 @@ pub struct RunReport {
 pub struct Status {
     /// The VM.
     pub vm: String,
-    /// Running, unreachable or stopped (with pid and run state).
+    /// Running, unreachable or stopped (with pid and run state): the precise state.
     pub state: VmState,
-    /// True when QEMU answers on the monitor.
+    /// True while a QEMU runs for this VM: it answers (`running`), or it is alive but its
+    /// monitor does not answer (`unreachable`). `state` says which.
     pub running: bool,
     /// QEMU's run state when it answers (`running`, `paused`, …).
     pub runstate: Option<String>,
@@ -345,10 +349,11 @@ impl Vm {
             .collect()
     }
 
-    /// Stops QEMU (`quit`, then SIGKILL after 10 s). Returns true if it had to be killed.
-    /// Works on a QEMU whose monitor does not answer, and with an interrupted operation
-    /// pending (it is settled once QEMU is gone).
-    pub async fn stop(&self) -> Result<bool> {
+    /// Stops QEMU and says how: `quit`, then SIGKILL after 10 s; SIGTERM first when its
+    /// monitor does not answer. Works with an interrupted operation pending (it is settled
+    /// once QEMU is gone). A QEMU that could not be stopped is [`Error::StopFailed`], with
+    /// the record and any earlier journal left as they were.
+    pub async fn stop(&self) -> Result<StopOutcome> {
         let lock = self.store().lock(self.name(), "stop").await?;
         let pending = self.store().journal(self.name()).await?;
         if pending.is_some() {
@@ -368,7 +373,16 @@ impl Vm {
                 .write_journal(self.name(), &Intent::Stop(StopIntent { pid }))
                 .await?;
         }
-        let killed = stop_qemu(&record.qmp, pid, QUIT_TIMEOUT).await?;
+        let outcome = match quit_or_kill(&record.qmp, pid, QUIT_TIMEOUT).await {
+            Ok(o) => o,
+            Err(e) => {
+                // Nothing changed: the record still names the QEMU that runs.
+                if journaled {
+                    let _ = self.store().clear_journal(self.name()).await;
+                }
+                return Err(e);
+            }
+        };
         super::state::record_qemu(&mut record, None).await;
         self.store().write_record(&record).await?;
         if journaled {
@@ -378,7 +392,7 @@ impl Vm {
             super::recover::settle(self).await?;
         }
         drop(lock);
-        Ok(killed)
+        Ok(outcome)
     }
 
     /// Starts a stopped VM again on its current disk chain.
@@ -460,15 +474,15 @@ impl Vm {
                 j.started_at
             )
         });
-        let (running, runstate) = match &state {
-            VmState::Running { runstate, .. } => (true, Some(runstate.clone())),
-            _ => (false, None),
+        let runstate = match &state {
+            VmState::Running { runstate, .. } => Some(runstate.clone()),
+            _ => None,
         };
         Ok(Status {
             vm: self.name().to_string(),
             pid: state.pid(),
+            running: !matches!(state, VmState::Stopped),
             state,
-            running,
             runstate,
             current: record.current.clone(),
             disks,

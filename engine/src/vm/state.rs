@@ -42,6 +42,9 @@ pub enum VmState {
     Stopped,
 }
 
+/// The run state of a [`VmState::Running`] whose monitor did not say.
+pub(crate) const RUNSTATE_UNKNOWN: &str = "unknown";
+
 /// What an operation is about to do to a VM.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Operation {
@@ -78,7 +81,7 @@ impl VmState {
                     .ok()
                     .and_then(|s| serde_json::to_value(s.status).ok())
                     .and_then(|v| v.as_str().map(str::to_owned))
-                    .unwrap_or_else(|| "unknown".into());
+                    .unwrap_or_else(|| RUNSTATE_UNKNOWN.into());
                 VmState::Running {
                     pid: qmp.peer_pid().or(record.pid),
                     runstate,
@@ -94,19 +97,14 @@ impl VmState {
                         };
                     }
                 }
-                // Connected but no greeting: something serves the socket (a QEMU whose pid
-                // we do not know, with another client on its monitor).
-                if matches!(
-                    &e,
-                    Error::Qmp {
-                        source: qsnap_qmp::Error::GreetingTimeout { .. }
-                            | qsnap_qmp::Error::Handshake { .. },
-                        ..
-                    }
-                ) {
-                    return VmState::Unreachable { pid: None, why };
+                // Stopped only when nobody serves the socket. Connected but no greeting, a
+                // listen queue full of clients that gave up, a TCP connect nobody answers:
+                // something may serve it (a QEMU whose pid we do not know, another client on
+                // its monitor), and "cannot tell" is never "stopped".
+                match &e {
+                    Error::Qmp { source, .. } if launch::nobody_serves(source) => VmState::Stopped,
+                    _ => VmState::Unreachable { pid: None, why },
                 }
-                VmState::Stopped
             }
         }
     }

@@ -1,0 +1,250 @@
+//! What the CLI tells a user and a script: `qsnap status` and `qsnap stop` about a VM whose
+//! monitor another client holds, and one qsnap cannot stop. The real binary against real
+//! (kernel-less) QEMUs.
+
+use assert_cmd::Command;
+use qsnap_qmp::{ConnectOptions, Endpoint, Qmp};
+use qsnap_testkit::{require_qemu, KillRecordedQemu, VmBuilder};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::time::{Duration, Instant};
+
+/// Runs `qsnap ARGS…` against the store at `store`.
+fn in_store(store: &Path) -> impl Fn(&[&str]) -> Output + '_ {
+    move |args| {
+        Command::cargo_bin("qsnap")
+            .unwrap()
+            .env("QSNAP_STORE", store)
+            .env("NO_COLOR", "1")
+            .env_remove("FAILPOINTS")
+            .args(args)
+            .output()
+            .unwrap()
+    }
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn show(out: &Output) -> String {
+    format!(
+        "status {:?}\nstdout: {}\nstderr: {}",
+        out.status,
+        text(&out.stdout),
+        text(&out.stderr)
+    )
+}
+
+fn json(out: &Output) -> Value {
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", show(out)))
+}
+
+/// Whether `pid` is gone (or a zombie nobody reaped yet).
+fn gone(pid: u64) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| s.contains(") Z "))
+        .unwrap_or(true)
+}
+
+fn wait_gone(pid: u64) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !gone(pid) {
+        assert!(Instant::now() < deadline, "QEMU {pid} still runs");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A client of its own on a monitor: QEMU serves one at a time, so qsnap gets no greeting
+/// while this is held.
+async fn hold_monitor(endpoint: Endpoint) -> Qmp {
+    let opts = ConnectOptions {
+        connect_retry: Duration::from_secs(5),
+        ..ConnectOptions::default()
+    };
+    Qmp::connect_with(endpoint, &opts).await.unwrap()
+}
+
+/// One idle VM `vm1` started by `qsnap run` in a store of its own.
+struct Rig {
+    // Fields drop in order: the QEMU must be killed while its record (in `dir`) still exists.
+    _kill: KillRecordedQemu,
+    dir: tempfile::TempDir,
+}
+
+impl Rig {
+    async fn new() -> Rig {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = dir.path().join("d.qcow2");
+        let argv = VmBuilder::idle_with_disk(&disk, "16M", &dir.path().join("serial.log")).await;
+        let rig = Rig {
+            _kill: KillRecordedQemu::new(&dir.path().join("store"), "vm1"),
+            dir,
+        };
+        let mut cmd = vec!["run", "vm1", "--"];
+        cmd.extend(argv.iter().map(String::as_str));
+        let out = rig.qsnap(&cmd);
+        assert!(out.status.success(), "{}", show(&out));
+        rig
+    }
+
+    fn store(&self) -> PathBuf {
+        self.dir.path().join("store")
+    }
+
+    fn qsnap(&self, args: &[&str]) -> Output {
+        in_store(&self.store())(args)
+    }
+
+    fn status(&self) -> Value {
+        let out = self.qsnap(&["status", "vm1", "--json"]);
+        assert!(out.status.success(), "{}", show(&out));
+        json(&out)
+    }
+
+    fn socket(&self) -> Endpoint {
+        Endpoint::Unix(self.store().join("vms/vm1/qmp.sock"))
+    }
+}
+
+/// Item 2 of issue 16: a VM whose monitor another client holds is `unreachable` *and*
+/// `running` (its QEMU runs), in JSON and in words; `stop` then says it terminated it, and a
+/// stop of a stopped VM says there was nothing to stop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_monitor_is_unreachable_but_running_and_stop_says_how_it_stopped() {
+    require_qemu!();
+    let rig = Rig::new().await;
+    let st = rig.status();
+    assert_eq!(st["state"]["state"], "running", "{st}");
+    assert_eq!(st["running"], true, "{st}");
+    let pid = st["pid"].as_u64().unwrap();
+
+    let holder = hold_monitor(rig.socket()).await;
+    let st = rig.status();
+    assert_eq!(st["state"]["state"], "unreachable", "{st}");
+    assert_eq!(st["state"]["pid"].as_u64(), Some(pid), "{st}");
+    assert_eq!(
+        st["running"], true,
+        "its QEMU runs: a script reading `running` must not think it down: {st}"
+    );
+    assert_eq!(st["pid"].as_u64(), Some(pid), "{st}");
+    let out = rig.qsnap(&["status", "vm1"]);
+    let words = text(&out.stdout);
+    assert!(
+        words.starts_with(&format!(
+            "vm1: running but UNREACHABLE — its QEMU (pid {pid}) is alive"
+        )),
+        "{words}"
+    );
+
+    // `stop` cannot ask it to quit: it terminates it, and says so.
+    let out = rig.qsnap(&["stop", "vm1"]);
+    assert!(out.status.success(), "{}", show(&out));
+    let said = text(&out.stdout);
+    assert!(
+        said.contains("its monitor did not answer")
+            && said.contains(&format!("its QEMU (pid {pid}) was terminated (SIGTERM)")),
+        "{said}"
+    );
+    wait_gone(pid);
+    drop(holder);
+    let st = rig.status();
+    assert_eq!(
+        (st["state"]["state"].clone(), st["running"].clone()),
+        ("stopped".into(), false.into()),
+        "{st}"
+    );
+    let out = rig.qsnap(&["stop", "vm1"]);
+    assert!(out.status.success(), "{}", show(&out));
+    assert_eq!(
+        text(&out.stdout).trim(),
+        "vm1 was not running; nothing to stop"
+    );
+
+    // A monitor that answers: `quit`.
+    let out = rig.qsnap(&["start", "vm1"]);
+    assert!(out.status.success(), "{}", show(&out));
+    let pid = rig.status()["pid"].as_u64().unwrap();
+    let out = rig.qsnap(&["stop", "vm1"]);
+    assert!(out.status.success(), "{}", show(&out));
+    assert_eq!(
+        text(&out.stdout).trim(),
+        format!("vm1 stopped: its QEMU (pid {pid}) quit when asked")
+    );
+    assert!(gone(pid));
+}
+
+/// Item 9 of issue 16: a QEMU qsnap knows runs but cannot stop — its monitor (TCP, so no pid)
+/// is held by another client — is an error that says what to do, never "stopped"; the QEMU
+/// runs on and the store still names it. Once the monitor is free, `stop` says it quit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_never_says_stopped_while_the_qemu_runs() {
+    require_qemu!();
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let tcp = format!("tcp:127.0.0.1:{port}");
+    // The fixture's own (unix) monitor stays free: the test watches QEMU through it.
+    let mut vm = VmBuilder::idle()
+        .args(["-qmp", &format!("{tcp},server=on,wait=off")])
+        .spawn()
+        .await;
+    let dir = tempfile::tempdir().unwrap();
+    let run = in_store(dir.path());
+    let out = run(&["attach", "t", "--qmp", &tcp, "--json"]);
+    assert!(out.status.success(), "{}", show(&out));
+    assert_eq!(json(&out)["pid"], Value::Null, "a TCP monitor tells no pid");
+
+    let holder = hold_monitor(Endpoint::Tcp(format!("127.0.0.1:{port}"))).await;
+    let st = json(&run(&["status", "t", "--json"]));
+    assert_eq!(st["state"]["state"], "unreachable", "{st}");
+    assert_eq!(st["running"], true, "something serves its monitor: {st}");
+
+    let out = run(&["stop", "t"]);
+    assert_eq!(out.status.code(), Some(1), "{}", show(&out));
+    assert!(
+        !text(&out.stdout).contains("stopped"),
+        "nothing was stopped: {}",
+        show(&out)
+    );
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("could not stop the QEMU")
+            && err.contains("its pid is unknown")
+            && err.contains("run `qsnap stop` again"),
+        "{err}"
+    );
+    // It runs on, and the store says so.
+    assert!(
+        vm.qmp()
+            .await
+            .execute(qsnap_qmp::types::query_status {})
+            .await
+            .unwrap()
+            .running
+    );
+    let st = json(&run(&["status", "t", "--json"]));
+    assert_eq!(st["running"], true, "{st}");
+    assert!(!dir.path().join("vms/t/journal.json").exists());
+
+    drop(holder);
+    let out = run(&["stop", "t"]);
+    assert!(out.status.success(), "{}", show(&out));
+    assert_eq!(
+        text(&out.stdout).trim(),
+        "t stopped: its QEMU quit when asked"
+    );
+    assert!(
+        vm.wait_exit(Duration::from_secs(10)).await.is_some(),
+        "QEMU still runs after `stop` said it quit"
+    );
+    let out = run(&["stop", "t"]);
+    assert_eq!(
+        text(&out.stdout).trim(),
+        "t was not running; nothing to stop",
+        "{}",
+        show(&out)
+    );
+}
