@@ -225,6 +225,10 @@ pub fn status(st: &Status, as_json: bool) {
         return json(st);
     }
     match &st.state {
+        VmState::Running { pid: Some(pid), .. } if st.busy.is_some() => println!(
+            "{}: running (QEMU pid {pid}; its run state is not asked while an operation holds it)",
+            st.vm
+        ),
         VmState::Running {
             pid: Some(pid),
             runstate,
@@ -236,6 +240,17 @@ pub fn status(st: &Status, as_json: bool) {
             pid.map(|p| format!(" (pid {p})")).unwrap_or_default()
         ),
         VmState::Stopped => println!("{}: stopped", st.vm),
+    }
+    if let Some(b) = &st.busy {
+        println!(
+            "busy: {} in progress (qsnap pid {}{}); the VM's monitor is that operation's until it ends",
+            b.operation,
+            b.pid,
+            b.since
+                .as_deref()
+                .map(|t| format!(", since {t}"))
+                .unwrap_or_default()
+        );
     }
     println!(
         "current snapshot: {}",
@@ -253,7 +268,14 @@ pub fn status(st: &Status, as_json: bool) {
         moved(&c.moved);
     }
     if let Some(i) = &st.interrupted {
-        println!("interrupted operation: {i}; the next command (or `qsnap check {} --repair`) settles it", st.vm);
+        println!(
+            "interrupted: {} (qsnap pid {}, started {}) did not finish, and that qsnap is gone; \
+             the next command on {vm} (or `qsnap check {vm} --repair`) finishes or rolls it back",
+            i.operation,
+            i.qsnap_pid,
+            i.started_at,
+            vm = st.vm
+        );
     }
 }
 

@@ -1,13 +1,17 @@
 //! What the CLI tells a user and a script: `qsnap status` and `qsnap stop` about a VM whose
-//! monitor another client holds, and one qsnap cannot stop. The real binary against real
-//! (kernel-less) QEMUs.
+//! monitor another client holds, one that another qsnap operation holds, one whose operation
+//! was interrupted, and one qsnap cannot stop. The real binary against real (kernel-less)
+//! QEMUs.
 
 use assert_cmd::Command;
 use qsnap_qmp::{ConnectOptions, Endpoint, Qmp};
 use qsnap_testkit::{require_qemu, KillRecordedQemu, VmBuilder};
 use serde_json::Value;
+use std::io::{BufRead, BufReader};
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::Output;
+use std::process::{Child, Output, Stdio};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 /// Runs `qsnap ARGS…` against the store at `store`.
@@ -39,6 +43,84 @@ fn show(out: &Output) -> String {
 
 fn json(out: &Output) -> Value {
     serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", show(out)))
+}
+
+/// `qsnap ARGS…` started in the background with `FAILPOINTS` set, its stderr read line by line
+/// (so a test can wait for the failpoint) and kept for the report.
+struct Background {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl Background {
+    fn start(store: &Path, failpoints: &str, args: &[&str]) -> Background {
+        let mut child = std::process::Command::new(assert_cmd::cargo::cargo_bin("qsnap"))
+            .env("QSNAP_STORE", store)
+            .env("NO_COLOR", "1")
+            .env("FAILPOINTS", failpoints)
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (tx, lines) = mpsc::channel();
+        let stderr = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Background {
+            child,
+            lines,
+            seen: Vec::new(),
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits (at most 30 s) for a stderr line containing `needle`.
+    fn wait_for(&mut self, needle: &str) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    let found = line.contains(needle);
+                    self.seen.push(line);
+                    if found {
+                        return;
+                    }
+                }
+                Err(e) => panic!("no {needle:?} on stderr ({e}): {:#?}", self.seen),
+            }
+        }
+    }
+
+    /// Waits (at most 60 s) for it to exit; its status and all it wrote to stderr.
+    fn finish(mut self) -> (std::process::ExitStatus, String) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let status = loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                break s;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("qsnap did not exit within 60 s: {:#?}", self.seen);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        // The reader thread ends at EOF, which came with the exit.
+        while let Ok(line) = self.lines.recv_timeout(Duration::from_secs(5)) {
+            self.seen.push(line);
+        }
+        (status, self.seen.join("\n"))
+    }
 }
 
 /// Whether `pid` is gone (or a zombie nobody reaped yet).
@@ -129,6 +211,7 @@ async fn a_held_monitor_is_unreachable_but_running_and_stop_says_how_it_stopped(
         "its QEMU runs: a script reading `running` must not think it down: {st}"
     );
     assert_eq!(st["pid"].as_u64(), Some(pid), "{st}");
+    assert_eq!(st["busy"], Value::Null, "{st}");
     let out = rig.qsnap(&["status", "vm1"]);
     let words = text(&out.stdout);
     assert!(
@@ -247,4 +330,103 @@ async fn stop_never_says_stopped_while_the_qemu_runs() {
         "{}",
         show(&out)
     );
+}
+
+/// Item 19 of issue 16: while another qsnap operation holds the VM, `status` says it is busy
+/// with that operation (from the lock's note), reads the state from the recorded QEMU rather
+/// than a monitor that operation holds, and does not call the operation interrupted. After
+/// qsnap dies in an operation, `status` calls it interrupted — as an object in JSON — and
+/// the stale lock note names no one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_says_busy_during_an_operation_and_interrupted_after_a_crash() {
+    require_qemu!();
+    if !qsnap_testkit::failpoints_or_skip(
+        "status_says_busy_during_an_operation_and_interrupted_after_a_crash",
+    ) {
+        return;
+    }
+    let rig = Rig::new().await;
+    let qemu = rig.status()["pid"].as_u64().unwrap();
+
+    // A create that holds the VM (lock, journal and monitor) for a while.
+    let mut create = Background::start(
+        &rig.store(),
+        "create.journaled=return(delay:4000)",
+        &["create", "vm1", "c3"],
+    );
+    create.wait_for("create.journaled");
+    let holder = u64::from(create.pid());
+    let st = rig.status();
+    assert_eq!(st["busy"]["operation"], "create c3", "{st}");
+    assert_eq!(st["busy"]["pid"].as_u64(), Some(holder), "{st}");
+    assert!(st["busy"]["since"].is_string(), "{st}");
+    assert_eq!(st["state"]["state"], "running", "{st}");
+    assert_eq!(st["state"]["pid"].as_u64(), Some(qemu), "{st}");
+    assert_eq!(st["running"], true, "{st}");
+    assert_eq!(
+        st["interrupted"],
+        Value::Null,
+        "it is running, not interrupted: {st}"
+    );
+    let out = rig.qsnap(&["status", "vm1"]);
+    assert!(out.status.success(), "{}", show(&out));
+    let words = text(&out.stdout);
+    assert!(
+        words.contains(&format!(
+            "busy: create c3 in progress (qsnap pid {holder}, since "
+        )),
+        "{words}"
+    );
+    assert!(
+        words.starts_with(&format!("vm1: running (QEMU pid {qemu}")),
+        "{words}"
+    );
+    assert!(
+        !words.contains("UNREACHABLE") && !words.contains("interrupted"),
+        "{words}"
+    );
+    let (exit, stderr) = create.finish();
+    assert!(exit.success(), "the create itself: {exit:?}\n{stderr}");
+    let st = rig.status();
+    assert_eq!(st["busy"], Value::Null, "{st}");
+    assert_eq!(st["current"], "c3", "{st}");
+
+    // qsnap dies in the middle of a create: its journal stays, and so does its lock note.
+    let crashed = Background::start(
+        &rig.store(),
+        "create.journaled=return(crash)",
+        &["create", "vm1", "c4"],
+    );
+    let crashed_pid = u64::from(crashed.pid());
+    let (exit, stderr) = crashed.finish();
+    assert_eq!(exit.signal(), Some(9), "{stderr}");
+    let note = std::fs::read_to_string(rig.store().join("vms/vm1/lock")).unwrap();
+    assert!(note.starts_with(&format!("{crashed_pid} ")), "{note:?}");
+    let st = rig.status();
+    assert_eq!(st["busy"], Value::Null, "its qsnap is gone: {st}");
+    assert_eq!(
+        st["interrupted"],
+        serde_json::json!({
+            "operation": "create c4",
+            "qsnap-pid": crashed_pid,
+            "started-at": st["interrupted"]["started-at"].as_str().expect("a start time"),
+        }),
+        "{st}"
+    );
+    assert_eq!(st["state"]["state"], "running", "{st}");
+    assert_eq!(st["runstate"], "running", "{st}");
+    let words = text(&rig.qsnap(&["status", "vm1"]).stdout);
+    assert!(
+        words.contains(&format!(
+            "interrupted: create c4 (qsnap pid {crashed_pid}, started "
+        )) && words.contains("that qsnap is gone")
+            && words.contains("`qsnap check vm1 --repair`"),
+        "{words}"
+    );
+    assert!(!words.contains("busy"), "{words}");
+
+    let out = rig.qsnap(&["check", "vm1", "--repair"]);
+    assert!(out.status.success(), "{}", show(&out));
+    let st = rig.status();
+    assert_eq!(st["interrupted"], Value::Null, "{st}");
 }

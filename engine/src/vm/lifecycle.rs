@@ -6,7 +6,8 @@
 //! frozen snapshot image is never opened read-write. `start` never launches a second QEMU
 //! while the recorded one is alive (`state.rs`), and attaching another user's QEMU — whose
 //! command line qsnap would later run — is refused unless asked for. `stop` says how QEMU
-//! went ([`StopOutcome`]) and never reports stopped a QEMU it could not stop.
+//! went ([`StopOutcome`]) and never reports stopped a QEMU it could not stop; `status` only
+//! reads, and never asks a monitor that another qsnap operation holds.
 
 use super::state::{Operation, VmState};
 use super::{Engine, Vm};
@@ -19,7 +20,7 @@ use crate::launch::{
 };
 use crate::name::VmName;
 use crate::store::{
-    self, CurrentDisk, Intent, LaunchCommand, Origin, StartIntent, StopIntent, VmRecord,
+    self, CurrentDisk, Intent, LaunchCommand, LockHolder, Origin, StartIntent, StopIntent, VmRecord,
 };
 use qsnap_qmp::{Endpoint, Qmp};
 use serde::Serialize;
@@ -65,10 +66,11 @@ pub struct Status {
     pub vm: String,
     /// Running, unreachable or stopped (with pid and run state): the precise state.
     pub state: VmState,
-    /// True while a QEMU runs for this VM: it answers (`running`), or it is alive but its
-    /// monitor does not answer (`unreachable`). `state` says which.
+    /// True while a QEMU runs for this VM: it answers (`running`), it is alive but its
+    /// monitor does not answer (`unreachable`), or another qsnap operation holds the VM and
+    /// its recorded QEMU is alive. `state` says which.
     pub running: bool,
-    /// QEMU's run state when it answers (`running`, `paused`, …).
+    /// QEMU's run state when its monitor was asked (`running`, `paused`, …).
     pub runstate: Option<String>,
     /// QEMU's pid.
     pub pid: Option<u32>,
@@ -76,14 +78,30 @@ pub struct Status {
     pub current: Option<String>,
     /// Each disk's chain.
     pub disks: Vec<DiskChain>,
-    /// An interrupted operation the next command will finish or roll back.
-    pub interrupted: Option<String>,
+    /// Another qsnap operation that holds the VM now (its monitor is that operation's, so
+    /// `state` comes from the record and `/proc`).
+    pub busy: Option<LockHolder>,
+    /// An operation whose qsnap is gone before it finished: the next command (or
+    /// `qsnap check --repair`) finishes or rolls it back.
+    pub interrupted: Option<Interrupted>,
     /// For a clone: what it was made from and where its per-VM files are (its console, its
     /// guest agent socket, …).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub clone_of: Option<crate::store::CloneOf>,
     /// Its monitor socket (`unix:PATH`, a path, or `tcp:HOST:PORT`).
     pub qmp: String,
+}
+
+/// An operation left unfinished by a qsnap that is gone (its journal).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Interrupted {
+    /// What it was doing (`create s1`, `revert to s2`, …).
+    pub operation: String,
+    /// The qsnap process that ran it.
+    pub qsnap_pid: u32,
+    /// When it began (RFC 3339).
+    pub started_at: String,
 }
 
 /// One disk's backing chain.
@@ -435,13 +453,33 @@ impl Vm {
         Ok(launched)
     }
 
-    /// Running or not, the current snapshot, and each disk's chain. Reads only (no lock): an
-    /// interrupted operation is reported, not settled.
+    /// Running or not, the current snapshot, each disk's chain, an operation in progress
+    /// and an interrupted one. Reads only (no lock): an interrupted operation is reported,
+    /// not settled. While another qsnap operation holds the VM its monitor is not asked (it
+    /// is that operation's): the state comes from the recorded pid and start time.
     pub async fn status(&self) -> Result<Status> {
         let record = self.store().record(self.name()).await?;
-        let state = VmState::observe(self, &record).await;
+        let vm_dir = self.store().vm_dir(self.name());
+        let mut busy = store::lock_holder(&vm_dir).await?;
+        let mut state = match &busy {
+            Some(_) => VmState::from_record(&record).await,
+            None => None,
+        };
+        if state.is_none() {
+            let seen = VmState::observe(self, &record).await;
+            if busy.is_none() && matches!(seen, VmState::Unreachable { .. }) {
+                // An operation may have taken the VM, and its monitor, since the lock was read.
+                busy = store::lock_holder(&vm_dir).await?;
+                if busy.is_some() {
+                    state = VmState::from_record(&record).await;
+                }
+            }
+            state = state.or(Some(seen));
+        }
+        let state = state.unwrap_or(VmState::Stopped);
+        let asked = busy.is_none();
         let live = match &state {
-            VmState::Running { .. } => match self.connect_quick(&record).await {
+            VmState::Running { .. } if asked => match self.connect_quick(&record).await {
                 Ok(qmp) => blocks::read(&qmp).await.ok(),
                 Err(_) => None,
             },
@@ -466,16 +504,22 @@ impl Vm {
                 chain,
             });
         }
-        let interrupted = self.store().journal(self.name()).await?.map(|j| {
-            format!(
-                "{} (qsnap pid {}, started {})",
-                j.intent.describe(),
-                j.pid,
-                j.started_at
-            )
-        });
+        // A journal is an interrupted operation only once its writer is gone: while the
+        // lock's holder is the qsnap that wrote it (perhaps one that began after the lock
+        // was read above), it is that operation's work in progress.
+        let held_by = |h: &Option<LockHolder>, pid: u32| h.as_ref().is_some_and(|h| h.pid == pid);
+        let mut interrupted = None;
+        if let Some(j) = self.store().journal(self.name()).await? {
+            if !held_by(&busy, j.pid) && !held_by(&store::lock_holder(&vm_dir).await?, j.pid) {
+                interrupted = Some(Interrupted {
+                    operation: j.intent.describe(),
+                    qsnap_pid: j.pid,
+                    started_at: j.started_at,
+                });
+            }
+        }
         let runstate = match &state {
-            VmState::Running { runstate, .. } => Some(runstate.clone()),
+            VmState::Running { runstate, .. } if asked => Some(runstate.clone()),
             _ => None,
         };
         Ok(Status {
@@ -486,6 +530,7 @@ impl Vm {
             runstate,
             current: record.current.clone(),
             disks,
+            busy,
             interrupted,
             clone_of: record.clone_of.clone(),
             qmp: record.qmp.clone(),

@@ -11,7 +11,9 @@
 //! ```
 //! `Unreachable` — the recorded QEMU is alive, or someone serves its monitor socket, but the
 //! monitor does not answer — is never taken for `Stopped`: qsnap must not start a second QEMU
-//! beside a live one (it would unlink and steal the first one's monitor socket).
+//! beside a live one (it would unlink and steal the first one's monitor socket). While another
+//! qsnap operation holds the VM its monitor is that operation's, and the state comes from the
+//! record and `/proc` alone (`from_record`), never from a monitor that would look unreachable.
 
 use super::Vm;
 use crate::error::{Error, Result};
@@ -42,7 +44,8 @@ pub enum VmState {
     Stopped,
 }
 
-/// The run state of a [`VmState::Running`] whose monitor did not say.
+/// The run state of a [`VmState::Running`] whose monitor was not asked
+/// ([`VmState::from_record`]) or did not say.
 pub(crate) const RUNSTATE_UNKNOWN: &str = "unknown";
 
 /// What an operation is about to do to a VM.
@@ -107,6 +110,22 @@ impl VmState {
                 }
             }
         }
+    }
+
+    /// What the record and `/proc` alone say, for when the monitor must not be asked (another
+    /// qsnap operation holds it): the recorded QEMU (same pid and start time) runs (run state
+    /// `unknown`) or it does not. `None` when no pid is recorded (a TCP monitor): then only
+    /// the monitor can tell.
+    pub async fn from_record(record: &VmRecord) -> Option<VmState> {
+        let pid = record.pid?;
+        Some(if launch::is_recorded_qemu(pid, record.pid_start).await {
+            VmState::Running {
+                pid: Some(pid),
+                runstate: RUNSTATE_UNKNOWN.into(),
+            }
+        } else {
+            VmState::Stopped
+        })
     }
 
     /// True when QEMU answers.
