@@ -1,6 +1,7 @@
 //! `qsnap`: the command-line glue over `qsnap-engine`. Parses arguments, runs one engine call,
 //! prints the result (`output`, `progress`), and maps errors to exit codes: 1 the operation
-//! failed, 2 bad usage (including bad names), 3 the VM could not be reached.
+//! failed, 2 bad usage (including bad names), 3 the VM could not be reached, 128 + the signal
+//! (130 for Ctrl-C, 143 for SIGTERM) an operation that an interrupt stopped.
 
 mod args;
 mod output;
@@ -16,8 +17,9 @@ use qsnap_engine::{
 };
 use qsnap_qmp::{ConnectOptions, Endpoint, Qmp};
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
 /// `println!` that does not panic when stdout is closed early (`qsnap list | head -1`): the
@@ -118,35 +120,61 @@ impl std::fmt::Display for Unclean {
 
 impl std::error::Error for Unclean {}
 
-/// Cancels `token` on the first Ctrl-C (or SIGTERM), so the engine rolls back cleanly.
-fn cancel_on_signal(token: CancellationToken) {
+/// Signals this close to the first are that same interrupt: `timeout -s INT` signals qsnap
+/// and then its whole process group, so one interrupt arrives twice within microseconds.
+const ONE_INTERRUPT: Duration = Duration::from_secs(1);
+
+/// The signal of the first interrupt, once one came (0 before).
+static INTERRUPTED: AtomicI32 = AtomicI32::new(0);
+
+/// The exit code after an interrupt: 128 + its signal, as a shell reports a process the signal
+/// ended (130 for Ctrl-C); `None` when none came.
+fn interrupted_exit() -> Option<u8> {
+    match INTERRUPTED.load(Ordering::SeqCst) {
+        0 => None,
+        sig => u8::try_from(128 + sig).ok(),
+    }
+}
+
+/// Cancels `token` on the first Ctrl-C (SIGINT) or SIGTERM, so the engine rolls back cleanly.
+/// More signals within [`ONE_INTERRUPT`] of it are the same interrupt; one after that quits at
+/// once (the journal lets the next command finish the rest). The handlers are installed before
+/// the command starts: a signal with none installed would end qsnap in the middle of a step.
+fn cancel_on_signal(token: CancellationToken) -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (int, term) = (SignalKind::interrupt(), SignalKind::terminate());
+    let mut on_int = signal(int).context("installing the SIGINT handler")?;
+    let mut on_term = signal(term).context("installing the SIGTERM handler")?;
     tokio::spawn(async move {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(t) => t,
-                Err(_) => return,
-            };
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
-        }
+        let first = tokio::select! {
+            _ = on_int.recv() => int,
+            _ = on_term.recv() => term,
+        };
+        INTERRUPTED.store(first.as_raw_value(), Ordering::SeqCst);
+        let at = Instant::now();
         eprintln!(
             "qsnap: interrupted; stopping cleanly (rolling back what is not done)… \
-             (again to quit at once: the journal lets the next command finish the rest)"
+             (interrupt again to quit at once: the journal lets the next command finish the rest)"
         );
         token.cancel();
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
+        loop {
+            tokio::select! {
+                _ = on_int.recv() => {}
+                _ = on_term.recv() => {}
+            }
+            if at.elapsed() >= ONE_INTERRUPT {
+                break;
+            }
         }
-        eprintln!("qsnap: interrupted twice; quitting now");
-        std::process::exit(130);
+        eprintln!("qsnap: interrupted again; quitting now (the next command on the VM finishes or rolls back what was left)");
+        std::process::exit(i32::from(interrupted_exit().unwrap_or(130)));
     });
+    Ok(())
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let cancel = CancellationToken::new();
-    cancel_on_signal(cancel.clone());
+    cancel_on_signal(cancel.clone())?;
     let engine = engine(&cli, cancel)?;
     match cli.command {
         Command::Attach {
@@ -303,20 +331,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             output::attached(&report.record, json);
         }
         Command::Stop { name: vm } => {
-            let killed = engine
+            let outcome = engine
                 .vm(&vm_name(&vm)?)
                 .await?
                 .stop()
                 .await
                 .with_context(|| format!("stopping {vm}"))?;
-            println!(
-                "{vm} stopped{}",
-                if killed {
-                    " (killed: it did not quit in time)"
-                } else {
-                    ""
-                }
-            );
+            output::stopped(&vm, &outcome);
         }
         Command::Start { name: vm } => {
             let launched = engine
@@ -514,12 +535,19 @@ fn main() -> ExitCode {
         }
     };
     match runtime.block_on(run(cli)) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(()) => {
+            if interrupted_exit().is_some() {
+                eprintln!("qsnap: the interrupt came too late to stop it: the command completed");
+            }
+            ExitCode::SUCCESS
+        }
         Err(err) => {
             if err.downcast_ref::<Unclean>().is_none() {
                 eprintln!("qsnap: {}", render(&err));
             }
-            ExitCode::from(exit_code(&err))
+            // Whatever the error (the rollback's "cancelled", or a step the interrupt cut
+            // short), an interrupted command says so the way a shell expects.
+            ExitCode::from(interrupted_exit().unwrap_or_else(|| exit_code(&err)))
         }
     }
 }

@@ -1,5 +1,6 @@
 //! Everything the binary prints: human text or `--json`. Nothing else writes to stdout.
 
+use qsnap_engine::launch::{KillSignal, StopOutcome};
 use qsnap_engine::snapshot::Mode;
 use qsnap_engine::{
     CheckReport, DeleteReport, LazyReport, Manifest, RevertReport, Status, VmInfo, VmRecord,
@@ -224,17 +225,32 @@ pub fn status(st: &Status, as_json: bool) {
         return json(st);
     }
     match &st.state {
+        VmState::Running { pid: Some(pid), .. } if st.busy.is_some() => println!(
+            "{}: running (QEMU pid {pid}; its run state is not asked while an operation holds it)",
+            st.vm
+        ),
         VmState::Running {
             pid: Some(pid),
             runstate,
         } => println!("{}: running (QEMU pid {pid}, {runstate})", st.vm),
         VmState::Running { runstate, .. } => println!("{}: running ({runstate})", st.vm),
         VmState::Unreachable { pid, why } => println!(
-            "{}: UNREACHABLE — QEMU{} is alive but its monitor does not answer ({why})",
+            "{}: running but UNREACHABLE — its QEMU{} is alive, but its monitor does not answer ({why})",
             st.vm,
-            pid.map(|p| format!(" pid {p}")).unwrap_or_default()
+            pid.map(|p| format!(" (pid {p})")).unwrap_or_default()
         ),
         VmState::Stopped => println!("{}: stopped", st.vm),
+    }
+    if let Some(b) = &st.busy {
+        println!(
+            "busy: {} in progress (qsnap pid {}{}); the VM's monitor is that operation's until it ends",
+            b.operation,
+            b.pid,
+            b.since
+                .as_deref()
+                .map(|t| format!(", since {t}"))
+                .unwrap_or_default()
+        );
     }
     println!(
         "current snapshot: {}",
@@ -252,7 +268,33 @@ pub fn status(st: &Status, as_json: bool) {
         moved(&c.moved);
     }
     if let Some(i) = &st.interrupted {
-        println!("interrupted operation: {i}; the next command (or `qsnap check {} --repair`) settles it", st.vm);
+        println!(
+            "interrupted: {} (qsnap pid {}, started {}) did not finish, and that qsnap is gone; \
+             the next command on {vm} (or `qsnap check {vm} --repair`) finishes or rolls it back",
+            i.operation,
+            i.qsnap_pid,
+            i.started_at,
+            vm = st.vm
+        );
+    }
+}
+
+/// Prints how `stop` stopped a VM.
+pub fn stopped(vm: &str, outcome: &StopOutcome) {
+    match outcome {
+        StopOutcome::Quit { pid: Some(pid) } => {
+            println!("{vm} stopped: its QEMU (pid {pid}) quit when asked")
+        }
+        StopOutcome::Quit { pid: None } => println!("{vm} stopped: its QEMU quit when asked"),
+        StopOutcome::Killed {
+            pid,
+            signal: KillSignal::Term,
+            why,
+        } => println!("{vm} stopped: {why}; its QEMU (pid {pid}) was terminated (SIGTERM)"),
+        StopOutcome::Killed { pid, signal, why } => {
+            println!("{vm} stopped: {why}; its QEMU (pid {pid}) was killed ({signal})")
+        }
+        StopOutcome::AlreadyStopped => println!("{vm} was not running; nothing to stop"),
     }
 }
 

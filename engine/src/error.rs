@@ -285,6 +285,17 @@ pub enum Error {
         /// What the monitor did.
         why: String,
     },
+    /// A QEMU that runs (or may run) could not be stopped: it was left as it was, and the
+    /// record still names it.
+    #[error("could not stop the QEMU{} at {endpoint}: {why}", pid.map(|p| format!(" (pid {p})")).unwrap_or_default())]
+    StopFailed {
+        /// Its monitor.
+        endpoint: String,
+        /// Its pid, when known.
+        pid: Option<u32>,
+        /// What happened, and what to do.
+        why: String,
+    },
     /// The QEMU belongs to another user: acting on it (and later re-running its command line)
     /// crosses a privilege boundary.
     #[error("the QEMU behind this socket runs as uid {uid}, qsnap as uid {ours}; re-running another user's command line is refused unless you ask for it (--allow-other-user)")]

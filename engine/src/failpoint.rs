@@ -1,8 +1,9 @@
 //! Named points between the steps of create, revert, delete, lazy-ram, clone and remove
 //! where a test can make things go wrong on cue: qsnap dies there (`crash`: SIGKILL to
 //! itself, as a host crash or `kill -9` would), QEMU dies there (`kill-qemu`), the step fails
-//! (`error`), or a QMP command that did run is reported as timed out (`timeout`, at the
-//! points after such a command).
+//! (`error`), a QMP command that did run is reported as timed out (`timeout`, at the
+//! points after such a command), or the step is merely slow (`delay:MS`: the operation waits
+//! that long there, asynchronously, and goes on — time for a test to interrupt it).
 //!
 //! Built on the `fail` crate, and only in builds with the `failpoints` feature (the test
 //! suite turns it on; release builds leave it off, and then every point compiles to nothing).
@@ -145,6 +146,12 @@ pub(crate) async fn hit(name: &'static str, qemu: Option<u32>) -> Result<()> {
         return Ok(());
     };
     tracing::warn!(point = name, %action, "failpoint");
+    if let Some(ms) = action.strip_prefix("delay:").and_then(|ms| ms.parse().ok()) {
+        // The fail crate's own `sleep(…)` would block a runtime worker; this waits on the
+        // timer, so signal handlers and other tasks run meanwhile.
+        tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+        return Ok(());
+    }
     match action.as_str() {
         "crash" => {
             let _ = kill(Pid::this(), Signal::SIGKILL);

@@ -53,7 +53,7 @@ pub use name::{SnapshotName, VmName};
 pub use store::{Manifest, Store, VmRecord};
 pub use vm::{
     AttachOptions, CheckReport, CloneOptions, CloneReport, DeleteOptions, DeleteReport, DiskChain,
-    Engine, Finding, LazyReport, MergeProgress, MergeProgressFn, MergeReport, Operation,
-    RamRestore, Recovery, RecoveryFn, RemoveReport, RevertOptions, RevertReport, RunOptions,
-    RunReport, Status, Vm, VmState,
+    Engine, Finding, Interrupted, LazyReport, MergeProgress, MergeProgressFn, MergeReport,
+    Operation, RamRestore, Recovery, RecoveryFn, RemoveReport, RevertOptions, RevertReport,
+    RunOptions, RunReport, Status, Vm, VmState,
 };

@@ -315,8 +315,14 @@ async fn stop_and_start_keep_the_chain_and_never_open_a_frozen_image_read_write(
     ];
 
     for round in 0..2 {
-        let killed = g.vm.stop().await.unwrap();
-        assert!(!killed, "QEMU had to be killed");
+        let stopped = g.vm.stop().await.unwrap();
+        assert!(
+            matches!(
+                stopped,
+                qsnap_engine::launch::StopOutcome::Quit { pid: Some(_) }
+            ),
+            "QEMU had to be killed: {stopped:?}"
+        );
         let st = g.vm.status().await.unwrap();
         assert!(!st.running);
         let err = g.vm.revert(&n("zzz"), false).await.unwrap_err();

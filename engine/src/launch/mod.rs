@@ -18,8 +18,8 @@ pub mod tsc;
 
 pub use argv::DiskSubstitution;
 #[cfg_attr(not(feature = "failpoints"), allow(unused_imports))]
-pub(crate) use process::{alive, is_recorded_qemu, log_tail, start_time};
-pub use process::{build_argv, stop_qemu, ProcessLauncher};
+pub(crate) use process::{alive, is_recorded_qemu, log_tail, nobody_serves, start_time};
+pub use process::{build_argv, quit_or_kill, stop_qemu, KillSignal, ProcessLauncher, StopOutcome};
 pub use ram::RamMapping;
 pub use tsc::{tsc_frequency_for, TscSource};
 

@@ -1,6 +1,8 @@
 //! QEMU as a process: start the recorded command line detached (its own process group, output
 //! to a log file, so it outlives qsnap and ignores qsnap's Ctrl-C), wait until its monitor
-//! answers, and stop it — `quit` first, then SIGKILL after a timeout.
+//! answers, and stop it — `quit` first (SIGTERM when its monitor does not answer), then
+//! SIGKILL after a timeout — saying which it took ([`StopOutcome`]). It never reports a QEMU
+//! stopped that it could not stop.
 
 use super::{argv, LaunchSpec, Launched, Launcher};
 use crate::error::{Error, Result};
@@ -10,7 +12,7 @@ use qsnap_qmp::{types, ConnectOptions, Endpoint, Qmp};
 use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
-use tracing::warn;
+use tracing::{info, warn};
 
 /// Runs the recorded command line as a detached process.
 #[derive(Debug, Clone)]
@@ -196,9 +198,56 @@ async fn wait_gone(pid: u32, timeout: Duration) -> bool {
     !alive(pid).await
 }
 
-/// Stops a QEMU: `quit` over QMP, then SIGKILL if it is still there after `timeout`.
-/// Returns true if it had to be killed. `pid` is signalled only if it is still a QEMU.
-pub async fn stop_qemu(endpoint: &str, pid: Option<u32>, timeout: Duration) -> Result<bool> {
+/// How a QEMU was stopped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StopOutcome {
+    /// It quit when asked over its monitor (`quit`).
+    Quit {
+        /// Its pid, when known.
+        pid: Option<u32>,
+    },
+    /// It was signalled: SIGTERM when its monitor could not be reached (QEMU shuts down on it
+    /// as on `quit`), SIGKILL when it did not exit in time.
+    Killed {
+        /// Its pid.
+        pid: u32,
+        /// The signal that ended it.
+        signal: KillSignal,
+        /// Why it was not simply asked to quit, or why asking was not enough.
+        why: String,
+    },
+    /// No QEMU was running.
+    AlreadyStopped,
+}
+
+/// The signal that ended a QEMU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KillSignal {
+    /// SIGTERM: QEMU shuts down cleanly (disks flushed).
+    Term,
+    /// SIGKILL: QEMU did not exit on its own.
+    Kill,
+}
+
+impl std::fmt::Display for KillSignal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            KillSignal::Term => "SIGTERM",
+            KillSignal::Kill => "SIGKILL",
+        })
+    }
+}
+
+/// Stops a QEMU and says how: `quit` over its monitor, then SIGKILL if it is still there
+/// after `timeout`; a QEMU whose monitor does not answer gets SIGTERM instead (no `quit` is
+/// coming), then SIGKILL. `pid` is signalled only while it is still a QEMU. Without a pid
+/// (a TCP monitor) a QEMU that answers is watched until its monitor goes; one that does not
+/// answer cannot be stopped, and that is an [`Error::StopFailed`], never "stopped".
+pub async fn quit_or_kill(
+    endpoint: &str,
+    pid: Option<u32>,
+    timeout: Duration,
+) -> Result<StopOutcome> {
     let opts = ConnectOptions {
         connect_retry: Duration::ZERO,
         greeting_timeout: Duration::from_secs(2),
@@ -210,29 +259,152 @@ pub async fn stop_qemu(endpoint: &str, pid: Option<u32>, timeout: Duration) -> R
         Some(p) if alive(p).await && is_qemu(p).await => Some(p),
         _ => None,
     };
-    if let Ok(qmp) = Qmp::connect_with(Endpoint::parse(endpoint), &opts).await {
-        // QEMU may close the socket before it answers; either way it is on its way out.
-        let _ = qmp.execute(types::quit {}).await;
-    }
-    let Some(pid) = pid else {
-        return Ok(false);
+    let failed = |why: String| Error::StopFailed {
+        endpoint: endpoint.to_owned(),
+        pid,
+        why,
     };
-    if wait_gone(pid, timeout).await {
-        return Ok(false);
+    match Qmp::connect_with(Endpoint::parse(endpoint), &opts).await {
+        Ok(qmp) => {
+            // QEMU may close the socket before it answers; either way it is on its way out.
+            let _ = qmp.execute(types::quit {}).await;
+            drop(qmp);
+            match pid {
+                Some(pid) if wait_gone(pid, timeout).await => {
+                    Ok(StopOutcome::Quit { pid: Some(pid) })
+                }
+                Some(pid) => {
+                    kill_hard(
+                        pid,
+                        format!("it did not quit within {timeout:?} of `quit`"),
+                        failed,
+                    )
+                    .await
+                }
+                None if monitor_gone(endpoint, timeout).await => {
+                    Ok(StopOutcome::Quit { pid: None })
+                }
+                None => Err(failed(format!(
+                    "it was asked to quit, but its monitor still answers after {timeout:?}, and \
+                     its pid is unknown (a TCP monitor?), so qsnap cannot kill it; kill it \
+                     yourself, then run `qsnap stop` again to record it"
+                ))),
+            }
+        }
+        Err(e) => match pid {
+            None if nobody_serves(&e) => Ok(StopOutcome::AlreadyStopped),
+            None => Err(failed(format!(
+                "its monitor does not answer ({e}) and its pid is unknown (a TCP monitor?), so \
+                 qsnap cannot signal it; stop it through whatever holds its monitor, or kill it \
+                 yourself, then run `qsnap stop` again to record it"
+            ))),
+            Some(pid) => {
+                let why = unanswered(&e);
+                signal(pid, Signal::SIGTERM).await;
+                if wait_gone(pid, timeout).await {
+                    return Ok(StopOutcome::Killed {
+                        pid,
+                        signal: KillSignal::Term,
+                        why,
+                    });
+                }
+                kill_hard(
+                    pid,
+                    format!("{why}, and it did not exit within {timeout:?} of SIGTERM"),
+                    failed,
+                )
+                .await
+            }
+        },
     }
+}
+
+/// Stops a QEMU ([`quit_or_kill`]); true if it had to be signalled.
+pub async fn stop_qemu(endpoint: &str, pid: Option<u32>, timeout: Duration) -> Result<bool> {
+    Ok(matches!(
+        quit_or_kill(endpoint, pid, timeout).await?,
+        StopOutcome::Killed { .. }
+    ))
+}
+
+/// Why a monitor did not let qsnap ask QEMU to quit, in words.
+fn unanswered(e: &qsnap_qmp::Error) -> String {
+    match e {
+        qsnap_qmp::Error::GreetingTimeout { .. } => {
+            "its monitor did not answer (another client probably holds it)".into()
+        }
+        qsnap_qmp::Error::Connect { source, .. }
+            if source.kind() == std::io::ErrorKind::WouldBlock =>
+        {
+            "its monitor did not answer (its queue of waiting clients is full: another client \
+             holds it)"
+                .into()
+        }
+        _ => format!("its monitor could not be reached ({e})"),
+    }
+}
+
+/// Sends `sig` to `pid` if it is (still) a QEMU.
+async fn signal(pid: u32, sig: Signal) {
     if is_qemu(pid).await {
-        warn!(pid, "QEMU did not quit in time; killing it");
+        if sig == Signal::SIGKILL {
+            warn!(pid, "QEMU did not exit in time; killing it");
+        } else {
+            info!(pid, signal = %sig, "signalling QEMU");
+        }
         if let Ok(raw) = i32::try_from(pid) {
-            let _ = kill(Pid::from_raw(raw), Signal::SIGKILL);
+            let _ = kill(Pid::from_raw(raw), sig);
         }
     }
+}
+
+/// SIGKILL, and the proof that it worked.
+async fn kill_hard(
+    pid: u32,
+    why: String,
+    failed: impl FnOnce(String) -> Error,
+) -> Result<StopOutcome> {
+    signal(pid, Signal::SIGKILL).await;
     if wait_gone(pid, Duration::from_secs(10)).await {
-        Ok(true)
-    } else {
-        Err(Error::LaunchFailed {
-            why: format!("QEMU (pid {pid}) did not exit even after SIGKILL"),
-            log: Default::default(),
-            tail: String::new(),
+        Ok(StopOutcome::Killed {
+            pid,
+            signal: KillSignal::Kill,
+            why,
         })
+    } else {
+        Err(failed(format!(
+            "{why}; it did not exit even after SIGKILL (stuck in the kernel? see /proc/{pid}/stack)"
+        )))
+    }
+}
+
+/// A connect error that means no process serves the endpoint (rather than one that does not
+/// answer, or a network that cannot tell).
+pub(crate) fn nobody_serves(e: &qsnap_qmp::Error) -> bool {
+    match e {
+        qsnap_qmp::Error::NotASocket { .. } => true,
+        qsnap_qmp::Error::Connect { source, .. } => matches!(
+            source.kind(),
+            std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+        ),
+        _ => false,
+    }
+}
+
+/// Waits (up to `timeout`) until nothing serves `endpoint` any more: how a QEMU whose pid is
+/// unknown is seen to have gone.
+async fn monitor_gone(endpoint: &str, timeout: Duration) -> bool {
+    let opts = ConnectOptions {
+        connect_retry: Duration::ZERO,
+        greeting_timeout: Duration::from_millis(200),
+        ..ConnectOptions::default()
+    };
+    let deadline = Instant::now() + timeout;
+    loop {
+        match Qmp::connect_with(Endpoint::parse(endpoint), &opts).await {
+            Err(e) if nobody_serves(&e) => return true,
+            _ if Instant::now() >= deadline => return false,
+            _ => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
     }
 }

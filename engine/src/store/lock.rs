@@ -3,14 +3,79 @@
 //! refused at once with the holder's pid and what it is doing, rather than queued behind an
 //! operation that may take minutes. The kernel drops the lock when the holder exits, however
 //! it exits, so a crash never leaves a VM locked. Runs on the blocking pool.
+//!
+//! [`lock_holder`] reads the holder's note without taking the lock (taking it, even for a
+//! moment, would refuse the very operation it looks at): what `qsnap status` calls busy.
 
-use super::atomic::io;
+use super::atomic::{blocking, io};
 use crate::error::{Error, Result};
 use nix::fcntl::{Flock, FlockArg};
+use serde::Serialize;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
+
+/// The operation that holds a VM's lock now, as its note says.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct LockHolder {
+    /// What it is doing (`create s1`, `stop`, …).
+    pub operation: String,
+    /// The pid of the process doing it.
+    pub pid: u32,
+    /// When it took the lock (RFC 3339: when it wrote its note).
+    pub since: Option<String>,
+}
+
+/// Who holds the lock of the VM whose directory is `vm_dir`, if anyone does. Reads only. A
+/// note is believed only while its process runs (a zombie does not): a holder that was
+/// killed leaves its note behind.
+pub async fn lock_holder(vm_dir: &Path) -> Result<Option<LockHolder>> {
+    let path = vm_dir.join("lock");
+    blocking(move || read_holder(&path)).await
+}
+
+fn read_holder(path: &Path) -> Result<Option<LockHolder>> {
+    let mut file = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io("reading the VM lock", path)(e)),
+    };
+    let mut note = String::new();
+    file.read_to_string(&mut note)
+        .map_err(io("reading the VM lock", path))?;
+    let mut words = note.trim().splitn(2, ' ');
+    let (Some(Ok(pid)), Some(operation)) = (words.next().map(str::parse::<u32>), words.next())
+    else {
+        return Ok(None);
+    };
+    if !runs(pid) {
+        return Ok(None);
+    }
+    let since = file
+        .metadata()
+        .and_then(|m| m.modified())
+        .ok()
+        .map(|t| humantime::format_rfc3339_millis(t).to_string());
+    Ok(Some(LockHolder {
+        operation: operation.to_owned(),
+        pid,
+        since,
+    }))
+}
+
+/// Whether `pid` runs: alive and not a zombie (a killed holder its parent has not reaped yet
+/// still answers `kill(pid, 0)`).
+fn runs(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X"),
+        Err(_) => false,
+    }
+}
 
 /// Held while an operation runs; dropping it releases the lock.
 #[derive(Debug)]
@@ -144,6 +209,48 @@ mod tests {
         assert!(!std::fs::read_to_string(&p).unwrap().is_empty());
         drop(b);
         assert_eq!(std::fs::read_to_string(&p).unwrap(), "");
+    }
+
+    #[test]
+    fn the_holder_is_read_without_taking_the_lock() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("lock");
+        assert_eq!(read_holder(&p).unwrap(), None);
+        let held = VmLock::acquire(&p, "vm1", "create s1").unwrap();
+        let holder = read_holder(&p).unwrap().expect("a holder");
+        assert_eq!(holder.operation, "create s1");
+        assert_eq!(holder.pid, std::process::id());
+        assert!(holder.since.is_some());
+        // Reading did not take it: the holder still holds it alone.
+        assert!(matches!(
+            VmLock::acquire(&p, "vm1", "stop"),
+            Err(Error::Locked { .. })
+        ));
+        drop(held);
+        assert_eq!(read_holder(&p).unwrap(), None);
+        // A note left by a process that is gone names no holder.
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        child.wait().unwrap();
+        std::fs::write(&p, format!("{pid} create s2\n")).unwrap();
+        assert_eq!(read_holder(&p).unwrap(), None);
+        // Nor one whose process was killed and not reaped yet (a zombie).
+        let mut child = std::process::Command::new("sleep")
+            .arg("60")
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        std::fs::write(&p, format!("{pid} create s3\n")).unwrap();
+        assert!(read_holder(&p).unwrap().is_some());
+        child.kill().unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while runs(pid) {
+            assert!(std::time::Instant::now() < deadline, "{pid} never died");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert!(std::path::Path::new(&format!("/proc/{pid}")).exists());
+        assert_eq!(read_holder(&p).unwrap(), None);
+        child.wait().unwrap();
     }
 
     #[test]

@@ -17,7 +17,7 @@ mod lock;
 pub mod schema;
 
 pub(crate) use atomic::{blocking, exists, io, read_json, remove_durably, sync_dir, write_json};
-pub use lock::VmLock;
+pub use lock::{lock_holder, LockHolder, VmLock};
 pub use schema::{
     CloneOf, CreateIntent, CreateReport, CurrentDisk, DeleteIntent, DeletePhase, ImageStamp,
     Intent, Journal, LaunchCommand, LazyRam, LivePhase, Manifest, MemoryImage, MergeKind,

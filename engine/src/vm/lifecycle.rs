@@ -5,7 +5,9 @@
 //! Every relaunch rewrites the recorded command line's disk paths to the current images, so a
 //! frozen snapshot image is never opened read-write. `start` never launches a second QEMU
 //! while the recorded one is alive (`state.rs`), and attaching another user's QEMU — whose
-//! command line qsnap would later run — is refused unless asked for.
+//! command line qsnap would later run — is refused unless asked for. `stop` says how QEMU
+//! went ([`StopOutcome`]) and never reports stopped a QEMU it could not stop; `status` only
+//! reads, and never asks a monitor that another qsnap operation holds.
 //!
 //! Nothing is registered that qsnap could not follow: a drive that writes to a throwaway
 //! temporary file (`snapshot=on`, `-snapshot`), an image path that is not the file QEMU has
@@ -21,10 +23,12 @@ use crate::blocks;
 use crate::error::{Error, Result};
 use crate::image;
 use crate::launch::ProcessLauncher;
-use crate::launch::{self, argv, stop_qemu, DiskSubstitution, LaunchSpec, Launched, Launcher};
+use crate::launch::{
+    self, argv, quit_or_kill, DiskSubstitution, LaunchSpec, Launched, Launcher, StopOutcome,
+};
 use crate::name::VmName;
 use crate::store::{
-    self, CurrentDisk, Intent, LaunchCommand, Origin, StartIntent, StopIntent, VmRecord,
+    self, CurrentDisk, Intent, LaunchCommand, LockHolder, Origin, StartIntent, StopIntent, VmRecord,
 };
 use qsnap_qmp::{Endpoint, Qmp};
 use serde::Serialize;
@@ -68,11 +72,13 @@ pub struct RunReport {
 pub struct Status {
     /// The VM.
     pub vm: String,
-    /// Running, unreachable or stopped (with pid and run state).
+    /// Running, unreachable or stopped (with pid and run state): the precise state.
     pub state: VmState,
-    /// True when QEMU answers on the monitor.
+    /// True while a QEMU runs for this VM: it answers (`running`), it is alive but its
+    /// monitor does not answer (`unreachable`), or another qsnap operation holds the VM and
+    /// its recorded QEMU is alive. `state` says which.
     pub running: bool,
-    /// QEMU's run state when it answers (`running`, `paused`, …).
+    /// QEMU's run state when its monitor was asked (`running`, `paused`, …).
     pub runstate: Option<String>,
     /// QEMU's pid.
     pub pid: Option<u32>,
@@ -80,14 +86,30 @@ pub struct Status {
     pub current: Option<String>,
     /// Each disk's chain.
     pub disks: Vec<DiskChain>,
-    /// An interrupted operation the next command will finish or roll back.
-    pub interrupted: Option<String>,
+    /// Another qsnap operation that holds the VM now (its monitor is that operation's, so
+    /// `state` comes from the record and `/proc`).
+    pub busy: Option<LockHolder>,
+    /// An operation whose qsnap is gone before it finished: the next command (or
+    /// `qsnap check --repair`) finishes or rolls it back.
+    pub interrupted: Option<Interrupted>,
     /// For a clone: what it was made from and where its per-VM files are (its console, its
     /// guest agent socket, …).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub clone_of: Option<crate::store::CloneOf>,
     /// Its monitor socket (`unix:PATH`, a path, or `tcp:HOST:PORT`).
     pub qmp: String,
+}
+
+/// An operation left unfinished by a qsnap that is gone (its journal).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Interrupted {
+    /// What it was doing (`create s1`, `revert to s2`, …).
+    pub operation: String,
+    /// The qsnap process that ran it.
+    pub qsnap_pid: u32,
+    /// When it began (RFC 3339).
+    pub started_at: String,
 }
 
 /// One disk's backing chain.
@@ -306,7 +328,9 @@ impl Engine {
         .await;
         if let Err(e) = registered {
             // Nothing records this QEMU: it must not outlive the refusal.
-            if let Err(stop) = stop_qemu(&socket.display().to_string(), pid, QUIT_TIMEOUT).await {
+            if let Err(stop) =
+                crate::launch::quit_or_kill(&socket.display().to_string(), pid, QUIT_TIMEOUT).await
+            {
                 warn!(error = %stop, "could not stop the QEMU started for a refused run");
             }
             return Err(e);
@@ -602,10 +626,11 @@ impl Vm {
             .collect()
     }
 
-    /// Stops QEMU (`quit`, then SIGKILL after 10 s). Returns true if it had to be killed.
-    /// Works on a QEMU whose monitor does not answer, and with an interrupted operation
-    /// pending (it is settled once QEMU is gone).
-    pub async fn stop(&self) -> Result<bool> {
+    /// Stops QEMU and says how: `quit`, then SIGKILL after 10 s; SIGTERM first when its
+    /// monitor does not answer. Works with an interrupted operation pending (it is settled
+    /// once QEMU is gone). A QEMU that could not be stopped is [`Error::StopFailed`], with
+    /// the record and any earlier journal left as they were.
+    pub async fn stop(&self) -> Result<StopOutcome> {
         let lock = self.store().lock(self.name(), "stop").await?;
         let pending = self.store().journal(self.name()).await?;
         if pending.is_some() {
@@ -625,7 +650,16 @@ impl Vm {
                 .write_journal(self.name(), &Intent::Stop(StopIntent { pid }))
                 .await?;
         }
-        let killed = stop_qemu(&record.qmp, pid, QUIT_TIMEOUT).await?;
+        let outcome = match quit_or_kill(&record.qmp, pid, QUIT_TIMEOUT).await {
+            Ok(o) => o,
+            Err(e) => {
+                // Nothing changed: the record still names the QEMU that runs.
+                if journaled {
+                    let _ = self.store().clear_journal(self.name()).await;
+                }
+                return Err(e);
+            }
+        };
         super::state::record_qemu(&mut record, None).await;
         self.store().write_record(&record).await?;
         if journaled {
@@ -635,7 +669,7 @@ impl Vm {
             super::recover::settle(self).await?;
         }
         drop(lock);
-        Ok(killed)
+        Ok(outcome)
     }
 
     /// Starts a stopped VM again on its current disk chain.
@@ -678,13 +712,33 @@ impl Vm {
         Ok(launched)
     }
 
-    /// Running or not, the current snapshot, and each disk's chain. Reads only (no lock): an
-    /// interrupted operation is reported, not settled.
+    /// Running or not, the current snapshot, each disk's chain, an operation in progress
+    /// and an interrupted one. Reads only (no lock): an interrupted operation is reported,
+    /// not settled. While another qsnap operation holds the VM its monitor is not asked (it
+    /// is that operation's): the state comes from the recorded pid and start time.
     pub async fn status(&self) -> Result<Status> {
         let record = self.store().record(self.name()).await?;
-        let state = VmState::observe(self, &record).await;
+        let vm_dir = self.store().vm_dir(self.name());
+        let mut busy = store::lock_holder(&vm_dir).await?;
+        let mut state = match &busy {
+            Some(_) => VmState::from_record(&record).await,
+            None => None,
+        };
+        if state.is_none() {
+            let seen = VmState::observe(self, &record).await;
+            if busy.is_none() && matches!(seen, VmState::Unreachable { .. }) {
+                // An operation may have taken the VM, and its monitor, since the lock was read.
+                busy = store::lock_holder(&vm_dir).await?;
+                if busy.is_some() {
+                    state = VmState::from_record(&record).await;
+                }
+            }
+            state = state.or(Some(seen));
+        }
+        let state = state.unwrap_or(VmState::Stopped);
+        let asked = busy.is_none();
         let live = match &state {
-            VmState::Running { .. } => match self.connect_quick(&record).await {
+            VmState::Running { .. } if asked => match self.connect_quick(&record).await {
                 Ok(qmp) => blocks::read(&qmp).await.ok(),
                 Err(_) => None,
             },
@@ -709,26 +763,33 @@ impl Vm {
                 chain,
             });
         }
-        let interrupted = self.store().journal(self.name()).await?.map(|j| {
-            format!(
-                "{} (qsnap pid {}, started {})",
-                j.intent.describe(),
-                j.pid,
-                j.started_at
-            )
-        });
-        let (running, runstate) = match &state {
-            VmState::Running { runstate, .. } => (true, Some(runstate.clone())),
-            _ => (false, None),
+        // A journal is an interrupted operation only once its writer is gone: while the
+        // lock's holder is the qsnap that wrote it (perhaps one that began after the lock
+        // was read above), it is that operation's work in progress.
+        let held_by = |h: &Option<LockHolder>, pid: u32| h.as_ref().is_some_and(|h| h.pid == pid);
+        let mut interrupted = None;
+        if let Some(j) = self.store().journal(self.name()).await? {
+            if !held_by(&busy, j.pid) && !held_by(&store::lock_holder(&vm_dir).await?, j.pid) {
+                interrupted = Some(Interrupted {
+                    operation: j.intent.describe(),
+                    qsnap_pid: j.pid,
+                    started_at: j.started_at,
+                });
+            }
+        }
+        let runstate = match &state {
+            VmState::Running { runstate, .. } if asked => Some(runstate.clone()),
+            _ => None,
         };
         Ok(Status {
             vm: self.name().to_string(),
             pid: state.pid(),
+            running: !matches!(state, VmState::Stopped),
             state,
-            running,
             runstate,
             current: record.current.clone(),
             disks,
+            busy,
             interrupted,
             clone_of: record.clone_of.clone(),
             qmp: record.qmp.clone(),

@@ -29,7 +29,7 @@ pub use check::{CheckReport, Finding};
 pub use clone::{CloneOptions, CloneReport, RemoveReport};
 pub use delete::{DeleteOptions, DeleteReport, MergeProgress, MergeProgressFn, MergeReport};
 pub use lazy::LazyReport;
-pub use lifecycle::{AttachOptions, DiskChain, RunOptions, RunReport, Status};
+pub use lifecycle::{AttachOptions, DiskChain, Interrupted, RunOptions, RunReport, Status};
 pub use recover::Recovery;
 pub use revert::{RamRestore, RevertOptions, RevertReport};
 pub use state::{Operation, VmState};

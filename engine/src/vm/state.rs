@@ -11,7 +11,9 @@
 //! ```
 //! `Unreachable` — the recorded QEMU is alive, or someone serves its monitor socket, but the
 //! monitor does not answer — is never taken for `Stopped`: qsnap must not start a second QEMU
-//! beside a live one (it would unlink and steal the first one's monitor socket).
+//! beside a live one (it would unlink and steal the first one's monitor socket). While another
+//! qsnap operation holds the VM its monitor is that operation's, and the state comes from the
+//! record and `/proc` alone (`from_record`), never from a monitor that would look unreachable.
 
 use super::Vm;
 use crate::error::{Error, Result};
@@ -41,6 +43,10 @@ pub enum VmState {
     /// No QEMU runs for this VM.
     Stopped,
 }
+
+/// The run state of a [`VmState::Running`] whose monitor was not asked
+/// ([`VmState::from_record`]) or did not say.
+pub(crate) const RUNSTATE_UNKNOWN: &str = "unknown";
 
 /// What an operation is about to do to a VM.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -78,7 +84,7 @@ impl VmState {
                     .ok()
                     .and_then(|s| serde_json::to_value(s.status).ok())
                     .and_then(|v| v.as_str().map(str::to_owned))
-                    .unwrap_or_else(|| "unknown".into());
+                    .unwrap_or_else(|| RUNSTATE_UNKNOWN.into());
                 VmState::Running {
                     pid: qmp.peer_pid().or(record.pid),
                     runstate,
@@ -94,21 +100,32 @@ impl VmState {
                         };
                     }
                 }
-                // Connected but no greeting: something serves the socket (a QEMU whose pid
-                // we do not know, with another client on its monitor).
-                if matches!(
-                    &e,
-                    Error::Qmp {
-                        source: qsnap_qmp::Error::GreetingTimeout { .. }
-                            | qsnap_qmp::Error::Handshake { .. },
-                        ..
-                    }
-                ) {
-                    return VmState::Unreachable { pid: None, why };
+                // Stopped only when nobody serves the socket. Connected but no greeting, a
+                // listen queue full of clients that gave up, a TCP connect nobody answers:
+                // something may serve it (a QEMU whose pid we do not know, another client on
+                // its monitor), and "cannot tell" is never "stopped".
+                match &e {
+                    Error::Qmp { source, .. } if launch::nobody_serves(source) => VmState::Stopped,
+                    _ => VmState::Unreachable { pid: None, why },
                 }
-                VmState::Stopped
             }
         }
+    }
+
+    /// What the record and `/proc` alone say, for when the monitor must not be asked (another
+    /// qsnap operation holds it): the recorded QEMU (same pid and start time) runs (run state
+    /// `unknown`) or it does not. `None` when no pid is recorded (a TCP monitor): then only
+    /// the monitor can tell.
+    pub async fn from_record(record: &VmRecord) -> Option<VmState> {
+        let pid = record.pid?;
+        Some(if launch::is_recorded_qemu(pid, record.pid_start).await {
+            VmState::Running {
+                pid: Some(pid),
+                runstate: RUNSTATE_UNKNOWN.into(),
+            }
+        } else {
+            VmState::Stopped
+        })
     }
 
     /// True when QEMU answers.
