@@ -215,12 +215,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             // Resolved here, against qsnap's own directory, as the user meant it: QEMU would
             // resolve a relative one against its own, and the store records absolute paths.
             opts.overlay_dir = match overlay_dir {
-                Some(d) if d.is_relative() => Some(
-                    std::env::current_dir()
+                Some(d) => Some(qsnap_engine::store::plain_path(
+                    &std::env::current_dir()
                         .context("reading the working directory")?
                         .join(d),
-                ),
-                other => other,
+                )),
+                None => None,
             };
             if quiesce {
                 opts.quiesce = Some(handle.record().guest_agent.clone().ok_or_else(|| {

@@ -268,3 +268,144 @@ async fn check_advice_never_points_in_a_circle() {
     rig.holds(&[1, 2], 2, "after restoring").await;
     rig.step(&["stop", "vm"]);
 }
+
+/// Paths with `..` — a drive named relatively from a working directory below the image, an
+/// `--overlay-dir` of `../ovl` — are recorded plainly: every command reads the store back, and
+/// `check` is clean after each (a `..` in a recorded path used to make the store unreadable).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paths_with_dot_dot_are_recorded_plainly() {
+    require_qemu!();
+    let dir = tempfile::tempdir().unwrap();
+    let work = dir.path().join("work");
+    std::fs::create_dir(&work).unwrap();
+    std::fs::create_dir(dir.path().join("ovl")).unwrap();
+    let disk = dir.path().join("a.qcow2");
+    create_image(&disk, "qcow2", "32M").await;
+    let argv: Vec<String> = VmBuilder::idle()
+        .memory(64)
+        .disk(&disk, "qcow2", DiskStyle::Drive)
+        .command_line(&dir.path().join("serial.log"))
+        .await
+        .into_iter()
+        .map(|a| a.replace(disk.to_str().unwrap(), "../a.qcow2"))
+        .collect();
+    assert!(argv.iter().any(|a| a.contains("../a.qcow2")), "{argv:?}");
+    let rig = Rig {
+        _kill: KillRecordedQemu::new(&dir.path().join("store"), "vm"),
+        dir,
+    };
+    let in_work = |args: &[&str]| {
+        let out = std::process::Command::new(assert_cmd::cargo::cargo_bin("qsnap"))
+            .env("QSNAP_STORE", rig.dir.path().join("store"))
+            .env_remove("FAILPOINTS")
+            .current_dir(&work)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "qsnap {}: {}",
+            args.join(" "),
+            show(&out)
+        );
+        rig.clean(&format!("qsnap {}", args.join(" ")));
+    };
+    let mut run = vec!["run", "vm", "--"];
+    run.extend(argv.iter().map(String::as_str));
+    in_work(&run);
+    in_work(&["create", "vm", "s1"]);
+    // (Written through QEMU's own qemu-io, and read back offline at the end: the test kit's
+    // readers open images by QEMU's name for them, which is relative here.)
+    let qmp = rig.qmp().await;
+    qmp.execute_raw(
+        "human-monitor-command",
+        Some(serde_json::json!({"command-line": "qemu-io drive0 \"write -P 1 64k 64k\""})),
+    )
+    .await
+    .unwrap();
+    drop(qmp);
+    in_work(&["create", "vm", "s2", "--overlay-dir", "../ovl"]);
+    let out = rig.ok(&["show", "vm", "s2", "--json"]);
+    let m: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let overlay = m["disks"][0]["overlay"].as_str().unwrap().to_owned();
+    assert_eq!(
+        PathBuf::from(&overlay),
+        rig.dir.path().join("ovl/a.s2.qcow2"),
+        "{m}"
+    );
+    assert!(!overlay.contains(".."), "{m}");
+    in_work(&["revert", "vm", "s2"]);
+    in_work(&["stop", "vm"]);
+    in_work(&["start", "vm"]);
+    in_work(&["delete", "vm", "--all"]);
+    in_work(&["stop", "vm"]);
+    // Everything merged into the original image, written on s1's overlay: still there.
+    let read = std::process::Command::new("qemu-io")
+        .args(["-r", "-f", "qcow2", "-c", "read -P 1 64k 64k"])
+        .arg(&disk)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&read.stdout);
+    assert!(
+        read.status.success()
+            && said.contains("read 65536/65536")
+            && !said.contains("Pattern verification failed"),
+        "{read:?}"
+    );
+}
+
+/// A revert interrupted once its journal says `running` (qsnap killed after the record) is
+/// finished by the repair, which also merges the layer the revert left unneeded; if that
+/// merge fails, its own journal stays for the next repair (the settle of the revert must not
+/// clear it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_settled_revert_merges_what_it_left_and_keeps_the_merge_journal_on_failure() {
+    require_qemu!();
+    if !qsnap_testkit::failpoints_or_skip(
+        "a_settled_revert_merges_what_it_left_and_keeps_the_merge_journal_on_failure",
+    ) {
+        return;
+    }
+    let rig = Rig::two_disks().await;
+    rig.put(1).await;
+    rig.ok(&["create", "vm", "s0"]);
+    rig.put(2).await;
+    rig.ok(&["create", "vm", "s1"]);
+    rig.ok(&["revert", "vm", "s0"]);
+    rig.put(3).await;
+    rig.ok(&["create", "vm", "s2"]);
+    rig.ok(&["delete", "vm", "s2"]);
+    rig.ok(&["delete", "vm", "s0"]);
+    // Reverting to s1 abandons the other branch: the original images are left with one
+    // child each and no snapshot of their own.
+    let with = |fp: &str, args: &[&str]| {
+        std::process::Command::new(assert_cmd::cargo::cargo_bin("qsnap"))
+            .env("QSNAP_STORE", rig.dir.path().join("store"))
+            .env("FAILPOINTS", fp)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let out = with("revert.recorded=return(crash)", &["revert", "vm", "s1"]);
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&out.status),
+        Some(9),
+        "{}",
+        show(&out)
+    );
+    // The repair settles the revert; the merge after it fails.
+    let out = with(
+        "delete.merge-started=return(error)",
+        &["check", "vm", "--repair", "--json"],
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", show(&out));
+    let st: Value = serde_json::from_slice(&rig.ok(&["status", "vm", "--json"]).stdout).unwrap();
+    assert!(
+        !st["interrupted"].is_null(),
+        "the merge's journal was cleared: {st}"
+    );
+    rig.ok(&["check", "vm", "--repair"]);
+    rig.clean("the second repair");
+    rig.holds(&[1, 2], 3, "after the repairs").await;
+    rig.step(&["stop", "vm"]);
+}

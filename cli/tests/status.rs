@@ -358,9 +358,11 @@ async fn status_says_busy_during_an_operation_and_interrupted_after_a_crash() {
     let qemu = rig.status()["pid"].as_u64().unwrap();
 
     // A create that holds the VM (lock, journal and monitor) for a while.
+    // (Held until the checks below are done, however slow the machine: not a fixed delay.)
+    let go = rig.store().join("go");
     let mut create = Background::start(
         &rig.store(),
-        "create.journaled=return(delay:4000)",
+        &format!("create.journaled=return(until-file:{})", go.display()),
         &["create", "vm1", "c3"],
     );
     create.wait_for("create.journaled");
@@ -394,6 +396,7 @@ async fn status_says_busy_during_an_operation_and_interrupted_after_a_crash() {
         !words.contains("UNREACHABLE") && !words.contains("interrupted"),
         "{words}"
     );
+    std::fs::write(&go, b"").unwrap();
     let (exit, stderr) = create.finish();
     assert!(exit.success(), "the create itself: {exit:?}\n{stderr}");
     let st = rig.status();

@@ -239,11 +239,14 @@ fn absolute(file: &str, cwd: Option<&Path>) -> PathBuf {
         });
     let file = plain.as_deref().unwrap_or(file);
     let image = PathBuf::from(file);
-    if image.is_absolute() || file.starts_with("json:") || file.contains("://") {
+    if file.starts_with("json:") || file.contains("://") {
         return image;
     }
+    if image.is_absolute() {
+        return crate::store::plain_path(&image);
+    }
     match cwd {
-        Some(cwd) => cwd.join(image),
+        Some(cwd) => crate::store::plain_path(&cwd.join(image)),
         None => image,
     }
 }

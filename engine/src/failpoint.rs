@@ -3,7 +3,8 @@
 //! itself, as a host crash or `kill -9` would), QEMU dies there (`kill-qemu`), the step fails
 //! (`error`), a QMP command that did run is reported as timed out (`timeout`, at the
 //! points after such a command), or the step is merely slow (`delay:MS`: the operation waits
-//! that long there, asynchronously, and goes on — time for a test to interrupt it).
+//! that long there, asynchronously, and goes on — time for a test to interrupt it; or
+//! `until-file:PATH`: it waits there until the test creates PATH, at most a minute).
 //!
 //! Built on the `fail` crate, and only in builds with the `failpoints` feature (the test
 //! suite turns it on; release builds leave it off, and then every point compiles to nothing).
@@ -146,6 +147,15 @@ pub(crate) async fn hit(name: &'static str, qemu: Option<u32>) -> Result<()> {
         return Ok(());
     };
     tracing::warn!(point = name, %action, "failpoint");
+    if let Some(path) = action.strip_prefix("until-file:") {
+        // Held until the test says go (it creates the file), however loaded the machine:
+        // bounded at a minute, so a test that forgets fails rather than hangs.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while !std::path::Path::new(path).exists() && std::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        return Ok(());
+    }
     if let Some(ms) = action.strip_prefix("delay:").and_then(|ms| ms.parse().ok()) {
         // The fail crate's own `sleep(…)` would block a runtime worker; this waits on the
         // timer, so signal handlers and other tasks run meanwhile.

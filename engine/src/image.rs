@@ -264,18 +264,24 @@ pub async fn check(image: &Path, cancel: &CancellationToken) -> Result<CheckRepo
 /// rewritten by a merge) just now; QEMU's flush is an `fdatasync`, which need not keep the
 /// mtime.
 pub async fn stamp_durable(path: &Path) -> Result<ImageStamp> {
+    sync(path).await?;
+    stamp(path).await
+}
+
+/// Makes what was written to `path` (by QEMU, `qemu-img` or anyone) durable, data and
+/// metadata: `fsync` on a descriptor of our own (any descriptor of the file will do).
+pub async fn sync(path: &Path) -> Result<()> {
     let p = path.to_owned();
     blocking(move || {
         std::fs::File::open(&p)
             .and_then(|f| f.sync_all())
             .map_err(|source| Error::Io {
-                what: "syncing a frozen image",
+                what: "syncing an image",
                 path: p.clone(),
                 source,
             })
     })
-    .await?;
-    stamp(path).await
+    .await
 }
 
 /// Reads the stamp (size and mtime) of `path`.

@@ -1,17 +1,21 @@
 //! The door every removal of an image or memory file goes through.
 //!
-//! Two ways in, one rule for what a file must look like before it may go:
-//! - `vm::refs::safe_unlink` — an image qsnap made for a VM that nothing uses any more (the
-//!   reference graph says so) — ends here;
-//! - [`made_by_this_operation`] — a file an operation (or its interrupted predecessor, read
-//!   back from the journal) created and now gives up: an overlay only while it holds no data
-//!   of its own, unless the caller knows its data went elsewhere (a merge-back).
+//! Whoever decides that a file may go — `vm::refs::safe_unlink` (an image qsnap made for a
+//! VM that nothing uses any more), `vm::refs::unlink_made` (an image an interrupted operation
+//! made and nothing names), a rollback giving up the files its own create made, `check`
+//! removing a memory file no snapshot names, `lazy-ram` replacing a stream, `remove` taking a
+//! clone's images — the removal itself happens here, by one rule for what the file must look
+//! like first:
+//! - its path is absolute and plain (no `.` or `..` part: a hand-edited journal or record
+//!   cannot climb out of where it points);
+//! - it is a regular file (never a symlink or a directory), of the kind expected — a qcow2
+//!   image, or a qsnap memory file (or empty: a crash between its creation and its first
+//!   write);
+//! - an image given up by [`made_by_this_operation`] goes only while it holds no data of its
+//!   own, unless the caller knows its data is elsewhere (it was merged back).
 //!
-//! Whatever the way in, a path must be absolute and plain (no `.` or `..` part: a hand-edited
-//! journal or record cannot climb out of where it points), the file a regular file (never a
-//! symlink or a directory), and of the kind expected — a qcow2 image, or a qsnap memory
-//! file. A doubt (the file cannot be read) keeps the file. This module never decides *whether*
-//! something is still needed; that is the callers' job, and `refs.rs` for images.
+//! A doubt (the file cannot be read) keeps the file. This module never decides *whether*
+//! something is still needed; that is the callers' job, and `vm/refs.rs` for images.
 
 use crate::error::{Error, Result};
 use crate::store;

@@ -526,6 +526,17 @@ async fn hand_edited_journals_never_make_qsnap_delete_a_file() {
         }
     };
     let store = g.vm.store();
+    // Written by hand, as a hand edit would: the store's own writer refuses such journals.
+    let journal_path = store.vm_dir(g.vm.name()).join("journal.json");
+    let hand_write = |intent: &Intent| {
+        let j = qsnap_engine::store::Journal {
+            schema: qsnap_engine::store::SCHEMA,
+            pid: 1,
+            started_at: "2026-01-01T00:00:00.000Z".into(),
+            intent: intent.clone(),
+        };
+        std::fs::write(&journal_path, serde_json::to_vec_pretty(&j).unwrap()).unwrap();
+    };
     let create = |memory_file: PathBuf| {
         Intent::Create(CreateIntent {
             snapshot: "s2".into(),
@@ -546,7 +557,11 @@ async fn hand_edited_journals_never_make_qsnap_delete_a_file() {
             create(memory.join("../../../../precious.txt")),
         ),
     ] {
-        store.write_journal(g.vm.name(), &intent).await.unwrap();
+        assert!(
+            store.write_journal(g.vm.name(), &intent).await.is_err(),
+            "{what}: the store wrote a journal it would refuse to read"
+        );
+        hand_write(&intent);
         let err = g.vm.check(true).await.unwrap_err();
         assert!(matches!(err, Error::CorruptStore { .. }), "{what}: {err}");
         let err =
@@ -556,13 +571,28 @@ async fn hand_edited_journals_never_make_qsnap_delete_a_file() {
         assert!(matches!(err, Error::CorruptStore { .. }), "{what}: {err}");
         untouched(what);
     }
-    let revert = |new_overlays: Vec<PathBuf>| {
+    // `named`: whether the revert's new disks name its new overlays (they must).
+    let revert = |new_overlays: Vec<PathBuf>, named: bool| {
+        let new_disks = if named {
+            new_overlays
+                .iter()
+                .enumerate()
+                .map(|(i, o)| qsnap_engine::store::CurrentDisk {
+                    device: format!("d{i}"),
+                    image: o.clone(),
+                    launch_image: o.clone(),
+                    owned: true,
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
         Intent::Revert(RevertIntent {
             snapshot: "s1".into(),
             phase: RevertPhase::Preparing,
             new_overlays,
             old_disks: Vec::new(),
-            new_disks: Vec::new(),
+            new_disks,
             resume: true,
             old_pid: None,
             new_pid: None,
@@ -570,24 +600,25 @@ async fn hand_edited_journals_never_make_qsnap_delete_a_file() {
             kept_current: None,
         })
     };
-    store
-        .write_journal(g.vm.name(), &revert(vec![g.dir.join("x/../disk.qcow2")]))
-        .await
-        .unwrap();
+    // New overlays the revert's new disks do not name: refused as corrupt.
+    hand_write(&revert(vec![g.dir.join("x/../disk.qcow2")], false));
     let err = g.vm.check(true).await.unwrap_err();
     assert!(matches!(err, Error::CorruptStore { .. }), "{err}");
-    untouched("a new overlay path with `..`");
+    untouched("new overlays its new disks do not name");
     // Plain paths: the VM's current overlay, its original image (both named by the
     // record), a stranger holding data, a text file. All stay; the check says so.
     store
         .write_journal(
             g.vm.name(),
-            &revert(vec![
-                current.clone(),
-                base.clone(),
-                stranger.clone(),
-                precious.clone(),
-            ]),
+            &revert(
+                vec![
+                    current.clone(),
+                    base.clone(),
+                    stranger.clone(),
+                    precious.clone(),
+                ],
+                true,
+            ),
         )
         .await
         .unwrap();
@@ -595,6 +626,54 @@ async fn hand_edited_journals_never_make_qsnap_delete_a_file() {
     eprintln!("{:#?}", report.findings);
     assert!(!report.clean, "the kept files must be reported");
     untouched("plain paths of files that are not the revert's");
+    // Past the point where a revert goes forward (its QEMU gone): a journal whose "new
+    // overlay" is a stranger holding data, or a file that is not there, never makes the
+    // record name it, nor the VM's current overlay go.
+    g.vm.stop().await.unwrap();
+    let record = store.record(g.vm.name()).await.unwrap();
+    let device = record.disks[0].device.clone();
+    for (what, phase, overlay) in [
+        (
+            "running, a stranger",
+            RevertPhase::Running,
+            stranger.clone(),
+        ),
+        (
+            "running, a file that is not there",
+            RevertPhase::Running,
+            g.dir.join("gone.qcow2"),
+        ),
+        (
+            "relaunching, a stranger holding data",
+            RevertPhase::Relaunching,
+            stranger.clone(),
+        ),
+    ] {
+        let mut new_disks = record.disks.clone();
+        new_disks[0].image = overlay.clone();
+        hand_write(&Intent::Revert(RevertIntent {
+            snapshot: "s1".into(),
+            phase,
+            new_overlays: vec![overlay.clone()],
+            old_disks: record.disks.clone(),
+            new_disks,
+            resume: true,
+            old_pid: None,
+            new_pid: None,
+            new_pid_start: None,
+            kept_current: None,
+        }));
+        let _ = g.vm.check(true).await;
+        let now = store.record(g.vm.name()).await.unwrap();
+        assert_eq!(
+            now.disks.iter().find(|d| d.device == device).unwrap().image,
+            current,
+            "{what}: the record left the VM's own overlay"
+        );
+        untouched(what);
+        let _ = std::fs::remove_file(&journal_path);
+    }
+    g.vm.start_with(&g.launcher).await.unwrap();
     store.clear_journal(g.vm.name()).await.unwrap();
     assert!(g.vm.check(false).await.unwrap().clean);
     g.vm.stop().await.unwrap();

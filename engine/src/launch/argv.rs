@@ -65,13 +65,10 @@ fn set(parts: &mut Vec<String>, key: &str, value: &str) {
     }
 }
 
+/// `p` as an absolute, plain path (resolved against `cwd`; `..` taken lexically, as the
+/// store records paths: `store::plain_path`).
 fn resolve(cwd: &Path, p: &str) -> PathBuf {
-    let p = Path::new(p);
-    if p.is_absolute() {
-        p.to_owned()
-    } else {
-        cwd.join(p)
-    }
+    crate::store::plain_path(&cwd.join(p))
 }
 
 /// One `-blockdev`, in whichever syntax it was written.

@@ -89,7 +89,7 @@ pub async fn plan(
             }
         }
         let dir = overlay_dir
-            .map(Path::to_owned)
+            .map(crate::store::plain_path)
             .or_else(|| image.parent().map(Path::to_owned))
             .unwrap_or_default();
         disks.push(SnapshotDisk {

@@ -145,7 +145,7 @@ impl Store {
     pub async fn record(&self, vm: &VmName) -> Result<VmRecord> {
         let path = self.record_path(vm);
         let p = path.clone();
-        let rec: VmRecord =
+        let mut rec: VmRecord =
             blocking(move || read_json(&p))
                 .await?
                 .ok_or_else(|| Error::UnknownVm {
@@ -153,6 +153,7 @@ impl Store {
                     store: self.root.clone(),
                 })?;
         check_schema(rec.schema, &path)?;
+        plain_record(&mut rec);
         if rec.name != vm.as_str() {
             return Err(Error::CorruptStore {
                 path,
@@ -172,7 +173,8 @@ impl Store {
     pub async fn write_record(&self, rec: &VmRecord) -> Result<()> {
         let vm = VmName::new(&rec.name)?;
         self.ensure_dir(self.vm_dir(&vm)).await?;
-        let (path, rec) = (self.record_path(&vm), rec.clone());
+        let (path, mut rec) = (self.record_path(&vm), rec.clone());
+        plain_record(&mut rec);
         blocking(move || write_json(&path, &rec, false)).await
     }
 
@@ -230,6 +232,11 @@ impl Store {
     async fn put_manifest(&self, m: &Manifest, exclusive: bool) -> Result<()> {
         let (vm, snap) = (VmName::new(&m.vm)?, SnapshotName::new(&m.name)?);
         let path = self.manifest_path(&vm, &snap);
+        // Never write what the reader would refuse: a store qsnap wrote is one it can read.
+        let mut m = m.clone();
+        plain_manifest(&mut m);
+        check_manifest(&m, &vm, &path)?;
+        let m = &m;
         self.ensure_dir(self.snapshots_dir(&vm)).await?;
         let m = m.clone();
         blocking(move || write_json(&path, &m, exclusive)).await
@@ -268,13 +275,14 @@ impl Store {
     pub async fn manifest(&self, vm: &VmName, snap: &SnapshotName) -> Result<Manifest> {
         let path = self.manifest_path(vm, snap);
         let p = path.clone();
-        let m: Manifest =
+        let mut m: Manifest =
             blocking(move || read_json(&p))
                 .await?
                 .ok_or_else(|| Error::UnknownSnapshot {
                     vm: vm.to_string(),
                     snapshot: snap.to_string(),
                 })?;
+        plain_manifest(&mut m);
         check_manifest(&m, vm, &path)?;
         if m.name != snap.as_str() {
             return Err(Error::CorruptStore {
@@ -306,7 +314,8 @@ impl Store {
                 if SnapshotName::parse(stem).is_none() {
                     continue; // temp files and strays
                 }
-                if let Some(m) = read_json::<Manifest>(&path)? {
+                if let Some(mut m) = read_json::<Manifest>(&path)? {
+                    plain_manifest(&mut m);
                     check_manifest(&m, &owner, &path)?;
                     if m.name != stem {
                         return Err(Error::CorruptStore {
@@ -331,8 +340,9 @@ impl Store {
     pub async fn journal(&self, vm: &VmName) -> Result<Option<Journal>> {
         let path = self.journal_path(vm);
         let p = path.clone();
-        let j: Option<Journal> = blocking(move || read_json(&p)).await?;
-        if let Some(j) = &j {
+        let mut j: Option<Journal> = blocking(move || read_json(&p)).await?;
+        if let Some(j) = &mut j {
+            plain_journal(j);
             check_schema(j.schema, &path)?;
             self.check_journal(j, vm, &path)?;
         }
@@ -391,6 +401,14 @@ impl Store {
                 snap(&r.snapshot)?;
                 for o in &r.new_overlays {
                     plain(o, "the new overlay")?;
+                    // A recovery may make them the VM's disks, or remove them: only overlays
+                    // the revert's own new disks name.
+                    if !r.new_disks.iter().any(|d| &d.image == o) {
+                        return Err(bad(format!(
+                            "its new overlay {} is none of the disks it reverts to",
+                            o.display()
+                        )));
+                    }
                 }
                 disks(&r.old_disks)?;
                 disks(&r.new_disks)?;
@@ -427,12 +445,15 @@ impl Store {
     pub async fn write_journal(&self, vm: &VmName, intent: &Intent) -> Result<()> {
         self.ensure_dir(self.vm_dir(vm)).await?;
         let path = self.journal_path(vm);
-        let j = Journal {
+        let mut j = Journal {
             schema: SCHEMA,
             pid: std::process::id(),
             started_at: now_rfc3339(),
             intent: intent.clone(),
         };
+        // Never write what the reader would refuse (the next command could not settle it).
+        plain_journal(&mut j);
+        self.check_journal(&j, vm, &path)?;
         blocking(move || write_json(&path, &j, false)).await
     }
 
@@ -514,6 +535,113 @@ fn check_manifest(m: &Manifest, vm: &VmName, path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// `path` with its `.` parts dropped and each `..` taken with the part before it, lexically
+/// (`/vm/../disk.qcow2` → `/disk.qcow2`; a leading `..` of a relative path stays). Every path
+/// a store file names is read through this, and every path qsnap takes from a user or from
+/// QEMU is recorded through it: a drive named `../disk.qcow2`, an `--overlay-dir` of `../ovl`
+/// or a store an older qsnap wrote never makes a record unreadable, and no prefix check can be
+/// fooled by a `..` (what the path really names is checked against the file QEMU has open).
+pub fn plain_path(path: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out: Vec<Component<'_>> = Vec::new();
+    for c in path.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir => match out.last() {
+                Some(Component::Normal(_)) => {
+                    out.pop();
+                }
+                Some(Component::RootDir | Component::Prefix(_)) => {}
+                _ => out.push(c),
+            },
+            other => out.push(other),
+        }
+    }
+    if out.is_empty() {
+        return PathBuf::from(".");
+    }
+    out.iter().collect()
+}
+
+fn plain(p: &mut PathBuf) {
+    *p = plain_path(p);
+}
+
+fn plain_manifest(m: &mut Manifest) {
+    for d in &mut m.snapshot.disks {
+        plain(&mut d.image);
+        plain(&mut d.overlay);
+    }
+    if let Some(mem) = &mut m.snapshot.memory {
+        plain(&mut mem.file);
+        if let Some(l) = &mut mem.lazy {
+            plain(&mut l.image);
+        }
+    }
+}
+
+fn plain_disks(disks: &mut [CurrentDisk]) {
+    for d in disks {
+        plain(&mut d.image);
+        plain(&mut d.launch_image);
+    }
+}
+
+fn plain_record(r: &mut VmRecord) {
+    plain_disks(&mut r.disks);
+    r.owned_images.iter_mut().for_each(plain);
+    if let Some(g) = &mut r.guest_agent {
+        plain(g);
+    }
+    if let Some(c) = &mut r.command {
+        plain(&mut c.cwd);
+    }
+    if let Some(of) = &mut r.clone_of {
+        for m in &mut of.moved {
+            plain(&mut m.from);
+            plain(&mut m.to);
+        }
+    }
+}
+
+fn plain_journal(j: &mut Journal) {
+    match &mut j.intent {
+        Intent::Create(c) => {
+            if let Some(m) = &mut c.memory_file {
+                plain(m);
+            }
+            for o in &mut c.overlays {
+                plain(&mut o.image);
+                plain(&mut o.overlay);
+            }
+            if let Some(q) = &mut c.quiesce {
+                plain(q);
+            }
+            if let Some(m) = &mut c.committed {
+                plain_manifest(m);
+            }
+        }
+        Intent::Revert(r) => {
+            r.new_overlays.iter_mut().for_each(plain);
+            plain_disks(&mut r.old_disks);
+            plain_disks(&mut r.new_disks);
+        }
+        Intent::Delete(d) => {
+            d.manifests.iter_mut().for_each(plain_manifest);
+            for m in &mut d.merges {
+                plain(&mut m.lower);
+                plain(&mut m.upper);
+                m.upper_children.iter_mut().for_each(plain);
+                if let Some(b) = &mut m.lower_backing {
+                    plain(b);
+                }
+            }
+        }
+        Intent::Thaw(t) => plain(&mut t.socket),
+        Intent::Start(_) | Intent::Stop(_) => {}
+    }
+}
+
 /// A path qsnap may act on (open, rewrite, remove) when a store file names it: absolute, with
 /// no `.` or `..` part, so that no hand edit can make it climb out of where it points.
 pub(crate) fn plain_absolute(path: &Path) -> bool {
@@ -550,9 +678,10 @@ impl Store {
                 {
                     continue;
                 }
-                let Some(m) = read_json::<Manifest>(&path)? else {
+                let Some(mut m) = read_json::<Manifest>(&path)? else {
                     continue;
                 };
+                plain_manifest(&mut m);
                 let relative = m
                     .snapshot
                     .disks
@@ -565,8 +694,8 @@ impl Store {
                 // paths are made absolute only to pass the path rule.
                 let mut probe = m.clone();
                 for d in &mut probe.snapshot.disks {
-                    d.image = Path::new("/").join(&d.image);
-                    d.overlay = Path::new("/").join(&d.overlay);
+                    d.image = plain_path(&Path::new("/").join(&d.image));
+                    d.overlay = plain_path(&Path::new("/").join(&d.overlay));
                 }
                 check_manifest(&probe, &owner, &path)?;
                 if m.name != stem {
@@ -586,4 +715,28 @@ impl Store {
 /// Now, as RFC 3339 UTC with milliseconds (sortable as text).
 pub(crate) fn now_rfc3339() -> String {
     humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_are_made_plain_lexically() {
+        for (given, plain) in [
+            ("/vm/../disk.qcow2", "/disk.qcow2"),
+            ("/a/./b/../c", "/a/c"),
+            ("/../x", "/x"),
+            ("ovl/../x", "x"),
+            ("../ovl/x", "../ovl/x"),
+            ("/a/b", "/a/b"),
+        ] {
+            assert_eq!(
+                plain_path(Path::new(given)),
+                PathBuf::from(plain),
+                "{given}"
+            );
+            assert!(!given.starts_with('/') || plain_absolute(&plain_path(Path::new(given))));
+        }
+    }
 }

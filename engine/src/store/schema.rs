@@ -333,6 +333,9 @@ impl Intent {
         match self {
             Intent::Create(c) => format!("create {}", c.snapshot),
             Intent::Revert(r) => format!("revert {}", r.snapshot),
+            Intent::Delete(d) if d.snapshots.is_empty() => {
+                "merge of layers no snapshot needs".into()
+            }
             Intent::Delete(d) => format!("delete {}", d.snapshots.join(", ")),
             Intent::Start(_) => "start".into(),
             Intent::Stop(_) => "stop".into(),

@@ -187,6 +187,9 @@ impl Vm {
         // Lazy snapshots whose device state or RAM image does not verify: their old stream,
         // if a crash left it, may be the only good copy of their memory.
         let mut lazy_unverified: Vec<String> = Vec::new();
+        // And the other way round: a stream that does not verify, beside the device state and
+        // RAM image a conversion made of it (a power cut undid the switch).
+        let mut stream_unverified: Vec<String> = Vec::new();
         for m in &manifests {
             if let Some(mem) = &m.snapshot.memory {
                 if let Err(e) =
@@ -194,6 +197,8 @@ impl Vm {
                 {
                     if mem.lazy.is_some() {
                         lazy_unverified.push(m.name.clone());
+                    } else {
+                        stream_unverified.push(m.name.clone());
                     }
                     found
                         .add(
@@ -600,17 +605,20 @@ impl Vm {
             let what = format!("memory file {} belongs to no snapshot", s.display());
             // `<snap>.mem` beside a lazy snapshot whose own files do not verify: the stream
             // a conversion replaced, and perhaps the last good copy of that memory.
-            let last_copy = s
-                .file_name()
-                .and_then(|n| n.to_str())
-                .and_then(|n| n.strip_suffix(".mem"))
-                .is_some_and(|snap| lazy_unverified.iter().any(|l| l == snap));
+            let name = s.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+            let last_copy = name
+                .strip_suffix(".mem")
+                .is_some_and(|snap| lazy_unverified.iter().any(|l| l == snap))
+                || name
+                    .strip_suffix(".dev")
+                    .or_else(|| name.strip_suffix(".ram"))
+                    .is_some_and(|snap| stream_unverified.iter().any(|l| l == snap));
             if last_copy {
                 found
                     .add(
                         "orphan-memory",
                         what,
-                        "kept: the snapshot's RAM image or device state does not verify (see above), and this stream may be the only good copy of its memory; copy it somewhere safe before deleting the snapshot".into(),
+                        "kept: the memory file the snapshot names does not verify (see above), and this one may hold the only good copy of its memory; copy it somewhere safe before deleting the snapshot".into(),
                         false,
                     )
                     .about(&s)

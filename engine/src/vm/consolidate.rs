@@ -518,7 +518,8 @@ async fn merge_live(
                 .await?;
         if let Err(e) = guard.pause(&qmp).await {
             pending.abandon(&qmp).await;
-            let _ = guard.resume(&qmp).await;
+            // A guest the failed pause left paused must not stay so silently.
+            guard.resume(&qmp).await?;
             return Err(e);
         }
         let finalized = jobs::finalize(&qmp, &pending, Points { on: true }).await;
@@ -570,11 +571,18 @@ impl Pause {
         if !self.on {
             return Ok(());
         }
-        qmp.execute(types::stop {})
-            .await
-            .map(drop)
-            .map_err(Error::qmp("pausing the guest for the disk switch"))?;
-        failpoint::hit("delete.pause-sent", qmp.peer_pid()).await
+        let sent = match qmp.execute(types::stop {}).await {
+            Ok(_) => failpoint::hit("delete.pause-sent", qmp.peer_pid()).await,
+            Err(e) => Err(Error::qmp("pausing the guest for the disk switch")(e)),
+        };
+        match sent {
+            // A `stop` that timed out may have run: QEMU's run state says.
+            Err(e) if e.is_timeout() => match qmp.execute(types::query_status {}).await {
+                Ok(st) if !st.running => Ok(()),
+                _ => Err(e),
+            },
+            other => other,
+        }
     }
 
     async fn resume(&self, qmp: &Qmp) -> Result<()> {
@@ -823,6 +831,14 @@ async fn finish_step(vm: &Vm, record: &mut VmRecord, m: &MergeStep) -> Result<()
         }
     } else {
         touched.push(m.upper.clone());
+    }
+    // What the merge wrote (the data, and headers that no longer name the layer that goes)
+    // is made durable before that layer is unlinked: after a power cut the surviving chain
+    // must not back onto a file that is gone.
+    for f in &touched {
+        if tokio::fs::symlink_metadata(f).await.is_ok() {
+            image::sync(f).await?;
+        }
     }
     restamp(vm, &touched).await?;
     let gone = removed_by(m).to_owned();

@@ -222,6 +222,8 @@ impl Vm {
             Ok(()) => failpoint::hit("lazy.switch-written", None).await,
             Err(e) => Err(e),
         };
+        // Whether the switch is known durable: only then may the stream go.
+        let mut durable = true;
         if let Err(e) = written {
             // The rename may have happened before the error (a failed directory sync): the
             // new files go only if the manifest on disk still names the stream. A manifest
@@ -240,7 +242,11 @@ impl Vm {
                         .as_ref()
                         .is_some_and(|x| x.lazy.is_some()) =>
                 {
-                    warn!(error = %e, "the manifest switched to the RAM image, but writing it reported an error");
+                    // Switched, but perhaps not durably (a directory sync that failed): a
+                    // power cut could bring the old manifest back, and it names the stream.
+                    // The stream stays; `check --repair` removes it once it is an orphan.
+                    warn!(error = %e, "the manifest switched to the RAM image, but writing it reported an error; the old stream stays");
+                    durable = false;
                 }
                 Ok(_) => {
                     discard(&[&devices, &image]).await;
@@ -260,8 +266,10 @@ impl Vm {
             }
         }
         failpoint::hit("lazy.switched", None).await?;
-        if let Err(e) = crate::unlink::checked(&mem.file, crate::unlink::Kind::Memory).await {
-            warn!(error = %e, "the old memory stream stays; `qsnap check --repair` removes it");
+        if durable {
+            if let Err(e) = crate::unlink::checked(&mem.file, crate::unlink::Kind::Memory).await {
+                warn!(error = %e, "the old memory stream stays; `qsnap check --repair` removes it");
+            }
         }
         let report = LazyReport {
             snapshot: snap.to_string(),

@@ -6,11 +6,12 @@
 //! | --- | --- | --- |
 //! | create | before its point of no return | rolled back from what QEMU says now: a running save cancelled, switched disks merged back (kept, and recorded, if that fails), nodes and settings undone, the guest resumed, files removed; QEMU gone → an overlay the guest wrote to is kept and recorded |
 //! | create | committed | finished: record and manifest written from the journal |
-//! | revert | preparing | rolled back: new overlays removed, the VM was never touched |
-//! | revert | relaunching | the new QEMU runs the snapshot → finished; otherwise the VM is left stopped on its previous disks and the message says `qsnap start` or `qsnap revert` |
-//! | revert | running | finished: record, abandoned overlays |
+//! | revert | preparing | rolled back: new overlays removed (only while they hold no data), the VM was never touched |
+//! | revert | relaunching | the revert's QEMU (by pid and start time, or by its chains) holds the snapshot → finished, resumed; the old one runs → rolled back; neither: new overlays with data of their own that are what the revert made → finished (the VM stopped on them), else the VM is left stopped on its previous disks and the message says `qsnap start` or `qsnap revert` |
+//! | revert | running | finished: record, abandoned overlays (the guest resumed if qsnap died before `cont`); with no QEMU, only onto new overlays that are what the revert made, else rolled back |
 //! | delete | any | finished: snapshots removed, the round in progress redone, merging goes on |
 //! | start, stop | any | the record follows what runs |
+//! | thaw | — | the guest's filesystems thawed (nothing to do once it is gone, or thawed already) |
 //!
 //! What only a person can decide (QEMU alive but not answering) ends in
 //! [`Error::NeedsDecision`] with the command to run.
@@ -54,12 +55,16 @@ pub struct Recovery {
 struct Settled {
     outcome: String,
     problems: Vec<String>,
+    /// A finished revert left a layer to merge: merged once its journal is cleared (the
+    /// merge journals itself).
+    merge_after: bool,
 }
 
 fn done(outcome: impl Into<String>) -> Settled {
     Settled {
         outcome: outcome.into(),
         problems: Vec::new(),
+        merge_after: false,
     }
 }
 
@@ -70,7 +75,11 @@ pub(crate) async fn settle(vm: &Vm) -> Result<Option<Recovery>> {
     };
     let operation = journal.intent.describe();
     info!(vm = %vm.name(), %operation, pid = journal.pid, "settling an interrupted operation");
-    let Settled { outcome, problems } = match journal.intent {
+    let Settled {
+        mut outcome,
+        mut problems,
+        merge_after,
+    } = match journal.intent {
         Intent::Create(c) => create(vm, c).await?,
         Intent::Revert(r) => revert_(vm, r).await?,
         Intent::Delete(d) => delete(vm, d).await?,
@@ -78,6 +87,19 @@ pub(crate) async fn settle(vm: &Vm) -> Result<Option<Recovery>> {
         Intent::Thaw(t) => thaw(vm, t).await?,
     };
     vm.store().clear_journal(vm.name()).await?;
+    if merge_after {
+        let mut record = vm.store().record(vm.name()).await?;
+        match consolidate::merge_leftovers(vm, &mut record, None).await {
+            Ok(m) if !m.is_empty() => {
+                outcome.push_str(&format!("; {} layer(s) it left unneeded merged", m.len()));
+            }
+            Ok(_) => {}
+            Err(e) => problems.push(format!(
+                "merging the layers it left unneeded did not finish ({e}); `qsnap check {} --repair` finishes it",
+                vm.name()
+            )),
+        }
+    }
     Ok(Some(Recovery {
         operation,
         qsnap_pid: journal.pid,
@@ -250,7 +272,11 @@ async fn create(vm: &Vm, c: CreateIntent) -> Result<Settled> {
             disks::overlay_list(&kept)
         ));
     }
-    Ok(Settled { outcome, problems })
+    Ok(Settled {
+        outcome,
+        problems,
+        merge_after: false,
+    })
 }
 
 /// Settings back, the memory fdset and pipe released (best effort: each may already be so).
@@ -282,81 +308,123 @@ async fn tidy_qemu(qmp: &Qmp, c: &CreateIntent) {
 async fn revert_(vm: &Vm, r: RevertIntent) -> Result<Settled> {
     let op = format!("revert {}", r.snapshot);
     let mut record = vm.store().record(vm.name()).await?;
-    match r.phase {
-        RevertPhase::Preparing => {
+    let state = VmState::observe(vm, &record).await;
+    if let VmState::Unreachable { .. } = state {
+        reachable(vm, &record, &op).await?;
+    }
+    let running = match &state {
+        VmState::Running { runstate, .. } => Some(runstate.clone()),
+        _ => None,
+    };
+    let new_qemu = match running {
+        Some(_) => is_new_qemu(vm, &record, &r).await,
+        None => None,
+    };
+    let forward = |pid: Option<u32>, how: String, record: VmRecord| {
+        let r = &r;
+        async move {
+            let mut record = record;
+            let f = revert::finish(vm, &mut record, r, pid).await?;
+            Ok::<_, Error>(Settled {
+                outcome: how,
+                problems: Vec::new(),
+                merge_after: f.mergeable,
+            })
+        }
+    };
+    let runs = format!("finished: the VM runs snapshot {}", r.snapshot);
+    match (r.phase, running.as_deref(), new_qemu) {
+        (RevertPhase::Preparing, ..) => {
             let problems = drop_new_overlays(vm, &record, &r).await?;
             Ok(with_problems(
                 "rolled back: the VM was not touched".into(),
                 &problems,
             ))
         }
-        RevertPhase::Running => {
-            let state = VmState::observe(vm, &record).await;
-            if let VmState::Unreachable { .. } = state {
-                reachable(vm, &record, &op).await?;
+        // The revert's QEMU runs, the snapshot loaded (QEMU's own word is the proof): forward,
+        // resumed as the revert would have (qsnap died between the journal and `cont`).
+        (RevertPhase::Running | RevertPhase::Relaunching, Some(rs @ ("running" | "paused")), Some(pid)) => {
+            if r.resume && rs == "paused" {
+                resume(vm, &record).await?;
             }
-            if let VmState::Running { pid, runstate } = &state {
-                // qsnap died between the journal and `cont`: resume as the revert would have.
-                if r.resume && runstate == "paused" && is_new_qemu(vm, &record, &r, *pid).await {
-                    resume(vm, &record).await?;
-                }
-            }
-            revert::finish(vm, &mut record, &r, state.pid()).await?;
-            Ok(done(format!(
-                "finished: the VM runs snapshot {}",
-                r.snapshot
-            )))
+            forward(pid, runs, record).await
         }
-        RevertPhase::Relaunching => {
-            let state = VmState::observe(vm, &record).await;
-            if let VmState::Unreachable { .. } = state {
-                reachable(vm, &record, &op).await?;
-            }
-            if let VmState::Running { pid, runstate } = &state {
-                if !is_new_qemu(vm, &record, &r, *pid).await {
-                    // The old QEMU never went: nothing changed.
-                    let problems = drop_new_overlays(vm, &record, &r).await?;
-                    return Ok(with_problems(
-                        "rolled back: the VM was not touched".into(),
-                        &problems,
-                    ));
-                }
-                if runstate == "running" || runstate == "paused" {
-                    // The new QEMU has loaded the snapshot: go forward.
-                    if r.resume && runstate == "paused" {
-                        resume(vm, &record).await?;
-                    }
-                    revert::finish(vm, &mut record, &r, *pid).await?;
-                    return Ok(done(format!(
-                        "finished: the VM runs snapshot {}",
-                        r.snapshot
-                    )));
-                }
-                // Started but not loaded: it goes.
-                stop_qemu(&record.qmp, *pid, Duration::from_secs(5)).await?;
-            }
-            // Neither QEMU runs. The new overlays decide: data of their own is what the
-            // reverted guest wrote, and it is kept.
-            if let Some(written) = new_overlays_written(vm, &r).await? {
-                revert::finish(vm, &mut record, &r, None).await?;
-                return Ok(done(format!(
-                    "finished: the reverted guest had written to its new disks ({}) before its QEMU went; the VM is stopped on them at snapshot {}; `qsnap start {}` starts it",
-                    written.join(", "),
-                    r.snapshot,
-                    vm.name()
-                )));
-            }
+        (RevertPhase::Running, Some(_), None) => Err(needs_decision(
+            vm,
+            &op,
+            "a QEMU runs the VM that is not the one the revert started; qsnap changes nothing: stop it (`qsnap stop`), then run `qsnap check --repair`".into(),
+        )),
+        (RevertPhase::Relaunching, Some(_), None) => {
+            // The old QEMU never went: nothing changed.
             let problems = drop_new_overlays(vm, &record, &r).await?;
-            super::state::record_qemu(&mut record, None).await;
-            vm.store().write_record(&record).await?;
             Ok(with_problems(
-                format!(
-                    "rolled back: the VM is stopped on its previous disks; `qsnap start {0}` starts it on them, `qsnap revert {0} {1}` tries the revert again",
-                    vm.name(),
-                    r.snapshot
-                ),
+                "rolled back: the VM was not touched".into(),
                 &problems,
             ))
+        }
+        (phase, running, new) => {
+            if let (Some(_), Some(pid)) = (running, new) {
+                // The revert's QEMU, started but not loaded: it goes.
+                stop_qemu(&record.qmp, pid, Duration::from_secs(5)).await?;
+            }
+            // No QEMU runs the snapshot. Going forward needs new overlays that are what the
+            // revert made: qcow2 images over the snapshot's frozen images. Past `running`
+            // the guest may have run on them; before it, data of their own is what a guest
+            // resumed early wrote.
+            let unsound = overlays_unsound(vm, &r).await;
+            let written = match phase {
+                RevertPhase::Running => None,
+                _ => new_overlays_written(vm, &r).await?,
+            };
+            match (phase, &unsound, written) {
+                (RevertPhase::Running, None, _) => {
+                    forward(
+                        None,
+                        format!(
+                            "finished: the VM is at snapshot {0} (stopped: its QEMU went); `qsnap start {1}` starts it",
+                            r.snapshot,
+                            vm.name()
+                        ),
+                        record,
+                    )
+                    .await
+                }
+                (_, None, Some(written)) => {
+                    forward(
+                        None,
+                        format!(
+                            "finished: the reverted guest had written to its new disks ({}) before its QEMU went; the VM is stopped on them at snapshot {}; `qsnap start {}` starts it",
+                            written.join(", "),
+                            r.snapshot,
+                            vm.name()
+                        ),
+                        record,
+                    )
+                    .await
+                }
+                (_, Some(why), Some(written)) => Err(needs_decision(
+                    vm,
+                    &op,
+                    format!(
+                        "{} hold data of their own but are not what the revert made ({why}); qsnap changes nothing: check them by hand",
+                        written.join(", ")
+                    ),
+                )),
+                (_, _, None) => {
+                    let problems = drop_new_overlays(vm, &record, &r).await?;
+                    super::state::record_qemu(&mut record, None).await;
+                    vm.store().write_record(&record).await?;
+                    let why = unsound.map(|w| format!(" ({w})")).unwrap_or_default();
+                    Ok(with_problems(
+                        format!(
+                            "rolled back{why}: the VM is stopped on its previous disks; `qsnap start {0}` starts it on them, `qsnap revert {0} {1}` tries the revert again",
+                            vm.name(),
+                            r.snapshot
+                        ),
+                        &problems,
+                    ))
+                }
+            }
         }
     }
 }
@@ -366,29 +434,71 @@ async fn resume(vm: &Vm, record: &VmRecord) -> Result<()> {
     crate::snapshot::revert::resume(&qmp).await
 }
 
-/// Whether the QEMU answering the monitor (`pid`) is the one the revert started: by the pid
-/// and start time the journal recorded right after the launch, else by what QEMU itself says
-/// it runs (a disk on one of the new overlays). Never by matching paths in `/proc/PID/cmdline`,
-/// where QEMU's `,`-doubling hides them.
-async fn is_new_qemu(vm: &Vm, record: &VmRecord, r: &RevertIntent, pid: Option<u32>) -> bool {
-    if let (Some(now), Some(new)) = (pid, r.new_pid) {
+/// Whether the QEMU answering the monitor is the one the revert started (`Some`, with its pid
+/// when known): told by the pid and start time the journal recorded right after the launch
+/// (compared with the monitor's peer, never the record's old pid), else by what QEMU itself
+/// says it runs (a disk on one of the new overlays). Never by matching paths in
+/// `/proc/PID/cmdline`, where QEMU's `,`-doubling hides them.
+async fn is_new_qemu(vm: &Vm, record: &VmRecord, r: &RevertIntent) -> Option<Option<u32>> {
+    let qmp = vm.connect_quick(record).await.ok()?;
+    let peer = qmp.peer_pid();
+    if let (Some(now), Some(new)) = (peer, r.new_pid) {
         if now == new {
-            return crate::launch::is_recorded_qemu(new, r.new_pid_start).await;
+            return crate::launch::is_recorded_qemu(new, r.new_pid_start)
+                .await
+                .then_some(peer);
         }
         if r.new_pid_start.is_some() {
-            return false;
+            return None;
         }
     }
-    let Ok(qmp) = vm.connect_quick(record).await else {
-        return false;
+    let disks = crate::blocks::read(&qmp).await.ok()?;
+    disks
+        .iter()
+        .filter_map(|d| d.top())
+        .any(|top| r.new_overlays.iter().any(|o| o == top))
+        .then_some(peer)
+}
+
+/// Why the new overlays are not what the revert made (`None`: they are): each must exist and
+/// be a qcow2 image whose backing file is the frozen image of its disk in the snapshot.
+async fn overlays_unsound(vm: &Vm, r: &RevertIntent) -> Option<String> {
+    let snap = match crate::SnapshotName::new(&r.snapshot) {
+        Ok(s) => s,
+        Err(e) => return Some(e.to_string()),
     };
-    match crate::blocks::read(&qmp).await {
-        Ok(disks) => disks
+    let manifest = match vm.store().manifest(vm.name(), &snap).await {
+        Ok(m) => m,
+        Err(e) => return Some(format!("the snapshot cannot be read: {e}")),
+    };
+    let cancel = tokio_util::sync::CancellationToken::new();
+    for o in &r.new_overlays {
+        let Some(disk) = r.new_disks.iter().find(|d| &d.image == o) else {
+            return Some(format!("{} is none of the new disks", o.display()));
+        };
+        let Some(frozen) = manifest
+            .snapshot
+            .disks
             .iter()
-            .filter_map(|d| d.top())
-            .any(|top| r.new_overlays.iter().any(|o| o == top)),
-        Err(_) => false,
+            .find(|d| d.device == disk.device)
+        else {
+            return Some(format!("the snapshot has no disk {}", disk.device));
+        };
+        match crate::image::info(o, &cancel).await {
+            Ok(i)
+                if i.format == "qcow2"
+                    && i.full_backing_filename.as_ref() == Some(&frozen.image) => {}
+            Ok(_) => {
+                return Some(format!(
+                    "{} is not a qcow2 overlay over {}",
+                    o.display(),
+                    frozen.image.display()
+                ))
+            }
+            Err(e) => return Some(format!("{} cannot be read: {e}", o.display())),
+        }
     }
+    None
 }
 
 /// The new overlays that hold data of their own (`None`: none does). "Cannot tell" is an
@@ -469,6 +579,7 @@ fn with_problems(outcome: String, problems: &[String]) -> Settled {
     Settled {
         outcome,
         problems: problems.to_vec(),
+        merge_after: false,
     }
 }
 
@@ -530,15 +641,14 @@ async fn delete(vm: &Vm, mut d: DeleteIntent) -> Result<Settled> {
     // QEMU serves one monitor client at a time; the merges connect on their own.
     drop(qemu);
     let merges = consolidate::run(vm, &mut record, &mut d, None).await?;
-    Ok(done(format!(
-        "finished: {} deleted{}",
-        d.snapshots.join(", "),
-        if merges.is_empty() {
-            String::new()
-        } else {
-            format!(", {} layer(s) merged or removed", merges.len())
-        }
-    )))
+    let merged = format!("{} layer(s) merged or removed", merges.len());
+    Ok(done(if d.snapshots.is_empty() {
+        format!("finished: {merged}")
+    } else if merges.is_empty() {
+        format!("finished: {} deleted", d.snapshots.join(", "))
+    } else {
+        format!("finished: {} deleted, {merged}", d.snapshots.join(", "))
+    }))
 }
 
 // ---- thaw -------------------------------------------------------------------------------
@@ -555,24 +665,38 @@ async fn thaw(vm: &Vm, t: crate::store::ThawIntent) -> Result<Settled> {
         Ok(()) => crate::snapshot::thaw_guest(&t.socket).await,
         Err(e) => Err(e),
     };
-    match thawed {
-        Ok(n) => Ok(done(format!(
-            "the guest's filesystems are thawed ({n} were frozen)"
-        ))),
-        Err(e) => Err(needs_decision(
-            vm,
-            &format!("thaw after create {}", t.snapshot),
-            format!(
-                "the guest's filesystems may still be frozen since snapshot {} and its agent at {} does not thaw them ({e}); \
-                 thaw them in the guest (fsfreeze -u) or get its agent answering, then run `qsnap check {} --repair`; \
-                 `qsnap stop {}` also ends it (a stopped guest has nothing frozen)",
-                t.snapshot,
-                t.socket.display(),
-                vm.name(),
-                vm.name()
-            ),
-        )),
+    let e = match thawed {
+        Ok(n) => {
+            return Ok(done(format!(
+                "the guest's filesystems are thawed ({n} were frozen)"
+            )))
+        }
+        Err(e) => e,
+    };
+    // Thawed by hand in the guest: the agent says so.
+    let status = async {
+        let mut agent =
+            crate::guest_agent::GuestAgent::connect(&t.socket, Duration::from_secs(10)).await?;
+        agent.status().await
     }
+    .await;
+    if status.is_ok_and(|s| s == "thawed") {
+        return Ok(done("the guest's filesystems are thawed"));
+    }
+    Err(needs_decision(
+        vm,
+        &format!("thaw after create {}", t.snapshot),
+        format!(
+            "the guest's filesystems may still be frozen since snapshot {} and its agent at {} does not thaw them ({e}); \
+             thaw them in the guest (`fsfreeze -u MOUNTPOINT`): once its agent says they are thawed, the next qsnap command goes on. \
+             If the agent cannot answer, `qsnap stop {}` ends it (a stopped guest has nothing frozen), or, once you have \
+             thawed them by hand, remove {}",
+            t.snapshot,
+            t.socket.display(),
+            vm.name(),
+            vm.store().vm_dir(vm.name()).join("journal.json").display()
+        ),
+    ))
 }
 
 // ---- start, stop --------------------------------------------------------------------------

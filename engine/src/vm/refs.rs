@@ -293,46 +293,21 @@ fn show(chain: &[PathBuf]) -> String {
 
 /// Unlinks `image` if, and only if, nothing could need it: qsnap made it for this VM, it is
 /// a qcow2 regular file, no record or manifest names it, no image backs onto it, and the
-/// running QEMU does not have it open. Refuses (changing nothing) otherwise.
+/// running QEMU does not have it open. Refuses (changing nothing) otherwise; a file already
+/// gone is fine (an interrupted operation got this far).
 pub(crate) async fn safe_unlink(
     image: &Path,
     graph: &Graph,
     record: &VmRecord,
     live: Option<&Live>,
 ) -> Result<()> {
-    let refuse = |why: String| Error::UnlinkRefused {
-        path: image.to_owned(),
-        why,
-    };
-    let p = image.to_owned();
-    let meta = store::blocking(move || {
-        std::fs::symlink_metadata(&p).map_err(|e| Error::Io {
-            what: "looking at an image before removing it",
-            path: p.clone(),
-            source: e,
-        })
-    })
-    .await;
-    match meta {
-        Ok(m) if m.file_type().is_file() => {}
-        Ok(_) => return Err(refuse("it is not a regular file".into())),
-        Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
-            return Ok(()); // already gone (an interrupted operation got this far)
-        }
-        Err(e) => return Err(e),
-    }
     if !record.owned_images.iter().any(|o| o == image) {
-        return Err(refuse("qsnap did not create it for this VM".into()));
+        let p = image.to_owned();
+        if store::blocking(move || store::exists(&p)).await? {
+            return Err(refused(image, "qsnap did not create it for this VM".into()));
+        }
     }
-    if let Some(u) = graph.uses_of(image).first() {
-        return Err(refuse(format!("{u} uses it")));
-    }
-    if let Some(c) = graph.children(image).first() {
-        return Err(refuse(format!("{} backs onto it", c.display())));
-    }
-    if live.is_some_and(|l| l.has_open(image)) {
-        return Err(refuse("the running QEMU has it open".into()));
-    }
+    unused(image, graph, live)?;
     crate::unlink::checked(image, crate::unlink::Kind::Image).await
 }
 
@@ -341,23 +316,33 @@ pub(crate) async fn safe_unlink(
 /// no image backing onto it, no open node in the running QEMU — and it holds no data of its
 /// own (the guest may have written there). Refuses (changing nothing) otherwise.
 pub(crate) async fn unlink_made(image: &Path, graph: &Graph, live: Option<&Live>) -> Result<()> {
-    let refuse = |why: String| Error::UnlinkRefused {
-        path: image.to_owned(),
-        why,
-    };
-    if let Some(u) = graph.uses_of(image).first() {
-        return Err(refuse(format!("{u} uses it")));
-    }
-    if let Some(c) = graph.children(image).first() {
-        return Err(refuse(format!("{} backs onto it", c.display())));
-    }
-    if live.is_some_and(|l| l.has_open(image)) {
-        return Err(refuse("the running QEMU has it open".into()));
-    }
+    unused(image, graph, live)?;
     crate::unlink::made_by_this_operation(
         image,
         crate::unlink::Kind::Image,
         crate::unlink::Data::MustBeEmpty,
     )
     .await
+}
+
+/// Nothing uses `image`: no record or manifest names it, no image backs onto it, the running
+/// QEMU has no node on it.
+fn unused(image: &Path, graph: &Graph, live: Option<&Live>) -> Result<()> {
+    if let Some(u) = graph.uses_of(image).first() {
+        return Err(refused(image, format!("{u} uses it")));
+    }
+    if let Some(c) = graph.children(image).first() {
+        return Err(refused(image, format!("{} backs onto it", c.display())));
+    }
+    if live.is_some_and(|l| l.has_open(image)) {
+        return Err(refused(image, "the running QEMU has it open".into()));
+    }
+    Ok(())
+}
+
+fn refused(image: &Path, why: String) -> Error {
+    Error::UnlinkRefused {
+        path: image.to_owned(),
+        why,
+    }
 }

@@ -8,10 +8,12 @@
 //! → [--keep-current: a snapshot of the current state first]
 //! → journal: revert (preparing) → new overlays over the frozen images
 //! → journal: relaunching → stop the old QEMU → start the new one with the snapshot's exact
-//!   machine type, -incoming defer -S → load → cont    ── failure: new QEMU stopped, new
-//!   overlays gone, the VM stopped on its untouched disks; the error says `qsnap start`
-//! → journal: running → record (disks, current, pid) → abandoned overlays removed
-//!   (through the reference guard) → journal cleared
+//!   machine type, -incoming defer -S → journal: its pid and start time → load
+//!                       ── failure: new QEMU stopped, journal cleared, new overlays gone, the
+//!                          VM stopped on its untouched disks; the error says `qsnap start`
+//! → journal: running (before the guest may run) → cont → record (disks, current, pid)
+//!   → abandoned overlays removed (through the reference guard) → journal cleared
+//!   → a layer their removal made mergeable is merged (journaled as a delete of nothing)
 //! ```
 //! Reverting discards the current state (what the guest did since its last snapshot) unless
 //! `keep_current` saves it as a snapshot first.
@@ -236,7 +238,10 @@ impl Vm {
             new_overlays: planned.iter().map(|r| r.overlay.clone()).collect(),
             old_disks: record.disks.clone(),
             new_disks: new_disks.clone(),
-            resume: !opts.paused,
+            // What the revert itself will do, so a recovery does the same: a memory snapshot
+            // resumes as it was taken (running or paused); a disk-only one boots.
+            resume: !opts.paused
+                && (manifest.snapshot.memory.is_none() || manifest.snapshot.was_running),
             old_pid: state.pid(),
             new_pid: None,
             new_pid_start: None,
@@ -307,7 +312,14 @@ impl Vm {
         // ---- the journal says the new QEMU is the VM *before* its guest runs: from the
         // first `cont` on, the new overlays hold guest writes a recovery must keep ----
         intent.phase = RevertPhase::Running;
-        intent.new_pid = launched.pid;
+        if launched.pid != intent.new_pid {
+            // (The monitor's peer, where the launcher did not know the pid.)
+            intent.new_pid = launched.pid;
+            intent.new_pid_start = match launched.pid {
+                Some(p) => launch::start_time(p).await,
+                None => None,
+            };
+        }
         if let Err(e) = self
             .store()
             .write_journal(self.name(), &Intent::Revert(intent.clone()))
@@ -319,8 +331,7 @@ impl Vm {
                 .await;
             return Err(fail(e, &record));
         }
-        // A memory snapshot resumes as it was taken (running or paused); a disk-only one boots.
-        let resume = !opts.paused && (prepared.memory.is_none() || prepared.was_running);
+        let resume = intent.resume;
         let resumed = if resume {
             revert::resume(&qmp).await
         } else {
@@ -331,7 +342,14 @@ impl Vm {
         failpoint::hit("revert.resumed", launched.pid).await?;
 
         // ---- the new VM runs: record it, then drop the abandoned state ----
-        let Finished { removed, merged } = finish(self, &mut record, &intent, launched.pid).await?;
+        let Finished { removed, mergeable } =
+            finish(self, &mut record, &intent, launched.pid).await?;
+        self.store().clear_journal(self.name()).await?;
+        let merged = if mergeable {
+            consolidate::merge_leftovers(self, &mut record, None).await
+        } else {
+            Ok(Vec::new())
+        };
         let (merges, merge_problem) = match merged {
             Ok(m) => (m, None),
             Err(e) => {
@@ -421,10 +439,14 @@ impl Vm {
         if let Some(pid) = pid {
             let _ = stop_qemu(&record.qmp, Some(pid), Duration::from_secs(2)).await;
         }
-        revert::discard(prepared).await;
         super::state::record_qemu(record, None).await;
         let _ = self.store().write_record(record).await;
-        let _ = self.store().clear_journal(self.name()).await;
+        // The journal goes before the overlays: a journal left naming overlays that are gone
+        // would make a recovery point the record at them. If it cannot go, the overlays stay
+        // (empty; the recovery removes them, or goes forward onto them, from the journal).
+        if self.store().clear_journal(self.name()).await.is_ok() {
+            revert::discard(prepared).await;
+        }
     }
 }
 
@@ -475,28 +497,20 @@ pub(crate) async fn finish(
     vm.store().write_record(record).await?;
     failpoint::hit("revert.recorded", pid).await?;
     let (removed, mergeable) = remove_abandoned(vm, record, &intent.old_disks).await;
-    vm.store().clear_journal(vm.name()).await?;
-    // An abandoned overlay may have been the second child of a layer no snapshot names any
-    // more: that layer can merge now, and is merged (a delete of nothing, journaled as one),
-    // so that the chains stay as short as the snapshots allow and `check` stays clean.
-    let merged = if mergeable {
-        consolidate::merge_leftovers(vm, record, None).await
-    } else {
-        Ok(Vec::new())
-    };
-    Ok(Finished { removed, merged })
+    Ok(Finished { removed, mergeable })
 }
 
 /// What the end of a revert did besides recording it.
 pub(crate) struct Finished {
     /// The abandoned overlays removed.
     pub removed: Vec<PathBuf>,
-    /// Layers their removal made mergeable, merged (an error: the merge did not finish; its
-    /// journal lets a repair finish it).
-    pub merged: Result<Vec<super::delete::MergeReport>>,
+    /// Their removal left a layer no snapshot needs (it was the second child of a base no
+    /// snapshot names any more): the caller merges it once the revert's journal is cleared
+    /// (`consolidate::merge_leftovers`, journaled as a delete of nothing), so that the chains
+    /// stay as short as the snapshots allow and `check` stays clean.
+    pub mergeable: bool,
 }
 
-/// Deletes the overlays of the abandoned state that qsnap made and nothing uses.
 /// Deletes the overlays of the abandoned state that qsnap made and nothing uses. Returns
 /// them, and whether their removal left a layer to merge (read from the same view of the
 /// store, with the removed overlays taken out of it).
