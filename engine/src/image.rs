@@ -89,18 +89,31 @@ pub async fn create_overlay(
     made?;
     // Durable before anything names it: a record or manifest that survives a power cut must
     // not name an overlay whose header, or whose directory entry, did not.
-    let p = overlay.to_owned();
+    fsync(overlay, "syncing a new overlay").await?;
+    let dir = overlay.parent().unwrap_or(Path::new(".")).to_owned();
+    blocking(move || crate::store::sync_dir(&dir)).await
+}
+
+/// `fsync` of one file (its data and metadata), on the blocking pool.
+async fn fsync(path: &Path, what: &'static str) -> Result<()> {
+    let p = path.to_owned();
     blocking(move || {
         std::fs::File::open(&p)
             .and_then(|f| f.sync_all())
             .map_err(|source| Error::Io {
-                what: "syncing a new overlay",
+                what,
                 path: p.clone(),
                 source,
-            })?;
-        crate::store::sync_dir(p.parent().unwrap_or(Path::new(".")))
+            })
     })
     .await
+}
+
+/// Makes an image a merge wrote into durable (data, and a backing header QEMU rewrote — it
+/// does not flush that by itself): before the layer merged away is unlinked, or a power cut
+/// could leave a chain that names a file that is gone, or lacks the data that file held.
+pub async fn sync_merged(path: &Path) -> Result<()> {
+    fsync(path, "syncing a merged image").await
 }
 
 /// One image of a backing chain, as `qemu-img info` reports it.
@@ -264,17 +277,7 @@ pub async fn check(image: &Path, cancel: &CancellationToken) -> Result<CheckRepo
 /// rewritten by a merge) just now; QEMU's flush is an `fdatasync`, which need not keep the
 /// mtime.
 pub async fn stamp_durable(path: &Path) -> Result<ImageStamp> {
-    let p = path.to_owned();
-    blocking(move || {
-        std::fs::File::open(&p)
-            .and_then(|f| f.sync_all())
-            .map_err(|source| Error::Io {
-                what: "syncing a frozen image",
-                path: p.clone(),
-                source,
-            })
-    })
-    .await?;
+    fsync(path, "syncing a frozen image").await?;
     stamp(path).await
 }
 

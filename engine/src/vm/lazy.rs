@@ -241,6 +241,20 @@ impl Vm {
                         .is_some_and(|x| x.lazy.is_some()) =>
                 {
                     warn!(error = %e, "the manifest switched to the RAM image, but writing it reported an error");
+                    // Switched, but not known to be durable (the read sees the page cache): after
+                    // a power cut the manifest could name the stream again. Only a write that
+                    // goes through makes the switch durable; until then the stream stays.
+                    if let Err(again) = self.store().replace_manifest(&m).await {
+                        return Err(Error::StoreBehind {
+                            vm: self.name().to_string(),
+                            cause: Box::new(e),
+                            problem: Box::new(Error::Unsupported {
+                                what: format!(
+                                    "the manifest names the RAM image, but that could not be made durable ({again}); every memory file of {snap} is kept"
+                                ),
+                            }),
+                        });
+                    }
                 }
                 Ok(_) => {
                     discard(&[&devices, &image]).await;
