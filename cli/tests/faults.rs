@@ -1038,7 +1038,9 @@ async fn lazy_ram_keeps_every_memory_file_when_it_cannot_tell_which_one_counts()
         .await;
 
     // The switch written and read back, but its write reported an error (a directory sync
-    // that failed: a power cut could still undo it): the stream stays until the repair.
+    // that failed: a power cut could still undo it), and so did writing it again: the
+    // command fails (it must not say done what is not durable), the stream stays until the
+    // repair.
     let rig = Rig::new().await;
     rig.snapshot_between_two_writes().await;
     let mem = rig.store().join("vms/g/memory");
@@ -1047,7 +1049,12 @@ async fn lazy_ram_keeps_every_memory_file_when_it_cannot_tell_which_one_counts()
         .env("FAILPOINTS", "lazy.switch-written=return(error)")
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", show(&out));
+    assert!(!out.status.success(), "{}", show(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("could not be made durable"),
+        "{}",
+        show(&out)
+    );
     assert!(
         files_in(&mem, &["s1.mem", "s1.dev", "s1.ram"]),
         "the stream went before the switch was durable: {}",

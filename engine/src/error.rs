@@ -86,8 +86,10 @@ pub enum Error {
         /// The path.
         path: PathBuf,
     },
-    /// A local file operation failed.
-    #[error("{what} ({})", path.display())]
+    /// A local file operation failed. The OS's reason is in the message too, not only in
+    /// `source`: an `Io` nested in another error's message (`TakenBut`, `StoreBehind`) must
+    /// still say "No space left on device".
+    #[error("{what} ({}): {source}", path.display())]
     Io {
         /// What was being done.
         what: &'static str,
@@ -134,8 +136,8 @@ pub enum Error {
         kept_overlays: Vec<(String, PathBuf)>,
     },
     /// The snapshot was taken (QEMU's part is done), but recording it failed; the journal
-    /// lets a repair finish it.
-    #[error("snapshot {snapshot} was taken, but the store could not record it ({problem}); `qsnap check {vm} --repair` finishes recording it")]
+    /// lets a repair finish it — unless the journal could not be written either.
+    #[error("snapshot {snapshot} was taken, but the store could not record it ({problem}); {}", taken_but_fix(vm, *journaled))]
     TakenBut {
         /// The VM.
         vm: String,
@@ -143,6 +145,9 @@ pub enum Error {
         snapshot: String,
         /// What failed afterwards.
         problem: Box<Error>,
+        /// Whether the journal holds the snapshot (committed), so that a repair can finish
+        /// recording it.
+        journaled: bool,
     },
     /// The snapshot was taken and recorded, but something after it failed; `fix` says what
     /// finishes it.
@@ -406,6 +411,17 @@ fn blocked_hint(reasons: &[String], tsc_hz: Option<u64>) -> String {
         ". Fix: start QEMU with a fixed TSC frequency (-cpu …,+invtsc,tsc-frequency={hz}; `qsnap run` adds it), \
          or take a disk-only snapshot (--disk-only)"
     )
+}
+
+/// What finishes a snapshot taken but not recorded ([`Error::TakenBut`]).
+fn taken_but_fix(vm: &str, journaled: bool) -> String {
+    if journaled {
+        format!("`qsnap check {vm} --repair` finishes recording it")
+    } else {
+        format!(
+            "its journal could not be written either, so it cannot be finished: `qsnap check {vm} --repair` makes the record name the disks QEMU writes to and removes its memory file; take it again once the store can be written"
+        )
+    }
 }
 
 impl Error {

@@ -89,16 +89,22 @@ pub async fn create_overlay(
     made?;
     // Durable before anything names it: a record or manifest that survives a power cut must
     // not name an overlay whose header, or whose directory entry, did not.
-    let p = overlay.to_owned();
+    fsync(overlay, "syncing a new overlay").await?;
+    let dir = overlay.parent().unwrap_or(Path::new(".")).to_owned();
+    blocking(move || crate::store::sync_dir(&dir)).await
+}
+
+/// `fsync` of one file (its data and metadata), on the blocking pool.
+async fn fsync(path: &Path, what: &'static str) -> Result<()> {
+    let p = path.to_owned();
     blocking(move || {
         std::fs::File::open(&p)
             .and_then(|f| f.sync_all())
             .map_err(|source| Error::Io {
-                what: "syncing a new overlay",
+                what,
                 path: p.clone(),
                 source,
-            })?;
-        crate::store::sync_dir(p.parent().unwrap_or(Path::new(".")))
+            })
     })
     .await
 }
@@ -264,24 +270,14 @@ pub async fn check(image: &Path, cancel: &CancellationToken) -> Result<CheckRepo
 /// rewritten by a merge) just now; QEMU's flush is an `fdatasync`, which need not keep the
 /// mtime.
 pub async fn stamp_durable(path: &Path) -> Result<ImageStamp> {
-    sync(path).await?;
+    fsync(path, "syncing a frozen image").await?;
     stamp(path).await
 }
 
 /// Makes what was written to `path` (by QEMU, `qemu-img` or anyone) durable, data and
 /// metadata: `fsync` on a descriptor of our own (any descriptor of the file will do).
 pub async fn sync(path: &Path) -> Result<()> {
-    let p = path.to_owned();
-    blocking(move || {
-        std::fs::File::open(&p)
-            .and_then(|f| f.sync_all())
-            .map_err(|source| Error::Io {
-                what: "syncing an image",
-                path: p.clone(),
-                source,
-            })
-    })
-    .await
+    fsync(path, "syncing an image").await
 }
 
 /// Reads the stamp (size and mtime) of `path`.

@@ -557,6 +557,15 @@ fn write_errors_are_injected_on_cue() {
     assert_eq!(injected.len(), 3, "{injected:?}");
     assert_eq!(injected[2].op, "fsync");
     assert_eq!(injected[0].errno, Errno::ENOSPC);
+    assert_eq!(fs.rule_matches(), vec![4]);
+
+    // A rule that never fires counts the writes (a dry run before failing each in turn).
+    fs.clear_fail_rules();
+    fs.fail_write(FailRule::path_contains("counted").nth(u64::MAX));
+    std::fs::write(fs.path("counted.json"), b"one").unwrap();
+    std::fs::write(fs.path("counted.json"), b"two").unwrap();
+    assert_eq!(fs.rule_matches(), vec![2]);
+    assert_eq!(fs.injected_failures().len(), 3);
 }
 
 #[test]

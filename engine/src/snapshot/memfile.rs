@@ -11,9 +11,9 @@
 
 use crate::error::{Error, Result};
 use crate::store::blocking;
-use std::fs::{DirBuilder, File, OpenOptions};
+use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
-use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 /// Size of qsnap's header; QEMU's stream starts here (`file:…,offset=HEADER_LEN`).
@@ -45,11 +45,8 @@ fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error)
 /// "incomplete" header. Returns the open file, for handing to QEMU.
 pub async fn create(dir: PathBuf, path: PathBuf) -> Result<File> {
     blocking(move || {
-        DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&dir)
-            .map_err(io_err("creating the snapshot directory", &dir))?;
+        // Its name durable too, or a power cut takes the sealed file along with it.
+        crate::store::create_dir_durably(&dir, 0o700)?;
         // An existing directory keeps its mode; memory must still not be readable by others.
         let mode = std::fs::metadata(&dir)
             .map_err(io_err("reading the snapshot directory", &dir))?

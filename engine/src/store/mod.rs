@@ -16,7 +16,9 @@ mod atomic;
 mod lock;
 pub mod schema;
 
-pub(crate) use atomic::{blocking, exists, io, read_json, remove_durably, sync_dir, write_json};
+pub(crate) use atomic::{
+    blocking, create_dir_durably, exists, io, read_json, remove_durably, sync_dir, write_json,
+};
 pub use lock::{lock_holder, LockHolder, VmLock};
 pub use schema::{
     CloneOf, CreateIntent, CreateReport, CurrentDisk, DeleteIntent, DeletePhase, ImageStamp,
@@ -27,7 +29,6 @@ pub use schema::{
 
 use crate::error::{Error, Result};
 use crate::name::{SnapshotName, VmName};
-use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
 /// A store rooted at a directory.
@@ -110,13 +111,10 @@ impl Store {
 
     async fn ensure_dir(&self, dir: PathBuf) -> Result<()> {
         let root = self.root.clone();
+        // Durably: a VM directory whose name a power cut loses takes its record along.
         blocking(move || {
             for d in [&root, &dir] {
-                std::fs::DirBuilder::new()
-                    .recursive(true)
-                    .mode(0o700)
-                    .create(d)
-                    .map_err(io("creating a store directory", d))?;
+                create_dir_durably(d, 0o700)?;
             }
             Ok(())
         })
@@ -183,11 +181,13 @@ impl Store {
     pub async fn forget_vm(&self, vm: &VmName) -> Result<()> {
         let dir = self.vm_dir(vm);
         blocking(move || {
-            for f in ["vm.json", "journal.json"] {
-                remove_durably(&dir.join(f))?;
-            }
+            // The directories first: the record's removal, last, makes their removal durable
+            // too (one fsync of the VM's directory).
             for d in ["snapshots", "memory"] {
                 let _ = std::fs::remove_dir(dir.join(d));
+            }
+            for f in ["journal.json", "vm.json"] {
+                remove_durably(&dir.join(f))?;
             }
             Ok(())
         })

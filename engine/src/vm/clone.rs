@@ -234,16 +234,18 @@ impl Vm {
                 moved: rewritten.moved.clone(),
             }),
         };
-        // Recorded before anything is made: from here the clone is a (stopped) VM, and
-        // `remove` undoes whatever a crash leaves.
-        make_dir(dir.join("files")).await?;
-        make_dir(dir.join("disks")).await?;
+        // Recorded before anything is made (its directories too): from here the clone is a
+        // (stopped) VM, and `remove` undoes whatever a crash leaves; before, a crash leaves
+        // nothing but the lock.
         store.write_record(&record).await?;
         let clone = self.engine.vm_from(new.clone(), record.clone());
         let made = async {
             failpoint::hit("clone.recorded", None)
                 .await
                 .map_err(|e| (e, None))?;
+            for sub in ["files", "disks"] {
+                make_dir(dir.join(sub)).await.map_err(|e| (e, None))?;
+            }
             let prepared = revert::make_overlays(
                 snap.as_str(),
                 &manifest.snapshot,
@@ -462,7 +464,9 @@ impl Vm {
             failpoint::hit("remove.snapshots-removed", None).await?;
         }
         let mut removed = Vec::new();
-        for img in &record.owned_images {
+        // Newest first: an image is always made after its backing, so a removal cut short (a
+        // crash, a power loss) never leaves an image whose backing is gone.
+        for img in record.owned_images.iter().rev() {
             // Only what the clone made: in its own directory (a plain path, so no `..` climbs
             // out of it), and a regular qcow2 file (the door checks).
             if !store::plain_absolute(img) || !img.starts_with(store.vm_dir(self.name())) {
@@ -509,14 +513,8 @@ enum Discard {
     Remove,
 }
 
+/// Makes a clone's directory, its name durable: a power cut must not take the clone's
+/// overlays (and the writes its guest flushed there) along with a directory entry never synced.
 async fn make_dir(dir: PathBuf) -> Result<()> {
-    store::blocking(move || {
-        use std::os::unix::fs::DirBuilderExt;
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&dir)
-            .map_err(store::io("creating the clone's directory", &dir))
-    })
-    .await
+    store::blocking(move || store::create_dir_durably(&dir, 0o700)).await
 }

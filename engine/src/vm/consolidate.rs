@@ -445,7 +445,8 @@ async fn estimate(merges: &[MergeStep]) -> u64 {
 ///
 /// The rule that keeps a guest's writes safe: **the guest never runs on an image the record
 /// does not name.** An active commit switches the image the guest writes to, so when a round
-/// has one, the guest is paused before any finalize (and before a job an interrupted run left
+/// has one (or a stream, whose copy only the pause's flush makes durable), the guest is paused
+/// before any finalize (and before a job an interrupted run left
 /// behind is driven to its end), the record is made to follow the chains QEMU really runs —
 /// whatever the finalize did, even half of it — and only then is the guest resumed. If the
 /// record cannot be written, the guest stays paused and the journal says to resume it: a
@@ -465,7 +466,12 @@ async fn merge_live(
     let pivots = steps.iter().any(|m| {
         m.kind == MergeKind::Commit && blocks::chain_of(&disks, &m.device).first() == Some(&m.upper)
     });
-    if pivots && intent.guest_was_running.is_none() {
+    // A stream too: QEMU keeps the mappings of the clusters it copied in its own qcow2 cache,
+    // which no fsync of the file reaches, and QMP has no flush but `stop` (every drive is
+    // flushed). They must be durable before the layer they came from is unlinked, or a power
+    // cut loses data the guest had flushed.
+    let pauses = pivots || steps.iter().any(|m| m.kind == MergeKind::Stream);
+    if pauses && intent.guest_was_running.is_none() {
         // The guest will be paused for the switch: a recovery must know to resume it.
         let st = qmp
             .execute(types::query_status {})
@@ -477,7 +483,7 @@ async fn merge_live(
             .await?;
     }
     let guard = Pause {
-        on: pivots && intent.guest_was_running == Some(true),
+        on: pauses && intent.guest_was_running == Some(true),
         vm: vm.name().to_string(),
     };
     let mut todo = Vec::new();
@@ -533,7 +539,7 @@ async fn merge_live(
         guard.resume(&qmp).await?;
         finalized?;
     }
-    if pivots {
+    if pauses {
         intent.guest_was_running = None;
         vm.store()
             .write_journal(vm.name(), &Intent::Delete(intent.clone()))
@@ -719,14 +725,21 @@ async fn merge_offline<'a>(
         let r = async {
             match m.kind {
                 MergeKind::Stream => {
-                    if redo
-                        && image::info(&m.upper, cancel)
-                            .await?
-                            .full_backing_filename
-                            .as_ref()
-                            != Some(&m.lower)
-                    {
-                        return Ok(()); // already moved off X
+                    if redo {
+                        // X is unlinked only once C was synced after its copy: gone, done.
+                        let lower = m.lower.clone();
+                        if !crate::store::blocking(move || crate::store::exists(&lower)).await? {
+                            return Ok(());
+                        }
+                        // C moved off X, but its copy need not be durable: qemu-img (and QEMU)
+                        // write the new backing into C's header before C's last metadata flush,
+                        // so a power cut can keep the header and lose the copied clusters. C
+                        // backs onto X again (it reads the same: what C holds, X's chain says
+                        // too or C wrote later) and is streamed again.
+                        let info = image::info(&m.upper, cancel).await?;
+                        if info.full_backing_filename.as_ref() != Some(&m.lower) {
+                            image::set_backing(&m.upper, &m.lower, &m.lower_format, cancel).await?;
+                        }
                     }
                     match &m.lower_backing {
                         Some(b) => {
@@ -746,6 +759,13 @@ async fn merge_offline<'a>(
                     }
                 }
                 MergeKind::Commit => {
+                    // Gone: the interrupted run got as far as its unlink (which comes only
+                    // after the data moved), and a power cut took QEMU along with qsnap.
+                    let upper = m.upper.clone();
+                    if redo && !crate::store::blocking(move || crate::store::exists(&upper)).await?
+                    {
+                        return Ok(());
+                    }
                     if redo && !vm_may_commit_offline(vm, m).await? {
                         return Ok(());
                     }

@@ -77,22 +77,23 @@ impl Vm {
         };
         apply(&mut record, &manifest, qmp.peer_pid()).await;
         drop(qmp);
+        intent.committed = Some(Box::new(manifest.clone()));
+        // If the committed journal cannot be written, the uncommitted one must not stay
+        // either: a recovery would take the snapshot for a half-made one and undo it.
+        let journaled = self
+            .store()
+            .write_journal(self.name(), &Intent::Create(intent))
+            .await
+            .is_ok();
+        if !journaled {
+            let _ = self.store().clear_journal(self.name()).await;
+        }
         let taken_but = |problem: Error| Error::TakenBut {
             vm: self.name().to_string(),
             snapshot: snap.to_string(),
             problem: Box::new(problem),
+            journaled,
         };
-        intent.committed = Some(Box::new(manifest.clone()));
-        // If the committed journal cannot be written, the uncommitted one must not stay
-        // either: a recovery would take the snapshot for a half-made one and undo it.
-        if self
-            .store()
-            .write_journal(self.name(), &Intent::Create(intent))
-            .await
-            .is_err()
-        {
-            let _ = self.store().clear_journal(self.name()).await;
-        }
         failpoint::hit("create.committed", pid)
             .await
             .map_err(taken_but)?;

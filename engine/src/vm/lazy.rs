@@ -217,14 +217,12 @@ impl Vm {
                 checksum,
             });
         }
-        let written = match self.store().replace_manifest(&m).await {
+        let write_switch = || async {
+            self.store().replace_manifest(&m).await?;
             // (A test's stand-in for a directory sync that failed after the rename.)
-            Ok(()) => failpoint::hit("lazy.switch-written", None).await,
-            Err(e) => Err(e),
+            failpoint::hit("lazy.switch-written", None).await
         };
-        // Whether the switch is known durable: only then may the stream go.
-        let mut durable = true;
-        if let Err(e) = written {
+        if let Err(e) = write_switch().await {
             // The rename may have happened before the error (a failed directory sync): the
             // new files go only if the manifest on disk still names the stream. A manifest
             // that cannot be read back says nothing either way: every file stays (one of the
@@ -242,11 +240,23 @@ impl Vm {
                         .as_ref()
                         .is_some_and(|x| x.lazy.is_some()) =>
                 {
-                    // Switched, but perhaps not durably (a directory sync that failed): a
-                    // power cut could bring the old manifest back, and it names the stream.
-                    // The stream stays; `check --repair` removes it once it is an orphan.
-                    warn!(error = %e, "the manifest switched to the RAM image, but writing it reported an error; the old stream stays");
-                    durable = false;
+                    // Switched, but not known durable (the read sees the page cache): after a
+                    // power cut the manifest could name the stream again. Only a write that
+                    // goes through makes the switch durable, and the command must not say
+                    // done before it is; until then every memory file stays.
+                    warn!(error = %e, "the manifest switched to the RAM image, but writing it reported an error; writing it again");
+                    if let Err(again) = write_switch().await {
+                        return Err(Error::StoreBehind {
+                            vm: self.name().to_string(),
+                            cause: Box::new(e),
+                            problem: Box::new(Error::Unsupported {
+                                what: format!(
+                                    "the manifest names the RAM image, but that could not be made durable ({again}); every memory file of {snap} is kept, and `qsnap check {} --repair` removes the one the manifest does not name",
+                                    self.name()
+                                ),
+                            }),
+                        });
+                    }
                 }
                 Ok(_) => {
                     discard(&[&devices, &image]).await;
@@ -266,10 +276,8 @@ impl Vm {
             }
         }
         failpoint::hit("lazy.switched", None).await?;
-        if durable {
-            if let Err(e) = crate::unlink::checked(&mem.file, crate::unlink::Kind::Memory).await {
-                warn!(error = %e, "the old memory stream stays; `qsnap check --repair` removes it");
-            }
+        if let Err(e) = crate::unlink::checked(&mem.file, crate::unlink::Kind::Memory).await {
+            warn!(error = %e, "the old memory stream stays; `qsnap check --repair` removes it");
         }
         let report = LazyReport {
             snapshot: snap.to_string(),

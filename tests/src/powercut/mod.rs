@@ -668,6 +668,18 @@ impl PowerCutFs {
         self.shared.lock().fail_rules.clear();
     }
 
+    /// How many requests each rule (in the order added) has matched so far, failed or not: a
+    /// rule whose `nth` is never reached counts an operation's writes (a dry run), so that a
+    /// test can then fail each one in turn.
+    pub fn rule_matches(&self) -> Vec<u64> {
+        self.shared
+            .lock()
+            .fail_rules
+            .iter()
+            .map(|r| r.matched)
+            .collect()
+    }
+
     /// The errors the rules injected so far.
     pub fn injected_failures(&self) -> Vec<InjectedFailure> {
         self.shared.lock().injected.clone()
