@@ -15,8 +15,10 @@
 //! report durable by themselves.
 //!
 //! CI (`power_cut_during_*`, the real guest's create, the write errors) cuts every boundary of
-//! each command at least once; the cross-product (`cross_product_*`) is `#[ignore]`d, nightly
-//! (`docs/testing.md`). A test here never syncs qsnap's files for it, never kills a process
+//! lazy-ram, clone and remove, and of create, revert and a live `delete --all` split between
+//! two variants (odd and even boundaries); the single deletes, offline deletes and disk-only
+//! creates every third or fourth. The cross-product (`cross_product_*`, every variant at every
+//! boundary) is `#[ignore]`d, nightly (`docs/testing.md`). A test here never syncs qsnap's files for it, never kills a process
 //! that did not use its mount, and never waits without a deadline.
 
 use nix::errno::Errno;
@@ -487,7 +489,12 @@ enum Op {
     /// `delete g VICTIM` with s1 and s2 taken, the VM running (`live`) or stopped: s1's layer
     /// is committed into the original image, s2's streams into the VM's current overlay,
     /// `--all` does both (the second a commit of the active layer: the disk switches).
-    Delete { victim: &'static str, live: bool },
+    /// `paused`: the guest paused first (its QEMU flushes only when qsnap asks).
+    Delete {
+        victim: &'static str,
+        live: bool,
+        paused: bool,
+    },
     /// `lazy-ram g s1`.
     LazyRam,
     /// `clone g s1 c`.
@@ -539,10 +546,15 @@ impl Op {
             Op::Create(Mode::DiskOnly) => "create (disk-only)".into(),
             Op::Revert { lazy: false } => "revert (eager)".into(),
             Op::Revert { lazy: true } => "revert (lazy)".into(),
-            Op::Delete { victim, live } => {
+            Op::Delete {
+                victim,
+                live,
+                paused,
+            } => {
                 format!(
-                    "delete {victim} ({})",
-                    if live { "live" } else { "offline" }
+                    "delete {victim} ({}{})",
+                    if live { "live" } else { "offline" },
+                    if paused { ", guest paused" } else { "" }
                 )
             }
             Op::LazyRam => "lazy-ram".into(),
@@ -596,6 +608,13 @@ impl Op {
         match self {
             Op::Delete { live: false, .. } => {
                 rig.ok(&["stop", "g"]);
+            }
+            Op::Delete { paused: true, .. } => {
+                rig.qmp_of("g")
+                    .await
+                    .execute(qsnap_qmp::types::stop {})
+                    .await
+                    .expect("pausing the guest");
             }
             Op::Remove => {
                 rig.ok(&["clone", "g", "s1", "c"]);
@@ -852,6 +871,7 @@ impl Sweep {
 async fn sweep(variants: &[Op], sweep: Sweep, turns: &[(Order, Death)], options: Options) -> usize {
     let started = Instant::now();
     let mut done = vec![false; variants.len()];
+    let mut cuts = vec![0usize; variants.len()];
     let mut n = sweep.first;
     let mut runs = 0usize;
     let mut turn = 0usize;
@@ -866,7 +886,15 @@ async fn sweep(variants: &[Op], sweep: Sweep, turns: &[(Order, Death)], options:
             .await
             .is_none()
         {
+            // Reached its end without the cut: a variant never cut proves nothing.
+            assert!(
+                cuts[i] > 0,
+                "{:?}: no boundary was cut (the first, {n}, is past its end?)",
+                variants[i]
+            );
             done[i] = true;
+        } else {
+            cuts[i] += 1;
         }
         turn += 1;
         n += sweep.stride;
@@ -914,7 +942,11 @@ const EAGER: Op = Op::Revert { lazy: false };
 const LAZY: Op = Op::Revert { lazy: true };
 
 fn delete(victim: &'static str, live: bool) -> Op {
-    Op::Delete { victim, live }
+    Op::Delete {
+        victim,
+        live,
+        paused: false,
+    }
 }
 
 /// Runs `sweep` when this host can: root, `/dev/fuse`, QEMU (a failure under CI otherwise).
@@ -978,6 +1010,24 @@ async fn power_cut_during_delete_live_even_boundaries() {
     let test = "power_cut_during_delete_live_even_boundaries";
     ci_sweep(test, &[delete("--all", true)], Sweep::every(2, 2)).await;
     ci_sweep(test, &[delete("s1", true)], Sweep::every(4, 3)).await;
+}
+
+/// s2's layer streamed into the overlay of a guest that is paused (no `cont`, no flush of its
+/// own): qsnap must make QEMU flush the stream's copy before it unlinks the layer. Every
+/// third boundary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn power_cut_during_delete_of_a_paused_guest() {
+    let paused = Op::Delete {
+        victim: "s2",
+        live: true,
+        paused: true,
+    };
+    ci_sweep(
+        "power_cut_during_delete_of_a_paused_guest",
+        &[paused],
+        Sweep::every(3, 1),
+    )
+    .await;
 }
 
 /// Deletes of a stopped VM (qemu-img): all, s1 (a commit) and s2 (a stream), each at every
@@ -1054,6 +1104,11 @@ async fn cross_product_delete_live() {
         delete("s1", true),
         delete("s2", true),
         delete("--all", true),
+        Op::Delete {
+            victim: "s2",
+            live: true,
+            paused: true,
+        },
     ];
     cross_product("cross_product_delete_live", &ops).await;
 }
@@ -1295,6 +1350,7 @@ async fn guest_create_cuts(every: bool) {
         }
         rig.revert_guest("s0", (before0, after0), &what).await;
         if cut.event.is_none() {
+            assert!(k > 1, "{what}\nthe create was never cut");
             break;
         }
         k += 1;
@@ -1353,9 +1409,15 @@ impl Target {
 /// One injected write error: the `nth` write (or sync) of `target` during `op` fails with
 /// `errno`, once or `from_then_on`. The command fails cleanly (exit 1, the OS's reason in its
 /// message) or copes (a cache write); `check --repair` then leaves the store clean, nothing
-/// is lost, the VM runs, and every snapshot reverts. Returns whether the error was injected
-/// (false: the command has fewer such writes).
-async fn inject_once(op: Op, target: Target, nth: u64, errno: Errno, from_then_on: bool) -> bool {
+/// is lost, the VM runs, and every snapshot reverts. Returns `None` once the error was
+/// injected, or how many such writes the command made (fewer than `nth`).
+async fn inject_once(
+    op: Op,
+    target: Target,
+    nth: u64,
+    errno: Errno,
+    from_then_on: bool,
+) -> Option<u64> {
     let rig = Rig::new(Firmware::Idle, Options::default()).await;
     op.prepare(&rig).await;
     let mut rule = target.rule().nth(nth).errno(errno);
@@ -1369,6 +1431,7 @@ async fn inject_once(op: Op, target: Target, nth: u64, errno: Errno, from_then_o
         .output()
         .unwrap();
     let injected = rig.fs.injected_failures();
+    let matched = rig.fs.rule_matches()[0];
     rig.fs.clear_fail_rules();
     let what = format!(
         "{}, {rule:?}: injected {injected:?}\n--- qsnap {}: {}",
@@ -1395,18 +1458,20 @@ async fn inject_once(op: Op, target: Target, nth: u64, errno: Errno, from_then_o
     if injected.is_empty() {
         assert!(out.status.success(), "{what}");
         let _ = rig.qsnap(&["stop", "g"]);
-        return false;
+        return Some(matched);
     }
     if !out.status.success() {
         // A clean error: exit 1 with a message saying what failed (not a panic, not a signal).
         assert_eq!(out.status.code(), Some(1), "{what}");
         let err = String::from_utf8_lossy(&out.stderr);
-        // The OS's words ("No space left on device"), from qsnap or from QEMU's save.
+        // The OS's words ("No space left on device"), from qsnap or from QEMU's save; QEMU
+        // drops them when its last write of the stream fails, and the message then says
+        // what the usual reason is.
         let reason = std::io::Error::from_raw_os_error(errno as i32).to_string();
         let reason = reason.split(" (os error").next().unwrap();
         assert!(
-            err.lines()
-                .any(|l| l.starts_with("qsnap: ") && l.contains(reason)),
+            err.lines().any(|l| l.starts_with("qsnap: ")
+                && (l.contains(reason) || l.contains("a memory file it could not write"))),
             "{what}\nno message with the reason ({reason})"
         );
         assert!(!err.contains("panicked"), "{what}");
@@ -1445,7 +1510,7 @@ async fn inject_once(op: Op, target: Target, nth: u64, errno: Errno, from_then_o
     };
     rig.after(op, &cut, &what).await;
     let _ = rig.qsnap(&["stop", "g"]);
-    true
+    None
 }
 
 /// How many writes (and, for memory files, syncs) of `target` `op` makes: a run whose rule
@@ -1469,28 +1534,64 @@ const FAILURES: &[(Errno, bool)] = &[
     (Errno::ENOSPC, true),
 ];
 
-/// Fails the writes `which` (1-based) of `target` during `op`, one run each, the
-/// [`FAILURES`] taking turns (`all`: each write with each of them).
-async fn inject_at(op: Op, target: Target, which: &[u64], all: bool) {
+/// Which write of a command fails: the n-th (1-based), or the k-th from its last (0 = the
+/// last). A memory stream's count varies a little from run to run (QEMU's save writes what
+/// the guest dirtied meanwhile), so its last writes (QEMU's end, qsnap's seal) are named from
+/// the end.
+#[derive(Clone, Copy, Debug)]
+enum Pick {
+    Nth(u64),
+    FromEnd(u64),
+}
+
+impl Pick {
+    fn resolve(self, count: u64) -> u64 {
+        match self {
+            Pick::Nth(n) => n,
+            Pick::FromEnd(k) => count.saturating_sub(k).max(1),
+        }
+    }
+}
+
+/// Fails the writes `which` of `target` during `op` (which makes `count` of them), one run
+/// each, the [`FAILURES`] taking turns (`all`: each write with each of them). A write past
+/// the end of a run that made fewer is named again from that run's count (at most twice);
+/// every pick must be injected.
+async fn inject_at(op: Op, target: Target, mut count: u64, which: &[Pick], all: bool) {
     let started = Instant::now();
     let mut runs = 0;
-    for (i, &nth) in which.iter().enumerate() {
+    let mut failed = Vec::new();
+    for (i, &pick) in which.iter().enumerate() {
         let variants: Vec<(Errno, bool)> = if all {
             FAILURES.to_vec()
         } else {
             vec![FAILURES[i % FAILURES.len()]]
         };
         for (errno, from_then_on) in variants {
-            runs += 1;
-            assert!(
-                inject_once(op, target, nth, errno, from_then_on).await,
-                "{}: write {nth} of {target:?} was never made",
-                op.name()
-            );
+            let mut tries = 0;
+            loop {
+                let nth = pick.resolve(count);
+                runs += 1;
+                match inject_once(op, target, nth, errno, from_then_on).await {
+                    None => {
+                        failed.push(nth);
+                        break;
+                    }
+                    Some(made) => {
+                        tries += 1;
+                        assert!(
+                            tries < 3 && made < nth,
+                            "{}: write {nth} ({pick:?}) of {target:?} was never made ({made} made)",
+                            op.name()
+                        );
+                        count = made;
+                    }
+                }
+            }
         }
     }
     eprintln!(
-        "=== {}, {target:?}: writes {which:?} failed, {runs} runs, {:.1} s",
+        "=== {}, {target:?}: writes {failed:?} failed, {runs} runs, {:.1} s",
         op.name(),
         started.elapsed().as_secs_f64()
     );
@@ -1502,14 +1603,20 @@ async fn inject_at(op: Op, target: Target, which: &[u64], all: bool) {
 async fn inject_each(op: Op, target: Target, sample: bool, all: bool) {
     let n = count_writes(op, target).await;
     assert!(n > 0, "{}: no write of {target:?}", op.name());
-    let which: Vec<u64> = if sample && n > 8 {
-        let mut w = vec![1, 2, 3, n / 2, n - 2, n - 1, n];
-        w.dedup();
-        w
+    let which: Vec<Pick> = if sample && n > 8 {
+        vec![
+            Pick::Nth(1),
+            Pick::Nth(2),
+            Pick::Nth(3),
+            Pick::Nth(n / 2),
+            Pick::FromEnd(2),
+            Pick::FromEnd(1),
+            Pick::FromEnd(0),
+        ]
     } else {
-        (1..=n).collect()
+        (1..=n).map(Pick::Nth).collect()
     };
-    inject_at(op, target, &which, all).await;
+    inject_at(op, target, n, &which, all).await;
 }
 
 /// The store's JSON files fail on cue at each of their writes during create, revert, delete,

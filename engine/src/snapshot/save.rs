@@ -37,11 +37,15 @@ pub(crate) const PROGRESS: Duration = Duration::from_millis(100);
 
 fn failed(info: &MigrateInfo) -> Option<Error> {
     match info.status.as_deref() {
-        Some("failed" | "cancelled") => Some(Error::SaveFailed {
-            desc: info
-                .error_desc
-                .clone()
-                .unwrap_or_else(|| format!("migration {}", info.status.as_deref().unwrap_or("?"))),
+        Some(status @ ("failed" | "cancelled")) => Some(Error::SaveFailed {
+            desc: info.error_desc.clone().unwrap_or_else(|| {
+                if status == "cancelled" {
+                    "the save was cancelled".to_owned()
+                } else {
+                    // QEMU drops the reason when its last write or flush of the file fails.
+                    "QEMU gave no reason; the usual one is a memory file it could not write (a full or failing filesystem where the store keeps memory)".to_owned()
+                }
+            }),
         }),
         _ => None,
     }

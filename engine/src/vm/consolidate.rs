@@ -484,6 +484,7 @@ async fn merge_live(
     }
     let guard = Pause {
         on: pauses && intent.guest_was_running == Some(true),
+        flush: pauses,
         vm: vm.name().to_string(),
     };
     let mut todo = Vec::new();
@@ -497,6 +498,11 @@ async fn merge_live(
             // guest paused, and record what QEMU runs afterwards.
             guard.pause(&qmp).await?;
             let ended = jobs::finish_leftover(&qmp, &job, vm.cancel()).await;
+            // The job may have copied after the pause's flush: flushed again before the
+            // layer it merged can go.
+            if let Err(e) = guard.flush(&qmp).await {
+                return Err(guard.left_paused(e));
+            }
             follow_qemu(vm, record, &qmp, &guard)
                 .await
                 .map_err(|e| guard.left_paused(e))?;
@@ -522,7 +528,7 @@ async fn merge_live(
         let pending =
             jobs::run_to_pending(&qmp, &merges, vm.cancel(), &progress, Points { on: true })
                 .await?;
-        if let Err(e) = guard.pause(&qmp).await {
+        if let Err(e) = guard.flush(&qmp).await {
             pending.abandon(&qmp).await;
             // A guest the failed pause left paused must not stay so silently.
             guard.resume(&qmp).await?;
@@ -549,9 +555,14 @@ async fn merge_live(
     Ok(())
 }
 
-/// Pausing the guest around a disk switch (when a round has one and the guest ran).
+/// Pausing the guest around a disk switch (when a round has one and the guest ran), and
+/// flushing what a round's jobs wrote.
 struct Pause {
+    /// The guest ran, and is paused and resumed around the finalize.
     on: bool,
+    /// The round streams or switches: QEMU flushes its drives (`stop`, QMP's only flush)
+    /// before the finalize, also for a guest already paused.
+    flush: bool,
     vm: String,
 }
 
@@ -573,10 +584,40 @@ impl Pause {
         }
     }
 
+    /// Pauses a guest this guard pauses; otherwise, for a round that must flush, flushes:
+    /// `stop` to a paused guest changes nothing but flushing every drive (QEMU's `do_vm_stop`
+    /// flushes in any run state). A guest that runs although the round began with it paused
+    /// (resumed by someone meanwhile) is paused just for the flush.
+    async fn flush(&self, qmp: &Qmp) -> Result<()> {
+        if self.on || !self.flush {
+            return self.pause(qmp).await;
+        }
+        let st = qmp
+            .execute(types::query_status {})
+            .await
+            .map_err(Error::qmp("reading the run state"))?;
+        self.stop(qmp).await?;
+        if st.running {
+            crate::snapshot::revert::resume_at(qmp, "delete.resume-sent")
+                .await
+                .map_err(|e| Error::LeftPaused {
+                    what: "a merge paused the guest to flush its disks, and could not resume it"
+                        .into(),
+                    cause: Box::new(e),
+                    fix: format!("`qsnap check {} --repair` resumes it", self.vm),
+                })?;
+        }
+        Ok(())
+    }
+
     async fn pause(&self, qmp: &Qmp) -> Result<()> {
         if !self.on {
             return Ok(());
         }
+        self.stop(qmp).await
+    }
+
+    async fn stop(&self, qmp: &Qmp) -> Result<()> {
         let sent = match qmp.execute(types::stop {}).await {
             Ok(_) => failpoint::hit("delete.pause-sent", qmp.peer_pid()).await,
             Err(e) => Err(Error::qmp("pausing the guest for the disk switch")(e)),
@@ -795,6 +836,11 @@ async fn merge_offline<'a>(
 async fn point_back(streamed: &[&MergeStep]) {
     let cancel = tokio_util::sync::CancellationToken::new();
     for s in streamed {
+        // A layer already gone (a redo found the stream finished and its layer unlinked) is
+        // not pointed back at: the image holds its data, and would name a missing file.
+        if !matches!(tokio::fs::try_exists(&s.lower).await, Ok(true)) {
+            continue;
+        }
         if let Err(undo) = image::set_backing(&s.upper, &s.lower, &s.lower_format, &cancel).await {
             warn!(error = %undo, image = %s.upper.display(), "could not point a streamed image back");
         }
