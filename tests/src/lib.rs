@@ -157,17 +157,28 @@ impl KillRecordedQemu {
 
 impl Drop for KillRecordedQemu {
     fn drop(&mut self) {
-        let Some(pid) = std::fs::read(&self.record)
+        let Some(record) = std::fs::read(&self.record)
             .ok()
             .and_then(|t| serde_json::from_slice::<serde_json::Value>(&t).ok())
-            .and_then(|v| v["pid"].as_i64())
         else {
+            return;
+        };
+        let Some(pid) = record["pid"].as_i64() else {
             return;
         };
         let is_qemu = std::fs::read(format!("/proc/{pid}/cmdline"))
             .map(|c| String::from_utf8_lossy(&c).contains("qemu"))
             .unwrap_or(false);
-        if let (true, Ok(pid)) = (is_qemu, i32::try_from(pid)) {
+        // The same process the record names, not a QEMU of another test that was given its
+        // number since (a record a power cut rolled back names a long-dead pid).
+        let same = match record["pid-start"].as_u64() {
+            Some(start) => u32::try_from(pid)
+                .ok()
+                .and_then(powercut::procs::stat)
+                .is_some_and(|st| st.starttime == start),
+            None => true,
+        };
+        if let (true, true, Ok(pid)) = (is_qemu, same, i32::try_from(pid)) {
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(pid),
                 nix::sys::signal::Signal::SIGKILL,

@@ -485,6 +485,8 @@ async fn merge_live(
     let guard = Pause {
         on: pauses && intent.guest_was_running == Some(true),
         flush: pauses,
+        // A redo resumes as the journal says: the interrupted run may have paused the guest.
+        paused_here: std::sync::atomic::AtomicBool::new(redo),
         vm: vm.name().to_string(),
     };
     let mut todo = Vec::new();
@@ -563,6 +565,9 @@ struct Pause {
     /// The round streams or switches: QEMU flushes its drives (`stop`, QMP's only flush)
     /// before the finalize, also for a guest already paused.
     flush: bool,
+    /// This guard paused a running guest (or a redo's journal says the interrupted run did):
+    /// only then is it resumed. A guest someone paused during a long copy stays paused.
+    paused_here: std::sync::atomic::AtomicBool,
     vm: String,
 }
 
@@ -614,6 +619,15 @@ impl Pause {
         if !self.on {
             return Ok(());
         }
+        let st = qmp
+            .execute(types::query_status {})
+            .await
+            .map_err(Error::qmp("reading the run state"))?;
+        if st.running {
+            // Before the `stop`: one that fails or times out may still have paused it.
+            self.paused_here
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+        }
         self.stop(qmp).await
     }
 
@@ -633,7 +647,7 @@ impl Pause {
     }
 
     async fn resume(&self, qmp: &Qmp) -> Result<()> {
-        if !self.on {
+        if !self.on || !self.paused_here.load(std::sync::atomic::Ordering::SeqCst) {
             return Ok(());
         }
         let resumed = async {

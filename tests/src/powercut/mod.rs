@@ -80,7 +80,7 @@
 
 mod fs;
 mod model;
-mod procs;
+pub(crate) mod procs;
 
 pub use model::{CutReport, Rollback};
 
