@@ -11,6 +11,7 @@
 
 use qsnap_engine::failpoint::POINTS;
 use qsnap_qmp::{ConnectOptions, Qmp};
+use qsnap_testkit::accounting;
 use qsnap_testkit::disk_io::{check, write, Disk};
 use qsnap_testkit::{require_qemu, KillRecordedQemu, VmBuilder};
 use serde_json::Value;
@@ -212,19 +213,8 @@ impl Rig {
     /// there and checks clean.
     fn files_accounted_for(&self, what: &str) {
         let listing = json(&self.qsnap(&["list", "g", "--json"]));
-        let mut tops: Vec<String> = listing["vm"]["disks"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|d| d["image"].as_str().unwrap().to_owned())
-            .collect();
-        for m in listing["snapshots"].as_array().unwrap() {
-            for d in m["disks"].as_array().unwrap() {
-                tops.push(d["image"].as_str().unwrap().to_owned());
-            }
-        }
         let mut needed = BTreeSet::new();
-        for t in tops {
+        for t in accounting::chain_tops(&listing) {
             let out = std::process::Command::new("qemu-img")
                 .args(["info", "-U", "--backing-chain", "--output=json", &t])
                 .output()
@@ -253,24 +243,12 @@ impl Rig {
                 f.display()
             );
         }
-        let mem: BTreeSet<String> = std::fs::read_dir(self.store().join("vms/g/memory"))
-            .map(|rd| {
-                rd.flatten()
-                    .map(|e| e.file_name().to_string_lossy().into_owned())
-                    .collect()
-            })
-            .unwrap_or_default();
         // Each snapshot's own: its stream, or (lazy) its device state and RAM image.
-        let mut expected = BTreeSet::new();
-        for m in listing["snapshots"].as_array().unwrap() {
-            let memory = &m["memory"];
-            for f in [&memory["file"], &memory["lazy"]["image"]] {
-                if let Some(f) = f.as_str() {
-                    expected.insert(f.rsplit('/').next().unwrap().to_owned());
-                }
-            }
-        }
-        assert_eq!(mem, expected, "{what}: memory files");
+        assert_eq!(
+            accounting::file_names(&self.store().join("vms/g/memory")),
+            accounting::memory_files_named(&listing),
+            "{what}: memory files"
+        );
     }
 
     /// Every snapshot reverts, to exactly the steps it holds.

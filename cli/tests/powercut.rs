@@ -23,6 +23,7 @@
 
 use nix::errno::Errno;
 use qsnap_qmp::{ConnectOptions, Qmp};
+use qsnap_testkit::accounting;
 use qsnap_testkit::disk_io::{check, write, Disk};
 use qsnap_testkit::powercut::{
     fuse_or_skip, BoundaryEvent, EventFilter, EventKind, FailRule, Options, PowerCutFs,
@@ -323,19 +324,8 @@ impl Rig {
     /// snapshots' files, and no temp file is left in the store.
     fn files_accounted_for(&self, what: &str) {
         let listing = json(&self.ok(&["list", "g", "--json"]));
-        let mut tops: Vec<String> = listing["vm"]["disks"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|d| d["image"].as_str().unwrap().to_owned())
-            .collect();
-        for m in listing["snapshots"].as_array().unwrap() {
-            for d in m["disks"].as_array().unwrap() {
-                tops.push(d["image"].as_str().unwrap().to_owned());
-            }
-        }
         let mut needed = BTreeSet::new();
-        for t in tops {
+        for t in accounting::chain_tops(&listing) {
             let out = Command::new("qemu-img")
                 .args(["info", "-U", "--backing-chain", "--output=json", &t])
                 .bounded();
@@ -373,23 +363,12 @@ impl Rig {
                 );
             }
         }
-        let mem: BTreeSet<String> = std::fs::read_dir(self.store().join("vms/g/memory"))
-            .map(|rd| {
-                rd.flatten()
-                    .map(|e| e.file_name().to_string_lossy().into_owned())
-                    .collect()
-            })
-            .unwrap_or_default();
-        let mut expected = BTreeSet::new();
-        for m in listing["snapshots"].as_array().unwrap() {
-            let memory = &m["memory"];
-            for f in [&memory["file"], &memory["lazy"]["image"]] {
-                if let Some(f) = f.as_str() {
-                    expected.insert(f.rsplit('/').next().unwrap().to_owned());
-                }
-            }
-        }
-        assert_eq!(mem, expected, "{what}: memory files");
+        // Each snapshot's own: its stream, or (lazy) its device state and RAM image.
+        assert_eq!(
+            accounting::file_names(&self.store().join("vms/g/memory")),
+            accounting::memory_files_named(&listing),
+            "{what}: memory files"
+        );
         // No temp file of an atomic write survives (it is durable only once renamed).
         let mut dirs = vec![self.store()];
         while let Some(d) = dirs.pop() {

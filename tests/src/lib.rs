@@ -6,6 +6,8 @@
 //!   with QEMU's stderr and the serial console kept for the failure report.
 //! - `restore`: loads a snapshot's memory into a fresh QEMU with plain QMP, to check it.
 //! - `serial`: the serial console as timestamped lines, with bounded waits for `tick N`.
+//! - `accounting`: what a store should hold (the chains it needs, the memory files its
+//!   snapshots name), read from `qsnap list --json`, for tests that account for every file.
 //! - `powercut`: a FUSE filesystem that loses what a host power loss loses (unsynced data,
 //!   unsynced directory entries), cut after any numbered fsync/rename/create, for crash tests.
 //! - [`require_qemu!`]: a loud skip when QEMU is missing locally, a failure under CI.
@@ -13,6 +15,7 @@
 //! Nothing here may wait without a deadline: a hung QEMU must fail one test, not the run.
 #![deny(missing_docs)]
 
+pub mod accounting;
 pub mod disk_io;
 pub mod fixture;
 pub mod guest;
