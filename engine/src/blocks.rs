@@ -6,12 +6,12 @@
 //! relative one is resolved against QEMU's working directory, and QEMU's `json:{…}` name for
 //! a format node over a plain file is read through.
 //!
-//! Read-only, but for one step that keeps QEMU alive: a `block-stream` job qsnap started that
-//! has ended but is not dismissed (a qsnap killed between its finalize and its dismiss leaves
-//! one) is dismissed before the node list is asked for (see [`nodes`]).
+//! A pure reader: it never sends a command that changes anything. The node list is asked for
+//! through `snapshot::jobs::list_nodes`, which first dismisses an ended stream job a killed
+//! qsnap left (QEMU crashes on the listing otherwise).
 
 use crate::error::{Error, Result};
-use crate::qemu::{BlockInfo, ImageInfo, QueryBlock, QueryJobs, QueryNamedBlockNodes};
+use crate::qemu::{BlockInfo, ImageInfo, QueryBlock, QueryNamedBlockNodes};
 use qsnap_qmp::Qmp;
 use std::path::{Path, PathBuf};
 
@@ -138,15 +138,10 @@ pub struct Node {
 
 /// Every named node (format and protocol nodes alike).
 ///
-/// QEMU (10.0.2, checked here) dies of a NULL pointer (SIGSEGV in `bdrv_refresh_filename`)
-/// when `query-named-block-nodes` meets the filter node of a `block-stream` job that has
-/// concluded — finished or cancelled — but is not dismissed: the filter has lost its child,
-/// yet the job still holds it in the node list. A commit job in that state does no harm. So
-/// such jobs are looked for first: one of qsnap's (`qsnap-merge-…`) is dismissed, as its outcome is
-/// in the chains every caller reads next; anyone else's is refused, since dismissing it would
-/// take its outcome from its owner.
-pub async fn nodes(qmp: &Qmp) -> Result<Vec<Node>> {
-    dismiss_ended_streams(qmp).await?;
+/// Never call this directly: QEMU (10.0.2) crashes when asked while a `block-stream` job has
+/// ended undismissed. [`crate::snapshot::jobs::list_nodes`] settles such jobs first, then
+/// calls this.
+pub(crate) async fn nodes_unguarded(qmp: &Qmp) -> Result<Vec<Node>> {
     let all = qmp
         .execute(QueryNamedBlockNodes { flat: true })
         .await
@@ -172,40 +167,6 @@ pub fn chain_of(disks: &[Disk], device: &str) -> Vec<PathBuf> {
         .and_then(|d| d.medium.as_ref())
         .map(|m| m.chain.iter().map(|l| l.image.clone()).collect())
         .unwrap_or_default()
-}
-
-/// Makes `query-named-block-nodes` safe to send (see [`nodes`]).
-async fn dismiss_ended_streams(qmp: &Qmp) -> Result<()> {
-    let jobs = qmp
-        .execute(QueryJobs {})
-        .await
-        .map_err(Error::qmp("reading block jobs"))?;
-    for j in jobs
-        .iter()
-        .filter(|j| j.kind == "stream" && j.status == "concluded")
-    {
-        if !j.id.starts_with(crate::snapshot::jobs::MERGE_JOB_PREFIX) {
-            return Err(Error::Unsupported {
-                what: format!(
-                    "block-stream job {} has ended but is not dismissed, and QEMU crashes when asked \
-                     for its block nodes in that state (a QEMU bug); its owner should dismiss it \
-                     (`job-dismiss`), then run qsnap again",
-                    j.id
-                ),
-            });
-        }
-        match &j.error {
-            None => tracing::info!(job = %j.id, "dismissing an ended stream job a qsnap left"),
-            // Its chain is as it was; the merge that wanted it is redone from the journal.
-            Some(e) => {
-                tracing::warn!(job = %j.id, error = %e, "dismissing a failed stream job a qsnap left")
-            }
-        }
-        qmp.execute(qsnap_qmp::types::job_dismiss { id: j.id.clone() })
-            .await
-            .map_err(Error::qmp("dismissing an ended stream job"))?;
-    }
-    Ok(())
 }
 
 /// The format node that opens `image`, if QEMU has one.

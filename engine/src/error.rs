@@ -116,7 +116,7 @@ pub enum Error {
         desc: String,
     },
     /// QEMU exited (or closed the monitor) during the operation.
-    #[error("QEMU went away during the snapshot ({cause}); nothing QMP-side could be rolled back{}", if kept_overlays.is_empty() { String::new() } else { format!("; the disks stay on their new overlays, which hold the guest's last writes and are recorded as its disks: {}", crate::snapshot::disks::overlay_list(kept_overlays)) })]
+    #[error("QEMU went away during the snapshot ({cause}); nothing QMP-side could be rolled back{}", if kept_overlays.is_empty() { String::new() } else { format!("; the disks stay on their new overlays, which hold the guest's last writes and are recorded as its disks: {}", overlay_list(kept_overlays)) })]
     QemuExited {
         /// What failed first.
         cause: Box<Error>,
@@ -400,6 +400,15 @@ pub enum Error {
         /// Why.
         why: String,
     },
+}
+
+/// The overlay paths of `disks` (`(device, overlay)`), for messages.
+pub(crate) fn overlay_list(disks: &[(String, PathBuf)]) -> String {
+    disks
+        .iter()
+        .map(|(dev, p)| format!("{dev}: {}", p.display()))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn blocked_hint(reasons: &[String], tsc_hz: Option<u64>) -> String {

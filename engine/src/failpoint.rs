@@ -173,7 +173,7 @@ pub(crate) async fn hit(name: &'static str, qemu: Option<u32>) -> Result<()> {
                 let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
                 // Wait until it is gone (bounded), so the next step sees a dead QEMU.
                 for _ in 0..500 {
-                    if !crate::launch::alive(pid.unsigned_abs()).await {
+                    if !crate::proc::alive(pid.unsigned_abs()).await {
                         break;
                     }
                     tokio::time::sleep(std::time::Duration::from_millis(10)).await;

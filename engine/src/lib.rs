@@ -40,6 +40,7 @@ pub mod image;
 pub mod inspect;
 pub mod launch;
 mod name;
+mod proc;
 mod qemu;
 pub mod snapshot;
 pub mod store;

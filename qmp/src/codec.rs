@@ -12,6 +12,7 @@ use bytes::{Buf, BytesMut};
 use serde::Deserialize;
 use serde_json::Value;
 use std::io;
+use std::time::Instant;
 use tokio_util::codec::Decoder;
 
 /// Upper bound on one line. `query-qmp-schema` is ~200 KiB on QEMU 10; anything near this bound
@@ -60,6 +61,28 @@ pub struct Greeting {
     /// Capabilities the server offers (e.g. `oob`).
     #[serde(default)]
     pub capabilities: Vec<String>,
+}
+
+/// One event from QEMU.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Event {
+    /// Event name, e.g. `STOP`, `RESUME`, `MIGRATION`, `JOB_STATUS_CHANGE`.
+    pub name: String,
+    /// The event's `data` (`null` when it has none).
+    pub data: Value,
+    /// When QEMU emitted it (QEMU's clock).
+    pub timestamp: Timestamp,
+    /// When this client read it (our monotonic clock).
+    pub received: Instant,
+}
+
+impl Event {
+    /// Decodes `data` as a typed event from `qapi_qmp` (e.g. `qapi_qmp::MIGRATION`).
+    pub fn decode<E: qapi_spec::Event>(&self) -> Option<E> {
+        (self.name == E::NAME)
+            .then(|| serde_json::from_value(self.data.clone()).ok())
+            .flatten()
+    }
 }
 
 /// When QEMU emitted an event (host wall clock).

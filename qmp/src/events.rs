@@ -5,35 +5,13 @@
 //! a timeout, and a closed connection ends every wait at once with
 //! [`Error::Disconnected`](crate::Error::Disconnected).
 
-use crate::codec::Timestamp;
+use crate::codec::Event;
 use crate::error::{Error, Result};
 use crate::session::Shared;
-use serde_json::Value;
+
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::sync::broadcast;
-
-/// One event from QEMU.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Event {
-    /// Event name, e.g. `STOP`, `RESUME`, `MIGRATION`, `JOB_STATUS_CHANGE`.
-    pub name: String,
-    /// The event's `data` (`null` when it has none).
-    pub data: Value,
-    /// When QEMU emitted it (QEMU's clock).
-    pub timestamp: Timestamp,
-    /// When this client read it (our monotonic clock).
-    pub received: Instant,
-}
-
-impl Event {
-    /// Decodes `data` as a typed event from `qapi_qmp` (e.g. `qapi_qmp::MIGRATION`).
-    pub fn decode<E: qapi_spec::Event>(&self) -> Option<E> {
-        (self.name == E::NAME)
-            .then(|| serde_json::from_value(self.data.clone()).ok())
-            .flatten()
-    }
-}
 
 /// A subscription to the connection's events.
 pub struct EventStream {

@@ -35,10 +35,10 @@ mod session;
 mod transcript;
 
 pub use client::{ConnectOptions, Qmp};
-pub use codec::{Greeting, QemuVersion, Timestamp, VersionTriple};
+pub use codec::{Event, Greeting, QemuVersion, Timestamp, VersionTriple};
 pub use connect::Endpoint;
 pub use error::{Error, Result};
-pub use events::{Event, EventStream};
+pub use events::EventStream;
 pub use probe::Schema;
 /// Typed QMP commands, replies and events generated from QEMU's schema (via `qapi-qmp`).
 pub use qapi_qmp as types;

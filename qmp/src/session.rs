@@ -3,9 +3,9 @@
 //! whether the connection has closed (and why). The reader routes frames here; `client`
 //! registers calls and `events` subscribes. It must never do I/O itself.
 
+use crate::codec::Event;
 use crate::codec::Frame;
 use crate::error::{Error, Result};
-use crate::events::Event;
 use crate::transcript::Transcript;
 use serde_json::Value;
 use std::collections::HashMap;

@@ -17,9 +17,11 @@ pub mod ram;
 pub mod tsc;
 
 pub use argv::DiskSubstitution;
+pub use process::{
+    build_argv, quit_or_kill, stop_qemu, KillSignal, ProcessLauncher, StopOutcome, QUIT_TIMEOUT,
+};
 #[cfg_attr(not(feature = "failpoints"), allow(unused_imports))]
-pub(crate) use process::{alive, is_recorded_qemu, log_tail, nobody_serves, start_time};
-pub use process::{build_argv, quit_or_kill, stop_qemu, KillSignal, ProcessLauncher, StopOutcome};
+pub(crate) use process::{log_tail, nobody_serves};
 pub use ram::RamMapping;
 pub use tsc::{tsc_frequency_for, TscSource};
 

@@ -6,6 +6,7 @@
 
 use super::{argv, LaunchSpec, Launched, Launcher};
 use crate::error::{Error, Result};
+use crate::proc::{alive, is_qemu};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use qsnap_qmp::{types, ConnectOptions, Endpoint, Qmp};
@@ -133,57 +134,6 @@ impl Launcher for ProcessLauncher {
             // waits on this.
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-    }
-}
-
-/// True while `pid` runs (a zombie counts as gone).
-pub(crate) async fn alive(pid: u32) -> bool {
-    match tokio::fs::read_to_string(format!("/proc/{pid}/stat")).await {
-        Ok(stat) => stat
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().next())
-            .is_some_and(|state| state != "Z" && state != "X"),
-        Err(_) => false,
-    }
-}
-
-/// When `pid` started (clock ticks since boot, field 22 of `/proc/<pid>/stat`): with the pid,
-/// it names one process for good, even after the kernel reuses the number.
-pub(crate) async fn start_time(pid: u32) -> Option<u64> {
-    let stat = tokio::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .await
-        .ok()?;
-    // Fields after the command name (which may hold spaces and parentheses): state is 3rd,
-    // starttime the 22nd.
-    stat.rsplit_once(')')?
-        .1
-        .split_whitespace()
-        .nth(19)?
-        .parse()
-        .ok()
-}
-
-/// Whether `pid` is a QEMU (guards against signalling a recycled pid).
-pub(crate) async fn is_qemu(pid: u32) -> bool {
-    tokio::fs::read(format!("/proc/{pid}/cmdline"))
-        .await
-        .ok()
-        .and_then(|c| {
-            let first = c.split(|&b| b == 0).next()?.to_vec();
-            Some(String::from_utf8_lossy(&first).contains("qemu"))
-        })
-        .unwrap_or(false)
-}
-
-/// Whether `pid` is still the QEMU that was recorded: alive, a QEMU, and (when its start time
-/// was recorded) the same process.
-pub(crate) async fn is_recorded_qemu(pid: u32, start: Option<u64>) -> bool {
-    if !alive(pid).await || !is_qemu(pid).await {
-        return false;
-    }
-    match start {
-        Some(s) => start_time(pid).await == Some(s),
-        None => true,
     }
 }
 
@@ -318,6 +268,9 @@ pub async fn quit_or_kill(
         },
     }
 }
+
+/// How long `quit` may take before QEMU is killed, for the engine's own stops.
+pub const QUIT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Stops a QEMU ([`quit_or_kill`]); true if it had to be signalled.
 pub async fn stop_qemu(endpoint: &str, pid: Option<u32>, timeout: Duration) -> Result<bool> {

@@ -346,7 +346,7 @@ pub(crate) enum Position {
 /// Asks QEMU where each planned disk is.
 pub(crate) async fn positions(qmp: &Qmp, disks: &[PlannedOverlay]) -> Result<Vec<Position>> {
     let now = blocks::read(qmp).await?;
-    let nodes = blocks::nodes(qmp).await?;
+    let nodes = jobs::list_nodes(qmp).await?;
     Ok(disks
         .iter()
         .map(|d| {
@@ -385,13 +385,4 @@ pub(crate) async fn delete_node(qmp: &Qmp, node: &str) -> Result<()> {
     .await
     .map(drop)
     .map_err(Error::qmp("removing an overlay node"))
-}
-
-/// The overlay paths of `disks`, for messages.
-pub(crate) fn overlay_list(disks: &[(String, PathBuf)]) -> String {
-    disks
-        .iter()
-        .map(|(dev, p)| format!("{dev}: {}", p.display()))
-        .collect::<Vec<_>>()
-        .join(", ")
 }

@@ -16,6 +16,9 @@ use std::io::{Read, Write};
 use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
+/// The name (opaque or `getfd` name) of the memory file's descriptor in QEMU.
+pub(crate) const FD_NAME: &str = "qsnap-memory";
+
 /// Size of qsnap's header; QEMU's stream starts here (`file:…,offset=HEADER_LEN`).
 pub const HEADER_LEN: u64 = 4096;
 const HEADER_BYTES: usize = 4096;

@@ -13,7 +13,7 @@ use crate::error::Result;
 use crate::image;
 use crate::qemu::{Capability, MigrateSetCapabilities, QueryFdsets, QueryMigrate, SetMaxBandwidth};
 use crate::snapshot::disks::{self, Position};
-use crate::snapshot::transport::FD_NAME;
+use crate::snapshot::memfile::FD_NAME;
 use crate::store::{PlannedOverlay, SavedSettings};
 use crate::unlink::{Data, Kind};
 use qsnap_qmp::{types, Qmp};
@@ -210,7 +210,7 @@ async fn undo_offline(u: Undo, out: &mut Outcome) {
             if !out.kept.is_empty() {
                 out.problems.push(format!(
                     "QEMU is gone after the disks switched; the overlays hold the guest's latest writes and were kept: {}",
-                    disks::overlay_list(&out.kept)
+                    crate::error::overlay_list(&out.kept)
                 ));
             }
         }

@@ -8,16 +8,13 @@
 //! dead), so it can never outlive the migration.
 
 use crate::error::{Error, Result};
-use crate::snapshot::memfile::HEADER_LEN;
+use crate::snapshot::memfile::{FD_NAME, HEADER_LEN};
 use crate::snapshot::rollback::{Rollback, Undo};
 use qsnap_qmp::Qmp;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use tokio::task::JoinHandle;
-
-/// The name (opaque or `getfd` name) of the memory file's descriptor in QEMU.
-pub(crate) const FD_NAME: &str = "qsnap-memory";
 
 /// Whether this QEMU takes `file:` migration URIs (and so fdsets).
 pub async fn has_file_uri(qmp: &Qmp) -> Result<bool> {

@@ -50,7 +50,7 @@ fn read_holder(path: &Path) -> Result<Option<LockHolder>> {
     else {
         return Ok(None);
     };
-    if !runs(pid) {
+    if !crate::proc::alive_blocking(pid) {
         return Ok(None);
     }
     let since = file
@@ -63,18 +63,6 @@ fn read_holder(path: &Path) -> Result<Option<LockHolder>> {
         pid,
         since,
     }))
-}
-
-/// Whether `pid` runs: alive and not a zombie (a killed holder its parent has not reaped yet
-/// still answers `kill(pid, 0)`).
-fn runs(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => stat
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().next())
-            .is_some_and(|state| state != "Z" && state != "X"),
-        Err(_) => false,
-    }
 }
 
 /// Held while an operation runs; dropping it releases the lock.
@@ -244,7 +232,7 @@ mod tests {
         assert!(read_holder(&p).unwrap().is_some());
         child.kill().unwrap();
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while runs(pid) {
+        while crate::proc::alive_blocking(pid) {
             assert!(std::time::Instant::now() < deadline, "{pid} never died");
             std::thread::sleep(std::time::Duration::from_millis(5));
         }

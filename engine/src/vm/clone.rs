@@ -358,7 +358,7 @@ impl Vm {
                     ),
                 });
             }
-            stop_qemu(&record.qmp, pid, super::lifecycle::QUIT_TIMEOUT).await?;
+            stop_qemu(&record.qmp, pid, crate::launch::QUIT_TIMEOUT).await?;
             super::state::record_qemu(&mut record, None).await;
             self.store().write_record(&record).await?;
         }

@@ -501,7 +501,7 @@ impl Helper {
             .map_err(Error::qmp("setting x-ignore-shared on the helper"))?;
         failpoint::hit("lazy.caps-sent", qmp.peer_pid()).await?;
         let fdset = qmp
-            .add_fd(dev_file, None, Some(crate::snapshot::transport::FD_NAME))
+            .add_fd(dev_file, None, Some(crate::snapshot::memfile::FD_NAME))
             .await
             .map_err(Error::qmp("passing the device-state file to the helper"))?;
         qmp.execute(types::migrate {

@@ -36,9 +36,6 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tracing::warn;
 
-/// How long `quit` may take before QEMU is killed.
-pub(crate) const QUIT_TIMEOUT: Duration = Duration::from_secs(10);
-
 /// Options for `run`.
 #[derive(Debug, Clone, Default)]
 pub struct RunOptions {
@@ -192,7 +189,7 @@ impl Engine {
             origin: Origin::Attached,
             pid,
             pid_start: match pid {
-                Some(p) => launch::start_time(p).await,
+                Some(p) => crate::proc::start_time(p).await,
                 None => None,
             },
             command,
@@ -328,8 +325,12 @@ impl Engine {
         .await;
         if let Err(e) = registered {
             // Nothing records this QEMU: it must not outlive the refusal.
-            if let Err(stop) =
-                crate::launch::quit_or_kill(&socket.display().to_string(), pid, QUIT_TIMEOUT).await
+            if let Err(stop) = crate::launch::quit_or_kill(
+                &socket.display().to_string(),
+                pid,
+                crate::launch::QUIT_TIMEOUT,
+            )
+            .await
             {
                 warn!(error = %stop, "could not stop the QEMU started for a refused run");
             }
@@ -470,7 +471,7 @@ impl Engine {
         pid: Option<u32>,
     ) -> Result<Option<(VmName, String)>> {
         let start = match pid {
-            Some(p) => launch::start_time(p).await,
+            Some(p) => crate::proc::start_time(p).await,
             None => None,
         };
         for vm in self.store.vms().await? {
@@ -482,7 +483,10 @@ impl Engine {
             }
             if let (Some(p), Some(theirs)) = (pid, rec.pid) {
                 let same_start = rec.pid_start.is_none() || rec.pid_start == start;
-                if p == theirs && same_start && launch::is_recorded_qemu(p, rec.pid_start).await {
+                if p == theirs
+                    && same_start
+                    && crate::proc::is_recorded_qemu(p, rec.pid_start).await
+                {
                     return Ok(Some((vm, format!("the same QEMU process, pid {p}"))));
                 }
             }
@@ -650,7 +654,7 @@ impl Vm {
                 .write_journal(self.name(), &Intent::Stop(StopIntent { pid }))
                 .await?;
         }
-        let outcome = match quit_or_kill(&record.qmp, pid, QUIT_TIMEOUT).await {
+        let outcome = match quit_or_kill(&record.qmp, pid, crate::launch::QUIT_TIMEOUT).await {
             Ok(o) => o,
             Err(e) => {
                 // Nothing changed: the record still names the QEMU that runs.

@@ -17,6 +17,7 @@ mod clone;
 mod consolidate;
 mod create;
 mod delete;
+mod findings;
 mod lazy;
 mod lifecycle;
 mod recover;
@@ -25,9 +26,9 @@ mod relative;
 mod revert;
 mod state;
 
-pub use check::{CheckReport, Finding};
 pub use clone::{CloneOptions, CloneReport, RemoveReport};
 pub use delete::{DeleteOptions, DeleteReport, MergeProgress, MergeProgressFn, MergeReport};
+pub use findings::{CheckReport, Finding};
 pub use lazy::LazyReport;
 pub use lifecycle::{AttachOptions, DiskChain, Interrupted, RunOptions, RunReport, Status};
 pub use recover::Recovery;

@@ -24,7 +24,6 @@ use super::state::VmState;
 use super::Vm;
 use crate::error::{Error, Result};
 use crate::launch::stop_qemu;
-use crate::snapshot::disks;
 use crate::snapshot::rollback;
 use crate::store::{
     CreateIntent, DeleteIntent, DeletePhase, Intent, RevertIntent, RevertPhase, VmRecord,
@@ -269,7 +268,7 @@ async fn create(vm: &Vm, c: CreateIntent) -> Result<Settled> {
     if !kept.is_empty() {
         outcome.push_str(&format!(
             "; the disks stay on their new overlays, which hold the guest's writes: {}",
-            disks::overlay_list(&kept)
+            crate::error::overlay_list(&kept)
         ));
     }
     Ok(Settled {
@@ -290,12 +289,12 @@ async fn tidy_qemu(qmp: &Qmp, c: &CreateIntent) {
         for set in sets.iter().filter(|f| {
             f.fds
                 .iter()
-                .any(|fd| fd.opaque.as_deref() == Some(crate::snapshot::transport::FD_NAME))
+                .any(|fd| fd.opaque.as_deref() == Some(crate::snapshot::memfile::FD_NAME))
         }) {
             let _ = qmp.remove_fd(set.fdset_id, None).await;
         }
     }
-    let _ = qmp.closefd(crate::snapshot::transport::FD_NAME).await;
+    let _ = qmp.closefd(crate::snapshot::memfile::FD_NAME).await;
 }
 
 // ---- revert -------------------------------------------------------------------------------
@@ -444,7 +443,7 @@ async fn is_new_qemu(vm: &Vm, record: &VmRecord, r: &RevertIntent) -> Option<Opt
     let peer = qmp.peer_pid();
     if let (Some(now), Some(new)) = (peer, r.new_pid) {
         if now == new {
-            return crate::launch::is_recorded_qemu(new, r.new_pid_start)
+            return crate::proc::is_recorded_qemu(new, r.new_pid_start)
                 .await
                 .then_some(peer);
         }

@@ -62,7 +62,7 @@ impl Live {
     pub(crate) async fn read(qmp: &qsnap_qmp::Qmp) -> Result<Live> {
         Ok(Live {
             disks: blocks::read(qmp).await?,
-            nodes: blocks::nodes(qmp).await?,
+            nodes: crate::snapshot::jobs::list_nodes(qmp).await?,
         })
     }
 

@@ -10,7 +10,7 @@
 //! the reference guard, which would resolve it against qsnap's own directory). The store's
 //! readers stay strict: only this module reads such a manifest, and only to repair it.
 
-use super::check::Finding;
+use super::findings::Finding;
 use super::Vm;
 use crate::error::Result;
 use crate::image;

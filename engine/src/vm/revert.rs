@@ -286,7 +286,7 @@ impl Vm {
         // Only the QEMU the state saw (its pid checked against the recorded start time): a
         // stale pid the kernel gave another process is never signalled.
         if state.is_running() || state.pid().is_some() {
-            stop_qemu(&record.qmp, state.pid(), super::lifecycle::QUIT_TIMEOUT).await?;
+            stop_qemu(&record.qmp, state.pid(), crate::launch::QUIT_TIMEOUT).await?;
         }
         failpoint::hit("revert.stopped", None).await?;
         let t_stopped = started.elapsed();
@@ -316,7 +316,7 @@ impl Vm {
             // (The monitor's peer, where the launcher did not know the pid.)
             intent.new_pid = launched.pid;
             intent.new_pid_start = match launched.pid {
-                Some(p) => launch::start_time(p).await,
+                Some(p) => crate::proc::start_time(p).await,
                 None => None,
             };
         }
@@ -407,7 +407,7 @@ impl Vm {
         let pid = launched.pid;
         intent.new_pid = pid;
         intent.new_pid_start = match pid {
-            Some(p) => launch::start_time(p).await,
+            Some(p) => crate::proc::start_time(p).await,
             None => None,
         };
         self.store()

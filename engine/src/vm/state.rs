@@ -67,7 +67,7 @@ pub enum Operation {
 /// never taken for it), or neither.
 pub(crate) async fn record_qemu(record: &mut VmRecord, pid: Option<u32>) {
     record.pid_start = match pid {
-        Some(p) => launch::start_time(p).await,
+        Some(p) => crate::proc::start_time(p).await,
         None => None,
     };
     record.pid = pid;
@@ -93,7 +93,7 @@ impl VmState {
             Err(e) => {
                 let why = e.to_string();
                 if let Some(pid) = record.pid {
-                    if launch::is_recorded_qemu(pid, record.pid_start).await {
+                    if crate::proc::is_recorded_qemu(pid, record.pid_start).await {
                         return VmState::Unreachable {
                             pid: Some(pid),
                             why,
@@ -118,14 +118,16 @@ impl VmState {
     /// the monitor can tell.
     pub async fn from_record(record: &VmRecord) -> Option<VmState> {
         let pid = record.pid?;
-        Some(if launch::is_recorded_qemu(pid, record.pid_start).await {
-            VmState::Running {
-                pid: Some(pid),
-                runstate: RUNSTATE_UNKNOWN.into(),
-            }
-        } else {
-            VmState::Stopped
-        })
+        Some(
+            if crate::proc::is_recorded_qemu(pid, record.pid_start).await {
+                VmState::Running {
+                    pid: Some(pid),
+                    runstate: RUNSTATE_UNKNOWN.into(),
+                }
+            } else {
+                VmState::Stopped
+            },
+        )
     }
 
     /// True when QEMU answers.
@@ -169,7 +171,7 @@ impl VmState {
 /// given to another process.
 pub(crate) async fn signallable_pid(pid: Option<u32>, record: &VmRecord) -> Option<u32> {
     let p = pid?;
-    launch::is_recorded_qemu(p, record.pid_start.filter(|_| record.pid == Some(p)))
+    crate::proc::is_recorded_qemu(p, record.pid_start.filter(|_| record.pid == Some(p)))
         .await
         .then_some(p)
 }
