@@ -522,7 +522,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.verbose);
     // Test builds only: FAILPOINTS in the environment makes steps fail on cue.
-    let _failpoints = qsnap_engine::failpoint::setup_from_env();
+    let _failpoints = qsnap_engine::failpoints_from_env();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

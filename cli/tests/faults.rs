@@ -1,5 +1,5 @@
 //! Fault injection at every step boundary of create, revert and delete, through the real
-//! `qsnap` binary: at each failpoint (`qsnap_engine::failpoint::POINTS`) either qsnap itself
+//! `qsnap` binary: at each failpoint (`qsnap_engine::testing::failpoint::POINTS`) either qsnap itself
 //! dies there (SIGKILL, as `kill -9` or a host crash would) or QEMU is killed there. Then
 //! `qsnap check --repair` must leave the VM and its store consistent (`qsnap check` clean, no
 //! orphan file, every image checking clean), no data the VM had made durable may be lost,
@@ -9,7 +9,7 @@
 //! The VMs are kernel-less (instant to start); their disk contents are written and checked
 //! with QEMU's own `qemu-io` (a pattern per step, flushed).
 
-use qsnap_engine::failpoint::POINTS;
+use qsnap_engine::testing::failpoint::POINTS;
 use qsnap_qmp::{ConnectOptions, Qmp};
 use qsnap_testkit::accounting;
 use qsnap_testkit::disk_io::{check, write, Disk};
@@ -604,7 +604,7 @@ async fn a_qmp_command_that_ran_but_timed_out_is_survived_at_every_point() {
             _ => Vec::new(),
         }
     };
-    let points: Vec<&str> = qsnap_engine::failpoint::TIMEOUT_POINTS
+    let points: Vec<&str> = qsnap_engine::testing::failpoint::TIMEOUT_POINTS
         .iter()
         .copied()
         .filter(|p| !ops(p).is_empty())

@@ -240,7 +240,7 @@ pub async fn set_backing(
 /// What `qemu-img check` found.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(rename_all = "kebab-case")]
-pub struct CheckReport {
+pub struct ImageCheck {
     /// Corruptions (data at risk).
     #[serde(default)]
     pub corruptions: u64,
@@ -253,7 +253,7 @@ pub struct CheckReport {
 }
 
 /// Runs `qemu-img check` on one qcow2 image (`-U`: it may be in use).
-pub async fn check(image: &Path, cancel: &CancellationToken) -> Result<CheckReport> {
+pub async fn check(image: &Path, cancel: &CancellationToken) -> Result<ImageCheck> {
     let mut cmd = qemu_img();
     cmd.args(["check", "-U", "--output=json"]).arg(image);
     // `check` exits non-zero when it finds something: read its report either way.
@@ -301,22 +301,6 @@ pub async fn stamp(path: &Path) -> Result<ImageStamp> {
     })
 }
 
-/// Whether a file starts with the qcow2 magic (a cheap "this is an image qsnap could have
-/// made" check before anything is unlinked).
-pub async fn is_qcow2(path: &Path) -> bool {
-    let path = path.to_owned();
-    blocking(move || {
-        use std::io::Read;
-        let mut magic = [0u8; 4];
-        Ok(std::fs::File::open(&path)
-            .and_then(|mut f| f.read_exact(&mut magic))
-            .is_ok()
-            && &magic == b"QFI\xfb")
-    })
-    .await
-    .unwrap_or(false)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -349,6 +333,6 @@ mod tests {
             .unwrap();
         let mode = std::fs::metadata(&good).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
-        assert!(is_qcow2(&good).await);
+        assert_eq!(&std::fs::read(&good).unwrap()[..4], b"QFI\xfb");
     }
 }

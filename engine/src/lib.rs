@@ -29,14 +29,14 @@
 //! ```
 #![deny(missing_docs)]
 
-pub mod blocks;
+mod blocks;
 mod cache;
 mod error;
-pub mod failpoint;
+mod failpoint;
 pub mod features;
 pub mod guest_agent;
 pub mod harness;
-pub mod image;
+mod image;
 pub mod inspect;
 pub mod launch;
 mod name;
@@ -44,11 +44,14 @@ mod proc;
 mod qemu;
 pub mod snapshot;
 pub mod store;
+#[cfg(feature = "testing")]
+pub mod testing;
 mod tool;
 mod unlink;
 mod vm;
 
 pub use error::{Error, Result};
+pub use failpoint::{setup_from_env as failpoints_from_env, Scenario as FailpointScenario};
 pub use inspect::{DiskInfo, VmInfo};
 pub use name::{SnapshotName, VmName};
 pub use store::{Manifest, Store, VmRecord};

@@ -3,8 +3,11 @@
 //! running (live block jobs) and stopped (qemu-img); after each delete every remaining
 //! snapshot still reverts to its instant (the guest's memory and disk agree), every image
 //! checks clean, no file is left that nothing uses, and the original image stays.
+// Plants damage through the store writers and reads qemu-img directly: test builds only.
+#![cfg(feature = "testing")]
 
-use qsnap_engine::{image, DeleteOptions, Error, Finding, SnapshotName};
+use qsnap_engine::testing::{image, StoreWriters};
+use qsnap_engine::{DeleteOptions, Error, Finding, SnapshotName};
 use qsnap_testkit::{init_logging, require_qemu, VmBuilder};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};

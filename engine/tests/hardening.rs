@@ -4,8 +4,11 @@
 //! point of no return is "snapshot taken, but …" and is finished by a repair; a busy monitor
 //! is never taken for a stopped VM; another user's QEMU is not adopted by accident; an
 //! unreadable store is an error, not "absent"; files qsnap makes are private.
+// Plants damage through the store writers and reads qemu-img directly: test builds only.
+#![cfg(feature = "testing")]
 
-use qsnap_engine::{blocks, AttachOptions, Engine, Error, Store, VmState};
+use qsnap_engine::testing::{blocks, StoreWriters};
+use qsnap_engine::{AttachOptions, Engine, Error, Store, VmState};
 use qsnap_testkit::{create_image, init_logging, require_qemu, DiskStyle, VmBuilder};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};

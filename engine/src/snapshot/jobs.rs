@@ -30,7 +30,7 @@ pub(crate) const MERGE_JOB_PREFIX: &str = "qsnap-merge-";
 /// such jobs are looked for first: one of qsnap's (`qsnap-merge-…`) is dismissed, as its
 /// outcome is in the chains every caller reads next; anyone else's is refused, since
 /// dismissing it would take its outcome from its owner.
-pub(crate) async fn list_nodes(qmp: &Qmp) -> Result<Vec<blocks::Node>> {
+pub async fn list_nodes(qmp: &Qmp) -> Result<Vec<blocks::Node>> {
     dismiss_ended_streams(qmp).await?;
     blocks::nodes_unguarded(qmp).await
 }

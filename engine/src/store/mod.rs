@@ -168,7 +168,7 @@ impl Store {
     }
 
     /// Writes (replaces) a VM's record. Hold the VM's lock.
-    pub async fn write_record(&self, rec: &VmRecord) -> Result<()> {
+    pub(crate) async fn write_record(&self, rec: &VmRecord) -> Result<()> {
         let vm = VmName::new(&rec.name)?;
         self.ensure_dir(self.vm_dir(&vm)).await?;
         let (path, mut rec) = (self.record_path(&vm), rec.clone());
@@ -178,7 +178,7 @@ impl Store {
 
     /// Removes a VM from the store (its record, journal, lock and empty directories). The
     /// caller has made sure nothing is left in it that matters.
-    pub async fn forget_vm(&self, vm: &VmName) -> Result<()> {
+    pub(crate) async fn forget_vm(&self, vm: &VmName) -> Result<()> {
         let dir = self.vm_dir(vm);
         blocking(move || {
             // The directories first: the record's removal, last, makes their removal durable
@@ -219,13 +219,13 @@ impl Store {
     }
 
     /// Writes a new snapshot's manifest; never replaces one. Hold the VM's lock.
-    pub async fn write_manifest(&self, m: &Manifest) -> Result<()> {
+    pub(crate) async fn write_manifest(&self, m: &Manifest) -> Result<()> {
         self.put_manifest(m, true).await
     }
 
     /// Replaces an existing manifest (a delete moving children to a new parent, or naming
     /// the image a merge left). Hold the VM's lock.
-    pub async fn replace_manifest(&self, m: &Manifest) -> Result<()> {
+    pub(crate) async fn replace_manifest(&self, m: &Manifest) -> Result<()> {
         self.put_manifest(m, false).await
     }
 
@@ -245,7 +245,11 @@ impl Store {
     /// Removes a snapshot's memory files — whatever of stream, device state and RAM image it
     /// has (an interrupted lazy conversion may have left either) — then its manifest, durably.
     /// Returns the memory files removed. Hold the VM's lock.
-    pub async fn remove_snapshot(&self, vm: &VmName, snap: &SnapshotName) -> Result<Vec<PathBuf>> {
+    pub(crate) async fn remove_snapshot(
+        &self,
+        vm: &VmName,
+        snap: &SnapshotName,
+    ) -> Result<Vec<PathBuf>> {
         let mut removed = Vec::new();
         for path in self.memory_files(vm, snap) {
             let p = path.clone();
@@ -260,7 +264,7 @@ impl Store {
     }
 
     /// Removes a manifest (durably). Hold the VM's lock.
-    pub async fn remove_manifest(&self, vm: &VmName, snap: &SnapshotName) -> Result<()> {
+    pub(crate) async fn remove_manifest(&self, vm: &VmName, snap: &SnapshotName) -> Result<()> {
         let path = self.manifest_path(vm, snap);
         blocking(move || remove_durably(&path)).await
     }
@@ -442,7 +446,7 @@ impl Store {
     }
 
     /// Writes (replaces) the VM's journal. Hold the VM's lock.
-    pub async fn write_journal(&self, vm: &VmName, intent: &Intent) -> Result<()> {
+    pub(crate) async fn write_journal(&self, vm: &VmName, intent: &Intent) -> Result<()> {
         self.ensure_dir(self.vm_dir(vm)).await?;
         let path = self.journal_path(vm);
         let mut j = Journal {
@@ -458,7 +462,7 @@ impl Store {
     }
 
     /// Removes the VM's journal: the operation is over. Hold the VM's lock.
-    pub async fn clear_journal(&self, vm: &VmName) -> Result<()> {
+    pub(crate) async fn clear_journal(&self, vm: &VmName) -> Result<()> {
         let path = self.journal_path(vm);
         blocking(move || remove_durably(&path)).await
     }
