@@ -9,7 +9,7 @@
 //! its own. Pure functions; nothing is started or created here.
 
 use super::argv::{join_opts, split_opts};
-use super::ram::{flag, parsed, prop, DROP_BARE, KEEP_BARE, KEEP_OBJECTS, KEEP_VALUE};
+use super::options::{flag, parsed, prop, DROP_BARE, KEEP_BARE, KEEP_OBJECTS, KEEP_VALUE};
 use crate::store::MovedPath;
 use std::path::{Path, PathBuf};
 

@@ -12,6 +12,7 @@
 pub mod argv;
 pub mod clone;
 pub mod machine;
+mod options;
 mod process;
 pub mod ram;
 pub mod tsc;
@@ -21,7 +22,7 @@ pub use process::{
     build_argv, quit_or_kill, stop_qemu, KillSignal, ProcessLauncher, StopOutcome, QUIT_TIMEOUT,
 };
 #[cfg_attr(not(feature = "failpoints"), allow(unused_imports))]
-pub(crate) use process::{log_tail, nobody_serves};
+pub(crate) use process::{log_tail, nobody_serves, wait_ready, NotReady};
 pub use ram::RamMapping;
 pub use tsc::{tsc_frequency_for, TscSource};
 

@@ -13,6 +13,7 @@ use qsnap_qmp::{types, ConnectOptions, Endpoint, Qmp};
 use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 /// Runs the recorded command line as a detached process.
@@ -99,41 +100,86 @@ impl Launcher for ProcessLauncher {
             })?;
         let pid = child.id();
         let daemonizes = argv.iter().any(|a| a == "-daemonize");
-        let deadline = Instant::now() + self.ready_timeout;
-        let opts = ConnectOptions {
-            connect_retry: Duration::ZERO,
-            ..ConnectOptions::default()
-        };
-        loop {
-            if let Ok(qmp) = Qmp::connect_with(spec.qmp_socket.clone(), &opts).await {
+        let why = match wait_ready(
+            &mut child,
+            &spec.qmp_socket,
+            self.ready_timeout,
+            daemonizes,
+            None,
+        )
+        .await
+        {
+            Ok(qmp) => {
                 drop(qmp);
                 return Ok(Launched {
                     pid: if daemonizes { None } else { pid },
                     argv,
                 });
             }
-            if let Ok(Some(status)) = child.try_wait() {
-                if !(daemonizes && status.success()) {
-                    return Err(Error::LaunchFailed {
-                        why: format!("QEMU exited ({status})"),
-                        log: spec.log.clone(),
-                        tail: log_tail(&spec.log).await,
-                    });
-                }
+            Err(NotReady::Exited(status)) => format!("QEMU exited ({status})"),
+            Err(NotReady::TimedOut(after) | NotReady::Cancelled(after)) => {
+                format!("its monitor did not answer within {after:?}")
             }
-            if Instant::now() > deadline {
-                let _ = child.start_kill();
-                let _ = child.wait().await;
-                return Err(Error::LaunchFailed {
-                    why: format!("its monitor did not answer within {:?}", self.ready_timeout),
-                    log: spec.log.clone(),
-                    tail: log_tail(&spec.log).await,
-                });
-            }
-            // QEMU creates its socket within tens of milliseconds: poll finely, the revert
-            // waits on this.
-            tokio::time::sleep(Duration::from_millis(5)).await;
+        };
+        Err(Error::LaunchFailed {
+            why,
+            log: spec.log.clone(),
+            tail: log_tail(&spec.log).await,
+        })
+    }
+}
+
+/// Why a QEMU that was started did not come up.
+#[derive(Debug)]
+pub(crate) enum NotReady {
+    /// It exited.
+    Exited(std::process::ExitStatus),
+    /// Its monitor did not answer within this long (it was killed).
+    TimedOut(Duration),
+    /// The operation was cancelled after this long (it was killed).
+    Cancelled(Duration),
+}
+
+/// Waits until the monitor of a QEMU just started as `child` answers at `socket`: the one
+/// ready loop for every QEMU qsnap starts (a VM, the lazy-RAM helper). A QEMU that does not
+/// come up in time, or whose start is cancelled, is killed and reaped; with `daemonizes`, a
+/// parent that exits 0 has handed over to its daemon and the wait goes on.
+pub(crate) async fn wait_ready(
+    child: &mut tokio::process::Child,
+    socket: &Path,
+    timeout: Duration,
+    daemonizes: bool,
+    cancel: Option<&CancellationToken>,
+) -> std::result::Result<Qmp, NotReady> {
+    let started = Instant::now();
+    let opts = ConnectOptions {
+        connect_retry: Duration::ZERO,
+        ..ConnectOptions::default()
+    };
+    loop {
+        if let Ok(qmp) = Qmp::connect_with(socket.to_owned(), &opts).await {
+            return Ok(qmp);
         }
+        if let Ok(Some(status)) = child.try_wait() {
+            if !(daemonizes && status.success()) {
+                return Err(NotReady::Exited(status));
+            }
+        }
+        let why = if started.elapsed() > timeout {
+            Some(NotReady::TimedOut(timeout))
+        } else if cancel.is_some_and(CancellationToken::is_cancelled) {
+            Some(NotReady::Cancelled(started.elapsed()))
+        } else {
+            None
+        };
+        if let Some(why) = why {
+            let _ = child.start_kill();
+            let _ = child.wait().await;
+            return Err(why);
+        }
+        // QEMU creates its socket within tens of milliseconds: poll finely, a revert waits on
+        // this.
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
 

@@ -21,14 +21,14 @@ use super::Vm;
 use crate::error::{Error, Result};
 use crate::failpoint;
 use crate::image;
-use crate::launch::{argv, machine, ram, RamMapping};
+use crate::launch::{argv, machine, ram, wait_ready, NotReady, RamMapping};
 use crate::name::SnapshotName;
 use crate::qemu::{Capability, MigrateSetCapabilities};
 use crate::snapshot::memfile;
 use crate::snapshot::revert::{self as snaprevert, PreparedRevert};
 use crate::snapshot::save::Watch;
 use crate::store::{self, LazyRam, Manifest};
-use qsnap_qmp::{types, ConnectOptions, Qmp};
+use qsnap_qmp::{types, Qmp};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -413,34 +413,20 @@ impl Helper {
             path: a[0].clone().into(),
             source,
         })?;
-        let deadline = Instant::now() + HELPER_READY;
-        let opts = ConnectOptions {
-            connect_retry: Duration::ZERO,
-            ..ConnectOptions::default()
-        };
-        loop {
-            if let Ok(qmp) = Qmp::connect_with(socket.clone(), &opts).await {
-                return Ok(Helper { child, qmp, log });
-            }
-            let failed = match child.try_wait() {
-                Ok(Some(status)) => Some(format!("it exited ({status})")),
-                _ if Instant::now() > deadline => Some(format!(
-                    "its monitor did not answer within {HELPER_READY:?}"
-                )),
-                _ if vm.cancel().is_cancelled() => return Err(Error::Cancelled),
-                _ => None,
+        let why =
+            match wait_ready(&mut child, &socket, HELPER_READY, false, Some(vm.cancel())).await {
+                Ok(qmp) => return Ok(Helper { child, qmp, log }),
+                Err(NotReady::Cancelled(_)) => return Err(Error::Cancelled),
+                Err(NotReady::Exited(status)) => format!("it exited ({status})"),
+                Err(NotReady::TimedOut(after)) => {
+                    format!("its monitor did not answer within {after:?}")
+                }
             };
-            if let Some(why) = failed {
-                let _ = child.start_kill();
-                let _ = child.wait().await;
-                return Err(Error::LaunchFailed {
-                    why: format!("the helper QEMU did not come up: {why}"),
-                    tail: crate::launch::log_tail(&log).await,
-                    log,
-                });
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        Err(Error::LaunchFailed {
+            why: format!("the helper QEMU did not come up: {why}"),
+            tail: crate::launch::log_tail(&log).await,
+            log,
+        })
     }
 
     /// Loads the stream into the image, then saves the device state alone to `dev_file`.
