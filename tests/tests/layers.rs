@@ -34,7 +34,7 @@ const CRATES: &[(&str, &[&[&str]])] = &[
             &["launch"],
             &["snapshot"],
             &["vm"],
-            &["inspect", "harness"],
+            &["inspect", "testing", "harness"],
         ],
     ),
     ("cli", &[&["args"], &["output", "progress"], &["request"]]),
