@@ -499,7 +499,7 @@ async fn quiesced_disk_only_snapshot_freezes_and_thaws_the_guest_filesystems() {
     assert_eq!(m["disks"].as_array().unwrap().len(), 2);
 
     // Thawed, and the guest keeps ticking.
-    let mut ga = qsnap_engine::guest_agent::GuestAgent::connect(&agent, Duration::from_secs(10))
+    let mut ga = qsnap_engine::testing::GuestAgent::connect(&agent, Duration::from_secs(10))
         .await
         .unwrap();
     assert_eq!(ga.status().await.unwrap(), "thawed");
@@ -522,10 +522,9 @@ async fn quiesced_disk_only_snapshot_freezes_and_thaws_the_guest_filesystems() {
             .output()
             .unwrap();
         assert_eq!(out.status.code(), Some(1), "{out:?}");
-        let mut ga =
-            qsnap_engine::guest_agent::GuestAgent::connect(&agent, Duration::from_secs(10))
-                .await
-                .unwrap();
+        let mut ga = qsnap_engine::testing::GuestAgent::connect(&agent, Duration::from_secs(10))
+            .await
+            .unwrap();
         assert_eq!(ga.status().await.unwrap(), "thawed");
         drop(ga);
         let out = run(&["check", "g"]);
@@ -563,7 +562,7 @@ async fn quiesced_disk_only_snapshot_freezes_and_thaws_the_guest_filesystems() {
         );
         let frozen = || async {
             let mut ga =
-                qsnap_engine::guest_agent::GuestAgent::connect(&agent, Duration::from_secs(10))
+                qsnap_engine::testing::GuestAgent::connect(&agent, Duration::from_secs(10))
                     .await
                     .unwrap();
             ga.status().await.unwrap()

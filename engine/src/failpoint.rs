@@ -16,6 +16,7 @@ use crate::error::Result;
 
 /// Every failpoint, by operation, in the order an operation passes them. Tests walk this
 /// list, so a new step gets fault-injected as soon as it is named here.
+#[cfg_attr(not(feature = "testing"), allow(dead_code))] // read by the tests
 pub const POINTS: &[&str] = &[
     // create
     "create.journaled",
@@ -63,6 +64,7 @@ pub const POINTS: &[&str] = &[
 ];
 
 /// Points after a QMP command that ran, where `timeout` pretends it did not answer in time.
+#[cfg_attr(not(feature = "testing"), allow(dead_code))] // read by the tests
 pub const TIMEOUT_POINTS: &[&str] = &[
     "create.stop-sent",
     "create.switch-sent",
@@ -90,6 +92,7 @@ pub const TIMEOUT_POINTS: &[&str] = &[
 
 /// Other points: a create's rollback merging a switched disk back (`error` makes the merge
 /// fail, so the disk stays on its overlay), and the lazy-ram switch's write and read-back.
+#[cfg_attr(not(feature = "testing"), allow(dead_code))] // read by the tests
 pub const OTHER_POINTS: &[&str] = &[
     "rollback.merge-back",
     // a delete's finalize of one merge job refused (`error`; `timeout` at

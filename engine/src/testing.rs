@@ -24,6 +24,9 @@ pub mod failpoint {
     pub use crate::failpoint::{enabled, OTHER_POINTS, POINTS, TIMEOUT_POINTS};
 }
 
+/// The guest agent client qsnap freezes and thaws with.
+pub use crate::guest_agent::GuestAgent;
+
 /// The store's writers, called directly (no lock, no journal).
 pub trait StoreWriters {
     /// Writes a VM's record.

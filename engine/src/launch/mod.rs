@@ -14,8 +14,8 @@ pub mod clone;
 pub mod machine;
 mod options;
 mod process;
-pub mod ram;
-pub mod tsc;
+pub(crate) mod ram;
+pub(crate) mod tsc;
 
 pub use argv::DiskSubstitution;
 pub use process::{

@@ -23,7 +23,7 @@
 //! jobs). Deleting a snapshot and merging layers lives in `crate::vm` (it needs the store).
 
 mod create;
-pub mod disks;
+pub(crate) mod disks;
 pub(crate) mod jobs;
 pub mod memfile;
 pub mod revert;
