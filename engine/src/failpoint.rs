@@ -114,6 +114,7 @@ pub const OTHER_POINTS: &[&str] = &[
 ];
 
 /// Whether this build has failpoints (tests that need them check this first).
+#[cfg_attr(not(feature = "testing"), allow(dead_code))] // read by the tests
 pub fn enabled() -> bool {
     cfg!(feature = "failpoints")
 }
