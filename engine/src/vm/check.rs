@@ -11,8 +11,8 @@
 //! leftover layers. Damage only a person can judge (a corrupt image, a changed memory file)
 //! is reported with what to do, never "repaired" by deleting data.
 
-use super::consolidate::{self, next_round};
 use super::findings::{CheckReport, Findings};
+use super::merge::{self, next_round};
 use super::refs::{self, Live};
 use super::state::VmState;
 use super::Vm;
@@ -306,14 +306,14 @@ impl Vm {
             }
         }
         if let (true, Some(live)) = (repair, &live) {
-            if consolidate::follow_live(&mut record, &live.disks) {
+            if merge::follow_live(&mut record, &live.disks) {
                 self.store().write_record(&record).await?;
             }
         }
         // Whatever the record says, what QEMU runs is what is in use.
         let mut effective = record.clone();
         if let Some(live) = &live {
-            consolidate::follow_live(&mut effective, &live.disks);
+            merge::follow_live(&mut effective, &live.disks);
         }
 
         // 4. Owned images that are gone, or that nothing uses. One that a snapshot or the
@@ -444,7 +444,7 @@ impl Vm {
                 // Merges only: layers nothing uses at all were reported as orphans above.
                 let steps: Vec<_> = next_round(&graph, &effective, live.as_ref())
                     .into_iter()
-                    .filter(|s| matches!(s, consolidate::Step::Merge(_)))
+                    .filter(|s| matches!(s, merge::Step::Merge(_)))
                     .collect();
                 if !steps.is_empty() {
                     let what = format!(
@@ -454,12 +454,12 @@ impl Vm {
                     let layers: Vec<PathBuf> = steps
                         .iter()
                         .filter_map(|s| match s {
-                            consolidate::Step::Merge(m) => Some(m.lower.clone()),
-                            consolidate::Step::Remove { .. } => None,
+                            merge::Step::Merge(m) => Some(m.lower.clone()),
+                            merge::Step::Remove { .. } => None,
                         })
                         .collect();
                     let (fix, repaired) = if repair {
-                        match consolidate::merge_leftovers(self, &mut record, None).await {
+                        match merge::merge_leftovers(self, &mut record, None).await {
                             Ok(done) => (format!("{} merge(s) done", done.len()), true),
                             Err(e) => (e.to_string(), false),
                         }

@@ -407,12 +407,12 @@ impl Vm {
                 .await?;
             let mut record = op.record.clone();
             let manifests = vm.store().manifests(vm.name()).await?;
-            let (graph, live) = super::consolidate::view(&vm, &record, &manifests).await?;
-            if !super::consolidate::has_merges(&graph, &record, live.as_ref()) {
+            let (graph, live) = super::merge::view(&vm, &record, &manifests).await?;
+            if !super::merge::has_merges(&graph, &record, live.as_ref()) {
                 return Ok(Vec::new());
             }
             drop(live);
-            super::consolidate::merge_leftovers(&vm, &mut record, None).await
+            super::merge::merge_leftovers(&vm, &mut record, None).await
         }
         .await;
         match merged {

@@ -1,5 +1,5 @@
 //! Deleting snapshots — any of them, in any position of the tree, the VM running or stopped
-//! — and merging the layers they leave (`consolidate.rs`).
+//! — and merging the layers they leave (`merge/`).
 //!
 //! ```text
 //! lock → settle → state Running or Stopped → checks, changing nothing: the snapshots exist,
@@ -14,7 +14,7 @@
 //! A failure or a cancel after the snapshots are gone leaves every chain whole (unmerged
 //! layers are harmless) and says so; `qsnap check --repair` merges them later.
 
-use super::consolidate;
+use super::merge;
 use super::state::{Operation, VmState};
 use super::Vm;
 use crate::error::{Error, Result};
@@ -26,7 +26,7 @@ use serde::Serialize;
 use std::path::PathBuf;
 use std::time::Instant;
 
-pub use super::consolidate::{MergeProgress, MergeProgressFn, MergeReport};
+pub use super::merge::{MergeProgress, MergeProgressFn, MergeReport};
 
 /// How a delete goes.
 #[derive(Clone, Default)]
@@ -121,7 +121,7 @@ impl Vm {
                 }
             }
         }
-        let (_, live) = consolidate::view(self, &record, &manifests).await?;
+        let (_, live) = merge::view(self, &record, &manifests).await?;
         if let Some(live) = &live {
             for d in &record.disks {
                 let top = live.chain(&d.device).first().cloned();
@@ -165,22 +165,22 @@ impl Vm {
         self.store()
             .write_journal(self.name(), &Intent::Delete(intent.clone()))
             .await?;
-        let merges =
-            match consolidate::run(self, &mut record, &mut intent, opts.progress.as_ref()).await {
-                Ok(m) => m,
-                Err(e) => {
-                    // A cancelled round was undone (jobs cancelled before any chain changed,
-                    // offline copies pointed back): nothing is left half-done.
-                    if matches!(e, Error::Cancelled) {
-                        self.store().clear_journal(self.name()).await?;
-                    }
-                    return Err(Error::DeletedBut {
-                        vm: self.name().to_string(),
-                        snapshots: intent.snapshots.clone(),
-                        problem: Box::new(e),
-                    });
+        let merges = match merge::run(self, &mut record, &mut intent, opts.progress.as_ref()).await
+        {
+            Ok(m) => m,
+            Err(e) => {
+                // A cancelled round was undone (jobs cancelled before any chain changed,
+                // offline copies pointed back): nothing is left half-done.
+                if matches!(e, Error::Cancelled) {
+                    self.store().clear_journal(self.name()).await?;
                 }
-            };
+                return Err(Error::DeletedBut {
+                    vm: self.name().to_string(),
+                    snapshots: intent.snapshots.clone(),
+                    problem: Box::new(e),
+                });
+            }
+        };
         self.store().clear_journal(self.name()).await?;
         Ok(DeleteReport {
             deleted: intent.snapshots,

@@ -7,19 +7,19 @@
 //! operation needs, and the operation journals its intent before its first change.
 //!
 //! Files: `create.rs`, `lifecycle.rs` (run, attach, start, stop, status), `revert.rs`,
-//! `delete.rs` and `consolidate.rs` (merging layers no snapshot needs), `check.rs`,
+//! `delete.rs` and `merge/` (merging layers no snapshot needs), `check.rs`,
 //! `refs.rs` (who uses which image: the guard before any unlink), `relative.rs` (relative
 //! paths an older qsnap recorded, for `check`), `recover.rs`, `state.rs`.
 //! Holds no QMP connection between calls (QEMU's monitor serves one client at a time).
 
 mod check;
 mod clone;
-mod consolidate;
 mod create;
 mod delete;
 mod findings;
 mod lazy;
 mod lifecycle;
+mod merge;
 mod recover;
 mod refs;
 mod relative;

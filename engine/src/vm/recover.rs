@@ -16,8 +16,8 @@
 //! What only a person can decide (QEMU alive but not answering) ends in
 //! [`Error::NeedsDecision`] with the command to run.
 
-use super::consolidate;
 use super::delete::remove_snapshots;
+use super::merge;
 use super::refs;
 use super::revert;
 use super::state::VmState;
@@ -88,7 +88,7 @@ pub(crate) async fn settle(vm: &Vm) -> Result<Option<Recovery>> {
     vm.store().clear_journal(vm.name()).await?;
     if merge_after {
         let mut record = vm.store().record(vm.name()).await?;
-        match consolidate::merge_leftovers(vm, &mut record, None).await {
+        match merge::merge_leftovers(vm, &mut record, None).await {
             Ok(m) if !m.is_empty() => {
                 outcome.push_str(&format!("; {} layer(s) it left unneeded merged", m.len()));
             }
@@ -611,7 +611,7 @@ async fn delete(vm: &Vm, mut d: DeleteIntent) -> Result<Settled> {
             // It may have been paused for a disk switch when qsnap died. The record follows
             // the images QEMU runs now before the guest may write again.
             let disks = crate::blocks::read(qmp).await?;
-            if consolidate::follow_live(&mut record, &disks) {
+            if merge::follow_live(&mut record, &disks) {
                 vm.store().write_record(&record).await?;
             }
             let st = qmp
@@ -639,7 +639,7 @@ async fn delete(vm: &Vm, mut d: DeleteIntent) -> Result<Settled> {
     d.guest_was_running = None;
     // QEMU serves one monitor client at a time; the merges connect on their own.
     drop(qemu);
-    let merges = consolidate::run(vm, &mut record, &mut d, None).await?;
+    let merges = merge::run(vm, &mut record, &mut d, None).await?;
     let merged = format!("{} layer(s) merged or removed", merges.len());
     Ok(done(if d.snapshots.is_empty() {
         format!("finished: {merged}")

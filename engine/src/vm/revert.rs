@@ -18,7 +18,7 @@
 //! Reverting discards the current state (what the guest did since its last snapshot) unless
 //! `keep_current` saves it as a snapshot first.
 
-use super::consolidate;
+use super::merge;
 use super::refs;
 use super::state::{Operation, VmState};
 use super::Vm;
@@ -346,7 +346,7 @@ impl Vm {
             finish(self, &mut record, &intent, launched.pid).await?;
         self.store().clear_journal(self.name()).await?;
         let merged = if mergeable {
-            consolidate::merge_leftovers(self, &mut record, None).await
+            merge::merge_leftovers(self, &mut record, None).await
         } else {
             Ok(Vec::new())
         };
@@ -506,7 +506,7 @@ pub(crate) struct Finished {
     pub removed: Vec<PathBuf>,
     /// Their removal left a layer no snapshot needs (it was the second child of a base no
     /// snapshot names any more): the caller merges it once the revert's journal is cleared
-    /// (`consolidate::merge_leftovers`, journaled as a delete of nothing), so that the chains
+    /// (`merge::merge_leftovers`, journaled as a delete of nothing), so that the chains
     /// stay as short as the snapshots allow and `check` stays clean.
     pub mergeable: bool,
 }
@@ -535,7 +535,7 @@ async fn remove_abandoned(
             return (Vec::new(), false);
         }
     };
-    let (mut graph, live) = match consolidate::view(vm, record, &manifests).await {
+    let (mut graph, live) = match merge::view(vm, record, &manifests).await {
         Ok(v) => v,
         Err(e) => {
             warn!(error = %e, "cannot check who uses the old overlays; keeping them");
@@ -558,6 +558,6 @@ async fn remove_abandoned(
             warn!(error = %e, "could not record the removed overlays");
         }
     }
-    let mergeable = !removed.is_empty() && consolidate::has_merges(&graph, record, live.as_ref());
+    let mergeable = !removed.is_empty() && merge::has_merges(&graph, record, live.as_ref());
     (removed, mergeable)
 }
