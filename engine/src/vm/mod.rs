@@ -27,6 +27,7 @@ mod state;
 
 pub use check::{CheckReport, Finding};
 pub use clone::{CloneOptions, CloneReport, RemoveReport};
+pub use create::{CreateOutcome, VmCreateOptions};
 pub use delete::{DeleteOptions, DeleteReport, MergeProgress, MergeProgressFn, MergeReport};
 pub use lazy::LazyReport;
 pub use lifecycle::{AttachOptions, DiskChain, Interrupted, RunOptions, RunReport, Status};
