@@ -10,10 +10,9 @@ mod progress;
 use anyhow::Context;
 use args::{Cli, Command, ModeArg};
 use clap::Parser;
-use qsnap_engine::launch::clone::split_replacement;
 use qsnap_engine::snapshot::Mode;
 use qsnap_engine::{
-    AttachOptions, DeleteOptions, Engine, RevertOptions, SnapshotName, Store, VmName,
+    AttachOptions, DeleteOptions, Engine, Replacement, RevertOptions, SnapshotName, Store, VmName,
 };
 use qsnap_qmp::{ConnectOptions, Endpoint, Qmp};
 use std::process::ExitCode;
@@ -283,16 +282,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             json,
         } => {
             let source = engine.vm(&vm_name(&vm)?).await?;
-            let argv = source
-                .record()
-                .command
-                .as_ref()
-                .map(|c| c.argv.clone())
-                .unwrap_or_default();
-            let replace = replace
-                .iter()
-                .map(|r| split_replacement(r, &argv).map_err(anyhow::Error::msg))
-                .collect::<anyhow::Result<Vec<_>>>()?;
+            let replace = replace.into_iter().map(Replacement::Text).collect();
             let opts = qsnap_engine::CloneOptions { paused, replace };
             let report = source
                 .clone_snapshot(&snap_name(&snapshot)?, &vm_name(&new)?, &opts)

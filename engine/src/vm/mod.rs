@@ -26,7 +26,7 @@ mod revert;
 mod state;
 
 pub use check::{CheckReport, Finding};
-pub use clone::{CloneOptions, CloneReport, RemoveReport};
+pub use clone::{CloneOptions, CloneReport, RemoveReport, Replacement};
 pub use create::{CreateOutcome, VmCreateOptions};
 pub use delete::{DeleteOptions, DeleteReport, MergeProgress, MergeProgressFn, MergeReport};
 pub use lazy::LazyReport;
