@@ -1,6 +1,10 @@
-//! The command line, as clap types. Doc comments here are the `--help` text.
+//! The command line, as clap types: one `…Args` struct per subcommand. Doc comments on the
+//! fields and on the [`Command`] variants are the `--help` text.
+//!
+//! This module must never interpret a value beyond what clap checks (names, paths and JSON
+//! become a request in `request.rs`) and never uses the engine.
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
 
 /// Live QEMU snapshots (memory + disks) over QMP, without libvirt.
@@ -42,61 +46,9 @@ pub enum Command {
     ///
     /// Give qsnap its own monitor if another manager uses the first one:
     /// qemu … -qmp unix:/run/vm1/qsnap.sock,server=on,wait=off
-    Attach {
-        /// The name to use for the VM.
-        name: String,
-        /// The QMP socket (a path, unix:PATH or tcp:HOST:PORT).
-        #[arg(long, value_name = "SOCKET")]
-        qmp: String,
-        /// Accept a QEMU that runs as another user. qsnap records its command line and runs it
-        /// again on start and revert, as qsnap's user: think before doing this as root.
-        #[arg(long)]
-        allow_other_user: bool,
-        /// Print the record as JSON.
-        #[arg(long)]
-        json: bool,
-    },
+    Attach(AttachArgs),
     /// Take a live snapshot: memory and all writable disks at one instant, guest running.
-    Create {
-        /// The VM's name.
-        name: String,
-        /// The snapshot's name (letters, digits, '.', '_', '-').
-        snapshot: String,
-        /// Disks only, no memory (crash-consistent; the guest never pauses).
-        #[arg(long, conflicts_with = "mode")]
-        disk_only: bool,
-        /// With --disk-only: freeze the guest's filesystems through the QEMU guest agent
-        /// while the disks switch (needs a virtserialport named org.qemu.guest_agent.0 on a
-        /// -chardev socket in the VM's command line; always thawed).
-        #[arg(long, requires = "disk_only")]
-        quiesce: bool,
-        /// How memory is captured.
-        #[arg(long, value_enum, default_value_t = ModeArg::Auto)]
-        mode: ModeArg,
-        /// Put overlays here instead of next to each image.
-        #[arg(long, value_name = "DIR")]
-        overlay_dir: Option<PathBuf>,
-        /// Precopy: seconds the guest may run while memory is copied before qsnap pauses it
-        /// so the save finishes.
-        #[arg(long, default_value_t = 30, value_name = "SECS")]
-        live_limit: u64,
-        /// Precopy: write QEMU's plain migration stream instead of its mapped-ram format
-        /// (which QEMU ≥ 9.0 writes and loads with several threads, zero pages as holes;
-        /// such a snapshot needs QEMU ≥ 9.0 to revert).
-        #[arg(long)]
-        no_mapped_ram: bool,
-        /// Give up on the memory save after this many seconds (everything is rolled back).
-        #[arg(long, default_value_t = 600, value_name = "SECS")]
-        save_timeout: u64,
-        /// Then make its memory lazy (as `qsnap lazy-ram` does), while the guest runs on: later
-        /// reverts map its RAM instead of loading it. If the VM cannot use lazy RAM, the
-        /// snapshot stays as taken and a warning says why.
-        #[arg(long)]
-        lazy_ram: bool,
-        /// Print the snapshot's manifest as JSON (no progress bar).
-        #[arg(long)]
-        json: bool,
-    },
+    Create(CreateArgs),
     /// Start a new VM from a snapshot, next to the running one: its own overlays over the
     /// snapshot's frozen images (never written), its own monitor, log and per-VM files.
     ///
@@ -105,34 +57,10 @@ pub enum Command {
     /// where each went. What must differ between VMs but qsnap cannot choose (a hostfwd port,
     /// a tap device, a VNC/SPICE display, -name) is refused, naming the option, unless
     /// --replace gives the clone its own.
-    Clone {
-        /// The source VM.
-        name: String,
-        /// The snapshot to start from.
-        snapshot: String,
-        /// The new VM's name.
-        new: String,
-        /// Leave the clone's guest paused.
-        #[arg(long)]
-        paused: bool,
-        /// Replace text in the recorded command line for the clone (repeatable), e.g.
-        /// --replace tcp::2222-:22=tcp::2223-:22. OLD and NEW may hold '=': the split taken
-        /// is the one whose OLD is in the command line (the middle '=' when several are).
-        #[arg(long, value_name = "OLD=NEW")]
-        replace: Vec<String>,
-        /// Print the report as JSON.
-        #[arg(long)]
-        json: bool,
-    },
+    Clone(CloneArgs),
     /// Remove a clone: stop it, delete its snapshots, overlays, files and record. Only for
     /// clones (another VM's overlays hold its data: `delete --all` merges them).
-    Remove {
-        /// The clone.
-        name: String,
-        /// Print the report as JSON.
-        #[arg(long)]
-        json: bool,
-    },
+    Remove(RemoveArgs),
     /// Make a snapshot's memory lazy: reverts then map its RAM copy-on-write (pages load as
     /// the guest touches them) instead of loading all of it first.
     ///
@@ -142,50 +70,17 @@ pub enum Command {
     /// ≥ 8.2 and plain `-m` RAM (no -mem-path, -numa, memory backends, virtio-mem, vhost-user,
     /// balloon free-page reporting). A VM reverted lazily takes precopy memory snapshots
     /// (QEMU cannot write-protect a private file mapping for point-in-time ones).
-    LazyRam {
-        /// The VM's name.
-        name: String,
-        /// The snapshot's name.
-        snapshot: String,
-        /// Print JSON.
-        #[arg(long)]
-        json: bool,
-    },
+    LazyRam(LazyRamArgs),
     /// Start QEMU under qsnap: detached, with a monitor socket in the store, registered as NAME.
     ///
     /// Example: qsnap run vm1 -- qemu-system-x86_64 -m 512 -drive file=/vm/disk.qcow2,if=virtio
-    Run {
-        /// The name to use for the VM.
-        name: String,
-        /// Do not add tsc-frequency=HOST_HZ to a -cpu that asks for invtsc (memory snapshots
-        /// of such a VM are then refused by QEMU).
-        #[arg(long)]
-        no_tsc_fix: bool,
-        /// Print the record as JSON.
-        #[arg(long)]
-        json: bool,
-        /// The QEMU command line.
-        #[arg(last = true, required = true, value_name = "QEMU ARGS")]
-        qemu: Vec<String>,
-    },
+    Run(RunArgs),
     /// Stop the VM's QEMU (QMP quit, then SIGKILL after 10 s).
-    Stop {
-        /// The VM's name.
-        name: String,
-    },
+    Stop(StopArgs),
     /// Start a stopped VM again on its current disks (never on a snapshot's frozen images).
-    Start {
-        /// The VM's name.
-        name: String,
-    },
+    Start(StartArgs),
     /// Is the VM running, which snapshot is current, and each disk's chain.
-    Status {
-        /// The VM's name.
-        name: String,
-        /// Print JSON.
-        #[arg(long)]
-        json: bool,
-    },
+    Status(StatusArgs),
     /// Go back to a snapshot: the VM comes back with the memory and disks it had then.
     ///
     /// The current QEMU is stopped and relaunched on new overlays over the snapshot's images
@@ -193,90 +88,263 @@ pub enum Command {
     ///
     /// This DISCARDS the current state: whatever the guest did since its last snapshot is
     /// lost, unless --keep-current saves it as a snapshot first.
-    Revert {
-        /// The VM's name.
-        name: String,
-        /// The snapshot's name.
-        snapshot: String,
-        /// Leave the guest paused after loading its memory.
-        #[arg(long)]
-        paused: bool,
-        /// Save the current state as a snapshot first (named NAME, default
-        /// `before-revert-<UTC time>`), so that it can be reverted to later.
-        #[arg(long, value_name = "NAME", num_args = 0..=1, default_missing_value = "")]
-        keep_current: Option<String>,
-        /// Print JSON.
-        #[arg(long)]
-        json: bool,
-    },
+    Revert(RevertArgs),
     /// Delete a snapshot (or all of them), the VM running or stopped.
     ///
     /// The snapshot's memory file and manifest go; disk layers that no remaining snapshot
     /// needs are merged (live block jobs in a running VM, qemu-img otherwise). The VM's
     /// current state is kept; images the VM had before its first snapshot are never removed.
-    Delete {
-        /// The VM's name.
-        name: String,
-        /// The snapshot to delete.
-        #[arg(required_unless_present = "all", conflicts_with = "all")]
-        snapshot: Option<String>,
-        /// Delete every snapshot: the VM ends on one image per disk.
-        #[arg(long)]
-        all: bool,
-        /// Print what was deleted, merged and removed as JSON (no progress bar).
-        #[arg(long)]
-        json: bool,
-    },
+    Delete(DeleteArgs),
     /// Verify a VM's snapshots and disks against the files and QEMU.
     ///
     /// Exit 0: all is well (or was repaired); 1: problems remain (each with what to do).
-    Check {
-        /// The VM's name.
-        name: String,
-        /// Finish or roll back an interrupted operation, make the record follow QEMU, remove
-        /// files qsnap made that nothing uses, and merge leftover layers.
-        #[arg(long)]
-        repair: bool,
-        /// Print the findings as JSON.
-        #[arg(long)]
-        json: bool,
-    },
+    Check(CheckArgs),
     /// List a VM's snapshots as a tree (parent → children); `*` marks the current one.
-    List {
-        /// The VM's name.
-        name: String,
-        /// Print JSON: the VM record and every manifest.
-        #[arg(long)]
-        json: bool,
-    },
+    List(ListArgs),
     /// Show one snapshot.
-    Show {
-        /// The VM's name.
-        name: String,
-        /// The snapshot's name.
-        snapshot: String,
-        /// Print the manifest as JSON.
-        #[arg(long)]
-        json: bool,
-    },
+    Show(ShowArgs),
     /// Send one raw QMP command and print QEMU's reply as JSON.
     ///
     /// Example: qsnap qmp /run/vm1/qmp.sock query-status
     ///          qsnap qmp /run/vm1/qmp.sock human-monitor-command '{"command-line":"info block"}'
-    Qmp {
-        /// The QMP socket (a path, unix:PATH or tcp:HOST:PORT).
-        socket: String,
-        /// The QMP command name, e.g. query-status.
-        command: String,
-        /// The arguments as a JSON object.
-        arguments: Option<String>,
-    },
+    Qmp(QmpArgs),
     /// Show what a running VM is and whether qsnap can snapshot it.
-    Info {
-        /// The QMP socket (a path, unix:PATH or tcp:HOST:PORT).
-        socket: String,
-        /// Print one JSON object instead of text.
-        #[arg(long)]
-        json: bool,
-    },
+    Info(InfoArgs),
+}
+
+/// `qsnap attach`.
+#[derive(Debug, Args)]
+pub struct AttachArgs {
+    /// The name to use for the VM.
+    pub name: String,
+    /// The QMP socket (a path, unix:PATH or tcp:HOST:PORT).
+    #[arg(long, value_name = "SOCKET")]
+    pub qmp: String,
+    /// Accept a QEMU that runs as another user. qsnap records its command line and runs it
+    /// again on start and revert, as qsnap's user: think before doing this as root.
+    #[arg(long)]
+    pub allow_other_user: bool,
+    /// Print the record as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `qsnap create`.
+#[derive(Debug, Args)]
+pub struct CreateArgs {
+    /// The VM's name.
+    pub name: String,
+    /// The snapshot's name (letters, digits, '.', '_', '-').
+    pub snapshot: String,
+    /// Disks only, no memory (crash-consistent; the guest never pauses).
+    #[arg(long, conflicts_with = "mode")]
+    pub disk_only: bool,
+    /// With --disk-only: freeze the guest's filesystems through the QEMU guest agent
+    /// while the disks switch (needs a virtserialport named org.qemu.guest_agent.0 on a
+    /// -chardev socket in the VM's command line; always thawed).
+    #[arg(long, requires = "disk_only")]
+    pub quiesce: bool,
+    /// How memory is captured.
+    #[arg(long, value_enum, default_value_t = ModeArg::Auto)]
+    pub mode: ModeArg,
+    /// Put overlays here instead of next to each image.
+    #[arg(long, value_name = "DIR")]
+    pub overlay_dir: Option<PathBuf>,
+    /// Precopy: seconds the guest may run while memory is copied before qsnap pauses it
+    /// so the save finishes.
+    #[arg(long, default_value_t = 30, value_name = "SECS")]
+    pub live_limit: u64,
+    /// Precopy: write QEMU's plain migration stream instead of its mapped-ram format
+    /// (which QEMU ≥ 9.0 writes and loads with several threads, zero pages as holes;
+    /// such a snapshot needs QEMU ≥ 9.0 to revert).
+    #[arg(long)]
+    pub no_mapped_ram: bool,
+    /// Give up on the memory save after this many seconds (everything is rolled back).
+    #[arg(long, default_value_t = 600, value_name = "SECS")]
+    pub save_timeout: u64,
+    /// Then make its memory lazy (as `qsnap lazy-ram` does), while the guest runs on: later
+    /// reverts map its RAM instead of loading it. If the VM cannot use lazy RAM, the
+    /// snapshot stays as taken and a warning says why.
+    #[arg(long)]
+    pub lazy_ram: bool,
+    /// Print the snapshot's manifest as JSON (no progress bar).
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `qsnap clone`.
+#[derive(Debug, Args)]
+pub struct CloneArgs {
+    /// The source VM.
+    pub name: String,
+    /// The snapshot to start from.
+    pub snapshot: String,
+    /// The new VM's name.
+    pub new: String,
+    /// Leave the clone's guest paused.
+    #[arg(long)]
+    pub paused: bool,
+    /// Replace text in the recorded command line for the clone (repeatable), e.g.
+    /// --replace tcp::2222-:22=tcp::2223-:22. OLD and NEW may hold '=': the split taken
+    /// is the one whose OLD is in the command line (the middle '=' when several are).
+    #[arg(long, value_name = "OLD=NEW")]
+    pub replace: Vec<String>,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `qsnap remove`.
+#[derive(Debug, Args)]
+pub struct RemoveArgs {
+    /// The clone.
+    pub name: String,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `qsnap lazy-ram`.
+#[derive(Debug, Args)]
+pub struct LazyRamArgs {
+    /// The VM's name.
+    pub name: String,
+    /// The snapshot's name.
+    pub snapshot: String,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `qsnap run`.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// The name to use for the VM.
+    pub name: String,
+    /// Do not add tsc-frequency=HOST_HZ to a -cpu that asks for invtsc (memory snapshots
+    /// of such a VM are then refused by QEMU).
+    #[arg(long)]
+    pub no_tsc_fix: bool,
+    /// Print the record as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// The QEMU command line.
+    #[arg(last = true, required = true, value_name = "QEMU ARGS")]
+    pub qemu: Vec<String>,
+}
+
+/// `qsnap stop`.
+#[derive(Debug, Args)]
+pub struct StopArgs {
+    /// The VM's name.
+    pub name: String,
+}
+
+/// `qsnap start`.
+#[derive(Debug, Args)]
+pub struct StartArgs {
+    /// The VM's name.
+    pub name: String,
+}
+
+/// `qsnap status`.
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// The VM's name.
+    pub name: String,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `qsnap revert`.
+#[derive(Debug, Args)]
+pub struct RevertArgs {
+    /// The VM's name.
+    pub name: String,
+    /// The snapshot's name.
+    pub snapshot: String,
+    /// Leave the guest paused after loading its memory.
+    #[arg(long)]
+    pub paused: bool,
+    /// Save the current state as a snapshot first (named NAME, default
+    /// `before-revert-<UTC time>`), so that it can be reverted to later.
+    #[arg(long, value_name = "NAME", num_args = 0..=1, default_missing_value = "")]
+    pub keep_current: Option<String>,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `qsnap delete`.
+#[derive(Debug, Args)]
+pub struct DeleteArgs {
+    /// The VM's name.
+    pub name: String,
+    /// The snapshot to delete.
+    #[arg(required_unless_present = "all", conflicts_with = "all")]
+    pub snapshot: Option<String>,
+    /// Delete every snapshot: the VM ends on one image per disk.
+    #[arg(long)]
+    pub all: bool,
+    /// Print what was deleted, merged and removed as JSON (no progress bar).
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `qsnap check`.
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// The VM's name.
+    pub name: String,
+    /// Finish or roll back an interrupted operation, make the record follow QEMU, remove
+    /// files qsnap made that nothing uses, and merge leftover layers.
+    #[arg(long)]
+    pub repair: bool,
+    /// Print the findings as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `qsnap list`.
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    /// The VM's name.
+    pub name: String,
+    /// Print JSON: the VM record and every manifest.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `qsnap show`.
+#[derive(Debug, Args)]
+pub struct ShowArgs {
+    /// The VM's name.
+    pub name: String,
+    /// The snapshot's name.
+    pub snapshot: String,
+    /// Print the manifest as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `qsnap qmp`.
+#[derive(Debug, Args)]
+pub struct QmpArgs {
+    /// The QMP socket (a path, unix:PATH or tcp:HOST:PORT).
+    pub socket: String,
+    /// The QMP command name, e.g. query-status.
+    pub command: String,
+    /// The arguments as a JSON object.
+    pub arguments: Option<String>,
+}
+
+/// `qsnap info`.
+#[derive(Debug, Args)]
+pub struct InfoArgs {
+    /// The QMP socket (a path, unix:PATH or tcp:HOST:PORT).
+    pub socket: String,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
 }

@@ -1,52 +1,38 @@
-//! `qsnap`: the command-line glue over `qsnap-engine`. Parses arguments, runs one engine call,
-//! prints the result (`output`, `progress`), and maps errors to exit codes: 1 the operation
-//! failed, 2 bad usage (including bad names), 3 the VM could not be reached, 128 + the signal
-//! (130 for Ctrl-C, 143 for SIGTERM) an operation that an interrupt stopped.
+//! `qsnap`: the command-line glue over `qsnap-engine`. `main` parses the arguments (`args`),
+//! turns them into a request (`request`: names validated, paths resolved, options built),
+//! makes one engine call per command, prints the result (`output`, `progress`), and maps
+//! errors to exit codes: 1 the operation failed, 2 bad usage (including bad names), 3 the VM
+//! could not be reached, 128 + the signal (130 for Ctrl-C, 143 for SIGTERM) an operation that
+//! an interrupt stopped. It also owns the process: logging, the runtime, Ctrl-C → the
+//! engine's cancel token.
+//!
+//! This file must never interpret an argument (that is `request`'s), build engine options
+//! beyond plugging a progress bar into them, chain engine operations (a command is its VM
+//! looked up and one operation on it; what follows an operation belongs in the engine), or
+//! format a result (that is `output`'s).
 
 mod args;
 mod output;
 mod progress;
+mod request;
 
 use anyhow::Context;
-use args::{Cli, Command, ModeArg};
+use args::Cli;
 use clap::Parser;
-use qsnap_engine::launch::clone::split_replacement;
-use qsnap_engine::snapshot::Mode;
-use qsnap_engine::{
-    AttachOptions, DeleteOptions, Engine, RevertOptions, SnapshotName, Store, VmName,
-};
+use qsnap_engine::launch::ProcessLauncher;
+use qsnap_engine::{DeleteOptions, Engine, Store};
 use qsnap_qmp::{ConnectOptions, Endpoint, Qmp};
+use request::{Action, Request, Usage};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
-/// `println!` that does not panic when stdout is closed early (`qsnap list | head -1`): the
-/// reader has what it wanted.
-macro_rules! println {
-    ($($t:tt)*) => {{
-        use std::io::Write as _;
-        let _ = writeln!(std::io::stdout(), $($t)*);
-    }};
-}
-
 /// Exit code when the VM's monitor cannot be reached.
 const EXIT_UNREACHABLE: u8 = 3;
 /// Exit code for bad usage (clap uses 2 as well).
 const EXIT_USAGE: u8 = 2;
-
-/// A usage error found after parsing (e.g. arguments that are not JSON).
-#[derive(Debug)]
-struct Usage(String);
-
-impl std::fmt::Display for Usage {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for Usage {}
 
 fn init_logging(verbose: u8) {
     let default = match verbose {
@@ -63,9 +49,9 @@ fn init_logging(verbose: u8) {
         .init();
 }
 
-async fn connect(socket: &str, timeout: u64) -> anyhow::Result<Qmp> {
+async fn connect(socket: &str, timeout: Duration) -> anyhow::Result<Qmp> {
     let opts = ConnectOptions {
-        command_timeout: Duration::from_secs(timeout),
+        command_timeout: timeout,
         // A user naming a socket expects it to be there; wait briefly in case QEMU is starting.
         connect_retry: Duration::from_secs(2),
         ..ConnectOptions::default()
@@ -75,37 +61,15 @@ async fn connect(socket: &str, timeout: u64) -> anyhow::Result<Qmp> {
 
 /// The engine every command uses: the store, QMP timeouts, Ctrl-C, and a word on stderr
 /// when an operation settles one that was interrupted.
-fn engine(cli: &Cli, cancel: CancellationToken) -> anyhow::Result<Engine> {
-    let mut root = cli.store.clone().unwrap_or_else(Store::default_root);
-    if root.is_relative() {
-        // Paths in the store are kept absolute: the same store from any directory.
-        root = std::env::current_dir()
-            .context("reading the working directory")?
-            .join(root);
-    }
-    Ok(Engine::new(Store::new(root))
+fn engine(req: &Request, cancel: CancellationToken) -> Engine {
+    Engine::new(Store::new(&req.store))
         .with_connect_options(ConnectOptions {
-            command_timeout: Duration::from_secs(cli.timeout),
+            command_timeout: req.timeout,
             connect_retry: Duration::from_secs(2),
             ..ConnectOptions::default()
         })
         .with_cancel(cancel)
-        .on_recovery(Arc::new(|r: &qsnap_engine::Recovery| {
-            eprintln!(
-                "qsnap: an interrupted {} (qsnap pid {}, started {}) was settled first: {}",
-                r.operation, r.qsnap_pid, r.started_at, r.outcome
-            );
-        })))
-}
-
-/// A VM name from the command line; a bad one is a usage error.
-fn vm_name(s: &str) -> anyhow::Result<VmName> {
-    VmName::new(s).map_err(|e| Usage(e.to_string()).into())
-}
-
-/// A snapshot name from the command line; a bad one is a usage error.
-fn snap_name(s: &str) -> anyhow::Result<SnapshotName> {
-    SnapshotName::new(s).map_err(|e| Usage(e.to_string()).into())
+        .on_recovery(Arc::new(output::recovered))
 }
 
 /// A check that found problems it could not fix: exit 1, after the report was printed.
@@ -172,309 +136,150 @@ fn cancel_on_signal(token: CancellationToken) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn run(cli: Cli) -> anyhow::Result<()> {
+async fn run(req: Request) -> anyhow::Result<()> {
     let cancel = CancellationToken::new();
     cancel_on_signal(cancel.clone())?;
-    let engine = engine(&cli, cancel)?;
-    match cli.command {
-        Command::Attach {
-            name: vm,
-            qmp,
-            allow_other_user,
-            json,
-        } => {
-            let opts = AttachOptions { allow_other_user };
+    let engine = engine(&req, cancel);
+    match req.action {
+        Action::Attach(r) => {
             let vm = engine
-                .attach_with(&vm_name(&vm)?, &qmp, &opts)
+                .attach_with(&r.vm, &r.qmp, &r.opts)
                 .await
-                .with_context(|| format!("attaching {vm}"))?;
-            output::attached(vm.record(), json);
+                .with_context(|| format!("attaching {}", r.vm))?;
+            output::attached(vm.record(), r.json);
         }
-        Command::Create {
-            name: vm,
-            snapshot,
-            disk_only,
-            quiesce,
-            mode,
-            overlay_dir,
-            live_limit,
-            no_mapped_ram,
-            save_timeout,
-            lazy_ram,
-            json,
-        } => {
-            let (vm_id, snap) = (vm_name(&vm)?, snap_name(&snapshot)?);
-            let handle = engine.vm(&vm_id).await?;
-            let mut opts = handle.create_options(snap);
-            opts.mode = match (disk_only, mode) {
-                (true, _) => Some(Mode::DiskOnly),
-                (false, ModeArg::Auto) => None,
-                (false, ModeArg::PointInTime) => Some(Mode::PointInTime),
-                (false, ModeArg::Precopy) => Some(Mode::Precopy),
-            };
-            // Resolved here, against qsnap's own directory, as the user meant it: QEMU would
-            // resolve a relative one against its own, and the store records absolute paths.
-            opts.overlay_dir = match overlay_dir {
-                Some(d) => Some(qsnap_engine::store::plain_path(
-                    &std::env::current_dir()
-                        .context("reading the working directory")?
-                        .join(d),
-                )),
-                None => None,
-            };
-            if quiesce {
-                opts.quiesce = Some(handle.record().guest_agent.clone().ok_or_else(|| {
-                    anyhow::anyhow!(
-                        "{vm} has no guest agent in its command line (a virtserialport named \
-                         org.qemu.guest_agent.0 on a -chardev socket,path=…); cannot --quiesce"
-                    )
-                })?);
-            }
-            opts.live_limit = Duration::from_secs(live_limit);
-            opts.mapped_ram = !no_mapped_ram;
-            opts.save_timeout = Duration::from_secs(save_timeout);
-            let bar = progress::SaveBar::new(json);
-            opts.progress = bar.callback();
-            let result = handle.create_snapshot(opts).await;
+        Action::Create(r) => {
+            let vm = engine.vm(&r.vm).await?;
+            let mut opts = r.options(&vm)?;
+            let bar = progress::SaveBar::new(r.json);
+            opts.create.progress = bar.callback();
+            let result = vm.create_snapshot_with(opts).await;
             bar.finish();
-            let manifest =
-                result.with_context(|| format!("creating snapshot {snapshot} of {vm}"))?;
-            let lazy = if lazy_ram {
-                match handle.make_lazy(&snap_name(&snapshot)?).await {
-                    Ok(r) => Some(r),
-                    Err(e) => {
-                        eprintln!("qsnap: warning: the snapshot was taken, but its memory stays a stream (reverts load it): {e}");
-                        None
-                    }
-                }
-            } else {
-                None
-            };
-            let manifest = match lazy {
-                Some(_) => {
-                    handle
-                        .store()
-                        .manifest(&vm_id, &snap_name(&snapshot)?)
-                        .await?
-                }
-                None => manifest,
-            };
-            output::snapshot(&manifest, json);
+            let created =
+                result.with_context(|| format!("creating snapshot {} of {}", r.snapshot, r.vm))?;
+            output::created(&created, r.json);
         }
-        Command::LazyRam {
-            name: vm,
-            snapshot,
-            json,
-        } => {
+        Action::LazyRam(r) => {
             let report = engine
-                .vm(&vm_name(&vm)?)
+                .vm(&r.vm)
                 .await?
-                .make_lazy(&snap_name(&snapshot)?)
+                .make_lazy(&r.snapshot)
                 .await
-                .with_context(|| format!("making the memory of {vm}/{snapshot} lazy"))?;
-            output::lazy(&vm, &report, json);
+                .with_context(|| format!("making the memory of {}/{} lazy", r.vm, r.snapshot))?;
+            output::lazy(r.vm.as_str(), &report, r.json);
         }
-        Command::Clone {
-            name: vm,
-            snapshot,
-            new,
-            paused,
-            replace,
-            json,
-        } => {
-            let source = engine.vm(&vm_name(&vm)?).await?;
-            let argv = source
-                .record()
-                .command
-                .as_ref()
-                .map(|c| c.argv.clone())
-                .unwrap_or_default();
-            let replace = replace
-                .iter()
-                .map(|r| split_replacement(r, &argv).map_err(anyhow::Error::msg))
-                .collect::<anyhow::Result<Vec<_>>>()?;
-            let opts = qsnap_engine::CloneOptions { paused, replace };
-            let report = source
-                .clone_snapshot(&snap_name(&snapshot)?, &vm_name(&new)?, &opts)
-                .await
-                .with_context(|| format!("cloning {vm}/{snapshot} to {new}"))?;
-            output::cloned(&report, json);
-        }
-        Command::Remove { name: vm, json } => {
+        Action::Clone(r) => {
             let report = engine
-                .vm(&vm_name(&vm)?)
+                .vm(&r.vm)
+                .await?
+                .clone_snapshot(&r.snapshot, &r.new, &r.opts)
+                .await
+                .with_context(|| format!("cloning {}/{} to {}", r.vm, r.snapshot, r.new))?;
+            output::cloned(&report, r.json);
+        }
+        Action::Remove(r) => {
+            let report = engine
+                .vm(&r.vm)
                 .await?
                 .remove()
                 .await
-                .with_context(|| format!("removing {vm}"))?;
-            output::removed(&report, json);
+                .with_context(|| format!("removing {}", r.vm))?;
+            output::removed(&report, r.json);
         }
-        Command::Run {
-            name: vm,
-            no_tsc_fix,
-            json,
-            qemu,
-        } => {
-            let opts = qsnap_engine::RunOptions {
-                no_tsc_fix,
-                cwd: None,
-            };
+        Action::Run(r) => {
             let report = engine
-                .run(&vm_name(&vm)?, qemu, &opts)
+                .run(&r.vm, r.qemu, &r.opts)
                 .await
-                .with_context(|| format!("starting {vm}"))?;
-            if let Some((hz, source)) = &report.tsc_pinned {
-                eprintln!(
-                    "qsnap: the CPU asks for invtsc: added tsc-frequency={hz} (from {source}) so memory snapshots work; --no-tsc-fix turns this off"
-                );
-            }
-            output::attached(&report.record, json);
+                .with_context(|| format!("starting {}", r.vm))?;
+            output::ran(&report, r.json);
         }
-        Command::Stop { name: vm } => {
+        Action::Stop(vm) => {
             let outcome = engine
-                .vm(&vm_name(&vm)?)
+                .vm(&vm)
                 .await?
                 .stop()
                 .await
                 .with_context(|| format!("stopping {vm}"))?;
-            output::stopped(&vm, &outcome);
+            output::stopped(vm.as_str(), &outcome);
         }
-        Command::Start { name: vm } => {
+        Action::Start(vm) => {
             let launched = engine
-                .vm(&vm_name(&vm)?)
+                .vm(&vm)
                 .await?
                 .start()
                 .await
                 .with_context(|| format!("starting {vm}"))?;
-            match launched.pid {
-                Some(pid) => println!("{vm} started (pid {pid})"),
-                None => println!("{vm} started"),
-            }
+            output::started(vm.as_str(), launched.pid);
         }
-        Command::Status { name: vm, json } => {
-            let st = engine.vm(&vm_name(&vm)?).await?.status().await?;
-            output::status(&st, json);
+        Action::Status(r) => {
+            let st = engine.vm(&r.vm).await?.status().await?;
+            output::status(&st, r.json);
         }
-        Command::Revert {
-            name: vm,
-            snapshot,
-            paused,
-            keep_current,
-            json,
-        } => {
-            let handle = engine.vm(&vm_name(&vm)?).await?;
-            let keep_current = match keep_current.as_deref() {
-                None => None,
-                Some("") => Some(snap_name(&format!("before-revert-{}", humantime_stamp()))?),
-                Some(n) => Some(snap_name(n)?),
-            };
-            let opts = RevertOptions {
-                paused,
-                keep_current,
-            };
-            let report = handle
-                .revert_with(
-                    &snap_name(&snapshot)?,
-                    &opts,
-                    &qsnap_engine::launch::ProcessLauncher::default(),
-                )
+        Action::Revert(r) => {
+            let report = engine
+                .vm(&r.vm)
+                .await?
+                .revert_with(&r.snapshot, &r.opts, &ProcessLauncher::default())
                 .await
-                .with_context(|| format!("reverting {vm} to {snapshot}"))?;
-            output::reverted(&vm, &report, json);
+                .with_context(|| format!("reverting {} to {}", r.vm, r.snapshot))?;
+            output::reverted(r.vm.as_str(), &report, r.json);
         }
-        Command::Delete {
-            name: vm,
-            snapshot,
-            all,
-            json,
-        } => {
-            let handle = engine.vm(&vm_name(&vm)?).await?;
-            let bar = progress::MergeBar::new(json);
+        Action::Delete(r) => {
+            let vm = engine.vm(&r.vm).await?;
+            let bar = progress::MergeBar::new(r.json);
             let opts = DeleteOptions {
                 progress: bar.callback(),
             };
-            let result = match (&snapshot, all) {
-                (Some(s), false) => handle.delete_snapshot(&snap_name(s)?, &opts).await,
-                _ => handle.delete_all(&opts).await,
+            let result = match &r.snapshot {
+                Some(s) => vm.delete_snapshot(s, &opts).await,
+                None => vm.delete_all(&opts).await,
             };
             bar.finish();
-            let what = snapshot.unwrap_or_else(|| "all snapshots".into());
-            let report = result.with_context(|| format!("deleting {what} of {vm}"))?;
-            output::deleted(&vm, &report, json);
+            let what = r
+                .snapshot
+                .as_ref()
+                .map_or_else(|| "all snapshots".to_owned(), ToString::to_string);
+            let report = result.with_context(|| format!("deleting {what} of {}", r.vm))?;
+            output::deleted(r.vm.as_str(), &report, r.json);
         }
-        Command::Check {
-            name: vm,
-            repair,
-            json,
-        } => {
-            let handle = engine.vm(&vm_name(&vm)?).await?;
-            let report = handle
-                .check(repair)
+        Action::Check(r) => {
+            let report = engine
+                .vm(&r.vm)
+                .await?
+                .check(r.repair)
                 .await
-                .with_context(|| format!("checking {vm}"))?;
-            output::checked(&report, repair, json);
+                .with_context(|| format!("checking {}", r.vm))?;
+            output::checked(&report, r.repair, r.json);
             if !report.clean {
                 return Err(Unclean.into());
             }
         }
-        Command::List { name: vm, json } => {
-            let handle = engine.vm(&vm_name(&vm)?).await?;
-            let all = handle.snapshots().await?;
-            output::list(handle.record(), &all, json);
+        Action::List(r) => {
+            let vm = engine.vm(&r.vm).await?;
+            let all = vm.snapshots().await?;
+            output::list(vm.record(), &all, r.json);
         }
-        Command::Show {
-            name: vm,
-            snapshot,
-            json,
-        } => {
-            let handle = engine.vm(&vm_name(&vm)?).await?;
-            let m = handle.snapshot(&snap_name(&snapshot)?).await?;
-            output::snapshot(&m, json);
+        Action::Show(r) => {
+            let m = engine.vm(&r.vm).await?.snapshot(&r.snapshot).await?;
+            output::snapshot(&m, r.json);
         }
-        Command::Qmp {
-            socket,
-            command,
-            arguments,
-        } => {
-            let args = match arguments {
-                None => None,
-                Some(text) => match serde_json::from_str(&text) {
-                    Ok(v @ serde_json::Value::Object(_)) => Some(v),
-                    Ok(_) => {
-                        return Err(Usage(
-                            "arguments must be a JSON object, e.g. '{\"device\":\"drive0\"}'"
-                                .into(),
-                        )
-                        .into())
-                    }
-                    Err(e) => {
-                        return Err(Usage(format!("arguments are not valid JSON: {e}")).into())
-                    }
-                },
-            };
-            let qmp = connect(&socket, cli.timeout).await?;
+        Action::Qmp(r) => {
+            let qmp = connect(&r.socket, req.timeout).await?;
             let reply = qmp
-                .execute_raw(&command, args)
+                .execute_raw(&r.command, r.arguments)
                 .await
-                .with_context(|| format!("running {command} on {socket}"))?;
+                .with_context(|| format!("running {} on {}", r.command, r.socket))?;
             output::qmp_reply(&reply);
         }
-        Command::Info { socket, json } => {
-            let qmp = connect(&socket, cli.timeout).await?;
+        Action::Info(r) => {
+            let qmp = connect(&r.socket, req.timeout).await?;
             let info = qsnap_engine::VmInfo::read(&qmp)
                 .await
-                .with_context(|| format!("inspecting the VM at {socket}"))?;
-            output::vm_info(&info, json);
+                .with_context(|| format!("inspecting the VM at {}", r.socket))?;
+            output::vm_info(&info, r.json);
         }
     }
     Ok(())
-}
-
-/// `20261130T051016Z`: a snapshot name part that sorts by time.
-fn humantime_stamp() -> String {
-    humantime::format_rfc3339_seconds(std::time::SystemTime::now())
-        .to_string()
-        .replace(['-', ':'], "")
 }
 
 /// The error and its causes on one line, each said once (an engine error repeats QMP's
@@ -534,7 +339,7 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    match runtime.block_on(run(cli)) {
+    match Request::from_cli(cli).and_then(|req| runtime.block_on(run(req))) {
         Ok(()) => {
             if interrupted_exit().is_some() {
                 eprintln!("qsnap: the interrupt came too late to stop it: the command completed");

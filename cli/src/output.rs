@@ -1,10 +1,15 @@
-//! Everything the binary prints: human text or `--json`. Nothing else writes to stdout.
+//! Everything the binary prints about what a command did: results on stdout (human text or
+//! `--json`), notes and non-fatal warnings from the engine's reports on stderr. Nothing else
+//! writes to stdout (`main` writes only the error line and the interrupt messages to stderr).
+//!
+//! This module must never decide anything: it takes what the engine returned and formats it,
+//! calling no engine operation and reading no file.
 
 use qsnap_engine::launch::{KillSignal, StopOutcome};
 use qsnap_engine::snapshot::Mode;
 use qsnap_engine::{
-    CheckReport, DeleteReport, LazyReport, Manifest, RevertReport, Status, VmInfo, VmRecord,
-    VmState,
+    CheckReport, CreateOutcome, DeleteReport, LazyReport, Manifest, Recovery, RevertReport,
+    RunReport, Status, VmInfo, VmRecord, VmState,
 };
 use serde::Serialize;
 
@@ -96,6 +101,41 @@ pub fn attached(rec: &VmRecord, as_json: bool) {
     for d in &rec.disks {
         println!("  disk {:<10} {}", d.device, d.image.display());
     }
+}
+
+/// Prints what `run` did: a note on stderr when it pinned the TSC frequency, then the record.
+pub fn ran(r: &RunReport, as_json: bool) {
+    if let Some((hz, source)) = &r.tsc_pinned {
+        eprintln!(
+            "qsnap: the CPU asks for invtsc: added tsc-frequency={hz} (from {source}) so memory snapshots work; --no-tsc-fix turns this off"
+        );
+    }
+    attached(&r.record, as_json);
+}
+
+/// Prints a VM `start` started.
+pub fn started(vm: &str, pid: Option<u32>) {
+    match pid {
+        Some(pid) => println!("{vm} started (pid {pid})"),
+        None => println!("{vm} started"),
+    }
+}
+
+/// Says on stderr that an operation found an interrupted one and settled it first.
+pub fn recovered(r: &Recovery) {
+    eprintln!(
+        "qsnap: an interrupted {} (qsnap pid {}, started {}) was settled first: {}",
+        r.operation, r.qsnap_pid, r.started_at, r.outcome
+    );
+}
+
+/// Prints what `create` did: a warning on stderr when the memory could not be made lazy
+/// (the snapshot was taken all the same), then the snapshot.
+pub fn created(c: &CreateOutcome, as_json: bool) {
+    if let Some(e) = &c.lazy_ram_failed {
+        eprintln!("qsnap: warning: the snapshot was taken, but its memory stays a stream (reverts load it): {e}");
+    }
+    snapshot(&c.manifest, as_json);
 }
 
 /// Prints a snapshot: the summary after `create`, or `show`.

@@ -1,6 +1,9 @@
 //! The progress bars shown on a terminal while memory is saved and while layers merge
 //! (bytes, rate, ETA). They draw on stderr and only when stderr is a terminal, so stdout
 //! stays clean for scripts.
+//!
+//! This module must never print anything but the bars, nor change what a command does: a bar
+//! is only a callback the engine calls.
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use qsnap_engine::snapshot::{ProgressFn, SaveProgress};

@@ -61,3 +61,4 @@ pub use vm::{
     Operation, RamRestore, Recovery, RecoveryFn, RemoveReport, RevertOptions, RevertReport,
     RunOptions, RunReport, Status, Vm, VmState,
 };
+pub use vm::{CreateOutcome, Replacement, VmCreateOptions};

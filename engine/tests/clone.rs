@@ -6,7 +6,7 @@
 mod common;
 
 use common::{n, v, Guest};
-use qsnap_engine::{CloneOptions, Engine, Error, RunOptions, Store};
+use qsnap_engine::{CloneOptions, Engine, Error, Replacement, RunOptions, Store};
 use qsnap_testkit::serial::{parse_tick, SerialLog};
 use qsnap_testkit::{init_logging, require_qemu, KillRecordedQemu, VmBuilder};
 use std::path::{Path, PathBuf};
@@ -267,7 +267,10 @@ async fn a_hostfwd_port_is_refused_by_name_and_a_replacement_works() {
 
     let opts = CloneOptions {
         paused: false,
-        replace: vec![(fwd.clone(), format!("tcp:127.0.0.1:{port2}-:22"))],
+        replace: vec![Replacement::Pair(
+            fwd.clone(),
+            format!("tcp:127.0.0.1:{port2}-:22"),
+        )],
     };
     let r = src.clone_snapshot(&n("s"), &v("c1"), &opts).await.unwrap();
     assert!(r.resumed);

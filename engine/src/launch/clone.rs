@@ -265,7 +265,7 @@ pub fn clone_argv(
 /// themselves: the split taken is the one whose OLD appears in `argv`; when several do, the
 /// middle `=` if OLD and NEW hold as many. Anything else is refused as ambiguous, never
 /// guessed.
-pub fn split_replacement(r: &str, argv: &[String]) -> Result<(String, String), String> {
+pub(crate) fn split_replacement(r: &str, argv: &[String]) -> Result<(String, String), String> {
     let splits: Vec<(&str, &str)> = r
         .match_indices('=')
         .map(|(i, _)| (&r[..i], &r[i + 1..]))

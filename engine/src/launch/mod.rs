@@ -10,7 +10,7 @@
 //! machine type a snapshot needs.
 
 pub mod argv;
-pub mod clone;
+pub(crate) mod clone;
 pub mod machine;
 mod options;
 mod process;

@@ -3,7 +3,8 @@
 //! ```text
 //! source lock (shared: clones of one VM start side by side; delete/revert wait) + clone lock
 //! → refuse: a name in use, an interrupted operation on the source, a damaged snapshot, a
-//!   command line with what must differ per VM (launch/clone.rs)      ── nothing changed
+//!   `--replace` that does not fit the recorded command line, a command line with what must
+//!   differ per VM (launch/clone.rs)                                  ── nothing changed
 //! → record of the clone, stopped, naming its overlays-to-be (from here `qsnap remove` undoes)
 //! → overlays in <store>/vms/<clone>/disks over the snapshot's frozen images (never written)
 //! → QEMU with the rewritten command line, -incoming defer → load (or map the RAM image
@@ -20,7 +21,7 @@ use super::revert::RamRestore;
 use super::Vm;
 use crate::error::{Error, Result};
 use crate::failpoint;
-use crate::launch::clone::clone_argv;
+use crate::launch::clone::{clone_argv, split_replacement};
 use crate::launch::{self, stop_qemu, LaunchSpec, Launcher, ProcessLauncher};
 use crate::name::{SnapshotName, VmName};
 use crate::snapshot::revert::{self, RevertDisk};
@@ -35,9 +36,31 @@ use tracing::{info, warn};
 pub struct CloneOptions {
     /// Leave the clone's guest paused after loading its memory.
     pub paused: bool,
-    /// Text replacements on the recorded command line, applied first (`OLD`, `NEW`): how the
-    /// user gives a clone what must differ per VM (a `hostfwd` port, `-name`, …).
-    pub replace: Vec<(String, String)>,
+    /// Text replacements on the recorded command line, applied first: how the user gives a
+    /// clone what must differ per VM (a `hostfwd` port, `-name`, …).
+    pub replace: Vec<Replacement>,
+}
+
+/// One text replacement on the source's recorded command line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Replacement {
+    /// `OLD=NEW` as the user wrote it (`--replace`), split against the source's recorded
+    /// command line when the clone is made: OLD and NEW may hold `=` themselves, and the
+    /// split taken is the one whose OLD appears there (the middle `=` when several do).
+    /// One that does not fit is refused ([`Error::CloneRefused`]), never guessed.
+    Text(String),
+    /// `OLD` and `NEW`, already apart.
+    Pair(String, String),
+}
+
+impl Replacement {
+    /// `(OLD, NEW)` for the command line `argv`.
+    fn split(&self, argv: &[String]) -> std::result::Result<(String, String), String> {
+        match self {
+            Replacement::Text(r) => split_replacement(r, argv),
+            Replacement::Pair(old, new) => Ok((old.clone(), new.clone())),
+        }
+    }
 }
 
 /// What a clone did.
@@ -141,6 +164,12 @@ impl Vm {
             snapshot: snap.to_string(),
             why,
         };
+        let replace = opts
+            .replace
+            .iter()
+            .map(|r| r.split(&command.argv))
+            .collect::<std::result::Result<Vec<_>, String>>()
+            .map_err(refuse)?;
         let dir = store.vm_dir(new);
         let qmp = dir.join("qmp.sock");
         let source_qmp = self.socket_path(&source).ok();
@@ -150,7 +179,7 @@ impl Vm {
             &dir.join("files"),
             source_qmp.as_deref(),
             &qmp,
-            &opts.replace,
+            &replace,
         )
         .map_err(refuse)?;
         let machine_ok = super::revert::binary_can_load(&command.argv[0], &manifest, self.cancel());

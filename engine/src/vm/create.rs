@@ -13,6 +13,10 @@
 //! After the point of no return nothing is undone: a failure to write the store is
 //! "snapshot taken, but …" and the committed journal lets the next command (or
 //! `qsnap check --repair`) finish the bookkeeping.
+//!
+//! [`Vm::create_snapshot_with`] is a create and what a command asks to follow it (making its
+//! memory lazy), each its own operation on the VM; what follows never undoes the snapshot,
+//! and a failure of it comes back in the [`CreateOutcome`], not as an error.
 
 use super::state::{Operation, VmState};
 use super::Vm;
@@ -23,7 +27,51 @@ use crate::store::{self, CurrentDisk, Intent, Manifest, ThawIntent, VmRecord};
 use qsnap_qmp::{types, Qmp};
 use std::path::{Path, PathBuf};
 
+/// A snapshot and what is to follow it once it is taken ([`Vm::create_snapshot_with`]).
+#[derive(Debug)]
+pub struct VmCreateOptions {
+    /// The snapshot itself ([`Vm::create_options`] gives the defaults).
+    pub create: CreateOptions,
+    /// Then make its memory lazy, as [`Vm::make_lazy`] does. If that fails the snapshot stays
+    /// as taken (its memory a stream, which reverts load) and
+    /// [`CreateOutcome::lazy_ram_failed`] says why.
+    pub lazy_ram: bool,
+}
+
+/// What [`Vm::create_snapshot_with`] did.
+#[derive(Debug)]
+pub struct CreateOutcome {
+    /// The snapshot as the store holds it now (with its RAM image when it was made lazy).
+    pub manifest: Manifest,
+    /// `lazy_ram` was asked for and failed: why. The snapshot was taken all the same.
+    pub lazy_ram_failed: Option<Error>,
+}
+
 impl Vm {
+    /// [`Vm::create_snapshot`], then what `opts` asks to follow it. An error means no
+    /// snapshot was taken (or, as for `create_snapshot`, one was taken but not recorded in
+    /// full); a failure of what follows is in the outcome.
+    pub async fn create_snapshot_with(&self, opts: VmCreateOptions) -> Result<CreateOutcome> {
+        let snap = opts.create.name.clone();
+        let manifest = self.create_snapshot(opts.create).await?;
+        if !opts.lazy_ram {
+            return Ok(CreateOutcome {
+                manifest,
+                lazy_ram_failed: None,
+            });
+        }
+        match self.make_lazy(&snap).await {
+            Ok(_) => Ok(CreateOutcome {
+                manifest: self.snapshot(&snap).await?,
+                lazy_ram_failed: None,
+            }),
+            Err(e) => Ok(CreateOutcome {
+                manifest,
+                lazy_ram_failed: Some(e),
+            }),
+        }
+    }
+
     /// Takes a snapshot and records it: the record notes the new current snapshot and disk
     /// images first, then the manifest is written. Refuses when another operation holds the
     /// VM, the VM is not running, or the name is taken.

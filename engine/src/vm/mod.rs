@@ -26,7 +26,8 @@ mod relative;
 mod revert;
 mod state;
 
-pub use clone::{CloneOptions, CloneReport, RemoveReport};
+pub use clone::{CloneOptions, CloneReport, RemoveReport, Replacement};
+pub use create::{CreateOutcome, VmCreateOptions};
 pub use delete::{DeleteOptions, DeleteReport, MergeProgress, MergeProgressFn, MergeReport};
 pub use findings::{CheckReport, Finding};
 pub use lazy::LazyReport;
