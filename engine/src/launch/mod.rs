@@ -15,6 +15,7 @@ pub mod machine;
 mod options;
 mod process;
 pub(crate) mod ram;
+pub(crate) mod replace;
 pub(crate) mod tsc;
 
 pub use argv::DiskSubstitution;
