@@ -401,6 +401,17 @@ async fn run_status_stop_start_revert() {
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     let out = run(&["check", "vm1"]);
     assert!(out.status.success(), "{out:?}");
+    // A lazy-ram that cannot be made (a disk-only snapshot has no memory) never fails the
+    // create: the snapshot stands, a warning says so.
+    let out = run(&["create", "vm1", "dz", "--disk-only", "--lazy-ram", "--json"]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(stdout_json(&out)["name"], "dz", "{out:?}");
+    assert!(
+        text(&out.stderr).contains("the snapshot was taken, but its memory stays a stream"),
+        "{out:?}"
+    );
+    let out = run(&["delete", "vm1", "dz"]);
+    assert!(out.status.success(), "{out:?}");
 
     // A clone of lz runs next to vm1, with its own console; status says where it went;
     // remove takes it away. A bad --replace and an existing name are refused.
