@@ -1,0 +1,499 @@
+//! The engine's errors. [`Error`] is what every operation returns; its variants say which
+//! step failed and carry what a caller needs to react. Variants many operations share
+//! (I/O, tools, QMP, timeouts, the store, the lock, a guest left paused) are top-level; what
+//! one operation's failure did is in that operation's own enum, wrapped by [`Error`]:
+//!
+//! - [`CreateError`] ([`Error::Create`]): refused, rolled back (in full or in part), QEMU gone
+//!   mid-way, or the snapshot taken but not recorded / not finished;
+//! - [`RevertError`] ([`Error::Revert`]): refused with nothing changed, or failed with the VM
+//!   stopped on its untouched disks;
+//! - [`LazyRamError`] ([`Error::LazyRam`]): refused (with a [`LazyRamRefusal`]), or the
+//!   manifest switch not known to be durable.
+//!
+//! Refusals a caller can act on are typed too: [`Error::QemuLacks`] (with the missing
+//! [`QemuFeature`]), [`Error::ForeignJob`], [`Error::RemoveRefused`] (with a
+//! [`RemoveRefusal`]). QEMU's own refusals keep QEMU's class and description (inside
+//! [`Error::Qmp`]).
+//!
+//! # Printing
+//!
+//! Every message is whole: it already says its causes — QEMU's reason, the OS's reason, the
+//! error an operation failed on — because errors nest inside other errors' messages
+//! (`TakenBut`, `StoreBehind`, `LeftPaused`, …) and a reason must not be lost there. So
+//! [`std::error::Error::source`] returns `None` for every engine error (a chain printer shows
+//! each reason once); the wrapped errors stay reachable as fields (`Error::Qmp { source, .. }`,
+//! `Error::Io { source, .. }`, `cause`, `problem`) for matching. Print an engine error with
+//! `{}`; a caller that adds its own context (anyhow's `context`) prints the chain joined
+//! with ": ".
+
+use std::path::PathBuf;
+
+mod create;
+mod lazy;
+mod refusal;
+mod revert;
+
+pub use create::CreateError;
+pub use lazy::{LazyRamError, LazyRamRefusal};
+pub use refusal::{QemuFeature, RemoveRefusal};
+pub use revert::RevertError;
+
+/// Result alias for the engine.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// What can go wrong in the engine.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Error {
+    /// Talking to QEMU failed (connection, timeout, or QEMU refused a command).
+    Qmp {
+        /// What the engine was doing.
+        step: &'static str,
+        /// The QMP error (keeps QEMU's `class` and `desc` when QEMU refused).
+        source: qsnap_qmp::Error,
+    },
+    /// A VM or snapshot name that cannot be used.
+    InvalidName {
+        /// The name as given (escaped).
+        name: String,
+        /// What is wrong with it.
+        why: String,
+    },
+    /// The VM is in a state a snapshot cannot start from.
+    BadRunState {
+        /// QEMU's run state.
+        state: String,
+    },
+    /// Something else is going on in QEMU that a snapshot must not race with.
+    Busy {
+        /// What is running.
+        what: String,
+    },
+    /// This QEMU lacks what the operation needs; nothing was changed. Another QEMU (the
+    /// version the message names) or another mode does it.
+    QemuLacks {
+        /// What is missing.
+        feature: QemuFeature,
+        /// This QEMU's version.
+        version: String,
+    },
+    /// A block-stream job that qsnap did not start has ended but was not dismissed: QEMU
+    /// crashes when asked for its block nodes in that state, so qsnap does nothing until its
+    /// owner dismisses it (`job-dismiss`).
+    ForeignJob {
+        /// The job's id.
+        job: String,
+    },
+    /// `remove` refused a VM; nothing was changed.
+    RemoveRefused {
+        /// The VM.
+        vm: String,
+        /// Why.
+        reason: RemoveRefusal,
+    },
+    /// A create failed: refused, rolled back (in full or in part), or taken but not finished.
+    Create(CreateError),
+    /// A revert failed: refused, or failed after the old QEMU was stopped.
+    Revert(RevertError),
+    /// Making a snapshot's memory lazy failed.
+    LazyRam(LazyRamError),
+    /// Something the [`crate::harness`] cannot do (its own refusals). The engine's
+    /// operations say what they refuse with typed variants ([`Error::QemuLacks`],
+    /// [`Error::ForeignJob`], [`Error::RemoveRefused`], [`CreateError`], [`LazyRamError`]).
+    Unsupported {
+        /// What is missing.
+        what: String,
+    },
+    /// A disk that cannot take a qcow2 overlay.
+    DiskNotSnapshottable {
+        /// Device id or node name.
+        device: String,
+        /// Why.
+        why: String,
+    },
+    /// A directory a snapshot would write into cannot be used (missing, not a directory,
+    /// not writable, or relative); found before anything changes.
+    UnusableDirectory {
+        /// Which directory (`overlay directory`, `memory directory`).
+        what: &'static str,
+        /// The directory.
+        path: PathBuf,
+        /// What is wrong with it and what to do.
+        why: String,
+    },
+    /// A QEMU that `run` or `attach` will not register; nothing was recorded, and a QEMU
+    /// `run` had started for it was stopped again.
+    RegisterRefused {
+        /// The name asked for.
+        vm: String,
+        /// Why, and what to do.
+        why: String,
+    },
+    /// A file the operation would create already exists; qsnap never overwrites.
+    TargetExists {
+        /// The path.
+        path: PathBuf,
+    },
+    /// A local file operation failed. The OS's reason is in the message too, not only in
+    /// `source`: an `Io` nested in another error's message (`TakenBut`, `StoreBehind`) must
+    /// still say "No space left on device".
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// On which file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// An external tool (`qemu-img`, `qemu-system-* -machine help`) failed or did not
+    /// finish in time.
+    Tool {
+        /// The tool and its subcommand (`qemu-img create`).
+        tool: String,
+        /// The file it worked on.
+        path: PathBuf,
+        /// What it said, or that it timed out.
+        why: String,
+    },
+    /// QEMU failed to save memory (e.g. disk full); everything was rolled back.
+    SaveFailed {
+        /// QEMU's description.
+        desc: String,
+    },
+    /// An operation failed, and the store could not be brought in line with what QEMU does
+    /// now; its journal says what is left to do.
+    StoreBehind {
+        /// The VM.
+        vm: String,
+        /// What failed first.
+        cause: Box<Error>,
+        /// Why the store could not be updated.
+        problem: Box<Error>,
+    },
+    /// Snapshots were deleted, but merging the layers they leave did not finish. Nothing is
+    /// lost: the layers stay in the chains until a repair merges them.
+    DeletedBut {
+        /// The VM.
+        vm: String,
+        /// The snapshots deleted.
+        snapshots: Vec<String>,
+        /// What stopped the merge.
+        problem: Box<Error>,
+    },
+    /// A fault injected by a test (`failpoints` builds only).
+    Injected {
+        /// The failpoint.
+        point: String,
+    },
+    /// The operation was cancelled (e.g. Ctrl-C); everything was rolled back.
+    Cancelled,
+    /// A block job failed.
+    BlockJob {
+        /// Job id.
+        job: String,
+        /// QEMU's description.
+        desc: String,
+    },
+    /// No such VM in the store.
+    UnknownVm {
+        /// The name asked for.
+        vm: String,
+        /// The store searched.
+        store: PathBuf,
+    },
+    /// The VM is already in the store.
+    VmExists {
+        /// The name.
+        vm: String,
+    },
+    /// No such snapshot.
+    UnknownSnapshot {
+        /// The VM.
+        vm: String,
+        /// The name asked for.
+        snapshot: String,
+    },
+    /// A snapshot of that name exists.
+    SnapshotExists {
+        /// The VM.
+        vm: String,
+        /// The name.
+        snapshot: String,
+    },
+    /// Another operation holds the VM.
+    Locked {
+        /// The VM.
+        vm: String,
+        /// `<pid> <operation>` of the holder, as it wrote it.
+        holder: String,
+    },
+    /// A store file that cannot be read.
+    CorruptStore {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        why: String,
+    },
+    /// QEMU's recorded command line cannot be used as asked.
+    CommandLine {
+        /// What is wrong.
+        why: String,
+    },
+    /// QEMU did not come up.
+    LaunchFailed {
+        /// What happened.
+        why: String,
+        /// QEMU's log file.
+        log: PathBuf,
+        /// Its last lines.
+        tail: String,
+    },
+    /// The VM is running and the operation needs it stopped.
+    AlreadyRunning {
+        /// The VM.
+        vm: String,
+        /// QEMU's pid.
+        pid: u32,
+    },
+    /// The operation needs a running QEMU and there is none.
+    NotRunning {
+        /// The VM.
+        vm: String,
+    },
+    /// The VM's QEMU is alive but its monitor does not answer: qsnap will not act on it, and
+    /// never starts a second QEMU beside it.
+    Unreachable {
+        /// The VM.
+        vm: String,
+        /// QEMU's pid, when known.
+        pid: Option<u32>,
+        /// What the monitor did.
+        why: String,
+    },
+    /// A QEMU that runs (or may run) could not be stopped: it was left as it was, and the
+    /// record still names it.
+    StopFailed {
+        /// Its monitor.
+        endpoint: String,
+        /// Its pid, when known.
+        pid: Option<u32>,
+        /// What happened, and what to do.
+        why: String,
+    },
+    /// The QEMU belongs to another user: acting on it (and later re-running its command line)
+    /// crosses a privilege boundary.
+    ForeignQemu {
+        /// QEMU's uid.
+        uid: u32,
+        /// Ours.
+        ours: u32,
+    },
+    /// An interrupted operation needs a person to decide how to go on.
+    NeedsDecision {
+        /// The VM.
+        vm: String,
+        /// The operation (`create s1`, …).
+        operation: String,
+        /// What is wrong and the exact command to run.
+        what: String,
+    },
+    /// An image file was kept because something may still need it (the reference guard in
+    /// front of every unlink).
+    UnlinkRefused {
+        /// The image.
+        path: PathBuf,
+        /// What uses it, or why qsnap may not remove it.
+        why: String,
+    },
+    /// A delete that would lose data or break another snapshot is refused; nothing changed.
+    DeleteRefused {
+        /// The snapshot.
+        snapshot: String,
+        /// Why.
+        why: String,
+    },
+    /// Something did not happen in time.
+    Timeout {
+        /// What was waited for.
+        what: String,
+        /// How long.
+        after: std::time::Duration,
+    },
+    /// A snapshot that cannot be cloned; nothing was changed.
+    CloneRefused {
+        /// The snapshot.
+        snapshot: String,
+        /// Why.
+        why: String,
+    },
+    /// The guest agent failed or did not answer.
+    GuestAgent {
+        /// Its socket.
+        socket: PathBuf,
+        /// What went wrong.
+        what: String,
+    },
+    /// The guest was left paused on purpose, or could not be resumed: the store and QEMU
+    /// agree on its disks, but it does not run. `fix` is the command that resumes it.
+    LeftPaused {
+        /// What happened.
+        what: String,
+        /// What failed.
+        cause: Box<Error>,
+        /// The exact command to run.
+        fix: String,
+    },
+    /// A memory file that is not a complete qsnap memory file.
+    BadMemoryFile {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        why: String,
+    },
+}
+
+impl std::fmt::Display for Error {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Error::QemuLacks { feature, version } => match feature {
+                QemuFeature::BackgroundSnapshot => write!(f, "point-in-time snapshots need background-snapshot, which QEMU {version} lacks; use --mode precopy"),
+                QemuFeature::PausedBackgroundSnapshot => write!(f, "QEMU {version} (< 9.0) would resume this paused VM during a point-in-time snapshot; use --mode precopy"),
+                QemuFeature::MappedRam { snapshot } => write!(f, "loading snapshot {snapshot}: it was saved in QEMU's mapped-ram format, which this QEMU ({version}) cannot read; start the VM with QEMU ≥ 9.0 (snapshots taken with --no-mapped-ram load on any QEMU)"),
+                QemuFeature::LazyRam => write!(f, "lazy RAM needs QEMU ≥ 8.2 (x-ignore-shared, file: migration, a read-only private RAM mapping); this is QEMU {version}"),
+            },
+            Error::ForeignJob { job } => write!(f, "block-stream job {job} has ended but is not dismissed, and QEMU crashes when asked for its block nodes in that state (a QEMU bug); its owner should dismiss it (`job-dismiss`), then run qsnap again"),
+            Error::RemoveRefused { vm, reason } => match reason {
+                RemoveRefusal::NotAClone => write!(f, "removing {vm}: it is not a clone, and its overlays hold what its guest wrote; `qsnap delete {vm} --all` merges them into its images"),
+                RemoveRefusal::InUse { by, image } => write!(f, "removing {vm}: {by} runs on {} (a clone of one of its snapshots); remove {by} first", image.display()),
+            },
+            Error::Create(e) => std::fmt::Display::fmt(e, f),
+            Error::Revert(e) => std::fmt::Display::fmt(e, f),
+            Error::LazyRam(e) => std::fmt::Display::fmt(e, f),
+            Error::Qmp { step, source } => write!(f, "{step}: {source}"),
+            Error::InvalidName { name, why } => write!(f, "invalid {name}: {why}"),
+            Error::BadRunState { state } => write!(f, "the VM is {state}; a snapshot needs it running or paused"),
+            Error::Busy { what } => write!(f, "the VM is busy: {what}; try again when it is done"),
+            Error::Unsupported { what } => write!(f, "{what}"),
+            Error::DiskNotSnapshottable { device, why } => write!(f, "disk {device} cannot be snapshotted: {why}"),
+            Error::UnusableDirectory { what, path, why } => write!(f, "the {what} {} cannot be used: {why}", path.display()),
+            Error::RegisterRefused { vm, why } => write!(f, "cannot register VM \"{vm}\": {why}; nothing was recorded"),
+            Error::TargetExists { path } => write!(f, "{} already exists; qsnap never overwrites (pick another snapshot name or remove it)", path.display()),
+            Error::Io { what, path, source } => write!(f, "{what} ({}): {source}", path.display()),
+            Error::Tool { tool, path, why } => write!(f, "{tool} failed on {}: {why}", path.display()),
+            Error::SaveFailed { desc } => write!(f, "saving memory failed: {desc}"),
+            Error::StoreBehind { vm, cause, problem } => write!(f, "{cause}; and the store could not be updated ({problem}): run `qsnap check {vm} --repair`"),
+            Error::DeletedBut { vm, snapshots, problem } => write!(f, "{} deleted, but merging the layers left behind did not finish ({problem}); nothing is lost: `qsnap check {vm} --repair` merges them", snapshots.join(", ")),
+            Error::Injected { point } => write!(f, "injected fault at {point}"),
+            Error::Cancelled => write!(f, "cancelled; everything was rolled back"),
+            Error::BlockJob { job, desc } => write!(f, "block job {job} failed: {desc}"),
+            Error::UnknownVm { vm, store } => write!(f, "no VM named \"{vm}\" in the store {} (register it with `qsnap attach {vm} --qmp SOCKET`)", store.display()),
+            Error::VmExists { vm } => write!(f, "a VM named \"{vm}\" is already in the store"),
+            Error::UnknownSnapshot { vm, snapshot } => write!(f, "VM \"{vm}\" has no snapshot named \"{snapshot}\" (see `qsnap list {vm}`)"),
+            Error::SnapshotExists { vm, snapshot } => write!(f, "VM \"{vm}\" already has a snapshot named \"{snapshot}\"; pick another name"),
+            Error::Locked { vm, holder } => write!(f, "VM \"{vm}\" is busy with another qsnap operation (pid and operation: {holder}); wait for it to finish"),
+            Error::CorruptStore { path, why } => write!(f, "the store file {} is unreadable: {why}", path.display()),
+            Error::CommandLine { why } => write!(f, "cannot relaunch from the recorded command line: {why}"),
+            Error::LaunchFailed { why, log, tail } => write!(f, "QEMU did not start: {why} (log {}){}", log.display(), if tail.is_empty() { String::new() } else { format!(":\n{tail}") }),
+            Error::AlreadyRunning { vm, pid } => write!(f, "VM \"{vm}\" is running (pid {pid}); stop it first with `qsnap stop {vm}`"),
+            Error::NotRunning { vm } => write!(f, "VM \"{vm}\" is not running; start it with `qsnap start {vm}`"),
+            Error::Unreachable { vm, pid, why } => write!(f, "VM \"{vm}\"'s QEMU{} is alive but its monitor does not answer ({why}); if another client holds the monitor, give qsnap its own -qmp socket; `qsnap stop {vm}` kills a hung QEMU", pid.map(|p| format!(" (pid {p})")).unwrap_or_default()),
+            Error::StopFailed { endpoint, pid, why } => write!(f, "could not stop the QEMU{} at {endpoint}: {why}", pid.map(|p| format!(" (pid {p})")).unwrap_or_default()),
+            Error::ForeignQemu { uid, ours } => write!(f, "the QEMU behind this socket runs as uid {uid}, qsnap as uid {ours}; re-running another user's command line is refused unless you ask for it (--allow-other-user)"),
+            Error::NeedsDecision { vm, operation, what } => write!(f, "VM \"{vm}\" has an interrupted {operation} that qsnap cannot finish by itself: {what}"),
+            Error::UnlinkRefused { path, why } => write!(f, "kept {}: {why}", path.display()),
+            Error::DeleteRefused { snapshot, why } => write!(f, "cannot delete {snapshot}: {why}; nothing was changed"),
+            Error::Timeout { what, after } => write!(f, "timed out after {after:?} waiting for {what}"),
+            Error::CloneRefused { snapshot, why } => write!(f, "cannot clone {snapshot}: {why}; nothing was changed"),
+            Error::GuestAgent { socket, what } => write!(f, "guest agent at {}: {what}", socket.display()),
+            Error::LeftPaused { what, cause, fix } => write!(f, "{what} ({cause}); the guest is left paused: {fix}"),
+            Error::BadMemoryFile { path, why } => write!(f, "{} is not usable: {why}", path.display()),
+        }
+    }
+}
+
+/// Every message already says its causes, so [`std::error::Error::source`] is `None`: see
+/// the module docs.
+impl std::error::Error for Error {}
+
+impl From<CreateError> for Error {
+    fn from(e: CreateError) -> Self {
+        Error::Create(e)
+    }
+}
+
+impl From<RevertError> for Error {
+    fn from(e: RevertError) -> Self {
+        Error::Revert(e)
+    }
+}
+
+impl From<LazyRamError> for Error {
+    fn from(e: LazyRamError) -> Self {
+        Error::LazyRam(e)
+    }
+}
+
+/// The overlay paths of `disks` (`(device, overlay)`), for messages.
+pub(crate) fn overlay_list(disks: &[(String, PathBuf)]) -> String {
+    disks
+        .iter()
+        .map(|(dev, p)| format!("{dev}: {}", p.display()))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+pub(crate) fn blocked_hint(reasons: &[String], tsc_hz: Option<u64>) -> String {
+    if !reasons.iter().any(|r| r.contains("invtsc")) {
+        return String::new();
+    }
+    let hz = tsc_hz.map_or("<Hz>".to_owned(), |hz| hz.to_string());
+    format!(
+        ". Fix: start QEMU with a fixed TSC frequency (-cpu …,+invtsc,tsc-frequency={hz}; `qsnap run` adds it), \
+         or take a disk-only snapshot (--disk-only)"
+    )
+}
+
+impl Error {
+    /// For a failed create: the overlays the disks stay on (QEMU went away after the switch,
+    /// or merging back failed). The VM writes to them; a restart must open them.
+    pub fn kept_overlays(&self) -> Vec<(String, PathBuf)> {
+        match self {
+            Error::Create(CreateError::QemuExited { kept_overlays, .. }) => kept_overlays.clone(),
+            Error::Create(CreateError::RollbackIncomplete {
+                cause,
+                kept_overlays,
+                ..
+            }) => {
+                let mut all = cause.kept_overlays();
+                all.extend(kept_overlays.iter().cloned());
+                all
+            }
+            Error::StoreBehind { cause, .. } => cause.kept_overlays(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// True when QEMU closed the connection (it exited or crashed).
+    pub fn is_disconnected(&self) -> bool {
+        match self {
+            Error::Qmp { source, .. } => source.is_disconnected(),
+            Error::Create(CreateError::QemuExited { .. }) => true,
+            _ => false,
+        }
+    }
+
+    /// True when a QMP command got no answer in time (it may still have run).
+    pub fn is_timeout(&self) -> bool {
+        matches!(
+            self,
+            Error::Qmp {
+                source: qsnap_qmp::Error::Timeout { .. },
+                ..
+            }
+        )
+    }
+
+    pub(crate) fn qmp(step: &'static str) -> impl FnOnce(qsnap_qmp::Error) -> Error {
+        move |source| Error::Qmp { step, source }
+    }
+}
