@@ -477,8 +477,6 @@ fn humantime_stamp() -> String {
         .replace(['-', ':'], "")
 }
 
-/// The error and its causes on one line, each said once (an engine error repeats QMP's
-/// reason in its own text so that library users see it too).
 /// The error chain on one line, joined with ": ". Engine and QMP errors say their causes in
 /// their own message and return none as `source()`, so each reason is printed once.
 fn render(err: &anyhow::Error) -> String {
