@@ -282,21 +282,13 @@ async fn run(req: Request) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The error and its causes on one line, each said once (an engine error repeats QMP's
-/// reason in its own text so that library users see it too).
+/// The error chain on one line, joined with ": ". Engine and QMP errors say their causes in
+/// their own message and return none as `source()`, so each reason is printed once.
 fn render(err: &anyhow::Error) -> String {
-    let mut out = String::new();
-    for cause in err.chain() {
-        let text = cause.to_string();
-        if out.contains(&text) {
-            continue;
-        }
-        if !out.is_empty() {
-            out.push_str(": ");
-        }
-        out.push_str(&text);
-    }
-    out
+    err.chain()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(": ")
 }
 
 fn exit_code(err: &anyhow::Error) -> u8 {
@@ -307,12 +299,18 @@ fn exit_code(err: &anyhow::Error) -> u8 {
         if let Some(qsnap_engine::Error::InvalidName { .. }) = cause.downcast_ref() {
             return EXIT_USAGE;
         }
+        // A QMP error comes bare (the CLI's own connections) or inside the engine's
+        // `Error::Qmp` (which does not return it as `source()`).
+        let qmp = match cause.downcast_ref() {
+            Some(qsnap_engine::Error::Qmp { source, .. }) => Some(source),
+            _ => cause.downcast_ref::<qsnap_qmp::Error>(),
+        };
         if let Some(
             qsnap_qmp::Error::Connect { .. }
             | qsnap_qmp::Error::NotASocket { .. }
             | qsnap_qmp::Error::GreetingTimeout { .. }
             | qsnap_qmp::Error::Handshake { .. },
-        ) = cause.downcast_ref()
+        ) = qmp
         {
             return EXIT_UNREACHABLE;
         }

@@ -447,7 +447,10 @@ impl GoldenBuilder {
         }
         match golden.vm.make_lazy(&golden.snapshot).await {
             Ok(_) => {}
-            Err(Error::Unsupported { what }) => {
+            // What was `Error::Unsupported` before the engine's refusals got types.
+            Err(
+                what @ (Error::LazyRam(_) | Error::QemuLacks { .. } | Error::ForeignJob { .. }),
+            ) => {
                 tracing::info!(%what, "forks load the golden snapshot's memory eagerly");
             }
             Err(e) => return Err(e),

@@ -50,7 +50,10 @@ mod tool;
 mod unlink;
 mod vm;
 
-pub use error::{Error, Result};
+pub use error::{
+    CreateError, Error, LazyRamError, LazyRamRefusal, QemuFeature, RemoveRefusal, Result,
+    RevertError,
+};
 pub use failpoint::{setup_from_env as failpoints_from_env, Scenario as FailpointScenario};
 pub use inspect::{DiskInfo, VmInfo};
 pub use name::{SnapshotName, VmName};

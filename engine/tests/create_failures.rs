@@ -4,7 +4,7 @@
 
 use nix::sys::signal::{kill, Signal};
 use qsnap_engine::snapshot::{memfile, Mode};
-use qsnap_engine::{Engine, Error, SnapshotName, Store, VmName};
+use qsnap_engine::{CreateError, Engine, Error, SnapshotName, Store, VmName};
 use qsnap_qmp::types;
 use qsnap_testkit::restore::{assert_resumes, restore_guest, Frozen};
 use qsnap_testkit::{
@@ -277,7 +277,7 @@ async fn invtsc_blocker_is_refused_with_the_fix_and_disk_only_still_works() {
     let text = err.to_string();
     eprintln!("{text}");
     match &err {
-        Error::MigrationBlocked { reasons, tsc_hz } => {
+        Error::Create(CreateError::MigrationBlocked { reasons, tsc_hz }) => {
             assert!(reasons.iter().any(|r| r.contains("invtsc")), "{reasons:?}");
             let hz = tsc_hz.expect("the TSC frequency is read for the hint");
             assert!(hz > 100_000_000, "{hz}");

@@ -8,7 +8,7 @@
 #![cfg(feature = "testing")]
 
 use qsnap_engine::testing::{blocks, StoreWriters};
-use qsnap_engine::{AttachOptions, Engine, Error, Store, VmState};
+use qsnap_engine::{AttachOptions, CreateError, Engine, Error, Store, VmState};
 use qsnap_testkit::{create_image, init_logging, require_qemu, DiskStyle, VmBuilder};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -153,7 +153,10 @@ async fn failures_around_the_switch_follow_what_qemu_did_and_the_record_follows_
         .await
         .unwrap();
     eprintln!("after the point of no return: {err}");
-    assert!(matches!(err, Error::TakenBut { .. }), "{err}");
+    assert!(
+        matches!(err, Error::Create(CreateError::TakenBut { .. })),
+        "{err}"
+    );
     let text = err.to_string();
     assert!(
         text.contains("snapshot s1 was taken")
@@ -432,7 +435,7 @@ async fn an_ended_stream_job_never_makes_listing_the_nodes_crash_qemu() {
             }
             Way::Stream | Way::CancelledStream => {
                 let err = listed.unwrap_err();
-                assert!(matches!(err, Error::Unsupported { .. }), "{err}");
+                assert!(matches!(err, Error::ForeignJob { .. }), "{err}");
                 assert!(err.to_string().contains(job), "{err}");
                 assert!(err.to_string().contains("job-dismiss"), "{err}");
                 assert_eq!(status(&qmp).await, "concluded", "{what} is not ours");

@@ -6,7 +6,9 @@
 //! and a VM whose command line rules lazy RAM out reverts eagerly and says why.
 
 use qsnap_engine::snapshot::Mode;
-use qsnap_engine::{Error, RamRestore, RevertOptions};
+use qsnap_engine::{
+    CreateError, Error, LazyRamError, LazyRamRefusal, RamRestore, RevertError, RevertOptions,
+};
 use qsnap_testkit::{init_logging, require_qemu, VmBuilder};
 use std::os::unix::fs::PermissionsExt;
 
@@ -117,7 +119,8 @@ async fn lazy_reverts_resume_where_eager_ones_do_again_and_across_branches() {
     pit.mode = Some(Mode::PointInTime);
     let err = g.vm.create_snapshot(pit).await.unwrap_err();
     assert!(
-        matches!(&err, Error::Unsupported { what } if what.contains("--mode precopy")),
+        matches!(&err, Error::Create(CreateError::CannotWriteProtect { .. }))
+            && err.to_string().contains("--mode precopy"),
         "{err}"
     );
     let s2 = g.snapshot("s2").await;
@@ -177,7 +180,7 @@ async fn lazy_reverts_resume_where_eager_ones_do_again_and_across_branches() {
             .await
             .unwrap_err();
     assert!(
-        matches!(&err, Error::RevertRefused { why, .. } if why.contains("RAM image")),
+        matches!(&err, Error::Revert(RevertError::Refused { why, .. }) if why.contains("RAM image")),
         "{err}"
     );
     assert!(g.vm.status().await.unwrap().running);
@@ -206,7 +209,13 @@ async fn a_vm_with_its_own_memory_backend_reverts_eagerly_and_says_why() {
 
     let err = g.vm.make_lazy(&n("s1")).await.unwrap_err();
     assert!(
-        matches!(&err, Error::Unsupported { what } if what.contains("memory backend")),
+        matches!(
+            &err,
+            Error::LazyRam(LazyRamError::Refused {
+                reason: LazyRamRefusal::CommandLine { why },
+                ..
+            }) if why.contains("memory backend")
+        ),
         "{err}"
     );
     // Nothing changed.

@@ -5,7 +5,9 @@
 
 use qsnap_engine::launch::{LaunchSpec, Launched, Launcher, ProcessLauncher};
 use qsnap_engine::snapshot::{revert, Mode};
-use qsnap_engine::{Engine, Error, RevertOptions, RunOptions, SnapshotName, Store, VmName};
+use qsnap_engine::{
+    CreateError, Engine, Error, RevertError, RevertOptions, RunOptions, SnapshotName, Store, VmName,
+};
 use qsnap_testkit::{init_logging, require_qemu, Accel, DiskStyle, KillRecordedQemu, VmBuilder};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -185,7 +187,10 @@ async fn flip_and_revert(g: &Guest, snap: &str) {
         f.write_all_at(&[b[0] ^ 0x10], at).unwrap();
     }
     let err = g.vm.revert(&n(snap), false).await.unwrap_err();
-    assert!(matches!(err, Error::RevertRefused { .. }), "{snap}: {err}");
+    assert!(
+        matches!(err, Error::Revert(RevertError::Refused { .. })),
+        "{snap}: {err}"
+    );
     assert!(
         err.to_string().contains("contents changed"),
         "{snap}: {err}"
@@ -213,7 +218,10 @@ async fn a_damaged_snapshot_is_refused_before_the_vm_is_touched() {
     f.set_len(std::fs::metadata(&mem).unwrap().len() / 2)
         .unwrap();
     let err = g.vm.revert(&n("s1"), false).await.unwrap_err();
-    assert!(matches!(err, Error::RevertRefused { .. }), "{err}");
+    assert!(
+        matches!(err, Error::Revert(RevertError::Refused { .. })),
+        "{err}"
+    );
     assert!(err.to_string().contains("truncated"), "{err}");
 
     // A frozen image someone wrote to.
@@ -226,7 +234,10 @@ async fn a_damaged_snapshot_is_refused_before_the_vm_is_touched() {
     f.set_len(std::fs::metadata(frozen).unwrap().len() + 512)
         .unwrap();
     let err = g.vm.revert(&n("s2"), false).await.unwrap_err();
-    assert!(matches!(err, Error::RevertRefused { .. }), "{err}");
+    assert!(
+        matches!(err, Error::Revert(RevertError::Refused { .. })),
+        "{err}"
+    );
     assert!(
         err.to_string().contains("changed since the snapshot"),
         "{err}"
@@ -376,7 +387,10 @@ async fn stop_and_start_keep_the_chain_and_never_open_a_frozen_image_read_write(
             .await
             .unwrap_err();
     let text = err.to_string();
-    assert!(matches!(err, Error::RevertFailed { .. }), "{text}");
+    assert!(
+        matches!(err, Error::Revert(RevertError::Failed { .. })),
+        "{text}"
+    );
     assert!(
         text.contains("The VM is stopped") && text.contains("qsnap start g"),
         "{text}"
@@ -431,7 +445,10 @@ async fn run_pins_the_tsc_frequency_of_an_invtsc_cpu_so_memory_snapshots_work() 
         .create_snapshot(plain.create_options(n("s1")))
         .await
         .unwrap_err();
-    assert!(matches!(err, Error::MigrationBlocked { .. }), "{err}");
+    assert!(
+        matches!(err, Error::Create(CreateError::MigrationBlocked { .. })),
+        "{err}"
+    );
     plain.stop().await.unwrap();
 
     // With it: the Hz is added to -cpu, recorded, and a memory snapshot works.

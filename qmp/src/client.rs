@@ -387,9 +387,9 @@ impl Qmp {
             }
         };
         let reply = self.call(C::NAME, args, fd, timeout, oob).await?;
-        serde_json::from_value(reply.clone()).map_err(|source| Error::Decode {
+        serde_json::from_value(reply.clone()).map_err(|json| Error::Decode {
             command: C::NAME.into(),
-            source,
+            json,
             reply,
         })
     }
@@ -410,9 +410,9 @@ impl Qmp {
         let fd = fd
             .map(|fd| fd.try_clone_to_owned())
             .transpose()
-            .map_err(|source| Error::Send {
+            .map_err(|io| Error::Send {
                 command: name.into(),
-                source,
+                io,
             })?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let line = encode_command(name, arguments.as_ref(), id, oob);
@@ -472,10 +472,10 @@ impl Qmp {
                             .close(&format!("QEMU closed the connection ({source})"));
                         return Err(self.shared.disconnected_error());
                     }
-                    Ok(Err(source)) => {
+                    Ok(Err(io)) => {
                         return Err(Error::Send {
                             command: name.into(),
-                            source,
+                            io,
                         })
                     }
                     Err(_) => return Err(self.shared.disconnected_error()),
@@ -525,10 +525,10 @@ impl Qmp {
     }
 }
 
-fn connect_err(endpoint: &str, source: std::io::Error) -> Error {
+fn connect_err(endpoint: &str, io: std::io::Error) -> Error {
     Error::Connect {
         endpoint: endpoint.to_owned(),
-        source,
+        io,
     }
 }
 

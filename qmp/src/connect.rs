@@ -109,7 +109,7 @@ pub(crate) async fn open(endpoint: &Endpoint, retry_for: Duration) -> Result<Tra
                 }
                 return Err(Error::Connect {
                     endpoint: endpoint.to_string(),
-                    source: e,
+                    io: e,
                 });
             }
         }

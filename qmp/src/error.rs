@@ -2,9 +2,10 @@
 //!
 //! A caller must be able to tell apart "QEMU refused the command" (keeps QEMU's `class` and
 //! `desc`), "the connection is gone", "no answer in time" and "we could not understand the
-//! answer": each asks for a different reaction. An underlying I/O or decode error is both in
-//! the message (so `to_string()` says what the OS said) and exposed as `source()`; a printer
-//! of the whole chain should skip a cause its message already contains (the CLI does).
+//! answer": each asks for a different reaction. An underlying I/O or decode error is in the
+//! message (so `to_string()` says what the OS said) and kept in a field (`io`, `json`) for
+//! matching, but not returned as `source()`: a printer of the whole chain shows each reason
+//! once.
 
 use std::{io, path::PathBuf, sync::Arc, time::Duration};
 
@@ -16,12 +17,12 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 #[non_exhaustive]
 pub enum Error {
     /// The socket could not be reached (after the connect retries).
-    #[error("cannot connect to the QMP socket {endpoint}: {source} (is QEMU running with -qmp unix:{endpoint},server=on,wait=off?)")]
+    #[error("cannot connect to the QMP socket {endpoint}: {io} (is QEMU running with -qmp unix:{endpoint},server=on,wait=off?)")]
     Connect {
         /// Where we tried to connect.
         endpoint: String,
         /// The last error seen.
-        source: io::Error,
+        io: io::Error,
     },
 
     /// Connected, but QEMU sent no greeting in time. QEMU's monitor serves one client at a
@@ -99,12 +100,12 @@ pub enum Error {
 
     /// The reply did not match the command's reply type (e.g. a QEMU newer than the schema).
     /// The raw reply is kept so the caller can fall back to `execute_raw`.
-    #[error("cannot decode the reply to {command}: {source}")]
+    #[error("cannot decode the reply to {command}: {json}")]
     Decode {
         /// The command.
         command: String,
         /// The serde error.
-        source: serde_json::Error,
+        json: serde_json::Error,
         /// The reply as QEMU sent it.
         reply: serde_json::Value,
     },
@@ -127,12 +128,12 @@ pub enum Error {
 
     /// Writing a command to the socket failed (for a reason other than QEMU being gone, which
     /// is [`Error::Disconnected`]).
-    #[error("cannot send {command} to QEMU: {source}")]
+    #[error("cannot send {command} to QEMU: {io}")]
     Send {
         /// The command.
         command: String,
         /// The I/O error.
-        source: io::Error,
+        io: io::Error,
     },
 
     /// A socket path that is not a socket (or does not exist after the retries).

@@ -54,9 +54,9 @@ impl Schema {
     /// Builds the index from the reply of `query-qmp-schema`.
     pub fn from_value(reply: Value) -> Result<Schema> {
         let list: Vec<Entry> =
-            serde_json::from_value(reply.clone()).map_err(|source| Error::Decode {
+            serde_json::from_value(reply.clone()).map_err(|json| Error::Decode {
                 command: "query-qmp-schema".into(),
-                source,
+                json,
                 reply,
             })?;
         let entries = list.into_iter().map(|e| (e.name.clone(), e)).collect();

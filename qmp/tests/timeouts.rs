@@ -142,9 +142,9 @@ async fn tcp_connect_to_a_host_dropping_syns_times_out_after_the_per_attempt_bou
     .expect("TCP connect to a host dropping SYNs was not bounded");
     let elapsed = started.elapsed();
     match result {
-        Err(Error::Connect { endpoint, source }) => {
+        Err(Error::Connect { endpoint, io }) => {
             assert_eq!(endpoint, format!("tcp:{addr}"));
-            assert_eq!(source.kind(), std::io::ErrorKind::TimedOut, "{source}");
+            assert_eq!(io.kind(), std::io::ErrorKind::TimedOut, "{io}");
         }
         other => panic!("expected Error::Connect (timed out), got {other:?}"),
     }

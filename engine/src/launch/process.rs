@@ -332,9 +332,7 @@ fn unanswered(e: &qsnap_qmp::Error) -> String {
         qsnap_qmp::Error::GreetingTimeout { .. } => {
             "its monitor did not answer (another client probably holds it)".into()
         }
-        qsnap_qmp::Error::Connect { source, .. }
-            if source.kind() == std::io::ErrorKind::WouldBlock =>
-        {
+        qsnap_qmp::Error::Connect { io, .. } if io.kind() == std::io::ErrorKind::WouldBlock => {
             "its monitor did not answer (its queue of waiting clients is full: another client \
              holds it)"
                 .into()
@@ -382,8 +380,8 @@ async fn kill_hard(
 pub(crate) fn nobody_serves(e: &qsnap_qmp::Error) -> bool {
     match e {
         qsnap_qmp::Error::NotASocket { .. } => true,
-        qsnap_qmp::Error::Connect { source, .. } => matches!(
-            source.kind(),
+        qsnap_qmp::Error::Connect { io, .. } => matches!(
+            io.kind(),
             std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
         ),
         _ => false,

@@ -533,14 +533,7 @@ async fn dismiss_ended_streams(qmp: &Qmp) -> Result<()> {
         .filter(|j| j.kind == "stream" && j.status == "concluded")
     {
         if !j.id.starts_with(MERGE_JOB_PREFIX) {
-            return Err(Error::Unsupported {
-                what: format!(
-                    "block-stream job {} has ended but is not dismissed, and QEMU crashes when asked \
-                     for its block nodes in that state (a QEMU bug); its owner should dismiss it \
-                     (`job-dismiss`), then run qsnap again",
-                    j.id
-                ),
-            });
+            return Err(Error::ForeignJob { job: j.id.clone() });
         }
         match &j.error {
             None => tracing::info!(job = %j.id, "dismissing an ended stream job a qsnap left"),

@@ -11,7 +11,7 @@
 //! [`discard`] removes the overlays of a prepared revert that was not used.
 //! Nothing here stops or starts QEMU; `vm.rs` does that through a `Launcher`.
 
-use crate::error::{Error, Result};
+use crate::error::{Error, QemuFeature, Result, RevertError};
 use crate::image;
 use crate::launch::RamMapping;
 use crate::qemu::{Capability, MigrateSetCapabilities};
@@ -61,10 +61,11 @@ pub struct PreparedRevert {
 
 /// The refusal for a snapshot that cannot be used.
 fn refused(snapshot: &str, why: String) -> Error {
-    Error::RevertRefused {
+    RevertError::Refused {
         snapshot: snapshot.to_owned(),
         why,
     }
+    .into()
 }
 
 /// Checks that the snapshot's files are whole and unchanged — the memory file's header,
@@ -228,9 +229,12 @@ pub async fn discard(p: &PreparedRevert) {
 /// snapshot's image, mapped privately and read-only: loaded into ordinary RAM it would resume
 /// a guest whose memory is zeros, and nothing in the stream could tell.
 async fn check_mapping(qmp: &Qmp, p: &PreparedRevert) -> Result<()> {
-    let refuse = |why: String| Error::RevertRefused {
-        snapshot: p.snapshot.clone(),
-        why,
+    let refuse = |why: String| -> Error {
+        RevertError::Refused {
+            snapshot: p.snapshot.clone(),
+            why,
+        }
+        .into()
     };
     let Some(RamMapping::Private { backend, image, .. }) = &p.ram else {
         return Err(refuse(
@@ -333,12 +337,11 @@ pub async fn restore(
     if p.capabilities.iter().any(|c| c == "mapped-ram")
         && !crate::features::Features::of(qmp).await?.mapped_ram
     {
-        return Err(Error::Unsupported {
-            what: format!(
-                "loading snapshot {}: it was saved in QEMU's mapped-ram format, which this QEMU ({}) cannot read; start the VM with QEMU ≥ 9.0 (snapshots taken with --no-mapped-ram load on any QEMU)",
-                p.snapshot,
-                qmp.greeting().version.qemu
-            ),
+        return Err(Error::QemuLacks {
+            feature: QemuFeature::MappedRam {
+                snapshot: p.snapshot.clone(),
+            },
+            version: qmp.greeting().version.qemu.to_string(),
         });
     }
     qmp.execute(MigrateSetCapabilities {

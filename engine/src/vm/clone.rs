@@ -19,7 +19,7 @@
 use super::refs::Use;
 use super::revert::RamRestore;
 use super::Vm;
-use crate::error::{Error, Result};
+use crate::error::{Error, RemoveRefusal, Result};
 use crate::failpoint;
 use crate::launch::clone::clone_argv;
 use crate::launch::replace::split_replacement;
@@ -361,12 +361,9 @@ impl Vm {
     /// this one (a clone of its snapshots).
     pub async fn remove(&self) -> Result<RemoveReport> {
         if self.record().clone_of.is_none() {
-            return Err(Error::Unsupported {
-                what: format!(
-                    "removing {}: it is not a clone, and its overlays hold what its guest wrote; `qsnap delete {} --all` merges them into its images",
-                    self.name(),
-                    self.name()
-                ),
+            return Err(Error::RemoveRefused {
+                vm: self.name().to_string(),
+                reason: RemoveRefusal::NotAClone,
             });
         }
         // Under the lock, refused before anything stops.
@@ -470,12 +467,12 @@ impl Vm {
                 .iter()
                 .find(|u| matches!(u, Use::OtherVm { .. }))
             {
-                return Err(Error::Unsupported {
-                    what: format!(
-                        "removing {}: {vm} runs on {} (a clone of one of its snapshots); remove {vm} first",
-                        self.name(),
-                        img.display()
-                    ),
+                return Err(Error::RemoveRefused {
+                    vm: self.name().to_string(),
+                    reason: RemoveRefusal::InUse {
+                        by: vm.to_string(),
+                        image: img.clone(),
+                    },
                 });
             }
         }

@@ -20,7 +20,7 @@
 
 use super::state::{Operation, VmState};
 use super::Vm;
-use crate::error::{Error, Result};
+use crate::error::{CreateError, Error, Result};
 use crate::failpoint;
 use crate::snapshot::{self, CreateOptions};
 use crate::store::{self, CurrentDisk, Intent, Manifest, ThawIntent, VmRecord};
@@ -136,11 +136,14 @@ impl Vm {
         if !journaled {
             let _ = self.store().clear_journal(self.name()).await;
         }
-        let taken_but = |problem: Error| Error::TakenBut {
-            vm: self.name().to_string(),
-            snapshot: snap.to_string(),
-            problem: Box::new(problem),
-            journaled,
+        let taken_but = |problem: Error| -> Error {
+            CreateError::TakenBut {
+                vm: self.name().to_string(),
+                snapshot: snap.to_string(),
+                problem: Box::new(problem),
+                journaled,
+            }
+            .into()
         };
         failpoint::hit("create.committed", pid)
             .await
@@ -169,7 +172,7 @@ impl Vm {
                 .write_journal(self.name(), &Intent::Thaw(owed))
                 .await
                 .map_err(taken_but)?;
-            return Err(Error::TakenWithProblem {
+            return Err(CreateError::TakenWithProblem {
                 vm: self.name().to_string(),
                 snapshot: snap.to_string(),
                 problem: format!(
@@ -180,7 +183,8 @@ impl Vm {
                     self.name(),
                     self.name()
                 ),
-            });
+            }
+            .into());
         }
         self.store()
             .clear_journal(self.name())

@@ -18,7 +18,7 @@
 //! socket or port but its own monitor, and dies with qsnap (parent-death signal).
 
 use super::Vm;
-use crate::error::{Error, Result};
+use crate::error::{Error, LazyRamError, LazyRamRefusal, QemuFeature, Result};
 use crate::failpoint;
 use crate::image;
 use crate::launch::{argv, machine, ram, wait_ready, NotReady, RamMapping};
@@ -80,13 +80,16 @@ impl Vm {
         .await?;
         let record = op.record.clone();
         let manifest = self.store().manifest(self.name(), snap).await?;
-        let unsupported = |why: String| Error::Unsupported {
-            what: format!("lazy RAM for snapshot {snap}: {why}"),
+        let refused = |reason: LazyRamRefusal| -> Error {
+            LazyRamError::Refused {
+                snapshot: snap.to_string(),
+                reason,
+            }
+            .into()
         };
+        let unsupported = |why: String| refused(LazyRamRefusal::CommandLine { why });
         let Some(mem) = manifest.snapshot.memory.clone() else {
-            return Err(unsupported(
-                "it is a disk-only snapshot (no memory to map)".into(),
-            ));
+            return Err(refused(LazyRamRefusal::DiskOnly));
         };
         let (devices, image) = self.store().lazy_paths(self.name(), snap);
         if let Some(l) = &mem.lazy {
@@ -110,17 +113,19 @@ impl Vm {
         let ram_bytes = ram::ram_size(&command.argv).map_err(unsupported)?;
         memfile::verify(mem.file.clone(), mem.bytes, mem.checksum.clone())
             .await
-            .map_err(|e| unsupported(format!("its memory file is not whole: {e}")))?;
+            .map_err(|e| {
+                refused(LazyRamRefusal::MemoryFileNotWhole {
+                    problem: Box::new(e),
+                })
+            })?;
         for p in [&devices, &image] {
             let q = p.clone();
             if store::blocking(move || store::exists(&q)).await? {
-                return Err(Error::Unsupported {
-                    what: format!(
-                        "{} exists but no snapshot names it (an interrupted lazy-ram?); `qsnap check {} --repair` removes it",
-                        p.display(),
-                        self.name()
-                    ),
-                });
+                return Err(LazyRamError::Leftover {
+                    path: p.clone(),
+                    vm: self.name().to_string(),
+                }
+                .into());
             }
         }
 
@@ -249,12 +254,14 @@ impl Vm {
                         return Err(Error::StoreBehind {
                             vm: self.name().to_string(),
                             cause: Box::new(e),
-                            problem: Box::new(Error::Unsupported {
-                                what: format!(
-                                    "the manifest names the RAM image, but that could not be made durable ({again}); every memory file of {snap} is kept, and `qsnap check {} --repair` removes the one the manifest does not name",
-                                    self.name()
-                                ),
-                            }),
+                            problem: Box::new(
+                                LazyRamError::NotDurable {
+                                    vm: self.name().to_string(),
+                                    snapshot: snap.to_string(),
+                                    problem: Box::new(again),
+                                }
+                                .into(),
+                            ),
                         });
                     }
                 }
@@ -266,11 +273,13 @@ impl Vm {
                     return Err(Error::StoreBehind {
                         vm: self.name().to_string(),
                         cause: Box::new(e),
-                        problem: Box::new(Error::Unsupported {
-                            what: format!(
-                                "the manifest could not be read back ({read}), so whether it names the stream or the RAM image is unknown; every memory file of {snap} is kept"
-                            ),
-                        }),
+                        problem: Box::new(
+                            LazyRamError::SwitchUnknown {
+                                snapshot: snap.to_string(),
+                                problem: Box::new(read),
+                            }
+                            .into(),
+                        ),
                     });
                 }
             }
@@ -360,9 +369,7 @@ impl Helper {
             .collect();
         let mut a = argv::remove_flag(&command.argv, "incoming");
         a = argv::substitute_disks(&a, &command.cwd, &subs)?;
-        a = ram::helper_argv(&a).map_err(|why| Error::Unsupported {
-            what: format!("lazy RAM: {why}"),
-        })?;
+        a = ram::helper_argv(&a).map_err(|why| LazyRamError::HelperCommandLine { why })?;
         if let Some(m) = &manifest.machine {
             a = machine::pin(&a, m)?;
         }
@@ -446,10 +453,9 @@ impl Helper {
             .await
             .map_err(Error::qmp("listing memory-backend-file's properties"))?;
         if !f.ignore_shared || !f.file_uri || !props.iter().any(|p| p.name == "rom") {
-            return Err(Error::Unsupported {
-                what: format!(
-                    "lazy RAM needs QEMU ≥ 8.2 (x-ignore-shared, file: migration, a read-only private RAM mapping); this is QEMU {version}"
-                ),
+            return Err(Error::QemuLacks {
+                feature: QemuFeature::LazyRam,
+                version: version.to_string(),
             });
         }
         let mem = manifest

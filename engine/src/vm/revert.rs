@@ -22,7 +22,7 @@ use super::merge;
 use super::refs;
 use super::state::{Operation, VmState};
 use super::Vm;
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, RevertError};
 use crate::failpoint;
 use crate::launch::{self, stop_qemu, LaunchSpec, Launched, Launcher, ProcessLauncher};
 use crate::name::SnapshotName;
@@ -159,9 +159,12 @@ impl Vm {
         state.allows(self.name().as_str(), Operation::Revert)?;
         let command = Self::command_of(&record)?.clone();
         let socket = self.socket_path(&record)?;
-        let refuse = |why: String| Error::RevertRefused {
-            snapshot: snap.to_string(),
-            why,
+        let refuse = |why: String| -> Error {
+            RevertError::Refused {
+                snapshot: snap.to_string(),
+                why,
+            }
+            .into()
         };
         for d in &manifest.snapshot.disks {
             if !record.disks.iter().any(|r| r.device == d.device) {
@@ -290,14 +293,17 @@ impl Vm {
         }
         failpoint::hit("revert.stopped", None).await?;
         let t_stopped = started.elapsed();
-        let fail = |cause: Error, record: &VmRecord| Error::RevertFailed {
-            vm: self.name().to_string(),
-            cause: Box::new(cause),
-            disks: record
-                .disks
-                .iter()
-                .map(|d| format!("{}: {}", d.device, d.image.display()))
-                .collect(),
+        let fail = |cause: Error, record: &VmRecord| -> Error {
+            RevertError::Failed {
+                vm: self.name().to_string(),
+                cause: Box::new(cause),
+                disks: record
+                    .disks
+                    .iter()
+                    .map(|d| format!("{}: {}", d.device, d.image.display()))
+                    .collect(),
+            }
+            .into()
         };
         let relaunched = match self.relaunch(launcher, &spec, &prepared, &mut intent).await {
             Ok(x) => x,

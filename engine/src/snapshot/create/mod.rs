@@ -19,7 +19,7 @@ mod precopy;
 mod preflight;
 mod settings;
 
-use crate::error::{Error, Result};
+use crate::error::{CreateError, Error, Result};
 use crate::failpoint;
 use crate::image;
 use crate::qemu::MigrateInfo;
@@ -213,24 +213,26 @@ impl Planned<'_> {
                 let e = if qmp.is_connected() {
                     e
                 } else {
-                    Error::QemuExited {
+                    CreateError::QemuExited {
                         cause: Box::new(e),
                         kept_overlays: out.kept.clone(),
                     }
+                    .into()
                 };
                 if out.problems.is_empty() {
                     Err(e)
                 } else {
-                    let kept = if matches!(e, Error::QemuExited { .. }) {
+                    let kept = if matches!(e, Error::Create(CreateError::QemuExited { .. })) {
                         Vec::new()
                     } else {
                         out.kept
                     };
-                    Err(Error::RollbackIncomplete {
+                    Err(CreateError::RollbackIncomplete {
                         cause: Box::new(e),
                         problems: out.problems,
                         kept_overlays: kept,
-                    })
+                    }
+                    .into())
                 }
             }
         }

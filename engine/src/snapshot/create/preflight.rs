@@ -8,7 +8,7 @@
 //! guest paused.
 
 use super::{CreateOptions, Plan};
-use crate::error::{Error, Result};
+use crate::error::{CreateError, Error, QemuFeature, Result};
 use crate::launch::tsc;
 use crate::qemu::{QueryCpusFast, QueryMaxBandwidth, QueryMigrate, QueryMigrateCapabilities};
 use crate::snapshot::disks;
@@ -35,9 +35,7 @@ pub(super) async fn preflight(qmp: &Qmp, opts: &CreateOptions) -> Result<Plan> {
     }
     let disk_only = opts.mode == Some(Mode::DiskOnly);
     if opts.quiesce.is_some() && !disk_only {
-        return Err(Error::Unsupported {
-            what: "quiescing is for disk-only snapshots: a memory snapshot already holds what the guest has not written, and would save its filesystems frozen".into(),
-        });
+        return Err(CreateError::QuiesceNeedsDiskOnly.into());
     }
     let mig = qmp
         .execute(QueryMigrate {})
@@ -58,7 +56,7 @@ pub(super) async fn preflight(qmp: &Qmp, opts: &CreateOptions) -> Result<Plan> {
             } else {
                 None
             };
-            return Err(Error::MigrationBlocked { reasons, tsc_hz });
+            return Err(CreateError::MigrationBlocked { reasons, tsc_hz }.into());
         }
     }
     let jobs = qmp
@@ -238,15 +236,13 @@ async fn memory_mode(qmp: &Qmp, asked: Option<Mode>, running: bool) -> Result<Mo
     // device state, even if it was paused: a paused VM must use precopy there.
     let resumes_paused = !version.at_least(9, 0) && !running;
     match asked {
-        Some(Mode::PointInTime) if !bg => Err(Error::Unsupported {
-            what: format!(
-                "point-in-time snapshots need background-snapshot, which QEMU {version} lacks; use --mode precopy"
-            ),
+        Some(Mode::PointInTime) if !bg => Err(Error::QemuLacks {
+            feature: QemuFeature::BackgroundSnapshot,
+            version: version.to_string(),
         }),
-        Some(Mode::PointInTime) if resumes_paused => Err(Error::Unsupported {
-            what: format!(
-                "QEMU {version} (< 9.0) would resume this paused VM during a point-in-time snapshot; use --mode precopy"
-            ),
+        Some(Mode::PointInTime) if resumes_paused => Err(Error::QemuLacks {
+            feature: QemuFeature::PausedBackgroundSnapshot,
+            version: version.to_string(),
         }),
         Some(m) => Ok(m),
         None if bg && !resumes_paused => Ok(Mode::PointInTime),

@@ -4,7 +4,7 @@
 //! `max-bandwidth` (QEMU's default 128 MiB/s would throttle a save to a local file). The undo
 //! puts back exactly what preflight read.
 
-use crate::error::{Error, Result};
+use crate::error::{CreateError, Error, Result};
 use crate::qemu::{Capability, MigrateSetCapabilities, SetMaxBandwidth};
 use crate::snapshot::rollback::{Rollback, Undo};
 use crate::store::{Mode, SavedSettings};
@@ -56,11 +56,7 @@ pub(super) async fn set_capabilities(
                 if try_mode == Mode::PointInTime
                     && e.to_string().contains("guest memory configuration") =>
             {
-                return Err(Error::Unsupported {
-                    what: format!(
-                        "a point-in-time snapshot: QEMU cannot write-protect this VM's RAM ({e}); a VM reverted lazily maps its RAM from a snapshot's image, which allows precopy snapshots only — use --mode precopy (or auto)"
-                    ),
-                });
+                return Err(CreateError::CannotWriteProtect { qemu: e }.into());
             }
             Err(e) => return Err(Error::qmp("setting migration capabilities")(e)),
         }

@@ -1,0 +1,63 @@
+//! [`Error`]'s messages: each says its causes (see the module docs of [`crate::error`]),
+//! word for word what users and tests grep for.
+
+use super::{Error, QemuFeature, RemoveRefusal};
+
+impl std::fmt::Display for Error {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Error::QemuLacks { feature, version } => match feature {
+                QemuFeature::BackgroundSnapshot => write!(f, "point-in-time snapshots need background-snapshot, which QEMU {version} lacks; use --mode precopy"),
+                QemuFeature::PausedBackgroundSnapshot => write!(f, "QEMU {version} (< 9.0) would resume this paused VM during a point-in-time snapshot; use --mode precopy"),
+                QemuFeature::MappedRam { snapshot } => write!(f, "loading snapshot {snapshot}: it was saved in QEMU's mapped-ram format, which this QEMU ({version}) cannot read; start the VM with QEMU ≥ 9.0 (snapshots taken with --no-mapped-ram load on any QEMU)"),
+                QemuFeature::LazyRam => write!(f, "lazy RAM needs QEMU ≥ 8.2 (x-ignore-shared, file: migration, a read-only private RAM mapping); this is QEMU {version}"),
+            },
+            Error::ForeignJob { job } => write!(f, "block-stream job {job} has ended but is not dismissed, and QEMU crashes when asked for its block nodes in that state (a QEMU bug); its owner should dismiss it (`job-dismiss`), then run qsnap again"),
+            Error::RemoveRefused { vm, reason } => match reason {
+                RemoveRefusal::NotAClone => write!(f, "removing {vm}: it is not a clone, and its overlays hold what its guest wrote; `qsnap delete {vm} --all` merges them into its images"),
+                RemoveRefusal::InUse { by, image } => write!(f, "removing {vm}: {by} runs on {} (a clone of one of its snapshots); remove {by} first", image.display()),
+            },
+            Error::Create(e) => std::fmt::Display::fmt(e, f),
+            Error::Revert(e) => std::fmt::Display::fmt(e, f),
+            Error::LazyRam(e) => std::fmt::Display::fmt(e, f),
+            Error::Qmp { step, source } => write!(f, "{step}: {source}"),
+            Error::InvalidName { name, why } => write!(f, "invalid {name}: {why}"),
+            Error::BadRunState { state } => write!(f, "the VM is {state}; a snapshot needs it running or paused"),
+            Error::Busy { what } => write!(f, "the VM is busy: {what}; try again when it is done"),
+            Error::Unsupported { what } => write!(f, "{what}"),
+            Error::DiskNotSnapshottable { device, why } => write!(f, "disk {device} cannot be snapshotted: {why}"),
+            Error::UnusableDirectory { what, path, why } => write!(f, "the {what} {} cannot be used: {why}", path.display()),
+            Error::RegisterRefused { vm, why } => write!(f, "cannot register VM \"{vm}\": {why}; nothing was recorded"),
+            Error::TargetExists { path } => write!(f, "{} already exists; qsnap never overwrites (pick another snapshot name or remove it)", path.display()),
+            Error::Io { what, path, source } => write!(f, "{what} ({}): {source}", path.display()),
+            Error::Tool { tool, path, why } => write!(f, "{tool} failed on {}: {why}", path.display()),
+            Error::SaveFailed { desc } => write!(f, "saving memory failed: {desc}"),
+            Error::StoreBehind { vm, cause, problem } => write!(f, "{cause}; and the store could not be updated ({problem}): run `qsnap check {vm} --repair`"),
+            Error::DeletedBut { vm, snapshots, problem } => write!(f, "{} deleted, but merging the layers left behind did not finish ({problem}); nothing is lost: `qsnap check {vm} --repair` merges them", snapshots.join(", ")),
+            Error::Injected { point } => write!(f, "injected fault at {point}"),
+            Error::Cancelled => write!(f, "cancelled; everything was rolled back"),
+            Error::BlockJob { job, desc } => write!(f, "block job {job} failed: {desc}"),
+            Error::UnknownVm { vm, store } => write!(f, "no VM named \"{vm}\" in the store {} (register it with `qsnap attach {vm} --qmp SOCKET`)", store.display()),
+            Error::VmExists { vm } => write!(f, "a VM named \"{vm}\" is already in the store"),
+            Error::UnknownSnapshot { vm, snapshot } => write!(f, "VM \"{vm}\" has no snapshot named \"{snapshot}\" (see `qsnap list {vm}`)"),
+            Error::SnapshotExists { vm, snapshot } => write!(f, "VM \"{vm}\" already has a snapshot named \"{snapshot}\"; pick another name"),
+            Error::Locked { vm, holder } => write!(f, "VM \"{vm}\" is busy with another qsnap operation (pid and operation: {holder}); wait for it to finish"),
+            Error::CorruptStore { path, why } => write!(f, "the store file {} is unreadable: {why}", path.display()),
+            Error::CommandLine { why } => write!(f, "cannot relaunch from the recorded command line: {why}"),
+            Error::LaunchFailed { why, log, tail } => write!(f, "QEMU did not start: {why} (log {}){}", log.display(), if tail.is_empty() { String::new() } else { format!(":\n{tail}") }),
+            Error::AlreadyRunning { vm, pid } => write!(f, "VM \"{vm}\" is running (pid {pid}); stop it first with `qsnap stop {vm}`"),
+            Error::NotRunning { vm } => write!(f, "VM \"{vm}\" is not running; start it with `qsnap start {vm}`"),
+            Error::Unreachable { vm, pid, why } => write!(f, "VM \"{vm}\"'s QEMU{} is alive but its monitor does not answer ({why}); if another client holds the monitor, give qsnap its own -qmp socket; `qsnap stop {vm}` kills a hung QEMU", pid.map(|p| format!(" (pid {p})")).unwrap_or_default()),
+            Error::StopFailed { endpoint, pid, why } => write!(f, "could not stop the QEMU{} at {endpoint}: {why}", pid.map(|p| format!(" (pid {p})")).unwrap_or_default()),
+            Error::ForeignQemu { uid, ours } => write!(f, "the QEMU behind this socket runs as uid {uid}, qsnap as uid {ours}; re-running another user's command line is refused unless you ask for it (--allow-other-user)"),
+            Error::NeedsDecision { vm, operation, what } => write!(f, "VM \"{vm}\" has an interrupted {operation} that qsnap cannot finish by itself: {what}"),
+            Error::UnlinkRefused { path, why } => write!(f, "kept {}: {why}", path.display()),
+            Error::DeleteRefused { snapshot, why } => write!(f, "cannot delete {snapshot}: {why}; nothing was changed"),
+            Error::Timeout { what, after } => write!(f, "timed out after {after:?} waiting for {what}"),
+            Error::CloneRefused { snapshot, why } => write!(f, "cannot clone {snapshot}: {why}; nothing was changed"),
+            Error::GuestAgent { socket, what } => write!(f, "guest agent at {}: {what}", socket.display()),
+            Error::LeftPaused { what, cause, fix } => write!(f, "{what} ({cause}); the guest is left paused: {fix}"),
+            Error::BadMemoryFile { path, why } => write!(f, "{} is not usable: {why}", path.display()),
+        }
+    }
+}
