@@ -51,8 +51,8 @@ mod unlink;
 mod vm;
 
 pub use error::{
-    CreateError, Error, LazyRamError, LazyRamRefusal, QemuFeature, RemoveRefusal, Result,
-    RevertError,
+    CreateError, DeleteError, Error, LazyRamError, LazyRamRefusal, QemuFeature, RemoveRefusal,
+    Result, RevertError,
 };
 pub use failpoint::{setup_from_env as failpoints_from_env, Scenario as FailpointScenario};
 pub use inspect::{DiskInfo, VmInfo};

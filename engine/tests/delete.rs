@@ -7,7 +7,7 @@
 #![cfg(feature = "testing")]
 
 use qsnap_engine::testing::{image, StoreWriters};
-use qsnap_engine::{DeleteOptions, Error, Finding, SnapshotName};
+use qsnap_engine::{DeleteError, DeleteOptions, Error, Finding, SnapshotName};
 use qsnap_testkit::{init_logging, require_qemu, VmBuilder};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -355,7 +355,10 @@ async fn unknown_locked_and_hand_edited_snapshots_are_refused_and_change_nothing
         g.vm.delete_snapshot(&n("s2"), &DeleteOptions::default())
             .await
             .unwrap_err();
-    assert!(matches!(err, Error::DeleteRefused { .. }), "{err}");
+    assert!(
+        matches!(err, Error::Delete(DeleteError::Refused { .. })),
+        "{err}"
+    );
     assert!(err.to_string().contains("gone.qcow2"), "{err}");
     std::fs::write(&s1, &original).unwrap();
     unchanged().await;
@@ -393,10 +396,10 @@ async fn ctrl_c_cancels_a_merge_cleanly_and_check_repair_finishes_it() {
     let err = g.vm.delete_snapshot(&n("s1"), &opts).await.unwrap_err();
     eprintln!("{err}");
     match &err {
-        Error::DeletedBut { problem, .. } => {
+        Error::Delete(DeleteError::MergeUnfinished { problem, .. }) => {
             assert!(matches!(**problem, Error::Cancelled), "{problem}")
         }
-        other => panic!("expected DeletedBut(Cancelled), got {other}"),
+        other => panic!("expected MergeUnfinished(Cancelled), got {other}"),
     }
     assert!(err.to_string().contains("check g --repair"), "{err}");
     // The snapshot is gone, its layer is still in the chain, the data is all there. (A new
@@ -573,7 +576,10 @@ async fn multi_disk_deletes_merge_every_disk_or_none_live_and_offline() {
                     .await
                     .unwrap_err();
             fail::remove("delete.merge-started");
-            assert!(matches!(err, Error::DeletedBut { .. }), "{err}");
+            assert!(
+                matches!(err, Error::Delete(DeleteError::MergeUnfinished { .. })),
+                "{err}"
+            );
             assert_eq!(chains(&g.dir).await, before, "a disk's chain changed");
             before
         }
@@ -613,7 +619,10 @@ async fn multi_disk_deletes_merge_every_disk_or_none_live_and_offline() {
             .await
             .unwrap_err();
     fail::remove("delete.finalize");
-    assert!(matches!(err, Error::DeletedBut { .. }), "{err}");
+    assert!(
+        matches!(err, Error::Delete(DeleteError::MergeUnfinished { .. })),
+        "{err}"
+    );
     let qmp = g.vm.connect().await.unwrap();
     let jobs = qmp.execute_raw("query-jobs", None).await.unwrap();
     assert_eq!(jobs, serde_json::json!([]), "a merge job was left behind");
@@ -691,7 +700,7 @@ async fn a_stream_cancelled_half_way_leaves_every_snapshot_revertible() {
     fail::remove("delete.merge-started");
     fail::remove("delete.restamp");
     assert!(
-        matches!(&err, Error::DeletedBut { problem, .. }
+        matches!(&err, Error::Delete(DeleteError::MergeUnfinished { problem, .. })
             if matches!(&**problem, Error::StoreBehind { cause, .. } if matches!(**cause, Error::Cancelled))),
         "{err}"
     );

@@ -29,12 +29,14 @@
 use std::path::PathBuf;
 
 mod create;
+mod delete;
 mod display;
 mod lazy;
 mod refusal;
 mod revert;
 
 pub use create::CreateError;
+pub use delete::DeleteError;
 pub use lazy::{LazyRamError, LazyRamRefusal};
 pub use refusal::{QemuFeature, RemoveRefusal};
 pub use revert::RevertError;
@@ -97,6 +99,8 @@ pub enum Error {
     Create(CreateError),
     /// A revert failed: refused, or failed after the old QEMU was stopped.
     Revert(RevertError),
+    /// A delete failed: refused, or the snapshots are gone but merging did not finish.
+    Delete(DeleteError),
     /// Making a snapshot's memory lazy failed.
     LazyRam(LazyRamError),
     /// Something the [`crate::harness`] cannot do (its own refusals). The engine's
@@ -171,16 +175,6 @@ pub enum Error {
         /// What failed first.
         cause: Box<Error>,
         /// Why the store could not be updated.
-        problem: Box<Error>,
-    },
-    /// Snapshots were deleted, but merging the layers they leave did not finish. Nothing is
-    /// lost: the layers stay in the chains until a repair merges them.
-    DeletedBut {
-        /// The VM.
-        vm: String,
-        /// The snapshots deleted.
-        snapshots: Vec<String>,
-        /// What stopped the merge.
         problem: Box<Error>,
     },
     /// A fault injected by a test (`failpoints` builds only).
@@ -308,13 +302,6 @@ pub enum Error {
         /// What uses it, or why qsnap may not remove it.
         why: String,
     },
-    /// A delete that would lose data or break another snapshot is refused; nothing changed.
-    DeleteRefused {
-        /// The snapshot.
-        snapshot: String,
-        /// Why.
-        why: String,
-    },
     /// Something did not happen in time.
     Timeout {
         /// What was waited for.
@@ -362,6 +349,12 @@ impl std::error::Error for Error {}
 impl From<CreateError> for Error {
     fn from(e: CreateError) -> Self {
         Error::Create(e)
+    }
+}
+
+impl From<DeleteError> for Error {
+    fn from(e: DeleteError) -> Self {
+        Error::Delete(e)
     }
 }
 

@@ -46,6 +46,14 @@ fn typed_refusals_keep_their_messages() {
             "removing a: b runs on /i/x.qcow2 (a clone of one of its snapshots); remove b first".into(),
         ),
         (
+            DeleteError::Refused { snapshot: "s1".into(), why: "it is in use".into() }.into(),
+            "cannot delete s1: it is in use; nothing was changed".into(),
+        ),
+        (
+            DeleteError::MergeUnfinished { vm: "g".into(), snapshots: vec!["s1".into(), "s2".into()], problem: Box::new(Error::Cancelled) }.into(),
+            "s1, s2 deleted, but merging the layers left behind did not finish (cancelled; everything was rolled back); nothing is lost: `qsnap check g --repair` merges them".into(),
+        ),
+        (
             CreateError::QuiesceNeedsDiskOnly.into(),
             "quiescing is for disk-only snapshots: a memory snapshot already holds what the guest has not written, and would save its filesystems frozen".into(),
         ),

@@ -400,7 +400,7 @@ impl Vm {
                     .into_iter()
                     .map(|(img, why)| (Some(img), why))
                     .collect::<Vec<_>>()),
-                Err(crate::Error::DeleteRefused { snapshot, why }) => {
+                Err(crate::Error::Delete(crate::error::DeleteError::Refused { snapshot, why })) => {
                     Err(vec![(Some(PathBuf::from(snapshot)), why)])
                 }
                 Err(e) => Err(vec![(None, e.to_string())]),

@@ -103,9 +103,11 @@ impl Vm {
         };
         let state = VmState::observe(self, &record).await;
         state.allows(self.name().as_str(), Operation::Delete)?;
-        let refuse = |why: String| Error::DeleteRefused {
-            snapshot: what.clone(),
-            why,
+        let refuse = |why: String| {
+            Error::from(crate::error::DeleteError::Refused {
+                snapshot: what.clone(),
+                why,
+            })
         };
         // ---- checks: nothing has changed yet ----
         for v in &victims {
@@ -174,11 +176,11 @@ impl Vm {
                 if matches!(e, Error::Cancelled) {
                     self.store().clear_journal(self.name()).await?;
                 }
-                return Err(Error::DeletedBut {
+                return Err(Error::from(crate::error::DeleteError::MergeUnfinished {
                     vm: self.name().to_string(),
                     snapshots: intent.snapshots.clone(),
                     problem: Box::new(e),
-                });
+                }));
             }
         };
         self.store().clear_journal(self.name()).await?;

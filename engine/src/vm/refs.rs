@@ -181,12 +181,12 @@ impl Graph {
                 // stops the operation rather than leave its lower images unprotected.
                 let chain: Vec<PathBuf> = image::chain(&top, cancel)
                     .await
-                    .map_err(|e| Error::DeleteRefused {
+                    .map_err(|e| Error::from(crate::error::DeleteError::Refused {
                         snapshot: top.display().to_string(),
                         why: format!(
                             "the chain of VM {other}'s image cannot be read ({e}), so qsnap cannot tell what it uses"
                         ),
-                    })?
+                    }))?
                     .into_iter()
                     .map(|c| c.filename)
                     .collect();

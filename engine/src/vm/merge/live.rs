@@ -285,9 +285,11 @@ fn live_merge(live: &Live, m: &MergeStep, job: &str) -> Result<LiveMerge> {
     let node = |p: &Path| {
         blocks::format_node_for(&live.nodes, p)
             .map(|n| n.name.clone())
-            .ok_or_else(|| Error::DeleteRefused {
-                snapshot: m.lower.display().to_string(),
-                why: format!("QEMU has no node for {} in disk {}", p.display(), m.device),
+            .ok_or_else(|| {
+                Error::from(crate::error::DeleteError::Refused {
+                    snapshot: m.lower.display().to_string(),
+                    why: format!("QEMU has no node for {} in disk {}", p.display(), m.device),
+                })
             })
     };
     let disk = live
@@ -295,13 +297,17 @@ fn live_merge(live: &Live, m: &MergeStep, job: &str) -> Result<LiveMerge> {
         .iter()
         .find(|d| d.device == m.device)
         .and_then(|d| d.medium.as_ref())
-        .ok_or_else(|| Error::DeleteRefused {
-            snapshot: m.lower.display().to_string(),
-            why: format!("QEMU has no disk {}", m.device),
+        .ok_or_else(|| {
+            Error::from(crate::error::DeleteError::Refused {
+                snapshot: m.lower.display().to_string(),
+                why: format!("QEMU has no disk {}", m.device),
+            })
         })?;
-    let root = disk.node.clone().ok_or_else(|| Error::DeleteRefused {
-        snapshot: m.lower.display().to_string(),
-        why: format!("QEMU names no node for disk {}", m.device),
+    let root = disk.node.clone().ok_or_else(|| {
+        Error::from(crate::error::DeleteError::Refused {
+            snapshot: m.lower.display().to_string(),
+            why: format!("QEMU names no node for disk {}", m.device),
+        })
     })?;
     Ok(match m.kind {
         MergeKind::Stream => {

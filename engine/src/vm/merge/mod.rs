@@ -169,13 +169,13 @@ pub(crate) async fn view(
     )
     .await?;
     if let Some((image, why)) = graph.broken.first() {
-        return Err(Error::DeleteRefused {
+        return Err(Error::from(crate::error::DeleteError::Refused {
             snapshot: image.display().to_string(),
             why: format!(
                 "its chain cannot be trusted: {why} (run `qsnap check {}`)",
                 vm.name()
             ),
-        });
+        }));
     }
     Ok((graph, live))
 }
