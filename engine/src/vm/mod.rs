@@ -22,6 +22,7 @@ mod lifecycle;
 mod merge;
 mod recover;
 mod refs;
+mod register;
 mod relative;
 mod revert;
 mod state;
@@ -31,8 +32,9 @@ pub use create::{CreateOutcome, VmCreateOptions};
 pub use delete::{DeleteOptions, DeleteReport, MergeProgress, MergeProgressFn, MergeReport};
 pub use findings::{CheckReport, Finding};
 pub use lazy::LazyReport;
-pub use lifecycle::{AttachOptions, DiskChain, Interrupted, RunOptions, RunReport, Status};
+pub use lifecycle::{DiskChain, Interrupted, Status};
 pub use recover::Recovery;
+pub use register::{AttachOptions, RunOptions, RunReport};
 pub use revert::{RamRestore, RevertOptions, RevertReport};
 pub use state::{Operation, VmState};
 
