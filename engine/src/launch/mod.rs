@@ -2,7 +2,7 @@
 //!
 //! `argv.rs` models the command line (disk rewrites, `tsc-frequency`, `-incoming defer`);
 //! `ram.rs` the RAM image a lazy revert maps and the inert helper QEMU that makes it;
-//! `clone.rs` a clone's command line (per-VM paths moved, what must differ refused);
+//! `clone_argv.rs` a clone's command line (per-VM paths moved, what must differ refused);
 //! [`Launcher`] is how the engine asks for a QEMU to be started — [`ProcessLauncher`] runs the
 //! recorded command line as a detached process, an embedder plugs in its own; `process.rs`
 //! holds the process side (spawn, wait for the monitor, graceful quit then kill); `tsc.rs`
@@ -10,7 +10,7 @@
 //! machine type a snapshot needs.
 
 pub mod argv;
-pub(crate) mod clone;
+pub(crate) mod clone_argv;
 pub mod machine;
 mod options;
 mod process;

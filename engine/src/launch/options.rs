@@ -1,5 +1,5 @@
 //! What each QEMU command-line option is, for the two rewrites that must not let a second QEMU
-//! reach what the first one owns: a clone's command line (`clone.rs`) and the lazy-RAM helper's
+//! reach what the first one owns: a clone's command line (`clone_argv.rs`) and the lazy-RAM helper's
 //! (`ram.rs`). Option values are read in both syntaxes (`a,b=c` and JSON). Pure data and
 //! parsing: no rewrite policy lives here, only the tables both rewrites start from — an
 //! option in none of them is unknown, and each rewrite refuses what it does not know.

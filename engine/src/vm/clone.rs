@@ -4,7 +4,7 @@
 //! source lock (shared: clones of one VM start side by side; delete/revert wait) + clone lock
 //! → refuse: a name in use, an interrupted operation on the source, a damaged snapshot, a
 //!   `--replace` that does not fit the recorded command line, a command line with what must
-//!   differ per VM (launch/clone.rs)                                  ── nothing changed
+//!   differ per VM (launch/clone_argv.rs)                          ── nothing changed
 //! → record of the clone, stopped, naming its overlays-to-be (from here `qsnap remove` undoes)
 //! → overlays in <store>/vms/<clone>/disks over the snapshot's frozen images (never written)
 //! → QEMU with the rewritten command line, -incoming defer → load (or map the RAM image
@@ -21,7 +21,7 @@ use super::revert::RamRestore;
 use super::Vm;
 use crate::error::{Error, RemoveRefusal, Result};
 use crate::failpoint;
-use crate::launch::clone::clone_argv;
+use crate::launch::clone_argv::clone_argv;
 use crate::launch::replace::split_replacement;
 use crate::launch::{self, stop_qemu, LaunchSpec, Launcher, ProcessLauncher};
 use crate::name::{SnapshotName, VmName};

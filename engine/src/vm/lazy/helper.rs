@@ -4,7 +4,6 @@
 //! the VM's images, never binds a socket but its own monitor, and dies with qsnap.
 //! Abandoned private directories (a killed qsnap's) are swept by the next run.
 
-use crate::vm::Vm;
 use super::LOAD_CAPS;
 use crate::error::{Error, LazyRamError, QemuFeature, Result};
 use crate::failpoint;
@@ -15,6 +14,7 @@ use crate::snapshot::memfile;
 use crate::snapshot::revert::{self as snaprevert, PreparedRevert};
 use crate::snapshot::save::Watch;
 use crate::store::{self, Manifest};
+use crate::vm::Vm;
 use qsnap_qmp::{types, Qmp};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
