@@ -6,10 +6,13 @@
 //! (`recover.rs`), the VM's state is derived once (`state.rs`) and checked against what the
 //! operation needs, and the operation journals its intent before its first change.
 //!
-//! Files: `create.rs`, `lifecycle.rs` (run, attach, start, stop, status), `revert.rs`,
-//! `delete.rs` and `merge/` (merging layers no snapshot needs), `check.rs`,
-//! `refs.rs` (who uses which image: the guard before any unlink), `relative.rs` (relative
-//! paths an older qsnap recorded, for `check`), `recover.rs`, `state.rs`.
+//! Files (one operation or one concern each; `README.md` has the map): `create.rs`,
+//! `revert.rs`, `delete.rs` and `merge/` (merging layers no snapshot needs), `clone.rs`
+//! (clone and remove), `lazy/` (lazy-ram and its helper QEMU), `register.rs` (run, attach),
+//! `lifecycle.rs` (start, stop, status), `check.rs` and `findings.rs` (check and its report),
+//! `relative.rs` (relative paths an older qsnap recorded, for `check`), `recover/` (settling an
+//! interrupted operation), `refs.rs` (who uses which image: the guard before any unlink),
+//! `state.rs` (the one place a VM's state is derived).
 //! Holds no QMP connection between calls (QEMU's monitor serves one client at a time).
 
 mod check;
