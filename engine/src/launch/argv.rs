@@ -198,32 +198,6 @@ pub fn substitute_disks(
     Ok(out)
 }
 
-/// Every image path the command line opens through `-drive` / `-blockdev`, resolved.
-pub fn disk_images(argv: &[String], cwd: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    for w in argv.windows(2) {
-        match w[0].trim_start_matches('-') {
-            "drive" => {
-                if let Some(f) = get(&split_opts(&w[1]), "file") {
-                    out.push(resolve(cwd, f));
-                }
-            }
-            "blockdev" => {
-                let bd = Blockdev::parse(&w[1]);
-                if let Some(f) = bd.field("filename") {
-                    out.push(resolve(cwd, &f));
-                } else if let Blockdev::Json(v) = &bd {
-                    if let Some(f) = v["file"]["filename"].as_str() {
-                        out.push(resolve(cwd, f));
-                    }
-                }
-            }
-            _ => {}
-        }
-    }
-    out
-}
-
 /// QEMU's boolean option values (`on`, `yes`, `true`, `y`).
 fn is_on(v: &str) -> bool {
     matches!(v, "on" | "yes" | "true" | "y")
@@ -238,7 +212,7 @@ fn flag_on(parts: &[String], key: &str) -> bool {
 /// image: every `-drive …,snapshot=on` (as written) and a global `-snapshot`. QEMU deletes
 /// that file as soon as it has opened it, so the guest's writes never reach the image and a
 /// snapshot of them could never be reverted or restarted.
-pub fn throwaway_drives(argv: &[String]) -> Vec<String> {
+pub(crate) fn throwaway_drives(argv: &[String]) -> Vec<String> {
     let mut out = Vec::new();
     for (i, a) in argv.iter().enumerate().skip(1) {
         if !a.starts_with('-') {
@@ -264,7 +238,7 @@ pub fn throwaway_drives(argv: &[String]) -> Vec<String> {
 /// syntax) unless it, or the format node over it, is `read-only` or another node's
 /// `backing`. Names that are not plain paths (`json:`, network URLs) come back as they are:
 /// only QEMU can say what they open.
-pub fn written_images(argv: &[String], cwd: &Path) -> Vec<PathBuf> {
+pub(crate) fn written_images(argv: &[String], cwd: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
     let mut blockdevs = Vec::new();
     for w in argv.windows(2) {
@@ -312,7 +286,7 @@ pub fn written_images(argv: &[String], cwd: &Path) -> Vec<PathBuf> {
 
 /// The unix socket of the QEMU guest agent, if the command line has one: a `virtserialport`
 /// named `org.qemu.guest_agent.0` on a `-chardev socket` with a path.
-pub fn guest_agent_socket(argv: &[String], cwd: &Path) -> Option<PathBuf> {
+pub(crate) fn guest_agent_socket(argv: &[String], cwd: &Path) -> Option<PathBuf> {
     let chardev_id = argv.windows(2).find_map(|w| {
         if w[0].trim_start_matches('-') != "device" {
             return None;
@@ -354,7 +328,7 @@ pub fn remove_flag(argv: &[String], flag: &str) -> Vec<String> {
 }
 
 /// Whether the command line already has a QMP monitor on `socket`.
-pub fn has_qmp_socket(argv: &[String], socket: &Path) -> bool {
+pub(crate) fn has_qmp_socket(argv: &[String], socket: &Path) -> bool {
     let s = socket.display().to_string();
     argv.windows(2).any(|w| {
         let flag = w[0].trim_start_matches('-');
@@ -367,7 +341,7 @@ pub fn has_qmp_socket(argv: &[String], socket: &Path) -> bool {
 
 /// The `-cpu` model asks for an invariant TSC without pinning its frequency: QEMU will then
 /// refuse to save the VM's memory.
-pub fn needs_tsc_frequency(argv: &[String]) -> bool {
+pub(crate) fn needs_tsc_frequency(argv: &[String]) -> bool {
     argv.windows(2)
         .filter(|w| w[0].trim_start_matches('-') == "cpu")
         .any(|w| {
@@ -430,10 +404,6 @@ mod tests {
         assert_eq!(j["driver"], "qcow2");
         assert_eq!(j["file"]["filename"], "/o/c.s1.qcow2");
         assert_eq!(out[10], "file=keep,,me.img,if=virtio");
-        assert_eq!(
-            disk_images(&argv, Path::new("/cwd")),
-            ["/cwd/a.img", "/x/b.raw", "/x/c.raw", "/cwd/keep,me.img"].map(PathBuf::from)
-        );
 
         let missing = [DiskSubstitution {
             from: "/nowhere.img".into(),

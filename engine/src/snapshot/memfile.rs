@@ -46,7 +46,7 @@ fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error)
 
 /// Creates `dir` (0700, if missing) and the memory file in it (0600, must not exist), with an
 /// "incomplete" header. Returns the open file, for handing to QEMU.
-pub async fn create(dir: PathBuf, path: PathBuf) -> Result<File> {
+pub(crate) async fn create(dir: PathBuf, path: PathBuf) -> Result<File> {
     blocking(move || {
         // Its name durable too, or a power cut takes the sealed file along with it.
         crate::store::create_dir_durably(&dir, 0o700)?;
@@ -86,7 +86,7 @@ pub async fn create(dir: PathBuf, path: PathBuf) -> Result<File> {
 
 /// A sealed memory file: its stream's length and checksum.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Sealed {
+pub(crate) struct Sealed {
     /// Bytes of QEMU's stream.
     pub stream_len: u64,
     /// `xxh3-128:<hex>` of the stream.
@@ -94,7 +94,7 @@ pub struct Sealed {
 }
 
 /// Fsyncs QEMU's stream, checksums it, then marks the header complete and fsyncs again.
-pub async fn seal(file: File, path: PathBuf) -> Result<Sealed> {
+pub(crate) async fn seal(file: File, path: PathBuf) -> Result<Sealed> {
     blocking(move || {
         file.sync_all()
             .map_err(io_err("flushing the memory file", &path))?;
@@ -235,7 +235,7 @@ fn seek(f: &File, pos: u64, whence: nix::unistd::Whence) -> nix::Result<u64> {
 
 /// How [`verify_cached`] checked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Verified {
+pub(crate) enum Verified {
     /// The whole stream was read and its checksum matched.
     Read,
     /// Header and length checked; the checksum matched before, for this very file (inode,
@@ -246,7 +246,7 @@ pub enum Verified {
 /// [`verify`], but a file whose checksum matched before and that was not written since
 /// (same inode, size, mtime and ctime — ctime no one can set back) is not read again: a
 /// snapshot reverted to again and again is read once. `qsnap check` always reads it all.
-pub async fn verify_cached(
+pub(crate) async fn verify_cached(
     path: PathBuf,
     stream_len: u64,
     checksum: Option<String>,
@@ -278,7 +278,7 @@ async fn identity(what: &str, path: &Path, checksum: &str) -> Option<String> {
 /// Checks a lazy snapshot's RAM image against its checksum — reading all of it only when this
 /// version of the file (inode, size, mtime, ctime) was not checked before: a lazy revert must
 /// not pay for reading all of RAM, but an image that changed is never mapped unread.
-pub async fn verify_ram_cached(path: PathBuf, checksum: String) -> Result<Verified> {
+pub(crate) async fn verify_ram_cached(path: PathBuf, checksum: String) -> Result<Verified> {
     let key = identity("ram-verified", &path, &checksum).await;
     if let Some(key) = &key {
         if crate::cache::lookup::<bool>(key).await == Some(true) {
@@ -293,7 +293,7 @@ pub async fn verify_ram_cached(path: PathBuf, checksum: String) -> Result<Verifi
 }
 
 /// Remembers that this version of a RAM image has `checksum` (it was just computed).
-pub async fn remember_ram_verified(path: &Path, checksum: &str) {
+pub(crate) async fn remember_ram_verified(path: &Path, checksum: &str) {
     if let Some(key) = identity("ram-verified", path, checksum).await {
         crate::cache::remember(key, &true).await;
     }
@@ -376,7 +376,7 @@ fn decode(buf: &[u8; 24]) -> Option<Header> {
 
 /// Creates a RAM image for lazy RAM: `size` bytes of holes, 0600, never over an existing
 /// file (the memory directory exists: the snapshot's stream is in it).
-pub async fn create_ram_image(path: PathBuf, size: u64) -> Result<()> {
+pub(crate) async fn create_ram_image(path: PathBuf, size: u64) -> Result<()> {
     blocking(move || {
         let f = OpenOptions::new()
             .write(true)
@@ -401,7 +401,7 @@ pub async fn create_ram_image(path: PathBuf, size: u64) -> Result<()> {
 
 /// Makes a RAM image QEMU filled durable and returns its checksum (whole file; holes read as
 /// zeros).
-pub async fn seal_ram_image(path: PathBuf) -> Result<String> {
+pub(crate) async fn seal_ram_image(path: PathBuf) -> Result<String> {
     blocking(move || {
         let f = File::open(&path).map_err(io_err("opening the RAM image", &path))?;
         f.sync_all()
@@ -416,7 +416,7 @@ pub async fn seal_ram_image(path: PathBuf) -> Result<String> {
 }
 
 /// Checks a RAM image against its recorded checksum (reads all of it).
-pub async fn verify_ram_image(path: PathBuf, checksum: String) -> Result<()> {
+pub(crate) async fn verify_ram_image(path: PathBuf, checksum: String) -> Result<()> {
     blocking(move || {
         let len = std::fs::metadata(&path)
             .map_err(io_err("reading the RAM image", &path))?

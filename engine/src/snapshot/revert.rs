@@ -72,7 +72,7 @@ fn refused(snapshot: &str, why: String) -> Error {
 /// length and checksum (read once per file version: see [`memfile::verify_cached`]), a lazy
 /// snapshot's RAM image stamp, the frozen images' size and time — before anything is touched.
 /// Changes nothing.
-pub async fn validate(snapshot: &str, s: &CreateReport) -> Result<Validated> {
+pub(crate) async fn validate(snapshot: &str, s: &CreateReport) -> Result<Validated> {
     let started = Instant::now();
     let mut memory = None;
     if let Some(mem) = &s.memory {
@@ -113,7 +113,7 @@ pub async fn validate(snapshot: &str, s: &CreateReport) -> Result<Validated> {
 
 /// What [`validate`] found.
 #[derive(Debug, Clone, Copy)]
-pub struct Validated {
+pub(crate) struct Validated {
     /// How long the memory check took.
     pub verify_ms: f64,
     /// How the memory file was checked (`None`: a disk-only snapshot).
@@ -134,7 +134,7 @@ pub async fn prepare(
 
 /// The new overlays a revert would make, one per snapshotted disk: the first free
 /// `<stem>.rN.qcow2`. Changes nothing.
-pub async fn plan_overlays(
+pub(crate) async fn plan_overlays(
     s: &CreateReport,
     overlay_dir: Option<&Path>,
 ) -> Result<Vec<RevertDisk>> {
@@ -201,7 +201,7 @@ pub(crate) async fn make_overlays(
 
 /// How a QEMU reverting to `s` must map its RAM: privately, from the snapshot's RAM image,
 /// when the snapshot is lazy.
-pub fn lazy_mapping(s: &CreateReport) -> Option<RamMapping> {
+pub(crate) fn lazy_mapping(s: &CreateReport) -> Option<RamMapping> {
     let l = s.memory.as_ref()?.lazy.as_ref()?;
     Some(RamMapping::Private {
         backend: l.backend.clone(),
