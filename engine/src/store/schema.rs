@@ -87,6 +87,28 @@ pub struct VmRecord {
     pub clone_of: Option<CloneOf>,
 }
 
+impl VmRecord {
+    /// A record with nothing in it (no QEMU, no disks): the "VM that uses nothing" a
+    /// reference graph is gathered from when only the other VMs' images matter.
+    pub(crate) fn blank(name: &str) -> VmRecord {
+        VmRecord {
+            schema: SCHEMA,
+            name: name.to_owned(),
+            qmp: String::new(),
+            origin: Origin::Run,
+            pid: None,
+            pid_start: None,
+            command: None,
+            current: None,
+            disks: Vec::new(),
+            owned_images: Vec::new(),
+            guest_agent: None,
+            registered_at: String::new(),
+            clone_of: None,
+        }
+    }
+}
+
 /// What a clone was made from.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]

@@ -301,21 +301,7 @@ impl Engine {
         if images.is_empty() || self.store.vms().await?.iter().all(|v| v == name) {
             return Ok(());
         }
-        let blank = VmRecord {
-            schema: store::SCHEMA,
-            name: name.to_string(),
-            qmp: String::new(),
-            origin: Origin::Run,
-            pid: None,
-            pid_start: None,
-            command: None,
-            current: None,
-            disks: Vec::new(),
-            owned_images: Vec::new(),
-            guest_agent: None,
-            registered_at: String::new(),
-            clone_of: None,
-        };
+        let blank = VmRecord::blank(name.as_str());
         // From a VM with no images, every image of every other VM is someone else's.
         let graph = Graph::gather(&self.store, name, &blank, &[], None, &self.cancel)
             .await

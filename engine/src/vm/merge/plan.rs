@@ -127,7 +127,6 @@ pub(super) fn removed_by(m: &MergeStep) -> &Path {
 mod tests {
     use super::*;
     use crate::blocks::{Disk, Layer, Medium};
-    use crate::store::{Origin, SCHEMA};
     use refs::Use;
 
     /// One VM's graph, record and (when it runs) QEMU's chains, written the way
@@ -150,21 +149,7 @@ mod tests {
         fn new() -> Case {
             Case {
                 g: Graph::default(),
-                record: VmRecord {
-                    schema: SCHEMA,
-                    name: "vm".into(),
-                    qmp: String::new(),
-                    origin: Origin::Run,
-                    pid: None,
-                    pid_start: None,
-                    command: None,
-                    current: None,
-                    disks: Vec::new(),
-                    owned_images: Vec::new(),
-                    guest_agent: None,
-                    registered_at: String::new(),
-                    clone_of: None,
-                },
+                record: VmRecord::blank("vm"),
                 live: None,
             }
         }
