@@ -309,6 +309,47 @@ pub(crate) fn guest_agent_socket(argv: &[String], cwd: &Path) -> Option<PathBuf>
     })
 }
 
+/// The file a command line's serial console writes: see [`serial_file`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SerialFile {
+    /// The option that names the file, as a clone reports it among the paths it gave its own
+    /// copy of ([`MovedPath::option`](crate::store::MovedPath::option)): `-serial` for
+    /// `-serial file:P`, `-chardev ID` for a `-chardev file,id=ID,path=P`. With it a clone's
+    /// console is found in [`CloneReport::moved`](crate::CloneReport::moved).
+    pub option: String,
+    /// The file, as the command line names it (not resolved against any directory).
+    pub path: PathBuf,
+}
+
+/// Where the guest's first serial port writes, if the command line sends it to a file: the
+/// first `-serial` is `file:P`, or `chardev:ID` with a `-chardev file,id=ID,path=P`
+/// (`key=value` options with QEMU's `,,` escape). `None` for anything else (a socket, `stdio`,
+/// no `-serial`).
+pub fn serial_file(argv: &[String]) -> Option<SerialFile> {
+    let i = argv.iter().position(|a| a == "-serial")?;
+    let v = argv.get(i + 1)?;
+    if let Some(p) = v.strip_prefix("file:") {
+        return Some(SerialFile {
+            option: "-serial".into(),
+            path: PathBuf::from(p),
+        });
+    }
+    let id = v.strip_prefix("chardev:")?;
+    argv.windows(2).find_map(|w| {
+        let parts = split_opts(&w[1]);
+        let is_it = w[0] == "-chardev"
+            && parts.first().map(String::as_str) == Some("file")
+            && get(&parts, "id") == Some(id);
+        is_it
+            .then(|| get(&parts, "path").map(PathBuf::from))
+            .flatten()
+            .map(|path| SerialFile {
+                option: format!("-chardev {id}"),
+                path,
+            })
+    })
+}
+
 /// Removes `flag` and its value (e.g. an old `-incoming tcp:…`).
 pub fn remove_flag(argv: &[String], flag: &str) -> Vec<String> {
     let mut out = Vec::with_capacity(argv.len());
@@ -498,6 +539,48 @@ mod tests {
             Some(PathBuf::from("/vm/qga.sock"))
         );
         assert_eq!(guest_agent_socket(&argv[..5], Path::new("/vm")), None);
+    }
+
+    #[test]
+    fn finds_the_serial_console_file() {
+        let chardev = v(&[
+            "qemu",
+            "-chardev",
+            "file,id=other,path=/x/other.log",
+            "-chardev",
+            "file,id=con,path=/x/a,,b.log,append=on",
+            "-serial",
+            "chardev:con",
+        ]);
+        assert_eq!(
+            serial_file(&chardev),
+            Some(SerialFile {
+                option: "-chardev con".into(),
+                path: PathBuf::from("/x/a,b.log"),
+            })
+        );
+        assert_eq!(
+            serial_file(&v(&["qemu", "-serial", "file:con.log"])),
+            Some(SerialFile {
+                option: "-serial".into(),
+                path: PathBuf::from("con.log"),
+            })
+        );
+        // A socket, stdio, a chardev that is not a file, or no -serial at all: no file.
+        for argv in [
+            v(&["qemu", "-serial", "stdio"]),
+            v(&["qemu", "-serial", "unix:/x/s.sock,server=on"]),
+            v(&[
+                "qemu",
+                "-chardev",
+                "socket,id=con,path=/x/s",
+                "-serial",
+                "chardev:con",
+            ]),
+            v(&["qemu", "-chardev", "file,id=con,path=/x/a.log"]),
+        ] {
+            assert_eq!(serial_file(&argv), None, "{argv:?}");
+        }
     }
 
     #[test]
