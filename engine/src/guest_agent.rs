@@ -5,7 +5,8 @@
 //! socket, with no greeting and no ids: a fresh connection may hold a stale reply, so the
 //! session starts with `guest-sync-delimited` (the reply is preceded by a 0xFF byte) and reads
 //! until its own random token comes back. Every read has a deadline: a guest without a running
-//! agent must fail the snapshot quickly, not hang it. Never used for anything but freeze/thaw.
+//! agent must fail the snapshot quickly, not hang it. Never used for anything but freeze/thaw,
+//! and [`answers`]: whether an agent is there at all (it changes nothing in the guest).
 
 use crate::error::{Error, Result};
 use serde_json::{json, Value};
@@ -14,6 +15,15 @@ use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::UnixStream;
+
+/// Whether the QEMU guest agent on `socket` answers: connects and synchronises with it
+/// (`guest-sync-delimited`), each step within `timeout`; asks nothing else and changes nothing
+/// in the guest. For waiting until a booted guest's agent is up (the socket of a VM's agent is
+/// its record's [`crate::VmRecord::guest_agent`]); [`Error::GuestAgent`] says why it does not
+/// answer (yet).
+pub async fn answers(socket: &Path, timeout: Duration) -> Result<()> {
+    GuestAgent::connect(socket, timeout).await.map(drop)
+}
 
 /// A synchronised session with the guest agent.
 #[derive(Debug)]
@@ -138,5 +148,39 @@ impl GuestAgent {
     pub async fn status(&mut self) -> Result<String> {
         let v = self.execute("guest-fsfreeze-status").await?;
         Ok(v.as_str().unwrap_or_default().to_owned())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::net::UnixListener;
+
+    #[tokio::test]
+    async fn answers_once_the_agent_synchronises() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("qga.sock");
+        // Nobody there: a guest-agent error naming the socket.
+        match answers(&socket, Duration::from_millis(200)).await {
+            Err(Error::GuestAgent { socket: s, .. }) => assert_eq!(s, socket),
+            other => panic!("{other:?}"),
+        }
+        // An agent that first replays a stale reply, then answers the sync with its token.
+        let listener = UnixListener::bind(&socket).unwrap();
+        let agent = tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.unwrap();
+            let (read, mut write) = stream.into_split();
+            let mut line = String::new();
+            BufReader::new(read).read_line(&mut line).await.unwrap();
+            let sync: Value = serde_json::from_str(&line).unwrap();
+            assert_eq!(sync["execute"], "guest-sync-delimited");
+            let token = sync["arguments"]["id"].as_u64().unwrap();
+            let mut out = b"{\"return\": 1}\n\xff".to_vec();
+            out.extend(json!({ "return": token }).to_string().bytes());
+            out.push(b'\n');
+            write.write_all(&out).await.unwrap();
+        });
+        answers(&socket, Duration::from_secs(5)).await.unwrap();
+        agent.await.unwrap();
     }
 }
