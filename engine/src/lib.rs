@@ -35,7 +35,6 @@ mod error;
 mod failpoint;
 mod features;
 mod guest_agent;
-pub mod harness;
 mod image;
 pub mod inspect;
 pub mod launch;

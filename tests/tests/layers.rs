@@ -34,8 +34,12 @@ const CRATES: &[(&str, &[&[&str]])] = &[
             &["launch"],
             &["snapshot"],
             &["vm"],
-            &["inspect", "testing", "harness"],
+            &["inspect", "testing"],
         ],
+    ),
+    (
+        "harness",
+        &[&["ready", "watchdog"], &["cache", "fork"], &["golden"]],
     ),
     ("cli", &[&["args"], &["output", "progress"], &["request"]]),
 ];

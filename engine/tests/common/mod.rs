@@ -4,9 +4,9 @@
 //! guest under qsnap with snapshot and revert helpers that check what the guest sees.
 #![allow(dead_code)] // each test binary uses part of this
 
-use qsnap_engine::harness::{console_prints, Fork, Golden};
 use qsnap_engine::launch::{LaunchSpec, Launched, Launcher, ProcessLauncher};
 use qsnap_engine::{Engine, RevertOptions, RunOptions, SnapshotName, Store, Vm, VmName};
+use qsnap_harness::{console_prints, Fork, Golden};
 use qsnap_testkit::serial::{parse_tick, SerialLog};
 use qsnap_testkit::{create_image, DiskStyle, KillRecordedQemu, VmBuilder};
 use std::path::PathBuf;
@@ -79,6 +79,7 @@ impl Launcher for PerLaunchSerial {
 /// the first one to ask boots the test guest and snapshots it when it ticks, the others fork
 /// from that snapshot at once; kept in the target directory for the next run). Forks load its
 /// memory rather than map it, so that they take point-in-time snapshots like a booted guest.
+/// The harness's own tests (`harness/tests/common`) ask for the same one.
 pub async fn golden() -> Golden {
     let argv = VmBuilder::guest()
         .disk("{dir}/disk.qcow2", "qcow2", DiskStyle::Blockdev)

@@ -6,8 +6,8 @@
 mod common;
 
 use common::golden;
-use qsnap_engine::harness::Fork;
 use qsnap_engine::{SnapshotName, VmName};
+use qsnap_harness::Fork;
 use qsnap_testkit::disk_io::{self, Disk};
 use qsnap_testkit::serial::{parse_tick, SerialLog};
 use qsnap_testkit::{init_logging, require_qemu};

@@ -4,10 +4,10 @@
 //! use it. Asserts nothing.
 //!
 //! ```text
-//! ./scripts/bench.sh --only clone   # or: cargo run --release -p qsnap-engine --example bench_clone [--json FILE]
+//! ./scripts/bench.sh --only clone   # or: cargo run --release -p qsnap-harness --example bench_clone [--json FILE]
 //! ```
 
-use qsnap_engine::harness::{console_prints, Fork, Golden};
+use qsnap_harness::{console_prints, Fork, Golden};
 use qsnap_testkit::{DiskStyle, VmBuilder};
 use serde_json::json;
 use std::path::{Path, PathBuf};

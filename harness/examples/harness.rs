@@ -2,13 +2,13 @@
 //! start four forks of it at once and show each one's first console line. Asserts nothing.
 //!
 //! ```text
-//! cargo run -p qsnap-engine --example harness [FORKS]
+//! cargo run -p qsnap-harness --example harness [FORKS]
 //! ```
 //! `QSNAP_HARNESS_CACHE=DIR` keeps the golden snapshot in DIR for the next run. With
 //! `QSNAP_HARNESS_ABORT=1` the process aborts while its forks run (no destructor runs): the
 //! harness's watchdog must still remove them — the harness test uses this.
 
-use qsnap_engine::harness::{console_prints, Golden};
+use qsnap_harness::{console_prints, Golden};
 use qsnap_testkit::{DiskStyle, VmBuilder};
 use std::path::Path;
 use std::time::Instant;
@@ -68,10 +68,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
-async fn futures_join(
-    golden: &Golden,
-    n: usize,
-) -> qsnap_engine::Result<Vec<qsnap_engine::harness::Fork>> {
+async fn futures_join(golden: &Golden, n: usize) -> qsnap_engine::Result<Vec<qsnap_harness::Fork>> {
     futures::future::join_all((0..n).map(|_| golden.fork()))
         .await
         .into_iter()

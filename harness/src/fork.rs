@@ -1,0 +1,135 @@
+//! A fork: one running copy of the golden snapshot for one test — its own overlays, monitor,
+//! console and directory — killed and removed when dropped, also while the test panics, with
+//! any VM a test cloned from it (which stands on its files) removed first.
+//!
+//! What it must never do: remove anything but its own VM directory and those of VMs cloned
+//! from it, or kill any process but the QEMUs whose command line names those directories
+//! (`watchdog.rs`).
+
+use crate::watchdog::kill_matching;
+use qsnap_engine::{CloneOptions, CloneReport, Result, SnapshotName, Vm};
+use qsnap_qmp::Qmp;
+use std::path::{Path, PathBuf};
+
+/// One running copy of the golden snapshot, for one test.
+#[derive(Debug)]
+pub struct Fork {
+    vm: Vm,
+    source: Vm,
+    snapshot: SnapshotName,
+    report: CloneReport,
+    console: Option<PathBuf>,
+    dir: PathBuf,
+}
+
+impl Fork {
+    /// The fork `vm`, cloned from `snapshot` of `source` (`report`); its console file, if the
+    /// harness captures the console.
+    pub(crate) fn new(
+        vm: Vm,
+        source: Vm,
+        snapshot: SnapshotName,
+        console: Option<PathBuf>,
+        report: CloneReport,
+    ) -> Fork {
+        Fork {
+            dir: vm.store().vm_dir(vm.name()),
+            vm,
+            source,
+            snapshot,
+            report,
+            console,
+        }
+    }
+
+    /// The clone as a qsnap VM (snapshot it, revert it, …).
+    pub fn vm(&self) -> &Vm {
+        &self.vm
+    }
+
+    /// A connection to its monitor (drop it soon: QEMU serves one client at a time).
+    pub async fn qmp(&self) -> Result<Qmp> {
+        self.vm.connect().await
+    }
+
+    /// Its console file, if the harness captures the console.
+    pub fn console(&self) -> Option<&Path> {
+        self.console.as_deref()
+    }
+
+    /// Its console so far.
+    pub fn console_text(&self) -> String {
+        self.console
+            .as_ref()
+            .and_then(|p| std::fs::read_to_string(p).ok())
+            .unwrap_or_default()
+    }
+
+    /// Its disks' top images (its own overlays).
+    pub fn disks(&self) -> Vec<PathBuf> {
+        self.report
+            .disks
+            .iter()
+            .map(|d| d.overlay.clone())
+            .collect()
+    }
+
+    /// What the clone did.
+    pub fn report(&self) -> &CloneReport {
+        &self.report
+    }
+
+    /// Back to the golden snapshot, in place: the same name, paths and console file (which
+    /// starts empty again), a new QEMU.
+    pub async fn reset(&mut self) -> Result<()> {
+        self.vm.remove().await?;
+        let report = self
+            .source
+            .clone_snapshot(&self.snapshot, self.vm.name(), &CloneOptions::default())
+            .await?;
+        // Same name, same paths: the console file is where it was.
+        self.report = report;
+        self.vm = self.source.engine().vm(self.vm.name()).await?;
+        Ok(())
+    }
+}
+
+impl Drop for Fork {
+    fn drop(&mut self) {
+        // VMs cloned from this fork (a test that failed before removing them) stand on its
+        // files: they go first, so that nothing in the store is left on a missing image.
+        let mut doomed = vec![self.dir.clone()];
+        let mut i = 0;
+        while i < doomed.len() {
+            if let Some(name) = doomed[i]
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+            {
+                doomed.extend(clones_of(&self.dir.with_file_name(""), &name));
+            }
+            i += 1;
+        }
+        for dir in doomed.iter().rev() {
+            // A QEMU's command line names its VM's directory (monitor socket, overlays).
+            kill_matching(&format!("{}/", dir.display()));
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+/// The directories of the VMs in `vms` whose record says they are clones of VM `name`.
+fn clones_of(vms: &Path, name: &str) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(vms) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .map(|e| e.path())
+        .filter(|d| {
+            std::fs::read(d.join("vm.json"))
+                .ok()
+                .and_then(|t| serde_json::from_slice::<serde_json::Value>(&t).ok())
+                .is_some_and(|r| r["clone-of"]["vm"] == name)
+        })
+        .collect()
+}

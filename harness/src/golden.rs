@@ -1,0 +1,422 @@
+//! The golden VM: boot a guest from its command line (disks made first, console captured in a
+//! file), wait until it is ready, snapshot it, and start forks of that snapshot. Kept in a
+//! private temporary store, or in a cache directory that later processes reuse (`cache.rs`
+//! keys and locks it).
+//!
+//! What it must never do: write outside its own directory (the temporary store, or its entry
+//! in the cache directory), or kill a process that is not a QEMU of its store (`watchdog.rs`).
+
+use crate::cache;
+use crate::fork::Fork;
+use crate::ready::{wait_ready, Ready};
+use crate::watchdog::{kill_matching, watchdog};
+use qsnap_engine::launch::argv::serial_file;
+use qsnap_engine::{
+    CloneOptions, CloneReport, Engine, Error, Result, RevertReport, RunOptions, SnapshotName,
+    Store, Vm, VmName,
+};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+/// How the golden VM is booted; [`GoldenBuilder::snapshot`] does it.
+#[derive(Debug)]
+pub struct GoldenBuilder {
+    argv: Vec<String>,
+    ready: Option<Ready>,
+    timeout: Duration,
+    disks: Vec<(String, u64)>,
+    cache: Option<PathBuf>,
+    lazy: bool,
+}
+
+/// A booted guest and its snapshot, from which [`Golden::fork`] starts running copies.
+#[derive(Debug)]
+pub struct Golden {
+    engine: Engine,
+    vm: Vm,
+    snapshot: SnapshotName,
+    console: Option<PathBuf>,
+    /// How the console shows in a clone's moved paths (`-chardev ID` or `-serial`).
+    console_option: Option<String>,
+    next: AtomicUsize,
+    /// This golden's number in this process (several may share a cached store).
+    id: usize,
+    /// A cached golden this process started again ([`Golden::reset`]).
+    started: AtomicBool,
+    // Last: removed after everything above is done with it.
+    root: Root,
+}
+
+/// The golden VM's name in its store.
+const GOLDEN: &str = "golden";
+
+/// The id of the console chardev the harness adds to a command line that has no `-serial`.
+const CONSOLE_ID: &str = "qsnapcon";
+
+/// Goldens made by this process so far (each names its forks by its number).
+static GOLDENS: AtomicUsize = AtomicUsize::new(0);
+
+/// The directory of the VMs of the store in a golden's directory `root`.
+fn vms_of(root: &Path) -> PathBuf {
+    root.join("store").join("vms")
+}
+
+/// The monitor socket of the golden QEMU of the store in `root`.
+fn own_socket(root: &Path) -> String {
+    vms_of(root)
+        .join(GOLDEN)
+        .join("qmp.sock")
+        .display()
+        .to_string()
+}
+
+impl Golden {
+    /// A golden VM from QEMU's command line (binary first). Its console is captured in a file
+    /// unless the command line sends it somewhere itself (`-serial`).
+    pub fn boot<I, S>(argv: I) -> GoldenBuilder
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        GoldenBuilder {
+            argv: argv.into_iter().map(Into::into).collect(),
+            ready: None,
+            timeout: Duration::from_secs(120),
+            disks: Vec::new(),
+            cache: None,
+            lazy: true,
+        }
+    }
+
+    /// A running copy of the snapshot: its own overlays, monitor, console and files.
+    pub async fn fork(&self) -> Result<Fork> {
+        let n = self.next.fetch_add(1, Ordering::SeqCst) + 1;
+        let name = VmName::new(&format!("{}{n}", self.fork_prefix()))?;
+        let report = self
+            .vm
+            .clone_snapshot(&self.snapshot, &name, &CloneOptions::default())
+            .await?;
+        let vm = self.engine.vm(&name).await?;
+        Ok(Fork::new(
+            vm,
+            self.vm.clone(),
+            self.snapshot.clone(),
+            self.console_of(&report),
+            report,
+        ))
+    }
+
+    /// The golden VM itself (for serial reuse: run a test on it, then [`Golden::reset`]).
+    pub fn vm(&self) -> &Vm {
+        &self.vm
+    }
+
+    /// Reverts the golden VM to its snapshot, in place.
+    /// A cached golden (stopped once built) runs again after this, until this golden is
+    /// dropped or the process exits.
+    pub async fn reset(&self) -> Result<RevertReport> {
+        if let Root::Cached(_) = &self.root {
+            if !self.started.swap(true, Ordering::SeqCst) {
+                watchdog(&self.own_socket(), None);
+            }
+        }
+        self.vm.revert(&self.snapshot, false).await
+    }
+
+    /// The golden VM's console file, if the harness captures it.
+    pub fn console(&self) -> Option<&Path> {
+        self.console.as_deref()
+    }
+
+    /// The golden's directory (its store, disks and console).
+    pub fn dir(&self) -> &Path {
+        self.root.path()
+    }
+
+    /// The golden QEMU's monitor socket: in its command line, and in no fork's.
+    fn own_socket(&self) -> String {
+        own_socket(self.root.path())
+    }
+
+    /// This golden's forks are named `f<pid>g<id>-<n>`: processes (and goldens of one
+    /// process) sharing a cached store never pick the same name, and each cleans up only its
+    /// own.
+    fn fork_prefix(&self) -> String {
+        format!("f{}g{}-", std::process::id(), self.id)
+    }
+
+    /// A clone's console: where the golden's console file went.
+    fn console_of(&self, report: &CloneReport) -> Option<PathBuf> {
+        let option = self.console_option.as_deref()?;
+        report
+            .moved
+            .iter()
+            .find(|m| m.option == option)
+            .map(|m| m.to.clone())
+    }
+
+    /// The golden VM of a store, with its console found in its command line.
+    async fn open(engine: Engine, snapshot: SnapshotName, root: Root) -> Result<Golden> {
+        let vm = engine.vm(&VmName::new(GOLDEN)?).await?;
+        let (console_option, console) = vm
+            .record()
+            .command
+            .as_ref()
+            .and_then(|c| serial_file(&c.argv))
+            .map(|s| (s.option, s.path))
+            .unzip();
+        Ok(Golden {
+            engine,
+            vm,
+            snapshot,
+            console,
+            console_option,
+            next: AtomicUsize::new(0),
+            id: GOLDENS.fetch_add(1, Ordering::SeqCst) + 1,
+            started: AtomicBool::new(false),
+            root,
+        })
+    }
+
+    /// A golden snapshot another process made.
+    async fn reuse(snapshot: SnapshotName, dir: PathBuf) -> Result<Golden> {
+        let engine = Engine::new(Store::new(dir.join("store")));
+        let golden = Golden::open(engine, snapshot, Root::Cached(dir)).await?;
+        golden.vm.snapshot(&golden.snapshot).await?;
+        Ok(golden)
+    }
+}
+
+impl Drop for Golden {
+    fn drop(&mut self) {
+        match &self.root {
+            // Everything in a private store goes (the directory with the TempDir).
+            Root::Temp(t) => kill_matching(&format!("{}/", t.path().display())),
+            // A cached golden stays for the next process; this process's forks go.
+            Root::Cached(dir) => {
+                let forks = vms_of(dir).join(self.fork_prefix());
+                kill_matching(&forks.display().to_string());
+                if self.started.load(Ordering::SeqCst) {
+                    kill_matching(&self.own_socket());
+                }
+            }
+        }
+    }
+}
+
+impl GoldenBuilder {
+    /// When the guest is ready to be snapshotted (default: as soon as QEMU runs).
+    pub fn ready_when(mut self, ready: Ready) -> Self {
+        self.ready = Some(ready);
+        self
+    }
+
+    /// Creates an empty qcow2 image `name` of `size` bytes in the golden's directory before
+    /// it boots; the command line names it `{dir}/name` (`{dir}` is replaced in every
+    /// argument).
+    pub fn disk(mut self, name: &str, size: u64) -> Self {
+        self.disks.push((name.to_owned(), size));
+        self
+    }
+
+    /// Whether forks map the snapshot's RAM (default) or load it. Mapped, forks start
+    /// sooner and share the pages, but take precopy snapshots only, like a lazily reverted
+    /// VM; loaded, they take point-in-time snapshots too.
+    pub fn lazy(mut self, lazy: bool) -> Self {
+        self.lazy = lazy;
+        self
+    }
+
+    /// Keeps the golden snapshot in `dir` and reuses it: the first process to ask boots the
+    /// guest and snapshots it (others wait on a lock), later ones — other test processes, a
+    /// later run — fork from it at once. Keyed by the command line, the disks and the identity
+    /// (size, mtime, inode) of the QEMU binary, of every file the command line names by
+    /// absolute path and of a `-kernel`/`-initrd`/`-bios`/`-dtb` named relatively, so a
+    /// rebuilt kernel or QEMU makes a new one. (Name files the golden writes with `{dir}`: an
+    /// absolute path to one would change the key on every build.) The golden VM is stopped
+    /// once its snapshot is made: forks need only the snapshot's files.
+    pub fn cache_in(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.cache = Some(dir.into());
+        self
+    }
+
+    /// How long booting and becoming ready may take (default 120 s).
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// Boots the VM, waits until it is ready, and takes snapshot `name` of it (made lazy
+    /// where QEMU allows, so forks share its RAM pages). With [`GoldenBuilder::cache_in`], a
+    /// snapshot made before is reused instead.
+    pub async fn snapshot(self, name: &str) -> Result<Golden> {
+        let snapshot = SnapshotName::new(name)?;
+        let Some(cache) = self.cache.clone() else {
+            let root = tempfile::Builder::new()
+                .prefix("qsnap-h-")
+                .tempdir()
+                .map_err(crate::io(
+                    "creating the harness's store",
+                    &std::env::temp_dir(),
+                ))?;
+            let all = format!("{}/", root.path().display());
+            watchdog(&all, Some(&all));
+            let path = root.path().to_owned();
+            return self.build(snapshot, Root::Temp(root), &path).await;
+        };
+        let key = self
+            .key(&snapshot, std::env::current_dir().ok().as_deref())
+            .await;
+        let dir = cache.join(format!("golden-{key:016x}"));
+        let lock_path = cache.join(format!("golden-{key:016x}.lock"));
+        crate::blocking({
+            let cache = cache.clone();
+            move || {
+                std::fs::create_dir_all(&cache)
+                    .map_err(crate::io("creating the golden cache", &cache))
+            }
+        })
+        .await?;
+        // One builder at a time; the others wait (bounded by the boot timeout), then reuse.
+        let lock =
+            cache::lock_exclusive(lock_path, self.timeout + Duration::from_secs(120)).await?;
+        let complete = dir.join("complete");
+        let golden = if tokio::fs::try_exists(&complete).await.unwrap_or(false) {
+            Golden::reuse(snapshot, dir.clone()).await?
+        } else {
+            let _ = tokio::fs::remove_dir_all(&dir).await; // a build that died half-way
+            tokio::fs::create_dir_all(&dir)
+                .await
+                .map_err(crate::io("creating the golden's directory", &dir))?;
+            // The golden QEMU (named by its own monitor socket, which no fork's command
+            // line holds) dies with a failed build, and with this process.
+            let own = own_socket(&dir);
+            watchdog(&own, None);
+            let built = async {
+                let golden = self
+                    .build(snapshot, Root::Cached(dir.clone()), &dir)
+                    .await?;
+                golden.vm.stop().await?;
+                Ok::<_, Error>(golden)
+            }
+            .await;
+            let golden = match built {
+                Ok(g) => g,
+                Err(e) => {
+                    kill_matching(&own);
+                    return Err(e);
+                }
+            };
+            tokio::fs::write(&complete, b"")
+                .await
+                .map_err(crate::io("marking the golden complete", &complete))?;
+            golden
+        };
+        drop(lock);
+        let forks = vms_of(&dir).join(golden.fork_prefix());
+        let forks = forks.display().to_string();
+        watchdog(&forks, Some(&forks));
+        Ok(golden)
+    }
+
+    /// The key of this golden in a cache (`cache.rs`); relative names resolved against `cwd`.
+    pub(crate) async fn key(&self, snapshot: &SnapshotName, cwd: Option<&Path>) -> u64 {
+        let ready = self.ready.as_ref();
+        cache::key(&self.argv, &self.disks, ready, self.lazy, snapshot, cwd).await
+    }
+
+    async fn build(self, snapshot: SnapshotName, root: Root, dir: &Path) -> Result<Golden> {
+        let d = dir.display().to_string();
+        let mut argv: Vec<String> = self.argv.iter().map(|a| a.replace("{dir}", &d)).collect();
+        for (name, size) in &self.disks {
+            create_blank(&dir.join(name), *size).await?;
+        }
+        if !argv.iter().any(|a| a == "-serial" || a == "-nographic") {
+            argv.extend([
+                "-chardev".into(),
+                format!(
+                    "file,id={CONSOLE_ID},path={},append=on",
+                    dir.join("console.log").display()
+                ),
+                "-serial".into(),
+                format!("chardev:{CONSOLE_ID}"),
+            ]);
+        }
+        let engine = Engine::new(Store::new(dir.join("store")));
+        let name = VmName::new(GOLDEN)?;
+        engine.run(&name, argv, &RunOptions::default()).await?;
+        let golden = Golden::open(engine, snapshot, root).await?;
+        if let Some(ready) = &self.ready {
+            wait_ready(&golden.vm, golden.console(), ready, self.timeout).await?;
+        }
+        let opts = golden.vm.create_options(golden.snapshot.clone());
+        golden.vm.create_snapshot(opts).await?;
+        if !self.lazy {
+            return Ok(golden);
+        }
+        match golden.vm.make_lazy(&golden.snapshot).await {
+            Ok(_) => {}
+            // What QEMU or the command line rule out (forks still work, loading the memory).
+            Err(
+                what @ (Error::LazyRam(_) | Error::QemuLacks { .. } | Error::ForeignJob { .. }),
+            ) => {
+                tracing::info!(%what, "forks load the golden snapshot's memory eagerly");
+            }
+            Err(e) => return Err(e),
+        }
+        Ok(golden)
+    }
+}
+
+/// Creates an empty qcow2 image of `size` bytes at `path`, never over an existing file, with
+/// `qemu-img create` (within a minute; the child is killed if it is not done).
+async fn create_blank(path: &Path, size: u64) -> Result<()> {
+    if tokio::fs::symlink_metadata(path).await.is_ok() {
+        return Err(Error::TargetExists {
+            path: path.to_owned(),
+        });
+    }
+    let fail = |why: String| Error::Tool {
+        tool: "qemu-img create".into(),
+        path: path.to_owned(),
+        why,
+    };
+    let run = tokio::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(path)
+        .arg(size.to_string())
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(60), run)
+        .await
+        .map_err(|_| fail("did not finish within 60 s".into()))?
+        .map_err(|e| fail(format!("cannot run it: {e}")))?;
+    if !out.status.success() {
+        let stderr = String::from_utf8_lossy(&out.stderr).trim().to_owned();
+        return Err(fail(if stderr.is_empty() {
+            format!("it exited with {}", out.status)
+        } else {
+            stderr
+        }));
+    }
+    Ok(())
+}
+
+/// Where a golden lives: a private temporary store (removed with it), or a cache directory
+/// (kept for the next process).
+#[derive(Debug)]
+enum Root {
+    Temp(tempfile::TempDir),
+    Cached(PathBuf),
+}
+
+impl Root {
+    fn path(&self) -> &Path {
+        match self {
+            Root::Temp(t) => t.path(),
+            Root::Cached(p) => p,
+        }
+    }
+}
