@@ -3,10 +3,9 @@
 //! any VM a test cloned from it (which stands on its files) removed first.
 //!
 //! What it must never do: remove anything but its own VM directory and those of VMs cloned
-//! from it, or kill any process but the QEMUs whose command line names those directories
-//! (`watchdog.rs`).
+//! from it, or kill any process but the QEMUs their records name (`watchdog.rs`).
 
-use crate::watchdog::kill_matching;
+use crate::watchdog::kill_qemus_of;
 use qsnap_engine::{CloneOptions, CloneReport, Result, SnapshotName, Vm};
 use qsnap_qmp::Qmp;
 use std::path::{Path, PathBuf};
@@ -110,8 +109,8 @@ impl Drop for Fork {
             i += 1;
         }
         for dir in doomed.iter().rev() {
-            // A QEMU's command line names its VM's directory (monitor socket, overlays).
-            kill_matching(&format!("{}/", dir.display()));
+            // Its QEMU, as its record names it (pid and start time).
+            kill_qemus_of(dir);
             let _ = std::fs::remove_dir_all(dir);
         }
     }

@@ -4,12 +4,12 @@
 //! keys and locks it).
 //!
 //! What it must never do: write outside its own directory (the temporary store, or its entry
-//! in the cache directory), or kill a process that is not a QEMU of its store (`watchdog.rs`).
+//! in the cache directory), or kill a QEMU other than those its store records (`watchdog.rs`).
 
 use crate::cache;
 use crate::fork::Fork;
 use crate::ready::{wait_ready, Ready};
-use crate::watchdog::{kill_matching, watchdog};
+use crate::watchdog::{kill_qemus, watchdog, Remove, Vms};
 use qsnap_engine::launch::argv::serial_file;
 use qsnap_engine::{
     CloneOptions, CloneReport, Engine, Error, Result, RevertReport, RunOptions, SnapshotName,
@@ -62,15 +62,6 @@ fn vms_of(root: &Path) -> PathBuf {
     root.join("store").join("vms")
 }
 
-/// The monitor socket of the golden QEMU of the store in `root`.
-fn own_socket(root: &Path) -> String {
-    vms_of(root)
-        .join(GOLDEN)
-        .join("qmp.sock")
-        .display()
-        .to_string()
-}
-
 impl Golden {
     /// A golden VM from QEMU's command line (binary first). Its console is captured in a file
     /// unless the command line sends it somewhere itself (`-serial`).
@@ -118,7 +109,7 @@ impl Golden {
     pub async fn reset(&self) -> Result<RevertReport> {
         if let Root::Cached(_) = &self.root {
             if !self.started.swap(true, Ordering::SeqCst) {
-                watchdog(&self.own_socket(), None);
+                watchdog(&self.vms(), Vms::Named(GOLDEN), Remove::Nothing);
             }
         }
         self.vm.revert(&self.snapshot, false).await
@@ -134,9 +125,9 @@ impl Golden {
         self.root.path()
     }
 
-    /// The golden QEMU's monitor socket: in its command line, and in no fork's.
-    fn own_socket(&self) -> String {
-        own_socket(self.root.path())
+    /// The directory of the VMs of its store (the golden and its forks).
+    fn vms(&self) -> PathBuf {
+        vms_of(self.root.path())
     }
 
     /// This golden's forks are named `f<pid>g<id>-<n>`: processes (and goldens of one
@@ -190,15 +181,15 @@ impl Golden {
 
 impl Drop for Golden {
     fn drop(&mut self) {
+        let vms = self.vms();
         match &self.root {
             // Everything in a private store goes (the directory with the TempDir).
-            Root::Temp(t) => kill_matching(&format!("{}/", t.path().display())),
+            Root::Temp(_) => kill_qemus(&vms, Vms::Prefixed("")),
             // A cached golden stays for the next process; this process's forks go.
-            Root::Cached(dir) => {
-                let forks = vms_of(dir).join(self.fork_prefix());
-                kill_matching(&forks.display().to_string());
+            Root::Cached(_) => {
+                kill_qemus(&vms, Vms::Prefixed(&self.fork_prefix()));
                 if self.started.load(Ordering::SeqCst) {
-                    kill_matching(&self.own_socket());
+                    kill_qemus(&vms, Vms::Named(GOLDEN));
                 }
             }
         }
@@ -260,9 +251,8 @@ impl GoldenBuilder {
                     "creating the harness's store",
                     &std::env::temp_dir(),
                 ))?;
-            let all = format!("{}/", root.path().display());
-            watchdog(&all, Some(&all));
             let path = root.path().to_owned();
+            watchdog(&vms_of(&path), Vms::Prefixed(""), Remove::Dir(&path));
             return self.build(snapshot, Root::Temp(root), &path).await;
         };
         let key = self
@@ -282,6 +272,7 @@ impl GoldenBuilder {
         let lock =
             cache::lock_exclusive(lock_path, self.timeout + Duration::from_secs(120)).await?;
         let complete = dir.join("complete");
+        let vms = vms_of(&dir);
         let golden = if tokio::fs::try_exists(&complete).await.unwrap_or(false) {
             Golden::reuse(snapshot, dir.clone()).await?
         } else {
@@ -289,10 +280,8 @@ impl GoldenBuilder {
             tokio::fs::create_dir_all(&dir)
                 .await
                 .map_err(crate::io("creating the golden's directory", &dir))?;
-            // The golden QEMU (named by its own monitor socket, which no fork's command
-            // line holds) dies with a failed build, and with this process.
-            let own = own_socket(&dir);
-            watchdog(&own, None);
+            // The golden QEMU dies with a failed build, and with this process.
+            watchdog(&vms, Vms::Named(GOLDEN), Remove::Nothing);
             let built = async {
                 let golden = self
                     .build(snapshot, Root::Cached(dir.clone()), &dir)
@@ -304,7 +293,7 @@ impl GoldenBuilder {
             let golden = match built {
                 Ok(g) => g,
                 Err(e) => {
-                    kill_matching(&own);
+                    kill_qemus(&vms, Vms::Named(GOLDEN));
                     return Err(e);
                 }
             };
@@ -314,9 +303,7 @@ impl GoldenBuilder {
             golden
         };
         drop(lock);
-        let forks = vms_of(&dir).join(golden.fork_prefix());
-        let forks = forks.display().to_string();
-        watchdog(&forks, Some(&forks));
+        watchdog(&vms, Vms::Prefixed(&golden.fork_prefix()), Remove::TheVms);
         Ok(golden)
     }
 

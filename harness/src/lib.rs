@@ -38,10 +38,11 @@
 //! - `golden.rs` — [`Golden`] and [`GoldenBuilder`]: booting, snapshotting, reusing;
 //! - `cache.rs` — the cross-process golden cache: its key and its lock;
 //! - `fork.rs` — [`Fork`]: one running copy, and its removal on drop;
-//! - `watchdog.rs` — killing the QEMUs of the harness's store, in process and from a watchdog
-//!   process after a death without destructors.
+//! - `watchdog.rs` — killing the QEMUs of the harness's VMs (by pid *and* start time), in
+//!   process and from a watchdog process after a death without destructors.
 //!
-//! What this crate must never do: touch anything outside its own store.
+//! What this crate must never do: touch anything outside its own store, or kill a process
+//! that is not a QEMU its store records (by pid and start time: never by command line).
 #![deny(missing_docs)]
 
 mod cache;
