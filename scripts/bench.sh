@@ -9,7 +9,7 @@
 #      the guest's largest tick gap, wall times, file sizes, the disk's bandwidth.
 #   3. engine/examples/bench_scale.rs — memory (PSS) of 1 and 8 QEMUs restored from one
 #      snapshot, eager and lazy; 8 VMs snapshotted one at a time and concurrently.
-#   4. engine/examples/bench_clone.rs — 1, 4 and 8 clones of one 256 MiB snapshot started at
+#   4. harness/examples/bench_clone.rs — 1, 4 and 8 clones of one 256 MiB snapshot started at
 #      once (the harness API): time to each clone's first console line, PSS per clone.
 # Usage: ./scripts/bench.sh [ROUNDS] [--with-libvirt] [--ram 512,2048] [--only engine|peers|scale|clone]
 #        (JSON of every part goes to target/bench/)
@@ -48,5 +48,5 @@ if [ -z "$only" ] || [ "$only" = scale ]; then
 fi
 if [ -z "$only" ] || [ "$only" = clone ]; then
   echo "== 4. clones"
-  cargo run -q --release -p qsnap-engine --example bench_clone -- --json target/bench/clone.json
+  cargo run -q --release -p qsnap-harness --example bench_clone -- --json target/bench/clone.json
 fi
