@@ -15,6 +15,7 @@
 //! test process.
 
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 /// A process, told apart from any later one given its number.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -110,36 +111,45 @@ fn recorded(dir: &Path) -> Vec<Process> {
 }
 
 /// SIGKILLs `p` if it is still that very process (same start time), this user's, and not this
-/// process. (Left open: the pid freed and given again in the instant between the check and
-/// the signal.)
-fn kill_if_same(p: Process) {
+/// process; whether it did. (Left open: the pid freed and given again in the instant between
+/// the check and the signal.)
+fn kill_if_same(p: Process) -> bool {
     use std::os::unix::fs::MetadataExt;
     if p.pid == std::process::id() || start_time(p.pid) != Some(p.start) {
-        return;
+        return false;
     }
     let mine = std::fs::metadata(format!("/proc/{}", p.pid))
         .is_ok_and(|m| m.uid() == nix::unistd::geteuid().as_raw());
-    if let (true, Ok(pid)) = (mine, i32::try_from(p.pid)) {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid),
-            nix::sys::signal::Signal::SIGKILL,
-        );
+    let (true, Ok(pid)) = (mine, i32::try_from(p.pid)) else {
+        return false;
+    };
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .is_ok()
+}
+
+/// SIGKILLs each of `processes` that is still that very process ([`kill_if_same`]), then
+/// waits until those have ended (at most 5 s): a SIGKILLed QEMU takes a moment to go, and
+/// what the caller removes next must no longer be in use.
+fn kill_all(processes: Vec<Process>) {
+    let killed: Vec<Process> = processes.into_iter().filter(|&p| kill_if_same(p)).collect();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while killed.iter().any(|p| start_time(p.pid) == Some(p.start)) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
     }
 }
 
-/// SIGKILLs the QEMUs the VM directory `dir` records, synchronously: it runs in `Drop`, also
-/// while a test panics.
+/// SIGKILLs the QEMUs the VM directory `dir` records and waits until they have ended,
+/// synchronously: it runs in `Drop`, also while a test panics.
 pub(crate) fn kill_qemus_of(dir: &Path) {
-    for p in recorded(dir) {
-        kill_if_same(p);
-    }
+    kill_all(recorded(dir));
 }
 
 /// SIGKILLs the QEMUs of the VMs `which` of the `vms` directory, as [`kill_qemus_of`].
 pub(crate) fn kill_qemus(vms: &Path, which: Vms<'_>) {
-    for dir in which.dirs(vms) {
-        kill_qemus_of(&dir);
-    }
+    kill_all(which.dirs(vms).iter().flat_map(|d| recorded(d)).collect());
 }
 
 /// Does what [`kill_qemus`] does, and removes `remove`, once `parent` has ended: polls its
@@ -232,7 +242,6 @@ mod tests {
     use super::*;
     use std::os::unix::process::ExitStatusExt;
     use std::process::{Child, Command, Stdio};
-    use std::time::{Duration, Instant};
 
     /// The name `/proc/<pid>/stat` shows.
     fn comm(pid: u32) -> String {
