@@ -280,8 +280,10 @@ impl GoldenBuilder {
             tokio::fs::create_dir_all(&dir)
                 .await
                 .map_err(crate::io("creating the golden's directory", &dir))?;
-            // The golden QEMU dies with a failed build, and with this process.
-            watchdog(&vms, Vms::Named(GOLDEN), Remove::Nothing);
+            // The golden QEMU this build starts dies with a failed build, and with this
+            // process while the build runs (not after: the next golden QEMU may be another
+            // process's, started by its reset or by its own build after a failed one).
+            let dog = watchdog(&vms, Vms::Named(GOLDEN), Remove::Nothing);
             let built = async {
                 let golden = self
                     .build(snapshot, Root::Cached(dir.clone()), &dir)
@@ -290,13 +292,13 @@ impl GoldenBuilder {
                 Ok::<_, Error>(golden)
             }
             .await;
-            let golden = match built {
-                Ok(g) => g,
-                Err(e) => {
-                    kill_qemus(&vms, Vms::Named(GOLDEN));
-                    return Err(e);
-                }
-            };
+            if built.is_err() {
+                kill_qemus(&vms, Vms::Named(GOLDEN));
+            }
+            if let Some(dog) = dog {
+                dog.dismiss();
+            }
+            let golden = built?;
             tokio::fs::write(&complete, b"")
                 .await
                 .map_err(crate::io("marking the golden complete", &complete))?;

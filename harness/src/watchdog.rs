@@ -190,15 +190,34 @@ esac"#;
 /// Starts a watchdog process: when this process is gone, however it went, it SIGKILLs the
 /// QEMUs the VMs `which` of `vms` record then (pid and start time, as [`kill_qemus`] does),
 /// and removes `remove`. This is what cleans up after a golden in a `static`, never dropped.
-pub(crate) fn watchdog(vms: &Path, which: Vms<'_>, remove: Remove<'_>) {
+/// It runs until this process ends, unless [`Watchdog::dismiss`]ed.
+pub(crate) fn watchdog(vms: &Path, which: Vms<'_>, remove: Remove<'_>) -> Option<Watchdog> {
     let spawned = match Process::me() {
-        Some(me) => spawn(me, vms, which, remove).map(drop),
+        Some(me) => spawn(me, vms, which, remove),
         None => Err(std::io::Error::other(
             "this process's start time is unreadable",
         )),
     };
-    if let Err(e) = spawned {
-        tracing::warn!(error = %e, "no watchdog: a golden VM that is never dropped outlives the test process");
+    match spawned {
+        Ok(child) => Some(Watchdog(child)),
+        Err(e) => {
+            tracing::warn!(error = %e, "no watchdog: a golden VM that is never dropped outlives the test process");
+            None
+        }
+    }
+}
+
+/// A watchdog process (a child of this process). Dropped, it keeps watching.
+#[derive(Debug)]
+pub(crate) struct Watchdog(std::process::Child);
+
+impl Watchdog {
+    /// Ends it before it acts: what it watches is no longer this process's to clean up (a
+    /// cached golden built and stopped; the next QEMU of that VM may be another process's).
+    pub(crate) fn dismiss(mut self) {
+        // Its own child, not yet waited for: the pid cannot have been given to another.
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }
 
@@ -406,6 +425,21 @@ mod tests {
         assert!(all.wait().unwrap().success());
         assert!(killed_by_sigkill(&mut fork));
         assert!(!root.exists());
+    }
+
+    #[test]
+    fn a_dismissed_watchdog_kills_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let vms = dir.path().join("vms");
+        let (mut golden, golden_p) = started(&sleep_binary(), &["30"]);
+        record(&vms, "golden", golden_p);
+        let (parent, parent_p) = started(&sleep_binary(), &["30"]);
+        let dog = spawn(parent_p, &vms, Vms::Named("golden"), Remove::Nothing).unwrap();
+        Watchdog(dog).dismiss();
+        end(parent);
+        std::thread::sleep(Duration::from_millis(1200));
+        assert!(alive(&mut golden), "a dismissed watchdog killed");
+        end(golden);
     }
 
     #[test]
