@@ -33,6 +33,13 @@ pub fn cache_in(dir: impl Into<PathBuf>) {
     *disk_dir().lock().unwrap_or_else(|e| e.into_inner()) = Some(dir.into());
 }
 
+/// What a file is, for a cache key: `path|device|inode|size|mtime|ctime|`, or `None` when it
+/// cannot be read. A rebuilt or reinstalled file changes its inode or ctime even when its size
+/// and mtime are kept, so a key that holds this never serves an answer about the old file.
+pub async fn file_identity(path: &std::path::Path) -> Option<String> {
+    file_key(path, "").await
+}
+
 /// `path|size|mtime_ns|extra` of a file (a QEMU binary), if it can be read.
 pub(crate) async fn file_key(path: &std::path::Path, extra: &str) -> Option<String> {
     stat_key(path, path, extra).await
@@ -60,8 +67,9 @@ pub(crate) async fn stat_key(
     ))
 }
 
-/// A binary given by name (`qemu-system-x86_64`) as the file `PATH` finds.
-pub(crate) async fn resolve_binary(binary: &str) -> Option<PathBuf> {
+/// A binary given by name (`qemu-system-x86_64`) as the file `PATH` finds (a path is taken
+/// as it is).
+pub async fn resolve_binary(binary: &str) -> Option<PathBuf> {
     let binary = binary.to_owned();
     tokio::task::spawn_blocking(move || resolve_binary_blocking(&binary))
         .await

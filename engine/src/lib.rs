@@ -49,6 +49,7 @@ mod tool;
 mod unlink;
 mod vm;
 
+pub use cache::{file_identity, resolve_binary};
 pub use error::{
     CreateError, DeleteError, Error, LazyRamError, LazyRamRefusal, QemuFeature, RemoveRefusal,
     Result, RevertError,

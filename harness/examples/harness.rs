@@ -68,7 +68,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
-async fn futures_join(golden: &Golden, n: usize) -> qsnap_engine::Result<Vec<qsnap_harness::Fork>> {
+async fn futures_join(
+    golden: &Golden,
+    n: usize,
+) -> qsnap_harness::Result<Vec<qsnap_harness::Fork>> {
     futures::future::join_all((0..n).map(|_| golden.fork()))
         .await
         .into_iter()

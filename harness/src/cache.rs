@@ -7,9 +7,9 @@
 //! kernel or QEMU must make a new golden, never reuse a stale one), or let a file the golden
 //! itself writes into the key (the cache would never hit).
 
+use crate::error::Result;
 use crate::ready::Ready;
-use qsnap_engine::{Error, Result, SnapshotName};
-use std::os::unix::fs::MetadataExt;
+use qsnap_engine::{file_identity, resolve_binary, SnapshotName};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -29,7 +29,7 @@ pub(crate) async fn key(
         qsnap_engine::store::SCHEMA,
         env!("CARGO_PKG_VERSION")
     );
-    let binary = binary_path(argv.first().map_or("", String::as_str)).await;
+    let binary = resolve_binary(argv.first().map_or("", String::as_str)).await;
     // Every absolute path counts; a relative one (from this process's directory) only as
     // the value of an option that reads it: a relative file the golden writes (a log,
     // a disk) would change with every build and the cache would never hit.
@@ -57,43 +57,6 @@ pub(crate) async fn key(
     xxhash_rust::xxh3::xxh3_64(text.as_bytes())
 }
 
-/// `path|device|inode|size|mtime|ctime|` of a file, if it can be read: a rebuilt or
-/// reinstalled file changes its inode or ctime even when its size and mtime are kept.
-async fn file_identity(path: &Path) -> Option<String> {
-    let md = tokio::fs::metadata(path).await.ok()?;
-    Some(format!(
-        "{}|{}|{}|{}|{}.{}|{}.{}|",
-        path.display(),
-        md.dev(),
-        md.ino(),
-        md.size(),
-        md.mtime(),
-        md.mtime_nsec(),
-        md.ctime(),
-        md.ctime_nsec()
-    ))
-}
-
-/// The file a binary named on a command line is: a path as given, a bare name
-/// (`qemu-system-x86_64`) as `PATH` finds it.
-async fn binary_path(binary: &str) -> Option<PathBuf> {
-    let binary = binary.to_owned();
-    tokio::task::spawn_blocking(move || {
-        let p = Path::new(&binary);
-        if p.components().count() > 1 {
-            return Some(p.to_owned());
-        }
-        std::env::var_os("PATH")?
-            .to_str()?
-            .split(':')
-            .map(|d| Path::new(d).join(&binary))
-            .find(|c| c.is_file())
-    })
-    .await
-    .ok()
-    .flatten()
-}
-
 /// Takes the exclusive lock on `path` (created if missing), waiting at most `timeout` for
 /// another process that holds it.
 pub(crate) async fn lock_exclusive(
@@ -117,13 +80,14 @@ pub(crate) async fn lock_exclusive(
             return Ok(locked);
         }
         if Instant::now() > deadline {
-            return Err(Error::Timeout {
+            return Err(qsnap_engine::Error::Timeout {
                 what: format!(
                     "another process building the golden VM ({})",
                     path.display()
                 ),
                 after: timeout,
-            });
+            }
+            .into());
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }

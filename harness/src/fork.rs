@@ -5,8 +5,9 @@
 //! What it must never do: remove anything but its own VM directory and those of VMs cloned
 //! from it, or kill any process but the QEMUs their records name (`watchdog.rs`).
 
+use crate::error::Result;
 use crate::watchdog::kill_qemus_of;
-use qsnap_engine::{CloneOptions, CloneReport, Result, SnapshotName, Vm};
+use qsnap_engine::{CloneOptions, CloneReport, SnapshotName, Vm};
 use qsnap_qmp::Qmp;
 use std::path::{Path, PathBuf};
 
@@ -48,7 +49,7 @@ impl Fork {
 
     /// A connection to its monitor (drop it soon: QEMU serves one client at a time).
     pub async fn qmp(&self) -> Result<Qmp> {
-        self.vm.connect().await
+        Ok(self.vm.connect().await?)
     }
 
     /// Its console file, if the harness captures the console.

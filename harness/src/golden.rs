@@ -7,13 +7,14 @@
 //! in the cache directory), or kill a QEMU other than those its store records (`watchdog.rs`).
 
 use crate::cache;
+use crate::error::{Error, Result};
 use crate::fork::Fork;
 use crate::ready::{wait_ready, Ready};
 use crate::watchdog::{kill_qemus, watchdog, Remove, Vms};
 use qsnap_engine::launch::argv::serial_file;
 use qsnap_engine::{
-    CloneOptions, CloneReport, Engine, Error, Result, RevertReport, RunOptions, SnapshotName,
-    Store, Vm, VmName,
+    CloneOptions, CloneReport, Engine, Error as EngineError, RevertReport, RunOptions,
+    SnapshotName, Store, Vm, VmName,
 };
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -112,7 +113,7 @@ impl Golden {
                 watchdog(&self.vms(), Vms::Named(GOLDEN), Remove::Nothing);
             }
         }
-        self.vm.revert(&self.snapshot, false).await
+        Ok(self.vm.revert(&self.snapshot, false).await?)
     }
 
     /// The golden VM's console file, if the harness captures it.
@@ -348,11 +349,13 @@ impl GoldenBuilder {
             Ok(_) => {}
             // What QEMU or the command line rule out (forks still work, loading the memory).
             Err(
-                what @ (Error::LazyRam(_) | Error::QemuLacks { .. } | Error::ForeignJob { .. }),
+                what @ (EngineError::LazyRam(_)
+                | EngineError::QemuLacks { .. }
+                | EngineError::ForeignJob { .. }),
             ) => {
                 tracing::info!(%what, "forks load the golden snapshot's memory eagerly");
             }
-            Err(e) => return Err(e),
+            Err(e) => return Err(e.into()),
         }
         Ok(golden)
     }
@@ -362,14 +365,18 @@ impl GoldenBuilder {
 /// `qemu-img create` (within a minute; the child is killed if it is not done).
 async fn create_blank(path: &Path, size: u64) -> Result<()> {
     if tokio::fs::symlink_metadata(path).await.is_ok() {
-        return Err(Error::TargetExists {
+        return Err(qsnap_engine::Error::TargetExists {
             path: path.to_owned(),
-        });
+        }
+        .into());
     }
-    let fail = |why: String| Error::Tool {
-        tool: "qemu-img create".into(),
-        path: path.to_owned(),
-        why,
+    let fail = |why: String| {
+        qsnap_engine::Error::Tool {
+            tool: "qemu-img create".into(),
+            path: path.to_owned(),
+            why,
+        }
+        .into()
     };
     let run = tokio::process::Command::new("qemu-img")
         .args(["create", "-q", "-f", "qcow2"])

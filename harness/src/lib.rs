@@ -46,16 +46,17 @@
 #![deny(missing_docs)]
 
 mod cache;
+mod error;
 mod fork;
 mod golden;
 mod ready;
 mod watchdog;
 
+pub use error::{Error, Result};
 pub use fork::Fork;
 pub use golden::{Golden, GoldenBuilder};
 pub use ready::{agent_answers, console_prints, when, Ready};
 
-use qsnap_engine::{Error, Result};
 use std::path::Path;
 
 /// Runs blocking file work off the async threads (a panic in it is this caller's panic).
@@ -65,11 +66,15 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'sta
         .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
 }
 
-/// An I/O error as the engine's [`Error::Io`]: what was being done, on which file.
+/// An I/O error as the engine's [`qsnap_engine::Error::Io`]: what was being done, on which
+/// file.
 fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> Error + 'a {
-    move |source| Error::Io {
-        what,
-        path: path.to_owned(),
-        source,
+    move |source| {
+        qsnap_engine::Error::Io {
+            what,
+            path: path.to_owned(),
+            source,
+        }
+        .into()
     }
 }

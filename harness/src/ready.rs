@@ -3,7 +3,8 @@
 //! It only reads (the console file, the agent, the caller's check): it must never change the
 //! VM, and never wait without a deadline.
 
-use qsnap_engine::{guest_agent_answers, Error, Result, Vm};
+use crate::error::{Error, Result};
+use qsnap_engine::{guest_agent_answers, Vm};
 use std::future::Future;
 use std::path::Path;
 use std::pin::Pin;
@@ -70,21 +71,13 @@ pub(crate) async fn wait_ready(
                     .await
                     .map(|t| t.contains(text.as_str()))
                     .unwrap_or(false),
-                None => {
-                    return Err(Error::Unsupported {
-                        what: "waiting for console text: the command line sends the console elsewhere (-serial); leave it out and the harness captures it".into(),
-                    })
-                }
+                None => return Err(Error::NoConsole),
             },
             ReadyKind::Agent => match &vm.record().guest_agent {
                 Some(sock) => guest_agent_answers(sock, Duration::from_secs(1))
                     .await
                     .is_ok(),
-                None => {
-                    return Err(Error::Unsupported {
-                        what: "waiting for the guest agent: the command line has none (a virtserialport named org.qemu.guest_agent.0 on a -chardev socket,path=…)".into(),
-                    })
-                }
+                None => return Err(Error::NoGuestAgent),
             },
             ReadyKind::Check(f) => f(vm.clone()).await,
         };
@@ -100,10 +93,11 @@ pub(crate) async fn wait_ready(
                 }
                 None => String::new(),
             };
-            return Err(Error::Timeout {
+            return Err(qsnap_engine::Error::Timeout {
                 what: format!("the golden VM to be ready ({ready:?}); console:\n{tail}"),
                 after: timeout,
-            });
+            }
+            .into());
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

@@ -39,7 +39,12 @@ const CRATES: &[(&str, &[&[&str]])] = &[
     ),
     (
         "harness",
-        &[&["ready", "watchdog"], &["cache", "fork"], &["golden"]],
+        &[
+            &["error"],
+            &["ready", "watchdog"],
+            &["cache", "fork"],
+            &["golden"],
+        ],
     ),
     ("cli", &[&["args"], &["output", "progress"], &["request"]]),
 ];

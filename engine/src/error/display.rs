@@ -25,7 +25,6 @@ impl std::fmt::Display for Error {
             Error::InvalidName { name, why } => write!(f, "invalid {name}: {why}"),
             Error::BadRunState { state } => write!(f, "the VM is {state}; a snapshot needs it running or paused"),
             Error::Busy { what } => write!(f, "the VM is busy: {what}; try again when it is done"),
-            Error::Unsupported { what } => write!(f, "{what}"),
             Error::DiskNotSnapshottable { device, why } => write!(f, "disk {device} cannot be snapshotted: {why}"),
             Error::UnusableDirectory { what, path, why } => write!(f, "the {what} {} cannot be used: {why}", path.display()),
             Error::RegisterRefused { vm, why } => write!(f, "cannot register VM \"{vm}\": {why}; nothing was recorded"),

@@ -103,13 +103,6 @@ pub enum Error {
     Delete(DeleteError),
     /// Making a snapshot's memory lazy failed.
     LazyRam(LazyRamError),
-    /// Something the test harness (the `qsnap-harness` crate) cannot do (its own refusals).
-    /// The engine's operations say what they refuse with typed variants ([`Error::QemuLacks`],
-    /// [`Error::ForeignJob`], [`Error::RemoveRefused`], [`CreateError`], [`LazyRamError`]).
-    Unsupported {
-        /// What is missing.
-        what: String,
-    },
     /// A disk that cannot take a qcow2 overlay.
     DiskNotSnapshottable {
         /// Device id or node name.

@@ -10,7 +10,7 @@ fn qemu_refused() -> qsnap_qmp::Error {
     }
 }
 
-/// The typed refusals say word for word what `Error::Unsupported` said.
+/// The typed refusals say word for word what the old stringly `Unsupported` variant said.
 #[test]
 fn typed_refusals_keep_their_messages() {
     let v = "8.2.2".to_string();

@@ -6,9 +6,15 @@
 
 use qsnap_engine::launch::{LaunchSpec, Launched, Launcher, ProcessLauncher};
 use qsnap_engine::{Engine, RevertOptions, RunOptions, SnapshotName, Store, Vm, VmName};
-use qsnap_harness::{console_prints, Fork, Golden};
+use qsnap_harness::{Fork, Golden};
+
+/// The golden snapshot of the test guest, the one the harness's own tests share (one cached
+/// boot serves both crates).
+#[path = "../../../harness/tests/common/mod.rs"]
+mod shared;
 use qsnap_testkit::serial::{parse_tick, SerialLog};
 use qsnap_testkit::{create_image, DiskStyle, KillRecordedQemu, VmBuilder};
+pub use shared::golden;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
@@ -73,26 +79,6 @@ impl Launcher for PerLaunchSerial {
         *self.current.lock().unwrap() = Some(SerialLog::follow(&path));
         ProcessLauncher::default().launch(&spec).await
     }
-}
-
-/// The golden snapshot this crate's tests share (each test is its own process under nextest:
-/// the first one to ask boots the test guest and snapshots it when it ticks, the others fork
-/// from that snapshot at once; kept in the target directory for the next run). Forks load its
-/// memory rather than map it, so that they take point-in-time snapshots like a booted guest.
-/// The harness's own tests (`harness/tests/common`) ask for the same one.
-pub async fn golden() -> Golden {
-    let argv = VmBuilder::guest()
-        .disk("{dir}/disk.qcow2", "qcow2", DiskStyle::Blockdev)
-        .command_line(std::path::Path::new("{dir}/console.log"))
-        .await;
-    Golden::boot(argv)
-        .disk("disk.qcow2", 64 << 20)
-        .ready_when(console_prints("tick 3"))
-        .lazy(false)
-        .cache_in(PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("golden"))
-        .snapshot("ready")
-        .await
-        .unwrap()
 }
 
 /// A VM under qsnap whose console the test follows (each QEMU writes its own file).

@@ -1,4 +1,5 @@
-//! Shared by the harness's tests: the golden snapshot of the test guest.
+//! Shared by the harness's tests and the engine's (`engine/tests/common` includes this file):
+//! the golden snapshot of the test guest.
 
 use qsnap_harness::{console_prints, Golden};
 use qsnap_testkit::{DiskStyle, VmBuilder};
@@ -9,9 +10,8 @@ use std::path::PathBuf;
 /// snapshot at once; kept in the target directory for the next run). Forks load its memory
 /// rather than map it, so that they take point-in-time snapshots like a booted guest.
 ///
-/// The same arguments as the engine tests' `golden()` (`engine/tests/common`), in the same
-/// directory: one cached snapshot serves both crates' tests (a difference would only cost a
-/// second boot).
+/// The engine's tests include this file too (`engine/tests/common`): one cached snapshot
+/// serves both crates' tests.
 pub async fn golden() -> Golden {
     let argv = VmBuilder::guest()
         .disk("{dir}/disk.qcow2", "qcow2", DiskStyle::Blockdev)
