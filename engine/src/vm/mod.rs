@@ -3,7 +3,7 @@
 //!
 //! Every operation that changes a VM runs inside an [`Op`]: the VM's lock is taken, an
 //! interrupted earlier operation (a journal left behind) is finished or rolled back first
-//! (`recover.rs`), the VM's state is derived once (`state.rs`) and checked against what the
+//! (`recover/`), the VM's state is derived once (`state.rs`) and checked against what the
 //! operation needs, and the operation journals its intent before its first change.
 //!
 //! Files (one operation or one concern each; `README.md` has the map): `create.rs`,
