@@ -6,7 +6,7 @@
 //! from it, or kill any process but the QEMUs their records name (`watchdog.rs`).
 
 use crate::error::Result;
-use crate::watchdog::kill_qemus_of;
+use crate::watchdog::{kill_qemus_of, launcher};
 use qsnap_engine::{CloneOptions, CloneReport, SnapshotName, Vm};
 use qsnap_qmp::Qmp;
 use std::path::{Path, PathBuf};
@@ -85,7 +85,12 @@ impl Fork {
         self.vm.remove().await?;
         let report = self
             .source
-            .clone_snapshot(&self.snapshot, self.vm.name(), &CloneOptions::default())
+            .clone_with(
+                &self.snapshot,
+                self.vm.name(),
+                &CloneOptions::default(),
+                &launcher(),
+            )
             .await?;
         // Same name, same paths: the console file is where it was.
         self.report = report;

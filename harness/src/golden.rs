@@ -10,11 +10,11 @@ use crate::cache;
 use crate::error::{Error, Result};
 use crate::fork::Fork;
 use crate::ready::{wait_ready, Ready};
-use crate::watchdog::{kill_qemus, watchdog, Remove, Vms};
+use crate::watchdog::{kill_qemus, launcher, watchdog, Remove, Vms};
 use qsnap_engine::launch::argv::serial_file;
 use qsnap_engine::{
-    CloneOptions, CloneReport, Engine, Error as EngineError, RevertReport, RunOptions,
-    SnapshotName, Store, Vm, VmName,
+    CloneOptions, CloneReport, Engine, Error as EngineError, RevertOptions, RevertReport,
+    RunOptions, SnapshotName, Store, Vm, VmName,
 };
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -87,7 +87,7 @@ impl Golden {
         let name = VmName::new(&format!("{}{n}", self.fork_prefix()))?;
         let report = self
             .vm
-            .clone_snapshot(&self.snapshot, &name, &CloneOptions::default())
+            .clone_with(&self.snapshot, &name, &CloneOptions::default(), &launcher())
             .await?;
         let vm = self.engine.vm(&name).await?;
         Ok(Fork::new(
@@ -113,7 +113,14 @@ impl Golden {
                 watchdog(&self.vms(), Vms::Named(GOLDEN), Remove::Nothing);
             }
         }
-        Ok(self.vm.revert(&self.snapshot, false).await?)
+        let opts = RevertOptions {
+            paused: false,
+            keep_current: None,
+        };
+        Ok(self
+            .vm
+            .revert_with(&self.snapshot, &opts, &launcher())
+            .await?)
     }
 
     /// The golden VM's console file, if the harness captures it.
@@ -335,7 +342,9 @@ impl GoldenBuilder {
         }
         let engine = Engine::new(Store::new(dir.join("store")));
         let name = VmName::new(GOLDEN)?;
-        engine.run(&name, argv, &RunOptions::default()).await?;
+        engine
+            .run_with(&name, argv, &RunOptions::default(), &launcher())
+            .await?;
         let golden = Golden::open(engine, snapshot, root).await?;
         if let Some(ready) = &self.ready {
             wait_ready(&golden.vm, golden.console(), ready, self.timeout).await?;

@@ -3,8 +3,10 @@
 //! process is gone however it went (a golden in a `static` is never dropped; an abort runs no
 //! destructor).
 //!
-//! A QEMU is known by what the engine recorded when it started it, in the VM's directory of
-//! the harness's own store: the record's `pid` and `pid-start` (`vm.json`), and an unfinished
+//! A QEMU is known by what was written when it started, in the VM's directory of the
+//! harness's own store: the harness's own note (`harness-qemu.json`, written by
+//! [`launcher`] the moment QEMU is spawned — before the wait for its monitor, during which the
+//! test process may die), the record's `pid` and `pid-start` (`vm.json`), and an unfinished
 //! revert's `new-pid` and `new-pid-start` (`journal.json`). It is killed only while
 //! `/proc/<pid>/stat` (field 22, the start time) still shows that very process, and only if
 //! it is this user's.
@@ -87,6 +89,26 @@ pub(crate) enum Remove<'a> {
     Dir(&'a Path),
 }
 
+/// The harness's note of the QEMU it last spawned for a VM, in the VM's directory.
+const SPAWNED: &str = "harness-qemu.json";
+
+/// The launcher every QEMU of the harness is started with: the engine's process launcher,
+/// which tells it each QEMU's pid the moment it is spawned; noted (with its start time) in
+/// the VM's directory, where [`kill_qemus_of`] and the watchdog find it.
+pub(crate) fn launcher() -> qsnap_engine::launch::ProcessLauncher {
+    let mut l = qsnap_engine::launch::ProcessLauncher::default();
+    l.on_spawn = Some(std::sync::Arc::new(|spec, pid| {
+        let (Some(dir), Some(start)) = (spec.log.parent(), start_time(pid)) else {
+            return;
+        };
+        let note = serde_json::json!({ "pid": pid, "pid-start": start });
+        if let Err(e) = std::fs::write(dir.join(SPAWNED), note.to_string()) {
+            tracing::warn!(error = %e, pid, "could not note a QEMU the harness started");
+        }
+    }));
+    l
+}
+
 /// The QEMUs the files of the VM directory `dir` record.
 fn recorded(dir: &Path) -> Vec<Process> {
     let read = |name: &str| {
@@ -101,6 +123,9 @@ fn recorded(dir: &Path) -> Vec<Process> {
         })
     };
     let mut out = Vec::new();
+    if let Some(note) = read(SPAWNED) {
+        out.extend(pair(&note, "pid", "pid-start"));
+    }
     if let Some(record) = read("vm.json") {
         out.extend(pair(&record, "pid", "pid-start"));
     }
@@ -176,6 +201,7 @@ kill_recorded() {
 }
 for d in "$QSNAP_H_VMS/$QSNAP_H_NAME"$QSNAP_H_ANY; do
   [ -d "$d" ] || continue
+  kill_recorded "$d/harness-qemu.json" pid pid-start
   kill_recorded "$d/vm.json" pid pid-start
   kill_recorded "$d/journal.json" new-pid new-pid-start
 done
@@ -440,6 +466,54 @@ mod tests {
         std::thread::sleep(Duration::from_millis(1200));
         assert!(alive(&mut golden), "a dismissed watchdog killed");
         end(golden);
+    }
+
+    /// A QEMU is known from the moment it is spawned, not only once its monitor answers and
+    /// the engine records it: a test process that dies during that wait leaves nothing.
+    #[tokio::test]
+    async fn a_qemu_still_waiting_for_its_monitor_is_known_and_killed() {
+        use qsnap_engine::launch::{LaunchSpec, Launcher};
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("vms").join("f1");
+        std::fs::create_dir_all(&dir).unwrap();
+        // A "QEMU" whose monitor never answers: `sh -c 'exec sleep 60'` ignores the monitor
+        // arguments the launcher appends.
+        let spec = LaunchSpec {
+            vm: "f1".into(),
+            command: qsnap_engine::store::LaunchCommand {
+                argv: vec!["sh".into(), "-c".into(), "exec sleep 60".into()],
+                cwd: tmp.path().to_owned(),
+            },
+            disks: Vec::new(),
+            qmp_socket: dir.join("qmp.sock"),
+            incoming: false,
+            paused: false,
+            machine: None,
+            log: dir.join("qemu.log"),
+            ram: None,
+        };
+        let mut l = launcher();
+        l.ready_timeout = Duration::from_secs(60);
+        let launch = tokio::spawn(async move { l.launch(&spec).await });
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while recorded(&dir).is_empty() {
+            assert!(
+                Instant::now() < deadline,
+                "the spawned QEMU was never noted"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let noted = recorded(&dir);
+        assert_eq!(noted.len(), 1, "{noted:?}");
+        // The test process "dies" here: what it would run on drop kills the noted process.
+        kill_qemus_of(&dir);
+        assert_eq!(start_time(noted[0].pid), None, "still running");
+        let err = tokio::time::timeout(Duration::from_secs(10), launch)
+            .await
+            .expect("the launch did not notice its QEMU had gone")
+            .unwrap()
+            .unwrap_err();
+        assert!(err.to_string().contains("QEMU exited"), "{err}");
     }
 
     #[test]

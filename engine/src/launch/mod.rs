@@ -20,7 +20,8 @@ pub(crate) mod tsc;
 
 pub use argv::DiskSubstitution;
 pub use process::{
-    build_argv, quit_or_kill, stop_qemu, KillSignal, ProcessLauncher, StopOutcome, QUIT_TIMEOUT,
+    build_argv, quit_or_kill, stop_qemu, KillSignal, ProcessLauncher, SpawnHook, StopOutcome,
+    QUIT_TIMEOUT,
 };
 #[cfg_attr(not(feature = "failpoints"), allow(unused_imports))]
 pub(crate) use process::{log_tail, nobody_serves, wait_ready, NotReady};

@@ -16,17 +16,35 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+/// Called with the spec and the pid of a QEMU just spawned, before the wait for its monitor:
+/// a caller that must be able to clean up after itself (a test harness whose process may die
+/// during that wait) learns the pid as soon as it exists. It must not block.
+pub type SpawnHook = std::sync::Arc<dyn Fn(&LaunchSpec, u32) + Send + Sync>;
+
 /// Runs the recorded command line as a detached process.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
+#[non_exhaustive]
 pub struct ProcessLauncher {
     /// How long QEMU may take until its monitor answers.
     pub ready_timeout: Duration,
+    /// Told each QEMU's pid right after it is spawned.
+    pub on_spawn: Option<SpawnHook>,
+}
+
+impl std::fmt::Debug for ProcessLauncher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProcessLauncher")
+            .field("ready_timeout", &self.ready_timeout)
+            .field("on_spawn", &self.on_spawn.is_some())
+            .finish()
+    }
 }
 
 impl Default for ProcessLauncher {
     fn default() -> Self {
         ProcessLauncher {
             ready_timeout: Duration::from_secs(30),
+            on_spawn: None,
         }
     }
 }
@@ -99,6 +117,9 @@ impl Launcher for ProcessLauncher {
                 source,
             })?;
         let pid = child.id();
+        if let (Some(hook), Some(pid)) = (&self.on_spawn, pid) {
+            hook(spec, pid);
+        }
         let daemonizes = argv.iter().any(|a| a == "-daemonize");
         let why = match wait_ready(
             &mut child,
