@@ -478,7 +478,7 @@ async fn delete_survives_qsnap_or_qemu_dying_at_every_step() {
             // Take turns: a middle snapshot (its layer streams into its child), the root (the
             // child's layer is committed into the original image), and all of them (which
             // ends with an active commit: the image the VM writes to switches).
-            // `delete.concluded` is there for the stream (see `blocks::nodes`): it gets s2.
+            // `delete.concluded` is there for the stream (see `snapshot::jobs::list_nodes`): it gets s2.
             let victim = if point == "delete.concluded" {
                 "s2"
             } else {

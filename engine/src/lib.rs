@@ -44,6 +44,7 @@ mod qemu;
 pub mod snapshot;
 pub mod store;
 #[cfg(feature = "testing")]
+#[doc(hidden)]
 pub mod testing;
 mod tool;
 mod unlink;

@@ -5,7 +5,7 @@
 //! done (also when it panics).
 //!
 //! ```no_run
-//! # async fn demo() -> qsnap_engine::Result<()> {
+//! # async fn demo() -> qsnap_harness::Result<()> {
 //! use qsnap_harness::{console_prints, Golden};
 //! let golden = Golden::boot([
 //!     "qemu-system-x86_64", "-m", "256", "-accel", "tcg", "-display", "none",

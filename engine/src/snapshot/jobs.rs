@@ -367,7 +367,7 @@ pub(crate) async fn finalize(qmp: &Qmp, pending: &Pending, points: Points) -> Re
         if mine.values().all(|j| j.status == "concluded") {
             if points.on {
                 // Ended, not yet dismissed: the state in which QEMU must not be asked for
-                // its block nodes (`blocks::nodes`).
+                // its block nodes (`list_nodes`).
                 crate::failpoint::hit("delete.concluded", qmp.peer_pid()).await?;
             }
             for j in mine.values() {

@@ -33,7 +33,7 @@ pub(super) async fn merge_live(
 ) -> Result<()> {
     let qmp = vm.connect().await?;
     // Chains alone (`query-block`) where nodes are not needed: listing nodes can be refused
-    // (`blocks::nodes`), and a refusal must not strand a guest paused for a switch.
+    // (`jobs::list_nodes`), and a refusal must not strand a guest paused for a switch.
     let disks = blocks::read(&qmp).await?;
     let pivots = steps.iter().any(|m| {
         m.kind == MergeKind::Commit && blocks::chain_of(&disks, &m.device).first() == Some(&m.upper)
