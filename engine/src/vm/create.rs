@@ -41,7 +41,8 @@ pub struct VmCreateOptions {
 /// What [`Vm::create_snapshot_with`] did.
 #[derive(Debug)]
 pub struct CreateOutcome {
-    /// The snapshot as the store holds it now (with its RAM image when it was made lazy).
+    /// The snapshot as the store holds it now (with its RAM image when it was made lazy; as
+    /// taken, in the rare case the store could not be read back after that).
     pub manifest: Manifest,
     /// `lazy_ram` was asked for and failed: why. The snapshot was taken all the same.
     pub lazy_ram_failed: Option<Error>,
@@ -61,8 +62,15 @@ impl Vm {
             });
         }
         match self.make_lazy(&snap).await {
+            // The snapshot stands either way: an error here would read as "none was taken".
             Ok(_) => Ok(CreateOutcome {
-                manifest: self.snapshot(&snap).await?,
+                manifest: match self.snapshot(&snap).await {
+                    Ok(lazy) => lazy,
+                    Err(e) => {
+                        tracing::warn!(error = %e, %snap, "made lazy, but its manifest could not be read back; the one shown is from before");
+                        manifest
+                    }
+                },
                 lazy_ram_failed: None,
             }),
             Err(e) => Ok(CreateOutcome {
