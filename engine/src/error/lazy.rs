@@ -70,6 +70,14 @@ pub enum LazyRamRefusal {
         /// What stands in the way.
         why: String,
     },
+    /// The memory directory has too little room for the RAM image.
+    #[error("the memory directory has {} MiB free; the RAM image needs about {} MiB", free >> 20, need >> 20)]
+    NoSpace {
+        /// Bytes free.
+        free: u64,
+        /// Bytes the image needs (what the stream holds, and a margin).
+        need: u64,
+    },
     /// The snapshot's memory file is damaged or incomplete.
     #[error("its memory file is not whole: {problem}")]
     MemoryFileNotWhole {

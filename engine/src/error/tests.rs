@@ -62,6 +62,10 @@ fn typed_refusals_keep_their_messages() {
             format!("a point-in-time snapshot: QEMU cannot write-protect this VM's RAM ({}); a VM reverted lazily maps its RAM from a snapshot's image, which allows precopy snapshots only — use --mode precopy (or auto)", qemu_refused()),
         ),
         (
+            LazyRamError::Refused { snapshot: "s1".into(), reason: LazyRamRefusal::NoSpace { free: 10 << 20, need: 200 << 20 } }.into(),
+            "lazy RAM for snapshot s1: the memory directory has 10 MiB free; the RAM image needs about 200 MiB".into(),
+        ),
+        (
             LazyRamError::Refused { snapshot: "s1".into(), reason: LazyRamRefusal::DiskOnly }.into(),
             "lazy RAM for snapshot s1: it is a disk-only snapshot (no memory to map)".into(),
         ),

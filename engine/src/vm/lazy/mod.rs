@@ -143,11 +143,7 @@ impl Vm {
         .await?;
         let need = allocated(&mem.file).await + (64 << 20);
         if free < need {
-            return Err(unsupported(format!(
-                "the memory directory has {} MiB free; the RAM image needs about {} MiB",
-                free >> 20,
-                need >> 20
-            )));
+            return Err(refused(LazyRamRefusal::NoSpace { free, need }));
         }
 
         // ---- new files only; on failure they go again ----
