@@ -26,6 +26,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 /// One disk of a prepared revert.
+// Only `prepare` makes one: `discard` removes the overlays it names.
+#[non_exhaustive]
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub struct RevertDisk {
@@ -38,6 +40,8 @@ pub struct RevertDisk {
 }
 
 /// What the caller starts QEMU with.
+// Only `prepare` makes one: `discard` removes the overlays it names.
+#[non_exhaustive]
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub struct PreparedRevert {
