@@ -39,7 +39,7 @@ if ! have_qemu || { [ -n "$BACKPORTS" ] && ! qemu-system-x86_64 --version | grep
 fi
 command -v cpio >/dev/null 2>&1 || pkgs+=(cpio)
 command -v gzip >/dev/null 2>&1 || pkgs+=(gzip)
-# The harness's watchdog (pkill) and the pytest example.
+# procps (ps, pgrep): to look at a test run's QEMUs by hand; nothing in the suite needs it.
 command -v pkill >/dev/null 2>&1 || pkgs+=(procps)
 # (Debian's python3-pytest is for /usr/bin/python3, whatever else python3 may be on PATH.)
 /usr/bin/python3 -c 'import pytest' >/dev/null 2>&1 || pkgs+=(python3-pytest)
