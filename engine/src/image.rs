@@ -26,8 +26,9 @@ fn qemu_img() -> Command {
     Command::new("qemu-img")
 }
 
-/// Creates an empty qcow2 image of `size` bytes with no backing file, 0600, never over an
-/// existing file (the lazy-RAM helper's stand-in disks: its guest never runs).
+/// Creates an empty qcow2 image of `size` bytes with no backing file, never over an existing
+/// file (the lazy-RAM helper's stand-in disks; a test harness's blank disks). Public as
+/// `create_blank_image`: it can only make a new file.
 pub async fn create_blank(path: &Path, size: u64, cancel: &CancellationToken) -> Result<()> {
     let mut cmd = qemu_img();
     cmd.args(["create", "-q", "-f", "qcow2"])

@@ -57,6 +57,7 @@ pub use error::{
 };
 pub use failpoint::{setup_from_env as failpoints_from_env, Scenario as FailpointScenario};
 pub use guest_agent::answers as guest_agent_answers;
+pub use image::create_blank as create_blank_image;
 pub use inspect::{DiskInfo, VmInfo};
 pub use name::{SnapshotName, VmName};
 pub use store::{Manifest, Store, VmRecord};

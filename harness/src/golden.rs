@@ -13,8 +13,8 @@ use crate::ready::{wait_ready, Ready};
 use crate::watchdog::{kill_qemus, launcher, watchdog, Remove, Vms};
 use qsnap_engine::launch::argv::serial_file;
 use qsnap_engine::{
-    CloneOptions, CloneReport, Engine, Error as EngineError, RevertOptions, RevertReport,
-    RunOptions, SnapshotName, Store, Vm, VmName,
+    create_blank_image, CloneOptions, CloneReport, Engine, Error as EngineError, RevertOptions,
+    RevertReport, RunOptions, SnapshotName, Store, Vm, VmName,
 };
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -327,7 +327,7 @@ impl GoldenBuilder {
         let d = dir.display().to_string();
         let mut argv: Vec<String> = self.argv.iter().map(|a| a.replace("{dir}", &d)).collect();
         for (name, size) in &self.disks {
-            create_blank(&dir.join(name), *size).await?;
+            create_blank_image(&dir.join(name), *size, &Default::default()).await?;
         }
         if !argv.iter().any(|a| a == "-serial" || a == "-nographic") {
             argv.extend([
@@ -368,45 +368,6 @@ impl GoldenBuilder {
         }
         Ok(golden)
     }
-}
-
-/// Creates an empty qcow2 image of `size` bytes at `path`, never over an existing file, with
-/// `qemu-img create` (within a minute; the child is killed if it is not done).
-async fn create_blank(path: &Path, size: u64) -> Result<()> {
-    if tokio::fs::symlink_metadata(path).await.is_ok() {
-        return Err(qsnap_engine::Error::TargetExists {
-            path: path.to_owned(),
-        }
-        .into());
-    }
-    let fail = |why: String| {
-        qsnap_engine::Error::Tool {
-            tool: "qemu-img create".into(),
-            path: path.to_owned(),
-            why,
-        }
-        .into()
-    };
-    let run = tokio::process::Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2"])
-        .arg(path)
-        .arg(size.to_string())
-        .stdin(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .output();
-    let out = tokio::time::timeout(Duration::from_secs(60), run)
-        .await
-        .map_err(|_| fail("did not finish within 60 s".into()))?
-        .map_err(|e| fail(format!("cannot run it: {e}")))?;
-    if !out.status.success() {
-        let stderr = String::from_utf8_lossy(&out.stderr).trim().to_owned();
-        return Err(fail(if stderr.is_empty() {
-            format!("it exited with {}", out.status)
-        } else {
-            stderr
-        }));
-    }
-    Ok(())
 }
 
 /// Where a golden lives: a private temporary store (removed with it), or a cache directory
