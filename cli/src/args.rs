@@ -58,6 +58,24 @@ pub enum Command {
     /// a tap device, a VNC/SPICE display, -name) is refused, naming the option, unless
     /// --replace gives the clone its own.
     Clone(CloneArgs),
+    /// Write a snapshot as one bundle file (or to stdout with -) that `qsnap import` turns
+    /// into a VM on another host: its disk chains down to the base images, its memory, the
+    /// files its command line boots from, and its command line with host paths made relative.
+    ///
+    /// A tar archive, zstd-compressed (`tar --zstd -tvf FILE` lists it); holes and zero blocks
+    /// are not shipped; every file's BLAKE3 hash is in it. Holds guest memory: written 0600,
+    /// never over an existing file. The VM may be running.
+    Export(ExportArgs),
+    /// Make a VM (stopped) from a bundle `qsnap export` wrote (- reads stdin); `qsnap revert
+    /// NAME SNAP` then starts it from the snapshot.
+    ///
+    /// Nothing is trusted until checked: every byte against its hash before anything is
+    /// registered (a damaged or cut-short bundle leaves nothing behind); the bundle's command
+    /// line may not reach the host (host paths, tap/bridge networks, host devices, plugins,
+    /// …) unless --trust-command-line; what must differ between hosts (a hostfwd port) is
+    /// refused unless --replace gives it. An incremental bundle (export --base) adds its
+    /// snapshot to the VM NAME that holds its base.
+    Import(ImportArgs),
     /// Remove a clone: stop it, delete its snapshots, overlays, files and record. Only for
     /// clones (another VM's overlays hold its data: `delete --all` merges them).
     Remove(RemoveArgs),
@@ -189,6 +207,56 @@ pub struct CloneArgs {
     /// is the one whose OLD is in the command line (the middle '=' when several are).
     #[arg(long, value_name = "OLD=NEW")]
     pub replace: Vec<String>,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `qsnap export`.
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    /// The VM.
+    pub name: String,
+    /// The snapshot.
+    pub snapshot: String,
+    /// The bundle to write (must not exist), or - for stdout.
+    pub file: PathBuf,
+    /// Incremental: only what changed since this snapshot, for a receiver that imported it
+    /// already (disk layers above it; memory as a delta where both are mapped-ram or lazy).
+    #[arg(long, value_name = "SNAP")]
+    pub base: Option<String>,
+    /// zstd level (1-19).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(i32).range(1..=19))]
+    pub level: i32,
+    /// Compression threads (0: one per CPU).
+    #[arg(long, default_value_t = 0)]
+    pub threads: u32,
+    /// Print the report as JSON (on stderr when the bundle goes to stdout).
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `qsnap import`.
+#[derive(Debug, Args)]
+pub struct ImportArgs {
+    /// The bundle, or - for stdin.
+    pub file: PathBuf,
+    /// The VM to make (or, for an incremental bundle, the VM holding its base).
+    pub name: String,
+    /// Where the disk images go (default: the VM's directory in the store).
+    #[arg(long, value_name = "DIR")]
+    pub disk_dir: Option<PathBuf>,
+    /// Replace text in the bundle's command line (repeatable), e.g.
+    /// --replace tcp::2222-:22=tcp::2223-:22.
+    #[arg(long, value_name = "OLD=NEW")]
+    pub replace: Vec<String>,
+    /// Run the bundle's command line even where it reaches host resources (you trust the
+    /// bundle's author).
+    #[arg(long)]
+    pub trust_command_line: bool,
+    /// The QEMU binary to run the VM with (default: the bundle's, found in PATH).
+    #[arg(long, value_name = "PATH")]
+    pub qemu: Option<String>,
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,

@@ -177,6 +177,53 @@ async fn run(req: Request) -> anyhow::Result<()> {
                 .with_context(|| format!("cloning {}/{} to {}", r.vm, r.snapshot, r.new))?;
             output::cloned(&report, r.json);
         }
+        Action::Export(mut r) => {
+            let vm = engine.vm(&r.vm).await?;
+            let to_stdout = r.to == request::Stream::Std;
+            let (out, file): (Box<dyn std::io::Write + Send>, _) = match &r.to {
+                request::Stream::Std => (Box::new(std::io::stdout()), None),
+                request::Stream::File(p) => {
+                    use std::os::unix::fs::OpenOptionsExt;
+                    // Guest memory: 0600, and never over an existing file.
+                    let f = std::fs::OpenOptions::new()
+                        .write(true)
+                        .create_new(true)
+                        .mode(0o600)
+                        .open(p)
+                        .with_context(|| format!("creating {}", p.display()))?;
+                    (
+                        Box::new(std::io::BufWriter::with_capacity(1 << 20, f)),
+                        Some(p.clone()),
+                    )
+                }
+            };
+            let bar = progress::BytesBar::new("exporting", r.json);
+            r.opts.progress = bar.callback();
+            let result = vm.export(&r.snapshot, out, &r.opts).await;
+            bar.finish();
+            if result.is_err() {
+                if let Some(p) = &file {
+                    // Ours, and unfinished: an import would refuse it anyway.
+                    let _ = std::fs::remove_file(p);
+                }
+            }
+            let report = result.with_context(|| format!("exporting {}/{}", r.vm, r.snapshot))?;
+            output::exported(&report, file.as_deref(), r.json, to_stdout);
+        }
+        Action::Import(mut r) => {
+            let input: Box<dyn std::io::Read + Send> = match &r.from {
+                request::Stream::Std => Box::new(std::io::stdin()),
+                request::Stream::File(p) => Box::new(
+                    std::fs::File::open(p).with_context(|| format!("opening {}", p.display()))?,
+                ),
+            };
+            let bar = progress::BytesBar::new("importing", r.json);
+            r.opts.progress = bar.callback();
+            let result = engine.import(input, &r.vm, &r.opts).await;
+            bar.finish();
+            let report = result.with_context(|| format!("importing {}", r.vm))?;
+            output::imported(&report, r.json);
+        }
         Action::Remove(r) => {
             let report = engine
                 .vm(&r.vm)

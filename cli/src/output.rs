@@ -374,6 +374,83 @@ pub fn cloned(r: &qsnap_engine::CloneReport, as_json: bool) {
     }
 }
 
+/// Prints what an export did: on stderr when the bundle went to stdout.
+pub fn exported(
+    r: &qsnap_engine::ExportReport,
+    file: Option<&std::path::Path>,
+    as_json: bool,
+    to_stdout: bool,
+) {
+    let out = |line: String| {
+        if to_stdout {
+            eprintln!("{line}");
+        } else {
+            println!("{line}");
+        }
+    };
+    if as_json {
+        return out(serde_json::to_string_pretty(r).unwrap_or_default());
+    }
+    let size: u64 = r.files.iter().map(|f| f.size).sum();
+    let shipped: u64 = r.files.iter().map(|f| f.shipped).sum();
+    out(format!(
+        "exported {}/{}{} to {} in {:.1} s: {} files, {} of data ({} read, holes and zero blocks skipped), bundle {}",
+        r.vm,
+        r.snapshot,
+        r.base
+            .as_ref()
+            .map(|b| format!(" (incremental on {b})"))
+            .unwrap_or_default(),
+        file.map_or_else(|| "stdout".to_owned(), |p| p.display().to_string()),
+        r.total_ms / 1e3,
+        r.files.len(),
+        mib(size),
+        mib(shipped),
+        mib(r.bundle_bytes)
+    ));
+    for f in &r.files {
+        out(format!(
+            "  {:<24} {:>10} ({} shipped{})",
+            f.name,
+            mib(f.size),
+            mib(f.shipped),
+            if f.delta { ", delta" } else { "" }
+        ));
+    }
+    for n in &r.notes {
+        eprintln!("note: {n}");
+    }
+}
+
+/// Prints what an import did.
+pub fn imported(r: &qsnap_engine::ImportReport, as_json: bool) {
+    if as_json {
+        return json(r);
+    }
+    if r.new_vm {
+        println!(
+            "imported {} as VM {} (stopped) holding snapshot {}, in {:.1} s; `qsnap revert {} {}` starts it from the snapshot",
+            r.source, r.vm, r.snapshot, r.total_ms / 1e3, r.vm, r.snapshot
+        );
+    } else {
+        println!(
+            "imported {} into VM {} as snapshot {} (on {}), in {:.1} s",
+            r.source,
+            r.vm,
+            r.snapshot,
+            r.base.as_deref().unwrap_or("?"),
+            r.total_ms / 1e3
+        );
+    }
+    for f in &r.files {
+        println!("  {}", f.display());
+    }
+    moved(&r.moved);
+    for n in &r.notes {
+        eprintln!("note: {n}");
+    }
+}
+
 /// Prints what removing a clone did.
 pub fn removed(r: &qsnap_engine::RemoveReport, as_json: bool) {
     if as_json {

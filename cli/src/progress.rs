@@ -97,3 +97,42 @@ impl MergeBar {
         }
     }
 }
+
+/// The bar of an export or import (bytes of the files).
+pub struct BytesBar {
+    bar: Option<ProgressBar>,
+}
+
+impl BytesBar {
+    /// A bar labelled `what`, unless stderr is not a terminal or `quiet`.
+    pub fn new(what: &str, quiet: bool) -> BytesBar {
+        if quiet || !std::io::stderr().is_terminal() {
+            return BytesBar { bar: None };
+        }
+        let bar = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr());
+        bar.set_style(
+            ProgressStyle::with_template(&format!(
+                "{what} [{{bar:30}}] {{bytes}}/{{total_bytes}} {{binary_bytes_per_sec}} ETA {{eta}}"
+            ))
+            .expect("valid template")
+            .progress_chars("=> "),
+        );
+        BytesBar { bar: Some(bar) }
+    }
+
+    /// The callback for the engine.
+    pub fn callback(&self) -> Option<qsnap_engine::BundleProgressFn> {
+        let bar = self.bar.clone()?;
+        Some(Arc::new(move |done: u64, total: u64| {
+            bar.set_length(total.max(done));
+            bar.set_position(done);
+        }))
+    }
+
+    /// Removes the bar before the summary prints.
+    pub fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
+}

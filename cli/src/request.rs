@@ -10,15 +10,15 @@
 //! defaults for that VM and the record already read.
 
 use crate::args::{
-    AttachArgs, CheckArgs, Cli, CloneArgs, Command, CreateArgs, DeleteArgs, InfoArgs, LazyRamArgs,
-    ListArgs, ModeArg, QmpArgs, RemoveArgs, RevertArgs, RunArgs, ShowArgs, StartArgs, StatusArgs,
-    StopArgs,
+    AttachArgs, CheckArgs, Cli, CloneArgs, Command, CreateArgs, DeleteArgs, ExportArgs, ImportArgs,
+    InfoArgs, LazyRamArgs, ListArgs, ModeArg, QmpArgs, RemoveArgs, RevertArgs, RunArgs, ShowArgs,
+    StartArgs, StatusArgs, StopArgs,
 };
 use anyhow::Context;
 use qsnap_engine::snapshot::Mode;
 use qsnap_engine::{
-    AttachOptions, CloneOptions, Replacement, RevertOptions, RunOptions, SnapshotName, Store, Vm,
-    VmCreateOptions, VmName,
+    AttachOptions, CloneOptions, ExportOptions, ImportOptions, Replacement, RevertOptions,
+    RunOptions, SnapshotName, Store, Vm, VmCreateOptions, VmName,
 };
 use serde_json::Value;
 use std::path::PathBuf;
@@ -59,6 +59,10 @@ pub enum Action {
     LazyRam(SnapshotRequest),
     /// `clone`.
     Clone(CloneRequest),
+    /// `export`.
+    Export(ExportRequest),
+    /// `import`.
+    Import(ImportRequest),
     /// `remove`.
     Remove(VmRequest),
     /// `run`.
@@ -187,6 +191,43 @@ pub struct CloneRequest {
     pub json: bool,
 }
 
+/// Where a bundle goes or comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Stream {
+    /// Standard output or input (`-`).
+    Std,
+    /// A file (absolute).
+    File(PathBuf),
+}
+
+/// `export`: a snapshot as a bundle.
+#[derive(Debug)]
+pub struct ExportRequest {
+    /// The VM.
+    pub vm: VmName,
+    /// The snapshot.
+    pub snapshot: SnapshotName,
+    /// Where the bundle goes.
+    pub to: Stream,
+    /// The engine's options.
+    pub opts: ExportOptions,
+    /// Print the report as JSON.
+    pub json: bool,
+}
+
+/// `import`: a VM from a bundle.
+#[derive(Debug)]
+pub struct ImportRequest {
+    /// Where the bundle comes from.
+    pub from: Stream,
+    /// The VM.
+    pub vm: VmName,
+    /// The engine's options.
+    pub opts: ImportOptions,
+    /// Print the report as JSON.
+    pub json: bool,
+}
+
 /// `run`: start QEMU under qsnap.
 #[derive(Debug)]
 pub struct RunRequest {
@@ -264,6 +305,8 @@ impl Request {
             Command::Create(a) => create(a)?,
             Command::LazyRam(a) => lazy_ram(a)?,
             Command::Clone(a) => clone(a)?,
+            Command::Export(a) => export(a)?,
+            Command::Import(a) => import(a)?,
             Command::Remove(a) => remove(a)?,
             Command::Run(a) => run(a)?,
             Command::Stop(a) => stop(a)?,
@@ -362,6 +405,44 @@ fn clone(a: CloneArgs) -> anyhow::Result<Action> {
         opts: CloneOptions {
             paused: a.paused,
             replace: a.replace.into_iter().map(Replacement::Text).collect(),
+        },
+        json: a.json,
+    }))
+}
+
+fn stream(p: PathBuf) -> anyhow::Result<Stream> {
+    Ok(if p.as_os_str() == "-" {
+        Stream::Std
+    } else {
+        Stream::File(absolute(p)?)
+    })
+}
+
+fn export(a: ExportArgs) -> anyhow::Result<Action> {
+    Ok(Action::Export(ExportRequest {
+        vm: vm_name(&a.name)?,
+        snapshot: snap_name(&a.snapshot)?,
+        to: stream(a.file)?,
+        opts: ExportOptions {
+            base: a.base.as_deref().map(snap_name).transpose()?,
+            level: a.level,
+            threads: a.threads,
+            progress: None,
+        },
+        json: a.json,
+    }))
+}
+
+fn import(a: ImportArgs) -> anyhow::Result<Action> {
+    Ok(Action::Import(ImportRequest {
+        from: stream(a.file)?,
+        vm: vm_name(&a.name)?,
+        opts: ImportOptions {
+            disk_dir: a.disk_dir.map(absolute).transpose()?,
+            replace: a.replace.into_iter().map(Replacement::Text).collect(),
+            trust_command_line: a.trust_command_line,
+            qemu: a.qemu,
+            progress: None,
         },
         json: a.json,
     }))

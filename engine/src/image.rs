@@ -130,6 +130,12 @@ pub struct ChainImage {
     /// Bytes allocated on the host.
     #[serde(default)]
     pub actual_size: Option<u64>,
+    /// The backing file as the header names it (unresolved).
+    #[serde(default)]
+    pub backing_filename: Option<String>,
+    /// Format-specific facts (for qcow2: `data.data-file`, an external data file).
+    #[serde(default)]
+    pub format_specific: Option<serde_json::Value>,
 }
 
 /// An image's backing chain, top first (`qemu-img info -U --backing-chain`). `-U` reads
@@ -233,6 +239,16 @@ pub async fn set_backing(
     cmd.args(["rebase", "-u", "-F", format, "-b"])
         .arg(backing)
         .arg(image);
+    tool::run(cmd, "qemu-img rebase -u", image, QUICK, cancel)
+        .await
+        .map(drop)
+}
+
+/// Makes `image` stand alone in its header (`rebase -u -b ""`), copying nothing: only right
+/// for an image that holds all its data itself, or one about to get a backing of its own.
+pub async fn drop_backing(image: &Path, cancel: &CancellationToken) -> Result<()> {
+    let mut cmd = qemu_img();
+    cmd.args(["rebase", "-u", "-b", ""]).arg(image);
     tool::run(cmd, "qemu-img rebase -u", image, QUICK, cancel)
         .await
         .map(drop)

@@ -30,6 +30,7 @@
 #![deny(missing_docs)]
 
 mod blocks;
+mod bundle;
 mod cache;
 mod error;
 mod failpoint;
@@ -50,10 +51,13 @@ mod tool;
 mod unlink;
 mod vm;
 
+pub use bundle::{
+    BundleProgressFn, ExportOptions, ExportReport, ExportedFile, ImportOptions, ImportReport,
+};
 pub use cache::{file_identity, resolve_binary};
 pub use error::{
-    CreateError, DeleteError, Error, LazyRamError, LazyRamRefusal, QemuFeature, RemoveRefusal,
-    Result, RevertError,
+    BundleError, CreateError, DeleteError, Error, LazyRamError, LazyRamRefusal, QemuFeature,
+    RemoveRefusal, Result, RevertError,
 };
 pub use failpoint::{setup_from_env as failpoints_from_env, Scenario as FailpointScenario};
 pub use guest_agent::answers as guest_agent_answers;

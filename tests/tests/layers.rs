@@ -34,6 +34,7 @@ const CRATES: &[(&str, &[&[&str]])] = &[
             &["launch"],
             &["snapshot"],
             &["vm"],
+            &["bundle"],
             &["inspect", "testing"],
         ],
     ),

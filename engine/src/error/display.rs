@@ -21,6 +21,7 @@ impl std::fmt::Display for Error {
             Error::Revert(e) => std::fmt::Display::fmt(e, f),
             Error::Delete(e) => std::fmt::Display::fmt(e, f),
             Error::LazyRam(e) => std::fmt::Display::fmt(e, f),
+            Error::Bundle(e) => std::fmt::Display::fmt(e, f),
             Error::Qmp { step, source } => write!(f, "{step}: {source}"),
             Error::InvalidName { name, why } => write!(f, "invalid {name}: {why}"),
             Error::BadRunState { state } => write!(f, "the VM is {state}; a snapshot needs it running or paused"),

@@ -28,6 +28,7 @@
 
 use std::path::PathBuf;
 
+mod bundle;
 mod create;
 mod delete;
 mod display;
@@ -35,6 +36,7 @@ mod lazy;
 mod refusal;
 mod revert;
 
+pub use bundle::BundleError;
 pub use create::CreateError;
 pub use delete::DeleteError;
 pub use lazy::{LazyRamError, LazyRamRefusal};
@@ -103,6 +105,8 @@ pub enum Error {
     Delete(DeleteError),
     /// Making a snapshot's memory lazy failed.
     LazyRam(LazyRamError),
+    /// An export or import failed ([`BundleError`]).
+    Bundle(BundleError),
     /// A disk that cannot take a qcow2 overlay.
     DiskNotSnapshottable {
         /// Device id or node name.
@@ -354,6 +358,12 @@ impl From<DeleteError> for Error {
 impl From<RevertError> for Error {
     fn from(e: RevertError) -> Self {
         Error::Revert(e)
+    }
+}
+
+impl From<BundleError> for Error {
+    fn from(e: BundleError) -> Self {
+        Error::Bundle(e)
     }
 }
 

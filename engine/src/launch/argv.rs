@@ -198,6 +198,88 @@ pub fn substitute_disks(
     Ok(out)
 }
 
+/// Renames files the command line reads — disk images (`-drive file=`, `-blockdev` in both
+/// syntaxes) and boot files (`-kernel`, `-initrd`, `-dtb`) — after `names` (each file as
+/// resolved against `cwd`, and its new name). Formats are left as they are. Returns the
+/// rewritten command line and the files of `names` it did not find.
+pub(crate) fn rename_files(
+    argv: &[String],
+    cwd: &Path,
+    names: &[(PathBuf, String)],
+) -> (Vec<String>, Vec<PathBuf>) {
+    let mut out = argv.to_vec();
+    let mut found = vec![false; names.len()];
+    let mut rename = |p: &str| -> Option<String> {
+        let k = names
+            .iter()
+            .position(|(from, _)| *from == resolve(cwd, p))?;
+        found[k] = true;
+        Some(names[k].1.clone())
+    };
+    let mut i = 1;
+    while i + 1 < out.len() {
+        let flag = out[i].trim_start_matches('-').to_owned();
+        let v = &out[i + 1];
+        let new = match flag.as_str() {
+            "kernel" | "initrd" | "dtb" => rename(v),
+            "drive" | "blockdev" => match serde_json::from_str::<Value>(v) {
+                Ok(mut j @ Value::Object(_)) => {
+                    rename_json(&mut j, &mut rename).then(|| j.to_string())
+                }
+                _ => {
+                    let mut parts = split_opts(v);
+                    let mut changed = false;
+                    for p in &mut parts {
+                        if let Some((k, x)) = p.split_once('=') {
+                            let key = k.rsplit('.').next().unwrap_or(k);
+                            if matches!(key, "file" | "filename") {
+                                if let Some(n) = rename(x) {
+                                    *p = format!("{k}={n}");
+                                    changed = true;
+                                }
+                            }
+                        }
+                    }
+                    changed.then(|| join_opts(&parts))
+                }
+            },
+            _ => None,
+        };
+        if let Some(n) = new {
+            out[i + 1] = n;
+            i += 2;
+        } else {
+            i += 1;
+        }
+    }
+    let missing = names
+        .iter()
+        .zip(found)
+        .filter(|(_, f)| !f)
+        .map(|((p, _), _)| p.clone())
+        .collect();
+    (out, missing)
+}
+
+fn rename_json(v: &mut Value, rename: &mut dyn FnMut(&str) -> Option<String>) -> bool {
+    let mut changed = false;
+    if let Value::Object(m) = v {
+        for (k, x) in m.iter_mut() {
+            match x {
+                Value::String(s) if k == "filename" => {
+                    if let Some(n) = rename(s) {
+                        *s = n;
+                        changed = true;
+                    }
+                }
+                Value::Object(_) => changed |= rename_json(x, rename),
+                _ => {}
+            }
+        }
+    }
+    changed
+}
+
 /// QEMU's boolean option values (`on`, `yes`, `true`, `y`).
 fn is_on(v: &str) -> bool {
     matches!(v, "on" | "yes" | "true" | "y")

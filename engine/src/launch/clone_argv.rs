@@ -49,6 +49,20 @@ const CHARDEV_KEEP: &[&str] = &[
     "null", "pty", "stdio", "vc", "ringbuf", "memory", "msmouse", "wctablet", "braille", "testdev",
 ];
 
+/// What a command line is rewritten for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Purpose {
+    /// A clone, running next to its source on this host: what must differ between the two
+    /// (a port, a tap, the VM's name) is refused unless replaced.
+    Clone,
+    /// A bundle's portable command line: per-VM paths moved under a placeholder directory,
+    /// nothing refused for differing (the importing host decides).
+    Export,
+    /// A VM imported from a bundle, on a host where its source does not run: what must differ
+    /// between hosts (a port, a tap, a bridge) is refused unless replaced; its name need not.
+    Import,
+}
+
 /// Rewrites `argv` (run from `cwd`) for a clone whose files go in `files`. The source's own
 /// monitor socket `source_qmp`, if the command line names it, becomes `clone_qmp`.
 /// `replace` (applied first, to every argument) lets the user give what must differ.
@@ -59,6 +73,7 @@ pub fn clone_argv(
     source_qmp: Option<&Path>,
     clone_qmp: &Path,
     replace: &[(String, String)],
+    purpose: Purpose,
 ) -> Result<CloneArgv, String> {
     let mut replaced = argv.to_vec();
     for (old, new) in replace {
@@ -118,7 +133,7 @@ pub fn clone_argv(
             .get(i + 1)
             .is_some_and(|was| without_id(was) != without_id(v));
         let differ = |what: &str| -> Result<(), String> {
-            if overridden {
+            if overridden || purpose == Purpose::Export {
                 Ok(())
             } else {
                 Err(format!(
@@ -130,7 +145,9 @@ pub fn clone_argv(
         let (kind, props) = parsed(v);
         let value = match f {
             "name" => {
-                differ("the VM's name")?;
+                if purpose == Purpose::Clone {
+                    differ("the VM's name")?;
+                }
                 v.clone()
             }
             "incoming" | "loadvm" => {
@@ -179,6 +196,11 @@ pub fn clone_argv(
             "netdev" | "nic" | "net" => {
                 if NET_MUST_DIFFER.contains(&kind.as_str()) {
                     differ(&format!("a {kind} network backend"))?;
+                    if purpose == Purpose::Export {
+                        out.extend([a.clone(), v.clone()]);
+                        i += 2;
+                        continue;
+                    }
                     let note = format!("-{f} {v}: {SAME_MAC}");
                     if !notes.contains(&note) {
                         notes.push(note);
@@ -432,6 +454,7 @@ mod tests {
             Some(Path::new("/run/vm1/qsnap.sock")),
             Path::new("/store/vms/c1/qmp.sock"),
             &r,
+            Purpose::Clone,
         )
     }
 

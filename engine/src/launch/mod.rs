@@ -17,6 +17,7 @@ mod process;
 pub(crate) mod ram;
 pub(crate) mod replace;
 pub(crate) mod tsc;
+pub(crate) mod untrusted;
 
 pub use argv::DiskSubstitution;
 pub use process::{

@@ -309,6 +309,41 @@ pub struct Manifest {
     /// What was captured and how.
     #[serde(flatten)]
     pub snapshot: CreateReport,
+    /// Set for a snapshot that came from a bundle (`qsnap import`): where from, and the
+    /// content hash of every file as the bundle carried it (an incremental bundle names its
+    /// base by these).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub imported: Option<Imported>,
+}
+
+/// Where an imported snapshot came from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Imported {
+    /// The VM it was exported from.
+    pub vm: String,
+    /// Its name there.
+    pub snapshot: String,
+    /// When it was imported (RFC 3339).
+    pub at: String,
+    /// The bundle's seal hash (`blake3:<hex>` of its seal entry).
+    pub bundle: String,
+    /// Every file the import wrote for it, with the content hash the bundle gave it and its
+    /// size and mtime once written (a file whose stamp changed since is no base for an
+    /// incremental import).
+    pub files: Vec<ImportedFile>,
+}
+
+/// One file an import wrote.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct ImportedFile {
+    /// The file.
+    pub path: PathBuf,
+    /// `blake3:<hex>` of its content as the bundle carried it.
+    pub hash: String,
+    /// Its size and mtime once the import was done.
+    pub stamp: ImageStamp,
 }
 
 // ---- the journal ------------------------------------------------------------------------

@@ -21,7 +21,7 @@ use super::revert::RamRestore;
 use super::Vm;
 use crate::error::{Error, RemoveRefusal, Result};
 use crate::failpoint;
-use crate::launch::clone_argv::clone_argv;
+use crate::launch::clone_argv::{clone_argv, Purpose};
 use crate::launch::replace::split_replacement;
 use crate::launch::{self, stop_qemu, LaunchSpec, Launcher, ProcessLauncher};
 use crate::name::{SnapshotName, VmName};
@@ -56,7 +56,7 @@ pub enum Replacement {
 
 impl Replacement {
     /// `(OLD, NEW)` for the command line `argv`.
-    fn split(&self, argv: &[String]) -> std::result::Result<(String, String), String> {
+    pub(crate) fn split(&self, argv: &[String]) -> std::result::Result<(String, String), String> {
         match self {
             Replacement::Text(r) => split_replacement(r, argv),
             Replacement::Pair(old, new) => Ok((old.clone(), new.clone())),
@@ -181,6 +181,7 @@ impl Vm {
             source_qmp.as_deref(),
             &qmp,
             &replace,
+            Purpose::Clone,
         )
         .map_err(refuse)?;
         let machine_ok = super::revert::binary_can_load(&command.argv[0], &manifest, self.cancel());

@@ -130,6 +130,7 @@ impl Vm {
             qemu_version: qmp.greeting().version.qemu.to_string(),
             machine: machine_type(&qmp).await,
             snapshot: report,
+            imported: None,
         };
         apply(&mut record, &manifest, qmp.peer_pid()).await;
         drop(qmp);
