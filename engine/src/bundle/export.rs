@@ -230,8 +230,14 @@ impl Vm {
             });
         }
 
-        // Boot files the command line reads at start.
-        for (k, flag) in ["-kernel", "-initrd", "-dtb"].iter().enumerate() {
+        // Boot files the command line reads at start (a receiver of an incremental bundle
+        // has them, with its command line).
+        let boot_flags: &[&str] = if base.is_some() {
+            &[]
+        } else {
+            &["-kernel", "-initrd", "-dtb"]
+        };
+        for (k, flag) in boot_flags.iter().enumerate() {
             if let Some(v) = command
                 .argv
                 .iter()

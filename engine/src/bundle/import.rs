@@ -510,7 +510,13 @@ fn read_bundle(
                 .into());
             }
             next += 1;
-            let dest = p.dests[&f.name].clone();
+            let Some(dest) = p.dests.get(&f.name).cloned() else {
+                return Err(corrupt(format!(
+                    "it carries {}, which has no place in VM {name}",
+                    f.name
+                ))
+                .into());
+            };
             let out = OpenOptions::new()
                 .read(true)
                 .write(true)
