@@ -76,6 +76,9 @@ pub enum Command {
     /// refused unless --replace gives it. An incremental bundle (export --base) adds its
     /// snapshot to the VM NAME that holds its base.
     Import(ImportArgs),
+    /// Make a key pair for signing bundles: PREFIX.key (secret, 0600, unencrypted) and
+    /// PREFIX.pub (give it to importers: `import --trust PREFIX.pub`). minisign-compatible.
+    Keygen(KeygenArgs),
     /// Remove a clone: stop it, delete its snapshots, overlays, files and record. Only for
     /// clones (another VM's overlays hold its data: `delete --all` merges them).
     Remove(RemoveArgs),
@@ -231,9 +234,19 @@ pub struct ExportArgs {
     /// Compression threads (0: one per CPU).
     #[arg(long, default_value_t = 0)]
     pub threads: u32,
+    /// Sign the bundle with this secret key (`qsnap keygen`).
+    #[arg(long, value_name = "KEY")]
+    pub sign: Option<PathBuf>,
     /// Print the report as JSON (on stderr when the bundle goes to stdout).
     #[arg(long)]
     pub json: bool,
+}
+
+/// `qsnap keygen`.
+#[derive(Debug, Args)]
+pub struct KeygenArgs {
+    /// Where the keys go: PREFIX.key and PREFIX.pub (neither may exist).
+    pub prefix: PathBuf,
 }
 
 /// `qsnap import`.
@@ -254,6 +267,10 @@ pub struct ImportArgs {
     /// bundle's author).
     #[arg(long)]
     pub trust_command_line: bool,
+    /// Accept only a bundle signed by this public key (repeatable: any of them); its command
+    /// line is then trusted.
+    #[arg(long, value_name = "PUBKEY")]
+    pub trust: Vec<PathBuf>,
     /// The QEMU binary to run the VM with (default: the bundle's, found in PATH).
     #[arg(long, value_name = "PATH")]
     pub qemu: Option<String>,

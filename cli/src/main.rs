@@ -224,6 +224,12 @@ async fn run(req: Request) -> anyhow::Result<()> {
             let report = result.with_context(|| format!("importing {}", r.vm))?;
             output::imported(&report, r.json);
         }
+        Action::Keygen(prefix) => {
+            let (sk, pk) = qsnap_engine::keygen(&prefix)
+                .await
+                .context("making a signing key")?;
+            output::keys(&sk, &pk);
+        }
         Action::Remove(r) => {
             let report = engine
                 .vm(&r.vm)

@@ -422,6 +422,20 @@ pub fn exported(
     }
 }
 
+/// Prints where `keygen` put the keys.
+pub fn keys(sk: &std::path::Path, pk: &std::path::Path) {
+    println!(
+        "secret key {} (0600: keep it; `qsnap export … --sign {}`)",
+        sk.display(),
+        sk.display()
+    );
+    println!(
+        "public key {} (give it to importers: `qsnap import … --trust {}`)",
+        pk.display(),
+        pk.display()
+    );
+}
+
 /// Prints what an import did.
 pub fn imported(r: &qsnap_engine::ImportReport, as_json: bool) {
     if as_json {

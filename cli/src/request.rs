@@ -11,8 +11,8 @@
 
 use crate::args::{
     AttachArgs, CheckArgs, Cli, CloneArgs, Command, CreateArgs, DeleteArgs, ExportArgs, ImportArgs,
-    InfoArgs, LazyRamArgs, ListArgs, ModeArg, QmpArgs, RemoveArgs, RevertArgs, RunArgs, ShowArgs,
-    StartArgs, StatusArgs, StopArgs,
+    InfoArgs, KeygenArgs, LazyRamArgs, ListArgs, ModeArg, QmpArgs, RemoveArgs, RevertArgs, RunArgs,
+    ShowArgs, StartArgs, StatusArgs, StopArgs,
 };
 use anyhow::Context;
 use qsnap_engine::snapshot::Mode;
@@ -63,6 +63,8 @@ pub enum Action {
     Export(ExportRequest),
     /// `import`.
     Import(ImportRequest),
+    /// `keygen`: the keys' path prefix (absolute).
+    Keygen(PathBuf),
     /// `remove`.
     Remove(VmRequest),
     /// `run`.
@@ -307,6 +309,7 @@ impl Request {
             Command::Clone(a) => clone(a)?,
             Command::Export(a) => export(a)?,
             Command::Import(a) => import(a)?,
+            Command::Keygen(a) => keygen(a)?,
             Command::Remove(a) => remove(a)?,
             Command::Run(a) => run(a)?,
             Command::Stop(a) => stop(a)?,
@@ -427,6 +430,7 @@ fn export(a: ExportArgs) -> anyhow::Result<Action> {
             base: a.base.as_deref().map(snap_name).transpose()?,
             level: a.level,
             threads: a.threads,
+            sign: a.sign.map(absolute).transpose()?,
             progress: None,
         },
         json: a.json,
@@ -441,11 +445,20 @@ fn import(a: ImportArgs) -> anyhow::Result<Action> {
             disk_dir: a.disk_dir.map(absolute).transpose()?,
             replace: a.replace.into_iter().map(Replacement::Text).collect(),
             trust_command_line: a.trust_command_line,
+            trust: a
+                .trust
+                .into_iter()
+                .map(absolute)
+                .collect::<anyhow::Result<_>>()?,
             qemu: a.qemu,
             progress: None,
         },
         json: a.json,
     }))
+}
+
+fn keygen(a: KeygenArgs) -> anyhow::Result<Action> {
+    Ok(Action::Keygen(absolute(a.prefix)?))
 }
 
 fn remove(a: RemoveArgs) -> anyhow::Result<Action> {

@@ -417,15 +417,22 @@ async fn damaged_cut_short_and_host_reaching_bundles_are_refused_and_leave_nothi
     let disks = dir.path().join("disks");
     std::fs::create_dir_all(&disks).unwrap();
     let run = in_store(&b);
+    let vm_name = std::cell::RefCell::new("vm2".to_owned());
     let try_import = |data: &[u8], extra: &[&str]| {
         let f = dir.path().join("try.qsnap");
         std::fs::write(&f, data).unwrap();
+        let vm = vm_name.borrow().clone();
+        let d = if vm == "vm2" {
+            disks.clone()
+        } else {
+            disks.join(&vm)
+        };
         let mut args = vec![
             "import",
             f.to_str().unwrap(),
-            "vm2",
+            &vm,
             "--disk-dir",
-            disks.to_str().unwrap(),
+            d.to_str().unwrap(),
         ];
         args.extend(extra);
         let out = run(&args);
@@ -484,6 +491,51 @@ async fn damaged_cut_short_and_host_reaching_bundles_are_refused_and_leave_nothi
     ok(&run(&["revert", "vm2", "s1"]), "revert");
     ok(&run(&["check", "vm2"]), "check");
     ok(&run(&["stop", "vm2"]), "stop");
+    // Signed bundles: --trust takes only a bundle signed by a trusted key, and trusts its
+    // command line then; an unsigned one, or one signed by another key, is refused.
+    let a = dir.path().join("a");
+    *vm_name.borrow_mut() = "vm3".to_owned();
+    let keys = dir.path().join("keys");
+    std::fs::create_dir_all(&keys).unwrap();
+    for k in ["ours", "theirs"] {
+        ok(&run(&["keygen", keys.join(k).to_str().unwrap()]), "keygen");
+    }
+    let again = run(&["keygen", keys.join("ours").to_str().unwrap()]);
+    assert_eq!(again.status.code(), Some(1), "keygen over a key: {again:?}");
+    let signed = dir.path().join("signed.qsnap");
+    let key = keys.join("ours.key");
+    ok(
+        &in_store(&a)(&[
+            "export",
+            "vm1",
+            "s1",
+            signed.to_str().unwrap(),
+            "--sign",
+            key.to_str().unwrap(),
+        ]),
+        "export --sign",
+    );
+    let signed_bytes = std::fs::read(&signed).unwrap();
+    let ours = keys.join("ours.pub");
+    let theirs = keys.join("theirs.pub");
+    let trust = |k: &Path| ["--trust".to_owned(), k.to_str().unwrap().to_owned()];
+    let t = trust(&theirs);
+    let out = try_import(&signed_bytes, &[&t[0], &t[1]]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        text(&out.stderr).contains("not by a key you trust"),
+        "{out:?}"
+    );
+    nothing_left(&b, "vm3", &disks.join("vm3"), "signed by another key");
+    let o = trust(&ours);
+    let out = try_import(&bytes, &[&o[0], &o[1]]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(text(&out.stderr).contains("not signed"), "{out:?}");
+    let out = try_import(&signed_bytes, &[&o[0], &o[1], "--json"]);
+    ok(&out, "import --trust");
+    assert!(json(&out)["notes"]
+        .to_string()
+        .contains("signed by a key you trust"));
     // Not a bundle at all.
     let out = try_import(b"hello", &[]);
     assert_eq!(out.status.code(), Some(1), "{out:?}");

@@ -52,7 +52,8 @@ mod unlink;
 mod vm;
 
 pub use bundle::{
-    BundleProgressFn, ExportOptions, ExportReport, ExportedFile, ImportOptions, ImportReport,
+    keygen, BundleProgressFn, ExportOptions, ExportReport, ExportedFile, ImportOptions,
+    ImportReport,
 };
 pub use cache::{file_identity, resolve_binary};
 pub use error::{

@@ -23,7 +23,7 @@ use crate::launch::argv::rename_files;
 use crate::launch::clone_argv::{clone_argv, Purpose};
 use crate::name::SnapshotName;
 use crate::snapshot::revert;
-use crate::store::{self, Manifest};
+use crate::store::{self, blocking, Manifest};
 use crate::vm::Vm;
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -46,6 +46,8 @@ pub struct ExportOptions {
     pub level: i32,
     /// Compression threads (0 = one per CPU).
     pub threads: u32,
+    /// Sign the bundle with this secret key (`qsnap keygen`).
+    pub sign: Option<PathBuf>,
     /// Progress over the files' bytes.
     pub progress: Option<BundleProgressFn>,
 }
@@ -56,6 +58,7 @@ impl std::fmt::Debug for ExportOptions {
             .field("base", &self.base)
             .field("level", &self.level)
             .field("threads", &self.threads)
+            .field("sign", &self.sign)
             .finish_non_exhaustive()
     }
 }
@@ -93,6 +96,8 @@ pub struct ExportReport {
     pub notes: Vec<String>,
     /// The seal's hash: what an import records as the bundle it came from.
     pub seal: String,
+    /// Whether the bundle carries a signature of its seal.
+    pub signed: bool,
     /// Wall time.
     pub total_ms: f64,
 }
@@ -134,6 +139,13 @@ impl Vm {
                 why,
             }
             .into()
+        };
+        let signer = match &opts.sign {
+            Some(k) => {
+                let k = k.clone();
+                Some(blocking(move || super::sign::read_secret(&k)).await?)
+            }
+            None => None,
         };
         let record = store.record(self.name()).await?;
         let manifest = store.manifest(self.name(), snap).await?;
@@ -399,18 +411,16 @@ impl Vm {
                 opts.threads
             },
         );
-        let written = store::blocking(move || {
-            write_bundle(
-                out,
-                &manifest_bytes,
-                &planned,
-                level,
-                threads,
-                total,
-                progress,
-            )
-        })
-        .await?;
+        let job = Job {
+            manifest: manifest_bytes,
+            planned,
+            level,
+            threads,
+            total,
+            progress,
+            sign: signer.map(|k| (k, format!("{}/{snap}", self.name()))),
+        };
+        let written = store::blocking(move || write_bundle(out, job)).await?;
         Ok(ExportReport {
             vm: self.name().to_string(),
             snapshot: snap.to_string(),
@@ -419,6 +429,7 @@ impl Vm {
             bundle_bytes: written.bytes,
             notes,
             seal: written.seal,
+            signed: written.signed,
             total_ms: started.elapsed().as_secs_f64() * 1e3,
         })
     }
@@ -459,6 +470,7 @@ async fn base_hash(base: &Manifest, path: &Path) -> Result<String> {
 /// What writing the stream produced.
 struct Written {
     files: Vec<ExportedFile>,
+    signed: bool,
     bytes: u64,
     seal: String,
 }
@@ -480,15 +492,29 @@ impl<W: Write> Write for Counting<W> {
     }
 }
 
-fn write_bundle(
-    out: Box<dyn Write + Send>,
-    manifest: &[u8],
-    planned: &[Planned],
+/// Everything [`write_bundle`] writes.
+struct Job {
+    manifest: Vec<u8>,
+    planned: Vec<Planned>,
     level: i32,
     threads: u32,
     total: u64,
     progress: Option<BundleProgressFn>,
-) -> Result<Written> {
+    /// The signing key and what the signature's comment names.
+    sign: Option<(minisign::SecretKey, String)>,
+}
+
+fn write_bundle(out: Box<dyn Write + Send>, job: Job) -> Result<Written> {
+    let Job {
+        manifest,
+        planned,
+        level,
+        threads,
+        total,
+        progress,
+        sign,
+    } = job;
+    let (manifest, planned) = (&manifest[..], &planned[..]);
     let io = store::io;
     let out_path = Path::new("(the bundle)");
     let mut w = container::Writer::new(
@@ -545,12 +571,19 @@ fn write_bundle(
     let seal_bytes = serde_json::to_vec_pretty(&seal).expect("serializable");
     w.add_bytes(SEAL, &seal_bytes)
         .map_err(io("writing the bundle", out_path))?;
+    let signed = sign.is_some();
+    if let Some((key, what)) = sign {
+        let sig = super::sign::sign(&key, &seal_bytes, &what)?;
+        w.add_bytes(super::sign::SIGNATURE, &sig)
+            .map_err(io("writing the bundle", out_path))?;
+    }
     let mut counted = w.finish().map_err(io("finishing the bundle", out_path))?;
     counted
         .flush()
         .map_err(io("finishing the bundle", out_path))?;
     Ok(Written {
         files,
+        signed,
         bytes: counted.count,
         seal: super::hash_bytes(&seal_bytes),
     })

@@ -54,6 +54,9 @@ pub struct ImportOptions {
     pub replace: Vec<Replacement>,
     /// Run the bundle's command line even where it reaches the host (its author is trusted).
     pub trust_command_line: bool,
+    /// Public keys (`qsnap keygen`'s `.pub`, or minisign's): the bundle must be signed by one
+    /// of them, and its command line is then trusted.
+    pub trust: Vec<PathBuf>,
     /// The QEMU binary to run the VM with (default: the bundle's binary name, found in PATH).
     pub qemu: Option<String>,
     /// Progress over the files' bytes.
@@ -66,6 +69,7 @@ impl std::fmt::Debug for ImportOptions {
             .field("disk_dir", &self.disk_dir)
             .field("replace", &self.replace)
             .field("trust_command_line", &self.trust_command_line)
+            .field("trust", &self.trust)
             .field("qemu", &self.qemu)
             .finish_non_exhaustive()
     }
@@ -160,6 +164,16 @@ impl Engine {
     ) -> Result<ImportReport> {
         let started = Instant::now();
         let store = self.store().clone();
+        let keys = {
+            let paths = opts.trust.clone();
+            blocking(move || {
+                paths
+                    .iter()
+                    .map(|p| super::sign::read_public(p))
+                    .collect::<Result<Vec<_>>>()
+            })
+            .await?
+        };
         // Leftovers of imports that died (their VM's lock is free), this VM's first.
         staging::sweep_all(&store).await?;
         let lock = store.lock(name, "import").await?;
@@ -193,7 +207,7 @@ impl Engine {
         .await
         .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
         let outcome = match read {
-            Ok(r) => self.commit(r, name, opts).await,
+            Ok(r) => self.commit(r, name, &keys).await,
             Err(b) => match *b {
                 (e, None) => Err(fail(&store, name, &first, e).await),
                 (e, Some(note)) => Err(fail(&store, name, &note, e).await),
@@ -210,25 +224,34 @@ impl Engine {
         &self,
         read: Read_,
         name: &VmName,
-        _opts: &ImportOptions,
+        keys: &[minisign::PublicKey],
     ) -> Result<ImportReport> {
         let store = self.store().clone();
         let note = read.plan.note.clone();
-        match self.commit_inner(read, name).await {
+        match self.commit_inner(read, name, keys).await {
             Ok(r) => Ok(r),
             Err(e) => Err(fail(&store, name, &note, e).await),
         }
     }
 
-    async fn commit_inner(&self, read: Read_, name: &VmName) -> Result<ImportReport> {
+    async fn commit_inner(
+        &self,
+        read: Read_,
+        name: &VmName,
+        keys: &[minisign::PublicKey],
+    ) -> Result<ImportReport> {
         let Read_ {
             mut plan,
             digests,
             seal,
+            signature,
         } = read;
         let store = self.store().clone();
         let cancel = CancellationToken::new();
         check_seal(&plan, &digests, &seal.0)?;
+        if !keys.is_empty() {
+            super::sign::verify(keys, &seal.1, signature.as_deref())?;
+        }
         let (seal, seal_bytes) = seal;
         let seal_hash = super::hash_bytes(&seal_bytes);
 
@@ -446,6 +469,8 @@ struct Read_ {
     digests: BTreeMap<String, FileDigest>,
     /// The seal, and its bytes as read.
     seal: (Seal, Vec<u8>),
+    /// The seal's signature, if the bundle carries one.
+    signature: Option<Vec<u8>>,
 }
 
 /// Reads the whole bundle on this (blocking) thread: the manifest, the plan (on the runtime,
@@ -461,12 +486,17 @@ fn read_bundle(
     let mut plan: Option<Plan> = None;
     let mut digests = BTreeMap::new();
     let mut seal: Option<(Seal, Vec<u8>)> = None;
+    let mut signature: Option<Vec<u8>> = None;
     let mut next = 0usize;
     let mut done = 0u64;
     let result = container::read(
         input,
         |e: &mut Entry<'_>| -> std::result::Result<(), Stop> {
             if seal.is_some() {
+                if e.name() == super::sign::SIGNATURE && signature.is_none() {
+                    signature = Some(e.bytes(64 << 10)?);
+                    return Ok(());
+                }
                 return Err(corrupt(format!("an entry {} follows the seal", e.name())).into());
             }
             let Some(p) = plan.as_mut() else {
@@ -581,6 +611,7 @@ fn read_bundle(
         plan,
         digests,
         seal,
+        signature,
     })
 }
 
@@ -908,13 +939,20 @@ fn command_line(
     }
     let refusals = untrusted::host_reaching(&replaced);
     if !refusals.is_empty() {
-        if !opts.trust_command_line {
+        if opts.trust_command_line {
+            notes.push(format!(
+                "trusted the bundle's command line (--trust-command-line), which reaches the host: {}",
+                refusals.join("; ")
+            ));
+        } else if !opts.trust.is_empty() {
+            // Nothing is registered unless the signature checks out (commit).
+            notes.push(format!(
+                "trusted the bundle's command line as signed by a key you trust, and it reaches the host: {}",
+                refusals.join("; ")
+            ));
+        } else {
             return Err(BundleError::Untrusted { refusals }.into());
         }
-        notes.push(format!(
-            "trusted the bundle's command line, which reaches the host: {}",
-            refusals.join("; ")
-        ));
     }
     // The bundle's files at their places, longest name first (no name is cut short by
     // another that starts it).

@@ -11,6 +11,7 @@
 //! - `export.rs` — a snapshot → a bundle (reads only).
 //! - `import.rs` — a bundle → staging → checks → commit; `staging.rs` — the staging area and
 //!   the removal of one an interrupted import left.
+//! - `sign.rs` — minisign keys and the signature over the seal.
 //!
 //! Never trusts a bundle: names are checked before use, sizes are never allocated from,
 //! the command line passes `launch/untrusted.rs` unless the user trusts its author, QEMU
@@ -20,11 +21,13 @@ pub(crate) mod container;
 mod export;
 pub(crate) mod format;
 mod import;
+mod sign;
 pub(crate) mod sparse;
 mod staging;
 
 pub use export::{BundleProgressFn, ExportOptions, ExportReport, ExportedFile};
 pub use import::{ImportOptions, ImportReport};
+pub use sign::keygen;
 
 use crate::error::Result;
 use crate::store;

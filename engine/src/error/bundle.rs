@@ -26,6 +26,14 @@ pub enum BundleError {
         /// Each option refused, by name, and why.
         refusals: Vec<String>,
     },
+    /// A signing or trusted key that cannot be used.
+    #[error("the key {} is not usable: {why}", path.display())]
+    BadKey {
+        /// The key file.
+        path: std::path::PathBuf,
+        /// Why.
+        why: String,
+    },
     /// The input is not a whole, intact bundle (damaged, cut short, tampered with, or not a
     /// bundle at all); nothing was imported.
     #[error("the bundle is not intact: {why}; nothing was imported")]
