@@ -156,10 +156,10 @@ mod tests {
         ));
         let sig = sign(&read_secret(&sk).unwrap(), b"seal", "vm/s1").unwrap();
         let key = read_public(&pk).unwrap();
-        verify(&[key.clone()], b"seal", Some(&sig)).unwrap();
-        assert!(verify(&[key.clone()], b"seaL", Some(&sig)).is_err());
+        verify(std::slice::from_ref(&key), b"seal", Some(&sig)).unwrap();
+        assert!(verify(std::slice::from_ref(&key), b"seaL", Some(&sig)).is_err());
         assert!(verify(&[read_public(&other).unwrap()], b"seal", Some(&sig)).is_err());
-        assert!(verify(&[key.clone()], b"seal", None).is_err());
+        assert!(verify(std::slice::from_ref(&key), b"seal", None).is_err());
         assert!(verify(&[key], b"seal", Some(b"garbage")).is_err());
     }
 }
