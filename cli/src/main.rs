@@ -296,6 +296,15 @@ async fn run(req: Request) -> anyhow::Result<()> {
             output::deleted(r.vm.as_str(), &report, r.json);
         }
         Action::Check(r) => {
+            if r.repair {
+                for p in engine
+                    .sweep_imports()
+                    .await
+                    .context("removing what interrupted imports left")?
+                {
+                    eprintln!("removed {} (left by an interrupted import)", p.display());
+                }
+            }
             let report = engine
                 .vm(&r.vm)
                 .await?

@@ -57,6 +57,13 @@ pub const POINTS: &[&str] = &[
     "clone.overlays-made",
     "clone.launched",
     "clone.loaded",
+    // import (files staged → placed → overlays → manifest → record, the commit)
+    "import.planned",
+    "import.staged",
+    "import.placed",
+    "import.overlays-made",
+    "import.manifest-written",
+    "import.committed",
     // remove (of a clone; its QEMU is stopped from the first point on)
     "remove.stopped",
     "remove.snapshots-removed",

@@ -153,6 +153,34 @@ pub async fn chain(image: &Path, cancel: &CancellationToken) -> Result<Vec<Chain
     })
 }
 
+/// One image alone, read as `format` (no probing: an image from elsewhere is read as what
+/// it is declared to be).
+pub async fn info_as(image: &Path, format: &str, cancel: &CancellationToken) -> Result<ChainImage> {
+    let mut cmd = qemu_img();
+    cmd.args(["info", "-U", "--output=json", "-f", format])
+        .arg(image);
+    let out = tool::run(cmd, "qemu-img info", image, QUICK, cancel).await?;
+    serde_json::from_slice(&out.stdout).map_err(|e| Error::Tool {
+        tool: "qemu-img info".into(),
+        path: image.to_owned(),
+        why: format!("unreadable output: {e}"),
+    })
+}
+
+/// Whether a qcow2 image's header asks for an external data file (incompatible feature bit
+/// 2 of a version-3 header): read here, before any tool opens the image.
+pub fn qcow2_has_data_file(image: &Path) -> std::io::Result<bool> {
+    use std::io::Read;
+    let mut h = [0u8; 80];
+    let mut f = std::fs::File::open(image)?;
+    let n = f.read(&mut h)?;
+    if n < 80 || &h[..4] != b"QFI\xfb" || u32::from_be_bytes([h[4], h[5], h[6], h[7]]) < 3 {
+        return Ok(false);
+    }
+    let incompatible = u64::from_be_bytes(h[72..80].try_into().expect("8 bytes"));
+    Ok(incompatible & 0b100 != 0)
+}
+
 /// One image alone (its own header).
 pub async fn info(image: &Path, cancel: &CancellationToken) -> Result<ChainImage> {
     let mut cmd = qemu_img();
@@ -236,7 +264,8 @@ pub async fn set_backing(
     cancel: &CancellationToken,
 ) -> Result<()> {
     let mut cmd = qemu_img();
-    cmd.args(["rebase", "-u", "-F", format, "-b"])
+    // Only qcow2 images have a backing to set: never let qemu-img probe the format.
+    cmd.args(["rebase", "-u", "-f", "qcow2", "-F", format, "-b"])
         .arg(backing)
         .arg(image);
     tool::run(cmd, "qemu-img rebase -u", image, QUICK, cancel)
@@ -248,7 +277,8 @@ pub async fn set_backing(
 /// for an image that holds all its data itself, or one about to get a backing of its own.
 pub async fn drop_backing(image: &Path, cancel: &CancellationToken) -> Result<()> {
     let mut cmd = qemu_img();
-    cmd.args(["rebase", "-u", "-b", ""]).arg(image);
+    cmd.args(["rebase", "-u", "-f", "qcow2", "-b", ""])
+        .arg(image);
     tool::run(cmd, "qemu-img rebase -u", image, QUICK, cancel)
         .await
         .map(drop)

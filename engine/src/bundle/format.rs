@@ -192,14 +192,52 @@ impl BundleManifest {
                 return Err(format!("it lists the file {} twice", f.name));
             }
         }
-        let known = |n: &str| self.files.iter().any(|f| f.name == n);
+        if self.files.len() > 4096 {
+            return Err(format!("it lists {} files", self.files.len()));
+        }
+        if self
+            .files
+            .iter()
+            .try_fold(0u64, |a, f| a.checked_add(f.size))
+            .is_none()
+        {
+            return Err("its files' sizes add up to more than a u64".into());
+        }
+        let role = |n: &str| self.files.iter().find(|f| f.name == n).map(|f| f.role);
+        let known = |n: &str| role(n).is_some();
+        let frozen = &self.snapshot.snapshot.disks;
+        if frozen.len() != self.disks.len()
+            || frozen
+                .iter()
+                .zip(&self.disks)
+                .any(|(f, d)| f.device != d.device)
+        {
+            return Err("its snapshot's disks and its disk chains do not match".into());
+        }
+        let layers: Vec<&str> = self
+            .disks
+            .iter()
+            .flat_map(|d| d.layers.iter().map(|l| l.name.as_str()))
+            .collect();
+        for f in &self.files {
+            let uses = layers.iter().filter(|n| **n == f.name).count();
+            if (f.role == Role::Disk) != (uses == 1) {
+                return Err(format!("its file {} is not exactly one disk layer", f.name));
+            }
+        }
         for d in &self.disks {
             if d.layers.is_empty() {
                 return Err(format!("disk {} has no layer", d.device));
             }
-            for l in &d.layers {
+            for (k, l) in d.layers.iter().enumerate() {
                 if !known(&l.name) {
                     return Err(format!("disk {} names a layer it does not carry", d.device));
+                }
+                if l.format == "raw" && (k > 0 || d.on_base) {
+                    return Err(format!(
+                        "disk {} has a raw layer over another (only a bottom image can be raw)",
+                        d.device
+                    ));
                 }
                 if !matches!(l.format.as_str(), "qcow2" | "raw") {
                     return Err(format!(
@@ -210,11 +248,11 @@ impl BundleManifest {
             }
         }
         if let Some(mem) = &self.snapshot.snapshot.memory {
-            if !known(&mem.file.to_string_lossy()) {
+            if role(&mem.file.to_string_lossy()) != Some(Role::Memory) {
                 return Err("its memory file is not one it carries".into());
             }
             if let Some(l) = &mem.lazy {
-                if !known(&l.image.to_string_lossy()) {
+                if role(&l.image.to_string_lossy()) != Some(Role::Ram) {
                     return Err("its RAM image is not one it carries".into());
                 }
             }

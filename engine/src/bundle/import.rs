@@ -23,8 +23,9 @@ use super::format::{
     safe_file_name, BundleManifest, Role, Seal, BUNDLE_TOKEN, JSON_LIMIT, MANIFEST, SEAL, VM_TOKEN,
 };
 use super::sparse::FileDigest;
-use super::staging::{self, Move, Note};
+use super::staging::{self, FileId, Move, Note};
 use crate::error::{BundleError, Error, Result};
+use crate::failpoint;
 use crate::image;
 use crate::launch::argv::guest_agent_socket;
 use crate::launch::clone_argv::{clone_argv, Purpose};
@@ -116,6 +117,8 @@ struct Dest {
 struct Plan {
     manifest: BundleManifest,
     manifest_hash: String,
+    /// The files' bytes together (for progress).
+    total: u64,
     snap: SnapshotName,
     new_vm: bool,
     argv: Vec<String>,
@@ -174,29 +177,42 @@ impl Engine {
             })
             .await?
         };
-        // Leftovers of imports that died (their VM's lock is free), this VM's first.
+        // Leftovers of imports that died (their VM's lock is free).
         staging::sweep_all(&store).await?;
-        let lock = store.lock(name, "import").await?;
-        staging::sweep(&store, name).await?;
+        // Noted before anything is made, the VM's lock and directory included: a kill from
+        // here on leaves a note that the next import, or `check --repair`, sweeps. A note
+        // already there is another import's (live: the lock says so; or dead: swept below).
+        let mut first = Note {
+            vm: name.to_string(),
+            snapshot: String::new(),
+            new_vm: !store.has_vm(name).await?,
+            dirs: vec![staging::dir(&store, name)],
+            moves: Vec::new(),
+        };
+        let ours = staging::write_new(&store, &first).await?;
+        let lock = match store.lock(name, "import").await {
+            Ok(l) => l,
+            Err(e) => {
+                if ours {
+                    staging::forget(&store, name).await;
+                }
+                return Err(e);
+            }
+        };
+        if !ours {
+            staging::sweep(&store, name).await?;
+        }
         let new_vm = !store.has_vm(name).await?;
+        first.new_vm = new_vm;
+        if let Err(e) = staging::write(&store, &first).await {
+            return Err(fail(&store, name, &first, e).await);
+        }
         if !new_vm && store.journal(name).await?.is_some() {
-            return Err(Error::Busy {
+            let e = Error::Busy {
                 what: format!(
                     "an interrupted operation on {name} must be finished first (`qsnap check {name} --repair`)"
                 ),
-            });
-        }
-        // Noted before anything else is made (the VM's directory and lock already are): a
-        // kill from here on leaves a note the next import sweeps.
-        let first = Note {
-            vm: name.to_string(),
-            snapshot: String::new(),
-            new_vm,
-            dirs: vec![staging::dir(&store, name)],
-            moves: Vec::new(),
-            made: Vec::new(),
-        };
-        if let Err(e) = staging::write(&store, &first).await {
+            };
             return Err(fail(&store, name, &first, e).await);
         }
         let handle = tokio::runtime::Handle::current();
@@ -257,16 +273,33 @@ impl Engine {
 
         // Disk headers: each layer onto the one below it, at its final place.
         let m = plan.manifest.clone();
+        let mut sizes: BTreeMap<String, u64> = BTreeMap::new();
         for (i, d) in m.disks.iter().enumerate() {
             for (k, l) in d.layers.iter().enumerate() {
                 let dest = &plan.dests[&l.name];
-                let info = image::info(&dest.staged, &cancel).await?;
-                if info.format != l.format {
-                    return Err(corrupt(format!(
-                        "{} is declared {} but is {}",
-                        l.name, l.format, info.format
-                    )));
+                if l.format == "qcow2" {
+                    // Read here before any tool opens it: an external data file is a second
+                    // host file the image would reach.
+                    let p = dest.staged.clone();
+                    let data_file = blocking(move || {
+                        image::qcow2_has_data_file(&p)
+                            .map_err(store::io("reading an imported image", &p))
+                    })
+                    .await?;
+                    if data_file {
+                        return Err(corrupt(format!(
+                            "{} asks for an external data file (a host file qsnap would have to trust)",
+                            l.name
+                        )));
+                    }
                 }
+                // Read as what it is declared to be, never probed.
+                let info = image::info_as(&dest.staged, &l.format, &cancel)
+                    .await
+                    .map_err(|e| {
+                        corrupt(format!("{} is not a {} image ({e})", l.name, l.format))
+                    })?;
+                sizes.insert(l.name.clone(), info.virtual_size);
                 if l.format != "qcow2" {
                     continue;
                 }
@@ -297,10 +330,17 @@ impl Engine {
             }
         }
 
-        // Durable, then into place: never over an existing file.
+        // Durable, noted by identity (only these very files are ever removed again), then
+        // into place: never over an existing file.
         for dest in plan.dests.values() {
             image::sync(&dest.staged).await?;
         }
+        for m in &mut plan.note.moves {
+            let staged = m.staged.clone();
+            m.id = blocking(move || Ok(FileId::of(&staged))).await?;
+        }
+        staging::write(&store, &plan.note).await?;
+        failpoint::hit("import.staged", None).await?;
         for dest in plan.dests.values() {
             let (from, to) = (dest.staged.clone(), dest.place.clone());
             blocking(move || {
@@ -313,6 +353,7 @@ impl Engine {
             .await?;
         }
 
+        failpoint::hit("import.placed", None).await?;
         let vm_dir = store.vm_dir(name);
         let snap = plan.snap.clone();
         let place = |bundle_name: &Path| -> PathBuf {
@@ -337,6 +378,11 @@ impl Engine {
             d.image = frozen.clone();
             d.overlay = frozen.with_file_name(format!("{stem}.{snap}.qcow2"));
             d.frozen = Some(image::stamp(&frozen).await?);
+            // What the frozen image is, as checked (never what the manifest claims).
+            if let Some(top) = m.disks[i].layers.last() {
+                d.format.clone_from(&top.format);
+                d.size = sizes.get(&top.name).copied().unwrap_or(d.size);
+            }
             overlays.push((
                 d.device.clone(),
                 d.overlay.clone(),
@@ -372,18 +418,38 @@ impl Engine {
         // start must never write into them).
         let mut current = Vec::new();
         if plan.new_vm {
-            for (_, overlay, ..) in &overlays {
-                plan.note.made.push(overlay.clone());
-            }
-            plan.note.made.push(vm_dir.join("files"));
-            staging::write(&store, &plan.note).await?;
             blocking({
                 let d = vm_dir.join("files");
                 move || store::create_dir_durably(&d, 0o700)
             })
             .await?;
-            for (device, overlay, frozen, format, size) in &overlays {
-                image::create_overlay(overlay, frozen, format, *size, &cancel).await?;
+            for (k, (device, overlay, frozen, format, size)) in overlays.iter().enumerate() {
+                // Made in the disks' staging directory, noted, then moved into place like
+                // every other file: a kill at any moment leaves nothing a sweep cannot tell
+                // for the import's own.
+                let stage = plan
+                    .note
+                    .dirs
+                    .iter()
+                    .find(|d| overlay.parent().is_some_and(|p| d.parent() == Some(p)))
+                    .cloned()
+                    .unwrap_or_else(|| staging::dir(&store, name));
+                let staged = stage.join(format!("overlay-{k}.qcow2"));
+                image::create_overlay(&staged, frozen, format, *size, &cancel).await?;
+                let s2 = staged.clone();
+                let id = blocking(move || Ok(FileId::of(&s2))).await?;
+                plan.note.moves.push(Move {
+                    staged: staged.clone(),
+                    place: overlay.clone(),
+                    id,
+                });
+                staging::write(&store, &plan.note).await?;
+                let to = overlay.clone();
+                blocking(move || {
+                    rename_noreplace(&staged, &to)?;
+                    store::sync_dir(to.parent().unwrap_or(Path::new("/")))
+                })
+                .await?;
                 let bottom = m
                     .disks
                     .iter()
@@ -399,7 +465,6 @@ impl Engine {
                 });
             }
         }
-        store.write_manifest(&manifest).await?;
         let mut owned: Vec<PathBuf> = Vec::new();
         for d in &m.disks {
             for (k, l) in d.layers.iter().enumerate() {
@@ -411,6 +476,11 @@ impl Engine {
             }
         }
         if plan.new_vm {
+            // The manifest, then the record: the commit (a manifest without its record is
+            // this import's, and a sweep removes it).
+            failpoint::hit("import.overlays-made", None).await?;
+            store.write_manifest(&manifest).await?;
+            failpoint::hit("import.manifest-written", None).await?;
             owned.extend(current.iter().map(|c| c.image.clone()));
             let qmp = vm_dir.join("qmp.sock");
             let command = LaunchCommand {
@@ -434,10 +504,14 @@ impl Engine {
             };
             store.write_record(&record).await?; // the commit
         } else {
+            // The record owns the new layers first, then the manifest commits (a sweep takes
+            // them out of the record again when it did not).
             let mut record = store.record(name).await?;
             record.owned_images.extend(owned);
             store.write_record(&record).await?;
+            store.write_manifest(&manifest).await?; // the commit
         }
+        failpoint::hit("import.committed", None).await?;
         staging::remove(&store, name, &plan.note, true).await?;
         Ok(ImportReport {
             vm: name.to_string(),
@@ -452,6 +526,14 @@ impl Engine {
             bytes: digests.values().map(|d| d.size).sum(),
             total_ms: 0.0,
         })
+    }
+}
+
+impl Engine {
+    /// Removes what interrupted imports left (their staging, and — unless they committed —
+    /// every file they placed), for every VM no operation holds. `qsnap check --repair`.
+    pub async fn sweep_imports(&self) -> Result<Vec<PathBuf>> {
+        staging::sweep_all(self.store()).await
     }
 }
 
@@ -513,6 +595,7 @@ fn read_bundle(
                 manifest.check().map_err(corrupt)?;
                 let hash = super::hash_bytes(&bytes);
                 plan = Some(rt.block_on(make_plan(engine, name, new_vm, manifest, hash, opts))?);
+                rt.block_on(failpoint::hit("import.planned", None))?;
                 return Ok(());
             };
             if e.name() == SEAL {
@@ -559,7 +642,7 @@ fn read_bundle(
                 None => None,
             };
             let progress = opts.progress.clone();
-            let size_all: u64 = p.manifest.files.iter().map(|x| x.size).sum();
+            let size_all = p.total;
             let mut tell = |n: u64| {
                 if let Some(f) = &progress {
                     f(done + n, size_all);
@@ -695,7 +778,7 @@ async fn make_plan(
                     != b.memory_checksum
             {
                 return Err(refused(format!(
-                    "its base is {}/{} taken at {}, and the snapshot {} imported from there here is another one (taken at {}); import the base again under a new name",
+                    "its base is {}/{} taken at {}, and the snapshot {} imported from there here is another one (taken at {}, or with another memory checksum); import the base again into a new VM",
                     manifest.vm, b.snapshot, b.created_at, held.name, held.created_at
                 )));
             }
@@ -847,6 +930,23 @@ async fn make_plan(
             },
         );
     }
+    // The overlays a new VM will write to, beside its frozen images: never over a file.
+    if new_vm {
+        for d in &manifest.disks {
+            if let Some(top) = d.layers.last() {
+                let frozen = &dests[&top.name].place;
+                let stem = frozen
+                    .file_stem()
+                    .map(|s| s.to_string_lossy().into_owned())
+                    .unwrap_or_else(|| "disk".into());
+                let overlay = frozen.with_file_name(format!("{stem}.{snap}.qcow2"));
+                if taken.contains(&overlay) || exists(&overlay).await? {
+                    return Err(Error::TargetExists { path: overlay });
+                }
+                taken.push(overlay);
+            }
+        }
+    }
     let mut on_base = Vec::new();
     for d in &manifest.disks {
         on_base.push(match (&base, d.on_base) {
@@ -857,6 +957,14 @@ async fn make_plan(
                         d.device, held.name
                     )));
                 };
+                if hd.frozen.is_some() && image::stamp(&hd.image).await.ok() != hd.frozen {
+                    return Err(refused(format!(
+                        "its base {}'s image of disk {} ({}) changed since the snapshot",
+                        held.name,
+                        d.device,
+                        hd.image.display()
+                    )));
+                }
                 Some((hd.image.clone(), hd.format.clone()))
             }
             (None, true) => return Err(corrupt("a disk builds on a base it does not name")),
@@ -885,9 +993,9 @@ async fn make_plan(
             .map(|d| Move {
                 staged: d.staged.clone(),
                 place: d.place.clone(),
+                id: None,
             })
             .collect(),
-        made: Vec::new(),
     };
     staging::write(&store, &note).await?;
     blocking(move || {
@@ -898,6 +1006,7 @@ async fn make_plan(
     })
     .await?;
     Ok(Plan {
+        total: manifest.files.iter().map(|f| f.size).sum(),
         manifest,
         manifest_hash,
         snap,
@@ -952,6 +1061,33 @@ fn command_line(
             ));
         } else {
             return Err(BundleError::Untrusted { refusals }.into());
+        }
+    }
+    // A bundle file the command line names is a disk's bottom image (the overlays a launch
+    // puts in its place stand on the checked chain) or a boot file, nothing else: a memory
+    // file or an upper layer opened as a disk would be read unchecked.
+    let named: Vec<&str> = manifest
+        .disks
+        .iter()
+        .filter_map(|d| d.layers.first().map(|l| l.name.as_str()))
+        .chain(
+            manifest
+                .files
+                .iter()
+                .filter(|f| f.role == Role::Boot)
+                .map(|f| f.name.as_str()),
+        )
+        .collect();
+    for a in argv {
+        for (i, _) in a.match_indices(&format!("{BUNDLE_TOKEN}/")) {
+            let rest = &a[i + BUNDLE_TOKEN.len() + 1..];
+            let end = rest.find([',', '"']).unwrap_or(rest.len());
+            if !named.contains(&&rest[..end]) {
+                return Err(corrupt(format!(
+                    "its command line opens {}, which is not a disk's bottom image or a boot file",
+                    &rest[..end]
+                )));
+            }
         }
     }
     // The bundle's files at their places, longest name first (no name is cut short by

@@ -17,12 +17,37 @@ use crate::store::{self, blocking, Store};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
+/// A file's identity (device and inode): what a removal checks, so that only the file the
+/// import made goes — never one that took its path since, or stood there before.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub(crate) struct FileId {
+    pub dev: u64,
+    pub ino: u64,
+}
+
+impl FileId {
+    /// The identity of the file at `path` (not following a symlink), if there is one.
+    pub(crate) fn of(path: &Path) -> Option<FileId> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::symlink_metadata(path).ok()?;
+        m.is_file().then(|| FileId {
+            dev: m.dev(),
+            ino: m.ino(),
+        })
+    }
+}
+
 /// One file an import stages and then moves into place.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub(crate) struct Move {
     pub staged: PathBuf,
     pub place: PathBuf,
+    /// The staged file's identity, noted before it is moved (a rename keeps it); without
+    /// one the file was never moved, and nothing at `place` is the import's.
+    #[serde(default)]
+    pub id: Option<FileId>,
 }
 
 /// What an import makes (`note.json`).
@@ -38,10 +63,8 @@ pub(crate) struct Note {
     pub new_vm: bool,
     /// The staging directories (removed whole: only the import writes there).
     pub dirs: Vec<PathBuf>,
-    /// Every file staged and where it goes.
+    /// Every file staged (the bundle's, and a new VM's overlays) and where it goes.
     pub moves: Vec<Move>,
-    /// Files made in place (overlays, the VM's directories), removed unless committed.
-    pub made: Vec<PathBuf>,
 }
 
 /// The store-side staging directory of an import into `vm`.
@@ -68,6 +91,29 @@ pub(crate) async fn write(store: &Store, note: &Note) -> Result<()> {
     .await
 }
 
+/// Writes the note unless one is there already; says whether it wrote it.
+pub(crate) async fn write_new(store: &Store, note: &Note) -> Result<bool> {
+    let vm = VmName::new(&note.vm)?;
+    let path = note_path(store, &vm);
+    let p = path.clone();
+    if blocking(move || store::exists(&p)).await? {
+        return Ok(false);
+    }
+    write(store, note).await?;
+    Ok(true)
+}
+
+/// Removes a note that made nothing (an import that could not take the VM's lock).
+pub(crate) async fn forget(store: &Store, vm: &VmName) {
+    let (path, d) = (note_path(store, vm), dir(store, vm));
+    let _ = blocking(move || {
+        let _ = std::fs::remove_file(&path);
+        let _ = std::fs::remove_dir(&d);
+        Ok(())
+    })
+    .await;
+}
+
 /// Removes what an import into `vm` left, if one did. Hold `vm`'s lock. Returns what it
 /// removed (empty: there was nothing, or the import had committed and only its staging
 /// leftovers went).
@@ -75,9 +121,10 @@ pub(crate) async fn sweep(store: &Store, vm: &VmName) -> Result<Vec<PathBuf>> {
     let path = note_path(store, vm);
     let p = path.clone();
     let Some(note) = blocking(move || store::read_json::<Note>(&p)).await? else {
-        // A staging directory without a note: the import died before its first file.
+        // A staging directory without a note: the import died while writing its first one
+        // (a temporary file at most), before it made anything.
         let d = dir(store, vm);
-        let _ = blocking(move || Ok(std::fs::remove_dir(&d))).await;
+        let _ = blocking(move || Ok(std::fs::remove_dir_all(&d))).await;
         return Ok(Vec::new());
     };
     let committed = match SnapshotName::parse(&note.snapshot) {
@@ -95,6 +142,18 @@ pub(crate) async fn remove(
     note: &Note,
     committed: bool,
 ) -> Result<Vec<PathBuf>> {
+    if !note.new_vm && !committed {
+        // The record of the VM it was adding to may already own the new layers: it must not
+        // name files that are about to go.
+        if let Ok(mut rec) = store.record(vm).await {
+            let before = rec.owned_images.len();
+            rec.owned_images
+                .retain(|p| !note.moves.iter().any(|m| &m.place == p));
+            if rec.owned_images.len() != before {
+                store.write_record(&rec).await?;
+            }
+        }
+    }
     let (note, vm_dir, sdir, npath) = (
         note.clone(),
         store.vm_dir(vm),
@@ -103,36 +162,48 @@ pub(crate) async fn remove(
     );
     blocking(move || {
         let mut removed = Vec::new();
-        let mut gone = |p: &Path| {
-            if matches!(std::fs::symlink_metadata(p), Ok(m) if m.is_file())
+        let mut gone = |p: &Path, id: Option<FileId>| {
+            // Staged files live in the import's own directories; a file in place goes only
+            // while it is the very file the import made.
+            let ours = match id {
+                None => true,
+                Some(id) => FileId::of(p) == Some(id),
+            };
+            if ours
+                && matches!(std::fs::symlink_metadata(p), Ok(m) if m.is_file())
                 && std::fs::remove_file(p).is_ok()
             {
                 removed.push(p.to_owned());
             }
         };
         for m in &note.moves {
-            gone(&m.staged);
+            gone(&m.staged, None);
             if !committed {
-                gone(&m.place);
-            }
-        }
-        if !committed {
-            for p in &note.made {
-                gone(p);
-            }
-            if note.new_vm {
-                for sub in ["memory", "boot", "files", "disks", "snapshots"] {
-                    let _ = std::fs::remove_dir(vm_dir.join(sub));
+                if let Some(id) = m.id {
+                    gone(&m.place, Some(id));
                 }
-                // The VM never existed: its lock file and directory go too (the lock is
-                // held by whoever sweeps, which is only ever the one caller).
-                let _ = std::fs::remove_file(vm_dir.join("lock"));
-                let _ = std::fs::remove_dir(&vm_dir);
             }
         }
+        if !committed && note.new_vm {
+            // A new VM's manifest is written just before its record (the commit): one
+            // without the record is this import's.
+            if let Some(s) = SnapshotName::parse(&note.snapshot) {
+                gone(&vm_dir.join("snapshots").join(format!("{s}.json")), None);
+            }
+            for sub in ["memory", "boot", "files", "disks", "snapshots"] {
+                let _ = std::fs::remove_dir(vm_dir.join(sub));
+            }
+            // The VM never existed: its lock file and directory go too. This is the last
+            // thing the holder of the lock does (a failed import returns, a sweep moves
+            // on), so a process that opens a new lock file here meanwhile races nothing.
+            let _ = std::fs::remove_file(vm_dir.join("lock"));
+            let _ = std::fs::remove_dir(&vm_dir);
+        }
+        // The staging directories are the import's own (named for it): whatever a kill left
+        // in them, half-written, goes with them.
         for d in note.dirs.iter().rev() {
             if d != &sdir {
-                let _ = std::fs::remove_dir(d);
+                let _ = std::fs::remove_dir_all(d);
             }
         }
         store::remove_durably(&npath)?;
@@ -168,10 +239,23 @@ pub(crate) async fn pending(store: &Store) -> Result<Vec<VmName>> {
 pub(crate) async fn sweep_all(store: &Store) -> Result<Vec<PathBuf>> {
     let mut removed = Vec::new();
     for vm in pending(store).await? {
+        let p = note_path(store, &vm);
+        if !blocking(move || store::exists(&p)).await? {
+            // Nothing was made before the note: no lock to take (taking it would make the
+            // VM's directory).
+            removed.extend(sweep(store, &vm).await.unwrap_or_default());
+            continue;
+        }
         let Ok(_lock) = store.lock(&vm, "sweep import staging").await else {
             continue; // an import (or another operation) runs: not a leftover
         };
-        removed.extend(sweep(store, &vm).await?);
+        // One leftover that cannot be removed must not stop every later import.
+        match sweep(store, &vm).await {
+            Ok(r) => removed.extend(r),
+            Err(e) => {
+                tracing::warn!(vm = %vm, error = %e, "an interrupted import's staging could not be removed")
+            }
+        }
     }
     Ok(removed)
 }

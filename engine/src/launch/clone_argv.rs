@@ -90,6 +90,7 @@ pub fn clone_argv(
         }
     }
     let mut mover = Mover {
+        purpose,
         cwd,
         files,
         source_qmp,
@@ -309,6 +310,7 @@ fn set_prop(v: &str, key: &str, value: &str) -> Result<String, String> {
 }
 
 struct Mover<'a> {
+    purpose: Purpose,
     cwd: &'a Path,
     files: &'a Path,
     source_qmp: Option<&'a Path>,
@@ -326,9 +328,23 @@ impl Mover<'_> {
             self.cwd.join(path)
         };
         if let Some(m) = self.moved.iter().find(|m| m.from == from) {
+            if self.purpose == Purpose::Import {
+                // Two listeners on one path: the second takes the socket from the first (a
+                // guest's serial port could stand where qsnap expects the monitor).
+                return Err(format!(
+                    "{option} and {} name the same file {}; give each its own",
+                    m.option,
+                    from.display()
+                ));
+            }
             return Ok(m.to.display().to_string());
         }
         let to = if self.source_qmp == Some(from.as_path()) {
+            if self.purpose == Purpose::Import && option != "-qmp" {
+                return Err(format!(
+                    "{option} names the path of the VM's monitor socket, which only -qmp may"
+                ));
+            }
             self.clone_qmp.to_owned()
         } else {
             let name = from
@@ -571,6 +587,37 @@ mod tests {
             .is_empty());
         let err = run(&["qemu", "-m", "1"], &[("nowhere", "x")]).unwrap_err();
         assert!(err.contains("appears nowhere"), "{err}");
+    }
+
+    #[test]
+    fn an_imported_command_line_cannot_stand_a_second_listener_on_the_monitor() {
+        let import = |argv: &[&str]| {
+            clone_argv(
+                &v(argv),
+                Path::new("/store/vms/i1"),
+                Path::new("/store/vms/i1/files"),
+                Some(Path::new("/@qsnap-vm/qmp.sock")),
+                Path::new("/store/vms/i1/qmp.sock"),
+                &[],
+                Purpose::Import,
+            )
+        };
+        let qmp = ["-qmp", "unix:/@qsnap-vm/qmp.sock,server=on,wait=off"];
+        let serial = [
+            "-chardev",
+            "socket,id=s,path=/@qsnap-vm/qmp.sock,server=on,wait=off",
+        ];
+        let twice = ["-chardev", "file,id=a,path=/@qsnap-vm/files/x.log"];
+        let twice2 = ["-chardev", "file,id=b,path=/@qsnap-vm/files/x.log"];
+        assert!(import(&["qemu", qmp[0], qmp[1]]).is_ok());
+        let err = import(&["qemu", qmp[0], qmp[1], serial[0], serial[1]]).unwrap_err();
+        assert!(err.contains("same file"), "{err}");
+        let err = import(&["qemu", serial[0], serial[1]]).unwrap_err();
+        assert!(err.contains("only -qmp"), "{err}");
+        let err = import(&["qemu", twice[0], twice[1], twice2[0], twice2[1]]).unwrap_err();
+        assert!(err.contains("same file"), "{err}");
+        // A clone keeps sharing as before (one path named twice is one file of its own).
+        assert!(run(&["qemu", twice[0], twice[1], twice2[0], twice2[1]], &[]).is_ok());
     }
 
     #[test]

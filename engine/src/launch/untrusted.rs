@@ -164,7 +164,14 @@ const USER_NET_HOST: &[(&str, &str)] = &[
 ];
 
 /// Properties whose value holds `/` without being a path.
-const NOT_PATHS: &[&str] = &["net", "ipv6-net", "ipv6-prefix", "dnssearch", "domainname"];
+const NOT_PATHS: &[&str] = &[
+    "net",
+    "ipv6-net",
+    "ipv6-prefix",
+    "dnssearch",
+    "domainname",
+    "name",
+];
 
 /// Whether `p` is one of the VM's own files or one of the bundle's (and nothing more).
 pub(crate) fn own(p: &str) -> bool {
@@ -215,6 +222,12 @@ pub(crate) fn host_reaching(argv: &[String]) -> Vec<String> {
         if f == "append" {
             continue;
         }
+        if v.contains("json:") {
+            out.push(format!(
+                "-{f} {v}: a json: filename opens what it describes"
+            ));
+            continue;
+        }
         if let Some(why) = option_refusal(f, v) {
             out.push(why);
             continue;
@@ -240,20 +253,14 @@ pub(crate) fn host_reaching(argv: &[String]) -> Vec<String> {
 fn option_refusal(f: &str, v: &str) -> Option<String> {
     let (kind, props) = parsed(v);
     let whole_path = |what: &str| {
-        (!v.starts_with(BUNDLE_TOKEN) || !own(v))
+        (!v.starts_with("/@qsnap-bundle/boot/") || !own(v))
             .then(|| format!("-{f} {v}: {what} must be one the bundle carries"))
     };
     match f {
         "kernel" | "initrd" | "dtb" => whole_path("the file"),
         "bios" | "L" | "option-rom" if v.contains('/') => whole_path("a firmware file"),
         _ if VALUE_OK.contains(&f) => None,
-        "drive" => match prop(&props, "file") {
-            Some(file) if file.starts_with(BUNDLE_TOKEN) && own(file) => None,
-            Some(file) => Some(format!(
-                "-drive {v}: the image {file} is not one of the bundle's disks"
-            )),
-            None => None, // an empty drive (a CD-ROM tray)
-        },
+        "drive" => drive_refusal(v),
         "blockdev" => blockdev_refusal(v),
         "chardev" if !CHARDEVS_OK.contains(&kind.as_str()) => Some(format!(
             "-chardev {v}: a {kind} chardev reaches the host"
@@ -304,59 +311,190 @@ fn option_refusal(f: &str, v: &str) -> Option<String> {
     }
 }
 
-/// `-blockdev`: only file, qcow2 and raw nodes over the bundle's disks.
-fn blockdev_refusal(v: &str) -> Option<String> {
-    let value = serde_json::from_str::<serde_json::Value>(v).ok();
-    let check = |driver: &str, filename: Option<&str>, data_file: bool| -> Option<String> {
-        match driver {
-            "file" => match filename {
-                Some(p) if p.starts_with(BUNDLE_TOKEN) && own(p) => None,
-                _ => Some(format!(
-                    "-blockdev {v}: the file {} is not one of the bundle's disks",
-                    filename.unwrap_or("(none)")
-                )),
-            },
-            "qcow2" if data_file => Some(format!(
-                "-blockdev {v}: a qcow2 data-file is a second host file"
-            )),
-            "qcow2" | "raw" | "throttle" | "copy-on-read" => None,
-            other => Some(format!(
-                "-blockdev {v}: a {other:?} node reaches storage outside the bundle"
-            )),
+/// Where the bundle's disks stand in its command line.
+const DISKS: &str = "/@qsnap-bundle/disks/";
+
+fn bundle_disk(p: &str) -> bool {
+    p.starts_with(DISKS) && own(p)
+}
+
+/// The keys a `-drive` may have (anything else — `driver=`, `file.*`, another protocol — is
+/// refused: QEMU would open what it names).
+const DRIVE_KEYS: &[&str] = &[
+    "file",
+    "if",
+    "format",
+    "id",
+    "index",
+    "media",
+    "cache",
+    "aio",
+    "discard",
+    "detect-zeroes",
+    "readonly",
+    "werror",
+    "rerror",
+    "bus",
+    "unit",
+    "serial",
+    "snapshot",
+    "copy-on-read",
+];
+
+/// The keys a `-blockdev` node may have, whatever its syntax.
+const NODE_KEYS: &[&str] = &[
+    "driver",
+    "node-name",
+    "file",
+    "filename",
+    "discard",
+    "cache.direct",
+    "cache.no-flush",
+    "read-only",
+    "auto-read-only",
+    "detect-zeroes",
+    "force-share",
+    "locking",
+    "aio",
+    "lazy-refcounts",
+    "backing",
+    "discard-no-unref",
+    "pass-discard-request",
+    "pass-discard-snapshot",
+    "pass-discard-other",
+];
+
+/// `key=value` parts, refusing a repeated key (QEMU takes the last one, a reader the first:
+/// the two would disagree on what is opened) and a bare word.
+fn pairs(f: &str, v: &str) -> Result<Vec<(String, String)>, String> {
+    let mut out: Vec<(String, String)> = Vec::new();
+    for p in split_opts(v) {
+        let Some((k, x)) = p.split_once('=') else {
+            return Err(format!(
+                "-{f} {v}: qsnap reads only key=value parts here, not {p:?}"
+            ));
+        };
+        if out.iter().any(|(seen, _)| seen == k) {
+            return Err(format!("-{f} {v}: repeats the key {k}"));
         }
+        out.push((k.to_owned(), x.to_owned()));
+    }
+    Ok(out)
+}
+
+/// `-drive`: one of the bundle's disks, with plain keys only.
+fn drive_refusal(v: &str) -> Option<String> {
+    let parts = match pairs("drive", v) {
+        Ok(p) => p,
+        Err(e) => return Some(e),
     };
-    match value {
-        Some(serde_json::Value::Object(map)) => {
-            let driver = map.get("driver").and_then(|d| d.as_str()).unwrap_or("");
-            let filename = map.get("filename").and_then(|d| d.as_str());
-            check(driver, filename, map.contains_key("data-file")).or_else(|| {
-                match map.get("file") {
-                    Some(inner @ serde_json::Value::Object(_)) => {
-                        blockdev_refusal(&inner.to_string())
-                    }
-                    _ => None,
-                }
-            })
-        }
+    if let Some((k, _)) = parts
+        .iter()
+        .find(|(k, _)| !DRIVE_KEYS.contains(&k.as_str()))
+    {
+        return Some(format!(
+            "-drive {v}: the key {k} is not one qsnap lets an untrusted command line use"
+        ));
+    }
+    let get = |k: &str| parts.iter().find(|(x, _)| x == k).map(|(_, x)| x.as_str());
+    if get("format").is_some_and(|f| !matches!(f, "qcow2" | "raw")) {
+        return Some(format!("-drive {v}: only qcow2 and raw images"));
+    }
+    match get("file") {
+        Some(file) if bundle_disk(file) => None,
+        Some(file) => Some(format!(
+            "-drive {v}: the image {file} is not one of the bundle's disks"
+        )),
+        None => Some(format!(
+            "-drive {v}: a drive that is not one of the bundle's disks"
+        )),
+    }
+}
+
+/// `-blockdev`: file, qcow2 and raw nodes only, over the bundle's disks, in either syntax.
+fn blockdev_refusal(v: &str) -> Option<String> {
+    match serde_json::from_str::<serde_json::Value>(v) {
+        Ok(j @ serde_json::Value::Object(_)) => json_node(v, &j),
         _ => {
-            let parts = split_opts(v);
-            let get = |k: &str| {
-                parts
-                    .iter()
-                    .find_map(|p| p.strip_prefix(k).and_then(|r| r.strip_prefix('=')))
+            let parts = match pairs("blockdev", v) {
+                Ok(p) => p,
+                Err(e) => return Some(e),
             };
-            let inline = parts.iter().any(|p| p.starts_with("file."));
-            if inline {
+            if let Some((k, _)) = parts.iter().find(|(k, _)| !NODE_KEYS.contains(&k.as_str())) {
                 return Some(format!(
-                    "-blockdev {v}: write the protocol node as its own -blockdev (qsnap reads file.* keys of an untrusted command line as a refusal)"
+                    "-blockdev {v}: the key {k} is not one qsnap lets an untrusted command line use (write each node as its own -blockdev)"
                 ));
             }
-            check(
-                get("driver").unwrap_or(""),
+            let get = |k: &str| parts.iter().find(|(x, _)| x == k).map(|(_, x)| x.as_str());
+            node(
+                v,
+                get("driver"),
                 get("filename"),
-                get("data-file").is_some(),
+                get("file"),
+                get("backing"),
             )
         }
+    }
+}
+
+/// One node in JSON syntax (and its inline `file`, recursively).
+fn json_node(v: &str, j: &serde_json::Value) -> Option<String> {
+    let serde_json::Value::Object(m) = j else {
+        return Some(format!("-blockdev {v}: a node that is not an object"));
+    };
+    for (k, x) in m {
+        let ok = match k.as_str() {
+            "cache" => x.as_object().is_some_and(|c| {
+                c.keys()
+                    .all(|k| matches!(k.as_str(), "direct" | "no-flush"))
+            }),
+            "file" => x.is_string() || x.is_object(),
+            "backing" => x.is_string() || x.is_null(),
+            k => NODE_KEYS.contains(&k) && !x.is_object() && !x.is_array(),
+        };
+        if !ok {
+            return Some(format!(
+                "-blockdev {v}: the key {k} is not one qsnap lets an untrusted command line use"
+            ));
+        }
+    }
+    let s = |k: &str| m.get(k).and_then(|x| x.as_str());
+    if let Some(inner @ serde_json::Value::Object(_)) = m.get("file") {
+        if let Some(r) = json_node(v, inner) {
+            return Some(r);
+        }
+    }
+    node(v, s("driver"), s("filename"), s("file"), s("backing"))
+}
+
+/// The rules every node follows: its driver, its file, its references.
+fn node(
+    v: &str,
+    driver: Option<&str>,
+    filename: Option<&str>,
+    file: Option<&str>,
+    backing: Option<&str>,
+) -> Option<String> {
+    let reference =
+        |r: Option<&str>| r.is_some_and(|r| r.contains(['/', ':', '.', '{']) || r.is_empty());
+    if reference(file) || backing.is_some_and(|b| b != "null" && reference(Some(b))) {
+        return Some(format!(
+            "-blockdev {v}: a node reference that is not a node name"
+        ));
+    }
+    match driver.unwrap_or_default() {
+        "file" => match filename {
+            Some(p) if bundle_disk(p) => None,
+            other => Some(format!(
+                "-blockdev {v}: the file {} is not one of the bundle's disks",
+                other.unwrap_or("(none)")
+            )),
+        },
+        "qcow2" | "raw" if filename.is_none() => None,
+        "qcow2" | "raw" => Some(format!("-blockdev {v}: a format node with a filename")),
+        other => Some(format!(
+            "-blockdev {v}: a {other:?} node reaches storage outside the bundle"
+        )),
     }
 }
 
@@ -435,9 +573,9 @@ mod tests {
             "256",
             "-no-reboot",
             "-kernel",
-            "/@qsnap-bundle/boot/vmlinuz",
+            "/@qsnap-bundle/boot/0-vmlinuz",
             "-initrd",
-            "/@qsnap-bundle/boot/initrd.img",
+            "/@qsnap-bundle/boot/1-initrd.img",
             "-append",
             "console=ttyS0 root=/dev/vda quiet",
             "-drive",
@@ -563,6 +701,53 @@ mod tests {
                 "{args:?}: {r:?} should name {word}"
             );
         }
+        // What QEMU reads differently from a first glance: a later key wins, nested keys
+        // open nodes of their own, a bundle file that is not a disk is no disk.
+        for args in [
+            &["-drive", "file=/@qsnap-bundle/boot/0-vmlinuz,if=virtio"][..],
+            &["-drive", "file=/@qsnap-bundle/disks/0/0.qcow2,file=/etc/x"],
+            &[
+                "-drive",
+                r#"file=/@qsnap-bundle/disks/0/0.qcow2,file=json:{"driver":"file",,"filename":"x"}"#,
+            ],
+            &["-drive", "driver=vvfat,dir=..,if=virtio"],
+            &["-drive", "file.driver=nbd,file.host=evil"],
+            &["-drive", "if=virtio"],
+            &[
+                "-blockdev",
+                "driver=qcow2,file=f,backing.driver=vvfat,backing.dir=..,node-name=q",
+            ],
+            &[
+                "-blockdev",
+                "driver=qcow2,file=f,data-file.driver=nbd,node-name=q",
+            ],
+            &[
+                "-blockdev",
+                "driver=file,filename=/@qsnap-bundle/disks/0/0.qcow2,driver=vvfat",
+            ],
+            &[
+                "-blockdev",
+                r#"{"driver":"qcow2","file":"f","backing":{"driver":"vvfat","dir":".."}}"#,
+            ],
+            &[
+                "-blockdev",
+                r#"{"driver":"qcow2","file":"f","data-file":"g"}"#,
+            ],
+            &[
+                "-blockdev",
+                "driver=file,filename=relative.qcow2,node-name=f",
+            ],
+            &["-blockdev", "driver=qcow2,file=json:{},node-name=q"],
+            &["-initrd", "/@qsnap-bundle/disks/0/0.qcow2"],
+        ] {
+            assert_eq!(check(args).len(), 1, "{args:?}: {:?}", check(args));
+        }
+        assert!(check(&["-fw_cfg", "name=opt/qsnap/x,string=hello"]).is_empty());
+        assert!(check(&[
+            "-blockdev",
+            "driver=qcow2,file=f,backing=null,node-name=q,cache.direct=on"
+        ])
+        .is_empty());
         // A bare firmware name is looked up in QEMU's own data directory.
         assert!(check(&["-bios", "bios-256k.bin"]).is_empty());
         assert_eq!(check(&["-daemonize", "-pidfile", "/x", "-m", "1"]).len(), 2);
