@@ -11,7 +11,9 @@
 #      snapshot, eager and lazy; 8 VMs snapshotted one at a time and concurrently.
 #   4. harness/examples/bench_clone.rs — 1, 4 and 8 clones of one 256 MiB snapshot started at
 #      once (the harness API): time to each clone's first console line, PSS per clone.
-# Usage: ./scripts/bench.sh [ROUNDS] [--with-libvirt] [--ram 512,2048] [--only engine|peers|scale|clone]
+#   5. scripts/bench_bundle.sh — export/import of a busy 512 MiB guest's snapshot against
+#      tar -S --zstd over the same files; an incremental export against a full one.
+# Usage: ./scripts/bench.sh [ROUNDS] [--with-libvirt] [--ram 512,2048] [--only engine|peers|scale|clone|bundle]
 #        (JSON of every part goes to target/bench/)
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
@@ -49,4 +51,8 @@ fi
 if [ -z "$only" ] || [ "$only" = clone ]; then
   echo "== 4. clones"
   cargo run -q --release -p qsnap-harness --example bench_clone -- --json target/bench/clone.json
+fi
+if [ -z "$only" ] || [ "$only" = bundle ]; then
+  echo "== 5. bundles (export/import)"
+  bash scripts/bench_bundle.sh "$repo/target/release/qsnap"
 fi

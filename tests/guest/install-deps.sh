@@ -39,6 +39,9 @@ if ! have_qemu || { [ -n "$BACKPORTS" ] && ! qemu-system-x86_64 --version | grep
 fi
 command -v cpio >/dev/null 2>&1 || pkgs+=(cpio)
 command -v gzip >/dev/null 2>&1 || pkgs+=(gzip)
+# The bundle tests list bundles with `tar --zstd` and re-pack them with `zstd`.
+command -v zstd >/dev/null 2>&1 || pkgs+=(zstd)
+command -v tar >/dev/null 2>&1 || pkgs+=(tar)
 # procps (ps, pgrep): to look at a test run's QEMUs by hand; nothing in the suite needs it.
 command -v pkill >/dev/null 2>&1 || pkgs+=(procps)
 # (Debian's python3-pytest is for /usr/bin/python3, whatever else python3 may be on PATH.)
