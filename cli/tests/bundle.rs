@@ -65,11 +65,12 @@ fn files_under(dir: &Path) -> Vec<PathBuf> {
 /// The source side: the test guest under `qsnap run` with a qcow2 disk (-blockdev) and a raw
 /// one (-drive), its console in a file.
 struct Source {
-    _dir: tempfile::TempDir,
+    // Dropped first: it reads the VM's record, which goes with the directory.
+    _kill: KillRecordedQemu,
     root: PathBuf,
     store: PathBuf,
     serial: SerialLog,
-    _kill: KillRecordedQemu,
+    _dir: tempfile::TempDir,
 }
 
 impl Source {
@@ -517,6 +518,35 @@ async fn damaged_cut_short_and_host_reaching_bundles_are_refused_and_leave_nothi
     ok(&out, "trusted import");
     let rep = json(&out);
     assert!(rep["notes"].to_string().contains("/etc/hostname"), "{rep}");
+    // Guest memory 0600 in 0700 directories; disk images 0600.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&b.join("vms/vm2/memory/s1.mem")), 0o600);
+    assert_eq!(mode(&b.join("vms/vm2/memory")), 0o700);
+    for f in files_under(&disks) {
+        assert_eq!(mode(&f), 0o600, "{}", f.display());
+    }
+    // A file where the new VM's overlay would go is never overwritten: refused, left as it
+    // was, and nothing else made.
+    let theirs = dir.path().join("theirs");
+    std::fs::create_dir_all(&theirs).unwrap();
+    std::fs::write(theirs.join("d.s1.qcow2"), b"someone's file").unwrap();
+    let out = run(&[
+        "import",
+        bundle.to_str().unwrap(),
+        "vm5",
+        "--trust-command-line",
+        "--disk-dir",
+        theirs.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(text(&out.stderr).contains("already exists"), "{out:?}");
+    assert_eq!(
+        std::fs::read(theirs.join("d.s1.qcow2")).unwrap(),
+        b"someone's file"
+    );
+    assert_eq!(files_under(&theirs).len(), 1, "{:?}", files_under(&theirs));
+    assert!(!b.join("vms/vm5").exists());
     // A name in use is refused, writing nothing.
     let before = files_under(&disks).len();
     let out = try_import(&bytes, &["--trust-command-line"]);

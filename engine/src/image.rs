@@ -156,15 +156,7 @@ pub async fn chain(image: &Path, cancel: &CancellationToken) -> Result<Vec<Chain
 /// One image alone, read as `format` (no probing: an image from elsewhere is read as what
 /// it is declared to be).
 pub async fn info_as(image: &Path, format: &str, cancel: &CancellationToken) -> Result<ChainImage> {
-    let mut cmd = qemu_img();
-    cmd.args(["info", "-U", "--output=json", "-f", format])
-        .arg(image);
-    let out = tool::run(cmd, "qemu-img info", image, QUICK, cancel).await?;
-    serde_json::from_slice(&out.stdout).map_err(|e| Error::Tool {
-        tool: "qemu-img info".into(),
-        path: image.to_owned(),
-        why: format!("unreadable output: {e}"),
-    })
+    info_with(image, Some(format), cancel).await
 }
 
 /// Whether a qcow2 image's header asks for an external data file (incompatible feature bit
@@ -183,8 +175,20 @@ pub fn qcow2_has_data_file(image: &Path) -> std::io::Result<bool> {
 
 /// One image alone (its own header).
 pub async fn info(image: &Path, cancel: &CancellationToken) -> Result<ChainImage> {
+    info_with(image, None, cancel).await
+}
+
+async fn info_with(
+    image: &Path,
+    format: Option<&str>,
+    cancel: &CancellationToken,
+) -> Result<ChainImage> {
     let mut cmd = qemu_img();
-    cmd.args(["info", "-U", "--output=json"]).arg(image);
+    cmd.args(["info", "-U", "--output=json"]);
+    if let Some(f) = format {
+        cmd.args(["-f", f]);
+    }
+    cmd.arg(image);
     let out = tool::run(cmd, "qemu-img info", image, QUICK, cancel).await?;
     serde_json::from_slice(&out.stdout).map_err(|e| Error::Tool {
         tool: "qemu-img info".into(),

@@ -121,18 +121,7 @@ impl Vm {
     ) -> Result<ExportReport> {
         let started = Instant::now();
         let store = self.store().clone();
-        let _lock = store
-            .lock_shared(self.name(), &format!("export {snap}"))
-            .await?;
-        if store.journal(self.name()).await?.is_some() {
-            return Err(Error::Busy {
-                what: format!(
-                    "an interrupted operation on {} must be finished first (`qsnap check {} --repair`)",
-                    self.name(),
-                    self.name()
-                ),
-            });
-        }
+        let _lock = self.lock_for_reading(&format!("export {snap}")).await?;
         let refuse = |why: String| -> Error {
             BundleError::ExportRefused {
                 snapshot: snap.to_string(),

@@ -140,18 +140,9 @@ impl Vm {
     ) -> Result<CloneReport> {
         let started = Instant::now();
         let store = self.store().clone();
-        let _source_lock = store
-            .lock_shared(self.name(), &format!("clone {snap} to {new}"))
+        let _source_lock = self
+            .lock_for_reading(&format!("clone {snap} to {new}"))
             .await?;
-        if store.journal(self.name()).await?.is_some() {
-            return Err(Error::Busy {
-                what: format!(
-                    "an interrupted operation on {} must be finished first (`qsnap check {} --repair`)",
-                    self.name(),
-                    self.name()
-                ),
-            });
-        }
         let _lock = store.lock(new, "clone").await?;
         if store.has_vm(new).await? {
             return Err(Error::VmExists {

@@ -225,6 +225,23 @@ impl Vm {
 
     /// Starts an operation: takes the VM's lock, settles an interrupted earlier operation
     /// (journal) first, and reads the record fresh.
+    /// The VM's lock, shared, for an operation that only reads its snapshots (a clone, an
+    /// export): refused while an interrupted operation waits to be settled (its files may be
+    /// half-made; only an exclusive holder settles it).
+    pub(crate) async fn lock_for_reading(&self, operation: &str) -> Result<VmLock> {
+        let lock = self.store().lock_shared(self.name(), operation).await?;
+        if self.store().journal(self.name()).await?.is_some() {
+            return Err(Error::Busy {
+                what: format!(
+                    "an interrupted operation on {} must be finished first (`qsnap check {} --repair`)",
+                    self.name(),
+                    self.name()
+                ),
+            });
+        }
+        Ok(lock)
+    }
+
     pub(crate) async fn begin(&self, operation: &str) -> Result<Op> {
         let lock = self.store().lock(&self.name, operation).await?;
         if let Some(done) = recover::settle(self).await? {
