@@ -3,6 +3,7 @@
 # over the same files: `tar -S --zstd -cf` (export) and `tar -x --zstd` (import); then an
 # incremental export of a snapshot taken a minute later against a full one. Prints a table.
 # Usage: scripts/bench_bundle.sh [QSNAP_BINARY]   (bench.sh --only bundle runs it)
+# BENCH_DIRTY_MB=N: how much RAM the guest keeps rewriting (default 64; 0 = an idle guest).
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 qsnap=${1:-$repo/target/release/qsnap}
@@ -16,6 +17,7 @@ cleanup() {
 trap cleanup EXIT
 now() { date +%s.%N; }
 secs() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", b - a }'; }
+dirty_mb=${BENCH_DIRTY_MB:-64}
 mib() { awk -v b="$1" 'BEGIN { printf "%.1f", b / 1048576 }'; }
 
 # Some data on both disks (random: it does not compress), so that there is something to ship
@@ -28,7 +30,7 @@ qemu-img create -q -f raw "$work/raw.img" 128M
 dd if=/dev/urandom of="$work/raw.img" bs=1M count=32 seek=16 conv=notrunc status=none
 "$qsnap" --store "$store" run src -- qemu-system-x86_64 -nodefaults -no-user-config -display none \
   -accel tcg -m 512 -kernel "$kit/vmlinuz" -initrd "$kit/initramfs.gz" \
-  -append "console=ttyS0 quiet panic=-1 qsnap.tick_ms=200 qsnap.dirty_mb=64" \
+  -append "console=ttyS0 quiet panic=-1 qsnap.tick_ms=200 qsnap.dirty_mb=$dirty_mb" \
   -blockdev "driver=file,filename=$work/disk.qcow2,node-name=file0" \
   -blockdev driver=qcow2,file=file0,node-name=disk0 -device virtio-blk-pci,drive=disk0,id=vd0 \
   -drive "file=$work/raw.img,if=virtio,format=raw,id=drive1" \
@@ -61,7 +63,7 @@ sleep 60
 t6=$(now); "$qsnap" --store "$store" export src s2 "$work/s2-inc.qsnap" --base s1 >/dev/null; t7=$(now)
 full=$(stat -c %s "$work/s2-full.qsnap"); inc=$(stat -c %s "$work/s2-inc.qsnap")
 
-printf '%-44s %10s %10s %8s\n' "512 MiB busy guest, qcow2 + raw disk" "qsnap" "tar" "ratio"
+printf '%-44s %10s %10s %8s\n' "512 MiB guest rewriting $dirty_mb MiB, qcow2 + raw" "qsnap" "tar" "ratio"
 printf '%-44s %9ss %9ss %8s\n' "export (bundle / tar -S --zstd -c)" "$export_s" "$tar_c_s" \
   "$(awk -v a="$export_s" -v b="$tar_c_s" 'BEGIN { printf "%.2f", a / b }')"
 printf '%-44s %9ss %9ss %8s\n' "import (staged, checked / tar -x --zstd)" "$import_s" "$tar_x_s" \

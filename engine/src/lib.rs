@@ -30,7 +30,7 @@
 #![deny(missing_docs)]
 
 mod blocks;
-mod bundle;
+pub mod bundle;
 mod cache;
 mod error;
 mod failpoint;

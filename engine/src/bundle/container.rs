@@ -23,6 +23,9 @@
 //!   every byte outside them is the base's byte at the same offset (zero past its end).
 //! - Sizes past 8 GiB go in a pax `size` record (the ustar field then says 0).
 //!
+//! A reader also takes the same tar uncompressed (told by the absence of zstd's magic
+//! number): what `pull` hands `import`, its data having come compressed as chunks.
+//!
 //! The archive ends with two zero blocks. A reader stops there, after checking that the zstd
 //! frame holding them is complete; whatever follows that frame is ignored.
 //!
@@ -31,7 +34,7 @@
 
 use std::cmp::min;
 use std::fs::File;
-use std::io::{self, BufReader, Read, Write};
+use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
@@ -50,8 +53,30 @@ mod tests;
 /// Writes a bundle. A failed `add_*` leaves a half-written entry: the writer then refuses
 /// everything, the caller discards the output.
 pub(crate) struct Writer<W: Write> {
-    zstd: zstd::stream::write::Encoder<'static, W>,
+    zstd: Sink<W>,
     broken: bool,
+}
+
+/// Where the tar bytes go: through zstd (a bundle), or as they are (the stream `pull`
+/// hands to `import`, whose data came compressed as chunks).
+enum Sink<W: Write> {
+    Zstd(zstd::stream::write::Encoder<'static, W>),
+    Plain(W),
+}
+
+impl<W: Write> Write for Sink<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Sink::Zstd(z) => z.write(buf),
+            Sink::Plain(w) => w.write(buf),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Sink::Zstd(z) => z.flush(),
+            Sink::Plain(w) => w.flush(),
+        }
+    }
 }
 
 impl<W: Write> Writer<W> {
@@ -63,9 +88,17 @@ impl<W: Write> Writer<W> {
             zstd.multithread(threads)?;
         }
         Ok(Writer {
-            zstd,
+            zstd: Sink::Zstd(zstd),
             broken: false,
         })
+    }
+
+    /// An uncompressed tar stream.
+    pub(crate) fn plain(out: W) -> Self {
+        Writer {
+            zstd: Sink::Plain(out),
+            broken: false,
+        }
     }
 
     fn guarded<T>(&mut self, f: impl FnOnce(&mut Self) -> io::Result<T>) -> io::Result<T> {
@@ -182,7 +215,10 @@ impl<W: Write> Writer<W> {
     /// flushed.
     pub(crate) fn finish(mut self) -> io::Result<W> {
         self.guarded(|w| w.zstd.write_all(&[0; 2 * RECORD]))?;
-        let mut out = self.zstd.finish()?;
+        let mut out = match self.zstd {
+            Sink::Zstd(z) => z.finish()?,
+            Sink::Plain(w) => w,
+        };
         out.flush()?;
         Ok(out)
     }
@@ -227,6 +263,24 @@ impl<W: Write> Writer<W> {
         sparse: bool,
         seen: &mut dyn FnMut(u64, &[u8]),
     ) -> io::Result<u64> {
+        self.regions_from(name, size, regions, sparse, &mut |w| {
+            sparse::read_spans(file, regions, |off, chunk| {
+                seen(off, chunk);
+                w(off, chunk)
+            })
+        })
+    }
+
+    /// Writes an entry of `regions` whose bytes `data` hands, in order, to the function it
+    /// is given (offset, bytes); they must cover the regions exactly.
+    fn regions_from(
+        &mut self,
+        name: &str,
+        size: u64,
+        regions: &[(u64, u64)],
+        sparse: bool,
+        data: Source<'_>,
+    ) -> io::Result<u64> {
         let stored: u64 = regions.iter().map(|r| r.1).sum();
         let mut map = Vec::new();
         if sparse {
@@ -250,9 +304,21 @@ impl<W: Write> Writer<W> {
         } else {
             self.headers(name, name, 0o600, stored, Vec::new())?;
         }
-        sparse::read_spans(file, regions, |off, chunk| {
-            seen(off, chunk);
-            self.zstd.write_all(chunk)
+        let mut written = 0u64;
+        let out = &mut self.zstd;
+        data(&mut |_, chunk| {
+            written += chunk.len() as u64;
+            if written > stored {
+                return Err(io::Error::other(format!("`{name}` grew while being added")));
+            }
+            out.write_all(chunk)
+        })
+        .and_then(|()| {
+            if written < stored {
+                Err(io::Error::new(io::ErrorKind::UnexpectedEof, "short"))
+            } else {
+                Ok(())
+            }
         })
         .map_err(|e| match e.kind() {
             io::ErrorKind::UnexpectedEof => {
@@ -262,6 +328,67 @@ impl<W: Write> Writer<W> {
         })?;
         self.pad(map.len() as u64 + stored)?;
         Ok(stored)
+    }
+}
+
+/// Hands an entry's bytes, in order, to the writer it is given.
+type Source<'a> = &'a mut dyn FnMut(&mut dyn FnMut(u64, &[u8]) -> io::Result<()>) -> io::Result<()>;
+
+/// An uncompressed bundle stream written from data that is not in local files: what `pull`
+/// builds from an object store's chunks and hands to `import`, which checks it as it checks
+/// any bundle. Same format as a bundle, without the zstd layer (a reader takes both).
+pub struct TarStream<W: Write> {
+    inner: Writer<W>,
+}
+
+impl<W: Write> std::fmt::Debug for TarStream<W> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TarStream").finish_non_exhaustive()
+    }
+}
+
+impl<W: Write> TarStream<W> {
+    /// A stream into `out`.
+    pub fn new(out: W) -> Self {
+        TarStream {
+            inner: Writer::plain(out),
+        }
+    }
+
+    /// A small regular entry (the manifest, the seal, the signature).
+    pub fn add_bytes(&mut self, name: &str, data: &[u8]) -> io::Result<()> {
+        self.inner.add_bytes(name, data)
+    }
+
+    /// A data file of `size` bytes holding data only in `regions` (increasing, apart; holes
+    /// elsewhere). `data` hands the regions' bytes, in order, to the function it is given.
+    pub fn add_sparse(
+        &mut self,
+        name: &str,
+        size: u64,
+        regions: &[(u64, u64)],
+        data: &mut dyn FnMut(&mut dyn FnMut(u64, &[u8]) -> io::Result<()>) -> io::Result<()>,
+    ) -> io::Result<()> {
+        check_name(name, io::ErrorKind::InvalidInput)?;
+        let mut end = 0u64;
+        for &(off, len) in regions {
+            if off < end || off.checked_add(len).map_or(true, |e| e > size) {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("`{name}`: regions overlap, go backwards or pass the size"),
+                ));
+            }
+            end = off + len;
+        }
+        let dense = regions.iter().map(|r| r.1).sum::<u64>() == size;
+        self.inner
+            .guarded(|w| w.regions_from(name, size, regions, !dense, data))
+            .map(|_| ())
+    }
+
+    /// Ends the archive; returns the output, flushed.
+    pub fn finish(self) -> io::Result<W> {
+        self.inner.finish()
     }
 }
 
@@ -280,12 +407,17 @@ pub(crate) fn read<R: Read, E: From<io::Error>>(
     input: R,
     mut visit: impl FnMut(&mut Entry<'_>) -> Result<(), E>,
 ) -> Result<(), E> {
-    let input = BufReader::with_capacity(CHUNK, input);
-    let mut src = Unzstd {
-        input,
-        zstd: Decoder::new()?,
-        in_frame: false,
-        stop_at_boundary: false,
+    let mut input = BufReader::with_capacity(CHUNK, input);
+    let zstd = input.fill_buf()?.starts_with(&ZSTD_MAGIC);
+    let mut src = if zstd {
+        Input::Zstd(Unzstd {
+            input,
+            zstd: Decoder::new()?,
+            in_frame: false,
+            stop_at_boundary: false,
+        })
+    } else {
+        Input::Plain(input)
     };
     let mut pax: Vec<(String, String)> = Vec::new();
     loop {
@@ -376,9 +508,29 @@ pub(crate) fn read<R: Read, E: From<io::Error>>(
         skip(&mut src, padding(data) as u64, "after an entry")?;
     }
     // The frame's end (its checksum) is part of the bundle: a bundle cut there is cut short.
-    src.stop_at_boundary = true;
-    io::copy(&mut src, &mut io::sink())?;
+    if let Input::Zstd(z) = &mut src {
+        z.stop_at_boundary = true;
+        io::copy(z, &mut io::sink())?;
+    }
     Ok(())
+}
+
+/// The first bytes of a zstd frame.
+const ZSTD_MAGIC: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];
+
+/// A bundle's input: zstd-compressed (a bundle file), or a plain tar stream ([`TarStream`]).
+enum Input<R: Read> {
+    Zstd(Unzstd<BufReader<R>>),
+    Plain(BufReader<R>),
+}
+
+impl<R: Read> Read for Input<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Input::Zstd(z) => z.read(buf),
+            Input::Plain(p) => p.read(buf),
+        }
+    }
 }
 
 /// One entry of a bundle being read; consume it with [`Entry::bytes`] or

@@ -16,9 +16,9 @@ pub(crate) const FORMAT: &str = "qsnap-bundle";
 /// The version of the bundle layout this build writes and reads.
 pub(crate) const VERSION: u32 = 1;
 /// The first entry of a bundle.
-pub(crate) const MANIFEST: &str = "qsnap-bundle.json";
+pub const MANIFEST: &str = "qsnap-bundle.json";
 /// The last entry of a bundle.
-pub(crate) const SEAL: &str = "qsnap-seal.json";
+pub const SEAL: &str = "qsnap-seal.json";
 /// Where a path of the VM's own directory stands in a bundle's command line.
 pub(crate) const VM_TOKEN: &str = "/@qsnap-vm";
 /// Where a file of the bundle stands in a bundle's command line (`/@qsnap-bundle/<name>`).

@@ -25,7 +25,14 @@ mod sign;
 pub(crate) mod sparse;
 mod staging;
 
-pub use export::{BundleProgressFn, ExportOptions, ExportReport, ExportedFile};
+pub use container::TarStream;
+pub use export::{
+    BundleProgressFn, ExportOptions, ExportPart, ExportParts, ExportReport, ExportedFile,
+    SealedParts,
+};
+pub use format::{MANIFEST as MANIFEST_ENTRY, SEAL as SEAL_ENTRY};
+pub use sign::SIGNATURE as SIGNATURE_ENTRY;
+pub use sparse::{data_spans, ContentHasher};
 pub use import::{ImportOptions, ImportReport};
 pub use sign::keygen;
 

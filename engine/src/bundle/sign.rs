@@ -15,7 +15,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 /// The entry holding the seal's signature (after the seal).
-pub(crate) const SIGNATURE: &str = "qsnap-seal.json.minisig";
+pub const SIGNATURE: &str = "qsnap-seal.json.minisig";
 
 /// Makes a key pair: `<prefix>.key` (secret, 0600) and `<prefix>.pub`; neither may exist.
 /// Returns their paths.

@@ -100,7 +100,7 @@ pub(crate) fn data_regions(file: &File, size: u64) -> io::Result<Vec<(u64, u64)>
 
 /// [`data_regions`] widened to whole blocks and merged: what must be read to see every
 /// non-zero block. Widening reads a few zeros on filesystems with blocks under 4 KiB.
-pub(crate) fn data_spans(file: &File, size: u64) -> io::Result<Vec<(u64, u64)>> {
+pub fn data_spans(file: &File, size: u64) -> io::Result<Vec<(u64, u64)>> {
     let mut spans: Vec<(u64, u64)> = Vec::new();
     for (off, len) in data_regions(file, size)? {
         let start = off / BLOCK * BLOCK;
@@ -180,7 +180,7 @@ pub(crate) fn nonzero_regions(file: &File, size: u64) -> io::Result<Vec<(u64, u6
 }
 
 /// The content hash (see the module docs), fed incrementally.
-pub(crate) struct ContentHasher {
+pub struct ContentHasher {
     hasher: blake3::Hasher,
     /// The bytes fed so far of the block `next` is in; always `next % BLOCK` long.
     block: Vec<u8>,
@@ -198,7 +198,8 @@ impl Default for ContentHasher {
 }
 
 impl ContentHasher {
-    pub(crate) fn new() -> Self {
+    /// A hasher of an empty file.
+    pub fn new() -> Self {
         ContentHasher {
             hasher: blake3::Hasher::new(),
             block: Vec::with_capacity(BLOCK_USIZE),
@@ -209,7 +210,7 @@ impl ContentHasher {
     }
 
     /// The file's bytes at `offset`; offsets only increase, and bytes never fed are zeros.
-    pub(crate) fn feed(&mut self, offset: u64, mut bytes: &[u8]) {
+    pub fn feed(&mut self, offset: u64, mut bytes: &[u8]) {
         assert!(offset >= self.next, "ContentHasher fed out of order");
         self.skip_to(offset);
         if !self.block.is_empty() {
@@ -234,7 +235,7 @@ impl ContentHasher {
     }
 
     /// The hash of a file of `size` bytes (at least the end of what was fed).
-    pub(crate) fn finish(mut self, size: u64) -> String {
+    pub fn finish(mut self, size: u64) -> String {
         assert!(size >= self.next, "ContentHasher fed past the size");
         self.skip_to(size);
         if !self.block.is_empty() {

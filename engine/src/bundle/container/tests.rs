@@ -419,3 +419,37 @@ fn entries_must_be_consumed_and_fit() {
     assert_eq!(err.kind(), io::ErrorKind::InvalidData);
     read(&bundle[..], |e: &mut Entry<'_>| e.bytes(1000).map(|_| ())).unwrap();
 }
+
+#[test]
+fn a_plain_tar_stream_from_regions_reads_back_as_a_bundle() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (noise(10_000, 3), noise(5_000, 9));
+    let size = 1 << 20;
+    let regions = [(4096u64, a.len() as u64), (65536, b.len() as u64)];
+    let mut t = TarStream::new(Vec::new());
+    t.add_bytes("qsnap-bundle.json", b"{}").unwrap();
+    t.add_sparse("memory/state.mem", size, &regions, &mut |w| {
+        // Handed in pieces that do not follow the regions' edges.
+        w(4096, &a[..7000])?;
+        w(4096 + 7000, &a[7000..])?;
+        w(65536, &b)
+    })
+    .unwrap();
+    let stream = t.finish().unwrap();
+    assert!(!stream.starts_with(&ZSTD_MAGIC));
+    fs::create_dir_all(dir.path().join("memory")).unwrap();
+    let got = extract(&stream, dir.path(), &BTreeMap::new()).unwrap();
+    let expect = make(dir.path(), "expect", size, &[(4096, a.clone()), (65536, b)]);
+    assert_eq!(
+        fs::read(dir.path().join("memory/state.mem")).unwrap(),
+        fs::read(&expect).unwrap()
+    );
+    assert_eq!(got["memory/state.mem"].hash, hash_file(&expect).unwrap().hash);
+    // Data that does not cover its regions exactly is refused, as are regions out of order.
+    let mut t = TarStream::new(Vec::new());
+    let short = t.add_sparse("f/x", size, &regions, &mut |w| w(4096, &a));
+    assert!(short.is_err());
+    let mut t = TarStream::new(Vec::new());
+    let backwards = t.add_sparse("f/x", size, &[(8192, 10), (0, 10)], &mut |_| Ok(()));
+    assert_eq!(backwards.unwrap_err().kind(), io::ErrorKind::InvalidInput);
+}
