@@ -9,8 +9,11 @@
 //!   shipped), deltas against a base file; `sparse.rs` — holes, and the content hash (BLAKE3
 //!   over the data, whatever the holes).
 //! - `export.rs` — a snapshot → a bundle (reads only).
-//! - `import.rs` — a bundle → staging → checks → commit; `staging.rs` — the staging area and
-//!   the removal of one an interrupted import left.
+//! - `import.rs` — a bundle → staging → checks → commit (the entry, the stream read into
+//!   staging, the seal's check); `import/plan.rs` — what the manifest decides before anything
+//!   is written; `import/commit.rs` — after the seal: rebase, checks, renames into place,
+//!   manifest, record. `staging.rs` — the staging area and the removal of one an interrupted
+//!   import left.
 //! - `sign.rs` — minisign keys and the signature over the seal.
 //!
 //! Never trusts a bundle: names are checked before use, sizes are never allocated from,
