@@ -79,6 +79,25 @@ pub enum Command {
     /// Make a key pair for signing bundles: PREFIX.key (secret, 0600, unencrypted) and
     /// PREFIX.pub (give it to importers: `import --trust PREFIX.pub`). minisign-compatible.
     Keygen(KeygenArgs),
+    /// Upload a snapshot to an object store (s3://BUCKET/PREFIX, file:///DIR) as
+    /// content-addressed chunks: only chunks the store lacks are sent, so a snapshot of a VM
+    /// pushed before costs little. The VM may be running.
+    ///
+    /// S3 is configured as every S3 tool is: AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID,
+    /// AWS_SECRET_ACCESS_KEY, AWS_REGION, and AWS_ALLOW_HTTP=true for a plain-http endpoint.
+    /// The snapshot appears in the store only once whole (its manifest is written last, only
+    /// if the name is free: two hosts pushing one name cannot overwrite each other).
+    Push(PushArgs),
+    /// Download a snapshot from an object store into a new VM NAME (stopped), exactly as
+    /// `import` makes one from a bundle: same checks, same staging, same refusals.
+    ///
+    /// Every chunk is hashed before its bytes are used; a missing or damaged chunk stops the
+    /// pull, naming it, with nothing registered. Chunks are kept in the store's chunk cache:
+    /// a re-run, or a pull of a related snapshot, fetches only what it lacks.
+    Pull(PullArgs),
+    /// What an object store holds: list, rm, gc.
+    #[command(subcommand)]
+    Remote(RemoteCommand),
     /// Remove a clone: stop it, delete its snapshots, overlays, files and record. Only for
     /// clones (another VM's overlays hold its data: `delete --all` merges them).
     Remove(RemoveArgs),
@@ -240,6 +259,95 @@ pub struct ExportArgs {
     /// Print the report as JSON (on stderr when the bundle goes to stdout).
     #[arg(long)]
     pub json: bool,
+}
+
+/// `qsnap push`.
+#[derive(Debug, Args)]
+pub struct PushArgs {
+    /// The VM.
+    pub name: String,
+    /// The snapshot.
+    pub snapshot: String,
+    /// The store: s3://BUCKET/PREFIX or file:///DIR.
+    pub url: String,
+    /// The name in the store (default: NAME/SNAPSHOT).
+    #[arg(long = "as", value_name = "VM/SNAP")]
+    pub as_name: Option<String>,
+    /// Sign the snapshot's seal with this secret key (`qsnap keygen`); `pull --trust` checks it.
+    #[arg(long, value_name = "KEY")]
+    pub sign: Option<PathBuf>,
+    /// Chunks uploaded at once.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub parallel: u16,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `qsnap pull`.
+#[derive(Debug, Args)]
+pub struct PullArgs {
+    /// The store: s3://BUCKET/PREFIX or file:///DIR.
+    pub url: String,
+    /// The snapshot there: VM/SNAP (`qsnap remote list URL`).
+    pub remote_name: String,
+    /// The VM to make.
+    pub name: String,
+    /// Where the disk images go (default: the VM's directory in the store).
+    #[arg(long, value_name = "DIR")]
+    pub disk_dir: Option<PathBuf>,
+    /// Replace text in the snapshot's command line (repeatable), as `import --replace`.
+    #[arg(long, value_name = "OLD=NEW")]
+    pub replace: Vec<String>,
+    /// Run the snapshot's command line even where it reaches host resources.
+    #[arg(long)]
+    pub trust_command_line: bool,
+    /// Accept only a snapshot signed by this public key (repeatable); its command line is
+    /// then trusted.
+    #[arg(long, value_name = "PUBKEY")]
+    pub trust: Vec<PathBuf>,
+    /// The QEMU binary to run the VM with (default: the snapshot's, found in PATH).
+    #[arg(long, value_name = "PATH")]
+    pub qemu: Option<String>,
+    /// Chunks downloaded at once.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub parallel: u16,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `qsnap remote …`.
+#[derive(Debug, clap::Subcommand)]
+pub enum RemoteCommand {
+    /// The snapshots a store holds.
+    List {
+        /// The store: s3://BUCKET/PREFIX or file:///DIR.
+        url: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Forget a snapshot in a store (its chunks go at the next gc unless another uses them).
+    Rm {
+        /// The store.
+        url: String,
+        /// The snapshot there: VM/SNAP.
+        remote_name: String,
+    },
+    /// Remove the chunks no snapshot uses and older than the grace period (a push in
+    /// progress is younger: its chunks stay).
+    Gc {
+        /// The store.
+        url: String,
+        /// Keep unused chunks younger than this (e.g. 24h, 30m, 0s). It must exceed the
+        /// longest push plus one hour for a concurrent push to be safe.
+        #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+        grace: std::time::Duration,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// `qsnap keygen`.

@@ -224,6 +224,37 @@ async fn run(req: Request) -> anyhow::Result<()> {
             let report = result.with_context(|| format!("importing {}", r.vm))?;
             output::imported(&report, r.json);
         }
+        Action::Push(mut r) => {
+            let remote = qsnap_remote::Remote::open(&r.url)?;
+            let vm = engine.vm(&r.vm).await?;
+            let bar = progress::BytesBar::new("pushing", r.json);
+            r.opts.progress = bar.callback();
+            let result = remote.push(&vm, &r.snapshot, &r.opts).await;
+            bar.finish();
+            let report = result.with_context(|| format!("pushing {}/{}", r.vm, r.snapshot))?;
+            output::pushed(&report, r.json);
+        }
+        Action::Pull(mut r) => {
+            let remote = qsnap_remote::Remote::open(&r.url)?;
+            let bar = progress::BytesBar::new("pulling", r.json);
+            r.opts.import.progress = bar.callback();
+            let result = remote.pull(&engine, &r.name, &r.vm, &r.opts).await;
+            bar.finish();
+            let report = result.with_context(|| format!("pulling {} into {}", r.name, r.vm))?;
+            output::pulled(&report, r.json);
+        }
+        Action::RemoteList { url, json } => {
+            let list = qsnap_remote::Remote::open(&url)?.list().await?;
+            output::remote_list(&url, &list, json);
+        }
+        Action::RemoteRm { url, name } => {
+            qsnap_remote::Remote::open(&url)?.remove(&name).await?;
+            println!("removed {name} from {url} (its chunks go at the next `qsnap remote gc` unless another snapshot uses them)");
+        }
+        Action::RemoteGc { url, grace, json } => {
+            let report = qsnap_remote::Remote::open(&url)?.gc(grace).await?;
+            output::collected(&report, json);
+        }
         Action::Keygen(prefix) => {
             let (sk, pk) = qsnap_engine::keygen(&prefix)
                 .await

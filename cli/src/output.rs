@@ -422,6 +422,90 @@ pub fn exported(
     }
 }
 
+/// Prints what a push did.
+pub fn pushed(r: &qsnap_remote::PushReport, as_json: bool) {
+    if as_json {
+        return json(r);
+    }
+    println!(
+        "pushed {} to {} in {:.1} s: {} files, {} of data in {} chunks; uploaded {} chunks ({} compressed), {} already there ({})",
+        r.name,
+        r.url,
+        r.total_ms / 1e3,
+        r.files,
+        mib(r.size_bytes),
+        r.chunks,
+        r.uploaded_chunks,
+        mib(r.uploaded_bytes),
+        r.deduplicated_chunks,
+        mib(r.deduplicated_bytes),
+    );
+    for n in &r.notes {
+        eprintln!("note: {n}");
+    }
+}
+
+/// Prints what a pull did.
+pub fn pulled(r: &qsnap_remote::PullReport, as_json: bool) {
+    if as_json {
+        return json(r);
+    }
+    println!(
+        "pulled {} from {} in {:.1} s: {} chunks, {} downloaded ({}), {} from the local cache ({})",
+        r.name,
+        r.url,
+        r.total_ms / 1e3,
+        r.chunks,
+        r.downloaded_chunks,
+        mib(r.downloaded_bytes),
+        r.cached_chunks,
+        mib(r.cached_bytes),
+    );
+    imported(&r.import, false);
+}
+
+/// Prints the snapshots a remote holds.
+pub fn remote_list(url: &str, list: &[qsnap_remote::RemoteEntry], as_json: bool) {
+    if as_json {
+        return json(&list);
+    }
+    if list.is_empty() {
+        println!("{url} holds no snapshot");
+        return;
+    }
+    println!(
+        "{:<32} {:<22} {:>12} {:>8}  signed",
+        "snapshot", "pushed", "size", "chunks"
+    );
+    for e in list {
+        println!(
+            "{:<32} {:<22} {:>12} {:>8}  {}",
+            e.name,
+            e.pushed_at,
+            mib(e.size_bytes),
+            e.chunks,
+            if e.signed { "yes" } else { "no" }
+        );
+    }
+}
+
+/// Prints what `remote gc` did.
+pub fn collected(r: &qsnap_remote::GcReport, as_json: bool) {
+    if as_json {
+        return json(r);
+    }
+    println!(
+        "{}: {} snapshots use {} of {} chunks; removed {} ({}), kept {} unused but younger than the grace period",
+        r.url,
+        r.snapshots,
+        r.referenced,
+        r.chunks,
+        r.removed,
+        mib(r.removed_bytes),
+        r.kept_young
+    );
+}
+
 /// Prints where `keygen` put the keys.
 pub fn keys(sk: &std::path::Path, pk: &std::path::Path) {
     println!(

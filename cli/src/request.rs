@@ -11,8 +11,8 @@
 
 use crate::args::{
     AttachArgs, CheckArgs, Cli, CloneArgs, Command, CreateArgs, DeleteArgs, ExportArgs, ImportArgs,
-    InfoArgs, KeygenArgs, LazyRamArgs, ListArgs, ModeArg, QmpArgs, RemoveArgs, RevertArgs, RunArgs,
-    ShowArgs, StartArgs, StatusArgs, StopArgs,
+    InfoArgs, KeygenArgs, LazyRamArgs, ListArgs, ModeArg, PullArgs, PushArgs, QmpArgs,
+    RemoteCommand, RemoveArgs, RevertArgs, RunArgs, ShowArgs, StartArgs, StatusArgs, StopArgs,
 };
 use anyhow::Context;
 use qsnap_engine::snapshot::Mode;
@@ -20,6 +20,7 @@ use qsnap_engine::{
     AttachOptions, CloneOptions, ExportOptions, ImportOptions, Replacement, RevertOptions,
     RunOptions, SnapshotName, Store, Vm, VmCreateOptions, VmName,
 };
+use qsnap_remote::{PullOptions, PushOptions, RemoteName};
 use serde_json::Value;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -63,6 +64,33 @@ pub enum Action {
     Export(ExportRequest),
     /// `import`.
     Import(ImportRequest),
+    /// `push`.
+    Push(PushRequest),
+    /// `pull`.
+    Pull(PullRequest),
+    /// `remote list`.
+    RemoteList {
+        /// The store's URL.
+        url: String,
+        /// Print JSON.
+        json: bool,
+    },
+    /// `remote rm`.
+    RemoteRm {
+        /// The store's URL.
+        url: String,
+        /// The snapshot there.
+        name: RemoteName,
+    },
+    /// `remote gc`.
+    RemoteGc {
+        /// The store's URL.
+        url: String,
+        /// Unused chunks younger than this stay.
+        grace: Duration,
+        /// Print JSON.
+        json: bool,
+    },
     /// `keygen`: the keys' path prefix (absolute).
     Keygen(PathBuf),
     /// `remove`.
@@ -278,6 +306,36 @@ pub struct CheckRequest {
     pub json: bool,
 }
 
+/// `push`.
+#[derive(Debug)]
+pub struct PushRequest {
+    /// The VM.
+    pub vm: VmName,
+    /// The snapshot.
+    pub snapshot: SnapshotName,
+    /// The store's URL.
+    pub url: String,
+    /// How.
+    pub opts: PushOptions,
+    /// Print JSON.
+    pub json: bool,
+}
+
+/// `pull`.
+#[derive(Debug)]
+pub struct PullRequest {
+    /// The store's URL.
+    pub url: String,
+    /// The snapshot there.
+    pub name: RemoteName,
+    /// The VM to make.
+    pub vm: VmName,
+    /// How.
+    pub opts: PullOptions,
+    /// Print JSON.
+    pub json: bool,
+}
+
 /// `qmp`: one raw command.
 #[derive(Debug)]
 pub struct QmpRequest {
@@ -310,6 +368,9 @@ impl Request {
             Command::Export(a) => export(a)?,
             Command::Import(a) => import(a)?,
             Command::Keygen(a) => keygen(a)?,
+            Command::Push(a) => push(a)?,
+            Command::Pull(a) => pull(a)?,
+            Command::Remote(c) => remote(c)?,
             Command::Remove(a) => remove(a)?,
             Command::Run(a) => run(a)?,
             Command::Stop(a) => stop(a)?,
@@ -455,6 +516,63 @@ fn import(a: ImportArgs) -> anyhow::Result<Action> {
         },
         json: a.json,
     }))
+}
+
+fn remote_name(s: &str) -> anyhow::Result<RemoteName> {
+    RemoteName::parse(s).map_err(|e| Usage(e.to_string()).into())
+}
+
+fn push(a: PushArgs) -> anyhow::Result<Action> {
+    Ok(Action::Push(PushRequest {
+        vm: vm_name(&a.name)?,
+        snapshot: snap_name(&a.snapshot)?,
+        url: a.url,
+        opts: PushOptions {
+            as_name: a.as_name.as_deref().map(remote_name).transpose()?,
+            sign: a.sign.map(absolute).transpose()?,
+            parallel: usize::from(a.parallel),
+            ..PushOptions::default()
+        },
+        json: a.json,
+    }))
+}
+
+fn pull(a: PullArgs) -> anyhow::Result<Action> {
+    Ok(Action::Pull(PullRequest {
+        url: a.url,
+        name: remote_name(&a.remote_name)?,
+        vm: vm_name(&a.name)?,
+        opts: PullOptions {
+            import: ImportOptions {
+                disk_dir: a.disk_dir.map(absolute).transpose()?,
+                replace: a.replace.into_iter().map(Replacement::Text).collect(),
+                trust_command_line: a.trust_command_line,
+                trust: a
+                    .trust
+                    .into_iter()
+                    .map(absolute)
+                    .collect::<anyhow::Result<_>>()?,
+                qemu: a.qemu,
+                progress: None,
+            },
+            parallel: usize::from(a.parallel),
+        },
+        json: a.json,
+    }))
+}
+
+fn remote(c: RemoteCommand) -> anyhow::Result<Action> {
+    Ok(match c {
+        RemoteCommand::List { url, json } => Action::RemoteList { url, json },
+        RemoteCommand::Rm {
+            url,
+            remote_name: n,
+        } => Action::RemoteRm {
+            url,
+            name: remote_name(&n)?,
+        },
+        RemoteCommand::Gc { url, grace, json } => Action::RemoteGc { url, grace, json },
+    })
 }
 
 fn keygen(a: KeygenArgs) -> anyhow::Result<Action> {

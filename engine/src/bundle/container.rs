@@ -331,8 +331,10 @@ impl<W: Write> Writer<W> {
     }
 }
 
-/// Hands an entry's bytes, in order, to the writer it is given.
-type Source<'a> = &'a mut dyn FnMut(&mut dyn FnMut(u64, &[u8]) -> io::Result<()>) -> io::Result<()>;
+/// Takes an entry's bytes (offset, bytes), in order.
+pub type DataSink<'a> = &'a mut dyn FnMut(u64, &[u8]) -> io::Result<()>;
+/// Hands an entry's bytes, in order, to the [`DataSink`] it is given.
+type Source<'a> = &'a mut dyn FnMut(DataSink<'_>) -> io::Result<()>;
 
 /// An uncompressed bundle stream written from data that is not in local files: what `pull`
 /// builds from an object store's chunks and hands to `import`, which checks it as it checks
@@ -367,7 +369,7 @@ impl<W: Write> TarStream<W> {
         name: &str,
         size: u64,
         regions: &[(u64, u64)],
-        data: &mut dyn FnMut(&mut dyn FnMut(u64, &[u8]) -> io::Result<()>) -> io::Result<()>,
+        data: Source<'_>,
     ) -> io::Result<()> {
         check_name(name, io::ErrorKind::InvalidInput)?;
         let mut end = 0u64;

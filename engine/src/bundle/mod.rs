@@ -28,16 +28,16 @@ mod sign;
 pub(crate) mod sparse;
 mod staging;
 
-pub use container::TarStream;
+pub use container::{DataSink, TarStream};
 pub use export::{
     BundleProgressFn, ExportOptions, ExportPart, ExportParts, ExportReport, ExportedFile,
     SealedParts,
 };
 pub use format::{MANIFEST as MANIFEST_ENTRY, SEAL as SEAL_ENTRY};
-pub use sign::SIGNATURE as SIGNATURE_ENTRY;
-pub use sparse::{data_spans, ContentHasher};
 pub use import::{ImportOptions, ImportReport};
 pub use sign::keygen;
+pub use sign::SIGNATURE as SIGNATURE_ENTRY;
+pub use sparse::{data_spans, ContentHasher};
 
 use crate::error::Result;
 use crate::store;

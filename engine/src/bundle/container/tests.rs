@@ -444,7 +444,10 @@ fn a_plain_tar_stream_from_regions_reads_back_as_a_bundle() {
         fs::read(dir.path().join("memory/state.mem")).unwrap(),
         fs::read(&expect).unwrap()
     );
-    assert_eq!(got["memory/state.mem"].hash, hash_file(&expect).unwrap().hash);
+    assert_eq!(
+        got["memory/state.mem"].hash,
+        hash_file(&expect).unwrap().hash
+    );
     // Data that does not cover its regions exactly is refused, as are regions out of order.
     let mut t = TarStream::new(Vec::new());
     let short = t.add_sparse("f/x", size, &regions, &mut |w| w(4096, &a));

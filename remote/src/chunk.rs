@@ -1,0 +1,164 @@
+//! Chunks: a file's data cut at content-defined points (FastCDC 2020), named by the BLAKE3
+//! of their plain bytes, stored zstd-compressed. Holes, and chunks that are all zeros, are
+//! not chunks: a file's chunk list leaves them out and a pull leaves them holes.
+//!
+//! Runs on blocking threads (it reads whole files); never writes the files it reads.
+
+use crate::format::{CHUNK_AVG, CHUNK_MAX, CHUNK_MIN};
+use qsnap_engine::bundle::{data_spans, ContentHasher};
+use std::fs::File;
+use std::io::{self, Read};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+/// A chunk cut from a file.
+#[derive(Debug)]
+pub(crate) struct Cut {
+    /// Its offset in the file.
+    pub offset: u64,
+    /// BLAKE3 of `data`, hex.
+    pub hash: String,
+    /// The plain bytes.
+    pub data: Vec<u8>,
+}
+
+/// Reads `[pos, end)` of a file, for the chunker.
+struct Span<'a> {
+    file: &'a File,
+    pos: u64,
+    end: u64,
+}
+
+impl Read for Span<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let want = usize::try_from(self.end - self.pos).map_or(buf.len(), |n| n.min(buf.len()));
+        if want == 0 {
+            return Ok(0);
+        }
+        let n = self.file.read_at(&mut buf[..want], self.pos)?;
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the file shrank while it was read",
+            ));
+        }
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+/// Cuts the file at `path` into chunks, handing each (in order) to `f`; returns the file's
+/// content hash (the one a bundle's seal holds) and its size. Only data regions are read;
+/// each is cut on its own, so a hole is never inside a chunk.
+pub(crate) fn cut_file(
+    path: &Path,
+    mut f: impl FnMut(Cut) -> io::Result<()>,
+) -> io::Result<(String, u64)> {
+    let file = File::open(path)?;
+    let size = file.metadata()?.len();
+    let mut hasher = ContentHasher::new();
+    for (off, len) in data_spans(&file, size)? {
+        let span = Span {
+            file: &file,
+            pos: off,
+            end: off + len,
+        };
+        let cdc = fastcdc::v2020::StreamCDC::new(span, CHUNK_MIN, CHUNK_AVG, CHUNK_MAX);
+        for c in cdc {
+            let c = c.map_err(|e| match e {
+                fastcdc::v2020::Error::IoError(e) => e,
+                other => io::Error::other(other.to_string()),
+            })?;
+            let offset = off + c.offset;
+            hasher.feed(offset, &c.data);
+            if c.data.iter().all(|&b| b == 0) {
+                continue;
+            }
+            f(Cut {
+                offset,
+                hash: blake3::hash(&c.data).to_hex().to_string(),
+                data: c.data,
+            })?;
+        }
+    }
+    Ok((hasher.finish(size), size))
+}
+
+/// A chunk as stored: zstd at level 3.
+pub(crate) fn compress(plain: &[u8]) -> io::Result<Vec<u8>> {
+    zstd::bulk::compress(plain, 3)
+}
+
+/// A stored chunk back to its plain bytes, checked against the name it was fetched by and
+/// the length the manifest gives; never allocates more than that length.
+pub(crate) fn open(stored: &[u8], hash: &str, len: u32) -> Result<Vec<u8>, String> {
+    let plain = zstd::bulk::decompress(stored, len as usize)
+        .map_err(|e| format!("chunk {hash} does not decompress ({e})"))?;
+    if plain.len() != len as usize {
+        return Err(format!(
+            "chunk {hash} holds {} bytes, and the manifest says {len}",
+            plain.len()
+        ));
+    }
+    if blake3::hash(&plain).to_hex().as_str() != hash {
+        return Err(format!("chunk {hash}'s bytes do not hash to its name"));
+    }
+    Ok(plain)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_insert_moves_only_nearby_cut_points_and_zeros_are_not_chunks() {
+        let dir = tempfile::tempdir().unwrap();
+        // xorshift: no period a chunker could lock onto.
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut data: Vec<u8> = (0..24u32 << 20)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x.to_le_bytes()[3]
+            })
+            .collect();
+        data[10 << 20..12 << 20].fill(0);
+        let a = dir.path().join("a");
+        std::fs::write(&a, &data).unwrap();
+        data.splice(100..100, [7u8; 1000]);
+        let b = dir.path().join("b");
+        std::fs::write(&b, &data).unwrap();
+        let cuts = |p: &Path| {
+            let mut v = Vec::new();
+            let (hash, size) = cut_file(p, |c| {
+                v.push((c.offset, c.data.len(), c.hash));
+                Ok(())
+            })
+            .unwrap();
+            (v, hash, size)
+        };
+        let (ca, ha, _) = cuts(&a);
+        let (cb, _, sb) = cuts(&b);
+        assert_eq!(sb, 24 << 20 | 1000);
+        let avg = (24 << 20) / ca.len();
+        assert!((1 << 20..=4 << 20).contains(&avg), "{avg}");
+        let names_a: std::collections::BTreeSet<_> = ca.iter().map(|c| &c.2).collect();
+        let shared = cb.iter().filter(|c| names_a.contains(&c.2)).count();
+        assert!(shared + 2 >= cb.len(), "{shared} of {}", cb.len());
+        // The zeroed 2 MiB is no chunk's data.
+        assert!(!ca
+            .iter()
+            .any(|c| c.0 >= (10 << 20) + (1 << 20) && c.0 + c.1 as u64 <= 12 << 20));
+        // The content hash is the bundle's (a sealed file's).
+        let whole = std::fs::read(&a).unwrap();
+        let mut h = ContentHasher::new();
+        h.feed(0, &whole);
+        assert_eq!(ha, h.finish(whole.len() as u64));
+        let stored = compress(b"hello").unwrap();
+        let h = blake3::hash(b"hello").to_hex().to_string();
+        assert_eq!(open(&stored, &h, 5).unwrap(), b"hello");
+        assert!(open(&stored, &h, 4).is_err());
+        assert!(open(&stored, &"0".repeat(64), 5).is_err());
+    }
+}

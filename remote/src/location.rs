@@ -1,0 +1,141 @@
+//! Where a remote is: a URL → an object store client and a key prefix, and the keys of its
+//! objects. Credentials come from the environment (`AWS_*`, as every S3 tool reads them) and
+//! never appear in anything this module formats.
+
+use crate::error::{RemoteError, Result};
+use crate::format::RemoteName;
+use object_store::path::Path as Key;
+use object_store::ObjectStore;
+use std::sync::Arc;
+
+/// An object store holding qsnap snapshots under a prefix.
+#[derive(Clone)]
+pub struct Remote {
+    pub(crate) store: Arc<dyn ObjectStore>,
+    prefix: Key,
+    url: String,
+}
+
+impl std::fmt::Debug for Remote {
+    // The client's own Debug could show configuration; the URL is all a reader needs.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Remote").field("url", &self.url).finish()
+    }
+}
+
+impl Remote {
+    /// Opens `s3://BUCKET[/PREFIX]` (any S3-compatible store: `AWS_ENDPOINT_URL`,
+    /// `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_REGION`; `AWS_ALLOW_HTTP=true` for
+    /// a plain-http endpoint) or `file:///DIR` (a shared directory, which must exist).
+    /// Nothing is contacted yet.
+    pub fn open(url: &str) -> Result<Remote> {
+        let bad = |why: &str| RemoteError::BadUrl {
+            url: url.to_owned(),
+            why: why.to_owned(),
+        };
+        let (store, prefix): (Arc<dyn ObjectStore>, &str) =
+            if let Some(rest) = url.strip_prefix("s3://") {
+                let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+                if bucket.is_empty() {
+                    return Err(bad("no bucket (s3://BUCKET/PREFIX)"));
+                }
+                let mut b = object_store::aws::AmazonS3Builder::from_env().with_bucket_name(bucket);
+                // Said the way the other AWS_* variables are; https otherwise.
+                if std::env::var("AWS_ALLOW_HTTP").is_ok_and(|v| v == "true" || v == "1") {
+                    b = b.with_allow_http(true);
+                }
+                if std::env::var_os("AWS_REGION").is_none()
+                    && std::env::var_os("AWS_DEFAULT_REGION").is_none()
+                {
+                    b = b.with_region("us-east-1");
+                }
+                let s3 = b.build().map_err(|e| bad(&e.to_string()))?;
+                (Arc::new(s3), prefix)
+            } else if let Some(dir) = url.strip_prefix("file://") {
+                if !dir.starts_with('/') {
+                    return Err(bad("a file URL names an absolute directory (file:///DIR)"));
+                }
+                if !std::path::Path::new(dir).is_dir() {
+                    return Err(bad("no such directory (create it first)"));
+                }
+                let fs = object_store::local::LocalFileSystem::new_with_prefix(dir)
+                    .map_err(|e| bad(&e.to_string()))?;
+                (Arc::new(fs), "")
+            } else {
+                return Err(bad("qsnap knows s3://BUCKET/PREFIX and file:///DIR"));
+            };
+        let prefix = Key::parse(prefix.trim_matches('/')).map_err(|e| bad(&e.to_string()))?;
+        Ok(Remote {
+            store,
+            prefix,
+            url: url.trim_end_matches('/').to_owned(),
+        })
+    }
+
+    /// The URL, as given (credentials never are part of one).
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    fn key(&self, parts: &[&str]) -> Key {
+        let mut k = self.prefix.clone();
+        for p in parts {
+            k = k.clone().join(*p);
+        }
+        k
+    }
+
+    /// `chunks/ab/<hash>`: a chunk, zstd-compressed, named by the BLAKE3 of its plain bytes.
+    pub(crate) fn chunk_key(&self, hash: &str) -> Key {
+        self.key(&["chunks", &hash[..2], hash])
+    }
+
+    /// Where the chunks are.
+    pub(crate) fn chunks_prefix(&self) -> Key {
+        self.key(&["chunks"])
+    }
+
+    /// `snapshots/VM/SNAP.json`.
+    pub(crate) fn manifest_key(&self, name: &RemoteName) -> Key {
+        self.key(&[
+            "snapshots",
+            name.vm.as_str(),
+            &format!("{}.json", name.snapshot),
+        ])
+    }
+
+    /// Where the manifests are.
+    pub(crate) fn manifests_prefix(&self) -> Key {
+        self.key(&["snapshots"])
+    }
+
+    /// The chunk hash a chunk key names (`None` for anything else under `chunks/`).
+    pub(crate) fn hash_of(&self, key: &Key) -> Option<String> {
+        let h = key.filename()?;
+        (h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit())).then(|| h.to_owned())
+    }
+
+    /// The snapshot name a manifest key names.
+    pub(crate) fn name_of(&self, key: &Key) -> Option<RemoteName> {
+        let parts: Vec<_> = key.parts().collect();
+        let n = parts.len();
+        if n < 2 {
+            return None;
+        }
+        let snap = parts[n - 1].as_ref().strip_suffix(".json")?;
+        RemoteName::parse(&format!("{}/{snap}", parts[n - 2].as_ref())).ok()
+    }
+
+    /// A store error, with what was being done; the message names objects, not keys.
+    pub(crate) fn err(
+        &self,
+        what: impl Into<String>,
+    ) -> impl FnOnce(object_store::Error) -> RemoteError + '_ {
+        let what = what.into();
+        move |e| RemoteError::Store {
+            url: self.url.clone(),
+            what,
+            message: e.to_string(),
+        }
+    }
+}
