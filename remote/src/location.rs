@@ -39,7 +39,23 @@ impl Remote {
                 if bucket.is_empty() {
                     return Err(bad("no bucket (s3://BUCKET/PREFIX)"));
                 }
-                let mut b = object_store::aws::AmazonS3Builder::from_env().with_bucket_name(bucket);
+                use object_store::aws::AmazonS3ConfigKey as K;
+                use object_store::ClientConfigKey as C;
+                // Bounded: a store that stops answering fails the command in about a minute
+                // (retried meanwhile), not after object_store's default three.
+                let mut b = object_store::aws::AmazonS3Builder::from_env()
+                    .with_bucket_name(bucket)
+                    .with_retry(object_store::RetryConfig {
+                        max_retries: 5,
+                        retry_timeout: std::time::Duration::from_secs(60),
+                        ..object_store::RetryConfig::default()
+                    });
+                if std::env::var_os("AWS_CONNECT_TIMEOUT").is_none() {
+                    b = b.with_config(K::Client(C::ConnectTimeout), "5s");
+                }
+                if std::env::var_os("AWS_TIMEOUT").is_none() {
+                    b = b.with_config(K::Client(C::Timeout), "60s");
+                }
                 // Said the way the other AWS_* variables are; https otherwise.
                 if std::env::var("AWS_ALLOW_HTTP").is_ok_and(|v| v == "true" || v == "1") {
                     b = b.with_allow_http(true);

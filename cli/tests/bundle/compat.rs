@@ -217,3 +217,60 @@ async fn two_imports_of_one_name_at_once_one_wins_and_the_other_is_told() {
     assert!(files_under(&b.join("staging")).is_empty());
     ok(&in_store(&b)(&["check", "twin"]), "check");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_import_into_a_full_filesystem_names_the_file_and_leaves_nothing() {
+    require_qemu!();
+    if !qsnap_testkit::root_or_skip("an_import_into_a_full_filesystem_names_the_file_and_leaves_nothing")
+    {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (_kill, a) = idle_source(dir.path(), None).await;
+    let bundle = dir.path().join("s1.qsnap");
+    ok(
+        &in_store(&a)(&["export", "vm1", "s1", bundle.to_str().unwrap()]),
+        "export",
+    );
+    ok(&in_store(&a)(&["stop", "vm1"]), "stop");
+    // A 2 MiB filesystem for the disks: the 16 MiB disk's data does not fit.
+    let small = dir.path().join("small");
+    std::fs::create_dir_all(&small).unwrap();
+    let fill = small.join("filler");
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=2m", "tmpfs"])
+        .arg(&small)
+        .status()
+        .unwrap();
+    assert!(mounted.success());
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _umount = Unmount(small.clone());
+    // Leave it nearly full, so that the first data written meets ENOSPC.
+    let _ = std::fs::write(&fill, vec![1u8; 2 << 20]);
+    let b = dir.path().join("b");
+    let out = in_store(&b)(&[
+        "import",
+        bundle.to_str().unwrap(),
+        "full",
+        "--disk-dir",
+        small.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("free space") && err.contains(small.to_str().unwrap()),
+        "{err}"
+    );
+    assert_eq!(
+        files_under(&small),
+        vec![fill.clone()],
+        "only the filler is left"
+    );
+    assert!(!b.join("vms/full").exists());
+    assert!(files_under(&b.join("staging")).is_empty());
+}

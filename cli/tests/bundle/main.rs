@@ -3,64 +3,13 @@
 //! resume at their tick; damaged, cut-short and host-reaching bundles are refused leaving
 //! nothing behind; an import killed at any moment never leaves a VM with missing data.
 
-use assert_cmd::Command;
+use kit::*;
 use qsnap_testkit::serial::{parse_tick, SerialLog};
-use qsnap_testkit::{create_image, require_qemu, under_ci, DiskStyle, KillRecordedQemu, VmBuilder};
+use qsnap_testkit::{require_qemu, under_ci, KillRecordedQemu, VmBuilder};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
-
-fn qsnap() -> Command {
-    Command::cargo_bin("qsnap").unwrap()
-}
-
-fn in_store(store: &Path) -> impl Fn(&[&str]) -> std::process::Output + '_ {
-    move |args| {
-        qsnap()
-            .env("QSNAP_STORE", store)
-            .env("NO_COLOR", "1")
-            .args(args)
-            .timeout(Duration::from_secs(300))
-            .output()
-            .unwrap()
-    }
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
-
-fn ok(out: &std::process::Output, what: &str) {
-    assert!(
-        out.status.success(),
-        "{what}: {out:?}\n{}",
-        text(&out.stderr)
-    );
-}
-
-fn json(out: &std::process::Output) -> Value {
-    serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", text(&out.stdout)))
-}
-
-/// Every file under `dir` (recursively), for "nothing was left behind".
-fn files_under(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let Ok(rd) = std::fs::read_dir(dir) else {
-        return out;
-    };
-    for e in rd.flatten() {
-        let p = e.path();
-        if p.is_dir() {
-            out.extend(files_under(&p));
-            out.push(p);
-        } else {
-            out.push(p);
-        }
-    }
-    out
-}
 
 /// A kernel-less VM whose command line reads a host file into the guest (`-fw_cfg file=`),
 /// snapshotted and exported: the bundle the refusal tests start from.
@@ -144,6 +93,7 @@ fn nothing_left(store: &Path, vm: &str, disks: &Path, what: &str) {
 }
 
 mod compat;
+mod kit;
 mod kills;
 mod moves;
 mod refusals;

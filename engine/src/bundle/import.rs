@@ -328,7 +328,9 @@ fn read_bundle(
                     f(done + n, size_all);
                 }
             };
-            let digest = e.write_to(&out, base.as_ref(), &mut tell)?;
+            let digest = e
+                .write_to(&out, base.as_ref(), &mut tell)
+                .map_err(|err| staging_full(err, &dest.staged))?;
             done += f.size;
             digests.insert(f.name.clone(), digest);
             Ok(())
@@ -403,4 +405,18 @@ fn check_seal(plan: &Plan, digests: &BTreeMap<String, FileDigest>, seal: &Seal) 
         }
     }
     Ok(())
+}
+
+/// A write that failed for want of space (or quota, or file size limit) is the staging
+/// file's, said so; any other error may be the bundle's input and stays as it is.
+fn staging_full(err: std::io::Error, staged: &std::path::Path) -> Stop {
+    use nix::errno::Errno;
+    match err.raw_os_error().map(Errno::from_raw) {
+        Some(Errno::ENOSPC | Errno::EDQUOT | Errno::EFBIG) => Stop::Engine(Error::Io {
+            what: "writing an imported file (free space where it goes, or --disk-dir elsewhere)",
+            path: staged.to_owned(),
+            source: err,
+        }),
+        _ => Stop::Io(err),
+    }
 }

@@ -1,0 +1,150 @@
+//! `qsnap push` / `qsnap pull` / `qsnap remote` against a real SeaweedFS (S3 on loopback,
+//! `tests/seaweedfs/install.sh` installs it): snapshots of the real guest go from store A
+//! through the object store into store B and resume at their tick; a second snapshot moves
+//! only new chunks; names cannot be overwritten; damaged, missing and cut-short objects are
+//! refused leaving nothing; gc keeps what a push needs; kills leave nothing half-made; a
+//! replicated cluster loses a volume server under a pull.
+
+#[path = "../bundle/kit.rs"]
+mod kit;
+
+mod faults;
+mod moves;
+
+use kit::*;
+use object_store::aws::{AmazonS3, AmazonS3Builder, AmazonS3ConfigKey};
+use object_store::path::Path as Key;
+use qsnap_testkit::{require_qemu, require_weed, KillRecordedQemu, Seaweed, VmBuilder};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// The bucket's prefix every test uses.
+const PREFIX: &str = "fleet";
+
+/// qsnap on `store`, configured for `sw` the way a user configures any S3 tool.
+fn on(store: &Path, sw: &Seaweed) -> impl Fn(&[&str]) -> std::process::Output {
+    let store = store.to_owned();
+    let env = sw.env();
+    move |args| {
+        let mut c = assert_cmd::Command::cargo_bin("qsnap").unwrap();
+        c.env("QSNAP_STORE", &store).env("NO_COLOR", "1");
+        for (k, v) in &env {
+            c.env(k, v);
+        }
+        c.args(args)
+            .timeout(Duration::from_secs(300))
+            .output()
+            .unwrap()
+    }
+}
+
+/// A std::process::Command for qsnap on `store` against `sw` (for runs the test kills).
+fn command(store: &Path, sw: &Seaweed) -> std::process::Command {
+    let mut c = std::process::Command::new(assert_cmd::cargo::cargo_bin("qsnap"));
+    c.env("QSNAP_STORE", store).env("NO_COLOR", "1");
+    for (k, v) in sw.env() {
+        c.env(k, v);
+    }
+    c
+}
+
+fn url(sw: &Seaweed) -> String {
+    format!("s3://{}/{PREFIX}", sw.bucket())
+}
+
+/// The test's own look into the bucket (to damage it, and to count chunks).
+fn bucket(sw: &Seaweed) -> AmazonS3 {
+    let mut b = AmazonS3Builder::new().with_bucket_name(sw.bucket());
+    for (k, v) in sw.env() {
+        let key: AmazonS3ConfigKey = k.to_ascii_lowercase().parse().expect("an S3 config key");
+        b = b.with_config(key, v);
+    }
+    b.build().expect("S3 client")
+}
+
+fn key(rest: &str) -> Key {
+    Key::from(format!("{PREFIX}/{rest}"))
+}
+
+/// The chunk hashes a remote snapshot's manifest names.
+async fn chunks_of(s3: &AmazonS3, name: &str) -> std::collections::BTreeSet<String> {
+    use object_store::ObjectStoreExt;
+    let bytes = s3
+        .get(&key(&format!("snapshots/{name}.json")))
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    let m: Value = serde_json::from_slice(&bytes).unwrap();
+    m["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|f| f["chunks"].as_array().unwrap().clone())
+        .map(|c| c["hash"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// Every chunk in the bucket.
+async fn all_chunks(s3: &AmazonS3) -> std::collections::BTreeSet<String> {
+    use futures::TryStreamExt;
+    use object_store::ObjectStore;
+    let metas: Vec<_> = s3.list(Some(&key("chunks"))).try_collect().await.unwrap();
+    metas
+        .iter()
+        .map(|m| m.location.filename().unwrap().to_owned())
+        .collect()
+}
+
+/// A SeaweedFS (`weed mini`) in `dir`.
+fn seaweed(dir: &Path) -> Seaweed {
+    Seaweed::mini(dir).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// A kernel-less VM in `root/a` whose disk holds `mib` MiB of random data (so a push has
+/// chunks to cut), snapshotted as `s1`; its killer first.
+async fn idle_source(root: &Path, mib: u32) -> (KillRecordedQemu, PathBuf) {
+    let store = root.join("a");
+    let disk = root.join("d.qcow2");
+    let raw = root.join("seed.raw");
+    let out = std::process::Command::new("dd")
+        .args(["if=/dev/urandom", "bs=1M", "status=none"])
+        .arg(format!("count={mib}"))
+        .arg(format!("of={}", raw.display()))
+        .status()
+        .unwrap();
+    assert!(out.success());
+    let st = std::process::Command::new("qemu-img")
+        .args(["convert", "-q", "-f", "raw", "-O", "qcow2"])
+        .arg(&raw)
+        .arg(&disk)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    std::fs::remove_file(&raw).unwrap();
+    let argv = VmBuilder::idle()
+        .memory(64)
+        .disk(&disk, "qcow2", qsnap_testkit::DiskStyle::Blockdev)
+        .command_line(&root.join("serial.log"))
+        .await;
+    let kill = KillRecordedQemu::new(&store, "vm1");
+    let run = in_store(&store);
+    let mut cmd = vec!["run", "vm1", "--"];
+    cmd.extend(argv.iter().map(String::as_str));
+    ok(&run(&cmd), "run");
+    ok(&run(&["create", "vm1", "s1", "--mode", "precopy"]), "create");
+    drop(run);
+    (kill, store)
+}
+
+/// Nothing of a pull into `store` as `vm` is left (no VM, no staging).
+fn nothing_left(store: &Path, vm: &str, what: &str) {
+    assert!(!store.join("vms").join(vm).exists(), "{what}");
+    assert!(
+        files_under(&store.join("staging")).is_empty(),
+        "{what}: {:?}",
+        files_under(&store.join("staging"))
+    );
+}

@@ -1,0 +1,142 @@
+//! Snapshots move through the store and resume; a second one moves only new chunks; a
+//! name cannot be pushed twice; three stores pull one snapshot at once.
+
+use super::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pushed_snapshot_resumes_at_its_tick_in_another_store_and_the_next_moves_only_new_chunks(
+) {
+    require_qemu!();
+    require_weed!();
+    let src = Source::boot().await;
+    let sw = seaweed(&src.root.join("seaweed"));
+    let (a, b) = (on(&src.store, &sw), on(&src.root.join("b"), &sw));
+    let url = url(&sw);
+
+    let s1 = src.snapshot("s1", &["--mode", "precopy"]).await;
+    let out = a(&["push", "src", "s1", &url, "--json"]);
+    ok(&out, "push s1");
+    let first = json(&out);
+    assert_eq!(first["name"], "src/s1");
+    assert!(first["uploaded-chunks"].as_u64() > Some(0), "{first}");
+    assert_eq!(first["uploaded-chunks"], first["chunks"], "{first}");
+    let disks = src.root.join("b-disks");
+    let out = b(&[
+        "pull",
+        &url,
+        "src/s1",
+        "first",
+        "--disk-dir",
+        disks.join("first").to_str().unwrap(),
+        "--json",
+    ]);
+    ok(&out, "pull s1");
+    let pulled = json(&out);
+    assert_eq!(pulled["cached-chunks"], 0, "{pulled}");
+    assert!(pulled["downloaded-bytes"].as_u64() > Some(0), "{pulled}");
+    resume(&src.root.join("b"), "first", &pulled["import"], s1).await;
+
+    // A second snapshot: the store has most of its chunks; store B's cache has them too.
+    let s2 = src.snapshot("s2", &["--mode", "precopy"]).await;
+    let out = a(&["push", "src", "s2", &url, "--json"]);
+    ok(&out, "push s2");
+    let second = json(&out);
+    assert!(second["deduplicated-chunks"].as_u64() > Some(0), "{second}");
+    assert!(
+        second["uploaded-bytes"].as_u64().unwrap() * 2 < first["uploaded-bytes"].as_u64().unwrap(),
+        "second push {second}\nfirst push {first}"
+    );
+    let out = b(&[
+        "pull",
+        &url,
+        "src/s2",
+        "second",
+        "--disk-dir",
+        disks.join("second").to_str().unwrap(),
+        "--json",
+    ]);
+    ok(&out, "pull s2");
+    let pulled2 = json(&out);
+    assert!(pulled2["cached-chunks"].as_u64() > Some(0), "{pulled2}");
+    assert!(
+        pulled2["downloaded-chunks"].as_u64() < pulled2["chunks"].as_u64(),
+        "{pulled2}"
+    );
+    resume(&src.root.join("b"), "second", &pulled2["import"], s2).await;
+
+    let out = b(&["remote", "list", &url, "--json"]);
+    ok(&out, "remote list");
+    let names: Vec<_> = json(&out)
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["name"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(names, ["src/s1", "src/s2"]);
+    // Credentials never appear in what qsnap prints.
+    for o in [&first, &second, &pulled, &pulled2] {
+        assert!(!o.to_string().contains(sw.secret_key()));
+    }
+    ok(&a(&["stop", "src"]), "stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_pushes_of_one_name_at_once_one_wins_and_three_stores_pull_it_at_once() {
+    require_qemu!();
+    require_weed!();
+    let dir = tempfile::tempdir().unwrap();
+    let (_kill, store) = idle_source(dir.path(), 24).await;
+    let sw = seaweed(&dir.path().join("seaweed"));
+    let url = url(&sw);
+    // Two stores push the same name at the same moment: exactly one wins, the other is told.
+    let pushes: Vec<_> = (0..2)
+        .map(|_| {
+            command(&store, &sw)
+                .args(["push", "vm1", "s1", &url, "--as", "golden/ready"])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let outs: Vec<_> = pushes
+        .into_iter()
+        .map(|c| c.wait_with_output().unwrap())
+        .collect();
+    assert_eq!(
+        outs.iter().filter(|o| o.status.success()).count(),
+        1,
+        "{outs:?}"
+    );
+    let lost = outs.iter().find(|o| !o.status.success()).unwrap();
+    let err = text(&lost.stderr);
+    assert!(
+        err.contains("already has a snapshot golden/ready") && err.contains("nothing was overwritten"),
+        "{err}"
+    );
+    // And a later push of the name is refused before it uploads anything.
+    let out = on(&store, &sw)(&["push", "vm1", "s1", &url, "--as", "golden/ready"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+
+    // Three stores pull it at once, each into a VM of its own.
+    let pulls: Vec<_> = (0..3)
+        .map(|i| {
+            command(&dir.path().join(format!("b{i}")), &sw)
+                .args(["pull", &url, "golden/ready", "fork"])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for (i, c) in pulls.into_iter().enumerate() {
+        let out = c.wait_with_output().unwrap();
+        assert!(out.status.success(), "pull {i}: {}", text(&out.stderr));
+        let b = dir.path().join(format!("b{i}"));
+        ok(&in_store(&b)(&["check", "fork"]), "check");
+        let _k = KillRecordedQemu::new(&b, "fork");
+        ok(&in_store(&b)(&["revert", "fork", "s1"]), "revert");
+        ok(&in_store(&b)(&["stop", "fork"]), "stop");
+    }
+    ok(&in_store(&store)(&["stop", "vm1"]), "stop");
+}
