@@ -10,6 +10,9 @@
 //!   snapshots name), read from `qsnap list --json`, for tests that account for every file.
 //! - `powercut`: a FUSE filesystem that loses what a host power loss loses (unsynced data,
 //!   unsynced directory entries), cut after any numbered fsync/rename/create, for crash tests.
+//! - `seaweed`: a real SeaweedFS (`weed mini`, or a master + two volume servers + filer/S3
+//!   cluster) owned by one test, on loopback ports of its own, for the object-store tests;
+//!   [`require_weed!`] skips loudly without it locally and fails under CI.
 //! - [`require_qemu!`]: a loud skip when QEMU is missing locally, a failure under CI.
 //!
 //! Nothing here may wait without a deadline: a hung QEMU must fail one test, not the run.
@@ -21,12 +24,14 @@ pub mod fixture;
 pub mod guest;
 pub mod powercut;
 pub mod restore;
+pub mod seaweed;
 pub mod serial;
 
 pub use fixture::{
     create_image, kvm_available, qemu_binary, Accel, DiskSpec, DiskStyle, Firmware, Vm, VmBuilder,
 };
 pub use guest::GuestKit;
+pub use seaweed::Seaweed;
 pub use serial::SerialLog;
 
 use std::path::PathBuf;
