@@ -9,6 +9,9 @@ cd "$repo"
 
 bash tests/guest/install-deps.sh
 bash tests/guest/build.sh
+# SeaweedFS (S3) for the object-store tests, in target/tools/seaweedfs-venv (tests fail under
+# CI without it).
+bash tests/seaweedfs/install.sh >/dev/null
 # QEMU 7.2 beside the installed one, for the old-QEMU test (it skips loudly without; under CI
 # its absence fails the test).
 bash tests/qemu-old/fetch.sh || echo "qsnap: QEMU 7.2 could not be fetched; the old-QEMU test will skip" >&2

@@ -108,7 +108,7 @@ pub struct ChunkRef {
 impl RemoteManifest {
     /// Refuses a manifest this build cannot read or whose chunk lists cannot be a file:
     /// another format or version, chunks out of order, overlapping, past the size, of a
-    /// length over [`CHUNK_MAX`], or named by something that is not a BLAKE3 hash.
+    /// length over the maximum chunk size (8 MiB), or named by something that is not a BLAKE3 hash.
     pub fn check(&self) -> std::result::Result<(), String> {
         if self.format != FORMAT {
             return Err(format!(

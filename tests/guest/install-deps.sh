@@ -46,6 +46,8 @@ command -v tar >/dev/null 2>&1 || pkgs+=(tar)
 command -v pkill >/dev/null 2>&1 || pkgs+=(procps)
 # (Debian's python3-pytest is for /usr/bin/python3, whatever else python3 may be on PATH.)
 /usr/bin/python3 -c 'import pytest' >/dev/null 2>&1 || pkgs+=(python3-pytest)
+# SeaweedFS for the object-store tests installs into a virtualenv (tests/seaweedfs/install.sh).
+python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || pkgs+=(python3-venv)
 command -v apt-get >/dev/null 2>&1 || { echo "qsnap: needs apt (Debian/Ubuntu)" >&2; exit 1; }
 
 if [ ${#pkgs[@]} -gt 0 ]; then

@@ -39,6 +39,15 @@ const CRATES: &[(&str, &[&[&str]])] = &[
         ],
     ),
     (
+        "remote",
+        &[
+            &["error"],
+            &["format"],
+            &["location", "chunk", "cache"],
+            &["push", "pull", "manage"],
+        ],
+    ),
+    (
         "harness",
         &[
             &["error"],

@@ -221,8 +221,9 @@ async fn two_imports_of_one_name_at_once_one_wins_and_the_other_is_told() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_import_into_a_full_filesystem_names_the_file_and_leaves_nothing() {
     require_qemu!();
-    if !qsnap_testkit::root_or_skip("an_import_into_a_full_filesystem_names_the_file_and_leaves_nothing")
-    {
+    if !qsnap_testkit::root_or_skip(
+        "an_import_into_a_full_filesystem_names_the_file_and_leaves_nothing",
+    ) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();

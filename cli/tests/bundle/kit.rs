@@ -134,7 +134,13 @@ impl Source {
 
 /// Imports `bundle` into `store` as `vm` (disks in `disks`), reverts it and checks the guest
 /// resumes within `(before, after]` and goes on with memory and disk agreeing.
-pub async fn import_and_resume(store: &Path, bundle: &Path, vm: &str, disks: &Path, ticks: (u64, u64)) {
+pub async fn import_and_resume(
+    store: &Path,
+    bundle: &Path,
+    vm: &str,
+    disks: &Path,
+    ticks: (u64, u64),
+) {
     let run = in_store(store);
     let out = run(&[
         "import",
@@ -186,4 +192,3 @@ pub async fn resume(store: &Path, vm: &str, report: &Value, (before, after): (u6
     ok(&out, "check");
     ok(&run(&["stop", vm]), "stop");
 }
-

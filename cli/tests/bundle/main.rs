@@ -93,7 +93,7 @@ fn nothing_left(store: &Path, vm: &str, disks: &Path, what: &str) {
 }
 
 mod compat;
-mod kit;
 mod kills;
+mod kit;
 mod moves;
 mod refusals;

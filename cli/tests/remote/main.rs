@@ -134,14 +134,21 @@ async fn idle_source(root: &Path, mib: u32) -> (KillRecordedQemu, PathBuf) {
     let mut cmd = vec!["run", "vm1", "--"];
     cmd.extend(argv.iter().map(String::as_str));
     ok(&run(&cmd), "run");
-    ok(&run(&["create", "vm1", "s1", "--mode", "precopy"]), "create");
+    ok(
+        &run(&["create", "vm1", "s1", "--mode", "precopy"]),
+        "create",
+    );
     drop(run);
     (kill, store)
 }
 
 /// Nothing of a pull into `store` as `vm` is left (no VM, no staging).
 fn nothing_left(store: &Path, vm: &str, what: &str) {
-    assert!(!store.join("vms").join(vm).exists(), "{what}");
+    assert!(
+        !store.join("vms").join(vm).exists(),
+        "{what}: {:?}",
+        files_under(&store.join("vms").join(vm))
+    );
     assert!(
         files_under(&store.join("staging")).is_empty(),
         "{what}: {:?}",

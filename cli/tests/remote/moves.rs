@@ -4,8 +4,8 @@
 use super::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_pushed_snapshot_resumes_at_its_tick_in_another_store_and_the_next_moves_only_new_chunks(
-) {
+async fn a_pushed_snapshot_resumes_at_its_tick_in_another_store_and_the_next_moves_only_new_chunks()
+{
     require_qemu!();
     require_weed!();
     let src = Source::boot().await;
@@ -32,7 +32,11 @@ async fn a_pushed_snapshot_resumes_at_its_tick_in_another_store_and_the_next_mov
     ]);
     ok(&out, "pull s1");
     let pulled = json(&out);
-    assert_eq!(pulled["cached-chunks"], 0, "{pulled}");
+    // A fresh cache: every distinct chunk downloaded (one used twice comes from the cache).
+    assert!(
+        pulled["downloaded-chunks"].as_u64() >= first["chunks"].as_u64(),
+        "{pulled}\n{first}"
+    );
     assert!(pulled["downloaded-bytes"].as_u64() > Some(0), "{pulled}");
     resume(&src.root.join("b"), "first", &pulled["import"], s1).await;
 
@@ -111,7 +115,8 @@ async fn two_pushes_of_one_name_at_once_one_wins_and_three_stores_pull_it_at_onc
     let lost = outs.iter().find(|o| !o.status.success()).unwrap();
     let err = text(&lost.stderr);
     assert!(
-        err.contains("already has a snapshot golden/ready") && err.contains("nothing was overwritten"),
+        err.contains("already has a snapshot golden/ready")
+            && err.contains("nothing was overwritten"),
         "{err}"
     );
     // And a later push of the name is refused before it uploads anything.

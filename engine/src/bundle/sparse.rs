@@ -98,8 +98,9 @@ pub(crate) fn data_regions(file: &File, size: u64) -> io::Result<Vec<(u64, u64)>
     Ok(regions)
 }
 
-/// [`data_regions`] widened to whole blocks and merged: what must be read to see every
-/// non-zero block. Widening reads a few zeros on filesystems with blocks under 4 KiB.
+/// The data regions (`SEEK_DATA`/`SEEK_HOLE`) widened to whole 4 KiB blocks and merged: what
+/// must be read to see every non-zero block. Widening reads a few zeros on filesystems with
+/// blocks under 4 KiB.
 pub fn data_spans(file: &File, size: u64) -> io::Result<Vec<(u64, u64)>> {
     let mut spans: Vec<(u64, u64)> = Vec::new();
     for (off, len) in data_regions(file, size)? {

@@ -184,6 +184,14 @@ pub(crate) async fn remove(
                 }
             }
         }
+        // The staging directories are the import's own (named for it): whatever a kill left
+        // in them, half-written, goes with them. First: they may sit in the new VM's
+        // directory (its default disk directory), which goes next.
+        for d in note.dirs.iter().rev() {
+            if d != &sdir {
+                let _ = std::fs::remove_dir_all(d);
+            }
+        }
         if !committed && note.new_vm {
             // A new VM's manifest is written just before its record (the commit): one
             // without the record is this import's.
@@ -198,13 +206,6 @@ pub(crate) async fn remove(
             // on), so a process that opens a new lock file here meanwhile races nothing.
             let _ = std::fs::remove_file(vm_dir.join("lock"));
             let _ = std::fs::remove_dir(&vm_dir);
-        }
-        // The staging directories are the import's own (named for it): whatever a kill left
-        // in them, half-written, goes with them.
-        for d in note.dirs.iter().rev() {
-            if d != &sdir {
-                let _ = std::fs::remove_dir_all(d);
-            }
         }
         store::remove_durably(&npath)?;
         let _ = std::fs::remove_dir_all(&sdir);
