@@ -13,7 +13,9 @@
 #      once (the harness API): time to each clone's first console line, PSS per clone.
 #   5. scripts/bench_bundle.sh — export/import of a busy 512 MiB guest's snapshot against
 #      tar -S --zstd over the same files; an incremental export against a full one.
-# Usage: ./scripts/bench.sh [ROUNDS] [--with-libvirt] [--ram 512,2048] [--only engine|peers|scale|clone|bundle]
+#   6. scripts/bench_remote.sh — push/pull through a real SeaweedFS against uploading the
+#      bundle with boto3 and importing it; a second snapshot's upload; idle and busy guest.
+# Usage: ./scripts/bench.sh [ROUNDS] [--with-libvirt] [--ram 512,2048] [--only engine|peers|scale|clone|bundle|remote]
 #        (JSON of every part goes to target/bench/)
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
@@ -55,4 +57,9 @@ fi
 if [ -z "$only" ] || [ "$only" = bundle ]; then
   echo "== 5. bundles (export/import)"
   bash scripts/bench_bundle.sh "$repo/target/release/qsnap"
+fi
+if [ -z "$only" ] || [ "$only" = remote ]; then
+  echo "== 6. remotes (push/pull through SeaweedFS), idle and busy guest"
+  BENCH_DIRTY_MB=0 bash scripts/bench_remote.sh "$repo/target/release/qsnap"
+  BENCH_DIRTY_MB=64 bash scripts/bench_remote.sh "$repo/target/release/qsnap"
 fi

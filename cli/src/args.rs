@@ -279,6 +279,10 @@ pub struct PushArgs {
     /// Chunks uploaded at once.
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=256))]
     pub parallel: u16,
+    /// A chunk the store has that is older than this is uploaded again (its time then says
+    /// it is in use; `remote gc`'s grace must exceed this plus the longest push).
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration, hide = true)]
+    pub refresh: std::time::Duration,
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,

@@ -229,6 +229,7 @@ async fn run(req: Request) -> anyhow::Result<()> {
             let vm = engine.vm(&r.vm).await?;
             let bar = progress::BytesBar::new("pushing", r.json);
             r.opts.progress = bar.callback();
+            r.opts.cancel = engine.cancel_token().clone();
             let result = remote.push(&vm, &r.snapshot, &r.opts).await;
             bar.finish();
             let report = result.with_context(|| format!("pushing {}/{}", r.vm, r.snapshot))?;
@@ -238,6 +239,7 @@ async fn run(req: Request) -> anyhow::Result<()> {
             let remote = qsnap_remote::Remote::open(&r.url)?;
             let bar = progress::BytesBar::new("pulling", r.json);
             r.opts.import.progress = bar.callback();
+            r.opts.cancel = engine.cancel_token().clone();
             let result = remote.pull(&engine, &r.name, &r.vm, &r.opts).await;
             bar.finish();
             let report = result.with_context(|| format!("pulling {} into {}", r.name, r.vm))?;

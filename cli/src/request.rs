@@ -531,6 +531,7 @@ fn push(a: PushArgs) -> anyhow::Result<Action> {
             as_name: a.as_name.as_deref().map(remote_name).transpose()?,
             sign: a.sign.map(absolute).transpose()?,
             parallel: usize::from(a.parallel),
+            refresh: a.refresh,
             ..PushOptions::default()
         },
         json: a.json,
@@ -556,6 +557,7 @@ fn pull(a: PullArgs) -> anyhow::Result<Action> {
                 progress: None,
             },
             parallel: usize::from(a.parallel),
+            ..PullOptions::default()
         },
         json: a.json,
     }))

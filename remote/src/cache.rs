@@ -41,7 +41,11 @@ impl Cache {
     pub(crate) async fn put(&self, hash: &str, stored: &[u8]) -> Result<()> {
         let path = self.path(hash);
         let stored = stored.to_vec();
-        let tmp = path.with_extension(format!("part{}", std::process::id()));
+        // Unique per writer: two fetches of one chunk (it appears twice in a snapshot) may
+        // both get here; each renames a whole file of the same bytes into place.
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = path.with_extension(format!("part{}.{n}", std::process::id()));
         tokio::task::spawn_blocking(move || -> std::io::Result<()> {
             let parent = path.parent().expect("two levels");
             std::fs::DirBuilder::new()

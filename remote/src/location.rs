@@ -1,6 +1,6 @@
 //! Where a remote is: a URL → an object store client and a key prefix, and the keys of its
 //! objects. Credentials come from the environment (`AWS_*`, as every S3 tool reads them) and
-//! never appear in anything this module formats.
+//! never appear in anything this module formats: store errors go through [`redact`].
 
 use crate::error::{RemoteError, Result};
 use crate::format::RemoteName;
@@ -53,8 +53,13 @@ impl Remote {
                 if std::env::var_os("AWS_CONNECT_TIMEOUT").is_none() {
                     b = b.with_config(K::Client(C::ConnectTimeout), "5s");
                 }
+                // A stalled transfer fails in a minute; a slow one may take its time (an
+                // 8 MiB chunk on a slow link), so the whole request gets half an hour.
+                if std::env::var_os("AWS_READ_TIMEOUT").is_none() {
+                    b = b.with_config(K::Client(C::ReadTimeout), "60s");
+                }
                 if std::env::var_os("AWS_TIMEOUT").is_none() {
-                    b = b.with_config(K::Client(C::Timeout), "60s");
+                    b = b.with_config(K::Client(C::Timeout), "30m");
                 }
                 // Said the way the other AWS_* variables are; https otherwise.
                 if std::env::var("AWS_ALLOW_HTTP").is_ok_and(|v| v == "true" || v == "1") {
@@ -86,6 +91,16 @@ impl Remote {
             prefix,
             url: url.trim_end_matches('/').to_owned(),
         })
+    }
+
+    /// A remote in memory, for unit tests of what does not need a real store.
+    #[cfg(test)]
+    pub(crate) fn in_memory() -> Remote {
+        Remote {
+            store: Arc::new(object_store::memory::InMemory::new()),
+            prefix: Key::from("p"),
+            url: "memory://p".into(),
+        }
     }
 
     /// The URL, as given (credentials never are part of one).
@@ -151,7 +166,35 @@ impl Remote {
         move |e| RemoteError::Store {
             url: self.url.clone(),
             what,
-            message: e.to_string(),
+            message: redact(&e.to_string()),
         }
     }
+}
+
+/// A store's error message as qsnap may show it: a store's response body can echo the
+/// request (an S3 `SignatureDoesNotMatch` carries the access key id and the canonical
+/// request, session token included), so the credentials' values are cut out, and the rest
+/// is cut short.
+pub(crate) fn redact(message: &str) -> String {
+    let mut m = message.to_owned();
+    for var in [
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_SESSION_TOKEN",
+    ] {
+        if let Ok(v) = std::env::var(var) {
+            if v.len() >= 4 {
+                m = m.replace(&v, &format!("<{var}>"));
+            }
+        }
+    }
+    if m.len() > 2000 {
+        let mut end = 2000;
+        while !m.is_char_boundary(end) {
+            end -= 1;
+        }
+        m.truncate(end);
+        m.push_str(" …");
+    }
+    m
 }

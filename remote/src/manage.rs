@@ -6,11 +6,20 @@
 //! store it relies on only if that chunk is younger than the push's refresh age (one hour);
 //! an older one it puts again, making it young. `gc` reads every manifest *first*, then
 //! lists the chunks, and removes a chunk only if no manifest it read names it *and* it is
-//! older than the grace period. So a chunk a push in progress relies on is younger than
-//! `refresh + the push's duration`; with a grace period longer than that (the default, 24
-//! hours, is), `gc` leaves it. A manifest written after `gc` read the manifests names only
-//! chunks that are young for the same reason. `gc` stops, removing nothing, when any
-//! manifest cannot be read: it cannot know what that one needs.
+//! older than the grace period — looking at it once more just before removing it, and
+//! leaving it if its time or tag changed since the listing (a push put it again). So a
+//! chunk a push in progress relies on is younger than `refresh + the push's duration`; with
+//! a grace period longer than that (the default, 24 hours, is), `gc` leaves it. What is
+//! left is one round trip between that last look and the removal: a push that puts the
+//! chunk again inside it loses it — and finds that out, because after writing its manifest
+//! a push looks for every chunk the manifest names and puts back any that is gone. A gc
+//! that starts after the manifest reads it, and keeps its chunks. `gc` stops, removing
+//! nothing, when any object under `snapshots/` cannot be read as a manifest: it cannot know
+//! what that one needs. (Times are the store's: a push and a gc compare the store's
+//! `last-modified` with their own clocks, so a clock skew eats into the grace period.)
+//!
+//! Never removes a manifest (only `rm` does, one, by name); never removes a chunk that a
+//! manifest it read names.
 
 use crate::error::{RemoteError, Result};
 use crate::format::{RemoteManifest, RemoteName};
@@ -63,7 +72,7 @@ impl Remote {
     /// Every snapshot the remote holds, by name.
     pub async fn list(&self) -> Result<Vec<RemoteEntry>> {
         let mut out = Vec::new();
-        for name in self.names().await? {
+        for name in self.names(false).await? {
             let m = self.manifest(&name).await?;
             let (chunks, chunk_bytes) = m.distinct();
             out.push(RemoteEntry {
@@ -78,18 +87,31 @@ impl Remote {
         Ok(out)
     }
 
-    /// The names of the manifests under `snapshots/`.
-    async fn names(&self) -> Result<Vec<RemoteName>> {
+    /// The names of the manifests under `snapshots/`; `strict`: an object there that is not
+    /// one is an error (gc), else skipped (list).
+    async fn names(&self, strict: bool) -> Result<Vec<RemoteName>> {
         let metas: Vec<_> = self
             .store
             .list(Some(&self.manifests_prefix()))
             .try_collect()
             .await
             .map_err(self.err("listing snapshots"))?;
-        let mut names: Vec<RemoteName> = metas
-            .iter()
-            .filter_map(|m| self.name_of(&m.location))
-            .collect();
+        let mut names = Vec::new();
+        for m in &metas {
+            match self.name_of(&m.location) {
+                Some(n) => names.push(n),
+                None if strict => {
+                    return Err(RemoteError::Corrupt {
+                        url: self.url().to_owned(),
+                        why: format!(
+                            "{} is not a snapshot manifest qsnap can name; gc removed nothing (move it away, or remove it, first)",
+                            m.location
+                        ),
+                    })
+                }
+                None => tracing::warn!(key = %m.location, "not a snapshot manifest; skipped"),
+            }
+        }
         names.sort();
         Ok(names)
     }
@@ -116,16 +138,16 @@ impl Remote {
 
     /// Removes the chunks no snapshot uses that are older than `grace` (see the module doc).
     pub async fn gc(&self, grace: Duration) -> Result<GcReport> {
-        let names = self.names().await?;
+        let names = self.names(true).await?;
         let mut used: HashSet<String> = HashSet::new();
         for name in &names {
-            let m: RemoteManifest =
-                self.manifest(name)
-                    .await
-                    .map_err(|e| RemoteError::Corrupt {
-                        url: self.url().to_owned(),
-                        why: format!("gc removed nothing: {e}"),
-                    })?;
+            let m: RemoteManifest = self.manifest(name).await.map_err(|e| match e {
+                RemoteError::Corrupt { url, why } => RemoteError::Corrupt {
+                    url,
+                    why: format!("gc removed nothing: {why}"),
+                },
+                other => other,
+            })?;
             used.extend(m.files.into_iter().flat_map(|f| f.chunks).map(|c| c.hash));
         }
         let metas: Vec<_> = self
@@ -160,22 +182,166 @@ impl Remote {
                 report.kept_young += 1;
                 continue;
             }
-            report.removed_bytes += meta.size;
-            doomed.push(meta.location);
+            doomed.push(meta);
         }
-        report.removed = doomed.len();
         let removals = futures::stream::iter(doomed)
-            .map(|key| async move {
-                match self.store.delete(&key).await {
-                    Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
-                    Err(e) => Err(self.err(format!("removing {key}"))(e)),
+            .map(|listed| async move {
+                // One more look: a push that put it again since the listing keeps it.
+                match self.store.head(&listed.location).await {
+                    Ok(now)
+                        if now.last_modified == listed.last_modified
+                            && now.e_tag == listed.e_tag => {}
+                    Ok(_) | Err(object_store::Error::NotFound { .. }) => return Ok(None),
+                    Err(e) => return Err(self.err(format!("looking at {}", listed.location))(e)),
+                }
+                match self.store.delete(&listed.location).await {
+                    Ok(()) => Ok(Some(listed.size)),
+                    Err(object_store::Error::NotFound { .. }) => Ok(None),
+                    Err(e) => Err(self.err(format!("removing {}", listed.location))(e)),
                 }
             })
             .buffer_unordered(8);
         futures::pin_mut!(removals);
         while let Some(r) = removals.next().await {
-            r?;
+            match r? {
+                Some(bytes) => {
+                    report.removed += 1;
+                    report.removed_bytes += bytes;
+                }
+                None => report.kept_young += 1,
+            }
         }
         Ok(report)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::{ChunkRef, RemoteFile, FORMAT, VERSION};
+    use object_store::{path::Path as Key, PutPayload};
+
+    fn manifest(name: &str, chunks: &[&str]) -> Vec<u8> {
+        let m = RemoteManifest {
+            format: FORMAT.into(),
+            version: VERSION,
+            name: name.into(),
+            pushed_at: "2026-12-05T00:00:00Z".into(),
+            qsnap_version: "0".into(),
+            bundle: "{}".into(),
+            seal: "{}".into(),
+            signature: None,
+            files: vec![RemoteFile {
+                name: "memory/state.mem".into(),
+                size: 1 << 30,
+                chunks: chunks
+                    .iter()
+                    .enumerate()
+                    .map(|(i, h)| ChunkRef {
+                        offset: i as u64 * 4096,
+                        len: 4096,
+                        hash: (*h).into(),
+                    })
+                    .collect(),
+            }],
+        };
+        serde_json::to_vec(&m).unwrap()
+    }
+
+    #[tokio::test]
+    async fn gc_removes_only_unused_chunks_and_nothing_when_a_manifest_is_unreadable() {
+        let r = Remote::in_memory();
+        let (a, b) = ("a".repeat(64), "b".repeat(64));
+        for h in [&a, &b] {
+            r.store
+                .put(&r.chunk_key(h), PutPayload::from_static(b"x"))
+                .await
+                .unwrap();
+        }
+        let name = RemoteName::parse("vm/s1").unwrap();
+        r.store
+            .put(&r.manifest_key(&name), manifest("vm/s1", &[&a]).into())
+            .await
+            .unwrap();
+        // Young: kept.
+        let g = r.gc(Duration::from_secs(3600)).await.unwrap();
+        assert_eq!((g.removed, g.kept_young, g.referenced), (0, 1, 1));
+        // Something under snapshots/ that is no manifest: gc stops, removing nothing.
+        let junk = Key::from("p/snapshots/vm/notes.txt");
+        r.store
+            .put(&junk, PutPayload::from_static(b"hi"))
+            .await
+            .unwrap();
+        let e = r.gc(Duration::ZERO).await.unwrap_err();
+        assert!(e.to_string().contains("gc removed nothing"), "{e}");
+        r.store.delete(&junk).await.unwrap();
+        // A manifest cut short: the same.
+        let cut = RemoteName::parse("vm/s2").unwrap();
+        let body = manifest("vm/s2", &[&b]);
+        r.store
+            .put(
+                &r.manifest_key(&cut),
+                body[..body.len() / 2].to_vec().into(),
+            )
+            .await
+            .unwrap();
+        let e = r.gc(Duration::ZERO).await.unwrap_err();
+        assert!(e.to_string().contains("gc removed nothing"), "{e}");
+        assert_eq!(
+            r.list().await.map(|l| l.len()).ok(),
+            None,
+            "list says it too"
+        );
+        r.store.delete(&r.manifest_key(&cut)).await.unwrap();
+        // Grace 0: exactly the unused chunk goes.
+        let g = r.gc(Duration::ZERO).await.unwrap();
+        assert_eq!((g.removed, g.referenced, g.snapshots), (1, 1, 1));
+        assert!(r.store.head(&r.chunk_key(&a)).await.is_ok());
+        assert!(r.store.head(&r.chunk_key(&b)).await.is_err());
+        // rm forgets the manifest; then its chunk goes too.
+        r.remove(&name).await.unwrap();
+        assert!(matches!(
+            r.remove(&name).await,
+            Err(RemoteError::NotFound { .. })
+        ));
+        assert_eq!(r.gc(Duration::ZERO).await.unwrap().removed, 1);
+    }
+
+    #[test]
+    fn chunk_lists_that_are_no_file_are_refused() {
+        let good: RemoteManifest =
+            serde_json::from_slice(&manifest("vm/s1", &[&"a".repeat(64), &"b".repeat(64)]))
+                .unwrap();
+        assert!(good.check().is_ok());
+        let with = |f: &dyn Fn(&mut Vec<ChunkRef>)| {
+            let mut m = good.clone();
+            f(&mut m.files[0].chunks);
+            m.check()
+        };
+        assert!(with(&|c| c.reverse()).is_err(), "out of order");
+        assert!(with(&|c| c[1].offset = 100).is_err(), "overlapping");
+        assert!(with(&|c| c[0].len = 0).is_err(), "empty");
+        assert!(with(&|c| c[1].len = (8 << 20) + 1).is_err(), "too long");
+        assert!(
+            with(&|c| c[1].offset = (1 << 30) - 10).is_err(),
+            "past the size"
+        );
+        assert!(
+            with(&|c| c[0].hash = "A".repeat(64)).is_err(),
+            "not lower hex"
+        );
+        assert!(with(&|c| c[0].hash = "../x".into()).is_err(), "not a hash");
+        let mut m = good.clone();
+        m.version = 2;
+        assert!(m.check().unwrap_err().contains("version 2"));
+        // Keys name what they should.
+        let r = Remote::in_memory();
+        let n = RemoteName::parse("vm/s1").unwrap();
+        assert_eq!(r.name_of(&r.manifest_key(&n)), Some(n));
+        let h = "c".repeat(64);
+        assert_eq!(r.hash_of(&r.chunk_key(&h)), Some(h));
+        assert_eq!(r.hash_of(&Key::from("p/chunks/cc/short")), None);
+        assert!(RemoteName::parse("a/../b").is_err());
+        assert!(RemoteName::parse("vm").is_err());
     }
 }

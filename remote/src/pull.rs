@@ -9,8 +9,12 @@
 //! → writer (blocking): the bundle stream (engine's TarStream) into a pipe
 //! → import (engine): reads the pipe
 //! ```
-//! Any failure closes the pipe: import sees a bundle cut short and removes its staging.
-//! The chunk cache keeps what was fetched, so a re-run fetches only the rest.
+//! Any failure (or Ctrl-C) closes the pipe: import sees a bundle cut short and removes its
+//! staging. The chunk cache keeps what was fetched, so a re-run fetches only the rest.
+//!
+//! Never hands import a byte whose chunk did not hash to its name; never writes a local file
+//! but the chunk cache (import writes the VM); never reads more of a chunk object than a
+//! chunk of its length can compress to.
 
 use crate::cache::Cache;
 use crate::chunk;
@@ -24,6 +28,7 @@ use qsnap_engine::{Engine, ImportOptions, ImportReport, VmName};
 use serde::Serialize;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 /// How to pull.
 #[derive(Debug, Clone)]
@@ -32,6 +37,8 @@ pub struct PullOptions {
     pub import: ImportOptions,
     /// Chunks in flight at once.
     pub parallel: usize,
+    /// Cancelled (Ctrl-C): the pull stops, import removes its staging.
+    pub cancel: CancellationToken,
 }
 
 impl Default for PullOptions {
@@ -39,6 +46,7 @@ impl Default for PullOptions {
         PullOptions {
             import: ImportOptions::default(),
             parallel: 8,
+            cancel: CancellationToken::new(),
         }
     }
 }
@@ -123,22 +131,34 @@ impl Remote {
     ) -> Result<PullReport> {
         let started = Instant::now();
         let m = Arc::new(self.manifest(name).await?);
+        if !opts.import.trust.is_empty() {
+            // Known before any chunk: an unsigned or foreign snapshot costs no download.
+            qsnap_engine::bundle::check_signature(
+                &opts.import.trust,
+                m.seal.as_bytes(),
+                m.signature.as_deref().map(str::as_bytes),
+            )
+            .await?;
+        }
         let cache = Cache::of_store(engine.store().root());
-        let (reader, writer) = nix::unistd::pipe().map_err(|e| RemoteError::Io {
-            what: "making a pipe",
-            path: "(pull)".into(),
-            source: e.into(),
-        })?;
+        let (reader, writer) =
+            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| RemoteError::Io {
+                what: "making a pipe for the bundle stream",
+                path: engine.store().root().to_owned(),
+                source: e.into(),
+            })?;
         let (reader, writer) = (std::fs::File::from(reader), std::fs::File::from(writer));
         let tally = Arc::new(Mutex::new(Tally::default()));
         let failed: Arc<Mutex<Option<RemoteError>>> = Arc::default();
         let parallel = opts.parallel.max(1);
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(parallel);
+        // Small: the fetch window (`buffered`) is what runs ahead; each item is a chunk.
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(2);
 
         // Fetcher: every chunk of every file, in order.
         let fetcher = {
             let (remote, m, tally, failed) =
                 (self.clone(), m.clone(), tally.clone(), failed.clone());
+            let cancel = opts.cancel.clone();
             tokio::spawn(async move {
                 let refs: Vec<(String, ChunkRef)> = m
                     .files
@@ -152,14 +172,19 @@ impl Remote {
                     })
                     .buffered(parallel);
                 futures::pin_mut!(fetches);
-                while let Some(r) = fetches.next().await {
-                    match r {
-                        Ok(plain) => {
+                loop {
+                    let next = tokio::select! {
+                        () = cancel.cancelled() => Some(Err(RemoteError::Interrupted)),
+                        n = fetches.next() => n,
+                    };
+                    match next {
+                        None => return,
+                        Some(Ok(plain)) => {
                             if tx.send(plain).await.is_err() {
                                 return; // the writer stopped: import has refused
                             }
                         }
-                        Err(e) => {
+                        Some(Err(e)) => {
                             *failed.lock().expect("not poisoned") = Some(e);
                             return;
                         }
@@ -202,12 +227,23 @@ impl Remote {
         };
 
         let imported = engine.import(Box::new(reader), into, &opts.import).await;
+        if imported.is_err() {
+            // Nothing more is needed: stop fetching before waiting for the writer (which
+            // then sees the channel close, or the pipe's reader gone).
+            fetcher.abort();
+        }
         let _ = stream_writer.await;
         fetcher.abort();
         let _ = fetcher.await;
-        // A chunk that could not be had explains an import that saw the stream stop.
+        // A chunk that could not be had (or Ctrl-C) explains an import that saw the stream
+        // stop; any other refusal of import's is its own.
         if let Some(e) = failed.lock().expect("not poisoned").take() {
-            if imported.is_err() {
+            if matches!(
+                imported,
+                Err(qsnap_engine::Error::Bundle(
+                    qsnap_engine::BundleError::Corrupt { .. }
+                ))
+            ) {
                 return Err(e);
             }
         }
@@ -260,10 +296,19 @@ impl Remote {
         };
         let key = self.chunk_key(&c.hash);
         let stored = match self.store.get(&key).await {
-            Ok(g) => g
-                .bytes()
-                .await
-                .map_err(self.err(format!("fetching chunk {}", c.hash)))?,
+            Ok(g) => {
+                // No chunk of this length compresses to more: a bigger object is not it.
+                let bound = zstd::zstd_safe::compress_bound(c.len as usize) as u64;
+                if g.meta.size > bound {
+                    return Err(corrupt(format!(
+                        "chunk {} is {} bytes in the store, more than a chunk of {} bytes can be",
+                        c.hash, g.meta.size, c.len
+                    )));
+                }
+                g.bytes()
+                    .await
+                    .map_err(self.err(format!("fetching chunk {}", c.hash)))?
+            }
             Err(object_store::Error::NotFound { .. }) => {
                 return Err(corrupt(format!(
                     "chunk {} is missing from the store",
@@ -277,7 +322,10 @@ impl Remote {
             .await
             .expect("no panic")
             .map_err(corrupt)?;
-        cache.put(&c.hash, &stored).await?;
+        if let Err(e) = cache.put(&c.hash, &stored).await {
+            // The chunk is good; only a later pull would miss it.
+            tracing::warn!(error = %e, chunk = %c.hash, "a fetched chunk could not be cached");
+        }
         let mut t = tally.lock().expect("not poisoned");
         t.downloaded_chunks += 1;
         t.downloaded_bytes += n;

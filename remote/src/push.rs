@@ -10,11 +10,19 @@
 //! A push killed at any moment leaves chunks and no manifest: nothing lists it, a re-run
 //! uploads only what is missing, `gc` removes the rest after its grace period. A chunk
 //! found in the store older than [`PushOptions::refresh`] is put again (same bytes), so
-//! that its time says it is in use: `gc` deletes only chunks older than its grace.
+//! that its time says it is in use: `gc` deletes only chunks older than its grace. After
+//! the manifest, every chunk it names is looked for once more and put again if a `gc` that
+//! decided before the manifest existed removed it meanwhile (manage.rs says why that closes
+//! the race).
+//!
+//! Never writes over a manifest; never writes a local file; never writes a chunk under a
+//! name that is not the hash of its bytes.
 
 use crate::chunk::{self, Cut};
 use crate::error::{RemoteError, Result};
-use crate::format::{ChunkRef, RemoteFile, RemoteManifest, RemoteName, FORMAT, VERSION};
+use crate::format::{
+    ChunkRef, RemoteFile, RemoteManifest, RemoteName, FORMAT, MANIFEST_LIMIT, VERSION,
+};
 use crate::location::Remote;
 use crate::ProgressFn;
 use futures::StreamExt;
@@ -25,6 +33,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
+use tokio_util::sync::CancellationToken;
 
 /// How to push.
 #[derive(Clone)]
@@ -39,6 +48,8 @@ pub struct PushOptions {
     pub refresh: Duration,
     /// Progress over the snapshot's bytes read.
     pub progress: Option<ProgressFn>,
+    /// Cancelled (Ctrl-C): the push stops before its manifest; a re-run goes on.
+    pub cancel: CancellationToken,
 }
 
 impl Default for PushOptions {
@@ -49,6 +60,7 @@ impl Default for PushOptions {
             parallel: 8,
             refresh: Duration::from_secs(3600),
             progress: None,
+            cancel: CancellationToken::new(),
         }
     }
 }
@@ -116,8 +128,10 @@ impl Remote {
             snapshot: snap.clone(),
         });
         let key = self.manifest_key(&name);
-        if self.store.head(&key).await.is_ok() {
-            return Err(self.exists(&name));
+        match self.store.head(&key).await {
+            Ok(_) => return Err(self.exists(&name)),
+            Err(object_store::Error::NotFound { .. }) => {}
+            Err(e) => return Err(self.err(format!("looking for {name}"))(e)),
         }
         let parts = vm
             .export_parts(
@@ -135,9 +149,11 @@ impl Remote {
         let mut digests = BTreeMap::new();
         let mut done = 0u64;
         for f in &parts.files {
-            let (chunks, hash, size) = self
-                .push_file(&f.path, opts, &tally, &seen, done, total)
-                .await?;
+            let pushed = tokio::select! {
+                () = opts.cancel.cancelled() => return Err(RemoteError::Interrupted),
+                r = self.push_file(&f.path, opts, &tally, &seen, done, total) => r,
+            };
+            let (chunks, hash, size) = pushed?;
             done += f.size;
             digests.insert(f.name.clone(), (hash, size));
             files.push(RemoteFile {
@@ -163,7 +179,19 @@ impl Remote {
             url: self.url().to_owned(),
             why: format!("qsnap made a manifest it would not read ({why}); this is a bug"),
         })?;
-        let body = serde_json::to_vec_pretty(&manifest).expect("serializable");
+        let body = serde_json::to_vec(&manifest).expect("serializable");
+        if body.len() as u64 > MANIFEST_LIMIT {
+            return Err(RemoteError::Corrupt {
+                url: self.url().to_owned(),
+                why: format!(
+                    "{name}'s manifest would be {} bytes, more than a pull reads ({MANIFEST_LIMIT}); nothing was written but chunks (gc removes them)",
+                    body.len()
+                ),
+            });
+        }
+        if opts.cancel.is_cancelled() {
+            return Err(RemoteError::Interrupted);
+        }
         let put = PutOptions {
             mode: PutMode::Create,
             ..PutOptions::default()
@@ -173,6 +201,7 @@ impl Remote {
             Err(object_store::Error::AlreadyExists { .. }) => return Err(self.exists(&name)),
             Err(e) => return Err(self.err(format!("writing the manifest of {name}"))(e)),
         }
+        self.recheck(&manifest, &parts.files).await?;
         let (chunks, _) = manifest.distinct();
         let t = std::mem::take(&mut *tally.lock().expect("not poisoned"));
         Ok(PushReport {
@@ -209,7 +238,8 @@ impl Remote {
         done: u64,
         total: u64,
     ) -> Result<(Vec<ChunkRef>, String, u64)> {
-        let (tx, rx) = tokio::sync::mpsc::channel::<Cut>(opts.parallel.max(1));
+        // Small: `buffer_unordered` is the window of chunks in flight.
+        let (tx, rx) = tokio::sync::mpsc::channel::<Cut>(2);
         let p = path.to_owned();
         let cutter = tokio::task::spawn_blocking(move || {
             chunk::cut_file(&p, |c| {
@@ -224,7 +254,7 @@ impl Remote {
                     if let Some(p) = &progress {
                         p(done + cut.offset + cut.data.len() as u64, total);
                     }
-                    self.put_chunk(cut, opts.refresh, tally, seen)
+                    self.put_chunk(path, cut, opts.refresh, tally, seen)
                 })
                 .buffer_unordered(opts.parallel.max(1));
         // Boxed, so that dropping it drops the receiver: a cutter blocked on a full channel
@@ -258,6 +288,7 @@ impl Remote {
     /// One chunk: skipped when the store has it (and it is young), else put.
     async fn put_chunk(
         &self,
+        path: &std::path::Path,
         cut: Cut,
         refresh: Duration,
         tally: &Arc<Mutex<Tally>>,
@@ -290,8 +321,8 @@ impl Remote {
             .await
             .expect("compression does not panic")
             .map_err(|source| RemoteError::Io {
-                what: "compressing a chunk",
-                path: PathBuf::from(&cut.hash),
+                what: "compressing a chunk of",
+                path: path.to_owned(),
                 source,
             })?;
         let n = stored.len() as u64;
@@ -303,5 +334,53 @@ impl Remote {
         t.uploaded_chunks += 1;
         t.uploaded_bytes += n;
         Ok(r)
+    }
+
+    /// After the manifest: every chunk it names is in the store, or is put again from the
+    /// snapshot's file (still under the export's lock, so still the same bytes).
+    async fn recheck(
+        &self,
+        m: &RemoteManifest,
+        files: &[qsnap_engine::bundle::ExportPart],
+    ) -> Result<()> {
+        let mut seen = HashSet::new();
+        for (f, part) in m.files.iter().zip(files) {
+            for c in &f.chunks {
+                if !seen.insert(c.hash.clone()) {
+                    continue;
+                }
+                let key = self.chunk_key(&c.hash);
+                match self.store.head(&key).await {
+                    Ok(_) => continue,
+                    Err(object_store::Error::NotFound { .. }) => {}
+                    Err(e) => return Err(self.err(format!("looking for chunk {}", c.hash))(e)),
+                }
+                tracing::warn!(chunk = %c.hash, "a chunk went while the push ran (a gc); putting it again");
+                let (path, c2) = (part.path.clone(), c.clone());
+                let stored = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<u8>> {
+                    use std::os::unix::fs::FileExt;
+                    let mut buf = vec![0u8; c2.len as usize];
+                    std::fs::File::open(&path)?.read_exact_at(&mut buf, c2.offset)?;
+                    if blake3::hash(&buf).to_hex().as_str() != c2.hash {
+                        return Err(std::io::Error::other(
+                            "the file changed while it was pushed",
+                        ));
+                    }
+                    chunk::compress(&buf)
+                })
+                .await
+                .expect("no panic")
+                .map_err(|source| RemoteError::Io {
+                    what: "reading a chunk again from",
+                    path: part.path.clone(),
+                    source,
+                })?;
+                self.store
+                    .put(&key, PutPayload::from(stored))
+                    .await
+                    .map_err(self.err(format!("uploading chunk {}", c.hash)))?;
+            }
+        }
+        Ok(())
     }
 }

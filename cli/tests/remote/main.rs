@@ -155,3 +155,18 @@ fn nothing_left(store: &Path, vm: &str, what: &str) {
         files_under(&store.join("staging"))
     );
 }
+
+/// Waits for a child (its stdout/stderr piped or not) at most `secs`; kills it and fails the
+/// test past that.
+fn finish(mut child: std::process::Child, secs: u64) -> std::process::Output {
+    let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!("no end within {secs} s: {}", text(&out.stderr));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child.wait_with_output().unwrap()
+}

@@ -103,10 +103,7 @@ async fn two_pushes_of_one_name_at_once_one_wins_and_three_stores_pull_it_at_onc
                 .unwrap()
         })
         .collect();
-    let outs: Vec<_> = pushes
-        .into_iter()
-        .map(|c| c.wait_with_output().unwrap())
-        .collect();
+    let outs: Vec<_> = pushes.into_iter().map(|c| finish(c, 300)).collect();
     assert_eq!(
         outs.iter().filter(|o| o.status.success()).count(),
         1,
@@ -135,7 +132,7 @@ async fn two_pushes_of_one_name_at_once_one_wins_and_three_stores_pull_it_at_onc
         })
         .collect();
     for (i, c) in pulls.into_iter().enumerate() {
-        let out = c.wait_with_output().unwrap();
+        let out = finish(c, 300);
         assert!(out.status.success(), "pull {i}: {}", text(&out.stderr));
         let b = dir.path().join(format!("b{i}"));
         ok(&in_store(&b)(&["check", "fork"]), "check");
@@ -143,5 +140,90 @@ async fn two_pushes_of_one_name_at_once_one_wins_and_three_stores_pull_it_at_onc
         ok(&in_store(&b)(&["revert", "fork", "s1"]), "revert");
         ok(&in_store(&b)(&["stop", "fork"]), "stop");
     }
+    ok(&in_store(&store)(&["stop", "vm1"]), "stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signed_push_pulls_only_with_a_trusted_key_and_plain_http_needs_saying_so() {
+    require_qemu!();
+    require_weed!();
+    let dir = tempfile::tempdir().unwrap();
+    let (_kill, store) = idle_source(dir.path(), 4).await;
+    let sw = seaweed(&dir.path().join("seaweed"));
+    let url = url(&sw);
+    let a = on(&store, &sw);
+    let keys = dir.path().join("keys");
+    std::fs::create_dir_all(&keys).unwrap();
+    for k in ["ours", "theirs"] {
+        ok(&a(&["keygen", keys.join(k).to_str().unwrap()]), "keygen");
+    }
+    let key = keys.join("ours.key");
+    let out = a(&[
+        "push",
+        "vm1",
+        "s1",
+        &url,
+        "--sign",
+        key.to_str().unwrap(),
+        "--json",
+    ]);
+    ok(&out, "push --sign");
+    assert_eq!(json(&out)["signed"], true);
+    ok(
+        &a(&["push", "vm1", "s1", &url, "--as", "vm1/plain"]),
+        "push",
+    );
+    let b = dir.path().join("b");
+    let pull = |name: &str, vm: &str, key: &str| {
+        on(&b, &sw)(&[
+            "pull",
+            &url,
+            name,
+            vm,
+            "--trust",
+            keys.join(key).to_str().unwrap(),
+            "--json",
+        ])
+    };
+    let out = pull("vm1/s1", "other", "theirs.pub");
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        text(&out.stderr).contains("not by a key you trust"),
+        "{out:?}"
+    );
+    nothing_left(&b, "other", "signed by another key");
+    let out = pull("vm1/plain", "unsigned", "ours.pub");
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(text(&out.stderr).contains("not signed"), "{out:?}");
+    nothing_left(&b, "unsigned", "unsigned");
+    let out = pull("vm1/s1", "trusted", "ours.pub");
+    ok(&out, "pull --trust");
+    ok(&in_store(&b)(&["check", "trusted"]), "check");
+    let out = on(&b, &sw)(&["remote", "list", &url, "--json"]);
+    let list = json(&out);
+    let signed: Vec<_> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| (e["name"].as_str().unwrap().to_owned(), e["signed"] == true))
+        .collect();
+    assert_eq!(
+        signed,
+        [("vm1/plain".to_owned(), false), ("vm1/s1".to_owned(), true)]
+    );
+
+    // https unless the user says a plain-http endpoint is meant; no secret in the error.
+    let out = command(&b, &sw)
+        .env_remove("AWS_ALLOW_HTTP")
+        .args(["remote", "list", &url])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = text(&out.stderr);
+    assert!(
+        err.contains(&url) && err.to_lowercase().contains("http"),
+        "{err}"
+    );
+    assert!(!err.contains(sw.secret_key()), "{err}");
     ok(&in_store(&store)(&["stop", "vm1"]), "stop");
 }

@@ -34,7 +34,7 @@
 
 use std::cmp::min;
 use std::fs::File;
-use std::io::{self, BufRead, BufReader, Read, Write};
+use std::io::{self, BufReader, Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
@@ -306,11 +306,26 @@ impl<W: Write> Writer<W> {
         }
         let mut written = 0u64;
         let out = &mut self.zstd;
-        data(&mut |_, chunk| {
-            written += chunk.len() as u64;
-            if written > stored {
-                return Err(io::Error::other(format!("`{name}` grew while being added")));
+        // Where the next bytes must start: region `at.0`, offset `at.1`.
+        let mut at = (0usize, regions.first().map_or(0, |r| r.0));
+        data(&mut |off, chunk| {
+            while let Some(&(start, len)) = regions.get(at.0) {
+                if at.1 < start + len {
+                    break;
+                }
+                at = (at.0 + 1, regions.get(at.0 + 1).map_or(0, |r| r.0));
             }
+            let Some(&(start, len)) = regions.get(at.0) else {
+                return Err(io::Error::other(format!("`{name}` grew while being added")));
+            };
+            if off != at.1 || off + chunk.len() as u64 > start + len {
+                return Err(io::Error::other(format!(
+                    "`{name}`: bytes at {off} handed where {} was due",
+                    at.1
+                )));
+            }
+            at.1 += chunk.len() as u64;
+            written += chunk.len() as u64;
             out.write_all(chunk)
         })
         .and_then(|()| {
@@ -409,8 +424,19 @@ pub(crate) fn read<R: Read, E: From<io::Error>>(
     input: R,
     mut visit: impl FnMut(&mut Entry<'_>) -> Result<(), E>,
 ) -> Result<(), E> {
-    let mut input = BufReader::with_capacity(CHUNK, input);
-    let zstd = input.fill_buf()?.starts_with(&ZSTD_MAGIC);
+    // The first four bytes tell zstd from plain tar; a pipe may hand them one at a time.
+    let (mut head, mut n) = ([0u8; 4], 0);
+    let mut input = input;
+    while n < head.len() {
+        match input.read(&mut head[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let zstd = head[..n] == ZSTD_MAGIC;
+    let input = BufReader::with_capacity(CHUNK, io::Cursor::new(head[..n].to_vec()).chain(input));
     let mut src = if zstd {
         Input::Zstd(Unzstd {
             input,

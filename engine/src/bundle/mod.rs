@@ -66,3 +66,22 @@ pub(crate) async fn hash_cached(path: &Path) -> Result<String> {
     }
     Ok(digest.hash)
 }
+
+/// Refuses `seal` unless `signature` (a minisign signature) is by one of the public keys in
+/// the files `trust` names: what `import --trust` checks after the data, for a caller that
+/// has the seal before the data (a pull checks it before fetching anything).
+pub async fn check_signature(
+    trust: &[std::path::PathBuf],
+    seal: &[u8],
+    signature: Option<&[u8]>,
+) -> Result<()> {
+    let (trust, seal, signature) = (trust.to_vec(), seal.to_vec(), signature.map(<[u8]>::to_vec));
+    store::blocking(move || {
+        let keys = trust
+            .iter()
+            .map(|k| sign::read_public(k))
+            .collect::<Result<Vec<_>>>()?;
+        sign::verify(&keys, &seal, signature.as_deref())
+    })
+    .await
+}

@@ -439,7 +439,12 @@ fn a_plain_tar_stream_from_regions_reads_back_as_a_bundle() {
     assert!(!stream.starts_with(&ZSTD_MAGIC));
     fs::create_dir_all(dir.path().join("memory")).unwrap();
     let got = extract(&stream, dir.path(), &BTreeMap::new()).unwrap();
-    let expect = make(dir.path(), "expect", size, &[(4096, a.clone()), (65536, b)]);
+    let expect = make(
+        dir.path(),
+        "expect",
+        size,
+        &[(4096, a.clone()), (65536, b.clone())],
+    );
     assert_eq!(
         fs::read(dir.path().join("memory/state.mem")).unwrap(),
         fs::read(&expect).unwrap()
@@ -452,6 +457,12 @@ fn a_plain_tar_stream_from_regions_reads_back_as_a_bundle() {
     let mut t = TarStream::new(Vec::new());
     let short = t.add_sparse("f/x", size, &regions, &mut |w| w(4096, &a));
     assert!(short.is_err());
+    let mut t = TarStream::new(Vec::new());
+    let misplaced = t.add_sparse("f/x", size, &regions, &mut |w| {
+        w(4096, &a)?;
+        w(65536 + 1, &b[1..])
+    });
+    assert!(misplaced.unwrap_err().to_string().contains("handed where"));
     let mut t = TarStream::new(Vec::new());
     let backwards = t.add_sparse("f/x", size, &[(8192, 10), (0, 10)], &mut |_| Ok(()));
     assert_eq!(backwards.unwrap_err().kind(), io::ErrorKind::InvalidInput);
