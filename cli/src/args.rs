@@ -89,7 +89,8 @@ pub enum Command {
     /// if the name is free: two hosts pushing one name cannot overwrite each other).
     Push(PushArgs),
     /// Download a snapshot from an object store into a new VM NAME (stopped), exactly as
-    /// `import` makes one from a bundle: same checks, same staging, same refusals.
+    /// `import` makes one from a bundle: same checks, same staging, same refusals. Into an
+    /// existing VM NAME, a snapshot pushed with --base adds itself where NAME holds its base.
     ///
     /// Every chunk is hashed before its bytes are used; a missing or damaged chunk stops the
     /// pull, naming it, with nothing registered. Chunks are kept in the store's chunk cache:
@@ -276,6 +277,10 @@ pub struct PushArgs {
     /// Sign the snapshot's seal with this secret key (`qsnap keygen`); `pull --trust` checks it.
     #[arg(long, value_name = "KEY")]
     pub sign: Option<PathBuf>,
+    /// Also as an incremental on this earlier snapshot (pushed before): a pull into the VM
+    /// that holds it adds the snapshot there, fetching what changed since.
+    #[arg(long, value_name = "SNAP")]
+    pub base: Option<String>,
     /// Chunks uploaded at once.
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=256))]
     pub parallel: u16,
@@ -295,7 +300,7 @@ pub struct PullArgs {
     pub url: String,
     /// The snapshot there: VM/SNAP (`qsnap remote list URL`).
     pub remote_name: String,
-    /// The VM to make.
+    /// The VM to make (or, for a snapshot pushed with --base, the VM holding that base).
     pub name: String,
     /// Where the disk images go (default: the VM's directory in the store).
     #[arg(long, value_name = "DIR")]

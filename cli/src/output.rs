@@ -479,12 +479,16 @@ pub fn remote_list(url: &str, list: &[qsnap_remote::RemoteEntry], as_json: bool)
     );
     for e in list {
         println!(
-            "{:<32} {:<22} {:>12} {:>8}  {}",
+            "{:<32} {:<22} {:>12} {:>8}  {}{}",
             e.name,
             e.pushed_at,
             mib(e.size_bytes),
             e.chunks,
-            if e.signed { "yes" } else { "no" }
+            if e.signed { "yes" } else { "no" },
+            e.incremental_on
+                .as_ref()
+                .map(|b| format!("  (also incremental on {b})"))
+                .unwrap_or_default()
         );
     }
 }

@@ -530,6 +530,7 @@ fn push(a: PushArgs) -> anyhow::Result<Action> {
         opts: PushOptions {
             as_name: a.as_name.as_deref().map(remote_name).transpose()?,
             sign: a.sign.map(absolute).transpose()?,
+            base: a.base.as_deref().map(snap_name).transpose()?,
             parallel: usize::from(a.parallel),
             refresh: a.refresh,
             ..PushOptions::default()

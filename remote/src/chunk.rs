@@ -49,17 +49,49 @@ impl Read for Span<'_> {
 
 /// Cuts the file at `path` into chunks, handing each (in order) to `f`; returns the file's
 /// content hash (the one a bundle's seal holds) and its size. Only data regions are read;
-/// each is cut on its own, so a hole is never inside a chunk.
+/// each is cut on its own, so a hole is never inside a chunk; a chunk of zeros is no chunk.
 pub(crate) fn cut_file(
     path: &Path,
-    mut f: impl FnMut(Cut) -> io::Result<()>,
+    f: impl FnMut(Cut) -> io::Result<()>,
 ) -> io::Result<(String, u64)> {
     let file = File::open(path)?;
     let size = file.metadata()?.len();
     let mut hasher = ContentHasher::new();
-    for (off, len) in data_spans(&file, size)? {
+    let spans = data_spans(&file, size)?;
+    cut(
+        &file,
+        &spans,
+        true,
+        &mut |off, data| hasher.feed(off, data),
+        f,
+    )?;
+    Ok((hasher.finish(size), size))
+}
+
+/// Cuts the blocks of `path` that differ from `base` (the base snapshot's file, which the
+/// receiver has) into chunks; returns the whole file's content hash and its size. Zeros
+/// here are chunks like any bytes: outside the chunks, a pull takes the base's bytes.
+pub(crate) fn cut_delta(
+    path: &Path,
+    base: &Path,
+    f: impl FnMut(Cut) -> io::Result<()>,
+) -> io::Result<(String, u64)> {
+    let file = File::open(path)?;
+    let delta = qsnap_engine::bundle::delta_regions(&file, &File::open(base)?, &mut |_| {})?;
+    cut(&file, &delta.regions, false, &mut |_, _| {}, f)?;
+    Ok((delta.hash, delta.size))
+}
+
+fn cut(
+    file: &File,
+    regions: &[(u64, u64)],
+    skip_zeros: bool,
+    seen: &mut dyn FnMut(u64, &[u8]),
+    mut f: impl FnMut(Cut) -> io::Result<()>,
+) -> io::Result<()> {
+    for &(off, len) in regions {
         let span = Span {
-            file: &file,
+            file,
             pos: off,
             end: off + len,
         };
@@ -70,8 +102,8 @@ pub(crate) fn cut_file(
                 other => io::Error::other(other.to_string()),
             })?;
             let offset = off + c.offset;
-            hasher.feed(offset, &c.data);
-            if c.data.iter().all(|&b| b == 0) {
+            seen(offset, &c.data);
+            if skip_zeros && c.data.iter().all(|&b| b == 0) {
                 continue;
             }
             f(Cut {
@@ -81,7 +113,7 @@ pub(crate) fn cut_file(
             })?;
         }
     }
-    Ok((hasher.finish(size), size))
+    Ok(())
 }
 
 /// A chunk as stored: zstd at level 1 (measured: level 3 made a push CPU-bound on 2 cores

@@ -71,6 +71,18 @@ pub struct RemoteManifest {
     pub pushed_at: String,
     /// The pushing qsnap's version.
     pub qsnap_version: String,
+    /// The whole snapshot: what a pull into a new VM imports.
+    pub whole: View,
+    /// With `push --base`: the same snapshot as an incremental bundle on that base, for a
+    /// pull into the VM that holds the base (its chunks are mostly the whole view's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub incremental: Option<Incremental>,
+}
+
+/// The snapshot as one bundle: its manifest, its seal, and its files as chunks.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct View {
     /// The bundle manifest's exact text (its hash is in the seal).
     pub bundle: String,
     /// The seal's exact text: the bundle manifest's hash, each file's content hash and size.
@@ -79,6 +91,17 @@ pub struct RemoteManifest {
     pub signature: Option<String>,
     /// Every file of the bundle, in bundle order.
     pub files: Vec<RemoteFile>,
+}
+
+/// The incremental view and the snapshot it builds on.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct Incremental {
+    /// The base snapshot's name on the pushing VM.
+    pub base: String,
+    /// The incremental bundle (a delta file's chunks cover only the blocks that differ from
+    /// the base's file; everything else is the base's).
+    pub view: View,
 }
 
 /// One file: its size and the chunks holding its data (what no chunk covers is zeros).
@@ -122,7 +145,8 @@ impl RemoteManifest {
                 self.version
             ));
         }
-        for f in &self.files {
+        let views = std::iter::once(&self.whole).chain(self.incremental.as_ref().map(|i| &i.view));
+        for f in views.flat_map(|v| &v.files) {
             let mut end = 0u64;
             for c in &f.chunks {
                 let stop = c.offset.checked_add(u64::from(c.len));
@@ -147,10 +171,18 @@ impl RemoteManifest {
         Ok(())
     }
 
-    /// Chunk references of every file, counted once per distinct chunk: (chunks, plain bytes).
+    /// Every chunk reference of both views.
+    pub fn chunks(&self) -> impl Iterator<Item = &ChunkRef> {
+        std::iter::once(&self.whole)
+            .chain(self.incremental.as_ref().map(|i| &i.view))
+            .flat_map(|v| &v.files)
+            .flat_map(|f| &f.chunks)
+    }
+
+    /// Distinct chunks of both views: (chunks, plain bytes).
     pub fn distinct(&self) -> (usize, u64) {
         let mut seen = std::collections::BTreeMap::new();
-        for c in self.files.iter().flat_map(|f| &f.chunks) {
+        for c in self.chunks() {
             seen.insert(c.hash.as_str(), u64::from(c.len));
         }
         (seen.len(), seen.values().sum())

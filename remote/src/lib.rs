@@ -21,7 +21,9 @@ mod pull;
 mod push;
 
 pub use error::{RemoteError, Result};
-pub use format::{ChunkRef, RemoteFile, RemoteManifest, RemoteName, FORMAT, VERSION};
+pub use format::{
+    ChunkRef, Incremental, RemoteFile, RemoteManifest, RemoteName, View, FORMAT, VERSION,
+};
 pub use location::Remote;
 pub use manage::{GcReport, RemoteEntry};
 pub use pull::{PullOptions, PullReport};

@@ -46,6 +46,8 @@ pub struct RemoteEntry {
     pub chunk_bytes: u64,
     /// Whether its seal is signed.
     pub signed: bool,
+    /// With an incremental view (`push --base`): the snapshot it builds on.
+    pub incremental_on: Option<String>,
 }
 
 /// What `gc` did.
@@ -78,10 +80,11 @@ impl Remote {
             out.push(RemoteEntry {
                 name: name.to_string(),
                 pushed_at: m.pushed_at.clone(),
-                size_bytes: m.files.iter().map(|f| f.size).sum(),
+                size_bytes: m.whole.files.iter().map(|f| f.size).sum(),
                 chunks,
                 chunk_bytes,
-                signed: m.signature.is_some(),
+                signed: m.whole.signature.is_some(),
+                incremental_on: m.incremental.as_ref().map(|i| i.base.clone()),
             });
         }
         Ok(out)
@@ -148,7 +151,7 @@ impl Remote {
                 },
                 other => other,
             })?;
-            used.extend(m.files.into_iter().flat_map(|f| f.chunks).map(|c| c.hash));
+            used.extend(m.chunks().map(|c| c.hash.clone()));
         }
         let metas: Vec<_> = self
             .store
@@ -218,7 +221,7 @@ impl Remote {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::format::{ChunkRef, RemoteFile, FORMAT, VERSION};
+    use crate::format::{ChunkRef, RemoteFile, View, FORMAT, VERSION};
     use object_store::{path::Path as Key, PutPayload};
 
     fn manifest(name: &str, chunks: &[&str]) -> Vec<u8> {
@@ -228,22 +231,25 @@ mod tests {
             name: name.into(),
             pushed_at: "2026-12-05T00:00:00Z".into(),
             qsnap_version: "0".into(),
-            bundle: "{}".into(),
-            seal: "{}".into(),
-            signature: None,
-            files: vec![RemoteFile {
-                name: "memory/state.mem".into(),
-                size: 1 << 30,
-                chunks: chunks
-                    .iter()
-                    .enumerate()
-                    .map(|(i, h)| ChunkRef {
-                        offset: i as u64 * 4096,
-                        len: 4096,
-                        hash: (*h).into(),
-                    })
-                    .collect(),
-            }],
+            whole: View {
+                bundle: "{}".into(),
+                seal: "{}".into(),
+                signature: None,
+                files: vec![RemoteFile {
+                    name: "memory/state.mem".into(),
+                    size: 1 << 30,
+                    chunks: chunks
+                        .iter()
+                        .enumerate()
+                        .map(|(i, h)| ChunkRef {
+                            offset: i as u64 * 4096,
+                            len: 4096,
+                            hash: (*h).into(),
+                        })
+                        .collect(),
+                }],
+            },
+            incremental: None,
         };
         serde_json::to_vec(&m).unwrap()
     }
@@ -315,7 +321,7 @@ mod tests {
         assert!(good.check().is_ok());
         let with = |f: &dyn Fn(&mut Vec<ChunkRef>)| {
             let mut m = good.clone();
-            f(&mut m.files[0].chunks);
+            f(&mut m.whole.files[0].chunks);
             m.check()
         };
         assert!(with(&|c| c.reverse()).is_err(), "out of order");

@@ -130,7 +130,16 @@ impl Remote {
         opts: &PullOptions,
     ) -> Result<PullReport> {
         let started = Instant::now();
-        let m = Arc::new(self.manifest(name).await?);
+        let m = self.manifest(name).await?;
+        // Into a VM that exists, only the incremental view can go (import checks that the VM
+        // holds its base); a new VM takes the whole snapshot.
+        let exists = engine.store().record(into).await.is_ok();
+        let view = match (exists, m.incremental) {
+            (true, Some(i)) => i.view,
+            _ => m.whole,
+        };
+        let chunks = view.files.iter().map(|f| f.chunks.len()).sum::<usize>();
+        let m = Arc::new(view);
         if !opts.import.trust.is_empty() {
             // Known before any chunk: an unsigned or foreign snapshot costs no download.
             qsnap_engine::bundle::check_signature(
@@ -252,7 +261,7 @@ impl Remote {
         Ok(PullReport {
             url: self.url().to_owned(),
             name: name.to_string(),
-            chunks: m.files.iter().map(|f| f.chunks.len()).sum(),
+            chunks,
             downloaded_chunks: t.downloaded_chunks,
             downloaded_bytes: t.downloaded_bytes,
             cached_chunks: t.cached_chunks,

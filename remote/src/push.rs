@@ -21,7 +21,8 @@
 use crate::chunk::{self, Cut};
 use crate::error::{RemoteError, Result};
 use crate::format::{
-    ChunkRef, RemoteFile, RemoteManifest, RemoteName, FORMAT, MANIFEST_LIMIT, VERSION,
+    ChunkRef, Incremental, RemoteFile, RemoteManifest, RemoteName, View, FORMAT, MANIFEST_LIMIT,
+    VERSION,
 };
 use crate::location::Remote;
 use crate::ProgressFn;
@@ -42,6 +43,9 @@ pub struct PushOptions {
     pub as_name: Option<RemoteName>,
     /// Sign the seal with this secret key (`qsnap keygen`).
     pub sign: Option<PathBuf>,
+    /// Also an incremental view on this earlier snapshot (`export --base`'s bundle), for a
+    /// pull into the VM that holds it: its chunks are mostly the whole view's.
+    pub base: Option<SnapshotName>,
     /// Chunks in flight at once.
     pub parallel: usize,
     /// A chunk already in the store but older than this is put again (see the module doc).
@@ -57,6 +61,7 @@ impl Default for PushOptions {
         PushOptions {
             as_name: None,
             sign: None,
+            base: None,
             parallel: 8,
             refresh: Duration::from_secs(3600),
             progress: None,
@@ -70,6 +75,7 @@ impl std::fmt::Debug for PushOptions {
         f.debug_struct("PushOptions")
             .field("as_name", &self.as_name)
             .field("sign", &self.sign)
+            .field("base", &self.base)
             .field("parallel", &self.parallel)
             .field("refresh", &self.refresh)
             .finish_non_exhaustive()
@@ -133,47 +139,81 @@ impl Remote {
             Err(object_store::Error::NotFound { .. }) => {}
             Err(e) => return Err(self.err(format!("looking for {name}"))(e)),
         }
-        let parts = vm
-            .export_parts(
-                snap,
-                &ExportOptions {
-                    sign: opts.sign.clone(),
-                    ..ExportOptions::default()
-                },
-            )
-            .await?;
-        let total: u64 = parts.files.iter().map(|f| f.size).sum();
+        let export = |base: Option<SnapshotName>| ExportOptions {
+            base,
+            sign: opts.sign.clone(),
+            ..ExportOptions::default()
+        };
+        let parts = vm.export_parts(snap, &export(None)).await?;
+        let inc_parts = match &opts.base {
+            Some(b) => Some(vm.export_parts(snap, &export(Some(b.clone()))).await?),
+            None => None,
+        };
+        let total: u64 = parts.files.iter().map(|f| f.size).sum::<u64>()
+            + inc_parts
+                .iter()
+                .flat_map(|p| &p.files)
+                .filter(|f| f.delta_base.is_some())
+                .map(|f| f.size)
+                .sum::<u64>();
         let tally = Arc::new(Mutex::new(Tally::default()));
         let seen: Arc<Mutex<HashSet<String>>> = Arc::default();
-        let mut files = Vec::new();
-        let mut digests = BTreeMap::new();
+        // A file both views ship whole is cut once.
+        let mut done_files: BTreeMap<PathBuf, (Vec<ChunkRef>, String, u64)> = BTreeMap::new();
         let mut done = 0u64;
-        for f in &parts.files {
-            let pushed = tokio::select! {
-                () = opts.cancel.cancelled() => return Err(RemoteError::Interrupted),
-                r = self.push_file(&f.path, opts, &tally, &seen, done, total) => r,
-            };
-            let (chunks, hash, size) = pushed?;
-            done += f.size;
-            digests.insert(f.name.clone(), (hash, size));
-            files.push(RemoteFile {
-                name: f.name.clone(),
-                size,
-                chunks,
+        let mut views = Vec::new();
+        for p in std::iter::once(&parts).chain(inc_parts.iter()) {
+            let mut files = Vec::new();
+            let mut digests = BTreeMap::new();
+            for f in &p.files {
+                let cut = match (&f.delta_base, done_files.get(&f.path)) {
+                    (None, Some(c)) => c.clone(),
+                    _ => {
+                        let pushed = tokio::select! {
+                            () = opts.cancel.cancelled() => return Err(RemoteError::Interrupted),
+                            r = self.push_file(&f.path, f.delta_base.as_deref(), opts, (&tally, &seen), (done, total)) => r,
+                        };
+                        let c = pushed?;
+                        done += f.size;
+                        if f.delta_base.is_none() {
+                            done_files.insert(f.path.clone(), c.clone());
+                        }
+                        c
+                    }
+                };
+                let (chunks, hash, size) = cut;
+                digests.insert(f.name.clone(), (hash, size));
+                files.push(RemoteFile {
+                    name: f.name.clone(),
+                    size,
+                    chunks,
+                });
+            }
+            let sealed = p.seal(&digests)?;
+            let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+            views.push(View {
+                bundle: text(&p.manifest),
+                seal: text(&sealed.seal),
+                signature: sealed.signature.as_deref().map(text),
+                files,
             });
         }
-        let sealed = parts.seal(&digests)?;
-        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+        let incremental = match (views.len(), &opts.base) {
+            (2, Some(b)) => views.pop().map(|view| Incremental {
+                base: b.to_string(),
+                view,
+            }),
+            _ => None,
+        };
+        let whole = views.pop().expect("the whole view");
         let manifest = RemoteManifest {
             format: FORMAT.into(),
             version: VERSION,
             name: name.to_string(),
             pushed_at: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
             qsnap_version: env!("CARGO_PKG_VERSION").into(),
-            bundle: text(&parts.manifest),
-            seal: text(&sealed.seal),
-            signature: sealed.signature.as_deref().map(text),
-            files,
+            whole,
+            incremental,
         };
         manifest.check().map_err(|why| RemoteError::Corrupt {
             url: self.url().to_owned(),
@@ -201,21 +241,32 @@ impl Remote {
             Err(object_store::Error::AlreadyExists { .. }) => return Err(self.exists(&name)),
             Err(e) => return Err(self.err(format!("writing the manifest of {name}"))(e)),
         }
-        self.recheck(&manifest, &parts.files).await?;
+        let mut sources = vec![(&manifest.whole, &parts.files)];
+        if let (Some(i), Some(p)) = (&manifest.incremental, &inc_parts) {
+            sources.push((&i.view, &p.files));
+        }
+        for (view, files) in sources {
+            self.recheck(view, files).await?;
+        }
         let (chunks, _) = manifest.distinct();
         let t = std::mem::take(&mut *tally.lock().expect("not poisoned"));
         Ok(PushReport {
             url: self.url().to_owned(),
             name: name.to_string(),
-            files: manifest.files.len(),
+            files: manifest.whole.files.len(),
             size_bytes: total,
             chunks,
             uploaded_chunks: t.uploaded_chunks,
             uploaded_bytes: t.uploaded_bytes,
             deduplicated_chunks: t.deduplicated_chunks,
             deduplicated_bytes: t.deduplicated_bytes,
-            signed: sealed.signature.is_some(),
-            notes: parts.notes.clone(),
+            signed: manifest.whole.signature.is_some(),
+            notes: parts
+                .notes
+                .iter()
+                .chain(inc_parts.iter().flat_map(|p| &p.notes))
+                .cloned()
+                .collect(),
             total_ms: started.elapsed().as_secs_f64() * 1e3,
         })
     }
@@ -232,20 +283,23 @@ impl Remote {
     async fn push_file(
         &self,
         path: &std::path::Path,
+        delta_base: Option<&std::path::Path>,
         opts: &PushOptions,
-        tally: &Arc<Mutex<Tally>>,
-        seen: &Arc<Mutex<HashSet<String>>>,
-        done: u64,
-        total: u64,
+        (tally, seen): (&Arc<Mutex<Tally>>, &Arc<Mutex<HashSet<String>>>),
+        (done, total): (u64, u64),
     ) -> Result<(Vec<ChunkRef>, String, u64)> {
         // Small: `buffer_unordered` is the window of chunks in flight.
         let (tx, rx) = tokio::sync::mpsc::channel::<Cut>(2);
-        let p = path.to_owned();
+        let (p, base) = (path.to_owned(), delta_base.map(std::path::Path::to_owned));
         let cutter = tokio::task::spawn_blocking(move || {
-            chunk::cut_file(&p, |c| {
+            let send = |c| {
                 tx.blocking_send(c)
                     .map_err(|_| std::io::Error::other("the upload stopped"))
-            })
+            };
+            match &base {
+                Some(b) => chunk::cut_delta(&p, b, send),
+                None => chunk::cut_file(&p, send),
+            }
         });
         let progress = opts.progress.clone();
         let uploads =
@@ -338,13 +392,9 @@ impl Remote {
 
     /// After the manifest: every chunk it names is in the store, or is put again from the
     /// snapshot's file (still under the export's lock, so still the same bytes).
-    async fn recheck(
-        &self,
-        m: &RemoteManifest,
-        files: &[qsnap_engine::bundle::ExportPart],
-    ) -> Result<()> {
+    async fn recheck(&self, view: &View, files: &[qsnap_engine::bundle::ExportPart]) -> Result<()> {
         let mut seen = HashSet::new();
-        for (f, part) in m.files.iter().zip(files) {
+        for (f, part) in view.files.iter().zip(files) {
             for c in &f.chunks {
                 if !seen.insert(c.hash.clone()) {
                     continue;

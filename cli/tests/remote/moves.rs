@@ -2,6 +2,7 @@
 //! name cannot be pushed twice; three stores pull one snapshot at once.
 
 use super::*;
+use qsnap_testkit::serial::{parse_tick, SerialLog};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pushed_snapshot_resumes_at_its_tick_in_another_store_and_the_next_moves_only_new_chunks()
@@ -42,7 +43,7 @@ async fn a_pushed_snapshot_resumes_at_its_tick_in_another_store_and_the_next_mov
 
     // A second snapshot: the store has most of its chunks; store B's cache has them too.
     let s2 = src.snapshot("s2", &["--mode", "precopy"]).await;
-    let out = a(&["push", "src", "s2", &url, "--json"]);
+    let out = a(&["push", "src", "s2", &url, "--base", "s1", "--json"]);
     ok(&out, "push s2");
     let second = json(&out);
     assert!(second["deduplicated-chunks"].as_u64() > Some(0), "{second}");
@@ -67,6 +68,48 @@ async fn a_pushed_snapshot_resumes_at_its_tick_in_another_store_and_the_next_mov
         "{pulled2}"
     );
     resume(&src.root.join("b"), "second", &pulled2["import"], s2).await;
+
+    // Into the VM that holds s1 (pulled above): the incremental view adds s2 there.
+    let out = b(&["pull", &url, "src/s2", "first", "--json"]);
+    ok(&out, "pull s2 into first");
+    let inc = json(&out);
+    assert_eq!(inc["import"]["new-vm"], false, "{inc}");
+    assert_eq!(inc["import"]["base"], "s1", "{inc}");
+    let store_b = src.root.join("b");
+    let run_b = in_store(&store_b);
+    let listed = run_b(&["list", "first", "--json"]);
+    assert!(
+        text(&listed.stdout).contains("\"s2\""),
+        "{}",
+        text(&listed.stdout)
+    );
+    ok(&run_b(&["check", "first"]), "check first");
+    let console = pulled["import"]["moved"][0]["to"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let log = SerialLog::follow(&console);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let from = log.len();
+    let _kill = KillRecordedQemu::new(&store_b, "first");
+    ok(&run_b(&["revert", "first", "s2"]), "revert first s2");
+    let (idx, tick) = log
+        .wait_from(from, Duration::from_secs(60), parse_tick)
+        .await
+        .unwrap_or_else(|e| panic!("first: no tick after s2: {e}\n{}", log.tail(30)));
+    assert!(
+        tick > s2.0 && tick <= s2.1 + 1,
+        "first resumed at {tick}; s2 was taken between {} and {}",
+        s2.0,
+        s2.1
+    );
+    log.wait_from(idx, Duration::from_secs(60), |l| {
+        parse_tick(l).filter(|&t| t >= tick + 2)
+    })
+    .await
+    .unwrap_or_else(|e| panic!("first stalled: {e}\n{}", log.tail(30)));
+    assert!(log.mismatches().is_empty(), "{}", log.tail(30));
+    ok(&run_b(&["stop", "first"]), "stop first");
 
     let out = b(&["remote", "list", &url, "--json"]);
     ok(&out, "remote list");

@@ -160,52 +160,14 @@ impl<W: Write> Writer<W> {
         progress: &mut dyn FnMut(u64),
     ) -> io::Result<FileDigest> {
         check_name(name, io::ErrorKind::InvalidInput)?;
-        let (new, old) = (open_regular(path)?, open_regular(base)?);
-        let (size, base_len) = (new.metadata()?.len(), old.metadata()?.len());
-        // Where neither file has data both are zeros: nothing to read there.
-        let mut spans = sparse::data_spans(&new, size)?;
-        // Whole blocks of the new file: a base ending mid-block is compared to the block's end.
-        let theirs = sparse::data_spans(&old, base_len)?
-            .into_iter()
-            .filter(|s| s.0 < size);
-        spans.extend(
-            theirs.map(|(off, len)| (off, min((off + len).div_ceil(BLOCK) * BLOCK, size) - off)),
-        );
-        spans.sort_unstable();
-        let mut merged: Vec<(u64, u64)> = Vec::new();
-        for (off, len) in spans {
-            match merged.last_mut() {
-                Some(last) if last.0 + last.1 >= off => {
-                    last.1 = (off + len).max(last.0 + last.1) - last.0
-                }
-                _ => merged.push((off, len)),
-            }
-        }
-        let mut hasher = ContentHasher::new();
-        let mut regions = Regions::default();
-        let mut theirs = vec![0u8; CHUNK];
-        sparse::read_spans(&new, &merged, |off, ours| {
-            hasher.feed(off, ours);
-            let theirs = &mut theirs[..ours.len()];
-            let have = usize::try_from(base_len.saturating_sub(off))
-                .map_or(ours.len(), |n| min(n, ours.len()));
-            old.read_exact_at(&mut theirs[..have], off)?;
-            theirs[have..].fill(0);
-            let blocks = ours.chunks(BLOCK_USIZE).zip(theirs.chunks(BLOCK_USIZE));
-            for (i, (a, b)) in blocks.enumerate() {
-                if a != b {
-                    regions.push(off + i as u64 * BLOCK, a.len() as u64);
-                }
-            }
-            progress(off + ours.len() as u64);
-            Ok(())
-        })?;
-        let regions = regions.into_vec();
+        let new = open_regular(path)?;
+        let delta = delta_regions(&new, &open_regular(base)?, progress)?;
+        let (size, regions) = (delta.size, delta.regions);
         let stored =
             self.guarded(|w| w.regions(name, &new, size, &regions, true, &mut |_, _| {}))?;
         progress(size);
         Ok(FileDigest {
-            hash: hasher.finish(size),
+            hash: delta.hash,
             size,
             stored,
         })
@@ -407,6 +369,66 @@ impl<W: Write> TarStream<W> {
     pub fn finish(self) -> io::Result<W> {
         self.inner.finish()
     }
+}
+
+/// What a delta of a file against a base ships: the 4 KiB blocks that differ.
+#[derive(Debug, Clone)]
+pub struct Delta {
+    /// The new file's size.
+    pub size: u64,
+    /// The differing blocks, merged, in order.
+    pub regions: Vec<(u64, u64)>,
+    /// The new file's content hash (of all of it: what a seal holds).
+    pub hash: String,
+}
+
+/// Compares `new` with `base` block by block (both read once, side by side; `progress`
+/// follows): the regions a delta of `new` ships, and `new`'s content hash.
+pub fn delta_regions(new: &File, base: &File, progress: &mut dyn FnMut(u64)) -> io::Result<Delta> {
+    let (size, base_len) = (new.metadata()?.len(), base.metadata()?.len());
+    // Where neither file has data both are zeros: nothing to read there.
+    let mut spans = sparse::data_spans(new, size)?;
+    // Whole blocks of the new file: a base ending mid-block is compared to the block's end.
+    let theirs = sparse::data_spans(base, base_len)?
+        .into_iter()
+        .filter(|s| s.0 < size);
+    spans.extend(
+        theirs.map(|(off, len)| (off, min((off + len).div_ceil(BLOCK) * BLOCK, size) - off)),
+    );
+    spans.sort_unstable();
+    let mut merged: Vec<(u64, u64)> = Vec::new();
+    for (off, len) in spans {
+        match merged.last_mut() {
+            Some(last) if last.0 + last.1 >= off => {
+                last.1 = (off + len).max(last.0 + last.1) - last.0
+            }
+            _ => merged.push((off, len)),
+        }
+    }
+    let mut hasher = ContentHasher::new();
+    let mut regions = Regions::default();
+    let mut theirs = vec![0u8; CHUNK];
+    sparse::read_spans(new, &merged, |off, ours| {
+        hasher.feed(off, ours);
+        let theirs = &mut theirs[..ours.len()];
+        let have = usize::try_from(base_len.saturating_sub(off))
+            .map_or(ours.len(), |n| min(n, ours.len()));
+        base.read_exact_at(&mut theirs[..have], off)?;
+        theirs[have..].fill(0);
+        let blocks = ours.chunks(BLOCK_USIZE).zip(theirs.chunks(BLOCK_USIZE));
+        for (i, (a, b)) in blocks.enumerate() {
+            if a != b {
+                regions.push(off + i as u64 * BLOCK, a.len() as u64);
+            }
+        }
+        progress(off + ours.len() as u64);
+        Ok(())
+    })?;
+    Ok(Delta {
+        size,
+        regions: regions.into_vec(),
+        hash: hasher.finish(size),
+    })
 }
 
 fn open_regular(path: &Path) -> io::Result<File> {

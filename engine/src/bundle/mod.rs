@@ -28,7 +28,7 @@ mod sign;
 pub(crate) mod sparse;
 mod staging;
 
-pub use container::{DataSink, TarStream};
+pub use container::{delta_regions, DataSink, Delta, TarStream};
 pub use export::{
     BundleProgressFn, ExportOptions, ExportPart, ExportParts, ExportReport, ExportedFile,
     SealedParts,

@@ -5,7 +5,7 @@
 
 use super::{ExportOptions, Prepared, Vm};
 use crate::bundle::format::{Seal, Sealed, FORMAT};
-use crate::error::{BundleError, Error, Result};
+use crate::error::{Error, Result};
 use crate::name::SnapshotName;
 use crate::store::VmLock;
 use std::collections::BTreeMap;
@@ -34,6 +34,9 @@ pub struct ExportPart {
     pub path: PathBuf,
     /// Its size when planned (the seal refuses another).
     pub size: u64,
+    /// A delta: the base snapshot's file it is shipped against (the receiver has it), whose
+    /// bytes stand wherever the shipped blocks do not. The seal holds the whole file's hash.
+    pub delta_base: Option<PathBuf>,
 }
 
 /// The seal of [`ExportParts`] (and its signature, when one was asked for).
@@ -97,20 +100,14 @@ impl ExportParts {
 }
 
 impl Vm {
-    /// Snapshot `snap` as [`ExportParts`]: a whole snapshot (no `base`: an object store's
-    /// chunks already share what two snapshots have in common), the VM untouched.
+    /// Snapshot `snap` as [`ExportParts`], the VM untouched: a whole snapshot, or with
+    /// `opts.base` the incremental one (`export --base`'s manifest; a part with a
+    /// [`ExportPart::delta_base`] ships only the blocks that differ from that file).
     pub async fn export_parts(
         &self,
         snap: &SnapshotName,
         opts: &ExportOptions,
     ) -> Result<ExportParts> {
-        if opts.base.is_some() {
-            return Err(BundleError::ExportRefused {
-                snapshot: snap.to_string(),
-                why: "parts are always a whole snapshot (no base)".into(),
-            }
-            .into());
-        }
         let Prepared { lock, job, notes } = self.prepare_export(snap, opts).await?;
         Ok(ExportParts {
             _lock: lock,
@@ -122,6 +119,7 @@ impl Vm {
                     name: p.file.name,
                     path: p.path,
                     size: p.file.size,
+                    delta_base: p.base,
                 })
                 .collect(),
             notes,
