@@ -78,10 +78,13 @@ async fn chunks_of(s3: &AmazonS3, name: &str) -> std::collections::BTreeSet<Stri
         .await
         .unwrap();
     let m: Value = serde_json::from_slice(&bytes).unwrap();
-    m["files"]
-        .as_array()
-        .unwrap()
+    let mut views = vec![m["whole"].clone()];
+    if !m["incremental"].is_null() {
+        views.push(m["incremental"]["view"].clone());
+    }
+    views
         .iter()
+        .flat_map(|v| v["files"].as_array().unwrap().clone())
         .flat_map(|f| f["chunks"].as_array().unwrap().clone())
         .map(|c| c["hash"].as_str().unwrap().to_owned())
         .collect()
