@@ -478,6 +478,10 @@ pub fn remote_list(url: &str, list: &[qsnap_remote::RemoteEntry], as_json: bool)
         "snapshot", "pushed", "size", "chunks"
     );
     for e in list {
+        if let Some(p) = &e.problem {
+            println!("{:<32} unreadable: {p}", e.name);
+            continue;
+        }
         println!(
             "{:<32} {:<22} {:>12} {:>8}  {}{}",
             e.name,

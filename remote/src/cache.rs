@@ -26,6 +26,32 @@ impl Cache {
         self.dir.join(&hash[..2]).join(hash)
     }
 
+    /// Removes what killed pulls left: files being written (`*.part*`) older than an hour.
+    pub(crate) async fn sweep(&self) {
+        let dir = self.dir.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            let hour = std::time::Duration::from_secs(3600);
+            for sub in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+                for f in std::fs::read_dir(sub.path())
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                {
+                    let old = f
+                        .metadata()
+                        .and_then(|m| m.modified())
+                        .ok()
+                        .and_then(|t| t.elapsed().ok())
+                        .is_some_and(|age| age > hour);
+                    if old && f.file_name().to_string_lossy().contains(".part") {
+                        let _ = std::fs::remove_file(f.path());
+                    }
+                }
+            }
+        })
+        .await;
+    }
+
     /// The stored bytes of a chunk, if cached.
     pub(crate) async fn get(&self, hash: &str) -> Option<Vec<u8>> {
         tokio::fs::read(self.path(hash)).await.ok()

@@ -48,6 +48,8 @@ pub struct RemoteEntry {
     pub signed: bool,
     /// With an incremental view (`push --base`): the snapshot it builds on.
     pub incremental_on: Option<String>,
+    /// Why its manifest cannot be read (a pull and gc refuse it), if it cannot.
+    pub problem: Option<String>,
 }
 
 /// What `gc` did.
@@ -75,7 +77,24 @@ impl Remote {
     pub async fn list(&self) -> Result<Vec<RemoteEntry>> {
         let mut out = Vec::new();
         for name in self.names(false).await? {
-            let m = self.manifest(&name).await?;
+            let m = match self.manifest(&name).await {
+                Ok(m) => m,
+                // One bad manifest does not hide the others: it is listed with its problem.
+                Err(RemoteError::Corrupt { why, .. }) => {
+                    out.push(RemoteEntry {
+                        name: name.to_string(),
+                        pushed_at: String::new(),
+                        size_bytes: 0,
+                        chunks: 0,
+                        chunk_bytes: 0,
+                        signed: false,
+                        incremental_on: None,
+                        problem: Some(why),
+                    });
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             let (chunks, chunk_bytes) = m.distinct();
             out.push(RemoteEntry {
                 name: name.to_string(),
@@ -85,6 +104,7 @@ impl Remote {
                 chunk_bytes,
                 signed: m.whole.signature.is_some(),
                 incremental_on: m.incremental.as_ref().map(|i| i.base.clone()),
+                problem: None,
             });
         }
         Ok(out)
@@ -293,11 +313,10 @@ mod tests {
             .unwrap();
         let e = r.gc(Duration::ZERO).await.unwrap_err();
         assert!(e.to_string().contains("gc removed nothing"), "{e}");
-        assert_eq!(
-            r.list().await.map(|l| l.len()).ok(),
-            None,
-            "list says it too"
-        );
+        let listed = r.list().await.unwrap();
+        assert_eq!(listed.len(), 2, "list shows the good one and the bad one");
+        assert!(listed[1].problem.as_deref().unwrap().contains("not readable"));
+        assert!(listed[0].problem.is_none());
         r.store.delete(&r.manifest_key(&cut)).await.unwrap();
         // Grace 0: exactly the unused chunk goes.
         let g = r.gc(Duration::ZERO).await.unwrap();

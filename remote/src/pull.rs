@@ -150,6 +150,7 @@ impl Remote {
             .await?;
         }
         let cache = Cache::of_store(engine.store().root());
+        cache.sweep().await;
         let (reader, writer) =
             nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| RemoteError::Io {
                 what: "making a pipe for the bundle stream",
