@@ -10,20 +10,24 @@
 //! defaults for that VM and the record already read.
 
 use crate::args::{
-    AttachArgs, CheckArgs, Cli, CloneArgs, Command, CreateArgs, DeleteArgs, ExportArgs, ImportArgs,
-    InfoArgs, KeygenArgs, LazyRamArgs, ListArgs, ModeArg, PullArgs, PushArgs, QmpArgs,
-    RemoteCommand, RemoveArgs, RevertArgs, RunArgs, ShowArgs, StartArgs, StatusArgs, StopArgs,
+    AttachArgs, CheckArgs, Cli, CloneArgs, Command, CreateArgs, DeleteArgs, InfoArgs, LazyRamArgs,
+    ListArgs, ModeArg, QmpArgs, RemoveArgs, RevertArgs, RunArgs, ShowArgs, StartArgs, StatusArgs,
+    StopArgs,
 };
 use anyhow::Context;
 use qsnap_engine::snapshot::Mode;
 use qsnap_engine::{
-    AttachOptions, CloneOptions, ExportOptions, ImportOptions, Replacement, RevertOptions,
-    RunOptions, SnapshotName, Store, Vm, VmCreateOptions, VmName,
+    AttachOptions, CloneOptions, Replacement, RevertOptions, RunOptions, SnapshotName, Store, Vm,
+    VmCreateOptions, VmName,
 };
-use qsnap_remote::{PullOptions, PushOptions, RemoteName};
+use qsnap_remote::RemoteName;
 use serde_json::Value;
+
+mod transfer;
 use std::path::PathBuf;
 use std::time::Duration;
+use transfer::{export, import, keygen, pull, push, remote};
+pub use transfer::{ExportRequest, ImportRequest, PullRequest, PushRequest, Stream};
 
 /// A usage error found after parsing (a bad name, arguments that are not JSON): exit 2.
 #[derive(Debug)]
@@ -221,43 +225,6 @@ pub struct CloneRequest {
     pub json: bool,
 }
 
-/// Where a bundle goes or comes from.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Stream {
-    /// Standard output or input (`-`).
-    Std,
-    /// A file (absolute).
-    File(PathBuf),
-}
-
-/// `export`: a snapshot as a bundle.
-#[derive(Debug)]
-pub struct ExportRequest {
-    /// The VM.
-    pub vm: VmName,
-    /// The snapshot.
-    pub snapshot: SnapshotName,
-    /// Where the bundle goes.
-    pub to: Stream,
-    /// The engine's options.
-    pub opts: ExportOptions,
-    /// Print the report as JSON.
-    pub json: bool,
-}
-
-/// `import`: a VM from a bundle.
-#[derive(Debug)]
-pub struct ImportRequest {
-    /// Where the bundle comes from.
-    pub from: Stream,
-    /// The VM.
-    pub vm: VmName,
-    /// The engine's options.
-    pub opts: ImportOptions,
-    /// Print the report as JSON.
-    pub json: bool,
-}
-
 /// `run`: start QEMU under qsnap.
 #[derive(Debug)]
 pub struct RunRequest {
@@ -302,36 +269,6 @@ pub struct CheckRequest {
     pub vm: VmName,
     /// Repair what can be.
     pub repair: bool,
-    /// Print JSON.
-    pub json: bool,
-}
-
-/// `push`.
-#[derive(Debug)]
-pub struct PushRequest {
-    /// The VM.
-    pub vm: VmName,
-    /// The snapshot.
-    pub snapshot: SnapshotName,
-    /// The store's URL.
-    pub url: String,
-    /// How.
-    pub opts: PushOptions,
-    /// Print JSON.
-    pub json: bool,
-}
-
-/// `pull`.
-#[derive(Debug)]
-pub struct PullRequest {
-    /// The store's URL.
-    pub url: String,
-    /// The snapshot there.
-    pub name: RemoteName,
-    /// The VM to make.
-    pub vm: VmName,
-    /// How.
-    pub opts: PullOptions,
     /// Print JSON.
     pub json: bool,
 }
@@ -472,114 +409,6 @@ fn clone(a: CloneArgs) -> anyhow::Result<Action> {
         },
         json: a.json,
     }))
-}
-
-fn stream(p: PathBuf) -> anyhow::Result<Stream> {
-    Ok(if p.as_os_str() == "-" {
-        Stream::Std
-    } else {
-        Stream::File(absolute(p)?)
-    })
-}
-
-fn export(a: ExportArgs) -> anyhow::Result<Action> {
-    Ok(Action::Export(ExportRequest {
-        vm: vm_name(&a.name)?,
-        snapshot: snap_name(&a.snapshot)?,
-        to: stream(a.file)?,
-        opts: ExportOptions {
-            base: a.base.as_deref().map(snap_name).transpose()?,
-            level: a.level,
-            threads: a.threads,
-            sign: a.sign.map(absolute).transpose()?,
-            progress: None,
-        },
-        json: a.json,
-    }))
-}
-
-fn import(a: ImportArgs) -> anyhow::Result<Action> {
-    Ok(Action::Import(ImportRequest {
-        from: stream(a.file)?,
-        vm: vm_name(&a.name)?,
-        opts: ImportOptions {
-            disk_dir: a.disk_dir.map(absolute).transpose()?,
-            replace: a.replace.into_iter().map(Replacement::Text).collect(),
-            trust_command_line: a.trust_command_line,
-            trust: a
-                .trust
-                .into_iter()
-                .map(absolute)
-                .collect::<anyhow::Result<_>>()?,
-            qemu: a.qemu,
-            progress: None,
-        },
-        json: a.json,
-    }))
-}
-
-fn remote_name(s: &str) -> anyhow::Result<RemoteName> {
-    RemoteName::parse(s).map_err(|e| Usage(e.to_string()).into())
-}
-
-fn push(a: PushArgs) -> anyhow::Result<Action> {
-    Ok(Action::Push(PushRequest {
-        vm: vm_name(&a.name)?,
-        snapshot: snap_name(&a.snapshot)?,
-        url: a.url,
-        opts: PushOptions {
-            as_name: a.as_name.as_deref().map(remote_name).transpose()?,
-            sign: a.sign.map(absolute).transpose()?,
-            base: a.base.as_deref().map(snap_name).transpose()?,
-            parallel: usize::from(a.parallel),
-            refresh: a.refresh,
-            ..PushOptions::default()
-        },
-        json: a.json,
-    }))
-}
-
-fn pull(a: PullArgs) -> anyhow::Result<Action> {
-    Ok(Action::Pull(PullRequest {
-        url: a.url,
-        name: remote_name(&a.remote_name)?,
-        vm: vm_name(&a.name)?,
-        opts: PullOptions {
-            import: ImportOptions {
-                disk_dir: a.disk_dir.map(absolute).transpose()?,
-                replace: a.replace.into_iter().map(Replacement::Text).collect(),
-                trust_command_line: a.trust_command_line,
-                trust: a
-                    .trust
-                    .into_iter()
-                    .map(absolute)
-                    .collect::<anyhow::Result<_>>()?,
-                qemu: a.qemu,
-                progress: None,
-            },
-            parallel: usize::from(a.parallel),
-            ..PullOptions::default()
-        },
-        json: a.json,
-    }))
-}
-
-fn remote(c: RemoteCommand) -> anyhow::Result<Action> {
-    Ok(match c {
-        RemoteCommand::List { url, json } => Action::RemoteList { url, json },
-        RemoteCommand::Rm {
-            url,
-            remote_name: n,
-        } => Action::RemoteRm {
-            url,
-            name: remote_name(&n)?,
-        },
-        RemoteCommand::Gc { url, grace, json } => Action::RemoteGc { url, grace, json },
-    })
-}
-
-fn keygen(a: KeygenArgs) -> anyhow::Result<Action> {
-    Ok(Action::Keygen(absolute(a.prefix)?))
 }
 
 fn remove(a: RemoveArgs) -> anyhow::Result<Action> {

@@ -315,7 +315,11 @@ mod tests {
         assert!(e.to_string().contains("gc removed nothing"), "{e}");
         let listed = r.list().await.unwrap();
         assert_eq!(listed.len(), 2, "list shows the good one and the bad one");
-        assert!(listed[1].problem.as_deref().unwrap().contains("not readable"));
+        assert!(listed[1]
+            .problem
+            .as_deref()
+            .unwrap()
+            .contains("not readable"));
         assert!(listed[0].problem.is_none());
         r.store.delete(&r.manifest_key(&cut)).await.unwrap();
         // Grace 0: exactly the unused chunk goes.
