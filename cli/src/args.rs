@@ -302,22 +302,8 @@ pub struct PullArgs {
     pub remote_name: String,
     /// The VM to make (or, for a snapshot pushed with --base, the VM holding that base).
     pub name: String,
-    /// Where the disk images go (default: the VM's directory in the store).
-    #[arg(long, value_name = "DIR")]
-    pub disk_dir: Option<PathBuf>,
-    /// Replace text in the snapshot's command line (repeatable), as `import --replace`.
-    #[arg(long, value_name = "OLD=NEW")]
-    pub replace: Vec<String>,
-    /// Run the snapshot's command line even where it reaches host resources.
-    #[arg(long)]
-    pub trust_command_line: bool,
-    /// Accept only a snapshot signed by this public key (repeatable); its command line is
-    /// then trusted.
-    #[arg(long, value_name = "PUBKEY")]
-    pub trust: Vec<PathBuf>,
-    /// The QEMU binary to run the VM with (default: the snapshot's, found in PATH).
-    #[arg(long, value_name = "PATH")]
-    pub qemu: Option<String>,
+    #[command(flatten)]
+    pub import: ImportFlags,
     /// Chunks downloaded at once.
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=256))]
     pub parallel: u16,
@@ -373,27 +359,34 @@ pub struct ImportArgs {
     pub file: PathBuf,
     /// The VM to make (or, for an incremental bundle, the VM holding its base).
     pub name: String,
-    /// Where the disk images go (default: the VM's directory in the store).
-    #[arg(long, value_name = "DIR")]
-    pub disk_dir: Option<PathBuf>,
-    /// Replace text in the bundle's command line (repeatable), e.g.
-    /// --replace tcp::2222-:22=tcp::2223-:22.
-    #[arg(long, value_name = "OLD=NEW")]
-    pub replace: Vec<String>,
-    /// Run the bundle's command line even where it reaches host resources (you trust the
-    /// bundle's author).
-    #[arg(long)]
-    pub trust_command_line: bool,
-    /// Accept only a bundle signed by this public key (repeatable: any of them); its command
-    /// line is then trusted.
-    #[arg(long, value_name = "PUBKEY")]
-    pub trust: Vec<PathBuf>,
-    /// The QEMU binary to run the VM with (default: the bundle's, found in PATH).
-    #[arg(long, value_name = "PATH")]
-    pub qemu: Option<String>,
+    #[command(flatten)]
+    pub import: ImportFlags,
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
+}
+
+/// What `import` and `pull` tell the import.
+#[derive(Debug, Args)]
+pub struct ImportFlags {
+    /// Where the disk images go (default: the VM's directory in the store).
+    #[arg(long, value_name = "DIR")]
+    pub disk_dir: Option<PathBuf>,
+    /// Replace text in the snapshot's command line (repeatable), e.g.
+    /// --replace tcp::2222-:22=tcp::2223-:22.
+    #[arg(long, value_name = "OLD=NEW")]
+    pub replace: Vec<String>,
+    /// Run the snapshot's command line even where it reaches host resources (you trust its
+    /// author).
+    #[arg(long)]
+    pub trust_command_line: bool,
+    /// Accept only a snapshot signed by this public key (repeatable: any of them); its
+    /// command line is then trusted.
+    #[arg(long, value_name = "PUBKEY")]
+    pub trust: Vec<PathBuf>,
+    /// The QEMU binary to run the VM with (default: the snapshot's, found in PATH).
+    #[arg(long, value_name = "PATH")]
+    pub qemu: Option<String>,
 }
 
 /// `qsnap remove`.

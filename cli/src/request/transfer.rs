@@ -3,7 +3,9 @@
 //! absolute, the engine's and the remote crate's option structs built — no I/O.
 
 use super::{absolute, snap_name, vm_name, Action, Usage};
-use crate::args::{ExportArgs, ImportArgs, KeygenArgs, PullArgs, PushArgs, RemoteCommand};
+use crate::args::{
+    ExportArgs, ImportArgs, ImportFlags, KeygenArgs, PullArgs, PushArgs, RemoteCommand,
+};
 use qsnap_engine::{ExportOptions, ImportOptions, Replacement, SnapshotName, VmName};
 use qsnap_remote::{PullOptions, PushOptions, RemoteName};
 use std::path::PathBuf;
@@ -103,20 +105,25 @@ pub(super) fn import(a: ImportArgs) -> anyhow::Result<Action> {
     Ok(Action::Import(ImportRequest {
         from: stream(a.file)?,
         vm: vm_name(&a.name)?,
-        opts: ImportOptions {
-            disk_dir: a.disk_dir.map(absolute).transpose()?,
-            replace: a.replace.into_iter().map(Replacement::Text).collect(),
-            trust_command_line: a.trust_command_line,
-            trust: a
-                .trust
-                .into_iter()
-                .map(absolute)
-                .collect::<anyhow::Result<_>>()?,
-            qemu: a.qemu,
-            progress: None,
-        },
+        opts: import_options(a.import)?,
         json: a.json,
     }))
+}
+
+/// The import's options, from `import`'s and `pull`'s flags.
+fn import_options(f: ImportFlags) -> anyhow::Result<ImportOptions> {
+    Ok(ImportOptions {
+        disk_dir: f.disk_dir.map(absolute).transpose()?,
+        replace: f.replace.into_iter().map(Replacement::Text).collect(),
+        trust_command_line: f.trust_command_line,
+        trust: f
+            .trust
+            .into_iter()
+            .map(absolute)
+            .collect::<anyhow::Result<_>>()?,
+        qemu: f.qemu,
+        progress: None,
+    })
 }
 
 pub(super) fn remote_name(s: &str) -> anyhow::Result<RemoteName> {
@@ -146,18 +153,7 @@ pub(super) fn pull(a: PullArgs) -> anyhow::Result<Action> {
         name: remote_name(&a.remote_name)?,
         vm: vm_name(&a.name)?,
         opts: PullOptions {
-            import: ImportOptions {
-                disk_dir: a.disk_dir.map(absolute).transpose()?,
-                replace: a.replace.into_iter().map(Replacement::Text).collect(),
-                trust_command_line: a.trust_command_line,
-                trust: a
-                    .trust
-                    .into_iter()
-                    .map(absolute)
-                    .collect::<anyhow::Result<_>>()?,
-                qemu: a.qemu,
-                progress: None,
-            },
+            import: import_options(a.import)?,
             parallel: usize::from(a.parallel),
             ..PullOptions::default()
         },

@@ -4,28 +4,6 @@
 
 use super::*;
 
-/// A kernel-less VM in store `root/a` pinned to `machine` (when given), snapshotted with
-/// precopy (a mapped-ram memory file on this QEMU) as `s1`, left running; its killer first.
-async fn idle_source(root: &Path, machine: Option<&str>) -> (KillRecordedQemu, PathBuf) {
-    let store = root.join("a");
-    let disk = root.join("d.qcow2");
-    let mut argv = VmBuilder::idle_with_disk(&disk, "16M", &root.join("serial.log")).await;
-    if let Some(m) = machine {
-        argv.extend(["-machine".into(), m.into()]);
-    }
-    let kill = KillRecordedQemu::new(&store, "vm1");
-    let run = in_store(&store);
-    let mut cmd = vec!["run", "vm1", "--"];
-    cmd.extend(argv.iter().map(String::as_str));
-    ok(&run(&cmd), "run");
-    ok(
-        &run(&["create", "vm1", "s1", "--mode", "precopy"]),
-        "create",
-    );
-    drop(run);
-    (kill, store)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_qemu_lacking_the_machine_type_or_the_memory_format_is_refused_before_anything_is_written(
 ) {
@@ -60,7 +38,7 @@ async fn a_qemu_lacking_the_machine_type_or_the_memory_format_is_refused_before_
     // A machine type 7.2 has, but memory in mapped-ram, which it cannot load.
     let root = dir.path().join("pinned");
     std::fs::create_dir_all(&root).unwrap();
-    let (_kill, a) = idle_source(&root, Some("pc-i440fx-7.2")).await;
+    let (_kill, a) = idle_source(&root, Some("pc-i440fx-7.2"), 0).await;
     let bundle = root.join("s1.qsnap");
     ok(
         &in_store(&a)(&["export", "vm1", "s1", bundle.to_str().unwrap()]),
@@ -97,7 +75,7 @@ async fn a_qemu_lacking_the_machine_type_or_the_memory_format_is_refused_before_
 async fn an_incremental_bundle_whose_base_changed_since_its_import_is_refused() {
     require_qemu!();
     let dir = tempfile::tempdir().unwrap();
-    let (_kill, a) = idle_source(dir.path(), None).await;
+    let (_kill, a) = idle_source(dir.path(), None, 0).await;
     let run_a = in_store(&a);
     let full = dir.path().join("s1.qsnap");
     ok(
@@ -227,7 +205,7 @@ async fn an_import_into_a_full_filesystem_names_the_file_and_leaves_nothing() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let (_kill, a) = idle_source(dir.path(), None).await;
+    let (_kill, a) = idle_source(dir.path(), None, 0).await;
     let bundle = dir.path().join("s1.qsnap");
     ok(
         &in_store(&a)(&["export", "vm1", "s1", bundle.to_str().unwrap()]),

@@ -192,3 +192,55 @@ pub async fn resume(store: &Path, vm: &str, report: &Value, (before, after): (u6
     ok(&out, "check");
     ok(&run(&["stop", vm]), "stop");
 }
+
+/// A kernel-less VM `vm1` in store `root/a`, its one qcow2 disk holding `random_mib` MiB of
+/// random data (so that a push or export has something to cut) or, with 0, an empty 16 MiB;
+/// pinned to `machine` when given; snapshotted with precopy as `s1` (a mapped-ram memory
+/// file on this QEMU) and left running. Its killer comes first: drop it before `root`.
+pub async fn idle_source(
+    root: &Path,
+    machine: Option<&str>,
+    random_mib: u32,
+) -> (KillRecordedQemu, PathBuf) {
+    let store = root.join("a");
+    let disk = root.join("d.qcow2");
+    if random_mib == 0 {
+        create_image(&disk, "qcow2", "16M").await;
+    } else {
+        let raw = root.join("seed.raw");
+        let dd = std::process::Command::new("dd")
+            .args(["if=/dev/urandom", "bs=1M", "status=none"])
+            .arg(format!("count={random_mib}"))
+            .arg(format!("of={}", raw.display()))
+            .status()
+            .unwrap();
+        assert!(dd.success());
+        let st = std::process::Command::new("qemu-img")
+            .args(["convert", "-q", "-f", "raw", "-O", "qcow2"])
+            .arg(&raw)
+            .arg(&disk)
+            .status()
+            .unwrap();
+        assert!(st.success());
+        std::fs::remove_file(&raw).unwrap();
+    }
+    let mut argv = VmBuilder::idle()
+        .memory(64)
+        .disk(&disk, "qcow2", DiskStyle::Blockdev)
+        .command_line(&root.join("serial.log"))
+        .await;
+    if let Some(m) = machine {
+        argv.extend(["-machine".into(), m.into()]);
+    }
+    let kill = KillRecordedQemu::new(&store, "vm1");
+    let run = in_store(&store);
+    let mut cmd = vec!["run", "vm1", "--"];
+    cmd.extend(argv.iter().map(String::as_str));
+    ok(&run(&cmd), "run");
+    ok(
+        &run(&["create", "vm1", "s1", "--mode", "precopy"]),
+        "create",
+    );
+    drop(run);
+    (kill, store)
+}

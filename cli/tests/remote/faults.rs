@@ -9,7 +9,7 @@ async fn a_damaged_or_missing_chunk_and_a_cut_short_manifest_are_refused_leaving
     require_qemu!();
     require_weed!();
     let dir = tempfile::tempdir().unwrap();
-    let (_kill, store) = idle_source(dir.path(), 8).await;
+    let (_kill, store) = idle_source(dir.path(), None, 8).await;
     let sw = seaweed(&dir.path().join("seaweed"));
     let url = url(&sw);
     ok(&on(&store, &sw)(&["push", "vm1", "s1", &url]), "push");
@@ -96,8 +96,8 @@ async fn gc_beside_a_push_removes_nothing_it_needs_and_after_it_exactly_the_unus
     let (one, two) = (dir.path().join("one"), dir.path().join("two"));
     std::fs::create_dir_all(&one).unwrap();
     std::fs::create_dir_all(&two).unwrap();
-    let (_k1, store1) = idle_source(&one, 24).await;
-    let (_k2, store2) = idle_source(&two, 48).await;
+    let (_k1, store1) = idle_source(&one, None, 24).await;
+    let (_k2, store2) = idle_source(&two, None, 48).await;
     let sw = seaweed(&dir.path().join("seaweed"));
     let url = url(&sw);
     let s3 = bucket(&sw);
@@ -214,7 +214,7 @@ async fn push_and_pull_killed_at_random_moments_leave_nothing_half_made_and_a_re
     require_qemu!();
     require_weed!();
     let dir = tempfile::tempdir().unwrap();
-    let (_kill, store) = idle_source(dir.path(), 48).await;
+    let (_kill, store) = idle_source(dir.path(), None, 48).await;
     let sw = seaweed(&dir.path().join("seaweed"));
     let url = url(&sw);
     let kill_after = |mut c: std::process::Command, ms: u64| {
@@ -296,7 +296,7 @@ async fn a_pull_from_a_replicated_cluster_survives_a_volume_server_dying() {
     require_qemu!();
     require_weed!();
     let dir = tempfile::tempdir().unwrap();
-    let (_kill, store) = idle_source(dir.path(), 24).await;
+    let (_kill, store) = idle_source(dir.path(), None, 24).await;
     let mut sw = Seaweed::cluster(dir.path().join("seaweed")).unwrap_or_else(|e| panic!("{e}"));
     let url = url(&sw);
     ok(&on(&store, &sw)(&["push", "vm1", "s1", &url]), "push");

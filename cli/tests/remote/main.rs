@@ -14,9 +14,9 @@ mod moves;
 use kit::*;
 use object_store::aws::{AmazonS3, AmazonS3Builder, AmazonS3ConfigKey};
 use object_store::path::Path as Key;
-use qsnap_testkit::{require_qemu, require_weed, KillRecordedQemu, Seaweed, VmBuilder};
+use qsnap_testkit::{require_qemu, require_weed, KillRecordedQemu, Seaweed};
 use serde_json::Value;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 /// The bucket's prefix every test uses.
@@ -104,45 +104,6 @@ async fn all_chunks(s3: &AmazonS3) -> std::collections::BTreeSet<String> {
 /// A SeaweedFS (`weed mini`) in `dir`.
 fn seaweed(dir: &Path) -> Seaweed {
     Seaweed::mini(dir).unwrap_or_else(|e| panic!("{e}"))
-}
-
-/// A kernel-less VM in `root/a` whose disk holds `mib` MiB of random data (so a push has
-/// chunks to cut), snapshotted as `s1`; its killer first.
-async fn idle_source(root: &Path, mib: u32) -> (KillRecordedQemu, PathBuf) {
-    let store = root.join("a");
-    let disk = root.join("d.qcow2");
-    let raw = root.join("seed.raw");
-    let out = std::process::Command::new("dd")
-        .args(["if=/dev/urandom", "bs=1M", "status=none"])
-        .arg(format!("count={mib}"))
-        .arg(format!("of={}", raw.display()))
-        .status()
-        .unwrap();
-    assert!(out.success());
-    let st = std::process::Command::new("qemu-img")
-        .args(["convert", "-q", "-f", "raw", "-O", "qcow2"])
-        .arg(&raw)
-        .arg(&disk)
-        .status()
-        .unwrap();
-    assert!(st.success());
-    std::fs::remove_file(&raw).unwrap();
-    let argv = VmBuilder::idle()
-        .memory(64)
-        .disk(&disk, "qcow2", qsnap_testkit::DiskStyle::Blockdev)
-        .command_line(&root.join("serial.log"))
-        .await;
-    let kill = KillRecordedQemu::new(&store, "vm1");
-    let run = in_store(&store);
-    let mut cmd = vec!["run", "vm1", "--"];
-    cmd.extend(argv.iter().map(String::as_str));
-    ok(&run(&cmd), "run");
-    ok(
-        &run(&["create", "vm1", "s1", "--mode", "precopy"]),
-        "create",
-    );
-    drop(run);
-    (kill, store)
 }
 
 /// Nothing of a pull into `store` as `vm` is left (no VM, no staging).

@@ -132,7 +132,7 @@ async fn two_pushes_of_one_name_at_once_one_wins_and_three_stores_pull_it_at_onc
     require_qemu!();
     require_weed!();
     let dir = tempfile::tempdir().unwrap();
-    let (_kill, store) = idle_source(dir.path(), 24).await;
+    let (_kill, store) = idle_source(dir.path(), None, 24).await;
     let sw = seaweed(&dir.path().join("seaweed"));
     let url = url(&sw);
     // Two stores push the same name at the same moment: exactly one wins, the other is told.
@@ -191,7 +191,7 @@ async fn a_signed_push_pulls_only_with_a_trusted_key_and_plain_http_needs_saying
     require_qemu!();
     require_weed!();
     let dir = tempfile::tempdir().unwrap();
-    let (_kill, store) = idle_source(dir.path(), 4).await;
+    let (_kill, store) = idle_source(dir.path(), None, 4).await;
     let sw = seaweed(&dir.path().join("seaweed"));
     let url = url(&sw);
     let a = on(&store, &sw);
