@@ -43,7 +43,7 @@ impl Cache {
                         .ok()
                         .and_then(|t| t.elapsed().ok())
                         .is_some_and(|age| age > hour);
-                    if old && f.file_name().to_string_lossy().contains(".part") {
+                    if old {
                         let _ = std::fs::remove_file(f.path());
                     }
                 }

@@ -1,6 +1,8 @@
 //! Chunks: a file's data cut at content-defined points (FastCDC 2020), named by the BLAKE3
-//! of their plain bytes, stored zstd-compressed. Holes, and chunks that are all zeros, are
-//! not chunks: a file's chunk list leaves them out and a pull leaves them holes.
+//! of their plain bytes, stored zstd-compressed. In a whole file, holes and chunks that are
+//! all zeros are not chunks: the chunk list leaves them out and a pull leaves them holes. In
+//! a delta (against a base file the receiver has), the chunks cover the blocks that differ,
+//! zeros included; every other byte is the base's.
 //!
 //! Runs on blocking threads (it reads whole files); never writes the files it reads.
 
@@ -78,7 +80,19 @@ pub(crate) fn cut_delta(
 ) -> io::Result<(String, u64)> {
     let file = File::open(path)?;
     let delta = qsnap_engine::bundle::delta_regions(&file, &File::open(base)?, &mut |_| {})?;
-    cut(&file, &delta.regions, false, &mut |_, _| {}, f)?;
+    // Scattered 4 KiB differences would make as many tiny chunks: regions closer than a
+    // minimum chunk are cut as one (the blocks between equal the base's: shipping them is
+    // right, and cheaper than a request each).
+    let mut regions: Vec<(u64, u64)> = Vec::new();
+    for (off, len) in delta.regions {
+        match regions.last_mut() {
+            Some(last) if off - (last.0 + last.1) < u64::from(CHUNK_MIN) => {
+                last.1 = off + len - last.0;
+            }
+            _ => regions.push((off, len)),
+        }
+    }
+    cut(&file, &regions, false, &mut |_, _| {}, f)?;
     Ok((delta.hash, delta.size))
 }
 
@@ -188,6 +202,33 @@ mod tests {
         let mut h = ContentHasher::new();
         h.feed(0, &whole);
         assert_eq!(ha, h.finish(whole.len() as u64));
+        // A delta: b against a (the insert shifts everything after it), with a block of b
+        // zeroed where a has data. Base bytes + the chunks at their offsets = b exactly, and
+        // the hash is b's whole content hash.
+        let mut bz = std::fs::read(&b).unwrap();
+        bz[(16 << 20)..(16 << 20) + 4096].fill(0);
+        std::fs::write(&b, &bz).unwrap();
+        let mut rebuilt = std::fs::read(&a).unwrap();
+        rebuilt.resize(bz.len(), 0);
+        let (hd, sd) = cut_delta(&b, &a, |c| {
+            let at = usize::try_from(c.offset).unwrap();
+            rebuilt[at..at + c.data.len()].copy_from_slice(&c.data);
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(sd, bz.len() as u64);
+        assert!(rebuilt == bz, "base + delta chunks is not the file");
+        let mut h = ContentHasher::new();
+        h.feed(0, &bz);
+        assert_eq!(hd, h.finish(bz.len() as u64));
+        // An unchanged file is an empty delta.
+        let mut none = 0;
+        cut_delta(&a, &a, |_| {
+            none += 1;
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(none, 0);
         let stored = compress(b"hello").unwrap();
         let h = blake3::hash(b"hello").to_hex().to_string();
         assert_eq!(open(&stored, &h, 5).unwrap(), b"hello");

@@ -104,7 +104,8 @@ pub struct Incremental {
     pub view: View,
 }
 
-/// One file: its size and the chunks holding its data (what no chunk covers is zeros).
+/// One file: its size and the chunks holding its data (what no chunk covers is zeros in the
+/// whole view, the base's bytes for a delta in the incremental view).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub struct RemoteFile {
@@ -144,6 +145,10 @@ impl RemoteManifest {
                 "it is remote format version {}, and this qsnap reads version {VERSION}",
                 self.version
             ));
+        }
+        if let Some(i) = &self.incremental {
+            SnapshotName::new(&i.base)
+                .map_err(|e| format!("its incremental view's base {:?}: {e}", i.base))?;
         }
         let views = std::iter::once(&self.whole).chain(self.incremental.as_ref().map(|i| &i.view));
         for f in views.flat_map(|v| &v.files) {

@@ -93,6 +93,8 @@ impl Remote {
                     });
                     continue;
                 }
+                // Removed between the listing and now: not there any more.
+                Err(RemoteError::NotFound { .. }) => continue,
                 Err(e) => return Err(e),
             };
             let (chunks, chunk_bytes) = m.distinct();

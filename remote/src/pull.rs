@@ -19,7 +19,7 @@
 use crate::cache::Cache;
 use crate::chunk;
 use crate::error::{RemoteError, Result};
-use crate::format::{ChunkRef, RemoteManifest, RemoteName, MANIFEST_LIMIT};
+use crate::format::{ChunkRef, RemoteManifest, RemoteName, FORMAT, MANIFEST_LIMIT, VERSION};
 use crate::location::Remote;
 use futures::StreamExt;
 use object_store::ObjectStoreExt;
@@ -111,6 +111,21 @@ impl Remote {
             .bytes()
             .await
             .map_err(self.err(format!("reading the manifest of {name}")))?;
+        // Format and version first, leniently: another version is said as such, not as damage.
+        #[derive(serde::Deserialize)]
+        struct Head {
+            format: Option<String>,
+            version: Option<u32>,
+        }
+        if let Ok(h) = serde_json::from_slice::<Head>(&bytes) {
+            if h.format.as_deref() != Some(FORMAT) || h.version != Some(VERSION) {
+                return Err(corrupt(format!(
+                    "is format {:?} version {:?}, and this qsnap reads {FORMAT} version {VERSION}",
+                    h.format.unwrap_or_default(),
+                    h.version
+                )));
+            }
+        }
         let m: RemoteManifest = serde_json::from_slice(&bytes)
             .map_err(|e| corrupt(format!("is not readable ({e}): cut short or damaged")))?;
         m.check()
@@ -133,10 +148,21 @@ impl Remote {
         let m = self.manifest(name).await?;
         // Into a VM that exists, only the incremental view can go (import checks that the VM
         // holds its base); a new VM takes the whole snapshot.
-        let exists = engine.store().record(into).await.is_ok();
+        let exists = engine.store().has_vm(into).await?;
         let view = match (exists, m.incremental) {
             (true, Some(i)) => i.view,
-            _ => m.whole,
+            (true, None) => {
+                // Said before anything is fetched: import would refuse the whole view here.
+                return Err(RemoteError::Engine(
+                    qsnap_engine::BundleError::ImportRefused {
+                        why: format!(
+                            "VM {into} exists, and {name} has no incremental view to add to it (push it with --base SNAP, SNAP a snapshot {into} holds), so pull it into a new VM name"
+                        ),
+                    }
+                    .into(),
+                ));
+            }
+            (false, _) => m.whole,
         };
         let chunks = view.files.iter().map(|f| f.chunks.len()).sum::<usize>();
         let m = Arc::new(view);

@@ -149,7 +149,8 @@ impl Remote {
             Some(b) => Some(vm.export_parts(snap, &export(Some(b.clone()))).await?),
             None => None,
         };
-        let total: u64 = parts.files.iter().map(|f| f.size).sum::<u64>()
+        let size_bytes: u64 = parts.files.iter().map(|f| f.size).sum();
+        let total: u64 = size_bytes
             + inc_parts
                 .iter()
                 .flat_map(|p| &p.files)
@@ -254,7 +255,7 @@ impl Remote {
             url: self.url().to_owned(),
             name: name.to_string(),
             files: manifest.whole.files.len(),
-            size_bytes: total,
+            size_bytes,
             chunks,
             uploaded_chunks: t.uploaded_chunks,
             uploaded_bytes: t.uploaded_bytes,

@@ -242,6 +242,13 @@ async fn a_signed_push_pulls_only_with_a_trusted_key_and_plain_http_needs_saying
     let out = pull("vm1/s1", "trusted", "ours.pub");
     ok(&out, "pull --trust");
     ok(&in_store(&b)(&["check", "trusted"]), "check");
+    // Into a VM that exists, a snapshot pushed without --base is refused before any fetch.
+    let before = files_under(&b.join("chunk-cache")).len();
+    let out = on(&b, &sw)(&["pull", &url, "vm1/plain", "trusted"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = text(&out.stderr);
+    assert!(err.contains("has no incremental view") && err.contains("--base"), "{err}");
+    assert_eq!(files_under(&b.join("chunk-cache")).len(), before, "nothing fetched");
     let out = on(&b, &sw)(&["remote", "list", &url, "--json"]);
     let list = json(&out);
     let signed: Vec<_> = list
