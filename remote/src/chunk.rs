@@ -80,13 +80,13 @@ pub(crate) fn cut_delta(
 ) -> io::Result<(String, u64)> {
     let file = File::open(path)?;
     let delta = qsnap_engine::bundle::delta_regions(&file, &File::open(base)?, &mut |_| {})?;
-    // Scattered 4 KiB differences would make as many tiny chunks: regions closer than a
-    // minimum chunk are cut as one (the blocks between equal the base's: shipping them is
-    // right, and cheaper than a request each).
+    // Scattered 4 KiB differences would make as many tiny chunks: regions closer than 64 KiB
+    // are cut as one (the blocks between equal the base's: shipping them is right, and
+    // cheaper than a request each; a wider gap would ship too much of what did not change).
     let mut regions: Vec<(u64, u64)> = Vec::new();
     for (off, len) in delta.regions {
         match regions.last_mut() {
-            Some(last) if off - (last.0 + last.1) < u64::from(CHUNK_MIN) => {
+            Some(last) if off - (last.0 + last.1) < DELTA_GAP => {
                 last.1 = off + len - last.0;
             }
             _ => regions.push((off, len)),
@@ -129,6 +129,9 @@ fn cut(
     }
     Ok(())
 }
+
+/// Differing regions of a delta closer than this are cut as one.
+const DELTA_GAP: u64 = 64 << 10;
 
 /// A chunk as stored: zstd at level 1 (measured: level 3 made a push CPU-bound on 2 cores
 /// for a few percent less stored).

@@ -47,8 +47,9 @@ async fn a_pushed_snapshot_resumes_at_its_tick_in_another_store_and_the_next_mov
     ok(&out, "push s2");
     let second = json(&out);
     assert!(second["deduplicated-chunks"].as_u64() > Some(0), "{second}");
+    // Less than the first although it carries two views (whole, and incremental on s1).
     assert!(
-        second["uploaded-bytes"].as_u64().unwrap() * 2 < first["uploaded-bytes"].as_u64().unwrap(),
+        second["uploaded-bytes"].as_u64() < first["uploaded-bytes"].as_u64(),
         "second push {second}\nfirst push {first}"
     );
     let out = b(&[
@@ -247,8 +248,15 @@ async fn a_signed_push_pulls_only_with_a_trusted_key_and_plain_http_needs_saying
     let out = on(&b, &sw)(&["pull", &url, "vm1/plain", "trusted"]);
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     let err = text(&out.stderr);
-    assert!(err.contains("has no incremental view") && err.contains("--base"), "{err}");
-    assert_eq!(files_under(&b.join("chunk-cache")).len(), before, "nothing fetched");
+    assert!(
+        err.contains("has no incremental view") && err.contains("--base"),
+        "{err}"
+    );
+    assert_eq!(
+        files_under(&b.join("chunk-cache")).len(),
+        before,
+        "nothing fetched"
+    );
     let out = on(&b, &sw)(&["remote", "list", &url, "--json"]);
     let list = json(&out);
     let signed: Vec<_> = list

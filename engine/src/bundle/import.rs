@@ -161,6 +161,7 @@ impl Engine {
             new_vm: !store.has_vm(name).await?,
             dirs: vec![staging::dir(&store, name)],
             moves: Vec::new(),
+            writer: Some(staging::Writer::this().await),
         };
         let ours = staging::write_new(&store, &first).await?;
         let lock = match store.lock(name, "import").await {
@@ -173,7 +174,7 @@ impl Engine {
             }
         };
         if !ours {
-            staging::sweep(&store, name).await?;
+            staging::sweep(&store, name, true).await?;
         }
         let new_vm = !store.has_vm(name).await?;
         first.new_vm = new_vm;
@@ -219,7 +220,7 @@ impl Engine {
 
 /// Removes what a failed import made and returns its error.
 async fn fail(store: &store::Store, vm: &VmName, note: &Note, e: Error) -> Error {
-    if let Err(c) = staging::remove(store, vm, note, false).await {
+    if let Err(c) = staging::remove(store, vm, note, false, false).await {
         tracing::warn!(error = %c, "an import's staging could not be removed; the next import or `qsnap check --repair` removes it");
     }
     e

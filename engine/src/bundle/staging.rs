@@ -65,6 +65,35 @@ pub(crate) struct Note {
     pub dirs: Vec<PathBuf>,
     /// Every file staged (the bundle's, and a new VM's overlays) and where it goes.
     pub moves: Vec<Move>,
+    /// The importing process: while it runs, its note is no leftover (it is written before
+    /// the VM's lock is taken, so the lock alone cannot say so).
+    #[serde(default)]
+    pub writer: Option<Writer>,
+}
+
+/// A process, for good: its pid and start time (the pid alone may be reused).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Writer {
+    pub pid: u32,
+    pub start: Option<u64>,
+}
+
+impl Writer {
+    /// This process.
+    pub(crate) async fn this() -> Writer {
+        let pid = std::process::id();
+        Writer {
+            pid,
+            start: crate::proc::start_time(pid).await,
+        }
+    }
+
+    /// Whether it is another process that still runs.
+    async fn other_and_alive(&self) -> bool {
+        self.pid != std::process::id()
+            && crate::proc::alive(self.pid).await
+            && (self.start.is_none() || crate::proc::start_time(self.pid).await == self.start)
+    }
 }
 
 /// The store-side staging directory of an import into `vm`.
@@ -83,10 +112,22 @@ pub(crate) async fn write(store: &Store, note: &Note) -> Result<()> {
     let root = store.root().to_owned();
     let (path, note) = (note_path(store, &vm), note.clone());
     blocking(move || {
-        store::create_dir_durably(&root, 0o700)?;
-        store::create_dir_durably(&root.join("staging"), 0o700)?;
-        store::create_dir_durably(&d, 0o700)?;
-        store::write_json(&path, &note, false)
+        // Another import that could not take the lock removes the staging directory if it
+        // finds it empty: make it again and retry.
+        let mut tries = 0;
+        loop {
+            store::create_dir_durably(&root, 0o700)?;
+            store::create_dir_durably(&root.join("staging"), 0o700)?;
+            store::create_dir_durably(&d, 0o700)?;
+            match store::write_json(&path, &note, false) {
+                Err(crate::error::Error::Io { source, .. })
+                    if source.kind() == std::io::ErrorKind::NotFound && tries < 5 =>
+                {
+                    tries += 1;
+                }
+                other => return other,
+            }
+        }
     })
     .await
 }
@@ -103,21 +144,28 @@ pub(crate) async fn write_new(store: &Store, note: &Note) -> Result<bool> {
     Ok(true)
 }
 
-/// Removes a note that made nothing (an import that could not take the VM's lock).
+/// Removes a note that made nothing (an import that could not take the VM's lock) — if it
+/// is still this process's: the holder of the lock may have written its own since.
 pub(crate) async fn forget(store: &Store, vm: &VmName) {
     let (path, d) = (note_path(store, vm), dir(store, vm));
+    let me = Writer::this().await;
     let _ = blocking(move || {
-        let _ = std::fs::remove_file(&path);
-        let _ = std::fs::remove_dir(&d);
+        if let Ok(Some(n)) = store::read_json::<Note>(&path) {
+            if n.writer.as_ref() == Some(&me) && n.moves.is_empty() {
+                let _ = std::fs::remove_file(&path);
+                let _ = std::fs::remove_dir(&d);
+            }
+        }
         Ok(())
     })
     .await;
 }
 
-/// Removes what an import into `vm` left, if one did. Hold `vm`'s lock. Returns what it
-/// removed (empty: there was nothing, or the import had committed and only its staging
-/// leftovers went).
-pub(crate) async fn sweep(store: &Store, vm: &VmName) -> Result<Vec<PathBuf>> {
+/// Removes what an import into `vm` left, if one did and its process is gone. Hold `vm`'s
+/// lock; `holding_on`: the caller goes on with the VM (an import), so its lock file and
+/// directory stay. Returns what it removed (empty: there was nothing, the import still
+/// runs, or it had committed and only its staging leftovers went).
+pub(crate) async fn sweep(store: &Store, vm: &VmName, holding_on: bool) -> Result<Vec<PathBuf>> {
     let path = note_path(store, vm);
     let p = path.clone();
     let Some(note) = blocking(move || store::read_json::<Note>(&p)).await? else {
@@ -127,12 +175,17 @@ pub(crate) async fn sweep(store: &Store, vm: &VmName) -> Result<Vec<PathBuf>> {
         let _ = blocking(move || Ok(std::fs::remove_dir_all(&d))).await;
         return Ok(Vec::new());
     };
+    if let Some(w) = &note.writer {
+        if w.other_and_alive().await {
+            return Ok(Vec::new()); // a live import's (it has not taken the lock, or lost it)
+        }
+    }
     let committed = match SnapshotName::parse(&note.snapshot) {
         _ if note.new_vm => store.has_vm(vm).await?,
         Some(s) => store.has_snapshot(vm, &s).await?,
         None => false,
     };
-    remove(store, vm, &note, committed).await
+    remove(store, vm, &note, committed, holding_on).await
 }
 
 /// Removes the staging of `note` — and, unless `committed`, every file it placed or made.
@@ -141,6 +194,7 @@ pub(crate) async fn remove(
     vm: &VmName,
     note: &Note,
     committed: bool,
+    holding_on: bool,
 ) -> Result<Vec<PathBuf>> {
     if !note.new_vm && !committed {
         // The record of the VM it was adding to may already own the new layers: it must not
@@ -201,11 +255,15 @@ pub(crate) async fn remove(
             for sub in ["memory", "boot", "files", "disks", "snapshots"] {
                 let _ = std::fs::remove_dir(vm_dir.join(sub));
             }
-            // The VM never existed: its lock file and directory go too. This is the last
-            // thing the holder of the lock does (a failed import returns, a sweep moves
-            // on), so a process that opens a new lock file here meanwhile races nothing.
-            let _ = std::fs::remove_file(vm_dir.join("lock"));
-            let _ = std::fs::remove_dir(&vm_dir);
+            // The VM never existed: its lock file and directory go too — unless the caller
+            // goes on holding the lock (an import sweeping a dead one's leftovers). Otherwise
+            // this is the last thing the holder does (a failed import returns, a sweep moves
+            // on); a process that opened the old lock file meanwhile finds it unlinked after
+            // taking it, and opens the new one (`store/lock.rs`).
+            if !holding_on {
+                let _ = std::fs::remove_file(vm_dir.join("lock"));
+                let _ = std::fs::remove_dir(&vm_dir);
+            }
         }
         store::remove_durably(&npath)?;
         let _ = std::fs::remove_dir_all(&sdir);
@@ -241,17 +299,26 @@ pub(crate) async fn sweep_all(store: &Store) -> Result<Vec<PathBuf>> {
     let mut removed = Vec::new();
     for vm in pending(store).await? {
         let p = note_path(store, &vm);
+        let q = p.clone();
+        if let Ok(Some(Note {
+            writer: Some(w), ..
+        })) = blocking(move || store::read_json::<Note>(&q)).await
+        {
+            if w.other_and_alive().await {
+                continue; // an import that runs (perhaps before its lock): not a leftover
+            }
+        }
         if !blocking(move || store::exists(&p)).await? {
             // Nothing was made before the note: no lock to take (taking it would make the
             // VM's directory).
-            removed.extend(sweep(store, &vm).await.unwrap_or_default());
+            removed.extend(sweep(store, &vm, false).await.unwrap_or_default());
             continue;
         }
         let Ok(_lock) = store.lock(&vm, "sweep import staging").await else {
             continue; // an import (or another operation) runs: not a leftover
         };
         // One leftover that cannot be removed must not stop every later import.
-        match sweep(store, &vm).await {
+        match sweep(store, &vm, false).await {
             Ok(r) => removed.extend(r),
             Err(e) => {
                 tracing::warn!(vm = %vm, error = %e, "an interrupted import's staging could not be removed")

@@ -98,6 +98,29 @@ impl VmLock {
     }
 
     fn take(path: &Path, vm: &str, operation: &str, how: FlockArg) -> Result<VmLock> {
+        // A lock file can be unlinked by its last holder (an import that made no VM removes
+        // the directory it made): a lock taken on the unlinked file is no lock. Taken, it is
+        // checked to still be the file at `path`, else taken again on the new one.
+        let mut tries = 0;
+        loop {
+            let lock = Self::take_once(path, vm, operation, how)?;
+            use std::os::unix::fs::MetadataExt;
+            let same = match (std::fs::metadata(path), lock.file.metadata()) {
+                (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+                _ => false,
+            };
+            if same || tries == 10 {
+                return Ok(lock);
+            }
+            tries += 1;
+            drop(lock);
+            if let Some(dir) = path.parent() {
+                let _ = std::fs::create_dir_all(dir);
+            }
+        }
+    }
+
+    fn take_once(path: &Path, vm: &str, operation: &str, how: FlockArg) -> Result<VmLock> {
         let file = OpenOptions::new()
             .read(true)
             .write(true)

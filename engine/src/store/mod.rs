@@ -130,9 +130,21 @@ impl Store {
     /// holds it.
     pub async fn lock(&self, vm: &VmName, operation: &str) -> Result<VmLock> {
         let dir = self.vm_dir(vm);
-        self.ensure_dir(dir.clone()).await?;
-        let (name, op) = (vm.to_string(), operation.to_owned());
-        blocking(move || VmLock::acquire(&dir.join("lock"), &name, &op)).await
+        let mut tries = 0;
+        loop {
+            self.ensure_dir(dir.clone()).await?;
+            let (name, op, d) = (vm.to_string(), operation.to_owned(), dir.clone());
+            match blocking(move || VmLock::acquire(&d.join("lock"), &name, &op)).await {
+                // The directory went between making it and opening the lock (the last
+                // holder of a VM that was never made removed it): make it again.
+                Err(Error::Io { source, .. })
+                    if source.kind() == std::io::ErrorKind::NotFound && tries < 5 =>
+                {
+                    tries += 1;
+                }
+                other => return other,
+            }
+        }
     }
 
     /// Takes a VM's lock shared (for operations that only read its snapshots: clones);

@@ -301,7 +301,7 @@ impl Engine {
             store.write_manifest(&manifest).await?; // the commit
         }
         failpoint::hit("import.committed", None).await?;
-        staging::remove(&store, name, &plan.note, true).await?;
+        staging::remove(&store, name, &plan.note, true, false).await?;
         Ok(ImportReport {
             vm: name.to_string(),
             snapshot: snap.to_string(),

@@ -321,6 +321,7 @@ pub(super) async fn make_plan(
                 id: None,
             })
             .collect(),
+        writer: Some(staging::Writer::this().await),
     };
     staging::write(&store, &note).await?;
     blocking(move || {
