@@ -146,7 +146,8 @@ pub enum Command {
     Show(ShowArgs),
     /// Send one raw QMP command and print QEMU's reply as JSON.
     ///
-    /// Example: qsnap qmp /run/vm1/qmp.sock query-status
+    /// Example: qsnap qmp vm1 query-status
+    ///          qsnap qmp /run/vm1/qmp.sock query-status
     ///          qsnap qmp /run/vm1/qmp.sock human-monitor-command '{"command-line":"info block"}'
     Qmp(QmpArgs),
     /// Show what a running VM is and whether qsnap can snapshot it.
@@ -526,7 +527,7 @@ pub struct ShowArgs {
 /// `qsnap qmp`.
 #[derive(Debug, Args)]
 pub struct QmpArgs {
-    /// The QMP socket (a path, unix:PATH or tcp:HOST:PORT).
+    /// The VM (its name in the store), or a QMP socket (a path, unix:PATH or tcp:HOST:PORT).
     pub socket: String,
     /// The QMP command name, e.g. query-status.
     pub command: String,
@@ -537,7 +538,7 @@ pub struct QmpArgs {
 /// `qsnap info`.
 #[derive(Debug, Args)]
 pub struct InfoArgs {
-    /// The QMP socket (a path, unix:PATH or tcp:HOST:PORT).
+    /// The VM (its name in the store), or a QMP socket (a path, unix:PATH or tcp:HOST:PORT).
     pub socket: String,
     /// Print one JSON object instead of text.
     #[arg(long)]

@@ -20,7 +20,7 @@ use anyhow::Context;
 use args::Cli;
 use clap::Parser;
 use qsnap_engine::launch::ProcessLauncher;
-use qsnap_engine::{DeleteOptions, Engine, Store};
+use qsnap_engine::{DeleteOptions, Engine, Store, VmName};
 use qsnap_qmp::{ConnectOptions, Endpoint, Qmp};
 use request::{Action, Request, Usage};
 use std::process::ExitCode;
@@ -57,6 +57,31 @@ async fn connect(socket: &str, timeout: Duration) -> anyhow::Result<Qmp> {
         ..ConnectOptions::default()
     };
     Ok(Qmp::connect_with(Endpoint::parse(socket), &opts).await?)
+}
+
+/// The monitor `target` names: a socket (a path that exists or has a `/`, `unix:…`,
+/// `tcp:…`), else the VM of that name in the store, whose recorded socket is used.
+async fn monitor(engine: &Engine, target: &str, timeout: Duration) -> anyhow::Result<Qmp> {
+    let path_like = target.contains('/')
+        || target.starts_with("unix:")
+        || target.starts_with("tcp:")
+        || std::path::Path::new(target).exists();
+    if !path_like {
+        if let Ok(name) = VmName::new(target) {
+            if engine.store().has_vm(&name).await? {
+                let vm = engine.vm(&name).await?;
+                return vm
+                    .connect()
+                    .await
+                    .with_context(|| format!("connecting to VM {name}'s monitor"));
+            }
+            anyhow::bail!(
+                "{target} is neither a monitor socket nor a VM in the store {} (`qsnap status`)",
+                engine.store().root().display()
+            );
+        }
+    }
+    connect(target, timeout).await
 }
 
 /// The engine every command uses: the store, QMP timeouts, Ctrl-C, and a word on stderr
@@ -359,7 +384,7 @@ async fn run(req: Request) -> anyhow::Result<()> {
             output::snapshot(&m, r.json);
         }
         Action::Qmp(r) => {
-            let qmp = connect(&r.socket, req.timeout).await?;
+            let qmp = monitor(&engine, &r.socket, req.timeout).await?;
             let reply = qmp
                 .execute_raw(&r.command, r.arguments)
                 .await
@@ -367,7 +392,7 @@ async fn run(req: Request) -> anyhow::Result<()> {
             output::qmp_reply(&reply);
         }
         Action::Info(r) => {
-            let qmp = connect(&r.socket, req.timeout).await?;
+            let qmp = monitor(&engine, &r.socket, req.timeout).await?;
             let info = qsnap_engine::VmInfo::read(&qmp)
                 .await
                 .with_context(|| format!("inspecting the VM at {}", r.socket))?;

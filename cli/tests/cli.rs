@@ -712,3 +712,44 @@ async fn delete_check_and_keep_current() {
     assert_eq!(files.len(), 1, "{files:?}");
     assert!(run(&["stop", "vm1"]).status.success());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn info_and_qmp_take_a_vm_name_as_well_as_a_socket() {
+    require_qemu!();
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let run = in_store(&store);
+    let argv = VmBuilder::idle_with_disk(
+        &dir.path().join("d.qcow2"),
+        "16M",
+        &dir.path().join("serial.log"),
+    )
+    .await;
+    let _kill = KillRecordedQemu::new(&store, "vm1");
+    let mut cmd = vec!["run", "vm1", "--"];
+    cmd.extend(argv.iter().map(String::as_str));
+    let out = run(&cmd);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    // By name: the VM's recorded monitor.
+    let out = run(&["qmp", "vm1", "query-status"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(stdout_json(&out)["status"], "running");
+    let out = run(&["info", "vm1", "--json"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(
+        stdout_json(&out)["runstate"],
+        "running",
+        "{}",
+        text(&out.stdout)
+    );
+    // A name that is neither a VM nor a socket: said plainly.
+    let out = run(&["info", "vm2"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        text(&out.stderr).contains("neither a monitor socket nor a VM"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = run(&["stop", "vm1"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+}
