@@ -120,6 +120,10 @@ pub enum Command {
     Stop(StopArgs),
     /// Start a stopped VM again on its current disks (never on a snapshot's frozen images).
     Start(StartArgs),
+    /// Pause the guest (its CPUs stop; QEMU keeps running, memory and devices as they are).
+    Pause(StartArgs),
+    /// Resume a paused guest (after pause, revert --paused, or clone --paused).
+    Resume(StartArgs),
     /// Is the VM running, which snapshot is current, and each disk's chain.
     Status(StatusArgs),
     /// Go back to a snapshot: the VM comes back with the memory and disks it had then.

@@ -322,6 +322,24 @@ async fn run(req: Request) -> anyhow::Result<()> {
                 .with_context(|| format!("starting {vm}"))?;
             output::started(vm.as_str(), launched.pid);
         }
+        Action::Pause(vm) => {
+            let outcome = engine
+                .vm(&vm)
+                .await?
+                .pause()
+                .await
+                .with_context(|| format!("pausing {vm}"))?;
+            output::paused(vm.as_str(), outcome, false);
+        }
+        Action::Resume(vm) => {
+            let outcome = engine
+                .vm(&vm)
+                .await?
+                .resume()
+                .await
+                .with_context(|| format!("resuming {vm}"))?;
+            output::paused(vm.as_str(), outcome, true);
+        }
         Action::Status(r) => {
             let st = engine.vm(&r.vm).await?.status().await?;
             output::status(&st, r.json);

@@ -125,6 +125,17 @@ pub fn started(vm: &str, pid: Option<u32>) {
     }
 }
 
+/// Says what `pause` (or, `resumed`, `resume`) did.
+pub fn paused(vm: &str, outcome: qsnap_engine::PauseOutcome, resumed: bool) {
+    use qsnap_engine::PauseOutcome::{Already, Done};
+    match (outcome, resumed) {
+        (Done, false) => println!("{vm} paused (QEMU runs on; `qsnap resume {vm}` goes on)"),
+        (Already, false) => println!("{vm} was paused already"),
+        (Done, true) => println!("{vm} resumed: the guest is running"),
+        (Already, true) => println!("{vm} was running already"),
+    }
+}
+
 /// Says on stderr that an operation found an interrupted one and settled it first.
 pub fn recovered(r: &Recovery) {
     eprintln!(

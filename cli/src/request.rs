@@ -103,6 +103,10 @@ pub enum Action {
     Run(RunRequest),
     /// `stop`.
     Stop(VmName),
+    /// `pause`.
+    Pause(VmName),
+    /// `resume`.
+    Resume(VmName),
     /// `start`.
     Start(VmName),
     /// `status`.
@@ -311,6 +315,8 @@ impl Request {
             Command::Remove(a) => remove(a)?,
             Command::Run(a) => run(a)?,
             Command::Stop(a) => stop(a)?,
+            Command::Pause(a) => Action::Pause(vm_name(&a.name)?),
+            Command::Resume(a) => Action::Resume(vm_name(&a.name)?),
             Command::Start(a) => start(a)?,
             Command::Status(a) => status(a)?,
             Command::Revert(a) => revert(a)?,

@@ -714,7 +714,7 @@ async fn delete_check_and_keep_current() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn info_and_qmp_take_a_vm_name_as_well_as_a_socket() {
+async fn info_and_qmp_take_a_vm_name_and_pause_and_resume_say_what_they_did() {
     require_qemu!();
     let dir = tempfile::tempdir().unwrap();
     let store = dir.path().join("store");
@@ -742,6 +742,23 @@ async fn info_and_qmp_take_a_vm_name_as_well_as_a_socket() {
         "{}",
         text(&out.stdout)
     );
+    // pause / resume, each twice: the second says it had nothing to do (exit 0).
+    let status = || stdout_json(&run(&["qmp", "vm1", "query-status"]))["status"].clone();
+    for (cmd, state, says) in [
+        ("pause", "paused", "paused"),
+        ("pause", "paused", "was paused already"),
+        ("resume", "running", "resumed"),
+        ("resume", "running", "was running already"),
+    ] {
+        let out = run(&[cmd, "vm1"]);
+        assert!(out.status.success(), "{cmd}: {}", text(&out.stderr));
+        assert!(
+            text(&out.stdout).contains(says),
+            "{cmd}: {}",
+            text(&out.stdout)
+        );
+        assert_eq!(status(), state, "{cmd}");
+    }
     // A name that is neither a VM nor a socket: said plainly.
     let out = run(&["info", "vm2"]);
     assert_eq!(out.status.code(), Some(1), "{out:?}");
@@ -752,4 +769,7 @@ async fn info_and_qmp_take_a_vm_name_as_well_as_a_socket() {
     );
     let out = run(&["stop", "vm1"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
+    // A stopped VM cannot be resumed: an error, not a launch.
+    let out = run(&["resume", "vm1"]);
+    assert_eq!(out.status.code().map(|c| c != 0), Some(true), "{out:?}");
 }

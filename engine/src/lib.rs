@@ -69,7 +69,7 @@ pub use store::{Manifest, Store, VmRecord};
 pub use vm::{
     AttachOptions, CheckReport, CloneOptions, CloneReport, DeleteOptions, DeleteReport, DiskChain,
     Engine, Finding, Interrupted, LazyReport, MergeProgress, MergeProgressFn, MergeReport,
-    Operation, RamRestore, Recovery, RecoveryFn, RemoveReport, RevertOptions, RevertReport,
-    RunOptions, RunReport, Status, Vm, VmState,
+    Operation, PauseOutcome, RamRestore, Recovery, RecoveryFn, RemoveReport, RevertOptions,
+    RevertReport, RunOptions, RunReport, Status, Vm, VmState,
 };
 pub use vm::{CreateOutcome, Replacement, VmCreateOptions};

@@ -1,5 +1,6 @@
-//! A registered VM's lifecycle: `start` (relaunch on the current disk chain), `stop`, and
-//! `status` (registering is `register.rs`).
+//! A registered VM's lifecycle: `start` (relaunch on the current disk chain), `stop`,
+//! `pause`/`resume` (the guest's CPUs, QEMU running on), and `status` (registering is
+//! `register.rs`).
 //!
 //! Every relaunch rewrites the recorded command line's disk paths to the current images, so a
 //! frozen snapshot image is never opened read-write. `start` never launches a second QEMU
@@ -19,7 +20,7 @@ use crate::launch::{
 use crate::store::{
     self, CurrentDisk, Intent, LaunchCommand, LockHolder, StartIntent, StopIntent, VmRecord,
 };
-use qsnap_qmp::Endpoint;
+use qsnap_qmp::{types, Endpoint};
 use serde::Serialize;
 use std::path::PathBuf;
 use tracing::warn;
@@ -280,5 +281,74 @@ impl Vm {
             clone_of: record.clone_of.clone(),
             qmp: record.qmp.clone(),
         })
+    }
+}
+
+/// What `pause` or `resume` did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PauseOutcome {
+    /// The guest's CPUs were stopped (`pause`) or started (`resume`).
+    Done,
+    /// They were so already: nothing was sent.
+    Already,
+}
+
+impl Vm {
+    /// Stops the guest's CPUs (QEMU's `stop`); QEMU keeps running. Under the VM's lock, and
+    /// refused while an interrupted operation waits for `check --repair`.
+    pub async fn pause(&self) -> Result<PauseOutcome> {
+        self.set_running(false).await
+    }
+
+    /// Starts the guest's CPUs again (QEMU's `cont`): after `pause`, `revert --paused` or a
+    /// clone made paused. Refused where QEMU's run state is not one a guest resumes from
+    /// (e.g. `postmigrate`, `internal-error`), naming it.
+    pub async fn resume(&self) -> Result<PauseOutcome> {
+        self.set_running(true).await
+    }
+
+    async fn set_running(&self, run: bool) -> Result<PauseOutcome> {
+        let op = if run { "resume" } else { "pause" };
+        let _lock = self.store().lock(self.name(), op).await?;
+        if self.store().journal(self.name()).await?.is_some() {
+            return Err(Error::Busy {
+                what: format!(
+                    "an interrupted operation on {} must be finished first (`qsnap check {} --repair`)",
+                    self.name(),
+                    self.name()
+                ),
+            });
+        }
+        let qmp = self.connect().await?;
+        let status = qmp
+            .execute(types::query_status {})
+            .await
+            .map_err(Error::qmp("asking QEMU's run state"))?;
+        let state = serde_json::to_value(status.status)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_default();
+        match (run, state.as_str()) {
+            (false, "paused") | (true, "running") => Ok(PauseOutcome::Already),
+            (false, "running") => {
+                qmp.execute(types::stop {})
+                    .await
+                    .map_err(Error::qmp("pausing the guest"))?;
+                Ok(PauseOutcome::Done)
+            }
+            (true, "paused" | "suspended" | "debug") => {
+                qmp.execute(types::cont {})
+                    .await
+                    .map_err(Error::qmp("resuming the guest"))?;
+                Ok(PauseOutcome::Done)
+            }
+            (_, other) => Err(Error::Busy {
+                what: format!(
+                    "QEMU's run state is {other}: the guest cannot be {}d from it here",
+                    op
+                ),
+            }),
+        }
     }
 }

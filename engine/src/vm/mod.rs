@@ -9,7 +9,7 @@
 //! Files (one operation or one concern each; `README.md` has the map): `create.rs`,
 //! `revert.rs`, `delete.rs` and `merge/` (merging layers no snapshot needs), `clone.rs`
 //! (clone and remove), `lazy/` (lazy-ram and its helper QEMU), `register.rs` (run, attach),
-//! `lifecycle.rs` (start, stop, status), `check.rs` and `findings.rs` (check and its report),
+//! `lifecycle.rs` (start, stop, pause, resume, status), `check.rs` and `findings.rs` (check and its report),
 //! `relative.rs` (relative paths an older qsnap recorded, for `check`), `recover/` (settling an
 //! interrupted operation), `refs.rs` (who uses which image: the guard before any unlink),
 //! `state.rs` (the one place a VM's state is derived).
@@ -35,7 +35,7 @@ pub use create::{CreateOutcome, VmCreateOptions};
 pub use delete::{DeleteOptions, DeleteReport, MergeProgress, MergeProgressFn, MergeReport};
 pub use findings::{CheckReport, Finding};
 pub use lazy::LazyReport;
-pub use lifecycle::{DiskChain, Interrupted, Status};
+pub use lifecycle::{DiskChain, Interrupted, PauseOutcome, Status};
 pub use recover::Recovery;
 pub use register::{AttachOptions, RunOptions, RunReport};
 pub use revert::{RamRestore, RevertOptions, RevertReport};
