@@ -181,13 +181,10 @@ impl Engine {
         if let Err(e) = staging::write(&store, &first).await {
             return Err(fail(&store, name, &first, e).await);
         }
-        if !new_vm && store.journal(name).await?.is_some() {
-            let e = Error::Busy {
-                what: format!(
-                    "an interrupted operation on {name} must be finished first (`qsnap check {name} --repair`)"
-                ),
-            };
-            return Err(fail(&store, name, &first, e).await);
+        if !new_vm {
+            if let Err(e) = crate::vm::refuse_if_interrupted(&store, name).await {
+                return Err(fail(&store, name, &first, e).await);
+            }
         }
         let handle = tokio::runtime::Handle::current();
         let (engine, name2, opts2) = (self.clone(), name.clone(), opts.clone());

@@ -311,15 +311,7 @@ impl Vm {
     async fn set_running(&self, run: bool) -> Result<PauseOutcome> {
         let op = if run { "resume" } else { "pause" };
         let _lock = self.store().lock(self.name(), op).await?;
-        if self.store().journal(self.name()).await?.is_some() {
-            return Err(Error::Busy {
-                what: format!(
-                    "an interrupted operation on {} must be finished first (`qsnap check {} --repair`)",
-                    self.name(),
-                    self.name()
-                ),
-            });
-        }
+        super::refuse_if_interrupted(self.store(), self.name()).await?;
         let qmp = self.connect().await?;
         let status = qmp
             .execute(types::query_status {})

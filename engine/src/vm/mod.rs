@@ -223,25 +223,17 @@ impl Vm {
         self.store().manifest(&self.name, snap).await
     }
 
-    /// Starts an operation: takes the VM's lock, settles an interrupted earlier operation
-    /// (journal) first, and reads the record fresh.
     /// The VM's lock, shared, for an operation that only reads its snapshots (a clone, an
     /// export): refused while an interrupted operation waits to be settled (its files may be
     /// half-made; only an exclusive holder settles it).
     pub(crate) async fn lock_for_reading(&self, operation: &str) -> Result<VmLock> {
         let lock = self.store().lock_shared(self.name(), operation).await?;
-        if self.store().journal(self.name()).await?.is_some() {
-            return Err(Error::Busy {
-                what: format!(
-                    "an interrupted operation on {} must be finished first (`qsnap check {} --repair`)",
-                    self.name(),
-                    self.name()
-                ),
-            });
-        }
+        refuse_if_interrupted(self.store(), self.name()).await?;
         Ok(lock)
     }
 
+    /// Starts an operation: takes the VM's lock, settles an interrupted earlier operation
+    /// (journal) first, and reads the record fresh.
     pub(crate) async fn begin(&self, operation: &str) -> Result<Op> {
         let lock = self.store().lock(&self.name, operation).await?;
         if let Some(done) = recover::settle(self).await? {
@@ -262,4 +254,18 @@ pub(crate) struct Op {
     _lock: VmLock,
     /// The record, read after the lock was taken.
     pub record: VmRecord,
+}
+
+/// Refuses (busy) while an interrupted operation on `vm` waits for `check --repair`: for
+/// holders of its lock that do not settle it themselves (a clone, an export, an import into
+/// it, pause and resume).
+pub(crate) async fn refuse_if_interrupted(store: &Store, vm: &VmName) -> Result<()> {
+    if store.journal(vm).await?.is_some() {
+        return Err(Error::Busy {
+            what: format!(
+                "an interrupted operation on {vm} must be finished first (`qsnap check {vm} --repair`)"
+            ),
+        });
+    }
+    Ok(())
 }
