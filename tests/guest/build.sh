@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds qsnap's test guest from Debian packages: a distribution kernel and an initramfs holding
-# busybox-static, the virtio block/console and ext4 modules, the QEMU guest agent (qemu-ga with
+# busybox-static, the virtio block/console, ext4 and power-button modules, the QEMU guest agent (qemu-ga with
 # the shared libraries it links, taken from this Debian host) and tests/guest/init.sh as /init.
 #
 # Output (cached, never committed): $QSNAP_GUEST_DIR (default: <repo>/target/qsnap-guest)
@@ -90,7 +90,8 @@ add_mod() {
   cp "$f" "$root/lib/modules/$m.ko"
   order+=("$m")
 }
-for m in virtio_pci virtio_blk virtio_console crc32c_generic ext4; do add_mod "$m"; done
+# button + evdev: the ACPI power button as /dev/input/event*, so `qsnap shutdown` powers it off.
+for m in virtio_pci virtio_blk virtio_console crc32c_generic ext4 button evdev; do add_mod "$m"; done
 printf '%s\n' "${order[@]}" > "$root/etc/modules.order"
 
 mkdir -p "$out"

@@ -8,7 +8,7 @@
 #
 # With a virtio-serial port named org.qemu.guest_agent.0 it runs the QEMU guest agent there;
 # with a second disk (/dev/vdb) it makes an ext2 filesystem on it and mounts it at /mnt, so that
-# the agent has a filesystem to freeze.
+# the agent has a filesystem to freeze. The ACPI power button powers it off.
 #
 # Kernel parameters:
 #   qsnap.tick_ms=N    pause between ticks (default 200)
@@ -56,6 +56,18 @@ if [ -b /dev/vdb ]; then
   mount -t ext4 /dev/vdb /mnt 2>/dev/null || { mke2fs /dev/vdb >/dev/null 2>&1 && mount -t ext4 /dev/vdb /mnt; } \
     && echo "qsnap-guest: /dev/vdb mounted on /mnt"
 fi
+
+# The ACPI power button (QEMU's system_powerdown): power off at its first event, as a
+# distribution's acpid or systemd-logind would. `poweroff -f`: there is no init to go through.
+for d in /sys/class/input/input*; do
+  [ "$(cat "$d/name" 2>/dev/null)" = "Power Button" ] || continue
+  for e in "$d"/event*; do
+    [ -e "$e" ] || continue
+    (dd if="/dev/input/${e##*/}" of=/dev/null bs=24 count=1 2>/dev/null \
+      && echo "qsnap-guest: power button pressed, powering off" && sync && poweroff -f) &
+    echo "qsnap-guest: power button on /dev/input/${e##*/}"
+  done
+done
 
 if [ "$dirty_mb" -gt 0 ]; then
   dd if=/dev/urandom of=/dev/shm/src bs=1M count="$dirty_mb" 2>/dev/null
