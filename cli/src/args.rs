@@ -9,19 +9,50 @@ use std::path::PathBuf;
 
 /// Live QEMU snapshots (memory + disks) over QMP, without libvirt.
 #[derive(Debug, Parser)]
-#[command(name = "qsnap", version, about, long_about = None)]
+#[command(
+    name = "qsnap",
+    version,
+    about,
+    long_about = None,
+    after_help = "Names (VMs and snapshots): 1-64 of letters, digits, '.', '_', '-', not starting with '.' or '-'.\n\
+                  Exit codes: 0 done, 1 failed, 2 bad usage, 3 the VM's monitor cannot be reached, 4 no such VM or\n\
+                  snapshot, 5 busy (another operation holds the VM: retry, or --wait), 6 refused (nothing changed),\n\
+                  130/143 interrupted (Ctrl-C/SIGTERM). With --json, an error is also {\"error\": {\"kind\", \"message\", \"fix\"}} on stdout."
+)]
 pub struct Cli {
     /// More log output on stderr (-v: info, -vv: debug, -vvv: QMP wire trace). RUST_LOG wins.
-    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    #[arg(short, long, action = clap::ArgAction::Count, global = true, help_heading = "Global options")]
     pub verbose: u8,
 
-    /// Seconds to wait for each QMP command.
-    #[arg(long, global = true, default_value_t = 30, value_name = "SECS")]
+    /// Seconds to wait for each QMP command (and for the monitor's greeting).
+    #[arg(
+        long,
+        global = true,
+        default_value_t = 30,
+        value_name = "SECS",
+        help_heading = "Global options"
+    )]
     pub timeout: u64,
+
+    /// When another qsnap operation holds the VM, wait up to SECS for it to finish instead
+    /// of failing at once with exit code 5.
+    #[arg(
+        long,
+        global = true,
+        value_name = "SECS",
+        help_heading = "Global options"
+    )]
+    pub wait: Option<u64>,
 
     /// Where qsnap keeps VM records, snapshot manifests and memory files. Default:
     /// /var/lib/qsnap for root, else $XDG_STATE_HOME/qsnap or ~/.local/state/qsnap.
-    #[arg(long, global = true, env = "QSNAP_STORE", value_name = "DIR")]
+    #[arg(
+        long,
+        global = true,
+        env = "QSNAP_STORE",
+        value_name = "DIR",
+        help_heading = "Global options"
+    )]
     pub store: Option<PathBuf>,
 
     #[command(subcommand)]
@@ -116,8 +147,22 @@ pub enum Command {
     ///
     /// Example: qsnap run vm1 -- qemu-system-x86_64 -m 512 -drive file=/vm/disk.qcow2,if=virtio
     Run(RunArgs),
-    /// Stop the VM's QEMU (QMP quit, then SIGKILL after 10 s).
+    /// Stop the VM's QEMU (QMP quit, then SIGKILL after 10 s). The guest gets no warning:
+    /// `shutdown` lets it power off cleanly.
     Stop(StopArgs),
+    /// Power the guest off cleanly: press its ACPI power button (system_powerdown), wait for
+    /// QEMU to exit, and stop QEMU as `stop` does if the guest has not powered off in time.
+    Shutdown(ShutdownArgs),
+    /// Take a VM out of the store (as `virsh undefine`): its record, and with
+    /// --with-snapshots its snapshots' manifests and memory files. Every disk image stays
+    /// where it is, and the output names the image each disk is on now (boot from that one).
+    ///
+    /// Refused while its QEMU runs (unless --stop), while it has snapshots (unless
+    /// --with-snapshots; `delete --all` first merges them into its images), and while a
+    /// clone runs on one of its images. For a clone, `remove` deletes its overlays instead.
+    Forget(ForgetArgs),
+    /// Give a snapshot another name (its memory files follow; its disk images keep theirs).
+    Rename(RenameArgs),
     /// Start a stopped VM again on its current disks (never on a snapshot's frozen images).
     Start(StartArgs),
     /// Pause the guest (its CPUs stop; QEMU keeps running, memory and devices as they are).
@@ -126,7 +171,8 @@ pub enum Command {
     Resume(StartArgs),
     /// Is the VM running, which snapshot is current, and each disk's chain.
     Status(StatusArgs),
-    /// Go back to a snapshot: the VM comes back with the memory and disks it had then.
+    /// Go back to a snapshot (or the newest one, --latest): the VM comes back with the memory
+    /// and disks it had then.
     ///
     /// The current QEMU is stopped and relaunched on new overlays over the snapshot's images
     /// (the snapshot stays revertible); a disk-only snapshot boots from its disks.
@@ -134,7 +180,8 @@ pub enum Command {
     /// This DISCARDS the current state: whatever the guest did since its last snapshot is
     /// lost, unless --keep-current saves it as a snapshot first.
     Revert(RevertArgs),
-    /// Delete a snapshot (or all of them), the VM running or stopped.
+    /// Delete snapshots (one, several, one with its children, or all), the VM running or
+    /// stopped.
     ///
     /// The snapshot's memory file and manifest go; disk layers that no remaining snapshot
     /// needs are merged (live block jobs in a running VM, qemu-img otherwise). The VM's
@@ -144,7 +191,8 @@ pub enum Command {
     ///
     /// Exit 0: all is well (or was repaired); 1: problems remain (each with what to do).
     Check(CheckArgs),
-    /// List a VM's snapshots as a tree (parent → children); `*` marks the current one.
+    /// List a VM's snapshots as a tree (parent → children); `*` marks the current one: the
+    /// snapshot the VM's present state descends from (the parent of the next one taken).
     List(ListArgs),
     /// Show one snapshot.
     Show(ShowArgs),
@@ -180,8 +228,12 @@ pub struct AttachArgs {
 pub struct CreateArgs {
     /// The VM's name.
     pub name: String,
-    /// The snapshot's name (letters, digits, '.', '_', '-').
-    pub snapshot: String,
+    /// The snapshot's name: 1-64 of letters, digits, '.', '_', '-', not starting with '.'
+    /// or '-'. Default: snap-YYYYMMDDTHHMMSSZ, the UTC time (printed; -2, -3… added if taken).
+    pub snapshot: Option<String>,
+    /// A line saying what the snapshot is for (shown by list and show).
+    #[arg(long, value_name = "TEXT")]
+    pub description: Option<String>,
     /// Disks only, no memory (crash-consistent; the guest never pauses).
     #[arg(long, conflicts_with = "mode")]
     pub disk_only: bool,
@@ -198,7 +250,12 @@ pub struct CreateArgs {
     pub overlay_dir: Option<PathBuf>,
     /// Precopy: seconds the guest may run while memory is copied before qsnap pauses it
     /// so the save finishes.
-    #[arg(long, default_value_t = 30, value_name = "SECS")]
+    #[arg(
+        long,
+        default_value_t = 30,
+        value_name = "SECS",
+        conflicts_with = "disk_only"
+    )]
     pub live_limit: u64,
     /// Precopy: write QEMU's plain migration stream instead of its mapped-ram format
     /// (which QEMU ≥ 9.0 writes and loads with several threads, zero pages as holes;
@@ -440,6 +497,47 @@ pub struct StopArgs {
     pub name: String,
 }
 
+/// `qsnap shutdown`.
+#[derive(Debug, Args)]
+pub struct ShutdownArgs {
+    /// The VM's name.
+    pub name: String,
+    /// Seconds the guest has to power off before QEMU is stopped.
+    #[arg(long = "grace", default_value_t = 60, value_name = "SECS")]
+    pub grace: u64,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `qsnap forget`.
+#[derive(Debug, Args)]
+pub struct ForgetArgs {
+    /// The VM's name.
+    pub name: String,
+    /// Stop its QEMU first (quit, SIGKILL after 10 s) instead of refusing.
+    #[arg(long)]
+    pub stop: bool,
+    /// Forget its snapshots too: their manifests and memory files are removed (disk images
+    /// stay).
+    #[arg(long)]
+    pub with_snapshots: bool,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `qsnap rename`.
+#[derive(Debug, Args)]
+pub struct RenameArgs {
+    /// The VM's name.
+    pub name: String,
+    /// The snapshot's name now.
+    pub old: String,
+    /// Its new name.
+    pub new: String,
+}
+
 /// `qsnap start`.
 #[derive(Debug, Args)]
 pub struct StartArgs {
@@ -463,7 +561,11 @@ pub struct RevertArgs {
     /// The VM's name.
     pub name: String,
     /// The snapshot's name.
-    pub snapshot: String,
+    #[arg(required_unless_present = "latest", conflicts_with = "latest")]
+    pub snapshot: Option<String>,
+    /// The newest snapshot (by when it was taken).
+    #[arg(long)]
+    pub latest: bool,
     /// Leave the guest paused after loading its memory.
     #[arg(long)]
     pub paused: bool,
@@ -481,9 +583,12 @@ pub struct RevertArgs {
 pub struct DeleteArgs {
     /// The VM's name.
     pub name: String,
-    /// The snapshot to delete.
+    /// The snapshots to delete (all in one operation; an unknown name deletes none).
     #[arg(required_unless_present = "all", conflicts_with = "all")]
-    pub snapshot: Option<String>,
+    pub snapshots: Vec<String>,
+    /// And every snapshot descending from them.
+    #[arg(long, conflicts_with = "all")]
+    pub children: bool,
     /// Delete every snapshot: the VM ends on one image per disk.
     #[arg(long)]
     pub all: bool,

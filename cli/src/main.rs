@@ -1,9 +1,11 @@
 //! `qsnap`: the command-line glue over `qsnap-engine`. `main` parses the arguments (`args`),
 //! turns them into a request (`request`: names validated, paths resolved, options built),
 //! makes one engine call per command, prints the result (`output`, `progress`), and maps
-//! errors to exit codes: 1 the operation failed, 2 bad usage (including bad names), 3 the VM
-//! could not be reached, 128 + the signal (130 for Ctrl-C, 143 for SIGTERM) an operation that
-//! an interrupt stopped. It also owns the process: logging, the runtime, Ctrl-C → the
+//! errors to exit codes ([`Kind`]): 1 the operation failed, 2 bad usage (including bad
+//! names), 3 the VM could not be reached, 4 no such VM or snapshot, 5 busy (another operation
+//! holds the VM: retry, or `--wait`), 6 refused (nothing changed; retrying will not help),
+//! 128 + the signal (130 for Ctrl-C, 143 for SIGTERM) an operation that an interrupt stopped.
+//! With `--json` an error is also a JSON object on stdout. It also owns the process: logging, the runtime, Ctrl-C → the
 //! engine's cancel token.
 //!
 //! This file must never interpret an argument (that is `request`'s), build engine options
@@ -29,10 +31,36 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
-/// Exit code when the VM's monitor cannot be reached.
-const EXIT_UNREACHABLE: u8 = 3;
-/// Exit code for bad usage (clap uses 2 as well).
-const EXIT_USAGE: u8 = 2;
+/// What kind of failure ended a command: the engine's [`ErrorKind`], for errors of the
+/// CLI's own and of the remote crate too.
+use qsnap_engine::ErrorKind as Kind;
+
+/// The exit code of each kind of failure (documented in the module docs and `--help`).
+fn exit_code_of(kind: Kind) -> u8 {
+    match kind {
+        Kind::Failed | Kind::Cancelled => 1,
+        Kind::Usage => 2,
+        Kind::Unreachable => 3,
+        Kind::NotFound => 4,
+        Kind::Busy => 5,
+        Kind::Refused => 6,
+    }
+}
+
+/// An error of the CLI's own that is not a plain failure.
+#[derive(Debug)]
+struct Plain {
+    kind: Kind,
+    message: String,
+}
+
+impl std::fmt::Display for Plain {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for Plain {}
 
 fn init_logging(verbose: u8) {
     let default = match verbose {
@@ -43,8 +71,11 @@ fn init_logging(verbose: u8) {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    use std::io::IsTerminal;
     tracing_subscriber::fmt()
         .with_env_filter(filter)
+        // Colour codes only for a person at a terminal, never into a file or a pipe.
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .init();
 }
@@ -52,6 +83,7 @@ fn init_logging(verbose: u8) {
 async fn connect(socket: &str, timeout: Duration) -> anyhow::Result<Qmp> {
     let opts = ConnectOptions {
         command_timeout: timeout,
+        greeting_timeout: timeout,
         // A user naming a socket expects it to be there; wait briefly in case QEMU is starting.
         connect_retry: Duration::from_secs(2),
         ..ConnectOptions::default()
@@ -75,10 +107,14 @@ async fn monitor(engine: &Engine, target: &str, timeout: Duration) -> anyhow::Re
                     .await
                     .with_context(|| format!("connecting to VM {name}'s monitor"));
             }
-            anyhow::bail!(
-                "{target} is neither a monitor socket nor a VM in the store {} (`qsnap status`)",
-                engine.store().root().display()
-            );
+            return Err(Plain {
+                kind: Kind::NotFound,
+                message: format!(
+                    "{target} is neither a monitor socket nor a VM in the store {} (`qsnap status`)",
+                    engine.store().root().display()
+                ),
+            }
+            .into());
         }
     }
     connect(target, timeout).await
@@ -87,9 +123,10 @@ async fn monitor(engine: &Engine, target: &str, timeout: Duration) -> anyhow::Re
 /// The engine every command uses: the store, QMP timeouts, Ctrl-C, and a word on stderr
 /// when an operation settles one that was interrupted.
 fn engine(req: &Request, cancel: CancellationToken) -> Engine {
-    Engine::new(Store::new(&req.store))
+    Engine::new(Store::new(&req.store).with_lock_wait(req.lock_wait))
         .with_connect_options(ConnectOptions {
             command_timeout: req.timeout,
+            greeting_timeout: req.timeout,
             connect_retry: Duration::from_secs(2),
             ..ConnectOptions::default()
         })
@@ -215,7 +252,20 @@ async fn run(req: Request) -> anyhow::Result<()> {
                         .create_new(true)
                         .mode(0o600)
                         .open(p)
-                        .with_context(|| format!("creating {}", p.display()))?;
+                        .map_err(|e| -> anyhow::Error {
+                            if e.kind() == std::io::ErrorKind::AlreadyExists {
+                                Plain {
+                                    kind: Kind::Refused,
+                                    message: format!(
+                                        "{} already exists; qsnap never overwrites a file (name another, or remove it)",
+                                        p.display()
+                                    ),
+                                }
+                                .into()
+                            } else {
+                                anyhow::Error::new(e).context(format!("creating {}", p.display()))
+                            }
+                        })?;
                     (
                         Box::new(std::io::BufWriter::with_capacity(1 << 20, f)),
                         Some(p.clone()),
@@ -313,14 +363,42 @@ async fn run(req: Request) -> anyhow::Result<()> {
                 .with_context(|| format!("stopping {vm}"))?;
             output::stopped(vm.as_str(), &outcome);
         }
-        Action::Start(vm) => {
-            let launched = engine
+        Action::Shutdown { vm, grace, json } => {
+            let outcome = engine
                 .vm(&vm)
                 .await?
-                .start()
+                .shutdown(grace)
                 .await
-                .with_context(|| format!("starting {vm}"))?;
-            output::started(vm.as_str(), launched.pid);
+                .with_context(|| format!("shutting down {vm}"))?;
+            output::shut_down(vm.as_str(), &outcome, json);
+        }
+        Action::Forget { vm, opts, json } => {
+            let report = engine
+                .vm(&vm)
+                .await?
+                .forget(opts)
+                .await
+                .with_context(|| format!("forgetting {vm}"))?;
+            output::forgotten(&report, json);
+        }
+        Action::Rename { vm, old, new } => {
+            engine
+                .vm(&vm)
+                .await?
+                .rename_snapshot(&old, &new)
+                .await
+                .with_context(|| format!("renaming {vm}/{old}"))?;
+            println!("{vm}: snapshot {old} is now {new}");
+        }
+        Action::Start(vm) => {
+            match engine.vm(&vm).await?.start().await {
+                Ok(launched) => output::started(vm.as_str(), launched.pid),
+                // Asked for what is already so: said, and not an error.
+                Err(qsnap_engine::Error::AlreadyRunning { pid, .. }) => {
+                    output::already_running(vm.as_str(), pid);
+                }
+                Err(e) => return Err(anyhow::Error::new(e).context(format!("starting {vm}"))),
+            }
         }
         Action::Pause(vm) => {
             let outcome = engine
@@ -345,12 +423,15 @@ async fn run(req: Request) -> anyhow::Result<()> {
             output::status(&st, r.json);
         }
         Action::Revert(r) => {
-            let report = engine
-                .vm(&r.vm)
-                .await?
-                .revert_with(&r.snapshot, &r.opts, &ProcessLauncher::default())
+            let vm = engine.vm(&r.vm).await?;
+            let snapshot = match r.snapshot {
+                Some(s) => s,
+                None => vm.latest_snapshot().await?,
+            };
+            let report = vm
+                .revert_with(&snapshot, &r.opts, &ProcessLauncher::default())
                 .await
-                .with_context(|| format!("reverting {} to {}", r.vm, r.snapshot))?;
+                .with_context(|| format!("reverting {} to {snapshot}", r.vm))?;
             output::reverted(r.vm.as_str(), &report, r.json);
         }
         Action::Delete(r) => {
@@ -359,15 +440,18 @@ async fn run(req: Request) -> anyhow::Result<()> {
             let opts = DeleteOptions {
                 progress: bar.callback(),
             };
-            let result = match &r.snapshot {
-                Some(s) => vm.delete_snapshot(s, &opts).await,
-                None => vm.delete_all(&opts).await,
+            let result = if r.snapshots.is_empty() {
+                vm.delete_all(&opts).await
+            } else {
+                vm.delete_snapshots(&r.snapshots, r.children, &opts).await
             };
             bar.finish();
-            let what = r
-                .snapshot
-                .as_ref()
-                .map_or_else(|| "all snapshots".to_owned(), ToString::to_string);
+            let what = if r.snapshots.is_empty() {
+                "all snapshots".to_owned()
+            } else {
+                let names: Vec<String> = r.snapshots.iter().map(ToString::to_string).collect();
+                names.join(", ")
+            };
             let report = result.with_context(|| format!("deleting {what} of {}", r.vm))?;
             output::deleted(r.vm.as_str(), &report, r.json);
         }
@@ -395,11 +479,14 @@ async fn run(req: Request) -> anyhow::Result<()> {
         Action::List(r) => {
             let vm = engine.vm(&r.vm).await?;
             let all = vm.snapshots().await?;
-            output::list(vm.record(), &all, r.json);
+            let usage = vm.usage(&all).await?;
+            output::list(vm.record(), &all, &usage, r.json);
         }
         Action::Show(r) => {
-            let m = engine.vm(&r.vm).await?.snapshot(&r.snapshot).await?;
-            output::snapshot(&m, r.json);
+            let vm = engine.vm(&r.vm).await?;
+            let m = vm.snapshot(&r.snapshot).await?;
+            let usage = vm.usage(std::slice::from_ref(&m)).await?;
+            output::snapshot(&m, usage.snapshots.first(), r.json);
         }
         Action::Qmp(r) => {
             let qmp = monitor(&engine, &r.socket, req.timeout).await?;
@@ -429,38 +516,79 @@ fn render(err: &anyhow::Error) -> String {
         .join(": ")
 }
 
-fn exit_code(err: &anyhow::Error) -> u8 {
+/// What kind of failure `err` is, and the one command that is the way on when there is one:
+/// the first cause in the chain that says.
+fn classify(err: &anyhow::Error) -> (Kind, Option<String>) {
     for cause in err.chain() {
         if cause.downcast_ref::<Usage>().is_some() {
-            return EXIT_USAGE;
+            return (Kind::Usage, None);
         }
-        if let Some(qsnap_engine::Error::InvalidName { .. }) = cause.downcast_ref() {
-            return EXIT_USAGE;
+        if cause.downcast_ref::<Unclean>().is_some() {
+            return (Kind::Failed, None);
         }
-        // A QMP error comes bare (the CLI's own connections) or inside the engine's
-        // `Error::Qmp` (which does not return it as `source()`).
-        let qmp = match cause.downcast_ref() {
-            Some(qsnap_engine::Error::Qmp { source, .. }) => Some(source),
-            _ => cause.downcast_ref::<qsnap_qmp::Error>(),
-        };
-        if let Some(
-            qsnap_qmp::Error::Connect { .. }
-            | qsnap_qmp::Error::NotASocket { .. }
-            | qsnap_qmp::Error::GreetingTimeout { .. }
-            | qsnap_qmp::Error::Handshake { .. },
-        ) = qmp
-        {
-            return EXIT_UNREACHABLE;
+        if let Some(p) = cause.downcast_ref::<Plain>() {
+            return (p.kind, None);
         }
-        if let Some(qsnap_engine::Error::Unreachable { .. }) = cause.downcast_ref() {
-            return EXIT_UNREACHABLE;
+        if let Some(e) = cause.downcast_ref::<qsnap_engine::Error>() {
+            return (e.kind(), e.fix());
+        }
+        if let Some(e) = cause.downcast_ref::<qsnap_qmp::Error>() {
+            if e.is_unreachable() {
+                return (Kind::Unreachable, None);
+            }
+            return (Kind::Failed, None);
+        }
+        if let Some(e) = cause.downcast_ref::<qsnap_remote::RemoteError>() {
+            use qsnap_remote::RemoteError as R;
+            return match e {
+                R::Engine(inner) => (inner.kind(), inner.fix()),
+                R::NotFound { .. } => (Kind::NotFound, None),
+                R::Exists { .. } | R::Corrupt { .. } => (Kind::Refused, None),
+                R::BadUrl { .. } | R::BadName { .. } => (Kind::Usage, None),
+                R::Interrupted => (Kind::Cancelled, None),
+                _ => (Kind::Failed, None),
+            };
         }
     }
-    1
+    (Kind::Failed, None)
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    if std::env::var_os("QSNAP_STORE").is_some_and(|v| v.is_empty()) {
+        eprintln!(
+            "qsnap: QSNAP_STORE is set but empty: unset it to use the default store ({}), or set it to a directory",
+            Store::default_root().display()
+        );
+        return ExitCode::from(2);
+    }
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let args: Vec<String> = std::env::args().skip(1).collect();
+            let is_run = args
+                .iter()
+                .find(|a| !a.starts_with('-'))
+                .map(String::as_str)
+                == Some("run");
+            let hint = is_run
+                && !args.iter().any(|a| a == "--")
+                && !matches!(
+                    e.kind(),
+                    clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion
+                );
+            let code = e.exit_code();
+            let _ = e.print();
+            if hint {
+                eprintln!("\nhint: the QEMU command line goes after `--`: qsnap run NAME -- qemu-system-x86_64 …");
+            }
+            return ExitCode::from(u8::try_from(code).unwrap_or(2));
+        }
+    };
+    // The command's own --json, before `--` (after it, the words are QEMU's).
+    let json = std::env::args()
+        .skip(1)
+        .take_while(|a| a != "--")
+        .any(|a| a == "--json");
     init_logging(cli.verbose);
     // Test builds only: FAILPOINTS in the environment makes steps fail on cue.
     let _failpoints = qsnap_engine::failpoints_from_env();
@@ -483,12 +611,17 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(err) => {
+            let (kind, fix) = classify(&err);
+            let message = render(&err);
             if err.downcast_ref::<Unclean>().is_none() {
-                eprintln!("qsnap: {}", render(&err));
+                eprintln!("qsnap: {message}");
+                if json {
+                    output::error(kind, &message, fix.as_deref());
+                }
             }
             // Whatever the error (the rollback's "cancelled", or a step the interrupt cut
             // short), an interrupted command says so the way a shell expects.
-            ExitCode::from(interrupted_exit().unwrap_or_else(|| exit_code(&err)))
+            ExitCode::from(interrupted_exit().unwrap_or_else(|| exit_code_of(kind)))
         }
     }
 }

@@ -40,6 +40,19 @@ fn mib(bytes: u64) -> String {
     format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
 }
 
+/// A file's size as `du` sees it, and as `ls -l` does when that differs (a sparse file).
+fn sized(s: qsnap_engine::Size) -> String {
+    if s.apparent > s.allocated && s.apparent - s.allocated >= 1 << 20 {
+        format!(
+            "{} ({} apparent, sparse)",
+            mib(s.allocated),
+            mib(s.apparent)
+        )
+    } else {
+        mib(s.allocated)
+    }
+}
+
 /// Prints a QMP reply as pretty JSON.
 pub fn qmp_reply(reply: &Value) {
     json(reply);
@@ -114,7 +127,20 @@ pub fn ran(r: &RunReport, as_json: bool) {
             "qsnap: the CPU asks for invtsc: added tsc-frequency={hz} (from {source}) so memory snapshots work; --no-tsc-fix turns this off"
         );
     }
-    attached(&r.record, as_json);
+    if as_json {
+        return json(&r.record);
+    }
+    let rec = &r.record;
+    match rec.pid {
+        Some(pid) => println!("started {} (QEMU pid {pid}; QMP {})", rec.name, rec.qmp),
+        None => println!("started {} (QMP {})", rec.name, rec.qmp),
+    }
+    if let Some(log) = &r.log {
+        println!("  QEMU's own messages go to {}", log.display());
+    }
+    for d in &rec.disks {
+        println!("  disk {:<10} {}", d.device, d.image.display());
+    }
 }
 
 /// Prints a VM `start` started.
@@ -123,6 +149,11 @@ pub fn started(vm: &str, pid: Option<u32>) {
         Some(pid) => println!("{vm} started (pid {pid})"),
         None => println!("{vm} started"),
     }
+}
+
+/// Says that `start` found the VM running: nothing to do.
+pub fn already_running(vm: &str, pid: u32) {
+    println!("{vm} is running already (pid {pid}); nothing to start");
 }
 
 /// Says what `pause` (or, `resumed`, `resume`) did.
@@ -150,16 +181,26 @@ pub fn created(c: &CreateOutcome, as_json: bool) {
     if let Some(e) = &c.lazy_ram_failed {
         eprintln!("qsnap: warning: the snapshot was taken, but its memory stays a stream (reverts load it): {e}");
     }
-    snapshot(&c.manifest, as_json);
+    snapshot(&c.manifest, None, as_json);
 }
 
-/// Prints a snapshot: the summary after `create`, or `show`.
-pub fn snapshot(m: &Manifest, as_json: bool) {
+/// Prints a snapshot: the summary after `create`, or `show` (with what it takes on disk).
+pub fn snapshot(m: &Manifest, usage: Option<&qsnap_engine::SnapshotUsage>, as_json: bool) {
     if as_json {
-        return json(m);
+        #[derive(Serialize)]
+        struct Shown<'a> {
+            #[serde(flatten)]
+            manifest: &'a Manifest,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            usage: Option<&'a qsnap_engine::SnapshotUsage>,
+        }
+        return json(&Shown { manifest: m, usage });
     }
     let s = &m.snapshot;
     println!("snapshot {} of {} ({})", m.name, m.vm, s.mode);
+    if let Some(d) = &m.description {
+        println!("  description    {d}");
+    }
     println!("  taken          {}", m.created_at);
     if let Some(p) = &m.parent {
         println!("  parent         {p}");
@@ -188,12 +229,21 @@ pub fn snapshot(m: &Manifest, as_json: bool) {
         );
     }
     match &s.memory {
-        Some(mem) => println!(
-            "  memory         {} ({} of {} RAM)",
-            mem.file.display(),
-            mib(mem.bytes),
-            mib(mem.ram_bytes)
-        ),
+        Some(mem) => {
+            let kind = if mem.lazy.is_some() {
+                "lazy: a RAM image reverts map, and device state"
+            } else {
+                "QEMU's stream"
+            };
+            println!(
+                "  memory         {} ({kind}; the guest had {} RAM)",
+                mem.file.display(),
+                mib(mem.ram_bytes)
+            );
+            if let Some(size) = usage.and_then(|u| u.memory) {
+                println!("  memory on disk {}", sized(size));
+            }
+        }
         None => match s.quiesced_filesystems {
             Some(n) => println!(
                 "  memory         none (disk-only; {n} guest filesystem(s) frozen for the switch)"
@@ -202,11 +252,12 @@ pub fn snapshot(m: &Manifest, as_json: bool) {
         },
     }
     for d in &s.disks {
+        println!("  disk {:<9} {} (frozen)", d.device, d.image.display());
+    }
+    if let Some(u) = usage.filter(|u| u.layers.apparent > 0) {
         println!(
-            "  disk {:<9} {} (frozen) → now writing {}",
-            d.device,
-            d.image.display(),
-            d.overlay.display()
+            "  layers         {} (disk layers qsnap made that it froze)",
+            sized(u.layers)
         );
     }
     for d in &s.skipped {
@@ -216,16 +267,18 @@ pub fn snapshot(m: &Manifest, as_json: bool) {
 }
 
 /// Prints a VM's snapshots as a tree.
-pub fn list(rec: &VmRecord, all: &[Manifest], as_json: bool) {
+pub fn list(rec: &VmRecord, all: &[Manifest], usage: &qsnap_engine::Usage, as_json: bool) {
     if as_json {
         #[derive(Serialize)]
         struct Listing<'a> {
             vm: &'a VmRecord,
             snapshots: &'a [Manifest],
+            usage: &'a qsnap_engine::Usage,
         }
         return json(&Listing {
             vm: rec,
             snapshots: all,
+            usage,
         });
     }
     if all.is_empty() {
@@ -246,6 +299,7 @@ pub fn list(rec: &VmRecord, all: &[Manifest], as_json: bool) {
         depth: usize,
         children: &BTreeMap<Option<&str>, Vec<&Manifest>>,
         current: Option<&str>,
+        usage: &qsnap_engine::Usage,
     ) {
         for m in children.get(&node).into_iter().flatten() {
             let mark = if current == Some(m.name.as_str()) {
@@ -253,14 +307,23 @@ pub fn list(rec: &VmRecord, all: &[Manifest], as_json: bool) {
             } else {
                 " "
             };
-            let mem = m
-                .snapshot
-                .memory
-                .as_ref()
-                .map(|x| mib(x.bytes))
-                .unwrap_or_else(|| "no memory".into());
+            let own = usage.snapshots.iter().find(|u| u.name == m.name);
+            // What it takes on disk (allocated, as `du`): memory files and the layers it froze.
+            let taken = own.map_or(0, |u| {
+                u.memory.map_or(0, |s| s.allocated) + u.layers.allocated
+            });
+            let mem = match (&m.snapshot.memory, own) {
+                (None, _) => format!("{:>10} disk only", mib(taken)),
+                (Some(x), _) if x.lazy.is_some() => format!("{:>10} lazy RAM", mib(taken)),
+                (Some(_), _) => format!("{:>10}", mib(taken)),
+            };
+            let about = m
+                .description
+                .as_deref()
+                .map(|d| format!("  {d}"))
+                .unwrap_or_default();
             println!(
-                "{mark} {:indent$}{:<20} {}  {:<13} {}",
+                "{mark} {:indent$}{:<20} {}  {:<13} {}{about}",
                 "",
                 m.name,
                 m.created_at,
@@ -268,10 +331,15 @@ pub fn list(rec: &VmRecord, all: &[Manifest], as_json: bool) {
                 mem,
                 indent = depth * 2
             );
-            walk(Some(m.name.as_str()), depth + 1, children, current);
+            walk(Some(m.name.as_str()), depth + 1, children, current, usage);
         }
     }
-    walk(None, 0, &children, rec.current.as_deref());
+    walk(None, 0, &children, rec.current.as_deref(), usage);
+    println!(
+        "on disk: {} in all (snapshots' memory and the layers qsnap made; {} of them written since the current snapshot)",
+        sized(usage.total),
+        mib(usage.current.allocated)
+    );
 }
 
 /// Prints a VM's status.
@@ -350,6 +418,98 @@ pub fn stopped(vm: &str, outcome: &StopOutcome) {
             println!("{vm} stopped: {why}; its QEMU (pid {pid}) was killed ({signal})")
         }
         StopOutcome::AlreadyStopped => println!("{vm} was not running; nothing to stop"),
+    }
+}
+
+/// An error as JSON on stdout (`--json`): `{"error": {"kind", "message", "fix"}}`, so that a
+/// script reading stdout gets an object either way.
+pub fn error(kind: qsnap_engine::ErrorKind, message: &str, fix: Option<&str>) {
+    json(&serde_json::json!({
+        "error": { "kind": kind, "message": message, "fix": fix }
+    }));
+}
+
+/// Says how `shutdown` ended the VM.
+pub fn shut_down(vm: &str, outcome: &qsnap_engine::ShutdownOutcome, as_json: bool) {
+    use qsnap_engine::ShutdownOutcome as S;
+    if as_json {
+        let v = match outcome {
+            S::PoweredOff { after } => serde_json::json!({
+                "vm": vm, "outcome": "powered-off", "seconds": after.as_secs_f64(),
+            }),
+            S::Forced { waited, stop } => serde_json::json!({
+                "vm": vm, "outcome": "forced", "waited-seconds": waited.as_secs_f64(),
+                "stopped-by": match stop {
+                    StopOutcome::Quit { .. } => "quit",
+                    StopOutcome::Killed { signal: KillSignal::Term, .. } => "sigterm",
+                    StopOutcome::Killed { .. } => "sigkill",
+                    StopOutcome::AlreadyStopped => "none",
+                },
+            }),
+            S::AlreadyStopped => serde_json::json!({"vm": vm, "outcome": "already-stopped"}),
+        };
+        return json(&v);
+    }
+    match outcome {
+        S::PoweredOff { after } => println!(
+            "{vm} shut down: the guest powered off {:.1} s after the power button",
+            after.as_secs_f64()
+        ),
+        S::Forced { waited, stop } => {
+            println!(
+                "{vm}: the guest did not power off within {:.0} s of the power button; stopping its QEMU",
+                waited.as_secs_f64()
+            );
+            stopped(vm, stop);
+        }
+        S::AlreadyStopped => println!("{vm} was not running; nothing to shut down"),
+    }
+}
+
+/// Says what `forget` did and what it left on disk.
+pub fn forgotten(r: &qsnap_engine::ForgetReport, as_json: bool) {
+    if as_json {
+        return json(r);
+    }
+    println!(
+        "{} forgotten{}{}",
+        r.vm,
+        if r.stopped {
+            " (its QEMU was stopped first)"
+        } else {
+            ""
+        },
+        if r.snapshots.is_empty() {
+            String::new()
+        } else {
+            format!(
+                ", with its snapshot{} {} (memory files removed)",
+                if r.snapshots.len() == 1 { "" } else { "s" },
+                r.snapshots.join(", ")
+            )
+        }
+    );
+    println!("its disks, kept (boot from these):");
+    for d in &r.disks {
+        println!("  {:<16} {}", d.device, d.image.display());
+    }
+    let extra: Vec<_> = r
+        .kept_images
+        .iter()
+        .filter(|p| !r.disks.iter().any(|d| &d.image == *p))
+        .collect();
+    if !extra.is_empty() {
+        println!("images qsnap had made for it, kept (each needs its backing file):");
+        for p in extra {
+            println!("  {}", p.display());
+        }
+    }
+    if let Some(dir) = &r.left_in_store {
+        println!(
+            "left in the store: {} (its disk images live there; no VM can be called {} until you move them out and remove the folder)",
+            dir.display(),
+            r.vm
+        );
     }
 }
 
@@ -461,9 +621,14 @@ pub fn reverted(vm: &str, r: &RevertReport, as_json: bool) {
     }
     for m in &r.merges {
         println!(
-            "  merged {} ({}: a layer no snapshot needs once the discarded state was gone)",
+            "  merged {} ({}: {})",
             m.lower.display(),
-            m.kind
+            m.kind,
+            if r.kept_current.is_some() {
+                "a layer no snapshot needs any more"
+            } else {
+                "a layer no snapshot needs once the discarded state was gone"
+            }
         );
     }
     if let Some(p) = &r.merge_problem {

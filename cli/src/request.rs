@@ -10,15 +10,15 @@
 //! defaults for that VM and the record already read.
 
 use crate::args::{
-    AttachArgs, CheckArgs, Cli, CloneArgs, Command, CreateArgs, DeleteArgs, InfoArgs, LazyRamArgs,
-    ListArgs, ModeArg, QmpArgs, RemoveArgs, RevertArgs, RunArgs, ShowArgs, StartArgs, StatusArgs,
-    StopArgs,
+    AttachArgs, CheckArgs, Cli, CloneArgs, Command, CreateArgs, DeleteArgs, ForgetArgs, InfoArgs,
+    LazyRamArgs, ListArgs, ModeArg, QmpArgs, RemoveArgs, RenameArgs, RevertArgs, RunArgs, ShowArgs,
+    ShutdownArgs, StartArgs, StatusArgs, StopArgs,
 };
 use anyhow::Context;
 use qsnap_engine::snapshot::Mode;
 use qsnap_engine::{
-    AttachOptions, CloneOptions, Replacement, RevertOptions, RunOptions, SnapshotName, Store, Vm,
-    VmCreateOptions, VmName,
+    AttachOptions, CloneOptions, ForgetOptions, Replacement, RevertOptions, RunOptions,
+    SnapshotName, Store, Vm, VmCreateOptions, VmName,
 };
 use qsnap_remote::RemoteName;
 use serde_json::Value;
@@ -49,6 +49,8 @@ pub struct Request {
     pub store: PathBuf,
     /// How long each QMP command may take.
     pub timeout: Duration,
+    /// How long to wait for a VM another operation holds (`--wait`).
+    pub lock_wait: Duration,
     /// The subcommand.
     pub action: Action,
 }
@@ -103,6 +105,33 @@ pub enum Action {
     Run(RunRequest),
     /// `stop`.
     Stop(VmName),
+    /// `shutdown`.
+    Shutdown {
+        /// The VM.
+        vm: VmName,
+        /// How long the guest has to power off.
+        grace: Duration,
+        /// Print JSON.
+        json: bool,
+    },
+    /// `forget`.
+    Forget {
+        /// The VM.
+        vm: VmName,
+        /// What forget may do besides.
+        opts: ForgetOptions,
+        /// Print JSON.
+        json: bool,
+    },
+    /// `rename`.
+    Rename {
+        /// The VM.
+        vm: VmName,
+        /// The snapshot's name now.
+        old: SnapshotName,
+        /// Its new name.
+        new: SnapshotName,
+    },
     /// `pause`.
     Pause(VmName),
     /// `resume`.
@@ -168,6 +197,10 @@ pub struct CreateRequest {
     pub vm: VmName,
     /// The new snapshot's name.
     pub snapshot: SnapshotName,
+    /// The name was made up (none given): the engine picks a free variant if it is taken.
+    pub generated: bool,
+    /// What it is for.
+    pub description: Option<String>,
     /// `None`: the best mode this QEMU and host support.
     pub mode: Option<Mode>,
     /// Where overlays go, absolute (resolved against qsnap's working directory).
@@ -206,6 +239,8 @@ impl CreateRequest {
         create.live_limit = self.live_limit;
         create.mapped_ram = self.mapped_ram;
         create.save_timeout = self.save_timeout;
+        create.description.clone_from(&self.description);
+        create.unique_name = self.generated;
         Ok(VmCreateOptions {
             create,
             lazy_ram: self.lazy_ram,
@@ -247,8 +282,8 @@ pub struct RunRequest {
 pub struct RevertRequest {
     /// The VM.
     pub vm: VmName,
-    /// The snapshot.
-    pub snapshot: SnapshotName,
+    /// The snapshot; `None`: the newest (`--latest`).
+    pub snapshot: Option<SnapshotName>,
     /// The engine's options (`--keep-current` named: given, or `before-revert-<UTC time>`).
     pub opts: RevertOptions,
     /// Print JSON.
@@ -260,8 +295,10 @@ pub struct RevertRequest {
 pub struct DeleteRequest {
     /// The VM.
     pub vm: VmName,
-    /// The snapshot; `None`: all of them (`--all`).
-    pub snapshot: Option<SnapshotName>,
+    /// The snapshots; none: all of them (`--all`).
+    pub snapshots: Vec<SnapshotName>,
+    /// And their descendants.
+    pub children: bool,
     /// Print JSON (no progress bar).
     pub json: bool,
 }
@@ -315,6 +352,9 @@ impl Request {
             Command::Remove(a) => remove(a)?,
             Command::Run(a) => run(a)?,
             Command::Stop(a) => stop(a)?,
+            Command::Shutdown(a) => shutdown(a)?,
+            Command::Forget(a) => forget(a)?,
+            Command::Rename(a) => rename(a)?,
             Command::Pause(a) => Action::Pause(vm_name(&a.name)?),
             Command::Resume(a) => Action::Resume(vm_name(&a.name)?),
             Command::Start(a) => start(a)?,
@@ -331,6 +371,7 @@ impl Request {
         Ok(Request {
             store: absolute(store)?,
             timeout: Duration::from_secs(cli.timeout),
+            lock_wait: Duration::from_secs(cli.wait.unwrap_or(0)),
             action,
         })
     }
@@ -369,7 +410,14 @@ fn attach(a: AttachArgs) -> anyhow::Result<Action> {
 }
 
 fn create(a: CreateArgs) -> anyhow::Result<Action> {
-    let (vm, snapshot) = (vm_name(&a.name)?, snap_name(&a.snapshot)?);
+    let vm = vm_name(&a.name)?;
+    let (snapshot, generated) = match &a.snapshot {
+        Some(s) => (snap_name(s)?, false),
+        None => (snap_name(&format!("snap-{}", humantime_stamp()))?, true),
+    };
+    if let Some(d) = &a.description {
+        qsnap_engine::check_description(d).map_err(|e| Usage(e.to_string()))?;
+    }
     let mode = match (a.disk_only, a.mode) {
         (true, _) => Some(Mode::DiskOnly),
         (false, ModeArg::Auto) => None,
@@ -385,6 +433,8 @@ fn create(a: CreateArgs) -> anyhow::Result<Action> {
     Ok(Action::Create(CreateRequest {
         vm,
         snapshot,
+        generated,
+        description: a.description,
         mode,
         overlay_dir,
         live_limit: Duration::from_secs(a.live_limit),
@@ -440,6 +490,33 @@ fn stop(a: StopArgs) -> anyhow::Result<Action> {
     Ok(Action::Stop(vm_name(&a.name)?))
 }
 
+fn shutdown(a: ShutdownArgs) -> anyhow::Result<Action> {
+    Ok(Action::Shutdown {
+        vm: vm_name(&a.name)?,
+        grace: Duration::from_secs(a.grace),
+        json: a.json,
+    })
+}
+
+fn forget(a: ForgetArgs) -> anyhow::Result<Action> {
+    Ok(Action::Forget {
+        vm: vm_name(&a.name)?,
+        opts: ForgetOptions {
+            stop: a.stop,
+            with_snapshots: a.with_snapshots,
+        },
+        json: a.json,
+    })
+}
+
+fn rename(a: RenameArgs) -> anyhow::Result<Action> {
+    Ok(Action::Rename {
+        vm: vm_name(&a.name)?,
+        old: snap_name(&a.old)?,
+        new: snap_name(&a.new)?,
+    })
+}
+
 fn start(a: StartArgs) -> anyhow::Result<Action> {
     Ok(Action::Start(vm_name(&a.name)?))
 }
@@ -458,12 +535,14 @@ fn revert(a: RevertArgs) -> anyhow::Result<Action> {
         Some("") => Some(snap_name(&format!("before-revert-{}", humantime_stamp()))?),
         Some(n) => Some(snap_name(n)?),
     };
+    let keep_current_unique = a.keep_current.as_deref() == Some("");
     Ok(Action::Revert(RevertRequest {
         vm,
-        snapshot: snap_name(&a.snapshot)?,
+        snapshot: a.snapshot.as_deref().map(snap_name).transpose()?,
         opts: RevertOptions {
             paused: a.paused,
             keep_current,
+            keep_current_unique,
         },
         json: a.json,
     }))
@@ -478,14 +557,16 @@ fn humantime_stamp() -> String {
 
 fn delete(a: DeleteArgs) -> anyhow::Result<Action> {
     let vm = vm_name(&a.name)?;
-    // clap allows exactly one of SNAPSHOT and --all.
-    let snapshot = match (a.snapshot, a.all) {
-        (Some(s), false) => Some(snap_name(&s)?),
-        _ => None,
-    };
+    // clap allows exactly one of SNAPSHOT… and --all.
+    let snapshots = a
+        .snapshots
+        .iter()
+        .map(|s| snap_name(s))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     Ok(Action::Delete(DeleteRequest {
         vm,
-        snapshot,
+        snapshots,
+        children: a.children,
         json: a.json,
     }))
 }

@@ -261,7 +261,7 @@ async fn check_advice_never_points_in_a_circle() {
     // The delete a user might try instead is refused, and sends them to check, which says
     // to restore the file.
     let out = rig.qsnap(&["delete", "vm", "s1"]);
-    assert_eq!(out.status.code(), Some(1), "{}", show(&out));
+    assert_eq!(out.status.code(), Some(6), "{}", show(&out));
     std::fs::rename(&aside, &frozen).unwrap();
     rig.clean("restoring the file");
     rig.step(&["start", "vm"]);

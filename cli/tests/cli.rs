@@ -191,9 +191,9 @@ async fn attach_create_list_show() {
     let store = dir.path().join("store");
     let run = in_store(&store);
 
-    // Unknown VM: exit 1 and a hint; a socket that is not there: exit 3.
+    // Unknown VM: exit 4 and a hint; a socket that is not there: exit 3.
     let out = run(&["create", "vm1", "s1"]);
-    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert_eq!(out.status.code(), Some(4), "{out:?}");
     assert!(text(&out.stderr).contains("qsnap attach vm1"), "{out:?}");
     let out = run(&["attach", "vm1", "--qmp", "/nonexistent/qmp.sock"]);
     assert_eq!(out.status.code(), Some(3), "{out:?}");
@@ -228,9 +228,9 @@ async fn attach_create_list_show() {
     );
     assert!(summary.contains("parent         s1"), "{summary}");
 
-    // Refusals: a used name (1), bad names (2), conflicting flags (2).
+    // Refusals: a used name (6), bad names (2), conflicting flags (2).
     let out = run(&["create", "vm1", "s1"]);
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(6));
     assert!(
         text(&out.stderr).contains("already has a snapshot named \"s1\""),
         "{out:?}"
@@ -273,7 +273,7 @@ async fn attach_create_list_show() {
     let out = run(&["show", "vm1", "s1", "--json"]);
     assert_eq!(stdout_json(&out)["name"], "s1");
     let out = run(&["show", "vm1", "nope"]);
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(4));
     assert!(
         text(&out.stderr).contains("no snapshot named \"nope\""),
         "{out:?}"
@@ -298,9 +298,9 @@ async fn run_status_stop_start_revert() {
     let rec = stdout_json(&out);
     assert_eq!(rec["origin"], "run");
     let pid = rec["pid"].as_u64().unwrap();
-    // The same name again is refused; so is a QEMU that cannot start.
+    // The same name again is refused (6); a QEMU that cannot start fails (1).
     let out = run(&cmd);
-    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert_eq!(out.status.code(), Some(6), "{out:?}");
     assert!(
         text(&out.stderr).contains("already in the store"),
         "{out:?}"
@@ -327,7 +327,7 @@ async fn run_status_stop_start_revert() {
     let out = run(&["revert", "vm1", "s1"]);
     assert!(text(&out.stdout).contains("vm1 reverted to s1"), "{out:?}");
     let out = run(&["revert", "vm1", "nope"]);
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(4));
 
     // A branch: s1 → a, back to s1, then b. `list` draws the tree and marks b as current.
     for step in [
@@ -341,7 +341,8 @@ async fn run_status_stop_start_revert() {
     let out = run(&["list", "vm1"]);
     let tree = text(&out.stdout);
     let lines: Vec<&str> = tree.lines().collect();
-    assert_eq!(lines.len(), 3, "{tree}");
+    assert_eq!(lines.len(), 4, "{tree}");
+    assert!(lines[3].starts_with("on disk: "), "{tree}");
     assert!(lines[0].starts_with("  s1 "), "{tree}");
     assert!(lines[1].starts_with("    a "), "{tree}");
     assert!(lines[2].starts_with("*   b "), "{tree}");
@@ -352,9 +353,10 @@ async fn run_status_stop_start_revert() {
     assert!(text(&out.stdout).starts_with("vm1: stopped"), "{out:?}");
     let out = run(&["start", "vm1"]);
     assert!(out.status.success(), "{out:?}");
+    // Started again: nothing to do, said so (exit 0).
     let out = run(&["start", "vm1"]);
-    assert_eq!(out.status.code(), Some(1));
-    assert!(text(&out.stderr).contains("is running"), "{out:?}");
+    assert!(out.status.success(), "{out:?}");
+    assert!(text(&out.stdout).contains("running already"), "{out:?}");
     let out = run(&["status", "vm1"]);
     let shown = text(&out.stdout);
     assert!(
@@ -398,7 +400,7 @@ async fn run_status_stop_start_revert() {
     assert!(out.status.success(), "{out:?}");
     assert!(text(&out.stdout).contains("RAM: mapped lazily"), "{out:?}");
     let out = run(&["lazy-ram", "vm1", "nope"]);
-    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert_eq!(out.status.code(), Some(4), "{out:?}");
     let out = run(&["check", "vm1"]);
     assert!(out.status.success(), "{out:?}");
     // A lazy-ram that cannot be made (a disk-only snapshot has no memory) never fails the
@@ -417,7 +419,7 @@ async fn run_status_stop_start_revert() {
     // remove takes it away. A bad --replace and an existing name are refused.
     let _kill_clone = KillRecordedQemu::new(&store, "c1");
     let out = run(&["clone", "vm1", "lz", "c1", "--replace", "nowhere=x"]);
-    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert_eq!(out.status.code(), Some(6), "{out:?}");
     assert!(text(&out.stderr).contains("appears nowhere"), "{out:?}");
     let out = run(&["clone", "vm1", "lz", "c1", "--json"]);
     assert!(out.status.success(), "{out:?}");
@@ -585,7 +587,7 @@ async fn quiesced_disk_only_snapshot_freezes_and_thaws_the_guest_filesystems() {
             .args(["create", "g", "q4", "--disk-only"])
             .output()
             .unwrap();
-        assert_eq!(out.status.code(), Some(1), "{out:?}");
+        assert_eq!(out.status.code(), Some(6), "{out:?}");
         assert!(
             String::from_utf8_lossy(&out.stderr).contains("may still be frozen"),
             "{out:?}"
@@ -628,7 +630,7 @@ async fn delete_check_and_keep_current() {
 
     // Refusals: no snapshot named, neither a name nor --all, both.
     let out = run(&["delete", "vm1", "nope"]);
-    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert_eq!(out.status.code(), Some(4), "{out:?}");
     assert!(
         text(&out.stderr).contains("no snapshot named \"nope\""),
         "{out:?}"
@@ -761,7 +763,7 @@ async fn info_and_qmp_take_a_vm_name_and_pause_and_resume_say_what_they_did() {
     }
     // A name that is neither a VM nor a socket: said plainly.
     let out = run(&["info", "vm2"]);
-    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert_eq!(out.status.code(), Some(4), "{out:?}");
     assert!(
         text(&out.stderr).contains("neither a monitor socket nor a VM"),
         "{}",

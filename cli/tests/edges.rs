@@ -178,8 +178,10 @@ impl Rig {
 
 trait Expect {
     fn expect_ok(&self, what: &str);
-    /// Exit 1 with every one of `words` on stderr.
+    /// Exit 6 (refused: nothing changed) with every one of `words` on stderr.
     fn expect_refused(&self, what: &str, words: &[&str]);
+    /// Exit 1 (failed) with every one of `words` on stderr.
+    fn expect_failed(&self, what: &str, words: &[&str]);
 }
 
 impl Expect for Output {
@@ -187,8 +189,16 @@ impl Expect for Output {
         assert!(self.status.success(), "{what}: {}", show(self));
     }
 
-    fn expect_refused(&self, what: &str, words: &[&str]) {
+    fn expect_failed(&self, what: &str, words: &[&str]) {
         assert_eq!(self.status.code(), Some(1), "{what}: {}", show(self));
+        let err = stderr(self);
+        for w in words {
+            assert!(err.contains(w), "{what}: no {w:?} in: {}", show(self));
+        }
+    }
+
+    fn expect_refused(&self, what: &str, words: &[&str]) {
+        assert_eq!(self.status.code(), Some(6), "{what}: {}", show(self));
         let err = stderr(self);
         for w in words {
             assert!(err.contains(w), "{what}: no {w:?} in: {}", show(self));
@@ -297,7 +307,7 @@ async fn relative_overlay_dir_is_resolved_and_an_old_store_is_repaired() {
         assert_ne!(text, old, "{}", f.display());
         std::fs::write(f, old).unwrap();
     }
-    rig.qsnap(&["list", "g"]).expect_refused(
+    rig.qsnap(&["list", "g"]).expect_failed(
         "list of an old store",
         &["relative image path", "qsnap check g --repair"],
     );
@@ -405,7 +415,7 @@ async fn relative_paths_qsnap_cannot_place_are_reported_never_guessed() {
         "the manifest was rewritten"
     );
     rig.qsnap(&["list", "g"])
-        .expect_refused("list", &["relative image path"]);
+        .expect_failed("list", &["relative image path"]);
 
     // The real overlay back where the path leads (the decoy out of the way): resolved.
     std::fs::remove_dir_all(rig.path("ovl")).unwrap();

@@ -767,7 +767,7 @@ async fn an_interrupted_run_leaves_nothing_a_retry_could_take_over() {
     assert!(!qsnap(None, &["status", "g"]).status.success());
     // A retry does not start a second QEMU over it.
     let out = qsnap(None, &run);
-    assert_eq!(out.status.code(), Some(1), "{}", show(&out));
+    assert_eq!(out.status.code(), Some(6), "{}", show(&out));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         err.contains("already serves its monitor socket") && err.contains("qsnap attach g"),

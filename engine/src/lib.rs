@@ -57,19 +57,21 @@ pub use bundle::{
 };
 pub use cache::{file_identity, resolve_binary};
 pub use error::{
-    BundleError, CreateError, DeleteError, Error, LazyRamError, LazyRamRefusal, QemuFeature,
-    RemoveRefusal, Result, RevertError,
+    BundleError, CreateError, DeleteError, Error, ErrorKind, ForgetRefusal, LazyRamError,
+    LazyRamRefusal, QemuFeature, RemoveRefusal, Result, RevertError,
 };
 pub use failpoint::{setup_from_env as failpoints_from_env, Scenario as FailpointScenario};
 pub use guest_agent::answers as guest_agent_answers;
 pub use image::create_blank as create_blank_image;
 pub use inspect::{DiskInfo, VmInfo};
-pub use name::{SnapshotName, VmName};
+pub use name::{check_description, SnapshotName, VmName};
 pub use store::{Manifest, Store, VmRecord};
 pub use vm::{
     AttachOptions, CheckReport, CloneOptions, CloneReport, DeleteOptions, DeleteReport, DiskChain,
-    Engine, Finding, Interrupted, LazyReport, MergeProgress, MergeProgressFn, MergeReport,
-    Operation, PauseOutcome, RamRestore, Recovery, RecoveryFn, RemoveReport, RevertOptions,
-    RevertReport, RunOptions, RunReport, Status, Vm, VmState,
+    Engine, Finding, ForgetOptions, ForgetReport, ForgottenDisk, Interrupted, LazyReport,
+    MergeProgress, MergeProgressFn, MergeReport, Operation, PauseOutcome, RamRestore, Recovery,
+    RecoveryFn, RemoveReport, RevertOptions, RevertReport, RunOptions, RunReport, ShutdownOutcome,
+    Status, Vm, VmState,
 };
 pub use vm::{CreateOutcome, Replacement, VmCreateOptions};
+pub use vm::{Size, SnapshotUsage, Usage};

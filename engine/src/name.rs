@@ -81,9 +81,52 @@ name_type!(
     "snapshot"
 );
 
+/// The longest snapshot description, in characters.
+pub const DESCRIPTION_MAX: usize = 1024;
+
+/// Checks a snapshot's description: one line of at most 1024 characters, no
+/// control characters (it is printed by `list` and `show` as it is).
+pub fn check_description(text: &str) -> Result<()> {
+    let bad = |why: String| Error::InvalidName {
+        name: "description".into(),
+        why,
+    };
+    if text.chars().count() > DESCRIPTION_MAX {
+        return Err(bad(format!(
+            "it is longer than {DESCRIPTION_MAX} characters"
+        )));
+    }
+    if let Some(c) = text.chars().find(|c| c.is_control()) {
+        return Err(bad(format!(
+            "{c:?} is not allowed (one line, no control characters)"
+        )));
+    }
+    Ok(())
+}
+
+impl SnapshotName {
+    /// `NAME-N` for N ≥ 2: the names tried when a generated name is taken.
+    pub fn numbered(&self, n: u32) -> Result<SnapshotName> {
+        let suffix = format!("-{n}");
+        let mut base = self.0.clone();
+        base.truncate(64 - suffix.len());
+        SnapshotName::new(&format!("{base}{suffix}"))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn descriptions_are_one_plain_line() {
+        assert!(check_description("before the upgrade to 2.1 — ok").is_ok());
+        assert!(check_description("two\nlines").is_err());
+        assert!(check_description(&"x".repeat(DESCRIPTION_MAX + 1)).is_err());
+        let n = SnapshotName::new(&"a".repeat(64)).unwrap();
+        assert_eq!(n.numbered(12).unwrap().as_str().len(), 64);
+        assert!(n.numbered(12).unwrap().as_str().ends_with("-12"));
+    }
 
     #[test]
     fn accepts_plain_names_and_refuses_paths_and_control_characters() {

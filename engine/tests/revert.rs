@@ -107,6 +107,7 @@ async fn revert_brings_memory_and_disk_back_repeatedly_and_across_branches() {
     let opts = RevertOptions {
         paused: false,
         keep_current: Some(n("kept")),
+        ..RevertOptions::default()
     };
     let r =
         g.vm.revert_with(&n("s1"), &opts, &g.launcher)

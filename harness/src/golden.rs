@@ -113,10 +113,7 @@ impl Golden {
                 watchdog(&self.vms(), Vms::Named(GOLDEN), Remove::Nothing);
             }
         }
-        let opts = RevertOptions {
-            paused: false,
-            keep_current: None,
-        };
+        let opts = RevertOptions::default();
         Ok(self
             .vm
             .revert_with(&self.snapshot, &opts, &launcher())

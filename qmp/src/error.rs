@@ -157,4 +157,16 @@ impl Error {
     pub fn is_disconnected(&self) -> bool {
         matches!(self, Error::Disconnected { .. })
     }
+
+    /// True when no QEMU could be reached at the endpoint: nothing listens, it is not a
+    /// socket, or what listens never greeted.
+    pub fn is_unreachable(&self) -> bool {
+        matches!(
+            self,
+            Error::Connect { .. }
+                | Error::NotASocket { .. }
+                | Error::GreetingTimeout { .. }
+                | Error::Handshake { .. }
+        )
+    }
 }

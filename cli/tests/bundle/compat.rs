@@ -30,7 +30,7 @@ async fn a_qemu_lacking_the_machine_type_or_the_memory_format_is_refused_before_
         "--disk-dir",
         disks.to_str().unwrap(),
     ]);
-    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert_eq!(out.status.code(), Some(6), "{out:?}");
     let err = text(&out.stderr);
     assert!(err.contains("does not offer the machine type pc-"), "{err}");
     nothing_left(&b, "m1", &disks, "machine type");
@@ -53,7 +53,7 @@ async fn a_qemu_lacking_the_machine_type_or_the_memory_format_is_refused_before_
         "--disk-dir",
         disks.to_str().unwrap(),
     ]);
-    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert_eq!(out.status.code(), Some(6), "{out:?}");
     let err = text(&out.stderr);
     assert!(err.contains("mapped-ram") && err.contains("9.0"), "{err}");
     nothing_left(&b, "m2", &disks, "mapped-ram");
@@ -122,7 +122,7 @@ async fn an_incremental_bundle_whose_base_changed_since_its_import_is_refused() 
     // The base's memory was written after its import: refused by its stamp, nothing added.
     write(&changed, false);
     let out = run_b(&["import", inc.to_str().unwrap(), "vm2"]);
-    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert_eq!(out.status.code(), Some(6), "{out:?}");
     let err = text(&out.stderr);
     assert!(
         err.contains("changed since it was imported") && err.contains("s1.mem"),
@@ -135,7 +135,7 @@ async fn an_incremental_bundle_whose_base_changed_since_its_import_is_refused() 
     // not match the seal's hash, and nothing is added either.
     write(&changed, true);
     let out = run_b(&["import", inc.to_str().unwrap(), "vm2"]);
-    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert_eq!(out.status.code(), Some(6), "{out:?}");
     let err = text(&out.stderr);
     assert!(err.contains("does not match its hash"), "{err}");
     assert_eq!(files_under(&b).len(), n_files, "{:?}", files_under(&b));

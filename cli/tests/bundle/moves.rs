@@ -42,7 +42,7 @@ async fn snapshots_of_every_kind_move_to_another_store_and_resume_at_their_tick(
     );
     // Never over an existing file.
     let again = src.run(&["export", "src", "pit", file.to_str().unwrap()]);
-    assert_eq!(again.status.code(), Some(1), "{again:?}");
+    assert_eq!(again.status.code(), Some(6), "{again:?}");
     assert!(text(&again.stderr).contains("exists"), "{again:?}");
     let listing = tar_lists(&file);
     if !listing.is_empty() {
@@ -135,7 +135,7 @@ async fn snapshots_of_every_kind_move_to_another_store_and_resume_at_their_tick(
         .any(|f| f["name"].as_str().unwrap().starts_with("boot/")));
     let run_b = in_store(&b);
     let out = run_b(&["import", inc.to_str().unwrap(), "nobase"]);
-    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert_eq!(out.status.code(), Some(6), "{out:?}");
     assert!(
         text(&out.stderr).contains("must be imported first"),
         "{out:?}"

@@ -42,7 +42,7 @@ async fn damaged_cut_short_and_host_reaching_bundles_are_refused_and_leave_nothi
         let mut d = bytes.clone();
         d[at] ^= 0x20;
         let out = try_import(&d, &["--trust-command-line"]);
-        assert_eq!(out.status.code(), Some(1), "flip at {at}: {out:?}");
+        assert_eq!(out.status.code(), Some(6), "flip at {at}: {out:?}");
         assert!(
             text(&out.stderr).contains("not intact"),
             "flip at {at}: {}",
@@ -52,7 +52,7 @@ async fn damaged_cut_short_and_host_reaching_bundles_are_refused_and_leave_nothi
     }
     for cut in [100, bytes.len() / 2, bytes.len() - 10] {
         let out = try_import(&bytes[..cut], &["--trust-command-line"]);
-        assert_eq!(out.status.code(), Some(1), "cut at {cut}: {out:?}");
+        assert_eq!(out.status.code(), Some(6), "cut at {cut}: {out:?}");
         assert!(
             text(&out.stderr).contains("not intact"),
             "cut at {cut}: {}",
@@ -63,7 +63,7 @@ async fn damaged_cut_short_and_host_reaching_bundles_are_refused_and_leave_nothi
 
     // Its command line reads a host file into the guest: refused by name unless trusted.
     let out = try_import(&bytes, &[]);
-    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert_eq!(out.status.code(), Some(6), "{out:?}");
     let err = text(&out.stderr);
     assert!(
         err.contains("-fw_cfg")
@@ -97,7 +97,7 @@ async fn damaged_cut_short_and_host_reaching_bundles_are_refused_and_leave_nothi
         "--disk-dir",
         theirs.to_str().unwrap(),
     ]);
-    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert_eq!(out.status.code(), Some(6), "{out:?}");
     assert!(text(&out.stderr).contains("already exists"), "{out:?}");
     assert_eq!(
         std::fs::read(theirs.join("d.s1.qcow2")).unwrap(),
@@ -108,7 +108,7 @@ async fn damaged_cut_short_and_host_reaching_bundles_are_refused_and_leave_nothi
     // A name in use is refused, writing nothing.
     let before = files_under(&disks).len();
     let out = try_import(&bytes, &["--trust-command-line"]);
-    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert_eq!(out.status.code(), Some(6), "{out:?}");
     assert!(text(&out.stderr).contains("exists"), "{out:?}");
     assert_eq!(files_under(&disks).len(), before);
     // The imported VM starts from its snapshot.
@@ -127,7 +127,7 @@ async fn damaged_cut_short_and_host_reaching_bundles_are_refused_and_leave_nothi
         let data = find(&t[mem..], b"QSNAPMEM").expect("memory data") + mem;
         t[data] ^= 1;
         let out = try_import(&rezstd(&t), &["--trust-command-line"]);
-        assert_eq!(out.status.code(), Some(1), "{out:?}");
+        assert_eq!(out.status.code(), Some(6), "{out:?}");
         assert!(
             text(&out.stderr).contains("does not match its hash"),
             "{}",
@@ -138,7 +138,7 @@ async fn damaged_cut_short_and_host_reaching_bundles_are_refused_and_leave_nothi
         let at = find(&t, b"\"created-at\": \"2").expect("created-at") + 15;
         t[at] = b'1';
         let out = try_import(&rezstd(&t), &["--trust-command-line"]);
-        assert_eq!(out.status.code(), Some(1), "{out:?}");
+        assert_eq!(out.status.code(), Some(6), "{out:?}");
         assert!(
             text(&out.stderr).contains("manifest does not match"),
             "{}",
@@ -157,7 +157,7 @@ async fn damaged_cut_short_and_host_reaching_bundles_are_refused_and_leave_nothi
         ok(&run(&["keygen", keys.join(k).to_str().unwrap()]), "keygen");
     }
     let again = run(&["keygen", keys.join("ours").to_str().unwrap()]);
-    assert_eq!(again.status.code(), Some(1), "keygen over a key: {again:?}");
+    assert_eq!(again.status.code(), Some(6), "keygen over a key: {again:?}");
     let signed = dir.path().join("signed.qsnap");
     let key = keys.join("ours.key");
     ok(
@@ -177,7 +177,7 @@ async fn damaged_cut_short_and_host_reaching_bundles_are_refused_and_leave_nothi
     let trust = |k: &Path| ["--trust".to_owned(), k.to_str().unwrap().to_owned()];
     let t = trust(&theirs);
     let out = try_import(&signed_bytes, &[&t[0], &t[1]]);
-    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert_eq!(out.status.code(), Some(6), "{out:?}");
     assert!(
         text(&out.stderr).contains("not by a key you trust"),
         "{out:?}"
@@ -185,7 +185,7 @@ async fn damaged_cut_short_and_host_reaching_bundles_are_refused_and_leave_nothi
     nothing_left(&b, "vm3", &disks.join("vm3"), "signed by another key");
     let o = trust(&ours);
     let out = try_import(&bytes, &[&o[0], &o[1]]);
-    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert_eq!(out.status.code(), Some(6), "{out:?}");
     assert!(text(&out.stderr).contains("not signed"), "{out:?}");
     let out = try_import(&signed_bytes, &[&o[0], &o[1], "--json"]);
     ok(&out, "import --trust");
@@ -194,7 +194,7 @@ async fn damaged_cut_short_and_host_reaching_bundles_are_refused_and_leave_nothi
         .contains("signed by a key you trust"));
     // Not a bundle at all.
     let out = try_import(b"hello", &[]);
-    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert_eq!(out.status.code(), Some(6), "{out:?}");
     assert!(text(&out.stderr).contains("not intact"), "{out:?}");
 }
 
@@ -322,7 +322,7 @@ async fn a_forged_manifest_with_a_matching_seal_is_refused_before_anything_is_wr
     for (i, (what, edit, says)) in cases.into_iter().enumerate() {
         let vm = format!("f{i}");
         let out = try_import(forge(&tar, |m| edit(m)), &vm);
-        assert_eq!(out.status.code(), Some(1), "{what}: {out:?}");
+        assert_eq!(out.status.code(), Some(6), "{what}: {out:?}");
         let err = text(&out.stderr);
         assert!(err.contains(says), "{what}: {err}");
         nothing_left(&b, &vm, &disks.join(&vm), what);

@@ -28,7 +28,7 @@ async fn a_damaged_or_missing_chunk_and_a_cut_short_manifest_are_refused_leaving
         s3.put(&chunk_key, PutPayload::from(bad)).await.unwrap();
         let vm = format!("g{i}");
         let out = pull(&vm);
-        assert_eq!(out.status.code(), Some(1), "{out:?}");
+        assert_eq!(out.status.code(), Some(6), "{out:?}");
         let err = text(&out.stderr);
         assert!(err.contains(&format!("chunk {victim}")), "{err}");
         assert!(err.contains("nothing was registered"), "{err}");
@@ -43,7 +43,7 @@ async fn a_damaged_or_missing_chunk_and_a_cut_short_manifest_are_refused_leaving
     // A chunk deleted.
     s3.delete(&chunk_key).await.unwrap();
     let out = pull("gone");
-    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert_eq!(out.status.code(), Some(6), "{out:?}");
     let err = text(&out.stderr);
     assert!(err.contains(&format!("chunk {victim} is missing")), "{err}");
     nothing_left(&b, "gone", "a missing chunk");
@@ -66,7 +66,7 @@ async fn a_damaged_or_missing_chunk_and_a_cut_short_manifest_are_refused_leaving
         .await
         .unwrap();
     let out = pull("cut");
-    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert_eq!(out.status.code(), Some(6), "{out:?}");
     let err = text(&out.stderr);
     assert!(
         err.contains("is not readable") && err.contains("cut short"),
@@ -75,7 +75,7 @@ async fn a_damaged_or_missing_chunk_and_a_cut_short_manifest_are_refused_leaving
     nothing_left(&b, "cut", "a cut-short manifest");
     // A snapshot the store does not have.
     let out = pull("none");
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(6));
     let out = on(&b, &sw)(&["pull", &url, "vm1/nope", "none"]);
     assert!(
         text(&out.stderr).contains("has no snapshot vm1/nope"),

@@ -162,7 +162,7 @@ async fn two_pushes_of_one_name_at_once_one_wins_and_three_stores_pull_it_at_onc
     );
     // And a later push of the name is refused before it uploads anything.
     let out = on(&store, &sw)(&["push", "vm1", "s1", &url, "--as", "golden/ready"]);
-    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert_eq!(out.status.code(), Some(6), "{out:?}");
 
     // Three stores pull it at once, each into a VM of its own.
     let pulls: Vec<_> = (0..3)
@@ -230,14 +230,14 @@ async fn a_signed_push_pulls_only_with_a_trusted_key_and_plain_http_needs_saying
         ])
     };
     let out = pull("vm1/s1", "other", "theirs.pub");
-    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert_eq!(out.status.code(), Some(6), "{out:?}");
     assert!(
         text(&out.stderr).contains("not by a key you trust"),
         "{out:?}"
     );
     nothing_left(&b, "other", "signed by another key");
     let out = pull("vm1/plain", "unsigned", "ours.pub");
-    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert_eq!(out.status.code(), Some(6), "{out:?}");
     assert!(text(&out.stderr).contains("not signed"), "{out:?}");
     nothing_left(&b, "unsigned", "unsigned");
     let out = pull("vm1/s1", "trusted", "ours.pub");
@@ -246,7 +246,7 @@ async fn a_signed_push_pulls_only_with_a_trusted_key_and_plain_http_needs_saying
     // Into a VM that exists, a snapshot pushed without --base is refused before any fetch.
     let before = files_under(&b.join("chunk-cache")).len();
     let out = on(&b, &sw)(&["pull", &url, "vm1/plain", "trusted"]);
-    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert_eq!(out.status.code(), Some(6), "{out:?}");
     let err = text(&out.stderr);
     assert!(
         err.contains("has no incremental view") && err.contains("--base"),

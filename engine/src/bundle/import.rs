@@ -181,6 +181,15 @@ impl Engine {
         if let Err(e) = staging::write(&store, &first).await {
             return Err(fail(&store, name, &first, e).await);
         }
+        if new_vm {
+            if let Some(dir) = store.leftovers(name).await? {
+                let taken = Error::VmExists {
+                    vm: name.to_string(),
+                    leftovers: Some(dir),
+                };
+                return Err(fail(&store, name, &first, taken).await);
+            }
+        }
         if !new_vm {
             if let Err(e) = crate::vm::refuse_if_interrupted(&store, name).await {
                 return Err(fail(&store, name, &first, e).await);

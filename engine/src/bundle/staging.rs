@@ -314,7 +314,9 @@ pub(crate) async fn sweep_all(store: &Store) -> Result<Vec<PathBuf>> {
             removed.extend(sweep(store, &vm, false).await.unwrap_or_default());
             continue;
         }
-        let Ok(_lock) = store.lock(&vm, "sweep import staging").await else {
+        // Held means in use, not "wait": a sweep never queues behind a live operation.
+        let at_once = store.clone().with_lock_wait(std::time::Duration::ZERO);
+        let Ok(_lock) = at_once.lock(&vm, "sweep import staging").await else {
             continue; // an import (or another operation) runs: not a leftover
         };
         // One leftover that cannot be removed must not stop every later import.

@@ -1,7 +1,7 @@
 //! [`Error`]'s messages: each says its causes (see the module docs of [`crate::error`]),
 //! word for word what users and tests grep for.
 
-use super::{Error, QemuFeature, RemoveRefusal};
+use super::{Error, ForgetRefusal, QemuFeature, RemoveRefusal};
 
 impl std::fmt::Display for Error {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -17,6 +17,12 @@ impl std::fmt::Display for Error {
                 RemoveRefusal::NotAClone => write!(f, "removing {vm}: it is not a clone, and its overlays hold what its guest wrote; `qsnap delete {vm} --all` merges them into its images"),
                 RemoveRefusal::InUse { by, image } => write!(f, "removing {vm}: {by} runs on {} (a clone of one of its snapshots); remove {by} first", image.display()),
             },
+            Error::ForgetRefused { vm, reason } => match reason {
+                ForgetRefusal::Running { pid } => write!(f, "forgetting {vm}: its QEMU runs{}; `qsnap forget {vm} --stop` stops it first (or `qsnap shutdown {vm}`, then forget)", pid.map(|p| format!(" (pid {p})")).unwrap_or_default()),
+                ForgetRefusal::HasSnapshots { snapshots } => write!(f, "forgetting {vm}: it has {} snapshot{} ({}); `qsnap delete {vm} --all` merges them into its images first, or `--with-snapshots` forgets them too (their memory files are removed; every disk image stays)", snapshots.len(), if snapshots.len() == 1 { "" } else { "s" }, snapshots.join(", ")),
+                ForgetRefusal::InUse { by, image } => write!(f, "forgetting {vm}: {by} runs on {} (a clone of one of its snapshots); remove {by} first", image.display()),
+            },
+            Error::GuestPaused { vm, runstate } => write!(f, "the guest of {vm} is {runstate}: it cannot act on the power button; `qsnap resume {vm}` first, or `qsnap stop {vm}` to quit QEMU"),
             Error::Create(e) => std::fmt::Display::fmt(e, f),
             Error::Revert(e) => std::fmt::Display::fmt(e, f),
             Error::Delete(e) => std::fmt::Display::fmt(e, f),
@@ -37,8 +43,16 @@ impl std::fmt::Display for Error {
             Error::Injected { point } => write!(f, "injected fault at {point}"),
             Error::Cancelled => write!(f, "cancelled; everything was rolled back"),
             Error::BlockJob { job, desc } => write!(f, "block job {job} failed: {desc}"),
-            Error::UnknownVm { vm, store } => write!(f, "no VM named \"{vm}\" in the store {} (register it with `qsnap attach {vm} --qmp SOCKET`)", store.display()),
-            Error::VmExists { vm } => write!(f, "a VM named \"{vm}\" is already in the store"),
+            Error::UnknownVm { vm, store, known } => match known {
+                None => write!(f, "no VM named \"{vm}\": the store {} does not exist (no VM was ever registered there; is --store or QSNAP_STORE right? `qsnap run {vm} -- qemu-system-…` or `qsnap attach {vm} --qmp SOCKET` registers one)", store.display()),
+                Some(k) if k.is_empty() => write!(f, "no VM named \"{vm}\": the store {} has no VMs (`qsnap run {vm} -- qemu-system-…` or `qsnap attach {vm} --qmp SOCKET` registers one)", store.display()),
+                Some(k) => match super::kind::closest(vm, k) {
+                    Some(near) => write!(f, "no VM named \"{vm}\" in the store {}; did you mean \"{near}\"? (its VMs: {})", store.display(), k.join(", ")),
+                    None => write!(f, "no VM named \"{vm}\" in the store {} (its VMs: {}; `qsnap attach {vm} --qmp SOCKET` registers a running QEMU)", store.display(), k.join(", ")),
+                },
+            },
+            Error::VmExists { vm, leftovers: None } => write!(f, "a VM named \"{vm}\" is already in the store"),
+            Error::VmExists { vm, leftovers: Some(dir) } => write!(f, "the name \"{vm}\" is held by the files a forgotten VM left in {} (its disk images; its FORGOTTEN file says what they are): move out what you want to keep and remove the folder, or pick another name", dir.display()),
             Error::UnknownSnapshot { vm, snapshot } => write!(f, "VM \"{vm}\" has no snapshot named \"{snapshot}\" (see `qsnap list {vm}`)"),
             Error::SnapshotExists { vm, snapshot } => write!(f, "VM \"{vm}\" already has a snapshot named \"{snapshot}\"; pick another name"),
             Error::Locked { vm, holder } => write!(f, "VM \"{vm}\" is busy with another qsnap operation (pid and operation: {holder}); wait for it to finish"),

@@ -32,6 +32,7 @@ mod bundle;
 mod create;
 mod delete;
 mod display;
+mod kind;
 mod lazy;
 mod refusal;
 mod revert;
@@ -39,8 +40,9 @@ mod revert;
 pub use bundle::BundleError;
 pub use create::CreateError;
 pub use delete::DeleteError;
+pub use kind::ErrorKind;
 pub use lazy::{LazyRamError, LazyRamRefusal};
-pub use refusal::{QemuFeature, RemoveRefusal};
+pub use refusal::{ForgetRefusal, QemuFeature, RemoveRefusal};
 pub use revert::RevertError;
 
 /// Result alias for the engine.
@@ -82,6 +84,21 @@ pub enum Error {
         feature: QemuFeature,
         /// This QEMU's version.
         version: String,
+    },
+    /// `forget` refused a VM; nothing was changed.
+    ForgetRefused {
+        /// The VM.
+        vm: String,
+        /// Why.
+        reason: ForgetRefusal,
+    },
+    /// The guest is paused (or otherwise not running its CPUs) and the operation needs it
+    /// to act (e.g. on the ACPI power button).
+    GuestPaused {
+        /// The VM.
+        vm: String,
+        /// QEMU's run state.
+        runstate: String,
     },
     /// A block-stream job that qsnap did not start has ended but was not dismissed: QEMU
     /// crashes when asked for its block nodes in that state, so qsnap does nothing until its
@@ -194,11 +211,17 @@ pub enum Error {
         vm: String,
         /// The store searched.
         store: PathBuf,
+        /// The VMs the store has (`None`: the store's directory does not exist), for a
+        /// "did you mean".
+        known: Option<Vec<String>>,
     },
     /// The VM is already in the store.
     VmExists {
         /// The name.
         vm: String,
+        /// The directory a forgotten VM of that name left (its disk images), when that is
+        /// what holds the name.
+        leftovers: Option<PathBuf>,
     },
     /// No such snapshot.
     UnknownSnapshot {

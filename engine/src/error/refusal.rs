@@ -1,6 +1,6 @@
 //! The kinds of refusal shared by the top-level [`super::Error`] variants: what this QEMU
 //! lacks ([`super::Error::QemuLacks`]) and why a VM may not be removed
-//! ([`super::Error::RemoveRefused`]). A refusal changed nothing.
+//! ([`super::Error::RemoveRefused`]) or forgotten ([`super::Error::ForgetRefused`]). A refusal changed nothing.
 
 use std::path::PathBuf;
 
@@ -32,6 +32,30 @@ pub enum RemoveRefusal {
     NotAClone,
     /// Another VM runs on one of this VM's images (a clone of one of its snapshots): remove
     /// that one first.
+    InUse {
+        /// The other VM.
+        by: String,
+        /// The image it runs on.
+        image: PathBuf,
+    },
+}
+
+/// Why `forget` refused a VM ([`super::Error::ForgetRefused`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ForgetRefusal {
+    /// Its QEMU runs (or may run): `--stop` stops it first.
+    Running {
+        /// QEMU's pid, when known.
+        pid: Option<u32>,
+    },
+    /// It has snapshots: `delete --all` merges them into its images first, or
+    /// `--with-snapshots` forgets them too (their memory files go; disk images stay).
+    HasSnapshots {
+        /// Their names.
+        snapshots: Vec<String>,
+    },
+    /// Another VM runs on one of its images (a clone of one of its snapshots).
     InUse {
         /// The other VM.
         by: String,

@@ -35,17 +35,50 @@ use verify::{check_manifest, check_schema, plain_journal, plain_manifest, plain_
 use crate::error::{Error, Result};
 use crate::name::{SnapshotName, VmName};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// The note a forgotten VM leaves in its directory when files of it stay there.
+const FORGOTTEN: &str = "FORGOTTEN";
 
 /// A store rooted at a directory.
 #[derive(Debug, Clone)]
 pub struct Store {
     root: PathBuf,
+    /// How long taking a VM's lock waits for another operation to finish.
+    lock_wait: Duration,
 }
 
 impl Store {
     /// A store at `root` (created on first write).
     pub fn new(root: impl Into<PathBuf>) -> Store {
-        Store { root: root.into() }
+        Store {
+            root: root.into(),
+            lock_wait: Duration::ZERO,
+        }
+    }
+
+    /// Taking a VM's lock waits up to `wait` for an operation that holds it (default: none,
+    /// [`Error::Locked`] at once), then reports it as before.
+    pub fn with_lock_wait(mut self, wait: Duration) -> Store {
+        self.lock_wait = wait;
+        self
+    }
+
+    /// Retries `take` while the lock is held by another operation, up to the lock wait.
+    async fn waiting<F, Fut>(&self, mut take: F) -> Result<VmLock>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<VmLock>>,
+    {
+        let deadline = tokio::time::Instant::now() + self.lock_wait;
+        loop {
+            match take().await {
+                Err(Error::Locked { .. }) if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                other => return other,
+            }
+        }
     }
 
     /// The default location: `/var/lib/qsnap` for root (uid 0), else `$XDG_STATE_HOME/qsnap`,
@@ -129,6 +162,10 @@ impl Store {
     /// Takes the VM's lock for `operation` (e.g. `create s1`), refusing if another operation
     /// holds it.
     pub async fn lock(&self, vm: &VmName, operation: &str) -> Result<VmLock> {
+        self.waiting(|| self.lock_now(vm, operation)).await
+    }
+
+    async fn lock_now(&self, vm: &VmName, operation: &str) -> Result<VmLock> {
         let dir = self.vm_dir(vm);
         let mut tries = 0;
         loop {
@@ -150,6 +187,10 @@ impl Store {
     /// Takes a VM's lock shared (for operations that only read its snapshots: clones);
     /// refused while an exclusive holder runs, and keeps exclusive ones out meanwhile.
     pub async fn lock_shared(&self, vm: &VmName, operation: &str) -> Result<VmLock> {
+        self.waiting(|| self.lock_shared_now(vm, operation)).await
+    }
+
+    async fn lock_shared_now(&self, vm: &VmName, operation: &str) -> Result<VmLock> {
         let dir = self.vm_dir(vm);
         self.ensure_dir(dir.clone()).await?;
         let (name, op) = (vm.to_string(), operation.to_owned());
@@ -160,13 +201,25 @@ impl Store {
     pub async fn record(&self, vm: &VmName) -> Result<VmRecord> {
         let path = self.record_path(vm);
         let p = path.clone();
-        let mut rec: VmRecord =
-            blocking(move || read_json(&p))
-                .await?
-                .ok_or_else(|| Error::UnknownVm {
-                    vm: vm.to_string(),
-                    store: self.root.clone(),
-                })?;
+        let Some(mut rec) = blocking(move || read_json::<VmRecord>(&p)).await? else {
+            let root = self.root.clone();
+            let known = match blocking(move || exists(&root)).await {
+                Ok(true) => Some(
+                    self.vms()
+                        .await
+                        .unwrap_or_default()
+                        .into_iter()
+                        .map(|n| n.to_string())
+                        .collect(),
+                ),
+                _ => None,
+            };
+            return Err(Error::UnknownVm {
+                vm: vm.to_string(),
+                store: self.root.clone(),
+                known,
+            });
+        };
         check_schema(rec.schema, &path)?;
         plain_record(&mut rec);
         if rec.name != vm.as_str() {
@@ -209,6 +262,68 @@ impl Store {
             Ok(())
         })
         .await
+    }
+
+    /// After the record is gone ([`Store::forget_vm`]): removes the VM's lock file, QEMU's
+    /// log and its directory — unless something else is still in it (the disk images of a
+    /// forgotten VM that lived there), which stays, with a `FORGOTTEN` note saying what it
+    /// is when `note` is given. Returns the directory when it stays. The caller holds the lock: a process waiting
+    /// on it finds the file gone and takes a new one (`VmLock` checks).
+    pub(crate) async fn remove_vm_dir(
+        &self,
+        vm: &VmName,
+        note: Option<&str>,
+    ) -> Result<Option<PathBuf>> {
+        let dir = self.vm_dir(vm);
+        let note = note.map(str::to_owned);
+        blocking(move || {
+            for f in ["qemu.log", "lock"] {
+                let _ = std::fs::remove_file(dir.join(f));
+            }
+            for d in ["snapshots", "memory", "files", "disks", "boot"] {
+                let _ = std::fs::remove_dir(dir.join(d));
+            }
+            match std::fs::remove_dir(&dir) {
+                Ok(()) => {
+                    sync_dir(dir.parent().unwrap_or(Path::new(".")))?;
+                    Ok(None)
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                Err(_) => {
+                    if let Some(note) = note {
+                        std::fs::write(dir.join(FORGOTTEN), note)
+                            .map_err(io("writing the note on what was left", &dir))?;
+                    }
+                    Ok(Some(dir))
+                }
+            }
+        })
+        .await
+    }
+
+    /// The directory a forgotten VM of this name left (its disk images were in the store),
+    /// when there is one: a new VM may not take the name until it is gone.
+    pub async fn leftovers(&self, vm: &VmName) -> Result<Option<PathBuf>> {
+        let dir = self.vm_dir(vm);
+        blocking(move || Ok(exists(&dir.join(FORGOTTEN))?.then_some(dir))).await
+    }
+
+    /// Refuses a name a new VM cannot take: one in the store, or one a forgotten VM's files
+    /// still hold ([`Store::leftovers`]).
+    pub(crate) async fn refuse_taken(&self, vm: &VmName) -> Result<()> {
+        if self.has_vm(vm).await? {
+            return Err(Error::VmExists {
+                vm: vm.to_string(),
+                leftovers: None,
+            });
+        }
+        if let Some(dir) = self.leftovers(vm).await? {
+            return Err(Error::VmExists {
+                vm: vm.to_string(),
+                leftovers: Some(dir),
+            });
+        }
+        Ok(())
     }
 
     /// The names of all VMs in the store, sorted.

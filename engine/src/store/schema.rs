@@ -314,6 +314,9 @@ pub struct Manifest {
     /// base by these).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub imported: Option<Imported>,
+    /// What it is for, in the words of whoever took it (`create --description`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
 }
 
 /// Where an imported snapshot came from.

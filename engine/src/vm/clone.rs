@@ -140,15 +140,14 @@ impl Vm {
     ) -> Result<CloneReport> {
         let started = Instant::now();
         let store = self.store().clone();
+        // Before any lock: a clone named as its source would otherwise meet the source's
+        // lock, held by this very clone, and blame it.
+        store.refuse_taken(new).await?;
         let _source_lock = self
             .lock_for_reading(&format!("clone {snap} to {new}"))
             .await?;
         let _lock = store.lock(new, "clone").await?;
-        if store.has_vm(new).await? {
-            return Err(Error::VmExists {
-                vm: new.to_string(),
-            });
-        }
+        store.refuse_taken(new).await?;
         let source = store.record(self.name()).await?;
         let manifest = store.manifest(self.name(), snap).await?;
         let command = Self::command_of(&source)?.clone();
@@ -443,6 +442,30 @@ impl Vm {
     /// Refuses while another VM's chain uses an image this one made (a clone of one of its
     /// snapshots).
     async fn refuse_if_used_elsewhere(&self, record: &VmRecord) -> Result<()> {
+        match self.used_elsewhere(record).await? {
+            Some((by, image)) => Err(Error::RemoveRefused {
+                vm: self.name().to_string(),
+                reason: RemoveRefusal::InUse { by, image },
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Another VM whose chain uses an image this one made (a clone of one of its snapshots),
+    /// and that image.
+    pub(super) async fn used_elsewhere(
+        &self,
+        record: &VmRecord,
+    ) -> Result<Option<(String, PathBuf)>> {
+        self.used_elsewhere_of(record, &record.owned_images).await
+    }
+
+    /// Another VM whose chain uses one of `images`, and that image.
+    pub(super) async fn used_elsewhere_of(
+        &self,
+        record: &VmRecord,
+        images: &[PathBuf],
+    ) -> Result<Option<(String, PathBuf)>> {
         let manifests = self.store().manifests(self.name()).await?;
         let graph = super::refs::Graph::gather(
             self.store(),
@@ -453,22 +476,16 @@ impl Vm {
             self.cancel(),
         )
         .await?;
-        for img in &record.owned_images {
+        for img in images {
             if let Some(Use::OtherVm { vm }) = graph
                 .uses_of(img)
                 .iter()
                 .find(|u| matches!(u, Use::OtherVm { .. }))
             {
-                return Err(Error::RemoveRefused {
-                    vm: self.name().to_string(),
-                    reason: RemoveRefusal::InUse {
-                        by: vm.to_string(),
-                        image: img.clone(),
-                    },
-                });
+                return Ok(Some((vm.to_string(), img.clone())));
             }
         }
-        Ok(())
+        Ok(None)
     }
 
     /// Deletes a stopped clone's snapshots, owned images, files and record (the lock held).
@@ -519,6 +536,9 @@ impl Vm {
         })
         .await?;
         store.forget_vm(self.name()).await?;
+        if removing {
+            store.remove_vm_dir(self.name(), None).await?;
+        }
         Ok(removed)
     }
 }

@@ -95,6 +95,18 @@ impl Vm {
         mut record: VmRecord,
         opts: &CreateOptions,
     ) -> Result<Manifest> {
+        if let Some(d) = &opts.description {
+            crate::name::check_description(d)?;
+        }
+        let owned;
+        let opts = if opts.unique_name {
+            let mut o = opts.clone();
+            o.name = self.free_name(&opts.name).await?;
+            owned = o;
+            &owned
+        } else {
+            opts
+        };
         let snap = &opts.name;
         if self.store().has_snapshot(self.name(), snap).await? {
             return Err(Error::SnapshotExists {
@@ -131,6 +143,7 @@ impl Vm {
             machine: machine_type(&qmp).await,
             snapshot: report,
             imported: None,
+            description: opts.description.clone(),
         };
         apply(&mut record, &manifest, qmp.peer_pid()).await;
         drop(qmp);

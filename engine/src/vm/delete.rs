@@ -68,38 +68,80 @@ impl Vm {
         snap: &SnapshotName,
         opts: &DeleteOptions,
     ) -> Result<DeleteReport> {
-        self.delete(Some(snap), opts).await
+        self.delete(Pick::These(std::slice::from_ref(snap), false), opts)
+            .await
+    }
+
+    /// Deletes these snapshots — and, with `children`, every snapshot descending from them —
+    /// in one operation (one journal, one round of merges). Any unknown name refuses the
+    /// whole delete before anything changes.
+    pub async fn delete_snapshots(
+        &self,
+        snaps: &[SnapshotName],
+        children: bool,
+        opts: &DeleteOptions,
+    ) -> Result<DeleteReport> {
+        self.delete(Pick::These(snaps, children), opts).await
     }
 
     /// Deletes every snapshot; the VM ends up on one image per disk (its original images,
     /// with everything merged into them).
     pub async fn delete_all(&self, opts: &DeleteOptions) -> Result<DeleteReport> {
-        self.delete(None, opts).await
+        self.delete(Pick::All, opts).await
     }
 
-    async fn delete(
-        &self,
-        one: Option<&SnapshotName>,
-        opts: &DeleteOptions,
-    ) -> Result<DeleteReport> {
+    async fn delete(&self, pick: Pick<'_>, opts: &DeleteOptions) -> Result<DeleteReport> {
         let started = Instant::now();
-        let what = one.map_or_else(|| "all snapshots".to_owned(), ToString::to_string);
+        let what = match pick {
+            Pick::All => "all snapshots".to_owned(),
+            Pick::These(snaps, children) => {
+                let names: Vec<String> = snaps.iter().map(ToString::to_string).collect();
+                format!(
+                    "{}{}",
+                    names.join(", "),
+                    if children { " and their children" } else { "" }
+                )
+            }
+        };
         let op = self.begin(&format!("delete {what}")).await?;
         let mut record = op.record.clone();
         let manifests = self.store().manifests(self.name()).await?;
-        let victims: Vec<Manifest> = match one {
-            Some(snap) => {
-                let m = manifests
+        let victims: Vec<Manifest> = match pick {
+            Pick::These(snaps, children) => {
+                let mut chosen: Vec<String> = Vec::new();
+                for snap in snaps {
+                    if !manifests.iter().any(|m| m.name == snap.as_str()) {
+                        return Err(Error::UnknownSnapshot {
+                            vm: self.name().to_string(),
+                            snapshot: snap.to_string(),
+                        });
+                    }
+                    if !chosen.iter().any(|c| c == snap.as_str()) {
+                        chosen.push(snap.to_string());
+                    }
+                }
+                if children {
+                    // Descendants: whatever has a chosen parent, until nothing is added.
+                    loop {
+                        let more: Vec<String> = manifests
+                            .iter()
+                            .filter(|m| !chosen.contains(&m.name))
+                            .filter(|m| m.parent.as_ref().is_some_and(|p| chosen.contains(p)))
+                            .map(|m| m.name.clone())
+                            .collect();
+                        if more.is_empty() {
+                            break;
+                        }
+                        chosen.extend(more);
+                    }
+                }
+                manifests
                     .iter()
-                    .find(|m| m.name == snap.as_str())
+                    .filter(|m| chosen.contains(&m.name))
                     .cloned()
-                    .ok_or_else(|| Error::UnknownSnapshot {
-                        vm: self.name().to_string(),
-                        snapshot: snap.to_string(),
-                    })?;
-                vec![m]
+                    .collect()
             }
-            None => manifests.clone(),
+            Pick::All => manifests.clone(),
         };
         let state = VmState::observe(self, &record).await;
         state.allows(self.name().as_str(), Operation::Delete)?;
@@ -238,4 +280,13 @@ pub(crate) async fn remove_snapshots(
         removed.extend(vm.store().remove_snapshot(vm.name(), &snap).await?);
     }
     Ok(removed)
+}
+
+/// Which snapshots a delete takes.
+#[derive(Debug, Clone, Copy)]
+enum Pick<'a> {
+    /// Every one.
+    All,
+    /// These, and with `true` their descendants.
+    These(&'a [SnapshotName], bool),
 }

@@ -1,4 +1,5 @@
 //! A registered VM's lifecycle: `start` (relaunch on the current disk chain), `stop`,
+//! `shutdown` (the guest powers off, then QEMU is stopped if it has not exited),
 //! `pause`/`resume` (the guest's CPUs, QEMU running on), and `status` (registering is
 //! `register.rs`).
 //!
@@ -23,6 +24,7 @@ use crate::store::{
 use qsnap_qmp::{types, Endpoint};
 use serde::Serialize;
 use std::path::PathBuf;
+use std::time::{Duration, Instant};
 use tracing::warn;
 
 /// A VM's state.
@@ -281,6 +283,127 @@ impl Vm {
             clone_of: record.clone_of.clone(),
             qmp: record.qmp.clone(),
         })
+    }
+}
+
+/// How `shutdown` ended a VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ShutdownOutcome {
+    /// The guest powered off when asked (the ACPI power button), after this long.
+    PoweredOff {
+        /// From the button press to QEMU gone.
+        after: Duration,
+    },
+    /// The guest did not power off within the timeout: QEMU was stopped as `stop` does.
+    Forced {
+        /// How long the guest was given.
+        waited: Duration,
+        /// How QEMU was then stopped.
+        stop: StopOutcome,
+    },
+    /// No QEMU was running.
+    AlreadyStopped,
+}
+
+impl Vm {
+    /// Asks the guest to power off (QEMU's `system_powerdown`, the ACPI power button) and
+    /// waits up to `timeout` for QEMU to exit; then stops it as [`Vm::stop`] does (`quit`,
+    /// SIGKILL after 10 s). A QEMU started with `-no-shutdown` stays after the guest powers
+    /// off: it is asked to quit then. Refused (nothing sent) while an interrupted operation
+    /// waits, while the monitor does not answer, and while the guest is paused (it could not
+    /// see the button).
+    pub async fn shutdown(&self, timeout: Duration) -> Result<ShutdownOutcome> {
+        let lock = self.store().lock(self.name(), "shutdown").await?;
+        super::refuse_if_interrupted(self.store(), self.name()).await?;
+        let mut record = self.store().record(self.name()).await?;
+        let state = VmState::observe(self, &record).await;
+        let runstate = match &state {
+            VmState::Stopped => {
+                if record.pid.is_some() {
+                    super::state::record_qemu(&mut record, None).await;
+                    self.store().write_record(&record).await?;
+                }
+                return Ok(ShutdownOutcome::AlreadyStopped);
+            }
+            VmState::Unreachable { pid, why } => {
+                return Err(Error::Unreachable {
+                    vm: self.name().to_string(),
+                    pid: *pid,
+                    why: why.clone(),
+                })
+            }
+            VmState::Running { runstate, .. } => runstate.clone(),
+        };
+        if runstate != "running" {
+            return Err(Error::GuestPaused {
+                vm: self.name().to_string(),
+                runstate,
+            });
+        }
+        let pid = super::state::signallable_pid(state.pid().or(record.pid), &record).await;
+        self.store()
+            .write_journal(self.name(), &Intent::Stop(StopIntent { pid }))
+            .await?;
+        let pressed = Instant::now();
+        let gone = self.press_power_button(timeout).await;
+        let outcome = match gone {
+            Ok(true) => {
+                if let Some(pid) = pid {
+                    // The monitor closes a moment before the process is gone.
+                    let _ = quit_or_kill(&record.qmp, Some(pid), crate::launch::QUIT_TIMEOUT).await;
+                }
+                Ok(ShutdownOutcome::PoweredOff {
+                    after: pressed.elapsed(),
+                })
+            }
+            Ok(false) | Err(_) => {
+                if let Err(e) = &gone {
+                    warn!(error = %e, "asking the guest to power off failed; stopping QEMU");
+                }
+                quit_or_kill(&record.qmp, pid, crate::launch::QUIT_TIMEOUT)
+                    .await
+                    .map(|stop| ShutdownOutcome::Forced {
+                        waited: pressed.elapsed(),
+                        stop,
+                    })
+            }
+        };
+        let outcome = match outcome {
+            Ok(o) => o,
+            Err(e) => {
+                // Nothing was recorded as changed: the record still names the QEMU.
+                let _ = self.store().clear_journal(self.name()).await;
+                return Err(e);
+            }
+        };
+        super::state::record_qemu(&mut record, None).await;
+        self.store().write_record(&record).await?;
+        self.store().clear_journal(self.name()).await?;
+        drop(lock);
+        Ok(outcome)
+    }
+
+    /// Presses the ACPI power button and watches QEMU's run state until its monitor closes
+    /// (QEMU exited) or says `shutdown` (`-no-shutdown`: the guest is off, QEMU stays): true
+    /// then, false when `timeout` passes first. One connection, held only for this.
+    async fn press_power_button(&self, timeout: Duration) -> Result<bool> {
+        let qmp = self.connect().await?;
+        qmp.execute(types::system_powerdown {})
+            .await
+            .map_err(Error::qmp("pressing the power button (system_powerdown)"))?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            match qmp.execute(types::query_status {}).await {
+                Err(e) if e.is_disconnected() => return Ok(true),
+                Err(e) => return Err(Error::qmp("watching the guest power off")(e)),
+                Ok(st) if matches!(st.status, types::RunState::shutdown) => return Ok(true),
+                Ok(_) => {}
+            }
+            if Instant::now() >= deadline {
+                return Ok(false);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 }
 

@@ -8,11 +8,11 @@
 //!
 //! Files (one operation or one concern each; `README.md` has the map): `create.rs`,
 //! `revert.rs`, `delete.rs` and `merge/` (merging layers no snapshot needs), `clone.rs`
-//! (clone and remove), `lazy/` (lazy-ram and its helper QEMU), `register.rs` (run, attach),
+//! (clone and remove), `forget.rs` (a VM out of the store, its disks kept), `lazy/` (lazy-ram and its helper QEMU), `register.rs` (run, attach),
 //! `lifecycle.rs` (start, stop, pause, resume, status), `check.rs` and `findings.rs` (check and its report),
-//! `relative.rs` (relative paths an older qsnap recorded, for `check`), `recover/` (settling an
+//! `rename.rs` (rename, the latest snapshot, free names), `relative.rs` (relative paths an older qsnap recorded, for `check`), `recover/` (settling an
 //! interrupted operation), `refs.rs` (who uses which image: the guard before any unlink),
-//! `state.rs` (the one place a VM's state is derived).
+//! `state.rs` (the one place a VM's state is derived), `usage.rs` (what its snapshots take on disk).
 //! Holds no QMP connection between calls (QEMU's monitor serves one client at a time).
 
 mod check;
@@ -20,6 +20,7 @@ mod clone;
 mod create;
 mod delete;
 mod findings;
+mod forget;
 mod lazy;
 mod lifecycle;
 mod merge;
@@ -27,19 +28,23 @@ mod recover;
 mod refs;
 mod register;
 mod relative;
+mod rename;
 mod revert;
 mod state;
+mod usage;
 
 pub use clone::{CloneOptions, CloneReport, RemoveReport, Replacement};
 pub use create::{CreateOutcome, VmCreateOptions};
 pub use delete::{DeleteOptions, DeleteReport, MergeProgress, MergeProgressFn, MergeReport};
 pub use findings::{CheckReport, Finding};
+pub use forget::{ForgetOptions, ForgetReport, ForgottenDisk};
 pub use lazy::LazyReport;
-pub use lifecycle::{DiskChain, Interrupted, PauseOutcome, Status};
+pub use lifecycle::{DiskChain, Interrupted, PauseOutcome, ShutdownOutcome, Status};
 pub use recover::Recovery;
 pub use register::{AttachOptions, RunOptions, RunReport};
 pub use revert::{RamRestore, RevertOptions, RevertReport};
 pub use state::{Operation, VmState};
+pub use usage::{Size, SnapshotUsage, Usage};
 
 use crate::error::{Error, Result};
 use crate::name::{SnapshotName, VmName};

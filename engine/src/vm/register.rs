@@ -49,6 +49,8 @@ pub struct RunReport {
     pub record: VmRecord,
     /// `tsc-frequency` added for an invtsc CPU, in Hz, and where the figure came from.
     pub tsc_pinned: Option<(u64, String)>,
+    /// Where QEMU's own output (stderr, its -D log when none is given) goes.
+    pub log: Option<PathBuf>,
 }
 
 impl Engine {
@@ -67,11 +69,7 @@ impl Engine {
         qmp_socket: &str,
         opts: &AttachOptions,
     ) -> Result<Vm> {
-        if self.store.has_vm(name).await? {
-            return Err(Error::VmExists {
-                vm: name.to_string(),
-            });
-        }
+        self.store.refuse_taken(name).await?;
         let endpoint = normalise_endpoint(qmp_socket).await;
         let qmp = Qmp::connect_with(Endpoint::parse(&endpoint), &self.connect)
             .await
@@ -106,11 +104,7 @@ impl Engine {
         let disks = disks_now(now);
 
         let _lock = self.store.lock(name, "attach").await?;
-        if self.store.has_vm(name).await? {
-            return Err(Error::VmExists {
-                vm: name.to_string(),
-            });
-        }
+        self.store.refuse_taken(name).await?;
         let guest_agent = command
             .as_ref()
             .and_then(|c| argv::guest_agent_socket(&c.argv, &c.cwd));
@@ -163,11 +157,7 @@ impl Engine {
             });
         }
         let _lock = self.store.lock(name, "run").await?;
-        if self.store.has_vm(name).await? {
-            return Err(Error::VmExists {
-                vm: name.to_string(),
-            });
-        }
+        self.store.refuse_taken(name).await?;
         let mut argv = argv;
         let mut tsc_pinned = None;
         if !opts.no_tsc_fix && argv::needs_tsc_frequency(&argv) {
@@ -268,7 +258,11 @@ impl Engine {
             }
             return Err(e);
         }
-        Ok(RunReport { record, tsc_pinned })
+        Ok(RunReport {
+            record,
+            tsc_pinned,
+            log: Some(spec.log.clone()),
+        })
     }
 
     /// What a QEMU must pass before it is registered: every image of its disks is the file

@@ -42,6 +42,9 @@ pub struct RevertOptions {
     /// Save the current state as a snapshot of this name first (a revert otherwise discards
     /// what the guest did since its last snapshot).
     pub keep_current: Option<SnapshotName>,
+    /// `keep_current`'s name was made up: when it is taken, the first free one of `NAME-2`,
+    /// `NAME-3`, … is used instead of refusing.
+    pub keep_current_unique: bool,
 }
 
 /// What a revert did.
@@ -138,7 +141,7 @@ impl Vm {
     pub async fn revert(&self, snap: &SnapshotName, paused: bool) -> Result<RevertReport> {
         let opts = RevertOptions {
             paused,
-            keep_current: None,
+            ..RevertOptions::default()
         };
         self.revert_with(snap, &opts, &ProcessLauncher::default())
             .await
@@ -219,7 +222,8 @@ impl Vm {
                             .into(),
                     ));
                 }
-                let co = self.create_options(name.clone());
+                let mut co = self.create_options(name.clone());
+                co.unique_name = opts.keep_current_unique;
                 let m = self.create_locked(record.clone(), &co).await?;
                 record = self.store().record(self.name()).await?;
                 // The snapshot moved the disks onto new overlays: the new chain keeps them

@@ -75,6 +75,12 @@ pub struct CreateOptions {
     /// `mapped-ram` to be reverted. Point-in-time saves never use it (QEMU 10.0 writes a
     /// `background-snapshot` + `mapped-ram` file it cannot load).
     pub mapped_ram: bool,
+    /// A line saying what the snapshot is for, kept in its manifest (at most
+    /// 1024 characters, no control characters).
+    pub description: Option<String>,
+    /// The name was made up (no name given): when it is taken, the first free one of
+    /// `NAME-2`, `NAME-3`, … is used instead of refusing.
+    pub unique_name: bool,
 }
 
 impl CreateOptions {
@@ -93,6 +99,8 @@ impl CreateOptions {
             cancel: CancellationToken::new(),
             quiesce: None,
             mapped_ram: true,
+            description: None,
+            unique_name: false,
         }
     }
 }

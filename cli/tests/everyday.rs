@@ -1,0 +1,477 @@
+//! The commands a virsh user reaches for, and what scripts read: `forget`, `shutdown`,
+//! snapshot names (generated, described, renamed), `delete` of several and of a subtree,
+//! `revert --latest`, exit codes by kind with JSON errors, `--wait`, and the errors that
+//! point the right way. The real binary against real QEMUs (kernel-less, and the test guest
+//! where the guest must act: the power button).
+
+use assert_cmd::Command;
+use qsnap_testkit::serial::SerialLog;
+use qsnap_testkit::{create_image, require_qemu, DiskStyle, KillRecordedQemu, VmBuilder};
+use serde_json::Value;
+use std::path::Path;
+use std::process::Output;
+use std::time::Duration;
+
+/// Runs `qsnap ARGS…` against the store at `store`.
+fn in_store(store: &Path) -> impl Fn(&[&str]) -> Output + '_ {
+    move |args| {
+        Command::cargo_bin("qsnap")
+            .unwrap()
+            .env("QSNAP_STORE", store)
+            .env("NO_COLOR", "1")
+            .env_remove("FAILPOINTS")
+            .args(args)
+            .timeout(Duration::from_secs(180))
+            .output()
+            .unwrap()
+    }
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn show(out: &Output) -> String {
+    format!(
+        "status {:?}\nstdout: {}\nstderr: {}",
+        out.status,
+        text(&out.stdout),
+        text(&out.stderr)
+    )
+}
+
+fn json(out: &Output) -> Value {
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", show(out)))
+}
+
+fn ok(out: Output) -> Output {
+    assert!(out.status.success(), "{}", show(&out));
+    out
+}
+
+/// The error object `--json` prints for a failed command, with its exit code checked.
+fn json_error(out: &Output, code: i32, kind: &str) -> Value {
+    assert_eq!(out.status.code(), Some(code), "{}", show(out));
+    let v = json(out);
+    assert_eq!(v["error"]["kind"], kind, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()),
+        "{v}"
+    );
+    v
+}
+
+/// Starts a kernel-less VM `name` with one 16 MiB disk under `qsnap run`.
+async fn run_idle(store: &Path, dir: &Path, name: &str) -> std::path::PathBuf {
+    let disk = dir.join(format!("{name}.qcow2"));
+    let argv =
+        VmBuilder::idle_with_disk(&disk, "16M", &dir.join(format!("{name}.serial.log"))).await;
+    let mut cmd = vec!["run", name, "--"];
+    cmd.extend(argv.iter().map(String::as_str));
+    ok(in_store(store)(&cmd));
+    disk
+}
+
+fn pid_alive(pid: u64) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forget_keeps_every_image_and_refuses_what_would_lose_data() {
+    require_qemu!();
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let _kill = (
+        KillRecordedQemu::new(&store, "vm1"),
+        KillRecordedQemu::new(&store, "c1"),
+    );
+    let run = in_store(&store);
+    let disk = run_idle(&store, dir.path(), "vm1").await;
+    let pid = json(&ok(run(&["status", "vm1", "--json"])))["pid"]
+        .as_u64()
+        .unwrap();
+    ok(run(&["create", "vm1", "s1"]));
+
+    // Snapshots: refused, naming them and both ways on.
+    let out = run(&["forget", "vm1"]);
+    assert_eq!(out.status.code(), Some(6), "{}", show(&out));
+    let said = text(&out.stderr);
+    assert!(
+        said.contains("1 snapshot (s1)")
+            && said.contains("delete vm1 --all")
+            && said.contains("--with-snapshots"),
+        "{said}"
+    );
+    // Running: refused, pointing at --stop.
+    let out = run(&["forget", "vm1", "--with-snapshots", "--json"]);
+    let e = json_error(&out, 6, "refused");
+    assert!(
+        e["error"]["message"].as_str().unwrap().contains("--stop"),
+        "{e}"
+    );
+    // A clone runs on one of its images: refused until the clone is gone.
+    ok(run(&["clone", "vm1", "s1", "c1"]));
+    let out = run(&["forget", "vm1", "--stop", "--with-snapshots"]);
+    assert_eq!(out.status.code(), Some(6), "{}", show(&out));
+    assert!(text(&out.stderr).contains("c1 runs on"), "{}", show(&out));
+    assert!(pid_alive(pid), "a refused forget stopped the VM");
+    assert!(store.join("vms/vm1/vm.json").exists());
+    ok(run(&["remove", "c1"]));
+    assert!(!store.join("vms/c1").exists(), "remove left vms/c1 behind");
+
+    let out = ok(run(&[
+        "forget",
+        "vm1",
+        "--stop",
+        "--with-snapshots",
+        "--json",
+    ]));
+    let r = json(&out);
+    assert_eq!(r["stopped"], true, "{r}");
+    assert_eq!(r["snapshots"], serde_json::json!(["s1"]));
+    assert_eq!(r["memory-removed"].as_array().unwrap().len(), 1, "{r}");
+    for p in r["memory-removed"].as_array().unwrap() {
+        assert!(
+            !Path::new(p.as_str().unwrap()).exists(),
+            "{p} is still there"
+        );
+    }
+    // Every image stays, and the current one still opens down its whole chain.
+    let top = r["disks"][0]["image"].as_str().unwrap().to_owned();
+    assert_ne!(top, disk.display().to_string(), "{r}");
+    assert!(disk.exists());
+    for p in r["kept-images"].as_array().unwrap() {
+        assert!(Path::new(p.as_str().unwrap()).exists(), "{p} was removed");
+    }
+    let info = std::process::Command::new("qemu-img")
+        .args(["info", "--backing-chain", "-U", &top])
+        .output()
+        .unwrap();
+    assert!(info.status.success(), "{}", text(&info.stderr));
+    assert!(text(&info.stdout).contains(&disk.display().to_string()));
+    // Gone from the store, its QEMU stopped, nothing left in its folder.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while pid_alive(pid) && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(!pid_alive(pid), "its QEMU still runs");
+    assert!(!store.join("vms/vm1").exists(), "vms/vm1 was left behind");
+    let out = run(&["status", "vm1", "--json"]);
+    json_error(&out, 4, "not-found");
+    // The name is free again.
+    let argv = VmBuilder::idle()
+        .memory(64)
+        .disk(&top, "qcow2", DiskStyle::Blockdev)
+        .command_line(&dir.path().join("again.log"))
+        .await;
+    let mut cmd = vec!["run", "vm1", "--"];
+    cmd.extend(argv.iter().map(String::as_str));
+    ok(run(&cmd));
+    ok(run(&["stop", "vm1"]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_powers_the_guest_off_and_stops_one_that_ignores_the_button() {
+    require_qemu!();
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let _kill = (
+        KillRecordedQemu::new(&store, "g"),
+        KillRecordedQemu::new(&store, "idle"),
+    );
+    let run = in_store(&store);
+
+    // The test guest powers off on the ACPI button.
+    let vda = dir.path().join("vda.qcow2");
+    create_image(&vda, "qcow2", "64M").await;
+    let serial = dir.path().join("g.log");
+    let argv = VmBuilder::guest()
+        .disk(&vda, "qcow2", DiskStyle::Blockdev)
+        .command_line(&serial)
+        .await;
+    let mut cmd = vec!["run", "g", "--"];
+    cmd.extend(argv.iter().map(String::as_str));
+    ok(run(&cmd));
+    let log = SerialLog::follow(&serial);
+    log.wait_from(0, Duration::from_secs(120), |l| {
+        l.contains("power button on").then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}: {}", log.tail(20)));
+    log.wait_tick_from(0, Duration::from_secs(60))
+        .await
+        .unwrap();
+    let r = json(&ok(run(&["shutdown", "g", "--json"])));
+    assert_eq!(r["outcome"], "powered-off", "{r}");
+    assert!(
+        log.lines()
+            .iter()
+            .any(|l| l.text.contains("power button pressed")),
+        "{}",
+        log.tail(10)
+    );
+    let st = json(&ok(run(&["status", "g", "--json"])));
+    assert_eq!(st["running"], false, "{st}");
+    let out = ok(run(&["shutdown", "g"]));
+    assert!(
+        text(&out.stdout).contains("was not running"),
+        "{}",
+        show(&out)
+    );
+
+    // A guest that ignores the button (no OS at all) is stopped after the grace period.
+    run_idle(&store, dir.path(), "idle").await;
+    // Paused, it could not see the button: refused, nothing sent.
+    ok(run(&["pause", "idle"]));
+    let out = run(&["shutdown", "idle", "--json"]);
+    let e = json_error(&out, 6, "refused");
+    assert_eq!(e["error"]["fix"], "qsnap resume idle", "{e}");
+    ok(run(&["resume", "idle"]));
+    let out = ok(run(&["shutdown", "idle", "--grace", "1"]));
+    let said = text(&out.stdout);
+    assert!(
+        said.contains("did not power off within 1 s") && said.contains("quit when asked"),
+        "{said}"
+    );
+    let st = json(&ok(run(&["status", "idle", "--json"])));
+    assert_eq!(st["running"], false, "{st}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_names_descriptions_rename_delete_many_and_latest() {
+    require_qemu!();
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let _kill = KillRecordedQemu::new(&store, "vm1");
+    let run = in_store(&store);
+    run_idle(&store, dir.path(), "vm1").await;
+
+    // No name: one is made up and printed; two in the same second do not collide.
+    let a = json(&ok(run(&[
+        "create",
+        "vm1",
+        "--description",
+        "before the upgrade",
+        "--json",
+    ])));
+    let b = json(&ok(run(&["create", "vm1", "--disk-only", "--json"])));
+    let c = json(&ok(run(&["create", "vm1", "--disk-only", "--json"])));
+    let names: Vec<String> = [&a, &b, &c]
+        .iter()
+        .map(|m| m["name"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(names.iter().all(|n| n.starts_with("snap-")), "{names:?}");
+    assert!(
+        names[0] != names[1] && names[1] != names[2] && names[0] != names[2],
+        "{names:?}"
+    );
+    assert_eq!(a["description"], "before the upgrade");
+    let out = ok(run(&["create", "vm1", "--disk-only"]));
+    assert!(
+        text(&out.stdout).contains("snapshot snap-"),
+        "{}",
+        show(&out)
+    );
+    let fourth = json(&ok(run(&["list", "vm1", "--json"])))["snapshots"][3]["name"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // A description is one line.
+    let out = run(&["create", "vm1", "x", "--description", "two\nlines"]);
+    assert_eq!(out.status.code(), Some(2), "{}", show(&out));
+    // --live-limit belongs to precopy: refused with --disk-only.
+    let out = run(&["create", "vm1", "y", "--disk-only", "--live-limit", "5"]);
+    assert_eq!(out.status.code(), Some(2), "{}", show(&out));
+    let listed = text(&ok(run(&["list", "vm1"])).stdout);
+    assert!(listed.contains("before the upgrade"), "{listed}");
+
+    // Rename: the memory file follows, the children and `current` too; it still reverts.
+    ok(run(&["rename", "vm1", &names[0], "base"]));
+    let mem = store.join("vms/vm1/memory");
+    assert!(mem.join("base.mem").exists());
+    assert!(!mem.join(format!("{}.mem", names[0])).exists());
+    let m = json(&ok(run(&["show", "vm1", "base", "--json"])));
+    assert_eq!(m["description"], "before the upgrade");
+    assert_eq!(
+        m["memory"]["file"],
+        mem.join("base.mem").display().to_string()
+    );
+    let child = json(&ok(run(&["show", "vm1", &names[1], "--json"])));
+    assert_eq!(child["parent"], "base", "{child}");
+    let out = run(&["rename", "vm1", "base", &names[1]]);
+    assert_eq!(out.status.code(), Some(6), "{}", show(&out));
+    let out = run(&["rename", "vm1", "nope", "other"]);
+    assert_eq!(out.status.code(), Some(4), "{}", show(&out));
+    let r = json(&ok(run(&["revert", "vm1", "base", "--json"])));
+    assert_eq!(r["memory-restored"], true, "{r}");
+
+    // --latest: the newest.
+    let r = json(&ok(run(&["revert", "vm1", "--latest", "--json"])));
+    assert_eq!(r["snapshot"], fourth.as_str(), "{r}");
+    // --keep-current twice within a second: two snapshots, not a refusal.
+    ok(run(&["revert", "vm1", "base"]));
+    let k1 = json(&ok(run(&[
+        "revert",
+        "vm1",
+        "base",
+        "--keep-current",
+        "--json",
+    ])));
+    let k2 = json(&ok(run(&[
+        "revert",
+        "vm1",
+        "base",
+        "--keep-current",
+        "--json",
+    ])));
+    assert_ne!(k1["kept-current"], k2["kept-current"], "{k1} {k2}");
+
+    // Several at once, and a subtree; an unknown name deletes none.
+    let out = run(&["delete", "vm1", &names[2], "nope"]);
+    assert_eq!(out.status.code(), Some(4), "{}", show(&out));
+    assert!(json(&ok(run(&["show", "vm1", &names[2], "--json"])))["name"].is_string());
+    let d = json(&ok(run(&[
+        "delete",
+        "vm1",
+        &names[1],
+        "--children",
+        "--json",
+    ])));
+    let mut deleted: Vec<String> = d["deleted"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_owned())
+        .collect();
+    deleted.sort();
+    let mut expected = vec![names[1].clone(), names[2].clone(), fourth.clone()];
+    expected.sort();
+    assert_eq!(deleted, expected, "{d}");
+    let kept: Vec<String> = [&k1, &k2]
+        .iter()
+        .map(|k| k["kept-current"].as_str().unwrap().to_owned())
+        .collect();
+    let d = json(&ok(run(&["delete", "vm1", &kept[0], &kept[1], "--json"])));
+    assert_eq!(d["deleted"].as_array().unwrap().len(), 2, "{d}");
+    let left = json(&ok(run(&["list", "vm1", "--json"])))["snapshots"].clone();
+    assert_eq!(left.as_array().unwrap().len(), 1, "{left}");
+    assert_eq!(left[0]["name"], "base");
+    ok(run(&["check", "vm1"]));
+    ok(run(&["stop", "vm1"]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_say_their_kind_in_the_exit_code_and_in_json() {
+    require_qemu!();
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let _kill = KillRecordedQemu::new(&store, "web1");
+    let run = in_store(&store);
+
+    // A store that does not exist, then an empty QSNAP_STORE.
+    let out = run(&["status", "web1", "--json"]);
+    let e = json_error(&out, 4, "not-found");
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("does not exist"),
+        "{e}"
+    );
+    let out = Command::cargo_bin("qsnap")
+        .unwrap()
+        .env("QSNAP_STORE", "")
+        .args(["status", "web1"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", show(&out));
+    assert!(
+        text(&out.stderr).contains("QSNAP_STORE is set but empty"),
+        "{}",
+        show(&out)
+    );
+    // `run` without `--`: a hint.
+    let out = run(&["run", "x", "qemu-system-x86_64", "-m", "64"]);
+    assert_eq!(out.status.code(), Some(2), "{}", show(&out));
+    assert!(
+        text(&out.stderr).contains("goes after `--`"),
+        "{}",
+        show(&out)
+    );
+
+    run_idle(&store, dir.path(), "web1").await;
+    ok(run(&["create", "web1", "s1", "--disk-only"]));
+    // A typo: "did you mean".
+    let out = run(&["status", "wbe1"]);
+    assert_eq!(out.status.code(), Some(4), "{}", show(&out));
+    assert!(
+        text(&out.stderr).contains("did you mean \"web1\""),
+        "{}",
+        show(&out)
+    );
+    // Unknown snapshot: not found, with the command that lists them.
+    let e = json_error(&run(&["revert", "web1", "nope", "--json"]), 4, "not-found");
+    assert_eq!(e["error"]["fix"], "qsnap list web1", "{e}");
+    // A clone named as its source: the name is taken (not "busy").
+    let out = run(&["clone", "web1", "s1", "web1"]);
+    assert_eq!(out.status.code(), Some(6), "{}", show(&out));
+    assert!(
+        text(&out.stderr).contains("already in the store"),
+        "{}",
+        show(&out)
+    );
+    // `start` on a running VM: says so, exit 0.
+    let out = ok(run(&["start", "web1"]));
+    assert!(
+        text(&out.stdout).contains("running already"),
+        "{}",
+        show(&out)
+    );
+    // An error is printed once, as one line, without a log line repeating it.
+    let out = run(&["create", "web1", "s1"]);
+    assert_eq!(out.status.code(), Some(6), "{}", show(&out));
+    assert_eq!(
+        text(&out.stderr).trim().lines().count(),
+        1,
+        "{}",
+        show(&out)
+    );
+
+    // Busy: another operation holds the VM. At once: exit 5; with --wait, queued.
+    let engine_store = qsnap_engine::Store::new(&store);
+    let name = qsnap_engine::VmName::new("web1").unwrap();
+    let lock = engine_store.lock(&name, "a test holding it").await.unwrap();
+    let out = run(&["create", "web1", "s2", "--disk-only", "--json"]);
+    let e = json_error(&out, 5, "busy");
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("a test holding it"),
+        "{e}"
+    );
+    let releaser = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        drop(lock);
+    });
+    let store2 = store.clone();
+    let waited = tokio::task::spawn_blocking(move || {
+        in_store(&store2)(&["create", "web1", "s2", "--disk-only", "--wait", "60"])
+    })
+    .await
+    .unwrap();
+    releaser.await.unwrap();
+    ok(waited);
+    let out = run(&["show", "web1", "s2", "--json"]);
+    assert_eq!(json(&ok(out))["name"], "s2");
+    ok(run(&["stop", "web1"]));
+    // `stop` twice: the second says it had nothing to do.
+    let out = ok(run(&["stop", "web1"]));
+    assert!(
+        text(&out.stdout).contains("was not running"),
+        "{}",
+        show(&out)
+    );
+}
