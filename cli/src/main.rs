@@ -464,6 +464,13 @@ async fn run(req: Request) -> anyhow::Result<()> {
                 {
                     eprintln!("removed {} (left by an interrupted import)", p.display());
                 }
+                let stale = qsnap_engine::sweep_cache().await;
+                if stale > 0 {
+                    eprintln!(
+                        "removed {stale} cache entr{} about files that are gone or replaced",
+                        if stale == 1 { "y" } else { "ies" }
+                    );
+                }
             }
             let report = engine
                 .vm(&r.vm)

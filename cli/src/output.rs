@@ -349,14 +349,20 @@ pub fn status(st: &Status, as_json: bool) {
     }
     match &st.state {
         VmState::Running { pid: Some(pid), .. } if st.busy.is_some() => println!(
-            "{}: running (QEMU pid {pid}; its run state is not asked while an operation holds it)",
+            "{}: QEMU up (pid {pid}); the guest's state is not asked while an operation holds its monitor",
             st.vm
         ),
         VmState::Running {
             pid: Some(pid),
             runstate,
-        } => println!("{}: running (QEMU pid {pid}, {runstate})", st.vm),
-        VmState::Running { runstate, .. } => println!("{}: running ({runstate})", st.vm),
+        } => println!(
+            "{}: QEMU up (pid {pid}); {}",
+            st.vm,
+            guest_state(runstate, &st.vm)
+        ),
+        VmState::Running { runstate, .. } => {
+            println!("{}: QEMU up; {}", st.vm, guest_state(runstate, &st.vm));
+        }
         VmState::Unreachable { pid, why } => println!(
             "{}: running but UNREACHABLE — its QEMU{} is alive, but its monitor does not answer ({why})",
             st.vm,
@@ -399,6 +405,17 @@ pub fn status(st: &Status, as_json: bool) {
             i.started_at,
             vm = st.vm
         );
+    }
+}
+
+/// What QEMU's run state means for the guest, in words.
+fn guest_state(runstate: &str, vm: &str) -> String {
+    match runstate {
+        "running" => "the guest is running".into(),
+        "paused" => format!("the guest is PAUSED (`qsnap resume {vm}`)"),
+        "shutdown" => "the guest has powered off (QEMU stays: -no-shutdown)".into(),
+        "inmigrate" => "the guest waits for its state to load".into(),
+        other => format!("the guest is not running (QEMU's run state: {other})"),
     }
 }
 

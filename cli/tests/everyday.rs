@@ -225,6 +225,11 @@ async fn shutdown_powers_the_guest_off_and_stops_one_that_ignores_the_button() {
     run_idle(&store, dir.path(), "idle").await;
     // Paused, it could not see the button: refused, nothing sent.
     ok(run(&["pause", "idle"]));
+    let said = text(&ok(run(&["status", "idle"])).stdout);
+    assert!(
+        said.contains("QEMU up") && said.contains("the guest is PAUSED"),
+        "{said}"
+    );
     let out = run(&["shutdown", "idle", "--json"]);
     let e = json_error(&out, 6, "refused");
     assert_eq!(e["error"]["fix"], "qsnap resume idle", "{e}");
@@ -359,6 +364,37 @@ async fn snapshot_names_descriptions_rename_delete_many_and_latest() {
     assert_eq!(left.as_array().unwrap().len(), 1, "{left}");
     assert_eq!(left[0]["name"], "base");
     ok(run(&["check", "vm1"]));
+
+    // The clone of a disk-only snapshot boots: its guest runs, and the report says so.
+    let _kill_clone = KillRecordedQemu::new(&store, "dc");
+    ok(run(&["create", "vm1", "d1", "--disk-only"]));
+    let c = json(&ok(run(&["clone", "vm1", "d1", "dc", "--json"])));
+    assert_eq!(c["resumed"], true, "{c}");
+    ok(run(&["remove", "dc"]));
+
+    // The store's cache forgets what it knew of files that are gone: a reverted snapshot's
+    // memory checksum is remembered; once the snapshot is deleted, check --repair drops it.
+    ok(run(&["create", "vm1", "last"]));
+    ok(run(&["revert", "vm1", "last"]));
+    let about_last = || {
+        std::fs::read_dir(store.join("cache"))
+            .map(|d| {
+                d.flatten()
+                    .filter(|e| {
+                        std::fs::read_to_string(e.path()).is_ok_and(|t| t.contains("last.mem"))
+                    })
+                    .count()
+            })
+            .unwrap_or(0)
+    };
+    assert!(
+        about_last() >= 1,
+        "the revert left no cache entry for last.mem"
+    );
+    ok(run(&["delete", "vm1", "last"]));
+    let out = ok(run(&["check", "vm1", "--repair"]));
+    assert!(text(&out.stderr).contains("cache entr"), "{}", show(&out));
+    assert_eq!(about_last(), 0, "a cache entry about a deleted file stayed");
     ok(run(&["stop", "vm1"]));
 }
 

@@ -389,7 +389,7 @@ async fn status_says_busy_during_an_operation_and_interrupted_after_a_crash() {
         "{words}"
     );
     assert!(
-        words.starts_with(&format!("vm1: running (QEMU pid {qemu}")),
+        words.starts_with(&format!("vm1: QEMU up (pid {qemu})")),
         "{words}"
     );
     assert!(

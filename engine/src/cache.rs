@@ -163,3 +163,79 @@ pub(crate) async fn remember<T: Serialize>(key: String, value: &T) {
     })
     .await;
 }
+
+/// Removes the on-disk entries whose file is gone or is no longer the file the entry was
+/// about (another inode, size or time): they can never be served again. Returns how many
+/// went. Entries that cannot be read are left alone (asked again when needed).
+pub async fn sweep() -> usize {
+    let Some(dir) = disk_dir().lock().unwrap_or_else(|e| e.into_inner()).clone() else {
+        return 0;
+    };
+    tokio::task::spawn_blocking(move || {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            return 0;
+        };
+        let mut removed = 0;
+        for e in entries.flatten() {
+            let p = e.path();
+            let is_entry = p
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("qemu-") && n.ends_with(".json"));
+            if !is_entry {
+                continue;
+            }
+            let Ok(Some(entry)) = crate::store::read_json::<Entry>(&p) else {
+                continue;
+            };
+            if stale(&entry.key) && std::fs::remove_file(&p).is_ok() {
+                removed += 1;
+            }
+        }
+        removed
+    })
+    .await
+    .unwrap_or(0)
+}
+
+/// Whether a `name|device|inode|size|mtime|ctime|…` key names a file that is gone or changed.
+fn stale(key: &str) -> bool {
+    let parts: Vec<&str> = key.split('|').collect();
+    let (Some(name), Some(dev), Some(ino), Some(size)) =
+        (parts.first(), parts.get(1), parts.get(2), parts.get(3))
+    else {
+        return false;
+    };
+    match std::fs::metadata(name) {
+        Err(e) => e.kind() == std::io::ErrorKind::NotFound,
+        Ok(md) => {
+            *dev != md.dev().to_string()
+                || *ino != md.ino().to_string()
+                || *size != md.size().to_string()
+        }
+    }
+}
+
+#[cfg(test)]
+mod sweep_tests {
+    use super::*;
+
+    #[test]
+    fn an_entry_of_a_gone_or_replaced_file_is_stale_and_a_live_one_is_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("qemu-bin");
+        std::fs::write(&f, b"x").unwrap();
+        let md = std::fs::metadata(&f).unwrap();
+        let key = format!("{}|{}|{}|1|0.0|0.0|", f.display(), md.dev(), md.ino());
+        assert!(stale(&format!(
+            "{}|{}|{}|2|0.0|0.0|",
+            f.display(),
+            md.dev(),
+            md.ino()
+        )));
+        assert!(!stale(&key));
+        std::fs::remove_file(&f).unwrap();
+        assert!(stale(&key));
+        assert!(!stale("not a key"));
+    }
+}

@@ -55,7 +55,7 @@ pub use bundle::{
     keygen, BundleProgressFn, ExportOptions, ExportReport, ExportedFile, ImportOptions,
     ImportReport,
 };
-pub use cache::{file_identity, resolve_binary};
+pub use cache::{file_identity, resolve_binary, sweep as sweep_cache};
 pub use error::{
     BundleError, CreateError, DeleteError, Error, ErrorKind, ForgetRefusal, LazyRamError,
     LazyRamRefusal, QemuFeature, RemoveRefusal, Result, RevertError,

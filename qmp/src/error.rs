@@ -17,7 +17,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 #[non_exhaustive]
 pub enum Error {
     /// The socket could not be reached (after the connect retries).
-    #[error("cannot connect to the QMP socket {endpoint}: {io} (is QEMU running with -qmp unix:{endpoint},server=on,wait=off?)")]
+    #[error("cannot connect to the QMP socket {endpoint}: {io} (is QEMU running with -qmp {},server=on,wait=off?)", qemu_form(endpoint))]
     Connect {
         /// Where we tried to connect.
         endpoint: String,
@@ -144,6 +144,16 @@ pub enum Error {
     },
 }
 
+/// How QEMU's `-qmp` option spells an endpoint as this crate prints it: `tcp:HOST:PORT` as it
+/// is, a path as `unix:PATH`.
+fn qemu_form(endpoint: &str) -> String {
+    if endpoint.starts_with("tcp:") || endpoint.starts_with("unix:") {
+        endpoint.to_owned()
+    } else {
+        format!("unix:{endpoint}")
+    }
+}
+
 impl Error {
     /// QEMU's error class when QEMU refused the command.
     pub fn qemu_class(&self) -> Option<&str> {
@@ -168,5 +178,29 @@ impl Error {
                 | Error::GreetingTimeout { .. }
                 | Error::Handshake { .. }
         )
+    }
+}
+
+#[cfg(test)]
+mod hint_tests {
+    use super::*;
+
+    #[test]
+    fn the_connect_hint_spells_the_endpoint_as_qemu_takes_it() {
+        let refused = || io::Error::from(io::ErrorKind::ConnectionRefused);
+        let tcp = Error::Connect {
+            endpoint: "tcp:127.0.0.1:4444".into(),
+            io: refused(),
+        };
+        assert!(tcp
+            .to_string()
+            .contains("-qmp tcp:127.0.0.1:4444,server=on,wait=off"));
+        let unix = Error::Connect {
+            endpoint: "/run/vm1/qmp.sock".into(),
+            io: refused(),
+        };
+        assert!(unix
+            .to_string()
+            .contains("-qmp unix:/run/vm1/qmp.sock,server=on,wait=off"));
     }
 }

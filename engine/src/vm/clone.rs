@@ -339,7 +339,12 @@ impl Vm {
             qmp,
             log: dir.join("qemu.log"),
             ram,
-            resumed: restored.resumed,
+            // A disk-only snapshot's clone boots: it runs unless it was asked paused.
+            resumed: if manifest.snapshot.memory.is_some() {
+                restored.resumed
+            } else {
+                !opts.paused
+            },
             load_ms: restored.load_ms,
             total_ms,
             pid,
