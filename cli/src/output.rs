@@ -178,6 +178,9 @@ pub fn recovered(r: &Recovery) {
 /// Prints what `create` did: a warning on stderr when the memory could not be made lazy
 /// (the snapshot was taken all the same), then the snapshot.
 pub fn created(c: &CreateOutcome, as_json: bool) {
+    if let Some(why) = &c.manifest.snapshot.fell_back {
+        eprintln!("qsnap: note: a point-in-time snapshot was not possible here ({why}); this one was taken with precopy (memory as at the end of the copy)");
+    }
     if let Some(e) = &c.lazy_ram_failed {
         eprintln!("qsnap: warning: the snapshot was taken, but its memory stays a stream (reverts load it): {e}");
     }

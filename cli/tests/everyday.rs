@@ -395,6 +395,23 @@ async fn snapshot_names_descriptions_rename_delete_many_and_latest() {
     let out = ok(run(&["check", "vm1", "--repair"]));
     assert!(text(&out.stderr).contains("cache entr"), "{}", show(&out));
     assert_eq!(about_last(), 0, "a cache entry about a deleted file stayed");
+
+    // A VM reverted lazily maps its RAM from a file QEMU cannot write-protect: auto mode
+    // takes precopy instead, and says so in one plain sentence (no log line).
+    ok(run(&["create", "vm1", "lz", "--lazy-ram"]));
+    let r = json(&ok(run(&["revert", "vm1", "lz", "--json"])));
+    assert!(
+        r["ram"].to_string().contains("lazy") || r["ram"].to_string().contains("mapped"),
+        "{r}"
+    );
+    let out = ok(run(&["create", "vm1", "after", "--json"]));
+    assert_eq!(json(&out)["mode"], "precopy");
+    let said = text(&out.stderr);
+    assert!(
+        said.contains("point-in-time snapshot was not possible"),
+        "{said}"
+    );
+    assert_eq!(said.trim().lines().count(), 1, "{said}");
     ok(run(&["stop", "vm1"]));
 }
 
@@ -436,6 +453,19 @@ async fn errors_say_their_kind_in_the_exit_code_and_in_json() {
         "{}",
         show(&out)
     );
+
+    // A QEMU that does not start: its error quotes QEMU, and nothing is left in the store.
+    for _ in 0..2 {
+        let out = run(&["run", "bad", "--", "qemu-system-x86_64", "-no-such-option"]);
+        assert_eq!(out.status.code(), Some(1), "{}", show(&out));
+        let said = text(&out.stderr);
+        assert!(
+            said.contains("QEMU did not start") && said.contains("no-such-option"),
+            "{said}"
+        );
+        assert_eq!(said.matches("invalid option").count(), 1, "{said}");
+        assert!(!store.join("vms/bad").exists(), "a failed run left vms/bad");
+    }
 
     run_idle(&store, dir.path(), "web1").await;
     ok(run(&["create", "web1", "s1", "--disk-only"]));

@@ -58,7 +58,7 @@ impl std::fmt::Display for Error {
             Error::Locked { vm, holder } => write!(f, "VM \"{vm}\" is busy with another qsnap operation (pid and operation: {holder}); wait for it to finish"),
             Error::CorruptStore { path, why } => write!(f, "the store file {} is unreadable: {why}", path.display()),
             Error::CommandLine { why } => write!(f, "cannot relaunch from the recorded command line: {why}"),
-            Error::LaunchFailed { why, log, tail } => write!(f, "QEMU did not start: {why} (log {}){}", log.display(), if tail.is_empty() { String::new() } else { format!(":\n{tail}") }),
+            Error::LaunchFailed { why, log, tail } => write!(f, "QEMU did not start: {why}{}{}", if log.as_os_str().is_empty() { String::new() } else { format!(" (log {})", log.display()) }, if tail.is_empty() { String::new() } else { format!(":\n{tail}") }),
             Error::AlreadyRunning { vm, pid } => write!(f, "VM \"{vm}\" is running (pid {pid}); stop it first with `qsnap stop {vm}`"),
             Error::NotRunning { vm } => write!(f, "VM \"{vm}\" is not running; start it with `qsnap start {vm}`"),
             Error::Unreachable { vm, pid, why } => write!(f, "VM \"{vm}\"'s QEMU{} is alive but its monitor does not answer ({why}); if another client holds the monitor, give qsnap its own -qmp socket; `qsnap stop {vm}` kills a hung QEMU", pid.map(|p| format!(" (pid {p})")).unwrap_or_default()),

@@ -284,6 +284,10 @@ pub struct CreateReport {
     /// retry the thaw (`vm` journals it).
     #[serde(skip)]
     pub thaw_failed: Option<String>,
+    /// Auto mode: why a point-in-time snapshot was not possible, when QEMU refused it and the
+    /// snapshot was taken with precopy instead. Not stored (the mode is).
+    #[serde(skip)]
+    pub fell_back: Option<String>,
 }
 
 /// One snapshot (`<store>/vms/<vm>/snapshots/<name>.json`).

@@ -143,7 +143,9 @@ impl Engine {
             .await
     }
 
-    /// [`Engine::run`] with a launcher of your own.
+    /// [`Engine::run`] with a launcher of your own. A run that registers nothing leaves
+    /// nothing in the store (its directory goes; an error quotes QEMU's log, which goes with
+    /// it) — except what still matters: a QEMU it could not stop, serving its socket there.
     pub async fn run_with<L: Launcher>(
         &self,
         name: &VmName,
@@ -156,8 +158,38 @@ impl Engine {
                 why: "no QEMU command given".into(),
             });
         }
-        let _lock = self.store.lock(name, "run").await?;
+        let lock = self.store.lock(name, "run").await?;
+        match self.run_registering(name, argv, opts, launcher).await {
+            Ok(r) => Ok(r),
+            Err(mut e) => {
+                // Under the lock: the directory is this run's (no other run of the name is
+                // past its lock), unless a VM holds the name.
+                if !self.store.has_vm(name).await.unwrap_or(true) {
+                    if let Ok(None) = self.store.remove_vm_dir(name, None).await {
+                        // The log is gone with the directory; its last lines are in `e`.
+                        if let Error::LaunchFailed { log, .. } = &mut e {
+                            *log = PathBuf::new();
+                        }
+                    }
+                }
+                drop(lock);
+                Err(e)
+            }
+        }
+    }
+
+    /// The run itself, the name's lock held.
+    async fn run_registering<L: Launcher>(
+        &self,
+        name: &VmName,
+        argv: Vec<String>,
+        opts: &RunOptions,
+        launcher: &L,
+    ) -> Result<RunReport> {
         self.store.refuse_taken(name).await?;
+        // A log an earlier failed attempt left is not this run's: an error quotes this one's.
+        let old_log = self.store.vm_dir(name).join("qemu.log");
+        store::blocking(move || store::remove_durably(&old_log)).await?;
         let mut argv = argv;
         let mut tsc_pinned = None;
         if !opts.no_tsc_fix && argv::needs_tsc_frequency(&argv) {

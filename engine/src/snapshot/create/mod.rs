@@ -318,13 +318,15 @@ async fn run_steps(
             quiesced_filesystems: switched.frozen,
             total_ms: 0.0,
             thaw_failed: switched.thaw_failed,
+            fell_back: None,
         });
     };
     let saved = plan
         .saved
         .as_ref()
         .expect("preflight reads the settings of a memory snapshot");
-    let (mode, capabilities) = settings::set_capabilities(qmp, saved, mode, plan, rb).await?;
+    let (mode, capabilities, fell_back) =
+        settings::set_capabilities(qmp, saved, mode, plan, rb).await?;
     settings::raise_bandwidth(qmp, saved).await?;
     cancelled()?;
     failpoint::hit("create.prepared", pid).await?;
@@ -342,6 +344,7 @@ async fn run_steps(
     };
     stream.finish(&path).await?;
     let sealed = memfile::seal(file, path.clone()).await?;
+    report.fell_back = fell_back;
     if let Some(m) = &mut report.memory {
         m.file = path;
         m.bytes = sealed.stream_len;
@@ -378,6 +381,7 @@ fn memory_report(
         quiesced_filesystems: None,
         total_ms: 0.0,
         thaw_failed: None,
+        fell_back: None,
     }
 }
 

@@ -9,7 +9,6 @@ use crate::qemu::{Capability, MigrateSetCapabilities, SetMaxBandwidth};
 use crate::snapshot::rollback::{Rollback, Undo};
 use crate::store::{Mode, SavedSettings};
 use qsnap_qmp::Qmp;
-use tracing::warn;
 
 /// Switches on what the save needs and off everything else (postcopy, compression, … are
 /// incompatible with a file save or with background-snapshot). Precopy uses `mapped-ram` and
@@ -17,17 +16,19 @@ use tracing::warn;
 /// them and 0.33 s without, its load 0.46 s against 0.66 s (`mapped-ram` alone, one thread,
 /// was slower than the plain stream; `docs/performance.md`). In auto mode a host that
 /// refuses background-snapshot (no userfaultfd write-protect) falls back to precopy. Returns
-/// the mode that will run and the capabilities that are on for it.
+/// the mode that will run, the capabilities that are on for it, and why point-in-time was
+/// not possible when auto mode fell back (QEMU's words).
 pub(super) async fn set_capabilities(
     qmp: &Qmp,
     saved: &SavedSettings,
     mode: Mode,
     plan: &super::Plan,
     rb: &mut Rollback<'_>,
-) -> Result<(Mode, Vec<String>)> {
+) -> Result<(Mode, Vec<String>, Option<String>)> {
     rb.push(Undo::RestoreSettings(saved.clone()));
     let auto = plan.auto;
     let mut try_mode = mode;
+    let mut fell_back = None;
     loop {
         let on: &[&str] = match try_mode {
             Mode::PointInTime => &["events", "background-snapshot"],
@@ -47,9 +48,14 @@ pub(super) async fn set_capabilities(
             .execute(MigrateSetCapabilities { capabilities: want })
             .await
         {
-            Ok(_) => return Ok((try_mode, on.iter().map(|s| (*s).to_owned()).collect())),
+            Ok(_) => {
+                let on = on.iter().map(|s| (*s).to_owned()).collect();
+                return Ok((try_mode, on, fell_back));
+            }
             Err(e) if auto && try_mode == Mode::PointInTime => {
-                warn!(error = %e, "background-snapshot refused; falling back to precopy");
+                // Said once, by the caller, in the create's report.
+                tracing::info!(error = %e, "background-snapshot refused; falling back to precopy");
+                fell_back = Some(e.to_string());
                 try_mode = Mode::Precopy;
             }
             Err(e)
