@@ -25,7 +25,7 @@ impl SaveBar {
         let bar = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr());
         bar.set_style(
             ProgressStyle::with_template(
-                "saving memory [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta}",
+                "saving memory [{bar:30}] {percent:>3}% of RAM, {msg} written, ETA {eta}",
             )
             .expect("valid template")
             .progress_chars("=> "),
@@ -37,8 +37,10 @@ impl SaveBar {
     pub fn callback(&self) -> Option<ProgressFn> {
         let bar = self.bar.clone()?;
         Some(Arc::new(move |p: &SaveProgress| {
-            bar.set_length(p.ram_total.max(p.transferred));
-            bar.set_position(p.transferred);
+            let (done, of) = save_fraction(p);
+            bar.set_length(of);
+            bar.set_position(done);
+            bar.set_message(indicatif::HumanBytes(p.transferred).to_string());
         }))
     }
 
@@ -48,6 +50,15 @@ impl SaveBar {
             bar.finish_and_clear();
         }
     }
+}
+
+/// How far a save is, as (done, of): the RAM it has been over — its size less what QEMU still
+/// has to write — out of the RAM. Not the stream's bytes against the RAM's: zero pages are
+/// not written (a mapped-ram file leaves holes), so those stop short of the end, and a
+/// precopy pass that re-sends dirty pages would run past it.
+fn save_fraction(p: &SaveProgress) -> (u64, u64) {
+    let of = p.ram_total.max(1);
+    (of.saturating_sub(p.remaining), of)
 }
 
 /// The bar of a delete's merges.
@@ -134,5 +145,32 @@ impl BytesBar {
         if let Some(bar) = &self.bar {
             bar.finish_and_clear();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn at(transferred: u64, remaining: u64) -> SaveProgress {
+        SaveProgress {
+            transferred,
+            ram_total: 1000,
+            remaining,
+            mbps: 0.0,
+            passes: 1,
+            elapsed: Duration::ZERO,
+        }
+    }
+
+    #[test]
+    fn a_save_reaches_the_end_when_nothing_remains_whatever_was_written() {
+        // Mostly zero pages: little written, all of RAM gone over.
+        assert_eq!(save_fraction(&at(650, 0)), (1000, 1000));
+        // Halfway through the first pass.
+        assert_eq!(save_fraction(&at(400, 500)), (500, 1000));
+        // A second precopy pass re-sends dirty pages: never past the end.
+        assert_eq!(save_fraction(&at(1300, 100)), (900, 1000));
     }
 }
