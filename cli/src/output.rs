@@ -210,7 +210,12 @@ pub fn snapshot(m: &Manifest, usage: Option<&qsnap_engine::SnapshotUsage>, as_js
     }
     println!(
         "  guest          {}",
-        if s.was_running { "running" } else { "paused" }
+        match (s.was_running, s.mode) {
+            (true, _) => "running",
+            // A disk-only snapshot of a VM that was not running: paused, or stopped (offline).
+            (false, Mode::DiskOnly) => "not running",
+            (false, _) => "paused",
+        }
     );
     if s.mode != Mode::DiskOnly {
         let qemu = s

@@ -413,6 +413,76 @@ async fn snapshot_names_descriptions_rename_delete_many_and_latest() {
     );
     assert_eq!(said.trim().lines().count(), 1, "{said}");
     ok(run(&["stop", "vm1"]));
+
+    // Offline: a disk-only snapshot of the stopped VM, with qemu-img; `start` opens its
+    // overlay. A memory snapshot of a stopped VM is refused.
+    let out = run(&["create", "vm1", "mem-off"]);
+    assert_eq!(out.status.code(), Some(6), "{}", show(&out));
+    let m = json(&ok(run(&[
+        "create",
+        "vm1",
+        "off1",
+        "--disk-only",
+        "--json",
+    ])));
+    assert_eq!(m["mode"], "disk-only", "{m}");
+    let overlay = m["disks"][0]["overlay"].as_str().unwrap().to_owned();
+    assert!(overlay.ends_with("vm1.off1.qcow2"), "{m}");
+    let st = json(&ok(run(&["status", "vm1", "--json"])));
+    assert_eq!(st["current"], "off1", "{st}");
+    assert_eq!(st["disks"][0]["chain"][0], overlay.as_str(), "{st}");
+    assert!(
+        st["disks"][0]["chain"].as_array().unwrap().len() >= 2,
+        "the whole chain: {st}"
+    );
+    ok(run(&["start", "vm1"]));
+    let st = json(&ok(run(&["status", "vm1", "--json"])));
+    assert_eq!(st["disks"][0]["chain"][0], overlay.as_str(), "{st}");
+    ok(run(&["stop", "vm1"]));
+    ok(run(&["check", "vm1"]));
+    if qsnap_testkit::failpoints_or_skip("the failing part of the offline create") {
+        let with = |point: &str, args: &[&str]| {
+            Command::cargo_bin("qsnap")
+                .unwrap()
+                .env("QSNAP_STORE", &store)
+                .env("FAILPOINTS", point)
+                .args(args)
+                .timeout(Duration::from_secs(60))
+                .output()
+                .unwrap()
+        };
+        // An error after the overlay was made: rolled back, nothing left.
+        let out = with(
+            "create.offline-overlay=return(error)",
+            &["create", "vm1", "off2", "--disk-only"],
+        );
+        assert_eq!(out.status.code(), Some(1), "{}", show(&out));
+        let expected = Path::new(&overlay).with_file_name("vm1.off2.qcow2");
+        assert!(
+            !expected.exists(),
+            "a failed offline create left {}",
+            expected.display()
+        );
+        // Killed after it: the journal lets the next command remove it.
+        let out = with(
+            "create.offline-overlay=return(crash)",
+            &["create", "vm1", "off3", "--disk-only"],
+        );
+        assert!(!out.status.success(), "{}", show(&out));
+        let left = Path::new(&overlay).with_file_name("vm1.off3.qcow2");
+        assert!(left.exists(), "the crash came after the overlay was made");
+        ok(run(&["check", "vm1", "--repair"]));
+        assert!(
+            !left.exists(),
+            "the interrupted offline create's overlay stayed"
+        );
+        let listed = json(&ok(run(&["list", "vm1", "--json"])));
+        assert!(
+            !listed["snapshots"].to_string().contains("off3"),
+            "{listed}"
+        );
+        ok(run(&["check", "vm1"]));
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

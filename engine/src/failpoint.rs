@@ -118,6 +118,9 @@ pub const OTHER_POINTS: &[&str] = &[
     // failing (`error`)
     "lazy.switch-written",
     "lazy.read-back",
+    // an offline disk-only create (stopped VM) after each overlay it made (`error`: rolled
+    // back; `crash`: the journal lets the next command remove them)
+    "create.offline-overlay",
 ];
 
 /// Whether this build has failpoints (tests that need them check this first).

@@ -14,6 +14,9 @@
 //! "snapshot taken, but …" and the committed journal lets the next command (or
 //! `qsnap check --repair`) finish the bookkeeping.
 //!
+//! A disk-only snapshot of a stopped VM is made offline, with `qemu-img` (`offline.rs`),
+//! through the same journal.
+//!
 //! [`Vm::create_snapshot_with`] is a create and what a command asks to follow it (making its
 //! memory lazy), each its own operation on the VM; what follows never undoes the snapshot,
 //! and a failure of it comes back in the [`CreateOutcome`], not as an error.
@@ -114,9 +117,11 @@ impl Vm {
                 snapshot: snap.to_string(),
             });
         }
-        VmState::observe(self, &record)
-            .await
-            .allows(self.name().as_str(), Operation::Create)?;
+        let state = VmState::observe(self, &record).await;
+        if matches!(state, VmState::Stopped) && opts.mode == Some(snapshot::Mode::DiskOnly) {
+            return super::offline::create(self, record, opts).await;
+        }
+        state.allows(self.name().as_str(), Operation::Create)?;
         let created_at = store::now_rfc3339();
         let qmp = self.connect().await?;
         let pid = qmp.peer_pid();
@@ -245,6 +250,7 @@ impl Vm {
 /// their overlays (qsnap's own paths: QEMU may describe an overlay over a relative path as
 /// `json:{…}`), which qsnap owns.
 pub(crate) async fn apply(record: &mut VmRecord, manifest: &Manifest, pid: Option<u32>) {
+    // (Also the offline create's: `offline.rs`.)
     record.current = Some(manifest.name.clone());
     for d in &manifest.snapshot.disks {
         if !record.disks.iter().any(|r| r.device == d.device) {
