@@ -14,7 +14,7 @@
 //! "snapshot taken, but …" and the committed journal lets the next command (or
 //! `qsnap check --repair`) finish the bookkeeping.
 //!
-//! A disk-only snapshot of a stopped VM is made offline, with `qemu-img` (`offline.rs`),
+//! A disk-only snapshot of a stopped VM is made offline, with `qemu-img` (`create/offline.rs`),
 //! through the same journal.
 //!
 //! [`Vm::create_snapshot_with`] is a create and what a command asks to follow it (making its
@@ -29,6 +29,8 @@ use crate::snapshot::{self, CreateOptions};
 use crate::store::{self, CurrentDisk, Intent, Manifest, ThawIntent, VmRecord};
 use qsnap_qmp::{types, Qmp};
 use std::path::{Path, PathBuf};
+
+mod offline;
 
 /// A snapshot and what is to follow it once it is taken ([`Vm::create_snapshot_with`]).
 #[derive(Debug)]
@@ -119,7 +121,7 @@ impl Vm {
         }
         let state = VmState::observe(self, &record).await;
         if matches!(state, VmState::Stopped) && opts.mode == Some(snapshot::Mode::DiskOnly) {
-            return super::offline::create(self, record, opts).await;
+            return offline::create(self, record, opts).await;
         }
         state.allows(self.name().as_str(), Operation::Create)?;
         let created_at = store::now_rfc3339();
@@ -250,7 +252,7 @@ impl Vm {
 /// their overlays (qsnap's own paths: QEMU may describe an overlay over a relative path as
 /// `json:{…}`), which qsnap owns.
 pub(crate) async fn apply(record: &mut VmRecord, manifest: &Manifest, pid: Option<u32>) {
-    // (Also the offline create's: `offline.rs`.)
+    // (Also the offline create's: `create/offline.rs`.)
     record.current = Some(manifest.name.clone());
     for d in &manifest.snapshot.disks {
         if !record.disks.iter().any(|r| r.device == d.device) {

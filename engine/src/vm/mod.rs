@@ -9,7 +9,7 @@
 //! Files (one operation or one concern each; `README.md` has the map): `create.rs`,
 //! `revert.rs`, `delete.rs` and `merge/` (merging layers no snapshot needs), `clone.rs`
 //! (clone and remove), `forget.rs` (a VM out of the store, its disks kept), `lazy/` (lazy-ram and its helper QEMU), `register.rs` (run, attach),
-//! `lifecycle.rs` (start, stop, pause, resume, status), `offline.rs` (a disk-only snapshot of a stopped VM), `check.rs` and `findings.rs` (check and its report),
+//! `lifecycle.rs` (start, stop, pause, resume, status), `create/offline.rs` (a disk-only snapshot of a stopped VM), `check.rs` and `findings.rs` (check and its report),
 //! `rename.rs` (rename, the latest snapshot, free names), `relative.rs` (relative paths an older qsnap recorded, for `check`), `recover/` (settling an
 //! interrupted operation), `refs.rs` (who uses which image: the guard before any unlink),
 //! `state.rs` (the one place a VM's state is derived), `usage.rs` (what its snapshots take on disk).
@@ -24,7 +24,6 @@ mod forget;
 mod lazy;
 mod lifecycle;
 mod merge;
-mod offline;
 mod recover;
 mod refs;
 mod register;

@@ -9,11 +9,11 @@
 //! This module must never write to an image it freezes, and never run while a QEMU runs the
 //! VM (the caller saw it stopped under the VM's lock, which `start` needs too).
 
-use super::Vm;
 use crate::error::{Error, Result};
 use crate::image;
 use crate::snapshot::{CreateOptions, CreateReport, Mode, SnapshotDisk};
 use crate::store::{self, CreateIntent, Intent, Manifest, PlannedOverlay, VmRecord};
+use crate::vm::Vm;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -156,7 +156,7 @@ pub(super) async fn create(
         let _ = vm.store().clear_journal(vm.name()).await;
         return Err(e);
     }
-    super::create::apply(&mut record, &manifest, None).await;
+    super::apply(&mut record, &manifest, None).await;
     vm.store().write_record(&record).await?;
     vm.store().write_manifest(&manifest).await?;
     vm.store().clear_journal(vm.name()).await?;
