@@ -568,34 +568,44 @@ fn main() -> ExitCode {
         );
         return ExitCode::from(2);
     }
+    // The command's own --json, before `--` (after it, the words are QEMU's). As OS strings:
+    // an argument need not be UTF-8 (a path).
+    let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    let json = args
+        .iter()
+        .take_while(|a| *a != "--")
+        .any(|a| a == "--json");
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
-            let args: Vec<String> = std::env::args().skip(1).collect();
+            let shown = matches!(
+                e.kind(),
+                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion
+            );
             let is_run = args
                 .iter()
-                .find(|a| !a.starts_with('-'))
-                .map(String::as_str)
-                == Some("run");
-            let hint = is_run
-                && !args.iter().any(|a| a == "--")
-                && !matches!(
-                    e.kind(),
-                    clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion
-                );
+                .find(|a| !a.to_string_lossy().starts_with('-'))
+                .is_some_and(|a| a == "run");
+            let hint = is_run && !args.iter().any(|a| a == "--") && !shown;
             let code = e.exit_code();
             let _ = e.print();
             if hint {
                 eprintln!("\nhint: the QEMU command line goes after `--`: qsnap run NAME -- qemu-system-x86_64 …");
             }
+            if json && !shown {
+                // clap's message without its usage lines and hints: the first paragraph.
+                let what = e.to_string();
+                let first = what.split("\n\n").next().unwrap_or("bad usage");
+                let one_line: Vec<&str> = first.lines().map(str::trim).collect();
+                output::error(
+                    Kind::Usage,
+                    one_line.join(" ").trim_start_matches("error: "),
+                    None,
+                );
+            }
             return ExitCode::from(u8::try_from(code).unwrap_or(2));
         }
     };
-    // The command's own --json, before `--` (after it, the words are QEMU's).
-    let json = std::env::args()
-        .skip(1)
-        .take_while(|a| a != "--")
-        .any(|a| a == "--json");
     init_logging(cli.verbose);
     // Test builds only: FAILPOINTS in the environment makes steps fail on cue.
     let _failpoints = qsnap_engine::failpoints_from_env();

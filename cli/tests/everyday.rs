@@ -116,6 +116,9 @@ async fn forget_keeps_every_image_and_refuses_what_would_lose_data() {
     let out = run(&["forget", "vm1", "--stop", "--with-snapshots"]);
     assert_eq!(out.status.code(), Some(6), "{}", show(&out));
     assert!(text(&out.stderr).contains("c1 runs on"), "{}", show(&out));
+    // The clone itself: refused, pointing at `remove`.
+    let e = json_error(&run(&["forget", "c1", "--stop", "--json"]), 6, "refused");
+    assert_eq!(e["error"]["fix"], "qsnap remove c1", "{e}");
     assert!(pid_alive(pid), "a refused forget stopped the VM");
     assert!(store.join("vms/vm1/vm.json").exists());
     ok(run(&["remove", "c1"]));
@@ -170,6 +173,54 @@ async fn forget_keeps_every_image_and_refuses_what_would_lose_data() {
     cmd.extend(argv.iter().map(String::as_str));
     ok(run(&cmd));
     ok(run(&["stop", "vm1"]));
+
+    // A VM whose disk lives in the store's folder (as an import's does): the folder stays,
+    // marked, and holds the name until the user has moved the disk out.
+    let inside = store.join("vms/imp/disks");
+    std::fs::create_dir_all(&inside).unwrap();
+    let disk_in = inside.join("d.qcow2");
+    create_image(&disk_in, "qcow2", "16M").await;
+    let argv = VmBuilder::idle()
+        .memory(64)
+        .disk(&disk_in, "qcow2", DiskStyle::Blockdev)
+        .command_line(&dir.path().join("imp.log"))
+        .await;
+    let _kill_imp = KillRecordedQemu::new(&store, "imp");
+    let mut cmd = vec!["run", "imp", "--"];
+    cmd.extend(argv.iter().map(String::as_str));
+    ok(run(&cmd));
+    let r = json(&ok(run(&["forget", "imp", "--stop", "--json"])));
+    let left = store.join("vms/imp");
+    assert_eq!(r["left-in-store"], left.display().to_string(), "{r}");
+    let note = std::fs::read_to_string(left.join("FORGOTTEN")).unwrap();
+    assert!(note.contains(&disk_in.display().to_string()), "{note}");
+    assert!(disk_in.exists());
+    assert!(!left.join("vm.json").exists() && !left.join("qmp.sock").exists());
+    let out = run(&cmd);
+    assert_eq!(out.status.code(), Some(6), "{}", show(&out));
+    assert!(
+        text(&out.stderr).contains("forgotten VM left"),
+        "{}",
+        show(&out)
+    );
+    // Moved out and the folder removed: the name is free.
+    let moved = dir.path().join("imp-d.qcow2");
+    std::fs::rename(&disk_in, &moved).unwrap();
+    std::fs::remove_dir_all(&left).unwrap();
+    let argv = VmBuilder::idle()
+        .memory(64)
+        .disk(&moved, "qcow2", DiskStyle::Blockdev)
+        .command_line(&dir.path().join("imp.log"))
+        .await;
+    let mut cmd = vec!["run", "imp", "--"];
+    cmd.extend(argv.iter().map(String::as_str));
+    ok(run(&cmd));
+    ok(run(&["forget", "imp", "--stop"]));
+    assert!(
+        !left.exists(),
+        "nothing of it was in the store: {}",
+        left.display()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -252,6 +303,42 @@ async fn snapshot_names_descriptions_rename_delete_many_and_latest() {
     let _kill = KillRecordedQemu::new(&store, "vm1");
     let run = in_store(&store);
     run_idle(&store, dir.path(), "vm1").await;
+
+    // A generated name that is taken gets -2, also for --lazy-ram, which then converts the
+    // new snapshot (not the one whose name it first tried). The names of the next seconds are
+    // taken first, so the collision happens whatever the clock does meanwhile.
+    let stamp = |ahead: u64| -> String {
+        let at = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+            + ahead;
+        let out = std::process::Command::new("date")
+            .args(["-u", "-d", &format!("@{at}"), "+snap-%Y%m%dT%H%M%SZ"])
+            .output()
+            .unwrap();
+        text(&out.stdout).trim().to_owned()
+    };
+    let taken: Vec<String> = (0..20).map(stamp).collect();
+    for t in &taken {
+        ok(run(&["create", "vm1", t, "--disk-only"]));
+    }
+    let lz = json(&ok(run(&["create", "vm1", "--lazy-ram", "--json"])));
+    let lz_name = lz["name"].as_str().unwrap().to_owned();
+    assert!(
+        lz_name.ends_with("-2") && taken.contains(&lz_name[..lz_name.len() - 2].to_owned()),
+        "{lz_name} (taken: {taken:?})"
+    );
+    assert!(
+        lz["memory"]["lazy"].is_object(),
+        "the new snapshot was not made lazy: {lz}"
+    );
+    let mut all: Vec<&str> = taken.iter().map(String::as_str).collect();
+    all.push(&lz_name);
+    let mut cmd = vec!["delete", "vm1"];
+    cmd.extend(all);
+    let d = json(&ok(run(&[cmd.as_slice(), &["--json"]].concat())));
+    assert_eq!(d["deleted"].as_array().unwrap().len(), 21, "{d}");
 
     // No name: one is made up and printed; two in the same second do not collide.
     let a = json(&ok(run(&[
@@ -412,6 +499,21 @@ async fn snapshot_names_descriptions_rename_delete_many_and_latest() {
         "{said}"
     );
     assert_eq!(said.trim().lines().count(), 1, "{said}");
+
+    // Renaming a lazy snapshot moves every memory file of its name — its device state, its
+    // RAM image, and a stream a cut-short conversion left beside them — and it still reverts.
+    let mem = store.join("vms/vm1/memory");
+    std::fs::write(mem.join("lz.mem"), b"leftover").unwrap();
+    ok(run(&["rename", "vm1", "lz", "lazy1"]));
+    for f in ["lazy1.dev", "lazy1.ram", "lazy1.mem"] {
+        assert!(mem.join(f).exists(), "{f} is missing");
+    }
+    for f in ["lz.dev", "lz.ram", "lz.mem"] {
+        assert!(!mem.join(f).exists(), "{f} stayed");
+    }
+    std::fs::remove_file(mem.join("lazy1.mem")).unwrap();
+    let r = json(&ok(run(&["revert", "vm1", "lazy1", "--json"])));
+    assert_eq!(r["memory-restored"], true, "{r}");
     ok(run(&["stop", "vm1"]));
 
     // Offline: a disk-only snapshot of the stopped VM, with qemu-img; `start` opens its
@@ -588,17 +690,29 @@ async fn errors_say_their_kind_in_the_exit_code_and_in_json() {
             .contains("a test holding it"),
         "{e}"
     );
-    let releaser = tokio::spawn(async move {
-        tokio::time::sleep(Duration::from_secs(2)).await;
-        drop(lock);
-    });
-    let store2 = store.clone();
-    let waited = tokio::task::spawn_blocking(move || {
-        in_store(&store2)(&["create", "web1", "s2", "--disk-only", "--wait", "60"])
-    })
-    .await
-    .unwrap();
-    releaser.await.unwrap();
+    // Queued: still waiting while the lock is held (however slow the machine), done once
+    // it is released.
+    let mut waiting = std::process::Command::new(assert_cmd::cargo::cargo_bin("qsnap"))
+        .env("QSNAP_STORE", &store)
+        .env_remove("FAILPOINTS")
+        .args(["create", "web1", "s2", "--disk-only", "--wait", "60"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let held = std::time::Instant::now();
+    while held.elapsed() < Duration::from_secs(2) {
+        assert!(
+            waiting.try_wait().unwrap().is_none(),
+            "--wait gave up while the lock was held"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(!store.join("vms/web1/snapshots/s2.json").exists());
+    drop(lock);
+    let waited = tokio::task::spawn_blocking(move || waiting.wait_with_output().unwrap())
+        .await
+        .unwrap();
     ok(waited);
     let out = run(&["show", "web1", "s2", "--json"]);
     assert_eq!(json(&ok(out))["name"], "s2");

@@ -20,8 +20,10 @@ impl std::fmt::Display for Error {
             Error::ForgetRefused { vm, reason } => match reason {
                 ForgetRefusal::Running { pid } => write!(f, "forgetting {vm}: its QEMU runs{}; `qsnap forget {vm} --stop` stops it first (or `qsnap shutdown {vm}`, then forget)", pid.map(|p| format!(" (pid {p})")).unwrap_or_default()),
                 ForgetRefusal::HasSnapshots { snapshots } => write!(f, "forgetting {vm}: it has {} snapshot{} ({}); `qsnap delete {vm} --all` merges them into its images first, or `--with-snapshots` forgets them too (their memory files are removed; every disk image stays)", snapshots.len(), if snapshots.len() == 1 { "" } else { "s" }, snapshots.join(", ")),
+                ForgetRefusal::Clone { of } => write!(f, "forgetting {vm}: it is a clone of {of}, and its overlays back onto {of}'s snapshot images, which qsnap keeps only while a registered VM uses them; `qsnap remove {vm}` removes it with its overlays (`qsnap export` first keeps a copy)"),
                 ForgetRefusal::InUse { by, image } => write!(f, "forgetting {vm}: {by} runs on {} (a clone of one of its snapshots); remove {by} first", image.display()),
             },
+            Error::Unsettled { vm } => write!(f, "an interrupted operation on {vm} must be finished or rolled back first: `qsnap check {vm} --repair`"),
             Error::GuestPaused { vm, runstate } => write!(f, "the guest of {vm} is {runstate}: it cannot act on the power button; `qsnap resume {vm}` first, or `qsnap stop {vm}` to quit QEMU"),
             Error::Create(e) => std::fmt::Display::fmt(e, f),
             Error::Revert(e) => std::fmt::Display::fmt(e, f),

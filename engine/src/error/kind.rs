@@ -14,11 +14,12 @@ use serde::Serialize;
 pub enum ErrorKind {
     /// No such VM or snapshot.
     NotFound,
-    /// Another operation holds the VM, or something in QEMU must finish first: the same
-    /// request may succeed later.
+    /// Another qsnap operation holds the VM (`--wait` queues behind it), or something in
+    /// QEMU must finish first (a block job): the same request may succeed later.
     Busy,
     /// The request cannot be done as asked (a name taken, a VM running that must be stopped,
-    /// a QEMU that lacks a feature…); nothing was changed. Retrying does not help.
+    /// a QEMU that lacks a feature, an interrupted operation to settle first…); nothing was
+    /// changed. Retrying as it is does not help.
     Refused,
     /// The VM's monitor could not be reached.
     Unreachable,
@@ -26,7 +27,8 @@ pub enum ErrorKind {
     Usage,
     /// An interrupt (Ctrl-C, SIGTERM) stopped it; what was done was rolled back.
     Cancelled,
-    /// It was tried and failed; the message says what state things are in.
+    /// It was tried and failed, or needs a person to decide (an interrupted operation qsnap
+    /// cannot finish by itself); the message says what state things are in.
     Failed,
 }
 
@@ -57,7 +59,7 @@ impl Error {
             | Error::CommandLine { .. }
             | Error::ForeignQemu { .. }
             | Error::CloneRefused { .. }
-            | Error::NeedsDecision { .. } => K::Refused,
+            | Error::Unsettled { .. } => K::Refused,
             Error::Create(
                 CreateError::MigrationBlocked { .. } | CreateError::QuiesceNeedsDiskOnly,
             )
@@ -84,22 +86,22 @@ impl Error {
             Error::AlreadyRunning { vm, .. } => Some(format!("qsnap stop {vm}")),
             Error::NotRunning { vm } => Some(format!("qsnap start {vm}")),
             Error::GuestPaused { vm, .. } => Some(format!("qsnap resume {vm}")),
-            Error::Unreachable { vm, .. } => Some(format!("qsnap stop {vm}")),
+
             Error::StoreBehind { vm, .. } => Some(format!("qsnap check {vm} --repair")),
             Error::Delete(DeleteError::MergeUnfinished { vm, .. }) => {
                 Some(format!("qsnap check {vm} --repair"))
             }
             Error::Revert(RevertError::Failed { vm, .. }) => Some(format!("qsnap start {vm}")),
             Error::LeftPaused { fix, .. } => Some(fix.clone()),
+            Error::Unsettled { vm } => Some(format!("qsnap check {vm} --repair")),
             Error::RemoveRefused {
                 vm,
                 reason: super::RemoveRefusal::NotAClone,
             } => Some(format!("qsnap forget {vm}")),
-            Error::Busy { what } => what
-                .split('`')
-                .nth(1)
-                .filter(|c| c.starts_with("qsnap "))
-                .map(str::to_owned),
+            Error::ForgetRefused {
+                vm,
+                reason: super::ForgetRefusal::Clone { .. },
+            } => Some(format!("qsnap remove {vm}")),
             _ => None,
         }
     }

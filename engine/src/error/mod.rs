@@ -100,6 +100,12 @@ pub enum Error {
         /// QEMU's run state.
         runstate: String,
     },
+    /// An interrupted operation on the VM waits to be finished or rolled back (`qsnap check
+    /// VM --repair`) before this operation may hold the VM.
+    Unsettled {
+        /// The VM.
+        vm: String,
+    },
     /// A block-stream job that qsnap did not start has ended but was not dismissed: QEMU
     /// crashes when asked for its block nodes in that state, so qsnap does nothing until its
     /// owner dismisses it (`job-dismiss`).

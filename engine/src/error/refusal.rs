@@ -55,6 +55,12 @@ pub enum ForgetRefusal {
         /// Their names.
         snapshots: Vec<String>,
     },
+    /// It is a clone: `remove` removes it with its overlays (which back onto its source's
+    /// snapshot images).
+    Clone {
+        /// The VM it was cloned from.
+        of: String,
+    },
     /// Another VM runs on one of its images (a clone of one of its snapshots).
     InUse {
         /// The other VM.

@@ -1,7 +1,8 @@
 //! The per-VM lock: one operation (create, revert, delete, …) on a VM at a time, across
-//! processes. An advisory `flock` on `<vm>/lock`, taken without waiting: a second operation is
+//! processes. An advisory `flock` on `<vm>/lock`, tried without blocking: a second operation is
 //! refused at once with the holder's pid and what it is doing, rather than queued behind an
-//! operation that may take minutes. The kernel drops the lock when the holder exits, however
+//! operation that may take minutes — unless its caller asked to wait (`Store::with_lock_wait`,
+//! `--wait`: it tries again until its deadline). The kernel drops the lock when the holder exits, however
 //! it exits, so a crash never leaves a VM locked. Runs on the blocking pool.
 //!
 //! [`lock_holder`] reads the holder's note without taking the lock (taking it, even for a

@@ -70,7 +70,12 @@ impl Store {
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Result<VmLock>>,
     {
-        let deadline = tokio::time::Instant::now() + self.lock_wait;
+        // A wait too long to add to the clock is as good as forever.
+        let deadline = tokio::time::Instant::now()
+            .checked_add(self.lock_wait)
+            .unwrap_or_else(|| {
+                tokio::time::Instant::now() + Duration::from_secs(100 * 365 * 86400)
+            });
         loop {
             match take().await {
                 Err(Error::Locked { .. }) if tokio::time::Instant::now() < deadline => {
@@ -160,7 +165,7 @@ impl Store {
     }
 
     /// Takes the VM's lock for `operation` (e.g. `create s1`), refusing if another operation
-    /// holds it.
+    /// holds it — after the store's lock wait, if it has one ([`Store::with_lock_wait`]).
     pub async fn lock(&self, vm: &VmName, operation: &str) -> Result<VmLock> {
         self.waiting(|| self.lock_now(vm, operation)).await
     }
@@ -264,38 +269,61 @@ impl Store {
         .await
     }
 
-    /// After the record is gone ([`Store::forget_vm`]): removes the VM's lock file, QEMU's
-    /// log and its directory — unless something else is still in it (the disk images of a
-    /// forgotten VM that lived there), which stays, with a `FORGOTTEN` note saying what it
-    /// is when `note` is given. Returns the directory when it stays. The caller holds the lock: a process waiting
-    /// on it finds the file gone and takes a new one (`VmLock` checks).
+    /// Writes, durably, the `FORGOTTEN` note of a VM whose files stay in its directory (its
+    /// disk images): before its record goes, so that at no moment is the directory both
+    /// unregistered and unmarked (a new VM of the name would move in beside them).
+    pub(crate) async fn mark_forgotten(&self, vm: &VmName, note: &str) -> Result<()> {
+        let (dir, note) = (self.vm_dir(vm), note.to_owned());
+        blocking(move || {
+            use std::io::Write;
+            let (tmp, path) = (dir.join(".FORGOTTEN.tmp"), dir.join(FORGOTTEN));
+            let mut f = std::fs::File::create(&tmp).map_err(io("writing the note", &tmp))?;
+            f.write_all(note.as_bytes())
+                .and_then(|()| f.sync_all())
+                .map_err(io("writing the note", &tmp))?;
+            std::fs::rename(&tmp, &path).map_err(io("writing the note", &path))?;
+            sync_dir(&dir)
+        })
+        .await
+    }
+
+    /// After the record is gone ([`Store::forget_vm`]): removes what qsnap keeps in a VM's
+    /// directory — QEMU's log, its monitor socket when `socket_dead` (no QEMU serves it), the
+    /// empty sub-directories — and then, if nothing else is left, the lock and the directory.
+    /// Anything else stays (a forgotten VM's disk images, with their note), and the lock with
+    /// it: an operation waiting on it must not take a fresh one beside what stays. Returns
+    /// the directory when it stays. Hold the lock.
     pub(crate) async fn remove_vm_dir(
         &self,
         vm: &VmName,
-        note: Option<&str>,
+        socket_dead: bool,
     ) -> Result<Option<PathBuf>> {
         let dir = self.vm_dir(vm);
-        let note = note.map(str::to_owned);
         blocking(move || {
-            for f in ["qemu.log", "lock"] {
-                let _ = std::fs::remove_file(dir.join(f));
+            let _ = std::fs::remove_file(dir.join("qemu.log"));
+            if socket_dead {
+                let _ = std::fs::remove_file(dir.join("qmp.sock"));
             }
             for d in ["snapshots", "memory", "files", "disks", "boot"] {
                 let _ = std::fs::remove_dir(dir.join(d));
             }
+            let left: Vec<std::ffi::OsString> = match std::fs::read_dir(&dir) {
+                Ok(entries) => entries.flatten().map(|e| e.file_name()).collect(),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+                Err(e) => return Err(io("listing what is left", &dir)(e)),
+            };
+            if left.iter().any(|n| n != "lock") {
+                return Ok(Some(dir));
+            }
+            // The lock last: nothing is left for a waiting operation to find half-removed.
+            let _ = std::fs::remove_file(dir.join("lock"));
             match std::fs::remove_dir(&dir) {
                 Ok(()) => {
                     sync_dir(dir.parent().unwrap_or(Path::new(".")))?;
                     Ok(None)
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-                Err(_) => {
-                    if let Some(note) = note {
-                        std::fs::write(dir.join(FORGOTTEN), note)
-                            .map_err(io("writing the note on what was left", &dir))?;
-                    }
-                    Ok(Some(dir))
-                }
+                Err(_) => Ok(Some(dir)),
             }
         })
         .await

@@ -419,7 +419,8 @@ impl Vm {
         let Ok(name) = VmName::new(source) else {
             return (Vec::new(), None);
         };
-        let vm = match self.engine().vm(&name).await {
+        // Best effort: told about when busy, never queued behind it (`--wait` or not).
+        let vm = match self.engine().at_once().vm(&name).await {
             Ok(vm) => vm,
             Err(Error::UnknownVm { .. }) => return (Vec::new(), None),
             Err(e) => return (Vec::new(), later(e.to_string())),
@@ -542,7 +543,7 @@ impl Vm {
         .await?;
         store.forget_vm(self.name()).await?;
         if removing {
-            store.remove_vm_dir(self.name(), None).await?;
+            store.remove_vm_dir(self.name(), true).await?;
         }
         Ok(removed)
     }

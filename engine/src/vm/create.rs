@@ -58,8 +58,9 @@ impl Vm {
     /// snapshot was taken (or, as for `create_snapshot`, one was taken but not recorded in
     /// full); a failure of what follows is in the outcome.
     pub async fn create_snapshot_with(&self, opts: VmCreateOptions) -> Result<CreateOutcome> {
-        let snap = opts.create.name.clone();
         let manifest = self.create_snapshot(opts.create).await?;
+        // The name taken, which a generated one may have moved on from (`NAME-2`).
+        let snap = crate::name::SnapshotName::new(&manifest.name)?;
         if !opts.lazy_ram {
             return Ok(CreateOutcome {
                 manifest,
@@ -106,7 +107,7 @@ impl Vm {
         let owned;
         let opts = if opts.unique_name {
             let mut o = opts.clone();
-            o.name = self.free_name(&opts.name).await?;
+            o.name = self.free_name(&opts.name, &record, opts).await?;
             owned = o;
             &owned
         } else {

@@ -72,6 +72,12 @@ impl Vm {
             vm: self.name().to_string(),
             reason,
         };
+        if let Some(of) = &record.clone_of {
+            // Its overlays back onto its source's frozen images, which qsnap keeps only while
+            // a registered VM uses them: forgotten, the source's next delete could merge them
+            // away from under the files left behind.
+            return Err(refuse(ForgetRefusal::Clone { of: of.vm.clone() }));
+        }
         let manifests = self.store().manifests(self.name()).await?;
         // Every image of its chains, its snapshots' frozen ones included: once forgotten, qsnap
         // no longer guards them, so none may be under another VM (a clone of a snapshot).
@@ -114,14 +120,6 @@ impl Vm {
             super::state::record_qemu(&mut record, None).await;
             self.store().write_record(&record).await?;
         }
-        // Snapshots first, the record last: cut short, the VM is still there with fewer
-        // snapshots, and forgetting again finishes.
-        let mut memory_removed = Vec::new();
-        for m in &manifests {
-            let snap = SnapshotName::new(&m.name)?;
-            memory_removed.extend(self.store().remove_snapshot(self.name(), &snap).await?);
-        }
-        self.store().forget_vm(self.name()).await?;
         let disks: Vec<ForgottenDisk> = record
             .disks
             .iter()
@@ -131,8 +129,30 @@ impl Vm {
                 command_line_image: d.launch_image.clone(),
             })
             .collect();
-        let note = forgotten_note(self.name().as_str(), &disks, &record.owned_images);
-        let left_in_store = self.store().remove_vm_dir(self.name(), Some(&note)).await?;
+        // Images that live in the store's folder of the VM (an import's): the folder stays,
+        // marked before the record goes, so that it is never unregistered and unmarked.
+        let vm_dir = self.store().vm_dir(self.name());
+        let inside: Vec<PathBuf> = images
+            .iter()
+            .filter(|p| p.starts_with(&vm_dir))
+            .cloned()
+            .collect();
+        let images_inside =
+            crate::store::blocking(move || Ok(inside.iter().any(|p| p.exists()))).await?;
+        if images_inside {
+            let note = forgotten_note(self.name().as_str(), &disks, &record.owned_images);
+            self.store().mark_forgotten(self.name(), &note).await?;
+        }
+        // Snapshots first, the record last: cut short, the VM is still there with fewer
+        // snapshots, and forgetting again finishes.
+        let mut memory_removed = Vec::new();
+        for m in &manifests {
+            let snap = SnapshotName::new(&m.name)?;
+            memory_removed.extend(self.store().remove_snapshot(self.name(), &snap).await?);
+        }
+        self.store().forget_vm(self.name()).await?;
+        // Its QEMU is stopped: the monitor socket is a dead one.
+        let left_in_store = self.store().remove_vm_dir(self.name(), true).await?;
         drop(op);
         Ok(ForgetReport {
             vm: self.name().to_string(),

@@ -307,15 +307,16 @@ pub enum ShutdownOutcome {
 
 impl Vm {
     /// Asks the guest to power off (QEMU's `system_powerdown`, the ACPI power button) and
-    /// waits up to `timeout` for QEMU to exit; then stops it as [`Vm::stop`] does (`quit`,
-    /// SIGKILL after 10 s). A QEMU started with `-no-shutdown` stays after the guest powers
-    /// off: it is asked to quit then. Refused (nothing sent) while an interrupted operation
-    /// waits, while the monitor does not answer, and while the guest is paused (it could not
-    /// see the button).
-    pub async fn shutdown(&self, timeout: Duration) -> Result<ShutdownOutcome> {
-        let lock = self.store().lock(self.name(), "shutdown").await?;
-        super::refuse_if_interrupted(self.store(), self.name()).await?;
-        let mut record = self.store().record(self.name()).await?;
+    /// waits up to `grace` for QEMU to exit (or, started with `-no-shutdown`, to report the
+    /// guest off, when QEMU is asked to quit); then stops it as [`Vm::stop`] does (`quit`,
+    /// SIGKILL after 10 s). A guest already off (`shutdown` run state) only has its QEMU quit.
+    /// Refused, with nothing sent: a paused guest (it could not see the button), a monitor
+    /// that does not answer (the button cannot be pressed: `stop` is for that). Ctrl-C while
+    /// it waits stops the wait and leaves QEMU as it is (the button was pressed). An
+    /// interrupted operation is settled first, as every operation does.
+    pub async fn shutdown(&self, grace: Duration) -> Result<ShutdownOutcome> {
+        let op = self.begin("shutdown").await?;
+        let mut record = op.record.clone();
         let state = VmState::observe(self, &record).await;
         let runstate = match &state {
             VmState::Stopped => {
@@ -334,41 +335,53 @@ impl Vm {
             }
             VmState::Running { runstate, .. } => runstate.clone(),
         };
-        if runstate != "running" {
+        let off_already = runstate == "shutdown";
+        if runstate != "running" && !off_already {
             return Err(Error::GuestPaused {
                 vm: self.name().to_string(),
                 runstate,
             });
         }
         let pid = super::state::signallable_pid(state.pid().or(record.pid), &record).await;
+        let pressed = Instant::now();
+        // The button first, before anything is journaled: a monitor that does not take it
+        // is an error with nothing changed.
+        let qmp = self.connect().await?;
+        if !off_already {
+            qmp.execute(types::system_powerdown {})
+                .await
+                .map_err(Error::qmp("pressing the power button (system_powerdown)"))?;
+        }
         self.store()
             .write_journal(self.name(), &Intent::Stop(StopIntent { pid }))
             .await?;
-        let pressed = Instant::now();
-        let gone = self.press_power_button(timeout).await;
-        let outcome = match gone {
-            Ok(true) => {
-                if let Some(pid) = pid {
-                    // The monitor closes a moment before the process is gone.
-                    let _ = quit_or_kill(&record.qmp, Some(pid), crate::launch::QUIT_TIMEOUT).await;
-                }
-                Ok(ShutdownOutcome::PoweredOff {
-                    after: pressed.elapsed(),
-                })
-            }
-            Ok(false) | Err(_) => {
-                if let Err(e) = &gone {
-                    warn!(error = %e, "asking the guest to power off failed; stopping QEMU");
-                }
-                quit_or_kill(&record.qmp, pid, crate::launch::QUIT_TIMEOUT)
-                    .await
-                    .map(|stop| ShutdownOutcome::Forced {
-                        waited: pressed.elapsed(),
-                        stop,
-                    })
-            }
+        let watched = if off_already {
+            Watch::Off
+        } else {
+            watch_power_off(&qmp, pid, grace, self.cancel()).await
         };
-        let outcome = match outcome {
+        drop(qmp);
+        let ended = match watched {
+            Watch::Cancelled => {
+                // The guest saw the button and may still power off: QEMU is left as it is.
+                let _ = self.store().clear_journal(self.name()).await;
+                return Err(Error::Cancelled);
+            }
+            // QEMU exits by itself once the guest is off (or is asked to, -no-shutdown): what
+            // `quit_or_kill` finds tells which, and a QEMU that stays is stopped.
+            Watch::Off => quit_or_kill(&record.qmp, pid, crate::launch::QUIT_TIMEOUT)
+                .await
+                .map(|_| ShutdownOutcome::PoweredOff {
+                    after: pressed.elapsed(),
+                }),
+            Watch::StillOn => quit_or_kill(&record.qmp, pid, crate::launch::QUIT_TIMEOUT)
+                .await
+                .map(|stop| ShutdownOutcome::Forced {
+                    waited: pressed.elapsed(),
+                    stop,
+                }),
+        };
+        let outcome = match ended {
             Ok(o) => o,
             Err(e) => {
                 // Nothing was recorded as changed: the record still names the QEMU.
@@ -379,33 +392,54 @@ impl Vm {
         super::state::record_qemu(&mut record, None).await;
         self.store().write_record(&record).await?;
         self.store().clear_journal(self.name()).await?;
-        drop(lock);
+        drop(op);
         Ok(outcome)
     }
+}
 
-    /// Presses the ACPI power button and watches QEMU's run state until its monitor closes
-    /// (QEMU exited) or says `shutdown` (`-no-shutdown`: the guest is off, QEMU stays): true
-    /// then, false when `timeout` passes first. One connection, held only for this.
-    async fn press_power_button(&self, timeout: Duration) -> Result<bool> {
-        let qmp = self.connect().await?;
-        qmp.execute(types::system_powerdown {})
-            .await
-            .map_err(Error::qmp("pressing the power button (system_powerdown)"))?;
-        let deadline = Instant::now() + timeout;
-        loop {
-            match qmp.execute(types::query_status {}).await {
-                Err(e) if e.is_disconnected() => return Ok(true),
-                Err(e) => return Err(Error::qmp("watching the guest power off")(e)),
-                Ok(st) if matches!(st.status, types::RunState::shutdown) => return Ok(true),
-                Ok(_) => {}
+/// How the wait for a guest to power off ended.
+enum Watch {
+    /// QEMU exited, or reports the guest off (`-no-shutdown`).
+    Off,
+    /// The grace period passed with the guest still on.
+    StillOn,
+    /// Ctrl-C.
+    Cancelled,
+}
+
+/// Watches QEMU after the power button until it exits (its monitor closes, or its pid is
+/// gone) or says `shutdown`, for at most `grace`. A status query that fails otherwise (slow,
+/// a reply it cannot read) is not an answer: the wait goes on to the deadline.
+async fn watch_power_off(
+    qmp: &qsnap_qmp::Qmp,
+    pid: Option<u32>,
+    grace: Duration,
+    cancel: &tokio_util::sync::CancellationToken,
+) -> Watch {
+    let deadline = Instant::now() + grace.min(MAX_GRACE);
+    loop {
+        if let Some(p) = pid {
+            if !crate::proc::alive(p).await {
+                return Watch::Off;
             }
-            if Instant::now() >= deadline {
-                return Ok(false);
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        match qmp.execute(types::query_status {}).await {
+            Err(e) if e.is_disconnected() => return Watch::Off,
+            Ok(st) if matches!(st.status, types::RunState::shutdown) => return Watch::Off,
+            Err(_) | Ok(_) => {}
+        }
+        if Instant::now() >= deadline {
+            return Watch::StillOn;
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return Watch::Cancelled,
+            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
         }
     }
 }
+
+/// The longest grace a shutdown gives (a larger one is taken as this).
+const MAX_GRACE: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// What `pause` or `resume` did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

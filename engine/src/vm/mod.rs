@@ -104,6 +104,14 @@ impl Engine {
         self
     }
 
+    /// The same engine with VM locks taken at once (no `--wait`): for work that is best
+    /// effort and must not queue behind another operation.
+    pub(crate) fn at_once(&self) -> Engine {
+        let mut e = self.clone();
+        e.store = e.store.with_lock_wait(Duration::ZERO);
+        e
+    }
+
     /// Tells `f` whenever an operation finds an interrupted one and finishes or rolls it back.
     pub fn on_recovery(mut self, f: RecoveryFn) -> Engine {
         self.on_recovery = Some(f);
@@ -266,11 +274,7 @@ pub(crate) struct Op {
 /// it, pause and resume).
 pub(crate) async fn refuse_if_interrupted(store: &Store, vm: &VmName) -> Result<()> {
     if store.journal(vm).await?.is_some() {
-        return Err(Error::Busy {
-            what: format!(
-                "an interrupted operation on {vm} must be finished first (`qsnap check {vm} --repair`)"
-            ),
-        });
+        return Err(Error::Unsettled { vm: vm.to_string() });
     }
     Ok(())
 }

@@ -165,7 +165,7 @@ impl Engine {
                 // Under the lock: the directory is this run's (no other run of the name is
                 // past its lock), unless a VM holds the name.
                 if !self.store.has_vm(name).await.unwrap_or(true) {
-                    if let Ok(None) = self.store.remove_vm_dir(name, None).await {
+                    if let Ok(None) = self.store.remove_vm_dir(name, false).await {
                         // The log is gone with the directory; its last lines are in `e`.
                         if let Error::LaunchFailed { log, .. } = &mut e {
                             *log = PathBuf::new();

@@ -13,7 +13,8 @@
 use super::Vm;
 use crate::error::{Error, Result};
 use crate::name::SnapshotName;
-use crate::store::{self, Manifest};
+use crate::snapshot::CreateOptions;
+use crate::store::{self, Manifest, VmRecord};
 use std::path::{Path, PathBuf};
 
 impl Vm {
@@ -39,26 +40,43 @@ impl Vm {
         }
         let from = store.memory_files(self.name(), old);
         let to = store.memory_files(self.name(), new);
-        // Only the store's own memory files are renamed; anything else keeps its name.
+        // Every memory file the old name has moves — also one the manifest no longer names
+        // (a stream a lazy conversion cut short left beside the RAM image, which `check`
+        // keeps, by this name, while the lazy files do not verify). Nothing else is renamed.
         let mut links = Vec::new();
+        for (f, t) in from.iter().zip(&to) {
+            let p = f.clone();
+            if store::blocking(move || store::exists(&p)).await? {
+                links.push((f.clone(), t.clone()));
+            }
+        }
         if let Some(mem) = &mut m.snapshot.memory {
-            let own = |p: &Path| from.iter().position(|f| f == p);
-            if let Some(i) = own(&mem.file) {
-                links.push((from[i].clone(), to[i].clone()));
-                mem.file = to[i].clone();
+            let moved = |p: &Path| links.iter().find(|(f, _)| f == p).map(|(_, t)| t.clone());
+            if let Some(t) = moved(&mem.file) {
+                mem.file = t;
             }
             if let Some(lazy) = &mut mem.lazy {
-                if let Some(i) = own(&lazy.image) {
-                    links.push((from[i].clone(), to[i].clone()));
-                    lazy.image = to[i].clone();
+                if let Some(t) = moved(&lazy.image) {
+                    lazy.image = t;
                 }
             }
         }
-        links.dedup();
         link_all(&links).await?;
         m.name = new.to_string();
-        store.write_manifest(&m).await?;
-        // Children, then the record: each write leaves names that exist.
+        if let Err(e) = store.write_manifest(&m).await {
+            // Nothing names the new links yet: they go, and the snapshot is as it was.
+            let made: Vec<PathBuf> = links.iter().map(|(_, t)| t.clone()).collect();
+            let _ = store::blocking(move || {
+                for t in &made {
+                    let _ = std::fs::remove_file(t);
+                }
+                Ok(())
+            })
+            .await;
+            return Err(e);
+        }
+        // From here both names stand, each whole: a failure leaves the snapshot under both
+        // (deleting either keeps the other), never under neither.
         for mut child in store.manifests(self.name()).await? {
             if child.parent.as_deref() == Some(old.as_str()) {
                 child.parent = Some(new.to_string());
@@ -92,15 +110,57 @@ impl Vm {
         SnapshotName::new(&newest.name)
     }
 
-    /// `name`, or the first of `name-2`, `name-3`, … that no snapshot has. Hold the lock.
-    pub(crate) async fn free_name(&self, name: &SnapshotName) -> Result<SnapshotName> {
+    /// `name`, or the first of `name-2`, `name-3`, … that a create of `opts` can take: no
+    /// snapshot has it, and none of the files it would make (memory files, the overlay
+    /// next to each disk's image or in the overlay directory) exists. Hold the lock.
+    pub(crate) async fn free_name(
+        &self,
+        name: &SnapshotName,
+        record: &VmRecord,
+        opts: &CreateOptions,
+    ) -> Result<SnapshotName> {
         let mut candidate = name.clone();
         let mut n = 1;
-        while self.store().has_snapshot(self.name(), &candidate).await? {
+        while self.name_taken(&candidate, record, opts).await? {
             n += 1;
             candidate = name.numbered(n)?;
         }
         Ok(candidate)
+    }
+
+    async fn name_taken(
+        &self,
+        snap: &SnapshotName,
+        record: &VmRecord,
+        opts: &CreateOptions,
+    ) -> Result<bool> {
+        if self.store().has_snapshot(self.name(), snap).await? {
+            return Ok(true);
+        }
+        let mut files: Vec<PathBuf> = self.store().memory_files(self.name(), snap).to_vec();
+        for d in &record.disks {
+            let stem = opts.overlay_stems.get(&d.device).cloned().or_else(|| {
+                d.image
+                    .file_stem()
+                    .map(|s| s.to_string_lossy().into_owned())
+            });
+            let dir = opts
+                .overlay_dir
+                .clone()
+                .or_else(|| d.image.parent().map(Path::to_owned));
+            if let (Some(stem), Some(dir)) = (stem, dir) {
+                files.push(dir.join(format!("{stem}.{snap}.qcow2")));
+            }
+        }
+        store::blocking(move || {
+            for f in &files {
+                if store::exists(f)? {
+                    return Ok(true);
+                }
+            }
+            Ok(false)
+        })
+        .await
     }
 }
 
