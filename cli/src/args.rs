@@ -64,7 +64,8 @@ pub struct Cli {
 pub enum ModeArg {
     /// point-in-time where QEMU and the host support it, else precopy.
     Auto,
-    /// Memory as at the request; the guest pauses for milliseconds (QEMU >= 9.0).
+    /// Memory as at the request; the guest pauses for milliseconds (QEMU ≥ 6.0 with
+    /// userfaultfd write-protect; before 9.0, a running guest only).
     PointInTime,
     /// Live copy; memory as at the end of the copy.
     Precopy,

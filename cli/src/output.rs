@@ -135,6 +135,15 @@ pub fn ran(r: &RunReport, as_json: bool) {
         Some(pid) => println!("started {} (QEMU pid {pid}; QMP {})", rec.name, rec.qmp),
         None => println!("started {} (QMP {})", rec.name, rec.qmp),
     }
+    if let Some(cmd) = &rec.command {
+        match qsnap_engine::launch::argv::serial_file(&cmd.argv) {
+            Some(s) => println!(
+                "  the guest's console goes to {}",
+                cmd.cwd.join(&s.path).display()
+            ),
+            None => println!("  the guest's console is not in a file (its first -serial is not file: or a -chardev file)"),
+        }
+    }
     if let Some(log) = &r.log {
         println!("  QEMU's own messages go to {}", log.display());
     }
@@ -749,15 +758,15 @@ pub fn lazy(vm: &str, r: &LazyReport, as_json: bool) {
         r.snapshot, r.total_ms
     );
     println!(
-        "  RAM image     {} ({} MiB, {} MiB allocated)",
+        "  RAM image     {} ({} on disk, {} apparent: zero pages are holes)",
         r.image.display(),
-        r.image_bytes >> 20,
-        r.image_allocated >> 20
+        mib(r.image_allocated),
+        mib(r.image_bytes)
     );
     println!(
-        "  device state  {} ({} KiB)",
+        "  device state  {} ({})",
         r.devices.display(),
-        r.devices_bytes >> 10
+        mib(r.devices_bytes)
     );
-    println!("  removed the memory stream ({} MiB)", r.stream_bytes >> 20);
+    println!("  removed the memory stream ({})", mib(r.stream_bytes));
 }

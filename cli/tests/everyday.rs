@@ -639,7 +639,19 @@ async fn errors_say_their_kind_in_the_exit_code_and_in_json() {
         assert!(!store.join("vms/bad").exists(), "a failed run left vms/bad");
     }
 
-    run_idle(&store, dir.path(), "web1").await;
+    // `run` says it started the VM and where its console and QEMU's messages go.
+    let disk = dir.path().join("web1.qcow2");
+    let serial = dir.path().join("web1.serial.log");
+    let argv = VmBuilder::idle_with_disk(&disk, "16M", &serial).await;
+    let mut cmd = vec!["run", "web1", "--"];
+    cmd.extend(argv.iter().map(String::as_str));
+    let said = text(&ok(run(&cmd)).stdout);
+    assert!(said.starts_with("started web1"), "{said}");
+    assert!(
+        said.contains(&format!("console goes to {}", serial.display())),
+        "{said}"
+    );
+    assert!(said.contains("qemu.log"), "{said}");
     ok(run(&["create", "web1", "s1", "--disk-only"]));
     // A typo: "did you mean".
     let out = run(&["status", "wbe1"]);
