@@ -170,7 +170,8 @@ pub enum Command {
     Pause(StartArgs),
     /// Resume a paused guest (after pause, revert --paused, or clone --paused).
     Resume(StartArgs),
-    /// Is the VM running, which snapshot is current, and each disk's chain.
+    /// Is the VM running, which snapshot is current, and each disk's chain; without a name,
+    /// every VM of the store at a glance (as `virsh list --all`).
     Status(StatusArgs),
     /// Go back to a snapshot (or the newest one, --latest): the VM comes back with the memory
     /// and disks it had then.
@@ -549,8 +550,8 @@ pub struct StartArgs {
 /// `qsnap status`.
 #[derive(Debug, Args)]
 pub struct StatusArgs {
-    /// The VM's name.
-    pub name: String,
+    /// The VM's name (none: every VM of the store, one line each).
+    pub name: Option<String>,
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
@@ -615,8 +616,8 @@ pub struct CheckArgs {
 /// `qsnap list`.
 #[derive(Debug, Args)]
 pub struct ListArgs {
-    /// The VM's name.
-    pub name: String,
+    /// The VM's name (none: every VM's tree).
+    pub name: Option<String>,
     /// Print JSON: the VM record and every manifest.
     #[arg(long)]
     pub json: bool,

@@ -484,10 +484,16 @@ async fn run(req: Request) -> anyhow::Result<()> {
             }
         }
         Action::List(r) => {
-            let vm = engine.vm(&r.vm).await?;
-            let all = vm.snapshots().await?;
-            let usage = vm.usage(&all).await?;
-            output::list(vm.record(), &all, &usage, r.json);
+            let listing = engine.vm(&r.vm).await?.listing().await?;
+            output::list(&listing, r.json);
+        }
+        Action::ListAll { json } => {
+            let all = engine.listings().await?;
+            output::list_all(engine.store().root(), &all, json);
+        }
+        Action::StatusAll { json } => {
+            let all = engine.status_all().await?;
+            output::status_all(engine.store().root(), &all, json);
         }
         Action::Show(r) => {
             let vm = engine.vm(&r.vm).await?;

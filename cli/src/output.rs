@@ -284,20 +284,62 @@ pub fn snapshot(m: &Manifest, usage: Option<&qsnap_engine::SnapshotUsage>, as_js
 }
 
 /// Prints a VM's snapshots as a tree.
-pub fn list(rec: &VmRecord, all: &[Manifest], usage: &qsnap_engine::Usage, as_json: bool) {
+pub fn list(l: &qsnap_engine::Listing, as_json: bool) {
     if as_json {
-        #[derive(Serialize)]
-        struct Listing<'a> {
-            vm: &'a VmRecord,
-            snapshots: &'a [Manifest],
-            usage: &'a qsnap_engine::Usage,
-        }
-        return json(&Listing {
-            vm: rec,
-            snapshots: all,
-            usage,
-        });
+        return json(l);
     }
+    tree(l);
+}
+
+/// `list` without a name: every VM's tree, one after the other (`--json`: a list of what
+/// `list VM --json` prints, or `{"vm", "error"}` for a VM that cannot be read).
+pub fn list_all(
+    store: &std::path::Path,
+    all: &[(
+        qsnap_engine::VmName,
+        qsnap_engine::Result<qsnap_engine::Listing>,
+    )],
+    as_json: bool,
+) {
+    if as_json {
+        let items: Vec<Value> = all
+            .iter()
+            .map(|(name, l)| match l {
+                Ok(l) => serde_json::to_value(l).expect("listings serialise"),
+                Err(e) => unreadable(name.as_str(), e),
+            })
+            .collect();
+        return json(&items);
+    }
+    if all.is_empty() {
+        println!("the store {} has no VMs", store.display());
+        return;
+    }
+    for (i, (name, l)) in all.iter().enumerate() {
+        if i > 0 {
+            println!();
+        }
+        match l {
+            Ok(l) => {
+                println!("{name}:");
+                tree(l);
+            }
+            Err(e) => println!("{name}: cannot be read: {e}"),
+        }
+    }
+}
+
+/// A VM that cannot be read, in a `--json` list of all of them.
+fn unreadable(vm: &str, e: &qsnap_engine::Error) -> Value {
+    serde_json::json!({
+        "vm": vm,
+        "error": { "kind": e.kind(), "message": e.to_string(), "fix": e.fix() },
+    })
+}
+
+/// A VM's snapshots as a tree, and what they take on disk.
+fn tree(l: &qsnap_engine::Listing) {
+    let (rec, all, usage) = (&l.vm, &l.snapshots, &l.usage);
     if all.is_empty() {
         println!("{} has no snapshots", rec.name);
         return;
@@ -421,6 +463,63 @@ pub fn status(st: &Status, as_json: bool) {
             i.qsnap_pid,
             i.started_at,
             vm = st.vm
+        );
+    }
+}
+
+/// `status` without a name: one line per VM (`--json`: a list of what `status VM --json`
+/// prints, or `{"vm", "error"}` for a VM that cannot be read).
+pub fn status_all(
+    store: &std::path::Path,
+    all: &[(qsnap_engine::VmName, qsnap_engine::Result<Status>)],
+    as_json: bool,
+) {
+    if as_json {
+        let items: Vec<Value> = all
+            .iter()
+            .map(|(name, st)| match st {
+                Ok(st) => serde_json::to_value(st).expect("statuses serialise"),
+                Err(e) => unreadable(name.as_str(), e),
+            })
+            .collect();
+        return json(&items);
+    }
+    if all.is_empty() {
+        println!("the store {} has no VMs", store.display());
+        return;
+    }
+    println!(
+        "{:<20} {:<12} {:>8}  {:<20} {:>9}  CLONE OF",
+        "VM", "STATE", "PID", "CURRENT", "SNAPSHOTS"
+    );
+    for (name, st) in all {
+        let st = match st {
+            Ok(st) => st,
+            Err(e) => {
+                println!("{name:<20} cannot be read: {e}");
+                continue;
+            }
+        };
+        let mut state = match (&st.state, &st.busy) {
+            (_, Some(b)) => format!("busy: {}", b.operation),
+            (VmState::Running { runstate, .. }, None) => runstate.clone(),
+            (VmState::Unreachable { .. }, None) => "unreachable".into(),
+            (VmState::Stopped, None) => "stopped".into(),
+        };
+        if st.interrupted.is_some() {
+            state.push_str(" (interrupted)");
+        }
+        println!(
+            "{:<20} {:<12} {:>8}  {:<20} {:>9}  {}",
+            name.as_str(),
+            state,
+            st.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+            st.current.as_deref().unwrap_or("-"),
+            st.snapshots,
+            st.clone_of
+                .as_ref()
+                .map(|c| format!("{}/{}", c.vm, c.snapshot))
+                .unwrap_or_else(|| "-".into())
         );
     }
 }

@@ -148,6 +148,16 @@ pub enum Action {
     Check(CheckRequest),
     /// `list`.
     List(VmRequest),
+    /// `list` without a name: every VM.
+    ListAll {
+        /// Print JSON.
+        json: bool,
+    },
+    /// `status` without a name: every VM.
+    StatusAll {
+        /// Print JSON.
+        json: bool,
+    },
     /// `show`.
     Show(SnapshotRequest),
     /// `qmp`.
@@ -522,10 +532,13 @@ fn start(a: StartArgs) -> anyhow::Result<Action> {
 }
 
 fn status(a: StatusArgs) -> anyhow::Result<Action> {
-    Ok(Action::Status(VmRequest {
-        vm: vm_name(&a.name)?,
-        json: a.json,
-    }))
+    Ok(match &a.name {
+        None => Action::StatusAll { json: a.json },
+        Some(n) => Action::Status(VmRequest {
+            vm: vm_name(n)?,
+            json: a.json,
+        }),
+    })
 }
 
 fn revert(a: RevertArgs) -> anyhow::Result<Action> {
@@ -580,10 +593,13 @@ fn check(a: CheckArgs) -> anyhow::Result<Action> {
 }
 
 fn list(a: ListArgs) -> anyhow::Result<Action> {
-    Ok(Action::List(VmRequest {
-        vm: vm_name(&a.name)?,
-        json: a.json,
-    }))
+    Ok(match &a.name {
+        None => Action::ListAll { json: a.json },
+        Some(n) => Action::List(VmRequest {
+            vm: vm_name(n)?,
+            json: a.json,
+        }),
+    })
 }
 
 fn show(a: ShowArgs) -> anyhow::Result<Action> {

@@ -74,4 +74,4 @@ pub use vm::{
     Status, Vm, VmState,
 };
 pub use vm::{CreateOutcome, Replacement, VmCreateOptions};
-pub use vm::{Size, SnapshotUsage, Usage};
+pub use vm::{Listing, Size, SnapshotUsage, Usage};

@@ -45,6 +45,8 @@ pub struct Status {
     pub pid: Option<u32>,
     /// The snapshot the current state descends from.
     pub current: Option<String>,
+    /// How many snapshots it has.
+    pub snapshots: usize,
     /// Each disk's chain.
     pub disks: Vec<DiskChain>,
     /// Another qsnap operation that holds the VM now (its monitor is that operation's, so
@@ -277,6 +279,7 @@ impl Vm {
             state,
             runstate,
             current: record.current.clone(),
+            snapshots: self.store().manifests(self.name()).await?.len(),
             disks,
             busy,
             interrupted,

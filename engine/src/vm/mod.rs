@@ -12,7 +12,7 @@
 //! `lifecycle.rs` (start, stop, pause, resume, status), `create/offline.rs` (a disk-only snapshot of a stopped VM), `check.rs` and `findings.rs` (check and its report),
 //! `rename.rs` (rename, the latest snapshot, free names), `relative.rs` (relative paths an older qsnap recorded, for `check`), `recover/` (settling an
 //! interrupted operation), `refs.rs` (who uses which image: the guard before any unlink),
-//! `state.rs` (the one place a VM's state is derived), `usage.rs` (what its snapshots take on disk).
+//! `state.rs` (the one place a VM's state is derived), `usage.rs` (what its snapshots take on disk), `overview.rs` (every VM at a glance).
 //! Holds no QMP connection between calls (QEMU's monitor serves one client at a time).
 
 mod check;
@@ -24,6 +24,7 @@ mod forget;
 mod lazy;
 mod lifecycle;
 mod merge;
+mod overview;
 mod recover;
 mod refs;
 mod register;
@@ -40,6 +41,7 @@ pub use findings::{CheckReport, Finding};
 pub use forget::{ForgetOptions, ForgetReport, ForgottenDisk};
 pub use lazy::LazyReport;
 pub use lifecycle::{DiskChain, Interrupted, PauseOutcome, ShutdownOutcome, Status};
+pub use overview::Listing;
 pub use recover::Recovery;
 pub use register::{AttachOptions, RunOptions, RunReport};
 pub use revert::{RamRestore, RevertOptions, RevertReport};
