@@ -206,6 +206,12 @@ pub enum Command {
     Qmp(QmpArgs),
     /// Show what a running VM is and whether qsnap can snapshot it.
     Info(InfoArgs),
+    /// Write the manual pages (qsnap.1 and one per subcommand) into DIR.
+    #[command(hide = true)]
+    Man {
+        /// Where the pages go (created if missing).
+        dir: PathBuf,
+    },
 }
 
 /// `qsnap attach`.

@@ -14,6 +14,7 @@
 //! format a result (that is `output`'s).
 
 mod args;
+mod man;
 mod output;
 mod progress;
 mod request;
@@ -508,6 +509,14 @@ async fn run(req: Request) -> anyhow::Result<()> {
                 .await
                 .with_context(|| format!("running {} on {}", r.command, r.socket))?;
             output::qmp_reply(&reply);
+        }
+        Action::Man(dir) => {
+            let pages = tokio::task::spawn_blocking(move || man::write_all(&dir))
+                .await?
+                .context("writing the manual pages")?;
+            for p in pages {
+                println!("{}", p.display());
+            }
         }
         Action::Info(r) => {
             let qmp = monitor(&engine, &r.socket, req.timeout).await?;

@@ -164,6 +164,8 @@ pub enum Action {
     Qmp(QmpRequest),
     /// `info`.
     Info(InfoRequest),
+    /// `man`: the directory the pages go to (absolute).
+    Man(PathBuf),
 }
 
 /// A subcommand on one VM.
@@ -376,6 +378,7 @@ impl Request {
             Command::Show(a) => show(a)?,
             Command::Qmp(a) => qmp(a)?,
             Command::Info(a) => info(a),
+            Command::Man { dir } => Action::Man(absolute(dir)?),
         };
         let store = cli.store.unwrap_or_else(Store::default_root);
         Ok(Request {
