@@ -5,6 +5,7 @@
 //! become a request in `request.rs`) and never uses the engine.
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap_complete::engine::ArgValueCompleter;
 use std::path::PathBuf;
 
 /// Live QEMU snapshots (memory + disks) over QMP, without libvirt.
@@ -206,6 +207,16 @@ pub enum Command {
     Qmp(QmpArgs),
     /// Show what a running VM is and whether qsnap can snapshot it.
     Info(InfoArgs),
+    /// Print the script that makes SHELL complete qsnap's commands, options, and the VM and
+    /// snapshot names of the store (bash, zsh, fish, elvish, powershell).
+    ///
+    /// bash: qsnap completions bash > ~/.local/share/bash-completion/completions/qsnap
+    /// zsh:  qsnap completions zsh > ~/.zfunc/_qsnap (a directory on $fpath)
+    /// fish: qsnap completions fish > ~/.config/fish/completions/qsnap.fish
+    Completions {
+        /// The shell.
+        shell: String,
+    },
     /// Write the manual pages (qsnap.1 and one per subcommand) into DIR.
     #[command(hide = true)]
     Man {
@@ -235,6 +246,7 @@ pub struct AttachArgs {
 #[derive(Debug, Args)]
 pub struct CreateArgs {
     /// The VM's name.
+    #[arg(add = ArgValueCompleter::new(crate::complete::vm_names))]
     pub name: String,
     /// The snapshot's name: 1-64 of letters, digits, '.', '_', '-', not starting with '.'
     /// or '-'. Default: snap-YYYYMMDDTHHMMSSZ, the UTC time (printed; -2, -3… added if taken).
@@ -287,8 +299,10 @@ pub struct CreateArgs {
 #[derive(Debug, Args)]
 pub struct CloneArgs {
     /// The source VM.
+    #[arg(add = ArgValueCompleter::new(crate::complete::vm_names))]
     pub name: String,
     /// The snapshot to start from.
+    #[arg(add = ArgValueCompleter::new(crate::complete::snapshot_names))]
     pub snapshot: String,
     /// The new VM's name.
     pub new: String,
@@ -309,14 +323,16 @@ pub struct CloneArgs {
 #[derive(Debug, Args)]
 pub struct ExportArgs {
     /// The VM.
+    #[arg(add = ArgValueCompleter::new(crate::complete::vm_names))]
     pub name: String,
     /// The snapshot.
+    #[arg(add = ArgValueCompleter::new(crate::complete::snapshot_names))]
     pub snapshot: String,
     /// The bundle to write (must not exist), or - for stdout.
     pub file: PathBuf,
     /// Incremental: only what changed since this snapshot, for a receiver that imported it
     /// already (disk layers above it; memory as a delta where both are mapped-ram or lazy).
-    #[arg(long, value_name = "SNAP")]
+    #[arg(long, value_name = "SNAP", add = ArgValueCompleter::new(crate::complete::snapshot_names))]
     pub base: Option<String>,
     /// zstd level (1-19).
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(i32).range(1..=19))]
@@ -336,8 +352,10 @@ pub struct ExportArgs {
 #[derive(Debug, Args)]
 pub struct PushArgs {
     /// The VM.
+    #[arg(add = ArgValueCompleter::new(crate::complete::vm_names))]
     pub name: String,
     /// The snapshot.
+    #[arg(add = ArgValueCompleter::new(crate::complete::snapshot_names))]
     pub snapshot: String,
     /// The store: s3://BUCKET/PREFIX or file:///DIR.
     pub url: String,
@@ -349,7 +367,7 @@ pub struct PushArgs {
     pub sign: Option<PathBuf>,
     /// Also as an incremental on this earlier snapshot (pushed before): a pull into the VM
     /// that holds it adds the snapshot there, fetching what changed since.
-    #[arg(long, value_name = "SNAP")]
+    #[arg(long, value_name = "SNAP", add = ArgValueCompleter::new(crate::complete::snapshot_names))]
     pub base: Option<String>,
     /// Chunks uploaded at once.
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=256))]
@@ -463,6 +481,7 @@ pub struct ImportFlags {
 #[derive(Debug, Args)]
 pub struct RemoveArgs {
     /// The clone.
+    #[arg(add = ArgValueCompleter::new(crate::complete::vm_names))]
     pub name: String,
     /// Print the report as JSON.
     #[arg(long)]
@@ -473,8 +492,10 @@ pub struct RemoveArgs {
 #[derive(Debug, Args)]
 pub struct LazyRamArgs {
     /// The VM's name.
+    #[arg(add = ArgValueCompleter::new(crate::complete::vm_names))]
     pub name: String,
     /// The snapshot's name.
+    #[arg(add = ArgValueCompleter::new(crate::complete::snapshot_names))]
     pub snapshot: String,
     /// Print JSON.
     #[arg(long)]
@@ -502,6 +523,7 @@ pub struct RunArgs {
 #[derive(Debug, Args)]
 pub struct StopArgs {
     /// The VM's name.
+    #[arg(add = ArgValueCompleter::new(crate::complete::vm_names))]
     pub name: String,
 }
 
@@ -509,6 +531,7 @@ pub struct StopArgs {
 #[derive(Debug, Args)]
 pub struct ShutdownArgs {
     /// The VM's name.
+    #[arg(add = ArgValueCompleter::new(crate::complete::vm_names))]
     pub name: String,
     /// Seconds the guest has to power off before QEMU is stopped.
     #[arg(long = "grace", default_value_t = 60, value_name = "SECS")]
@@ -522,6 +545,7 @@ pub struct ShutdownArgs {
 #[derive(Debug, Args)]
 pub struct ForgetArgs {
     /// The VM's name.
+    #[arg(add = ArgValueCompleter::new(crate::complete::vm_names))]
     pub name: String,
     /// Stop its QEMU first (quit, SIGKILL after 10 s) instead of refusing.
     #[arg(long)]
@@ -539,8 +563,10 @@ pub struct ForgetArgs {
 #[derive(Debug, Args)]
 pub struct RenameArgs {
     /// The VM's name.
+    #[arg(add = ArgValueCompleter::new(crate::complete::vm_names))]
     pub name: String,
     /// The snapshot's name now.
+    #[arg(add = ArgValueCompleter::new(crate::complete::snapshot_names))]
     pub old: String,
     /// Its new name.
     pub new: String,
@@ -550,6 +576,7 @@ pub struct RenameArgs {
 #[derive(Debug, Args)]
 pub struct StartArgs {
     /// The VM's name.
+    #[arg(add = ArgValueCompleter::new(crate::complete::vm_names))]
     pub name: String,
 }
 
@@ -557,6 +584,7 @@ pub struct StartArgs {
 #[derive(Debug, Args)]
 pub struct StatusArgs {
     /// The VM's name (none: every VM of the store, one line each).
+    #[arg(add = ArgValueCompleter::new(crate::complete::vm_names))]
     pub name: Option<String>,
     /// Print JSON.
     #[arg(long)]
@@ -567,9 +595,14 @@ pub struct StatusArgs {
 #[derive(Debug, Args)]
 pub struct RevertArgs {
     /// The VM's name.
+    #[arg(add = ArgValueCompleter::new(crate::complete::vm_names))]
     pub name: String,
     /// The snapshot's name.
-    #[arg(required_unless_present = "latest", conflicts_with = "latest")]
+    #[arg(
+        required_unless_present = "latest",
+        conflicts_with = "latest",
+        add = ArgValueCompleter::new(crate::complete::snapshot_names)
+    )]
     pub snapshot: Option<String>,
     /// The newest snapshot (by when it was taken).
     #[arg(long)]
@@ -590,9 +623,14 @@ pub struct RevertArgs {
 #[derive(Debug, Args)]
 pub struct DeleteArgs {
     /// The VM's name.
+    #[arg(add = ArgValueCompleter::new(crate::complete::vm_names))]
     pub name: String,
     /// The snapshots to delete (all in one operation; an unknown name deletes none).
-    #[arg(required_unless_present = "all", conflicts_with = "all")]
+    #[arg(
+        required_unless_present = "all",
+        conflicts_with = "all",
+        add = ArgValueCompleter::new(crate::complete::snapshot_names)
+    )]
     pub snapshots: Vec<String>,
     /// And every snapshot descending from them.
     #[arg(long, conflicts_with = "all")]
@@ -609,6 +647,7 @@ pub struct DeleteArgs {
 #[derive(Debug, Args)]
 pub struct CheckArgs {
     /// The VM's name.
+    #[arg(add = ArgValueCompleter::new(crate::complete::vm_names))]
     pub name: String,
     /// Finish or roll back an interrupted operation, make the record follow QEMU, remove
     /// files qsnap made that nothing uses, and merge leftover layers.
@@ -623,6 +662,7 @@ pub struct CheckArgs {
 #[derive(Debug, Args)]
 pub struct ListArgs {
     /// The VM's name (none: every VM's tree).
+    #[arg(add = ArgValueCompleter::new(crate::complete::vm_names))]
     pub name: Option<String>,
     /// Print JSON: the VM record and every manifest.
     #[arg(long)]
@@ -633,8 +673,10 @@ pub struct ListArgs {
 #[derive(Debug, Args)]
 pub struct ShowArgs {
     /// The VM's name.
+    #[arg(add = ArgValueCompleter::new(crate::complete::vm_names))]
     pub name: String,
     /// The snapshot's name.
+    #[arg(add = ArgValueCompleter::new(crate::complete::snapshot_names))]
     pub snapshot: String,
     /// Print the manifest as JSON.
     #[arg(long)]
@@ -645,6 +687,7 @@ pub struct ShowArgs {
 #[derive(Debug, Args)]
 pub struct QmpArgs {
     /// The VM (its name in the store), or a QMP socket (a path, unix:PATH or tcp:HOST:PORT).
+    #[arg(add = ArgValueCompleter::new(crate::complete::vm_names))]
     pub socket: String,
     /// The QMP command name, e.g. query-status.
     pub command: String,
@@ -656,6 +699,7 @@ pub struct QmpArgs {
 #[derive(Debug, Args)]
 pub struct InfoArgs {
     /// The VM (its name in the store), or a QMP socket (a path, unix:PATH or tcp:HOST:PORT).
+    #[arg(add = ArgValueCompleter::new(crate::complete::vm_names))]
     pub socket: String,
     /// Print one JSON object instead of text.
     #[arg(long)]

@@ -14,6 +14,7 @@
 //! format a result (that is `output`'s).
 
 mod args;
+mod complete;
 mod man;
 mod output;
 mod progress;
@@ -510,6 +511,14 @@ async fn run(req: Request) -> anyhow::Result<()> {
                 .with_context(|| format!("running {} on {}", r.command, r.socket))?;
             output::qmp_reply(&reply);
         }
+        Action::Completions(shell) => {
+            let mut script = Vec::new();
+            complete::script(&shell, &mut script)?;
+            use std::io::Write;
+            std::io::stdout()
+                .write_all(&script)
+                .context("writing the script")?;
+        }
         Action::Man(dir) => {
             let pages = tokio::task::spawn_blocking(move || man::write_all(&dir))
                 .await?
@@ -576,6 +585,14 @@ fn classify(err: &anyhow::Error) -> (Kind, Option<String>) {
 }
 
 fn main() -> ExitCode {
+    // A Tab in a shell that loaded `qsnap completions SHELL`: answered, and nothing else runs
+    // (nothing may be printed before).
+    {
+        use clap::CommandFactory;
+        clap_complete::CompleteEnv::with_factory(Cli::command)
+            .var(complete::VAR)
+            .complete();
+    }
     if std::env::var_os("QSNAP_STORE").is_some_and(|v| v.is_empty()) {
         eprintln!(
             "qsnap: QSNAP_STORE is set but empty: unset it to use the default store ({}), or set it to a directory",

@@ -166,6 +166,8 @@ pub enum Action {
     Info(InfoRequest),
     /// `man`: the directory the pages go to (absolute).
     Man(PathBuf),
+    /// `completions`: the shell.
+    Completions(String),
 }
 
 /// A subcommand on one VM.
@@ -379,6 +381,7 @@ impl Request {
             Command::Qmp(a) => qmp(a)?,
             Command::Info(a) => info(a),
             Command::Man { dir } => Action::Man(absolute(dir)?),
+            Command::Completions { shell } => Action::Completions(shell),
         };
         let store = cli.store.unwrap_or_else(Store::default_root);
         Ok(Request {

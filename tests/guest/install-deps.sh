@@ -48,8 +48,11 @@ command -v pkill >/dev/null 2>&1 || pkgs+=(procps)
 /usr/bin/python3 -c 'import pytest' >/dev/null 2>&1 || pkgs+=(python3-pytest)
 # SeaweedFS for the object-store tests installs into a virtualenv (tests/seaweedfs/install.sh).
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || pkgs+=(python3-venv)
-# man (man-db, with groff) renders the manual pages in their test (`man -l`).
+# man (man-db, with groff) renders the manual pages in their test (`man -l`); zsh and fish
+# load the completion scripts in theirs (bash is there).
 command -v man >/dev/null 2>&1 || pkgs+=(man-db)
+command -v zsh >/dev/null 2>&1 || pkgs+=(zsh)
+command -v fish >/dev/null 2>&1 || pkgs+=(fish)
 command -v apt-get >/dev/null 2>&1 || { echo "qsnap: needs apt (Debian/Ubuntu)" >&2; exit 1; }
 
 if [ ${#pkgs[@]} -gt 0 ]; then

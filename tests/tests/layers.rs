@@ -56,7 +56,15 @@ const CRATES: &[(&str, &[&[&str]])] = &[
             &["golden"],
         ],
     ),
-    ("cli", &[&["args"], &["output", "progress"], &["request"]]),
+    (
+        "cli",
+        &[
+            &["complete"],
+            &["args"],
+            &["output", "progress", "man"],
+            &["request"],
+        ],
+    ),
 ];
 
 /// A module path (`vm::create`), `""` for the crate root.
