@@ -13,10 +13,16 @@ version=$(sed -n '/^\[workspace.package\]/,/^\[/s/^version = "\(.*\)"/\1/p' "$re
 arch=$(dpkg --print-architecture)
 [ -n "$version" ] || { echo "qsnap deb: no version in Cargo.toml" >&2; exit 1; }
 
+umask 022
 stage=$(mktemp -d)
 trap 'rm -rf "$stage"' EXIT
+chmod 755 "$stage"   # it becomes the package's `./`
 DESTDIR=$stage bash "$repo/scripts/install.sh" /usr
 gzip -9n "$stage"/usr/share/man/man1/*.1
+# Debian's zsh looks in vendor-completions, not site-functions (which is /usr/local's).
+install -d "$stage/usr/share/zsh/vendor-completions"
+mv "$stage/usr/share/zsh/site-functions/_qsnap" "$stage/usr/share/zsh/vendor-completions/_qsnap"
+rmdir "$stage/usr/share/zsh/site-functions"
 install -d "$stage/usr/share/doc/qsnap"
 install -m 644 "$repo/README.md" "$stage/usr/share/doc/qsnap/README.md"
 install -d "$stage/DEBIAN"

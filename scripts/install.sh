@@ -14,16 +14,32 @@ repo=$(cd "$(dirname "$0")/.." && pwd)
 prefix=${1:-/usr/local}
 case "$prefix" in /*) ;; *) echo "qsnap install: PREFIX must be an absolute path, not $prefix" >&2; exit 2 ;; esac
 
+umask 022
+root=${DESTDIR:-}$prefix
+# Where the files go must be writable before anything is built or copied.
+install -d "$root/bin" "$root/share/man/man1" "$root/share/bash-completion/completions" \
+  "$root/share/zsh/site-functions" "$root/share/fish/vendor_completions.d" || {
+  echo "qsnap install: cannot write under $root (run it with sudo for a system prefix)" >&2
+  exit 1
+}
+
 bin=${QSNAP_BIN:-}
 if [ -z "$bin" ]; then
-  (cd "$repo" && cargo build --release --locked -p qsnap)
-  bin=$repo/target/release/qsnap
+  if [ "$(id -u)" -eq 0 ] && [ -n "${SUDO_USER:-}" ]; then
+    # Root's cargo would build into the user's target/ as root (or is not on sudo's PATH).
+    if [ -x "$repo/target/release/qsnap" ]; then
+      bin=$repo/target/release/qsnap
+      echo "qsnap install: installing $bin (built earlier by you; rebuild with \`cargo build --release --locked -p qsnap\` first if it is old)" >&2
+    else
+      echo "qsnap install: build first as yourself: cargo build --release --locked -p qsnap; then run this again with sudo" >&2
+      exit 1
+    fi
+  else
+    (cd "$repo" && cargo build --release --locked -p qsnap)
+    bin=$repo/target/release/qsnap
+  fi
 fi
 [ -x "$bin" ] || { echo "qsnap install: $bin is not an executable" >&2; exit 1; }
-
-root=${DESTDIR:-}$prefix
-install -d "$root/bin" "$root/share/man/man1" "$root/share/bash-completion/completions" \
-  "$root/share/zsh/site-functions" "$root/share/fish/vendor_completions.d"
 install -m 755 "$bin" "$root/bin/qsnap"
 
 pages=$(mktemp -d)

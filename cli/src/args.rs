@@ -72,6 +72,34 @@ pub enum ModeArg {
     Precopy,
 }
 
+/// A shell `qsnap completions` writes a script for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ShellArg {
+    /// GNU bash.
+    Bash,
+    /// zsh.
+    Zsh,
+    /// fish.
+    Fish,
+    /// elvish.
+    Elvish,
+    /// PowerShell.
+    Powershell,
+}
+
+impl ShellArg {
+    /// The shell's name, as the completion engine knows it.
+    pub fn name(self) -> &'static str {
+        match self {
+            ShellArg::Bash => "bash",
+            ShellArg::Zsh => "zsh",
+            ShellArg::Fish => "fish",
+            ShellArg::Elvish => "elvish",
+            ShellArg::Powershell => "powershell",
+        }
+    }
+}
+
 /// What to do.
 #[derive(Debug, Subcommand)]
 pub enum Command {
@@ -215,7 +243,8 @@ pub enum Command {
     /// fish: qsnap completions fish > ~/.config/fish/completions/qsnap.fish
     Completions {
         /// The shell.
-        shell: String,
+        #[arg(value_enum)]
+        shell: ShellArg,
     },
     /// Write the manual pages (qsnap.1 and one per subcommand) into DIR.
     #[command(hide = true)]

@@ -27,12 +27,77 @@ pub fn script(shell: &str, out: &mut dyn std::io::Write) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The store a completion reads: `QSNAP_STORE`, else the default.
+/// Options that take the next word as their value (so that word is no VM name).
+const WITH_VALUE: &[&str] = &[
+    "--store",
+    "--timeout",
+    "--wait",
+    "--mode",
+    "--overlay-dir",
+    "--live-limit",
+    "--save-timeout",
+    "--description",
+    "--replace",
+    "--base",
+    "--level",
+    "--threads",
+    "--sign",
+    "--as",
+    "--parallel",
+    "--disk-dir",
+    "--trust",
+    "--qemu",
+    "--grace",
+];
+
+/// The words of the line being completed (they follow `--` in qsnap's own arguments), the
+/// one under the cursor last.
+fn line() -> Vec<String> {
+    std::env::args_os()
+        .skip_while(|a| a != "--")
+        .skip(1)
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect()
+}
+
+/// The store a completion reads: the line's `--store`, else `QSNAP_STORE`, else the default.
 fn store() -> PathBuf {
-    std::env::var_os("QSNAP_STORE")
+    let words = line();
+    let given = words.iter().enumerate().find_map(|(i, w)| {
+        if w == "--store" {
+            words.get(i + 1).cloned()
+        } else {
+            w.strip_prefix("--store=").map(str::to_owned)
+        }
+    });
+    given
         .filter(|s| !s.is_empty())
         .map(PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("QSNAP_STORE")
+                .filter(|s| !s.is_empty())
+                .map(PathBuf::from)
+        })
         .unwrap_or_else(qsnap_engine::Store::default_root)
+}
+
+/// The words before the cursor that are neither options nor option values: the binary, the
+/// subcommand, then its positional arguments.
+fn positionals() -> Vec<String> {
+    let mut words = line();
+    words.pop(); // the word under the cursor
+    let mut out = Vec::new();
+    let mut skip = false;
+    for w in words {
+        if skip {
+            skip = false;
+        } else if w.starts_with('-') {
+            skip = WITH_VALUE.contains(&w.as_str());
+        } else {
+            out.push(w);
+        }
+    }
+    out
 }
 
 /// The VMs of the store, sorted.
@@ -78,17 +143,12 @@ pub fn vm_names(current: &OsStr) -> Vec<CompletionCandidate> {
     matching(vms(), current)
 }
 
-/// Completes a snapshot name: of the VM named earlier on the line (the words being completed
-/// follow `--` in qsnap's own arguments), else of every VM.
+/// Completes a snapshot name: of the VM the line names (the first argument after the
+/// subcommand; `remote`'s own subcommands have none), else of every VM.
 pub fn snapshot_names(current: &OsStr) -> Vec<CompletionCandidate> {
     let known = vms();
-    let words: Vec<String> = std::env::args_os()
-        .skip_while(|a| a != "--")
-        .skip(1)
-        .map(|a| a.to_string_lossy().into_owned())
-        .collect();
-    let vm = words.iter().find(|w| known.contains(w));
-    let mut all: Vec<String> = match vm {
+    let vm = positionals().get(2).filter(|w| known.contains(w)).cloned();
+    let mut all: Vec<String> = match &vm {
         Some(vm) => snapshots(vm),
         None => known.iter().flat_map(|v| snapshots(v)).collect(),
     };

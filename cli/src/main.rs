@@ -585,13 +585,21 @@ fn classify(err: &anyhow::Error) -> (Kind, Option<String>) {
 }
 
 fn main() -> ExitCode {
-    // A Tab in a shell that loaded `qsnap completions SHELL`: answered, and nothing else runs
-    // (nothing may be printed before).
-    {
-        use clap::CommandFactory;
-        clap_complete::CompleteEnv::with_factory(Cli::command)
-            .var(complete::VAR)
-            .complete();
+    // A Tab in a shell that loaded `qsnap completions SHELL` (`QSNAP_COMPLETE=SHELL qsnap --
+    // WORDS…`): answered, and nothing else runs (nothing may be printed before). The variable
+    // left set by accident in an environment must not turn every command into a no-op.
+    if std::env::var_os(complete::VAR).is_some_and(|v| !v.is_empty() && v != "0") {
+        if std::env::args_os().nth(1).is_some_and(|a| a == "--") {
+            use clap::CommandFactory;
+            clap_complete::CompleteEnv::with_factory(Cli::command)
+                .var(complete::VAR)
+                .complete();
+        } else {
+            eprintln!(
+                "qsnap: warning: {} is set (it is for shell completion); ignored",
+                complete::VAR
+            );
+        }
     }
     if std::env::var_os("QSNAP_STORE").is_some_and(|v| v.is_empty()) {
         eprintln!(

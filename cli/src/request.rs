@@ -381,7 +381,7 @@ impl Request {
             Command::Qmp(a) => qmp(a)?,
             Command::Info(a) => info(a),
             Command::Man { dir } => Action::Man(absolute(dir)?),
-            Command::Completions { shell } => Action::Completions(shell),
+            Command::Completions { shell } => Action::Completions(shell.name().to_owned()),
         };
         let store = cli.store.unwrap_or_else(Store::default_root);
         Ok(Request {

@@ -36,11 +36,12 @@ fn shell_or_skip(shell: &str) -> bool {
 
 /// Runs `script` in `shell` with the store and PATH set.
 fn in_shell(shell: &str, store: &Path, script: &str) -> Output {
-    std::process::Command::new(shell)
+    assert_cmd::Command::new(shell)
         .arg("-c")
         .arg(script)
         .env("QSNAP_STORE", store)
         .env("PATH", path_with_qsnap())
+        .timeout(std::time::Duration::from_secs(60))
         .output()
         .unwrap()
 }
@@ -64,6 +65,7 @@ async fn completions_load_in_bash_zsh_and_fish_and_name_the_stores_vms_and_snaps
             .unwrap()
             .env("QSNAP_STORE", &store)
             .args(args)
+            .timeout(std::time::Duration::from_secs(60))
             .output()
             .unwrap();
         assert!(out.status.success(), "{args:?}: {out:?}");
@@ -92,7 +94,7 @@ async fn completions_load_in_bash_zsh_and_fish_and_name_the_stores_vms_and_snaps
         .args(["completions", "tcsh"])
         .output()
         .unwrap();
-    assert_eq!(bad.status.code(), Some(1), "{bad:?}");
+    assert_eq!(bad.status.code(), Some(2), "{bad:?}");
     assert!(text(&bad.stderr).contains("bash"), "{bad:?}");
 
     let script = |shell: &str| {
@@ -125,6 +127,16 @@ async fn completions_load_in_bash_zsh_and_fish_and_name_the_stores_vms_and_snaps
     assert_eq!(got, ["web1"], "{got:?}");
     let got = words(&bash("qsnap revert web1 b"));
     assert_eq!(got, ["before-upgrade"], "{got:?}");
+    // Only the named VM's snapshots (not db's nightly), also with options before it, and from
+    // the store --store names.
+    let got = words(&bash("qsnap --timeout 5 delete --json web1 "));
+    assert!(got.contains(&"before-upgrade".to_owned()), "{got:?}");
+    assert!(!got.contains(&"nightly".to_owned()), "{got:?}");
+    let got = words(&bash(&format!(
+        "qsnap --store {} status ",
+        dir.path().join("none").display()
+    )));
+    assert!(!got.contains(&"web1".to_owned()), "{got:?}");
     let got = words(&bash("qsnap sh"));
     assert!(
         got.contains(&"show".to_owned()) && got.contains(&"shutdown".to_owned()),

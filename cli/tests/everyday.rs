@@ -317,9 +317,11 @@ async fn snapshot_names_descriptions_rename_delete_many_and_latest() {
             .args(["-u", "-d", &format!("@{at}"), "+snap-%Y%m%dT%H%M%SZ"])
             .output()
             .unwrap();
+        assert!(out.status.success(), "{out:?}");
         text(&out.stdout).trim().to_owned()
     };
-    let taken: Vec<String> = (0..20).map(stamp).collect();
+    // Half a minute of names: the creates below take seconds even on a loaded machine.
+    let taken: Vec<String> = (0..30).map(stamp).collect();
     for t in &taken {
         ok(run(&["create", "vm1", t, "--disk-only"]));
     }
@@ -338,7 +340,7 @@ async fn snapshot_names_descriptions_rename_delete_many_and_latest() {
     let mut cmd = vec!["delete", "vm1"];
     cmd.extend(all);
     let d = json(&ok(run(&[cmd.as_slice(), &["--json"]].concat())));
-    assert_eq!(d["deleted"].as_array().unwrap().len(), 21, "{d}");
+    assert_eq!(d["deleted"].as_array().unwrap().len(), 31, "{d}");
 
     // No name: one is made up and printed; two in the same second do not collide.
     let a = json(&ok(run(&[

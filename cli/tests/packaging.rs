@@ -105,7 +105,7 @@ fn the_debian_package_installs_into_a_throwaway_root_and_removes_cleanly() {
     let mut expected = vec![
         "./usr/bin/qsnap".to_owned(),
         "./usr/share/bash-completion/completions/qsnap".to_owned(),
-        "./usr/share/zsh/site-functions/_qsnap".to_owned(),
+        "./usr/share/zsh/vendor-completions/_qsnap".to_owned(),
         "./usr/share/fish/vendor_completions.d/qsnap.fish".to_owned(),
     ];
     expected.extend(

@@ -159,6 +159,22 @@ pub async fn info_as(image: &Path, format: &str, cancel: &CancellationToken) -> 
     info_with(image, Some(format), cancel).await
 }
 
+/// Refuses an image another process has open for writing (a QEMU started outside qsnap on
+/// it): `qemu-img info` without `-U` takes the image's shared lock, which QEMU's write lock
+/// denies. For work that must not run beside a writer (freezing the image offline).
+pub async fn refuse_if_open(image: &Path, format: &str, cancel: &CancellationToken) -> Result<()> {
+    let mut cmd = qemu_img();
+    cmd.args(["info", "--output=json", "-f", format]).arg(image);
+    match tool::run(cmd, "qemu-img info", image, QUICK, cancel).await {
+        Ok(_) => Ok(()),
+        Err(Error::Tool { why, .. }) if why.contains("lock") => Err(Error::DiskNotSnapshottable {
+            device: image.display().to_string(),
+            why: format!("another process has it open for writing ({why}); stop it first"),
+        }),
+        Err(e) => Err(e),
+    }
+}
+
 /// Whether a qcow2 image's header asks for an external data file (incompatible feature bit
 /// 2 of a version-3 header): read here, before any tool opens the image.
 pub fn qcow2_has_data_file(image: &Path) -> std::io::Result<bool> {

@@ -553,6 +553,7 @@ async fn hand_edited_journals_never_make_qsnap_delete_a_file() {
             settings: None,
             quiesce: None,
             committed: None,
+            offline: false,
         })
     };
     let memory = store.memory_dir(g.vm.name());

@@ -151,7 +151,7 @@ pub(crate) async fn plan_overlays(
         let stem = d
             .overlay
             .file_stem()
-            .map(|x| without_revert_suffix(&x.to_string_lossy()).to_owned())
+            .map(|x| x.to_string_lossy().into_owned())
             .unwrap_or_else(|| d.device.clone());
         let mut n = 1;
         let overlay = loop {
@@ -169,22 +169,6 @@ pub(crate) async fn plan_overlays(
         });
     }
     Ok(out)
-}
-
-/// `stem` without a revert's `.rN` at its end (`raw.r1` → `raw`): an overlay named after
-/// a revert overlay (a delete can leave one in a manifest) must not grow into `raw.r1.r1`.
-fn without_revert_suffix(stem: &str) -> &str {
-    match stem.rsplit_once('.') {
-        Some((base, n))
-            if !base.is_empty()
-                && n.len() > 1
-                && n.starts_with('r')
-                && n[1..].bytes().all(|b| b.is_ascii_digit()) =>
-        {
-            base
-        }
-        _ => stem,
-    }
 }
 
 /// Creates the planned overlays (all or none).
@@ -428,19 +412,4 @@ pub async fn restore(
     }
     info!(snapshot = %p.snapshot, load_ms, resumed, total_ms = started.elapsed().as_secs_f64() * 1e3, "restored");
     Ok(RestoreReport { load_ms, resumed })
-}
-
-#[cfg(test)]
-mod naming_tests {
-    use super::without_revert_suffix;
-
-    #[test]
-    fn a_revert_overlay_is_named_after_its_disk_not_after_an_earlier_revert() {
-        assert_eq!(without_revert_suffix("raw.r1"), "raw");
-        assert_eq!(without_revert_suffix("disk.s1.r12"), "disk.s1");
-        assert_eq!(without_revert_suffix("disk.s1"), "disk.s1");
-        assert_eq!(without_revert_suffix("disk.run"), "disk.run");
-        assert_eq!(without_revert_suffix("disk.r"), "disk.r");
-        assert_eq!(without_revert_suffix(".r1"), ".r1");
-    }
 }

@@ -429,6 +429,27 @@ impl Store {
         blocking(move || remove_durably(&path)).await
     }
 
+    /// How many snapshot manifests a VM has, counted by name without reading them (so that a
+    /// damaged one does not hide the count from `status`).
+    pub async fn snapshot_count(&self, vm: &VmName) -> usize {
+        let dir = self.snapshots_dir(vm);
+        blocking(move || {
+            Ok(std::fs::read_dir(&dir)
+                .map(|d| {
+                    d.flatten()
+                        .filter(|e| {
+                            let n = e.file_name();
+                            let n = n.to_string_lossy();
+                            n.ends_with(".json") && !n.starts_with('.')
+                        })
+                        .count()
+                })
+                .unwrap_or(0))
+        })
+        .await
+        .unwrap_or(0)
+    }
+
     /// Whether a snapshot of that name exists. An unreadable store is an error, not "no".
     pub async fn has_snapshot(&self, vm: &VmName, snap: &SnapshotName) -> Result<bool> {
         let path = self.manifest_path(vm, snap);

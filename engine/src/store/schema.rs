@@ -457,6 +457,10 @@ pub struct CreateIntent {
     pub quiesce: Option<PathBuf>,
     /// Set once QEMU's part is done: the snapshot exists, only the store is left to update.
     pub committed: Option<Box<Manifest>>,
+    /// Made offline, with qemu-img (a stopped VM): no QEMU ever opened its overlays, so an
+    /// interrupted one's overlays go whatever they hold (a half-written header included).
+    #[serde(default)]
+    pub offline: bool,
 }
 
 /// Where a revert got to.

@@ -279,7 +279,7 @@ impl Vm {
             state,
             runstate,
             current: record.current.clone(),
-            snapshots: self.store().manifests(self.name()).await?.len(),
+            snapshots: self.store().snapshot_count(self.name()).await,
             disks,
             busy,
             interrupted,

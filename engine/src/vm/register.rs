@@ -164,8 +164,12 @@ impl Engine {
             Err(mut e) => {
                 // Under the lock: the directory is this run's (no other run of the name is
                 // past its lock), unless a VM holds the name.
-                if !self.store.has_vm(name).await.unwrap_or(true) {
-                    if let Ok(None) = self.store.remove_vm_dir(name, false).await {
+                let socket = self.store.vm_dir(name).join("qmp.sock");
+                let abandoned = !self.store.has_vm(name).await.unwrap_or(true)
+                    && !socket_answers(&socket).await;
+                if abandoned {
+                    // Nothing runs there: a dead socket and the log go with the folder.
+                    if let Ok(None) = self.store.remove_vm_dir(name, true).await {
                         // The log is gone with the directory; its last lines are in `e`.
                         if let Error::LaunchFailed { log, .. } = &mut e {
                             *log = PathBuf::new();
@@ -187,9 +191,6 @@ impl Engine {
         launcher: &L,
     ) -> Result<RunReport> {
         self.store.refuse_taken(name).await?;
-        // A log an earlier failed attempt left is not this run's: an error quotes this one's.
-        let old_log = self.store.vm_dir(name).join("qemu.log");
-        store::blocking(move || store::remove_durably(&old_log)).await?;
         let mut argv = argv;
         let mut tsc_pinned = None;
         if !opts.no_tsc_fix && argv::needs_tsc_frequency(&argv) {
@@ -234,6 +235,7 @@ impl Engine {
         // killed) still serves this socket: a second QEMU would unlink it and take it over,
         // leaving the first running unseen.
         if socket_answers(&socket).await {
+            // Its log stays: it is that QEMU's.
             return Err(Error::RegisterRefused {
                 vm: name.to_string(),
                 why: format!(
@@ -244,6 +246,9 @@ impl Engine {
                 ),
             });
         }
+        // A log an earlier failed attempt left is not this run's: an error quotes this one's.
+        let old_log = spec.log.clone();
+        store::blocking(move || store::remove_durably(&old_log)).await?;
         let launched = launcher.launch(&spec).await?;
         let mut record = VmRecord {
             schema: store::SCHEMA,

@@ -176,6 +176,7 @@ impl Planned<'_> {
             settings: self.plan.saved.clone(),
             quiesce: self.opts.quiesce.clone(),
             committed: None,
+            offline: false,
         }
     }
 

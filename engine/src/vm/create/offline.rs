@@ -11,7 +11,7 @@
 
 use crate::error::{Error, Result};
 use crate::image;
-use crate::snapshot::{CreateOptions, CreateReport, Mode, SnapshotDisk};
+use crate::snapshot::{CreateOptions, CreateReport, Mode, SkippedDisk, SnapshotDisk};
 use crate::store::{self, CreateIntent, Intent, Manifest, PlannedOverlay, VmRecord};
 use crate::vm::Vm;
 use std::path::{Path, PathBuf};
@@ -39,9 +39,47 @@ pub(super) async fn create(
         });
     }
     // ---- plan: nothing changes ----
+    // The formats are QEMU's, as the snapshots recorded them (or qcow2 for qsnap's own
+    // overlays): never guessed from the contents, which a guest writes. A disk no snapshot
+    // ever froze is refused, unless QEMU skipped it as read-only.
+    let manifests = vm.store().manifests(vm.name()).await?;
     let mut disks = Vec::new();
+    let mut skipped = Vec::new();
     for (i, d) in record.disks.iter().enumerate() {
-        let info = image::info(&d.image, vm.cancel()).await?;
+        let known = manifests
+            .iter()
+            .flat_map(|m| m.snapshot.disks.iter())
+            .find(|s| s.image == d.image)
+            .map(|s| s.format.clone());
+        let format = match (d.owned, known) {
+            (true, _) => "qcow2".to_owned(),
+            (false, Some(f)) => f,
+            (false, None) => {
+                let read_only = manifests.iter().any(|m| {
+                    m.snapshot
+                        .skipped
+                        .iter()
+                        .any(|s| s.device == d.device && s.reason == "read-only")
+                });
+                if read_only {
+                    skipped.push(SkippedDisk {
+                        device: d.device.clone(),
+                        reason: "read-only".into(),
+                    });
+                    continue;
+                }
+                return Err(Error::DiskNotSnapshottable {
+                    device: d.device.clone(),
+                    why: format!(
+                        "qsnap does not know the format of {} (it learns it from QEMU at a live \
+                         snapshot); start the VM and take this snapshot live",
+                        d.image.display()
+                    ),
+                });
+            }
+        };
+        image::refuse_if_open(&d.image, &format, vm.cancel()).await?;
+        let info = image::info_as(&d.image, &format, vm.cancel()).await?;
         let stem = opts
             .overlay_stems
             .get(&d.device)
@@ -67,11 +105,18 @@ pub(super) async fn create(
             device: d.device.clone(),
             node: String::new(),
             image: d.image.clone(),
-            format: info.format,
+            format,
             size: info.virtual_size,
             overlay,
             overlay_node: String::new(),
             frozen: None,
+        });
+    }
+    if disks.is_empty() {
+        return Err(Error::DiskNotSnapshottable {
+            device: "(all)".into(),
+            why: "the VM has no writable disk, so a disk-only snapshot would capture nothing"
+                .into(),
         });
     }
     let mut intent = CreateIntent {
@@ -92,6 +137,7 @@ pub(super) async fn create(
         settings: None,
         quiesce: None,
         committed: None,
+        offline: true,
     };
     vm.store()
         .write_journal(vm.name(), &Intent::Create(intent.clone()))
@@ -106,7 +152,9 @@ pub(super) async fn create(
         }
         let stamped = match created {
             Ok(()) => match crate::failpoint::hit("create.offline-overlay", None).await {
-                Ok(()) => image::stamp(&d.image).await,
+                // Durable first, as a live create stamps: a power cut must not leave a stamp
+                // the file disagrees with.
+                Ok(()) => image::stamp_durable(&d.image).await,
                 Err(e) => Err(e),
             },
             Err(e) => Err(e),
@@ -134,7 +182,7 @@ pub(super) async fn create(
             was_running: false,
             memory: None,
             disks,
-            skipped: Vec::new(),
+            skipped,
             pause_ms: 0.0,
             qemu_downtime_ms: None,
             live_phase: None,
@@ -156,16 +204,35 @@ pub(super) async fn create(
         let _ = vm.store().clear_journal(vm.name()).await;
         return Err(e);
     }
+    // ---- past the point of no return: a failure is "taken, but", which the journal finishes ----
+    let taken_but = |problem: Error| -> Error {
+        crate::error::CreateError::TakenBut {
+            vm: vm.name().to_string(),
+            snapshot: snap.to_string(),
+            problem: Box::new(problem),
+            journaled: true,
+        }
+        .into()
+    };
     super::apply(&mut record, &manifest, None).await;
-    vm.store().write_record(&record).await?;
-    vm.store().write_manifest(&manifest).await?;
-    vm.store().clear_journal(vm.name()).await?;
+    vm.store().write_record(&record).await.map_err(taken_but)?;
+    vm.store()
+        .write_manifest(&manifest)
+        .await
+        .map_err(taken_but)?;
+    vm.store()
+        .clear_journal(vm.name())
+        .await
+        .map_err(taken_but)?;
     Ok(manifest)
 }
 
-/// Removes the overlays this create made (newest first): no QEMU ever opened them.
+/// Removes the overlays this create made (newest first), through the guard every image
+/// removal passes: no QEMU ever opened them.
 async fn undo(made: &[PathBuf]) {
     for p in made.iter().rev() {
-        let _ = tokio::fs::remove_file(p).await;
+        if let Err(e) = crate::unlink::checked(p, crate::unlink::Kind::Image).await {
+            tracing::warn!(error = %e, overlay = %p.display(), "an offline create's overlay could not be removed");
+        }
     }
 }

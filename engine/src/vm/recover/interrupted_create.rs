@@ -113,7 +113,9 @@ pub(super) async fn settle(vm: &Vm, c: CreateIntent) -> Result<Settled> {
         }
         None => {
             // QEMU is gone: an overlay it wrote to holds the guest's last writes.
-            rollback::undo_overlays_offline(&c.overlays, &created, true, &mut out).await;
+            // A live create's overlay may hold the guest's last writes; an offline one's was
+            // never opened by a QEMU, and a half-written one must not become the disk.
+            rollback::undo_overlays_offline(&c.overlays, &created, !c.offline, &mut out).await;
             crate::vm::state::record_qemu(&mut record, None).await;
         }
     }
