@@ -301,18 +301,7 @@ pub fn list_all(
     )],
     as_json: bool,
 ) {
-    if as_json {
-        let items: Vec<Value> = all
-            .iter()
-            .map(|(name, l)| match l {
-                Ok(l) => serde_json::to_value(l).expect("listings serialise"),
-                Err(e) => unreadable(name.as_str(), e),
-            })
-            .collect();
-        return json(&items);
-    }
-    if all.is_empty() {
-        println!("the store {} has no VMs", store.display());
+    if answered_for_all(store, all, as_json) {
         return;
     }
     for (i, (name, l)) in all.iter().enumerate() {
@@ -329,12 +318,33 @@ pub fn list_all(
     }
 }
 
-/// A VM that cannot be read, in a `--json` list of all of them.
-fn unreadable(vm: &str, e: &qsnap_engine::Error) -> Value {
-    serde_json::json!({
-        "vm": vm,
-        "error": { "kind": e.kind(), "message": e.to_string(), "fix": e.fix() },
-    })
+/// What every command "on all VMs" prints before its text: with `--json`, the list of the
+/// one-VM objects (`{"vm", "error"}` for a VM that cannot be read); without, that the store
+/// has no VMs. True when that was the whole answer.
+fn answered_for_all<T: Serialize>(
+    store: &std::path::Path,
+    all: &[(qsnap_engine::VmName, qsnap_engine::Result<T>)],
+    as_json: bool,
+) -> bool {
+    if as_json {
+        let items: Vec<Value> = all
+            .iter()
+            .map(|(name, one)| match one {
+                Ok(one) => serde_json::to_value(one).expect("output types serialise"),
+                Err(e) => serde_json::json!({
+                    "vm": name.as_str(),
+                    "error": { "kind": e.kind(), "message": e.to_string(), "fix": e.fix() },
+                }),
+            })
+            .collect();
+        json(&items);
+        return true;
+    }
+    if all.is_empty() {
+        println!("the store {} has no VMs", store.display());
+        return true;
+    }
+    false
 }
 
 /// A VM's snapshots as a tree, and what they take on disk.
@@ -474,18 +484,7 @@ pub fn status_all(
     all: &[(qsnap_engine::VmName, qsnap_engine::Result<Status>)],
     as_json: bool,
 ) {
-    if as_json {
-        let items: Vec<Value> = all
-            .iter()
-            .map(|(name, st)| match st {
-                Ok(st) => serde_json::to_value(st).expect("statuses serialise"),
-                Err(e) => unreadable(name.as_str(), e),
-            })
-            .collect();
-        return json(&items);
-    }
-    if all.is_empty() {
-        println!("the store {} has no VMs", store.display());
+    if answered_for_all(store, all, as_json) {
         return;
     }
     println!(

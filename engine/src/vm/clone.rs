@@ -372,18 +372,8 @@ impl Vm {
         let state = super::state::VmState::observe(self, &record).await;
         let stopped = !matches!(state, super::state::VmState::Stopped);
         if stopped {
-            let pid = super::state::signallable_pid(state.pid().or(record.pid), &record).await;
-            if pid.is_none() && !matches!(state, super::state::VmState::Running { .. }) {
-                return Err(Error::Busy {
-                    what: format!(
-                        "{} does not answer and its QEMU cannot be told apart; stop it, then remove it",
-                        self.name()
-                    ),
-                });
-            }
-            stop_qemu(&record.qmp, pid, crate::launch::QUIT_TIMEOUT).await?;
-            super::state::record_qemu(&mut record, None).await;
-            self.store().write_record(&record).await?;
+            self.stop_before_discarding(&mut record, &state, "remove it")
+                .await?;
         }
         failpoint::hit("remove.stopped", None).await?;
         let removed = self.discard_clone(&record, Discard::Remove).await?;

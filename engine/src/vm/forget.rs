@@ -9,10 +9,9 @@
 //! This module must never unlink a disk image, and never forget a VM while its QEMU runs or
 //! while another VM runs on one of its images.
 
-use super::state::{signallable_pid, VmState};
+use super::state::VmState;
 use super::Vm;
 use crate::error::{Error, ForgetRefusal, Result};
-use crate::launch::stop_qemu;
 use crate::name::SnapshotName;
 use serde::Serialize;
 use std::path::PathBuf;
@@ -107,18 +106,8 @@ impl Vm {
             return Err(refuse(ForgetRefusal::Running { pid: state.pid() }));
         }
         if running {
-            let pid = signallable_pid(state.pid().or(record.pid), &record).await;
-            if pid.is_none() && !matches!(state, VmState::Running { .. }) {
-                return Err(Error::Busy {
-                    what: format!(
-                        "{} does not answer and its QEMU cannot be told apart; stop it, then forget it",
-                        self.name()
-                    ),
-                });
-            }
-            stop_qemu(&record.qmp, pid, crate::launch::QUIT_TIMEOUT).await?;
-            super::state::record_qemu(&mut record, None).await;
-            self.store().write_record(&record).await?;
+            self.stop_before_discarding(&mut record, &state, "forget it")
+                .await?;
         }
         let disks: Vec<ForgottenDisk> = record
             .disks

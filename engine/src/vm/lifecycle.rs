@@ -289,6 +289,32 @@ impl Vm {
     }
 }
 
+impl Vm {
+    /// Before a VM's files go (`remove`, `forget`): stops whatever QEMU runs it — also one
+    /// whose monitor does not answer — and records it stopped. Refused (busy) when it does
+    /// not answer and its pid cannot be told apart from another process's. `what` names the
+    /// operation for that message (`remove it`).
+    pub(super) async fn stop_before_discarding(
+        &self,
+        record: &mut VmRecord,
+        state: &VmState,
+        what: &str,
+    ) -> Result<()> {
+        let pid = super::state::signallable_pid(state.pid().or(record.pid), record).await;
+        if pid.is_none() && !matches!(state, VmState::Running { .. }) {
+            return Err(Error::Busy {
+                what: format!(
+                    "{} does not answer and its QEMU cannot be told apart; stop it, then {what}",
+                    self.name()
+                ),
+            });
+        }
+        crate::launch::stop_qemu(&record.qmp, pid, crate::launch::QUIT_TIMEOUT).await?;
+        super::state::record_qemu(record, None).await;
+        self.store().write_record(record).await
+    }
+}
+
 /// How `shutdown` ended a VM.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ShutdownOutcome {
