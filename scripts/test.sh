@@ -19,11 +19,27 @@ bash tests/qemu-old/fetch.sh || echo "qsnap: QEMU 7.2 could not be fetched; the 
 # The engine's failpoints are on for the tests (fault injection at every step boundary of
 # create, revert and delete); release builds and the demo leave them off.
 features=(--features qsnap-engine/failpoints)
+# Every --json output a test gets is checked against its schema in docs/json/ and its name
+# logged here; a whole run (no arguments) then fails if some output was never checked.
+export QSNAP_JSON_CHECKED="$repo/target/json-outputs-checked"
+rm -f "$QSNAP_JSON_CHECKED"
 if cargo nextest --version >/dev/null 2>&1; then
   profile=default
   [ -n "${CI:-}" ] && profile=ci
-  exec cargo nextest run --workspace "${features[@]}" --profile "$profile" "$@"
+  cargo nextest run --workspace "${features[@]}" --profile "$profile" "$@"
 else
   echo "qsnap: cargo-nextest not found; using cargo test (no per-test time limit)" >&2
-  exec cargo test --workspace "${features[@]}" "$@"
+  cargo test --workspace "${features[@]}" "$@"
+fi
+if [ "$#" -eq 0 ]; then
+  unchecked=()
+  for schema in docs/json/*.schema.json; do
+    name=$(basename "$schema" .schema.json)
+    grep -qx "$name" "$QSNAP_JSON_CHECKED" 2>/dev/null || unchecked+=("$name")
+  done
+  if [ "${#unchecked[@]}" -gt 0 ]; then
+    echo "qsnap: no test checked these --json outputs against their schemas: ${unchecked[*]}" >&2
+    exit 1
+  fi
+  echo "every --json output ($(ls docs/json/*.schema.json | wc -l)) was checked against its schema by some test"
 fi

@@ -252,6 +252,12 @@ pub enum Command {
         /// Where the pages go (created if missing).
         dir: PathBuf,
     },
+    /// Write the JSON Schema of every --json output (NAME.schema.json) into DIR.
+    #[command(hide = true, name = "json-schema")]
+    JsonSchema {
+        /// Where the schemas go (created if missing).
+        dir: PathBuf,
+    },
 }
 
 /// `qsnap attach`.

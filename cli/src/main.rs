@@ -19,6 +19,7 @@ mod man;
 mod output;
 mod progress;
 mod request;
+mod schema;
 
 use anyhow::Context;
 use args::Cli;
@@ -525,6 +526,14 @@ async fn run(req: Request) -> anyhow::Result<()> {
                 .context("writing the manual pages")?;
             for p in pages {
                 println!("{}", p.display());
+            }
+        }
+        Action::JsonSchema(dir) => {
+            let files = tokio::task::spawn_blocking(move || schema::write_all(&dir))
+                .await?
+                .context("writing the JSON schemas")?;
+            for f in files {
+                println!("{}", f.display());
             }
         }
         Action::Info(r) => {

@@ -25,15 +25,9 @@ use serde_json::Value;
 use std::collections::BTreeMap;
 
 // After the `println!` above: the child uses it too.
+pub mod json;
 mod transfer;
 pub use transfer::{collected, exported, imported, keys, pulled, pushed, remote_list};
-
-fn json<T: Serialize>(v: &T) {
-    println!(
-        "{}",
-        serde_json::to_string_pretty(v).expect("output types serialise")
-    );
-}
 
 #[allow(clippy::cast_precision_loss)]
 fn mib(bytes: u64) -> String {
@@ -54,14 +48,19 @@ fn sized(s: qsnap_engine::Size) -> String {
 }
 
 /// Prints a QMP reply as pretty JSON.
+///
+/// QEMU's own reply, as QEMU shaped it: not one of qsnap's versioned outputs (`json`).
 pub fn qmp_reply(reply: &Value) {
-    json(reply);
+    println!(
+        "{}",
+        serde_json::to_string_pretty(reply).expect("a JSON value serialises")
+    );
 }
 
 /// Prints a VM summary.
 pub fn vm_info(info: &VmInfo, as_json: bool) {
     if as_json {
-        return json(info);
+        return json::print(info);
     }
     let yes_no = |b: bool| if b { "yes" } else { "no" };
     println!(
@@ -107,7 +106,7 @@ pub fn vm_info(info: &VmInfo, as_json: bool) {
 /// Prints a freshly attached VM.
 pub fn attached(rec: &VmRecord, as_json: bool) {
     if as_json {
-        return json(rec);
+        return json::print(rec);
     }
     println!("attached {} (QMP {})", rec.name, rec.qmp);
     match (&rec.pid, &rec.command) {
@@ -128,7 +127,7 @@ pub fn ran(r: &RunReport, as_json: bool) {
         );
     }
     if as_json {
-        return json(&r.record);
+        return json::print(&r.record);
     }
     let rec = &r.record;
     match rec.pid {
@@ -199,14 +198,7 @@ pub fn created(c: &CreateOutcome, as_json: bool) {
 /// Prints a snapshot: the summary after `create`, or `show` (with what it takes on disk).
 pub fn snapshot(m: &Manifest, usage: Option<&qsnap_engine::SnapshotUsage>, as_json: bool) {
     if as_json {
-        #[derive(Serialize)]
-        struct Shown<'a> {
-            #[serde(flatten)]
-            manifest: &'a Manifest,
-            #[serde(skip_serializing_if = "Option::is_none")]
-            usage: Option<&'a qsnap_engine::SnapshotUsage>,
-        }
-        return json(&Shown { manifest: m, usage });
+        return json::print(&json::Shown { manifest: m, usage });
     }
     let s = &m.snapshot;
     println!("snapshot {} of {} ({})", m.name, m.vm, s.mode);
@@ -286,7 +278,7 @@ pub fn snapshot(m: &Manifest, usage: Option<&qsnap_engine::SnapshotUsage>, as_js
 /// Prints a VM's snapshots as a tree.
 pub fn list(l: &qsnap_engine::Listing, as_json: bool) {
     if as_json {
-        return json(l);
+        return json::print(l);
     }
     tree(l);
 }
@@ -327,17 +319,21 @@ fn answered_for_all<T: Serialize>(
     as_json: bool,
 ) -> bool {
     if as_json {
-        let items: Vec<Value> = all
+        let items: Vec<json::ForVm<&T>> = all
             .iter()
             .map(|(name, one)| match one {
-                Ok(one) => serde_json::to_value(one).expect("output types serialise"),
-                Err(e) => serde_json::json!({
-                    "vm": name.as_str(),
-                    "error": { "kind": e.kind(), "message": e.to_string(), "fix": e.fix() },
-                }),
+                Ok(one) => json::ForVm::Read(one),
+                Err(e) => json::ForVm::Unreadable {
+                    vm: name.to_string(),
+                    error: json::Failure {
+                        kind: e.kind(),
+                        message: e.to_string(),
+                        fix: e.fix(),
+                    },
+                },
             })
             .collect();
-        json(&items);
+        json::print_each(&items);
         return true;
     }
     if all.is_empty() {
@@ -414,7 +410,7 @@ fn tree(l: &qsnap_engine::Listing) {
 /// Prints a VM's status.
 pub fn status(st: &Status, as_json: bool) {
     if as_json {
-        return json(st);
+        return json::print(st);
     }
     match &st.state {
         VmState::Running { pid: Some(pid), .. } if st.busy.is_some() => println!(
@@ -556,31 +552,23 @@ pub fn stopped(vm: &str, outcome: &StopOutcome) {
 /// An error as JSON on stdout (`--json`): `{"error": {"kind", "message", "fix"}}`, so that a
 /// script reading stdout gets an object either way.
 pub fn error(kind: qsnap_engine::ErrorKind, message: &str, fix: Option<&str>) {
-    json(&serde_json::json!({
-        "error": { "kind": kind, "message": message, "fix": fix }
-    }));
+    json::print(&json::Failed {
+        error: json::Failure {
+            kind,
+            message: message.to_owned(),
+            fix: fix.map(str::to_owned),
+        },
+    });
 }
 
 /// Says how `shutdown` ended the VM.
 pub fn shut_down(vm: &str, outcome: &qsnap_engine::ShutdownOutcome, as_json: bool) {
     use qsnap_engine::ShutdownOutcome as S;
     if as_json {
-        let v = match outcome {
-            S::PoweredOff { after } => serde_json::json!({
-                "vm": vm, "outcome": "powered-off", "seconds": after.as_secs_f64(),
-            }),
-            S::Forced { waited, stop } => serde_json::json!({
-                "vm": vm, "outcome": "forced", "waited-seconds": waited.as_secs_f64(),
-                "stopped-by": match stop {
-                    StopOutcome::Quit { .. } => "quit",
-                    StopOutcome::Killed { signal: KillSignal::Term, .. } => "sigterm",
-                    StopOutcome::Killed { .. } => "sigkill",
-                    StopOutcome::AlreadyStopped => "none",
-                },
-            }),
-            S::AlreadyStopped => serde_json::json!({"vm": vm, "outcome": "already-stopped"}),
-        };
-        return json(&v);
+        return json::print(&json::ShutDown {
+            vm,
+            outcome: outcome.into(),
+        });
     }
     match outcome {
         S::PoweredOff { after } => println!(
@@ -601,7 +589,7 @@ pub fn shut_down(vm: &str, outcome: &qsnap_engine::ShutdownOutcome, as_json: boo
 /// Says what `forget` did and what it left on disk.
 pub fn forgotten(r: &qsnap_engine::ForgetReport, as_json: bool) {
     if as_json {
-        return json(r);
+        return json::print(r);
     }
     println!(
         "{} forgotten{}{}",
@@ -659,7 +647,7 @@ fn moved(list: &[qsnap_engine::store::MovedPath]) {
 /// Prints what a clone did.
 pub fn cloned(r: &qsnap_engine::CloneReport, as_json: bool) {
     if as_json {
-        return json(r);
+        return json::print(r);
     }
     println!(
         "{} cloned from {} at snapshot {} in {:.0} ms ({}; guest {})",
@@ -684,7 +672,7 @@ pub fn cloned(r: &qsnap_engine::CloneReport, as_json: bool) {
 /// Prints what removing a clone did.
 pub fn removed(r: &qsnap_engine::RemoveReport, as_json: bool) {
     if as_json {
-        return json(r);
+        return json::print(r);
     }
     println!(
         "{} removed{}: {} image(s), {} snapshot(s)",
@@ -708,7 +696,7 @@ pub fn removed(r: &qsnap_engine::RemoveReport, as_json: bool) {
 /// Prints what a revert did.
 pub fn reverted(vm: &str, r: &RevertReport, as_json: bool) {
     if as_json {
-        return json(r);
+        return json::print(r);
     }
     if let Some(k) = &r.kept_current {
         println!("the state before the revert was saved as snapshot {k}");
@@ -771,7 +759,7 @@ pub fn reverted(vm: &str, r: &RevertReport, as_json: bool) {
 /// Prints what a delete did.
 pub fn deleted(vm: &str, r: &DeleteReport, as_json: bool) {
     if as_json {
-        return json(r);
+        return json::print(r);
     }
     println!(
         "{vm}: deleted {} in {:.0} ms{}",
@@ -812,7 +800,7 @@ pub fn deleted(vm: &str, r: &DeleteReport, as_json: bool) {
 /// Prints what `check` found.
 pub fn checked(r: &CheckReport, repair: bool, as_json: bool) {
     if as_json {
-        return json(r);
+        return json::print(r);
     }
     if r.findings.is_empty() {
         println!("{}: all good", r.vm);
@@ -841,7 +829,7 @@ pub fn checked(r: &CheckReport, repair: bool, as_json: bool) {
 
 pub fn lazy(vm: &str, r: &LazyReport, as_json: bool) {
     if as_json {
-        return json(r);
+        return json::print(r);
     }
     if r.already {
         println!(

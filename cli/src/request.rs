@@ -30,7 +30,7 @@ use transfer::{export, import, keygen, pull, push, remote};
 pub use transfer::{ExportRequest, ImportRequest, PullRequest, PushRequest, Stream};
 
 /// A usage error found after parsing (a bad name, arguments that are not JSON): exit 2.
-#[derive(Debug)]
+#[derive(Debug, schemars::JsonSchema)]
 pub struct Usage(pub String);
 
 impl std::fmt::Display for Usage {
@@ -166,6 +166,8 @@ pub enum Action {
     Info(InfoRequest),
     /// `man`: the directory the pages go to (absolute).
     Man(PathBuf),
+    /// `json-schema`: the directory the schemas go to (absolute).
+    JsonSchema(PathBuf),
     /// `completions`: the shell.
     Completions(String),
 }
@@ -381,6 +383,7 @@ impl Request {
             Command::Qmp(a) => qmp(a)?,
             Command::Info(a) => info(a),
             Command::Man { dir } => Action::Man(absolute(dir)?),
+            Command::JsonSchema { dir } => Action::JsonSchema(absolute(dir)?),
             Command::Completions { shell } => Action::Completions(shell.name().to_owned()),
         };
         let store = cli.store.unwrap_or_else(Store::default_root);

@@ -51,12 +51,14 @@ impl Rig {
     }
 
     fn qsnap(&self, args: &[&str]) -> Output {
-        std::process::Command::new(assert_cmd::cargo::cargo_bin("qsnap"))
+        let out = std::process::Command::new(assert_cmd::cargo::cargo_bin("qsnap"))
             .env("QSNAP_STORE", self.dir.path().join("store"))
             .env_remove("FAILPOINTS")
             .args(args)
             .output()
-            .unwrap()
+            .unwrap();
+        qsnap_testkit::json_output::check(args, &out);
+        out
     }
 
     fn ok(&self, args: &[&str]) -> Output {
@@ -302,6 +304,7 @@ async fn paths_with_dot_dot_are_recorded_plainly() {
             .args(args)
             .output()
             .unwrap();
+        qsnap_testkit::json_output::check(args, &out);
         assert!(
             out.status.success(),
             "qsnap {}: {}",
@@ -379,12 +382,14 @@ async fn a_settled_revert_merges_what_it_left_and_keeps_the_merge_journal_on_fai
     // Reverting to s1 abandons the other branch: the original images are left with one
     // child each and no snapshot of their own.
     let with = |fp: &str, args: &[&str]| {
-        std::process::Command::new(assert_cmd::cargo::cargo_bin("qsnap"))
+        let out = std::process::Command::new(assert_cmd::cargo::cargo_bin("qsnap"))
             .env("QSNAP_STORE", rig.dir.path().join("store"))
             .env("FAILPOINTS", fp)
             .args(args)
             .output()
-            .unwrap()
+            .unwrap();
+        qsnap_testkit::json_output::check(args, &out);
+        out
     };
     let out = with("revert.recorded=return(crash)", &["revert", "vm", "s1"]);
     assert_eq!(

@@ -13,12 +13,14 @@ fn qsnap() -> Command {
 /// Runs `qsnap ARGS…` against the store at `store`.
 fn in_store(store: &std::path::Path) -> impl Fn(&[&str]) -> std::process::Output + '_ {
     move |args| {
-        qsnap()
+        let out = qsnap()
             .env("QSNAP_STORE", store)
             .env("NO_COLOR", "1")
             .args(args)
             .output()
-            .unwrap()
+            .unwrap();
+        qsnap_testkit::json_output::check(args, &out);
+        out
     }
 }
 
@@ -125,6 +127,7 @@ async fn info_reports_state_blockers_mechanisms_and_disks() {
         .await;
     let sock = vm.qmp_path.display().to_string();
     let out = qsnap().args(["info", &sock, "--json"]).output().unwrap();
+    qsnap_testkit::json_output::check(&["info", &sock, "--json"], &out);
     assert!(out.status.success(), "{out:?}");
     let v = stdout_json(&out);
     assert_eq!(v["runstate"], "running");
@@ -167,6 +170,7 @@ async fn info_names_a_migration_blocker() {
     };
     let sock = vm.qmp_path.display().to_string();
     let out = qsnap().args(["info", &sock, "--json"]).output().unwrap();
+    qsnap_testkit::json_output::check(&["info", &sock, "--json"], &out);
     let v = stdout_json(&out);
     let blockers = v["migration-blockers"].to_string();
     assert!(blockers.contains("invtsc"), "{v}");
@@ -311,8 +315,8 @@ async fn run_status_stop_start_revert() {
 
     let out = run(&["status", "vm1", "--json"]);
     let st = stdout_json(&out);
-    assert_eq!(st["running"], true, "{st}");
-    assert_eq!(st["pid"].as_u64(), Some(pid));
+    assert_eq!(st["state"]["state"], "running", "{st}");
+    assert_eq!(st["state"]["pid"].as_u64(), Some(pid));
 
     let out = run(&["create", "vm1", "s1"]);
     assert!(out.status.success(), "{out:?}");
@@ -436,7 +440,7 @@ async fn run_status_stop_start_revert() {
     );
     let out = run(&["status", "c1", "--json"]);
     let st = stdout_json(&out);
-    assert_eq!(st["running"], true, "{st}");
+    assert_eq!(st["state"]["state"], "running", "{st}");
     assert_eq!(st["clone-of"]["vm"], "vm1", "{st}");
     let console = st["clone-of"]["moved"]
         .as_array()

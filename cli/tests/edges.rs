@@ -123,14 +123,16 @@ impl Rig {
 
     /// `qsnap ARGS…` from the test's directory, against its store.
     fn qsnap(&self, args: &[&str]) -> Output {
-        std::process::Command::new(qsnap_bin())
+        let out = std::process::Command::new(qsnap_bin())
             .current_dir(self.dir.path())
             .env("QSNAP_STORE", self.store())
             .env("NO_COLOR", "1")
             .env_remove("FAILPOINTS")
             .args(args)
             .output()
-            .unwrap()
+            .unwrap();
+        qsnap_testkit::json_output::check(args, &out);
+        out
     }
 
     fn run(&self, vm: &str, argv: &[String]) -> Output {
@@ -785,7 +787,7 @@ async fn unusable_overlay_and_memory_directories_are_refused_in_preflight() {
     std::fs::remove_file(&memory).unwrap();
     assert!(!rig.store().join("vms/g/journal.json").exists());
     let out = rig.qsnap(&["status", "g", "--json"]);
-    assert_eq!(json(&out)["runstate"], "running", "{}", show(&out));
+    assert_eq!(json(&out)["state"]["runstate"], "running", "{}", show(&out));
     assert!(
         rig.images_in(".") == ["disk.qcow2"],
         "{:?}",

@@ -15,7 +15,7 @@ use std::time::Duration;
 /// Runs `qsnap ARGS…` against the store at `store`.
 fn in_store(store: &Path) -> impl Fn(&[&str]) -> Output + '_ {
     move |args| {
-        Command::cargo_bin("qsnap")
+        let out = Command::cargo_bin("qsnap")
             .unwrap()
             .env("QSNAP_STORE", store)
             .env("NO_COLOR", "1")
@@ -23,7 +23,9 @@ fn in_store(store: &Path) -> impl Fn(&[&str]) -> Output + '_ {
             .args(args)
             .timeout(Duration::from_secs(180))
             .output()
-            .unwrap()
+            .unwrap();
+        qsnap_testkit::json_output::check(args, &out);
+        out
     }
 }
 
@@ -89,7 +91,7 @@ async fn forget_keeps_every_image_and_refuses_what_would_lose_data() {
     );
     let run = in_store(&store);
     let disk = run_idle(&store, dir.path(), "vm1").await;
-    let pid = json(&ok(run(&["status", "vm1", "--json"])))["pid"]
+    let pid = json(&ok(run(&["status", "vm1", "--json"])))["state"]["pid"]
         .as_u64()
         .unwrap();
     ok(run(&["create", "vm1", "s1"]));
@@ -264,7 +266,7 @@ async fn shutdown_powers_the_guest_off_and_stops_one_that_ignores_the_button() {
         log.tail(10)
     );
     let st = json(&ok(run(&["status", "g", "--json"])));
-    assert_eq!(st["running"], false, "{st}");
+    assert_eq!(st["state"]["state"], "stopped", "{st}");
     let out = ok(run(&["shutdown", "g"]));
     assert!(
         text(&out.stdout).contains("was not running"),
@@ -292,7 +294,7 @@ async fn shutdown_powers_the_guest_off_and_stops_one_that_ignores_the_button() {
         "{said}"
     );
     let st = json(&ok(run(&["status", "idle", "--json"])));
-    assert_eq!(st["running"], false, "{st}");
+    assert_eq!(st["state"]["state"], "stopped", "{st}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

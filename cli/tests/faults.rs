@@ -81,15 +81,20 @@ impl Rig {
     }
 
     fn qsnap(&self, args: &[&str]) -> Output {
-        self.command(args).output().unwrap()
+        let out = self.command(args).output().unwrap();
+        qsnap_testkit::json_output::check(args, &out);
+        out
     }
 
     /// Runs qsnap with a failpoint set (`point=return(action)`).
     fn qsnap_failing(&self, point: &str, action: &str, args: &[&str]) -> Output {
-        self.command(args)
+        let out = self
+            .command(args)
             .env("FAILPOINTS", format!("{point}=return({action})"))
             .output()
-            .unwrap()
+            .unwrap();
+        qsnap_testkit::json_output::check(args, &out);
+        out
     }
 
     async fn qmp(&self) -> Qmp {
@@ -162,12 +167,12 @@ impl Rig {
     /// The pid of the VM's QEMU (`None` when it is not running).
     fn qemu_pid(&self) -> Option<u64> {
         let st = json(&self.qsnap(&["status", "g", "--json"]));
-        st["pid"].as_u64()
+        st["state"]["pid"].as_u64()
     }
 
     fn running(&self) -> bool {
         let st = json(&self.qsnap(&["status", "g", "--json"]));
-        st["running"] == true
+        st["state"]["state"] != "stopped"
     }
 
     fn snapshots(&self) -> Vec<String> {
@@ -437,7 +442,7 @@ async fn a_create_recovery_that_cannot_read_the_run_state_says_the_guest_may_be_
     let out = rig.qsnap_failing("create.frozen", "crash", &["create", "g", "s2"]);
     faulted(&out, "crash", "create, crash at create.frozen");
     let st = json(&rig.qsnap(&["status", "g", "--json"]));
-    assert_eq!(st["runstate"], "paused", "{st}");
+    assert_eq!(st["state"]["runstate"], "paused", "{st}");
     let out = rig.qsnap_failing(
         "recover.status-sent",
         "timeout",
@@ -542,10 +547,10 @@ async fn a_delete_that_leaves_the_guest_paused_says_so_and_the_repair_resumes_it
         show(&out)
     );
     let st = json(&rig.qsnap(&["status", "g", "--json"]));
-    assert_eq!(st["runstate"], "paused", "{st}");
+    assert_eq!(st["state"]["runstate"], "paused", "{st}");
     rig.repair_and_check("after the chain read failed");
     let st = json(&rig.qsnap(&["status", "g", "--json"]));
-    assert_eq!(st["runstate"], "running", "{st}");
+    assert_eq!(st["state"]["runstate"], "running", "{st}");
     assert!(rig.snapshots().is_empty());
     rig.holds(2, 2).await.unwrap();
     rig.stop();
@@ -736,7 +741,9 @@ async fn an_interrupted_run_leaves_nothing_a_retry_could_take_over() {
         if let Some(f) = failpoint {
             c.env("FAILPOINTS", f);
         }
-        c.output().unwrap()
+        let out = c.output().unwrap();
+        qsnap_testkit::json_output::check(args, &out);
+        out
     };
     let mut run = vec!["run", "g", "--"];
     run.extend(argv.iter().map(String::as_str));
@@ -782,7 +789,7 @@ async fn an_interrupted_run_leaves_nothing_a_retry_could_take_over() {
     let out = qsnap(None, &["attach", "g", "--qmp", socket.to_str().unwrap()]);
     assert!(out.status.success(), "{}", show(&out));
     let st = json(&qsnap(None, &["status", "g", "--json"]));
-    assert_eq!(st["pid"].as_u64(), Some(u64::from(orphan)), "{st}");
+    assert_eq!(st["state"]["pid"].as_u64(), Some(u64::from(orphan)), "{st}");
     assert!(qsnap(None, &["stop", "g"]).status.success());
 }
 

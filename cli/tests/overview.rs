@@ -12,14 +12,16 @@ use std::time::Duration;
 /// Runs `qsnap ARGS…` against the store at `store`.
 fn in_store(store: &Path) -> impl Fn(&[&str]) -> Output + '_ {
     move |args| {
-        Command::cargo_bin("qsnap")
+        let out = Command::cargo_bin("qsnap")
             .unwrap()
             .env("QSNAP_STORE", store)
             .env_remove("FAILPOINTS")
             .args(args)
             .timeout(Duration::from_secs(120))
             .output()
-            .unwrap()
+            .unwrap();
+        qsnap_testkit::json_output::check(args, &out);
+        out
     }
 }
 
@@ -90,10 +92,10 @@ async fn status_and_list_without_a_name_show_every_vm() {
     let one = json(&ok(run(&["status", "a", "--json"])));
     assert_eq!(all[0]["current"], one["current"]);
     assert_eq!(all[0]["snapshots"], 2, "{all}");
-    assert_eq!(all[0]["running"], true);
+    assert_eq!(all[0]["state"]["state"], "running", "{all}");
     assert_eq!(all[1]["clone-of"]["vm"], "a", "{all}");
-    assert_eq!(all[2]["runstate"], "paused", "{all}");
-    assert_eq!(all[3]["running"], false, "{all}");
+    assert_eq!(all[2]["state"]["runstate"], "paused", "{all}");
+    assert_eq!(all[3]["state"]["state"], "stopped", "{all}");
 
     // Text: one line each, with the state a person needs.
     let said = text(&ok(run(&["status"])).stdout);

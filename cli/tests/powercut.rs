@@ -238,7 +238,9 @@ impl Rig {
     }
 
     fn qsnap(&self, args: &[&str]) -> Output {
-        self.command(args).bounded()
+        let out = self.command(args).bounded();
+        qsnap_testkit::json_output::check(args, &out);
+        out
     }
 
     fn ok(&self, args: &[&str]) -> Output {
@@ -290,7 +292,7 @@ impl Rig {
 
     fn running(&self, vm: &str) -> bool {
         let out = self.qsnap(&["status", vm, "--json"]);
-        out.status.success() && json(&out)["running"] == true
+        out.status.success() && json(&out)["state"]["state"] != "stopped"
     }
 
     fn known(&self, vm: &str) -> bool {

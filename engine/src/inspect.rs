@@ -9,7 +9,7 @@ use qsnap_qmp::{types, Qmp, VersionTriple};
 use serde::Serialize;
 
 /// One block device as QEMU reports it.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub struct DiskInfo {
     /// The name qsnap uses for it (the `-drive` id, else the guest device's id): stable across
@@ -30,7 +30,7 @@ pub struct DiskInfo {
 }
 
 /// A read-only summary of a running VM.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub struct VmInfo {
     /// QEMU's version.

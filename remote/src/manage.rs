@@ -31,7 +31,7 @@ use std::collections::HashSet;
 use std::time::{Duration, SystemTime};
 
 /// One snapshot a remote holds.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub struct RemoteEntry {
     /// `VM/SNAPSHOT`.
@@ -53,7 +53,7 @@ pub struct RemoteEntry {
 }
 
 /// What `gc` did.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub struct GcReport {
     /// The remote.

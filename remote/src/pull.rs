@@ -52,7 +52,7 @@ impl Default for PullOptions {
 }
 
 /// What a pull did.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub struct PullReport {
     /// The remote.

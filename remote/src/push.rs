@@ -83,7 +83,7 @@ impl std::fmt::Debug for PushOptions {
 }
 
 /// What a push did.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub struct PushReport {
     /// The remote.

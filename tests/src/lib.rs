@@ -6,6 +6,8 @@
 //!   with QEMU's stderr and the serial console kept for the failure report.
 //! - `restore`: loads a snapshot's memory into a fresh QEMU with plain QMP, to check it.
 //! - `serial`: the serial console as timestamped lines, with bounded waits for `tick N`.
+//! - `json_output`: every `--json` output a test gets, checked against its schema in
+//!   `docs/json/`.
 //! - `accounting`: what a store should hold (the chains it needs, the memory files its
 //!   snapshots name), read from `qsnap list --json`, for tests that account for every file.
 //! - `powercut`: a FUSE filesystem that loses what a host power loss loses (unsynced data,
@@ -22,6 +24,7 @@ pub mod accounting;
 pub mod disk_io;
 pub mod fixture;
 pub mod guest;
+pub mod json_output;
 pub mod powercut;
 pub mod restore;
 pub mod seaweed;

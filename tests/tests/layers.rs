@@ -61,7 +61,7 @@ const CRATES: &[(&str, &[&[&str]])] = &[
         &[
             &["complete"],
             &["args"],
-            &["output", "progress", "man"],
+            &["output", "progress", "man", "schema"],
             &["request"],
         ],
     ),

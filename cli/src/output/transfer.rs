@@ -19,7 +19,7 @@ pub fn exported(
         }
     };
     if as_json {
-        return out(serde_json::to_string_pretty(r).unwrap_or_default());
+        return out(json::render(r));
     }
     let size: u64 = r.files.iter().map(|f| f.size).sum();
     let shipped: u64 = r.files.iter().map(|f| f.shipped).sum();
@@ -55,7 +55,7 @@ pub fn exported(
 /// Prints what a push did.
 pub fn pushed(r: &qsnap_remote::PushReport, as_json: bool) {
     if as_json {
-        return json(r);
+        return json::print(r);
     }
     println!(
         "pushed {} to {} in {:.1} s: {} files, {} of data in {} chunks; uploaded {} chunks ({} compressed), {} already there ({})",
@@ -78,7 +78,7 @@ pub fn pushed(r: &qsnap_remote::PushReport, as_json: bool) {
 /// Prints what a pull did.
 pub fn pulled(r: &qsnap_remote::PullReport, as_json: bool) {
     if as_json {
-        return json(r);
+        return json::print(r);
     }
     println!(
         "pulled {} from {} in {:.1} s: {} chunks, {} downloaded ({}), {} from the local cache ({})",
@@ -97,7 +97,7 @@ pub fn pulled(r: &qsnap_remote::PullReport, as_json: bool) {
 /// Prints the snapshots a remote holds.
 pub fn remote_list(url: &str, list: &[qsnap_remote::RemoteEntry], as_json: bool) {
     if as_json {
-        return json(&list);
+        return json::print_each(list);
     }
     if list.is_empty() {
         println!("{url} holds no snapshot");
@@ -130,7 +130,7 @@ pub fn remote_list(url: &str, list: &[qsnap_remote::RemoteEntry], as_json: bool)
 /// Prints what `remote gc` did.
 pub fn collected(r: &qsnap_remote::GcReport, as_json: bool) {
     if as_json {
-        return json(r);
+        return json::print(r);
     }
     println!(
         "{}: {} snapshots use {} of {} chunks; removed {} ({}), kept {} unused but younger than the grace period",
@@ -161,7 +161,7 @@ pub fn keys(sk: &std::path::Path, pk: &std::path::Path) {
 /// Prints what an import did.
 pub fn imported(r: &qsnap_engine::ImportReport, as_json: bool) {
     if as_json {
-        return json(r);
+        return json::print(r);
     }
     if r.new_vm {
         println!(

@@ -17,13 +17,15 @@ pub fn qsnap() -> Command {
 
 pub fn in_store(store: &Path) -> impl Fn(&[&str]) -> std::process::Output + '_ {
     move |args| {
-        qsnap()
+        let out = qsnap()
             .env("QSNAP_STORE", store)
             .env("NO_COLOR", "1")
             .args(args)
             .timeout(Duration::from_secs(300))
             .output()
-            .unwrap()
+            .unwrap();
+        qsnap_testkit::json_output::check(args, &out);
+        out
     }
 }
 
@@ -169,7 +171,7 @@ pub async fn resume(store: &Path, vm: &str, report: &Value, (before, after): (u6
     assert!(console.starts_with(store.to_str().unwrap()), "{console}");
     let out = run(&["status", vm, "--json"]);
     ok(&out, "status");
-    assert_eq!(json(&out)["running"], false);
+    assert_eq!(json(&out)["state"]["state"], "stopped");
     let snap = report["snapshot"].as_str().unwrap().to_owned();
     let _kill = KillRecordedQemu::new(store, vm);
     ok(&run(&["revert", vm, &snap]), "revert");

@@ -178,11 +178,13 @@ async fn gc_beside_a_push_removes_nothing_it_needs_and_after_it_exactly_the_unus
                 let mut c = assert_cmd::Command::cargo_bin("qsnap").unwrap();
                 c.env("QSNAP_STORE", &store1)
                     .envs(env.iter().map(|(k, v)| (k, v)));
+                let args = ["remote", "gc", &url, "--grace", "2s", "--json"];
                 let out = c
-                    .args(["remote", "gc", &url, "--grace", "2s", "--json"])
+                    .args(args)
                     .timeout(Duration::from_secs(120))
                     .output()
                     .unwrap();
+                qsnap_testkit::json_output::check(&args, &out);
                 if let Ok(v) = serde_json::from_slice::<Value>(&out.stdout) {
                     removed += v["removed"].as_u64().unwrap_or(0);
                 }

@@ -32,10 +32,13 @@ fn on(store: &Path, sw: &Seaweed) -> impl Fn(&[&str]) -> std::process::Output {
         for (k, v) in &env {
             c.env(k, v);
         }
-        c.args(args)
+        let out = c
+            .args(args)
             .timeout(Duration::from_secs(300))
             .output()
-            .unwrap()
+            .unwrap();
+        qsnap_testkit::json_output::check(args, &out);
+        out
     }
 }
 

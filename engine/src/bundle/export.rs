@@ -68,7 +68,7 @@ impl std::fmt::Debug for ExportOptions {
 }
 
 /// One file an export wrote.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub struct ExportedFile {
     /// Its name in the bundle.
@@ -83,7 +83,7 @@ pub struct ExportedFile {
 }
 
 /// What an export did.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub struct ExportReport {
     /// The VM.

@@ -77,7 +77,7 @@ impl std::fmt::Debug for ImportOptions {
 }
 
 /// What an import did.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub struct ImportReport {
     /// The VM.

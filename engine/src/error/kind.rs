@@ -9,7 +9,7 @@ use super::{BundleError, CreateError, DeleteError, Error, LazyRamError, RevertEr
 use serde::Serialize;
 
 /// What kind of failure an [`Error`] is, for a caller deciding what to do next.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum ErrorKind {
     /// No such VM or snapshot.

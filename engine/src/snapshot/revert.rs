@@ -28,7 +28,7 @@ use tracing::info;
 /// One disk of a prepared revert.
 // Only `prepare` makes one: `discard` removes the overlays it names.
 #[non_exhaustive]
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub struct RevertDisk {
     /// Device name.

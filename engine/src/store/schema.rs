@@ -12,7 +12,7 @@ use std::path::PathBuf;
 pub const SCHEMA: u32 = 1;
 
 /// How a VM came under qsnap.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum Origin {
     /// Started by something else; registered with `attach`.
@@ -22,7 +22,7 @@ pub enum Origin {
 }
 
 /// How to start the VM again: QEMU's command line as the kernel saw it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub struct LaunchCommand {
     /// `argv[0]` first.
@@ -32,7 +32,7 @@ pub struct LaunchCommand {
 }
 
 /// A disk's current top image (what the VM writes to now).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub struct CurrentDisk {
     /// Device name, as in the snapshot manifests (drive id or guest device id).
@@ -48,7 +48,7 @@ pub struct CurrentDisk {
 }
 
 /// One VM in the store (`<store>/vms/<name>/vm.json`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub struct VmRecord {
     /// Layout version ([`SCHEMA`]).
@@ -110,7 +110,7 @@ impl VmRecord {
 }
 
 /// What a clone was made from.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub struct CloneOf {
     /// The source VM.
@@ -122,7 +122,7 @@ pub struct CloneOf {
 }
 
 /// A per-VM file or socket a clone got its own copy of.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub struct MovedPath {
     /// The option it appears in (`-chardev ser`, `-pidfile`, `-qmp`, …).
@@ -134,7 +134,7 @@ pub struct MovedPath {
 }
 
 /// How a snapshot captures the VM.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum Mode {
     /// Memory as it was at the request (background-snapshot); the guest pauses for
@@ -158,7 +158,7 @@ impl std::fmt::Display for Mode {
 }
 
 /// The memory part of a snapshot.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub struct MemoryImage {
     /// The memory file (qsnap header, then QEMU's stream).
@@ -180,7 +180,7 @@ pub struct MemoryImage {
 }
 
 /// Guest RAM as a flat image (zero pages are holes), mapped by a revert instead of loaded.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub struct LazyRam {
     /// The image (`<snapshot>.ram` in the VM's memory directory).
@@ -197,7 +197,7 @@ pub struct LazyRam {
 }
 
 /// Precopy's live phase.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub struct LivePhase {
     /// How long the guest ran while memory was copied.
@@ -209,7 +209,7 @@ pub struct LivePhase {
 }
 
 /// An image file's size and modification time.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub struct ImageStamp {
     /// Size in bytes.
@@ -219,7 +219,7 @@ pub struct ImageStamp {
 }
 
 /// One disk of a snapshot: the image it froze and the overlay the VM went on writing to.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub struct SnapshotDisk {
     /// Device id (`-drive` id) or, for `-blockdev`, the guest device's id.
@@ -245,7 +245,7 @@ pub struct SnapshotDisk {
 }
 
 /// A device a snapshot left alone, and why.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub struct SkippedDisk {
     /// Device id or node name.
@@ -255,7 +255,7 @@ pub struct SkippedDisk {
 }
 
 /// What a snapshot captured and how (the body of a manifest).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub struct CreateReport {
     /// How the VM was captured.
@@ -291,7 +291,7 @@ pub struct CreateReport {
 }
 
 /// One snapshot (`<store>/vms/<vm>/snapshots/<name>.json`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub struct Manifest {
     /// Layout version ([`SCHEMA`]).
@@ -324,7 +324,7 @@ pub struct Manifest {
 }
 
 /// Where an imported snapshot came from.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub struct Imported {
     /// The VM it was exported from.
@@ -342,7 +342,7 @@ pub struct Imported {
 }
 
 /// One file an import wrote.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub struct ImportedFile {
     /// The file.

@@ -65,7 +65,7 @@ impl Replacement {
 }
 
 /// What a clone did.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub struct CloneReport {
     /// The new VM.
@@ -98,7 +98,7 @@ pub struct CloneReport {
 }
 
 /// What removing a clone did.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub struct RemoveReport {
     /// The clone.

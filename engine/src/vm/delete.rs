@@ -42,7 +42,7 @@ impl std::fmt::Debug for DeleteOptions {
 }
 
 /// What a delete did.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub struct DeleteReport {
     /// The snapshots deleted.

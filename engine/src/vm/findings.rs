@@ -5,7 +5,7 @@ use serde::Serialize;
 use std::path::PathBuf;
 
 /// One thing `check` found.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub struct Finding {
     /// What kind: `interrupted`, `relative-path`, `bad-memory`, `missing-image`,
@@ -81,7 +81,7 @@ const REPAIRABLE: &[&str] = &[
 ];
 
 /// What `check` found and did.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub struct CheckReport {
     /// The VM.

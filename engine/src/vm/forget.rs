@@ -26,7 +26,7 @@ pub struct ForgetOptions {
 }
 
 /// What `forget` did and what it left on disk.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub struct ForgetReport {
     /// The VM.
@@ -49,7 +49,7 @@ pub struct ForgetReport {
 }
 
 /// One disk of a forgotten VM.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub struct ForgottenDisk {
     /// The device.

@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 use tracing::warn;
 
 /// A VM's state.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub struct Status {
     /// The VM.
@@ -37,11 +37,15 @@ pub struct Status {
     pub state: VmState,
     /// True while a QEMU runs for this VM: it answers (`running`), it is alive but its
     /// monitor does not answer (`unreachable`), or another qsnap operation holds the VM and
-    /// its recorded QEMU is alive. `state` says which.
+    /// its recorded QEMU is alive. `state` says which. (Not in the JSON: `state` has it.)
+    #[serde(skip)]
     pub running: bool,
-    /// QEMU's run state when its monitor was asked (`running`, `paused`, …).
+    /// QEMU's run state when its monitor was asked (`running`, `paused`, …). (Not in the
+    /// JSON: `state.runstate` has it.)
+    #[serde(skip)]
     pub runstate: Option<String>,
-    /// QEMU's pid.
+    /// QEMU's pid. (Not in the JSON: `state.pid` has it.)
+    #[serde(skip)]
     pub pid: Option<u32>,
     /// The snapshot the current state descends from.
     pub current: Option<String>,
@@ -64,7 +68,7 @@ pub struct Status {
 }
 
 /// An operation left unfinished by a qsnap that is gone (its journal).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub struct Interrupted {
     /// What it was doing (`create s1`, `revert to s2`, …).
@@ -76,7 +80,7 @@ pub struct Interrupted {
 }
 
 /// One disk's backing chain.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub struct DiskChain {
     /// Device name.

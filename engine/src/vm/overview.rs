@@ -12,7 +12,7 @@ use serde::Serialize;
 
 /// One VM's record, its snapshots (oldest first) and what they take on disk: what `list`
 /// shows.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
 pub struct Listing {
     /// The VM's record.
     pub vm: VmRecord,

@@ -48,7 +48,7 @@ pub struct RevertOptions {
 }
 
 /// What a revert did.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub struct RevertReport {
     /// The snapshot reverted to.
@@ -87,7 +87,7 @@ pub struct RevertReport {
 }
 
 /// How a revert brought guest RAM back.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "kebab-case", tag = "how")]
 pub enum RamRestore {
     /// A disk-only snapshot: the guest booted.

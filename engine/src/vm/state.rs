@@ -23,7 +23,7 @@ use qsnap_qmp::types;
 use serde::Serialize;
 
 /// What a VM is doing.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, schemars::JsonSchema)]
 #[serde(tag = "state", rename_all = "kebab-case")]
 pub enum VmState {
     /// QEMU answers on its monitor.

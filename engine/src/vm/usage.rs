@@ -14,7 +14,7 @@ use std::collections::BTreeSet;
 use std::path::PathBuf;
 
 /// One file's size.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub struct Size {
     /// Bytes on disk (blocks allocated; what `du` shows).
@@ -31,7 +31,7 @@ impl Size {
 }
 
 /// What one snapshot takes.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub struct SnapshotUsage {
     /// The snapshot.
@@ -47,7 +47,7 @@ pub struct SnapshotUsage {
 }
 
 /// What a VM's snapshots and overlays take.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub struct Usage {
     /// Per snapshot, oldest first.

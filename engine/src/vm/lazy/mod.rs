@@ -34,7 +34,7 @@ use std::time::Instant;
 use tracing::{info, warn};
 
 /// What `lazy-ram` did.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub struct LazyReport {
     /// The snapshot.

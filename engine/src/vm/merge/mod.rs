@@ -66,7 +66,7 @@ pub struct MergeProgress {
 pub type MergeProgressFn = Arc<dyn Fn(&MergeProgress) + Send + Sync>;
 
 /// One merge (or removal) that happened.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub struct MergeReport {
     /// The disk.
