@@ -44,8 +44,12 @@ command -v zstd >/dev/null 2>&1 || pkgs+=(zstd)
 command -v tar >/dev/null 2>&1 || pkgs+=(tar)
 # procps (ps, pgrep): to look at a test run's QEMUs by hand; nothing in the suite needs it.
 command -v pkill >/dev/null 2>&1 || pkgs+=(procps)
-# (Debian's python3-pytest is for /usr/bin/python3, whatever else python3 may be on PATH.)
+# The pytest plugin's test (python/): pytest, setuptools (pip builds the package offline with
+# it) and mypy (--strict) for /usr/bin/python3, whatever else python3 may be on PATH; and venv.
 /usr/bin/python3 -c 'import pytest' >/dev/null 2>&1 || pkgs+=(python3-pytest)
+/usr/bin/python3 -c 'import setuptools' >/dev/null 2>&1 || pkgs+=(python3-setuptools)
+/usr/bin/python3 -c 'import mypy' >/dev/null 2>&1 || pkgs+=(python3-mypy)
+/usr/bin/python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || pkgs+=(python3-venv)
 # SeaweedFS for the object-store tests installs into a virtualenv (tests/seaweedfs/install.sh).
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || pkgs+=(python3-venv)
 # man (man-db, with groff) renders the manual pages in their test (`man -l`); zsh and fish
