@@ -347,7 +347,7 @@ pub struct CloneArgs {
     /// Replace text in the recorded command line for the clone (repeatable), e.g.
     /// --replace tcp::2222-:22=tcp::2223-:22. OLD and NEW may hold '=': the split taken
     /// is the one whose OLD is in the command line (the middle '=' when several are).
-    #[arg(long, value_name = "OLD=NEW")]
+    #[arg(long, value_name = "OLD=NEW", add = ArgValueCompleter::new(crate::complete::replace_values))]
     pub replace: Vec<String>,
     /// Print the report as JSON.
     #[arg(long)]

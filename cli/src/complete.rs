@@ -130,6 +130,25 @@ fn snapshots(vm: &str) -> Vec<String> {
     names
 }
 
+/// The recorded command line of `vm` (empty when it cannot be read).
+fn recorded_argv(vm: &str) -> Vec<String> {
+    let path = store().join("vms").join(vm).join("vm.json");
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Vec::new();
+    };
+    let Ok(record) = serde_json::from_str::<serde_json::Value>(&text) else {
+        return Vec::new();
+    };
+    record["command"]["argv"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|w| w.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 fn matching(all: Vec<String>, current: &OsStr) -> Vec<CompletionCandidate> {
     let current = current.to_string_lossy();
     all.into_iter()
@@ -141,6 +160,19 @@ fn matching(all: Vec<String>, current: &OsStr) -> Vec<CompletionCandidate> {
 /// Completes a VM name.
 pub fn vm_names(current: &OsStr) -> Vec<CompletionCandidate> {
     matching(vms(), current)
+}
+
+/// Completes `clone`'s `--replace OLD=NEW`: `OLD=` for each text of the source VM's
+/// recorded command line that a clone must not share (a hostfwd rule, the VM's name, …).
+pub fn replace_values(current: &OsStr) -> Vec<CompletionCandidate> {
+    let Some(vm) = positionals().get(2).cloned() else {
+        return Vec::new();
+    };
+    let olds = qsnap_engine::launch::replace_candidates(&recorded_argv(&vm))
+        .into_iter()
+        .map(|old| format!("{old}="))
+        .collect();
+    matching(olds, current)
 }
 
 /// Completes a snapshot name: of the VM the line names (the first argument after the

@@ -79,6 +79,8 @@ async fn completions_load_in_bash_zsh_and_fish_and_name_the_stores_vms_and_snaps
     .await;
     let mut cmd = vec!["run", "web1", "--"];
     cmd.extend(argv.iter().map(String::as_str));
+    // A name a clone must not share: `clone --replace` offers it.
+    cmd.extend(["-name", "web1-guest"]);
     qsnap(&cmd);
     qsnap(&["create", "web1", "before-upgrade", "--disk-only"]);
     // A second VM's snapshot must not be offered for web1.
@@ -137,6 +139,8 @@ async fn completions_load_in_bash_zsh_and_fish_and_name_the_stores_vms_and_snaps
         dir.path().join("none").display()
     )));
     assert!(!got.contains(&"web1".to_owned()), "{got:?}");
+    let got = words(&bash("qsnap clone web1 before-upgrade web2 --replace "));
+    assert_eq!(got, ["web1-guest="], "{got:?}");
     let got = words(&bash("qsnap sh"));
     assert!(
         got.contains(&"show".to_owned()) && got.contains(&"shutdown".to_owned()),

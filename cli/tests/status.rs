@@ -310,7 +310,7 @@ async fn stop_never_says_stopped_while_the_qemu_runs() {
             .running
     );
     let st = json(&run(&["status", "t", "--json"]));
-    assert_eq!(st["state"]["state"], "running", "{st}");
+    assert_ne!(st["state"]["state"], "stopped", "{st}");
     assert!(!dir.path().join("vms/t/journal.json").exists());
 
     drop(holder);

@@ -27,6 +27,7 @@ pub use process::{
 #[cfg_attr(not(feature = "failpoints"), allow(unused_imports))]
 pub(crate) use process::{log_tail, nobody_serves, wait_ready, NotReady};
 pub use ram::RamMapping;
+pub use replace::candidates as replace_candidates;
 pub use tsc::{tsc_frequency_for, TscSource};
 
 use crate::error::Result;

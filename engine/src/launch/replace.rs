@@ -53,6 +53,51 @@ pub(crate) fn split_replacement(r: &str, argv: &[String]) -> Result<(String, Str
     Ok((old.to_owned(), new.to_owned()))
 }
 
+/// What a clone's `--replace` would rewrite in `argv` (`qsnap` first): the texts two VMs
+/// cannot share that `clone` refuses until replaced — each hostfwd rule, a tap or bridge
+/// `ifname=`, the VM's `-name`, a VNC display, a SPICE `port=`, a gdb address. For shell
+/// completion (`OLD=` offered, the user types NEW), so it errs towards offering.
+pub fn candidates(argv: &[String]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for pair in argv.windows(2) {
+        let (Some(f), v) = (pair[0].strip_prefix('-'), &pair[1]) else {
+            continue;
+        };
+        let f = f.trim_start_matches('-');
+        let parts = split_opts(v);
+        let found: Vec<String> = match f {
+            "netdev" | "nic" | "net" => parts
+                .iter()
+                .filter(|p| p.starts_with("hostfwd=") || p.starts_with("ifname="))
+                .map(|p| p.strip_prefix("hostfwd=").unwrap_or(p).to_owned())
+                .collect(),
+            "name" => parts
+                .iter()
+                .find_map(|p| match p.split_once('=') {
+                    Some(("guest", n)) => Some(n.to_owned()),
+                    None => Some(p.clone()),
+                    _ => None,
+                })
+                .into_iter()
+                .collect(),
+            "vnc" if v != "none" => vec![v.clone()],
+            "gdb" => vec![v.clone()],
+            "spice" => parts
+                .iter()
+                .filter(|p| p.starts_with("port=") || p.starts_with("tls-port="))
+                .cloned()
+                .collect(),
+            _ => Vec::new(),
+        };
+        for c in found {
+            if !c.is_empty() && !out.contains(&c) {
+                out.push(c);
+            }
+        }
+    }
+    out
+}
+
 /// How a user could override `-f v` (shown in the refusal).
 pub(super) fn example(f: &str, v: &str) -> String {
     match f {
@@ -96,6 +141,44 @@ fn bump_port(fwd: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn candidates_are_what_a_clone_must_not_share() {
+        let argv: Vec<String> = [
+            "qemu",
+            "-name",
+            "guest=vm1,debug-threads=on",
+            "-netdev",
+            "user,id=n0,hostfwd=tcp::2222-:22,hostfwd=tcp::8080-:80",
+            "-netdev",
+            "tap,id=t0,ifname=tap0",
+            "-vnc",
+            ":1",
+            "-spice",
+            "port=5930,disable-ticketing=on",
+            "-display",
+            "none",
+            "-m",
+            "64",
+        ]
+        .map(String::from)
+        .to_vec();
+        assert_eq!(
+            candidates(&argv),
+            [
+                "vm1",
+                "tcp::2222-:22",
+                "tcp::8080-:80",
+                "ifname=tap0",
+                ":1",
+                "port=5930"
+            ]
+        );
+        let plain: Vec<String> = ["qemu", "-name", "vm2", "-vnc", "none"]
+            .map(String::from)
+            .to_vec();
+        assert_eq!(candidates(&plain), ["vm2"]);
+    }
 
     #[test]
     fn a_replacement_splits_where_its_old_text_is_found() {
