@@ -650,11 +650,15 @@ fn main() -> ExitCode {
                     Kind::Usage,
                     one_line.join(" ").trim_start_matches("error: "),
                     None,
+                    false,
                 );
             }
             return ExitCode::from(u8::try_from(code).unwrap_or(2));
         }
     };
+    // `export … -` writes the bundle on stdout: its report, and its error, go to stderr.
+    let stdout_is_data =
+        matches!(&cli.command, args::Command::Export(a) if a.file.as_os_str() == "-");
     init_logging(cli.verbose);
     // Test builds only: FAILPOINTS in the environment makes steps fail on cue.
     let _failpoints = qsnap_engine::failpoints_from_env();
@@ -682,7 +686,7 @@ fn main() -> ExitCode {
             if err.downcast_ref::<Unclean>().is_none() {
                 eprintln!("qsnap: {message}");
                 if json {
-                    output::error(kind, &message, fix.as_deref());
+                    output::error(kind, &message, fix.as_deref(), stdout_is_data);
                 }
             }
             // Whatever the error (the rollback's "cancelled", or a step the interrupt cut

@@ -293,7 +293,7 @@ pub fn list_all(
     )],
     as_json: bool,
 ) {
-    if answered_for_all(store, all, as_json) {
+    if answered_for_all(store, all, as_json, NAMED) {
         return;
     }
     for (i, (name, l)) in all.iter().enumerate() {
@@ -310,21 +310,30 @@ pub fn list_all(
     }
 }
 
+/// How `status` over every VM names a VM it could not read: as `status VM` does, a string.
+const NAME: fn(&qsnap_engine::VmName) -> String = |n| n.to_string();
+/// How `list` over every VM names one it could not read: as `list VM` does, an object with
+/// its `name` (`vm` is the record there).
+const NAMED: fn(&qsnap_engine::VmName) -> json::Named = |n| json::Named {
+    name: n.to_string(),
+};
+
 /// What every command "on all VMs" prints before its text: with `--json`, the list of the
 /// one-VM objects (`{"vm", "error"}` for a VM that cannot be read); without, that the store
 /// has no VMs. True when that was the whole answer.
-fn answered_for_all<T: Serialize>(
+fn answered_for_all<T: Serialize, V: Serialize>(
     store: &std::path::Path,
     all: &[(qsnap_engine::VmName, qsnap_engine::Result<T>)],
     as_json: bool,
+    vm: fn(&qsnap_engine::VmName) -> V,
 ) -> bool {
     if as_json {
-        let items: Vec<json::ForVm<&T>> = all
+        let items: Vec<json::ForVm<&T, V>> = all
             .iter()
             .map(|(name, one)| match one {
                 Ok(one) => json::ForVm::Read(one),
                 Err(e) => json::ForVm::Unreadable {
-                    vm: name.to_string(),
+                    vm: vm(name),
                     error: json::Failure {
                         kind: e.kind(),
                         message: e.to_string(),
@@ -480,7 +489,7 @@ pub fn status_all(
     all: &[(qsnap_engine::VmName, qsnap_engine::Result<Status>)],
     as_json: bool,
 ) {
-    if answered_for_all(store, all, as_json) {
+    if answered_for_all(store, all, as_json, NAME) {
         return;
     }
     println!(
@@ -549,16 +558,22 @@ pub fn stopped(vm: &str, outcome: &StopOutcome) {
     }
 }
 
-/// An error as JSON on stdout (`--json`): `{"error": {"kind", "message", "fix"}}`, so that a
-/// script reading stdout gets an object either way.
-pub fn error(kind: qsnap_engine::ErrorKind, message: &str, fix: Option<&str>) {
-    json::print(&json::Failed {
+/// An error as JSON (`--json`): `{"format": 1, "error": {"kind", "message", "fix"}}`, on
+/// stdout so that a script reading it gets an object either way, or on stderr when stdout
+/// carries data (`export … -`).
+pub fn error(kind: qsnap_engine::ErrorKind, message: &str, fix: Option<&str>, on_stderr: bool) {
+    let failed = json::Failed {
         error: json::Failure {
             kind,
             message: message.to_owned(),
             fix: fix.map(str::to_owned),
         },
-    });
+    };
+    if on_stderr {
+        eprintln!("{}", json::render(&failed));
+    } else {
+        json::print(&failed);
+    }
 }
 
 /// Says how `shutdown` ended the VM.

@@ -171,8 +171,9 @@ impl Rig {
     }
 
     fn running(&self) -> bool {
-        let st = json(&self.qsnap(&["status", "g", "--json"]));
-        st["state"]["state"] != "stopped"
+        let out = self.qsnap(&["status", "g", "--json"]);
+        assert!(out.status.success(), "status: {}", show(&out));
+        json(&out)["state"]["state"] != "stopped"
     }
 
     fn snapshots(&self) -> Vec<String> {

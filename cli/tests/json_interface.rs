@@ -105,6 +105,15 @@ fn an_output_that_drifts_from_its_schema_is_caught() {
     // A field the schema does not name is an addition, not a break.
     assert!(!drifted(&|v| v["later"] = true.into()));
 
+    // `export … -` gives stdout to the bundle: its error object goes to stderr.
+    let out = qsnap(store.path(), &["export", "nosuch", "s1", "-", "--json"]);
+    assert_eq!(out.status.code(), Some(4), "{out:?}");
+    assert!(out.stdout.is_empty(), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    let object = &err[err.find("\n{").map_or(0, |i| i + 1)..];
+    let v: Value = serde_json::from_str(object).unwrap_or_else(|e| panic!("{e}: {err}"));
+    assert_eq!(v["error"]["kind"], "not-found", "{v}");
+
     // The outputs over every VM are lists (empty here) whose elements carry the format.
     for command in ["status", "list"] {
         let out = qsnap(store.path(), &[command, "--json"]);

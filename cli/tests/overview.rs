@@ -134,6 +134,11 @@ async fn status_and_list_without_a_name_show_every_vm() {
     assert_eq!(all[0]["vm"], "a", "{all}");
     let said = text(&ok(run(&["status"])).stdout);
     assert!(said.contains("cannot be read"), "{said}");
+    // In `list`, `vm` stays an object (the record's place), holding the name.
+    let lists = json(&ok(run(&["list", "--json"])));
+    assert_eq!(lists[3]["vm"]["name"], "c", "{lists}");
+    assert!(lists[3]["error"]["message"].is_string(), "{lists}");
+    assert_eq!(lists[0]["vm"]["name"], "a", "{lists}");
     // (Removing anything reads every record first: an unreadable one refuses unlinks.)
     std::fs::write(&record, good).unwrap();
 

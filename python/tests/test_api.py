@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from conftest import disk_has, disk_write, guest_argv
-from qsnap import FORMAT, Golden, Qsnap, QsnapError, Vm, agent_answers, console_prints
+from qsnap import FORMAT, Golden, NotReady, Qsnap, QsnapError, Vm, agent_answers, console_prints
 
 
 def test_errors_carry_the_exit_code_and_kind(qsnap: Qsnap) -> None:
@@ -47,9 +47,19 @@ def test_a_fork_snapshots_reverts_and_deletes_its_own(vm: Vm) -> None:
     assert vm.snapshots() == []
 
 
-def test_the_same_command_line_is_the_same_golden(qsnap: Qsnap, golden: Golden, golden_dir: Path) -> None:
+def test_the_same_command_line_is_the_same_golden(qsnap: Qsnap, golden: Golden, golden_dir: Path, vm: Vm) -> None:
     again = qsnap.golden(guest_argv(golden_dir), ready=console_prints("never printed"))
     assert again.vm.name == golden.vm.name and again.snapshot == golden.snapshot
+    # Its fork does not take the name of the fork `vm` (of the other Golden object).
+    with again.fork() as other:
+        assert other.name != vm.name
+        other.remove()  # gone before the `with` ends: its exit is still fine
+    # The golden's overlays are in the store, not beside the command line's disk.
+    assert sorted(p.name for p in golden_dir.iterdir()) == ["console.log", "disk.qcow2", "qga.sock"]
+    # A handle that does not own its VM leaves it alone on exit.
+    with qsnap.vm(golden.vm.name):
+        pass
+    assert golden.snapshot in golden.vm.snapshots()
 
 
 def test_a_cached_golden_is_imported_not_booted(tmp_path: Path) -> None:
@@ -65,6 +75,17 @@ def test_a_cached_golden_is_imported_not_booted(tmp_path: Path) -> None:
         first.close()
     second = Qsnap(tmp_path / "s2", binary=binary)
     try:
+        # Another snapshot name is another golden: not the cached one, so it boots (and is
+        # never ready here).
+        with pytest.raises(NotReady):
+            second.golden(argv, ready=lambda vm: False, snapshot="other", cache_dir=cache, timeout=1)
+        # A cache another user could write into is refused (its command lines run trusted).
+        shared = tmp_path / "shared"
+        shared.mkdir(mode=0o777)
+        shared.chmod(0o777)
+        with pytest.raises(QsnapError) as e:
+            second.golden(argv, ready=agent_answers(), cache_dir=shared)
+        assert e.value.kind == "usage", e.value
         # A check that never passes: the golden must come from the cache, without a boot.
         cached = second.golden(argv, ready=lambda vm: False, cache_dir=cache, timeout=1)
         assert cached.vm.name == made.vm.name

@@ -89,6 +89,13 @@ pub fn validate(name: &str, value: &Value) {
         problems.join("\n"),
         serde_json::to_string_pretty(value).unwrap_or_default()
     );
+}
+
+/// Notes that a real output of `name` was checked (an empty list proves nothing).
+fn log_checked(name: &str, value: &Value) {
+    if value.as_array().is_some_and(Vec::is_empty) {
+        return;
+    }
     if let Some(log) = std::env::var_os(CHECKED_LOG) {
         use std::io::Write;
         // One short O_APPEND write per line: lines from parallel tests do not interleave.
@@ -102,33 +109,47 @@ pub fn validate(name: &str, value: &Value) {
     }
 }
 
-/// Checks what qsnap printed for `args` against its schema, when `args` asked for JSON and
-/// qsnap printed it on stdout: the command's schema, or `error` for a failure. Output
-/// of a qsnap killed by a signal (no exit code) is not checked: it may be cut short.
+/// The pretty-printed JSON object in `text` (from a line `{` to the last line `}`): what
+/// `export … - --json` prints on stderr, the bundle having stdout.
+fn object_in(text: &str) -> Option<Value> {
+    let lines: Vec<&str> = text.lines().collect();
+    let start = lines.iter().position(|l| *l == "{")?;
+    let end = lines.iter().rposition(|l| *l == "}")?;
+    serde_json::from_str(&lines.get(start..=end)?.join("\n")).ok()
+}
+
+/// Checks what qsnap printed for `args` against its schema, when `args` asked for JSON: the
+/// command's schema, or `error` for a failure (`check` prints its report, not an error, when
+/// problems remain). A failed command must have printed its error object. Output of a qsnap
+/// killed by a signal (no exit code) is not checked: it may be cut short.
 pub fn check<S: AsRef<OsStr>>(args: &[S], out: &Output) {
     let Some(mut name) = schema_name(args) else {
         return;
     };
-    if out.status.code().is_none() || out.stdout.iter().all(u8::is_ascii_whitespace) {
+    if out.status.code().is_none() {
         return;
     }
-    let value: Value = match serde_json::from_slice(&out.stdout) {
-        Ok(v) => v,
-        // `export … -` writes the bundle on stdout (its report goes to stderr).
-        Err(_) if name == "export" => return,
-        Err(e) => panic!(
-            "qsnap {} --json printed no JSON ({e}):\n{}",
-            name,
-            String::from_utf8_lossy(&out.stdout)
-        ),
+    let printed = match serde_json::from_slice::<Value>(&out.stdout) {
+        Ok(v) => Some(v),
+        // `export … -`: the bundle went to stdout, the report (or error) to stderr.
+        Err(_) if name == "export" => object_in(&String::from_utf8_lossy(&out.stderr)),
+        Err(_) => None,
+    };
+    let Some(value) = printed else {
+        panic!(
+            "qsnap {name} --json (exit {:?}) printed no JSON:\nstdout: {}\nstderr: {}",
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
     };
     if !out.status.success() && value.get("error").is_some() {
-        // (`check` prints its report, not an error, when problems remain.)
         name = "error".to_owned();
     } else if value.is_array() && (name == "status" || name == "list") {
         name.push_str("-all");
     }
     validate(&name, &value);
+    log_checked(&name, &value);
 }
 
 #[cfg(test)]

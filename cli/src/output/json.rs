@@ -92,18 +92,27 @@ pub struct Failure {
 }
 
 /// One VM in an output over every VM: what the one-VM command prints, or why it could not.
+/// `vm` has the one-VM output's type either way (`status`: the name; `list`: an object
+/// with the `name`, as the record is).
 #[derive(Serialize, JsonSchema)]
 #[serde(untagged)]
-pub enum ForVm<T> {
+pub enum ForVm<T, V> {
     /// What `status VM --json` (or `list VM --json`) prints.
     Read(T),
     /// A VM whose state could not be read.
     Unreadable {
         /// The VM.
-        vm: String,
+        vm: V,
         /// Why.
         error: Failure,
     },
+}
+
+/// A VM `list` could not read, named as its record would name it.
+#[derive(Serialize, JsonSchema)]
+pub struct Named {
+    /// The VM.
+    pub name: String,
 }
 
 /// What `shutdown` did.
@@ -267,7 +276,7 @@ pub const OUTPUTS: &[Output] = &[
     Output {
         name: "list-all",
         what: "qsnap list --json: every VM's snapshot tree",
-        schema: each::<ForVm<Listing>>,
+        schema: each::<ForVm<Listing, Named>>,
     },
     Output {
         name: "pull",
@@ -322,7 +331,7 @@ pub const OUTPUTS: &[Output] = &[
     Output {
         name: "status-all",
         what: "qsnap status --json: every VM's state",
-        schema: each::<ForVm<Status>>,
+        schema: each::<ForVm<Status, String>>,
     },
 ];
 

@@ -81,6 +81,7 @@ async fn snapshots_of_every_kind_move_to_another_store_and_resume_at_their_tick(
         .output()
         .unwrap();
     ok(&out, "export | import");
+    qsnap_testkit::json_output::check(&["import", "-", "pre", "--json"], &out);
     resume(&b, "pre", &json(&out), pre).await;
 
     // Lazy RAM: the RAM image and device state travel.

@@ -194,6 +194,7 @@ async fn gc_beside_a_push_removes_nothing_it_needs_and_after_it_exactly_the_unus
     });
     let out = finish(push, 300);
     assert!(out.status.success(), "{}", text(&out.stderr));
+    qsnap_testkit::json_output::check(&["push", "vm1", "s1", &url, "--json"], &out);
     let removed = gc.join().unwrap();
     let r = json(&out);
     assert_eq!(

@@ -26,11 +26,13 @@ use serde::Serialize;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, schemars::JsonSchema)]
 #[serde(tag = "state", rename_all = "kebab-case")]
 pub enum VmState {
-    /// QEMU answers on its monitor.
+    /// QEMU answers on its monitor; or another qsnap operation holds the VM (its monitor
+    /// is that operation's) and the recorded QEMU is alive.
     Running {
         /// QEMU's pid (from the socket's peer credentials), when known.
         pid: Option<u32>,
-        /// QEMU's run state (`running`, `paused`, …).
+        /// QEMU's run state (`running`, `paused`, …); `unknown` when its monitor was not
+        /// asked (another operation holds it) or did not say.
         runstate: String,
     },
     /// A QEMU is there but its monitor does not answer.

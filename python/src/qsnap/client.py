@@ -11,9 +11,12 @@ import hashlib
 import json
 import os
 import shutil
+import signal
+import stat
 import subprocess
 import time
 import types
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
@@ -24,6 +27,12 @@ from .ready import Ready
 FORMAT = 1
 
 Json = Dict[str, Any]
+
+#: The exit codes' kinds, for a failure that printed no error object.
+_KINDS = {1: "failed", 2: "usage", 3: "unreachable", 4: "not-found", 5: "busy", 6: "refused", 130: "cancelled", 143: "cancelled"}
+
+#: Exit codes after which qsnap changed nothing (bad usage, not found, busy, refused).
+_NOTHING_CHANGED = (2, 4, 5, 6)
 
 
 def _flags(opts: Dict[str, Any]) -> List[str]:
@@ -70,12 +79,15 @@ class Qsnap:
         #: Seconds any one command may take.
         self.timeout = timeout
         self._made: List[str] = []
+        self._forks: Dict[str, int] = {}
+        #: Per VM, the console log's size when it was last (re)started: waits read after it.
+        self._console_from: Dict[str, int] = {}
 
     # -- running the CLI ----------------------------------------------------------------------
 
     def call(self, *args: str, timeout: Optional[float] = None) -> Any:
-        """Runs `qsnap ARGS… --json` (the `--json` goes before a `--`) and returns its output;
-        raises `QsnapError` when it fails."""
+        """Runs `qsnap ARGS… --json` (the `--json` goes before a `--`) for a command that has
+        `--json`, and returns its output; raises `QsnapError` when it fails."""
         args_list = list(args)
         cut = args_list.index("--") if "--" in args_list else len(args_list)
         command = args_list[:cut] + ["--json"] + args_list[cut:]
@@ -87,17 +99,25 @@ class Qsnap:
     def _run(self, command: List[str], timeout: Optional[float]) -> "subprocess.CompletedProcess[str]":
         env = dict(os.environ, NO_COLOR="1")
         env.pop("QSNAP_COMPLETE", None)
+        limit = self.timeout if timeout is None else timeout
+        argv = [self.binary, "--store", str(self.store), *command]
         try:
-            out = subprocess.run(
-                [self.binary, "--store", str(self.store), *command],
-                capture_output=True, text=True, env=env,
-                timeout=self.timeout if timeout is None else timeout,
-            )
+            proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
         except FileNotFoundError:
             raise QsnapError(command, 127, "failed",
                              f"the qsnap binary {self.binary!r} was not found (install qsnap, or pass binary=PATH)") from None
-        except subprocess.TimeoutExpired as e:
-            raise QsnapError(command, 1, "failed", f"no answer within {e.timeout} s") from None
+        try:
+            stdout, stderr = proc.communicate(timeout=limit)
+        except subprocess.TimeoutExpired:
+            # SIGTERM first: qsnap rolls back what it started; SIGKILL only if it does not end.
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.communicate(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.communicate()
+            raise QsnapError(command, 1, "failed", f"no answer within {limit:g} s; qsnap was interrupted") from None
+        out = subprocess.CompletedProcess(argv, proc.returncode, stdout, stderr)
         if out.returncode != 0:
             error: Json = {}
             try:
@@ -107,11 +127,24 @@ class Qsnap:
             except ValueError:
                 pass
             raise QsnapError(
-                command, out.returncode, str(error.get("kind", "failed")),
+                command, out.returncode, str(error.get("kind") or _KINDS.get(out.returncode, "failed")),
                 str(error.get("message") or out.stderr.strip() or "(no message)"),
                 error.get("fix"),
             )
         return out
+
+    def _making(self, name: str, *args: str) -> Any:
+        """Runs a command that makes VM `name`, which `close` then removes: recorded before
+        the command (a run cut short may have made it), forgotten again when qsnap says it
+        changed nothing."""
+        if name not in self._made:
+            self._made.append(name)
+        try:
+            return self.call(*args)
+        except QsnapError as e:
+            if e.code in _NOTHING_CHANGED and name in self._made:
+                self._made.remove(name)
+            raise
 
     @staticmethod
     def _parsed(command: List[str], out: "subprocess.CompletedProcess[str]") -> Any:
@@ -124,9 +157,10 @@ class Qsnap:
 
     def run(self, name: str, argv: Sequence[str]) -> "Vm":
         """Starts QEMU with `argv` under qsnap as VM `name` (stopped and removed by `close`)."""
-        self.call("run", name, "--", *argv)
-        self._made.append(name)
-        return Vm(self, name)
+        log = _console_in(list(argv), Path.cwd())
+        self._console_from[name] = _size(log)
+        self._making(name, "run", name, "--", *argv)
+        return Vm(self, name, owned=True)
 
     def vm(self, name: str) -> "Vm":
         """The VM `name` of the store (`QsnapError` with code 4 when there is none)."""
@@ -155,23 +189,35 @@ class Qsnap:
         and the size and time of QEMU's binary and of the files it boots from (`-kernel`,
         `-initrd`, `-bios`, `-dtb`); a later session imports it instead of booting. Disks
         count by path only: give a changed base image a new path, or empty the cache."""
-        key = _golden_key(argv)
+        key = _golden_key(argv, snapshot, self._version())
         name = f"golden-{key[:8]}"
         vm = Vm(self, name)
         known = {v.get("vm") for v in self.vms()}
         if name in known and snapshot in vm.snapshots():
             return Golden(vm, snapshot)
-        bundle = Path(cache_dir) / f"{key}.qsnap" if cache_dir is not None else None
+        bundle = _cache(cache_dir) / f"{key}.qsnap" if cache_dir is not None else None
         if bundle is not None and bundle.exists() and name not in known:
-            self.call("import", str(bundle), name, "--trust-command-line")
-            self._made.append(name)
-            return Golden(vm, snapshot)
+            try:
+                # The cache is private to its user (`_cache`): its command lines are trusted.
+                self._making(name, "import", str(bundle), name, "--trust-command-line")
+                return Golden(vm, snapshot)
+            except QsnapError as e:
+                warnings.warn(f"pytest-qsnap: the cached golden {bundle} could not be imported ({e}); it is removed and the VM booted")
+                bundle.unlink()
+                if name in self._made:
+                    try:
+                        self.call("forget", name, "--stop", "--with-snapshots")
+                    except QsnapError:
+                        pass
+                    self._made.remove(name)
         if name not in known:
             self.run(name, argv)
         _wait(lambda: ready(vm), timeout, name, ready.__doc__ or "the readiness check", vm)
-        vm.create(snapshot, lazy_ram=True)
+        # Its overlays in the store, not beside the command line's images.
+        overlays = self.store / "overlays" / name
+        overlays.mkdir(mode=0o700, parents=True, exist_ok=True)
+        vm.create(snapshot, lazy_ram=True, overlay_dir=str(overlays))
         if bundle is not None:
-            bundle.parent.mkdir(parents=True, exist_ok=True)
             partial = bundle.with_name(f".{bundle.name}.{os.getpid()}")
             if partial.exists():
                 partial.unlink()
@@ -179,33 +225,88 @@ class Qsnap:
             os.replace(partial, bundle)
         return Golden(vm, snapshot)
 
+    def _version(self) -> str:
+        return self._run(["--version"], 30).stdout.strip()
+
+    def fork_name(self, vm: str) -> str:
+        """A name for the next fork of `vm` that no VM of the store has."""
+        taken = {v.get("vm") for v in self.vms()}
+        while True:
+            self._forks[vm] = self._forks.get(vm, 0) + 1
+            # Short: a clone's sockets live under its directory, and a socket path has 108 bytes.
+            name = f"{vm}-{self._forks[vm]}"
+            if name not in taken:
+                return name
+
     def close(self) -> None:
-        """Stops and removes every VM this `Qsnap` made, clones first; raises the first
-        failure after trying them all."""
+        """Stops and removes every VM this `Qsnap` made, clones first; a VM that cannot be
+        removed is at least stopped. Raises the first failure after trying them all."""
         failures: List[QsnapError] = []
-        for name in reversed(self._made):
-            vm = Vm(self, name)
+        for name in reversed(list(self._made)):
             try:
-                if vm.status().get("clone-of") is not None:
-                    vm.remove()
-                else:
-                    self.call("forget", name, "--stop", "--with-snapshots")
+                Vm(self, name)._dispose()
             except QsnapError as e:
-                if e.code != 4:
-                    failures.append(e)
+                failures.append(e)
+                try:
+                    self._run(["stop", name], None)
+                except QsnapError:
+                    pass
         self._made.clear()
         if failures:
             raise failures[0]
+
+
+def _size(path: Optional[Path]) -> int:
+    try:
+        return path.stat().st_size if path is not None else 0
+    except OSError:
+        return 0
+
+
+def _cache(cache_dir: Union[str, "os.PathLike[str]"]) -> Path:
+    """The cache directory, made 0700; refused when another user could write bundles into
+    it (their command lines would run with `--trust-command-line`)."""
+    path = Path(cache_dir)
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = path.stat()
+    if st.st_uid != os.getuid() or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise QsnapError(
+            ["golden", "cache_dir"], 2, "usage",
+            f"{path} may be written by another user, and a cached golden's command line is run as trusted: "
+            "use a directory of your own (chmod go-w)",
+        )
+    return path
+
+
+def _console_in(argv: List[str], cwd: Path) -> Optional[Path]:
+    """The file a command line logs its serial console to (`-chardev file,id=ID,path=P`
+    that `-serial chardev:ID` uses, or `-serial file:P`)."""
+    files: Dict[str, str] = {}
+    serial: List[str] = []
+    for opt, val in zip(argv, argv[1:]):
+        if opt == "-chardev" and val.startswith("file,"):
+            props = dict(p.split("=", 1) for p in val.split(",")[1:] if "=" in p)
+            if "id" in props and "path" in props:
+                files[props["id"]] = props["path"]
+        elif opt == "-serial":
+            serial.append(val)
+    for s in serial:
+        if s.startswith("chardev:") and s[len("chardev:"):] in files:
+            return cwd / files[s[len("chardev:"):]]
+        if s.startswith("file:"):
+            return cwd / s[len("file:"):]
+    return None
 
 
 #: Options whose file QEMU only reads: its identity (size, mtime) is part of a golden's key.
 _BOOT_FILES = ("-kernel", "-initrd", "-bios", "-dtb")
 
 
-def _golden_key(argv: Sequence[str]) -> str:
-    """The command line, and the identity (size, mtime) of QEMU's binary and of the files it
-    boots from. Disk images are named by path only: the guest writes them."""
-    h = hashlib.sha256(json.dumps(list(argv)).encode())
+def _golden_key(argv: Sequence[str], snapshot: str, version: str) -> str:
+    """The command line, the snapshot's name, qsnap's version, and the identity (size,
+    mtime) of QEMU's binary and of the files it boots from. Disk images count by path only:
+    the guest writes them."""
+    h = hashlib.sha256(json.dumps([list(argv), snapshot, version]).encode())
     files = [shutil.which(argv[0]) or argv[0]] if argv else []
     files += [value for opt, value in zip(argv, argv[1:]) if opt in _BOOT_FILES]
     for path in files:
@@ -227,12 +328,15 @@ def _wait(check: Callable[[], bool], timeout: float, vm: str, what: str, subject
 
 
 class Vm:
-    """One VM of the store. As a context manager, it is removed on exit (a clone) or
-    stopped and forgotten (any other VM), also when the block raised."""
+    """One VM of the store. The handle `run`, `clone` or `Golden.fork` returns owns its VM:
+    as a context manager it disposes of it on exit, also when the block raised (a clone
+    removed, any other VM stopped and forgotten: its snapshots' memory files deleted, never
+    a disk image). Other handles (`Qsnap.vm`, a golden's) leave the VM as it is."""
 
-    def __init__(self, qsnap: Qsnap, name: str) -> None:
+    def __init__(self, qsnap: Qsnap, name: str, owned: bool = False) -> None:
         self.qsnap = qsnap
         self.name = name
+        self.owned = owned
 
     def __repr__(self) -> str:
         return f"Vm({self.name!r})"
@@ -246,10 +350,26 @@ class Vm:
         value: Optional[BaseException],
         tb: Optional[types.TracebackType],
     ) -> None:
-        if self.status().get("clone-of") is not None:
-            self.remove()
-        else:
-            self.qsnap.call("forget", self.name, "--stop", "--with-snapshots")
+        if not self.owned:
+            return
+        try:
+            self._dispose()
+        except QsnapError as e:
+            if value is None:
+                raise
+            # The test's own failure matters more; `Qsnap.close` tries again.
+            warnings.warn(f"pytest-qsnap: {self.name} could not be removed: {e}")
+
+    def _dispose(self) -> None:
+        """Removes a clone, or stops and forgets any other VM; gone already is fine."""
+        try:
+            if self.status().get("clone-of") is not None:
+                self.remove()
+            else:
+                self.qsnap.call("forget", self.name, "--stop", "--with-snapshots")
+        except QsnapError as e:
+            if e.code != 4:
+                raise
         if self.name in self.qsnap._made:
             self.qsnap._made.remove(self.name)
 
@@ -280,21 +400,17 @@ class Vm:
         """The file its serial console is logged to, when its command line has one
         (`-chardev file,id=ID,path=P` that `-serial chardev:ID` uses, or `-serial file:P`)."""
         argv, cwd = self._argv()
-        files: Dict[str, str] = {}
-        serial: List[str] = []
-        for opt, val in zip(argv, argv[1:]):
-            if opt == "-chardev" and val.startswith("file,"):
-                props = dict(p.split("=", 1) for p in val.split(",")[1:] if "=" in p)
-                if "id" in props and "path" in props:
-                    files[props["id"]] = props["path"]
-            elif opt == "-serial":
-                serial.append(val)
-        for s in serial:
-            if s.startswith("chardev:") and s[len("chardev:"):] in files:
-                return cwd / files[s[len("chardev:"):]]
-            if s.startswith("file:"):
-                return cwd / s[len("file:"):]
-        return None
+        return _console_in(argv, cwd)
+
+    def console_text(self) -> str:
+        """What its console printed since qsnap last started it (`run`, `clone`, `revert`
+        through this `Qsnap`); the whole log for a VM it did not start."""
+        log = self.console_log
+        if log is None or not log.exists():
+            return ""
+        with open(log, "rb") as f:
+            f.seek(self.qsnap._console_from.get(self.name, 0))
+            return f.read().decode(errors="replace")
 
     @property
     def agent_socket(self) -> Optional[Path]:
@@ -303,23 +419,14 @@ class Vm:
         return Path(path) if path else None
 
     def console_tail(self, chars: int = 2000) -> str:
-        log = self.console_log
-        if log is None or not log.exists():
-            return "(no console log)"
-        return log.read_text(errors="replace")[-chars:]
+        return self.console_text()[-chars:] or "(nothing on its console)"
 
     def wait_console(self, text: str, timeout: float = 60) -> None:
-        """Waits until its console log holds `text` (`NotReady` after `timeout` s)."""
-        log = self.console_log
-        if log is None:
+        """Waits until its console prints `text` — since qsnap last started it, so a revert's
+        wait never matches what the replaced QEMU printed (`NotReady` after `timeout` s)."""
+        if self.console_log is None:
             raise ValueError(f"{self.name}: its command line logs no serial console to a file")
-
-        path: Path = log
-
-        def seen() -> bool:
-            return path.exists() and text in path.read_text(errors="replace")
-
-        _wait(seen, timeout, self.name, f"the console printing {text!r}", self)
+        _wait(lambda: text in self.console_text(), timeout, self.name, f"the console printing {text!r}", self)
 
     # -- what it does -------------------------------------------------------------------------
 
@@ -332,6 +439,7 @@ class Vm:
 
     def revert(self, snapshot: str, **opts: Any) -> Json:
         """`qsnap revert NAME SNAPSHOT` (`paused=True`, `keep_current="name"`, …)."""
+        self.qsnap._console_from[self.name] = _size(self.console_log)
         value = self.qsnap.call("revert", self.name, snapshot, *_flags(opts))
         assert isinstance(value, dict)
         return value
@@ -345,9 +453,10 @@ class Vm:
     def clone(self, snapshot: str, name: str, **opts: Any) -> "Vm":
         """A new running VM from `snapshot` (`paused=True`, `replace=["OLD=NEW", …]`); a
         context manager that removes it."""
-        self.qsnap.call("clone", self.name, snapshot, name, *_flags(opts))
-        self.qsnap._made.append(name)
-        return Vm(self.qsnap, name)
+        # Its console file is its own, new: all of it is the clone's.
+        self.qsnap._console_from[name] = 0
+        self.qsnap._making(name, "clone", self.name, snapshot, name, *_flags(opts))
+        return Vm(self.qsnap, name, owned=True)
 
     def stop(self) -> None:
         """Stops its QEMU (`quit`, then SIGKILL)."""
@@ -374,7 +483,7 @@ class Vm:
         try:
             return json.loads(out.stdout)
         except ValueError:
-            return out.stdout
+            raise QsnapError(words, 1, "failed", f"QEMU's reply is not JSON: {out.stdout[:200]!r}") from None
 
 
 class Golden:
@@ -383,12 +492,9 @@ class Golden:
     def __init__(self, vm: Vm, snapshot: str) -> None:
         self.vm = vm
         self.snapshot = snapshot
-        self._forks = 0
 
     def fork(self, name: Optional[str] = None) -> Vm:
         """A new running VM at the golden instant: its own disks (overlays), monitor,
         console and sockets. Use it as a context manager: it is removed on exit, also when
         the test fails (and `Qsnap.close` removes any left)."""
-        self._forks += 1
-        # Short: the clone's sockets live under its directory, and a socket path has 108 bytes.
-        return self.vm.clone(self.snapshot, name or f"{self.vm.name}-{self._forks}")
+        return self.vm.clone(self.snapshot, name or self.vm.qsnap.fork_name(self.vm.name))

@@ -18,8 +18,9 @@ Ready = Callable[["Vm"], bool]
 
 
 def console_prints(text: str) -> Ready:
-    """Ready once the VM's serial console log holds `text` (the command line must log its
-    console to a file: `-chardev file,id=…,path=…` with `-serial chardev:…`)."""
+    """Ready once the VM's serial console prints `text` after qsnap started it (the command
+    line must log its console to a file: `-chardev file,id=…,path=…` with `-serial
+    chardev:…`)."""
 
     def check(vm: Vm) -> bool:
         log = vm.console_log
@@ -28,10 +29,7 @@ def console_prints(text: str) -> Ready:
                 f"{vm.name}: its command line logs no serial console to a file; "
                 "console_prints needs -chardev file,...,path=LOG and -serial chardev:ID"
             )
-        try:
-            return text in log.read_text(errors="replace")
-        except FileNotFoundError:
-            return False
+        return text in vm.console_text()
 
     check.__doc__ = f"the console prints {text!r}"
     return check
