@@ -18,7 +18,7 @@ use std::path::PathBuf;
     after_help = "Names (VMs and snapshots): 1-64 of letters, digits, '.', '_', '-', not starting with '.' or '-'.\n\
                   Exit codes: 0 done, 1 failed, 2 bad usage, 3 the VM's monitor cannot be reached, 4 no such VM or\n\
                   snapshot, 5 busy (another operation holds the VM: retry, or --wait), 6 refused (nothing changed),\n\
-                  130/143 interrupted (Ctrl-C/SIGTERM). With --json, an error is also {\"format\": 1, \"error\": {\"kind\", \"message\", \"fix\"}} on stdout; every --json output carries \"format\" (schemas: docs/json/)."
+                  130/143 interrupted (Ctrl-C/SIGTERM). With --json, an error is also {\"format\": 1, \"error\": {\"kind\", \"message\", \"fix\"}} on stdout (on stderr for export to -); every --json output carries \"format\" (schemas: docs/json/)."
 )]
 pub struct Cli {
     /// More log output on stderr (-v: info, -vv: debug, -vvv: QMP wire trace). RUST_LOG wins.

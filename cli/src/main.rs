@@ -610,13 +610,6 @@ fn main() -> ExitCode {
             );
         }
     }
-    if std::env::var_os("QSNAP_STORE").is_some_and(|v| v.is_empty()) {
-        eprintln!(
-            "qsnap: QSNAP_STORE is set but empty: unset it to use the default store ({}), or set it to a directory",
-            Store::default_root().display()
-        );
-        return ExitCode::from(2);
-    }
     // The command's own --json, before `--` (after it, the words are QEMU's). As OS strings:
     // an argument need not be UTF-8 (a path).
     let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
@@ -624,6 +617,17 @@ fn main() -> ExitCode {
         .iter()
         .take_while(|a| *a != "--")
         .any(|a| a == "--json");
+    if std::env::var_os("QSNAP_STORE").is_some_and(|v| v.is_empty()) {
+        let message = format!(
+            "QSNAP_STORE is set but empty: unset it to use the default store ({}), or set it to a directory",
+            Store::default_root().display()
+        );
+        eprintln!("qsnap: {message}");
+        if json {
+            output::error(Kind::Usage, &message, None, false);
+        }
+        return ExitCode::from(2);
+    }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
@@ -669,7 +673,11 @@ fn main() -> ExitCode {
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("qsnap: cannot start the async runtime: {e}");
+            let message = format!("cannot start the async runtime: {e}");
+            eprintln!("qsnap: {message}");
+            if json {
+                output::error(Kind::Failed, &message, None, stdout_is_data);
+            }
             return ExitCode::from(1);
         }
     };

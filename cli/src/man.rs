@@ -37,7 +37,7 @@ Refused: nothing was changed, and retrying as it is will not help.
 \fB130\fR, \fB143\fR
 Interrupted by SIGINT (Ctrl\-C) or SIGTERM; what was not done was rolled back.
 .PP
-With \fB\-\-json\fR a failure also prints {"format": 1, "error": {"kind", "message", "fix"}} on standard output. Every \fB\-\-json\fR output carries "format" (its JSON Schemas are in qsnap's docs/json/; CHANGELOG.md says what changes a format).
+With \fB\-\-json\fR a failure also prints {"format": 1, "error": {"kind", "message", "fix"}} on standard output (on standard error for \fBexport\fR to \-). Every \fB\-\-json\fR output carries "format" (its JSON Schemas are in qsnap's docs/json/; CHANGELOG.md says what changes a format).
 "#;
 
 /// The environment and the store, for `qsnap(1)`.

@@ -114,6 +114,19 @@ fn an_output_that_drifts_from_its_schema_is_caught() {
     let v: Value = serde_json::from_str(object).unwrap_or_else(|e| panic!("{e}: {err}"));
     assert_eq!(v["error"]["kind"], "not-found", "{v}");
 
+    // A failure before the command is even parsed (an empty QSNAP_STORE) is an object too.
+    let args = ["status", "--json"];
+    let out = Command::cargo_bin("qsnap")
+        .unwrap()
+        .env("QSNAP_STORE", "")
+        .args(args)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    json_output::check(&args, &out);
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["error"]["kind"], "usage", "{v}");
+
     // The outputs over every VM are lists (empty here) whose elements carry the format.
     for command in ["status", "list"] {
         let out = qsnap(store.path(), &[command, "--json"]);

@@ -27,6 +27,7 @@ def guest_argv(d: Path) -> List[str]:
     """The test guest's command line, its disk, console and agent socket in `d`."""
     if not (GUEST / "vmlinuz").exists():
         pytest.fail(f"no test guest kit in {GUEST} (set QSNAP_GUEST; tests/guest/build.sh builds it)", pytrace=False)
+    d.mkdir(parents=True, exist_ok=True)
     disk = d / "disk.qcow2"
     if not disk.exists():
         subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "64M"], check=True)

@@ -66,19 +66,18 @@ def test_a_cached_golden_is_imported_not_booted(tmp_path: Path) -> None:
     binary = shutil.which("qsnap")
     assert binary is not None
     cache = tmp_path / "cache"
-    argv = guest_argv(tmp_path)
+    # Each session's command line names its own paths: the cache key says they are one golden.
+    key = "the test guest, v1"
     first = Qsnap(tmp_path / "s1", binary=binary)
     try:
-        made = first.golden(argv, ready=agent_answers(), cache_dir=cache)
+        first.golden(guest_argv(tmp_path / "one"), ready=agent_answers(), cache_dir=cache, cache_key=key)
         assert len(list(cache.glob("*.qsnap"))) == 1
     finally:
         first.close()
+    assert not (tmp_path / "s1" / "overlays").exists() or not any((tmp_path / "s1" / "overlays").iterdir())
     second = Qsnap(tmp_path / "s2", binary=binary)
+    argv = guest_argv(tmp_path / "two")
     try:
-        # Another snapshot name is another golden: not the cached one, so it boots (and is
-        # never ready here).
-        with pytest.raises(NotReady):
-            second.golden(argv, ready=lambda vm: False, snapshot="other", cache_dir=cache, timeout=1)
         # A cache another user could write into is refused (its command lines run trusted).
         shared = tmp_path / "shared"
         shared.mkdir(mode=0o777)
@@ -87,12 +86,37 @@ def test_a_cached_golden_is_imported_not_booted(tmp_path: Path) -> None:
             second.golden(argv, ready=agent_answers(), cache_dir=shared)
         assert e.value.kind == "usage", e.value
         # A check that never passes: the golden must come from the cache, without a boot.
-        cached = second.golden(argv, ready=lambda vm: False, cache_dir=cache, timeout=1)
-        assert cached.vm.name == made.vm.name
+        cached = second.golden(argv, ready=lambda vm: False, cache_dir=cache, cache_key=key, timeout=1)
         assert cached.vm.status()["state"]["state"] == "stopped"
+        assert cached.snapshot in cached.vm.snapshots()
         with cached.fork() as fork:
             assert fork.status()["state"]["state"] == "running"
             fork.wait_console("tick", timeout=60)
     finally:
         second.close()
     assert second.vms() == []
+    # The imported golden's disks (in the store) went with it: the next import can take the name.
+    assert not (tmp_path / "s2" / "vms" / cached.vm.name).exists()
+    third = Qsnap(tmp_path / "s3", binary=binary)
+    try:
+        # Another snapshot name is not the cached golden: it boots (and is never ready here).
+        with pytest.raises(NotReady):
+            third.golden(guest_argv(tmp_path / "three"), ready=lambda vm: False, snapshot="other",
+                         cache_dir=cache, cache_key=key, timeout=1)
+    finally:
+        third.close()
+    assert third.vms() == []
+
+
+def test_console_offsets_follow_how_qemu_opens_the_log(tmp_path: Path) -> None:
+    from qsnap.client import _console_in, _offset
+
+    log = tmp_path / "c.log"
+    log.write_text("an earlier boot\n")
+    appends = _console_in(["q", "-chardev", f"file,id=s,path={log},append=on", "-serial", "chardev:s"], tmp_path)
+    assert appends == (log, True) and _offset(appends) == len("an earlier boot\n")
+    # Without append=on (and with -serial file:), QEMU truncates the log at every start.
+    truncates = _console_in(["q", "-chardev", f"file,id=s,path={log}", "-serial", "chardev:s"], tmp_path)
+    assert truncates == (log, False) and _offset(truncates) == 0
+    assert _console_in(["q", "-serial", "file:rel.log"], tmp_path) == (tmp_path / "rel.log", False)
+    assert _console_in(["q", "-serial", "stdio"], tmp_path) is None

@@ -109,24 +109,28 @@ fn log_checked(name: &str, value: &Value) {
     }
 }
 
-/// The pretty-printed JSON object in `text` (from a line `{` to the last line `}`): what
-/// `export … - --json` prints on stderr, the bundle having stdout.
+/// The pretty-printed JSON object in `text` (from a line `{` to the last line `}`, the
+/// latest `{` that makes one): what `export … - --json` prints on stderr among its other
+/// lines, the bundle having stdout.
 fn object_in(text: &str) -> Option<Value> {
     let lines: Vec<&str> = text.lines().collect();
-    let start = lines.iter().position(|l| *l == "{")?;
     let end = lines.iter().rposition(|l| *l == "}")?;
-    serde_json::from_str(&lines.get(start..=end)?.join("\n")).ok()
+    (0..end)
+        .rev()
+        .filter(|&i| lines[i] == "{")
+        .find_map(|i| serde_json::from_str(&lines[i..=end].join("\n")).ok())
 }
 
 /// Checks what qsnap printed for `args` against its schema, when `args` asked for JSON: the
 /// command's schema, or `error` for a failure (`check` prints its report, not an error, when
 /// problems remain). A failed command must have printed its error object. Output of a qsnap
-/// killed by a signal (no exit code) is not checked: it may be cut short.
+/// killed by a signal (no exit code), or that a signal made exit (130, 143: a second
+/// interrupt exits at once), is not checked: it may be cut short.
 pub fn check<S: AsRef<OsStr>>(args: &[S], out: &Output) {
     let Some(mut name) = schema_name(args) else {
         return;
     };
-    if out.status.code().is_none() {
+    if matches!(out.status.code(), None | Some(130 | 143)) {
         return;
     }
     let printed = match serde_json::from_slice::<Value>(&out.stdout) {

@@ -18,7 +18,7 @@ import time
 import types
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple, Union
 
 from .errors import NotReady, QsnapError
 from .ready import Ready
@@ -31,8 +31,23 @@ Json = Dict[str, Any]
 #: The exit codes' kinds, for a failure that printed no error object.
 _KINDS = {1: "failed", 2: "usage", 3: "unreachable", 4: "not-found", 5: "busy", 6: "refused", 130: "cancelled", 143: "cancelled"}
 
-#: Exit codes after which qsnap changed nothing (bad usage, not found, busy, refused).
-_NOTHING_CHANGED = (2, 4, 5, 6)
+#: The code of a `QsnapError` for a command that overran its time limit (as `timeout(1)`).
+TIMED_OUT = 124
+
+#: How long cleanup waits for another qsnap operation on a VM to finish.
+_CLEANUP_WAIT = "120"
+
+
+def _end(proc: "subprocess.Popen[str]") -> None:
+    """Ends a qsnap that is still running: SIGTERM (it rolls back what it started), SIGKILL
+    only if it has not ended a minute later."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
 
 
 def _flags(opts: Dict[str, Any]) -> List[str]:
@@ -80,6 +95,8 @@ class Qsnap:
         self.timeout = timeout
         self._made: List[str] = []
         self._forks: Dict[str, int] = {}
+        #: Goldens this `Qsnap` imported from a cache (their disks are in the store).
+        self._imported: Set[str] = set()
         #: Per VM, the console log's size when it was last (re)started: waits read after it.
         self._console_from: Dict[str, int] = {}
 
@@ -109,14 +126,13 @@ class Qsnap:
         try:
             stdout, stderr = proc.communicate(timeout=limit)
         except subprocess.TimeoutExpired:
-            # SIGTERM first: qsnap rolls back what it started; SIGKILL only if it does not end.
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.communicate(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.communicate()
-            raise QsnapError(command, 1, "failed", f"no answer within {limit:g} s; qsnap was interrupted") from None
+            _end(proc)
+            raise QsnapError(command, TIMED_OUT, "timeout", f"no answer within {limit:g} s; qsnap was interrupted (it rolls back)") from None
+        except BaseException:
+            # Ctrl-C or another exception in the caller: qsnap must finish rolling back
+            # before anyone cleans up after it.
+            _end(proc)
+            raise
         out = subprocess.CompletedProcess(argv, proc.returncode, stdout, stderr)
         if out.returncode != 0:
             error: Json = {}
@@ -133,18 +149,24 @@ class Qsnap:
             )
         return out
 
+    def _exists(self, name: str) -> Optional[bool]:
+        """Whether the store has VM `name` (None when qsnap cannot say)."""
+        try:
+            self._run(["status", name], 60)
+            return True
+        except QsnapError as e:
+            return False if e.code == 4 else None
+
     def _making(self, name: str, *args: str) -> Any:
-        """Runs a command that makes VM `name`, which `close` then removes: recorded before
-        the command (a run cut short may have made it), forgotten again when qsnap says it
-        changed nothing."""
-        if name not in self._made:
-            self._made.append(name)
+        """Runs a command that makes VM `name`. The VM is this `Qsnap`'s (`close` removes it)
+        when it did not exist before and exists after, whether the command succeeded or not
+        (a run cut short may have made it); a VM that was there before is never taken."""
+        before = self._exists(name)
         try:
             return self.call(*args)
-        except QsnapError as e:
-            if e.code in _NOTHING_CHANGED and name in self._made:
-                self._made.remove(name)
-            raise
+        finally:
+            if before is False and name not in self._made and self._exists(name) is not False:
+                self._made.append(name)
 
     @staticmethod
     def _parsed(command: List[str], out: "subprocess.CompletedProcess[str]") -> Any:
@@ -157,9 +179,9 @@ class Qsnap:
 
     def run(self, name: str, argv: Sequence[str]) -> "Vm":
         """Starts QEMU with `argv` under qsnap as VM `name` (stopped and removed by `close`)."""
-        log = _console_in(list(argv), Path.cwd())
-        self._console_from[name] = _size(log)
+        offset = _offset(_console_in(list(argv), Path.cwd()))
         self._making(name, "run", name, "--", *argv)
+        self._console_from[name] = offset
         return Vm(self, name, owned=True)
 
     def vm(self, name: str) -> "Vm":
@@ -180,38 +202,47 @@ class Qsnap:
         snapshot: str = "ready",
         cache_dir: Union[str, "os.PathLike[str]", None] = None,
         timeout: float = 300,
+        cache_key: Optional[str] = None,
     ) -> "Golden":
         """A VM booted from `argv` once and snapshotted (with its memory, mappable) as soon
         as `ready(vm)` is true; `Golden.fork()` then starts running copies of that instant.
 
-        The same `argv` in the same session gives the same golden. With `cache_dir`, the
-        snapshot is also kept there as a bundle (`qsnap export`), keyed by the command line
-        and the size and time of QEMU's binary and of the files it boots from (`-kernel`,
-        `-initrd`, `-bios`, `-dtb`); a later session imports it instead of booting. Disks
-        count by path only: give a changed base image a new path, or empty the cache."""
-        key = _golden_key(argv, snapshot, self._version())
-        name = f"golden-{key[:8]}"
+        The same `argv` on the same store gives the same golden VM (another `snapshot` is
+        taken on it). With `cache_dir`, the snapshot is also kept there as a bundle (`qsnap
+        export`) that a later session imports instead of booting. Its key: `cache_key` (or,
+        without one, the command line, which must then name the same paths in every
+        session), the snapshot's name, qsnap's version, and the size and time of QEMU's
+        binary and of the files it boots from (`-kernel`, `-initrd`, `-bios`, `-dtb`). Disk
+        images count by path only: change `cache_key` when a base image changes."""
+        name = f"golden-{_digest([list(argv)])[:8]}"
         vm = Vm(self, name)
         known = {v.get("vm") for v in self.vms()}
         if name in known and snapshot in vm.snapshots():
             return Golden(vm, snapshot)
-        bundle = _cache(cache_dir) / f"{key}.qsnap" if cache_dir is not None else None
-        if bundle is not None and bundle.exists() and name not in known:
+        bundle = None
+        if cache_dir is not None:
+            key = _golden_key(argv, cache_key, snapshot, self._version())
+            bundle = _cache(cache_dir) / f"{key}.qsnap"
+        if bundle is not None and bundle.exists() and name not in known and not (self.store / "vms" / name).exists():
+            _private(bundle)
             try:
-                # The cache is private to its user (`_cache`): its command lines are trusted.
+                # The cache is its user's own (`_cache`, `_private`): its command lines are trusted.
                 self._making(name, "import", str(bundle), name, "--trust-command-line")
+                self._imported.add(name)
                 return Golden(vm, snapshot)
             except QsnapError as e:
+                if e.code not in (1, 6):
+                    raise
                 warnings.warn(f"pytest-qsnap: the cached golden {bundle} could not be imported ({e}); it is removed and the VM booted")
-                bundle.unlink()
+                bundle.unlink(missing_ok=True)
                 if name in self._made:
-                    try:
-                        self.call("forget", name, "--stop", "--with-snapshots")
-                    except QsnapError:
-                        pass
-                    self._made.remove(name)
+                    Vm(self, name)._dispose()
         if name not in known:
             self.run(name, argv)
+        elif vm.status()["state"]["state"] == "stopped":
+            # Left stopped (an imported golden asked for another snapshot): boot it again.
+            self._console_from[name] = _offset(vm._console())
+            self._run(["start", name], None)
         _wait(lambda: ready(vm), timeout, name, ready.__doc__ or "the readiness check", vm)
         # Its overlays in the store, not beside the command line's images.
         overlays = self.store / "overlays" / name
@@ -219,8 +250,7 @@ class Qsnap:
         vm.create(snapshot, lazy_ram=True, overlay_dir=str(overlays))
         if bundle is not None:
             partial = bundle.with_name(f".{bundle.name}.{os.getpid()}")
-            if partial.exists():
-                partial.unlink()
+            partial.unlink(missing_ok=True)
             self.call("export", name, snapshot, str(partial))
             os.replace(partial, bundle)
         return Golden(vm, snapshot)
@@ -248,7 +278,7 @@ class Qsnap:
             except QsnapError as e:
                 failures.append(e)
                 try:
-                    self._run(["stop", name], None)
+                    self._run(["--wait", _CLEANUP_WAIT, "stop", name], None)
                 except QsnapError:
                     pass
         self._made.clear()
@@ -256,45 +286,56 @@ class Qsnap:
             raise failures[0]
 
 
-def _size(path: Optional[Path]) -> int:
+def _offset(console: Optional[Tuple[Path, bool]]) -> int:
+    """Where a (re)started QEMU's console output will begin in its log: the log's size when
+    QEMU appends to it, else 0 (QEMU truncates it)."""
+    if console is None or not console[1]:
+        return 0
     try:
-        return path.stat().st_size if path is not None else 0
+        return console[0].stat().st_size
     except OSError:
         return 0
 
 
 def _cache(cache_dir: Union[str, "os.PathLike[str]"]) -> Path:
-    """The cache directory, made 0700; refused when another user could write bundles into
-    it (their command lines would run with `--trust-command-line`)."""
+    """The cache directory (made 0700 when it is new); refused when another user could write
+    bundles into it (their command lines would run with `--trust-command-line`)."""
     path = Path(cache_dir)
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _private(path)
+    return path
+
+
+def _private(path: Path) -> None:
+    """Refuses a cache directory or bundle another user owns or may write."""
     st = path.stat()
     if st.st_uid != os.getuid() or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
         raise QsnapError(
             ["golden", "cache_dir"], 2, "usage",
             f"{path} may be written by another user, and a cached golden's command line is run as trusted: "
-            "use a directory of your own (chmod go-w)",
+            "use files and a directory of your own (chmod go-w)",
         )
-    return path
 
 
-def _console_in(argv: List[str], cwd: Path) -> Optional[Path]:
-    """The file a command line logs its serial console to (`-chardev file,id=ID,path=P`
-    that `-serial chardev:ID` uses, or `-serial file:P`)."""
-    files: Dict[str, str] = {}
+def _console_in(argv: List[str], cwd: Path) -> Optional[Tuple[Path, bool]]:
+    """The file a command line logs its serial console to, and whether QEMU appends to it:
+    `-chardev file,id=ID,path=P[,append=on]` that `-serial chardev:ID` uses, or `-serial
+    file:P` (truncated at every start)."""
+    files: Dict[str, Tuple[str, bool]] = {}
     serial: List[str] = []
     for opt, val in zip(argv, argv[1:]):
         if opt == "-chardev" and val.startswith("file,"):
             props = dict(p.split("=", 1) for p in val.split(",")[1:] if "=" in p)
             if "id" in props and "path" in props:
-                files[props["id"]] = props["path"]
+                files[props["id"]] = (props["path"], props.get("append") in ("on", "yes", "true"))
         elif opt == "-serial":
             serial.append(val)
     for s in serial:
         if s.startswith("chardev:") and s[len("chardev:"):] in files:
-            return cwd / files[s[len("chardev:"):]]
+            path, appends = files[s[len("chardev:"):]]
+            return cwd / path, appends
         if s.startswith("file:"):
-            return cwd / s[len("file:"):]
+            return cwd / s[len("file:"):], False
     return None
 
 
@@ -302,20 +343,24 @@ def _console_in(argv: List[str], cwd: Path) -> Optional[Path]:
 _BOOT_FILES = ("-kernel", "-initrd", "-bios", "-dtb")
 
 
-def _golden_key(argv: Sequence[str], snapshot: str, version: str) -> str:
-    """The command line, the snapshot's name, qsnap's version, and the identity (size,
-    mtime) of QEMU's binary and of the files it boots from. Disk images count by path only:
-    the guest writes them."""
-    h = hashlib.sha256(json.dumps([list(argv), snapshot, version]).encode())
+def _digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value).encode()).hexdigest()
+
+
+def _golden_key(argv: Sequence[str], cache_key: Optional[str], snapshot: str, version: str) -> str:
+    """A cached golden's key: `cache_key` or the command line, the snapshot's name, qsnap's
+    version, and the identity (size, mtime) of QEMU's binary and of the files it boots from.
+    Disk images count by path only: the guest writes them."""
     files = [shutil.which(argv[0]) or argv[0]] if argv else []
     files += [value for opt, value in zip(argv, argv[1:]) if opt in _BOOT_FILES]
+    ids = []
     for path in files:
         try:
             st = os.stat(path)
         except OSError:
             continue
-        h.update(f"{path}:{st.st_size}:{st.st_mtime_ns}".encode())
-    return h.hexdigest()
+        ids.append(f"{path}:{st.st_size}:{st.st_mtime_ns}")
+    return _digest([cache_key if cache_key is not None else list(argv), snapshot, version, ids])
 
 
 def _wait(check: Callable[[], bool], timeout: float, vm: str, what: str, subject: "Vm") -> None:
@@ -361,17 +406,27 @@ class Vm:
             warnings.warn(f"pytest-qsnap: {self.name} could not be removed: {e}")
 
     def _dispose(self) -> None:
-        """Removes a clone, or stops and forgets any other VM; gone already is fine."""
+        """Removes a clone, or stops and forgets any other VM, then deletes what this
+        `Qsnap` made for it in the store (a golden's overlays, an imported golden's disks);
+        gone already is fine. Waits for another qsnap operation on it to end."""
+        qs = self.qsnap
         try:
             if self.status().get("clone-of") is not None:
-                self.remove()
+                qs.call("--wait", _CLEANUP_WAIT, "remove", self.name)
             else:
-                self.qsnap.call("forget", self.name, "--stop", "--with-snapshots")
+                qs.call("--wait", _CLEANUP_WAIT, "forget", self.name, "--stop", "--with-snapshots")
         except QsnapError as e:
             if e.code != 4:
                 raise
-        if self.name in self.qsnap._made:
-            self.qsnap._made.remove(self.name)
+        # `forget` keeps every image; these are the plugin's own, and nothing uses them now
+        # (it refuses while a clone does). Left, they would block the next session's golden.
+        shutil.rmtree(qs.store / "overlays" / self.name, ignore_errors=True)
+        folder = qs.store / "vms" / self.name
+        if self.name in qs._imported and (folder / "FORGOTTEN").exists():
+            shutil.rmtree(folder, ignore_errors=True)
+        qs._imported.discard(self.name)
+        if self.name in qs._made:
+            qs._made.remove(self.name)
 
     # -- what it is ---------------------------------------------------------------------------
 
@@ -391,25 +446,27 @@ class Vm:
     def snapshots(self) -> List[str]:
         return [str(s["name"]) for s in self.listing()["snapshots"]]
 
-    def _argv(self) -> tuple[List[str], Path]:
+    def _console(self) -> Optional[Tuple[Path, bool]]:
         command = self.listing()["vm"].get("command") or {}
-        return list(command.get("argv") or []), Path(command.get("cwd") or "/")
+        return _console_in(list(command.get("argv") or []), Path(command.get("cwd") or "/"))
 
     @property
     def console_log(self) -> Optional[Path]:
         """The file its serial console is logged to, when its command line has one
         (`-chardev file,id=ID,path=P` that `-serial chardev:ID` uses, or `-serial file:P`)."""
-        argv, cwd = self._argv()
-        return _console_in(argv, cwd)
+        console = self._console()
+        return console[0] if console else None
 
     def console_text(self) -> str:
-        """What its console printed since qsnap last started it (`run`, `clone`, `revert`
-        through this `Qsnap`); the whole log for a VM it did not start."""
+        """What its console printed since qsnap last started it (`run`, `clone`, `revert`,
+        a golden's `start`, through this `Qsnap`); the whole log for a VM it did not start."""
         log = self.console_log
         if log is None or not log.exists():
             return ""
         with open(log, "rb") as f:
-            f.seek(self.qsnap._console_from.get(self.name, 0))
+            offset = self.qsnap._console_from.get(self.name, 0)
+            # A log shorter than the offset was truncated by a restart: all of it is new.
+            f.seek(offset if offset <= os.fstat(f.fileno()).st_size else 0)
             return f.read().decode(errors="replace")
 
     @property
@@ -439,8 +496,14 @@ class Vm:
 
     def revert(self, snapshot: str, **opts: Any) -> Json:
         """`qsnap revert NAME SNAPSHOT` (`paused=True`, `keep_current="name"`, …)."""
-        self.qsnap._console_from[self.name] = _size(self.console_log)
-        value = self.qsnap.call("revert", self.name, snapshot, *_flags(opts))
+        before = self.qsnap._console_from.get(self.name, 0)
+        self.qsnap._console_from[self.name] = _offset(self._console())
+        try:
+            value = self.qsnap.call("revert", self.name, snapshot, *_flags(opts))
+        except QsnapError as e:
+            if e.code in (2, 4, 5, 6):  # nothing changed: the same QEMU runs on
+                self.qsnap._console_from[self.name] = before
+            raise
         assert isinstance(value, dict)
         return value
 
@@ -453,9 +516,9 @@ class Vm:
     def clone(self, snapshot: str, name: str, **opts: Any) -> "Vm":
         """A new running VM from `snapshot` (`paused=True`, `replace=["OLD=NEW", …]`); a
         context manager that removes it."""
-        # Its console file is its own, new: all of it is the clone's.
-        self.qsnap._console_from[name] = 0
         self.qsnap._making(name, "clone", self.name, snapshot, name, *_flags(opts))
+        # Its console file is its own, new (in its store directory): all of it is the clone's.
+        self.qsnap._console_from[name] = 0
         return Vm(self.qsnap, name, owned=True)
 
     def stop(self) -> None:
