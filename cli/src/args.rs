@@ -169,8 +169,9 @@ pub enum Command {
     /// Its memory stream is replaced by a RAM image (sparse: zero pages take no space) and a
     /// small device-state file; a helper QEMU, cut off from everything the VM reaches (sockets,
     /// networks, displays, its disks), does the conversion while the VM runs on. Needs QEMU
-    /// ≥ 8.2 and plain `-m` RAM (no -mem-path, -numa, memory backends, virtio-mem, vhost-user,
-    /// balloon free-page reporting). A VM reverted lazily takes precopy memory snapshots
+    /// ≥ 8.2; RAM from -m or from named RAM/memfd backends (-machine memory-backend=, -numa
+    /// node,memdev=), not -mem-path, huge pages, shared or preallocated backends, virtio-mem,
+    /// vhost-user or balloon free-page reporting. A VM reverted lazily takes precopy memory snapshots
     /// (QEMU cannot write-protect a private file mapping for point-in-time ones).
     LazyRam(LazyRamArgs),
     /// Start QEMU under qsnap: detached, with a monitor socket in the store, registered as NAME.

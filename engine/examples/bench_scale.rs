@@ -210,7 +210,8 @@ async fn restore_one(snapshot: String, report: CreateReport, dir: PathBuf) -> Re
     }
     builder = builder.args(["-incoming", "defer"]);
     if let Some(ram) = &prepared.ram {
-        builder = builder.args(ram.args());
+        // (The guest's RAM is `-m`: the mapping's arguments are appended.)
+        builder = builder.args(ram.apply(&[]).map_err(std::io::Error::other)?);
     }
     let vm = match builder.try_spawn().await {
         Ok(vm) => vm,

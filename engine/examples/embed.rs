@@ -101,8 +101,9 @@ async fn two_step(store: &str, vm: &str, snap: &str) -> anyhow_like::Result {
         args = machine::pin(&args, m)?;
     }
     // A lazy snapshot: guest RAM is mapped from its image; the load brings device state only.
+    // (Appended for `-m` RAM; the command line's own RAM backends are swapped in place.)
     if let Some(ram) = &prepared.ram {
-        args.extend(ram.args());
+        args = ram.apply(&args)?;
     }
     args.extend([
         "-qmp".into(),

@@ -122,6 +122,8 @@ pub(super) const KEEP_VALUE: &[&str] = &[
     "sandbox",
     "msg",
     "overcommit",
+    // NUMA topology: nodes, distances, CPUs (a node's memory backend is an -object).
+    "numa",
     "icount",
     "action",
     "watchdog-action",

@@ -58,7 +58,7 @@ pub fn build_argv(spec: &LaunchSpec) -> Result<Vec<String>> {
         a = super::machine::pin(&a, m)?;
     }
     if let Some(ram) = &spec.ram {
-        a.extend(ram.args());
+        a = ram.apply(&a).map_err(|why| Error::CommandLine { why })?;
     }
     if !argv::has_qmp_socket(&a, &spec.qmp_socket) {
         a.extend([

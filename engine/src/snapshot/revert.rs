@@ -211,6 +211,7 @@ pub(crate) fn lazy_mapping(s: &CreateReport) -> Option<RamMapping> {
         backend: l.backend.clone(),
         image: l.image.clone(),
         size: l.size,
+        blocks: l.blocks.clone(),
     })
 }
 
@@ -240,38 +241,46 @@ async fn check_mapping(qmp: &Qmp, p: &PreparedRevert) -> Result<()> {
         }
         .into()
     };
-    let Some(RamMapping::Private { backend, image, .. }) = &p.ram else {
+    let Some(mapping @ RamMapping::Private { image, .. }) = &p.ram else {
         return Err(refuse(
             "its memory is lazy (RAM in an image), but no RAM mapping was given for the new QEMU (start it with PreparedRevert::ram's arguments)".into(),
         ));
     };
-    let path = format!("/objects/{backend}");
-    let get = |property: &'static str| {
-        let path = path.clone();
-        async move {
-            qmp.execute(types::qom_get {
-                path,
-                property: property.into(),
-            })
-            .await
+    for block in mapping.blocks() {
+        let path = format!("/objects/{}", block.id);
+        let get = |property: &'static str| {
+            let path = path.clone();
+            async move {
+                qmp.execute(types::qom_get {
+                    path,
+                    property: property.into(),
+                })
+                .await
+            }
+        };
+        let (mem_path, share, readonly, offset, size) = (
+            get("mem-path").await,
+            get("share").await,
+            get("readonly").await,
+            get("offset").await,
+            get("size").await,
+        );
+        let ok = matches!(&mem_path, Ok(v) if v.as_str() == Some(&image.display().to_string()))
+            && matches!(&share, Ok(v) if v.as_bool() == Some(false))
+            && matches!(&readonly, Ok(v) if v.as_bool() == Some(true))
+            && matches!(&offset, Ok(v) if v.as_u64() == Some(block.offset))
+            && matches!(&size, Ok(v) if v.as_u64() == Some(block.size));
+        if !ok {
+            return Err(refuse(format!(
+                "the new QEMU does not map the snapshot's RAM image {} as backend {} (offset {}, size {}, share=off, readonly=on); it would resume with empty memory",
+                image.display(),
+                block.id,
+                block.offset,
+                block.size
+            )));
         }
-    };
-    let (mem_path, share, readonly) = (
-        get("mem-path").await,
-        get("share").await,
-        get("readonly").await,
-    );
-    let ok = matches!(&mem_path, Ok(v) if v.as_str() == Some(&image.display().to_string()))
-        && matches!(&share, Ok(v) if v.as_bool() == Some(false))
-        && matches!(&readonly, Ok(v) if v.as_bool() == Some(true));
-    if ok {
-        Ok(())
-    } else {
-        Err(refuse(format!(
-            "the new QEMU does not map the snapshot's RAM image {} as backend {backend} (share=off, readonly=on); it would resume with empty memory",
-            image.display()
-        )))
     }
+    Ok(())
 }
 
 /// Resumes the reverted guest (`cont`). A VMM that keeps a journal calls [`restore`] with

@@ -24,9 +24,9 @@ pub use lock::{lock_holder, LockHolder, VmLock};
 pub use schema::{
     CloneOf, CreateIntent, CreateReport, CurrentDisk, DeleteIntent, DeletePhase, ImageStamp,
     Imported, ImportedFile, Intent, Journal, LaunchCommand, LazyRam, LivePhase, Manifest,
-    MemoryImage, MergeKind, MergeStep, Mode, MovedPath, Origin, PlannedOverlay, RevertIntent,
-    RevertPhase, SavedSettings, SkippedDisk, SnapshotDisk, StartIntent, StopIntent, ThawIntent,
-    VmRecord, SCHEMA,
+    MemoryImage, MergeKind, MergeStep, Mode, MovedPath, Origin, PlannedOverlay, RamBlock,
+    RevertIntent, RevertPhase, SavedSettings, SkippedDisk, SnapshotDisk, StartIntent, StopIntent,
+    ThawIntent, VmRecord, SCHEMA,
 };
 pub(crate) use verify::plain_absolute;
 pub use verify::plain_path;

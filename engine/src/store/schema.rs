@@ -194,6 +194,23 @@ pub struct LazyRam {
     /// `xxh3-128:<hex>` of the whole image, checked by `qsnap check` (a revert checks the
     /// stamp: reading all of RAM would cost what lazy RAM saves).
     pub checksum: String,
+    /// The command line's own RAM backends (`-machine memory-backend=`, `-numa
+    /// node,memdev=`), each mapped from its part of the image; empty: the machine's RAM from
+    /// `-m`, the one block `backend`, all of the image.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub blocks: Vec<RamBlock>,
+}
+
+/// One RAM block in a RAM image: the memory backend QEMU names it by, and where it lies.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub struct RamBlock {
+    /// The backend's id (`-object memory-backend-…,id=`).
+    pub id: String,
+    /// Where its pages start in the image, in bytes.
+    pub offset: u64,
+    /// Its size in bytes.
+    pub size: u64,
 }
 
 /// Precopy's live phase.

@@ -152,6 +152,24 @@ pub(super) fn check_manifest(m: &Manifest, vm: &VmName, path: &Path) -> Result<(
                 )));
             }
         }
+        if let Some(l) = &mem.lazy {
+            // Each block page-aligned, after the one before, inside the image: a mapping past
+            // the file's end would give the guest zeros.
+            let mut end = 0u64;
+            for b in &l.blocks {
+                let fits = b.offset >= end
+                    && b.offset % 4096 == 0
+                    && b.size > 0
+                    && b.offset.checked_add(b.size).is_some_and(|e| e <= l.size);
+                if !fits || b.id.is_empty() {
+                    return Err(bad(format!(
+                        "its RAM image's block {:?} (offset {}, size {}) does not fit the image",
+                        b.id, b.offset, b.size
+                    )));
+                }
+                end = b.offset + b.size;
+            }
+        }
     }
     for d in &m.snapshot.disks {
         if d.image.is_relative() || d.overlay.is_relative() {

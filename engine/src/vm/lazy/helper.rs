@@ -71,7 +71,9 @@ impl Helper {
         if let Some(m) = &manifest.machine {
             a = machine::pin(&a, m)?;
         }
-        a.extend(ram.args());
+        a = ram
+            .apply(&a)
+            .map_err(|why| LazyRamError::HelperCommandLine { why })?;
         let socket = tmp.join("qmp.sock");
         a.extend([
             "-qmp".into(),

@@ -60,7 +60,7 @@ pub struct LazyReport {
 /// Why a VM with this command line and machine type cannot use lazy RAM, or `None`.
 pub(crate) fn why_not(argv: &[String], machine: Option<&str>) -> Option<String> {
     ram::obstacle(argv)
-        .or_else(|| ram::backend_id(machine).err())
+        .or_else(|| ram::layout(argv, machine).err())
         .or_else(|| ram::helper_argv(argv).err())
 }
 
@@ -106,8 +106,9 @@ impl Vm {
         if let Some(why) = why_not(&command.argv, manifest.machine.as_deref()) {
             return Err(unsupported(why));
         }
-        let backend = ram::backend_id(manifest.machine.as_deref()).map_err(unsupported)?;
-        let ram_bytes = ram::ram_size(&command.argv).map_err(unsupported)?;
+        let layout =
+            ram::layout(&command.argv, manifest.machine.as_deref()).map_err(unsupported)?;
+        let ram_bytes = layout.size();
         memfile::verify(mem.file.clone(), mem.bytes, mem.checksum.clone())
             .await
             .map_err(|e| {
@@ -157,11 +158,7 @@ impl Vm {
                 &record,
                 &manifest,
                 &command,
-                RamMapping::Writable {
-                    backend: backend.clone(),
-                    image: image.clone(),
-                    size: ram_bytes,
-                },
+                RamMapping::new(&layout, image.clone(), true),
                 tmp.path(),
             )
             .await?;
@@ -207,12 +204,18 @@ impl Vm {
             x.bytes = sealed.stream_len;
             x.checksum = Some(sealed.checksum);
             x.capabilities = LOAD_CAPS.iter().map(|s| (*s).to_owned()).collect();
+            let mapping = RamMapping::new(&layout, image.clone(), false);
             x.lazy = Some(LazyRam {
                 image: image.clone(),
-                backend,
+                backend: layout.blocks[0].id.clone(),
                 size: ram_bytes,
                 stamp,
                 checksum,
+                blocks: match mapping {
+                    RamMapping::Private { blocks, .. } | RamMapping::Writable { blocks, .. } => {
+                        blocks
+                    }
+                },
             });
         }
         let write_switch = || async {
