@@ -15,7 +15,9 @@
 #      tar -S --zstd over the same files; an incremental export against a full one.
 #   6. scripts/bench_remote.sh — push/pull through a real SeaweedFS against uploading the
 #      bundle with boto3 and importing it; a second snapshot's upload; idle and busy guest.
-# Usage: ./scripts/bench.sh [ROUNDS] [--with-libvirt] [--ram 512,2048] [--only engine|peers|scale|clone|bundle|remote]
+#   7. scripts/bench_tree.sh — check, delete, create, list, status as one VM's tree grows to
+#      100 snapshots, then with 50 more VMs in the store; delete --all.
+# Usage: ./scripts/bench.sh [ROUNDS] [--with-libvirt] [--ram 512,2048] [--only engine|peers|scale|clone|bundle|remote|tree]
 #        (JSON of every part goes to target/bench/)
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
@@ -62,4 +64,8 @@ if [ -z "$only" ] || [ "$only" = remote ]; then
   echo "== 6. remotes (push/pull through SeaweedFS), idle and busy guest"
   BENCH_DIRTY_MB=0 bash scripts/bench_remote.sh "$repo/target/release/qsnap"
   BENCH_DIRTY_MB=64 bash scripts/bench_remote.sh "$repo/target/release/qsnap"
+fi
+if [ -z "$only" ] || [ "$only" = tree ]; then
+  echo "== 7. a growing tree (cost per command as snapshots and VMs accumulate)"
+  bash scripts/bench_tree.sh "$repo/target/release/qsnap" "$rounds"
 fi

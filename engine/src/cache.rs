@@ -1,6 +1,6 @@
 //! Answers worth remembering across operations and processes, keyed by what they depend on:
 //! a file's identity (path, size, modification time) — a QEMU binary's features and machine
-//! types, a memory file's verified checksum. In memory for the process and, once [`cache_in`]
+//! types, a memory file's verified checksum, a disk image's header (`chains.rs`). In memory for the process and, once [`cache_in`]
 //! names a directory (the [`crate::Engine`] points it into its store), on disk as small JSON
 //! files. A lost or unreadable entry is simply asked again; an entry never outlives a change
 //! of what its key names. Must never hold anything that is not re-computable.
@@ -15,7 +15,7 @@ use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::path::PathBuf;
 use std::sync::{Mutex, OnceLock};
 
-type Memory = Mutex<HashMap<String, serde_json::Value>>;
+type Memory = Mutex<HashMap<String, Entry>>;
 
 fn memory() -> &'static Memory {
     static M: OnceLock<Memory> = OnceLock::new();
@@ -89,12 +89,17 @@ fn resolve_binary_blocking(binary: &str) -> Option<PathBuf> {
         .find(|c| c.is_file())
 }
 
-fn file_for(dir: &std::path::Path, key: &str) -> PathBuf {
-    let h = xxhash_rust::xxh3::xxh3_64(key.as_bytes());
-    dir.join(format!("qemu-{h:016x}.json"))
+/// One on-disk entry's file: `<kind>-<hash of slot>.json`. A slot holds one entry at a time
+/// (the latest answer about one thing); its key says which version of that thing it is about.
+fn file_for(dir: &std::path::Path, kind: &str, slot: &str) -> PathBuf {
+    let h = xxhash_rust::xxh3::xxh3_64(slot.as_bytes());
+    dir.join(format!("{kind}-{h:016x}.json"))
 }
 
-#[derive(Serialize, Deserialize)]
+/// The kinds of entry files [`sweep`] looks after.
+const KINDS: [&str; 2] = ["qemu", "chain"];
+
+#[derive(Clone, Serialize, Deserialize)]
 struct Entry {
     key: String,
     value: serde_json::Value,
@@ -102,24 +107,37 @@ struct Entry {
 
 /// What was remembered under `key` (in memory, else on disk).
 pub(crate) async fn lookup<T: serde::de::DeserializeOwned>(key: &str) -> Option<T> {
+    lookup_in("qemu", key, key).await
+}
+
+/// Remembers `value` under `key`, in memory and (best effort) on disk.
+pub(crate) async fn remember<T: Serialize>(key: String, value: &T) {
+    remember_in("qemu", key.clone(), key, value).await
+}
+
+/// What slot `slot` of `kind` holds, if it was remembered under `key` (the slot may hold an
+/// answer about another version of its file: that one is never served).
+pub(crate) async fn lookup_in<T: serde::de::DeserializeOwned>(
+    kind: &'static str,
+    slot: &str,
+    key: &str,
+) -> Option<T> {
+    let mem_slot = format!("{kind}|{slot}");
     let cached = memory()
         .lock()
         .unwrap_or_else(|e| e.into_inner())
-        .get(key)
+        .get(&mem_slot)
         .cloned();
-    let value = match cached {
-        Some(v) => v,
+    let entry = match cached {
+        Some(e) => e,
         None => {
             let dir = disk_dir()
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .clone()?;
-            let k = key.to_owned();
+            let file = file_for(&dir, kind, slot);
             let entry = tokio::task::spawn_blocking(move || {
-                crate::store::read_json::<Entry>(&file_for(&dir, &k))
-                    .ok()
-                    .flatten()
-                    .filter(|e| e.key == k)
+                crate::store::read_json::<Entry>(&file).ok().flatten()
             })
             .await
             .ok()
@@ -127,22 +145,32 @@ pub(crate) async fn lookup<T: serde::de::DeserializeOwned>(key: &str) -> Option<
             memory()
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .insert(key.to_owned(), entry.value.clone());
-            entry.value
+                .insert(mem_slot, entry.clone());
+            entry
         }
     };
-    serde_json::from_value(value).ok()
+    if entry.key != key {
+        return None;
+    }
+    serde_json::from_value(entry.value).ok()
 }
 
-/// Remembers `value` under `key`, in memory and (best effort) on disk.
-pub(crate) async fn remember<T: Serialize>(key: String, value: &T) {
+/// Puts `value`, an answer about version `key` of what `slot` names, into slot `slot` of
+/// `kind`: in memory and (best effort) on disk, replacing what the slot held.
+pub(crate) async fn remember_in<T: Serialize>(
+    kind: &'static str,
+    slot: String,
+    key: String,
+    value: &T,
+) {
     let Ok(value) = serde_json::to_value(value) else {
         return;
     };
+    let entry = Entry { key, value };
     memory()
         .lock()
         .unwrap_or_else(|e| e.into_inner())
-        .insert(key.clone(), value.clone());
+        .insert(format!("{kind}|{slot}"), entry.clone());
     let Some(dir) = disk_dir().lock().unwrap_or_else(|e| e.into_inner()).clone() else {
         return;
     };
@@ -154,11 +182,11 @@ pub(crate) async fn remember<T: Serialize>(key: String, value: &T) {
             .create(&dir)
             .map_err(|e| e.to_string())
             .and_then(|()| {
-                crate::store::write_json(&file_for(&dir, &key), &Entry { key, value }, false)
+                crate::store::write_json_volatile(&file_for(&dir, kind, &slot), &entry)
                     .map_err(|e| e.to_string())
             });
         if let Err(e) = written {
-            tracing::debug!(error = %e, "cannot write the QEMU feature cache");
+            tracing::debug!(error = %e, "cannot write qsnap's cache");
         }
     })
     .await;
@@ -178,10 +206,12 @@ pub async fn sweep() -> usize {
         let mut removed = 0;
         for e in entries.flatten() {
             let p = e.path();
-            let is_entry = p
-                .file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with("qemu-") && n.ends_with(".json"));
+            let is_entry = p.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
+                KINDS.iter().any(|k| {
+                    n.strip_prefix(k)
+                        .is_some_and(|r| r.starts_with('-') && r.ends_with(".json"))
+                })
+            });
             if !is_entry {
                 continue;
             }

@@ -111,7 +111,7 @@ async fn fsync(path: &Path, what: &'static str) -> Result<()> {
 }
 
 /// One image of a backing chain, as `qemu-img info` reports it.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub struct ChainImage {
     /// The image file.
@@ -142,15 +142,16 @@ pub struct ChainImage {
 /// without a lock: the result for an image a running QEMU writes may lag behind it, so for
 /// a running VM ask QEMU instead.
 pub async fn chain(image: &Path, cancel: &CancellationToken) -> Result<Vec<ChainImage>> {
-    let mut cmd = qemu_img();
-    cmd.args(["info", "-U", "--backing-chain", "--output=json"])
-        .arg(image);
-    let out = tool::run(cmd, "qemu-img info", image, QUICK, cancel).await?;
-    serde_json::from_slice(&out.stdout).map_err(|e| Error::Tool {
-        tool: "qemu-img info".into(),
-        path: image.to_owned(),
-        why: format!("unreadable output: {e}"),
-    })
+    read_info(image, None, true, cancel).await
+}
+
+/// [`chain`] of an image read as `format` (no probing: what the header above it says it is).
+pub async fn chain_as(
+    image: &Path,
+    format: &str,
+    cancel: &CancellationToken,
+) -> Result<Vec<ChainImage>> {
+    read_info(image, Some(format), true, cancel).await
 }
 
 /// One image alone, read as `format` (no probing: an image from elsewhere is read as what
@@ -199,8 +200,22 @@ async fn info_with(
     format: Option<&str>,
     cancel: &CancellationToken,
 ) -> Result<ChainImage> {
+    read_info(image, format, false, cancel).await
+}
+
+/// `qemu-img info -U` of `image` (read as `format`, else probed), alone or with its backing
+/// chain (then a list, top first).
+async fn read_info<T: serde::de::DeserializeOwned>(
+    image: &Path,
+    format: Option<&str>,
+    backing_chain: bool,
+    cancel: &CancellationToken,
+) -> Result<T> {
     let mut cmd = qemu_img();
     cmd.args(["info", "-U", "--output=json"]);
+    if backing_chain {
+        cmd.arg("--backing-chain");
+    }
     if let Some(f) = format {
         cmd.args(["-f", f]);
     }
@@ -320,10 +335,24 @@ pub struct ImageCheck {
     pub check_errors: u64,
 }
 
-/// Runs `qemu-img check` on one qcow2 image (`-U`: it may be in use).
+/// Runs `qemu-img check` on one qcow2 image (`-U`: it may be in use), without opening its
+/// backing chain (`"backing": null`): the image's own metadata is what is checked, and opening
+/// a chain a hundred deep for each of its images made `qsnap check` quadratic.
 pub async fn check(image: &Path, cancel: &CancellationToken) -> Result<ImageCheck> {
     let mut cmd = qemu_img();
-    cmd.args(["check", "-U", "--output=json"]).arg(image);
+    cmd.args(["check", "-U", "--output=json"]);
+    match image.to_str() {
+        Some(p) => cmd.arg(format!(
+            "json:{}",
+            serde_json::json!({
+                "driver": "qcow2",
+                "backing": null,
+                "file": {"driver": "file", "filename": p},
+            })
+        )),
+        // (A name JSON cannot carry: the plain form, which opens the chain.)
+        None => cmd.arg(image),
+    };
     // `check` exits non-zero when it finds something: read its report either way.
     let out = tool::output(cmd, "qemu-img check", image, QUICK, cancel).await?;
     serde_json::from_slice(&out.stdout).map_err(|_| Error::Tool {
@@ -402,5 +431,57 @@ mod tests {
         let mode = std::fs::metadata(&good).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
         assert_eq!(&std::fs::read(&good).unwrap()[..4], b"QFI\xfb");
+    }
+
+    /// `check` reads the image's own metadata only (its backing chain is not opened), and
+    /// still finds a damaged refcount table — in an overlay whose backing file is gone, even.
+    #[tokio::test]
+    async fn check_finds_damage_without_opening_the_chain() {
+        use std::io::{Read, Seek, SeekFrom, Write};
+        let dir = tempfile::tempdir().unwrap();
+        let cancel = CancellationToken::new();
+        let base = dir.path().join("base,1.qcow2");
+        create_blank(&base, 1 << 20, &cancel).await.unwrap();
+        let top = dir.path().join("top \"x\".qcow2");
+        create_overlay(&top, &base, "qcow2", 1 << 20, &cancel)
+            .await
+            .unwrap();
+        let out = std::process::Command::new("qemu-io")
+            .args(["-f", "qcow2", "-c", "write -P 7 0 64k"])
+            .arg(&top)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let clean = check(&top, &cancel).await.unwrap();
+        assert_eq!((clean.corruptions, clean.check_errors), (0, 0));
+
+        // The backing file gone: the plain form could not even open the image.
+        std::fs::remove_file(&base).unwrap();
+        let still = check(&top, &cancel).await.unwrap();
+        assert_eq!((still.corruptions, still.check_errors), (0, 0));
+
+        // The first refcount block zeroed: every cluster in use has refcount 0.
+        let mut f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&top)
+            .unwrap();
+        let mut h = [0u8; 56];
+        f.read_exact(&mut h).unwrap();
+        let table = u64::from_be_bytes(h[48..56].try_into().unwrap());
+        let mut entry = [0u8; 8];
+        f.seek(SeekFrom::Start(table)).unwrap();
+        f.read_exact(&mut entry).unwrap();
+        let block = u64::from_be_bytes(entry);
+        assert!(block > 0);
+        f.seek(SeekFrom::Start(block)).unwrap();
+        f.write_all(&[0u8; 4096]).unwrap();
+        drop(f);
+        let damaged = check(&top, &cancel).await.unwrap();
+        assert!(damaged.corruptions > 0, "{damaged:?}");
     }
 }

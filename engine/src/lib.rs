@@ -32,6 +32,7 @@
 mod blocks;
 pub mod bundle;
 mod cache;
+mod chains;
 mod error;
 mod failpoint;
 mod features;

@@ -30,7 +30,7 @@ const CRATES: &[(&str, &[&[&str]])] = &[
             &["name", "tool", "failpoint", "guest_agent"],
             &["store"],
             &["cache", "image", "blocks"],
-            &["features", "unlink"],
+            &["chains", "features", "unlink"],
             &["launch"],
             &["snapshot"],
             &["vm"],

@@ -33,6 +33,16 @@ pub(crate) fn io<'a>(
 /// replace an existing file, atomically (`renameat2(RENAME_NOREPLACE)`, or a hard link where
 /// the filesystem lacks it): two writers can never both "create" one manifest.
 pub(crate) fn write_json<T: Serialize>(path: &Path, value: &T, exclusive: bool) -> Result<()> {
+    write(path, value, exclusive, true)
+}
+
+/// [`write_json`] without the fsyncs, for what may be lost in a crash (a cache entry): a
+/// reader still sees the old file or the new one, and after a power cut perhaps neither.
+pub(crate) fn write_json_volatile<T: Serialize>(path: &Path, value: &T) -> Result<()> {
+    write(path, value, false, false)
+}
+
+fn write<T: Serialize>(path: &Path, value: &T, exclusive: bool, durable: bool) -> Result<()> {
     if exclusive && path.symlink_metadata().is_ok() {
         return Err(Error::TargetExists {
             path: path.to_owned(),
@@ -62,13 +72,18 @@ pub(crate) fn write_json<T: Serialize>(path: &Path, value: &T, exclusive: bool) 
             .open(&tmp)
             .map_err(io("creating a temporary file", &tmp))?;
         f.write_all(&text).map_err(io("writing", &tmp))?;
-        f.sync_all().map_err(io("syncing", &tmp))?;
+        if durable {
+            f.sync_all().map_err(io("syncing", &tmp))?;
+        }
         if exclusive {
             rename_noreplace(&tmp, path)?;
         } else {
             std::fs::rename(&tmp, path).map_err(io("replacing", path))?;
         }
-        sync_dir(dir)
+        if durable {
+            sync_dir(dir)?;
+        }
+        Ok(())
     })();
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);

@@ -19,6 +19,7 @@ mod verify;
 
 pub(crate) use atomic::{
     blocking, create_dir_durably, exists, io, read_json, remove_durably, sync_dir, write_json,
+    write_json_volatile,
 };
 pub use lock::{lock_holder, LockHolder, VmLock};
 pub use schema::{

@@ -31,6 +31,9 @@ impl Vm {
             return Err(crate::Error::Cancelled);
         }
         let mut found = Findings::default();
+        // Cache entries about files that are gone (images deleted since) can never be served:
+        // they go, so that the cache holds about as many entries as the store has files.
+        crate::cache::sweep().await;
 
         // 1. An interrupted operation.
         let journal_path = self.store().vm_dir(self.name()).join("journal.json");
@@ -102,6 +105,8 @@ impl Vm {
         let cancel = self.cancel().clone();
 
         // 2. Snapshots: memory files and frozen images.
+        // (Each image's header read once for steps 2 and 3, which change no image.)
+        let mut chains = crate::chains::Reader::default();
         // Lazy snapshots whose device state or RAM image does not verify: their old stream,
         // if a crash left it, may be the only good copy of their memory.
         let mut lazy_unverified: Vec<String> = Vec::new();
@@ -199,7 +204,7 @@ impl Vm {
                             .about(&d.image);
                     }
                     Ok(_) => {
-                        if let Err(e) = image::chain(&d.image, &cancel).await {
+                        if let Err(e) = chains.chain(&d.image, &cancel).await {
                             found
                                 .add(
                                     "broken-chain",
@@ -293,7 +298,7 @@ impl Vm {
                     .about(&d.image);
                 continue;
             }
-            if let Err(e) = image::chain(&d.image, &cancel).await {
+            if let Err(e) = chains.chain(&d.image, &cancel).await {
                 found
                     .add(
                         "broken-chain",
@@ -562,9 +567,22 @@ impl Vm {
             }
         }
 
-        // 7. qemu-img check of qsnap's images.
-        for o in &record.owned_images {
-            if let Ok(r) = image::check(o, &cancel).await {
+        // 7. qemu-img check of qsnap's images, a few at a time (each is mostly qemu-img's
+        // start-up; the order of the findings stays the record's).
+        let width = std::thread::available_parallelism().map_or(2, |n| n.get().clamp(2, 8));
+        let mut checked = Vec::with_capacity(record.owned_images.len());
+        for group in record.owned_images.chunks(width) {
+            let mut set = tokio::task::JoinSet::new();
+            for (i, o) in group.iter().enumerate() {
+                let (o, cancel) = (o.clone(), cancel.clone());
+                set.spawn(async move { (i, image::check(&o, &cancel).await) });
+            }
+            let mut results: Vec<_> = set.join_all().await;
+            results.sort_by_key(|(i, _)| *i);
+            checked.extend(group.iter().zip(results.into_iter().map(|(_, r)| r)));
+        }
+        for (o, r) in checked {
+            if let Ok(r) = r {
                 if r.corruptions > 0 || r.check_errors > 0 {
                     found
                         .add(

@@ -13,7 +13,6 @@ use super::state::{Operation, VmState};
 use super::Vm;
 use crate::blocks;
 use crate::error::{Error, Result};
-use crate::image;
 use crate::launch::ProcessLauncher;
 use crate::launch::{
     self, quit_or_kill, DiskSubstitution, LaunchSpec, Launched, Launcher, StopOutcome,
@@ -248,8 +247,8 @@ impl Vm {
                 .map(|m| m.chain.iter().map(|l| l.image.clone()).collect::<Vec<_>>());
             let chain = match from_qemu {
                 Some(c) => c,
-                None => match image::chain(&d.image, self.cancel()).await {
-                    Ok(c) => c.into_iter().map(|c| c.filename).collect(),
+                None => match crate::chains::files(&d.image, self.cancel()).await {
+                    Ok(c) => c,
                     Err(_) => vec![d.image.clone()],
                 },
             };

@@ -9,8 +9,8 @@
 //! deleted image.
 
 use crate::blocks::{self, Disk, Node};
+use crate::chains;
 use crate::error::{Error, Result};
-use crate::image;
 use crate::name::VmName;
 use crate::store::{self, Manifest, Store, VmRecord};
 use std::collections::{BTreeMap, BTreeSet};
@@ -103,7 +103,14 @@ impl Graph {
         live: Option<&Live>,
         cancel: &CancellationToken,
     ) -> Result<Graph> {
+        let started = std::time::Instant::now();
         let mut g = Graph::default();
+        // Each file read once: the current disks' chains first (the deepest: they hold the
+        // frozen images below them).
+        let mut reader = chains::Reader::default();
+        for d in &record.disks {
+            let _ = reader.chain(&d.image, cancel).await;
+        }
         // This VM.
         for m in manifests {
             for d in &m.snapshot.disks {
@@ -115,7 +122,8 @@ impl Graph {
                         device: d.device.clone(),
                     },
                 );
-                g.add_chain(&d.device, &d.image, None, cancel).await;
+                g.add_chain(&mut reader, &d.device, &d.image, None, cancel)
+                    .await;
             }
         }
         for d in &record.disks {
@@ -128,7 +136,8 @@ impl Graph {
             );
             g.add_use(&d.launch_image, Use::Original { vm: vm.to_string() });
             let live_chain = live.map(|l| l.chain(&d.device)).filter(|c| !c.is_empty());
-            g.add_chain(&d.device, &d.image, live_chain, cancel).await;
+            g.add_chain(&mut reader, &d.device, &d.image, live_chain, cancel)
+                .await;
         }
         // Images qsnap made for this VM that nothing above reaches (what a deleted snapshot
         // froze, say): placed under the disk whose chain they back onto, so that a removal
@@ -137,7 +146,7 @@ impl Graph {
             if g.by_device.values().any(|set| set.contains(owned)) {
                 continue;
             }
-            let Ok(chain) = image::chain(owned, cancel).await else {
+            let Ok(chain) = reader.chain(owned, cancel).await else {
                 continue; // gone; `check` reports it
             };
             let device = chain.iter().find_map(|c| {
@@ -179,7 +188,8 @@ impl Graph {
                 }
                 // What another VM's chain holds cannot be guessed: a chain that cannot be read
                 // stops the operation rather than leave its lower images unprotected.
-                let chain: Vec<PathBuf> = image::chain(&top, cancel)
+                let chain: Vec<PathBuf> = reader
+                    .chain(&top, cancel)
                     .await
                     .map_err(|e| Error::from(crate::error::DeleteError::Refused {
                         snapshot: top.display().to_string(),
@@ -200,6 +210,11 @@ impl Graph {
                 }
             }
         }
+        tracing::debug!(
+            images = g.uses.len(),
+            ms = started.elapsed().as_secs_f64() * 1e3,
+            "reference graph gathered"
+        );
         Ok(g)
     }
 
@@ -213,6 +228,7 @@ impl Graph {
     /// Adds `top`'s chain (from QEMU when given, else from the files) under `device`.
     async fn add_chain(
         &mut self,
+        reader: &mut chains::Reader,
         device: &str,
         top: &Path,
         live: Option<Vec<PathBuf>>,
@@ -220,7 +236,7 @@ impl Graph {
     ) {
         let set = self.by_device.entry(device.to_owned()).or_default();
         set.insert(top.to_owned());
-        match image::chain(top, cancel).await {
+        match reader.chain(top, cancel).await {
             Ok(chain) => {
                 for c in &chain {
                     set.insert(c.filename.clone());

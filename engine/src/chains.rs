@@ -1,0 +1,425 @@
+//! Backing chains read once: what `qemu-img info` said about each image's header, remembered
+//! under the image's identity (path, device, inode, size, mtime, ctime), so that a store of a
+//! hundred snapshots is not read a hundred times per command.
+//!
+//! [`Reader::chain`] gives exactly what [`image::chain`] would: it walks the chain from the
+//! top, taking each image from what this reader read already or from the cache while that very
+//! version of the file was read before, and asks `qemu-img` for the rest as soon as one is not
+//! known — the image alone when only it changed (a running VM's top), or everything below it
+//! in one go. An answer is served only for the format the image is to be read as: the one the
+//! header above names, or probed (the top, or a header that names none). An image read as
+//! qcow2 is what a probe finds too (its magic decides; no other format claims it), but an image
+//! read as raw is never served to a probe: a guest may have written a qcow2 header into its
+//! raw disk.
+//!
+//! An answer is remembered across operations only when the file had not changed for
+//! [`SETTLED`] before it was read: a file's times come from a coarse clock, so a change right
+//! after a read could keep the identity the read saw; a change after a settled read always
+//! moves ctime (which no one can set back). A [`Reader`] also keeps what it read for as long
+//! as it lives — one operation's view, as if each file were read once. This must never serve
+//! an answer about another version of a file: the reference graph that guards every unlink is
+//! built from it. (On a network file system whose server's clock lags this host's by more than
+//! [`SETTLED`], that rule is weaker; qsnap's store and images are local files.)
+
+use crate::error::Result;
+use crate::image::{self, ChainImage};
+use serde::{Deserialize, Serialize};
+use std::collections::{HashMap, HashSet};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+use tokio_util::sync::CancellationToken;
+
+/// How long a file must have stayed unchanged before a read of it is remembered.
+pub(crate) const SETTLED: Duration = Duration::from_secs(2);
+
+thread_local! {
+    /// How many times this thread asked `qemu-img` (for tests: a cached chain asks nothing;
+    /// per thread, so that other tests' reads do not count).
+    static READS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+fn counted() {
+    READS.with(|r| r.set(r.get() + 1));
+}
+
+/// What one read said about one image, and the format it was read as (`None`: probed).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+struct Learnt {
+    read_as: Option<String>,
+    image: ChainImage,
+}
+
+/// Whether an answer read as `read_as`, which found `found`, is what a read as `want` would
+/// find (see the module docs).
+fn serves(read_as: Option<&str>, found: &str, want: Option<&str>) -> bool {
+    match want {
+        Some(f) => found == f,
+        None => read_as.is_none() || found == "qcow2",
+    }
+}
+
+/// `image`'s backing chain, top first: the same list [`image::chain`] reads, from the cache
+/// where it can be.
+pub(crate) async fn chain(top: &Path, cancel: &CancellationToken) -> Result<Vec<ChainImage>> {
+    Reader::default().chain(top, cancel).await
+}
+
+/// The files of `top`'s chain, top first (see [`chain`]).
+pub(crate) async fn files(top: &Path, cancel: &CancellationToken) -> Result<Vec<PathBuf>> {
+    Ok(chain(top, cancel)
+        .await?
+        .into_iter()
+        .map(|c| c.filename)
+        .collect())
+}
+
+/// Reads chains for one operation, keeping what it read (each chain from each of its images)
+/// for as long as it lives.
+#[derive(Default)]
+pub(crate) struct Reader {
+    read: HashMap<PathBuf, (Option<String>, Vec<ChainImage>)>,
+}
+
+impl Reader {
+    /// `top`'s backing chain, top first (see the module docs).
+    pub(crate) async fn chain(
+        &mut self,
+        top: &Path,
+        cancel: &CancellationToken,
+    ) -> Result<Vec<ChainImage>> {
+        let mut out: Vec<ChainImage> = Vec::new();
+        let mut at = top.to_owned();
+        // What the header above names `at`'s format (None: probed, as for the top).
+        let mut format: Option<String> = None;
+        let mut seen = HashSet::new();
+        loop {
+            if !seen.insert(at.clone()) {
+                // A loop: let qemu-img say what is wrong with it.
+                counted();
+                return image::chain(top, cancel).await;
+            }
+            if let Some((read_as, rest)) = self.read.get(&at) {
+                if rest
+                    .first()
+                    .is_some_and(|f| serves(read_as.as_deref(), &f.format, format.as_deref()))
+                {
+                    out.extend(rest.iter().cloned());
+                    return Ok(out);
+                }
+            }
+            let entry = match remembered(&at, format.as_deref()).await {
+                Some(e) => e,
+                None => {
+                    // Not known: this image alone, and if what it backs onto is not known
+                    // either, everything below it in one read.
+                    let started = SystemTime::now();
+                    counted();
+                    let one = match &format {
+                        Some(f) => image::info_as(&at, f, cancel).await?,
+                        None => image::info(&at, cancel).await?,
+                    };
+                    learn(&one, format.as_deref(), started).await;
+                    let below_known = match &one.full_backing_filename {
+                        None => true,
+                        Some(b) => {
+                            self.read.contains_key(b)
+                                || remembered(b, one.backing_filename_format.as_deref())
+                                    .await
+                                    .is_some()
+                        }
+                    };
+                    if below_known {
+                        one
+                    } else {
+                        let started = SystemTime::now();
+                        counted();
+                        let rest = match &format {
+                            Some(f) => image::chain_as(&at, f, cancel).await?,
+                            None => image::chain(&at, cancel).await?,
+                        };
+                        learn_chain(&rest, format.as_deref(), started).await;
+                        self.keep(&rest, format.as_deref());
+                        out.extend(rest);
+                        return Ok(out);
+                    }
+                }
+            };
+            let next = entry.full_backing_filename.clone();
+            format = entry.backing_filename_format.clone();
+            out.push(entry);
+            match next {
+                None => {
+                    self.keep(&out, None);
+                    return Ok(out);
+                }
+                Some(n) => at = n,
+            }
+        }
+    }
+
+    /// Keeps a chain read from its top (read as `format`) and each of its suffixes (each image
+    /// read as the format the one above names) — only where its links follow each other.
+    fn keep(&mut self, chain: &[ChainImage], format: Option<&str>) {
+        if !linked(chain) {
+            return;
+        }
+        let mut read_as = format.map(str::to_owned);
+        for i in 0..chain.len() {
+            self.read.insert(
+                chain[i].filename.clone(),
+                (read_as.clone(), chain[i..].to_vec()),
+            );
+            read_as = chain[i].backing_filename_format.clone();
+        }
+    }
+}
+
+/// Each image's backing is the next one's file name, and the last backs onto nothing.
+fn linked(chain: &[ChainImage]) -> bool {
+    chain
+        .windows(2)
+        .all(|w| w[0].full_backing_filename.as_deref() == Some(w[1].filename.as_path()))
+        && chain
+            .last()
+            .is_some_and(|l| l.full_backing_filename.is_none())
+}
+
+/// The slot (the file's path: one entry per file) and the key (this version of it) of an
+/// image, and when it last changed. `None` when the file cannot be read.
+async fn identity(image: &Path) -> Option<(String, String, SystemTime)> {
+    let md = tokio::fs::metadata(image).await.ok()?;
+    let slot = image.display().to_string();
+    let key = format!(
+        "{}|{}|{}|{}|{}.{}|{}.{}|",
+        image.display(),
+        md.dev(),
+        md.ino(),
+        md.size(),
+        md.mtime(),
+        md.mtime_nsec(),
+        md.ctime(),
+        md.ctime_nsec()
+    );
+    let changed = at(md.mtime(), md.mtime_nsec()).max(at(md.ctime(), md.ctime_nsec()));
+    Some((slot, key, changed))
+}
+
+fn at(secs: i64, nsecs: i64) -> SystemTime {
+    SystemTime::UNIX_EPOCH
+        + Duration::new(
+            u64::try_from(secs).unwrap_or(0),
+            u32::try_from(nsecs).unwrap_or(0),
+        )
+}
+
+/// What the cache holds about this version of `image`, if it serves a read as `format`.
+async fn remembered(image: &Path, format: Option<&str>) -> Option<ChainImage> {
+    let (slot, key, _) = identity(image).await?;
+    let l: Learnt = crate::cache::lookup_in("chain", &slot, &key).await?;
+    (l.image.filename == image && serves(l.read_as.as_deref(), &l.image.format, format))
+        .then_some(l.image)
+}
+
+/// Remembers what a read (as `format`) that began at `started` said about one image, if the
+/// file had been still for [`SETTLED`] before the read began.
+async fn learn(e: &ChainImage, format: Option<&str>, started: SystemTime) {
+    let Some((slot, key, changed)) = identity(&e.filename).await else {
+        return;
+    };
+    if changed + SETTLED < started {
+        let l = Learnt {
+            read_as: format.map(str::to_owned),
+            image: e.clone(),
+        };
+        crate::cache::remember_in("chain", slot, key, &l).await;
+    }
+}
+
+/// [`learn`] for each image of a chain read from its top (read as `format`): each lower image
+/// was read as the format the one above names. Nothing is learnt from a chain whose links do
+/// not follow each other.
+async fn learn_chain(chain: &[ChainImage], format: Option<&str>, started: SystemTime) {
+    if !linked(chain) {
+        return;
+    }
+    let mut as_format: Option<String> = format.map(str::to_owned);
+    for e in chain {
+        learn(e, as_format.as_deref(), started).await;
+        as_format = e.backing_filename_format.clone();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::process::Command;
+
+    fn qemu_img(args: &[&str]) {
+        let out = Command::new("qemu-img").args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    fn overlay(dir: &Path, name: &str, backing: &str) -> PathBuf {
+        let p = dir.join(name);
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-u",
+            "-F",
+            "qcow2",
+            "-b",
+            backing,
+            p.to_str().unwrap(),
+            "64M",
+        ]);
+        p
+    }
+
+    /// What the cache serves is what qemu-img reads, before and after what it learnt is
+    /// stale: a header rewritten in place (a new backing file), a file replaced by another of
+    /// the same size and times, a backing file gone. And a cached chain asks qemu-img nothing.
+    #[tokio::test]
+    async fn serves_what_qemu_img_reads_and_never_a_changed_file() {
+        if Command::new("qemu-img").arg("--version").output().is_err() {
+            panic!("qemu-img is needed for this test (Debian's qemu-utils)");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        crate::cache::cache_in(dir.path().join("cache"));
+        let cancel = CancellationToken::new();
+        let base = dir.path().join("base.qcow2");
+        qemu_img(&["create", "-q", "-f", "qcow2", base.to_str().unwrap(), "64M"]);
+        let mid = overlay(dir.path(), "mid.qcow2", "base.qcow2"); // relative backing
+        let other = overlay(dir.path(), "other.qcow2", base.to_str().unwrap());
+        let sub = dir.path().join("sub");
+        std::fs::create_dir(&sub).unwrap();
+        let top = overlay(&sub, "top.qcow2", "../mid.qcow2");
+        let truth = |p: PathBuf| {
+            let cancel = cancel.clone();
+            async move { image::chain(&p, &cancel).await.unwrap() }
+        };
+
+        // Fresh files are read every time (their times are too recent to trust).
+        assert_eq!(
+            chain(&top, &cancel).await.unwrap(),
+            truth(top.clone()).await
+        );
+        let before = READS.with(std::cell::Cell::get);
+        assert_eq!(
+            chain(&top, &cancel).await.unwrap(),
+            truth(top.clone()).await
+        );
+        assert!(
+            READS.with(std::cell::Cell::get) > before,
+            "a fresh file was served from the cache"
+        );
+
+        // Settled: learnt once, then served without asking qemu-img.
+        tokio::time::sleep(SETTLED + Duration::from_millis(300)).await;
+        assert_eq!(
+            chain(&top, &cancel).await.unwrap(),
+            truth(top.clone()).await
+        );
+        let before = READS.with(std::cell::Cell::get);
+        for _ in 0..3 {
+            assert_eq!(
+                chain(&top, &cancel).await.unwrap(),
+                truth(top.clone()).await
+            );
+        }
+        assert_eq!(
+            READS.with(std::cell::Cell::get),
+            before,
+            "a settled chain asked qemu-img"
+        );
+        // A lower image as a top of its own (probed, not read as the format the header above
+        // names: its own entry) is learnt once too.
+        assert_eq!(
+            chain(&mid, &cancel).await.unwrap(),
+            truth(mid.clone()).await
+        );
+        let before = READS.with(std::cell::Cell::get);
+        assert_eq!(
+            chain(&mid, &cancel).await.unwrap(),
+            truth(mid.clone()).await
+        );
+        assert_eq!(READS.with(std::cell::Cell::get), before);
+
+        // The middle image's header rewritten in place: it now backs onto `other`.
+        qemu_img(&[
+            "rebase",
+            "-u",
+            "-f",
+            "qcow2",
+            "-F",
+            "qcow2",
+            "-b",
+            other.to_str().unwrap(),
+            mid.to_str().unwrap(),
+        ]);
+        let now = chain(&top, &cancel).await.unwrap();
+        assert_eq!(now, truth(top.clone()).await);
+        assert!(now.iter().any(|c| c.filename == other), "{now:?}");
+
+        // The top replaced by another file (another backing) with the same size and times.
+        let md = std::fs::metadata(&top).unwrap();
+        let replacement = overlay(dir.path(), "replacement.qcow2", base.to_str().unwrap());
+        assert_eq!(std::fs::metadata(&replacement).unwrap().len(), md.len());
+        let times = std::fs::FileTimes::new()
+            .set_modified(md.modified().unwrap())
+            .set_accessed(md.accessed().unwrap());
+        std::fs::File::options()
+            .write(true)
+            .open(&replacement)
+            .unwrap()
+            .set_times(times)
+            .unwrap();
+        std::fs::rename(&replacement, &top).unwrap();
+        let now = chain(&top, &cancel).await.unwrap();
+        assert_eq!(now, truth(top.clone()).await);
+        assert_eq!(now[1].filename, base);
+
+        // A raw disk whose guest wrote a qcow2 header into it: read as raw below an overlay
+        // that says so, but a probe of it (as a top) must see what qemu-img sees, never the
+        // raw answer.
+        let raw = dir.path().join("disk.raw");
+        std::fs::copy(&mid, &raw).unwrap();
+        let over_raw = overlay(dir.path(), "over-raw.qcow2", raw.to_str().unwrap());
+        qemu_img(&[
+            "rebase",
+            "-u",
+            "-f",
+            "qcow2",
+            "-F",
+            "raw",
+            "-b",
+            raw.to_str().unwrap(),
+            over_raw.to_str().unwrap(),
+        ]);
+        tokio::time::sleep(SETTLED + Duration::from_millis(300)).await;
+        let via = chain(&over_raw, &cancel).await.unwrap();
+        assert_eq!(via, truth(over_raw.clone()).await);
+        assert_eq!(via[1].format, "raw");
+        let probed = chain(&raw, &cancel).await.unwrap();
+        assert_eq!(probed, truth(raw.clone()).await);
+        assert_eq!(probed[0].format, "qcow2");
+        // And one reader that read both keeps them apart too.
+        let mut reader = Reader::default();
+        assert_eq!(reader.chain(&over_raw, &cancel).await.unwrap(), via);
+        assert_eq!(reader.chain(&raw, &cancel).await.unwrap(), probed);
+
+        // A backing file gone: the same error as qemu-img's, never a cached chain.
+        tokio::time::sleep(SETTLED + Duration::from_millis(300)).await;
+        chain(&mid, &cancel).await.unwrap();
+        std::fs::remove_file(&other).unwrap();
+        assert!(image::chain(&mid, &cancel).await.is_err());
+        assert!(chain(&mid, &cancel).await.is_err());
+    }
+}
