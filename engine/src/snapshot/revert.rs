@@ -55,7 +55,7 @@ pub struct PreparedRevert {
     pub capabilities: Vec<String>,
     /// Whether the guest was running at snapshot time.
     pub was_running: bool,
-    /// A lazy snapshot: start QEMU with these RAM arguments ([`RamMapping::args`]) so it
+    /// A lazy snapshot: start QEMU on the command line [`RamMapping::apply`] makes so it
     /// maps the snapshot's RAM image; the load then brings only device state, and
     /// [`restore`] refuses a QEMU that does not map the image.
     pub ram: Option<RamMapping>,
