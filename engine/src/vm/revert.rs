@@ -174,15 +174,17 @@ impl Vm {
                 return Err(refuse(format!("the VM has no disk {} any more", d.device)));
             }
         }
-        // Both only read; run them side by side.
-        let machine_ok = binary_can_load(&command.argv[0], &manifest, self.cancel());
-        let (machine_ok, verified) = tokio::join!(
-            machine_ok,
-            revert::validate(snap.as_str(), &manifest.snapshot)
-        );
-        let verified = verified?;
-        let verify_ms = verified.verify_ms;
-        machine_ok.map_err(refuse)?;
+        // The snapshot's files are checked (the memory file hashed in full, unless this very
+        // file was checked before) while the machine type is checked and the overlays are
+        // made: all of that only reads or makes new files. The check is awaited before
+        // anything the VM runs on changes (a snapshot kept, the old QEMU stopped).
+        let mut checking = Some(tokio_util::task::AbortOnDropHandle::new(tokio::spawn({
+            let (snap, report) = (snap.to_string(), manifest.snapshot.clone());
+            async move { revert::validate(&snap, &report).await }
+        })));
+        binary_can_load(&command.argv[0], &manifest, self.cancel())
+            .await
+            .map_err(refuse)?;
         let t_checked = started.elapsed();
         let planned = revert::plan_overlays(&manifest.snapshot, None).await?;
         // The new chain: the snapshot's disks on their new overlays, others as they are.
@@ -213,6 +215,10 @@ impl Vm {
             return Err(Error::Cancelled);
         }
 
+        let mut verified = None;
+        if opts.keep_current.is_some() {
+            verified = Some(checked(&mut checking).await?);
+        }
         let kept_current = match &opts.keep_current {
             None => None,
             Some(name) => {
@@ -258,11 +264,11 @@ impl Vm {
             .write_journal(self.name(), &Intent::Revert(intent.clone()))
             .await?;
         failpoint::hit("revert.journaled", state.pid()).await?;
-        let prepared = match revert::make_overlays(
+        let mut prepared = match revert::make_overlays(
             snap.as_str(),
             &manifest.snapshot,
             planned,
-            verify_ms,
+            0.0,
             self.cancel(),
         )
         .await
@@ -273,6 +279,19 @@ impl Vm {
                 return Err(e);
             }
         };
+        let verified = match verified {
+            Some(v) => v,
+            None => match checked(&mut checking).await {
+                Ok(v) => v,
+                Err(e) => {
+                    revert::discard(&prepared).await;
+                    let _ = self.store().clear_journal(self.name()).await;
+                    return Err(e);
+                }
+            },
+        };
+        let verify_ms = verified.verify_ms;
+        prepared.verify_ms = verify_ms;
         failpoint::hit("revert.prepared", state.pid()).await?;
         let t_prepared = started.elapsed();
         if self.cancel().is_cancelled() {
@@ -462,6 +481,18 @@ impl Vm {
 
 /// Refuses (with why) when the QEMU binary cannot load `manifest`'s snapshot: its exact
 /// machine type, and for a mapped-ram memory file QEMU ≥ 9.0. Reads only (cached per binary).
+/// The outcome of the snapshot's check started at the top of a revert (taken once).
+async fn checked(
+    checking: &mut Option<tokio_util::task::AbortOnDropHandle<Result<revert::Validated>>>,
+) -> Result<revert::Validated> {
+    let Some(handle) = checking.take() else {
+        unreachable!("the snapshot's check is awaited once");
+    };
+    handle
+        .await
+        .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
+}
+
 pub(super) async fn binary_can_load(
     binary: &str,
     manifest: &crate::store::Manifest,
