@@ -7,6 +7,7 @@
 # Usage: scripts/bench_tree.sh [QSNAP_BINARY] [ROUNDS]   (bench.sh --only tree runs it)
 # BENCH_TREE_STEPS="3 10 30 100": the sweep's snapshot counts.
 set -euo pipefail
+shopt -s inherit_errexit
 repo=$(cd "$(dirname "$0")/.." && pwd)
 qsnap=${1:-$repo/target/release/qsnap}
 rounds=${2:-5}
@@ -27,7 +28,7 @@ trap cleanup EXIT
 ms() {
   local t0 t1
   t0=$(date +%s%N)
-  "$@" >/dev/null
+  "$@" >/dev/null || { echo "bench_tree: $* failed" >&2; exit 1; }
   t1=$(date +%s%N)
   echo $(((t1 - t0) / 1000000))
 }

@@ -186,13 +186,26 @@ fn linked(chain: &[ChainImage]) -> bool {
             .is_some_and(|l| l.full_backing_filename.is_none())
 }
 
-/// The slot (the file's path: one entry per file) and the key (this version of it) of an
-/// image, and when it last changed. `None` when the file cannot be read.
+/// The `qemu-img` that answers (its file's identity): another build may answer otherwise.
+async fn reader_identity() -> &'static str {
+    static ID: tokio::sync::OnceCell<String> = tokio::sync::OnceCell::const_new();
+    ID.get_or_init(|| async {
+        match crate::cache::resolve_binary("qemu-img").await {
+            Some(p) => crate::cache::file_key(&p, "").await.unwrap_or_default(),
+            None => String::new(),
+        }
+    })
+    .await
+}
+
+/// The slot (the file's path: one entry per file) and the key (this version of it, read by
+/// this `qemu-img`) of an image, and when it last changed. `None` when the file cannot be
+/// read.
 async fn identity(image: &Path) -> Option<(String, String, SystemTime)> {
     let md = tokio::fs::metadata(image).await.ok()?;
     let slot = image.display().to_string();
     let key = format!(
-        "{}|{}|{}|{}|{}.{}|{}.{}|",
+        "{}|{}|{}|{}|{}.{}|{}.{}|{}",
         image.display(),
         md.dev(),
         md.ino(),
@@ -200,7 +213,8 @@ async fn identity(image: &Path) -> Option<(String, String, SystemTime)> {
         md.mtime(),
         md.mtime_nsec(),
         md.ctime(),
-        md.ctime_nsec()
+        md.ctime_nsec(),
+        reader_identity().await
     );
     let changed = at(md.mtime(), md.mtime_nsec()).max(at(md.ctime(), md.ctime_nsec()));
     Some((slot, key, changed))
@@ -228,7 +242,8 @@ async fn learn(e: &ChainImage, format: Option<&str>, started: SystemTime) {
     let Some((slot, key, changed)) = identity(&e.filename).await else {
         return;
     };
-    if changed + SETTLED < started {
+    // (A clock set back during the read could make a fresh change look settled.)
+    if changed + SETTLED < started && SystemTime::now() >= started {
         let l = Learnt {
             read_as: format.map(str::to_owned),
             image: e.clone(),

@@ -335,14 +335,19 @@ pub struct ImageCheck {
     pub check_errors: u64,
 }
 
-/// Runs `qemu-img check` on one qcow2 image (`-U`: it may be in use), without opening its
-/// backing chain (`"backing": null`): the image's own metadata is what is checked, and opening
-/// a chain a hundred deep for each of its images made `qsnap check` quadratic.
-pub async fn check(image: &Path, cancel: &CancellationToken) -> Result<ImageCheck> {
+/// Runs `qemu-img check` on one image (`-U`: it may be in use) read as `format` (`None`:
+/// probed). A qcow2 image is checked without opening its backing chain (`"backing": null`):
+/// its own metadata is what is checked, and opening a chain a hundred deep for each of its
+/// images made `qsnap check` quadratic.
+pub async fn check(
+    image: &Path,
+    format: Option<&str>,
+    cancel: &CancellationToken,
+) -> Result<ImageCheck> {
     let mut cmd = qemu_img();
     cmd.args(["check", "-U", "--output=json"]);
-    match image.to_str() {
-        Some(p) => cmd.arg(format!(
+    match (format, image.to_str()) {
+        (Some("qcow2"), Some(p)) => cmd.arg(format!(
             "json:{}",
             serde_json::json!({
                 "driver": "qcow2",
@@ -350,8 +355,9 @@ pub async fn check(image: &Path, cancel: &CancellationToken) -> Result<ImageChec
                 "file": {"driver": "file", "filename": p},
             })
         )),
-        // (A name JSON cannot carry: the plain form, which opens the chain.)
-        None => cmd.arg(image),
+        (Some(f), _) => cmd.args(["-f", f]).arg(image),
+        // (Format unknown, or a name JSON cannot carry: the plain form.)
+        (None, _) => cmd.arg(image),
     };
     // `check` exits non-zero when it finds something: read its report either way.
     let out = tool::output(cmd, "qemu-img check", image, QUICK, cancel).await?;
@@ -456,12 +462,12 @@ mod tests {
             "{}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let clean = check(&top, &cancel).await.unwrap();
+        let clean = check(&top, Some("qcow2"), &cancel).await.unwrap();
         assert_eq!((clean.corruptions, clean.check_errors), (0, 0));
 
         // The backing file gone: the plain form could not even open the image.
         std::fs::remove_file(&base).unwrap();
-        let still = check(&top, &cancel).await.unwrap();
+        let still = check(&top, Some("qcow2"), &cancel).await.unwrap();
         assert_eq!((still.corruptions, still.check_errors), (0, 0));
 
         // The first refcount block zeroed: every cluster in use has refcount 0.
@@ -481,7 +487,7 @@ mod tests {
         f.seek(SeekFrom::Start(block)).unwrap();
         f.write_all(&[0u8; 4096]).unwrap();
         drop(f);
-        let damaged = check(&top, &cancel).await.unwrap();
+        let damaged = check(&top, Some("qcow2"), &cancel).await.unwrap();
         assert!(damaged.corruptions > 0, "{damaged:?}");
     }
 }

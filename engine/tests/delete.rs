@@ -64,7 +64,11 @@ async fn assert_consistent(g: &Guest, base: &Path, step: &str) {
         .iter()
         .filter(|f| f.extension().is_some_and(|x| x == "qcow2"))
     {
-        let r = image::check(f, &CancellationToken::new()).await.unwrap();
+        // (Probed, the plain form: it opens the whole chain, so every backing file must be
+        // there too.)
+        let r = image::check(f, None, &CancellationToken::new())
+            .await
+            .unwrap();
         assert_eq!(
             (r.corruptions, r.check_errors),
             (0, 0),
@@ -368,6 +372,47 @@ async fn unknown_locked_and_hand_edited_snapshots_are_refused_and_change_nothing
 }
 
 /// The finding kinds of a check.
+/// `check` runs `qemu-img check` on each image qsnap made, as the format its chain reads it
+/// (qcow2 here: without opening the chain), and a damaged one is a finding — never "clean".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_reports_an_image_it_made_whose_metadata_is_damaged() {
+    use std::io::{Read, Seek, SeekFrom, Write};
+    require_qemu!();
+    init_logging();
+    let g = Guest::start(VmBuilder::idle().memory(64), "qcow2").await;
+    g.take("s1").await;
+    let s2 = g.take("s2").await;
+    assert!(g.vm.check(false).await.unwrap().findings.is_empty());
+    // s2's frozen image is the overlay qsnap made at s1: zero its first refcount block.
+    let frozen = s2.snapshot.disks[0].image.clone();
+    let rec = g.vm.store().record(g.vm.name()).await.unwrap();
+    assert!(rec.owned_images.contains(&frozen), "{frozen:?}");
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&frozen)
+        .unwrap();
+    let mut h = [0u8; 56];
+    f.read_exact(&mut h).unwrap();
+    let table = u64::from_be_bytes(h[48..56].try_into().unwrap());
+    let mut entry = [0u8; 8];
+    f.seek(SeekFrom::Start(table)).unwrap();
+    f.read_exact(&mut entry).unwrap();
+    f.seek(SeekFrom::Start(u64::from_be_bytes(entry))).unwrap();
+    f.write_all(&[0u8; 4096]).unwrap();
+    drop(f);
+    let report = g.vm.check(false).await.unwrap();
+    assert!(!report.clean);
+    assert!(
+        report
+            .findings
+            .iter()
+            .any(|x| x.kind == "corrupt-image" && x.what.contains(&*frozen.to_string_lossy())),
+        "{:#?}",
+        report.findings
+    );
+}
+
 fn kinds(f: &[Finding]) -> Vec<&str> {
     f.iter().map(|f| f.kind.as_str()).collect()
 }

@@ -227,6 +227,8 @@ async fn named_backends_revert_lazily(args: &[&str], blocks: &[(&str, u64, u64)]
     let path = g.dir.join("store/vms/g/snapshots/s1.json");
     let text = std::fs::read_to_string(&path).unwrap();
     let mut bad: serde_json::Value = serde_json::from_str(&text).unwrap();
+    // (Schema 2: a qsnap that reads only schema 1 refuses it rather than map it wrongly.)
+    assert_eq!(bad["schema"], 2);
     let last = bad["memory"]["lazy"]["blocks"]
         .as_array_mut()
         .unwrap()

@@ -207,10 +207,14 @@ const KEPT_BACKEND_PROPS: &[&str] = &[
 /// A memory backend option (`v`, either syntax) rewritten as a file backend mapping `b` from
 /// the image at `path`, mapped as `how`.
 fn file_backend(v: &str, b: &RamBlock, path: &str, how: &str) -> String {
-    let (_, props) = parsed(v);
+    let (kind, props) = parsed(v);
     let kept = props
         .iter()
         .filter(|(k, _)| KEPT_BACKEND_PROPS.contains(&k.as_str()));
+    // Old machine types (≤ 3.1) name a file or memfd backend's RAM block by its QOM path, a
+    // RAM backend's by its id: a file standing in for a RAM backend keeps the id's name.
+    const CANONICAL: &str = "x-use-canonical-path-for-ramblock-id";
+    let pin_name = kind == "memory-backend-ram" && prop(&props, CANONICAL).is_none();
     if let Ok(serde_json::Value::Object(orig)) = serde_json::from_str::<serde_json::Value>(v) {
         let mut m = serde_json::Map::new();
         m.insert("qom-type".into(), "memory-backend-file".into());
@@ -218,6 +222,9 @@ fn file_backend(v: &str, b: &RamBlock, path: &str, how: &str) -> String {
             if let Some(x) = orig.get(k) {
                 m.insert(k.clone(), x.clone());
             }
+        }
+        if pin_name {
+            m.insert(CANONICAL.into(), false.into());
         }
         m.insert("mem-path".into(), path.into());
         m.insert("offset".into(), b.offset.into());
@@ -235,6 +242,9 @@ fn file_backend(v: &str, b: &RamBlock, path: &str, how: &str) -> String {
     }
     let mut parts = vec!["memory-backend-file".to_owned()];
     parts.extend(kept.map(|(k, x)| format!("{k}={x}")));
+    if pin_name {
+        parts.push(format!("{CANONICAL}=off"));
+    }
     parts.push(format!("mem-path={path}"));
     parts.push(format!("offset={}", b.offset));
     parts.push(format!("size={}", b.size));
@@ -253,13 +263,16 @@ pub struct RamLayout {
 }
 
 impl RamLayout {
-    /// The image's size: up to the end of the last block.
+    /// The image's size: up to the end of the last block, page-aligned (QEMU maps a file
+    /// backend's size rounded up to a page, and refuses a shorter file).
     pub fn size(&self) -> u64 {
         self.blocks
             .iter()
             .map(|b| b.offset + b.size)
             .max()
             .unwrap_or(0)
+            .div_ceil(4096)
+            * 4096
     }
 }
 
@@ -787,6 +800,7 @@ mod tests {
         assert_eq!(
             obj,
             serde_json::json!({"qom-type": "memory-backend-file", "id": "pc.ram",
+                "x-use-canonical-path-for-ramblock-id": false,
                 "mem-path": "/s/x.ram", "offset": 0, "size": 536870912u64,
                 "share": false, "readonly": true, "rom": "off"})
         );
@@ -834,7 +848,7 @@ mod tests {
             .unwrap();
         assert_eq!(
             out[4],
-            "memory-backend-file,id=ram-node0,host-nodes=0,policy=bind,mem-path=/s/x.ram,offset=0,size=134217728,share=on"
+            "memory-backend-file,id=ram-node0,host-nodes=0,policy=bind,x-use-canonical-path-for-ramblock-id=off,mem-path=/s/x.ram,offset=0,size=134217728,share=on"
         );
         assert_eq!(
             out[8],

@@ -27,7 +27,7 @@ pub use schema::{
     Imported, ImportedFile, Intent, Journal, LaunchCommand, LazyRam, LivePhase, Manifest,
     MemoryImage, MergeKind, MergeStep, Mode, MovedPath, Origin, PlannedOverlay, RamBlock,
     RevertIntent, RevertPhase, SavedSettings, SkippedDisk, SnapshotDisk, StartIntent, StopIntent,
-    ThawIntent, VmRecord, SCHEMA,
+    ThawIntent, VmRecord, SCHEMA, SCHEMA_NAMED_RAM,
 };
 pub(crate) use verify::plain_absolute;
 pub use verify::plain_path;
@@ -396,6 +396,17 @@ impl Store {
         // Never write what the reader would refuse: a store qsnap wrote is one it can read.
         let mut m = m.clone();
         plain_manifest(&mut m);
+        let named_ram = m
+            .snapshot
+            .memory
+            .as_ref()
+            .and_then(|x| x.lazy.as_ref())
+            .is_some_and(|l| !l.blocks.is_empty());
+        m.schema = if named_ram {
+            schema::SCHEMA_NAMED_RAM
+        } else {
+            SCHEMA
+        };
         check_manifest(&m, &vm, &path)?;
         let m = &m;
         self.ensure_dir(self.snapshots_dir(&vm)).await?;

@@ -11,6 +11,12 @@ use std::path::PathBuf;
 /// The version of the record, manifest and journal layout this build reads and writes.
 pub const SCHEMA: u32 = 1;
 
+/// The version of a manifest whose lazy RAM maps the command line's own RAM backends
+/// (`lazy.blocks`): a qsnap that reads only [`SCHEMA`] would ignore the blocks and give QEMU a
+/// second backend of the same id after stopping the VM, so such a manifest is one it refuses.
+/// This build reads both.
+pub const SCHEMA_NAMED_RAM: u32 = 2;
+
 /// How a VM came under qsnap.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "kebab-case")]

@@ -411,6 +411,12 @@ impl Vm {
                 Err(e) => Err(vec![(None, e.to_string())]),
             }
         };
+        // Each image's format as the chains read it (for step 7: an image is checked as what
+        // the header above it says it is, never probed where that is known).
+        let formats = viewed
+            .as_ref()
+            .map(|(g, _)| g.format.clone())
+            .unwrap_or_default();
         match viewed {
             Ok((graph, live)) => {
                 let orphans: Vec<PathBuf> = record
@@ -575,14 +581,38 @@ impl Vm {
             let mut set = tokio::task::JoinSet::new();
             for (i, o) in group.iter().enumerate() {
                 let (o, cancel) = (o.clone(), cancel.clone());
-                set.spawn(async move { (i, image::check(&o, &cancel).await) });
+                let format = formats.get(&o).cloned();
+                set.spawn(async move { (i, image::check(&o, format.as_deref(), &cancel).await) });
             }
             let mut results: Vec<_> = set.join_all().await;
             results.sort_by_key(|(i, _)| *i);
             checked.extend(group.iter().zip(results.into_iter().map(|(_, r)| r)));
         }
+        if cancel.is_cancelled() {
+            return Err(crate::Error::Cancelled);
+        }
         for (o, r) in checked {
-            if let Ok(r) = r {
+            let r = match r {
+                Ok(r) => r,
+                // A file that is gone was reported above; one qemu-img cannot open or check
+                // is damage too (a check that cannot run must not read as clean).
+                Err(_) if !tokio::fs::try_exists(o).await.unwrap_or(true) => continue,
+                Err(crate::Error::Tool { why, .. }) if why.contains("does not support checks") => {
+                    continue
+                }
+                Err(e) => {
+                    found
+                        .add(
+                            "corrupt-image",
+                            format!("{}: cannot be checked: {e}", o.display()),
+                            "restore it from a backup, or run `qemu-img check -r all` on it with the VM stopped, after a backup".into(),
+                            false,
+                        )
+                        .about(o);
+                    continue;
+                }
+            };
+            {
                 if r.corruptions > 0 || r.check_errors > 0 {
                     found
                         .add(

@@ -479,8 +479,6 @@ impl Vm {
     }
 }
 
-/// Refuses (with why) when the QEMU binary cannot load `manifest`'s snapshot: its exact
-/// machine type, and for a mapped-ram memory file QEMU ≥ 9.0. Reads only (cached per binary).
 /// The outcome of the snapshot's check started at the top of a revert (taken once).
 async fn checked(
     checking: &mut Option<tokio_util::task::AbortOnDropHandle<Result<revert::Validated>>>,
@@ -493,6 +491,8 @@ async fn checked(
         .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
 }
 
+/// Refuses (with why) when the QEMU binary cannot load `manifest`'s snapshot: its exact
+/// machine type, and for a mapped-ram memory file QEMU ≥ 9.0. Reads only (cached per binary).
 pub(super) async fn binary_can_load(
     binary: &str,
     manifest: &crate::store::Manifest,
