@@ -42,7 +42,12 @@ impl Figures {
     }
 }
 
-async fn measure(dirty_mb: u32, rounds: usize) -> Result<Vec<Figures>, Box<dyn std::error::Error>> {
+/// The test guest (512 MiB, a 64 MiB qcow2 disk, `extra` arguments) under `Engine::run`,
+/// once its third tick is out; the directory holds the store and the files.
+async fn boot(
+    dirty_mb: u32,
+    extra: &[&str],
+) -> Result<(tempfile::TempDir, qsnap_engine::Vm), Box<dyn std::error::Error>> {
     let dir = tempfile::tempdir()?;
     let disk = dir.path().join("disk.qcow2");
     create_image(&disk, "qcow2", "64M").await;
@@ -50,6 +55,7 @@ async fn measure(dirty_mb: u32, rounds: usize) -> Result<Vec<Figures>, Box<dyn s
     let argv = VmBuilder::guest()
         .memory(512)
         .dirty_mb(dirty_mb)
+        .args(extra.iter().copied())
         .disk(&disk, "qcow2", DiskStyle::Blockdev)
         .command_line(&serial)
         .await;
@@ -57,11 +63,16 @@ async fn measure(dirty_mb: u32, rounds: usize) -> Result<Vec<Figures>, Box<dyn s
     let name = VmName::new("bench")?;
     engine.run(&name, argv, &RunOptions::default()).await?;
     let vm = engine.vm(&name).await?;
-    let log = SerialLog::follow(&serial);
-    log.wait_from(0, Duration::from_secs(120), |l| {
-        parse_tick(l).filter(|&n| n >= 3)
-    })
-    .await?;
+    SerialLog::follow(&serial)
+        .wait_from(0, Duration::from_secs(120), |l| {
+            parse_tick(l).filter(|&n| n >= 3)
+        })
+        .await?;
+    Ok((dir, vm))
+}
+
+async fn measure(dirty_mb: u32, rounds: usize) -> Result<Vec<Figures>, Box<dyn std::error::Error>> {
+    let (_dir, vm) = boot(dirty_mb, &[]).await?;
 
     let load = if dirty_mb > 0 {
         format!("guest rewriting {dirty_mb} MiB")
@@ -200,30 +211,16 @@ async fn measure_delete(rounds: usize) -> Result<Vec<Figures>, Box<dyn std::erro
 /// what libvirt 11 writes), idle: the precopy pause, the eager revert, the lazy-RAM
 /// conversion (a file backend stands in for the named one) and lazy reverts.
 async fn measure_libvirt_ram(rounds: usize) -> Result<Vec<Figures>, Box<dyn std::error::Error>> {
-    let dir = tempfile::tempdir()?;
-    let disk = dir.path().join("disk.qcow2");
-    create_image(&disk, "qcow2", "64M").await;
-    let serial = dir.path().join("serial.log");
-    let argv = VmBuilder::guest()
-        .memory(512)
-        .args([
+    let (_dir, vm) = boot(
+        0,
+        &[
             "-machine",
             "pc,memory-backend=pc.ram",
             "-object",
             r#"{"qom-type":"memory-backend-ram","id":"pc.ram","size":536870912}"#,
-        ])
-        .disk(&disk, "qcow2", DiskStyle::Blockdev)
-        .command_line(&serial)
-        .await;
-    let engine = Engine::new(Store::new(dir.path().join("store")));
-    let name = VmName::new("named")?;
-    engine.run(&name, argv, &RunOptions::default()).await?;
-    let vm = engine.vm(&name).await?;
-    SerialLog::follow(&serial)
-        .wait_from(0, Duration::from_secs(120), |l| {
-            parse_tick(l).filter(|&n| n >= 3)
-        })
-        .await?;
+        ],
+    )
+    .await?;
     let fig = |label: &str| Figures {
         label: format!("{label} (libvirt's RAM layout, idle)"),
         values: vec![],

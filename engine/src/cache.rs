@@ -54,7 +54,12 @@ pub(crate) async fn stat_key(
     extra: &str,
 ) -> Option<String> {
     let md = tokio::fs::metadata(stat).await.ok()?;
-    Some(format!(
+    Some(key_of(name, &md, extra))
+}
+
+/// `name|device|inode|size|mtime|ctime|extra` of a file whose metadata is `md`.
+pub(crate) fn key_of(name: &std::path::Path, md: &std::fs::Metadata, extra: &str) -> String {
+    format!(
         "{}|{}|{}|{}|{}.{}|{}.{}|{extra}",
         name.display(),
         md.dev(),
@@ -64,7 +69,7 @@ pub(crate) async fn stat_key(
         md.mtime_nsec(),
         md.ctime(),
         md.ctime_nsec()
-    ))
+    )
 }
 
 /// A binary given by name (`qemu-system-x86_64`) as the file `PATH` finds (a path is taken

@@ -204,18 +204,7 @@ async fn reader_identity() -> &'static str {
 async fn identity(image: &Path) -> Option<(String, String, SystemTime)> {
     let md = tokio::fs::metadata(image).await.ok()?;
     let slot = image.display().to_string();
-    let key = format!(
-        "{}|{}|{}|{}|{}.{}|{}.{}|{}",
-        image.display(),
-        md.dev(),
-        md.ino(),
-        md.size(),
-        md.mtime(),
-        md.mtime_nsec(),
-        md.ctime(),
-        md.ctime_nsec(),
-        reader_identity().await
-    );
+    let key = crate::cache::key_of(image, &md, reader_identity().await);
     let changed = at(md.mtime(), md.mtime_nsec()).max(at(md.ctime(), md.ctime_nsec()));
     Some((slot, key, changed))
 }

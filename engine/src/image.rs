@@ -443,7 +443,6 @@ mod tests {
     /// still finds a damaged refcount table — in an overlay whose backing file is gone, even.
     #[tokio::test]
     async fn check_finds_damage_without_opening_the_chain() {
-        use std::io::{Read, Seek, SeekFrom, Write};
         let dir = tempfile::tempdir().unwrap();
         let cancel = CancellationToken::new();
         let base = dir.path().join("base,1.qcow2");
@@ -471,22 +470,7 @@ mod tests {
         assert_eq!((still.corruptions, still.check_errors), (0, 0));
 
         // The first refcount block zeroed: every cluster in use has refcount 0.
-        let mut f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&top)
-            .unwrap();
-        let mut h = [0u8; 56];
-        f.read_exact(&mut h).unwrap();
-        let table = u64::from_be_bytes(h[48..56].try_into().unwrap());
-        let mut entry = [0u8; 8];
-        f.seek(SeekFrom::Start(table)).unwrap();
-        f.read_exact(&mut entry).unwrap();
-        let block = u64::from_be_bytes(entry);
-        assert!(block > 0);
-        f.seek(SeekFrom::Start(block)).unwrap();
-        f.write_all(&[0u8; 4096]).unwrap();
-        drop(f);
+        qsnap_testkit::disk_io::zero_first_refcount_block(&top);
         let damaged = check(&top, Some("qcow2"), &cancel).await.unwrap();
         assert!(damaged.corruptions > 0, "{damaged:?}");
     }

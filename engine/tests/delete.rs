@@ -376,7 +376,6 @@ async fn unknown_locked_and_hand_edited_snapshots_are_refused_and_change_nothing
 /// (qcow2 here: without opening the chain), and a damaged one is a finding — never "clean".
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn check_reports_an_image_it_made_whose_metadata_is_damaged() {
-    use std::io::{Read, Seek, SeekFrom, Write};
     require_qemu!();
     init_logging();
     let g = Guest::start(VmBuilder::idle().memory(64), "qcow2").await;
@@ -387,20 +386,7 @@ async fn check_reports_an_image_it_made_whose_metadata_is_damaged() {
     let frozen = s2.snapshot.disks[0].image.clone();
     let rec = g.vm.store().record(g.vm.name()).await.unwrap();
     assert!(rec.owned_images.contains(&frozen), "{frozen:?}");
-    let mut f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&frozen)
-        .unwrap();
-    let mut h = [0u8; 56];
-    f.read_exact(&mut h).unwrap();
-    let table = u64::from_be_bytes(h[48..56].try_into().unwrap());
-    let mut entry = [0u8; 8];
-    f.seek(SeekFrom::Start(table)).unwrap();
-    f.read_exact(&mut entry).unwrap();
-    f.seek(SeekFrom::Start(u64::from_be_bytes(entry))).unwrap();
-    f.write_all(&[0u8; 4096]).unwrap();
-    drop(f);
+    qsnap_testkit::disk_io::zero_first_refcount_block(&frozen);
     let report = g.vm.check(false).await.unwrap();
     assert!(!report.clean);
     assert!(

@@ -112,3 +112,25 @@ pub async fn check(
         Ok(())
     }
 }
+
+/// Damages a qcow2 image's metadata the way a bad sector would: its first refcount block is
+/// zeroed, so every cluster in use has refcount 0 (`qemu-img check` reports corruptions). For
+/// an image no QEMU has open.
+pub fn zero_first_refcount_block(image: &std::path::Path) {
+    use std::io::{Read, Seek, SeekFrom, Write};
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(image)
+        .unwrap();
+    let mut h = [0u8; 56];
+    f.read_exact(&mut h).unwrap();
+    let table = u64::from_be_bytes(h[48..56].try_into().unwrap());
+    let mut entry = [0u8; 8];
+    f.seek(SeekFrom::Start(table)).unwrap();
+    f.read_exact(&mut entry).unwrap();
+    let block = u64::from_be_bytes(entry);
+    assert!(block > 0, "{}: no refcount block", image.display());
+    f.seek(SeekFrom::Start(block)).unwrap();
+    f.write_all(&[0u8; 4096]).unwrap();
+}
