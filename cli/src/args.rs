@@ -192,6 +192,17 @@ pub enum Command {
     /// --with-snapshots; `delete --all` first merges them into its images), and while a
     /// clone runs on one of its images. For a clone, `remove` deletes its overlays instead.
     Forget(ForgetArgs),
+    /// Keep N standbys of a snapshot ready: clones made ahead of time (QEMU started, memory
+    /// loaded or mapped, overlays made), paused before their guest ever runs. `qsnap clone
+    /// VM SNAP NEW` then claims one (it becomes NEW and resumes) instead of starting a QEMU,
+    /// and the pool refills in the background. Returns when N are ready; --size 0 stops and
+    /// removes them all.
+    ///
+    /// A standby is a VM in the store (sb-…, shown by `status`); one that can no longer be
+    /// used (the snapshot deleted or taken again, the VM's command line changed, the QEMU
+    /// binary replaced, its QEMU gone) is discarded, never handed out. Deleting the snapshot
+    /// removes its pool.
+    Pool(PoolArgs),
     /// Give a snapshot another name (its memory files follow; its disk images keep theirs).
     Rename(RenameArgs),
     /// Start a stopped VM again on its current disks (never on a snapshot's frozen images).
@@ -345,6 +356,9 @@ pub struct CloneArgs {
     /// Leave the clone's guest paused.
     #[arg(long)]
     pub paused: bool,
+    /// Never take a standby of the snapshot's pool (`qsnap pool`): start a QEMU of its own.
+    #[arg(long)]
+    pub cold: bool,
     /// Replace text in the recorded command line for the clone (repeatable), e.g.
     /// --replace tcp::2222-:22=tcp::2223-:22. OLD and NEW may hold '=': the split taken
     /// is the one whose OLD is in the command line (the middle '=' when several are).
@@ -590,6 +604,27 @@ pub struct ForgetArgs {
     /// stay).
     #[arg(long)]
     pub with_snapshots: bool,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `qsnap pool`.
+#[derive(Debug, Args)]
+pub struct PoolArgs {
+    /// The source VM.
+    #[arg(add = ArgValueCompleter::new(crate::complete::vm_names))]
+    pub name: String,
+    /// The snapshot its standbys hold.
+    #[arg(add = ArgValueCompleter::new(crate::complete::snapshot_names))]
+    pub snapshot: String,
+    /// How many standbys to keep ready (0: none, and the pool is removed).
+    #[arg(long, value_name = "N", required_unless_present = "refill")]
+    pub size: Option<usize>,
+    /// Bring the pool back to its recorded size (what a clone that took a standby starts in
+    /// the background).
+    #[arg(long, conflicts_with = "size")]
+    pub refill: bool,
     /// Print JSON.
     #[arg(long)]
     pub json: bool,

@@ -123,6 +123,27 @@ async fn monitor(engine: &Engine, target: &str, timeout: Duration) -> anyhow::Re
     connect(target, timeout).await
 }
 
+/// Starts `qsnap pool VM SNAP --refill` on its own (its own session: a Ctrl-C meant for
+/// this command does not reach it; output nowhere), and does not wait for it. Best effort:
+/// a refill that cannot start leaves the pool short until the next clone or `qsnap pool`.
+fn refill_in_background(store: &std::path::Path, vm: &VmName, snap: &qsnap_engine::SnapshotName) {
+    use std::os::unix::process::CommandExt;
+    let Ok(me) = std::env::current_exe() else {
+        return;
+    };
+    let started = std::process::Command::new(me)
+        .args(["--store".as_ref(), store.as_os_str()])
+        .args(["pool", vm.as_str(), snap.as_str(), "--refill"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .process_group(0)
+        .spawn();
+    if let Err(e) = started {
+        tracing::warn!(error = %e, "the pool's refill could not be started");
+    }
+}
+
 /// The engine every command uses: the store, QMP timeouts, Ctrl-C, and a word on stderr
 /// when an operation settles one that was interrupted.
 fn engine(req: &Request, cancel: CancellationToken) -> Engine {
@@ -205,6 +226,7 @@ async fn run(req: Request) -> anyhow::Result<()> {
     let cancel = CancellationToken::new();
     cancel_on_signal(cancel.clone())?;
     let engine = engine(&req, cancel);
+    let req_store = req.store.clone();
     match req.action {
         Action::Attach(r) => {
             let vm = engine
@@ -240,7 +262,20 @@ async fn run(req: Request) -> anyhow::Result<()> {
                 .clone_snapshot(&r.snapshot, &r.new, &r.opts)
                 .await
                 .with_context(|| format!("cloning {}/{} to {}", r.vm, r.snapshot, r.new))?;
+            // A standby taken (or none ready): the pool refills behind this command's back.
+            if report.standby.is_some() || report.cold_because.is_some() {
+                refill_in_background(&req_store, &r.vm, &r.snapshot);
+            }
             output::cloned(&report, r.json);
+        }
+        Action::Pool(r) => {
+            let vm = engine.vm(&r.vm).await?;
+            let report = match r.size {
+                Some(n) => vm.pool(&r.snapshot, n).await,
+                None => vm.refill_pool(&r.snapshot).await,
+            }
+            .with_context(|| format!("filling the pool of {}/{}", r.vm, r.snapshot))?;
+            output::pooled(&report, r.json);
         }
         Action::Export(mut r) => {
             let vm = engine.vm(&r.vm).await?;

@@ -673,6 +673,14 @@ pub fn cloned(r: &qsnap_engine::CloneReport, as_json: bool) {
         r.ram,
         if r.resumed { "running" } else { "paused" }
     );
+    match (&r.standby, &r.cold_because) {
+        (Some(sb), _) => println!(
+            "  {:<16} {sb} (started and loaded ahead of time; the pool refills in the background)",
+            "from standby"
+        ),
+        (None, Some(why)) => println!("  {:<16} none: {why}", "from standby"),
+        (None, None) => {}
+    }
     for d in &r.disks {
         println!("  {:<16} {}", d.device, d.overlay.display());
     }
@@ -681,6 +689,32 @@ pub fn cloned(r: &qsnap_engine::CloneReport, as_json: bool) {
     println!("  {:<16} {}", "QEMU log", r.log.display());
     for n in &r.notes {
         eprintln!("note: {n}");
+    }
+}
+
+/// Prints what `pool` did.
+pub fn pooled(r: &qsnap_engine::PoolReport, as_json: bool) {
+    if as_json {
+        return json::print(r);
+    }
+    if r.size == 0 {
+        println!("{}/{}: no pool", r.vm, r.snapshot);
+    } else {
+        println!(
+            "{}/{}: {} of {} standby(s) ready in {:.0} ms ({} made now)",
+            r.vm,
+            r.snapshot,
+            r.ready.len(),
+            r.size,
+            r.total_ms,
+            r.made.len()
+        );
+    }
+    for sb in &r.ready {
+        println!("  ready      {sb}");
+    }
+    for d in &r.discarded {
+        println!("  discarded  {}: {}", d.standby, d.why);
     }
 }
 

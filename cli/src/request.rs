@@ -11,8 +11,8 @@
 
 use crate::args::{
     AttachArgs, CheckArgs, Cli, CloneArgs, Command, CreateArgs, DeleteArgs, ForgetArgs, InfoArgs,
-    LazyRamArgs, ListArgs, ModeArg, QmpArgs, RemoveArgs, RenameArgs, RevertArgs, RunArgs, ShowArgs,
-    ShutdownArgs, StartArgs, StatusArgs, StopArgs,
+    LazyRamArgs, ListArgs, ModeArg, PoolArgs, QmpArgs, RemoveArgs, RenameArgs, RevertArgs, RunArgs,
+    ShowArgs, ShutdownArgs, StartArgs, StatusArgs, StopArgs,
 };
 use anyhow::Context;
 use qsnap_engine::snapshot::Mode;
@@ -66,6 +66,8 @@ pub enum Action {
     LazyRam(SnapshotRequest),
     /// `clone`.
     Clone(CloneRequest),
+    /// `pool`: keep standbys of a snapshot ready.
+    Pool(PoolRequest),
     /// `export`.
     Export(ExportRequest),
     /// `import`.
@@ -280,6 +282,19 @@ pub struct CloneRequest {
     pub json: bool,
 }
 
+/// `pool`: standbys of a snapshot.
+#[derive(Debug)]
+pub struct PoolRequest {
+    /// The source VM.
+    pub vm: VmName,
+    /// The snapshot.
+    pub snapshot: SnapshotName,
+    /// The size to set; `None`: refill to the recorded size.
+    pub size: Option<usize>,
+    /// Print JSON.
+    pub json: bool,
+}
+
 /// `run`: start QEMU under qsnap.
 #[derive(Debug)]
 pub struct RunRequest {
@@ -359,6 +374,7 @@ impl Request {
             Command::Create(a) => create(a)?,
             Command::LazyRam(a) => lazy_ram(a)?,
             Command::Clone(a) => clone(a)?,
+            Command::Pool(a) => pool(a)?,
             Command::Export(a) => export(a)?,
             Command::Import(a) => import(a)?,
             Command::Keygen(a) => keygen(a)?,
@@ -481,7 +497,17 @@ fn clone(a: CloneArgs) -> anyhow::Result<Action> {
         opts: CloneOptions {
             paused: a.paused,
             replace: a.replace.into_iter().map(Replacement::Text).collect(),
+            cold: a.cold,
         },
+        json: a.json,
+    }))
+}
+
+fn pool(a: PoolArgs) -> anyhow::Result<Action> {
+    Ok(Action::Pool(PoolRequest {
+        vm: vm_name(&a.name)?,
+        snapshot: snap_name(&a.snapshot)?,
+        size: if a.refill { None } else { a.size },
         json: a.json,
     }))
 }

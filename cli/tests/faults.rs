@@ -1166,6 +1166,100 @@ async fn clone_and_remove_survive_qsnap_or_qemu_dying_at_every_step() {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_of_a_standby_survives_qsnap_dying_at_every_step() {
+    require_qemu!();
+    if !qsnap_testkit::failpoints_or_skip("a_claim_of_a_standby_survives_qsnap_dying_at_every_step")
+    {
+        return;
+    }
+    // Past `claim.recorded` the clone exists: the claim can only be finished.
+    let committed = |p: &str| !matches!(p, "claim.journaled" | "claim.moved");
+    let mut cases: Vec<(&str, &str)> = points("claim.").into_iter().map(|p| (p, "crash")).collect();
+    cases.extend(
+        points("claim.")
+            .into_iter()
+            .filter(|p| !committed(p))
+            .map(|p| (p, "error")),
+    );
+    for (point, action) in cases {
+        let what = format!("claim, {action} at {point}");
+        eprintln!("--- {what}");
+        let rig = Rig::new().await;
+        let _clone = KillRecordedQemu::new(&rig.store(), "c");
+        rig.snapshot_between_two_writes().await;
+        let out = rig.qsnap(&["pool", "g", "s1", "--size", "1", "--json"]);
+        assert!(out.status.success(), "{what}: pool: {}", show(&out));
+        let sb = json(&out)["ready"][0].as_str().unwrap().to_owned();
+        let _standby = KillRecordedQemu::new(&rig.store(), &sb);
+        let out = rig.qsnap_failing(point, action, &["clone", "g", "s1", "c", "--json"]);
+        faulted(&out, action, &what);
+        // The source's check settles the claim its standby's journal holds.
+        let out = rig.qsnap(&["check", "g", "--repair"]);
+        assert!(
+            out.status.success(),
+            "{what}: check --repair: {}",
+            show(&out)
+        );
+        let clone = rig.qsnap(&["status", "c", "--json"]);
+        let standby = rig.qsnap(&["status", &sb, "--json"]);
+        assert_ne!(
+            clone.status.success(),
+            standby.status.success(),
+            "{what}: one clone or one standby, never both or neither:\n{}\n{}",
+            show(&clone),
+            show(&standby)
+        );
+        assert_eq!(
+            clone.status.success(),
+            committed(point),
+            "{what}: {}",
+            show(&clone)
+        );
+        if clone.status.success() {
+            let st = json(&clone);
+            assert_eq!(st["clone-of"]["standby"], sb.as_str(), "{what}: {st}");
+            if st["state"]["runstate"] != "running" {
+                let out = rig.qsnap(&["resume", "c"]);
+                assert!(out.status.success(), "{what}: resume: {}", show(&out));
+            }
+        } else {
+            // A standby again, whole: the next clone takes it.
+            assert!(
+                json(&standby)["standby-of"]["vm"] == "g",
+                "{what}: {}",
+                show(&standby)
+            );
+            let out = rig.qsnap(&["clone", "g", "s1", "c", "--json"]);
+            assert!(out.status.success(), "{what}: clone again: {}", show(&out));
+            assert_eq!(json(&out)["standby"], sb.as_str(), "{what}: {}", show(&out));
+        }
+        // Nothing lost: the clone holds the snapshot's disk, and writes on.
+        rig.holds_on("c", 1, 2)
+            .await
+            .unwrap_or_else(|e| panic!("{what}: the clone's disk: {e}"));
+        let out = rig.qsnap(&["remove", "c"]);
+        assert!(out.status.success(), "{what}: remove: {}", show(&out));
+        rig.clone_is_gone("c", false, &what).await;
+        // The pool goes with every standby (a refill started by the clone included).
+        let out = rig.qsnap(&["pool", "g", "s1", "--size", "0"]);
+        assert!(
+            out.status.success(),
+            "{what}: pool --size 0: {}",
+            show(&out)
+        );
+        let left: Vec<_> = std::fs::read_dir(rig.store().join("standbys"))
+            .map(|rd| rd.flatten().map(|e| e.file_name()).collect())
+            .unwrap_or_default();
+        assert!(left.is_empty(), "{what}: standbys left: {left:?}");
+        rig.repair_and_check(&what);
+        rig.holds(2, 2)
+            .await
+            .unwrap_or_else(|e| panic!("{what}: the source's disk lost data: {e}"));
+        rig.stop();
+    }
+}
+
 impl Rig {
     /// Nothing of clone `vm` is left: no record, no QEMU, none of its files or images (but
     /// QEMU's log when `log_may_stay`).

@@ -57,6 +57,12 @@ pub const POINTS: &[&str] = &[
     "clone.overlays-made",
     "clone.launched",
     "clone.loaded",
+    // claim of a standby by a clone (`qsnap pool`); kill-qemu kills the standby's QEMU
+    "claim.journaled",
+    "claim.moved",
+    "claim.recorded",
+    "claim.released",
+    "claim.resumed",
     // import (files staged → placed → overlays → manifest → record, the commit)
     "import.planned",
     "import.staged",

@@ -75,4 +75,5 @@ pub use vm::{
     Status, Vm, VmState,
 };
 pub use vm::{CreateOutcome, Replacement, VmCreateOptions};
+pub use vm::{DiscardedStandby, PoolReport, PoolStatus};
 pub use vm::{Listing, Size, SnapshotUsage, Usage};

@@ -271,6 +271,7 @@ async fn a_hostfwd_port_is_refused_by_name_and_a_replacement_works() {
             fwd.clone(),
             format!("tcp:127.0.0.1:{port2}-:22"),
         )],
+        ..CloneOptions::default()
     };
     let r = src.clone_snapshot(&n("s"), &v("c1"), &opts).await.unwrap();
     assert!(r.resumed);

@@ -229,6 +229,11 @@ pub const OUTPUTS: &[Output] = &[
         schema: one::<qsnap_engine::CloneReport>,
     },
     Output {
+        name: "pool",
+        what: "qsnap pool --json: the standbys ready, made and discarded",
+        schema: one::<qsnap_engine::PoolReport>,
+    },
+    Output {
         name: "create",
         what: "qsnap create --json: the snapshot taken",
         schema: one::<Shown<'static>>,

@@ -14,6 +14,7 @@
 
 mod atomic;
 mod lock;
+mod pools;
 pub mod schema;
 mod verify;
 
@@ -23,11 +24,12 @@ pub(crate) use atomic::{
 };
 pub use lock::{lock_holder, LockHolder, VmLock};
 pub use schema::{
-    CloneOf, CreateIntent, CreateReport, CurrentDisk, DeleteIntent, DeletePhase, ImageStamp,
-    Imported, ImportedFile, Intent, Journal, LaunchCommand, LazyRam, LivePhase, Manifest,
-    MemoryImage, MergeKind, MergeStep, Mode, MovedPath, Origin, PlannedOverlay, RamBlock,
-    RevertIntent, RevertPhase, SavedSettings, SkippedDisk, SnapshotDisk, StartIntent, StopIntent,
-    ThawIntent, VmRecord, SCHEMA, SCHEMA_NAMED_RAM,
+    ClaimIntent, CloneOf, CreateIntent, CreateReport, CurrentDisk, DeleteIntent, DeletePhase,
+    Fingerprint, ImageStamp, Imported, ImportedFile, Intent, Journal, LaunchCommand, LazyRam,
+    LivePhase, Manifest, MemoryImage, MergeKind, MergeStep, Mode, MovedPath, Origin,
+    PlannedOverlay, PoolRecord, RamBlock, RevertIntent, RevertPhase, SavedSettings, SkippedDisk,
+    SnapshotDisk, StandbyOf, StartIntent, StopIntent, ThawIntent, VmRecord, SCHEMA,
+    SCHEMA_NAMED_RAM,
 };
 pub(crate) use verify::plain_absolute;
 pub use verify::plain_path;

@@ -91,6 +91,10 @@ pub struct VmRecord {
     /// source's command line went.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub clone_of: Option<CloneOf>,
+    /// For a standby (`qsnap pool`): the pool it belongs to and what it was made from. A
+    /// standby is a clone made ahead of time whose guest has never run; a clone claims it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub standby: Option<StandbyOf>,
 }
 
 impl VmRecord {
@@ -111,6 +115,7 @@ impl VmRecord {
             guest_agent: None,
             registered_at: String::new(),
             clone_of: None,
+            standby: None,
         }
     }
 }
@@ -125,6 +130,59 @@ pub struct CloneOf {
     pub snapshot: String,
     /// Each per-VM path of the source's command line and the clone's own copy of it.
     pub moved: Vec<MovedPath>,
+    /// The standby the clone was made from, when it claimed one: its overlays stay where
+    /// the standby's QEMU opened them, `<store>/standbys/<standby>/`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub standby: Option<String>,
+}
+
+/// What a standby is ready to become: a clone of `snapshot` of `vm`, as long as nothing it
+/// was made from has changed since ([`Fingerprint`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub struct StandbyOf {
+    /// The source VM.
+    pub vm: String,
+    /// The snapshot it holds, loaded (or mapped) and paused.
+    pub snapshot: String,
+    /// What it was made from.
+    pub fingerprint: Fingerprint,
+    /// Whether the clone that claims it runs at once (the snapshot's guest was running, or
+    /// the snapshot holds no memory and the clone boots).
+    pub resume: bool,
+    /// Whether its RAM is mapped from the snapshot's RAM image (else it was loaded).
+    #[serde(default)]
+    pub lazy: bool,
+}
+
+/// What a standby was made from: if any of it differs when a clone asks, the standby is
+/// discarded, never handed out.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub struct Fingerprint {
+    /// When the snapshot was taken (a snapshot deleted and taken again under its name
+    /// differs).
+    pub snapshot_taken_at: String,
+    /// A hash of the source's recorded command line and working directory.
+    pub command: String,
+    /// The QEMU binary's identity (device, inode, size, modification time).
+    pub qemu: String,
+}
+
+/// A pool of standbys (`<store>/pools/<vm>/<snapshot>.json`): how many the user asked for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub struct PoolRecord {
+    /// Layout version ([`SCHEMA`]).
+    pub schema: u32,
+    /// The source VM.
+    pub vm: String,
+    /// The snapshot.
+    pub snapshot: String,
+    /// How many standbys to keep ready.
+    pub size: usize,
+    /// When the size was last set (RFC 3339).
+    pub set_at: String,
 }
 
 /// A per-VM file or socket a clone got its own copy of.
@@ -412,6 +470,8 @@ pub enum Intent {
     /// A snapshot was taken with the guest's filesystems frozen, and thawing them failed:
     /// they may still be frozen, and the thaw is retried until it works or the guest is gone.
     Thaw(ThawIntent),
+    /// A standby (this VM) becoming the clone `new`.
+    Claim(ClaimIntent),
 }
 
 impl Intent {
@@ -427,6 +487,7 @@ impl Intent {
             Intent::Start(_) => "start".into(),
             Intent::Stop(_) => "stop".into(),
             Intent::Thaw(t) => format!("thaw after create {}", t.snapshot),
+            Intent::Claim(c) => format!("claim as {}", c.new),
         }
     }
 }
@@ -613,6 +674,15 @@ pub struct ThawIntent {
     pub snapshot: String,
     /// The guest agent's socket.
     pub socket: PathBuf,
+}
+
+/// A claim of a standby by a clone: the standby's files move into the clone's directory,
+/// then the clone's record is written (the point of no return), then the standby's goes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct ClaimIntent {
+    /// The clone's name.
+    pub new: String,
 }
 
 /// An unfinished stop.

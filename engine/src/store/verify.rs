@@ -93,6 +93,14 @@ impl Store {
                 snap(&t.snapshot)?;
                 plain(&t.socket, "the guest agent socket")?;
             }
+            Intent::Claim(c) => {
+                if VmName::parse(&c.new).is_none() {
+                    return Err(bad(format!(
+                        "it names an invalid VM \"{}\"",
+                        c.new.escape_debug()
+                    )));
+                }
+            }
             Intent::Start(_) | Intent::Stop(_) => {}
         }
         Ok(())
@@ -293,7 +301,7 @@ pub(super) fn plain_journal(j: &mut Journal) {
             }
         }
         Intent::Thaw(t) => plain(&mut t.socket),
-        Intent::Start(_) | Intent::Stop(_) => {}
+        Intent::Start(_) | Intent::Stop(_) | Intent::Claim(_) => {}
     }
 }
 

@@ -88,6 +88,16 @@ impl Vm {
             }
         }
 
+        // A settled claim of a standby leaves no standby: nothing more to check.
+        if !self.store().has_vm(self.name()).await? {
+            let clean = found.0.iter().all(|f| f.repaired);
+            return Ok(CheckReport {
+                vm: self.name().to_string(),
+                findings: found.0,
+                clean,
+            });
+        }
+
         // 1b. Relative image paths an older qsnap recorded: resolved before anything reads
         // the manifests, and nothing else runs while one is left.
         let relative = super::relative::settle(self, repair).await?;
@@ -631,6 +641,9 @@ impl Vm {
                 }
             }
         }
+
+        // 6. Its standbys (`qsnap pool`): an interrupted claim, one that can no longer be used.
+        self.check_standbys(repair, &mut found).await?;
 
         let clean = found.0.iter().all(|f| f.repaired);
         Ok(CheckReport {

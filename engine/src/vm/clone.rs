@@ -38,8 +38,12 @@ pub struct CloneOptions {
     /// Leave the clone's guest paused after loading its memory.
     pub paused: bool,
     /// Text replacements on the recorded command line, applied first: how the user gives a
-    /// clone what must differ per VM (a `hostfwd` port, `-name`, …).
+    /// clone what must differ per VM (a `hostfwd` port, `-name`, …). A clone with
+    /// replacements never takes a standby (standbys are made from the command line as
+    /// recorded).
     pub replace: Vec<Replacement>,
+    /// Never take a standby of a pool (`qsnap pool`): always start a QEMU of its own.
+    pub cold: bool,
 }
 
 /// One text replacement on the source's recorded command line.
@@ -95,6 +99,24 @@ pub struct CloneReport {
     pub total_ms: f64,
     /// QEMU's pid.
     pub pid: Option<u32>,
+    /// The standby it was made from (`qsnap pool`), when it took one; its QEMU had been
+    /// started and its memory loaded before the clone was asked for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub standby: Option<String>,
+    /// Why it started a QEMU of its own although the snapshot has a pool (none ready, or
+    /// those there were made from something that has changed since and were discarded).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cold_because: Option<String>,
+}
+
+/// What a clone is made as.
+#[derive(Debug, Clone)]
+pub(super) enum Making {
+    /// A clone the user asked for (a standby is claimed when one is ready).
+    Clone,
+    /// A standby of a pool: paused before its guest ever runs, its overlays in
+    /// `<store>/standbys/<name>/`.
+    Standby(crate::store::StandbyOf),
 }
 
 /// What removing a clone did.
@@ -138,6 +160,19 @@ impl Vm {
         opts: &CloneOptions,
         launcher: &L,
     ) -> Result<CloneReport> {
+        self.make_clone(snap, new, opts, launcher, Making::Clone)
+            .await
+    }
+
+    /// A clone or a standby: the cold path, and the claim of a standby for a clone.
+    pub(super) async fn make_clone<L: Launcher>(
+        &self,
+        snap: &SnapshotName,
+        new: &VmName,
+        opts: &CloneOptions,
+        launcher: &L,
+        making: Making,
+    ) -> Result<CloneReport> {
         let started = Instant::now();
         let store = self.store().clone();
         // Before any lock: a clone named as its source would otherwise meet the source's
@@ -174,6 +209,30 @@ impl Vm {
             Purpose::Clone,
         )
         .map_err(refuse)?;
+        let standby = match &making {
+            Making::Standby(of) => Some(of.clone()),
+            Making::Clone => None,
+        };
+        let mut cold_because = None;
+        if standby.is_none() && !opts.cold && replace.is_empty() {
+            let wanted = super::pool::Wanted {
+                snap,
+                source: &source,
+                manifest: &manifest,
+                argv: &rewritten,
+                qmp: &qmp,
+                paused: opts.paused,
+                started,
+            };
+            match self.claim(new, &wanted).await? {
+                super::pool::Claimed::Clone(report) => return Ok(*report),
+                super::pool::Claimed::Cold(why) => cold_because = why,
+            }
+        }
+        let disk_dir = match &standby {
+            Some(_) => store.standby_dir(new.as_str()),
+            None => dir.join("disks"),
+        };
         let machine_ok = super::revert::binary_can_load(&command.argv[0], &manifest, self.cancel());
         let (machine_ok, verified) = tokio::join!(
             machine_ok,
@@ -181,7 +240,7 @@ impl Vm {
         );
         let verify_ms = verified?.verify_ms;
         machine_ok.map_err(refuse)?;
-        let planned = revert::plan_overlays(&manifest.snapshot, Some(&dir.join("disks"))).await?;
+        let planned = revert::plan_overlays(&manifest.snapshot, Some(&disk_dir)).await?;
         let disks: Vec<CurrentDisk> = source
             .disks
             .iter()
@@ -222,7 +281,8 @@ impl Vm {
             disks: Self::substitutions(&disks),
             qmp_socket: qmp.clone(),
             incoming: manifest.snapshot.memory.is_some(),
-            paused: manifest.snapshot.memory.is_some() || opts.paused,
+            // A standby's guest never runs before a clone claims it.
+            paused: manifest.snapshot.memory.is_some() || opts.paused || standby.is_some(),
             machine: manifest.machine.clone(),
             log: dir.join("qemu.log"),
             ram: revert::lazy_mapping(&manifest.snapshot),
@@ -253,7 +313,9 @@ impl Vm {
                 vm: self.name().to_string(),
                 snapshot: snap.to_string(),
                 moved: rewritten.moved.clone(),
+                standby: None,
             }),
+            standby: standby.clone(),
         };
         // Recorded before anything is made (its directories too): from here the clone is a
         // (stopped) VM, and `remove` undoes whatever a crash leaves; before, a crash leaves
@@ -264,8 +326,8 @@ impl Vm {
             failpoint::hit("clone.recorded", None)
                 .await
                 .map_err(|e| (e, None))?;
-            for sub in ["files", "disks"] {
-                make_dir(dir.join(sub)).await.map_err(|e| (e, None))?;
+            for d in [dir.join("files"), disk_dir.clone()] {
+                make_dir(d).await.map_err(|e| (e, None))?;
             }
             let prepared = revert::make_overlays(
                 snap.as_str(),
@@ -295,7 +357,8 @@ impl Vm {
                 super::state::record_qemu(&mut record, pid).await;
                 store.write_record(&record).await.map_err(|e| (e, pid))?;
             }
-            let restored = revert::restore(&qmp, &prepared, !opts.paused, Duration::from_secs(600))
+            let resume = !opts.paused && standby.is_none();
+            let restored = revert::restore(&qmp, &prepared, resume, Duration::from_secs(600))
                 .await
                 .map_err(|e| (e, pid))?;
             failpoint::hit("clone.loaded", pid)
@@ -343,11 +406,13 @@ impl Vm {
             resumed: if manifest.snapshot.memory.is_some() {
                 restored.resumed
             } else {
-                !opts.paused
+                !opts.paused && standby.is_none()
             },
             load_ms: restored.load_ms,
             total_ms,
             pid,
+            standby: None,
+            cold_because,
         })
     }
 
@@ -485,7 +550,11 @@ impl Vm {
     }
 
     /// Deletes a stopped clone's snapshots, owned images, files and record (the lock held).
-    async fn discard_clone(&self, record: &VmRecord, why: Discard) -> Result<Vec<PathBuf>> {
+    pub(super) async fn discard_clone(
+        &self,
+        record: &VmRecord,
+        why: Discard,
+    ) -> Result<Vec<PathBuf>> {
         let removing = matches!(why, Discard::Remove);
         let store = self.store();
         for m in store.manifests(self.name()).await? {
@@ -496,12 +565,17 @@ impl Vm {
             failpoint::hit("remove.snapshots-removed", None).await?;
         }
         let mut removed = Vec::new();
+        // A standby's overlays, and those of the clone that claimed it, are in its own
+        // directory under `<store>/standbys/`.
+        let home = standby_home(store, record);
         // Newest first: an image is always made after its backing, so a removal cut short (a
         // crash, a power loss) never leaves an image whose backing is gone.
         for img in record.owned_images.iter().rev() {
             // Only what the clone made: in its own directory (a plain path, so no `..` climbs
             // out of it), and a regular qcow2 file (the door checks).
-            if !store::plain_absolute(img) || !img.starts_with(store.vm_dir(self.name())) {
+            let own = img.starts_with(store.vm_dir(self.name()))
+                || home.as_ref().is_some_and(|h| img.starts_with(h));
+            if !store::plain_absolute(img) || !own {
                 warn!(image = %img.display(), "kept: not in the clone's directory");
                 continue;
             }
@@ -525,6 +599,11 @@ impl Vm {
                     Err(e) => return Err(store::io("removing the clone's files", &dir)(e)),
                 }
             }
+            // Its overlays are gone (above): the directory is empty unless a file of someone
+            // else's was put there, which stays.
+            if let Some(h) = &home {
+                let _ = std::fs::remove_dir(h);
+            }
             if removing {
                 let _ = std::fs::remove_file(dir.join("qemu.log"));
             }
@@ -541,7 +620,7 @@ impl Vm {
 
 /// Why a clone's files go.
 #[derive(Debug, Clone, Copy)]
-enum Discard {
+pub(super) enum Discard {
     /// The clone failed: everything goes but QEMU's log, which its error points at.
     FailedClone,
     /// `remove`: everything goes.
@@ -552,4 +631,21 @@ enum Discard {
 /// overlays (and the writes its guest flushed there) along with a directory entry never synced.
 async fn make_dir(dir: PathBuf) -> Result<()> {
     store::blocking(move || store::create_dir_durably(&dir, 0o700)).await
+}
+
+/// The directory under `<store>/standbys/` where a standby's overlays are, or those of the
+/// clone that claimed it; `None` for any other VM.
+pub(super) fn standby_home(store: &store::Store, record: &VmRecord) -> Option<PathBuf> {
+    let name = match (&record.standby, &record.clone_of) {
+        (Some(_), _) => record.name.as_str(),
+        (
+            None,
+            Some(CloneOf {
+                standby: Some(s), ..
+            }),
+        ) => s.as_str(),
+        _ => return None,
+    };
+    // A name read from a record: only a valid VM name may become a path.
+    VmName::parse(name).map(|n| store.standby_dir(n.as_str()))
 }

@@ -191,6 +191,13 @@ impl Vm {
             }
         }
 
+        // The pools of these snapshots go (their standbys were never run): left, their chains
+        // would keep the snapshots' layers from merging.
+        let pooled: Vec<SnapshotName> = victims
+            .iter()
+            .filter_map(|m| SnapshotName::parse(&m.name))
+            .collect();
+        self.drop_pools(&pooled).await;
         let mut intent = DeleteIntent {
             snapshots: victims.iter().map(|m| m.name.clone()).collect(),
             manifests: victims.clone(),

@@ -62,6 +62,13 @@ pub struct Status {
     /// guest agent socket, …).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub clone_of: Option<crate::store::CloneOf>,
+    /// For a standby (`qsnap pool`): the pool it belongs to. Its guest has never run; a
+    /// clone of that snapshot claims it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub standby_of: Option<crate::store::StandbyOf>,
+    /// Its snapshots' pools of standbys (`qsnap pool`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub pools: Vec<super::PoolStatus>,
     /// Its monitor socket (`unix:PATH`, a path, or `tcp:HOST:PORT`).
     pub qmp: String,
 }
@@ -287,6 +294,8 @@ impl Vm {
             busy,
             interrupted,
             clone_of: record.clone_of.clone(),
+            standby_of: record.standby.clone(),
+            pools: self.pools().await?,
             qmp: record.qmp.clone(),
         })
     }

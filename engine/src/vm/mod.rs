@@ -8,7 +8,7 @@
 //!
 //! Files (one operation or one concern each; `README.md` has the map): `create.rs`,
 //! `revert.rs`, `delete.rs` and `merge/` (merging layers no snapshot needs), `clone.rs`
-//! (clone and remove), `forget.rs` (a VM out of the store, its disks kept), `lazy/` (lazy-ram and its helper QEMU), `register.rs` (run, attach),
+//! (clone and remove), `pool/` (standbys made ahead of time, and a clone claiming one), `forget.rs` (a VM out of the store, its disks kept), `lazy/` (lazy-ram and its helper QEMU), `register.rs` (run, attach),
 //! `lifecycle.rs` (start, stop, pause, resume, status), `create/offline.rs` (a disk-only snapshot of a stopped VM), `check.rs` and `findings.rs` (check and its report),
 //! `rename.rs` (rename, the latest snapshot, free names), `relative.rs` (relative paths an older qsnap recorded, for `check`), `recover/` (settling an
 //! interrupted operation), `refs.rs` (who uses which image: the guard before any unlink),
@@ -25,6 +25,7 @@ mod lazy;
 mod lifecycle;
 mod merge;
 mod overview;
+mod pool;
 mod recover;
 mod refs;
 mod register;
@@ -42,6 +43,7 @@ pub use forget::{ForgetOptions, ForgetReport, ForgottenDisk};
 pub use lazy::LazyReport;
 pub use lifecycle::{DiskChain, Interrupted, PauseOutcome, ShutdownOutcome, Status};
 pub use overview::Listing;
+pub use pool::{DiscardedStandby, PoolReport, PoolStatus};
 pub use recover::Recovery;
 pub use register::{AttachOptions, RunOptions, RunReport};
 pub use revert::{RamRestore, RevertOptions, RevertReport};

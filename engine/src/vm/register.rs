@@ -125,6 +125,7 @@ impl Engine {
             guest_agent,
             registered_at: store::now_rfc3339(),
             clone_of: None,
+            standby: None,
         };
         self.store.write_record(&record).await?;
         Ok(self.vm_from(name.clone(), record))
@@ -264,6 +265,7 @@ impl Engine {
             owned_images: Vec::new(),
             registered_at: store::now_rfc3339(),
             clone_of: None,
+            standby: None,
         };
         let handle = self.vm_from(name.clone(), record.clone());
         let mut pid = record.pid;

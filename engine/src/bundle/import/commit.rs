@@ -290,6 +290,7 @@ impl Engine {
                 owned_images: owned,
                 registered_at: store::now_rfc3339(),
                 clone_of: None,
+                standby: None,
             };
             store.write_record(&record).await?; // the commit
         } else {

@@ -12,6 +12,8 @@
 //! | delete | any | finished: snapshots removed, the round in progress redone, merging goes on |
 //! | start, stop | any | the record follows what runs |
 //! | thaw | — | the guest's filesystems thawed (nothing to do once it is gone, or thawed already) |
+//! | claim (of a standby) | before the clone's record | undone: the moved files back, the standby one again |
+//! | claim | after | finished: the standby's record goes, the clone stays (paused if qsnap died before `cont`) |
 //!
 //! What only a person can decide (QEMU alive but not answering) ends in
 //! [`Error::NeedsDecision`] with the command to run.
@@ -81,6 +83,9 @@ pub(crate) async fn settle(vm: &Vm) -> Result<Option<Recovery>> {
         Intent::Delete(d) => delete(vm, d).await?,
         Intent::Start(_) | Intent::Stop(_) => lifecycle(vm).await?,
         Intent::Thaw(t) => thaw(vm, t).await?,
+        Intent::Claim(c) => {
+            super::pool::settle_claim(vm, &crate::name::VmName::new(&c.new)?).await?
+        }
     };
     vm.store().clear_journal(vm.name()).await?;
     if merge_after {

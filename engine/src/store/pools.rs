@@ -1,0 +1,144 @@
+//! Where pools of standbys live in the store: each pool's record
+//! (`<store>/pools/<vm>/<snapshot>.json`, the size the user asked for) and its lock, and
+//! each standby's overlays (`<store>/standbys/<standby>/`), which stay where the standby's
+//! QEMU opened them when a clone claims it (QEMU names its images by the path it opened).
+//!
+//! What it must never do: decide whether a standby may be discarded; `vm/pool/` does, under
+//! the standby's lock.
+
+use super::*;
+
+/// How long a pool's fill waits for the one before it.
+const POOL_LOCK_WAIT: Duration = Duration::from_secs(600);
+
+impl Store {
+    /// The directory of a standby's overlays (and, once claimed, of its clone's).
+    pub fn standby_dir(&self, standby: &str) -> PathBuf {
+        self.root.join("standbys").join(standby)
+    }
+
+    fn pool_path(&self, vm: &VmName, snap: &SnapshotName) -> PathBuf {
+        self.root
+            .join("pools")
+            .join(vm.as_str())
+            .join(format!("{snap}.json"))
+    }
+
+    /// The pool of `snap` of `vm`, if one was asked for.
+    pub async fn pool(&self, vm: &VmName, snap: &SnapshotName) -> Result<Option<PoolRecord>> {
+        let path = self.pool_path(vm, snap);
+        let p = path.clone();
+        let rec: Option<PoolRecord> = blocking(move || read_json(&p)).await?;
+        if let Some(r) = &rec {
+            check_schema(r.schema, &path)?;
+            if r.vm != vm.as_str() || r.snapshot != snap.as_str() {
+                return Err(Error::CorruptStore {
+                    path,
+                    why: "it names another VM or snapshot".into(),
+                });
+            }
+        }
+        Ok(rec)
+    }
+
+    /// Every pool of `vm`'s snapshots, by snapshot name.
+    pub async fn pools(&self, vm: &VmName) -> Result<Vec<PoolRecord>> {
+        let dir = self.root.join("pools").join(vm.as_str());
+        let names = blocking(move || {
+            let mut names = Vec::new();
+            let entries = match std::fs::read_dir(&dir) {
+                Ok(e) => e,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(names),
+                Err(e) => return Err(io("listing pools", &dir)(e)),
+            };
+            for e in entries.flatten() {
+                let n = e.file_name();
+                if let Some(s) = n
+                    .to_str()
+                    .and_then(|n| n.strip_suffix(".json"))
+                    .and_then(SnapshotName::parse)
+                {
+                    names.push(s);
+                }
+            }
+            names.sort();
+            Ok(names)
+        })
+        .await?;
+        let mut out = Vec::new();
+        for s in names {
+            if let Some(p) = self.pool(vm, &s).await? {
+                out.push(p);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Records (replaces) a pool. Hold its lock ([`Store::lock_pool`]).
+    pub(crate) async fn write_pool(&self, rec: &PoolRecord) -> Result<()> {
+        let (vm, snap) = (VmName::new(&rec.vm)?, SnapshotName::new(&rec.snapshot)?);
+        let path = self.pool_path(&vm, &snap);
+        let rec = rec.clone();
+        blocking(move || {
+            create_dir_durably(path.parent().unwrap_or(Path::new(".")), 0o700)?;
+            write_json(&path, &rec, false)
+        })
+        .await
+    }
+
+    /// Removes a pool's record (its standbys are discarded by the caller). Hold its lock.
+    pub(crate) async fn remove_pool(&self, vm: &VmName, snap: &SnapshotName) -> Result<()> {
+        let path = self.pool_path(vm, snap);
+        blocking(move || {
+            remove_durably(&path)?;
+            // The VM's pools directory goes with its last pool.
+            let _ = std::fs::remove_dir(path.parent().unwrap_or(Path::new(".")));
+            Ok(())
+        })
+        .await
+    }
+
+    /// Takes a pool's lock: one filling (or resizing) at a time, waiting for the one before
+    /// (a fill makes standbys one by one: a few seconds each), at most [`POOL_LOCK_WAIT`].
+    pub(crate) async fn lock_pool(&self, vm: &VmName, snap: &SnapshotName) -> Result<VmLock> {
+        let dir = self.root.join("pools").join(vm.as_str());
+        let path = dir.join(format!("{snap}.lock"));
+        let what = format!("{vm} {snap}");
+        let deadline = tokio::time::Instant::now() + POOL_LOCK_WAIT;
+        loop {
+            let (d, p, w) = (dir.clone(), path.clone(), what.clone());
+            let taken = blocking(move || {
+                create_dir_durably(&d, 0o700)?;
+                VmLock::acquire(&p, &w, "fill the pool")
+            })
+            .await;
+            match taken {
+                Err(Error::Locked { .. }) if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(50)).await
+                }
+                // The directory went with the last pool between making it and opening the lock.
+                Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {}
+                other => return other,
+            }
+        }
+    }
+}
+
+impl Store {
+    /// Forgets a standby a clone has claimed: its record first, then its journal (the
+    /// claim's: while it is there, a record without it would look like a standby whose
+    /// claim never began), then what is left of its directory. Hold its lock.
+    pub(crate) async fn release_standby(&self, sb: &VmName) -> Result<()> {
+        let dir = self.vm_dir(sb);
+        blocking(move || {
+            remove_durably(&dir.join("vm.json"))?;
+            remove_durably(&dir.join("journal.json"))?;
+            for d in ["snapshots", "memory"] {
+                let _ = std::fs::remove_dir(dir.join(d));
+            }
+            Ok(())
+        })
+        .await?;
+        self.remove_vm_dir(sb, false).await.map(drop)
+    }
+}

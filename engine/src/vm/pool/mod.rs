@@ -1,0 +1,497 @@
+//! Pools of standbys: clones made ahead of time, so that a clone asked for later only has to
+//! claim one (`claim.rs`) instead of starting a QEMU and loading the snapshot's memory.
+//!
+//! ```text
+//! qsnap pool VM SNAP --size N      record the pool (<store>/pools/VM/SNAP.json), then fill:
+//!   under the pool's lock, each standby of the pool is judged (its lock taken at once; a
+//!   busy one is being claimed): made from what is there now (fingerprint), QEMU alive and
+//!   paused → ready; anything else → discarded (stopped, files removed)
+//!   → the newest beyond N discarded → standbys made until N are ready
+//! a standby = a clone of SNAP (make_clone, Making::Standby) named sb-<pool>-<random>, its
+//!   overlays in <store>/standbys/<name>/, its QEMU started, memory loaded or mapped, paused
+//! ```
+//! A standby is a VM in the store like a clone: journaled, seen by `status` and `check`,
+//! removed by `check --repair` when its pool, snapshot or QEMU is gone. Its guest never runs
+//! before a clone claims it, so discarding one never loses anything.
+//!
+//! What this module must never do: discard a standby without holding its lock (a claim in
+//! progress holds it), or hand out one whose fingerprint differs from what is there now.
+
+mod claim;
+
+pub(super) use claim::{settle_claim, Claimed, Wanted};
+
+use super::clone::Making;
+use super::Vm;
+use crate::error::{Error, Result};
+use crate::launch::{Launcher, ProcessLauncher};
+use crate::name::{SnapshotName, VmName};
+use crate::store::{self, Fingerprint, Manifest, PoolRecord, StandbyOf, VmRecord};
+use crate::CloneOptions;
+use serde::Serialize;
+use std::time::Instant;
+use tracing::{info, warn};
+
+/// What `qsnap pool` (or a refill) did.
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub struct PoolReport {
+    /// The source VM.
+    pub vm: String,
+    /// The snapshot.
+    pub snapshot: String,
+    /// How many standbys the pool keeps ready (0: the pool is gone).
+    pub size: usize,
+    /// The standbys ready now, oldest first.
+    pub ready: Vec<String>,
+    /// Those this call made.
+    pub made: Vec<String>,
+    /// Those this call discarded, and why.
+    pub discarded: Vec<DiscardedStandby>,
+    /// How long it took.
+    pub total_ms: f64,
+}
+
+/// A standby that was discarded.
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub struct DiscardedStandby {
+    /// Its name.
+    pub standby: String,
+    /// Why it could no longer be used (or was one too many).
+    pub why: String,
+}
+
+/// One pool of a VM, as `status` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, schemars::JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub struct PoolStatus {
+    /// The snapshot.
+    pub snapshot: String,
+    /// How many standbys it keeps ready.
+    pub size: usize,
+    /// Its standbys in the store now (those being made or claimed included).
+    pub standbys: Vec<String>,
+}
+
+/// The name prefix of the standbys of `snap` of `vm`: `sb-` and a hash of both, so that a
+/// pool finds its standbys with one directory listing.
+fn prefix(vm: &VmName, snap: &SnapshotName) -> String {
+    format!(
+        "sb-{}-",
+        crate::snapshot::disks::short_hash(&format!("{vm}/{snap}"))
+    )
+}
+
+/// A fresh standby name for the pool of `snap` of `vm`.
+fn fresh_name(vm: &VmName, snap: &SnapshotName) -> Result<VmName> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static SEQ: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    let seed = format!(
+        "{}-{nanos}-{}",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::SeqCst)
+    );
+    VmName::new(&format!(
+        "{}{}",
+        prefix(vm, snap),
+        crate::snapshot::disks::short_hash(&seed)
+    ))
+}
+
+/// What a standby of `manifest` of the VM recorded in `source` is made from now.
+pub(super) async fn fingerprint(source: &VmRecord, manifest: &Manifest) -> Result<Fingerprint> {
+    let command = source.command.as_ref();
+    let text = serde_json::to_string(&command).unwrap_or_default();
+    let binary = command.and_then(|c| c.argv.first().cloned());
+    let cwd = command.map(|c| c.cwd.clone());
+    let qemu = store::blocking(move || {
+        Ok(binary
+            .and_then(|b| resolve(&b, cwd.as_deref()))
+            .and_then(|p| identity(&p))
+            .unwrap_or_else(|| "unknown".into()))
+    })
+    .await?;
+    Ok(Fingerprint {
+        snapshot_taken_at: manifest.created_at.clone(),
+        command: crate::snapshot::disks::short_hash(&text),
+        qemu,
+    })
+}
+
+/// The QEMU binary a command line starts: a path as given (relative to `cwd`), or a bare
+/// name found on `PATH`.
+fn resolve(binary: &str, cwd: Option<&std::path::Path>) -> Option<std::path::PathBuf> {
+    let p = std::path::Path::new(binary);
+    if binary.contains('/') {
+        return Some(match cwd {
+            Some(c) if p.is_relative() => c.join(p),
+            _ => p.to_owned(),
+        });
+    }
+    std::env::split_paths(&std::env::var_os("PATH")?)
+        .map(|d| d.join(binary))
+        .find(|c| c.is_file())
+}
+
+/// A file's identity: device, inode, size and modification time (a replaced binary differs).
+fn identity(path: &std::path::Path) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).ok()?;
+    Some(format!(
+        "{}:{}:{}:{}.{}",
+        m.dev(),
+        m.ino(),
+        m.size(),
+        m.mtime(),
+        m.mtime_nsec()
+    ))
+}
+
+impl Vm {
+    /// Keeps `size` standbys of `snap` ready (0: none, and the pool is forgotten), and
+    /// returns once they are.
+    pub async fn pool(&self, snap: &SnapshotName, size: usize) -> Result<PoolReport> {
+        self.pool_with(snap, size, &ProcessLauncher::default())
+            .await
+    }
+
+    /// [`Vm::pool`] with a launcher of your own.
+    pub async fn pool_with<L: Launcher>(
+        &self,
+        snap: &SnapshotName,
+        size: usize,
+        launcher: &L,
+    ) -> Result<PoolReport> {
+        if size > 0 {
+            // Refused before anything is recorded: an unknown snapshot, a VM qsnap cannot
+            // start again.
+            self.store().manifest(self.name(), snap).await?;
+            Self::command_of(&self.store().record(self.name()).await?)?;
+        }
+        self.fill(snap, Some(size), launcher).await
+    }
+
+    /// Brings the pool of `snap` back to its size (after clones took standbys): what a
+    /// clone starts in the background. Without a pool, discards whatever standbys of
+    /// `snap` are left.
+    pub async fn refill_pool(&self, snap: &SnapshotName) -> Result<PoolReport> {
+        self.refill_with(snap, &ProcessLauncher::default()).await
+    }
+
+    /// [`Vm::refill_pool`] with a launcher of your own.
+    pub async fn refill_with<L: Launcher>(
+        &self,
+        snap: &SnapshotName,
+        launcher: &L,
+    ) -> Result<PoolReport> {
+        self.fill(snap, None, launcher).await
+    }
+
+    /// The VM's pools and their standbys.
+    pub async fn pools(&self) -> Result<Vec<PoolStatus>> {
+        let mut out = Vec::new();
+        for p in self.store().pools(self.name()).await? {
+            let Some(snap) = SnapshotName::parse(&p.snapshot) else {
+                continue;
+            };
+            out.push(PoolStatus {
+                standbys: self
+                    .standbys(&snap)
+                    .await?
+                    .into_iter()
+                    .map(|n| n.to_string())
+                    .collect(),
+                snapshot: p.snapshot,
+                size: p.size,
+            });
+        }
+        Ok(out)
+    }
+
+    /// The standbys of the pool of `snap` in the store (by name; their records say whether
+    /// each still is one), oldest name first.
+    pub(super) async fn standbys(&self, snap: &SnapshotName) -> Result<Vec<VmName>> {
+        let prefix = prefix(self.name(), snap);
+        Ok(self
+            .store()
+            .vms()
+            .await?
+            .into_iter()
+            .filter(|n| n.as_str().starts_with(&prefix))
+            .collect())
+    }
+
+    /// Discards the standbys of `snaps` and forgets their pools (a delete of those
+    /// snapshots): best effort, never waiting for a standby another qsnap holds (`check
+    /// --repair` discards what is left).
+    pub(super) async fn drop_pools(&self, snaps: &[SnapshotName]) {
+        for snap in snaps {
+            if let Err(e) = self.store().remove_pool(self.name(), snap).await {
+                warn!(error = %e, %snap, "the pool's record could not be removed");
+            }
+            for sb in self.standbys(snap).await.unwrap_or_default() {
+                let gone = format!("snapshot {snap} is being deleted");
+                if let Err(e) = discard_named(self, &sb, &gone).await {
+                    warn!(standby = %sb, error = %e, "a standby could not be discarded");
+                }
+            }
+        }
+    }
+
+    /// Judges the pool's standbys, discards those that cannot be used (and those beyond the
+    /// size), and makes new ones until the pool is full. `size`: set the pool to it; `None`:
+    /// the recorded size (0 without a record).
+    async fn fill<L: Launcher>(
+        &self,
+        snap: &SnapshotName,
+        size: Option<usize>,
+        launcher: &L,
+    ) -> Result<PoolReport> {
+        let started = Instant::now();
+        let store = self.store();
+        let _pool = store.lock_pool(self.name(), snap).await?;
+        let size = match size {
+            Some(0) => {
+                store.remove_pool(self.name(), snap).await?;
+                0
+            }
+            Some(n) => {
+                store
+                    .write_pool(&PoolRecord {
+                        schema: store::SCHEMA,
+                        vm: self.name().to_string(),
+                        snapshot: snap.to_string(),
+                        size: n,
+                        set_at: store::now_rfc3339(),
+                    })
+                    .await?;
+                n
+            }
+            None => store.pool(self.name(), snap).await?.map_or(0, |p| p.size),
+        };
+        // What standbys must be made from now; `None`: the snapshot (or the VM) is gone.
+        let now = match (
+            store.record(self.name()).await,
+            store.manifest(self.name(), snap).await,
+        ) {
+            (Ok(rec), Ok(m)) => Some((fingerprint(&rec, &m).await?, m)),
+            (Err(Error::UnknownVm { .. }), _) | (_, Err(Error::UnknownSnapshot { .. })) => None,
+            (Err(e), _) | (_, Err(e)) => return Err(e),
+        };
+        let mut ready = Vec::new();
+        let mut discarded = Vec::new();
+        for sb in self.standbys(snap).await? {
+            let why = match judge(self, &sb, snap, now.as_ref().map(|(f, _)| f)).await {
+                Judged::Ready => {
+                    ready.push(sb);
+                    continue;
+                }
+                Judged::Busy => continue,
+                Judged::Unusable(why) => why,
+            };
+            match discard_named(self, &sb, &why).await {
+                Ok(true) => discarded.push(DiscardedStandby {
+                    standby: sb.to_string(),
+                    why,
+                }),
+                Ok(false) => {}
+                Err(e) => warn!(standby = %sb, error = %e, "a standby could not be discarded"),
+            }
+        }
+        while ready.len() > size {
+            let sb = ready.pop().expect("more ready than the size");
+            let why = "the pool is smaller now".to_owned();
+            if discard_named(self, &sb, &why).await? {
+                discarded.push(DiscardedStandby {
+                    standby: sb.to_string(),
+                    why,
+                });
+            }
+        }
+        let mut made = Vec::new();
+        if ready.len() < size {
+            let Some((fingerprint, manifest)) = now else {
+                return Err(Error::UnknownSnapshot {
+                    vm: self.name().to_string(),
+                    snapshot: snap.to_string(),
+                });
+            };
+            let of = StandbyOf {
+                vm: self.name().to_string(),
+                snapshot: snap.to_string(),
+                fingerprint,
+                // A memory snapshot's clone runs if its guest ran; a disk-only one boots.
+                resume: manifest.snapshot.memory.is_none() || manifest.snapshot.was_running,
+                lazy: crate::snapshot::revert::lazy_mapping(&manifest.snapshot).is_some(),
+            };
+            let opts = CloneOptions {
+                paused: true,
+                ..CloneOptions::default()
+            };
+            while ready.len() < size {
+                let name = fresh_name(self.name(), snap)?;
+                self.make_clone(snap, &name, &opts, launcher, Making::Standby(of.clone()))
+                    .await?;
+                info!(standby = %name, vm = %self.name(), %snap, "standby ready");
+                made.push(name.to_string());
+                ready.push(name);
+            }
+        }
+        Ok(PoolReport {
+            vm: self.name().to_string(),
+            snapshot: snap.to_string(),
+            size,
+            ready: ready.iter().map(ToString::to_string).collect(),
+            made,
+            discarded,
+            total_ms: started.elapsed().as_secs_f64() * 1e3,
+        })
+    }
+}
+
+impl Vm {
+    /// `check`'s look at this VM's standbys: an interrupted claim (settled by `repair`), a
+    /// standby that can no longer be used or whose pool is gone (discarded by `repair`).
+    pub(super) async fn check_standbys(
+        &self,
+        repair: bool,
+        found: &mut super::findings::Findings,
+    ) -> Result<()> {
+        let store = self.store();
+        let me = store.record(self.name()).await?;
+        for name in store.vms().await? {
+            if !name.as_str().starts_with("sb-") {
+                continue;
+            }
+            let Ok(rec) = store.record(&name).await else {
+                continue;
+            };
+            let Some(of) = rec.standby.clone() else {
+                continue;
+            };
+            if of.vm != self.name().as_str() {
+                continue;
+            }
+            let dir = store.vm_dir(&name);
+            if let Ok(Some(j)) = store.journal(&name).await {
+                let what = format!("standby {name}: an interrupted {}", j.intent.describe());
+                let settled = if repair {
+                    match self.engine().at_once().vm(&name).await {
+                        Ok(vm) => match vm.begin("check --repair").await {
+                            Ok(_) | Err(Error::UnknownVm { .. }) => Ok(()),
+                            Err(e) => Err(e),
+                        },
+                        Err(Error::UnknownVm { .. }) => Ok(()),
+                        Err(e) => Err(e),
+                    }
+                } else {
+                    Err(Error::Busy {
+                        what: "`--repair` finishes it or undoes it".into(),
+                    })
+                };
+                let (fix, done) = match settled {
+                    Ok(()) => ("settled: see `qsnap status`".to_owned(), true),
+                    Err(Error::Busy { what }) => (what, false),
+                    Err(e) => (e.to_string(), false),
+                };
+                found
+                    .add("interrupted", what, fix, done)
+                    .about(dir.join("journal.json"));
+                continue;
+            }
+            let Some(snap) = SnapshotName::parse(&of.snapshot) else {
+                continue;
+            };
+            let why = if store.pool(self.name(), &snap).await?.is_none() {
+                Some(format!("its pool ({snap}) is gone"))
+            } else {
+                let now = match store.manifest(self.name(), &snap).await {
+                    Ok(m) => Some(fingerprint(&me, &m).await?),
+                    Err(Error::UnknownSnapshot { .. }) => None,
+                    Err(e) => return Err(e),
+                };
+                match judge(self, &name, &snap, now.as_ref()).await {
+                    Judged::Ready | Judged::Busy => None,
+                    Judged::Unusable(why) => Some(why),
+                }
+            };
+            let Some(why) = why else { continue };
+            let repaired = repair && discard_named(self, &name, &why).await.unwrap_or(false);
+            found
+                .add(
+                    "stale-standby",
+                    format!("standby {name} of snapshot {snap} cannot be used: {why}"),
+                    "`--repair` stops it and removes its files (its guest never ran)".into(),
+                    repaired,
+                )
+                .about(dir);
+        }
+        Ok(())
+    }
+}
+
+/// What a look at one standby found.
+enum Judged {
+    Ready,
+    /// Another qsnap holds it (a claim, a discard): left alone.
+    Busy,
+    Unusable(String),
+}
+
+async fn judge(source: &Vm, sb: &VmName, snap: &SnapshotName, now: Option<&Fingerprint>) -> Judged {
+    let vm = match source.engine().at_once().vm(sb).await {
+        Ok(vm) => vm,
+        Err(_) => return Judged::Busy,
+    };
+    let op = match vm.begin("look at the standby").await {
+        Ok(op) => op,
+        Err(_) => return Judged::Busy,
+    };
+    match claim::usable(&vm, &op.record, source.name(), snap, now).await {
+        Ok(()) => Judged::Ready,
+        Err(why) => Judged::Unusable(why),
+    }
+}
+
+/// Discards standby `sb` (stops its QEMU, removes its files and record) if it still is one;
+/// `Ok(false)` when it is not (a clone claimed it) or another qsnap holds it.
+pub(super) async fn discard_named(source: &Vm, sb: &VmName, why: &str) -> Result<bool> {
+    let vm = match source.engine().at_once().vm(sb).await {
+        Ok(vm) => vm,
+        Err(Error::UnknownVm { .. }) => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    vm.discard_standby(why).await
+}
+
+impl Vm {
+    /// Discards this standby: `Ok(false)` when it is none (any more) or is busy.
+    pub(super) async fn discard_standby(&self, why: &str) -> Result<bool> {
+        // Its lock first, and with it any interrupted claim settled: a standby a clone has
+        // claimed is that clone's QEMU and overlays from then on.
+        let op = match self.begin(&format!("discard the standby ({why})")).await {
+            Ok(op) => op,
+            Err(Error::Locked { .. } | Error::UnknownVm { .. }) => return Ok(false),
+            Err(e) => return Err(e),
+        };
+        let mut record = op.record.clone();
+        if record.standby.is_none() {
+            return Ok(false);
+        }
+        let state = super::state::VmState::observe(self, &record).await;
+        if !matches!(state, super::state::VmState::Stopped) {
+            self.stop_before_discarding(&mut record, &state, "discard the standby")
+                .await?;
+        }
+        self.discard_clone(&record, super::clone::Discard::Remove)
+            .await?;
+        info!(standby = %self.name(), why, "standby discarded");
+        drop(op);
+        Ok(true)
+    }
+}
