@@ -290,3 +290,225 @@ async fn a_hostfwd_port_is_refused_by_name_and_a_replacement_works() {
     c1.remove().await.unwrap();
     src.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn four_clones_from_standbys_resume_at_the_snapshot_and_a_stale_standby_is_never_handed_out()
+{
+    require_qemu!();
+    init_logging();
+    let g = Guest::start(VmBuilder::guest().dirty_mb(8), "qcow2").await;
+    g.tick_above(0, 3).await;
+    let s1 = g.snapshot("s1").await;
+    let m1 = g.vm.snapshot(&n("s1")).await.unwrap();
+    let frozen: Vec<(PathBuf, Vec<u8>)> = m1
+        .snapshot
+        .disks
+        .iter()
+        .map(|d| (d.image.clone(), sha(&d.image)))
+        .collect();
+    let store = g.vm.store().root().to_owned();
+    let c = |i: usize| format!("p{}x{i}", std::process::id());
+    let _kills: Vec<KillRecordedQemu> = (1..=5)
+        .map(|i| KillRecordedQemu::new(&store, &c(i)))
+        .collect();
+
+    let pool =
+        g.vm.pool(&n("s1"), 4)
+            .await
+            .unwrap_or_else(|e| panic!("pool: {e}\n{}", g.report()));
+    assert_eq!((pool.ready.len(), pool.made.len()), (4, 4), "{pool:?}");
+    let _standby_kills: Vec<KillRecordedQemu> = pool
+        .ready
+        .iter()
+        .map(|sb| KillRecordedQemu::new(&store, sb))
+        .collect();
+    let mut standby_pids = std::collections::BTreeSet::new();
+    for sb in &pool.ready {
+        let st = g.engine.vm(&v(sb)).await.unwrap().status().await.unwrap();
+        assert_eq!(st.runstate.as_deref(), Some("paused"), "{sb}: {st:?}");
+        assert_eq!(st.standby_of.as_ref().unwrap().snapshot, "s1");
+        standby_pids.insert(st.pid.unwrap());
+        // Its guest never ran: not one line on its console.
+        let console = store.join("vms").join(sb).join("files/serial.log");
+        assert_eq!(std::fs::read(&console).unwrap_or_default(), b"", "{sb} ran");
+    }
+    // Ready standbys show in the source's status.
+    let st = g.vm.status().await.unwrap();
+    assert_eq!(st.pools[0].standbys, pool.ready);
+
+    // Four clones at once: each claims a standby of its own.
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 1..=4 {
+        let (vm, name) = (g.vm.clone(), c(i));
+        tasks.spawn(async move {
+            vm.clone_snapshot(&n("s1"), &v(&name), &CloneOptions::default())
+                .await
+        });
+    }
+    let mut reports = Vec::new();
+    while let Some(r) = tasks.join_next().await {
+        reports.push(
+            r.unwrap()
+                .unwrap_or_else(|e| panic!("clone: {e}\n{}", g.report())),
+        );
+    }
+    reports.sort_by(|a, b| a.vm.cmp(&b.vm));
+    let taken: std::collections::BTreeSet<_> =
+        reports.iter().map(|r| r.standby.clone().unwrap()).collect();
+    assert_eq!(taken.len(), 4, "{reports:?}");
+    assert!(taken.iter().all(|t| pool.ready.contains(t)), "{reports:?}");
+    let pids: std::collections::BTreeSet<_> = reports.iter().map(|r| r.pid.unwrap()).collect();
+    assert_eq!(pids, standby_pids, "the clones run in the standbys' QEMUs");
+    let mut consoles = Vec::new();
+    for r in &reports {
+        assert!(r.resumed, "{r:?}");
+        assert!(
+            console_of(r).starts_with(store.join("vms").join(&r.vm)),
+            "{r:?}"
+        );
+        let log = SerialLog::follow(console_of(r));
+        resumes_in(&log, 0, s1, &r.vm).await;
+        consoles.push(log);
+        // A clone like any other: its status names the standby it came from.
+        let st = g
+            .engine
+            .vm(&v(&r.vm))
+            .await
+            .unwrap()
+            .status()
+            .await
+            .unwrap();
+        assert_eq!(st.clone_of.unwrap().standby, r.standby);
+        assert!(st.standby_of.is_none());
+    }
+    // Each goes on by itself (its own ticks, memory and disk agreeing); the source too.
+    for (log, r) in consoles.iter().zip(&reports) {
+        let last = log.ticks().last().copied().unwrap();
+        log.wait_from(0, Duration::from_secs(30), |l| {
+            parse_tick(l).filter(|&t| t > last + 1)
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{} stalled: {e}", r.vm));
+        assert!(log.mismatches().is_empty(), "{}: {}", r.vm, log.tail(20));
+    }
+    let mark = g.serial().len();
+    g.tick_above(mark, g.last_tick() + 2).await;
+    assert!(g.serial().mismatches().is_empty(), "{}", g.report());
+    for (image, digest) in &frozen {
+        assert_eq!(&sha(image), digest, "{} changed", image.display());
+    }
+    // A claimed clone snapshots and reverts like any other (QEMU's names for its images
+    // are still true: they never moved).
+    let c1 = g.engine.vm(&v(&c(1))).await.unwrap();
+    c1.create_snapshot(c1.create_options(n("cs")))
+        .await
+        .unwrap_or_else(|e| panic!("a claimed clone's snapshot: {e}"));
+    c1.revert(&n("cs"), false).await.unwrap();
+    // The engine does not refill by itself: the pool is empty until asked.
+    assert!(g.vm.pools().await.unwrap()[0].standbys.is_empty());
+
+    // A standby made from what is no longer there is never handed out: here one whose
+    // snapshot was (as far as its record says) taken at another time.
+    let pool = g.vm.pool(&n("s1"), 1).await.unwrap();
+    let stale = pool.ready[0].clone();
+    let _stale_kill = KillRecordedQemu::new(&store, &stale);
+    let stale_pid = g
+        .engine
+        .vm(&v(&stale))
+        .await
+        .unwrap()
+        .status()
+        .await
+        .unwrap()
+        .pid
+        .unwrap();
+    let record = store.join("vms").join(&stale).join("vm.json");
+    let mut rec: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&record).unwrap()).unwrap();
+    rec["standby"]["fingerprint"]["snapshot-taken-at"] = "2001-01-01T00:00:00Z".into();
+    std::fs::write(&record, serde_json::to_vec(&rec).unwrap()).unwrap();
+    let r =
+        g.vm.clone_snapshot(&n("s1"), &v(&c(5)), &CloneOptions::default())
+            .await
+            .unwrap();
+    assert_eq!(r.standby, None, "{r:?}");
+    let why = r.cold_because.clone().unwrap();
+    assert!(why.contains("deleted and taken again"), "{why}");
+    assert_ne!(r.pid, Some(stale_pid));
+    resumes_in(&SerialLog::follow(console_of(&r)), 0, s1, "a cold clone").await;
+    // `check` finds it, `--repair` discards it: its QEMU stopped, its files gone.
+    let report = g.vm.check(false).await.unwrap();
+    assert!(
+        report.findings.iter().any(|f| f.kind == "stale-standby"),
+        "{report:?}"
+    );
+    let report = g.vm.check(true).await.unwrap();
+    assert!(report.clean, "{report:?}");
+    assert!(!alive(stale_pid), "the stale standby's QEMU lives on");
+    assert!(!store.join("standbys").join(&stale).exists());
+
+    // Deleting the snapshot takes its pool along; `--size 0` leaves no QEMU behind.
+    let pool = g.vm.pool(&n("s1"), 2).await.unwrap();
+    let pids: Vec<u32> = {
+        let mut p = Vec::new();
+        for sb in &pool.ready {
+            p.push(
+                g.engine
+                    .vm(&v(sb))
+                    .await
+                    .unwrap()
+                    .status()
+                    .await
+                    .unwrap()
+                    .pid
+                    .unwrap(),
+            );
+        }
+        p
+    };
+    let _pool_kills: Vec<KillRecordedQemu> = pool
+        .ready
+        .iter()
+        .map(|sb| KillRecordedQemu::new(&store, sb))
+        .collect();
+    let emptied = g.vm.pool(&n("s1"), 0).await.unwrap();
+    assert_eq!((emptied.ready.len(), emptied.discarded.len()), (0, 2));
+    for pid in pids {
+        assert!(!alive(pid), "a standby's QEMU lives on after --size 0");
+    }
+    assert!(g.vm.pools().await.unwrap().is_empty());
+    let pool = g.vm.pool(&n("s1"), 1).await.unwrap();
+    let sb = pool.ready[0].clone();
+    let _last_kill = KillRecordedQemu::new(&store, &sb);
+    let sb_pid = g
+        .engine
+        .vm(&v(&sb))
+        .await
+        .unwrap()
+        .status()
+        .await
+        .unwrap()
+        .pid
+        .unwrap();
+    for i in 1..=5 {
+        g.engine
+            .vm(&v(&c(i)))
+            .await
+            .unwrap()
+            .remove()
+            .await
+            .unwrap();
+    }
+    g.vm.delete_snapshot(&n("s1"), &Default::default())
+        .await
+        .unwrap_or_else(|e| panic!("delete s1: {e}\n{}", g.report()));
+    assert!(!alive(sb_pid), "the deleted snapshot's standby lives on");
+    assert!(g.vm.pools().await.unwrap().is_empty());
+    assert!(matches!(
+        g.engine.vm(&v(&sb)).await,
+        Err(Error::UnknownVm { .. })
+    ));
+    let check = g.vm.check(true).await.unwrap();
+    assert!(check.clean, "{:?}", check.findings);
+    g.vm.stop().await.unwrap();
+}

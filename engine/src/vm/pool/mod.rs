@@ -42,7 +42,7 @@ pub struct PoolReport {
     pub snapshot: String,
     /// How many standbys the pool keeps ready (0: the pool is gone).
     pub size: usize,
-    /// The standbys ready now, oldest first.
+    /// The standbys ready now, by name.
     pub ready: Vec<String>,
     /// Those this call made.
     pub made: Vec<String>,
@@ -214,7 +214,7 @@ impl Vm {
     }
 
     /// The standbys of the pool of `snap` in the store (by name; their records say whether
-    /// each still is one), oldest name first.
+    /// each still is one), sorted.
     pub(super) async fn standbys(&self, snap: &SnapshotName) -> Result<Vec<VmName>> {
         let prefix = prefix(self.name(), snap);
         Ok(self
@@ -342,6 +342,7 @@ impl Vm {
                 ready.push(name);
             }
         }
+        ready.sort();
         Ok(PoolReport {
             vm: self.name().to_string(),
             snapshot: snap.to_string(),
