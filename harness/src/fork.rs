@@ -6,10 +6,12 @@
 //! from it, or kill any process but the QEMUs their records name (`watchdog.rs`).
 
 use crate::error::Result;
+use crate::pool::Refiller;
 use crate::watchdog::{kill_qemus_of, launcher};
 use qsnap_engine::{CloneOptions, CloneReport, SnapshotName, Vm};
 use qsnap_qmp::Qmp;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// One running copy of the golden snapshot, for one test.
 #[derive(Debug)]
@@ -20,6 +22,8 @@ pub struct Fork {
     report: CloneReport,
     console: Option<PathBuf>,
     dir: PathBuf,
+    /// The golden's pool, when it has one: a reset takes a standby, and pokes its refill.
+    pool: Option<Arc<Refiller>>,
 }
 
 impl Fork {
@@ -31,6 +35,7 @@ impl Fork {
         snapshot: SnapshotName,
         console: Option<PathBuf>,
         report: CloneReport,
+        pool: Option<Arc<Refiller>>,
     ) -> Fork {
         Fork {
             dir: vm.store().vm_dir(vm.name()),
@@ -39,6 +44,7 @@ impl Fork {
             snapshot,
             report,
             console,
+            pool,
         }
     }
 
@@ -80,9 +86,12 @@ impl Fork {
     }
 
     /// Back to the golden snapshot, in place: the same name, paths and console file (which
-    /// starts empty again), a new QEMU.
+    /// starts empty again), a new QEMU — a standby of the golden's pool, when it has one.
     pub async fn reset(&mut self) -> Result<()> {
         self.vm.remove().await?;
+        // The note of the QEMU `remove` stopped: the next one's (a standby's, moved in with
+        // it) takes its place.
+        let _ = std::fs::remove_file(self.dir.join(crate::watchdog::SPAWNED));
         let report = self
             .source
             .clone_with(
@@ -92,6 +101,9 @@ impl Fork {
                 &launcher(),
             )
             .await?;
+        if let Some(p) = &self.pool {
+            p.poke();
+        }
         // Same name, same paths: the console file is where it was.
         self.report = report;
         self.vm = self.source.engine().vm(self.vm.name()).await?;
@@ -117,9 +129,27 @@ impl Drop for Fork {
         for dir in doomed.iter().rev() {
             // Its QEMU, as its record names it (pid and start time).
             kill_qemus_of(dir);
+            // A fork made from a standby has its overlays in the standby's directory.
+            if let Some(home) = standby_home(dir) {
+                let _ = std::fs::remove_dir_all(home);
+            }
             let _ = std::fs::remove_dir_all(dir);
         }
     }
+}
+
+/// Where the overlays of the VM of directory `dir` are when it was made from a standby:
+/// `<store>/standbys/<standby>/`, the name as the engine makes them (`sb-…`, no path in it).
+fn standby_home(dir: &Path) -> Option<PathBuf> {
+    let record: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("vm.json")).ok()?).ok()?;
+    let name = record["clone-of"]["standby"].as_str()?;
+    let plain = name.starts_with("sb-")
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    let store = dir.parent()?.parent()?;
+    plain.then(|| store.join("standbys").join(name))
 }
 
 /// The directories of the VMs in `vms` whose record says they are clones of VM `name`.

@@ -9,15 +9,17 @@
 use crate::cache;
 use crate::error::{Error, Result};
 use crate::fork::Fork;
+use crate::pool::Refiller;
 use crate::ready::{wait_ready, Ready};
 use crate::watchdog::{kill_qemus, launcher, watchdog, Remove, Vms};
 use qsnap_engine::launch::argv::serial_file;
 use qsnap_engine::{
-    create_blank_image, CloneOptions, CloneReport, Engine, Error as EngineError, RevertOptions,
-    RevertReport, RunOptions, SnapshotName, Store, Vm, VmName,
+    create_blank_image, CloneOptions, CloneReport, Engine, Error as EngineError, PoolReport,
+    RevertOptions, RevertReport, RunOptions, SnapshotName, Store, Vm, VmName,
 };
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// How the golden VM is booted; [`GoldenBuilder::snapshot`] does it.
@@ -45,12 +47,17 @@ pub struct Golden {
     id: usize,
     /// A cached golden this process started again ([`Golden::reset`]).
     started: AtomicBool,
+    /// Its pool of standbys, once [`Golden::pool`] made one.
+    pool: std::sync::Mutex<Option<Arc<Refiller>>>,
     // Last: removed after everything above is done with it.
     root: Root,
 }
 
 /// The golden VM's name in its store.
 const GOLDEN: &str = "golden";
+
+/// How the engine's standbys' names start (`sb-<pool>-<random>`).
+const STANDBY: &str = "sb-";
 
 /// The id of the console chardev the harness adds to a command line that has no `-serial`.
 const CONSOLE_ID: &str = "qsnapcon";
@@ -81,7 +88,9 @@ impl Golden {
         }
     }
 
-    /// A running copy of the snapshot: its own overlays, monitor, console and files.
+    /// A running copy of the snapshot: its own overlays, monitor, console and files. With a
+    /// pool ([`Golden::pool`]) it is a standby claimed (`report().standby` names it), and the
+    /// pool refills in the background.
     pub async fn fork(&self) -> Result<Fork> {
         let n = self.next.fetch_add(1, Ordering::SeqCst) + 1;
         let name = VmName::new(&format!("{}{n}", self.fork_prefix()))?;
@@ -89,6 +98,10 @@ impl Golden {
             .vm
             .clone_with(&self.snapshot, &name, &CloneOptions::default(), &launcher())
             .await?;
+        let pool = self.refiller();
+        if let Some(p) = &pool {
+            p.poke();
+        }
         let vm = self.engine.vm(&name).await?;
         Ok(Fork::new(
             vm,
@@ -96,7 +109,37 @@ impl Golden {
             self.snapshot.clone(),
             self.console_of(&report),
             report,
+            pool,
         ))
+    }
+
+    /// Keeps `n` standbys of the golden snapshot ready (0: none): clones made ahead of time,
+    /// their QEMU started and memory loaded (or mapped), paused before their guest runs. A
+    /// [`Golden::fork`] (and a [`Fork::reset`]) then only claims one, and the pool refills in
+    /// the background. Returns once `n` are ready. Standbys are VMs of the golden's store,
+    /// killed with the golden (those of a cached golden too: standbys are not kept for the
+    /// next process).
+    pub async fn pool(&self, n: usize) -> Result<PoolReport> {
+        if n > 0 {
+            if let Root::Cached(_) = &self.root {
+                watchdog(&self.vms(), Vms::Prefixed(STANDBY), Remove::Nothing);
+            }
+        }
+        let report = self.vm.pool_with(&self.snapshot, n, &launcher()).await?;
+        let mut slot = self.pool.lock().unwrap_or_else(|e| e.into_inner());
+        match (n, slot.as_ref()) {
+            (0, Some(old)) => {
+                old.abort();
+                *slot = None;
+            }
+            (0, None) | (_, Some(_)) => {}
+            (_, None) => *slot = Some(Refiller::new(self.vm.clone(), self.snapshot.clone())),
+        }
+        Ok(report)
+    }
+
+    fn refiller(&self) -> Option<Arc<Refiller>> {
+        self.pool.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// The golden VM itself (for serial reuse: run a test on it, then [`Golden::reset`]).
@@ -171,6 +214,7 @@ impl Golden {
             next: AtomicUsize::new(0),
             id: GOLDENS.fetch_add(1, Ordering::SeqCst) + 1,
             started: AtomicBool::new(false),
+            pool: std::sync::Mutex::new(None),
             root,
         })
     }
@@ -187,12 +231,19 @@ impl Golden {
 impl Drop for Golden {
     fn drop(&mut self) {
         let vms = self.vms();
+        let pooled = self.refiller();
+        if let Some(p) = &pooled {
+            p.abort();
+        }
         match &self.root {
             // Everything in a private store goes (the directory with the TempDir).
             Root::Temp(_) => kill_qemus(&vms, Vms::Prefixed("")),
             // A cached golden stays for the next process; this process's forks go.
             Root::Cached(_) => {
                 kill_qemus(&vms, Vms::Prefixed(&self.fork_prefix()));
+                if pooled.is_some() {
+                    kill_qemus(&vms, Vms::Prefixed(STANDBY));
+                }
                 if self.started.load(Ordering::SeqCst) {
                     kill_qemus(&vms, Vms::Named(GOLDEN));
                 }

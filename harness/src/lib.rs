@@ -38,6 +38,7 @@
 //! - `golden.rs` — [`Golden`] and [`GoldenBuilder`]: booting, snapshotting, reusing;
 //! - `cache.rs` — the cross-process golden cache: its key and its lock;
 //! - `fork.rs` — [`Fork`]: one running copy, and its removal on drop;
+//! - `pool.rs` — the golden's pool of standbys ([`Golden::pool`]) and its background refill;
 //! - `watchdog.rs` — killing the QEMUs of the harness's VMs (by pid *and* start time), in
 //!   process and from a watchdog process after a death without destructors.
 //!
@@ -49,6 +50,7 @@ mod cache;
 mod error;
 mod fork;
 mod golden;
+mod pool;
 mod ready;
 mod watchdog;
 

@@ -90,7 +90,7 @@ pub(crate) enum Remove<'a> {
 }
 
 /// The harness's note of the QEMU it last spawned for a VM, in the VM's directory.
-const SPAWNED: &str = "harness-qemu.json";
+pub(crate) const SPAWNED: &str = "harness-qemu.json";
 
 /// The launcher every QEMU of the harness is started with: the engine's process launcher,
 /// which tells it each QEMU's pid the moment it is spawned; noted (with its start time) in

@@ -236,3 +236,81 @@ async fn a_process_killed_without_destructors_leaves_nothing_behind() {
     // The golden itself stays, for the next process.
     assert!(golden().await.dir().join("complete").exists());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forks_claim_standbys_of_the_pool_and_the_pool_refills_behind_them() {
+    require_qemu!();
+    init_logging();
+    // A golden of its own (not the shared cached one): its standbys are this test's alone.
+    let argv = qsnap_testkit::VmBuilder::guest()
+        .disk(
+            "{dir}/disk.qcow2",
+            "qcow2",
+            qsnap_testkit::DiskStyle::Blockdev,
+        )
+        .command_line(Path::new("{dir}/console.log"))
+        .await;
+    let g = qsnap_harness::Golden::boot(argv)
+        .disk("disk.qcow2", 64 << 20)
+        .ready_when(qsnap_harness::console_prints("tick 3"))
+        .snapshot("ready")
+        .await
+        .unwrap();
+    let dir = g.dir().to_owned();
+    let pool = g.pool(2).await.unwrap();
+    assert_eq!(pool.ready.len(), 2, "{pool:?}");
+    let a = g.fork().await.unwrap();
+    let mut b = g.fork().await.unwrap();
+    let (sa, sb) = (
+        a.report().standby.clone().unwrap(),
+        b.report().standby.clone().unwrap(),
+    );
+    assert_ne!(sa, sb);
+    assert!(
+        pool.ready.contains(&sa) && pool.ready.contains(&sb),
+        "{pool:?}"
+    );
+    // Both at the golden instant; then apart (each disk holds only its own write).
+    let (_, first) = first_tick(&a).await;
+    assert_eq!(first_tick(&b).await.1, first);
+    let vd0 = Disk::Device("vd0".into());
+    for (f, pattern) in [(&a, 0x51), (&b, 0x52)] {
+        let q = f.qmp().await.unwrap();
+        disk_io::write(&q, &vd0, pattern, 4096, 64).await;
+    }
+    for (f, pattern, other) in [(&a, 0x51, 0x52), (&b, 0x52, 0x51)] {
+        let q = f.qmp().await.unwrap();
+        disk_io::check(&q, &vd0, pattern, 4096, 64).await.unwrap();
+        assert!(disk_io::check(&q, &vd0, other, 4096, 64).await.is_err());
+    }
+    // The pool refills in the background, without either fork waiting for it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let pools = g.vm().pools().await.unwrap();
+        let ready: Vec<&String> = pools[0]
+            .standbys
+            .iter()
+            .filter(|s| **s != sa && **s != sb)
+            .collect();
+        if ready.len() == 2 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the pool did not refill: {pools:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // A reset swaps in a fresh standby, back at the golden instant.
+    b.reset().await.unwrap();
+    let fresh = b.report().standby.clone().unwrap();
+    assert_ne!(fresh, sb);
+    assert_eq!(first_tick(&b).await.1, first);
+    // Nothing is left once all is dropped: no QEMU of the golden's store.
+    drop(a);
+    drop(b);
+    drop(g);
+    let left = processes_naming(&format!("{}/", dir.display()));
+    assert!(left.is_empty(), "{left:?}");
+    assert!(!dir.exists(), "{} left", dir.display());
+}

@@ -6,8 +6,8 @@
 //! taken at once (a busy one is skipped): made from what is there now, its moved paths the
 //! clone's, its QEMU alive (the pid its record names) and paused → claim it:
 //!   journal on the standby: claim as NEW                               (claim.journaled)
-//!   files/, qmp.sock, qemu.log renamed into vms/NEW/ (QEMU keeps its open files, and its
-//!     listening monitor socket moves with its name)                   (claim.moved)
+//!   files/, qmp.sock, qemu.log (all but record, journal, lock) renamed into vms/NEW/ (QEMU
+//!     keeps its open files; its listening monitor socket moves with its name) (claim.moved)
 //!   NEW's record: a clone, its QEMU and overlays the standby's — the point of no return
 //!                                                                      (claim.recorded)
 //!   the standby's record, then its journal, go                         (claim.released)
@@ -65,9 +65,10 @@ pub(in crate::vm) enum Claimed {
     Cold(Option<String>),
 }
 
-/// The files of a VM's directory a claim moves (QEMU's per-VM files, its monitor socket, its
-/// log); its record, journal and lock stay.
-const MOVED: [&str; 3] = ["files", "qmp.sock", "qemu.log"];
+/// What stays in a standby's directory when a clone claims it (its record, journal and
+/// lock, and its empty snapshot directories); everything else there (QEMU's per-VM files,
+/// its monitor socket and log, an embedder's notes about the QEMU) moves to the clone's.
+const STAYS: [&str; 5] = ["vm.json", "journal.json", "lock", "snapshots", "memory"];
 
 /// Why a standby cannot be claimed (after the checks that need no QEMU, and QEMU's).
 pub(super) async fn usable(
@@ -126,6 +127,26 @@ impl Vm {
         let store = self.store();
         if store.pool(self.name(), w.snap).await?.is_none() {
             return Ok(Claimed::Cold(None));
+        }
+        // What a claim moves into the clone's directory can be moved back only if nothing
+        // else is there: files an earlier VM of that name left make it a cold clone.
+        let dir = store.vm_dir(new);
+        let left = store::blocking(move || {
+            Ok(std::fs::read_dir(&dir)
+                .map(|rd| {
+                    rd.flatten()
+                        .map(|e| e.file_name().to_string_lossy().into_owned())
+                        .filter(|n| n != "lock")
+                        .collect::<Vec<_>>()
+                })
+                .unwrap_or_default())
+        })
+        .await?;
+        if !left.is_empty() {
+            return Ok(Claimed::Cold(Some(format!(
+                "the clone's directory holds files an earlier VM of that name left ({})",
+                left.join(", ")
+            ))));
         }
         let now = fingerprint(w.source, w.manifest).await?;
         let mut unusable = Vec::new();
@@ -321,19 +342,29 @@ fn same_paths(
     Ok(())
 }
 
-/// Renames the claimed files from the standby's directory into the clone's, durably; a file
-/// already moved (a claim settled again) is left where it is. Never replaces anything.
+/// Renames what a claim moves from the standby's directory into the clone's, durably; what
+/// moved already (a claim settled again) is left where it is. Never replaces anything.
 async fn move_files(from: PathBuf, to: PathBuf) -> Result<()> {
     store::blocking(move || {
-        for name in MOVED {
-            let (a, b) = (from.join(name), to.join(name));
-            if !store::exists(&a)? {
+        let entries = match std::fs::read_dir(&from) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(store::io("listing the standby's files", &from)(e)),
+        };
+        for e in entries {
+            let e = e.map_err(store::io("listing the standby's files", &from))?;
+            let name = e.file_name();
+            let keep = name
+                .to_str()
+                .map_or(true, |n| STAYS.contains(&n) || n.starts_with('.'));
+            if keep {
                 continue;
             }
+            let b = to.join(&name);
             if store::exists(&b)? {
                 return Err(Error::TargetExists { path: b });
             }
-            std::fs::rename(&a, &b).map_err(store::io("moving the standby's files", &b))?;
+            std::fs::rename(e.path(), &b).map_err(store::io("moving the standby's files", &b))?;
         }
         store::sync_dir(&to)?;
         store::sync_dir(&from)

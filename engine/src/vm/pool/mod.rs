@@ -286,7 +286,7 @@ impl Vm {
         let mut ready = Vec::new();
         let mut discarded = Vec::new();
         for sb in self.standbys(snap).await? {
-            let why = match judge(self, &sb, snap, now.as_ref().map(|(f, _)| f)).await {
+            let why = match glance(self, &sb, snap, now.as_ref().map(|(f, _)| f)).await {
                 Judged::Ready => {
                     ready.push(sb);
                     continue;
@@ -444,6 +444,8 @@ enum Judged {
     Unusable(String),
 }
 
+/// The full look (`check`): the standby's lock taken at once (a busy one is being claimed),
+/// its QEMU asked for its run state.
 async fn judge(source: &Vm, sb: &VmName, snap: &SnapshotName, now: Option<&Fingerprint>) -> Judged {
     let vm = match source.engine().at_once().vm(sb).await {
         Ok(vm) => vm,
@@ -456,6 +458,48 @@ async fn judge(source: &Vm, sb: &VmName, snap: &SnapshotName, now: Option<&Finge
     match claim::usable(&vm, &op.record, source.name(), snap, now).await {
         Ok(()) => Judged::Ready,
         Err(why) => Judged::Unusable(why),
+    }
+}
+
+/// A refill's look: from the record and `/proc` only, without the standby's lock or its
+/// monitor, so that a clone claiming it meanwhile is never turned away. (A standby that looks
+/// ready here and is not is skipped by the claim, which asks QEMU, and discarded by `check
+/// --repair`.)
+async fn glance(
+    source: &Vm,
+    sb: &VmName,
+    snap: &SnapshotName,
+    now: Option<&Fingerprint>,
+) -> Judged {
+    let Ok(record) = source.store().record(sb).await else {
+        return Judged::Busy;
+    };
+    let Some(of) = &record.standby else {
+        return Judged::Busy;
+    };
+    if of.vm != source.name().as_str() || of.snapshot != snap.as_str() {
+        return Judged::Busy;
+    }
+    if now != Some(&of.fingerprint) {
+        return Judged::Unusable(match now {
+            None => format!("snapshot {snap} is gone"),
+            Some(_) => "what it was made from has changed since (the snapshot, the command line or the QEMU binary)".into(),
+        });
+    }
+    match record.pid {
+        Some(pid) if crate::proc::is_recorded_qemu(pid, record.pid_start).await => Judged::Ready,
+        // A standby being made has no QEMU recorded yet: its maker holds its lock.
+        None if source
+            .engine()
+            .at_once()
+            .store()
+            .lock(sb, "look at the standby")
+            .await
+            .is_err() =>
+        {
+            Judged::Busy
+        }
+        _ => Judged::Unusable("its QEMU is gone".into()),
     }
 }
 
