@@ -51,7 +51,7 @@ const CRATES: &[(&str, &[&[&str]])] = &[
         "harness",
         &[
             &["error"],
-            &["ready", "watchdog"],
+            &["ready", "watchdog", "pool"],
             &["cache", "fork"],
             &["golden"],
         ],

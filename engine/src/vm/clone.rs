@@ -215,18 +215,19 @@ impl Vm {
         };
         let mut cold_because = None;
         if standby.is_none() && !opts.cold && replace.is_empty() {
-            let wanted = super::pool::Wanted {
+            let wanted = super::pool::claim::Wanted {
                 snap,
                 source: &source,
                 manifest: &manifest,
                 argv: &rewritten,
                 qmp: &qmp,
                 paused: opts.paused,
-                started,
             };
             match self.claim(new, &wanted).await? {
-                super::pool::Claimed::Clone(report) => return Ok(*report),
-                super::pool::Claimed::Cold(why) => cold_because = why,
+                super::pool::claim::Claimed::Clone(taken) => {
+                    return Ok(self.claimed_report(snap, new, &manifest, &rewritten, taken, started))
+                }
+                super::pool::claim::Claimed::Cold(why) => cold_because = why,
             }
         }
         let disk_dir = match &standby {
@@ -414,6 +415,44 @@ impl Vm {
             standby: None,
             cold_because,
         })
+    }
+
+    /// The report of a clone that claimed a standby.
+    fn claimed_report(
+        &self,
+        snap: &SnapshotName,
+        new: &VmName,
+        manifest: &store::Manifest,
+        argv: &crate::launch::clone_argv::CloneArgv,
+        taken: super::pool::claim::Taken,
+        started: Instant,
+    ) -> CloneReport {
+        let dir = self.store().vm_dir(new);
+        CloneReport {
+            vm: new.to_string(),
+            source: self.name().to_string(),
+            snapshot: snap.to_string(),
+            disks: taken.disks,
+            moved: argv.moved.clone(),
+            notes: argv.notes.clone(),
+            qmp: dir.join("qmp.sock"),
+            log: dir.join("qemu.log"),
+            ram: match (&manifest.snapshot.memory, taken.lazy) {
+                (None, _) => RamRestore::None,
+                (Some(_), true) => RamRestore::Lazy,
+                (Some(_), false) => RamRestore::Eager {
+                    why: "the standby loaded it before the clone was asked for (the snapshot \
+                          had no RAM image then)"
+                        .into(),
+                },
+            },
+            resumed: taken.resumed,
+            load_ms: 0.0,
+            total_ms: started.elapsed().as_secs_f64() * 1e3,
+            pid: taken.pid,
+            standby: Some(taken.standby),
+            cold_because: None,
+        }
     }
 
     /// Removes a clone: stops its QEMU, then deletes its snapshots, its overlays, its files

@@ -24,11 +24,8 @@
 //! What it must never do: claim a standby whose guest has run, or whose lock it does not
 //! hold; write NEW's record before every file NEW's command line names is in place.
 
-use super::super::clone::CloneReport;
-use super::super::recover::{done, Settled};
-use super::super::revert::RamRestore;
 use super::super::Vm;
-use super::fingerprint;
+use super::names::fingerprint;
 use crate::error::{Error, Result};
 use crate::failpoint;
 use crate::launch::clone_argv::CloneArgv;
@@ -38,7 +35,6 @@ use crate::store::{self, ClaimIntent, CloneOf, Fingerprint, Intent, LaunchComman
 use crate::store::{Origin, VmRecord};
 use qsnap_qmp::types;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 use tracing::{info, warn};
 
 /// What a clone asks of a standby.
@@ -53,16 +49,28 @@ pub(in crate::vm) struct Wanted<'a> {
     pub qmp: &'a Path,
     /// Leave the guest paused.
     pub paused: bool,
-    /// When the clone was asked for.
-    pub started: Instant,
 }
 
 /// What a claim came to.
 pub(in crate::vm) enum Claimed {
     /// The clone, made from a standby.
-    Clone(Box<CloneReport>),
+    Clone(Taken),
     /// No standby could be taken; why, when the snapshot has a pool.
     Cold(Option<String>),
+}
+
+/// The standby a clone took, and what became of it.
+pub(in crate::vm) struct Taken {
+    /// Its name.
+    pub standby: String,
+    /// Its QEMU, now the clone's.
+    pub pid: Option<u32>,
+    /// Its overlays over the snapshot's frozen images, now the clone's.
+    pub disks: Vec<RevertDisk>,
+    /// Whether its RAM is mapped from the snapshot's RAM image.
+    pub lazy: bool,
+    /// Whether the guest runs now.
+    pub resumed: bool,
 }
 
 /// What stays in a standby's directory when a clone claims it (its record, journal and
@@ -167,9 +175,9 @@ impl Vm {
                 unusable.push(format!("{sb}: {why}"));
                 continue;
             }
-            let report = vm.become_clone(record, new, w, self.name()).await?;
+            let taken = vm.become_clone(record, new, w, self.name()).await?;
             drop(op);
-            return Ok(Claimed::Clone(Box::new(report)));
+            return Ok(Claimed::Clone(taken));
         }
         Ok(Claimed::Cold(Some(if unusable.is_empty() {
             "no standby of the pool was ready".into()
@@ -188,7 +196,7 @@ impl Vm {
         new: &VmName,
         w: &Wanted<'_>,
         source: &VmName,
-    ) -> Result<CloneReport> {
+    ) -> Result<Taken> {
         let store = self.store();
         let pid = sb.pid;
         store
@@ -266,12 +274,10 @@ impl Vm {
             revert::resume(&qmp).await?;
             failpoint::hit("claim.resumed", pid).await?;
         }
-        let total_ms = w.started.elapsed().as_secs_f64() * 1e3;
-        info!(vm = %new, standby = %self.name(), %source, snapshot = %w.snap, total_ms, "cloned from a standby");
-        Ok(CloneReport {
-            vm: new.to_string(),
-            source: source.to_string(),
-            snapshot: w.snap.to_string(),
+        info!(vm = %new, standby = %self.name(), %source, snapshot = %w.snap, "cloned from a standby");
+        Ok(Taken {
+            standby: self.name().to_string(),
+            pid,
             disks: sb
                 .disks
                 .iter()
@@ -289,25 +295,8 @@ impl Vm {
                     overlay: d.image.clone(),
                 })
                 .collect(),
-            moved: w.argv.moved.clone(),
-            notes: w.argv.notes.clone(),
-            qmp: w.qmp.to_owned(),
-            log: store.vm_dir(new).join("qemu.log"),
-            ram: match (&w.manifest.snapshot.memory, of.lazy) {
-                (None, _) => RamRestore::None,
-                (Some(_), true) => RamRestore::Lazy,
-                (Some(_), false) => RamRestore::Eager {
-                    why: "the standby loaded it before the clone was asked for (the snapshot \
-                          had no RAM image then)"
-                        .into(),
-                },
-            },
+            lazy: of.lazy,
             resumed,
-            load_ms: 0.0,
-            total_ms,
-            pid,
-            standby: Some(self.name().to_string()),
-            cold_because: None,
         })
     }
 }
@@ -374,14 +363,14 @@ async fn move_files(from: PathBuf, to: PathBuf) -> Result<()> {
 
 /// Settles an interrupted claim of standby `vm` as `new` (its lock held): finished when
 /// `new`'s record names the standby, else undone (the files back, the standby one again).
-pub(in crate::vm) async fn settle_claim(vm: &Vm, new: &VmName) -> Result<Settled> {
+pub(in crate::vm) async fn settle_claim(vm: &Vm, new: &VmName) -> Result<String> {
     // `new`'s lock: another clone of that name may be under way (the name was free).
     let _new_lock = vm.store().lock(new, "settle a claim").await?;
     finish_or_undo(vm, new).await
 }
 
 /// [`settle_claim`] with `new`'s lock held by the caller.
-async fn finish_or_undo(vm: &Vm, new: &VmName) -> Result<Settled> {
+async fn finish_or_undo(vm: &Vm, new: &VmName) -> Result<String> {
     let store = vm.store();
     let claimed = match store.record(new).await {
         Ok(r) => r
@@ -394,16 +383,16 @@ async fn finish_or_undo(vm: &Vm, new: &VmName) -> Result<Settled> {
     };
     if claimed {
         store.release_standby(vm.name()).await?;
-        return Ok(done(format!(
+        return Ok(format!(
             "finished: {new} is a clone made from standby {} (paused if qsnap died before resuming it: `qsnap resume {new}`)",
             vm.name()
-        )));
+        ));
     }
     // Undone: whatever moved goes back; nothing else of `new`'s exists (no record).
     move_files(store.vm_dir(new), store.vm_dir(vm.name())).await?;
     let _ = store.remove_vm_dir(new, false).await;
-    Ok(done(format!(
+    Ok(format!(
         "undone: {} is a standby again, {new} was never made",
         vm.name()
-    )))
+    ))
 }

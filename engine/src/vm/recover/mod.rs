@@ -84,7 +84,7 @@ pub(crate) async fn settle(vm: &Vm) -> Result<Option<Recovery>> {
         Intent::Start(_) | Intent::Stop(_) => lifecycle(vm).await?,
         Intent::Thaw(t) => thaw(vm, t).await?,
         Intent::Claim(c) => {
-            super::pool::settle_claim(vm, &crate::name::VmName::new(&c.new)?).await?
+            done(super::pool::claim::settle_claim(vm, &crate::name::VmName::new(&c.new)?).await?)
         }
     };
     vm.store().clear_journal(vm.name()).await?;
