@@ -162,6 +162,6 @@ fn the_pytest_plugin_installs_type_checks_and_its_suite_passes() {
         .unwrap();
     let text = show(&out);
     assert!(out.status.success(), "pytest failed:\n{text}");
-    assert!(text.contains("10 passed"), "{text}");
+    assert!(text.contains("11 passed"), "{text}");
     assert!(!text.contains("skipped"), "{text}");
 }

@@ -120,3 +120,16 @@ def test_console_offsets_follow_how_qemu_opens_the_log(tmp_path: Path) -> None:
     assert truncates == (log, False) and _offset(truncates) == 0
     assert _console_in(["q", "-serial", "file:rel.log"], tmp_path) == (tmp_path / "rel.log", False)
     assert _console_in(["q", "-serial", "stdio"], tmp_path) is None
+
+
+def test_forks_claim_standbys_of_the_golden_s_pool(qsnap: Qsnap, golden: Golden) -> None:
+    report = golden.pool(1)
+    assert len(report["ready"]) == 1, report
+    standby = report["ready"][0]
+    with golden.fork() as vm:
+        assert vm.status()["clone-of"]["standby"] == standby
+        vm.wait_console("tick", timeout=60)
+        assert "MISMATCH" not in vm.console_tail(100_000)
+    # Emptied (after the refill the fork started): no standby is left in the store.
+    assert golden.pool(0)["ready"] == []
+    assert not [v["vm"] for v in qsnap.vms() if v["vm"].startswith("sb-")]

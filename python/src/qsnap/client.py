@@ -99,6 +99,8 @@ class Qsnap:
         self._imported: Set[str] = set()
         #: Per VM, the console log's size when it was last (re)started: waits read after it.
         self._console_from: Dict[str, int] = {}
+        #: Pools of standbys this `Qsnap` made (`Golden.pool`): emptied by `close`.
+        self._pools: Set[Tuple[str, str]] = set()
 
     # -- running the CLI ----------------------------------------------------------------------
 
@@ -272,6 +274,13 @@ class Qsnap:
         """Stops and removes every VM this `Qsnap` made, clones first; a VM that cannot be
         removed is at least stopped. Raises the first failure after trying them all."""
         failures: List[QsnapError] = []
+        # Standbys first: they are VMs of the store this `Qsnap` did not list in `_made`.
+        for vm, snapshot in sorted(self._pools):
+            try:
+                self._run(["pool", vm, snapshot, "--size", "0"], None)
+            except QsnapError as e:
+                failures.append(e)
+        self._pools.clear()
         for name in reversed(list(self._made)):
             try:
                 Vm(self, name)._dispose()
@@ -561,3 +570,18 @@ class Golden:
         console and sockets. Use it as a context manager: it is removed on exit, also when
         the test fails (and `Qsnap.close` removes any left)."""
         return self.vm.clone(self.snapshot, name or self.vm.qsnap.fork_name(self.vm.name))
+
+    def pool(self, size: int) -> Json:
+        """Keeps `size` standbys of the golden snapshot ready (0: none): VMs started and
+        loaded ahead of time, paused before their guest runs. `fork()` then claims one (its
+        status names it under `clone-of.standby`) and qsnap refills the pool in the
+        background. Returns `qsnap pool --json`'s report once `size` are ready;
+        `Qsnap.close` empties the pool."""
+        qsnap = self.vm.qsnap
+        key = (self.vm.name, self.snapshot)
+        if size > 0:
+            qsnap._pools.add(key)
+        report: Json = qsnap.call("pool", self.vm.name, self.snapshot, "--size", str(size))
+        if size == 0:
+            qsnap._pools.discard(key)
+        return report
