@@ -463,12 +463,32 @@ pub fn status(st: &Status, as_json: bool) {
         let chain: Vec<String> = d.chain.iter().map(|p| p.display().to_string()).collect();
         println!("  {:<10} {}", d.device, chain.join(" → "));
     }
-    if let Some(c) = &st.clone_of {
+    if let Some(s) = &st.standby_of {
         println!(
-            "clone of {} at snapshot {}; its own copies:",
-            c.vm, c.snapshot
+            "standby of {} at snapshot {} (`qsnap pool`): its guest has not run; `qsnap clone {} {} NEW` claims it",
+            s.vm, s.snapshot, s.vm, s.snapshot
+        );
+    } else if let Some(c) = &st.clone_of {
+        println!(
+            "clone of {} at snapshot {}{}; its own copies:",
+            c.vm,
+            c.snapshot,
+            c.standby
+                .as_ref()
+                .map(|s| format!(" (from standby {s})"))
+                .unwrap_or_default()
         );
         moved(&c.moved);
+    }
+    for p in &st.pools {
+        println!(
+            "pool of snapshot {}: {} of {} standby(s) there{}{}",
+            p.snapshot,
+            p.standbys.len(),
+            p.size,
+            if p.standbys.is_empty() { "" } else { ": " },
+            p.standbys.join(", ")
+        );
     }
     if let Some(i) = &st.interrupted {
         println!(
@@ -512,6 +532,9 @@ pub fn status_all(
         };
         if st.interrupted.is_some() {
             state.push_str(" (interrupted)");
+        }
+        if st.standby_of.is_some() && st.busy.is_none() {
+            state = "standby".into();
         }
         println!(
             "{:<20} {:<12} {:>8}  {:<20} {:>9}  {}",

@@ -439,7 +439,10 @@ async fn four_clones_from_standbys_resume_at_the_snapshot_and_a_stale_standby_is
     // `check` finds it, `--repair` discards it: its QEMU stopped, its files gone.
     let report = g.vm.check(false).await.unwrap();
     assert!(
-        report.findings.iter().any(|f| f.kind == "stale-standby"),
+        report
+            .findings
+            .iter()
+            .any(|f| f.kind == "stale-record" && f.what.contains(&stale)),
         "{report:?}"
     );
     let report = g.vm.check(true).await.unwrap();

@@ -23,6 +23,10 @@
 //! # Ok(()) }
 //! ```
 //!
+//! With [`Golden::pool`], standbys of the snapshot (clones made ahead of time, their QEMU
+//! started and memory loaded, paused before their guest runs) wait for the forks: a fork
+//! claims one in milliseconds, and the pool refills in the background.
+//!
 //! Everything lives in one private temporary store (`$TMPDIR/qsnap-h-…`), or in a cache
 //! directory shared by processes ([`GoldenBuilder::cache_in`]). The golden VM's snapshot is
 //! made lazy where QEMU allows it, so forks map its RAM copy-on-write and share the pages — and,

@@ -11,7 +11,7 @@ pub struct Finding {
     /// What kind: `interrupted`, `relative-path`, `bad-memory`, `missing-image`,
     /// `unstamped-image`, `changed-image`,
     /// `broken-chain`, `store-disagrees`, `orphan-image`, `orphan-memory`, `stale-record`,
-    /// `unmerged-layer`, `corrupt-image`, `unreadable-qemu`, `relative-path`, `stale-standby`.
+    /// `unmerged-layer`, `corrupt-image`, `unreadable-qemu`, `relative-path` (a standby that can no longer be used is a `stale-record`).
     pub kind: String,
     /// What exactly.
     pub what: String,
@@ -78,7 +78,6 @@ const REPAIRABLE: &[&str] = &[
     "orphan-memory",
     "unmerged-layer",
     "unstamped-image",
-    "stale-standby",
 ];
 
 /// What `check` found and did.

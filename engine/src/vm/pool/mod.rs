@@ -335,7 +335,7 @@ impl Vm {
             let repaired = repair && discard_named(self, &name, &why).await.unwrap_or(false);
             found
                 .add(
-                    "stale-standby",
+                    "stale-record",
                     format!("standby {name} of snapshot {snap} cannot be used: {why}"),
                     "`--repair` stops it and removes its files (its guest never ran)".into(),
                     repaired,
