@@ -10,7 +10,9 @@
 #   3. engine/examples/bench_scale.rs — memory (PSS) of 1 and 8 QEMUs restored from one
 #      snapshot, eager and lazy; 8 VMs snapshotted one at a time and concurrently.
 #   4. harness/examples/bench_clone.rs — 1, 4 and 8 clones of one 256 MiB snapshot started at
-#      once (the harness API): time to each clone's first console line, PSS per clone.
+#      once (the harness API): time to each clone's first console line, PSS per clone; the
+#      same from a pool of standbys (fork() time, PSS of an idle standby), `qsnap clone`
+#      with and without a standby, and sustained forks/s by pool size.
 #   5. scripts/bench_bundle.sh — export/import of a busy 512 MiB guest's snapshot against
 #      tar -S --zstd over the same files; an incremental export against a full one.
 #   6. scripts/bench_remote.sh — push/pull through a real SeaweedFS against uploading the
@@ -54,7 +56,7 @@ if [ -z "$only" ] || [ "$only" = scale ]; then
 fi
 if [ -z "$only" ] || [ "$only" = clone ]; then
   echo "== 4. clones"
-  cargo run -q --release -p qsnap-harness --example bench_clone -- --json target/bench/clone.json
+  cargo run -q --release -p qsnap-harness --example bench_clone -- --json target/bench/clone.json --qsnap "$repo/target/release/qsnap"
 fi
 if [ -z "$only" ] || [ "$only" = bundle ]; then
   echo "== 5. bundles (export/import)"
