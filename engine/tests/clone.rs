@@ -513,5 +513,37 @@ async fn four_clones_from_standbys_resume_at_the_snapshot_and_a_stale_standby_is
     ));
     let check = g.vm.check(true).await.unwrap();
     assert!(check.clean, "{:?}", check.findings);
+
+    // A clone with a pool of its own: `remove` takes its standbys along.
+    g.snapshot("s2").await;
+    let c6 =
+        g.vm.clone_snapshot(&n("s2"), &v(&c(6)), &CloneOptions::default())
+            .await
+            .unwrap();
+    let _c6_kill = KillRecordedQemu::new(&store, &c6.vm);
+    let c6 = g.engine.vm(&v(&c6.vm)).await.unwrap();
+    c6.create_snapshot(c6.create_options(n("c6s")))
+        .await
+        .unwrap();
+    let pool = c6.pool(&n("c6s"), 1).await.unwrap();
+    let _c6_pool_kill = KillRecordedQemu::new(&store, &pool.ready[0]);
+    let sb_pid = g
+        .engine
+        .vm(&v(&pool.ready[0]))
+        .await
+        .unwrap()
+        .status()
+        .await
+        .unwrap()
+        .pid
+        .unwrap();
+    c6.remove()
+        .await
+        .unwrap_or_else(|e| panic!("remove a clone with a pool: {e}"));
+    assert!(!alive(sb_pid), "the removed clone's standby lives on");
+    assert!(matches!(
+        g.engine.vm(&v(&pool.ready[0])).await,
+        Err(Error::UnknownVm { .. })
+    ));
     g.vm.stop().await.unwrap();
 }

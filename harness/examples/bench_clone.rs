@@ -50,7 +50,9 @@ fn pss_mib(pid: u32) -> Res<f64> {
 
 /// The figures with a pool of standbys.
 async fn pool_figures(golden: &Golden, qsnap: Option<&Path>) -> Res<serde_json::Value> {
-    println!("\nfrom a pool of standbys (Golden::pool; refilled in the background after each claim)");
+    println!(
+        "\nfrom a pool of standbys (Golden::pool; refilled in the background after each claim)"
+    );
     let t = Instant::now();
     golden.pool(8).await?;
     let fill_s = t.elapsed().as_secs_f64();
@@ -58,7 +60,11 @@ async fn pool_figures(golden: &Golden, qsnap: Option<&Path>) -> Res<serde_json::
     let mut pss = Vec::new();
     for p in golden.vm().pools().await? {
         for sb in &p.standbys {
-            let vm = golden.vm().engine().vm(&qsnap_engine::VmName::new(sb)?).await?;
+            let vm = golden
+                .vm()
+                .engine()
+                .vm(&qsnap_engine::VmName::new(sb)?)
+                .await?;
             if let Some(pid) = vm.status().await?.pid {
                 pss.push(pss_mib(pid)?);
             }
@@ -80,12 +86,20 @@ async fn pool_figures(golden: &Golden, qsnap: Option<&Path>) -> Res<serde_json::
             let fork_ms = t.elapsed().as_secs_f64() * 1e3;
             let running_ms = started.elapsed().as_secs_f64() * 1e3;
             first_line(&f).await?;
-            Ok::<_, Box<dyn std::error::Error>>((f, fork_ms, running_ms, t.elapsed().as_secs_f64() * 1e3))
+            Ok::<_, Box<dyn std::error::Error>>((
+                f,
+                fork_ms,
+                running_ms,
+                t.elapsed().as_secs_f64() * 1e3,
+            ))
         }))
         .await
         .into_iter()
         .collect::<Res<Vec<_>>>()?;
-        let claimed = forks.iter().filter(|f| f.0.report().standby.is_some()).count();
+        let claimed = forks
+            .iter()
+            .filter(|f| f.0.report().standby.is_some())
+            .count();
         let mut fork_ms: Vec<f64> = forks.iter().map(|f| f.1).collect();
         let all_running = forks.iter().map(|f| f.2).fold(0.0, f64::max);
         let mut first: Vec<f64> = forks.iter().map(|f| f.3).collect();
@@ -154,7 +168,9 @@ async fn cli_figures(golden: &Golden, bin: &Path) -> Res<serde_json::Value> {
             let name = format!("cli{}{i}", if cold { "c" } else { "s" });
             let t = Instant::now();
             let mut cmd = tokio::process::Command::new(bin);
-            cmd.arg("--store").arg(&store).args(["clone", "golden", "ready", &name, "--json"]);
+            cmd.arg("--store")
+                .arg(&store)
+                .args(["clone", "golden", "ready", &name, "--json"]);
             let o = cmd.output().await?;
             wall.push(t.elapsed().as_secs_f64() * 1e3);
             if !o.status.success() {

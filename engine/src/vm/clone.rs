@@ -479,6 +479,8 @@ impl Vm {
             self.stop_before_discarding(&mut record, &state, "remove it")
                 .await?;
         }
+        // Its standbys stand on its snapshots: they go first (their guests never ran).
+        self.drop_all_pools().await?;
         failpoint::hit("remove.stopped", None).await?;
         let removed = self.discard_clone(&record, Discard::Remove).await?;
         drop(op);
@@ -577,11 +579,12 @@ impl Vm {
         )
         .await?;
         for img in images {
-            if let Some(Use::OtherVm { vm }) = graph
-                .uses_of(img)
-                .iter()
-                .find(|u| matches!(u, Use::OtherVm { .. }))
-            {
+            for u in graph.uses_of(img) {
+                let Use::OtherVm { vm } = u else { continue };
+                // This VM's own standbys do not count: they go with it (`drop_all_pools`).
+                if self.is_my_standby(vm.as_str()).await {
+                    continue;
+                }
                 return Ok(Some((vm.to_string(), img.clone())));
             }
         }

@@ -109,6 +109,8 @@ impl Vm {
             self.stop_before_discarding(&mut record, &state, "forget it")
                 .await?;
         }
+        // Its standbys stand on its snapshots: they go first (their guests never ran).
+        self.drop_all_pools().await?;
         let disks: Vec<ForgottenDisk> = record
             .disks
             .iter()

@@ -153,6 +153,42 @@ impl Vm {
         }
     }
 
+    /// Whether VM `name` is a standby of this VM (by its record).
+    pub(super) async fn is_my_standby(&self, name: &str) -> bool {
+        let Some(n) = VmName::parse(name) else {
+            return false;
+        };
+        self.store()
+            .record(&n)
+            .await
+            .ok()
+            .and_then(|r| r.standby)
+            .is_some_and(|s| s.vm == self.name().as_str())
+    }
+
+    /// Discards every standby of this VM and forgets its pools (the VM is going: `remove`,
+    /// `forget`). Fails if one cannot be discarded (another qsnap holds it): nothing of the VM
+    /// may go while a standby still stands on its snapshots.
+    pub(super) async fn drop_all_pools(&self) -> Result<()> {
+        for p in self.store().pools(self.name()).await? {
+            if let Some(snap) = SnapshotName::parse(&p.snapshot) {
+                self.store().remove_pool(self.name(), &snap).await?;
+            }
+        }
+        for name in self.store().vms().await? {
+            if !name.as_str().starts_with("sb-") || !self.is_my_standby(name.as_str()).await {
+                continue;
+            }
+            let why = format!("{} is going", self.name());
+            if !discard_named(self, &name, &why).await? && self.is_my_standby(name.as_str()).await {
+                return Err(Error::Busy {
+                    what: format!("standby {name} of {} is held by another qsnap", self.name()),
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// Judges the pool's standbys, discards those that cannot be used (and those beyond the
     /// size), and makes new ones until the pool is full. `size`: set the pool to it; `None`:
     /// the recorded size (0 without a record).
@@ -244,7 +280,14 @@ impl Vm {
                 ..CloneOptions::default()
             };
             while ready.len() < size {
-                let name = fresh_name(self.name(), snap)?;
+                // Never a name whose overlay directory a claimed clone still uses.
+                let name = loop {
+                    let n = fresh_name(self.name(), snap)?;
+                    let dir = store.standby_dir(n.as_str());
+                    if !store::blocking(move || store::exists(&dir)).await? {
+                        break n;
+                    }
+                };
                 self.make_clone(snap, &name, &opts, launcher, Making::Standby(of.clone()))
                     .await?;
                 info!(standby = %name, vm = %self.name(), %snap, "standby ready");
