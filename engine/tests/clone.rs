@@ -330,7 +330,19 @@ async fn four_clones_from_standbys_resume_at_the_snapshot_and_a_stale_standby_is
         standby_pids.insert(st.pid.unwrap());
         // Its guest never ran: not one line on its console.
         let console = store.join("vms").join(sb).join("files/serial.log");
-        assert_eq!(std::fs::read(&console).unwrap_or_default(), b"", "{sb} ran");
+        assert_eq!(std::fs::read(&console).unwrap(), b"", "{sb} ran");
+    }
+    // Nothing runs a standby's guest or changes it before a clone claims it.
+    let sb0 = g.engine.vm(&v(&pool.ready[0])).await.unwrap();
+    for err in [
+        sb0.resume().await.err(),
+        sb0.start().await.err(),
+        sb0.create_snapshot(sb0.create_options(n("x"))).await.err(),
+    ] {
+        assert!(
+            matches!(err, Some(Error::StandbyUntouchable { .. })),
+            "{err:?}"
+        );
     }
     // Ready standbys show in the source's status.
     let st = g.vm.status().await.unwrap();

@@ -56,9 +56,6 @@ pub struct Golden {
 /// The golden VM's name in its store.
 const GOLDEN: &str = "golden";
 
-/// How the engine's standbys' names start (`sb-<pool>-<random>`).
-const STANDBY: &str = "sb-";
-
 /// The id of the console chardev the harness adds to a command line that has no `-serial`.
 const CONSOLE_ID: &str = "qsnapcon";
 
@@ -116,14 +113,12 @@ impl Golden {
     /// Keeps `n` standbys of the golden snapshot ready (0: none): clones made ahead of time,
     /// their QEMU started and memory loaded (or mapped), paused before their guest runs. A
     /// [`Golden::fork`] (and a [`Fork::reset`]) then only claims one, and the pool refills in
-    /// the background. Returns once `n` are ready. Standbys are VMs of the golden's store,
-    /// killed with the golden (those of a cached golden too: standbys are not kept for the
-    /// next process).
+    /// the background. Returns once `n` are ready. Standbys are VMs of the golden's private
+    /// store, killed with the golden; a golden kept in a cache (`cache_in`) has no pool
+    /// ([`crate::Error::PoolInSharedCache`]).
     pub async fn pool(&self, n: usize) -> Result<PoolReport> {
-        if n > 0 {
-            if let Root::Cached(_) = &self.root {
-                watchdog(&self.vms(), Vms::Prefixed(STANDBY), Remove::Nothing);
-            }
+        if let Root::Cached(_) = &self.root {
+            return Err(crate::Error::PoolInSharedCache);
         }
         let report = self.vm.pool_with(&self.snapshot, n, &launcher()).await?;
         let mut slot = self.pool.lock().unwrap_or_else(|e| e.into_inner());
@@ -241,9 +236,6 @@ impl Drop for Golden {
             // A cached golden stays for the next process; this process's forks go.
             Root::Cached(_) => {
                 kill_qemus(&vms, Vms::Prefixed(&self.fork_prefix()));
-                if pooled.is_some() {
-                    kill_qemus(&vms, Vms::Prefixed(STANDBY));
-                }
                 if self.started.load(Ordering::SeqCst) {
                     kill_qemus(&vms, Vms::Named(GOLDEN));
                 }

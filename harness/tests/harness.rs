@@ -301,6 +301,8 @@ async fn forks_claim_standbys_of_the_pool_and_the_pool_refills_behind_them() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    // The refill made them, not the call below (which finds the pool full).
+    assert!(g.pool(2).await.unwrap().made.is_empty());
     // A reset swaps in a fresh standby, back at the golden instant.
     b.reset().await.unwrap();
     let fresh = b.report().standby.clone().unwrap();

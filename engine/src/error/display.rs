@@ -69,6 +69,7 @@ impl std::fmt::Display for Error {
             Error::NeedsDecision { vm, operation, what } => write!(f, "VM \"{vm}\" has an interrupted {operation} that qsnap cannot finish by itself: {what}"),
             Error::UnlinkRefused { path, why } => write!(f, "kept {}: {why}", path.display()),
             Error::Timeout { what, after } => write!(f, "timed out after {after:?} waiting for {what}"),
+            Error::StandbyUntouchable { vm, operation } => write!(f, "{vm} is a standby of a pool (`qsnap pool`): its guest must not run before a clone claims it, so `{operation}` is refused; nothing was changed. Clone the snapshot for a VM of your own"),
             Error::CloneRefused { snapshot, why } => write!(f, "cannot clone {snapshot}: {why}; nothing was changed"),
             Error::GuestAgent { socket, what } => write!(f, "guest agent at {}: {what}", socket.display()),
             Error::LeftPaused { what, cause, fix } => write!(f, "{what} ({cause}); the guest is left paused: {fix}"),

@@ -59,6 +59,7 @@ impl Error {
             | Error::CommandLine { .. }
             | Error::ForeignQemu { .. }
             | Error::CloneRefused { .. }
+            | Error::StandbyUntouchable { .. }
             | Error::Unsettled { .. } => K::Refused,
             Error::Create(
                 CreateError::MigrationBlocked { .. } | CreateError::QuiesceNeedsDiskOnly,

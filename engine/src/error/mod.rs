@@ -335,6 +335,14 @@ pub enum Error {
         /// How long.
         after: std::time::Duration,
     },
+    /// A standby (`qsnap pool`) is kept as it was made until a clone claims it: its guest
+    /// must not run nor its state change; nothing was changed.
+    StandbyUntouchable {
+        /// The standby.
+        vm: String,
+        /// What was asked (`create`, `start`, `resume`).
+        operation: String,
+    },
     /// A snapshot that cannot be cloned; nothing was changed.
     CloneRefused {
         /// The snapshot.

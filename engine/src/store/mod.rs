@@ -15,6 +15,12 @@
 mod atomic;
 mod lock;
 mod pools;
+
+/// How an operation that makes a standby names itself in its source's lock.
+pub(crate) const MAKING_STANDBY: &str = "make standby";
+
+/// How long any lock is waited for while its holder is making a standby.
+const STANDBY_WAIT: Duration = Duration::from_secs(60);
 pub mod schema;
 mod verify;
 
@@ -79,10 +85,20 @@ impl Store {
             .unwrap_or_else(|| {
                 tokio::time::Instant::now() + Duration::from_secs(100 * 365 * 86400)
             });
+        // A standby being made (a pool's background refill) holds its source's lock for a
+        // second or so: waited for even without `--wait`, so that a refill started by a clone
+        // never turns the user's next command away.
+        let standby_deadline = tokio::time::Instant::now() + STANDBY_WAIT;
         loop {
             match take().await {
                 Err(Error::Locked { .. }) if tokio::time::Instant::now() < deadline => {
                     tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(Error::Locked { holder, .. })
+                    if holder.contains(MAKING_STANDBY)
+                        && tokio::time::Instant::now() < standby_deadline =>
+                {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
                 }
                 other => return other,
             }

@@ -98,6 +98,54 @@ impl Store {
         .await
     }
 
+    /// Takes a pool's lock if no one holds it (`None`: a fill is under way).
+    pub(crate) async fn try_lock_pool(
+        &self,
+        vm: &VmName,
+        snap: &SnapshotName,
+    ) -> Result<Option<VmLock>> {
+        let dir = self.root.join("pools").join(vm.as_str());
+        let path = dir.join(format!("{snap}.lock"));
+        let what = format!("{vm} {snap}");
+        match blocking(move || {
+            create_dir_durably(&dir, 0o700)?;
+            VmLock::acquire(&path, &what, "fill the pool")
+        })
+        .await
+        {
+            Ok(l) => Ok(Some(l)),
+            Err(Error::Locked { .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Leaves (`set`) or takes (`!set`: whether it was there) the word that a fill under way
+    /// should go round once more: standbys were taken meanwhile.
+    pub(crate) async fn pool_again(
+        &self,
+        vm: &VmName,
+        snap: &SnapshotName,
+        set: bool,
+    ) -> Result<bool> {
+        let path = self
+            .root
+            .join("pools")
+            .join(vm.as_str())
+            .join(format!("{snap}.again"));
+        blocking(move || {
+            if set {
+                std::fs::write(&path, b"").map_err(io("asking for another round", &path))?;
+                return Ok(true);
+            }
+            match std::fs::remove_file(&path) {
+                Ok(()) => Ok(true),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+                Err(e) => Err(io("taking the word for another round", &path)(e)),
+            }
+        })
+        .await
+    }
+
     /// Takes a pool's lock: one filling (or resizing) at a time, waiting for the one before
     /// (a fill makes standbys one by one: a few seconds each), at most [`POOL_LOCK_WAIT`].
     pub(crate) async fn lock_pool(&self, vm: &VmName, snap: &SnapshotName) -> Result<VmLock> {
@@ -117,7 +165,12 @@ impl Store {
                     tokio::time::sleep(Duration::from_millis(50)).await
                 }
                 // The directory went with the last pool between making it and opening the lock.
-                Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {}
+                Err(Error::Io { source, .. })
+                    if source.kind() == std::io::ErrorKind::NotFound
+                        && tokio::time::Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(Duration::from_millis(10)).await
+                }
                 other => return other,
             }
         }

@@ -153,6 +153,9 @@ pub struct StandbyOf {
     /// Whether its RAM is mapped from the snapshot's RAM image (else it was loaded).
     #[serde(default)]
     pub lazy: bool,
+    /// Why no clone may take it (a claim found it so): the next refill discards it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unusable: Option<String>,
 }
 
 /// What a standby was made from: if any of it differs when a clone asks, the standby is
@@ -683,6 +686,9 @@ pub struct ThawIntent {
 pub struct ClaimIntent {
     /// The clone's name.
     pub new: String,
+    /// The entries of the standby's directory the claim moves (only these ever move back).
+    #[serde(default)]
+    pub moved: Vec<String>,
 }
 
 /// An unfinished stop.

@@ -6,7 +6,9 @@
 //!   `--replace` that does not fit the recorded command line, a command line with what must
 //!   differ per VM (launch/clone_argv.rs)                          ── nothing changed
 //! → record of the clone, stopped, naming its overlays-to-be (from here `qsnap remove` undoes)
-//! → overlays in <store>/vms/<clone>/disks over the snapshot's frozen images (never written)
+//! → a standby of the snapshot's pool claimed instead, when one is ready (`pool/claim.rs`)
+//! → overlays in <store>/vms/<clone>/disks (a standby's: <store>/standbys/<name>/) over the
+//!   snapshot's frozen images (never written)
 //! → QEMU with the rewritten command line, -incoming defer → load (or map the RAM image
 //!   lazily) → cont                            ── failure: QEMU stopped, everything removed
 //! → record: running, pid
@@ -179,9 +181,14 @@ impl Vm {
         // lock, held by this very clone, and blame it.
         store.refuse_taken(new).await?;
         let _source_lock = self
-            .lock_for_reading(&format!("clone {snap} to {new}"))
+            .lock_for_reading(&match &making {
+                Making::Clone => format!("clone {snap} to {new}"),
+                Making::Standby(_) => format!("{} {new} of {snap}", crate::store::MAKING_STANDBY),
+            })
             .await?;
         let _lock = store.lock(new, "clone").await?;
+        // A claim as `new` that qsnap died in is settled first (finished: `new` exists).
+        super::pool::claim::settle_claims_of(self.engine(), new).await?;
         store.refuse_taken(new).await?;
         let source = store.record(self.name()).await?;
         let manifest = store.manifest(self.name(), snap).await?;
@@ -384,8 +391,13 @@ impl Vm {
                         return Err(e);
                     }
                 }
-                // The log stays: the error points at it.
-                if let Err(u) = clone.discard_clone(&record, Discard::FailedClone).await {
+                // The log stays: the error points at it (a standby's goes: nothing names it).
+                let why = if standby.is_some() {
+                    Discard::Remove
+                } else {
+                    Discard::FailedClone
+                };
+                if let Err(u) = clone.discard_clone(&record, why).await {
                     warn!(error = %u, "the failed clone's files could not all be removed; `qsnap remove {new}` finishes");
                 }
                 return Err(e);
@@ -434,7 +446,7 @@ impl Vm {
             snapshot: snap.to_string(),
             disks: taken.disks,
             moved: argv.moved.clone(),
-            notes: argv.notes.clone(),
+            notes: argv.notes.iter().cloned().chain(taken.notes).collect(),
             qmp: dir.join("qmp.sock"),
             log: dir.join("qemu.log"),
             ram: match (&manifest.snapshot.memory, taken.lazy) {
@@ -470,6 +482,9 @@ impl Vm {
         let op = self.begin("remove").await?;
         let mut record = op.record.clone();
         self.refuse_if_used_elsewhere(&record).await?;
+        // Its standbys stand on its snapshots: they go first (their guests never ran), and a
+        // busy one refuses the remove before anything of the clone's stops.
+        self.drop_all_pools().await?;
         let manifests = self.store().manifests(self.name()).await?;
         // Whatever runs stops first — also a QEMU whose monitor is busy (unreachable): its
         // files must not go while it runs.
@@ -479,8 +494,6 @@ impl Vm {
             self.stop_before_discarding(&mut record, &state, "remove it")
                 .await?;
         }
-        // Its standbys stand on its snapshots: they go first (their guests never ran).
-        self.drop_all_pools().await?;
         failpoint::hit("remove.stopped", None).await?;
         let removed = self.discard_clone(&record, Discard::Remove).await?;
         drop(op);

@@ -92,6 +92,7 @@ impl Vm {
     pub async fn create_snapshot(&self, opts: CreateOptions) -> Result<Manifest> {
         let snap = opts.name.clone();
         let op = self.begin(&format!("create {snap}")).await?;
+        super::pool::refuse_standby(&op.record, "create")?;
         self.create_locked(op.record, &opts).await
     }
 

@@ -105,12 +105,13 @@ impl Vm {
         if running && !opts.stop {
             return Err(refuse(ForgetRefusal::Running { pid: state.pid() }));
         }
+        // Its standbys stand on its snapshots: they go first (their guests never ran), and a
+        // busy one refuses the forget before the VM stops.
+        self.drop_all_pools().await?;
         if running {
             self.stop_before_discarding(&mut record, &state, "forget it")
                 .await?;
         }
-        // Its standbys stand on its snapshots: they go first (their guests never ran).
-        self.drop_all_pools().await?;
         let disks: Vec<ForgottenDisk> = record
             .disks
             .iter()

@@ -181,6 +181,7 @@ impl Vm {
     /// [`Vm::start`] with a launcher of your own.
     pub async fn start_with<L: Launcher>(&self, launcher: &L) -> Result<Launched> {
         let op = self.begin("start").await?;
+        super::pool::refuse_standby(&op.record, "start")?;
         let mut record = op.record.clone();
         VmState::observe(self, &record)
             .await
@@ -510,6 +511,9 @@ impl Vm {
         let op = if run { "resume" } else { "pause" };
         let _lock = self.store().lock(self.name(), op).await?;
         super::refuse_if_interrupted(self.store(), self.name()).await?;
+        if run {
+            super::pool::refuse_standby(&self.store().record(self.name()).await?, "resume")?;
+        }
         let qmp = self.connect().await?;
         let status = qmp
             .execute(types::query_status {})

@@ -88,6 +88,8 @@ impl Vm {
             store.write_record(&record).await?;
         }
         store.remove_manifest(self.name(), old).await?;
+        // Its pool's standbys hold the snapshot under its old name: they go with the pool.
+        self.drop_pools(std::slice::from_ref(old)).await;
         for (old_path, _) in &links {
             let p = old_path.clone();
             store::blocking(move || store::remove_durably(&p)).await?;

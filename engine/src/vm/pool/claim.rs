@@ -71,6 +71,8 @@ pub(in crate::vm) struct Taken {
     pub lazy: bool,
     /// Whether the guest runs now.
     pub resumed: bool,
+    /// What went wrong after the point of no return (the clone stands).
+    pub notes: Vec<String>,
 }
 
 /// What stays in a standby's directory when a clone claims it (its record, journal and
@@ -84,15 +86,19 @@ pub(super) async fn usable(
     record: &VmRecord,
     source: &VmName,
     snap: &SnapshotName,
-    now: Option<&Fingerprint>,
+    now: Option<(&Fingerprint, bool)>,
 ) -> std::result::Result<(), String> {
     let Some(of) = &record.standby else {
         return Err("it is no standby".into());
     };
+    if let Some(why) = &of.unusable {
+        return Err(why.clone());
+    }
     if of.vm != source.as_str() || of.snapshot != snap.as_str() {
         return Err(format!("it is a standby of {} {}", of.vm, of.snapshot));
     }
-    match now {
+    let disk_only = now.is_some_and(|(_, d)| d);
+    match now.map(|(f, _)| f) {
         None => return Err(format!("snapshot {snap} of {source} is gone")),
         Some(f) if f.snapshot_taken_at != of.fingerprint.snapshot_taken_at => {
             return Err(format!("snapshot {snap} was deleted and taken again since"))
@@ -105,28 +111,41 @@ pub(super) async fn usable(
         }
         Some(_) => {}
     }
+    // The very process its record names (pid and start time), serving its monitor.
+    let Some(pid) = record.pid else {
+        return Err("no QEMU is recorded for it".into());
+    };
+    if !crate::proc::is_recorded_qemu(pid, record.pid_start).await || record.pid_start.is_none() {
+        return Err("its QEMU is gone".into());
+    }
     let qmp = sb
         .connect_quick(record)
         .await
         .map_err(|e| format!("its QEMU does not answer ({e})"))?;
-    if qmp.peer_pid().is_some() && record.pid.is_some() && qmp.peer_pid() != record.pid {
+    if qmp.peer_pid() != Some(pid) {
         return Err("its monitor is served by another process than its QEMU".into());
     }
-    let st = qmp
-        .execute(types::query_status {})
+    let st = tokio::time::timeout(LOOK, qmp.execute(types::query_status {}))
         .await
+        .map_err(|_| "its QEMU does not say its run state in time".to_owned())?
         .map_err(|e| format!("its QEMU does not say its run state ({e})"))?;
     let runstate = serde_json::to_value(st.status)
         .ok()
         .and_then(|v| v.as_str().map(str::to_owned))
         .unwrap_or_default();
-    // Paused after its load, or before it ever started (a disk-only snapshot): anything
-    // else (running, still loading, shut down) is not what a clone may be handed.
-    if st.running || !matches!(runstate.as_str(), "paused" | "prelaunch") {
-        return Err(format!("its QEMU is {runstate}, not paused and ready"));
+    // Paused after its load (a memory snapshot), or never started (a disk-only one): anything
+    // else (running, still loading, shut down, a disk-only standby paused after it ran) is not
+    // what a clone may be handed.
+    let ready = if disk_only { "prelaunch" } else { "paused" };
+    if st.running || runstate != ready {
+        return Err(format!("its QEMU is {runstate}, not {ready} and ready"));
     }
     Ok(())
 }
+
+/// How long a look at a standby's QEMU may take (a standby that does not answer in time is
+/// not handed out).
+const LOOK: std::time::Duration = std::time::Duration::from_secs(2);
 
 impl Vm {
     /// Takes a ready standby of the snapshot's pool as clone `new`, if there is one. Holds
@@ -136,20 +155,9 @@ impl Vm {
         if store.pool(self.name(), w.snap).await?.is_none() {
             return Ok(Claimed::Cold(None));
         }
-        // What a claim moves into the clone's directory can be moved back only if nothing
-        // else is there: files an earlier VM of that name left make it a cold clone.
-        let dir = store.vm_dir(new);
-        let left = store::blocking(move || {
-            Ok(std::fs::read_dir(&dir)
-                .map(|rd| {
-                    rd.flatten()
-                        .map(|e| e.file_name().to_string_lossy().into_owned())
-                        .filter(|n| n != "lock")
-                        .collect::<Vec<_>>()
-                })
-                .unwrap_or_default())
-        })
-        .await?;
+        // What a claim moves into the clone's directory must not meet anything there: files
+        // an earlier VM of that name left (a failed clone's log) make it a cold clone.
+        let left = entries(store.vm_dir(new), &["lock"]).await?;
         if !left.is_empty() {
             return Ok(Claimed::Cold(Some(format!(
                 "the clone's directory holds files an earlier VM of that name left ({})",
@@ -157,6 +165,7 @@ impl Vm {
             ))));
         }
         let now = fingerprint(w.source, w.manifest).await?;
+        let disk_only = w.manifest.snapshot.memory.is_none();
         let mut unusable = Vec::new();
         for sb in self.standbys(w.snap).await? {
             // At once: a standby another clone is claiming is that clone's.
@@ -167,11 +176,14 @@ impl Vm {
                 continue;
             };
             let record = op.record.clone();
-            if let Err(why) = usable(&vm, &record, self.name(), w.snap, Some(&now)).await {
-                unusable.push(format!("{sb}: {why}"));
-                continue;
-            }
-            if let Err(why) = same_paths(store, &record, new, w.argv) {
+            let looked =
+                match usable(&vm, &record, self.name(), w.snap, Some((&now, disk_only))).await {
+                    Ok(()) => same_paths(store, &record, new, w.argv),
+                    Err(why) => Err(why),
+                };
+            if let Err(why) = looked {
+                // Marked, so that no clone looks at it again and the next refill discards it.
+                vm.mark_unusable(record, &why).await;
                 unusable.push(format!("{sb}: {why}"));
                 continue;
             }
@@ -199,17 +211,20 @@ impl Vm {
     ) -> Result<Taken> {
         let store = self.store();
         let pid = sb.pid;
+        // Exactly what moves is journaled: only that ever moves back.
+        let names = entries(store.vm_dir(self.name()), &STAYS).await?;
         store
             .write_journal(
                 self.name(),
                 &Intent::Claim(ClaimIntent {
                     new: new.to_string(),
+                    moved: names.clone(),
                 }),
             )
             .await?;
         let moved = async {
             failpoint::hit("claim.journaled", pid).await?;
-            move_files(store.vm_dir(self.name()), store.vm_dir(new)).await?;
+            move_files(store.vm_dir(self.name()), store.vm_dir(new), names.clone()).await?;
             failpoint::hit("claim.moved", pid).await?;
             let guest_agent = w.source.guest_agent.as_ref().and_then(|g| {
                 w.argv
@@ -250,7 +265,7 @@ impl Vm {
             Ok(r) => r,
             Err(e) => {
                 // Before the point of no return: the standby stays one.
-                if let Err(u) = finish_or_undo(self, new).await {
+                if let Err(u) = finish_or_undo(self, new, &names).await {
                     warn!(error = %u, "the claim could not be undone; `qsnap check --repair` settles it");
                 } else if let Err(u) = store.clear_journal(self.name()).await {
                     warn!(error = %u, "the claim's journal stays; `qsnap check --repair` settles it");
@@ -258,21 +273,37 @@ impl Vm {
                 return Err(e);
             }
         };
-        // NEW exists: from here every step only finishes the claim.
-        failpoint::hit("claim.recorded", pid).await?;
-        // Done either way: a standby record left here (its journal with it) is settled as a
-        // finished claim by the next look at it.
-        if let Err(e) = store.release_standby(self.name()).await {
-            warn!(standby = %self.name(), error = %e, "the claimed standby's record stays until `qsnap check {source} --repair`");
+        // NEW exists: from here every step only finishes the claim, and what fails is told
+        // about (the clone stands), never an error of the clone.
+        let mut notes = Vec::new();
+        let released = async {
+            failpoint::hit("claim.recorded", pid).await?;
+            // A standby record left here (its journal with it) is settled as a finished claim
+            // by the next look at it.
+            store.release_standby(self.name()).await?;
+            failpoint::hit("claim.released", pid).await
         }
-        failpoint::hit("claim.released", pid).await?;
+        .await;
+        if let Err(e) = released {
+            warn!(standby = %self.name(), error = %e, "the claimed standby's record stays until the next look at it");
+        }
         let clone = self.engine().vm_from(new.clone(), record.clone());
         let of = sb.standby.as_ref().expect("a standby");
-        let resumed = of.resume && !w.paused;
-        if resumed {
-            let qmp = clone.connect().await?;
-            revert::resume(&qmp).await?;
-            failpoint::hit("claim.resumed", pid).await?;
+        let mut resumed = false;
+        if of.resume && !w.paused {
+            let cont = async {
+                let qmp = clone.connect().await?;
+                revert::resume(&qmp).await?;
+                failpoint::hit("claim.resumed", pid).await
+            }
+            .await;
+            match cont {
+                Ok(()) => resumed = true,
+                Err(e) => notes.push(format!(
+                    "{new} was made from standby {} but could not be resumed ({e}): it is paused; `qsnap resume {new}`",
+                    self.name()
+                )),
+            }
         }
         info!(vm = %new, standby = %self.name(), %source, snapshot = %w.snap, "cloned from a standby");
         Ok(Taken {
@@ -297,6 +328,7 @@ impl Vm {
                 .collect(),
             lazy: of.lazy,
             resumed,
+            notes,
         })
     }
 }
@@ -331,29 +363,49 @@ fn same_paths(
     Ok(())
 }
 
-/// Renames what a claim moves from the standby's directory into the clone's, durably; what
-/// moved already (a claim settled again) is left where it is. Never replaces anything.
-async fn move_files(from: PathBuf, to: PathBuf) -> Result<()> {
+/// The entries of directory `dir` but `keep` (and dot-files: temporaries), sorted; none when
+/// it is gone.
+async fn entries(dir: PathBuf, keep: &'static [&'static str]) -> Result<Vec<String>> {
     store::blocking(move || {
-        let entries = match std::fs::read_dir(&from) {
-            Ok(e) => e,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-            Err(e) => return Err(store::io("listing the standby's files", &from)(e)),
+        let rd = match std::fs::read_dir(&dir) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(store::io("listing a VM's directory", &dir)(e)),
         };
-        for e in entries {
-            let e = e.map_err(store::io("listing the standby's files", &from))?;
-            let name = e.file_name();
-            let keep = name
-                .to_str()
-                .map_or(true, |n| STAYS.contains(&n) || n.starts_with('.'));
-            if keep {
+        let mut out = Vec::new();
+        for e in rd {
+            let e = e.map_err(store::io("listing a VM's directory", &dir))?;
+            // A name that is not UTF-8 is no file qsnap or QEMU made: left where it is.
+            let Some(n) = e.file_name().to_str().map(str::to_owned) else {
+                continue;
+            };
+            if !keep.contains(&n.as_str()) && !n.starts_with('.') {
+                out.push(n);
+            }
+        }
+        out.sort();
+        Ok(out)
+    })
+    .await
+}
+
+/// Renames the entries `names` from directory `from` into `to`, durably; one that moved
+/// already (a claim settled again) is left where it is. Never replaces anything.
+async fn move_files(from: PathBuf, to: PathBuf, names: Vec<String>) -> Result<()> {
+    store::blocking(move || {
+        for name in &names {
+            // A journal names plain entries only; anything else is never acted on.
+            if name.contains('/') || name == ".." || name == "." {
                 continue;
             }
-            let b = to.join(&name);
+            let (a, b) = (from.join(name), to.join(name));
+            if !store::exists(&a)? {
+                continue;
+            }
             if store::exists(&b)? {
                 return Err(Error::TargetExists { path: b });
             }
-            std::fs::rename(e.path(), &b).map_err(store::io("moving the standby's files", &b))?;
+            std::fs::rename(&a, &b).map_err(store::io("moving the standby's files", &b))?;
         }
         store::sync_dir(&to)?;
         store::sync_dir(&from)
@@ -361,38 +413,117 @@ async fn move_files(from: PathBuf, to: PathBuf) -> Result<()> {
     .await
 }
 
-/// Settles an interrupted claim of standby `vm` as `new` (its lock held): finished when
-/// `new`'s record names the standby, else undone (the files back, the standby one again).
-pub(in crate::vm) async fn settle_claim(vm: &Vm, new: &VmName) -> Result<String> {
+/// Settles an interrupted claim of standby `vm` as `new`, recorded in `c` (the standby's
+/// lock held): finished when `new`'s record names the standby; undone when `new` has no
+/// record (what moved goes back, the standby is one again); abandoned when `new` became
+/// another VM meanwhile (nothing of `new`'s is touched; the standby is marked unusable and
+/// discarded by the next refill or `check --repair`).
+pub(in crate::vm) async fn settle_claim(vm: &Vm, c: &ClaimIntent) -> Result<String> {
+    let new = VmName::new(&c.new)?;
     // `new`'s lock: another clone of that name may be under way (the name was free).
-    let _new_lock = vm.store().lock(new, "settle a claim").await?;
-    finish_or_undo(vm, new).await
+    let _new_lock = vm.store().lock(&new, "settle a claim").await?;
+    let outcome = finish_or_undo(vm, &new, &c.moved).await?;
+    // Nothing of `new`'s is left when it was never made: its directory goes (the lock last).
+    if !vm.store().has_vm(&new).await? {
+        let _ = vm.store().remove_vm_dir(&new, false).await;
+    }
+    Ok(outcome)
 }
 
 /// [`settle_claim`] with `new`'s lock held by the caller.
-async fn finish_or_undo(vm: &Vm, new: &VmName) -> Result<String> {
+async fn finish_or_undo(vm: &Vm, new: &VmName, moved: &[String]) -> Result<String> {
     let store = vm.store();
-    let claimed = match store.record(new).await {
-        Ok(r) => r
-            .clone_of
-            .as_ref()
-            .and_then(|o| o.standby.as_deref())
-            .is_some_and(|s| s == vm.name().as_str()),
-        Err(Error::UnknownVm { .. }) => false,
+    let theirs = match store.record(new).await {
+        Ok(r) => Some(
+            r.clone_of
+                .as_ref()
+                .and_then(|o| o.standby.as_deref())
+                .is_some_and(|s| s == vm.name().as_str()),
+        ),
+        Err(Error::UnknownVm { .. }) => None,
         Err(e) => return Err(e),
     };
-    if claimed {
-        store.release_standby(vm.name()).await?;
-        return Ok(format!(
-            "finished: {new} is a clone made from standby {} (paused if qsnap died before resuming it: `qsnap resume {new}`)",
-            vm.name()
-        ));
+    match theirs {
+        Some(true) => {
+            store.release_standby(vm.name()).await?;
+            Ok(format!(
+                "finished: {new} is a clone made from standby {} (paused if qsnap died before resuming it: `qsnap resume {new}`)",
+                vm.name()
+            ))
+        }
+        None => {
+            move_files(store.vm_dir(new), store.vm_dir(vm.name()), moved.to_vec()).await?;
+            Ok(format!(
+                "undone: {} is a standby again, {new} was never made",
+                vm.name()
+            ))
+        }
+        Some(false) => {
+            if let Ok(record) = store.record(vm.name()).await {
+                let why =
+                    format!("its claim as {new} was cut short, and {new} was made otherwise since");
+                vm.mark_unusable(record, &why).await;
+            }
+            Ok(format!(
+                "abandoned: {new} is another VM now; standby {} is discarded by the next refill or `check --repair`",
+                vm.name()
+            ))
+        }
     }
-    // Undone: whatever moved goes back; nothing else of `new`'s exists (no record).
-    move_files(store.vm_dir(new), store.vm_dir(vm.name())).await?;
-    let _ = store.remove_vm_dir(new, false).await;
-    Ok(format!(
-        "undone: {} is a standby again, {new} was never made",
-        vm.name()
-    ))
+}
+
+/// Settles, before a clone named `new` is made (its lock held), any claim as `new` that was
+/// cut short: a retried `qsnap clone` must never build beside a half-claimed standby's files.
+pub(in crate::vm) async fn settle_claims_of(
+    engine: &crate::vm::Engine,
+    new: &VmName,
+) -> Result<()> {
+    let store = engine.store();
+    for name in store.vms().await? {
+        if !name.as_str().starts_with("sb-") {
+            continue;
+        }
+        let Ok(Some(j)) = store.journal(&name).await else {
+            continue;
+        };
+        let Intent::Claim(c) = &j.intent else {
+            continue;
+        };
+        if c.new != new.as_str() {
+            continue;
+        }
+        let busy = || Error::Busy {
+            what: format!("standby {name} is being claimed as {new} by another qsnap"),
+        };
+        let _lock = engine
+            .at_once()
+            .store()
+            .lock(&name, "settle a claim")
+            .await
+            .map_err(|_| busy())?;
+        let Ok(record) = store.record(&name).await else {
+            store.clear_journal(&name).await?;
+            continue;
+        };
+        let sb = engine.vm_from(name.clone(), record);
+        let outcome = finish_or_undo(&sb, new, &c.moved).await?;
+        if store.has_vm(&name).await? {
+            store.clear_journal(&name).await?;
+        }
+        info!(standby = %name, %outcome, "an interrupted claim settled");
+    }
+    Ok(())
+}
+
+impl Vm {
+    /// Marks this standby as one no clone may take (best effort: a standby left unmarked is
+    /// still looked at, and refused, by every claim).
+    pub(super) async fn mark_unusable(&self, mut record: VmRecord, why: &str) {
+        if let Some(of) = &mut record.standby {
+            of.unusable = Some(why.to_owned());
+            if let Err(e) = self.store().write_record(&record).await {
+                warn!(standby = %self.name(), error = %e, "could not mark the standby unusable");
+            }
+        }
+    }
 }

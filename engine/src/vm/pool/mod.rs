@@ -3,16 +3,21 @@
 //!
 //! ```text
 //! qsnap pool VM SNAP --size N      record the pool (<store>/pools/VM/SNAP.json), then fill:
-//!   under the pool's lock, each standby of the pool is judged (its lock taken at once; a
-//!   busy one is being claimed): made from what is there now (fingerprint), QEMU alive and
-//!   paused → ready; anything else → discarded (stopped, files removed)
-//!   → the newest beyond N discarded → standbys made until N are ready
+//!   under the pool's lock (a refill that finds it taken leaves a word to go round again, and
+//!   ends), each standby of the pool is glanced at from its record and /proc — never its lock
+//!   or monitor, which a claim may hold: made from what is there now (fingerprint), not
+//!   marked unusable by a claim, no claim cut short, its recorded QEMU alive → ready;
+//!   anything else → discarded (its QEMU killed by pid and start time, files removed)
+//!   → those beyond N (by name) discarded → standbys made until N are ready
+//! check VM: the full look (the standby's lock at once, its QEMU asked: paused after its load,
+//!   prelaunch for a disk-only snapshot) → a `stale-record` finding, discarded by --repair
 //! a standby = a clone of SNAP (make_clone, Making::Standby) named sb-<pool>-<random>, its
 //!   overlays in <store>/standbys/<name>/, its QEMU started, memory loaded or mapped, paused
 //! ```
 //! A standby is a VM in the store like a clone: journaled, seen by `status` and `check`,
 //! removed by `check --repair` when its pool, snapshot or QEMU is gone. Its guest never runs
-//! before a clone claims it, so discarding one never loses anything.
+//! before a clone claims it (`create`, `start` and `resume` refuse it), so discarding one
+//! never loses anything.
 //!
 //! What this module must never do: discard a standby without holding its lock (a claim in
 //! progress holds it), or hand out one whose fingerprint differs from what is there now.
@@ -27,7 +32,7 @@ use super::Vm;
 use crate::error::{Error, Result};
 use crate::launch::{Launcher, ProcessLauncher};
 use crate::name::{SnapshotName, VmName};
-use crate::store::{self, Fingerprint, PoolRecord, StandbyOf};
+use crate::store::{self, Fingerprint, PoolRecord, StandbyOf, VmRecord};
 use crate::CloneOptions;
 use serde::Serialize;
 use std::time::Instant;
@@ -92,9 +97,25 @@ impl Vm {
     ) -> Result<PoolReport> {
         if size > 0 {
             // Refused before anything is recorded: an unknown snapshot, a VM qsnap cannot
-            // start again.
+            // start again, a command line no clone can take as it is (what must differ per VM,
+            // which standbys cannot be given).
             self.store().manifest(self.name(), snap).await?;
-            Self::command_of(&self.store().record(self.name()).await?)?;
+            let record = self.store().record(self.name()).await?;
+            let command = Self::command_of(&record)?;
+            let dir = self.store().vm_dir(&fresh_name(self.name(), snap)?);
+            crate::launch::clone_argv::clone_argv(
+                &command.argv,
+                &command.cwd,
+                &dir.join("files"),
+                self.socket_path(&record).ok().as_deref(),
+                &dir.join("qmp.sock"),
+                &[],
+                crate::launch::clone_argv::Purpose::Clone,
+            )
+            .map_err(|why| Error::CloneRefused {
+                snapshot: snap.to_string(),
+                why: format!("{why} (standbys are made from the command line as recorded)"),
+            })?;
         }
         self.fill(snap, Some(size), launcher).await
     }
@@ -200,7 +221,70 @@ impl Vm {
     ) -> Result<PoolReport> {
         let started = Instant::now();
         let store = self.store();
-        let _pool = store.lock_pool(self.name(), snap).await?;
+        // One fill at a time. A refill that finds one under way leaves it a word to go round
+        // once more, and ends: clones in a burst start no queue of waiting refills. The word
+        // is looked for again after the lock is let go, so that one left in between is never
+        // lost.
+        let mut report: Option<PoolReport> = None;
+        let mut size = size;
+        loop {
+            let lock = match size {
+                Some(_) => store.lock_pool(self.name(), snap).await?,
+                None => match store.try_lock_pool(self.name(), snap).await? {
+                    Some(lock) => lock,
+                    None => {
+                        store.pool_again(self.name(), snap, true).await?;
+                        break;
+                    }
+                },
+            };
+            let mut round = self.fill_locked(snap, size, launcher).await?;
+            while store.pool_again(self.name(), snap, false).await? {
+                let again = self.fill_locked(snap, None, launcher).await?;
+                round.made.extend(again.made);
+                round.discarded.extend(again.discarded);
+                round.ready = again.ready;
+                round.size = again.size;
+            }
+            drop(lock);
+            if let Some(mut r) = report.take() {
+                r.made.extend(round.made);
+                r.discarded.extend(round.discarded);
+                r.ready = round.ready;
+                r.size = round.size;
+                round = r;
+            }
+            report = Some(round);
+            if !store.pool_again(self.name(), snap, false).await? {
+                break;
+            }
+            size = None;
+        }
+        let mut report = match report {
+            Some(r) => r,
+            None => PoolReport {
+                vm: self.name().to_string(),
+                snapshot: snap.to_string(),
+                size: store.pool(self.name(), snap).await?.map_or(0, |p| p.size),
+                ready: Vec::new(),
+                made: Vec::new(),
+                discarded: Vec::new(),
+                total_ms: 0.0,
+            },
+        };
+        report.total_ms = started.elapsed().as_secs_f64() * 1e3;
+        Ok(report)
+    }
+
+    /// [`Vm::fill`] with the pool's lock held.
+    async fn fill_locked<L: Launcher>(
+        &self,
+        snap: &SnapshotName,
+        size: Option<usize>,
+        launcher: &L,
+    ) -> Result<PoolReport> {
+        let started = Instant::now();
+        let store = self.store();
         let size = match size {
             Some(0) => {
                 store.remove_pool(self.name(), snap).await?;
@@ -274,6 +358,7 @@ impl Vm {
                 // A memory snapshot's clone runs if its guest ran; a disk-only one boots.
                 resume: manifest.snapshot.memory.is_none() || manifest.snapshot.was_running,
                 lazy: crate::snapshot::revert::lazy_mapping(&manifest.snapshot).is_some(),
+                unusable: None,
             };
             let opts = CloneOptions {
                 paused: true,
@@ -365,11 +450,11 @@ impl Vm {
                 Some(format!("its pool ({snap}) is gone"))
             } else {
                 let now = match store.manifest(self.name(), &snap).await {
-                    Ok(m) => Some(fingerprint(&me, &m).await?),
+                    Ok(m) => Some((fingerprint(&me, &m).await?, m.snapshot.memory.is_none())),
                     Err(Error::UnknownSnapshot { .. }) => None,
                     Err(e) => return Err(e),
                 };
-                match judge(self, &name, &snap, now.as_ref()).await {
+                match judge(self, &name, &snap, now.as_ref().map(|(f, d)| (f, *d))).await {
                     Judged::Ready | Judged::Busy => None,
                     Judged::Unusable(why) => Some(why),
                 }
@@ -389,6 +474,18 @@ impl Vm {
     }
 }
 
+/// Refuses `operation` on a standby: its guest must not run (nor its state change) before a
+/// clone claims it.
+pub(super) fn refuse_standby(record: &VmRecord, operation: &str) -> Result<()> {
+    match &record.standby {
+        Some(_) => Err(Error::StandbyUntouchable {
+            vm: record.name.clone(),
+            operation: operation.to_owned(),
+        }),
+        None => Ok(()),
+    }
+}
+
 /// What a look at one standby found.
 enum Judged {
     Ready,
@@ -399,7 +496,12 @@ enum Judged {
 
 /// The full look (`check`): the standby's lock taken at once (a busy one is being claimed),
 /// its QEMU asked for its run state.
-async fn judge(source: &Vm, sb: &VmName, snap: &SnapshotName, now: Option<&Fingerprint>) -> Judged {
+async fn judge(
+    source: &Vm,
+    sb: &VmName,
+    snap: &SnapshotName,
+    now: Option<(&Fingerprint, bool)>,
+) -> Judged {
     let vm = match source.engine().at_once().vm(sb).await {
         Ok(vm) => vm,
         Err(_) => return Judged::Busy,
@@ -432,6 +534,13 @@ async fn glance(
     };
     if of.vm != source.name().as_str() || of.snapshot != snap.as_str() {
         return Judged::Busy;
+    }
+    if let Some(why) = &of.unusable {
+        return Judged::Unusable(why.clone());
+    }
+    // A claim cut short: discarding it settles it first (and keeps it if it was finished).
+    if let Ok(Some(j)) = source.store().journal(sb).await {
+        return Judged::Unusable(format!("an interrupted {}", j.intent.describe()));
     }
     if now != Some(&of.fingerprint) {
         return Judged::Unusable(match now {
@@ -477,14 +586,19 @@ impl Vm {
             Err(Error::Locked { .. } | Error::UnknownVm { .. }) => return Ok(false),
             Err(e) => return Err(e),
         };
-        let mut record = op.record.clone();
+        let record = op.record.clone();
         if record.standby.is_none() {
             return Ok(false);
         }
-        let state = super::state::VmState::observe(self, &record).await;
-        if !matches!(state, super::state::VmState::Stopped) {
-            self.stop_before_discarding(&mut record, &state, "discard the standby")
-                .await?;
+        // Never under another VM (a snapshot of the standby someone took and cloned).
+        if let Some((by, _)) = self.used_elsewhere(&record).await? {
+            warn!(standby = %self.name(), %by, "a standby another VM stands on is kept");
+            return Ok(false);
+        }
+        // By its recorded pid and start time, never through its monitor socket: a claim cut
+        // short may have left that path leading to another QEMU.
+        if let Some(pid) = record.pid {
+            kill_recorded(pid, record.pid_start).await?;
         }
         self.discard_clone(&record, super::clone::Discard::Remove)
             .await?;
@@ -492,4 +606,31 @@ impl Vm {
         drop(op);
         Ok(true)
     }
+}
+
+/// Kills the standby's QEMU (its guest never ran: nothing to flush) if `pid` is still the
+/// process recorded, and waits (bounded) until it is gone.
+async fn kill_recorded(pid: u32, start: Option<u64>) -> Result<()> {
+    if !crate::proc::is_recorded_qemu(pid, start).await {
+        return Ok(());
+    }
+    if start.is_none() {
+        return Err(Error::Busy {
+            what: format!(
+                "the standby's QEMU (pid {pid}) has no recorded start time, so it cannot be told apart from a process given its pid since; stop it by hand"
+            ),
+        });
+    }
+    let p = nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap_or(i32::MAX));
+    let _ = nix::sys::signal::kill(p, nix::sys::signal::Signal::SIGKILL);
+    let deadline = Instant::now() + std::time::Duration::from_secs(10);
+    while crate::proc::is_recorded_qemu(pid, start).await {
+        if Instant::now() > deadline {
+            return Err(Error::Busy {
+                what: format!("the standby's QEMU (pid {pid}) did not exit after SIGKILL"),
+            });
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    Ok(())
 }

@@ -83,9 +83,7 @@ pub(crate) async fn settle(vm: &Vm) -> Result<Option<Recovery>> {
         Intent::Delete(d) => delete(vm, d).await?,
         Intent::Start(_) | Intent::Stop(_) => lifecycle(vm).await?,
         Intent::Thaw(t) => thaw(vm, t).await?,
-        Intent::Claim(c) => {
-            done(super::pool::claim::settle_claim(vm, &crate::name::VmName::new(&c.new)?).await?)
-        }
+        Intent::Claim(c) => done(super::pool::claim::settle_claim(vm, &c).await?),
     };
     vm.store().clear_journal(vm.name()).await?;
     if merge_after {
