@@ -55,6 +55,9 @@ pub struct Store {
     root: PathBuf,
     /// How long taking a VM's lock waits for another operation to finish.
     lock_wait: Duration,
+    /// Whether a lock held by an operation making a standby is waited for regardless
+    /// ([`STANDBY_WAIT`]); off for best-effort work that must never queue.
+    wait_for_standbys: bool,
 }
 
 impl Store {
@@ -63,6 +66,7 @@ impl Store {
         Store {
             root: root.into(),
             lock_wait: Duration::ZERO,
+            wait_for_standbys: true,
         }
     }
 
@@ -70,6 +74,14 @@ impl Store {
     /// [`Error::Locked`] at once), then reports it as before.
     pub fn with_lock_wait(mut self, wait: Duration) -> Store {
         self.lock_wait = wait;
+        self
+    }
+
+    /// The same store, never waiting for a lock (not even for a standby being made): for
+    /// best-effort work that must not queue.
+    pub(crate) fn at_once(mut self) -> Store {
+        self.lock_wait = Duration::ZERO;
+        self.wait_for_standbys = false;
         self
     }
 
@@ -95,7 +107,8 @@ impl Store {
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
                 Err(Error::Locked { holder, .. })
-                    if holder.contains(MAKING_STANDBY)
+                    if self.wait_for_standbys
+                        && holder.contains(MAKING_STANDBY)
                         && tokio::time::Instant::now() < standby_deadline =>
                 {
                     tokio::time::sleep(Duration::from_millis(20)).await;

@@ -112,7 +112,15 @@ impl Engine {
     /// effort and must not queue behind another operation.
     pub(crate) fn at_once(&self) -> Engine {
         let mut e = self.clone();
-        e.store = e.store.with_lock_wait(Duration::ZERO);
+        e.store = e.store.at_once();
+        e
+    }
+
+    /// The same engine with VM locks waited for up to `wait`: for background work (a pool's
+    /// refill) that should wait for the user's operations rather than give up.
+    pub(crate) fn patient(&self, wait: Duration) -> Engine {
+        let mut e = self.clone();
+        e.store = e.store.with_lock_wait(wait);
         e
     }
 

@@ -38,6 +38,9 @@ impl Vm {
                 snapshot: new.to_string(),
             });
         }
+        // Its pool's standbys hold the snapshot under its old name: they go with the pool
+        // (first: a rename cut short leaves no pool naming a snapshot that is gone).
+        self.drop_pools(std::slice::from_ref(old)).await;
         let from = store.memory_files(self.name(), old);
         let to = store.memory_files(self.name(), new);
         // Every memory file the old name has moves — also one the manifest no longer names
@@ -88,8 +91,6 @@ impl Vm {
             store.write_record(&record).await?;
         }
         store.remove_manifest(self.name(), old).await?;
-        // Its pool's standbys hold the snapshot under its old name: they go with the pool.
-        self.drop_pools(std::slice::from_ref(old)).await;
         for (old_path, _) in &links {
             let p = old_path.clone();
             store::blocking(move || store::remove_durably(&p)).await?;

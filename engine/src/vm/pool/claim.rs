@@ -80,65 +80,99 @@ pub(in crate::vm) struct Taken {
 /// its monitor socket and log, an embedder's notes about the QEMU) moves to the clone's.
 const STAYS: [&str; 5] = ["vm.json", "journal.json", "lock", "snapshots", "memory"];
 
-/// Why a standby cannot be claimed (after the checks that need no QEMU, and QEMU's).
+/// Why a standby cannot be claimed.
+#[derive(Debug)]
+pub(super) enum Unfit {
+    /// A claim marked it so before.
+    Marked(String),
+    /// It can never be used: made from something else, its QEMU gone or not its own, in a
+    /// run state a fresh standby is never in.
+    Never(String),
+    /// Its QEMU did not answer in time (a loaded host, another client on its monitor): maybe
+    /// later.
+    NotNow(String),
+}
+
+impl Unfit {
+    pub(super) fn why(&self) -> &str {
+        match self {
+            Unfit::Marked(w) | Unfit::Never(w) | Unfit::NotNow(w) => w,
+        }
+    }
+}
+
+/// The run states a fresh standby of `manifest` is in: `prelaunch` for a disk-only snapshot
+/// (started with `-S`, never loaded); `paused` after loading a running guest's memory; a
+/// paused or suspended guest's snapshot comes back as it was.
+pub(super) fn fresh_states(manifest: &Manifest) -> &'static [&'static str] {
+    match (&manifest.snapshot.memory, manifest.snapshot.was_running) {
+        (None, _) => &["prelaunch"],
+        (Some(_), true) => &["paused"],
+        (Some(_), false) => &["paused", "prelaunch", "suspended"],
+    }
+}
+
+/// Whether standby `sb` (its `record` read under its lock) can be claimed for `snap` of
+/// `source`, made from `now` (the fingerprint of what is there now, and the run states a fresh
+/// standby is in; `None`: the snapshot is gone).
 pub(super) async fn usable(
     sb: &Vm,
     record: &VmRecord,
     source: &VmName,
     snap: &SnapshotName,
-    now: Option<(&Fingerprint, bool)>,
-) -> std::result::Result<(), String> {
+    now: Option<(&Fingerprint, &[&str])>,
+) -> std::result::Result<(), Unfit> {
+    let never = |w: String| Err(Unfit::Never(w));
     let Some(of) = &record.standby else {
-        return Err("it is no standby".into());
+        return never("it is no standby".into());
     };
     if let Some(why) = &of.unusable {
-        return Err(why.clone());
+        return Err(Unfit::Marked(why.clone()));
     }
     if of.vm != source.as_str() || of.snapshot != snap.as_str() {
-        return Err(format!("it is a standby of {} {}", of.vm, of.snapshot));
+        return never(format!("it is a standby of {} {}", of.vm, of.snapshot));
     }
-    let disk_only = now.is_some_and(|(_, d)| d);
-    match now.map(|(f, _)| f) {
-        None => return Err(format!("snapshot {snap} of {source} is gone")),
-        Some(f) if f.snapshot_taken_at != of.fingerprint.snapshot_taken_at => {
-            return Err(format!("snapshot {snap} was deleted and taken again since"))
-        }
-        Some(f) if f.command != of.fingerprint.command => {
-            return Err(format!("{source}'s command line has changed since"))
-        }
-        Some(f) if f.qemu != of.fingerprint.qemu => {
-            return Err("the QEMU binary has been replaced since".into())
-        }
-        Some(_) => {}
+    let Some((f, fresh)) = now else {
+        return never(format!("snapshot {snap} of {source} is gone"));
+    };
+    if f.snapshot_taken_at != of.fingerprint.snapshot_taken_at {
+        return never(format!("snapshot {snap} was deleted and taken again since"));
+    }
+    if f.command != of.fingerprint.command {
+        return never(format!("{source}'s command line has changed since"));
+    }
+    if f.qemu != of.fingerprint.qemu {
+        return never("the QEMU binary has been replaced since".into());
     }
     // The very process its record names (pid and start time), serving its monitor.
     let Some(pid) = record.pid else {
-        return Err("no QEMU is recorded for it".into());
+        return never("no QEMU is recorded for it".into());
     };
-    if !crate::proc::is_recorded_qemu(pid, record.pid_start).await || record.pid_start.is_none() {
-        return Err("its QEMU is gone".into());
+    if record.pid_start.is_none() || !crate::proc::is_recorded_qemu(pid, record.pid_start).await {
+        return never("its QEMU is gone".into());
     }
     let qmp = sb
         .connect_quick(record)
         .await
-        .map_err(|e| format!("its QEMU does not answer ({e})"))?;
+        .map_err(|e| Unfit::NotNow(format!("its QEMU does not answer ({e})")))?;
     if qmp.peer_pid() != Some(pid) {
-        return Err("its monitor is served by another process than its QEMU".into());
+        return never("its monitor is served by another process than its QEMU".into());
     }
     let st = tokio::time::timeout(LOOK, qmp.execute(types::query_status {}))
         .await
-        .map_err(|_| "its QEMU does not say its run state in time".to_owned())?
-        .map_err(|e| format!("its QEMU does not say its run state ({e})"))?;
+        .map_err(|_| Unfit::NotNow("its QEMU does not say its run state in time".into()))?
+        .map_err(|e| Unfit::NotNow(format!("its QEMU does not say its run state ({e})")))?;
     let runstate = serde_json::to_value(st.status)
         .ok()
         .and_then(|v| v.as_str().map(str::to_owned))
         .unwrap_or_default();
-    // Paused after its load (a memory snapshot), or never started (a disk-only one): anything
-    // else (running, still loading, shut down, a disk-only standby paused after it ran) is not
-    // what a clone may be handed.
-    let ready = if disk_only { "prelaunch" } else { "paused" };
-    if st.running || runstate != ready {
-        return Err(format!("its QEMU is {runstate}, not {ready} and ready"));
+    // Anything else (running, still loading, shut down, a disk-only standby paused after it
+    // ran) is not what a clone may be handed.
+    if st.running || !fresh.contains(&runstate.as_str()) {
+        return never(format!(
+            "its QEMU is {runstate}, not {} as a fresh standby is",
+            fresh.join(" or ")
+        ));
     }
     Ok(())
 }
@@ -165,7 +199,7 @@ impl Vm {
             ))));
         }
         let now = fingerprint(w.source, w.manifest).await?;
-        let disk_only = w.manifest.snapshot.memory.is_none();
+        let fresh = fresh_states(w.manifest);
         let mut unusable = Vec::new();
         for sb in self.standbys(w.snap).await? {
             // At once: a standby another clone is claiming is that clone's.
@@ -176,15 +210,18 @@ impl Vm {
                 continue;
             };
             let record = op.record.clone();
-            let looked =
-                match usable(&vm, &record, self.name(), w.snap, Some((&now, disk_only))).await {
-                    Ok(()) => same_paths(store, &record, new, w.argv),
-                    Err(why) => Err(why),
-                };
-            if let Err(why) = looked {
-                // Marked, so that no clone looks at it again and the next refill discards it.
-                vm.mark_unusable(record, &why).await;
-                unusable.push(format!("{sb}: {why}"));
+            let looked = match usable(&vm, &record, self.name(), w.snap, Some((&now, fresh))).await
+            {
+                Ok(()) => same_paths(store, &record, new, w.argv).map_err(Unfit::Never),
+                Err(unfit) => Err(unfit),
+            };
+            if let Err(unfit) = looked {
+                // Marked when it can never be used, so that no clone looks at it again and the
+                // next refill discards it.
+                if let Unfit::Never(why) = &unfit {
+                    vm.mark_unusable(record, why).await;
+                }
+                unusable.push(format!("{sb}: {}", unfit.why()));
                 continue;
             }
             let taken = vm.become_clone(record, new, w, self.name()).await?;
@@ -492,18 +529,21 @@ pub(in crate::vm) async fn settle_claims_of(
         if c.new != new.as_str() {
             continue;
         }
-        let busy = || Error::Busy {
-            what: format!("standby {name} is being claimed as {new} by another qsnap"),
-        };
+        // Briefly: another qsnap may be settling it too (it takes `new`'s lock at once, and
+        // gives up while this clone holds it).
         let _lock = engine
-            .at_once()
+            .patient(std::time::Duration::from_secs(5))
             .store()
             .lock(&name, "settle a claim")
-            .await
-            .map_err(|_| busy())?;
-        let Ok(record) = store.record(&name).await else {
-            store.clear_journal(&name).await?;
-            continue;
+            .await?;
+        let record = match store.record(&name).await {
+            Ok(r) => r,
+            // Released already (a journal left by a cut-short release): the claim finished.
+            Err(Error::UnknownVm { .. }) => {
+                store.clear_journal(&name).await?;
+                continue;
+            }
+            Err(e) => return Err(e),
         };
         let sb = engine.vm_from(name.clone(), record);
         let outcome = finish_or_undo(&sb, new, &c.moved).await?;

@@ -191,11 +191,8 @@ impl Vm {
     /// `forget`). Fails if one cannot be discarded (another qsnap holds it): nothing of the VM
     /// may go while a standby still stands on its snapshots.
     pub(super) async fn drop_all_pools(&self) -> Result<()> {
-        for p in self.store().pools(self.name()).await? {
-            if let Some(snap) = SnapshotName::parse(&p.snapshot) {
-                self.store().remove_pool(self.name(), &snap).await?;
-            }
-        }
+        // The standbys first (a refill cannot make more meanwhile: it needs this VM's lock
+        // shared, and the caller holds it), the pools' records once all are gone.
         for name in self.store().vms().await? {
             if !name.as_str().starts_with("sb-") || !self.is_my_standby(name.as_str()).await {
                 continue;
@@ -203,8 +200,17 @@ impl Vm {
             let why = format!("{} is going", self.name());
             if !discard_named(self, &name, &why).await? && self.is_my_standby(name.as_str()).await {
                 return Err(Error::Busy {
-                    what: format!("standby {name} of {} is held by another qsnap", self.name()),
+                    what: format!(
+                        "standby {name} of {} could not be discarded (another qsnap holds it, or a VM stands on it); try again, or `qsnap check {} --repair`",
+                        self.name(),
+                        self.name()
+                    ),
                 });
+            }
+        }
+        for p in self.store().pools(self.name()).await? {
+            if let Some(snap) = SnapshotName::parse(&p.snapshot) {
+                self.store().remove_pool(self.name(), &snap).await?;
             }
         }
         Ok(())
@@ -234,7 +240,12 @@ impl Vm {
                     Some(lock) => lock,
                     None => {
                         store.pool_again(self.name(), snap, true).await?;
-                        break;
+                        // The holder may have let go before the word was left, and looked for
+                        // it already: then this refill is the one to go round.
+                        match store.try_lock_pool(self.name(), snap).await? {
+                            Some(lock) => lock,
+                            None => break,
+                        }
                     }
                 },
             };
@@ -364,6 +375,12 @@ impl Vm {
                 paused: true,
                 ..CloneOptions::default()
             };
+            // Waiting for the user's operations on the source rather than giving up: a refill
+            // runs in the background, and a pool left short helps no one.
+            let patient = self
+                .engine()
+                .patient(std::time::Duration::from_secs(600))
+                .vm_from(self.name().clone(), self.record().clone());
             while ready.len() < size {
                 // Never a name whose overlay directory a claimed clone still uses.
                 let name = loop {
@@ -373,7 +390,13 @@ impl Vm {
                         break n;
                     }
                 };
-                self.make_clone(snap, &name, &opts, launcher, Making::Standby(of.clone()))
+                if !made.is_empty() {
+                    // A moment with the source's lock free between standbys: an operation
+                    // waiting for it goes first (the next make waits for it in turn).
+                    tokio::time::sleep(std::time::Duration::from_millis(60)).await;
+                }
+                patient
+                    .make_clone(snap, &name, &opts, launcher, Making::Standby(of.clone()))
                     .await?;
                 info!(standby = %name, vm = %self.name(), %snap, "standby ready");
                 made.push(name.to_string());
@@ -450,7 +473,7 @@ impl Vm {
                 Some(format!("its pool ({snap}) is gone"))
             } else {
                 let now = match store.manifest(self.name(), &snap).await {
-                    Ok(m) => Some((fingerprint(&me, &m).await?, m.snapshot.memory.is_none())),
+                    Ok(m) => Some((fingerprint(&me, &m).await?, claim::fresh_states(&m))),
                     Err(Error::UnknownSnapshot { .. }) => None,
                     Err(e) => return Err(e),
                 };
@@ -500,7 +523,7 @@ async fn judge(
     source: &Vm,
     sb: &VmName,
     snap: &SnapshotName,
-    now: Option<(&Fingerprint, bool)>,
+    now: Option<(&Fingerprint, &[&str])>,
 ) -> Judged {
     let vm = match source.engine().at_once().vm(sb).await {
         Ok(vm) => vm,
@@ -512,7 +535,9 @@ async fn judge(
     };
     match claim::usable(&vm, &op.record, source.name(), snap, now).await {
         Ok(()) => Judged::Ready,
-        Err(why) => Judged::Unusable(why),
+        // Not answering in time is not reason enough to discard it.
+        Err(claim::Unfit::NotNow(_)) => Judged::Busy,
+        Err(unfit) => Judged::Unusable(unfit.why().to_owned()),
     }
 }
 
@@ -596,9 +621,22 @@ impl Vm {
             return Ok(false);
         }
         // By its recorded pid and start time, never through its monitor socket: a claim cut
-        // short may have left that path leading to another QEMU.
-        if let Some(pid) = record.pid {
-            kill_recorded(pid, record.pid_start).await?;
+        // short may have left that path leading to another QEMU (settled by `begin` above,
+        // all the same). A standby whose pid was never recorded (qsnap died while its QEMU
+        // started) was never claimed: the process serving its socket is its own.
+        match record.pid {
+            Some(pid) => kill_recorded(pid, record.pid_start).await?,
+            None => {
+                if let Ok(qmp) = self.connect_quick(&record).await {
+                    if let Some(pid) = qmp.peer_pid() {
+                        drop(qmp);
+                        if crate::proc::is_qemu(pid).await {
+                            let start = crate::proc::start_time(pid).await;
+                            kill_recorded(pid, start).await?;
+                        }
+                    }
+                }
+            }
         }
         self.discard_clone(&record, super::clone::Discard::Remove)
             .await?;
