@@ -1191,7 +1191,8 @@ async fn a_claim_of_a_standby_survives_qsnap_dying_at_every_step() {
         let out = rig.qsnap(&["pool", "g", "s1", "--size", "1", "--json"]);
         assert!(out.status.success(), "{what}: pool: {}", show(&out));
         let sb = json(&out)["ready"][0].as_str().unwrap().to_owned();
-        let _standby = KillRecordedQemu::new(&rig.store(), &sb);
+        // Every standby's QEMU (refills make more) dies with a failing test.
+        let _standbys = KillStandbys(rig.store());
         let out = rig.qsnap_failing(point, action, &["clone", "g", "s1", "c", "--json"]);
         faulted(&out, action, &what);
         // Either one standby or one clone, never both or neither.
@@ -1272,6 +1273,24 @@ async fn a_claim_of_a_standby_survives_qsnap_dying_at_every_step() {
             .await
             .unwrap_or_else(|e| panic!("{what}: the source's disk lost data: {e}"));
         rig.stop();
+    }
+}
+
+/// Kills, when dropped, the QEMU of every standby (`sb-*`) the store records.
+struct KillStandbys(PathBuf);
+
+impl Drop for KillStandbys {
+    fn drop(&mut self) {
+        for e in std::fs::read_dir(self.0.join("vms"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with("sb-") {
+                drop(KillRecordedQemu::new(&self.0, &name));
+            }
+        }
     }
 }
 

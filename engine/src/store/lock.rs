@@ -130,43 +130,45 @@ impl VmLock {
             .mode(0o600)
             .open(path)
             .map_err(io("opening the VM lock", path))?;
-        match Flock::lock(file, how) {
-            Ok(mut locked) => {
-                // Say who we are, for the message a refused operation prints.
-                let note = format!("{} {operation}\n", std::process::id());
-                let _ = locked
-                    .set_len(0)
-                    .and_then(|()| locked.rewind())
-                    .and_then(|()| locked.write_all(note.as_bytes()));
-                Ok(VmLock {
-                    file: locked,
-                    exclusive: matches!(how, FlockArg::LockExclusiveNonblock),
-                })
-            }
-            Err((mut file, errno)) if errno == nix::errno::Errno::EWOULDBLOCK => {
-                // The holder writes its note just after locking: give it a moment (a busy
-                // host may delay it by more than a scheduler tick).
-                let mut holder = String::new();
-                for _ in 0..50 {
+        // Refused, the holder's note says who holds it. The holder writes it just after
+        // locking, and the last holder erases it just before letting go (`Drop`): while no
+        // live note is there, the lock is tried again (a busy host may delay either by more
+        // than a scheduler tick), so that a lock let go meanwhile is taken, not refused.
+        let mut file = file;
+        let mut holder = String::new();
+        for _ in 0..50 {
+            match Flock::lock(file, how) {
+                Ok(mut locked) => {
+                    // Say who we are, for the message a refused operation prints.
+                    let note = format!("{} {operation}\n", std::process::id());
+                    let _ = locked
+                        .set_len(0)
+                        .and_then(|()| locked.rewind())
+                        .and_then(|()| locked.write_all(note.as_bytes()));
+                    return Ok(VmLock {
+                        file: locked,
+                        exclusive: matches!(how, FlockArg::LockExclusiveNonblock),
+                    });
+                }
+                Err((mut f, errno)) if errno == nix::errno::Errno::EWOULDBLOCK => {
                     holder.clear();
-                    let _ = file
-                        .rewind()
-                        .and_then(|()| file.read_to_string(&mut holder));
+                    let _ = f.rewind().and_then(|()| f.read_to_string(&mut holder));
                     if note_is_live(&holder) {
-                        break;
+                        return Err(Error::Locked {
+                            vm: vm.to_owned(),
+                            holder: holder.trim().to_owned(),
+                        });
                     }
                     std::thread::sleep(std::time::Duration::from_millis(20));
+                    file = f;
                 }
-                if !note_is_live(&holder) {
-                    holder = "another qsnap process".into();
-                }
-                Err(Error::Locked {
-                    vm: vm.to_owned(),
-                    holder: holder.trim().to_owned(),
-                })
+                Err((_, errno)) => return Err(io("locking the VM", path)(errno.into())),
             }
-            Err((_, errno)) => Err(io("locking the VM", path)(errno.into())),
         }
+        Err(Error::Locked {
+            vm: vm.to_owned(),
+            holder: "another qsnap process".into(),
+        })
     }
 }
 

@@ -86,7 +86,7 @@ impl Store {
     }
 
     /// Retries `take` while the lock is held by another operation, up to the lock wait.
-    async fn waiting<F, Fut>(&self, mut take: F) -> Result<VmLock>
+    async fn waiting<F, Fut>(&self, vm: &VmName, mut take: F) -> Result<VmLock>
     where
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Result<VmLock>>,
@@ -108,8 +108,9 @@ impl Store {
                 }
                 Err(Error::Locked { holder, .. })
                     if self.wait_for_standbys
-                        && holder.contains(MAKING_STANDBY)
-                        && tokio::time::Instant::now() < standby_deadline =>
+                        && tokio::time::Instant::now() < standby_deadline
+                        && (holder.contains(MAKING_STANDBY)
+                            || self.standby_being_made(vm).await) =>
                 {
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
@@ -199,7 +200,7 @@ impl Store {
     /// Takes the VM's lock for `operation` (e.g. `create s1`), refusing if another operation
     /// holds it — after the store's lock wait, if it has one ([`Store::with_lock_wait`]).
     pub async fn lock(&self, vm: &VmName, operation: &str) -> Result<VmLock> {
-        self.waiting(|| self.lock_now(vm, operation)).await
+        self.waiting(vm, || self.lock_now(vm, operation)).await
     }
 
     async fn lock_now(&self, vm: &VmName, operation: &str) -> Result<VmLock> {
@@ -224,7 +225,8 @@ impl Store {
     /// Takes a VM's lock shared (for operations that only read its snapshots: clones);
     /// refused while an exclusive holder runs, and keeps exclusive ones out meanwhile.
     pub async fn lock_shared(&self, vm: &VmName, operation: &str) -> Result<VmLock> {
-        self.waiting(|| self.lock_shared_now(vm, operation)).await
+        self.waiting(vm, || self.lock_shared_now(vm, operation))
+            .await
     }
 
     async fn lock_shared_now(&self, vm: &VmName, operation: &str) -> Result<VmLock> {

@@ -8,6 +8,19 @@
 
 use super::*;
 
+/// The name prefix of the file a fill keeps in the source's directory while it makes
+/// standbys (its pid in it): the lock's note may name another sharer, or one gone.
+const MAKING: &str = ".making-standby.";
+
+/// Notes, for as long as it lives, that this process makes standbys of `vm`'s snapshot `snap`.
+pub(crate) struct MakingStandbys(PathBuf);
+
+impl Drop for MakingStandbys {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
 /// How long a pool's fill waits for the one before it.
 const POOL_LOCK_WAIT: Duration = Duration::from_secs(600);
 
@@ -193,5 +206,54 @@ impl Store {
         })
         .await?;
         self.remove_vm_dir(sb, false).await.map(drop)
+    }
+}
+
+impl Store {
+    /// Notes that this process makes standbys of `snap` of `vm` until the guard drops: a
+    /// lock the refill holds is waited for ([`Store::standby_being_made`]).
+    pub(crate) async fn making_standbys(
+        &self,
+        vm: &VmName,
+        snap: &SnapshotName,
+    ) -> Result<MakingStandbys> {
+        let path = self.vm_dir(vm).join(format!("{MAKING}{snap}"));
+        let p = path.clone();
+        blocking(move || {
+            std::fs::write(&p, std::process::id().to_string())
+                .map_err(io("noting a standby being made", &p))
+        })
+        .await?;
+        Ok(MakingStandbys(path))
+    }
+
+    /// Whether a live process notes that it makes standbys of one of `vm`'s snapshots.
+    pub(crate) async fn standby_being_made(&self, vm: &VmName) -> bool {
+        let dir = self.vm_dir(vm);
+        blocking(move || {
+            let Ok(rd) = std::fs::read_dir(&dir) else {
+                return Ok(false);
+            };
+            for e in rd.flatten() {
+                if !e.file_name().to_string_lossy().starts_with(MAKING) {
+                    continue;
+                }
+                let pid = std::fs::read_to_string(e.path())
+                    .ok()
+                    .and_then(|t| t.trim().parse::<i32>().ok());
+                if let Some(pid) = pid.filter(|p| *p > 0) {
+                    let gone = matches!(
+                        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None),
+                        Err(nix::errno::Errno::ESRCH)
+                    );
+                    if !gone {
+                        return Ok(true);
+                    }
+                }
+            }
+            Ok(false)
+        })
+        .await
+        .unwrap_or(false)
     }
 }

@@ -381,6 +381,7 @@ impl Vm {
                 .engine()
                 .patient(std::time::Duration::from_secs(600))
                 .vm_from(self.name().clone(), self.record().clone());
+            let _making = store.making_standbys(self.name(), snap).await?;
             while ready.len() < size {
                 // Never a name whose overlay directory a claimed clone still uses.
                 let name = loop {
