@@ -58,6 +58,17 @@ pub struct PoolReport {
     pub total_ms: f64,
 }
 
+impl PoolReport {
+    /// This report followed by `later`'s round: what both made and discarded, what is ready
+    /// after it.
+    fn then(&mut self, later: PoolReport) {
+        self.made.extend(later.made);
+        self.discarded.extend(later.discarded);
+        self.ready = later.ready;
+        self.size = later.size;
+    }
+}
+
 /// A standby that was discarded.
 #[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "kebab-case")]
@@ -251,21 +262,16 @@ impl Vm {
             };
             let mut round = self.fill_locked(snap, size, launcher).await?;
             while store.pool_again(self.name(), snap, false).await? {
-                let again = self.fill_locked(snap, None, launcher).await?;
-                round.made.extend(again.made);
-                round.discarded.extend(again.discarded);
-                round.ready = again.ready;
-                round.size = again.size;
+                round.then(self.fill_locked(snap, None, launcher).await?);
             }
             drop(lock);
-            if let Some(mut r) = report.take() {
-                r.made.extend(round.made);
-                r.discarded.extend(round.discarded);
-                r.ready = round.ready;
-                r.size = round.size;
-                round = r;
-            }
-            report = Some(round);
+            report = Some(match report.take() {
+                Some(mut earlier) => {
+                    earlier.then(round);
+                    earlier
+                }
+                None => round,
+            });
             if !store.pool_again(self.name(), snap, false).await? {
                 break;
             }
