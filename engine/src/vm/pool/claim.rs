@@ -517,7 +517,7 @@ pub(in crate::vm) async fn settle_claims_of(
 ) -> Result<()> {
     let store = engine.store();
     for name in store.vms().await? {
-        if !name.as_str().starts_with("sb-") {
+        if !name.as_str().starts_with(super::names::STANDBY_PREFIX) {
             continue;
         }
         let Ok(Some(j)) = store.journal(&name).await else {

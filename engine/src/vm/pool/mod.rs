@@ -204,10 +204,7 @@ impl Vm {
     pub(super) async fn drop_all_pools(&self) -> Result<()> {
         // The standbys first (a refill cannot make more meanwhile: it needs this VM's lock
         // shared, and the caller holds it), the pools' records once all are gone.
-        for name in self.store().vms().await? {
-            if !name.as_str().starts_with("sb-") || !self.is_my_standby(name.as_str()).await {
-                continue;
-            }
+        for (name, _) in self.my_standbys().await? {
             let why = format!("{} is going", self.name());
             if !discard_named(self, &name, &why).await? && self.is_my_standby(name.as_str()).await {
                 return Err(Error::Busy {
@@ -433,19 +430,7 @@ impl Vm {
     ) -> Result<()> {
         let store = self.store();
         let me = store.record(self.name()).await?;
-        for name in store.vms().await? {
-            if !name.as_str().starts_with("sb-") {
-                continue;
-            }
-            let Ok(rec) = store.record(&name).await else {
-                continue;
-            };
-            let Some(of) = rec.standby.clone() else {
-                continue;
-            };
-            if of.vm != self.name().as_str() {
-                continue;
-            }
+        for (name, of) in self.my_standbys().await? {
             let dir = store.vm_dir(&name);
             if let Ok(Some(j)) = store.journal(&name).await {
                 let what = format!("standby {name}: an interrupted {}", j.intent.describe());

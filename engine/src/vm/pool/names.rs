@@ -7,11 +7,14 @@ use crate::error::Result;
 use crate::name::{SnapshotName, VmName};
 use crate::store::{self, Fingerprint, Manifest, VmRecord};
 
+/// How every standby's name starts.
+pub(super) const STANDBY_PREFIX: &str = "sb-";
+
 /// The name prefix of the standbys of `snap` of `vm`: `sb-` and a hash of both, so that a
 /// pool finds its standbys with one directory listing.
 pub(super) fn prefix(vm: &VmName, snap: &SnapshotName) -> String {
     format!(
-        "sb-{}-",
+        "{STANDBY_PREFIX}{}-",
         crate::snapshot::disks::short_hash(&format!("{vm}/{snap}"))
     )
 }
@@ -86,6 +89,23 @@ fn identity(path: &std::path::Path) -> Option<String> {
 }
 
 impl Vm {
+    /// Every standby of this VM, of any snapshot (by its record), with what it is for.
+    pub(super) async fn my_standbys(&self) -> Result<Vec<(VmName, store::StandbyOf)>> {
+        let mut out = Vec::new();
+        for name in self.store().vms().await? {
+            if !name.as_str().starts_with(STANDBY_PREFIX) {
+                continue;
+            }
+            let Ok(rec) = self.store().record(&name).await else {
+                continue;
+            };
+            if let Some(of) = rec.standby.filter(|s| s.vm == self.name().as_str()) {
+                out.push((name, of));
+            }
+        }
+        Ok(out)
+    }
+
     /// The standbys of the pool of `snap` in the store (by name; their records say whether
     /// each still is one), sorted.
     pub(super) async fn standbys(&self, snap: &SnapshotName) -> Result<Vec<VmName>> {
