@@ -623,8 +623,9 @@ impl PowerCutFs {
         callers
     }
 
-    /// SIGKILLs every caller still running and every other process with a file, mapping or
-    /// working directory in the mount (never the test process or its ancestors), and waits up
+    /// SIGKILLs every caller still running, every other process with a file, mapping or
+    /// working directory in the mount, and every process descended from one of them (never
+    /// the test process or its ancestors), all stopped first as one tree, and waits up
     /// to `timeout` for them to end (zombies count as ended: their files are closed). Returns
     /// the processes killed; an error names those that outlived the deadline.
     pub fn kill_callers(&self, timeout: Duration) -> io::Result<Vec<Caller>> {
@@ -645,6 +646,18 @@ impl PowerCutFs {
             }
         }
         let pairs: Vec<(u32, u64)> = targets.iter().map(|c| (c.pid, c.starttime)).collect();
+        // Stopped as one tree first: what they forked in the meantime dies with them.
+        let pairs = procs::freeze_tree(&pairs);
+        for &(pid, starttime) in &pairs {
+            if !targets.iter().any(|c| c.pid == pid) {
+                targets.push(Caller {
+                    pid,
+                    comm: procs::stat(pid).map(|s| s.comm).unwrap_or_default(),
+                    cmdline: String::new(),
+                    starttime,
+                });
+            }
+        }
         let left = procs::kill_and_wait(&pairs, timeout);
         if !left.is_empty() {
             return Err(io::Error::new(

@@ -135,6 +135,61 @@ pub(crate) fn ended(pid: u32, starttime: u64) -> bool {
     }
 }
 
+/// SIGSTOPs every `(pid, starttime)` that still names the same running process, then every
+/// process descended from one of them, until a scan of `/proc` finds no new descendant.
+/// Returns all of them (the ones given first). A power loss takes a process tree at one
+/// instant; killing it process by process would let a child forked in between (a QEMU still
+/// loading its libraries, with no file in the mount yet) outlive its parent and run on after
+/// the "power cut". Stopped first, a parent forks no more and its children keep it as their
+/// parent, so the scan finds them all. Never stops the test process, its ancestors, init or
+/// a kernel thread.
+pub(crate) fn freeze_tree(targets: &[(u32, u64)]) -> Vec<(u32, u64)> {
+    let me = std::process::id();
+    let protected: Vec<u32> = ancestors(me);
+    let mut frozen: Vec<(u32, u64)> = Vec::new();
+    let mut stop = |pid: u32, start: u64, frozen: &mut Vec<(u32, u64)>| {
+        if pid == me || protected.contains(&pid) || frozen.iter().any(|&(p, _)| p == pid) {
+            return;
+        }
+        let Some(st) = stat(pid) else { return };
+        if st.starttime != start || is_kernel_thread(pid, &st) {
+            return;
+        }
+        let Ok(raw) = i32::try_from(pid) else { return };
+        if kill(Pid::from_raw(raw), Signal::SIGSTOP).is_ok() {
+            frozen.push((pid, start));
+        }
+    };
+    for &(pid, start) in targets {
+        stop(pid, start, &mut frozen);
+    }
+    // A fork in flight when its parent stopped finishes; its child then shows up here (and
+    // is stopped in turn). Bounded: a tree cannot grow once every member is stopped.
+    for _ in 0..64 {
+        let before = frozen.len();
+        for (pid, st) in all_processes() {
+            if frozen.iter().any(|&(p, _)| p == st.ppid) {
+                stop(pid, st.starttime, &mut frozen);
+            }
+        }
+        if frozen.len() == before {
+            break;
+        }
+    }
+    frozen
+}
+
+/// Every process `/proc` lists, with its stat (those that vanish while read are skipped).
+fn all_processes() -> Vec<(u32, Stat)> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(|pid| Some((pid, stat(pid)?)))
+        .collect()
+}
+
 /// SIGKILLs every `(pid, starttime)` that still names the same running process, then waits
 /// up to `timeout` for all of them to end. Returns the ones still running at the deadline.
 pub(crate) fn kill_and_wait(targets: &[(u32, u64)], timeout: Duration) -> Vec<u32> {
@@ -178,6 +233,36 @@ mod tests {
         assert_eq!(tgid(me), Some(me));
         assert!(!ancestors(me).is_empty());
         assert!(!is_kernel_thread(me, &st));
+    }
+
+    #[test]
+    fn freezes_a_tree_with_its_grandchild_then_kills_it_all() {
+        // sh forks sleep; the tree is frozen from sh alone and must include the sleep.
+        let mut child = std::process::Command::new("sh")
+            .args(["-c", "sleep 30 & wait"])
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        let start = stat(pid).unwrap().starttime;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let grandchild = loop {
+            let kids: Vec<u32> = all_processes()
+                .into_iter()
+                .filter(|(_, st)| st.ppid == pid)
+                .map(|(p, _)| p)
+                .collect();
+            if let Some(&k) = kids.first() {
+                break k;
+            }
+            assert!(Instant::now() < deadline, "sh never forked");
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let frozen = freeze_tree(&[(pid, start)]);
+        assert!(frozen.iter().any(|&(p, _)| p == pid), "{frozen:?}");
+        assert!(frozen.iter().any(|&(p, _)| p == grandchild), "{frozen:?}");
+        let left = kill_and_wait(&frozen, Duration::from_secs(10));
+        assert!(left.is_empty(), "still running: {left:?}");
+        child.wait().unwrap();
     }
 
     #[test]
