@@ -147,7 +147,7 @@ pub(crate) fn freeze_tree(targets: &[(u32, u64)]) -> Vec<(u32, u64)> {
     let me = std::process::id();
     let protected: Vec<u32> = ancestors(me);
     let mut frozen: Vec<(u32, u64)> = Vec::new();
-    let mut stop = |pid: u32, start: u64, frozen: &mut Vec<(u32, u64)>| {
+    let stop = |pid: u32, start: u64, frozen: &mut Vec<(u32, u64)>| {
         if pid == me || protected.contains(&pid) || frozen.iter().any(|&(p, _)| p == pid) {
             return;
         }
