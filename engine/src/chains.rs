@@ -1,13 +1,15 @@
-//! Backing chains read once: what `qemu-img info` said about each image's header, remembered
-//! under the image's identity (path, device, inode, size, mtime, ctime), so that a store of a
-//! hundred snapshots is not read a hundred times per command.
+//! Backing chains read once: what each image's header says, remembered under the image's
+//! identity (path, device, inode, size, mtime, ctime), so that a store of a hundred snapshots
+//! is not read a hundred times per command.
 //!
 //! [`Reader::chain`] gives exactly what [`image::chain`] would: it walks the chain from the
 //! top, taking each image from what this reader read already or from the cache while that very
-//! version of the file was read before, and asks `qemu-img` for the rest as soon as one is not
-//! known — the image alone when only it changed (a running VM's top), or everything below it
-//! in one go. An answer is served only for the format the image is to be read as: the one the
-//! header above names, or probed (the top, or a header that names none). An image read as
+//! version of the file was read before, reads a plain qcow2 header itself ([`crate::qcow2`]: a
+//! `pread`, where `qemu-img` costs a process, ≈ 17 ms, at each look at a running VM's top), and
+//! asks `qemu-img` for the rest as soon as one is neither — the image alone, or everything
+//! below it in one go (answers leave `format_specific` out, whoever read them). An answer is
+//! served only for the format the image is to be read as: the one the header above names, or
+//! probed (the top, or a header that names none). An image read as
 //! qcow2 is what a probe finds too (its magic decides; no other format claims it), but an image
 //! read as raw is never served to a probe: a guest may have written a qcow2 header into its
 //! raw disk.
@@ -34,13 +36,95 @@ use tokio_util::sync::CancellationToken;
 pub(crate) const SETTLED: Duration = Duration::from_secs(2);
 
 thread_local! {
-    /// How many times this thread asked `qemu-img` (for tests: a cached chain asks nothing;
-    /// per thread, so that other tests' reads do not count).
+    /// How many times this thread read an image's header, itself or through `qemu-img` (for
+    /// tests: a cached chain reads nothing; per thread, so that other tests' reads do not
+    /// count).
     static READS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    /// How many of those asked `qemu-img` (for tests: a chain of plain qcow2 images asks
+    /// nothing).
+    static ASKS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
 }
 
 fn counted() {
     READS.with(|r| r.set(r.get() + 1));
+}
+
+fn asked() {
+    counted();
+    ASKS.with(|r| r.set(r.get() + 1));
+}
+
+/// What chains answer with: `format_specific` left out, whoever read the header. Nothing that
+/// reads chains uses it, and [`native`] does not produce it: leaving it out everywhere keeps
+/// answers alike, cached or not.
+fn plain(mut e: ChainImage) -> ChainImage {
+    e.format_specific = None;
+    e
+}
+
+/// Whether [`native`] may answer for an image read as `format` (`None`: probed). A qcow2
+/// magic decides a probe, so a probed answer that found qcow2 is what `qemu-img` finds.
+fn native_reads(_image: &Path, format: Option<&str>) -> bool {
+    matches!(format, None | Some("qcow2"))
+}
+
+/// `image`'s header read by qsnap itself ([`crate::qcow2`]), as `qemu-img info` would give it
+/// when read as `format`; `None` for whatever `qemu-img` must answer (another format, a
+/// header out of the plain case, a relative path, a backing name with a protocol prefix).
+/// Remembered like `qemu-img`'s answers when the file is settled.
+async fn native(image: &Path, format: Option<&str>) -> Option<ChainImage> {
+    if !native_reads(image, format) || !image.is_absolute() {
+        return None;
+    }
+    let started = SystemTime::now();
+    let path = image.to_owned();
+    let (header, blocks) = tokio::task::spawn_blocking(move || {
+        let header = crate::qcow2::read(&path)?;
+        // After the header: an allocation the header read did not see is never reported.
+        let md = std::fs::metadata(&path).ok()?;
+        Some((header, md.blocks()))
+    })
+    .await
+    .ok()??;
+    counted();
+    let full = match &header.backing {
+        None => None,
+        Some(b) if has_protocol(b) => return None,
+        Some(b) => Some(resolve(image, b)),
+    };
+    let e = ChainImage {
+        filename: image.to_owned(),
+        format: "qcow2".into(),
+        full_backing_filename: full,
+        backing_filename_format: header.backing_format,
+        virtual_size: header.virtual_size,
+        actual_size: Some(blocks * 512),
+        backing_filename: header.backing,
+        format_specific: None,
+    };
+    learn(&e, format, started).await;
+    Some(e)
+}
+
+/// QEMU's `path_has_protocol`: a `:` before any `/` (`nbd:…`, `json:{…}`).
+fn has_protocol(name: &str) -> bool {
+    name.find([':', '/'])
+        .is_some_and(|i| name.as_bytes()[i] == b':')
+}
+
+/// QEMU's `path_combine` for a backing name in an image at an absolute path: an absolute name
+/// as it is, a relative one appended to the image's directory, character for character (no
+/// `..` folded: QEMU does not fold them either).
+fn resolve(image: &Path, backing: &str) -> PathBuf {
+    use std::os::unix::ffi::OsStrExt;
+    if backing.starts_with('/') {
+        return PathBuf::from(backing);
+    }
+    let bytes = image.as_os_str().as_bytes();
+    let dir = &bytes[..bytes.iter().rposition(|&c| c == b'/').map_or(0, |i| i + 1)];
+    let mut full = dir.to_vec();
+    full.extend_from_slice(backing.as_bytes());
+    PathBuf::from(std::ffi::OsStr::from_bytes(&full))
 }
 
 /// What one read said about one image, and the format it was read as (`None`: probed).
@@ -97,8 +181,12 @@ impl Reader {
         loop {
             if !seen.insert(at.clone()) {
                 // A loop: let qemu-img say what is wrong with it.
-                counted();
-                return image::chain(top, cancel).await;
+                asked();
+                return Ok(image::chain(top, cancel)
+                    .await?
+                    .into_iter()
+                    .map(plain)
+                    .collect());
             }
             if let Some((read_as, rest)) = self.read.get(&at) {
                 if rest
@@ -111,40 +199,47 @@ impl Reader {
             }
             let entry = match remembered(&at, format.as_deref()).await {
                 Some(e) => e,
-                None => {
-                    // Not known: this image alone, and if what it backs onto is not known
-                    // either, everything below it in one read.
-                    let started = SystemTime::now();
-                    counted();
-                    let one = match &format {
-                        Some(f) => image::info_as(&at, f, cancel).await?,
-                        None => image::info(&at, cancel).await?,
-                    };
-                    learn(&one, format.as_deref(), started).await;
-                    let below_known = match &one.full_backing_filename {
-                        None => true,
-                        Some(b) => {
-                            self.read.contains_key(b)
-                                || remembered(b, one.backing_filename_format.as_deref())
-                                    .await
-                                    .is_some()
-                        }
-                    };
-                    if below_known {
-                        one
-                    } else {
+                None => match native(&at, format.as_deref()).await {
+                    Some(e) => e,
+                    None => {
+                        // Not known: this image alone, and if what it backs onto is not known
+                        // either, everything below it in one read.
                         let started = SystemTime::now();
-                        counted();
-                        let rest = match &format {
-                            Some(f) => image::chain_as(&at, f, cancel).await?,
-                            None => image::chain(&at, cancel).await?,
+                        asked();
+                        let one = plain(match &format {
+                            Some(f) => image::info_as(&at, f, cancel).await?,
+                            None => image::info(&at, cancel).await?,
+                        });
+                        learn(&one, format.as_deref(), started).await;
+                        let below_known = match &one.full_backing_filename {
+                            None => true,
+                            Some(b) => {
+                                self.read.contains_key(b)
+                                    || remembered(b, one.backing_filename_format.as_deref())
+                                        .await
+                                        .is_some()
+                                    || native_reads(b, one.backing_filename_format.as_deref())
+                            }
                         };
-                        learn_chain(&rest, format.as_deref(), started).await;
-                        self.keep(&rest, format.as_deref());
-                        out.extend(rest);
-                        return Ok(out);
+                        if below_known {
+                            one
+                        } else {
+                            let started = SystemTime::now();
+                            asked();
+                            let rest: Vec<ChainImage> = match &format {
+                                Some(f) => image::chain_as(&at, f, cancel).await?,
+                                None => image::chain(&at, cancel).await?,
+                            }
+                            .into_iter()
+                            .map(plain)
+                            .collect();
+                            learn_chain(&rest, format.as_deref(), started).await;
+                            self.keep(&rest, format.as_deref());
+                            out.extend(rest);
+                            return Ok(out);
+                        }
                     }
-                }
+                },
             };
             let next = entry.full_backing_filename.clone();
             format = entry.backing_filename_format.clone();
@@ -307,13 +402,23 @@ mod tests {
         let top = overlay(&sub, "top.qcow2", "../mid.qcow2");
         let truth = |p: PathBuf| {
             let cancel = cancel.clone();
-            async move { image::chain(&p, &cancel).await.unwrap() }
+            async move {
+                let c = image::chain(&p, &cancel).await.unwrap();
+                c.into_iter().map(plain).collect::<Vec<_>>()
+            }
         };
 
-        // Fresh files are read every time (their times are too recent to trust).
+        // Fresh files are read every time (their times are too recent to trust), by qsnap
+        // itself: plain qcow2 headers ask qemu-img nothing.
+        let asks = ASKS.with(std::cell::Cell::get);
         assert_eq!(
             chain(&top, &cancel).await.unwrap(),
             truth(top.clone()).await
+        );
+        assert_eq!(
+            ASKS.with(std::cell::Cell::get),
+            asks,
+            "a plain qcow2 chain asked qemu-img"
         );
         let before = READS.with(std::cell::Cell::get);
         assert_eq!(
@@ -408,7 +513,12 @@ mod tests {
             over_raw.to_str().unwrap(),
         ]);
         tokio::time::sleep(SETTLED + Duration::from_millis(300)).await;
+        let asks = ASKS.with(std::cell::Cell::get);
         let via = chain(&over_raw, &cancel).await.unwrap();
+        assert!(
+            ASKS.with(std::cell::Cell::get) > asks,
+            "an image read as raw was not left to qemu-img"
+        );
         assert_eq!(via, truth(over_raw.clone()).await);
         assert_eq!(via[1].format, "raw");
         let probed = chain(&raw, &cancel).await.unwrap();

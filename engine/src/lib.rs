@@ -42,6 +42,7 @@ pub mod inspect;
 pub mod launch;
 mod name;
 mod proc;
+mod qcow2;
 mod qemu;
 pub mod snapshot;
 pub mod store;

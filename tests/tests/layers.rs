@@ -27,7 +27,7 @@ const CRATES: &[(&str, &[&[&str]])] = &[
         "engine",
         &[
             &["error", "qemu", "proc"],
-            &["name", "tool", "failpoint", "guest_agent"],
+            &["name", "tool", "failpoint", "guest_agent", "qcow2"],
             &["store"],
             &["cache", "image", "blocks"],
             &["chains", "features", "unlink"],
