@@ -1203,6 +1203,24 @@ async fn a_claim_of_a_standby_survives_qsnap_dying_at_every_step() {
             "{what}: {}",
             show(&clone)
         );
+        if point == "claim.record-released" {
+            // The standby's record went, its journal stayed: no listing of VMs shows it, but
+            // `check` of the source does, and `--repair` clears it (the clone stays whole).
+            let leftover = rig.store().join("vms").join(&sb);
+            assert!(leftover.join("journal.json").exists(), "{what}");
+            let out = rig.qsnap(&["check", "g", "--json"]);
+            let found = json(&out)["findings"].to_string();
+            assert!(
+                !out.status.success() && found.contains(&sb) && found.contains("interrupted"),
+                "{what}: check: {}",
+                show(&out)
+            );
+            let out = rig.qsnap(&["check", "g", "--repair"]);
+            assert!(out.status.success(), "{what}: repair: {}", show(&out));
+            assert!(!leftover.exists(), "{what}: {} stayed", leftover.display());
+            let out = rig.qsnap(&["status", "c", "--json"]);
+            assert!(out.status.success(), "{what}: the clone: {}", show(&out));
+        }
         // The same clone asked for again, with no repair in between: it settles the claim
         // cut short first — then takes the standby (back whole), or finds the clone made.
         let retry = rig.qsnap(&["clone", "g", "s1", "c", "--json"]);
@@ -1242,6 +1260,8 @@ async fn a_claim_of_a_standby_survives_qsnap_dying_at_every_step() {
             "{what}: {sb} is still a standby: {}",
             show(&standby)
         );
+        let dir = rig.store().join("vms").join(&sb);
+        assert!(!dir.exists(), "{what}: {} is left", dir.display());
         let st = json(&rig.qsnap(&["status", "c", "--json"]));
         assert_eq!(st["clone-of"]["standby"], sb.as_str(), "{what}: {st}");
         if st["state"]["runstate"] != "running" {

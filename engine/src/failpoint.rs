@@ -61,6 +61,7 @@ pub const POINTS: &[&str] = &[
     "claim.journaled",
     "claim.moved",
     "claim.recorded",
+    "claim.record-released",
     "claim.released",
     "claim.resumed",
     // import (files staged → placed → overlays → manifest → record, the commit)

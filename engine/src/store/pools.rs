@@ -198,6 +198,14 @@ impl Store {
         let dir = self.vm_dir(sb);
         blocking(move || {
             remove_durably(&dir.join("vm.json"))?;
+            Ok(())
+        })
+        .await?;
+        // A cut here leaves the journal alone in the directory: see
+        // [`Store::released_standbys`].
+        crate::failpoint::hit("claim.record-released", None).await?;
+        let dir = self.vm_dir(sb);
+        blocking(move || {
             remove_durably(&dir.join("journal.json"))?;
             for d in ["snapshots", "memory"] {
                 let _ = std::fs::remove_dir(dir.join(d));
@@ -210,6 +218,36 @@ impl Store {
 }
 
 impl Store {
+    /// The VM directories named with `prefix` that hold a journal but no record: standbys a
+    /// release cut short ([`Store::release_standby`] removes the record, then the journal).
+    /// No listing of VMs shows them; the claim they journal had committed.
+    pub(crate) async fn released_standbys(&self, prefix: &str) -> Result<Vec<VmName>> {
+        let dir = self.root.join("vms");
+        let prefix = prefix.to_owned();
+        blocking(move || {
+            let mut out = Vec::new();
+            let entries = match std::fs::read_dir(&dir) {
+                Ok(e) => e,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+                Err(e) => return Err(io("listing VMs", &dir)(e)),
+            };
+            for e in entries.flatten() {
+                let Some(n) = e.file_name().to_str().and_then(VmName::parse) else {
+                    continue;
+                };
+                if n.as_str().starts_with(&prefix)
+                    && !exists(&e.path().join("vm.json"))?
+                    && exists(&e.path().join("journal.json"))?
+                {
+                    out.push(n);
+                }
+            }
+            out.sort();
+            Ok(out)
+        })
+        .await
+    }
+
     /// Notes that this process makes standbys of `snap` of `vm` until the guard drops: a
     /// lock the refill holds is waited for ([`Store::standby_being_made`]).
     pub(crate) async fn making_standbys(

@@ -10,7 +10,7 @@
 //!     keeps its open files; its listening monitor socket moves with its name) (claim.moved)
 //!   NEW's record: a clone, its QEMU and overlays the standby's — the point of no return
 //!                                                                      (claim.recorded)
-//!   the standby's record, then its journal, go                         (claim.released)
+//!   the standby's record, then its journal, go  (claim.record-released, claim.released)
 //!   cont                                                               (claim.resumed)
 //! ```
 //! Its overlays stay in `<store>/standbys/<standby>/`: QEMU names an image by the path it
@@ -538,11 +538,9 @@ pub(in crate::vm) async fn settle_claims_of(
             .await?;
         let record = match store.record(&name).await {
             Ok(r) => r,
-            // Released already (a journal left by a cut-short release): the claim finished.
-            Err(Error::UnknownVm { .. }) => {
-                store.clear_journal(&name).await?;
-                continue;
-            }
+            // Released since it was listed: the claim finished (what is left, the sweep below
+            // clears).
+            Err(Error::UnknownVm { .. }) => continue,
             Err(e) => return Err(e),
         };
         let sb = engine.vm_from(name.clone(), record);
@@ -552,7 +550,55 @@ pub(in crate::vm) async fn settle_claims_of(
         }
         info!(standby = %name, %outcome, "an interrupted claim settled");
     }
+    sweep_released(engine, |_, c| c.new == new.as_str(), true).await?;
     Ok(())
+}
+
+/// The standbys a cut-short release left as a directory with the claim's journal and no
+/// record ([`crate::store::Store::released_standbys`]) that `wanted` picks (by name and
+/// claim), each with the clone it became, and, with `clear`, their leftovers cleared: the claim had committed (a standby's
+/// record goes only after NEW's is written), so nothing is undone — the journal goes, then
+/// what is left of the directory. Never touches the standby's home (`standbys/SB/`): its
+/// overlays are the clone's.
+pub(in crate::vm) async fn sweep_released(
+    engine: &crate::vm::Engine,
+    wanted: impl Fn(&VmName, &ClaimIntent) -> bool,
+    clear: bool,
+) -> Result<Vec<(VmName, String)>> {
+    let store = engine.store();
+    let mut found = Vec::new();
+    for name in store
+        .released_standbys(super::names::STANDBY_PREFIX)
+        .await?
+    {
+        let Ok(Some(j)) = store.journal(&name).await else {
+            continue;
+        };
+        let Intent::Claim(c) = &j.intent else {
+            continue;
+        };
+        if !wanted(&name, c) {
+            continue;
+        }
+        if clear {
+            let _lock = engine
+                .patient(std::time::Duration::from_secs(5))
+                .store()
+                .lock(&name, "clear a released standby")
+                .await?;
+            // Looked at again under the lock: a record back means it is no leftover.
+            if store.has_vm(&name).await? {
+                continue;
+            }
+            if store.journal(&name).await?.is_some() {
+                store.clear_journal(&name).await?;
+                info!(standby = %name, clone = %c.new, "cleared what a cut-short release left");
+            }
+            store.remove_vm_dir(&name, false).await?;
+        }
+        found.push((name, c.new.clone()));
+    }
+    Ok(found)
 }
 
 impl Vm {

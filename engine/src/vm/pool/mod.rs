@@ -485,6 +485,31 @@ impl Vm {
                 )
                 .about(dir);
         }
+        // Standbys of this VM's snapshots (or claimed as this VM) whose release was cut
+        // short: a journal left without a record, which no listing of VMs shows.
+        let prefixes: Vec<String> = store
+            .manifests(self.name())
+            .await?
+            .iter()
+            .filter_map(|m| SnapshotName::parse(&m.name))
+            .map(|snap| names::prefix(self.name(), &snap))
+            .collect();
+        let me_name = self.name().as_str().to_owned();
+        let wanted = |n: &VmName, c: &crate::store::ClaimIntent| {
+            c.new == me_name || prefixes.iter().any(|p| n.as_str().starts_with(p.as_str()))
+        };
+        for (name, new) in claim::sweep_released(self.engine(), wanted, repair).await? {
+            found
+                .add(
+                    "interrupted",
+                    format!(
+                        "standby {name}: its claim as {new} finished, but its journal was left"
+                    ),
+                    "`--repair` removes it (the clone is whole; nothing is undone)".into(),
+                    repair,
+                )
+                .about(store.vm_dir(&name).join("journal.json"));
+        }
         Ok(())
     }
 }
