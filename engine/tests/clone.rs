@@ -525,6 +525,34 @@ async fn four_clones_from_standbys_resume_at_the_snapshot_and_a_stale_standby_is
     ));
     let check = g.vm.check(true).await.unwrap();
     assert!(check.clean, "{:?}", check.findings);
+    // A pool record left for the deleted snapshot (a `pool` that raced the delete): `check`
+    // reports it, `--repair` removes it.
+    let orphan = store
+        .join("pools")
+        .join(g.vm.name().as_str())
+        .join("s1.json");
+    std::fs::create_dir_all(orphan.parent().unwrap()).unwrap();
+    std::fs::write(
+        &orphan,
+        format!(
+            r#"{{"schema": 1, "vm": "{}", "snapshot": "s1", "size": 1, "set-at": "2026-12-05T00:00:00Z"}}"#,
+            g.vm.name()
+        ),
+    )
+    .unwrap();
+    assert_eq!(g.vm.pools().await.unwrap().len(), 1, "the record is read");
+    let check = g.vm.check(false).await.unwrap();
+    assert!(
+        check.findings.iter().any(|f| f.kind == "stale-record"
+            && f.what.contains("pool of snapshot s1")
+            && !f.repaired),
+        "{:?}",
+        check.findings
+    );
+    let check = g.vm.check(true).await.unwrap();
+    assert!(!orphan.exists(), "{:?}", check.findings);
+    assert!(g.vm.pools().await.unwrap().is_empty());
+    assert!(g.vm.check(false).await.unwrap().clean);
 
     // A clone with a pool of its own: `remove` takes its standbys along.
     g.snapshot("s2").await;

@@ -11,7 +11,8 @@ pub struct Finding {
     /// What kind: `interrupted`, `relative-path`, `bad-memory`, `missing-image`,
     /// `unstamped-image`, `changed-image`,
     /// `broken-chain`, `store-disagrees`, `orphan-image`, `orphan-memory`, `stale-record`,
-    /// `unmerged-layer`, `corrupt-image`, `unreadable-qemu`, `relative-path` (a standby that can no longer be used is a `stale-record`).
+    /// `unmerged-layer`, `corrupt-image`, `unreadable-qemu`, `relative-path` (a standby that
+    /// can no longer be used, or a pool whose snapshot is gone, is a `stale-record`).
     pub kind: String,
     /// What exactly.
     pub what: String,

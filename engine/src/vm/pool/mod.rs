@@ -485,6 +485,35 @@ impl Vm {
                 )
                 .about(dir);
         }
+        // Pools whose snapshot is gone (a `pool` that raced the snapshot's delete): nothing
+        // can be made from them, and their standbys, if any, stand on a deleted snapshot.
+        for pool in store.pools(self.name()).await? {
+            let Some(snap) = SnapshotName::parse(&pool.snapshot) else {
+                continue;
+            };
+            match store.manifest(self.name(), &snap).await {
+                Err(Error::UnknownSnapshot { .. }) => {}
+                _ => continue,
+            }
+            if repair {
+                self.drop_pools(std::slice::from_ref(&snap)).await;
+            }
+            let repaired = repair && store.pool(self.name(), &snap).await?.is_none();
+            found
+                .add(
+                    "stale-record",
+                    format!("the pool of snapshot {snap}: the snapshot is gone"),
+                    "`--repair` removes the pool and its standbys".into(),
+                    repaired,
+                )
+                .about(
+                    store
+                        .root()
+                        .join("pools")
+                        .join(self.name().as_str())
+                        .join(format!("{snap}.json")),
+                );
+        }
         // Standbys of this VM's snapshots (or claimed as this VM) whose release was cut
         // short: a journal left without a record, which no listing of VMs shows.
         let prefixes: Vec<String> = store
