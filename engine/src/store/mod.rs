@@ -455,6 +455,18 @@ impl Store {
         vm: &VmName,
         snap: &SnapshotName,
     ) -> Result<Vec<PathBuf>> {
+        let removed = self.remove_memory(vm, snap).await?;
+        self.remove_manifest(vm, snap).await?;
+        Ok(removed)
+    }
+
+    /// Removes a snapshot's memory files (durably), those that exist; returns them. Hold the
+    /// VM's lock.
+    pub(crate) async fn remove_memory(
+        &self,
+        vm: &VmName,
+        snap: &SnapshotName,
+    ) -> Result<Vec<PathBuf>> {
         let mut removed = Vec::new();
         for path in self.memory_files(vm, snap) {
             let p = path.clone();
@@ -464,7 +476,6 @@ impl Store {
                 removed.push(path);
             }
         }
-        self.remove_manifest(vm, snap).await?;
         Ok(removed)
     }
 

@@ -209,20 +209,38 @@ impl Vm {
             .write_journal(self.name(), &Intent::Delete(intent.clone()))
             .await?;
         failpoint::hit("delete.journaled", state.pid()).await?;
-        let memory_removed = remove_snapshots(self, &mut record, &victims).await?;
-        failpoint::hit("delete.removed", state.pid()).await?;
-
-        intent.phase = DeletePhase::Consolidating;
-        self.store()
-            .write_journal(self.name(), &Intent::Delete(intent.clone()))
-            .await?;
-        let merges = match merge::run(self, &mut record, &mut intent, opts.progress.as_ref()).await
-        {
+        detach_snapshots(self, &mut record, &victims).await?;
+        // The memory files go beside the merges (see `remove_memory`); awaited before this
+        // returns, whatever the merges do.
+        let memory = tokio::spawn(remove_memory(
+            self.store().clone(),
+            self.name().clone(),
+            victims.clone(),
+        ));
+        let merged = async {
+            failpoint::hit("delete.removed", state.pid()).await?;
+            intent.phase = DeletePhase::Consolidating;
+            self.store()
+                .write_journal(self.name(), &Intent::Delete(intent.clone()))
+                .await?;
+            Ok::<_, Error>(merge::run(self, &mut record, &mut intent, opts.progress.as_ref()).await)
+        }
+        .await;
+        let memory_removed = memory.await.unwrap_or_else(|e| {
+            Err(Error::Io {
+                what: "removing the snapshots' memory files",
+                path: self.store().root().to_owned(),
+                source: std::io::Error::other(e.to_string()),
+            })
+        });
+        // Whatever fails leaves the journal (but for a cancelled round with nothing else
+        // left): the next operation's recovery removes what memory is left and merges on.
+        let merges = match merged? {
             Ok(m) => m,
             Err(e) => {
                 // A cancelled round was undone (jobs cancelled before any chain changed,
                 // offline copies pointed back): nothing is left half-done.
-                if matches!(e, Error::Cancelled) {
+                if matches!(e, Error::Cancelled) && memory_removed.is_ok() {
                     self.store().clear_journal(self.name()).await?;
                 }
                 return Err(Error::from(crate::error::DeleteError::MergeUnfinished {
@@ -232,6 +250,7 @@ impl Vm {
                 }));
             }
         };
+        let memory_removed = memory_removed?;
         self.store().clear_journal(self.name()).await?;
         Ok(DeleteReport {
             deleted: intent.snapshots,
@@ -246,13 +265,38 @@ impl Vm {
 }
 
 /// Removes snapshots from the store: their children (and `current`) move to the nearest
-/// surviving ancestor, then their memory files and manifests go. Safe to run again on a
-/// half-done removal (a recovery does).
+/// surviving ancestor, their manifests go, then their memory files. Safe to run again on a
+/// half-done removal (a recovery does, in either phase of a delete).
 pub(crate) async fn remove_snapshots(
     vm: &Vm,
     record: &mut VmRecord,
     victims: &[Manifest],
 ) -> Result<Vec<PathBuf>> {
+    detach_snapshots(vm, record, victims).await?;
+    remove_memory(vm.store().clone(), vm.name().clone(), victims.to_vec()).await
+}
+
+/// The victims' memory files, removed durably (those already gone are skipped). Unlinking a
+/// file the page cache holds costs tens of milliseconds per 100 MB, so a delete runs this
+/// beside its merges: nothing else reads a deleted snapshot's memory, and a crash before it
+/// ends leaves the files for the delete's recovery (which runs it again) or `check --repair`
+/// (`orphan-memory`).
+pub(crate) async fn remove_memory(
+    store: crate::store::Store,
+    vm: crate::name::VmName,
+    victims: Vec<Manifest>,
+) -> Result<Vec<PathBuf>> {
+    let mut removed = Vec::new();
+    for v in &victims {
+        let snap = SnapshotName::new(&v.name)?;
+        removed.extend(store.remove_memory(&vm, &snap).await?);
+    }
+    Ok(removed)
+}
+
+/// [`remove_snapshots`] but the memory files: children and `current` re-parented, manifests
+/// removed.
+async fn detach_snapshots(vm: &Vm, record: &mut VmRecord, victims: &[Manifest]) -> Result<()> {
     let gone = |name: &str| victims.iter().any(|v| v.name == name);
     let survivor = |mut p: Option<String>| {
         while let Some(name) = p.clone() {
@@ -281,12 +325,11 @@ pub(crate) async fn remove_snapshots(
         record.current = current;
         vm.store().write_record(record).await?;
     }
-    let mut removed = Vec::new();
     for v in victims {
         let snap = SnapshotName::new(&v.name)?;
-        removed.extend(vm.store().remove_snapshot(vm.name(), &snap).await?);
+        vm.store().remove_manifest(vm.name(), &snap).await?;
     }
-    Ok(removed)
+    Ok(())
 }
 
 /// Which snapshots a delete takes.

@@ -21,7 +21,7 @@
 mod interrupted_create;
 mod interrupted_revert;
 
-use super::delete::remove_snapshots;
+use super::delete::{remove_memory, remove_snapshots};
 use super::merge;
 use super::state::VmState;
 use super::Vm;
@@ -164,6 +164,9 @@ async fn delete(vm: &Vm, mut d: DeleteIntent) -> Result<Settled> {
         vm.store()
             .write_journal(vm.name(), &Intent::Delete(d.clone()))
             .await?;
+    } else {
+        // The memory files go beside the merges: some may be left.
+        remove_memory(vm.store().clone(), vm.name().clone(), d.manifests.clone()).await?;
     }
     match &qemu {
         Some(qmp) if d.guest_was_running == Some(true) => {
