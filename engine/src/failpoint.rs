@@ -38,6 +38,7 @@ pub const POINTS: &[&str] = &[
     // delete
     "delete.journaled",
     "delete.removed",
+    "delete.unlinking-memory",
     "delete.merge-started",
     "delete.merge-ready",
     "delete.concluded",

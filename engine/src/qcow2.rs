@@ -3,20 +3,24 @@
 //! an unlink (which file backs onto which), so that reading a running VM's top costs a `pread`,
 //! not a `qemu-img` process (≈ 17 ms each).
 //!
-//! It reads only what QEMU's own driver reads to open the image, and answers only for the
-//! plain images qsnap makes: [`read`] gives `Ok(None)` ("ask `qemu-img`") for anything else —
-//! another format, a header QEMU would refuse or treat specially (encryption, an external data
-//! file, the corrupt bit, a feature this reader does not know), a backing name with a protocol
-//! prefix, a file it cannot open. A caller then asks `qemu-img`, whose answer (or error) is the
-//! reference. This module must never guess: an answer it gives is what `qemu-img info` says
-//! about the same bytes (`engine/src/chains.rs` checks that against `qemu-img` on real images).
+//! It reads the header fields that name the backing file, and answers only for the plain
+//! images qsnap makes: [`read`] gives `None` ("ask `qemu-img`") for anything else — not a
+//! regular file, another format, a header field out of the bounds QEMU enforces
+//! (cluster size, header length, refcount order, extended L2 with small clusters), a feature
+//! that changes how the header reads or that this reader does not know (encryption, an external
+//! data file, the corrupt bit, a compression type, unknown incompatible bits), malformed header
+//! extensions. A caller then asks `qemu-img`, whose answer (or error) is the reference. An
+//! answer it gives is what `qemu-img info` says about the same header (its tests compare the
+//! two on real images). It does not read the tables QEMU also checks when it opens an image
+//! (L1, refcounts, snapshots): damage there is `qemu-img check`'s to find, and never changes
+//! which file backs onto which.
 //!
 //! Layout (QEMU's `docs/interop/qcow2.rst`): big-endian; magic `QFI\xfb`, version (2 or 3),
 //! backing-file offset and size, cluster bits, virtual size, encryption method; version 3 adds
 //! incompatible/compatible/autoclear features and the header length; header extensions follow
 //! the header, up to the backing-file name (or the end of the first cluster).
 
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
 
 /// The magic every qcow2 image starts with.
@@ -24,9 +28,12 @@ const MAGIC: &[u8; 4] = b"QFI\xfb";
 /// Header extension: the backing file's format.
 const EXT_BACKING_FORMAT: u32 = 0xe279_2aca;
 /// Incompatible feature bits QEMU opens images with, read-only, without special meaning for
-/// the questions asked here: dirty (0), compression type (3), extended L2 entries (4).
-/// Corrupt (1) and external data file (2) are left to `qemu-img`.
-const PLAIN_INCOMPATIBLE: u64 = 0b1_1001;
+/// the questions asked here: dirty (0), extended L2 entries (4, with clusters of 16 KiB or
+/// more). Corrupt (1), external data file (2) and compression type (3, which QEMU checks
+/// against a header field) are left to `qemu-img`.
+const PLAIN_INCOMPATIBLE: u64 = 0b1_0001;
+/// Extended L2 entries need clusters of at least 16 KiB.
+const EXTENDED_L2: u64 = 1 << 4;
 /// QEMU's limit for a backing file name (`bs->backing_file` holds 1023 bytes).
 const MAX_BACKING_NAME: usize = 1023;
 /// QEMU's limit for a backing format name (`bs->backing_format` holds 15 bytes).
@@ -47,10 +54,19 @@ pub(crate) struct Header {
     pub incompatible: u64,
 }
 
-/// The header of `image`, if it is a plain qcow2 image (see the module docs); `Ok(None)` when
-/// it is something `qemu-img` must answer for. Blocking: call it off the async workers.
+/// The header of `image`, if it is a plain qcow2 image in a regular file (see the module docs);
+/// `None` when it is something `qemu-img` must answer for. Blocking (a read of one cluster at
+/// most): call it off the async workers.
 pub(crate) fn read(image: &Path) -> Option<Header> {
-    let f = std::fs::File::open(image).ok()?;
+    // Non-blocking: a FIFO or a device named as a backing file must not hang the open.
+    let f = std::fs::File::options()
+        .read(true)
+        .custom_flags(nix::libc::O_NONBLOCK)
+        .open(image)
+        .ok()?;
+    if !f.metadata().ok()?.file_type().is_file() {
+        return None;
+    }
     let fixed = read_at(&f, 104)?;
     let fixed = fixed.as_slice();
     if fixed.len() < 72 || &fixed[..4] != MAGIC {
@@ -74,7 +90,14 @@ pub(crate) fn read(image: &Path) -> Option<Header> {
         }
         _ => return None,
     };
-    if incompatible & !PLAIN_INCOMPATIBLE != 0 || be32(fixed, 32)? != 0 {
+    if incompatible & !PLAIN_INCOMPATIBLE != 0
+        || (incompatible & EXTENDED_L2 != 0 && cluster_bits < 14)
+        || be32(fixed, 32)? != 0
+    {
+        return None;
+    }
+    // QEMU's bound for the refcount width (2^order bits, at most 64); version 2 has 16.
+    if version == 3 && be32(fixed, 96)? > 6 {
         return None;
     }
     // Everything else QEMU reads to answer lies in the first cluster.
@@ -109,7 +132,9 @@ pub(crate) fn read(image: &Path) -> Option<Header> {
     }
     Some(Header {
         version,
-        virtual_size: be64(&first, 24)?,
+        // QEMU counts the size in 512-byte sectors: a size that is not a multiple reads
+        // rounded down.
+        virtual_size: be64(&first, 24)? / 512 * 512,
         backing,
         backing_format,
         incompatible,
@@ -127,7 +152,8 @@ fn extensions(first: &[u8], start: usize, end: usize) -> Option<Option<String>> 
         let len = usize::try_from(be32(first, at + 4)?).ok()?;
         at += 8;
         if kind == 0 {
-            return Some(format);
+            // QEMU writes the end marker with no data; anything else is left to qemu-img.
+            return (len == 0).then_some(format);
         }
         let data = first.get(at..at.checked_add(len)?)?;
         if at + len > end {
@@ -322,5 +348,39 @@ mod tests {
         bytes[72..80].copy_from_slice(&(1u64 << 40).to_be_bytes());
         std::fs::write(p("unknown.qcow2"), &bytes).unwrap();
         assert!(read(Path::new(&p("unknown.qcow2"))).is_none());
+        // Headers qemu-img refuses: the compression bit with zlib, a refcount order of 7.
+        for (name, at, value) in [("compress.qcow2", 72, 1u64 << 3), ("refcount.qcow2", 96, 7)] {
+            let mut bytes = std::fs::read(p("rel.qcow2")).unwrap();
+            if at == 72 {
+                bytes[72..80].copy_from_slice(&value.to_be_bytes());
+            } else {
+                bytes[96..100].copy_from_slice(&u32::try_from(value).unwrap().to_be_bytes());
+            }
+            std::fs::write(p(name), &bytes).unwrap();
+            let refused = !Command::new("qemu-img")
+                .args(["info", "-U", &p(name)])
+                .output()
+                .unwrap()
+                .status
+                .success();
+            assert!(refused, "qemu-img reads {name}");
+            assert!(read(Path::new(&p(name))).is_none(), "{name}");
+        }
+        // A size that is not a multiple of 512 reads rounded down, as qemu-img says.
+        let mut bytes = std::fs::read(p("base.qcow2")).unwrap();
+        bytes[24..32].copy_from_slice(&1_048_676u64.to_be_bytes());
+        std::fs::write(p("odd.qcow2"), &bytes).unwrap();
+        let out = Command::new("qemu-img")
+            .args(["info", "-U", "--output=json", &p("odd.qcow2")])
+            .output()
+            .unwrap();
+        let truth: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(
+            Some(read(Path::new(&p("odd.qcow2"))).unwrap().virtual_size),
+            truth["virtual-size"].as_u64()
+        );
+        // Not a regular file: a FIFO nobody writes to is declined at once, never waited on.
+        nix::unistd::mkfifo(Path::new(&p("fifo.qcow2")), nix::sys::stat::Mode::S_IRWXU).unwrap();
+        assert!(read(Path::new(&p("fifo.qcow2"))).is_none());
     }
 }

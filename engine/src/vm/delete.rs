@@ -7,8 +7,9 @@
 //!   ── any doubt: refused, nothing changed
 //! → journal: delete (removing), with the manifests
 //! → children of a deleted snapshot move to its parent; `current` moves up likewise; the
-//!   record is written; memory files and manifests go
-//! → journal: consolidating → rounds of merges until no layer is left that nothing needs
+//!   record is written; manifests go
+//! → journal: consolidating → the memory files are unlinked (delete.unlinking-memory) beside
+//!   rounds of merges until no layer is left that nothing needs; both end before the next step
 //! → journal cleared
 //! ```
 //! A failure or a cancel after the snapshots are gone leaves every chain whole (unmerged
@@ -25,6 +26,7 @@ use crate::store::{DeleteIntent, DeletePhase, Intent, Manifest, VmRecord};
 use serde::Serialize;
 use std::path::PathBuf;
 use std::time::Instant;
+use tracing::warn;
 
 pub use super::merge::{MergeProgress, MergeProgressFn, MergeReport};
 
@@ -210,34 +212,27 @@ impl Vm {
             .await?;
         failpoint::hit("delete.journaled", state.pid()).await?;
         detach_snapshots(self, &mut record, &victims).await?;
-        // The memory files go beside the merges (see `remove_memory`); awaited before this
-        // returns, whatever the merges do.
-        let memory = tokio::spawn(remove_memory(
-            self.store().clone(),
-            self.name().clone(),
-            victims.clone(),
-        ));
-        let merged = async {
-            failpoint::hit("delete.removed", state.pid()).await?;
-            intent.phase = DeletePhase::Consolidating;
-            self.store()
-                .write_journal(self.name(), &Intent::Delete(intent.clone()))
-                .await?;
-            Ok::<_, Error>(merge::run(self, &mut record, &mut intent, opts.progress.as_ref()).await)
-        }
-        .await;
-        let memory_removed = memory.await.unwrap_or_else(|e| {
-            Err(Error::Io {
-                what: "removing the snapshots' memory files",
-                path: self.store().root().to_owned(),
-                source: std::io::Error::other(e.to_string()),
-            })
-        });
+        failpoint::hit("delete.removed", state.pid()).await?;
+        intent.phase = DeletePhase::Consolidating;
+        self.store()
+            .write_journal(self.name(), &Intent::Delete(intent.clone()))
+            .await?;
+        // The memory files go beside the merges (see `remove_memory`), in this future: both
+        // end (or are dropped) together, so nothing unlinks after the VM's lock is let go.
+        let memory = async {
+            failpoint::hit("delete.unlinking-memory", state.pid()).await?;
+            remove_memory(self.store().clone(), self.name().clone(), victims.clone()).await
+        };
+        let merging = merge::run(self, &mut record, &mut intent, opts.progress.as_ref());
+        let (memory_removed, merged) = tokio::join!(memory, merging);
         // Whatever fails leaves the journal (but for a cancelled round with nothing else
         // left): the next operation's recovery removes what memory is left and merges on.
-        let merges = match merged? {
+        let merges = match merged {
             Ok(m) => m,
             Err(e) => {
+                if let Err(m) = &memory_removed {
+                    warn!(error = %m, "the deleted snapshots' memory files were not all removed; the next operation's recovery removes them");
+                }
                 // A cancelled round was undone (jobs cancelled before any chain changed,
                 // offline copies pointed back): nothing is left half-done.
                 if matches!(e, Error::Cancelled) && memory_removed.is_ok() {
@@ -250,7 +245,9 @@ impl Vm {
                 }));
             }
         };
-        let memory_removed = memory_removed?;
+        let memory_removed = memory_removed.inspect_err(|e| {
+            warn!(error = %e, "the snapshots are deleted and merged, but their memory files were not all removed; the next operation's recovery removes them");
+        })?;
         self.store().clear_journal(self.name()).await?;
         Ok(DeleteReport {
             deleted: intent.snapshots,

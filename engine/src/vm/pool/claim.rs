@@ -564,7 +564,7 @@ pub(in crate::vm) async fn sweep_released(
     engine: &crate::vm::Engine,
     wanted: impl Fn(&VmName, &ClaimIntent) -> bool,
     clear: bool,
-) -> Result<Vec<(VmName, String)>> {
+) -> Result<Vec<Released>> {
     let store = engine.store();
     let mut found = Vec::new();
     for name in store
@@ -580,25 +580,89 @@ pub(in crate::vm) async fn sweep_released(
         if !wanted(&name, c) {
             continue;
         }
-        if clear {
-            let _lock = engine
-                .patient(std::time::Duration::from_secs(5))
+        let kept = if clear {
+            // At once: a holder is another qsnap settling it (or a release under way).
+            let lock = match engine
+                .at_once()
                 .store()
                 .lock(&name, "clear a released standby")
-                .await?;
+                .await
+            {
+                Ok(l) => l,
+                Err(Error::Busy { what }) => {
+                    found.push(Released {
+                        name,
+                        new: c.new.clone(),
+                        kept: Some(format!("busy ({what}); run it again")),
+                    });
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             // Looked at again under the lock: a record back means it is no leftover.
             if store.has_vm(&name).await? {
                 continue;
             }
-            if store.journal(&name).await?.is_some() {
-                store.clear_journal(&name).await?;
-                info!(standby = %name, clone = %c.new, "cleared what a cut-short release left");
-            }
-            store.remove_vm_dir(&name, false).await?;
-        }
-        found.push((name, c.new.clone()));
+            let strangers = unexpected_entries(store.vm_dir(&name)).await?;
+            let kept = if strangers.is_empty() {
+                if store.journal(&name).await?.is_some() {
+                    store.clear_journal(&name).await?;
+                    info!(standby = %name, clone = %c.new, "cleared what a cut-short release left");
+                }
+                store.remove_vm_dir(&name, false).await?;
+                None
+            } else {
+                // Never guessed at: what is there was not left by a release.
+                Some(format!(
+                    "kept: it also holds {}; look at them before removing {} by hand",
+                    strangers.join(", "),
+                    store.vm_dir(&name).display()
+                ))
+            };
+            drop(lock);
+            kept
+        } else {
+            None
+        };
+        found.push(Released {
+            name,
+            new: c.new.clone(),
+            kept,
+        });
     }
     Ok(found)
+}
+
+/// A standby directory a cut-short release left (see [`sweep_released`]).
+pub(in crate::vm) struct Released {
+    /// The standby.
+    pub name: VmName,
+    /// The clone its claim made.
+    pub new: String,
+    /// `None`: cleared (or not asked to be); otherwise why it was kept.
+    pub kept: Option<String>,
+}
+
+/// What a standby's directory holds beyond what a release leaves (its journal, lock, QEMU's
+/// log, empty sub-directories).
+async fn unexpected_entries(dir: PathBuf) -> Result<Vec<String>> {
+    crate::store::blocking(move || {
+        let mut out = Vec::new();
+        let Ok(rd) = std::fs::read_dir(&dir) else {
+            return Ok(out);
+        };
+        for e in rd.flatten() {
+            let n = e.file_name().to_string_lossy().into_owned();
+            let empty_dir = e.file_type().is_ok_and(|t| t.is_dir())
+                && std::fs::read_dir(e.path()).is_ok_and(|mut d| d.next().is_none());
+            if !(empty_dir || matches!(n.as_str(), "journal.json" | "lock" | "qemu.log")) {
+                out.push(n);
+            }
+        }
+        out.sort();
+        Ok(out)
+    })
+    .await
 }
 
 impl Vm {

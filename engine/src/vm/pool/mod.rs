@@ -527,17 +527,27 @@ impl Vm {
         let wanted = |n: &VmName, c: &crate::store::ClaimIntent| {
             c.new == me_name || prefixes.iter().any(|p| n.as_str().starts_with(p.as_str()))
         };
-        for (name, new) in claim::sweep_released(self.engine(), wanted, repair).await? {
-            found
-                .add(
-                    "interrupted",
-                    format!(
-                        "standby {name}: its claim as {new} finished, but its journal was left"
-                    ),
-                    "`--repair` removes it (the clone is whole; nothing is undone)".into(),
-                    repair,
-                )
-                .about(store.vm_dir(&name).join("journal.json"));
+        for r in claim::sweep_released(self.engine(), wanted, repair).await? {
+            let what = format!(
+                "standby {}: its claim as {} finished, but its journal was left",
+                r.name, r.new
+            );
+            let path = store.vm_dir(&r.name).join("journal.json");
+            match r.kept {
+                None => {
+                    found
+                        .add(
+                            "interrupted",
+                            what,
+                            "`--repair` removes it (the clone is whole; nothing is undone)".into(),
+                            repair,
+                        )
+                        .about(path);
+                }
+                Some(why) => {
+                    found.add("interrupted", what, why, false).about(path);
+                }
+            }
         }
         Ok(())
     }
