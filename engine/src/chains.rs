@@ -64,7 +64,7 @@ fn plain(mut e: ChainImage) -> ChainImage {
 
 /// Whether [`native`] may answer for an image read as `format` (`None`: probed). A qcow2
 /// magic decides a probe, so a probed answer that found qcow2 is what `qemu-img` finds.
-fn native_reads(_image: &Path, format: Option<&str>) -> bool {
+fn native_reads(format: Option<&str>) -> bool {
     matches!(format, None | Some("qcow2"))
 }
 
@@ -73,7 +73,7 @@ fn native_reads(_image: &Path, format: Option<&str>) -> bool {
 /// header out of the plain case, a relative path, a backing name with a protocol prefix).
 /// Remembered like `qemu-img`'s answers when the file is settled.
 async fn native(image: &Path, format: Option<&str>) -> Option<ChainImage> {
-    if !native_reads(image, format) || !image.is_absolute() {
+    if !native_reads(format) || !image.is_absolute() {
         return None;
     }
     let started = SystemTime::now();
@@ -218,7 +218,7 @@ impl Reader {
                                     || remembered(b, one.backing_filename_format.as_deref())
                                         .await
                                         .is_some()
-                                    || native_reads(b, one.backing_filename_format.as_deref())
+                                    || native_reads(one.backing_filename_format.as_deref())
                             }
                         };
                         if below_known {

@@ -390,6 +390,15 @@ impl Store {
 
     /// The names of all VMs in the store, sorted.
     pub async fn vms(&self) -> Result<Vec<VmName>> {
+        self.vm_dirs(|_, dir| exists(&dir.join("vm.json"))).await
+    }
+
+    /// The names of the directories under `vms/` that name a VM and that `keep` accepts
+    /// (given the name and the directory), sorted.
+    pub(crate) async fn vm_dirs(
+        &self,
+        keep: impl Fn(&VmName, &Path) -> Result<bool> + Send + 'static,
+    ) -> Result<Vec<VmName>> {
         let dir = self.root.join("vms");
         blocking(move || {
             let mut names = Vec::new();
@@ -401,7 +410,7 @@ impl Store {
             for e in entries {
                 let e = e.map_err(io("listing VMs", &dir))?;
                 if let Some(n) = e.file_name().to_str().and_then(VmName::parse) {
-                    if exists(&e.path().join("vm.json"))? {
+                    if keep(&n, &e.path())? {
                         names.push(n);
                     }
                 }

@@ -30,7 +30,7 @@ impl Store {
         self.root.join("standbys").join(standby)
     }
 
-    fn pool_path(&self, vm: &VmName, snap: &SnapshotName) -> PathBuf {
+    pub(crate) fn pool_path(&self, vm: &VmName, snap: &SnapshotName) -> PathBuf {
         self.root
             .join("pools")
             .join(vm.as_str())
@@ -222,28 +222,11 @@ impl Store {
     /// release cut short ([`Store::release_standby`] removes the record, then the journal).
     /// No listing of VMs shows them; the claim they journal had committed.
     pub(crate) async fn released_standbys(&self, prefix: &str) -> Result<Vec<VmName>> {
-        let dir = self.root.join("vms");
         let prefix = prefix.to_owned();
-        blocking(move || {
-            let mut out = Vec::new();
-            let entries = match std::fs::read_dir(&dir) {
-                Ok(e) => e,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
-                Err(e) => return Err(io("listing VMs", &dir)(e)),
-            };
-            for e in entries.flatten() {
-                let Some(n) = e.file_name().to_str().and_then(VmName::parse) else {
-                    continue;
-                };
-                if n.as_str().starts_with(&prefix)
-                    && !exists(&e.path().join("vm.json"))?
-                    && exists(&e.path().join("journal.json"))?
-                {
-                    out.push(n);
-                }
-            }
-            out.sort();
-            Ok(out)
+        self.vm_dirs(move |name, dir| {
+            Ok(name.as_str().starts_with(&prefix)
+                && !exists(&dir.join("vm.json"))?
+                && exists(&dir.join("journal.json"))?)
         })
         .await
     }

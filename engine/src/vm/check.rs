@@ -643,7 +643,7 @@ impl Vm {
         }
 
         // 6. Its standbys (`qsnap pool`): an interrupted claim, one that can no longer be used.
-        self.check_standbys(repair, &mut found).await?;
+        self.check_standbys(&manifests, repair, &mut found).await?;
 
         let clean = found.0.iter().all(|f| f.repaired);
         Ok(CheckReport {

@@ -32,7 +32,7 @@ use super::Vm;
 use crate::error::{Error, Result};
 use crate::launch::{Launcher, ProcessLauncher};
 use crate::name::{SnapshotName, VmName};
-use crate::store::{self, Fingerprint, PoolRecord, StandbyOf, VmRecord};
+use crate::store::{self, Fingerprint, Manifest, PoolRecord, StandbyOf, VmRecord};
 use crate::CloneOptions;
 use serde::Serialize;
 use std::time::Instant;
@@ -425,6 +425,7 @@ impl Vm {
     /// standby that can no longer be used or whose pool is gone (discarded by `repair`).
     pub(super) async fn check_standbys(
         &self,
+        manifests: &[Manifest],
         repair: bool,
         found: &mut super::findings::Findings,
     ) -> Result<()> {
@@ -506,19 +507,11 @@ impl Vm {
                     "`--repair` removes the pool and its standbys".into(),
                     repaired,
                 )
-                .about(
-                    store
-                        .root()
-                        .join("pools")
-                        .join(self.name().as_str())
-                        .join(format!("{snap}.json")),
-                );
+                .about(store.pool_path(self.name(), &snap));
         }
         // Standbys of this VM's snapshots (or claimed as this VM) whose release was cut
         // short: a journal left without a record, which no listing of VMs shows.
-        let prefixes: Vec<String> = store
-            .manifests(self.name())
-            .await?
+        let prefixes: Vec<String> = manifests
             .iter()
             .filter_map(|m| SnapshotName::parse(&m.name))
             .map(|snap| names::prefix(self.name(), &snap))
