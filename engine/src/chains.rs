@@ -159,11 +159,22 @@ pub(crate) async fn files(top: &Path, cancel: &CancellationToken) -> Result<Vec<
         .collect())
 }
 
-/// Reads chains for one operation, keeping what it read (each chain from each of its images)
-/// for as long as it lives.
+/// Reads chains for one operation, keeping what it read (each image, and the format it was
+/// read as) for as long as it lives.
 #[derive(Default)]
 pub(crate) struct Reader {
-    read: HashMap<PathBuf, (Option<String>, Vec<ChainImage>)>,
+    // One entry per image, not per chain: a store's chains share their lower images, and a
+    // walk that stopped at the first known image (and kept only what lay below it) made the
+    // next walk, from one image higher, go down the same path again: quadratic in N.
+    read: HashMap<PathBuf, (Option<String>, ChainImage)>,
+}
+
+/// What [`Reader::read_one`] read.
+enum Learned {
+    /// One image.
+    One(ChainImage),
+    /// The image and everything below it (`qemu-img info --backing-chain`).
+    Rest(Vec<ChainImage>),
 }
 
 impl Reader {
@@ -188,56 +199,18 @@ impl Reader {
                     .map(plain)
                     .collect());
             }
-            if let Some((read_as, rest)) = self.read.get(&at) {
-                if rest
-                    .first()
-                    .is_some_and(|f| serves(read_as.as_deref(), &f.format, format.as_deref()))
-                {
-                    out.extend(rest.iter().cloned());
-                    return Ok(out);
-                }
-            }
-            let entry = match remembered(&at, format.as_deref()).await {
+            let known = self
+                .read
+                .get(&at)
+                .filter(|(read_as, e)| serves(read_as.as_deref(), &e.format, format.as_deref()))
+                .map(|(_, e)| e.clone());
+            let entry = match known {
                 Some(e) => e,
-                None => match native(&at, format.as_deref()).await {
-                    Some(e) => e,
-                    None => {
-                        // Not known: this image alone, and if what it backs onto is not known
-                        // either, everything below it in one read.
-                        let started = SystemTime::now();
-                        asked();
-                        let one = plain(match &format {
-                            Some(f) => image::info_as(&at, f, cancel).await?,
-                            None => image::info(&at, cancel).await?,
-                        });
-                        learn(&one, format.as_deref(), started).await;
-                        let below_known = match &one.full_backing_filename {
-                            None => true,
-                            Some(b) => {
-                                self.read.contains_key(b)
-                                    || remembered(b, one.backing_filename_format.as_deref())
-                                        .await
-                                        .is_some()
-                                    || native_reads(one.backing_filename_format.as_deref())
-                            }
-                        };
-                        if below_known {
-                            one
-                        } else {
-                            let started = SystemTime::now();
-                            asked();
-                            let rest: Vec<ChainImage> = match &format {
-                                Some(f) => image::chain_as(&at, f, cancel).await?,
-                                None => image::chain(&at, cancel).await?,
-                            }
-                            .into_iter()
-                            .map(plain)
-                            .collect();
-                            learn_chain(&rest, format.as_deref(), started).await;
-                            self.keep(&rest, format.as_deref());
-                            out.extend(rest);
-                            return Ok(out);
-                        }
+                None => match self.read_one(&at, format.as_deref(), cancel).await? {
+                    Learned::One(e) => e,
+                    Learned::Rest(rest) => {
+                        out.extend(rest);
+                        return Ok(out);
                     }
                 },
             };
@@ -245,28 +218,80 @@ impl Reader {
             format = entry.backing_filename_format.clone();
             out.push(entry);
             match next {
-                None => {
-                    self.keep(&out, None);
-                    return Ok(out);
-                }
+                None => return Ok(out),
                 Some(n) => at = n,
             }
         }
     }
 
-    /// Keeps a chain read from its top (read as `format`) and each of its suffixes (each image
-    /// read as the format the one above names) — only where its links follow each other.
+    /// `at`'s entry (read as `format`) from the cache, its header or `qemu-img`, now kept —
+    /// or, when `qemu-img` had to read everything below it too, that whole rest.
+    async fn read_one(
+        &mut self,
+        at: &Path,
+        format: Option<&str>,
+        cancel: &CancellationToken,
+    ) -> Result<Learned> {
+        let at = at.to_owned();
+        let format = format.map(str::to_owned);
+        let entry = match remembered(&at, format.as_deref()).await {
+            Some(e) => e,
+            None => match native(&at, format.as_deref()).await {
+                Some(e) => e,
+                None => {
+                    // Not known: this image alone, and if what it backs onto is not known
+                    // either, everything below it in one read.
+                    let started = SystemTime::now();
+                    asked();
+                    let one = plain(match &format {
+                        Some(f) => image::info_as(&at, f, cancel).await?,
+                        None => image::info(&at, cancel).await?,
+                    });
+                    learn(&one, format.as_deref(), started).await;
+                    let below_known = match &one.full_backing_filename {
+                        None => true,
+                        Some(b) => {
+                            self.read.contains_key(b)
+                                || remembered(b, one.backing_filename_format.as_deref())
+                                    .await
+                                    .is_some()
+                                || native_reads(one.backing_filename_format.as_deref())
+                        }
+                    };
+                    if below_known {
+                        one
+                    } else {
+                        let started = SystemTime::now();
+                        asked();
+                        let rest: Vec<ChainImage> = match &format {
+                            Some(f) => image::chain_as(&at, f, cancel).await?,
+                            None => image::chain(&at, cancel).await?,
+                        }
+                        .into_iter()
+                        .map(plain)
+                        .collect();
+                        learn_chain(&rest, format.as_deref(), started).await;
+                        self.keep(&rest, format.as_deref());
+                        return Ok(Learned::Rest(rest));
+                    }
+                }
+            },
+        };
+        self.read.insert(at, (format, entry.clone()));
+        Ok(Learned::One(entry))
+    }
+
+    /// Keeps each image of a chain read at once from its top (read as `format`; each lower
+    /// image as the format the one above names) — only where its links follow each other.
     fn keep(&mut self, chain: &[ChainImage], format: Option<&str>) {
         if !linked(chain) {
             return;
         }
         let mut read_as = format.map(str::to_owned);
-        for i in 0..chain.len() {
-            self.read.insert(
-                chain[i].filename.clone(),
-                (read_as.clone(), chain[i..].to_vec()),
-            );
-            read_as = chain[i].backing_filename_format.clone();
+        for e in chain {
+            self.read
+                .insert(e.filename.clone(), (read_as.clone(), e.clone()));
+            read_as = e.backing_filename_format.clone();
         }
     }
 }
@@ -282,7 +307,7 @@ fn linked(chain: &[ChainImage]) -> bool {
 }
 
 /// The `qemu-img` that answers (its file's identity): another build may answer otherwise.
-async fn reader_identity() -> &'static str {
+pub(crate) async fn reader_identity() -> &'static str {
     static ID: tokio::sync::OnceCell<String> = tokio::sync::OnceCell::const_new();
     ID.get_or_init(|| async {
         match crate::cache::resolve_binary("qemu-img").await {
@@ -380,6 +405,43 @@ mod tests {
             "64M",
         ]);
         p
+    }
+
+    /// One reader reads each image once, in whatever order its chains are asked for: a
+    /// store's snapshots freeze the images of one chain, each one higher than the last, and
+    /// a check walks them all (it read 1 + 2 + … + N headers once).
+    #[tokio::test]
+    async fn a_reader_reads_each_image_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let cancel = CancellationToken::new();
+        let base = dir.path().join("base.qcow2");
+        qemu_img(&["create", "-q", "-f", "qcow2", base.to_str().unwrap(), "64M"]);
+        let mut images = vec![base];
+        for i in 1..12 {
+            let below = images[i - 1].to_str().unwrap().to_owned();
+            images.push(overlay(dir.path(), &format!("o{i}.qcow2"), &below));
+        }
+        let mut reader = Reader::default();
+        let before = READS.with(std::cell::Cell::get);
+        for (i, top) in images.iter().enumerate() {
+            let got = reader.chain(top, &cancel).await.unwrap();
+            let truth: Vec<ChainImage> = image::chain(top, &cancel)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(plain)
+                .collect();
+            assert_eq!(got, truth);
+            assert_eq!(got.len(), i + 1);
+        }
+        for top in images.iter().rev() {
+            reader.chain(top, &cancel).await.unwrap();
+        }
+        assert_eq!(
+            READS.with(std::cell::Cell::get) - before,
+            images.len(),
+            "headers read by one reader"
+        );
     }
 
     /// What the cache serves is what qemu-img reads, before and after what it learnt is
