@@ -724,6 +724,10 @@ pub struct CheckArgs {
     /// files qsnap made that nothing uses, and merge leftover layers.
     #[arg(long)]
     pub repair: bool,
+    /// Read every memory file and check every image, even those an earlier check verified
+    /// that are unchanged since (same inode, size, mtime and ctime: not written since).
+    #[arg(long)]
+    pub full: bool,
     /// Print the findings as JSON.
     #[arg(long)]
     pub json: bool,

@@ -25,7 +25,7 @@ use anyhow::Context;
 use args::Cli;
 use clap::Parser;
 use qsnap_engine::launch::ProcessLauncher;
-use qsnap_engine::{DeleteOptions, Engine, Store, VmName};
+use qsnap_engine::{CheckOptions, DeleteOptions, Engine, Store, VmName};
 use qsnap_qmp::{ConnectOptions, Endpoint, Qmp};
 use request::{Action, Request, Usage};
 use std::process::ExitCode;
@@ -513,7 +513,10 @@ async fn run(req: Request) -> anyhow::Result<()> {
             let report = engine
                 .vm(&r.vm)
                 .await?
-                .check(r.repair)
+                .check_with(CheckOptions {
+                    repair: r.repair,
+                    full: r.full,
+                })
                 .await
                 .with_context(|| format!("checking {}", r.vm))?;
             output::checked(&report, r.repair, r.json);

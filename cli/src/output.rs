@@ -874,6 +874,15 @@ pub fn checked(r: &CheckReport, repair: bool, as_json: bool) {
     if as_json {
         return json::print(r);
     }
+    // (Said first: it qualifies every line after it.)
+    if r.unchanged > 0 {
+        println!(
+            "{} file{} verified by an earlier check and unchanged since, not read again (`--full` reads {})",
+            r.unchanged,
+            if r.unchanged == 1 { "" } else { "s" },
+            if r.unchanged == 1 { "it" } else { "them" }
+        );
+    }
     if r.findings.is_empty() {
         println!("{}: all good", r.vm);
         return;

@@ -341,6 +341,8 @@ pub struct CheckRequest {
     pub vm: VmName,
     /// Repair what can be.
     pub repair: bool,
+    /// Read everything, trusting no earlier check.
+    pub full: bool,
     /// Print JSON.
     pub json: bool,
 }
@@ -623,6 +625,7 @@ fn check(a: CheckArgs) -> anyhow::Result<Action> {
     Ok(Action::Check(CheckRequest {
         vm: vm_name(&a.name)?,
         repair: a.repair,
+        full: a.full,
         json: a.json,
     }))
 }

@@ -102,7 +102,7 @@ fn file_for(dir: &std::path::Path, kind: &str, slot: &str) -> PathBuf {
 }
 
 /// The kinds of entry files [`sweep`] looks after.
-const KINDS: [&str; 2] = ["qemu", "chain"];
+const KINDS: [&str; 3] = ["qemu", "chain", "check"];
 
 #[derive(Clone, Serialize, Deserialize)]
 struct Entry {

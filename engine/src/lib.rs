@@ -69,11 +69,11 @@ pub use inspect::{DiskInfo, VmInfo};
 pub use name::{check_description, SnapshotName, VmName};
 pub use store::{Manifest, Store, VmRecord};
 pub use vm::{
-    AttachOptions, CheckReport, CloneOptions, CloneReport, DeleteOptions, DeleteReport, DiskChain,
-    Engine, Finding, ForgetOptions, ForgetReport, ForgottenDisk, Interrupted, LazyReport,
-    MergeProgress, MergeProgressFn, MergeReport, Operation, PauseOutcome, RamRestore, Recovery,
-    RecoveryFn, RemoveReport, RevertOptions, RevertReport, RunOptions, RunReport, ShutdownOutcome,
-    Status, Vm, VmState,
+    AttachOptions, CheckOptions, CheckReport, CloneOptions, CloneReport, DeleteOptions,
+    DeleteReport, DiskChain, Engine, Finding, ForgetOptions, ForgetReport, ForgottenDisk,
+    Interrupted, LazyReport, MergeProgress, MergeProgressFn, MergeReport, Operation, PauseOutcome,
+    RamRestore, Recovery, RecoveryFn, RemoveReport, RevertOptions, RevertReport, RunOptions,
+    RunReport, ShutdownOutcome, Status, Vm, VmState,
 };
 pub use vm::{CreateOutcome, Replacement, VmCreateOptions};
 pub use vm::{DiscardedStandby, PoolReport, PoolStatus};

@@ -7,7 +7,7 @@
 #![cfg(feature = "testing")]
 
 use qsnap_engine::testing::{image, StoreWriters};
-use qsnap_engine::{DeleteError, DeleteOptions, Error, Finding, SnapshotName};
+use qsnap_engine::{CheckOptions, DeleteError, DeleteOptions, Error, Finding, SnapshotName};
 use qsnap_testkit::{init_logging, require_qemu, VmBuilder};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -374,19 +374,57 @@ async fn unknown_locked_and_hand_edited_snapshots_are_refused_and_change_nothing
 /// The finding kinds of a check.
 /// `check` runs `qemu-img check` on each image qsnap made, as the format its chain reads it
 /// (qcow2 here: without opening the chain), and a damaged one is a finding — never "clean".
+/// What a check verified is not read again while the file is unchanged (`full` reads it),
+/// and a file written since — an image's metadata, a memory file's bytes — is read again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn check_reports_an_image_it_made_whose_metadata_is_damaged() {
     require_qemu!();
     init_logging();
     let g = Guest::start(VmBuilder::idle().memory(64), "qcow2").await;
-    g.take("s1").await;
+    let s1 = g.take("s1").await;
     let s2 = g.take("s2").await;
-    assert!(g.vm.check(false).await.unwrap().findings.is_empty());
-    // s2's frozen image is the overlay qsnap made at s1: zero its first refcount block.
+    // Only a file that had been still for a moment before it was read is remembered (its
+    // times come from a coarse clock): files just written are read by every check.
+    g.vm.check(false).await.unwrap();
+    let early = g.vm.check(false).await.unwrap();
+    assert_eq!(early.unchanged, 0, "{early:#?}");
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    let first = g.vm.check(false).await.unwrap();
+    assert!(first.findings.is_empty(), "{:#?}", first.findings);
+    // s2's frozen image is the overlay qsnap made at s1; two memory files.
     let frozen = s2.snapshot.disks[0].image.clone();
     let rec = g.vm.store().record(g.vm.name()).await.unwrap();
     assert!(rec.owned_images.contains(&frozen), "{frozen:?}");
+    let memory = [&s1, &s2].map(|s| s.snapshot.memory.as_ref().unwrap().file.clone());
+    let again = g.vm.check(false).await.unwrap();
+    assert!(again.clean, "{:#?}", again.findings);
+    assert!(
+        again.unchanged >= first.unchanged + 3,
+        "the frozen image and both memory files were verified by the first check: {} then {}",
+        first.unchanged,
+        again.unchanged
+    );
+    let full =
+        g.vm.check_with(CheckOptions {
+            repair: false,
+            full: true,
+        })
+        .await
+        .unwrap();
+    assert!(full.clean && full.unchanged == 0, "{full:#?}");
+
+    // Damage after a clean check remembered the files: both are read again, and found.
     qsnap_testkit::disk_io::zero_first_refcount_block(&frozen);
+    {
+        use std::io::{Seek, SeekFrom, Write};
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&memory[1])
+            .unwrap();
+        let len = f.metadata().unwrap().len();
+        f.seek(SeekFrom::Start(len / 2)).unwrap();
+        f.write_all(b"\xa5\x5a\xa5\x5a").unwrap();
+    }
     let report = g.vm.check(false).await.unwrap();
     assert!(!report.clean);
     assert!(
@@ -394,6 +432,22 @@ async fn check_reports_an_image_it_made_whose_metadata_is_damaged() {
             .findings
             .iter()
             .any(|x| x.kind == "corrupt-image" && x.what.contains(&*frozen.to_string_lossy())),
+        "{:#?}",
+        report.findings
+    );
+    assert!(
+        report
+            .findings
+            .iter()
+            .any(|x| x.kind == "bad-memory" && x.what.contains("snapshot s2")),
+        "{:#?}",
+        report.findings
+    );
+    assert!(
+        !report
+            .findings
+            .iter()
+            .any(|x| x.what.contains("snapshot s1")),
         "{:#?}",
         report.findings
     );

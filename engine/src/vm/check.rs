@@ -15,17 +15,39 @@ use super::findings::{CheckReport, Findings};
 use super::merge::{self, next_round};
 use super::refs::{self, Live};
 use super::state::VmState;
+use super::verified::{self, Memo};
 use super::Vm;
 use crate::error::Result;
 use crate::image;
-use crate::snapshot::memfile;
 use crate::store;
 use std::path::PathBuf;
 
+/// How a check goes.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CheckOptions {
+    /// Fix what can be fixed without losing anything.
+    pub repair: bool,
+    /// Read every memory file and `qemu-img check` every image, even those an earlier
+    /// check verified and that are unchanged since (same inode, size, mtime and ctime).
+    pub full: bool,
+}
+
 impl Vm {
     /// Checks the VM's store entries against the files and QEMU; with `repair`, fixes what
-    /// can be fixed without losing anything.
+    /// can be fixed without losing anything. Files an earlier check verified and that are
+    /// unchanged since are not read again ([`Vm::check_with`] and `full` read them).
     pub async fn check(&self, repair: bool) -> Result<CheckReport> {
+        self.check_with(CheckOptions {
+            repair,
+            full: false,
+        })
+        .await
+    }
+
+    /// [`Vm::check`], with options.
+    pub async fn check_with(&self, opts: CheckOptions) -> Result<CheckReport> {
+        let repair = opts.repair;
+        let mut memo = Memo::new(opts.full);
         let _lock = self.store().lock(self.name(), "check").await?;
         if self.cancel().is_cancelled() {
             return Err(crate::Error::Cancelled);
@@ -72,6 +94,7 @@ impl Vm {
                         return Ok(CheckReport {
                             vm: self.name().to_string(),
                             findings: found.0,
+                            unchanged: memo.unchanged,
                             clean: false,
                         });
                     }
@@ -94,6 +117,7 @@ impl Vm {
             return Ok(CheckReport {
                 vm: self.name().to_string(),
                 findings: found.0,
+                unchanged: memo.unchanged,
                 clean,
             });
         }
@@ -106,6 +130,7 @@ impl Vm {
             return Ok(CheckReport {
                 vm: self.name().to_string(),
                 findings: found.0,
+                unchanged: memo.unchanged,
                 clean: false,
             });
         }
@@ -125,8 +150,9 @@ impl Vm {
         let mut stream_unverified: Vec<String> = Vec::new();
         for m in &manifests {
             if let Some(mem) = &m.snapshot.memory {
-                if let Err(e) =
-                    memfile::verify(mem.file.clone(), mem.bytes, mem.checksum.clone()).await
+                if let Err(e) = memo
+                    .memory(&mem.file, mem.bytes, mem.checksum.as_deref())
+                    .await
                 {
                     if mem.lazy.is_some() {
                         lazy_unverified.push(m.name.clone());
@@ -147,9 +173,7 @@ impl Vm {
                         .about(&mem.file);
                 }
                 if let Some(lazy) = &mem.lazy {
-                    if let Err(e) =
-                        memfile::verify_ram_image(lazy.image.clone(), lazy.checksum.clone()).await
-                    {
+                    if let Err(e) = memo.ram_image(&lazy.image, &lazy.checksum).await {
                         lazy_unverified.push(m.name.clone());
                         found
                             .add(
@@ -278,6 +302,7 @@ impl Vm {
                         return Ok(CheckReport {
                             vm: self.name().to_string(),
                             findings: found.0,
+                            unchanged: memo.unchanged,
                             clean: false,
                         });
                     }
@@ -592,11 +617,21 @@ impl Vm {
             for (i, o) in group.iter().enumerate() {
                 let (o, cancel) = (o.clone(), cancel.clone());
                 let format = formats.get(&o).cloned();
-                set.spawn(async move { (i, image::check(&o, format.as_deref(), &cancel).await) });
+                let full = memo.full();
+                set.spawn(async move {
+                    let r = verified::check_image(full, &o, format.as_deref(), &cancel).await;
+                    (i, r)
+                });
             }
             let mut results: Vec<_> = set.join_all().await;
             results.sort_by_key(|(i, _)| *i);
-            checked.extend(group.iter().zip(results.into_iter().map(|(_, r)| r)));
+            let results = results.into_iter().map(|(_, r)| {
+                r.map(|(found, trusted)| {
+                    memo.note(trusted);
+                    found
+                })
+            });
+            checked.extend(group.iter().zip(results.collect::<Vec<_>>()));
         }
         if cancel.is_cancelled() {
             return Err(crate::Error::Cancelled);
@@ -649,6 +684,7 @@ impl Vm {
         Ok(CheckReport {
             vm: self.name().to_string(),
             findings: found.0,
+            unchanged: memo.unchanged,
             clean,
         })
     }

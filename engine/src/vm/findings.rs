@@ -89,6 +89,9 @@ pub struct CheckReport {
     pub vm: String,
     /// Everything found (repaired or not).
     pub findings: Vec<Finding>,
+    /// Memory files and images not read again: an earlier check verified each, and it is
+    /// unchanged since (same inode, size, mtime and ctime). `check --full` reads them.
+    pub unchanged: usize,
     /// True when nothing is left to fix.
     pub clean: bool,
 }

@@ -34,7 +34,9 @@ mod rename;
 mod revert;
 mod state;
 mod usage;
+mod verified;
 
+pub use check::CheckOptions;
 pub use clone::{CloneOptions, CloneReport, RemoveReport, Replacement};
 pub use create::{CreateOutcome, VmCreateOptions};
 pub use delete::{DeleteOptions, DeleteReport, MergeProgress, MergeProgressFn, MergeReport};
