@@ -670,6 +670,19 @@ async fn delete_check_and_keep_current() {
     let out = run(&["check", "vm1", "--json"]);
     assert!(out.status.success(), "{out:?}");
     assert_eq!(stdout_json(&out)["clean"], true);
+    // Files a check verified, still for 2 s before, are not read again (and it says so);
+    // --full reads them.
+    std::thread::sleep(std::time::Duration::from_millis(2500));
+    assert!(run(&["check", "vm1"]).status.success());
+    let out = run(&["check", "vm1"]);
+    let said = text(&out.stdout);
+    assert!(
+        out.status.success() && said.contains("not read again") && said.contains("--full"),
+        "{out:?}"
+    );
+    let out = run(&["check", "vm1", "--full", "--json"]);
+    let r = stdout_json(&out);
+    assert!(r["clean"] == true && r["unchanged"] == 0, "{r}");
     // (What a crash leaves: a memory file with qsnap's header that no snapshot names.)
     let mut stray = b"QSNAPMEM".to_vec();
     stray.resize(4096, 0);
