@@ -168,6 +168,7 @@ impl Vm {
             }
         }
         let (_, live) = merge::view(self, &record, &manifests).await?;
+        let was_live = live.is_some();
         if let Some(live) = &live {
             for d in &record.disks {
                 let top = live.chain(&d.device).first().cloned();
@@ -223,7 +224,9 @@ impl Vm {
             failpoint::hit("delete.unlinking-memory", state.pid()).await?;
             remove_memory(self.store().clone(), self.name().clone(), victims.clone()).await
         };
-        let merging = merge::run(self, &mut record, &mut intent, opts.progress.as_ref());
+        // The first round is planned from the checks' look at QEMU: this delete changed
+        // nothing in it since (every step looks again before it changes anything).
+        let merging = merge::run(self, &mut record, &mut intent, opts.progress.as_ref(), live);
         let (memory_removed, merged) = tokio::join!(memory, merging);
         // Whatever fails leaves the journal (but for a cancelled round with nothing else
         // left): the next operation's recovery removes what memory is left and merges on.
@@ -255,7 +258,7 @@ impl Vm {
             images_removed: merges.iter().filter_map(|m| m.removed.clone()).collect(),
             merges,
             current: record.current.clone(),
-            live: live.is_some(),
+            live: was_live,
             total_ms: started.elapsed().as_secs_f64() * 1e3,
         })
     }

@@ -14,8 +14,13 @@ use crate::vm::refs::{self, Live};
 use crate::vm::Vm;
 use std::path::{Path, PathBuf};
 
-/// After the data moved: headers, names, and the unlink.
-pub(super) async fn finish_step(vm: &Vm, record: &mut VmRecord, m: &MergeStep) -> Result<()> {
+/// After the data moved: headers, names, and the unlink. Returns QEMU's view as the
+/// reference guard saw it (nothing in QEMU changes after it).
+pub(super) async fn finish_step(
+    vm: &Vm,
+    record: &mut VmRecord,
+    m: &MergeStep,
+) -> Result<Option<Live>> {
     let cancel = vm.cancel();
     // Files whose bytes this step changed (their content as a chain did not): the snapshots
     // that freeze them get new stamps, or a revert would take them for tampered with.
@@ -67,7 +72,8 @@ pub(super) async fn finish_step(vm: &Vm, record: &mut VmRecord, m: &MergeStep) -
     let manifests = vm.store().manifests(vm.name()).await?;
     let (graph, live) = view(vm, record, &manifests).await?;
     refs::safe_unlink(&gone, &graph, record, live.as_ref()).await?;
-    forget_owned(vm, record, &gone).await
+    forget_owned(vm, record, &gone).await?;
+    Ok(live)
 }
 
 /// New stamps for the snapshots that freeze any of `files`. A stamp that cannot be read is an

@@ -86,27 +86,34 @@ pub struct MergeReport {
 }
 
 /// Runs rounds until nothing is left to merge. `intent` is the delete's journal entry
-/// (updated with each round). Returns what was done.
+/// (updated with each round). `seen`: QEMU's view, if the caller read it since it last changed
+/// anything in QEMU (the first round is planned from it). Returns what was done.
 pub(crate) async fn run(
     vm: &Vm,
     record: &mut VmRecord,
     intent: &mut DeleteIntent,
     progress: Option<&MergeProgressFn>,
+    seen: Option<Live>,
 ) -> Result<Vec<MergeReport>> {
     let mut done = Vec::new();
+    let mut seen = seen;
     // A round left by an interrupted run is redone first.
     if !intent.merges.is_empty() {
         let steps: Vec<Step> = intent.merges.iter().cloned().map(Step::Merge).collect();
-        done.extend(run_round(vm, record, intent, steps, progress, true).await?);
+        let (reports, after) = run_round(vm, record, intent, steps, progress, true).await?;
+        done.extend(reports);
+        seen = after;
     }
     for _ in 0..1000 {
         let manifests = vm.store().manifests(vm.name()).await?;
-        let (graph, live) = view(vm, record, &manifests).await?;
+        let (graph, live) = view_from(vm, record, &manifests, seen.take()).await?;
         let steps = next_round(&graph, record, live.as_ref());
         if steps.is_empty() {
             break;
         }
-        done.extend(run_round(vm, record, intent, steps, progress, false).await?);
+        let (reports, after) = run_round(vm, record, intent, steps, progress, false).await?;
+        done.extend(reports);
+        seen = after;
     }
     failpoint::hit("delete.consolidated", record.pid).await?;
     Ok(done)
@@ -132,7 +139,7 @@ pub(crate) async fn merge_leftovers(
     vm.store()
         .write_journal(vm.name(), &Intent::Delete(intent.clone()))
         .await?;
-    let done = run(vm, record, &mut intent, progress).await?;
+    let done = run(vm, record, &mut intent, progress, None).await?;
     vm.store().clear_journal(vm.name()).await?;
     Ok(done)
 }
@@ -143,13 +150,30 @@ pub(crate) async fn view(
     record: &VmRecord,
     manifests: &[Manifest],
 ) -> Result<(Graph, Option<Live>)> {
+    view_from(vm, record, manifests, None).await
+}
+
+/// [`view`], with QEMU's view taken from `seen` (when the VM still runs) rather than asked
+/// again: what this operation read since it last changed anything in QEMU. For planning a
+/// round only — every step looks at QEMU again before it changes anything (`merge_live`, the
+/// reference guard in front of each unlink) — and it saves a look that, with a hundred layers
+/// in a chain, costs QEMU ≈ 35 ms.
+pub(crate) async fn view_from(
+    vm: &Vm,
+    record: &VmRecord,
+    manifests: &[Manifest],
+    seen: Option<Live>,
+) -> Result<(Graph, Option<Live>)> {
     // Only a VM that is really stopped is worked on offline: a monitor that does not answer
     // is not a stopped QEMU (its images are open).
     let live = match super::state::VmState::observe(vm, record).await {
-        super::state::VmState::Running { .. } => {
-            let qmp = vm.connect_quick(record).await?;
-            Some(Live::read(&qmp).await?)
-        }
+        super::state::VmState::Running { .. } => match seen {
+            Some(seen) => Some(seen),
+            None => {
+                let qmp = vm.connect_quick(record).await?;
+                Some(Live::read(&qmp).await?)
+            }
+        },
         super::state::VmState::Stopped => None,
         super::state::VmState::Unreachable { pid, why } => {
             return Err(Error::Unreachable {
@@ -180,6 +204,8 @@ pub(crate) async fn view(
     Ok((graph, live))
 }
 
+/// One round: what it did, and QEMU's view as its last look saw it (nothing in QEMU changed
+/// after that look), for planning the next round.
 async fn run_round(
     vm: &Vm,
     record: &mut VmRecord,
@@ -187,9 +213,10 @@ async fn run_round(
     steps: Vec<Step>,
     progress: Option<&MergeProgressFn>,
     redo: bool,
-) -> Result<Vec<MergeReport>> {
+) -> Result<(Vec<MergeReport>, Option<Live>)> {
     let started = Instant::now();
     let mut reports = Vec::new();
+    let mut seen = None;
     // Removals need no journal: an unlink is one step.
     let mut merges = Vec::new();
     for s in steps {
@@ -198,6 +225,7 @@ async fn run_round(
                 let manifests = vm.store().manifests(vm.name()).await?;
                 let (graph, live) = view(vm, record, &manifests).await?;
                 refs::safe_unlink(&image, &graph, record, live.as_ref()).await?;
+                seen = live;
                 forget_owned(vm, record, &image).await?;
                 info!(image = %image.display(), "removed a layer nothing uses");
                 reports.push(MergeReport {
@@ -214,7 +242,7 @@ async fn run_round(
         }
     }
     if merges.is_empty() {
-        return Ok(reports);
+        return Ok((reports, seen));
     }
     for (i, m) in merges.iter_mut().enumerate() {
         if m.live && m.job.is_none() {
@@ -298,7 +326,7 @@ async fn run_round(
     }
     failpoint::hit("delete.merged", record.pid).await?;
     for m in &merges {
-        finish_step(vm, record, m).await?;
+        seen = finish_step(vm, record, m).await?;
     }
     failpoint::hit("delete.rebased", record.pid).await?;
     let ms = started.elapsed().as_secs_f64() * 1e3;
@@ -321,7 +349,7 @@ async fn run_round(
         .write_journal(vm.name(), &Intent::Delete(intent.clone()))
         .await?;
     report(1.0);
-    Ok(reports)
+    Ok((reports, seen))
 }
 
 /// The bytes a round copies (allocated size of the layers whose data moves).
