@@ -56,6 +56,8 @@ pub(crate) struct Live {
     pub disks: Vec<Disk>,
     /// Its named nodes.
     pub nodes: Vec<Node>,
+    /// The QEMU that answered (its pid, when the socket says).
+    pub pid: Option<u32>,
 }
 
 impl Live {
@@ -63,6 +65,7 @@ impl Live {
         Ok(Live {
             disks: blocks::read(qmp).await?,
             nodes: crate::snapshot::jobs::list_nodes(qmp).await?,
+            pid: qmp.peer_pid(),
         })
     }
 

@@ -167,9 +167,10 @@ pub(crate) async fn view_from(
     // Only a VM that is really stopped is worked on offline: a monitor that does not answer
     // is not a stopped QEMU (its images are open).
     let live = match super::state::VmState::observe(vm, record).await {
-        super::state::VmState::Running { .. } => match seen {
-            Some(seen) => Some(seen),
-            None => {
+        // (Only the very QEMU that gave the look: one restarted meanwhile is asked again.)
+        super::state::VmState::Running { pid, .. } => match seen {
+            Some(seen) if pid.is_some() && seen.pid == pid => Some(seen),
+            _ => {
                 let qmp = vm.connect_quick(record).await?;
                 Some(Live::read(&qmp).await?)
             }

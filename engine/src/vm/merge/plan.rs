@@ -270,7 +270,11 @@ mod tests {
                 medium: Some(medium),
             };
             let (disks, nodes) = (Vec::new(), Vec::new());
-            let live = self.live.get_or_insert(Live { disks, nodes });
+            let live = self.live.get_or_insert(Live {
+                disks,
+                nodes,
+                pid: None,
+            });
             live.disks.push(disk);
             self
         }
