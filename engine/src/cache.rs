@@ -72,6 +72,20 @@ pub(crate) fn key_of(name: &std::path::Path, md: &std::fs::Metadata, extra: &str
     )
 }
 
+/// This boot's id (`/proc/sys/kernel/random/boot_id`; empty where there is none), for the keys
+/// of answers about what a file holds: after a power cut a file can keep the times of a write
+/// whose data the page cache lost, so such an answer is never served after a reboot.
+pub(crate) async fn boot_id() -> &'static str {
+    static ID: tokio::sync::OnceCell<String> = tokio::sync::OnceCell::const_new();
+    ID.get_or_init(|| async {
+        tokio::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+            .await
+            .map(|s| s.trim().to_owned())
+            .unwrap_or_default()
+    })
+    .await
+}
+
 /// A binary given by name (`qemu-system-x86_64`) as the file `PATH` finds (a path is taken
 /// as it is).
 pub async fn resolve_binary(binary: &str) -> Option<PathBuf> {

@@ -324,12 +324,18 @@ pub(crate) async fn reader_identity() -> &'static str {
 async fn identity(image: &Path) -> Option<(String, String, SystemTime)> {
     let md = tokio::fs::metadata(image).await.ok()?;
     let slot = image.display().to_string();
-    let key = crate::cache::key_of(image, &md, reader_identity().await);
+    let extra = format!(
+        "{}|boot {}",
+        reader_identity().await,
+        crate::cache::boot_id().await
+    );
+    let key = crate::cache::key_of(image, &md, &extra);
     let changed = at(md.mtime(), md.mtime_nsec()).max(at(md.ctime(), md.ctime_nsec()));
     Some((slot, key, changed))
 }
 
-fn at(secs: i64, nsecs: i64) -> SystemTime {
+/// A file time (`mtime`, `ctime`) as a `SystemTime`.
+pub(crate) fn at(secs: i64, nsecs: i64) -> SystemTime {
     SystemTime::UNIX_EPOCH
         + Duration::new(
             u64::try_from(secs).unwrap_or(0),

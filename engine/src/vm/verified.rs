@@ -1,24 +1,27 @@
 //! What an earlier `check` verified, remembered per version of a file, so that a check of a
 //! VM with a hundred snapshots does not read a hundred frozen files that cannot have changed.
 //!
-//! A version is the file's path, device, inode, size, mtime and ctime (`cache::key_of`);
-//! ctime is set by the kernel on every write and no one can set it back without setting the
-//! clock back. A result is remembered only when it was clean and the file had been still for
-//! [`SETTLED`] before its read began, and had not changed by the end of it (timestamps come
-//! from a coarse clock: a write right after a read could keep the time the read saw). So a
-//! file written since, by anything, is read again.
+//! A version is the file's path, device, inode, size, mtime and ctime (`cache::key_of`), in
+//! this boot (a power cut can keep a write's times and lose its data); ctime is set by the
+//! kernel on every write and no one can set it back without setting the clock back. (A write
+//! through a shared mapping sets it only when a clean page is first dirtied: the one writer
+//! that maps a store file, `lazy-ram`'s helper, holds the VM's lock, as a check does.) A
+//! result is remembered only when it was clean and the file had been still for [`SETTLED`]
+//! before its read began, and had not changed by the end of it (timestamps come from a
+//! coarse clock: a write right after a read could keep the time the read saw). So a file
+//! written since, by anything, is read again.
 //!
 //! Only `check` remembers here, and only `check` trusts it; `check --full` reads everything.
 //! A revert verifies memory on its own terms (`memfile::verify_cached`). Must never remember
 //! a finding, or anything read from a file that was still changing.
 
-use crate::chains::SETTLED;
+use crate::chains::{at, SETTLED};
 use crate::image::{self, ImageCheck};
 use crate::snapshot::memfile;
 use crate::Result;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 use tokio_util::sync::CancellationToken;
 
 /// The cache's kind for these entries (swept with the others when their file is gone).
@@ -133,12 +136,15 @@ async fn trusted(v: Option<&Version>) -> bool {
     }
 }
 
-/// This version of `path`, for the check `what` (`None`: it cannot be read).
+/// This version of `path`, for the check `what` (`kind|detail`: one slot per kind of check
+/// and file, whatever the detail; `None`: it cannot be read).
 async fn version(path: &Path, what: &str) -> Option<Version> {
     let md = tokio::fs::metadata(path).await.ok()?;
+    let kind = what.split('|').next().unwrap_or(what);
+    let extra = format!("{what}|boot {}", crate::cache::boot_id().await);
     Some(Version {
-        slot: format!("{what}|{}", path.display()),
-        key: crate::cache::key_of(path, &md, what),
+        slot: format!("{kind}|{}", path.display()),
+        key: crate::cache::key_of(path, &md, &extra),
         changed: at(md.mtime(), md.mtime_nsec()).max(at(md.ctime(), md.ctime_nsec())),
     })
 }
@@ -159,10 +165,77 @@ async fn remember(path: &Path, what: &str, before: Option<Version>, started: Sys
     }
 }
 
-fn at(secs: i64, nsecs: i64) -> SystemTime {
-    SystemTime::UNIX_EPOCH
-        + Duration::new(
-            u64::try_from(secs).unwrap_or(0),
-            u32::try_from(nsecs).unwrap_or(0),
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::process::Command;
+    use std::time::Duration;
+
+    /// A clean `qemu-img check` is remembered only for a file that had been still for
+    /// [`SETTLED`], served only for that very version of it (a write, or times set back after
+    /// one, is read again), and never under `full`.
+    #[tokio::test]
+    async fn only_a_settled_unchanged_file_is_trusted() {
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("i.qcow2");
+        let made = Command::new("qemu-img")
+            .args([
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                image.to_str().unwrap(),
+                "16M",
+            ])
+            .status()
+            .expect("qemu-img is needed for this test (Debian's qemu-utils)");
+        assert!(made.success());
+        let cancel = CancellationToken::new();
+        let check = |full: bool| {
+            let (image, cancel) = (image.clone(), cancel.clone());
+            async move {
+                let (r, trusted) = check_image(full, &image, Some("qcow2"), &cancel)
+                    .await
+                    .unwrap();
+                assert_eq!((r.corruptions, r.check_errors), (0, 0));
+                trusted
+            }
+        };
+        // Fresh: read by every check.
+        assert!(!check(false).await);
+        assert!(!check(false).await, "a file just written was remembered");
+        // Settled: read once more, then trusted — but never under `full`.
+        tokio::time::sleep(SETTLED + Duration::from_millis(300)).await;
+        assert!(!check(false).await);
+        assert!(
+            check(false).await,
+            "a settled, unchanged file was read again"
+        );
+        assert!(!check(true).await, "`full` trusted a remembered result");
+        // Written (its times then set back as they were): read again.
+        let md = std::fs::metadata(&image).unwrap();
+        let f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&image)
+            .unwrap();
+        use std::io::Write;
+        (&f).write_all(&[0u8; 512]).unwrap();
+        f.set_times(
+            std::fs::FileTimes::new()
+                .set_modified(md.modified().unwrap())
+                .set_accessed(md.accessed().unwrap()),
         )
+        .unwrap();
+        f.set_len(md.len()).unwrap();
+        f.set_times(
+            std::fs::FileTimes::new()
+                .set_modified(md.modified().unwrap())
+                .set_accessed(md.accessed().unwrap()),
+        )
+        .unwrap();
+        drop(f);
+        let now = std::fs::metadata(&image).unwrap();
+        assert_eq!((now.len(), now.mtime()), (md.len(), md.mtime()));
+        assert!(!check(false).await, "a file written since was trusted");
+    }
 }
