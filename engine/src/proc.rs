@@ -48,6 +48,16 @@ pub(crate) async fn is_qemu(pid: u32) -> bool {
         .unwrap_or(false)
 }
 
+/// Whether the process `pid` that started at `start` still exists and is not a zombie. Unlike
+/// [`is_recorded_qemu`] it asks nothing of the process's memory: a process being torn down
+/// after SIGKILL has lost its command line (so it no longer looks like a QEMU) well before
+/// it is gone.
+pub(crate) async fn still_runs(pid: u32, start: u64) -> bool {
+    tokio::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .await
+        .is_ok_and(|s| runs(&s) && parse_stat(&s).and_then(|(_, t)| t) == Some(start))
+}
+
 /// Whether `pid` is still the QEMU that was recorded: alive, a QEMU, and (when its start time
 /// was recorded) the same process.
 pub(crate) async fn is_recorded_qemu(pid: u32, start: Option<u64>) -> bool {
@@ -84,5 +94,29 @@ mod tests {
         assert!(alive(me).await);
         assert!(start_time(me).await.is_some());
         assert!(!is_qemu(me).await);
+    }
+
+    /// A killed process runs until it is a zombie, and its pid with another start time is
+    /// not it.
+    #[tokio::test]
+    async fn a_killed_process_stops_running_when_it_is_a_zombie() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        let start = start_time(pid).await.unwrap();
+        assert!(still_runs(pid, start).await);
+        assert!(!still_runs(pid, start + 1).await);
+        child.kill().unwrap();
+        // Not reaped: a zombie, which no longer runs.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while still_runs(pid, start).await {
+            assert!(std::time::Instant::now() < deadline, "pid {pid} still runs");
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert!(!alive(pid).await);
+        child.wait().unwrap();
+        assert!(!still_runs(pid, start).await);
     }
 }

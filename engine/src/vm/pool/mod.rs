@@ -701,17 +701,19 @@ async fn kill_recorded(pid: u32, start: Option<u64>) -> Result<()> {
     if !crate::proc::is_recorded_qemu(pid, start).await {
         return Ok(());
     }
-    if start.is_none() {
+    let Some(start) = start else {
         return Err(Error::Busy {
             what: format!(
                 "the standby's QEMU (pid {pid}) has no recorded start time, so it cannot be told apart from a process given its pid since; stop it by hand"
             ),
         });
-    }
+    };
     let p = nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap_or(i32::MAX));
     let _ = nix::sys::signal::kill(p, nix::sys::signal::Signal::SIGKILL);
     let deadline = Instant::now() + std::time::Duration::from_secs(10);
-    while crate::proc::is_recorded_qemu(pid, start).await {
+    // Until the process is gone, not until it stops looking like a QEMU: one being torn
+    // down has lost its command line, and still holds its files (and its guest's RAM).
+    while crate::proc::still_runs(pid, start).await {
         if Instant::now() > deadline {
             return Err(Error::Busy {
                 what: format!("the standby's QEMU (pid {pid}) did not exit after SIGKILL"),
