@@ -334,6 +334,13 @@ async fn identity(image: &Path) -> Option<(String, String, SystemTime)> {
     Some((slot, key, changed))
 }
 
+/// Whether what a read that began at `started` saw of a file last changed at `changed` may be
+/// remembered: the file had been still for [`SETTLED`] when the read began.
+pub(crate) fn settled(changed: SystemTime, started: SystemTime) -> bool {
+    // (A clock set back during the read could make a fresh change look settled.)
+    changed + SETTLED < started && SystemTime::now() >= started
+}
+
 /// A file time (`mtime`, `ctime`) as a `SystemTime`.
 pub(crate) fn at(secs: i64, nsecs: i64) -> SystemTime {
     SystemTime::UNIX_EPOCH
@@ -357,8 +364,7 @@ async fn learn(e: &ChainImage, format: Option<&str>, started: SystemTime) {
     let Some((slot, key, changed)) = identity(&e.filename).await else {
         return;
     };
-    // (A clock set back during the read could make a fresh change look settled.)
-    if changed + SETTLED < started && SystemTime::now() >= started {
+    if settled(changed, started) {
         let l = Learnt {
             read_as: format.map(str::to_owned),
             image: e.clone(),

@@ -6,16 +6,16 @@
 //! kernel on every write and no one can set it back without setting the clock back. (A write
 //! through a shared mapping sets it only when a clean page is first dirtied: the one writer
 //! that maps a store file, `lazy-ram`'s helper, holds the VM's lock, as a check does.) A
-//! result is remembered only when it was clean and the file had been still for [`SETTLED`]
-//! before its read began, and had not changed by the end of it (timestamps come from a
-//! coarse clock: a write right after a read could keep the time the read saw). So a file
-//! written since, by anything, is read again.
+//! result is remembered only when it was clean and the file had been still for
+//! [`SETTLED`](crate::chains::SETTLED) before its read began, and had not changed by the end
+//! of it (timestamps come from a coarse clock: a write right after a read could keep the time
+//! the read saw). So a file written since, by anything, is read again.
 //!
 //! Only `check` remembers here, and only `check` trusts it; `check --full` reads everything.
 //! A revert verifies memory on its own terms (`memfile::verify_cached`). Must never remember
 //! a finding, or anything read from a file that was still changing.
 
-use crate::chains::{at, SETTLED};
+use crate::chains::{at, settled};
 use crate::image::{self, ImageCheck};
 use crate::snapshot::memfile;
 use crate::Result;
@@ -150,11 +150,11 @@ async fn version(path: &Path, what: &str) -> Option<Version> {
 }
 
 /// Remembers a clean result about version `before` of `path`, read from `started` on, if the
-/// file had been still for [`SETTLED`] before and is still that version now.
+/// file had been still for [`SETTLED`](crate::chains::SETTLED) before and is still that
+/// version now.
 async fn remember(path: &Path, what: &str, before: Option<Version>, started: SystemTime) {
     let Some(before) = before else { return };
-    // (A clock set back during the read could make a fresh change look settled.)
-    if before.changed + SETTLED >= started || SystemTime::now() < started {
+    if !settled(before.changed, started) {
         return;
     }
     let Some(after) = version(path, what).await else {
@@ -172,8 +172,8 @@ mod tests {
     use std::time::Duration;
 
     /// A clean `qemu-img check` is remembered only for a file that had been still for
-    /// [`SETTLED`], served only for that very version of it (a write, or times set back after
-    /// one, is read again), and never under `full`.
+    /// [`SETTLED`](crate::chains::SETTLED), served only for that very version of it (a write,
+    /// or times set back after one, is read again), and never under `full`.
     #[tokio::test]
     async fn only_a_settled_unchanged_file_is_trusted() {
         let dir = tempfile::tempdir().unwrap();
@@ -205,7 +205,7 @@ mod tests {
         assert!(!check(false).await);
         assert!(!check(false).await, "a file just written was remembered");
         // Settled: read once more, then trusted — but never under `full`.
-        tokio::time::sleep(SETTLED + Duration::from_millis(300)).await;
+        tokio::time::sleep(crate::chains::SETTLED + Duration::from_millis(300)).await;
         assert!(!check(false).await);
         assert!(
             check(false).await,
