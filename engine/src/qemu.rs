@@ -363,6 +363,54 @@ impl Command for QueryNamedBlockNodes {
     type Ok = Vec<NodeInfo>;
 }
 
+/// `x-debug-query-block-graph`: every node of the block layer and every edge between them,
+/// without the per-image details (an unstable interface: callers fall back to
+/// [`QueryNamedBlockNodes`] when it is missing or says anything unexpected).
+#[derive(Debug, Serialize)]
+pub struct XDebugQueryBlockGraph {}
+
+impl Command for XDebugQueryBlockGraph {
+    const NAME: &'static str = "x-debug-query-block-graph";
+    const ALLOW_OOB: bool = false;
+    type Ok = BlockGraph;
+}
+
+/// The block graph (`XDbgBlockGraph`).
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct BlockGraph {
+    /// Backends, jobs and driver nodes.
+    #[serde(default)]
+    pub nodes: Vec<GraphNode>,
+    /// Parent → child links.
+    #[serde(default)]
+    pub edges: Vec<GraphEdge>,
+}
+
+/// One node of the block graph.
+#[derive(Debug, Clone, Deserialize)]
+pub struct GraphNode {
+    /// Its id in this answer.
+    pub id: u64,
+    /// `block-backend`, `block-job` or `block-driver` (text: a newer QEMU may add kinds).
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// A driver node's node name; a backend's or job's name.
+    #[serde(default)]
+    pub name: String,
+}
+
+/// One edge of the block graph.
+#[derive(Debug, Clone, Deserialize)]
+pub struct GraphEdge {
+    /// The parent's id.
+    pub parent: u64,
+    /// The child's id.
+    pub child: u64,
+    /// The child's role (`root`, `file`, `backing`, …).
+    #[serde(default)]
+    pub name: String,
+}
+
 /// `query-fdsets`, reading ids and opaque names only.
 #[derive(Debug, Serialize)]
 pub struct QueryFdsets {}

@@ -12,6 +12,12 @@ use std::future::Future;
 pub mod blocks {
     pub use crate::blocks::{chain_of, format_node_for, read, Disk, Node};
     pub use crate::snapshot::jobs::list_nodes as nodes;
+    pub use crate::snapshot::jobs::list_nodes_of as nodes_of;
+
+    /// The nodes told from QEMU's block graph, or `None` where qsnap would list them in full.
+    pub async fn nodes_from_graph(qmp: &qsnap_qmp::Qmp, disks: &[Disk]) -> Option<Vec<Node>> {
+        crate::blocks::nodes_from_graph(qmp, disks).await
+    }
 }
 
 /// `qemu-img` as qsnap runs it.

@@ -702,3 +702,118 @@ fn qmp_errors_say_what_qemu_said() {
         "{text}"
     );
 }
+
+/// The node list told from QEMU's block graph (a tenth of the cost of the full listing on a
+/// long chain) is the full listing, for each layout the disks' chains explain: a `-drive`
+/// chain of three, `-blockdev` disks (raw and qcow2), an empty drive. A node no disk uses,
+/// or a job's filter node, is not explained: those are listed in full, and then too the
+/// listing qsnap uses is the full one.
+#[tokio::test]
+async fn nodes_told_from_the_block_graph_are_the_full_listing() {
+    require_qemu!();
+    init_logging();
+    let dir = tempfile::tempdir().unwrap();
+    let image = |name: &str| dir.path().join(name);
+    create_image(&image("base.qcow2"), "qcow2", "16M").await;
+    for (upper, lower) in [("mid.qcow2", "base.qcow2"), ("top.qcow2", "mid.qcow2")] {
+        let made = tokio::process::Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
+            .arg(image(lower))
+            .arg(image(upper))
+            .status()
+            .await
+            .unwrap();
+        assert!(made.success());
+    }
+    // Data below the top, for the stream below to copy slowly.
+    let written = tokio::process::Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c", "write -P 7 0 4M"])
+        .arg(image("base.qcow2"))
+        .output()
+        .await
+        .expect("qemu-io (Debian's qemu-utils) writes the test's data");
+    assert!(written.status.success(), "{written:?}");
+    create_image(&image("raw.img"), "raw", "4M").await;
+    create_image(&image("second.qcow2"), "qcow2", "4M").await;
+    create_image(&image("loose.qcow2"), "qcow2", "4M").await;
+    let vm = VmBuilder::idle()
+        .disk(image("top.qcow2"), "qcow2", DiskStyle::Drive)
+        .disk(image("raw.img"), "raw", DiskStyle::Blockdev)
+        .disk(image("second.qcow2"), "qcow2", DiskStyle::Blockdev)
+        .args(["-drive", "if=none,id=empty0"])
+        .spawn()
+        .await;
+    let qmp = vm.qmp().await;
+    let sorted = |mut nodes: Vec<blocks::Node>| {
+        nodes.sort_by(|a, b| a.name.cmp(&b.name));
+        nodes
+    };
+    // (told, as qsnap lists them, in full)
+    let look = || async {
+        let disks = blocks::read(&qmp).await.unwrap();
+        (
+            blocks::nodes_from_graph(&qmp, &disks).await.map(sorted),
+            sorted(blocks::nodes_of(&qmp, &disks).await.unwrap()),
+            sorted(blocks::nodes(&qmp).await.unwrap()),
+        )
+    };
+
+    let (told, used, full) = look().await;
+    // Three layers, a format and a file node each; two `-blockdev` disks, two nodes each.
+    assert_eq!(full.len(), 10, "{full:#?}");
+    assert_eq!(told.as_ref(), Some(&full), "told from the graph");
+    assert_eq!(used, full);
+    for layer in ["top.qcow2", "mid.qcow2", "base.qcow2"] {
+        assert!(
+            blocks::format_node_for(&used, &image(layer)).is_some(),
+            "{layer}: {used:#?}"
+        );
+    }
+
+    // A node no disk uses.
+    qmp.execute_raw(
+        "blockdev-add",
+        Some(serde_json::json!({
+            "driver": "qcow2", "node-name": "loose",
+            "file": { "driver": "file", "filename": image("loose.qcow2") },
+        })),
+    )
+    .await
+    .unwrap();
+    let (told, used, full) = look().await;
+    assert_eq!(told, None, "a node no disk uses was explained: {told:#?}");
+    assert!(used.iter().any(|n| n.name == "loose"), "{used:#?}");
+    assert_eq!(used, full);
+    qmp.execute_raw(
+        "blockdev-del",
+        Some(serde_json::json!({ "node-name": "loose" })),
+    )
+    .await
+    .unwrap();
+    let (told, _, full) = look().await;
+    assert_eq!(told.as_ref(), Some(&full), "once the node is gone");
+
+    // A job's filter node (a stream that runs at one byte a second).
+    qmp.execute_raw(
+        "block-stream",
+        Some(serde_json::json!({ "job-id": "slow", "device": "drive0", "speed": 1 })),
+    )
+    .await
+    .unwrap();
+    let (told, used, full) = look().await;
+    assert_eq!(told, None, "a job's filter was explained: {told:#?}");
+    assert!(full.len() > 10, "no filter node: {full:#?}");
+    assert_eq!(used, full);
+    qmp.execute_raw("job-cancel", Some(serde_json::json!({ "id": "slow" })))
+        .await
+        .unwrap();
+    for _ in 0..100 {
+        let jobs = qmp.execute_raw("query-jobs", None).await.unwrap();
+        if jobs.as_array().is_some_and(Vec::is_empty) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (told, _, full) = look().await;
+    assert_eq!(told.as_ref(), Some(&full), "once the job is gone");
+}

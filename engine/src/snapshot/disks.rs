@@ -346,7 +346,7 @@ pub(crate) enum Position {
 /// Asks QEMU where each planned disk is.
 pub(crate) async fn positions(qmp: &Qmp, disks: &[PlannedOverlay]) -> Result<Vec<Position>> {
     let now = blocks::read(qmp).await?;
-    let nodes = jobs::list_nodes(qmp).await?;
+    let nodes = jobs::list_nodes_of(qmp, &now).await?;
     Ok(disks
         .iter()
         .map(|d| {

@@ -62,9 +62,11 @@ pub(crate) struct Live {
 
 impl Live {
     pub(crate) async fn read(qmp: &qsnap_qmp::Qmp) -> Result<Live> {
+        let disks = blocks::read(qmp).await?;
+        let nodes = crate::snapshot::jobs::list_nodes_of(qmp, &disks).await?;
         Ok(Live {
-            disks: blocks::read(qmp).await?,
-            nodes: crate::snapshot::jobs::list_nodes(qmp).await?,
+            disks,
+            nodes,
             pid: qmp.peer_pid(),
         })
     }
