@@ -111,8 +111,14 @@ fn resolve_binary_blocking(binary: &str) -> Option<PathBuf> {
 /// One on-disk entry's file: `<kind>-<hash of slot>.json`. A slot holds one entry at a time
 /// (the latest answer about one thing); its key says which version of that thing it is about.
 fn file_for(dir: &std::path::Path, kind: &str, slot: &str) -> PathBuf {
+    dir.join(entry_name(kind, slot))
+}
+
+/// An entry's name, on disk and in memory (so that [`sweep`], which sees only files, can
+/// keep what it read for the lookups that follow).
+fn entry_name(kind: &str, slot: &str) -> String {
     let h = xxhash_rust::xxh3::xxh3_64(slot.as_bytes());
-    dir.join(format!("{kind}-{h:016x}.json"))
+    format!("{kind}-{h:016x}.json")
 }
 
 /// The kinds of entry files [`sweep`] looks after.
@@ -141,7 +147,7 @@ pub(crate) async fn lookup_in<T: serde::de::DeserializeOwned>(
     slot: &str,
     key: &str,
 ) -> Option<T> {
-    let mem_slot = format!("{kind}|{slot}");
+    let mem_slot = entry_name(kind, slot);
     let cached = memory()
         .lock()
         .unwrap_or_else(|e| e.into_inner())
@@ -189,7 +195,7 @@ pub(crate) async fn remember_in<T: Serialize>(
     memory()
         .lock()
         .unwrap_or_else(|e| e.into_inner())
-        .insert(format!("{kind}|{slot}"), entry.clone());
+        .insert(entry_name(kind, &slot), entry.clone());
     let Some(dir) = disk_dir().lock().unwrap_or_else(|e| e.into_inner()).clone() else {
         return;
     };
@@ -213,7 +219,9 @@ pub(crate) async fn remember_in<T: Serialize>(
 
 /// Removes the on-disk entries whose file is gone or is no longer the file the entry was
 /// about (another inode, size or time): they can never be served again. Returns how many
-/// went. Entries that cannot be read are left alone (asked again when needed).
+/// went. Entries that cannot be read are left alone (asked again when needed). The entries
+/// that stay are kept in memory: the lookups that follow (a check asks about every file of
+/// the VM) are not read from disk a second time.
 pub async fn sweep() -> usize {
     let Some(dir) = disk_dir().lock().unwrap_or_else(|e| e.into_inner()).clone() else {
         return 0;
@@ -223,6 +231,7 @@ pub async fn sweep() -> usize {
             return 0;
         };
         let mut removed = 0;
+        let mut kept = Vec::new();
         for e in entries.flatten() {
             let p = e.path();
             let is_entry = p.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
@@ -237,9 +246,18 @@ pub async fn sweep() -> usize {
             let Ok(Some(entry)) = crate::store::read_json::<Entry>(&p) else {
                 continue;
             };
-            if stale(&entry.key) && std::fs::remove_file(&p).is_ok() {
+            if !stale(&entry.key) {
+                if let Some(name) = p.file_name().and_then(|n| n.to_str()) {
+                    kept.push((name.to_owned(), entry));
+                }
+            } else if std::fs::remove_file(&p).is_ok() {
                 removed += 1;
             }
+        }
+        let mut memory = memory().lock().unwrap_or_else(|e| e.into_inner());
+        for (name, entry) in kept {
+            // What this process remembered itself is at least as new as the file.
+            memory.entry(name).or_insert(entry);
         }
         removed
     })

@@ -167,6 +167,9 @@ pub(crate) struct Reader {
     // walk that stopped at the first known image (and kept only what lay below it) made the
     // next walk, from one image higher, go down the same path again: quadratic in N.
     read: HashMap<PathBuf, (Option<String>, ChainImage)>,
+    // Images whose whole chain below a walk read without fault, each with the format it was
+    // asked for: where [`Reader::chain_news`] may stop.
+    walked: HashSet<(PathBuf, Option<String>)>,
 }
 
 /// What [`Reader::read_one`] read.
@@ -184,6 +187,43 @@ impl Reader {
         top: &Path,
         cancel: &CancellationToken,
     ) -> Result<Vec<ChainImage>> {
+        self.walk(top, false, cancel).await
+    }
+
+    /// `top`'s chain down to the first image below it whose whole chain an earlier walk of
+    /// this reader read without fault (asked for as the same format), that image excluded:
+    /// what is new. The last image's backing then names where it stopped. A check of a
+    /// hundred snapshots in one chain walks each image once, not a hundred times.
+    pub(crate) async fn chain_news(
+        &mut self,
+        top: &Path,
+        cancel: &CancellationToken,
+    ) -> Result<Vec<ChainImage>> {
+        self.walk(top, true, cancel).await
+    }
+
+    async fn walk(
+        &mut self,
+        top: &Path,
+        stop_at_walked: bool,
+        cancel: &CancellationToken,
+    ) -> Result<Vec<ChainImage>> {
+        let out = self.walk_all(top, stop_at_walked, cancel).await?;
+        // Asked for as: the top probed, each image below as the one above names it.
+        let mut asked_as: Option<String> = None;
+        for e in &out {
+            self.walked.insert((e.filename.clone(), asked_as.take()));
+            asked_as = e.backing_filename_format.clone();
+        }
+        Ok(out)
+    }
+
+    async fn walk_all(
+        &mut self,
+        top: &Path,
+        stop_at_walked: bool,
+        cancel: &CancellationToken,
+    ) -> Result<Vec<ChainImage>> {
         let mut out: Vec<ChainImage> = Vec::new();
         let mut at = top.to_owned();
         // What the header above names `at`'s format (None: probed, as for the top).
@@ -198,6 +238,12 @@ impl Reader {
                     .into_iter()
                     .map(plain)
                     .collect());
+            }
+            if stop_at_walked
+                && !out.is_empty()
+                && self.walked.contains(&(at.clone(), format.clone()))
+            {
+                return Ok(out);
             }
             let known = self
                 .read
@@ -454,6 +500,48 @@ mod tests {
             images.len(),
             "headers read by one reader"
         );
+    }
+
+    /// `chain_news` returns what no earlier walk read in full: a chain walked bottom up
+    /// yields each image once (linear, where whole chains are 1 + 2 + … + N entries), and
+    /// what it returns ends at the image it stopped on. A walk that failed taught nothing:
+    /// the next one through the same images fails as well.
+    #[tokio::test]
+    async fn news_stop_where_an_earlier_walk_read_everything_below() {
+        let dir = tempfile::tempdir().unwrap();
+        let cancel = CancellationToken::new();
+        let base = dir.path().join("base.qcow2");
+        qemu_img(&["create", "-q", "-f", "qcow2", base.to_str().unwrap(), "64M"]);
+        let mut images = vec![base.clone()];
+        for i in 1..8 {
+            let below = images[i - 1].to_str().unwrap().to_owned();
+            images.push(overlay(dir.path(), &format!("o{i}.qcow2"), &below));
+        }
+        let mut reader = Reader::default();
+        let mut returned = 0;
+        for (i, top) in images.iter().enumerate() {
+            let news = reader.chain_news(top, &cancel).await.unwrap();
+            assert_eq!(news[0].filename, *top);
+            let stop = news.last().unwrap().full_backing_filename.clone();
+            // The first image below the top was asked for as qcow2 only now: it is walked
+            // once more, and the walk stops under it.
+            assert!(news.len() <= 2, "{i}: {news:?}");
+            assert_eq!(stop.is_none(), i < 2, "{i}: {news:?}");
+            returned += news.len();
+        }
+        assert!(returned < 2 * images.len(), "{returned} entries for {} images", images.len());
+        // The whole chain is still what `chain` says.
+        let top = images.last().unwrap();
+        assert_eq!(reader.chain(top, &cancel).await.unwrap().len(), images.len());
+
+        // A chain with a missing image: every walk through it fails.
+        let lost = overlay(dir.path(), "lost.qcow2", base.to_str().unwrap());
+        let above = overlay(dir.path(), "above.qcow2", lost.to_str().unwrap());
+        let higher = overlay(dir.path(), "higher.qcow2", above.to_str().unwrap());
+        std::fs::remove_file(&lost).unwrap();
+        let mut reader = Reader::default();
+        assert!(reader.chain_news(&above, &cancel).await.is_err());
+        assert!(reader.chain_news(&higher, &cancel).await.is_err());
     }
 
     /// What the cache serves is what qemu-img reads, before and after what it learnt is

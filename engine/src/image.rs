@@ -392,16 +392,37 @@ pub async fn stamp(path: &Path) -> Result<ImageStamp> {
             path: path.to_owned(),
             source,
         })?;
+    Ok(stamp_of(&m))
+}
+
+/// The stamps of many images, read in one blocking task (a check of a hundred snapshots
+/// would otherwise hand a hundred tasks to the blocking pool); `None` where the file cannot
+/// be read.
+pub(crate) async fn stamps(paths: Vec<PathBuf>) -> Vec<(PathBuf, Option<ImageStamp>)> {
+    tokio::task::spawn_blocking(move || {
+        paths
+            .into_iter()
+            .map(|p| {
+                let s = std::fs::metadata(&p).ok().map(|m| stamp_of(&m));
+                (p, s)
+            })
+            .collect()
+    })
+    .await
+    .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
+}
+
+fn stamp_of(m: &std::fs::Metadata) -> ImageStamp {
     let mtime_ns = m
         .modified()
         .ok()
         .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
         .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
         .unwrap_or(0);
-    Ok(ImageStamp {
+    ImageStamp {
         bytes: m.len(),
         mtime_ns,
-    })
+    }
 }
 
 #[cfg(test)]

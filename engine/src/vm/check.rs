@@ -148,6 +148,16 @@ impl Vm {
         // And the other way round: a stream that does not verify, beside the device state and
         // RAM image a conversion made of it (a power cut undid the switch).
         let mut stream_unverified: Vec<String> = Vec::new();
+        let stamps: std::collections::HashMap<PathBuf, Option<crate::store::ImageStamp>> =
+            image::stamps(
+                manifests
+                    .iter()
+                    .flat_map(|m| m.snapshot.disks.iter().map(|d| d.image.clone()))
+                    .collect(),
+            )
+            .await
+            .into_iter()
+            .collect();
         for m in &manifests {
             if let Some(mem) = &m.snapshot.memory {
                 if let Err(e) = memo
@@ -192,10 +202,10 @@ impl Vm {
             }
             let mut unstamped = Vec::new();
             for d in &m.snapshot.disks {
-                match image::stamp(&d.image).await {
+                match stamps.get(&d.image).copied().flatten().ok_or(()) {
                     // (Not "delete the snapshot": the layers above back onto the file, so a
                     // delete is refused until it is back, and would send the user here.)
-                    Err(_) => {
+                    Err(()) => {
                         found
                             .add(
                                 "missing-image",
@@ -238,7 +248,8 @@ impl Vm {
                             .about(&d.image);
                     }
                     Ok(_) => {
-                        if let Err(e) = chains.chain(&d.image, &cancel).await {
+                        // (Only what no earlier snapshot's walk read: the rest is known good.)
+                        if let Err(e) = chains.chain_news(&d.image, &cancel).await {
                             found
                                 .add(
                                     "broken-chain",
@@ -424,7 +435,9 @@ impl Vm {
         let viewed = if live.is_none() && !matches!(state, VmState::Stopped) {
             Err(Vec::new())
         } else {
-            match refs::Graph::gather(
+            // Through the reader steps 2 and 3 used: nothing since changed an image.
+            match refs::Graph::gather_with(
+                &mut chains,
                 self.store(),
                 self.name(),
                 &effective,

@@ -95,6 +95,8 @@ pub(crate) struct Graph {
     pub by_device: BTreeMap<String, BTreeSet<PathBuf>>,
     /// Chains that could not be read: `(image, why)`.
     pub broken: Vec<(PathBuf, String)>,
+    /// Per disk, the images whose whole chain is in its set.
+    complete: BTreeMap<String, std::collections::HashSet<PathBuf>>,
 }
 
 impl Graph {
@@ -108,11 +110,25 @@ impl Graph {
         live: Option<&Live>,
         cancel: &CancellationToken,
     ) -> Result<Graph> {
+        let mut reader = chains::Reader::default();
+        Self::gather_with(&mut reader, store, vm, record, manifests, live, cancel).await
+    }
+
+    /// [`Graph::gather`] through `reader`, which may hold chains the caller read already in
+    /// this operation (while nothing changed any image: what it holds is not read again).
+    pub(crate) async fn gather_with(
+        reader: &mut chains::Reader,
+        store: &Store,
+        vm: &VmName,
+        record: &VmRecord,
+        manifests: &[Manifest],
+        live: Option<&Live>,
+        cancel: &CancellationToken,
+    ) -> Result<Graph> {
         let started = std::time::Instant::now();
         let mut g = Graph::default();
         // Each file read once: the current disks' chains first (the deepest: they hold the
         // frozen images below them).
-        let mut reader = chains::Reader::default();
         for d in &record.disks {
             let _ = reader.chain(&d.image, cancel).await;
         }
@@ -127,8 +143,7 @@ impl Graph {
                         device: d.device.clone(),
                     },
                 );
-                g.add_chain(&mut reader, &d.device, &d.image, None, cancel)
-                    .await;
+                g.add_chain(reader, &d.device, &d.image, None, cancel).await;
             }
         }
         for d in &record.disks {
@@ -141,7 +156,7 @@ impl Graph {
             );
             g.add_use(&d.launch_image, Use::Original { vm: vm.to_string() });
             let live_chain = live.map(|l| l.chain(&d.device)).filter(|c| !c.is_empty());
-            g.add_chain(&mut reader, &d.device, &d.image, live_chain, cancel)
+            g.add_chain(reader, &d.device, &d.image, live_chain, cancel)
                 .await;
         }
         // Images qsnap made for this VM that nothing above reaches (what a deleted snapshot
@@ -241,9 +256,25 @@ impl Graph {
     ) {
         let set = self.by_device.entry(device.to_owned()).or_default();
         set.insert(top.to_owned());
-        match reader.chain(top, cancel).await {
+        let complete = self.complete.entry(device.to_owned()).or_default();
+        // Down to an image whose chain is in this disk's set already (a hundred snapshots of
+        // one chain: each image added once), unless QEMU's view is compared with all of it.
+        let mut chain = match live {
+            Some(_) => reader.chain(top, cancel).await,
+            None => reader.chain_news(top, cancel).await,
+        };
+        let stopped_at = chain
+            .as_ref()
+            .ok()
+            .and_then(|c| c.last())
+            .and_then(|c| c.full_backing_filename.clone());
+        if stopped_at.is_some_and(|s| !complete.contains(&s)) {
+            chain = reader.chain(top, cancel).await;
+        }
+        match chain {
             Ok(chain) => {
                 for c in &chain {
+                    complete.insert(c.filename.clone());
                     set.insert(c.filename.clone());
                     self.format
                         .entry(c.filename.clone())
@@ -278,6 +309,9 @@ impl Graph {
         self.format.remove(image);
         self.uses.remove(image);
         for set in self.by_device.values_mut() {
+            set.remove(image);
+        }
+        for set in self.complete.values_mut() {
             set.remove(image);
         }
     }
