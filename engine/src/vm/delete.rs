@@ -106,6 +106,10 @@ impl Vm {
             }
         };
         let op = self.begin(&format!("delete {what}")).await?;
+        // Each reference graph this delete gathers asks the cache about every image of the
+        // store: the cache is read up front in one task (what is stale dropped), not one
+        // blocking read per image.
+        crate::cache::sweep().await;
         let mut record = op.record.clone();
         let manifests = self.store().manifests(self.name()).await?;
         let victims: Vec<Manifest> = match pick {
