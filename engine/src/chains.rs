@@ -529,10 +529,17 @@ mod tests {
             assert_eq!(stop.is_none(), i < 2, "{i}: {news:?}");
             returned += news.len();
         }
-        assert!(returned < 2 * images.len(), "{returned} entries for {} images", images.len());
+        assert!(
+            returned < 2 * images.len(),
+            "{returned} entries for {} images",
+            images.len()
+        );
         // The whole chain is still what `chain` says.
         let top = images.last().unwrap();
-        assert_eq!(reader.chain(top, &cancel).await.unwrap().len(), images.len());
+        assert_eq!(
+            reader.chain(top, &cancel).await.unwrap().len(),
+            images.len()
+        );
 
         // A chain with a missing image: every walk through it fails.
         let lost = overlay(dir.path(), "lost.qcow2", base.to_str().unwrap());

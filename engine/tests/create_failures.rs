@@ -341,18 +341,36 @@ async fn bad_input_and_a_concurrent_create_are_refused_and_change_nothing() {
         .unwrap_err();
     assert!(matches!(again, Error::VmExists { .. }), "{again}");
 
-    // An overlay that already exists: refused before anything changes, the file untouched.
+    // A file where the overlay would go: qsnap names its overlays, so it takes the next free
+    // name, and the file is untouched.
     let squatter = dir.path().join("d.s1.qcow2");
     std::fs::write(&squatter, b"mine").unwrap();
-    let err = handle
+    let s1 = handle
         .create_snapshot(handle.create_options(SnapshotName::new("s1").unwrap()))
+        .await
+        .unwrap();
+    let overlay = dir.path().join("d.s1-2.qcow2");
+    assert_eq!(s1.snapshot.disks[0].overlay, overlay);
+    assert_eq!(std::fs::read(&squatter).unwrap(), b"mine");
+    assert_eq!(top_image(&vm).await, overlay.display().to_string());
+    std::fs::remove_file(&squatter).unwrap();
+
+    // A file where the memory file would go (a name the user gave): refused before anything
+    // changes, the file untouched.
+    let memory_dir = dir.path().join("store/vms/vm1/memory");
+    let squatter = memory_dir.join("m.mem");
+    std::fs::write(&squatter, b"mine").unwrap();
+    let before = files_in(&memory_dir);
+    let err = handle
+        .create_snapshot(handle.create_options(SnapshotName::new("m").unwrap()))
         .await
         .unwrap_err();
     assert!(matches!(err, Error::TargetExists { .. }), "{err}");
     assert!(err.to_string().contains("never overwrites"), "{err}");
     assert_eq!(std::fs::read(&squatter).unwrap(), b"mine");
-    assert!(files_in(&dir.path().join("store/vms/vm1/memory")).is_empty());
-    assert_eq!(top_image(&vm).await, disk.display().to_string());
+    assert_eq!(files_in(&memory_dir), before);
+    assert_eq!(top_image(&vm).await, overlay.display().to_string());
+    assert!(!dir.path().join("d.m.qcow2").exists());
     std::fs::remove_file(&squatter).unwrap();
 
     // Two creates at once on one VM: exactly one runs, the other is told who holds the VM.
@@ -371,7 +389,7 @@ async fn bad_input_and_a_concurrent_create_are_refused_and_change_nothing() {
         }
         other => panic!("expected Locked, got {other:?}"),
     }
-    assert_eq!(handle.snapshots().await.unwrap().len(), 1);
+    assert_eq!(handle.snapshots().await.unwrap().len(), 2, "s1 and one of the two");
 
     // A used name and an unknown snapshot.
     let err = handle

@@ -15,7 +15,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 mod common;
-use common::{n, Guest};
+use common::{n, v, Guest};
 
 /// Every disk image in the test directory.
 fn images_in(dir: &Path) -> BTreeSet<PathBuf> {
@@ -818,4 +818,66 @@ async fn a_stream_cancelled_half_way_leaves_every_snapshot_revertible() {
     check(&qmp, &vd0, 0x5a, 0, 48 * 1024).await.unwrap();
     drop(qmp);
     vm.stop().await.unwrap();
+}
+
+/// A snapshot deleted and taken again under the same name: its first overlay is the VM's
+/// current disk now (the layer below it merged up into it), so the new one is named `….s1-2.qcow2`
+/// rather than refused or written over — live and with the VM stopped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_name_taken_again_after_its_delete_gets_a_free_overlay_name() {
+    require_qemu!();
+    init_logging();
+    let g = Guest::start(VmBuilder::idle().memory(64), "qcow2").await;
+    g.take("s0").await;
+    let first = g.take("s1").await.snapshot.disks[0].overlay.clone();
+    assert!(first.to_string_lossy().ends_with(".s1.qcow2"), "{first:?}");
+    g.vm.delete_snapshot(&n("s1"), &DeleteOptions::default())
+        .await
+        .unwrap();
+    let current = |g: &Guest| {
+        let g = g.vm.store().clone();
+        async move { g.record(&v("g")).await.unwrap().disks[0].image.clone() }
+    };
+    assert_eq!(
+        current(&g).await,
+        first,
+        "the VM writes to the first overlay"
+    );
+    let written = std::fs::read(&first).unwrap();
+
+    let again = g.take("s1").await.snapshot.disks[0].overlay.clone();
+    assert!(
+        again.to_string_lossy().ends_with(".s1-2.qcow2"),
+        "{again:?}"
+    );
+    assert_eq!(current(&g).await, again);
+    assert_eq!(
+        std::fs::read(&first).unwrap(),
+        written,
+        "the first overlay was written over"
+    );
+
+    // Stopped: the same, through the offline path.
+    g.vm.stop().await.unwrap();
+    let offline = |name: &'static str| {
+        let mut opts = g.vm.create_options(n(name));
+        opts.mode = Some(qsnap_engine::snapshot::Mode::DiskOnly);
+        let vm = &g.vm;
+        async move {
+            vm.create_snapshot(opts).await.unwrap().snapshot.disks[0]
+                .overlay
+                .clone()
+        }
+    };
+    let t = offline("t").await;
+    assert!(t.to_string_lossy().ends_with(".t.qcow2"), "{t:?}");
+    g.vm.delete_snapshot(&n("t"), &DeleteOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(current(&g).await, t);
+    let t2 = offline("t").await;
+    assert!(t2.to_string_lossy().ends_with(".t-2.qcow2"), "{t2:?}");
+    assert_eq!(current(&g).await, t2);
+    let report = g.vm.check(false).await.unwrap();
+    assert!(report.clean, "{report:?}");
 }

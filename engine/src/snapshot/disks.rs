@@ -92,18 +92,61 @@ pub async fn plan(
             .map(crate::store::plain_path)
             .or_else(|| image.parent().map(Path::to_owned))
             .unwrap_or_default();
+        let taken: Vec<PathBuf> = disks
+            .iter()
+            .map(|d: &SnapshotDisk| d.overlay.clone())
+            .collect();
+        let overlay = free_overlay(&dir, &stem, snap.as_str(), &taken).await?;
         disks.push(SnapshotDisk {
             device: d.device,
             node,
             format: m.format().to_owned(),
             size: m.size,
-            overlay: dir.join(format!("{stem}.{snap}.qcow2")),
-            overlay_node: format!("{OVERLAY_NODE_PREFIX}{}-{i}", short_hash(snap.as_str())),
+            // From the overlay's path, which no file has: a name from the snapshot's alone
+            // is the node of the overlay a deleted snapshot of that name left in use.
+            overlay_node: format!(
+                "{OVERLAY_NODE_PREFIX}{}-{i}",
+                short_hash(&overlay.to_string_lossy())
+            ),
+            overlay,
             image,
             frozen: None,
         });
     }
     Ok((disks, skipped))
+}
+
+/// Where a new overlay of `stem` for snapshot `snap` goes in `dir`: `STEM.SNAP.qcow2`, or,
+/// when a file has that name (the overlay a deleted snapshot of the same name made, which the
+/// VM may still write to) or another disk of this snapshot takes it, the first free
+/// `STEM.SNAP-2.qcow2`, `-3`, …. qsnap names overlays itself, so a taken name is no reason to
+/// refuse a snapshot — and never one to overwrite a file (the overlay is created exclusively).
+pub(crate) async fn free_overlay(
+    dir: &Path,
+    stem: &str,
+    snap: &str,
+    taken: &[PathBuf],
+) -> Result<PathBuf> {
+    let (dir, stem, snap, taken) = (
+        dir.to_owned(),
+        stem.to_owned(),
+        snap.to_owned(),
+        taken.to_vec(),
+    );
+    crate::store::blocking(move || {
+        let first = dir.join(format!("{stem}.{snap}.qcow2"));
+        for n in 1..=100u32 {
+            let p = match n {
+                1 => first.clone(),
+                _ => dir.join(format!("{stem}.{snap}-{n}.qcow2")),
+            };
+            if !taken.contains(&p) && !crate::store::exists(&p)? {
+                return Ok(p);
+            }
+        }
+        Err(Error::TargetExists { path: first })
+    })
+    .await
 }
 
 /// A disk whose image path is not the file QEMU has open.

@@ -96,11 +96,12 @@ pub(super) async fn create(
             .map(store::plain_path)
             .or_else(|| d.image.parent().map(Path::to_owned))
             .unwrap_or_default();
-        let overlay = dir.join(format!("{stem}.{snap}.qcow2"));
-        let p = overlay.clone();
-        if store::blocking(move || store::exists(&p)).await? {
-            return Err(Error::TargetExists { path: overlay });
-        }
+        let taken: Vec<PathBuf> = disks
+            .iter()
+            .map(|d: &SnapshotDisk| d.overlay.clone())
+            .collect();
+        let overlay =
+            crate::snapshot::disks::free_overlay(&dir, &stem, snap.as_str(), &taken).await?;
         disks.push(SnapshotDisk {
             device: d.device.clone(),
             node: String::new(),
