@@ -1,13 +1,14 @@
-//! What QEMU's block layer looks like right now: the one reader of `query-block` and
-//! `query-named-block-nodes`, so that every part of the engine (snapshot planning, the VM
-//! record, rollback, delete, `info`) sees disks, image paths and chains the same way.
+//! What QEMU's block layer looks like right now: the one reader of `query-block`,
+//! `query-named-block-nodes` and `x-debug-query-block-graph`, so that every part of the engine
+//! (snapshot planning, the VM record, rollback, delete, `info`) sees disks, image paths,
+//! chains and nodes the same way.
 //!
 //! Image paths are made absolute here: QEMU reports a path as its command line gave it, so a
 //! relative one is resolved against QEMU's working directory, and QEMU's `json:{…}` name for
 //! a format node over a plain file is read through.
 //!
 //! A pure reader: it never sends a command that changes anything. The node list is asked for
-//! through `snapshot::jobs::list_nodes`, which first dismisses an ended stream job a killed
+//! through `snapshot::jobs::list_nodes_of`, which first dismisses an ended stream job a killed
 //! qsnap left (QEMU crashes on the listing otherwise).
 
 use crate::error::{Error, Result};
@@ -142,7 +143,7 @@ pub struct Node {
 /// Every named node (format and protocol nodes alike).
 ///
 /// Never call this directly: QEMU (10.0.2) crashes when asked while a `block-stream` job has
-/// ended undismissed. [`crate::snapshot::jobs::list_nodes`] settles such jobs first, then
+/// ended undismissed. [`crate::snapshot::jobs::list_nodes_of`] settles such jobs first, then
 /// calls this.
 pub(crate) async fn nodes_unguarded(qmp: &Qmp) -> Result<Vec<Node>> {
     let all = qmp
@@ -174,6 +175,12 @@ pub(crate) async fn nodes_unguarded(qmp: &Qmp) -> Result<Vec<Node>> {
 /// file. A job's filter, a `data-file`, a node no disk uses, a block device, a network image,
 /// a missing or changed command (it is QEMU's unstable `x-` interface): `None`. Like
 /// [`nodes_unguarded`], never call this while a `block-stream` job may have ended undismissed.
+///
+/// The same nodes, names, images and format drivers as the full listing, in another order
+/// (disk by disk, top down); a protocol node is said to be `file` (what QEMU calls a regular
+/// file's). Each node's image is the one `disks` named for that place in its chain: a node
+/// another monitor client replaced in place, under the same name, between the two reads
+/// would be misnamed — as any look is out of date once another client acts.
 pub(crate) async fn nodes_from_graph(qmp: &Qmp, disks: &[Disk]) -> Option<Vec<Node>> {
     let graph = match qmp.execute(XDebugQueryBlockGraph {}).await {
         Ok(g) => g,
@@ -234,7 +241,7 @@ fn explain(graph: &BlockGraph, disks: &[Disk], regular: &HashSet<PathBuf>) -> Op
                 return None;
             }
             out.push(Node {
-                name: drivers[&at].to_owned(),
+                name: (*drivers.get(&at)?).to_owned(),
                 image: layer.image.clone(),
                 driver: layer.format.clone(),
             });
@@ -250,12 +257,14 @@ fn explain(graph: &BlockGraph, disks: &[Disk], regular: &HashSet<PathBuf>) -> Op
                             return None;
                         }
                         out.push(Node {
-                            name: drivers[&child].to_owned(),
+                            name: (*drivers.get(&child)?).to_owned(),
                             image: layer.image.clone(),
                             driver: "file".into(),
                         });
                     }
-                    "backing" if backing.is_none() => backing = Some(child),
+                    "backing" if backing.is_none() && drivers.contains_key(&child) => {
+                        backing = Some(child);
+                    }
                     _ => return None,
                 }
             }

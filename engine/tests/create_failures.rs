@@ -389,7 +389,11 @@ async fn bad_input_and_a_concurrent_create_are_refused_and_change_nothing() {
         }
         other => panic!("expected Locked, got {other:?}"),
     }
-    assert_eq!(handle.snapshots().await.unwrap().len(), 2, "s1 and one of the two");
+    assert_eq!(
+        handle.snapshots().await.unwrap().len(),
+        2,
+        "s1 and one of the two"
+    );
 
     // A used name and an unknown snapshot.
     let err = handle

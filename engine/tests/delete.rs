@@ -6,7 +6,7 @@
 // Plants damage through the store writers and reads qemu-img directly: test builds only.
 #![cfg(feature = "testing")]
 
-use qsnap_engine::testing::{image, StoreWriters};
+use qsnap_engine::testing::{blocks, image, StoreWriters};
 use qsnap_engine::{CheckOptions, DeleteError, DeleteOptions, Error, Finding, SnapshotName};
 use qsnap_testkit::{init_logging, require_qemu, VmBuilder};
 use std::collections::{BTreeMap, BTreeSet};
@@ -820,6 +820,22 @@ async fn a_stream_cancelled_half_way_leaves_every_snapshot_revertible() {
     vm.stop().await.unwrap();
 }
 
+/// The node list told from QEMU's block graph is QEMU's full listing, for the layouts qsnap
+/// itself makes (overlays added with `blockdev-add` and switched to, layers merged away).
+async fn nodes_agree(g: &Guest, when: &str) {
+    let qmp = g.vm.connect().await.unwrap();
+    let sorted = |mut nodes: Vec<blocks::Node>| {
+        nodes.sort_by(|a, b| a.name.cmp(&b.name));
+        nodes
+    };
+    let disks = blocks::read(&qmp).await.unwrap();
+    let told = blocks::nodes_from_graph(&qmp, &disks)
+        .await
+        .unwrap_or_else(|| panic!("{when}: qsnap's own layout is not explained by its chains"));
+    let full = blocks::nodes(&qmp).await.unwrap();
+    assert_eq!(sorted(told), sorted(full), "{when}");
+}
+
 /// A snapshot deleted and taken again under the same name: its first overlay is the VM's
 /// current disk now (the layer below it merged up into it), so the new one is named `….s1-2.qcow2`
 /// rather than refused or written over — live and with the VM stopped.
@@ -828,8 +844,10 @@ async fn a_name_taken_again_after_its_delete_gets_a_free_overlay_name() {
     require_qemu!();
     init_logging();
     let g = Guest::start(VmBuilder::idle().memory(64), "qcow2").await;
+    nodes_agree(&g, "as launched").await;
     g.take("s0").await;
     let first = g.take("s1").await.snapshot.disks[0].overlay.clone();
+    nodes_agree(&g, "after two snapshots").await;
     assert!(first.to_string_lossy().ends_with(".s1.qcow2"), "{first:?}");
     g.vm.delete_snapshot(&n("s1"), &DeleteOptions::default())
         .await
@@ -843,6 +861,7 @@ async fn a_name_taken_again_after_its_delete_gets_a_free_overlay_name() {
         first,
         "the VM writes to the first overlay"
     );
+    nodes_agree(&g, "after a delete").await;
     let written = std::fs::read(&first).unwrap();
 
     let again = g.take("s1").await.snapshot.disks[0].overlay.clone();

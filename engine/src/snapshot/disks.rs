@@ -140,7 +140,9 @@ pub(crate) async fn free_overlay(
                 1 => first.clone(),
                 _ => dir.join(format!("{stem}.{snap}-{n}.qcow2")),
             };
-            if !taken.contains(&p) && !crate::store::exists(&p)? {
+            // A directory that cannot be looked into (not one, not ours): the name as it is,
+            // for the preflight to refuse with what to do.
+            if !taken.contains(&p) && !crate::store::exists(&p).unwrap_or(false) {
                 return Ok(p);
             }
         }

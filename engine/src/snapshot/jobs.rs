@@ -17,11 +17,22 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-/// How a delete's merge jobs are named (`qsnap-merge-<pid>-<n>`): how [`list_nodes`] tells
+/// How a delete's merge jobs are named (`qsnap-merge-<pid>-<n>`): how [`list_nodes_of`] tells
 /// the ended stream jobs a killed qsnap left from anyone else's.
 pub(crate) const MERGE_JOB_PREFIX: &str = "qsnap-merge-";
 
-/// Every named block node (format and protocol nodes alike), asked for safely.
+/// Every named block node (format and protocol nodes alike), asked for safely and listed in
+/// full (see [`list_nodes_of`], which the engine itself uses).
+#[cfg(any(test, feature = "testing"))]
+pub async fn list_nodes(qmp: &Qmp) -> Result<Vec<blocks::Node>> {
+    dismiss_ended_streams(qmp).await?;
+    blocks::nodes_unguarded(qmp).await
+}
+
+/// Every named block node, asked for safely (see below): told from QEMU's block graph when
+/// the chains of `disks` (just read by [`blocks::read`]) explain every node in it, which
+/// costs a tenth of the full listing on a long chain; listed in full otherwise
+/// ([`blocks::nodes_from_graph`]: the same nodes, in another order).
 ///
 /// QEMU (10.0.2, checked here) dies of a NULL pointer (SIGSEGV in `bdrv_refresh_filename`)
 /// when `query-named-block-nodes` meets the filter node of a `block-stream` job that has
@@ -30,16 +41,6 @@ pub(crate) const MERGE_JOB_PREFIX: &str = "qsnap-merge-";
 /// such jobs are looked for first: one of qsnap's (`qsnap-merge-…`) is dismissed, as its
 /// outcome is in the chains every caller reads next; anyone else's is refused, since
 /// dismissing it would take its outcome from its owner.
-/// (The engine itself asks through [`list_nodes_of`]; this full listing is for tests.)
-#[cfg(any(test, feature = "testing"))]
-pub async fn list_nodes(qmp: &Qmp) -> Result<Vec<blocks::Node>> {
-    dismiss_ended_streams(qmp).await?;
-    blocks::nodes_unguarded(qmp).await
-}
-
-/// [`list_nodes`], told from QEMU's block graph when the chains of `disks` (just read by
-/// [`blocks::read`]) explain every node in it, which costs a tenth of the full listing on a
-/// long chain; listed in full otherwise ([`blocks::nodes_from_graph`]). The same answer.
 pub async fn list_nodes_of(qmp: &Qmp, disks: &[blocks::Disk]) -> Result<Vec<blocks::Node>> {
     dismiss_ended_streams(qmp).await?;
     match blocks::nodes_from_graph(qmp, disks).await {
@@ -380,7 +381,7 @@ pub(crate) async fn finalize(qmp: &Qmp, pending: &Pending, points: Points) -> Re
         if mine.values().all(|j| j.status == "concluded") {
             if points.on {
                 // Ended, not yet dismissed: the state in which QEMU must not be asked for
-                // its block nodes (`list_nodes`).
+                // its block nodes (`list_nodes_of`).
                 crate::failpoint::hit("delete.concluded", qmp.peer_pid()).await?;
             }
             for j in mine.values() {
@@ -535,7 +536,7 @@ pub(crate) async fn finish_leftover(
     }
 }
 
-/// Makes `query-named-block-nodes` safe to send (see [`list_nodes`]).
+/// Makes `query-named-block-nodes` safe to send (see [`list_nodes_of`]).
 async fn dismiss_ended_streams(qmp: &Qmp) -> Result<()> {
     let jobs = qmp
         .execute(QueryJobs {})

@@ -33,7 +33,7 @@ pub(super) async fn merge_live(
 ) -> Result<()> {
     let qmp = vm.connect().await?;
     // A redo reads chains alone (`query-block`) until it needs nodes: listing nodes can be
-    // refused (`jobs::list_nodes`: a stream job a killed run left), and a refusal must not
+    // refused (`jobs::list_nodes_of`: a stream job a killed run left), and a refusal must not
     // strand a guest paused for a switch. A first run pauses nothing before its jobs start,
     // so it reads everything now, once (each look costs QEMU ≈ 35 ms with a hundred layers).
     let mut first_look = if redo {
