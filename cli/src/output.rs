@@ -368,14 +368,22 @@ fn tree(l: &qsnap_engine::Listing) {
             .filter(|p| all.iter().any(|o| o.name == *p));
         children.entry(parent).or_default().push(m);
     }
+    // A snapshot with one child goes on in the same column (a chain of a hundred stays as
+    // wide as a chain of two); where there are several, each branch is drawn.
     fn walk(
         node: Option<&str>,
-        depth: usize,
+        prefix: &str,
         children: &BTreeMap<Option<&str>, Vec<&Manifest>>,
         current: Option<&str>,
         usage: &qsnap_engine::Usage,
     ) {
-        for m in children.get(&node).into_iter().flatten() {
+        let kids = children.get(&node).map(Vec::as_slice).unwrap_or_default();
+        for (i, m) in kids.iter().enumerate() {
+            let (head, rest) = match (kids.len() > 1, i + 1 == kids.len()) {
+                (false, _) => ("", ""),
+                (true, false) => ("├─ ", "│  "),
+                (true, true) => ("└─ ", "   "),
+            };
             let mark = if current == Some(m.name.as_str()) {
                 "*"
             } else {
@@ -397,18 +405,22 @@ fn tree(l: &qsnap_engine::Listing) {
                 .map(|d| format!("  {d}"))
                 .unwrap_or_default();
             println!(
-                "{mark} {:indent$}{:<20} {}  {:<13} {}{about}",
-                "",
+                "{mark} {prefix}{head}{:<20} {}  {:<13} {}{about}",
                 m.name,
                 m.created_at,
                 m.snapshot.mode.to_string(),
                 mem,
-                indent = depth * 2
             );
-            walk(Some(m.name.as_str()), depth + 1, children, current, usage);
+            walk(
+                Some(m.name.as_str()),
+                &format!("{prefix}{rest}"),
+                children,
+                current,
+                usage,
+            );
         }
     }
-    walk(None, 0, &children, rec.current.as_deref(), usage);
+    walk(None, "", &children, rec.current.as_deref(), usage);
     println!(
         "on disk: {} in all (snapshots' memory and the layers qsnap made; {} of them written since the current snapshot)",
         sized(usage.total),

@@ -264,8 +264,9 @@ async fn attach_create_list_show() {
     let out = run(&["list", "vm1"]);
     let tree = text(&out.stdout);
     let lines: Vec<&str> = tree.lines().collect();
+    // A chain: one column, however long.
     assert!(lines[0].starts_with("  s1 "), "{tree}");
-    assert!(lines[1].starts_with("*   s2 "), "{tree}");
+    assert!(lines[1].starts_with("* s2 "), "{tree}");
 
     let out = run(&["show", "vm1", "s1"]);
     assert!(out.status.success(), "{out:?}");
@@ -348,8 +349,8 @@ async fn run_status_stop_start_revert() {
     assert_eq!(lines.len(), 4, "{tree}");
     assert!(lines[3].starts_with("on disk: "), "{tree}");
     assert!(lines[0].starts_with("  s1 "), "{tree}");
-    assert!(lines[1].starts_with("    a "), "{tree}");
-    assert!(lines[2].starts_with("*   b "), "{tree}");
+    assert!(lines[1].starts_with("  ├─ a "), "{tree}");
+    assert!(lines[2].starts_with("* └─ b "), "{tree}");
 
     let out = run(&["stop", "vm1"]);
     assert!(out.status.success(), "{out:?}");
