@@ -72,6 +72,39 @@ pub(crate) fn key_of(name: &std::path::Path, md: &std::fs::Metadata, extra: &str
     )
 }
 
+/// One version of a file, as the caches key answers about what it holds.
+pub(crate) struct FileVersion {
+    /// The slot an answer about the file goes in (one at a time).
+    pub slot: String,
+    /// This version: path, device, inode, size, mtime, ctime ([`key_of`]), what else the
+    /// answer depends on, and this boot.
+    pub key: String,
+    /// When the file last changed (the later of mtime and ctime).
+    pub changed: std::time::SystemTime,
+}
+
+/// The version of `path` now, for an answer that goes in `slot` and depends on `extra` too;
+/// `None` when the file cannot be examined.
+pub(crate) async fn version_of(
+    path: &std::path::Path,
+    slot: String,
+    extra: &str,
+) -> Option<FileVersion> {
+    let md = tokio::fs::metadata(path).await.ok()?;
+    let key = key_of(path, &md, &format!("{extra}|boot {}", boot_id().await));
+    let changed = at(md.mtime(), md.mtime_nsec()).max(at(md.ctime(), md.ctime_nsec()));
+    Some(FileVersion { slot, key, changed })
+}
+
+/// A file time (`mtime`, `ctime`) as a `SystemTime`.
+fn at(secs: i64, nsecs: i64) -> std::time::SystemTime {
+    std::time::SystemTime::UNIX_EPOCH
+        + std::time::Duration::new(
+            u64::try_from(secs).unwrap_or(0),
+            u32::try_from(nsecs).unwrap_or(0),
+        )
+}
+
 /// This boot's id (`/proc/sys/kernel/random/boot_id`; empty where there is none), for the keys
 /// of answers about what a file holds: after a power cut a file can keep the times of a write
 /// whose data the page cache lost, so such an answer is never served after a reboot.
@@ -121,8 +154,14 @@ fn entry_name(kind: &str, slot: &str) -> String {
     format!("{kind}-{h:016x}.json")
 }
 
+/// Entries about a QEMU binary (its machine types, its features).
+pub(crate) const QEMU: &str = "qemu";
+/// Entries about an image's header (`chains.rs`).
+pub(crate) const CHAIN: &str = "chain";
+/// What an earlier `check` verified (`vm/verified.rs`).
+pub(crate) const CHECK: &str = "check";
 /// The kinds of entry files [`sweep`] looks after.
-const KINDS: [&str; 3] = ["qemu", "chain", "check"];
+const KINDS: [&str; 3] = [QEMU, CHAIN, CHECK];
 
 #[derive(Clone, Serialize, Deserialize)]
 struct Entry {
@@ -132,12 +171,12 @@ struct Entry {
 
 /// What was remembered under `key` (in memory, else on disk).
 pub(crate) async fn lookup<T: serde::de::DeserializeOwned>(key: &str) -> Option<T> {
-    lookup_in("qemu", key, key).await
+    lookup_in(QEMU, key, key).await
 }
 
 /// Remembers `value` under `key`, in memory and (best effort) on disk.
 pub(crate) async fn remember<T: Serialize>(key: String, value: &T) {
-    remember_in("qemu", key.clone(), key, value).await
+    remember_in(QEMU, key.clone(), key, value).await
 }
 
 /// What slot `slot` of `kind` holds, if it was remembered under `key` (the slot may hold an

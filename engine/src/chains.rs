@@ -368,16 +368,9 @@ pub(crate) async fn reader_identity() -> &'static str {
 /// this `qemu-img`) of an image, and when it last changed. `None` when the file cannot be
 /// read.
 async fn identity(image: &Path) -> Option<(String, String, SystemTime)> {
-    let md = tokio::fs::metadata(image).await.ok()?;
     let slot = image.display().to_string();
-    let extra = format!(
-        "{}|boot {}",
-        reader_identity().await,
-        crate::cache::boot_id().await
-    );
-    let key = crate::cache::key_of(image, &md, &extra);
-    let changed = at(md.mtime(), md.mtime_nsec()).max(at(md.ctime(), md.ctime_nsec()));
-    Some((slot, key, changed))
+    let v = crate::cache::version_of(image, slot, reader_identity().await).await?;
+    Some((v.slot, v.key, v.changed))
 }
 
 /// Whether what a read that began at `started` saw of a file last changed at `changed` may be
@@ -387,19 +380,10 @@ pub(crate) fn settled(changed: SystemTime, started: SystemTime) -> bool {
     changed + SETTLED < started && SystemTime::now() >= started
 }
 
-/// A file time (`mtime`, `ctime`) as a `SystemTime`.
-pub(crate) fn at(secs: i64, nsecs: i64) -> SystemTime {
-    SystemTime::UNIX_EPOCH
-        + Duration::new(
-            u64::try_from(secs).unwrap_or(0),
-            u32::try_from(nsecs).unwrap_or(0),
-        )
-}
-
 /// What the cache holds about this version of `image`, if it serves a read as `format`.
 async fn remembered(image: &Path, format: Option<&str>) -> Option<ChainImage> {
     let (slot, key, _) = identity(image).await?;
-    let l: Learnt = crate::cache::lookup_in("chain", &slot, &key).await?;
+    let l: Learnt = crate::cache::lookup_in(crate::cache::CHAIN, &slot, &key).await?;
     (l.image.filename == image && serves(l.read_as.as_deref(), &l.image.format, format))
         .then_some(l.image)
 }
@@ -415,7 +399,7 @@ async fn learn(e: &ChainImage, format: Option<&str>, started: SystemTime) {
             read_as: format.map(str::to_owned),
             image: e.clone(),
         };
-        crate::cache::remember_in("chain", slot, key, &l).await;
+        crate::cache::remember_in(crate::cache::CHAIN, slot, key, &l).await;
     }
 }
 

@@ -15,17 +15,17 @@
 //! A revert verifies memory on its own terms (`memfile::verify_cached`). Must never remember
 //! a finding, or anything read from a file that was still changing.
 
-use crate::chains::{at, settled};
+use crate::cache::FileVersion as Version;
+use crate::chains::settled;
 use crate::image::{self, ImageCheck};
 use crate::snapshot::memfile;
 use crate::Result;
-use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::time::SystemTime;
 use tokio_util::sync::CancellationToken;
 
 /// The cache's kind for these entries (swept with the others when their file is gone).
-pub(crate) const KIND: &str = "check";
+const KIND: &str = crate::cache::CHECK;
 
 /// One check's use of the remembered results.
 #[derive(Debug)]
@@ -34,13 +34,6 @@ pub(super) struct Memo {
     full: bool,
     /// Files not read again because an earlier check verified this very version.
     pub unchanged: usize,
-}
-
-/// One version of one file, as this module keys it.
-struct Version {
-    slot: String,
-    key: String,
-    changed: SystemTime,
 }
 
 impl Memo {
@@ -60,14 +53,14 @@ impl Memo {
             return memfile::verify(path.to_owned(), stream_len, None).await;
         };
         let what = format!("memory|{sum}");
-        let started = SystemTime::now();
-        let before = version(path, &what).await;
-        if self.trusts(before.as_ref()).await {
+        let read = async {
+            memfile::verify(path.to_owned(), stream_len, Some(sum.to_owned())).await?;
+            Ok(((), true))
+        };
+        if unless_known(self.full, path, &what, read).await?.is_none() {
             self.unchanged += 1;
             return memfile::verify(path.to_owned(), stream_len, None).await;
         }
-        memfile::verify(path.to_owned(), stream_len, Some(sum.to_owned())).await?;
-        remember(path, &what, before, started).await;
         Ok(())
     }
 
@@ -75,14 +68,13 @@ impl Memo {
     /// version was not verified before.
     pub(super) async fn ram_image(&mut self, path: &Path, checksum: &str) -> Result<()> {
         let what = format!("ram|{checksum}");
-        let started = SystemTime::now();
-        let before = version(path, &what).await;
-        if self.trusts(before.as_ref()).await {
+        let read = async {
+            memfile::verify_ram_image(path.to_owned(), checksum.to_owned()).await?;
+            Ok(((), true))
+        };
+        if unless_known(self.full, path, &what, read).await?.is_none() {
             self.unchanged += 1;
-            return Ok(());
         }
-        memfile::verify_ram_image(path.to_owned(), checksum.to_owned()).await?;
-        remember(path, &what, before, started).await;
         Ok(())
     }
 
@@ -94,10 +86,6 @@ impl Memo {
     /// Counts what [`check_image`] did not read again.
     pub(super) fn note(&mut self, trusted: bool) {
         self.unchanged += usize::from(trusted);
-    }
-
-    async fn trusts(&self, v: Option<&Version>) -> bool {
-        !self.full && trusted(v).await
     }
 }
 
@@ -116,16 +104,36 @@ pub(super) async fn check_image(
         format.unwrap_or("?"),
         crate::chains::reader_identity().await
     );
+    let read = async {
+        let r = image::check(path, format, cancel).await?;
+        let clean = r.corruptions == 0 && r.check_errors == 0;
+        Ok((r, clean))
+    };
+    Ok(match unless_known(full, path, &what, read).await? {
+        Some(r) => (r, false),
+        None => (ImageCheck::default(), true),
+    })
+}
+
+/// What `read` finds (and whether it is clean), or `None` without reading when this version
+/// of `path` was found clean before under `what` and `full` is not asked for. A clean read is
+/// remembered (see [`remember`]).
+async fn unless_known<T>(
+    full: bool,
+    path: &Path,
+    what: &str,
+    read: impl std::future::Future<Output = Result<(T, bool)>>,
+) -> Result<Option<T>> {
     let started = SystemTime::now();
-    let before = version(path, &what).await;
+    let before = version(path, what).await;
     if !full && trusted(before.as_ref()).await {
-        return Ok((ImageCheck::default(), true));
+        return Ok(None);
     }
-    let r = image::check(path, format, cancel).await?;
-    if r.corruptions == 0 && r.check_errors == 0 {
-        remember(path, &what, before, started).await;
+    let (found, clean) = read.await?;
+    if clean {
+        remember(path, what, before, started).await;
     }
-    Ok((r, false))
+    Ok(Some(found))
 }
 
 /// Whether a clean result about this very version was remembered.
@@ -139,14 +147,8 @@ async fn trusted(v: Option<&Version>) -> bool {
 /// This version of `path`, for the check `what` (`kind|detail`: one slot per kind of check
 /// and file, whatever the detail; `None`: it cannot be read).
 async fn version(path: &Path, what: &str) -> Option<Version> {
-    let md = tokio::fs::metadata(path).await.ok()?;
     let kind = what.split('|').next().unwrap_or(what);
-    let extra = format!("{what}|boot {}", crate::cache::boot_id().await);
-    Some(Version {
-        slot: format!("{kind}|{}", path.display()),
-        key: crate::cache::key_of(path, &md, &extra),
-        changed: at(md.mtime(), md.mtime_nsec()).max(at(md.ctime(), md.ctime_nsec())),
-    })
+    crate::cache::version_of(path, format!("{kind}|{}", path.display()), what).await
 }
 
 /// Remembers a clean result about version `before` of `path`, read from `started` on, if the
@@ -168,6 +170,7 @@ async fn remember(path: &Path, what: &str, before: Option<Version>, started: Sys
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::MetadataExt;
     use std::process::Command;
     use std::time::Duration;
 
