@@ -334,6 +334,21 @@ async fn another_users_qemu_is_refused_unless_asked_for() {
     let _ = child.wait().await;
 }
 
+/// base ← mid ← top, qcow2 over qcow2.
+async fn chain_of_three(base: &Path, mid: &Path, top: &Path) {
+    create_image(base, "qcow2", "16M").await;
+    for (upper, lower) in [(mid, base), (top, mid)] {
+        let made = tokio::process::Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
+            .arg(lower)
+            .arg(upper)
+            .status()
+            .await
+            .unwrap();
+        assert!(made.success());
+    }
+}
+
 /// QEMU (10.0.2) dies of a NULL pointer when asked for its block nodes while a block-stream
 /// job has ended (finished or cancelled) but is not dismissed — the state a qsnap killed
 /// between a merge's finalize and its dismiss leaves. qsnap's own such job is dismissed
@@ -365,17 +380,7 @@ async fn an_ended_stream_job_never_makes_listing_the_nodes_crash_qemu() {
         let what = format!("{job} ({way:?})");
         // base <- mid <- top, the VM on top.
         let image = |layer: &str| dir.path().join(format!("{job}.{layer}.qcow2"));
-        create_image(&image("base"), "qcow2", "16M").await;
-        for (upper, lower) in [("mid", "base"), ("top", "mid")] {
-            let made = tokio::process::Command::new("qemu-img")
-                .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
-                .arg(image(lower))
-                .arg(image(upper))
-                .status()
-                .await
-                .unwrap();
-            assert!(made.success());
-        }
+        chain_of_three(&image("base"), &image("mid"), &image("top")).await;
         let vm = VmBuilder::idle()
             .disk(image("top"), "qcow2", DiskStyle::Blockdev)
             .spawn()
@@ -714,17 +719,12 @@ async fn nodes_told_from_the_block_graph_are_the_full_listing() {
     init_logging();
     let dir = tempfile::tempdir().unwrap();
     let image = |name: &str| dir.path().join(name);
-    create_image(&image("base.qcow2"), "qcow2", "16M").await;
-    for (upper, lower) in [("mid.qcow2", "base.qcow2"), ("top.qcow2", "mid.qcow2")] {
-        let made = tokio::process::Command::new("qemu-img")
-            .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
-            .arg(image(lower))
-            .arg(image(upper))
-            .status()
-            .await
-            .unwrap();
-        assert!(made.success());
-    }
+    chain_of_three(
+        &image("base.qcow2"),
+        &image("mid.qcow2"),
+        &image("top.qcow2"),
+    )
+    .await;
     // Data below the top, for the stream below to copy slowly.
     let written = tokio::process::Command::new("qemu-io")
         .args(["-f", "qcow2", "-c", "write -P 7 0 4M"])
