@@ -97,6 +97,8 @@ pub(crate) struct Graph {
     pub broken: Vec<(PathBuf, String)>,
     /// Per disk, the images whose whole chain is in its set.
     complete: BTreeMap<String, std::collections::HashSet<PathBuf>>,
+    /// Walk every chain whole (test builds compare the two ways).
+    whole_chains: bool,
 }
 
 impl Graph {
@@ -127,6 +129,69 @@ impl Graph {
     ) -> Result<Graph> {
         let started = std::time::Instant::now();
         let mut g = Graph::default();
+        g.fill(reader, store, vm, record, manifests, live, cancel)
+            .await?;
+        // Test builds gather again with whole chains, and insist on the same graph of this
+        // VM: where `add_chain` takes a walk's news only, it must lose nothing.
+        #[cfg(feature = "testing")]
+        {
+            let mut whole = Graph {
+                whole_chains: true,
+                ..Graph::default()
+            };
+            let mut fresh = chains::Reader::default();
+            if whole
+                .fill(&mut fresh, store, vm, record, manifests, live, cancel)
+                .await
+                .is_ok()
+            {
+                assert_eq!(
+                    g.own(),
+                    whole.own(),
+                    "a walk's news lost part of VM {vm}'s graph"
+                );
+            }
+        }
+        tracing::debug!(
+            images = g.uses.len(),
+            ms = started.elapsed().as_secs_f64() * 1e3,
+            "reference graph gathered"
+        );
+        Ok(g)
+    }
+
+    /// This VM's part of the graph: its disks' sets, their images' backing and format, and
+    /// what could not be read.
+    #[cfg(feature = "testing")]
+    #[allow(clippy::type_complexity)]
+    fn own(
+        &self,
+    ) -> (
+        &BTreeMap<String, BTreeSet<PathBuf>>,
+        BTreeMap<&PathBuf, (&Option<PathBuf>, Option<&String>)>,
+        &Vec<(PathBuf, String)>,
+    ) {
+        let images = self
+            .by_device
+            .values()
+            .flatten()
+            .filter_map(|i| Some((i, (self.backing.get(i)?, self.format.get(i)))))
+            .collect();
+        (&self.by_device, images, &self.broken)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn fill(
+        &mut self,
+        reader: &mut chains::Reader,
+        store: &Store,
+        vm: &VmName,
+        record: &VmRecord,
+        manifests: &[Manifest],
+        live: Option<&Live>,
+        cancel: &CancellationToken,
+    ) -> Result<()> {
+        let g = self;
         // Each file read once: the current disks' chains first (the deepest: they hold the
         // frozen images below them).
         for d in &record.disks {
@@ -230,12 +295,7 @@ impl Graph {
                 }
             }
         }
-        tracing::debug!(
-            images = g.uses.len(),
-            ms = started.elapsed().as_secs_f64() * 1e3,
-            "reference graph gathered"
-        );
-        Ok(g)
+        Ok(())
     }
 
     fn add_use(&mut self, image: &Path, u: Use) {
@@ -260,8 +320,8 @@ impl Graph {
         // Down to an image whose chain is in this disk's set already (a hundred snapshots of
         // one chain: each image added once), unless QEMU's view is compared with all of it.
         let mut chain = match live {
-            Some(_) => reader.chain(top, cancel).await,
-            None => reader.chain_news(top, cancel).await,
+            None if !self.whole_chains => reader.chain_news(top, cancel).await,
+            _ => reader.chain(top, cancel).await,
         };
         let stopped_at = chain
             .as_ref()
