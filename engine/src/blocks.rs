@@ -250,14 +250,12 @@ fn explain(graph: &BlockGraph, disks: &[Disk], regular: &HashSet<PathBuf>) -> Op
                 match role {
                     // The protocol node: a plain file, with nothing below it.
                     "file" if layer.format != "file" => {
-                        if !drivers.contains_key(&child)
-                            || children.contains_key(&child)
-                            || !seen.insert(child)
-                        {
+                        let name = drivers.get(&child)?;
+                        if children.contains_key(&child) || !seen.insert(child) {
                             return None;
                         }
                         out.push(Node {
-                            name: (*drivers.get(&child)?).to_owned(),
+                            name: (*name).to_owned(),
                             image: layer.image.clone(),
                             driver: "file".into(),
                         });

@@ -367,10 +367,9 @@ pub(crate) async fn reader_identity() -> &'static str {
 /// The slot (the file's path: one entry per file) and the key (this version of it, read by
 /// this `qemu-img`) of an image, and when it last changed. `None` when the file cannot be
 /// read.
-async fn identity(image: &Path) -> Option<(String, String, SystemTime)> {
+async fn identity(image: &Path) -> Option<crate::cache::FileVersion> {
     let slot = image.display().to_string();
-    let v = crate::cache::version_of(image, slot, reader_identity().await).await?;
-    Some((v.slot, v.key, v.changed))
+    crate::cache::version_of(image, slot, reader_identity().await).await
 }
 
 /// Whether what a read that began at `started` saw of a file last changed at `changed` may be
@@ -382,8 +381,8 @@ pub(crate) fn settled(changed: SystemTime, started: SystemTime) -> bool {
 
 /// What the cache holds about this version of `image`, if it serves a read as `format`.
 async fn remembered(image: &Path, format: Option<&str>) -> Option<ChainImage> {
-    let (slot, key, _) = identity(image).await?;
-    let l: Learnt = crate::cache::lookup_in(crate::cache::CHAIN, &slot, &key).await?;
+    let v = identity(image).await?;
+    let l: Learnt = crate::cache::lookup_in(crate::cache::CHAIN, &v.slot, &v.key).await?;
     (l.image.filename == image && serves(l.read_as.as_deref(), &l.image.format, format))
         .then_some(l.image)
 }
@@ -391,15 +390,15 @@ async fn remembered(image: &Path, format: Option<&str>) -> Option<ChainImage> {
 /// Remembers what a read (as `format`) that began at `started` said about one image, if the
 /// file had been still for [`SETTLED`] before the read began.
 async fn learn(e: &ChainImage, format: Option<&str>, started: SystemTime) {
-    let Some((slot, key, changed)) = identity(&e.filename).await else {
+    let Some(v) = identity(&e.filename).await else {
         return;
     };
-    if settled(changed, started) {
+    if settled(v.changed, started) {
         let l = Learnt {
             read_as: format.map(str::to_owned),
             image: e.clone(),
         };
-        crate::cache::remember_in(crate::cache::CHAIN, slot, key, &l).await;
+        crate::cache::remember_in(crate::cache::CHAIN, v.slot, v.key, &l).await;
     }
 }
 

@@ -398,7 +398,9 @@ pub async fn stamp(path: &Path) -> Result<ImageStamp> {
 /// The stamps of many images, read in one blocking task (a check of a hundred snapshots
 /// would otherwise hand a hundred tasks to the blocking pool); `None` where the file cannot
 /// be read.
-pub(crate) async fn stamps(paths: Vec<PathBuf>) -> Vec<(PathBuf, Option<ImageStamp>)> {
+pub(crate) async fn stamps(
+    paths: Vec<PathBuf>,
+) -> std::collections::HashMap<PathBuf, Option<ImageStamp>> {
     tokio::task::spawn_blocking(move || {
         paths
             .into_iter()

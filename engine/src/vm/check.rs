@@ -148,16 +148,13 @@ impl Vm {
         // And the other way round: a stream that does not verify, beside the device state and
         // RAM image a conversion made of it (a power cut undid the switch).
         let mut stream_unverified: Vec<String> = Vec::new();
-        let stamps: std::collections::HashMap<PathBuf, Option<crate::store::ImageStamp>> =
-            image::stamps(
-                manifests
-                    .iter()
-                    .flat_map(|m| m.snapshot.disks.iter().map(|d| d.image.clone()))
-                    .collect(),
-            )
-            .await
-            .into_iter()
-            .collect();
+        let stamps = image::stamps(
+            manifests
+                .iter()
+                .flat_map(|m| m.snapshot.disks.iter().map(|d| d.image.clone()))
+                .collect(),
+        )
+        .await;
         for m in &manifests {
             if let Some(mem) = &m.snapshot.memory {
                 if let Err(e) = memo
@@ -202,10 +199,10 @@ impl Vm {
             }
             let mut unstamped = Vec::new();
             for d in &m.snapshot.disks {
-                match stamps.get(&d.image).copied().flatten().ok_or(()) {
+                match stamps.get(&d.image).copied().flatten() {
                     // (Not "delete the snapshot": the layers above back onto the file, so a
                     // delete is refused until it is back, and would send the user here.)
-                    Err(()) => {
+                    None => {
                         found
                             .add(
                                 "missing-image",
@@ -220,7 +217,7 @@ impl Vm {
                             )
                             .about(&d.image);
                     }
-                    Ok(now) if d.frozen.is_none() => {
+                    Some(now) if d.frozen.is_none() => {
                         let what = format!(
                             "snapshot {}: image {} has no stamp (its size and time were not recorded when it was frozen), so a change to it would go unnoticed",
                             m.name,
@@ -228,7 +225,7 @@ impl Vm {
                         );
                         unstamped.push((d.device.clone(), now, what));
                     }
-                    Ok(now) if d.frozen.is_some_and(|f| f != now) => {
+                    Some(now) if d.frozen.is_some_and(|f| f != now) => {
                         found
                             .add(
                                 "changed-image",
@@ -247,7 +244,7 @@ impl Vm {
                             )
                             .about(&d.image);
                     }
-                    Ok(_) => {
+                    Some(_) => {
                         // (Only what no earlier snapshot's walk read: the rest is known good.)
                         if let Err(e) = chains.chain_news(&d.image, &cancel).await {
                             found
