@@ -19,6 +19,13 @@ use tokio_util::codec::Decoder;
 /// is a broken peer, not a reply.
 pub const MAX_LINE: usize = 64 << 20;
 
+/// How deeply one line may nest. `query-block` nests each disk's backing chain one object per
+/// image, so a VM with a long snapshot chain sends lines nested hundreds deep (serde_json's
+/// default limit, 128, is a chain of about 120). Parsing recurses once per level and so do
+/// the typed replies built from it; 512 levels stay well inside a 2 MiB thread stack even in
+/// a debug build. A deeper line fails the command it answers (see [`Frame::Invalid`]).
+pub const MAX_DEPTH: usize = 512;
+
 /// QEMU's version triple and package string, as in the greeting and `query-version`.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 pub struct QemuVersion {
@@ -140,6 +147,9 @@ pub enum Frame {
         line: String,
         /// Why it was rejected.
         reason: String,
+        /// The `id` it carries, if one could be read: a reply QEMU sent that could not be
+        /// parsed, which fails that command.
+        id: Option<u64>,
     },
 }
 
@@ -163,7 +173,7 @@ impl std::fmt::Display for Frame {
             } => serde_json::json!({"event": name,
                 "data": data, "timestamp": {"seconds": timestamp.seconds,
                 "microseconds": timestamp.microseconds}}),
-            Frame::Invalid { line, reason } => return write!(f, "{line} (invalid: {reason})"),
+            Frame::Invalid { line, reason, .. } => return write!(f, "{line} (invalid: {reason})"),
         };
         write!(f, "{v}")
     }
@@ -172,11 +182,22 @@ impl std::fmt::Display for Frame {
 impl Frame {
     /// Classifies one line (without its line ending).
     pub fn parse(line: &[u8]) -> Frame {
+        let shape = shape(line);
         let invalid = |reason: String| Frame::Invalid {
             line: String::from_utf8_lossy(line).into_owned(),
             reason,
+            id: shape.id,
         };
-        let mut obj = match serde_json::from_slice::<Value>(line) {
+        let depth = shape.deepest;
+        if depth > MAX_DEPTH {
+            return invalid(format!(
+                "nested {depth} levels deep, more than the {MAX_DEPTH} qsnap reads \
+                 (a backing chain of about {depth} images? shorten it by deleting snapshots)"
+            ));
+        }
+        let mut de = serde_json::Deserializer::from_slice(line);
+        de.disable_recursion_limit();
+        let mut obj = match Value::deserialize(&mut de).and_then(|v| de.end().map(|()| v)) {
             Ok(Value::Object(obj)) => obj,
             Ok(_) => return invalid("not a JSON object".into()),
             Err(e) => return invalid(format!("not JSON: {e}")),
@@ -216,6 +237,63 @@ impl Frame {
         }
         invalid("neither greeting, return, error nor event".into())
     }
+}
+
+/// What a line looks like before it is parsed: how deeply it nests objects and arrays
+/// (brackets inside strings do not count), and the `id` member of its outermost object.
+#[derive(Debug, PartialEq, Eq)]
+struct Shape {
+    deepest: usize,
+    id: Option<u64>,
+}
+
+/// Reads a line's [`Shape`] in one pass, without parsing it: the guard that keeps a
+/// pathological line from exhausting the stack, and the id that lets a reply that cannot be
+/// parsed fail the command it answers at once instead of leaving it to time out (QMP ids are
+/// numbers this client chose).
+fn shape(line: &[u8]) -> Shape {
+    let mut shape = Shape {
+        deepest: 0,
+        id: None,
+    };
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    for (i, &b) in line.iter().enumerate() {
+        if in_string {
+            match (escaped, b) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => {
+                if depth == 1 && shape.id.is_none() {
+                    shape.id = id_member(&line[i..]);
+                }
+                in_string = true;
+            }
+            b'{' | b'[' => {
+                depth += 1;
+                shape.deepest = shape.deepest.max(depth);
+            }
+            b'}' | b']' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    shape
+}
+
+/// The number in `"id": 123…` at the start of `at`, if that is what it holds.
+fn id_member(at: &[u8]) -> Option<u64> {
+    let value = at
+        .strip_prefix(b"\"id\"")?
+        .trim_ascii_start()
+        .strip_prefix(b":")?
+        .trim_ascii_start();
+    let digits = value.iter().take_while(|c| c.is_ascii_digit()).count();
+    std::str::from_utf8(&value[..digits]).ok()?.parse().ok()
 }
 
 /// Serialises a command as one line: `{"execute":NAME,"arguments":ARGS,"id":ID}\n`.
@@ -322,6 +400,71 @@ mod tests {
         assert!(g.version.qemu.at_least(9, 0));
         assert!(!g.version.qemu.at_least(10, 1));
         assert_eq!(g.capabilities, vec!["oob"]);
+    }
+
+    /// `query-block`'s answer for a disk whose backing chain is `layers` images long, with
+    /// brackets and an escaped quote inside strings that must not count.
+    fn chain_reply(layers: usize, id: u64) -> Vec<u8> {
+        let mut image = json!({"filename": "base {[\"]} .raw", "format": "raw"});
+        for i in 0..layers {
+            image = json!({"filename": format!("/v/s{i}.qcow2"), "format": "qcow2", "backing-image": image});
+        }
+        let line = json!({"return": [{"device": "drive0", "inserted": {"image": image, "id": 1}}], "id": id});
+        let mut de = serde_json::Serializer::new(Vec::new());
+        // serialising recurses as parsing does; a thread with room for it
+        std::thread::Builder::new()
+            .stack_size(64 << 20)
+            .spawn(move || {
+                serde::Serialize::serialize(&line, &mut de).unwrap();
+                let out = de.into_inner();
+                drop(line);
+                out
+            })
+            .unwrap()
+            .join()
+            .unwrap()
+    }
+
+    #[test]
+    fn a_long_backing_chain_is_read_and_a_pathological_one_fails_its_command() {
+        // 300 images: beyond serde_json's default limit of 128, within MAX_DEPTH
+        let line = chain_reply(300, 41);
+        assert_eq!(shape(&line).deepest, 300 + 5);
+        let Frame::Return { id, value } = Frame::parse(&line) else {
+            panic!("a chain of 300 is not read")
+        };
+        assert_eq!(id, Some(json!(41)));
+        let mut at = &value[0]["inserted"]["image"];
+        let mut layers = 0;
+        while let Some(below) = at.get("backing-image") {
+            layers += 1;
+            at = below;
+        }
+        assert_eq!(
+            (layers, at["filename"].as_str()),
+            (300, Some("base {[\"]} .raw"))
+        );
+
+        // deeper than MAX_DEPTH: not parsed, but the id it answers is known
+        let line = chain_reply(MAX_DEPTH, 42);
+        match Frame::parse(&line) {
+            Frame::Invalid { reason, id, .. } => {
+                assert_eq!(id, Some(42));
+                assert!(reason.contains("levels deep"), "{reason}");
+            }
+            other => panic!("{:.200}", other.to_string()),
+        }
+    }
+
+    #[test]
+    fn the_id_is_the_outermost_objects() {
+        let id = |l: &str| shape(l.as_bytes()).id;
+        assert_eq!(id(r#"{"return": {"id": 3}, "id": 9}"#), Some(9));
+        assert_eq!(id(r#"{"return": "\"id\": 4", "id" : 5}"#), Some(5));
+        assert_eq!(id(r#"{"return": ["id", {"id": 6}]}"#), None);
+        assert_eq!(id(r#"{"event": "X", "data": {"id": 7}}"#), None);
+        assert_eq!(id(r#"{"return": {}, "id": "a"}"#), None);
+        assert_eq!(shape(br#"{"a": "{{{[[[", "b": [[]]}"#).deepest, 3);
     }
 
     #[test]

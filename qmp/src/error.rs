@@ -110,6 +110,16 @@ pub enum Error {
         reply: serde_json::Value,
     },
 
+    /// QEMU answered, but the answer could not be read as JSON (e.g. it nests deeper than
+    /// [`crate::codec::MAX_DEPTH`]).
+    #[error("cannot read QEMU's answer to {command}: {reason}")]
+    Unreadable {
+        /// The command.
+        command: String,
+        /// Why the answer could not be read.
+        reason: String,
+    },
+
     /// A command's arguments could not be serialised into a JSON object.
     #[error("cannot encode the arguments of {command}: {reason}")]
     Encode {

@@ -124,8 +124,16 @@ impl Shared {
                 }
             }
             Frame::Greeting(_) => warn!("unexpected second QMP greeting; ignored"),
-            Frame::Invalid { line, reason } => {
-                warn!(endpoint = %self.endpoint, %reason, line = %truncate(&line), "ignoring a line that is not QMP")
+            Frame::Invalid { line, reason, id } => {
+                warn!(endpoint = %self.endpoint, %reason, line = %truncate(&line), "ignoring a line that is not QMP");
+                if let Some(id) = id {
+                    self.complete(&Some(Value::from(id)), |command| {
+                        Err(Error::Unreadable {
+                            command: command.to_owned(),
+                            reason,
+                        })
+                    });
+                }
             }
         }
     }

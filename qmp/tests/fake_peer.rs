@@ -178,3 +178,32 @@ async fn descriptor_arrives_with_the_command_that_consumes_it() {
     assert_eq!(target, ours.canonicalize().unwrap());
     nix::unistd::close(fd).unwrap();
 }
+
+#[tokio::test]
+async fn a_reply_too_deep_to_read_fails_its_call_at_once() {
+    let (_dir, path) = peer(|mut s| async move {
+        let c = read_cmd(&mut s).await;
+        let depth = qsnap_qmp::codec::MAX_DEPTH + 10;
+        let line = format!(
+            "{{\"return\": {}1{}, \"id\": {}}}\r\n",
+            "[".repeat(depth),
+            "]".repeat(depth),
+            c["id"]
+        );
+        s.get_mut().write_all(line.as_bytes()).await.unwrap();
+        tokio::time::sleep(Duration::from_secs(30)).await;
+    })
+    .await;
+    let qmp = Qmp::connect(path).await.unwrap();
+    let started = std::time::Instant::now();
+    let err = qmp.execute(types::query_name {}).await.unwrap_err();
+    match &err {
+        Error::Unreadable { command, reason } => {
+            assert_eq!(command, "query-name");
+            assert!(reason.contains("levels deep"), "{reason}");
+        }
+        other => panic!("{other:?}"),
+    }
+    // not after the command's timeout: at once
+    assert!(started.elapsed() < Duration::from_secs(5), "{err}");
+}
