@@ -181,12 +181,21 @@ pub(crate) async fn nodes_unguarded(qmp: &Qmp) -> Result<Vec<Node>> {
 /// file's). Each node's image is the one `disks` named for that place in its chain: a node
 /// another monitor client replaced in place, under the same name, between the two reads
 /// would be misnamed — as any look is out of date once another client acts.
+#[cfg(any(test, feature = "testing"))]
 pub(crate) async fn nodes_from_graph(qmp: &Qmp, disks: &[Disk]) -> Option<Vec<Node>> {
+    nodes_and_shape(qmp, disks).await.0
+}
+
+/// [`nodes_from_graph`], and the [`Shape`] of the graph it read (`None` when it read none).
+pub(crate) async fn nodes_and_shape(
+    qmp: &Qmp,
+    disks: &[Disk],
+) -> (Option<Vec<Node>>, Option<Shape>) {
     let graph = match qmp.execute(XDebugQueryBlockGraph {}).await {
         Ok(g) => g,
         Err(e) => {
             tracing::debug!(error = %e, "no block graph: the nodes are listed in full");
-            return None;
+            return (None, None);
         }
     };
     let paths: Vec<PathBuf> = disks
@@ -195,19 +204,64 @@ pub(crate) async fn nodes_from_graph(qmp: &Qmp, disks: &[Disk]) -> Option<Vec<No
         .flat_map(|m| m.chain.iter().map(|l| l.image.clone()))
         .filter(|p| p.is_absolute())
         .collect();
-    let regular: HashSet<PathBuf> = tokio::task::spawn_blocking(move || {
+    let shape = Shape::of(&graph);
+    let Ok(regular) = tokio::task::spawn_blocking(move || {
         paths
             .into_iter()
             .filter(|p| std::fs::metadata(p).is_ok_and(|m| m.file_type().is_file()))
-            .collect()
+            .collect::<HashSet<PathBuf>>()
     })
     .await
-    .ok()?;
+    else {
+        return (None, Some(shape));
+    };
     let nodes = explain(&graph, disks, &regular);
     if nodes.is_none() {
         tracing::debug!("the block graph holds more than the disks' chains: nodes listed in full");
     }
-    nodes
+    (nodes, Some(shape))
+}
+
+/// What QEMU's block graph looked like at one look: every node (its id, kind and name) and
+/// every link (parent, child, role), sorted. Two looks at one QEMU with the same shape saw
+/// the same block layer: no node added, removed or relinked in between (ids are QEMU's own
+/// pointers; a node deleted and added again under the same name, at the same address, in the
+/// same place, is the one change it cannot see — as with any look, another monitor client's
+/// acts are not followed).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Shape {
+    nodes: Vec<(u64, String, String)>,
+    edges: Vec<(u64, u64, String)>,
+}
+
+impl Shape {
+    fn of(graph: &BlockGraph) -> Shape {
+        let mut nodes: Vec<_> = graph
+            .nodes
+            .iter()
+            .map(|n| (n.id, n.kind.clone(), n.name.clone()))
+            .collect();
+        let mut edges: Vec<_> = graph
+            .edges
+            .iter()
+            .map(|e| (e.parent, e.child, e.name.clone()))
+            .collect();
+        nodes.sort();
+        edges.sort();
+        Shape { nodes, edges }
+    }
+}
+
+/// The [`Shape`] of QEMU's block graph now (`None` when it cannot be read). Like
+/// [`nodes_unguarded`], never call this while a `block-stream` job may have ended undismissed.
+pub(crate) async fn shape(qmp: &Qmp) -> Option<Shape> {
+    match qmp.execute(XDebugQueryBlockGraph {}).await {
+        Ok(g) => Some(Shape::of(&g)),
+        Err(e) => {
+            tracing::debug!(error = %e, "no block graph");
+            None
+        }
+    }
 }
 
 /// The nodes `graph` holds, if the chains of `disks` explain every one of them (see
@@ -275,6 +329,147 @@ fn explain(graph: &BlockGraph, disks: &[Disk], regular: &HashSet<PathBuf>) -> Op
         }
     }
     (seen.len() == drivers.len()).then_some(out)
+}
+
+/// Which of `held` — nodes an earlier look named, here all opening one image — QEMU still has
+/// and no longer uses: each is in its block graph, and nothing but another of them sits above
+/// it (no disk, job or other node). `None` when the graph cannot be read; the caller then
+/// looks in full.
+///
+/// Why: after a merge the layer that left the chains keeps its nodes, loose, until they are
+/// released; a full look would list every node of every chain (≈ 57 ms at a chain of 100,
+/// because loose nodes are what [`nodes_from_graph`] cannot explain), where the graph costs
+/// ≈ 3 ms. Names are the ones the earlier look read: a node another monitor client deleted
+/// and added again under the same name since then would be taken for the earlier one, as
+/// any look is out of date once another client acts. Like [`nodes_unguarded`], never call
+/// this while a `block-stream` job may have ended undismissed.
+pub(crate) async fn loose_among(qmp: &Qmp, held: &[Node]) -> Option<Vec<Node>> {
+    let graph = match qmp.execute(XDebugQueryBlockGraph {}).await {
+        Ok(g) => g,
+        Err(e) => {
+            tracing::debug!(error = %e, "no block graph: the nodes are listed in full");
+            return None;
+        }
+    };
+    loose(&graph, held)
+}
+
+/// The image each disk of `disks` writes to now — `(device, top image)` — told from QEMU's
+/// block graph and `nodes`, the node names an earlier look of this operation read; `None`
+/// when the graph cannot be read or a disk's top node is not one of `nodes` (the caller then
+/// reads the chains, `query-block`).
+///
+/// Why: after a merge's jobs finalize, the record must follow the image each disk writes to
+/// before the guest runs again, with the guest paused; `query-block` describes every layer of
+/// every chain (≈ 16 ms at a chain of 100) where the graph costs ≈ 3 ms. A disk's backend is
+/// found by the name the graph gives it, its `-drive` id or else its device's QOM path, as
+/// `query-block` names it; its top node by the backend's `root` link. The same caveat as
+/// [`loose_among`]: a node replaced in place, under the same name, by another client since
+/// the earlier look would be misnamed.
+pub(crate) async fn tops_from_graph(
+    qmp: &Qmp,
+    disks: &[Disk],
+    nodes: &[Node],
+) -> Option<Vec<(String, PathBuf)>> {
+    let graph = match qmp.execute(XDebugQueryBlockGraph {}).await {
+        Ok(g) => g,
+        Err(e) => {
+            tracing::debug!(error = %e, "no block graph: the chains are read in full");
+            return None;
+        }
+    };
+    let tops = tops(&graph, disks, nodes);
+    if tops.is_none() {
+        tracing::debug!("the block graph does not tell every disk's top: chains read in full");
+    }
+    tops
+}
+
+/// See [`tops_from_graph`].
+fn tops(graph: &BlockGraph, disks: &[Disk], nodes: &[Node]) -> Option<Vec<(String, PathBuf)>> {
+    let mut backends: HashMap<&str, u64> = HashMap::new();
+    for n in graph.nodes.iter().filter(|n| n.kind == "block-backend") {
+        if backends.insert(n.name.as_str(), n.id).is_some() {
+            return None;
+        }
+    }
+    let drivers: HashMap<u64, &str> = graph
+        .nodes
+        .iter()
+        .filter(|n| n.kind == "block-driver")
+        .map(|n| (n.id, n.name.as_str()))
+        .collect();
+    let mut out = Vec::new();
+    for d in disks.iter().filter(|d| d.medium.is_some()) {
+        let name = if d.drive.is_empty() {
+            d.qdev.as_deref()?
+        } else {
+            d.drive.as_str()
+        };
+        let backend = *backends.get(name)?;
+        let mut roots = graph
+            .edges
+            .iter()
+            .filter(|e| e.parent == backend && e.name == "root");
+        let (root, None) = (roots.next()?, roots.next()) else {
+            return None;
+        };
+        let top = drivers.get(&root.child)?;
+        let mut named = nodes.iter().filter(|n| n.name == *top);
+        let (node, None) = (named.next()?, named.next()) else {
+            return None;
+        };
+        if node.driver == "file" || !node.image.is_absolute() {
+            return None;
+        }
+        out.push((d.device.clone(), node.image.clone()));
+    }
+    Some(out)
+}
+
+/// The nodes of `held` that `graph` holds with no parent outside them (see [`loose_among`]),
+/// format nodes before the protocol nodes under them.
+fn loose(graph: &BlockGraph, held: &[Node]) -> Option<Vec<Node>> {
+    let mut present: HashMap<u64, &Node> = HashMap::new();
+    for n in graph.nodes.iter().filter(|n| n.kind == "block-driver") {
+        if let Some(h) = held.iter().find(|h| h.name == n.name) {
+            if present.insert(n.id, h).is_some() {
+                return None;
+            }
+        }
+    }
+    if present.len()
+        != present
+            .values()
+            .map(|h| &h.name)
+            .collect::<HashSet<_>>()
+            .len()
+    {
+        return None; // two graph nodes of one name: not QEMU as we know it
+    }
+    // Used: a parent outside the held nodes, or a used one (a file node under a format node
+    // that a disk still reads).
+    let mut used: HashSet<u64> = HashSet::new();
+    loop {
+        let before = used.len();
+        for e in &graph.edges {
+            if present.contains_key(&e.child)
+                && (!present.contains_key(&e.parent) || used.contains(&e.parent))
+            {
+                used.insert(e.child);
+            }
+        }
+        if used.len() == before {
+            break;
+        }
+    }
+    let mut out: Vec<Node> = present
+        .iter()
+        .filter(|(id, _)| !used.contains(id))
+        .map(|(_, h)| (*h).clone())
+        .collect();
+    out.sort_by_key(|n| (n.driver == "file", n.name.clone()));
+    Some(out)
 }
 
 /// The chain of disk `device` (top first), empty for an unknown or empty disk.
@@ -391,6 +586,108 @@ mod tests {
                     .collect(),
             }),
         }
+    }
+
+    /// Loose: in the graph, with nothing above but each other.
+    #[test]
+    fn held_nodes_are_loose_only_when_nothing_else_uses_them() {
+        let node = |name: &str, driver: &str| Node {
+            name: name.into(),
+            image: PathBuf::from(format!("/s/{}", name.trim_end_matches('f'))),
+            driver: driver.into(),
+        };
+        // drive0 → t → b, and the merged-away m (with its file node mf) hanging loose
+        let g = graph(
+            &[
+                (1, "t"),
+                (2, "tf"),
+                (3, "b"),
+                (4, "bf"),
+                (5, "m"),
+                (6, "mf"),
+            ],
+            &[
+                (0, 1, "root"),
+                (1, 2, "file"),
+                (1, 3, "backing"),
+                (3, 4, "file"),
+                (5, 6, "file"),
+            ],
+        );
+        let names = |nodes: Option<Vec<Node>>| {
+            nodes
+                .unwrap()
+                .into_iter()
+                .map(|n| n.name)
+                .collect::<Vec<_>>()
+        };
+        // the format node first, then the protocol node under it
+        let m = [node("mf", "file"), node("m", "qcow2")];
+        assert_eq!(names(loose(&g, &m)), ["m", "mf"]);
+        // in a chain: the format node and, through it, its file node are used
+        assert!(names(loose(&g, &[node("b", "qcow2"), node("bf", "file")])).is_empty());
+        assert!(names(loose(&g, &[node("bf", "file")])).is_empty());
+        // a file node alone whose format node is not held: used by it
+        assert!(names(loose(&g, &[node("mf", "file")])).is_empty());
+        // gone already
+        assert!(names(loose(&g, &[node("x", "qcow2")])).is_empty());
+        // a job or another node over a held one: used
+        let mut g2 = graph(
+            &[(5, "m"), (6, "mf"), (7, "filter")],
+            &[(5, 6, "file"), (7, 5, "backing")],
+        );
+        assert!(names(loose(&g2, &m)).is_empty());
+        g2.edges.retain(|e| e.parent != 7);
+        assert_eq!(names(loose(&g2, &m)), ["m", "mf"]);
+        // one name twice: not QEMU as we know it
+        let twice = graph(&[(5, "m"), (8, "m")], &[]);
+        assert!(loose(&twice, &m).is_none());
+    }
+
+    /// A disk's top told from its backend's `root` link and the node names a look read.
+    #[test]
+    fn tops_are_told_by_the_backends_root_and_known_names() {
+        let node = |name: &str, image: &str, driver: &str| Node {
+            name: name.into(),
+            image: PathBuf::from(image),
+            driver: driver.into(),
+        };
+        let known = [
+            node("t", "/s/top", "qcow2"),
+            node("tf", "/s/top", "file"),
+            node("b", "/s/base", "qcow2"),
+        ];
+        let d = disk("t", &["/s/top", "/s/base"]);
+        let drivers = [(1, "t"), (2, "tf"), (3, "b")];
+        let on = |child: u64| graph(&drivers, &[(0, child, "root"), (1, 2, "file")]);
+        let top = |g: &BlockGraph, d: &Disk| {
+            tops(g, std::slice::from_ref(d), &known).map(|t| t[0].1.clone())
+        };
+        assert_eq!(top(&on(1), &d), Some(PathBuf::from("/s/top")));
+        // after an active commit the backend's root is the base
+        assert_eq!(top(&on(3), &d), Some(PathBuf::from("/s/base")));
+        // a top no look named, a protocol node, no root or two: not told
+        assert_eq!(top(&graph(&[(9, "new")], &[(0, 9, "root")]), &d), None);
+        assert_eq!(top(&on(2), &d), None);
+        assert_eq!(top(&graph(&drivers, &[]), &d), None);
+        assert_eq!(
+            top(&graph(&drivers, &[(0, 1, "root"), (0, 3, "root")]), &d),
+            None
+        );
+        // a `-blockdev` disk: its backend is named by the device's QOM path
+        let mut bd = d.clone();
+        bd.drive.clear();
+        bd.qdev = Some("drive0".into()); // (the test graph's backend name)
+        assert_eq!(top(&on(1), &bd), Some(PathBuf::from("/s/top")));
+        bd.qdev = Some("/machine/peripheral/vd1/virtio-backend".into());
+        assert_eq!(top(&on(1), &bd), None);
+        // an empty drive has no top to tell, and is no reason not to tell the others
+        let mut empty = d.clone();
+        empty.medium = None;
+        assert_eq!(
+            tops(&on(1), &[empty, d.clone()], &known).map(|t| t.len()),
+            Some(1)
+        );
     }
 
     /// The graph is trusted only where the chains explain every driver node in it.

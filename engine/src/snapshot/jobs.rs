@@ -42,11 +42,46 @@ pub async fn list_nodes(qmp: &Qmp) -> Result<Vec<blocks::Node>> {
 /// outcome is in the chains every caller reads next; anyone else's is refused, since
 /// dismissing it would take its outcome from its owner.
 pub async fn list_nodes_of(qmp: &Qmp, disks: &[blocks::Disk]) -> Result<Vec<blocks::Node>> {
+    Ok(list_nodes_shaped(qmp, disks).await?.0)
+}
+
+/// [`list_nodes_of`], and the shape of the block graph it read (see [`blocks::Shape`]).
+pub(crate) async fn list_nodes_shaped(
+    qmp: &Qmp,
+    disks: &[blocks::Disk],
+) -> Result<(Vec<blocks::Node>, Option<blocks::Shape>)> {
     dismiss_ended_streams(qmp).await?;
-    match blocks::nodes_from_graph(qmp, disks).await {
-        Some(nodes) => Ok(nodes),
-        None => blocks::nodes_unguarded(qmp).await,
+    match blocks::nodes_and_shape(qmp, disks).await {
+        (Some(nodes), shape) => Ok((nodes, shape)),
+        (None, shape) => Ok((blocks::nodes_unguarded(qmp).await?, shape)),
     }
+}
+
+/// The shape of QEMU's block graph now, asked for safely (see [`blocks::Shape`]).
+pub(crate) async fn graph_shape(qmp: &Qmp) -> Result<Option<blocks::Shape>> {
+    dismiss_ended_streams(qmp).await?;
+    Ok(blocks::shape(qmp).await)
+}
+
+/// Which of `held` (nodes an earlier look named) QEMU holds loose now, asked for safely
+/// ([`blocks::loose_among`]; `None`: the graph could not be read).
+pub(crate) async fn loose_nodes_of(
+    qmp: &Qmp,
+    held: &[blocks::Node],
+) -> Result<Option<Vec<blocks::Node>>> {
+    dismiss_ended_streams(qmp).await?;
+    Ok(blocks::loose_among(qmp, held).await)
+}
+
+/// The image each disk writes to now, told from QEMU's block graph and an earlier look's
+/// `disks` and `nodes` ([`blocks::tops_from_graph`]; `None`: the graph does not tell).
+pub(crate) async fn tops_of(
+    qmp: &Qmp,
+    disks: &[blocks::Disk],
+    nodes: &[blocks::Node],
+) -> Result<Option<Vec<(String, std::path::PathBuf)>>> {
+    dismiss_ended_streams(qmp).await?;
+    Ok(blocks::tops_from_graph(qmp, disks, nodes).await)
 }
 
 /// How long a merge may take in all (a guard against a job that never ends, not a target).

@@ -10,7 +10,7 @@ use crate::store::{DeleteIntent, Intent, MergeKind, MergeStep, VmRecord};
 use crate::vm::refs::Live;
 use crate::vm::Vm;
 use qsnap_qmp::{types, Qmp};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use tracing::warn;
 
 /// The live steps of a round: block jobs in the running QEMU, finalizing together.
@@ -23,23 +23,28 @@ use tracing::warn;
 /// whatever the finalize did, even half of it — and only then is the guest resumed. If the
 /// record cannot be written, the guest stays paused and the journal says to resume it: a
 /// recovery that later finds QEMU gone can then trust the record about which image is newer.
+///
+/// Returns QEMU's nodes as the look just before the jobs named them (`None` if no job ran):
+/// what the layers that left the chains are opened by, for their release.
 pub(super) async fn merge_live(
     vm: &Vm,
     record: &mut VmRecord,
     intent: &mut DeleteIntent,
     steps: &[MergeStep],
     redo: bool,
+    planned: Option<Live>,
     report: &(dyn Fn(f64) + Send + Sync),
-) -> Result<()> {
+) -> Result<Option<Vec<blocks::Node>>> {
     let qmp = vm.connect().await?;
     // A redo reads chains alone (`query-block`) until it needs nodes: listing nodes can be
     // refused (`jobs::list_nodes_of`: a stream job a killed run left), and a refusal must not
     // strand a guest paused for a switch. A first run pauses nothing before its jobs start,
-    // so it reads everything now, once (each look costs QEMU ≈ 35 ms with a hundred layers).
-    let mut first_look = if redo {
-        None
-    } else {
-        Some(Live::read(&qmp).await?)
+    // so it reads everything now, once (each look costs QEMU ≈ 35 ms with a hundred layers),
+    // or takes the look the round was planned from if QEMU's block graph kept its shape.
+    let mut first_look = match (redo, planned) {
+        (true, _) => None,
+        (false, Some(planned)) => Some(Live::refresh(&qmp, planned).await?),
+        (false, None) => Some(Live::read(&qmp).await?),
     };
     let disks = match &first_look {
         Some(live) => live.disks.clone(),
@@ -87,7 +92,7 @@ pub(super) async fn merge_live(
             if let Err(e) = guard.flush(&qmp).await {
                 return Err(guard.left_paused(e));
             }
-            follow_qemu(vm, record, &qmp, &guard)
+            follow_qemu(vm, record, &qmp, &guard, None)
                 .await
                 .map_err(|e| guard.left_paused(e))?;
             guard.resume(&qmp).await?;
@@ -102,6 +107,7 @@ pub(super) async fn merge_live(
         }
         todo.push((m, job));
     }
+    let mut before_jobs = None;
     if !todo.is_empty() {
         // (Without a redo nothing ran in QEMU since the first look: no job, no pause.)
         let live = match first_look.take() {
@@ -127,11 +133,12 @@ pub(super) async fn merge_live(
             .await
             .map_err(|e| guard.left_paused(e))?;
         // Whatever the finalize did, the record follows QEMU before the guest runs again.
-        follow_qemu(vm, record, &qmp, &guard)
+        follow_qemu(vm, record, &qmp, &guard, Some(&live))
             .await
             .map_err(|e| guard.left_paused(e))?;
         guard.resume(&qmp).await?;
         finalized?;
+        before_jobs = Some(live.nodes);
     }
     if pauses {
         intent.guest_was_running = None;
@@ -140,7 +147,7 @@ pub(super) async fn merge_live(
             .await?;
     }
     // Nodes that opened the merged-away image are released by `finish_step`.
-    Ok(())
+    Ok(before_jobs)
 }
 
 /// Pausing the guest around a disk switch (when a round has one and the guest ran), and
@@ -256,13 +263,51 @@ impl Pause {
 }
 
 /// Makes the record name the images QEMU writes to now (after a finalize, whole or partial).
-/// If it cannot be written, the guest is left paused (see [`merge_live`]).
-async fn follow_qemu(vm: &Vm, record: &mut VmRecord, qmp: &Qmp, guard: &Pause) -> Result<()> {
+/// `before`: the look just before the jobs, whose node names let the block graph tell each
+/// disk's top (the guest is paused meanwhile; see [`blocks::tops_from_graph`]); without it,
+/// or where the graph does not tell, the chains are read. If the record cannot be written,
+/// the guest is left paused (see [`merge_live`]).
+async fn follow_qemu(
+    vm: &Vm,
+    record: &mut VmRecord,
+    qmp: &Qmp,
+    guard: &Pause,
+    before: Option<&Live>,
+) -> Result<()> {
     if guard.on {
         failpoint::hit("delete.chains-read", qmp.peer_pid()).await?;
     }
-    let disks = blocks::read(qmp).await?;
-    if follow_live(record, &disks) {
+    let told = match before {
+        // (A job someone else left ended makes the graph not tell: the chains then do.)
+        Some(l) => jobs::tops_of(qmp, &l.disks, &l.nodes).await.ok().flatten(),
+        None => None,
+    };
+    let read = || async {
+        Ok::<_, Error>(
+            blocks::read(qmp)
+                .await?
+                .iter()
+                .filter_map(|d| Some((d.device.clone(), d.top()?.to_owned())))
+                .collect::<Vec<_>>(),
+        )
+    };
+    // Test builds insist that what the graph told is what the chains say.
+    #[cfg(feature = "testing")]
+    if let Some(told) = &told {
+        let mut told = told.clone();
+        let mut chains = read().await?;
+        told.sort();
+        chains.sort();
+        assert_eq!(
+            told, chains,
+            "the tops the block graph told are not QEMU's chains"
+        );
+    }
+    let tops = match told {
+        Some(tops) => tops,
+        None => read().await?,
+    };
+    if follow_tops(record, &tops) {
         vm.store().write_record(record).await?;
     }
     Ok(())
@@ -271,9 +316,18 @@ async fn follow_qemu(vm: &Vm, record: &mut VmRecord, qmp: &Qmp, guard: &Pause) -
 /// The record's disks set to QEMU's tops (`disks` as [`blocks::read`] gives them); true if
 /// something changed.
 pub(crate) fn follow_live(record: &mut VmRecord, disks: &[blocks::Disk]) -> bool {
+    let tops: Vec<(String, PathBuf)> = disks
+        .iter()
+        .filter_map(|d| Some((d.device.clone(), d.top()?.to_owned())))
+        .collect();
+    follow_tops(record, &tops)
+}
+
+/// The record's disks set to `tops` (`(device, top image)`); true if something changed.
+fn follow_tops(record: &mut VmRecord, tops: &[(String, PathBuf)]) -> bool {
     let mut changed = false;
     for d in &mut record.disks {
-        if let Some(top) = blocks::chain_of(disks, &d.device).first() {
+        if let Some((_, top)) = tops.iter().find(|(device, _)| *device == d.device) {
             if top != &d.image {
                 d.image = top.clone();
                 d.owned = record.owned_images.contains(top);
@@ -338,9 +392,9 @@ fn live_merge(live: &Live, m: &MergeStep, job: &str) -> Result<LiveMerge> {
     })
 }
 
-pub(super) async fn release_nodes(qmp: &Qmp, live: &Live, image: &Path) {
-    // Format nodes first, then the protocol node under them.
-    let mut nodes: Vec<_> = live.nodes.iter().filter(|n| n.image == image).collect();
+/// Releases `nodes` (format nodes before the protocol nodes under them), as far as QEMU lets.
+pub(super) async fn release_nodes(qmp: &Qmp, nodes: &[&blocks::Node]) {
+    let mut nodes = nodes.to_vec();
     nodes.sort_by_key(|n| n.driver == "file");
     for n in nodes {
         if let Err(e) = qmp

@@ -100,7 +100,7 @@ pub(crate) async fn run(
     // A round left by an interrupted run is redone first.
     if !intent.merges.is_empty() {
         let steps: Vec<Step> = intent.merges.iter().cloned().map(Step::Merge).collect();
-        let (reports, after) = run_round(vm, record, intent, steps, progress, true).await?;
+        let (reports, after) = run_round(vm, record, intent, steps, progress, true, None).await?;
         done.extend(reports);
         seen = after;
     }
@@ -111,7 +111,7 @@ pub(crate) async fn run(
         if steps.is_empty() {
             break;
         }
-        let (reports, after) = run_round(vm, record, intent, steps, progress, false).await?;
+        let (reports, after) = run_round(vm, record, intent, steps, progress, false, live).await?;
         done.extend(reports);
         seen = after;
     }
@@ -206,7 +206,8 @@ pub(crate) async fn view_from(
 }
 
 /// One round: what it did, and QEMU's view as its last look saw it (nothing in QEMU changed
-/// after that look), for planning the next round.
+/// after that look), for planning the next round. `planned`: the look the round was planned
+/// from, which its live merge refreshes rather than reads again when QEMU kept its shape.
 async fn run_round(
     vm: &Vm,
     record: &mut VmRecord,
@@ -214,6 +215,7 @@ async fn run_round(
     steps: Vec<Step>,
     progress: Option<&MergeProgressFn>,
     redo: bool,
+    planned: Option<Live>,
 ) -> Result<(Vec<MergeReport>, Option<Live>)> {
     let started = Instant::now();
     let mut reports = Vec::new();
@@ -300,34 +302,41 @@ async fn run_round(
         } else {
             merge_offline(vm, &offline, redo, &report).await?
         };
-        if !live_steps.is_empty() {
-            let steps: Vec<MergeStep> = live_steps.into_iter().cloned().collect();
-            if let Err(e) = merge_live(vm, record, intent, &steps, redo, &report).await {
+        if live_steps.is_empty() {
+            return Ok(None);
+        }
+        let steps: Vec<MergeStep> = live_steps.into_iter().cloned().collect();
+        match merge_live(vm, record, intent, &steps, redo, planned, &report).await {
+            Ok(before_jobs) => Ok(before_jobs),
+            Err(e) => {
                 point_back(&streamed).await;
-                return Err(e);
+                Err(e)
             }
         }
-        Ok(())
     }
     .await;
-    if let Err(e) = data {
-        // A stream that stopped half-way wrote into its upper image (its content as a chain
-        // is unchanged): the snapshots that freeze it get new stamps, or they could not be
-        // reverted to. If that fails, the round stays journaled (even after a cancel) so a
-        // repair redoes it and restamps.
-        if let Err(stamp) = restamp(vm, &streams).await {
-            warn!(error = %stamp, "could not restamp streamed images");
-            return Err(Error::StoreBehind {
-                vm: vm.name().to_string(),
-                cause: Box::new(e),
-                problem: Box::new(stamp),
-            });
+    let before_jobs = match data {
+        Ok(nodes) => nodes,
+        Err(e) => {
+            // A stream that stopped half-way wrote into its upper image (its content as a chain
+            // is unchanged): the snapshots that freeze it get new stamps, or they could not be
+            // reverted to. If that fails, the round stays journaled (even after a cancel) so a
+            // repair redoes it and restamps.
+            if let Err(stamp) = restamp(vm, &streams).await {
+                warn!(error = %stamp, "could not restamp streamed images");
+                return Err(Error::StoreBehind {
+                    vm: vm.name().to_string(),
+                    cause: Box::new(e),
+                    problem: Box::new(stamp),
+                });
+            }
+            return Err(e);
         }
-        return Err(e);
-    }
+    };
     failpoint::hit("delete.merged", record.pid).await?;
     for m in &merges {
-        seen = finish_step(vm, record, m).await?;
+        let before = before_jobs.as_deref().filter(|_| m.live);
+        seen = finish_step(vm, record, m, before).await?;
     }
     failpoint::hit("delete.rebased", record.pid).await?;
     let ms = started.elapsed().as_secs_f64() * 1e3;

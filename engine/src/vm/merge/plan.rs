@@ -274,6 +274,7 @@ mod tests {
                 disks,
                 nodes,
                 pid: None,
+                shape: None,
             });
             live.disks.push(disk);
             self
