@@ -266,6 +266,7 @@ pub async fn sweep() -> usize {
         return 0;
     };
     tokio::task::spawn_blocking(move || {
+        let started = std::time::Instant::now();
         let Ok(entries) = std::fs::read_dir(&dir) else {
             return 0;
         };
@@ -298,6 +299,12 @@ pub async fn sweep() -> usize {
             // What this process remembered itself is at least as new as the file.
             memory.entry(name).or_insert(entry);
         }
+        tracing::debug!(
+            kept = memory.len(),
+            removed,
+            ms = started.elapsed().as_secs_f64() * 1e3,
+            "cache swept"
+        );
         removed
     })
     .await
