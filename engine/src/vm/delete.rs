@@ -171,7 +171,7 @@ impl Vm {
                 }
             }
         }
-        let (_, live) = merge::view(self, &record, &manifests).await?;
+        let (graph, live) = merge::view(self, &record, &manifests).await?;
         let was_live = live.is_some();
         if let Some(live) = &live {
             for d in &record.disks {
@@ -204,7 +204,7 @@ impl Vm {
             .iter()
             .filter_map(|m| SnapshotName::parse(&m.name))
             .collect();
-        self.drop_pools(&pooled).await;
+        let dropped = self.drop_pools(&pooled).await;
         let mut intent = DeleteIntent {
             snapshots: victims.iter().map(|m| m.name.clone()).collect(),
             manifests: victims.clone(),
@@ -230,7 +230,12 @@ impl Vm {
         };
         // The first round is planned from the checks' look at QEMU: this delete changed
         // nothing in it since (every step looks again before it changes anything).
-        let merging = merge::run(self, &mut record, &mut intent, opts.progress.as_ref(), live);
+        // (Standbys dropped: the other VMs are not what the checks saw; read again.)
+        let mut seen = merge::Seen::of(&graph, live);
+        if dropped > 0 {
+            seen.others = None;
+        }
+        let merging = merge::run(self, &mut record, &mut intent, opts.progress.as_ref(), seen);
         let (memory_removed, merged) = tokio::join!(memory, merging);
         // Whatever fails leaves the journal (but for a cancelled round with nothing else
         // left): the next operation's recovery removes what memory is left and merges on.

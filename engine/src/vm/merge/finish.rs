@@ -5,7 +5,7 @@
 
 use super::live::release_nodes;
 use super::plan::removed_by;
-use super::view;
+use super::{view, Seen};
 use crate::blocks::Node;
 use crate::error::Result;
 use crate::failpoint;
@@ -18,13 +18,14 @@ use std::path::{Path, PathBuf};
 
 /// After the data moved: headers, names, and the unlink. `before_jobs`: QEMU's nodes as the
 /// look just before the merge's jobs named them (for a live merge). Returns QEMU's view as
-/// the reference guard saw it (nothing in QEMU changes after it).
+/// the reference guard saw it (nothing in QEMU changes after it), and the other VMs as it
+/// read them.
 pub(super) async fn finish_step(
     vm: &Vm,
     record: &mut VmRecord,
     m: &MergeStep,
     before_jobs: Option<&[Node]>,
-) -> Result<Option<Live>> {
+) -> Result<Seen> {
     let cancel = vm.cancel();
     // Files whose bytes this step changed (their content as a chain did not): the snapshots
     // that freeze them get new stamps, or a revert would take them for tampered with.
@@ -77,7 +78,7 @@ pub(super) async fn finish_step(
     let (graph, live) = view(vm, record, &manifests).await?;
     refs::safe_unlink(&gone, &graph, record, live.as_ref()).await?;
     forget_owned(vm, record, &gone).await?;
-    Ok(live)
+    Ok(Seen::of(&graph, live))
 }
 
 /// New stamps for the snapshots that freeze any of `files`. A stamp that cannot be read is an

@@ -170,19 +170,22 @@ impl Vm {
 
     /// Discards the standbys of `snaps` and forgets their pools (a delete of those
     /// snapshots): best effort, never waiting for a standby another qsnap holds (`check
-    /// --repair` discards what is left).
-    pub(super) async fn drop_pools(&self, snaps: &[SnapshotName]) {
+    /// --repair` discards what is left). Returns how many standbys it found.
+    pub(super) async fn drop_pools(&self, snaps: &[SnapshotName]) -> usize {
+        let mut standbys = 0;
         for snap in snaps {
             if let Err(e) = self.store().remove_pool(self.name(), snap).await {
                 warn!(error = %e, %snap, "the pool's record could not be removed");
             }
             for sb in self.standbys(snap).await.unwrap_or_default() {
+                standbys += 1;
                 let gone = format!("snapshot {snap} is being deleted");
                 if let Err(e) = discard_named(self, &sb, &gone).await {
                     warn!(standby = %sb, error = %e, "a standby could not be discarded");
                 }
             }
         }
+        standbys
     }
 
     /// Whether VM `name` is a standby of this VM (by its record).

@@ -201,7 +201,7 @@ async fn delete(vm: &Vm, mut d: DeleteIntent) -> Result<Settled> {
     d.guest_was_running = None;
     // QEMU serves one monitor client at a time; the merges connect on their own.
     drop(qemu);
-    let merges = merge::run(vm, &mut record, &mut d, None, None).await?;
+    let merges = merge::run(vm, &mut record, &mut d, None, merge::Seen::default()).await?;
     let merged = format!("{} layer(s) merged or removed", merges.len());
     Ok(done(if d.snapshots.is_empty() {
         format!("finished: {merged}")
