@@ -19,6 +19,12 @@ use qsnap_qmp::Qmp;
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
+/// The longest backing chain qsnap lets a snapshot make: QEMU's `query-block` nests one
+/// object per image, about five levels under the images, and qsnap reads answers nested up to
+/// [`qsnap_qmp::codec::MAX_DEPTH`] (with a margin). A longer chain could no longer be looked
+/// at while the VM runs — not even by the delete that would shorten it.
+pub(crate) const MAX_CHAIN: usize = qsnap_qmp::codec::MAX_DEPTH - 8;
+
 /// One guest disk as QEMU runs it now.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Disk {
@@ -222,12 +228,13 @@ pub(crate) async fn nodes_and_shape(
     (nodes, Some(shape))
 }
 
-/// What QEMU's block graph looked like at one look: every node (its id, kind and name) and
-/// every link (parent, child, role), sorted. Two looks at one QEMU with the same shape saw
-/// the same block layer: no node added, removed or relinked in between (ids are QEMU's own
-/// pointers; a node deleted and added again under the same name, at the same address, in the
-/// same place, is the one change it cannot see — as with any look, another monitor client's
-/// acts are not followed).
+/// What QEMU's block graph looked like at one look: every node (its number in that answer,
+/// kind and name) and every link (parent, child, role), sorted. Two looks at one QEMU with
+/// the same shape saw the same named structure: no node added, removed, renamed or relinked
+/// in between. What it cannot see: a node replaced under the same name in the same place, and
+/// what is not a link — a node reopened read-only, resized, or given a new file name without
+/// a new child. Nothing in qsnap does either between two looks of one operation; as with any
+/// look, another monitor client's acts are not followed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Shape {
     nodes: Vec<(u64, String, String)>,
@@ -388,7 +395,12 @@ pub(crate) async fn tops_from_graph(
 /// See [`tops_from_graph`].
 fn tops(graph: &BlockGraph, disks: &[Disk], nodes: &[Node]) -> Option<Vec<(String, PathBuf)>> {
     let mut backends: HashMap<&str, u64> = HashMap::new();
-    for n in graph.nodes.iter().filter(|n| n.kind == "block-backend") {
+    // (Unnamed backends — a block export's, a job's — are no disk's.)
+    for n in graph
+        .nodes
+        .iter()
+        .filter(|n| n.kind == "block-backend" && !n.name.is_empty())
+    {
         if backends.insert(n.name.as_str(), n.id).is_some() {
             return None;
         }
@@ -644,6 +656,51 @@ mod tests {
         assert!(loose(&twice, &m).is_none());
     }
 
+    /// Any node added, removed, renamed or relinked changes the shape; the order of the
+    /// answer does not.
+    #[test]
+    fn a_shape_changes_with_any_node_or_link() {
+        let drivers = [(1, "t"), (2, "tf"), (3, "b"), (4, "bf")];
+        let links = [
+            (0, 1, "root"),
+            (1, 2, "file"),
+            (1, 3, "backing"),
+            (3, 4, "file"),
+        ];
+        let base = Shape::of(&graph(&drivers, &links));
+        let mut reordered = graph(&drivers, &links);
+        reordered.nodes.reverse();
+        reordered.edges.reverse();
+        assert_eq!(Shape::of(&reordered), base);
+        let added = graph(
+            &[(1, "t"), (2, "tf"), (3, "b"), (4, "bf"), (5, "x")],
+            &links,
+        );
+        assert_ne!(Shape::of(&added), base);
+        let renamed = graph(&[(1, "t"), (2, "tf"), (3, "b2"), (4, "bf")], &links);
+        assert_ne!(Shape::of(&renamed), base);
+        let relinked = graph(&drivers, &[(0, 3, "root"), (1, 2, "file"), (3, 4, "file")]);
+        assert_ne!(Shape::of(&relinked), base);
+        let role = graph(
+            &drivers,
+            &[
+                (0, 1, "root"),
+                (1, 2, "file"),
+                (1, 3, "cow"),
+                (3, 4, "file"),
+            ],
+        );
+        assert_ne!(Shape::of(&role), base);
+        let mut job = graph(&drivers, &links);
+        job.nodes.push(
+            serde_json::from_value(
+                serde_json::json!({ "id": 9, "type": "block-job", "name": "j" }),
+            )
+            .unwrap(),
+        );
+        assert_ne!(Shape::of(&job), base);
+    }
+
     /// A disk's top told from its backend's `root` link and the node names a look read.
     #[test]
     fn tops_are_told_by_the_backends_root_and_known_names() {
@@ -681,6 +738,21 @@ mod tests {
         assert_eq!(top(&on(1), &bd), Some(PathBuf::from("/s/top")));
         bd.qdev = Some("/machine/peripheral/vd1/virtio-backend".into());
         assert_eq!(top(&on(1), &bd), None);
+        // an unnamed backend (a block export's) is no disk's, and no reason not to tell
+        let mut export = on(1);
+        export.nodes.push(
+            serde_json::from_value(
+                serde_json::json!({ "id": 7, "type": "block-backend", "name": "" }),
+            )
+            .unwrap(),
+        );
+        export.nodes.push(
+            serde_json::from_value(
+                serde_json::json!({ "id": 8, "type": "block-backend", "name": "" }),
+            )
+            .unwrap(),
+        );
+        assert_eq!(top(&export, &d), Some(PathBuf::from("/s/top")));
         // an empty drive has no top to tell, and is no reason not to tell the others
         let mut empty = d.clone();
         empty.medium = None;

@@ -913,17 +913,7 @@ async fn a_backing_chain_deeper_than_json_parsers_allow_is_snapshotted_checked_a
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().to_owned();
     let layer = |i: usize| root.join(format!("layer{i:03}.qcow2"));
-    qsnap_testkit::create_image(&layer(0), "qcow2", "16M").await;
-    for i in 1..LAYERS {
-        let made = tokio::process::Command::new("qemu-img")
-            .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
-            .arg(layer(i - 1))
-            .arg(layer(i))
-            .status()
-            .await
-            .unwrap();
-        assert!(made.success(), "qemu-img create layer {i}");
-    }
+    long_chain(&root, LAYERS).await;
     let top = layer(LAYERS - 1);
     let g = Guest::start_in(
         dir,
@@ -952,4 +942,79 @@ async fn a_backing_chain_deeper_than_json_parsers_allow_is_snapshotted_checked_a
     let report = g.vm.check(false).await.unwrap();
     assert!(report.clean, "after a delete: {:#?}", report.findings);
     assert_eq!(g.vm.snapshots().await.unwrap().len(), 1, "s2 is left");
+}
+
+/// `layer000.qcow2` ← `layer001.qcow2` ← … (`n` images) in `dir`.
+async fn long_chain(dir: &Path, n: usize) {
+    let layer = |i: usize| dir.join(format!("layer{i:03}.qcow2"));
+    qsnap_testkit::create_image(&layer(0), "qcow2", "16M").await;
+    for i in 1..n {
+        // (-u: the backing is not opened, each image is made in a few ms)
+        let made = tokio::process::Command::new("qemu-img")
+            .args(["create", "-q", "-u", "-f", "qcow2", "-F", "qcow2", "-b"])
+            .arg(layer(i - 1))
+            .arg(layer(i))
+            .arg("16M")
+            .status()
+            .await
+            .unwrap();
+        assert!(made.success(), "qemu-img create layer {i}");
+    }
+}
+
+/// The longest chain qsnap lets a snapshot make (504 images: QEMU's answer nests about 509
+/// deep, within the 512 qsnap reads) is made and read — by `check`, on the test's 2 MiB stacks
+/// of a debug build — and a snapshot that would make it longer is refused, live and offline,
+/// with nothing made: past it, no look at the running VM could read QEMU's answer, not even
+/// the delete that would shorten the chain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_past_the_longest_readable_chain_is_refused_and_nothing_is_made() {
+    require_qemu!();
+    init_logging();
+    const LAYERS: usize = 503;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().to_owned();
+    long_chain(&root, LAYERS).await;
+    let top = root.join(format!("layer{:03}.qcow2", LAYERS - 1));
+    let g = Guest::start_in(
+        dir,
+        VmBuilder::idle()
+            .memory(64)
+            .disk(&top, "qcow2", qsnap_testkit::DiskStyle::Drive),
+    )
+    .await;
+    let disk_only = |name: &str| {
+        let mut opts = g.vm.create_options(n(name));
+        opts.mode = Some(qsnap_engine::snapshot::Mode::DiskOnly);
+        opts
+    };
+    // The 504th image: the longest chain allowed.
+    g.vm.create_snapshot(disk_only("s0")).await.unwrap();
+    let report = g.vm.check(false).await.unwrap();
+    assert!(report.clean, "{:#?}", report.findings);
+    let qmp = g.vm.connect().await.unwrap();
+    let disks = blocks::read(&qmp).await.unwrap();
+    drop(qmp);
+    assert_eq!(disks[0].medium.as_ref().unwrap().chain.len(), LAYERS + 1);
+
+    let before = images_in(&g.dir);
+    let refused = |e: Error| match e {
+        Error::DiskNotSnapshottable { why, .. } => {
+            assert!(why.contains("504 images long"), "{why}");
+        }
+        other => panic!("not refused as too long: {other}"),
+    };
+    refused(g.vm.create_snapshot(disk_only("s1")).await.unwrap_err());
+    assert_eq!(images_in(&g.dir), before, "a refused snapshot made a file");
+    assert_eq!(g.vm.snapshots().await.unwrap().len(), 1);
+
+    g.vm.stop().await.unwrap();
+    refused(g.vm.create_snapshot(disk_only("s1")).await.unwrap_err());
+    assert_eq!(
+        images_in(&g.dir),
+        before,
+        "a refused offline snapshot made a file"
+    );
+    let report = g.vm.check(false).await.unwrap();
+    assert!(report.clean, "after the refusals: {:#?}", report.findings);
 }

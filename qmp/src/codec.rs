@@ -191,8 +191,9 @@ impl Frame {
         let depth = shape.deepest;
         if depth > MAX_DEPTH {
             return invalid(format!(
-                "nested {depth} levels deep, more than the {MAX_DEPTH} qsnap reads \
-                 (a backing chain of about {depth} images? shorten it by deleting snapshots)"
+                "nested {depth} levels deep, more than the {MAX_DEPTH} qsnap reads (a backing \
+                 chain of about {} images? stop the VM, then delete snapshots to shorten it)",
+                depth.saturating_sub(5)
             ));
         }
         let mut de = serde_json::Deserializer::from_slice(line);

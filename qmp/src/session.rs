@@ -125,7 +125,14 @@ impl Shared {
             }
             Frame::Greeting(_) => warn!("unexpected second QMP greeting; ignored"),
             Frame::Invalid { line, reason, id } => {
-                warn!(endpoint = %self.endpoint, %reason, line = %truncate(&line), "ignoring a line that is not QMP");
+                match id {
+                    Some(id) => {
+                        warn!(endpoint = %self.endpoint, %reason, id, line = %truncate(&line), "a reply that cannot be read fails its command")
+                    }
+                    None => {
+                        warn!(endpoint = %self.endpoint, %reason, line = %truncate(&line), "ignoring a line that is not QMP")
+                    }
+                }
                 if let Some(id) = id {
                     self.complete(&Some(Value::from(id)), |command| {
                         Err(Error::Unreadable {

@@ -61,6 +61,17 @@ pub async fn plan(
             });
             continue;
         }
+        if m.chain.len() >= blocks::MAX_CHAIN {
+            return Err(Error::DiskNotSnapshottable {
+                device: d.device,
+                why: format!(
+                    "its backing chain is {} images long; one more and qsnap could no longer \
+                     read QEMU's description of it ({} at most): delete snapshots first",
+                    m.chain.len(),
+                    blocks::MAX_CHAIN
+                ),
+            });
+        }
         let node = m.node.clone().ok_or_else(|| Error::DiskNotSnapshottable {
             device: d.device.clone(),
             why: "QEMU reports no node name for it".into(),

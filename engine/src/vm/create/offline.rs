@@ -80,6 +80,18 @@ pub(super) async fn create(
         };
         image::refuse_if_open(&d.image, &format, vm.cancel()).await?;
         let info = image::info_as(&d.image, &format, vm.cancel()).await?;
+        // (As for a live snapshot: a chain QEMU could describe to qsnap once it runs.)
+        let layers = crate::chains::files(&d.image, vm.cancel()).await?.len();
+        if layers >= crate::blocks::MAX_CHAIN {
+            return Err(Error::DiskNotSnapshottable {
+                device: d.device.clone(),
+                why: format!(
+                    "its backing chain is {layers} images long; one more and qsnap could no \
+                     longer read QEMU's description of it ({} at most): delete snapshots first",
+                    crate::blocks::MAX_CHAIN
+                ),
+            });
+        }
         let stem = opts
             .overlay_stems
             .get(&d.device)

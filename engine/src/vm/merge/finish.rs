@@ -124,6 +124,21 @@ async fn release_if_unused(vm: &Vm, record: &VmRecord, image: &Path, before: Opt
         match jobs::loose_nodes_of(&qmp, &held).await {
             Ok(Some(loose)) => {
                 release_nodes(&qmp, &loose.iter().collect::<Vec<_>>()).await;
+                // Test builds insist that this released what a full look would have.
+                #[cfg(feature = "testing")]
+                if let Ok(live) = Live::read(&qmp).await {
+                    let in_chain = live
+                        .disks
+                        .iter()
+                        .filter_map(|d| d.medium.as_ref())
+                        .any(|m| m.chain.iter().any(|l| l.image == image));
+                    assert!(
+                        in_chain || !live.has_open(image),
+                        "nodes of {} left after its release from the block graph: {:?}",
+                        image.display(),
+                        live.nodes
+                    );
+                }
                 return;
             }
             Ok(None) => {}
