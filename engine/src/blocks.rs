@@ -274,12 +274,7 @@ pub(crate) async fn shape(qmp: &Qmp) -> Option<Shape> {
 /// The nodes `graph` holds, if the chains of `disks` explain every one of them (see
 /// [`nodes_from_graph`]); `regular` holds the chains' images that are regular files.
 fn explain(graph: &BlockGraph, disks: &[Disk], regular: &HashSet<PathBuf>) -> Option<Vec<Node>> {
-    let drivers: HashMap<u64, &str> = graph
-        .nodes
-        .iter()
-        .filter(|n| n.kind == "block-driver")
-        .map(|n| (n.id, n.name.as_str()))
-        .collect();
+    let drivers = driver_names(graph);
     let by_name: HashMap<&str, u64> = drivers.iter().map(|(id, name)| (*name, *id)).collect();
     if drivers.values().any(|n| n.is_empty()) || by_name.len() != drivers.len() {
         return None;
@@ -405,12 +400,7 @@ fn tops(graph: &BlockGraph, disks: &[Disk], nodes: &[Node]) -> Option<Vec<(Strin
             return None;
         }
     }
-    let drivers: HashMap<u64, &str> = graph
-        .nodes
-        .iter()
-        .filter(|n| n.kind == "block-driver")
-        .map(|n| (n.id, n.name.as_str()))
-        .collect();
+    let drivers = driver_names(graph);
     let mut out = Vec::new();
     for d in disks.iter().filter(|d| d.medium.is_some()) {
         let name = if d.drive.is_empty() {
@@ -482,6 +472,16 @@ fn loose(graph: &BlockGraph, held: &[Node]) -> Option<Vec<Node>> {
         .collect();
     out.sort_by_key(|n| (n.driver == "file", n.name.clone()));
     Some(out)
+}
+
+/// The graph's driver nodes: number in this answer → node name.
+fn driver_names(graph: &BlockGraph) -> HashMap<u64, &str> {
+    graph
+        .nodes
+        .iter()
+        .filter(|n| n.kind == "block-driver")
+        .map(|n| (n.id, n.name.as_str()))
+        .collect()
 }
 
 /// The chain of disk `device` (top first), empty for an unknown or empty disk.

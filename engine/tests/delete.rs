@@ -910,18 +910,8 @@ async fn a_backing_chain_deeper_than_json_parsers_allow_is_snapshotted_checked_a
     require_qemu!();
     init_logging();
     const LAYERS: usize = 140;
-    let dir = tempfile::tempdir().unwrap();
-    let root = dir.path().to_owned();
-    let layer = |i: usize| root.join(format!("layer{i:03}.qcow2"));
-    long_chain(&root, LAYERS).await;
+    let (g, layer) = on_a_long_chain(LAYERS).await;
     let top = layer(LAYERS - 1);
-    let g = Guest::start_in(
-        dir,
-        VmBuilder::idle()
-            .memory(64)
-            .disk(&top, "qcow2", qsnap_testkit::DiskStyle::Drive),
-    )
-    .await;
     let qmp = g.vm.connect().await.unwrap();
     let disks = blocks::read(&qmp).await.unwrap();
     drop(qmp);
@@ -944,9 +934,12 @@ async fn a_backing_chain_deeper_than_json_parsers_allow_is_snapshotted_checked_a
     assert_eq!(g.vm.snapshots().await.unwrap().len(), 1, "s2 is left");
 }
 
-/// `layer000.qcow2` ← `layer001.qcow2` ← … (`n` images) in `dir`.
-async fn long_chain(dir: &Path, n: usize) {
-    let layer = |i: usize| dir.join(format!("layer{i:03}.qcow2"));
+/// An idle VM whose one disk (a `-drive`) is the top of `layer000.qcow2` ← `layer001.qcow2`
+/// ← … (`n` images) in its test directory; and where layer `i` is.
+async fn on_a_long_chain(n: usize) -> (Guest, impl Fn(usize) -> PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().to_owned();
+    let layer = move |i: usize| root.join(format!("layer{i:03}.qcow2"));
     qsnap_testkit::create_image(&layer(0), "qcow2", "16M").await;
     for i in 1..n {
         // (-u: the backing is not opened, each image is made in a few ms)
@@ -960,6 +953,14 @@ async fn long_chain(dir: &Path, n: usize) {
             .unwrap();
         assert!(made.success(), "qemu-img create layer {i}");
     }
+    let g = Guest::start_in(
+        dir,
+        VmBuilder::idle()
+            .memory(64)
+            .disk(layer(n - 1), "qcow2", qsnap_testkit::DiskStyle::Drive),
+    )
+    .await;
+    (g, layer)
 }
 
 /// The longest chain qsnap lets a snapshot make (504 images: QEMU's answer nests about 509
@@ -972,17 +973,7 @@ async fn a_snapshot_past_the_longest_readable_chain_is_refused_and_nothing_is_ma
     require_qemu!();
     init_logging();
     const LAYERS: usize = 503;
-    let dir = tempfile::tempdir().unwrap();
-    let root = dir.path().to_owned();
-    long_chain(&root, LAYERS).await;
-    let top = root.join(format!("layer{:03}.qcow2", LAYERS - 1));
-    let g = Guest::start_in(
-        dir,
-        VmBuilder::idle()
-            .memory(64)
-            .disk(&top, "qcow2", qsnap_testkit::DiskStyle::Drive),
-    )
-    .await;
+    let (g, _) = on_a_long_chain(LAYERS).await;
     let disk_only = |name: &str| {
         let mut opts = g.vm.create_options(n(name));
         opts.mode = Some(qsnap_engine::snapshot::Mode::DiskOnly);
