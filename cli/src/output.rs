@@ -472,8 +472,7 @@ pub fn status(st: &Status, as_json: bool) {
         st.current.as_deref().unwrap_or("(none)")
     );
     for d in &st.disks {
-        let chain: Vec<String> = d.chain.iter().map(|p| p.display().to_string()).collect();
-        println!("  {:<10} {}", d.device, chain.join(" → "));
+        println!("  {:<10} {}", d.device, chain_line(&d.chain));
     }
     if let Some(s) = &st.standby_of {
         println!(
@@ -948,4 +947,47 @@ pub fn lazy(vm: &str, r: &LazyReport, as_json: bool) {
         mib(r.devices_bytes)
     );
     println!("  removed the memory stream ({})", mib(r.stream_bytes));
+}
+
+/// A disk's chain on one line, top first. A long one (a hundred snapshots in a row) keeps its
+/// top three images and its last two, and says how many are left out (`--json` has them all).
+fn chain_line(chain: &[std::path::PathBuf]) -> String {
+    const HEAD: usize = 3;
+    const TAIL: usize = 2;
+    let shown = |p: &[std::path::PathBuf]| -> Vec<String> {
+        p.iter().map(|p| p.display().to_string()).collect()
+    };
+    if chain.len() <= HEAD + TAIL + 1 {
+        return shown(chain).join(" → ");
+    }
+    let mut parts = shown(&chain[..HEAD]);
+    parts.push(format!("… {} more …", chain.len() - HEAD - TAIL));
+    parts.extend(shown(&chain[chain.len() - TAIL..]));
+    parts.join(" → ")
+}
+
+#[cfg(test)]
+mod chain_line_tests {
+    use super::chain_line;
+    use std::path::PathBuf;
+
+    #[test]
+    fn a_long_chain_keeps_its_ends_and_counts_the_rest() {
+        let chain = |n: usize| -> Vec<PathBuf> {
+            (0..n).map(|i| PathBuf::from(format!("/d/{i}"))).collect()
+        };
+        assert_eq!(chain_line(&chain(1)), "/d/0");
+        assert_eq!(
+            chain_line(&chain(6)),
+            "/d/0 → /d/1 → /d/2 → /d/3 → /d/4 → /d/5"
+        );
+        assert_eq!(
+            chain_line(&chain(7)),
+            "/d/0 → /d/1 → /d/2 → … 2 more … → /d/5 → /d/6"
+        );
+        assert_eq!(
+            chain_line(&chain(101)),
+            "/d/0 → /d/1 → /d/2 → … 96 more … → /d/99 → /d/100"
+        );
+    }
 }
