@@ -19,11 +19,13 @@ use qsnap_qmp::Qmp;
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
-/// The longest backing chain qsnap lets a snapshot make: QEMU's `query-block` nests one
-/// object per image, about five levels under the images, and qsnap reads answers nested up to
-/// [`qsnap_qmp::codec::MAX_DEPTH`] (with a margin). A longer chain could no longer be looked
-/// at while the VM runs — not even by the delete that would shorten it.
-pub(crate) const MAX_CHAIN: usize = qsnap_qmp::codec::MAX_DEPTH - 8;
+/// The longest backing chain qsnap lets a snapshot make. QEMU's `query-block` nests one
+/// object per image, four levels deep above the top image (the answer's list, the device,
+/// `inserted`, `image`) and up to five below the base (`format-specific`, `data`, a dirty
+/// bitmap's or an encryption slot's details); qsnap reads answers nested up to
+/// [`qsnap_qmp::codec::MAX_DEPTH`] (512). Past this, no look at the running VM could read
+/// QEMU's answer — not even the delete that would shorten the chain.
+pub(crate) const MAX_CHAIN: usize = qsnap_qmp::codec::MAX_DEPTH - 16;
 
 /// One guest disk as QEMU runs it now.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -963,7 +963,7 @@ async fn on_a_long_chain(n: usize) -> (Guest, impl Fn(usize) -> PathBuf) {
     (g, layer)
 }
 
-/// The longest chain qsnap lets a snapshot make (504 images: QEMU's answer nests about 509
+/// The longest chain qsnap lets a snapshot make (496 images: QEMU's answer nests about 502
 /// deep, within the 512 qsnap reads) is made and read — by `check`, on the test's 2 MiB stacks
 /// of a debug build — and a snapshot that would make it longer is refused, live and offline,
 /// with nothing made: past it, no look at the running VM could read QEMU's answer, not even
@@ -972,14 +972,14 @@ async fn on_a_long_chain(n: usize) -> (Guest, impl Fn(usize) -> PathBuf) {
 async fn a_snapshot_past_the_longest_readable_chain_is_refused_and_nothing_is_made() {
     require_qemu!();
     init_logging();
-    const LAYERS: usize = 503;
+    const LAYERS: usize = 495;
     let (g, _) = on_a_long_chain(LAYERS).await;
     let disk_only = |name: &str| {
         let mut opts = g.vm.create_options(n(name));
         opts.mode = Some(qsnap_engine::snapshot::Mode::DiskOnly);
         opts
     };
-    // The 504th image: the longest chain allowed.
+    // The 496th image: the longest chain allowed.
     g.vm.create_snapshot(disk_only("s0")).await.unwrap();
     let report = g.vm.check(false).await.unwrap();
     assert!(report.clean, "{:#?}", report.findings);
@@ -991,7 +991,7 @@ async fn a_snapshot_past_the_longest_readable_chain_is_refused_and_nothing_is_ma
     let before = images_in(&g.dir);
     let refused = |e: Error| match e {
         Error::DiskNotSnapshottable { why, .. } => {
-            assert!(why.contains("504 images long"), "{why}");
+            assert!(why.contains("496 images long"), "{why}");
         }
         other => panic!("not refused as too long: {other}"),
     };

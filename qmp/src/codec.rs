@@ -193,7 +193,7 @@ impl Frame {
             return invalid(format!(
                 "nested {depth} levels deep, more than the {MAX_DEPTH} qsnap reads (a backing \
                  chain of about {} images? stop the VM, then delete snapshots to shorten it)",
-                depth.saturating_sub(5)
+                depth.saturating_sub(6)
             ));
         }
         let mut de = serde_json::Deserializer::from_slice(line);

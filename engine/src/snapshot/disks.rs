@@ -65,8 +65,9 @@ pub async fn plan(
             return Err(Error::DiskNotSnapshottable {
                 device: d.device,
                 why: format!(
-                    "its backing chain is {} images long; one more and qsnap could no longer \
-                     read QEMU's description of it ({} at most): delete snapshots first",
+                    "its backing chain is {} images long; qsnap makes chains of at most {} \
+                     images, so that it can always read QEMU's description of them: delete \
+                     snapshots first",
                     m.chain.len(),
                     blocks::MAX_CHAIN
                 ),

@@ -86,8 +86,9 @@ pub(super) async fn create(
             return Err(Error::DiskNotSnapshottable {
                 device: d.device.clone(),
                 why: format!(
-                    "its backing chain is {layers} images long; one more and qsnap could no \
-                     longer read QEMU's description of it ({} at most): delete snapshots first",
+                    "its backing chain is {layers} images long; qsnap makes chains of at \
+                     most {} images, so that it can always read QEMU's description of them: \
+                     delete snapshots first",
                     crate::blocks::MAX_CHAIN
                 ),
             });

@@ -127,8 +127,21 @@ pub(crate) async fn run(
     }
     for _ in 0..1000 {
         let manifests = vm.store().manifests(vm.name()).await?;
-        let (graph, live) = view_from(vm, record, &manifests, std::mem::take(&mut seen)).await?;
-        let steps = next_round(&graph, record, live.as_ref());
+        let reused = seen.others.is_some();
+        let (graph, mut live) =
+            view_from(vm, record, &manifests, std::mem::take(&mut seen)).await?;
+        let mut steps = next_round(&graph, record, live.as_ref());
+        let commits = steps
+            .iter()
+            .any(|s| matches!(s, Step::Merge(m) if m.kind == MergeKind::Commit));
+        if reused && commits {
+            // A commit writes into the lower image: whether another VM stands on it is read
+            // afresh, not taken from an earlier look (see `Graph::gather_reusing`).
+            let again = Seen { live, others: None };
+            let (graph, looked) = view_from(vm, record, &manifests, again).await?;
+            steps = next_round(&graph, record, looked.as_ref());
+            live = looked;
+        }
         if steps.is_empty() {
             break;
         }
