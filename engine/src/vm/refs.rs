@@ -105,6 +105,14 @@ impl Live {
         blocks::chain_of(&self.disks, device)
     }
 
+    /// Whether `image` is a layer of any disk's chain.
+    pub(crate) fn in_chain(&self, image: &Path) -> bool {
+        self.disks
+            .iter()
+            .filter_map(|d| d.medium.as_ref())
+            .any(|m| m.chain.iter().any(|l| l.image == image))
+    }
+
     /// Whether QEMU has `image` open in any node.
     pub(crate) fn has_open(&self, image: &Path) -> bool {
         self.nodes.iter().any(|n| n.image == image)

@@ -127,13 +127,8 @@ async fn release_if_unused(vm: &Vm, record: &VmRecord, image: &Path, before: Opt
                 // Test builds insist that this released what a full look would have.
                 #[cfg(feature = "testing")]
                 if let Ok(live) = Live::read(&qmp).await {
-                    let in_chain = live
-                        .disks
-                        .iter()
-                        .filter_map(|d| d.medium.as_ref())
-                        .any(|m| m.chain.iter().any(|l| l.image == image));
                     assert!(
-                        in_chain || !live.has_open(image),
+                        live.in_chain(image) || !live.has_open(image),
                         "nodes of {} left after its release from the block graph: {:?}",
                         image.display(),
                         live.nodes
@@ -148,12 +143,7 @@ async fn release_if_unused(vm: &Vm, record: &VmRecord, image: &Path, before: Opt
     let Ok(live) = Live::read(&qmp).await else {
         return;
     };
-    let in_chain = live
-        .disks
-        .iter()
-        .filter_map(|d| d.medium.as_ref())
-        .any(|m| m.chain.iter().any(|l| l.image == image));
-    if !in_chain {
+    if !live.in_chain(image) {
         let nodes: Vec<&Node> = live.nodes.iter().filter(|n| n.image == image).collect();
         release_nodes(&qmp, &nodes).await;
     }

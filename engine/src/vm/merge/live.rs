@@ -282,15 +282,7 @@ async fn follow_qemu(
         Some(l) => jobs::tops_of(qmp, &l.disks, &l.nodes).await.ok().flatten(),
         None => None,
     };
-    let read = || async {
-        Ok::<_, Error>(
-            blocks::read(qmp)
-                .await?
-                .iter()
-                .filter_map(|d| Some((d.device.clone(), d.top()?.to_owned())))
-                .collect::<Vec<_>>(),
-        )
-    };
+    let read = || async { Ok::<_, Error>(disk_tops(&blocks::read(qmp).await?)) };
     // Test builds insist that what the graph told is what the chains say.
     #[cfg(feature = "testing")]
     if let Some(told) = &told {
@@ -316,11 +308,15 @@ async fn follow_qemu(
 /// The record's disks set to QEMU's tops (`disks` as [`blocks::read`] gives them); true if
 /// something changed.
 pub(crate) fn follow_live(record: &mut VmRecord, disks: &[blocks::Disk]) -> bool {
-    let tops: Vec<(String, PathBuf)> = disks
+    follow_tops(record, &disk_tops(disks))
+}
+
+/// Each disk with a medium, and the image it writes to: `(device, top image)`.
+fn disk_tops(disks: &[blocks::Disk]) -> Vec<(String, PathBuf)> {
+    disks
         .iter()
         .filter_map(|d| Some((d.device.clone(), d.top()?.to_owned())))
-        .collect();
-    follow_tops(record, &tops)
+        .collect()
 }
 
 /// The record's disks set to `tops` (`(device, top image)`); true if something changed.
