@@ -73,6 +73,7 @@ pub(crate) fn key_of(name: &std::path::Path, md: &std::fs::Metadata, extra: &str
 }
 
 /// One version of a file, as the caches key answers about what it holds.
+#[derive(Debug, Clone)]
 pub(crate) struct FileVersion {
     /// The slot an answer about the file goes in (one at a time).
     pub slot: String,
@@ -91,9 +92,44 @@ pub(crate) async fn version_of(
     extra: &str,
 ) -> Option<FileVersion> {
     let md = tokio::fs::metadata(path).await.ok()?;
-    let key = key_of(path, &md, &format!("{extra}|boot {}", boot_id().await));
+    Some(version_from(path, &md, slot, extra, boot_id().await))
+}
+
+/// [`version_of`] for many files, `(path, slot, extra)` each, in one trip to the blocking
+/// pool: a command that asks about every image of a hundred-snapshot chain would otherwise
+/// pay a trip per image, which costs more than the `stat` itself. Each version is what the
+/// file was when this ran (as if each file were asked about at that moment).
+pub(crate) async fn versions_of(
+    files: Vec<(PathBuf, String, String)>,
+) -> Vec<(PathBuf, std::io::Result<FileVersion>)> {
+    if files.is_empty() {
+        return Vec::new();
+    }
+    let boot = boot_id().await;
+    tokio::task::spawn_blocking(move || {
+        files
+            .into_iter()
+            .map(|(path, slot, extra)| {
+                let v =
+                    std::fs::metadata(&path).map(|md| version_from(&path, &md, slot, &extra, boot));
+                (path, v)
+            })
+            .collect()
+    })
+    .await
+    .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
+}
+
+fn version_from(
+    path: &std::path::Path,
+    md: &std::fs::Metadata,
+    slot: String,
+    extra: &str,
+    boot: &str,
+) -> FileVersion {
+    let key = key_of(path, md, &format!("{extra}|boot {boot}"));
     let changed = at(md.mtime(), md.mtime_nsec()).max(at(md.ctime(), md.ctime_nsec()));
-    Some(FileVersion { slot, key, changed })
+    FileVersion { slot, key, changed }
 }
 
 /// A file time (`mtime`, `ctime`) as a `SystemTime`.

@@ -18,7 +18,8 @@
 //! [`SETTLED`] before it was read: a file's times come from a coarse clock, so a change right
 //! after a read could keep the identity the read saw; a change after a settled read always
 //! moves ctime (which no one can set back). A [`Reader`] also keeps what it read for as long
-//! as it lives — one operation's view, as if each file were read once. This must never serve
+//! as it lives — one operation's view, as if each file were read once; the versions it takes
+//! ahead in one batch ([`Reader::prefetch`]) are part of that look. This must never serve
 //! an answer about another version of a file: the reference graph that guards every unlink is
 //! built from it. (On a network file system whose server's clock lags this host's by more than
 //! [`SETTLED`], that rule is weaker; qsnap's store and images are local files.)
@@ -170,6 +171,11 @@ pub(crate) struct Reader {
     // Images whose whole chain below a walk read without fault, each with the format it was
     // asked for: where [`Reader::chain_news`] may stop.
     walked: HashSet<(PathBuf, Option<String>)>,
+    // Versions taken ahead, in one batch ([`Reader::prefetch`]), each used once by the first
+    // look into the cache for its image (then the image is in `read`).
+    ahead: HashMap<PathBuf, Option<crate::cache::FileVersion>>,
+    // Images that were not there when their version was to be taken ahead.
+    gone_ahead: HashSet<PathBuf>,
 }
 
 /// What [`Reader::read_one`] read.
@@ -200,6 +206,45 @@ impl Reader {
         cancel: &CancellationToken,
     ) -> Result<Vec<ChainImage>> {
         self.walk(top, true, cancel).await
+    }
+
+    /// Takes the versions of `images` (those not read yet) ahead, in one trip to the blocking
+    /// pool, for the cache lookups of the walks that follow: a walk of a hundred images would
+    /// otherwise make a trip for each. A version taken ahead serves one lookup, as if the
+    /// image had been looked at then; a file that changed since is read as it was when its
+    /// version was taken, or, when the cache does not know that version, read afresh.
+    pub(crate) async fn prefetch(&mut self, images: Vec<PathBuf>) {
+        let reader = reader_identity().await;
+        let mut want = HashSet::new();
+        let files: Vec<_> = images
+            .into_iter()
+            .filter(|i| !self.read.contains_key(i) && !self.ahead.contains_key(i))
+            .filter(|i| want.insert(i.clone()))
+            .map(|i| {
+                let slot = i.display().to_string();
+                (i, slot, reader.to_owned())
+            })
+            .collect();
+        for (image, v) in crate::cache::versions_of(files).await {
+            if v.as_ref()
+                .is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound)
+            {
+                self.gone_ahead.insert(image.clone());
+            }
+            self.ahead.insert(image, v.ok());
+        }
+    }
+
+    /// Whether `image` was there when [`Reader::prefetch`] looked (`None`: not known — not
+    /// looked at, or it could not be examined).
+    pub(crate) fn there_ahead(&self, image: &Path) -> Option<bool> {
+        if self.gone_ahead.contains(image) {
+            return Some(false);
+        }
+        match self.ahead.get(image) {
+            Some(Some(_)) => Some(true),
+            _ => None,
+        }
     }
 
     async fn walk(
@@ -280,7 +325,11 @@ impl Reader {
     ) -> Result<Learned> {
         let at = at.to_owned();
         let format = format.map(str::to_owned);
-        let entry = match remembered(&at, format.as_deref()).await {
+        let version = match self.ahead.remove(&at) {
+            Some(v) => v,
+            None => identity(&at).await,
+        };
+        let entry = match remembered_as(version, &at, format.as_deref()).await {
             Some(e) => e,
             None => match native(&at, format.as_deref()).await {
                 Some(e) => e,
@@ -381,7 +430,16 @@ pub(crate) fn settled(changed: SystemTime, started: SystemTime) -> bool {
 
 /// What the cache holds about this version of `image`, if it serves a read as `format`.
 async fn remembered(image: &Path, format: Option<&str>) -> Option<ChainImage> {
-    let v = identity(image).await?;
+    remembered_as(identity(image).await, image, format).await
+}
+
+/// [`remembered`], for version `v` of `image` (taken now or a moment ago).
+async fn remembered_as(
+    v: Option<crate::cache::FileVersion>,
+    image: &Path,
+    format: Option<&str>,
+) -> Option<ChainImage> {
+    let v = v?;
     let l: Learnt = crate::cache::lookup_in(crate::cache::CHAIN, &v.slot, &v.key).await?;
     (l.image.filename == image && serves(l.read_as.as_deref(), &l.image.format, format))
         .then_some(l.image)
@@ -532,6 +590,73 @@ mod tests {
         let mut reader = Reader::default();
         assert!(reader.chain_news(&above, &cancel).await.is_err());
         assert!(reader.chain_news(&higher, &cancel).await.is_err());
+    }
+
+    /// Versions taken ahead serve the cache's answers as a walk's own look would: a settled
+    /// chain is read from the cache (no header read), an image changed before they were taken
+    /// is read afresh, and whether a file was there is told only where it is known.
+    #[tokio::test]
+    async fn versions_taken_ahead_serve_what_a_walk_would_read() {
+        let dir = tempfile::tempdir().unwrap();
+        crate::cache::cache_in(dir.path().join("cache"));
+        let cancel = CancellationToken::new();
+        let base = dir.path().join("base.qcow2");
+        qemu_img(&["create", "-q", "-f", "qcow2", base.to_str().unwrap(), "64M"]);
+        let mut images = vec![base.clone()];
+        for i in 1..7 {
+            let below = images[i - 1].to_str().unwrap().to_owned();
+            images.push(overlay(dir.path(), &format!("o{i}.qcow2"), &below));
+        }
+        let top = images.last().unwrap().clone();
+        tokio::time::sleep(SETTLED + Duration::from_millis(300)).await;
+        chain(&top, &cancel).await.unwrap(); // learnt
+                                             // o3 now backs onto o1 (its header rewritten: a new version, unknown to the cache).
+        qemu_img(&[
+            "rebase",
+            "-u",
+            "-f",
+            "qcow2",
+            "-F",
+            "qcow2",
+            "-b",
+            images[1].to_str().unwrap(),
+            images[3].to_str().unwrap(),
+        ]);
+        let mut reader = Reader::default();
+        let gone = dir.path().join("gone.qcow2");
+        let not_a_dir = base.join("x.qcow2");
+        reader
+            .prefetch(
+                images
+                    .iter()
+                    .cloned()
+                    .chain([gone.clone(), not_a_dir.clone()])
+                    .collect(),
+            )
+            .await;
+        assert_eq!(reader.there_ahead(&top), Some(true));
+        assert_eq!(reader.there_ahead(&gone), Some(false));
+        assert_eq!(
+            reader.there_ahead(&not_a_dir),
+            None,
+            "not NotFound: unknown"
+        );
+        assert_eq!(reader.there_ahead(&dir.path().join("never-asked")), None);
+        let before = READS.with(std::cell::Cell::get);
+        let got = reader.chain(&top, &cancel).await.unwrap();
+        let truth: Vec<ChainImage> = image::chain(&top, &cancel)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(plain)
+            .collect();
+        assert_eq!(got, truth);
+        assert_eq!(got.len(), images.len() - 1, "o2 left the chain: {got:?}");
+        assert_eq!(
+            READS.with(std::cell::Cell::get) - before,
+            1,
+            "only the changed image is read"
+        );
     }
 
     /// What the cache serves is what qemu-img reads, before and after what it learnt is

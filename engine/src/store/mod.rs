@@ -239,8 +239,8 @@ impl Store {
     /// Reads a VM's record; [`Error::UnknownVm`] when there is none.
     pub async fn record(&self, vm: &VmName) -> Result<VmRecord> {
         let path = self.record_path(vm);
-        let p = path.clone();
-        let Some(mut rec) = blocking(move || read_json::<VmRecord>(&p)).await? else {
+        let (p, name) = (path.clone(), vm.clone());
+        let Some(rec) = blocking(move || read_record(&p, &name)).await? else {
             let root = self.root.clone();
             let known = match blocking(move || exists(&root)).await {
                 Ok(true) => Some(
@@ -259,15 +259,40 @@ impl Store {
                 known,
             });
         };
-        check_schema(rec.schema, &path)?;
-        plain_record(&mut rec);
-        if rec.name != vm.as_str() {
-            return Err(Error::CorruptStore {
-                path,
-                why: format!("it names the VM \"{}\"", rec.name.escape_debug()),
-            });
-        }
         Ok(rec)
+    }
+
+    /// The records and manifests of `vms`, all read in one trip to the blocking pool (a
+    /// reference graph reads every VM of the store: a trip per file costs more than the
+    /// read). A VM with no record is [`Error::UnknownVm`], as for [`Store::record`].
+    pub(crate) async fn records_and_manifests(
+        &self,
+        vms: Vec<VmName>,
+    ) -> Result<Vec<(VmName, VmRecord, Vec<Manifest>)>> {
+        let at: Vec<_> = vms
+            .into_iter()
+            .map(|vm| (self.record_path(&vm), self.snapshots_dir(&vm), vm))
+            .collect();
+        let read = blocking(move || {
+            at.into_iter()
+                .map(|(record, snapshots, vm)| {
+                    let rec = read_record(&record, &vm)?;
+                    let manifests = read_manifests(&snapshots, &vm)?;
+                    Ok((vm, rec, manifests))
+                })
+                .collect::<Result<Vec<_>>>()
+        })
+        .await?;
+        let mut out = Vec::with_capacity(read.len());
+        for (vm, rec, manifests) in read {
+            let rec = match rec {
+                Some(rec) => rec,
+                // (Its error, as `record` words it.)
+                None => self.record(&vm).await?,
+            };
+            out.push((vm, rec, manifests));
+        }
+        Ok(out)
     }
 
     /// Whether a VM record exists. An unreadable store is an error, not "no".
@@ -545,42 +570,8 @@ impl Store {
 
     /// All of a VM's manifests, oldest first.
     pub async fn manifests(&self, vm: &VmName) -> Result<Vec<Manifest>> {
-        let dir = self.snapshots_dir(vm);
-        let owner = vm.clone();
-        let mut all: Vec<Manifest> = blocking(move || {
-            let mut out = Vec::new();
-            let entries = match std::fs::read_dir(&dir) {
-                Ok(e) => e,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
-                Err(e) => return Err(io("listing snapshots", &dir)(e)),
-            };
-            for e in entries {
-                let e = e.map_err(io("listing snapshots", &dir))?;
-                let path = e.path();
-                let name = e.file_name();
-                let Some(stem) = name.to_str().and_then(|n| n.strip_suffix(".json")) else {
-                    continue;
-                };
-                if SnapshotName::parse(stem).is_none() {
-                    continue; // temp files and strays
-                }
-                if let Some(mut m) = read_json::<Manifest>(&path)? {
-                    plain_manifest(&mut m);
-                    check_manifest(&m, &owner, &path)?;
-                    if m.name != stem {
-                        return Err(Error::CorruptStore {
-                            path,
-                            why: format!("it names the snapshot \"{}\"", m.name.escape_debug()),
-                        });
-                    }
-                    out.push(m);
-                }
-            }
-            Ok(out)
-        })
-        .await?;
-        all.sort_by(|a, b| a.created_at.cmp(&b.created_at).then(a.name.cmp(&b.name)));
-        Ok(all)
+        let (dir, owner) = (self.snapshots_dir(vm), vm.clone());
+        blocking(move || read_manifests(&dir, &owner)).await
     }
 
     /// The journal of an unfinished operation on the VM, if there is one. Checked like a
@@ -685,6 +676,56 @@ impl Store {
 /// Now, as RFC 3339 UTC with milliseconds (sortable as text).
 pub(crate) fn now_rfc3339() -> String {
     humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string()
+}
+
+/// A VM's record at `path` (`None`: there is none), checked to be a record of `vm`.
+fn read_record(path: &Path, vm: &VmName) -> Result<Option<VmRecord>> {
+    let Some(mut rec) = read_json::<VmRecord>(path)? else {
+        return Ok(None);
+    };
+    check_schema(rec.schema, path)?;
+    plain_record(&mut rec);
+    if rec.name != vm.as_str() {
+        return Err(Error::CorruptStore {
+            path: path.to_owned(),
+            why: format!("it names the VM \"{}\"", rec.name.escape_debug()),
+        });
+    }
+    Ok(Some(rec))
+}
+
+/// The manifests in `dir` (VM `owner`'s snapshots), each checked, oldest first.
+fn read_manifests(dir: &Path, owner: &VmName) -> Result<Vec<Manifest>> {
+    let mut out: Vec<Manifest> = Vec::new();
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+        Err(e) => return Err(io("listing snapshots", dir)(e)),
+    };
+    for e in entries {
+        let e = e.map_err(io("listing snapshots", dir))?;
+        let path = e.path();
+        let name = e.file_name();
+        let Some(stem) = name.to_str().and_then(|n| n.strip_suffix(".json")) else {
+            continue;
+        };
+        if SnapshotName::parse(stem).is_none() {
+            continue; // temp files and strays
+        }
+        if let Some(mut m) = read_json::<Manifest>(&path)? {
+            plain_manifest(&mut m);
+            check_manifest(&m, owner, &path)?;
+            if m.name != stem {
+                return Err(Error::CorruptStore {
+                    path,
+                    why: format!("it names the snapshot \"{}\"", m.name.escape_debug()),
+                });
+            }
+            out.push(m);
+        }
+    }
+    out.sort_by(|a, b| a.created_at.cmp(&b.created_at).then(a.name.cmp(&b.name)));
+    Ok(out)
 }
 
 #[cfg(test)]

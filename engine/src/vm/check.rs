@@ -142,6 +142,26 @@ impl Vm {
         // 2. Snapshots: memory files and frozen images.
         // (Each image's header read once for steps 2 and 3, which change no image.)
         let mut chains = crate::chains::Reader::default();
+        // Memory first (a first check reads whole files, seconds each), then every image's
+        // version in one go, right before the walks that use them.
+        let mut verdicts = Vec::with_capacity(manifests.len());
+        for m in &manifests {
+            let Some(mem) = &m.snapshot.memory else {
+                verdicts.push((None, None));
+                continue;
+            };
+            let stream = memo
+                .memory(&mem.file, mem.bytes, mem.checksum.as_deref())
+                .await;
+            let ram = match &mem.lazy {
+                Some(lazy) => Some(memo.ram_image(&lazy.image, &lazy.checksum).await),
+                None => None,
+            };
+            verdicts.push((Some(stream), ram));
+        }
+        chains
+            .prefetch(refs::named_by(&record, &manifests).collect())
+            .await;
         // Lazy snapshots whose device state or RAM image does not verify: their old stream,
         // if a crash left it, may be the only good copy of their memory.
         let mut lazy_unverified: Vec<String> = Vec::new();
@@ -155,12 +175,9 @@ impl Vm {
                 .collect(),
         )
         .await;
-        for m in &manifests {
+        for (m, (stream, ram)) in manifests.iter().zip(verdicts) {
             if let Some(mem) = &m.snapshot.memory {
-                if let Err(e) = memo
-                    .memory(&mem.file, mem.bytes, mem.checksum.as_deref())
-                    .await
-                {
+                if let Some(Err(e)) = stream {
                     if mem.lazy.is_some() {
                         lazy_unverified.push(m.name.clone());
                     } else {
@@ -180,7 +197,7 @@ impl Vm {
                         .about(&mem.file);
                 }
                 if let Some(lazy) = &mem.lazy {
-                    if let Err(e) = memo.ram_image(&lazy.image, &lazy.checksum).await {
+                    if let Some(Err(e)) = ram {
                         lazy_unverified.push(m.name.clone());
                         found
                             .add(
@@ -373,13 +390,21 @@ impl Vm {
                     .iter()
                     .any(|m| m.snapshot.disks.iter().any(|d| &d.image == p))
         };
-        let mut stale = Vec::new();
-        for o in &record.owned_images {
-            let p = o.clone();
-            if !store::blocking(move || store::exists(&p)).await? && !named(o) {
-                stale.push(o.clone());
-            }
-        }
+        let owned = record.owned_images.clone();
+        let there = store::blocking(move || {
+            owned
+                .iter()
+                .map(|o| store::exists(o))
+                .collect::<Result<Vec<bool>>>()
+        })
+        .await?;
+        let stale: Vec<PathBuf> = record
+            .owned_images
+            .iter()
+            .zip(there)
+            .filter(|(o, there)| !there && !named(o))
+            .map(|(o, _)| o.clone())
+            .collect();
         if !stale.is_empty() {
             for s in &stale {
                 found
@@ -623,7 +648,27 @@ impl Vm {
         let width = std::thread::available_parallelism().map_or(2, |n| n.get().clamp(2, 8));
         let mut checked = Vec::with_capacity(record.owned_images.len());
         let full = memo.full();
-        for group in record.owned_images.chunks(width) {
+        // Those an earlier check verified, as they are now, found in one go (a trip to the
+        // blocking pool for each of a hundred images costs more than the rest of a check).
+        let known = verified::known_clean(
+            full,
+            record
+                .owned_images
+                .iter()
+                .map(|o| (o.clone(), formats.get(o).cloned()))
+                .collect(),
+        )
+        .await;
+        let unknown: Vec<PathBuf> = record
+            .owned_images
+            .iter()
+            .zip(known)
+            .filter_map(|(o, known)| {
+                memo.note(known);
+                (!known).then(|| o.clone())
+            })
+            .collect();
+        for group in unknown.chunks(width) {
             let mut set = tokio::task::JoinSet::new();
             for (i, o) in group.iter().enumerate() {
                 let (o, cancel) = (o.clone(), cancel.clone());

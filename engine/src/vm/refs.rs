@@ -126,28 +126,25 @@ async fn read_others(
     vm: &VmName,
     cancel: &CancellationToken,
 ) -> Result<Others> {
-    use futures::{StreamExt, TryStreamExt};
     // (An image once per VM that holds it: a chain of a hundred snapshots passes through
     // its lower images a hundred times.)
     let mut held = BTreeSet::new();
-    // Records and manifests first, sixteen VMs at a time: a store of fifty VMs is a hundred
-    // small reads, each a round trip to the blocking pool when taken one after the other
-    // (and, all at once, two open files per VM).
+    // Records and manifests first, all in one go (a store of fifty VMs is a hundred small
+    // reads), then the versions of every image they name.
     let others: Vec<VmName> = store
         .vms()
         .await?
         .into_iter()
         .filter(|other| other != vm)
         .collect();
-    let read: Vec<_> = futures::stream::iter(others)
-        .map(|other| async move {
-            let rec = store.record(&other).await?;
-            let manifests = store.manifests(&other).await?;
-            Ok::<_, Error>((other, rec, manifests))
-        })
-        .buffered(16)
-        .try_collect()
-        .await?;
+    let read = store.records_and_manifests(others).await?;
+    reader
+        .prefetch(
+            read.iter()
+                .flat_map(|(_, rec, manifests)| named_by(rec, manifests))
+                .collect(),
+        )
+        .await;
     for (other, rec, manifests) in read {
         let mut tops: Vec<PathBuf> = rec.disks.iter().map(|d| d.image.clone()).collect();
         for m in manifests {
@@ -157,9 +154,14 @@ async fn read_others(
         for top in tops {
             // An overlay that VM is about to make (a clone records its overlays before
             // creating them) backs onto nothing yet: nothing to protect.
-            if rec.owned_images.contains(&top) && !tokio::fs::try_exists(&top).await.unwrap_or(true)
-            {
-                continue;
+            if rec.owned_images.contains(&top) {
+                let there = match reader.there_ahead(&top) {
+                    Some(there) => there,
+                    None => tokio::fs::try_exists(&top).await.unwrap_or(true),
+                };
+                if !there {
+                    continue;
+                }
             }
             // What another VM's chain holds cannot be guessed: a chain that cannot be read
             // stops the operation rather than leave its lower images unprotected.
@@ -181,6 +183,24 @@ async fn read_others(
         }
     }
     Ok(Others(std::sync::Arc::new(held.into_iter().collect())))
+}
+
+/// Every image a VM's record and manifests name: its disks (now and at launch), what its
+/// snapshots froze, what qsnap made for it.
+pub(crate) fn named_by<'a>(
+    record: &'a VmRecord,
+    manifests: &'a [Manifest],
+) -> impl Iterator<Item = PathBuf> + 'a {
+    record
+        .disks
+        .iter()
+        .flat_map(|d| [d.image.clone(), d.launch_image.clone()])
+        .chain(
+            manifests
+                .iter()
+                .flat_map(|m| m.snapshot.disks.iter().map(|d| d.image.clone())),
+        )
+        .chain(record.owned_images.iter().cloned())
 }
 
 /// The images of the store, their backing files and their uses.
@@ -380,6 +400,9 @@ impl Graph {
         cancel: &CancellationToken,
     ) -> Result<()> {
         let g = self;
+        // Every image this VM names, its version taken in one go (the walks below look each
+        // up in the cache: one trip to the blocking pool rather than one per image).
+        reader.prefetch(named_by(record, manifests).collect()).await;
         // Each file read once: the current disks' chains first (the deepest: they hold the
         // frozen images below them).
         for d in &record.disks {

@@ -20,7 +20,7 @@ use crate::chains::settled;
 use crate::image::{self, ImageCheck};
 use crate::snapshot::memfile;
 use crate::Result;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 use tokio_util::sync::CancellationToken;
 
@@ -99,11 +99,7 @@ pub(super) async fn check_image(
     format: Option<&str>,
     cancel: &CancellationToken,
 ) -> Result<(ImageCheck, bool)> {
-    let what = format!(
-        "image|{}|{}",
-        format.unwrap_or("?"),
-        crate::chains::reader_identity().await
-    );
+    let what = image_check(format, crate::chains::reader_identity().await);
     let read = async {
         let r = image::check(path, format, cancel).await?;
         let clean = r.corruptions == 0 && r.check_errors == 0;
@@ -113,6 +109,35 @@ pub(super) async fn check_image(
         Some(r) => (r, false),
         None => (ImageCheck::default(), true),
     })
+}
+
+/// For each of `images` (with the format each is read as), whether this version of it,
+/// read as that format by this `qemu-img`, checked clean before — what [`check_image`] would
+/// not read again. All looked at in one trip to the blocking pool; never true under `full`.
+pub(super) async fn known_clean(full: bool, images: Vec<(PathBuf, Option<String>)>) -> Vec<bool> {
+    if full {
+        return vec![false; images.len()];
+    }
+    let reader = crate::chains::reader_identity().await;
+    let files = images
+        .into_iter()
+        .map(|(path, format)| {
+            let what = image_check(format.as_deref(), reader);
+            let slot = slot_of(&path, &what);
+            (path, slot, what)
+        })
+        .collect();
+    let mut out = Vec::new();
+    for (_, v) in crate::cache::versions_of(files).await {
+        out.push(trusted(v.ok().as_ref()).await);
+    }
+    out
+}
+
+/// What a `qemu-img check` of an image read as `format` by the `qemu-img` `reader` is
+/// remembered under.
+fn image_check(format: Option<&str>, reader: &str) -> String {
+    format!("image|{}|{reader}", format.unwrap_or("?"))
 }
 
 /// What `read` finds (and whether it is clean), or `None` without reading when this version
@@ -147,8 +172,13 @@ async fn trusted(v: Option<&Version>) -> bool {
 /// This version of `path`, for the check `what` (`kind|detail`: one slot per kind of check
 /// and file, whatever the detail; `None`: it cannot be read).
 async fn version(path: &Path, what: &str) -> Option<Version> {
+    crate::cache::version_of(path, slot_of(path, what), what).await
+}
+
+/// The slot of a check `what` of `path`: one per kind of check and file, whatever the detail.
+fn slot_of(path: &Path, what: &str) -> String {
     let kind = what.split('|').next().unwrap_or(what);
-    crate::cache::version_of(path, format!("{kind}|{}", path.display()), what).await
+    format!("{kind}|{}", path.display())
 }
 
 /// Remembers a clean result about version `before` of `path`, read from `started` on, if the
@@ -204,17 +234,33 @@ mod tests {
                 trusted
             }
         };
+        // What a check finds in one go for many images agrees with each image's own look.
+        let known = |full: bool| {
+            let image = image.clone();
+            async move { known_clean(full, vec![(image, Some("qcow2".into()))]).await == [true] }
+        };
         // Fresh: read by every check.
+        assert!(!known(false).await);
         assert!(!check(false).await);
         assert!(!check(false).await, "a file just written was remembered");
         // Settled: read once more, then trusted — but never under `full`.
         tokio::time::sleep(crate::chains::SETTLED + Duration::from_millis(300)).await;
         assert!(!check(false).await);
         assert!(
+            known(false).await,
+            "a settled, unchanged file is not known clean"
+        );
+        assert!(
             check(false).await,
             "a settled, unchanged file was read again"
         );
+        assert!(!known(true).await, "`full` trusted a remembered result");
         assert!(!check(true).await, "`full` trusted a remembered result");
+        // Known clean only as the format it was checked as.
+        assert_eq!(
+            known_clean(false, vec![(image.clone(), Some("raw".into()))]).await,
+            [false]
+        );
         // Written (its times then set back as they were): read again.
         let md = std::fs::metadata(&image).unwrap();
         let f = std::fs::OpenOptions::new()
@@ -233,6 +279,7 @@ mod tests {
         drop(f);
         let now = std::fs::metadata(&image).unwrap();
         assert_eq!((now.len(), now.mtime()), (md.len(), md.mtime()));
+        assert!(!known(false).await, "a file written since is known clean");
         assert!(!check(false).await, "a file written since was trusted");
     }
 }
