@@ -286,7 +286,8 @@ fn shape(line: &[u8]) -> Shape {
     shape
 }
 
-/// The number in `"id": 123…` at the start of `at`, if that is what it holds.
+/// The number in `"id": 123` at the start of `at`, if that is what it holds: a whole
+/// number, nothing else (`5.7` or `5e1` is not the id 5 qsnap sent).
 fn id_member(at: &[u8]) -> Option<u64> {
     let value = at
         .strip_prefix(b"\"id\"")?
@@ -294,6 +295,10 @@ fn id_member(at: &[u8]) -> Option<u64> {
         .strip_prefix(b":")?
         .trim_ascii_start();
     let digits = value.iter().take_while(|c| c.is_ascii_digit()).count();
+    let after = value[digits..].trim_ascii_start();
+    if digits == 0 || !matches!(after.first(), Some(b',' | b'}')) {
+        return None;
+    }
     std::str::from_utf8(&value[..digits]).ok()?.parse().ok()
 }
 
@@ -465,6 +470,10 @@ mod tests {
         assert_eq!(id(r#"{"return": ["id", {"id": 6}]}"#), None);
         assert_eq!(id(r#"{"event": "X", "data": {"id": 7}}"#), None);
         assert_eq!(id(r#"{"return": {}, "id": "a"}"#), None);
+        assert_eq!(id(r#"{"return": {}, "id": 5.7}"#), None);
+        assert_eq!(id(r#"{"return": {}, "id": 5e1}"#), None);
+        assert_eq!(id(r#"{"id": 8 , "return": {}}"#), Some(8));
+        assert_eq!(id(r#"{"return": {}, "id": 12 }"#), Some(12));
         assert_eq!(shape(br#"{"a": "{{{[[[", "b": [[]]}"#).deepest, 3);
     }
 

@@ -470,6 +470,20 @@ impl Error {
         )
     }
 
+    /// True when a QMP command may have run though no answer to it could be taken as
+    /// success or failure: it timed out, or QEMU's answer could not be read (it ran, and
+    /// how is unknown). Undo paths look at QEMU's state rather than assume either way.
+    pub fn may_have_run(&self) -> bool {
+        self.is_timeout()
+            || matches!(
+                self,
+                Error::Qmp {
+                    source: qsnap_qmp::Error::Unreadable { .. },
+                    ..
+                }
+            )
+    }
+
     pub(crate) fn qmp(step: &'static str) -> impl FnOnce(qsnap_qmp::Error) -> Error {
         move |source| Error::Qmp { step, source }
     }

@@ -135,3 +135,21 @@ fn the_chain_says_each_reason_once() {
     };
     assert!(connect.source().is_none());
 }
+
+/// A command whose answer could not be read ran (QEMU answered): undo paths treat it like one
+/// that timed out — look at QEMU's state — never as a refusal that changed nothing.
+#[test]
+fn an_unreadable_answer_may_have_run_like_a_timeout() {
+    let unreadable = Error::qmp("pausing the guest")(qsnap_qmp::Error::Unreadable {
+        command: "stop".into(),
+        reason: "nested 600 levels deep".into(),
+    });
+    assert!(unreadable.may_have_run());
+    assert!(!unreadable.is_timeout());
+    let timeout = Error::qmp("pausing the guest")(qsnap_qmp::Error::Timeout {
+        command: "stop".into(),
+        after: std::time::Duration::from_secs(30),
+    });
+    assert!(timeout.may_have_run() && timeout.is_timeout());
+    assert!(!Error::qmp("pausing the guest")(qemu_refused()).may_have_run());
+}

@@ -332,7 +332,7 @@ async fn to_pending(
                         Ok(()) => completed.push(j.id.clone()),
                         // It may have run: the job's state says so at the next look (still
                         // `ready`: completed again).
-                        Err(e) if e.is_timeout() => {
+                        Err(e) if e.may_have_run() => {
                             warn!(job = %j.id, "completing a merge timed out; looking again");
                         }
                         Err(e) => return Err(e),
@@ -437,7 +437,7 @@ pub(crate) async fn finalize(qmp: &Qmp, pending: &Pending, points: Points) -> Re
             let Some((when, e)) = unsure.get(&j.id) else {
                 continue;
             };
-            let grace = if e.is_timeout() {
+            let grace = if e.may_have_run() {
                 Duration::from_secs(5)
             } else {
                 Duration::ZERO

@@ -299,7 +299,7 @@ pub(crate) async fn resume_at(qmp: &Qmp, point: &'static str) -> Result<()> {
     };
     match sent {
         // A `cont` that timed out may have run: QEMU's run state says.
-        Err(e) if e.is_timeout() => match qmp.execute(types::query_status {}).await {
+        Err(e) if e.may_have_run() => match qmp.execute(types::query_status {}).await {
             Ok(st) if st.running => Ok(()),
             _ => Err(e),
         },

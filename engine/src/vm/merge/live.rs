@@ -231,7 +231,7 @@ impl Pause {
         };
         match sent {
             // A `stop` that timed out may have run: QEMU's run state says.
-            Err(e) if e.is_timeout() => match qmp.execute(types::query_status {}).await {
+            Err(e) if e.may_have_run() => match qmp.execute(types::query_status {}).await {
                 Ok(st) if !st.running => Ok(()),
                 _ => Err(e),
             },
