@@ -796,3 +796,56 @@ async fn unusable_overlay_and_memory_directories_are_refused_in_preflight() {
     rig.qsnap(&["create", "g", "s1"])
         .expect_ok("create once the directories are fine");
 }
+
+/// A monitor socket this user may not open (QEMU started by root, qsnap run as `nobody`): the
+/// error says so and what to do, instead of asking whether QEMU runs, exits 3 (unreachable)
+/// and registers nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_socket_this_user_may_not_open_is_said_to_be_someone_elses() {
+    require_qemu!();
+    if !qsnap_testkit::root_or_skip("a_socket_this_user_may_not_open_is_said_to_be_someone_elses") {
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let open_to_all = |p: &Path, mode: u32| {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
+    };
+    open_to_all(dir.path(), 0o755);
+    // (The binary copied where `nobody` may run it: the checkout may be under /root.)
+    let bin = dir.path().join("qsnap");
+    std::fs::copy(qsnap_bin(), &bin).unwrap();
+    open_to_all(&bin, 0o755);
+    let store = dir.path().join("store");
+    std::fs::create_dir(&store).unwrap();
+    open_to_all(&store, 0o777);
+    let qemu_dir = dir.path().join("qemu");
+    std::fs::create_dir(&qemu_dir).unwrap();
+    open_to_all(&qemu_dir, 0o755);
+    let sock = qemu_dir.join("q.sock");
+    external_qemu(&qemu_dir, &sock, &[]).await;
+    let mode = std::fs::metadata(&sock).unwrap().permissions().mode();
+    assert_eq!(mode & 0o002, 0, "the socket is writable by all ({mode:o})");
+
+    let out = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(&bin)
+        .arg("--store")
+        .arg(&store)
+        .args(["attach", "t", "--qmp"])
+        .arg(&sock)
+        .output()
+        .expect("setpriv (util-linux) runs qsnap as nobody");
+    assert_eq!(out.status.code(), Some(3), "{}", show(&out));
+    let err = stderr(&out);
+    assert!(err.contains("Permission denied"), "{err}");
+    assert!(
+        err.contains("run qsnap as the user that started QEMU"),
+        "{err}"
+    );
+    assert!(!err.contains("is QEMU running"), "{err}");
+    assert!(!store.join("vms").join("t").join("vm.json").exists());
+    // The same socket, by its owner: reachable.
+    let qmp = connect(&sock).await;
+    drop(qmp);
+}

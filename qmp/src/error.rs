@@ -17,7 +17,10 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 #[non_exhaustive]
 pub enum Error {
     /// The socket could not be reached (after the connect retries).
-    #[error("cannot connect to the QMP socket {endpoint}: {io} (is QEMU running with -qmp {},server=on,wait=off?)", qemu_form(endpoint))]
+    #[error(
+        "cannot connect to the QMP socket {endpoint}: {io} ({})",
+        connect_hint(endpoint, io)
+    )]
     Connect {
         /// Where we tried to connect.
         endpoint: String,
@@ -164,6 +167,19 @@ fn qemu_form(endpoint: &str) -> String {
     }
 }
 
+/// What to do about a socket that could not be reached. A socket this user may not open
+/// exists, and QEMU is likely behind it: asking whether QEMU runs would mislead.
+fn connect_hint(endpoint: &str, io: &io::Error) -> String {
+    if io.kind() == io::ErrorKind::PermissionDenied {
+        "the socket or its directory is not this user's to open: run qsnap as the user that started QEMU, or as root".into()
+    } else {
+        format!(
+            "is QEMU running with -qmp {},server=on,wait=off?",
+            qemu_form(endpoint)
+        )
+    }
+}
+
 impl Error {
     /// QEMU's error class when QEMU refused the command.
     pub fn qemu_class(&self) -> Option<&str> {
@@ -212,5 +228,16 @@ mod hint_tests {
         assert!(unix
             .to_string()
             .contains("-qmp unix:/run/vm1/qmp.sock,server=on,wait=off"));
+        // Not allowed to open it: QEMU is probably there, the user is the problem.
+        let denied = Error::Connect {
+            endpoint: "/run/vm1/qmp.sock".into(),
+            io: io::Error::from(io::ErrorKind::PermissionDenied),
+        }
+        .to_string();
+        assert!(
+            denied.contains("run qsnap as the user that started QEMU"),
+            "{denied}"
+        );
+        assert!(!denied.contains("is QEMU running"), "{denied}");
     }
 }
