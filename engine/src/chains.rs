@@ -506,6 +506,33 @@ mod tests {
         p
     }
 
+    /// `base.qcow2` and `n - 1` overlays on it, one on the other: the chain, base first.
+    fn stack(dir: &Path, n: usize) -> Vec<PathBuf> {
+        let base = dir.join("base.qcow2");
+        qemu_img(&["create", "-q", "-f", "qcow2", base.to_str().unwrap(), "64M"]);
+        let mut images = vec![base];
+        for i in 1..n {
+            let below = images[i - 1].to_str().unwrap().to_owned();
+            images.push(overlay(dir, &format!("o{i}.qcow2"), &below));
+        }
+        images
+    }
+
+    /// Rewrites `image`'s header in place to back onto the qcow2 `onto`.
+    fn rebase(image: &Path, onto: &Path) {
+        qemu_img(&[
+            "rebase",
+            "-u",
+            "-f",
+            "qcow2",
+            "-F",
+            "qcow2",
+            "-b",
+            onto.to_str().unwrap(),
+            image.to_str().unwrap(),
+        ]);
+    }
+
     /// One reader reads each image once, in whatever order its chains are asked for: a
     /// store's snapshots freeze the images of one chain, each one higher than the last, and
     /// a check walks them all (it read 1 + 2 + … + N headers once).
@@ -513,13 +540,7 @@ mod tests {
     async fn a_reader_reads_each_image_once() {
         let dir = tempfile::tempdir().unwrap();
         let cancel = CancellationToken::new();
-        let base = dir.path().join("base.qcow2");
-        qemu_img(&["create", "-q", "-f", "qcow2", base.to_str().unwrap(), "64M"]);
-        let mut images = vec![base];
-        for i in 1..12 {
-            let below = images[i - 1].to_str().unwrap().to_owned();
-            images.push(overlay(dir.path(), &format!("o{i}.qcow2"), &below));
-        }
+        let images = stack(dir.path(), 12);
         let mut reader = Reader::default();
         let before = READS.with(std::cell::Cell::get);
         for (i, top) in images.iter().enumerate() {
@@ -551,13 +572,8 @@ mod tests {
     async fn news_stop_where_an_earlier_walk_read_everything_below() {
         let dir = tempfile::tempdir().unwrap();
         let cancel = CancellationToken::new();
-        let base = dir.path().join("base.qcow2");
-        qemu_img(&["create", "-q", "-f", "qcow2", base.to_str().unwrap(), "64M"]);
-        let mut images = vec![base.clone()];
-        for i in 1..8 {
-            let below = images[i - 1].to_str().unwrap().to_owned();
-            images.push(overlay(dir.path(), &format!("o{i}.qcow2"), &below));
-        }
+        let images = stack(dir.path(), 8);
+        let base = images[0].clone();
         let mut reader = Reader::default();
         let mut returned = 0;
         for (i, top) in images.iter().enumerate() {
@@ -600,28 +616,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         crate::cache::cache_in(dir.path().join("cache"));
         let cancel = CancellationToken::new();
-        let base = dir.path().join("base.qcow2");
-        qemu_img(&["create", "-q", "-f", "qcow2", base.to_str().unwrap(), "64M"]);
-        let mut images = vec![base.clone()];
-        for i in 1..7 {
-            let below = images[i - 1].to_str().unwrap().to_owned();
-            images.push(overlay(dir.path(), &format!("o{i}.qcow2"), &below));
-        }
+        let images = stack(dir.path(), 7);
+        let base = images[0].clone();
         let top = images.last().unwrap().clone();
         tokio::time::sleep(SETTLED + Duration::from_millis(300)).await;
-        chain(&top, &cancel).await.unwrap(); // learnt
+        chain(&top, &cancel).await.unwrap(); // (learnt)
                                              // o3 now backs onto o1 (its header rewritten: a new version, unknown to the cache).
-        qemu_img(&[
-            "rebase",
-            "-u",
-            "-f",
-            "qcow2",
-            "-F",
-            "qcow2",
-            "-b",
-            images[1].to_str().unwrap(),
-            images[3].to_str().unwrap(),
-        ]);
+        rebase(&images[3], &images[1]);
         let mut reader = Reader::default();
         let gone = dir.path().join("gone.qcow2");
         let not_a_dir = base.join("x.qcow2");
@@ -739,17 +740,7 @@ mod tests {
         assert_eq!(READS.with(std::cell::Cell::get), before);
 
         // The middle image's header rewritten in place: it now backs onto `other`.
-        qemu_img(&[
-            "rebase",
-            "-u",
-            "-f",
-            "qcow2",
-            "-F",
-            "qcow2",
-            "-b",
-            other.to_str().unwrap(),
-            mid.to_str().unwrap(),
-        ]);
+        rebase(&mid, &other);
         let now = chain(&top, &cancel).await.unwrap();
         assert_eq!(now, truth(top.clone()).await);
         assert!(now.iter().any(|c| c.filename == other), "{now:?}");
