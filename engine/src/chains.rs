@@ -171,8 +171,8 @@ pub(crate) struct Reader {
     // Images whose whole chain below a walk read without fault, each with the format it was
     // asked for: where [`Reader::chain_news`] may stop.
     walked: HashSet<(PathBuf, Option<String>)>,
-    // Versions taken ahead, in one batch ([`Reader::prefetch`]), each used once by the first
-    // look into the cache for its image (then the image is in `read`).
+    // Versions taken ahead, in one batch ([`Reader::prefetch`]), each used once by the next
+    // look into the cache for its image.
     ahead: HashMap<PathBuf, Option<crate::cache::FileVersion>>,
     // Images that were not there when their version was to be taken ahead.
     gone_ahead: HashSet<PathBuf>,
@@ -212,13 +212,15 @@ impl Reader {
     /// pool, for the cache lookups of the walks that follow: a walk of a hundred images would
     /// otherwise make a trip for each. A version taken ahead serves one lookup, as if the
     /// image had been looked at then; a file that changed since is read as it was when its
-    /// version was taken, or, when the cache does not know that version, read afresh.
+    /// version was taken, or, when the cache does not know that version, read afresh. An
+    /// image taken ahead before is taken again: the latest batch is what
+    /// [`Reader::there_ahead`] tells.
     pub(crate) async fn prefetch(&mut self, images: Vec<PathBuf>) {
         let reader = reader_identity().await;
         let mut want = HashSet::new();
         let files: Vec<_> = images
             .into_iter()
-            .filter(|i| !self.read.contains_key(i) && !self.ahead.contains_key(i))
+            .filter(|i| !self.read.contains_key(i))
             .filter(|i| want.insert(i.clone()))
             .map(|i| {
                 let slot = i.display().to_string();
@@ -230,13 +232,15 @@ impl Reader {
                 .is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound)
             {
                 self.gone_ahead.insert(image.clone());
+            } else {
+                self.gone_ahead.remove(&image);
             }
             self.ahead.insert(image, v.ok());
         }
     }
 
-    /// Whether `image` was there when [`Reader::prefetch`] looked (`None`: not known — not
-    /// looked at, or it could not be examined).
+    /// Whether `image` was there when [`Reader::prefetch`] last looked (`None`: not known —
+    /// not looked at, its version used by a walk since, or it could not be examined).
     pub(crate) fn there_ahead(&self, image: &Path) -> Option<bool> {
         if self.gone_ahead.contains(image) {
             return Some(false);
@@ -620,8 +624,9 @@ mod tests {
         let base = images[0].clone();
         let top = images.last().unwrap().clone();
         tokio::time::sleep(SETTLED + Duration::from_millis(300)).await;
-        chain(&top, &cancel).await.unwrap(); // (learnt)
-                                             // o3 now backs onto o1 (its header rewritten: a new version, unknown to the cache).
+        // Learnt; then o3 backs onto o1 (its header rewritten: a new version, unknown to the
+        // cache).
+        chain(&top, &cancel).await.unwrap();
         rebase(&images[3], &images[1]);
         let mut reader = Reader::default();
         let gone = dir.path().join("gone.qcow2");
@@ -643,6 +648,11 @@ mod tests {
             "not NotFound: unknown"
         );
         assert_eq!(reader.there_ahead(&dir.path().join("never-asked")), None);
+        // Taken again, the latest look tells: a file made since is there.
+        std::fs::write(&gone, b"").unwrap();
+        reader.prefetch(vec![gone.clone()]).await;
+        assert_eq!(reader.there_ahead(&gone), Some(true));
+        std::fs::remove_file(&gone).unwrap();
         let before = READS.with(std::cell::Cell::get);
         let got = reader.chain(&top, &cancel).await.unwrap();
         let truth: Vec<ChainImage> = image::chain(&top, &cancel)

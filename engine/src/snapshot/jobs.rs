@@ -333,7 +333,7 @@ async fn to_pending(
                         // It may have run: the job's state says so at the next look (still
                         // `ready`: completed again).
                         Err(e) if e.may_have_run() => {
-                            warn!(job = %j.id, "completing a merge timed out; looking again");
+                            warn!(job = %j.id, error = %e, "completing a merge got no answer to go by; looking again");
                         }
                         Err(e) => return Err(e),
                     }
@@ -373,8 +373,8 @@ impl Pending {
 /// left `pending` keeps its disk's I/O drained, and the guest would hang on that disk once
 /// resumed: every job is finalized (a failure does not stop the others), and one whose
 /// finalize failed and which is still pending is cancelled (its chain does not change) —
-/// at once when QEMU refused, after a grace period when the answer timed out (it may have
-/// run). Whatever happened, no job of `pending` is left pending when this returns; the
+/// at once when QEMU refused, after a grace period when the answer timed out or could not
+/// be read (it may have run). Whatever happened, no job of `pending` is left pending when this returns; the
 /// caller reads the chains back.
 pub(crate) async fn finalize(qmp: &Qmp, pending: &Pending, points: Points) -> Result<()> {
     let merges = &pending.merges;
@@ -431,8 +431,8 @@ pub(crate) async fn finalize(qmp: &Qmp, pending: &Pending, points: Points) -> Re
             break;
         }
         // A job still pending after its finalize failed gives its disk back.
-        // (A finalize that timed out may have run: its job then concludes by itself, and
-        // only its outcome counts.)
+        // (A finalize that timed out, or whose answer could not be read, may have run: its job
+        // then concludes by itself, and only its outcome counts.)
         for j in mine.values().filter(|j| j.status == "pending") {
             let Some((when, e)) = unsure.get(&j.id) else {
                 continue;

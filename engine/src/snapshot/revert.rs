@@ -298,7 +298,8 @@ pub(crate) async fn resume_at(qmp: &Qmp, point: &'static str) -> Result<()> {
         Err(e) => Err(Error::qmp("resuming the guest")(e)),
     };
     match sent {
-        // A `cont` that timed out may have run: QEMU's run state says.
+        // A `cont` that timed out (or whose answer could not be read) may have run: QEMU's
+        // run state says.
         Err(e) if e.may_have_run() => match qmp.execute(types::query_status {}).await {
             Ok(st) if st.running => Ok(()),
             _ => Err(e),

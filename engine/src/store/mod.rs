@@ -287,7 +287,9 @@ impl Store {
         for (vm, rec, manifests) in read {
             let rec = match rec {
                 Some(rec) => rec,
-                // (Its error, as `record` words it.)
+                // (Its error, as `record` words it; or the record, if it was written just now,
+                // beside manifests read a moment before: as two reads one after the other
+                // would pair them.)
                 None => self.record(&vm).await?,
             };
             out.push((vm, rec, manifests));
@@ -731,6 +733,70 @@ fn read_manifests(dir: &Path, owner: &VmName) -> Result<Vec<Manifest>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What one trip reads for many VMs is what `record` and `manifests` read for each, in
+    /// the order asked; a VM with no record is `UnknownVm`, as from `record`.
+    #[tokio::test]
+    async fn records_and_manifests_read_what_record_and_manifests_do() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(dir.path());
+        let write = |path: PathBuf, v: serde_json::Value| {
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(path, serde_json::to_vec(&v).unwrap()).unwrap();
+        };
+        let names: Vec<VmName> = ["b", "a"].iter().map(|n| VmName::new(n).unwrap()).collect();
+        for vm in &names {
+            write(
+                store.record_path(vm),
+                serde_json::json!({
+                    "schema": 1, "name": vm.as_str(), "qmp": format!("/run/{vm}.sock"),
+                    "origin": "run", "pid": 4242, "pid-start": 1,
+                    "command": {"argv": ["qemu-system-x86_64"], "cwd": "/"},
+                    "current": null,
+                    "disks": [{"device": "d0", "image": format!("/i/{vm}.s2.qcow2"),
+                               "launch-image": format!("/i/{vm}.qcow2"), "owned": true}],
+                    "owned-images": [format!("/i/{vm}.s1.qcow2"), format!("/i/{vm}.s2.qcow2")],
+                    "registered-at": "2025-01-02T03:04:05.678Z"
+                }),
+            );
+            // Written newest first: read back oldest first.
+            for (snap, at) in [
+                ("s2", "2025-01-03T00:00:00.000Z"),
+                ("s1", "2025-01-02T00:00:00.000Z"),
+            ] {
+                write(
+                    store.snapshots_dir(vm).join(format!("{snap}.json")),
+                    serde_json::json!({
+                        "schema": 1, "vm": vm.as_str(), "name": snap, "parent": null,
+                        "created-at": at, "qemu-version": "10.0.2", "machine": "pc",
+                        "mode": "point-in-time", "was-running": true, "memory": null,
+                        "disks": [{"device": "d0", "node": "#block1", "image": format!("/i/{vm}.qcow2"),
+                                   "format": "qcow2", "size": 1, "overlay": format!("/i/{vm}.{snap}.qcow2"),
+                                   "overlay-node": "qsnap-x"}],
+                        "skipped": [], "pause-ms": 1.0, "total-ms": 2.0
+                    }),
+                );
+            }
+        }
+        let read = store.records_and_manifests(names.clone()).await.unwrap();
+        assert_eq!(read.len(), 2);
+        for ((vm, rec, manifests), want) in read.iter().zip(&names) {
+            assert_eq!(vm, want);
+            assert_eq!(rec, &store.record(vm).await.unwrap());
+            assert_eq!(manifests, &store.manifests(vm).await.unwrap());
+            let order: Vec<&str> = manifests.iter().map(|m| m.name.as_str()).collect();
+            assert_eq!(order, ["s1", "s2"]);
+        }
+        let gone = VmName::new("gone").unwrap();
+        let err = store
+            .records_and_manifests(vec![names[0].clone(), gone])
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, Error::UnknownVm { ref vm, .. } if vm == "gone"),
+            "{err}"
+        );
+    }
 
     #[test]
     fn paths_are_made_plain_lexically() {

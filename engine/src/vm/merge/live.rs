@@ -230,7 +230,8 @@ impl Pause {
             Err(e) => Err(Error::qmp("pausing the guest for the disk switch")(e)),
         };
         match sent {
-            // A `stop` that timed out may have run: QEMU's run state says.
+            // A `stop` that timed out (or whose answer could not be read) may have run: QEMU's
+            // run state says.
             Err(e) if e.may_have_run() => match qmp.execute(types::query_status {}).await {
                 Ok(st) if !st.running => Ok(()),
                 _ => Err(e),
