@@ -522,15 +522,15 @@ mod tests {
         images
     }
 
-    /// Rewrites `image`'s header in place to back onto the qcow2 `onto`.
-    fn rebase(image: &Path, onto: &Path) {
+    /// Rewrites the qcow2 `image`'s header in place to back onto `onto`, read as `format`.
+    fn rebase(image: &Path, onto: &Path, format: &str) {
         qemu_img(&[
             "rebase",
             "-u",
             "-f",
             "qcow2",
             "-F",
-            "qcow2",
+            format,
             "-b",
             onto.to_str().unwrap(),
             image.to_str().unwrap(),
@@ -627,7 +627,7 @@ mod tests {
         // Learnt; then o3 backs onto o1 (its header rewritten: a new version, unknown to the
         // cache).
         chain(&top, &cancel).await.unwrap();
-        rebase(&images[3], &images[1]);
+        rebase(&images[3], &images[1], "qcow2");
         let mut reader = Reader::default();
         let gone = dir.path().join("gone.qcow2");
         let not_a_dir = base.join("x.qcow2");
@@ -750,7 +750,7 @@ mod tests {
         assert_eq!(READS.with(std::cell::Cell::get), before);
 
         // The middle image's header rewritten in place: it now backs onto `other`.
-        rebase(&mid, &other);
+        rebase(&mid, &other, "qcow2");
         let now = chain(&top, &cancel).await.unwrap();
         assert_eq!(now, truth(top.clone()).await);
         assert!(now.iter().any(|c| c.filename == other), "{now:?}");
@@ -779,17 +779,7 @@ mod tests {
         let raw = dir.path().join("disk.raw");
         std::fs::copy(&mid, &raw).unwrap();
         let over_raw = overlay(dir.path(), "over-raw.qcow2", raw.to_str().unwrap());
-        qemu_img(&[
-            "rebase",
-            "-u",
-            "-f",
-            "qcow2",
-            "-F",
-            "raw",
-            "-b",
-            raw.to_str().unwrap(),
-            over_raw.to_str().unwrap(),
-        ]);
+        rebase(&over_raw, &raw, "raw");
         tokio::time::sleep(SETTLED + Duration::from_millis(300)).await;
         let asks = ASKS.with(std::cell::Cell::get);
         let via = chain(&over_raw, &cancel).await.unwrap();
