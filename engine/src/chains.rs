@@ -522,6 +522,12 @@ mod tests {
         images
     }
 
+    /// What `qemu-img` reads of `top`'s chain, as chains answer it.
+    async fn truth(top: PathBuf) -> Vec<ChainImage> {
+        let chain = image::chain(&top, &CancellationToken::new()).await.unwrap();
+        chain.into_iter().map(plain).collect()
+    }
+
     /// Rewrites the qcow2 `image`'s header in place to back onto `onto`, read as `format`.
     fn rebase(image: &Path, onto: &Path, format: &str) {
         qemu_img(&[
@@ -549,13 +555,7 @@ mod tests {
         let before = READS.with(std::cell::Cell::get);
         for (i, top) in images.iter().enumerate() {
             let got = reader.chain(top, &cancel).await.unwrap();
-            let truth: Vec<ChainImage> = image::chain(top, &cancel)
-                .await
-                .unwrap()
-                .into_iter()
-                .map(plain)
-                .collect();
-            assert_eq!(got, truth);
+            assert_eq!(got, truth(top.clone()).await);
             assert_eq!(got.len(), i + 1);
         }
         for top in images.iter().rev() {
@@ -655,13 +655,7 @@ mod tests {
         std::fs::remove_file(&gone).unwrap();
         let before = READS.with(std::cell::Cell::get);
         let got = reader.chain(&top, &cancel).await.unwrap();
-        let truth: Vec<ChainImage> = image::chain(&top, &cancel)
-            .await
-            .unwrap()
-            .into_iter()
-            .map(plain)
-            .collect();
-        assert_eq!(got, truth);
+        assert_eq!(got, truth(top.clone()).await);
         assert_eq!(got.len(), images.len() - 1, "o2 left the chain: {got:?}");
         assert_eq!(
             READS.with(std::cell::Cell::get) - before,
@@ -688,13 +682,6 @@ mod tests {
         let sub = dir.path().join("sub");
         std::fs::create_dir(&sub).unwrap();
         let top = overlay(&sub, "top.qcow2", "../mid.qcow2");
-        let truth = |p: PathBuf| {
-            let cancel = cancel.clone();
-            async move {
-                let c = image::chain(&p, &cancel).await.unwrap();
-                c.into_iter().map(plain).collect::<Vec<_>>()
-            }
-        };
 
         // Fresh files are read every time (their times are too recent to trust), by qsnap
         // itself: plain qcow2 headers ask qemu-img nothing.
